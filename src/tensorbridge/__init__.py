@@ -1,0 +1,39 @@
+"""tensorbridge: move tensors between NumPy, PyTorch, TensorFlow, JAX and CuPy,
+and between tensor files. Exact for every dtype, zero-copy where memory can be
+shared, honest where it cannot.
+
+>>> import numpy as np, tensorbridge as tb
+>>> tb.to_numpy({"w": np.ones(2, np.float32)})["w"].dtype
+dtype('float32')
+"""
+
+from .convert import (
+    convert,
+    explain,
+    shares_memory,
+    to_cupy,
+    to_jax,
+    to_numpy,
+    to_tensorflow,
+    to_tf,
+    to_torch,
+)
+from .errors import (
+    ConversionError,
+    CopyError,
+    DeviceError,
+    FileFormatError,
+    FrameworkNotInstalledError,
+    TensorBridgeError,
+    UnsafeContentError,
+)
+from .tree import register_container, tree_map
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "convert", "to_numpy", "to_torch", "to_tensorflow", "to_tf", "to_jax", "to_cupy",
+    "explain", "shares_memory", "register_container", "tree_map",
+    "TensorBridgeError", "ConversionError", "CopyError", "DeviceError",
+    "FrameworkNotInstalledError", "FileFormatError", "UnsafeContentError",
+]

@@ -1,0 +1,245 @@
+"""The public conversion functions: one call for a tensor or a tree of them.
+
+>>> import numpy as np, tensorbridge as tb
+>>> a = np.arange(3.0)
+>>> tb.to_numpy({"a": a, "step": 3})["a"] is a
+True
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+from .errors import ConversionError, TensorBridgeError, message
+from .frameworks import ALIASES, FRAMEWORK_MODULES, backend_of, get_backend
+from .frameworks.base import Backend
+from .plan import Plan, plan_leaf
+from .tree import format_path, tree_leaves_with_path, tree_map
+
+__all__ = [
+    "convert", "to_numpy", "to_torch", "to_tensorflow", "to_tf", "to_jax", "to_cupy",
+    "explain", "shares_memory", "TreePlan",
+]
+
+_SCALARS = (bool, int, float, complex)
+
+
+def _target(to: str) -> str:
+    name = ALIASES.get(to, to)
+    if name not in FRAMEWORK_MODULES:
+        raise ConversionError(message(f"to={to!r}", "it is not a framework tensorbridge knows",
+                                      "use one of " + ", ".join(FRAMEWORK_MODULES)))
+    return name
+
+
+def _run(x: Any, src: Backend, target: str, device: str | None, dtype: str | None,
+         copy: bool | None) -> Any:
+    plan = plan_leaf(x, src, target, device=device, dtype=dtype, copy=copy)
+    try:
+        return plan.run(x)
+    except TensorBridgeError:
+        raise
+    except Exception as exc:  # a framework refused a step we planned: say which one
+        raise ConversionError(message(
+            plan.source, f"{type(exc).__name__}: {exc}",
+            f"check the route with tb.explain(x, to={target!r}); pass dtype= or device= to change it",
+        )) from exc
+
+
+def _leaf_fn(target: str, device: str | None, dtype: str | None, copy: bool | None, ragged: str,
+             done: dict[int, Any]):
+    """The function applied to every leaf; fast paths first for the common calls.
+    ``done`` maps id(leaf) to results already computed in a batch."""
+    plain = device is None and dtype is None and copy is None
+    torch = sys.modules.get("torch")
+    tensor_type = torch.Tensor if torch is not None else None
+
+    def leaf(x: Any) -> Any:
+        tp = type(x)
+        if plain:
+            if target == "numpy":
+                if tp is np.ndarray:
+                    return x
+                if tp is tensor_type:
+                    try:
+                        return x.numpy()  # raises for grad, conj/neg bits, devices, bf16
+                    except (RuntimeError, TypeError):
+                        pass
+            elif target == "torch" and tp is np.ndarray and x.flags.writeable and x.dtype.isnative:
+                try:
+                    return sys.modules["torch"].from_numpy(x)
+                except (TypeError, ValueError):
+                    pass  # negative strides, ml_dtypes, object arrays: the planned route says why
+        src = backend_of(tp)
+        if src is None:
+            return x
+        if done and id(x) in done:
+            return done[id(x)]
+        if ragged == "list" and tp.__name__ == "RaggedTensor" and src.name == "tensorflow":
+            return x.to_list()
+        return _run(x, src, target, device, dtype, copy)
+
+    return leaf
+
+
+def convert(
+    x: Any,
+    /,
+    to: str,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    copy: bool | None = None,
+    ragged: str = "error",
+) -> Any:
+    """Convert a tensor, or every tensor in a nested structure, to framework ``to``.
+
+    ``to`` is one of ``"numpy"``, ``"torch"``, ``"tensorflow"`` (``"tf"``),
+    ``"jax"``, ``"cupy"``. ``copy=None`` shares memory where that is safe and
+    possible, ``copy=True`` always returns independent memory, ``copy=False``
+    never copies and raises :class:`~tensorbridge.CopyError` instead.
+    ``dtype=`` casts (canonical names such as ``"bfloat16"``); ``device=``
+    places the result (``"cpu"``, ``"cuda:0"``). Containers keep their types;
+    leaves that are not tensors are returned as they are. A Python scalar given
+    on its own becomes a 0-d tensor. ``ragged="list"`` turns TF ragged tensors
+    into nested lists instead of refusing them.
+
+    >>> import numpy as np, tensorbridge as tb
+    >>> tb.convert(np.ones(2, np.float32), to="numpy", copy=True)
+    array([1., 1.], dtype=float32)
+    """
+    target = _target(to)
+    if ragged not in ("error", "list"):
+        raise ConversionError(message(f"ragged={ragged!r}", "it is not an option",
+                                      "use ragged='error' (default) or ragged='list'"))
+    if type(x) in _SCALARS:
+        x = np.asarray(x)
+    done: dict[int, Any] = {}
+    if target == "numpy" and "torch" in sys.modules:
+        from .frameworks.torch import gather_device_leaves
+
+        done = gather_device_leaves(x, copy=copy, dtype=dtype)  # CUDA leaves, one sync
+    return tree_map(_leaf_fn(target, device, dtype, copy, ragged, done), x)
+
+
+def to_numpy(x: Any, /, *, copy: bool | None = None, dtype: str | None = None,
+             ragged: str = "error") -> Any:
+    """Convert to NumPy arrays (bfloat16/float8 as ``ml_dtypes`` dtypes).
+
+    Zero-copy where the memory can be shared. Arrays that view memory of an
+    immutable framework (JAX, TensorFlow) are read-only; pass ``copy=True``
+    for writable, independent arrays.
+
+    >>> import tensorbridge as tb
+    >>> tb.to_numpy(1.5)
+    array(1.5)
+    """
+    return convert(x, to="numpy", copy=copy, dtype=dtype, ragged=ragged)
+
+
+def to_torch(x: Any, /, *, device: str | None = None, dtype: str | None = None,
+             copy: bool | None = None) -> Any:
+    """Convert to ``torch.Tensor``; see :func:`convert`.
+
+    >>> import numpy as np, tensorbridge as tb
+    >>> tb.to_torch(np.arange(3)[::-1]).tolist()   # negative strides are fine
+    [2, 1, 0]
+    """
+    return convert(x, to="torch", device=device, dtype=dtype, copy=copy)
+
+
+def to_tensorflow(x: Any, /, *, device: str | None = None, dtype: str | None = None,
+                  copy: bool | None = None) -> Any:
+    """Convert to TensorFlow tensors; see :func:`convert`."""
+    return convert(x, to="tensorflow", device=device, dtype=dtype, copy=copy)
+
+
+to_tf = to_tensorflow
+
+
+def to_jax(x: Any, /, *, device: str | None = None, dtype: str | None = None,
+           copy: bool | None = None) -> Any:
+    """Convert to ``jax.Array``; see :func:`convert`."""
+    return convert(x, to="jax", device=device, dtype=dtype, copy=copy)
+
+
+def to_cupy(x: Any, /, *, device: str | None = None, dtype: str | None = None,
+            copy: bool | None = None) -> Any:
+    """Convert to ``cupy.ndarray`` (CUDA only); see :func:`convert`."""
+    return convert(x, to="cupy", device=device, dtype=dtype, copy=copy)
+
+
+class TreePlan(list):
+    """The plans for every tensor in a tree: a list of ``(path, Plan)``."""
+
+    def __str__(self) -> str:
+        if not self:
+            return "(no tensors in the input)"
+        return "\n".join(f"{format_path(p) or '(root)'}: {plan}" for p, plan in self)
+
+
+def explain(x: Any, /, to: str, *, device: str | None = None, dtype: str | None = None,
+            copy: bool | None = None) -> Plan | TreePlan:
+    """Say how ``x`` would be converted, without converting it.
+
+    For a single tensor, returns a :class:`~tensorbridge.plan.Plan`; print it
+    to see each step, whether it copies, and why. For a tree, a
+    :class:`TreePlan` with one plan per tensor.
+
+    >>> import numpy as np, tensorbridge as tb
+    >>> print(tb.explain(np.zeros(3, ">f4"), to="torch"))
+    numpy ndarray float32[3] on cpu -> torch
+      1. byte-swap to native order [copy] (torch only holds native byte order)
+      2. torch.from_numpy [zero-copy]
+      result: independent memory (copied)
+    """
+    target = _target(to)
+    if type(x) in _SCALARS:
+        x = np.asarray(x)
+    src = backend_of(type(x))
+    if src is not None:
+        return plan_leaf(x, src, target, device=device, dtype=dtype, copy=copy)
+    plans = TreePlan()
+    for path, leaf in tree_leaves_with_path(x):
+        b = backend_of(type(leaf))
+        if b is not None:
+            try:
+                plans.append((path, plan_leaf(leaf, b, target, device=device, dtype=dtype, copy=copy)))
+            except TensorBridgeError as exc:
+                raise exc.at(format_path(path)) from exc.__cause__
+    return plans
+
+
+def shares_memory(a: Any, b: Any, /) -> bool:
+    """True when ``a`` and ``b`` (from any frameworks) share memory.
+
+    Exact for host memory (NumPy's ``shares_memory`` on zero-copy views);
+    for device memory, True when the two buffers overlap on the same device.
+
+    >>> import numpy as np, tensorbridge as tb
+    >>> a = np.zeros(4)
+    >>> tb.shares_memory(a, a[2:]), tb.shares_memory(a, a.copy())
+    (True, False)
+    """
+    ba, bb = backend_of(type(a)), backend_of(type(b))
+    if ba is None or bb is None:
+        return False
+    va, vb = ba.host_view(a), bb.host_view(b)
+    if va is not None and vb is not None:
+        return bool(np.shares_memory(va, vb))
+    sa, sb = ba.device_span(a), bb.device_span(b)
+    if sa is None or sb is None:
+        return False
+    return _same_device(sa[0], sb[0]) and sa[1] < sb[2] and sb[1] < sa[2]
+
+
+def _same_device(d1: str, d2: str) -> bool:
+    def norm(d: str) -> str:
+        kind, _, idx = d.partition(":")
+        kind = {"gpu": "cuda"}.get(kind, kind)
+        return "cpu" if kind == "cpu" else f"{kind}:{idx or 0}"
+
+    return norm(d1) == norm(d2)

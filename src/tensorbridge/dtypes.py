@@ -1,0 +1,125 @@
+"""Canonical dtype names, and the NumPy dtype behind each.
+
+Dtypes are data. Every framework module maps its own dtypes to the canonical
+names below; files store these names; errors print them. Names follow NumPy
+(``float32``, ``bfloat16``, ``float8_e4m3fn``). Types NumPy lacks come from
+``ml_dtypes``.
+
+>>> numpy_dtype("bfloat16").itemsize
+2
+>>> canonical_name(np.dtype(">f4"))
+'float32'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from .errors import ConversionError, message
+
+__all__ = [
+    "DType",
+    "DTYPES",
+    "canonical_name",
+    "numpy_dtype",
+    "lookup",
+    "is_floating",
+]
+
+
+@dataclass(frozen=True)
+class DType:
+    """One canonical dtype: its name, kind, width, and its NumPy dtype."""
+
+    name: str
+    kind: str  # "bool" | "int" | "uint" | "float" | "complex"
+    itemsize: int
+    numpy: np.dtype
+    safetensors: str | None  # the safetensors header code, where it has one
+
+
+def _row(name: str, kind: str, st: str | None, np_type: Any) -> DType:
+    dt = np.dtype(np_type)
+    return DType(name, kind, dt.itemsize, dt, st)
+
+
+_ROWS = [
+    ("bool", "bool", "BOOL", np.bool_),
+    ("int8", "int", "I8", np.int8),
+    ("int16", "int", "I16", np.int16),
+    ("int32", "int", "I32", np.int32),
+    ("int64", "int", "I64", np.int64),
+    ("uint8", "uint", "U8", np.uint8),
+    ("uint16", "uint", "U16", np.uint16),
+    ("uint32", "uint", "U32", np.uint32),
+    ("uint64", "uint", "U64", np.uint64),
+    ("float16", "float", "F16", np.float16),
+    ("float32", "float", "F32", np.float32),
+    ("float64", "float", "F64", np.float64),
+    ("complex64", "complex", "C64", np.complex64),
+    ("complex128", "complex", None, np.complex128),
+    ("bfloat16", "float", "BF16", ml_dtypes.bfloat16),
+    ("float8_e4m3fn", "float", "F8_E4M3", ml_dtypes.float8_e4m3fn),
+    ("float8_e5m2", "float", "F8_E5M2", ml_dtypes.float8_e5m2),
+    ("float8_e4m3fnuz", "float", None, ml_dtypes.float8_e4m3fnuz),
+    ("float8_e5m2fnuz", "float", None, ml_dtypes.float8_e5m2fnuz),
+    ("float8_e8m0fnu", "float", "F8_E8M0", ml_dtypes.float8_e8m0fnu),
+    ("float8_e4m3", "float", None, ml_dtypes.float8_e4m3),
+    ("float8_e3m4", "float", None, ml_dtypes.float8_e3m4),
+    ("float8_e4m3b11fnuz", "float", None, ml_dtypes.float8_e4m3b11fnuz),
+]
+
+#: Every canonical dtype by name, in a stable order.
+DTYPES: dict[str, DType] = {r[0]: _row(*r) for r in _ROWS}
+
+# NumPy dtype (native byte order) -> canonical name. ml_dtypes types compare
+# by identity of their scalar type, so key on the type, not the dtype.
+_BY_NUMPY_TYPE: dict[type, str] = {d.numpy.type: d.name for d in DTYPES.values()}
+
+
+def canonical_name(dtype: Any) -> str:
+    """The canonical name of a NumPy dtype (any byte order).
+
+    Raises :class:`ConversionError` for dtypes no tensor framework has
+    (object, strings, structured, datetime).
+    """
+    dt = np.dtype(dtype)
+    name = _BY_NUMPY_TYPE.get(dt.type)
+    if name is None or dt.fields is not None:
+        raise ConversionError(message(
+            f"numpy dtype {dt!r}",
+            "it is not a numeric tensor dtype (object, string, structured and "
+            "datetime arrays hold no numbers a tensor framework can share)",
+            "convert it to a numeric dtype first, e.g. a.astype(np.float32); "
+            "for text, keep it as a Python list or encode it to bytes yourself",
+        ))
+    return name
+
+
+def lookup(name: str) -> DType:
+    """The :class:`DType` for a canonical name or any NumPy-parsable alias."""
+    row = DTYPES.get(name)
+    if row is not None:
+        return row
+    try:
+        return DTYPES[canonical_name(np.dtype(name))]
+    except (TypeError, ValueError) as exc:
+        raise ConversionError(message(
+            f"dtype {name!r}",
+            "it is not a known tensor dtype",
+            "use one of: " + ", ".join(DTYPES),
+        )) from exc
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The native-byte-order NumPy dtype for a canonical name."""
+    return lookup(name).numpy
+
+
+def is_floating(name: str) -> bool:
+    """True for real floating dtypes (float16/32/64, bfloat16, float8)."""
+    return lookup(name).kind == "float"

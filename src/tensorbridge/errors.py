@@ -1,0 +1,79 @@
+"""The one exception hierarchy of tensorbridge.
+
+Every error says three things: what was given, why it cannot be done, and how
+to fix it. Build messages with :func:`message` so that they all read alike::
+
+    raise ConversionError(message(
+        "a numpy array of dtype object",
+        "object arrays hold Python references, not numbers",
+        "convert the elements to a numeric dtype first, e.g. a.astype(np.float32)",
+    ))
+
+Errors raised inside a tree of tensors carry the path of the offending leaf
+(``at ['layers'][1]['weight']``); see :meth:`TensorBridgeError.at`.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "TensorBridgeError",
+    "ConversionError",
+    "CopyError",
+    "DeviceError",
+    "FrameworkNotInstalledError",
+    "FileFormatError",
+    "UnsafeContentError",
+    "message",
+]
+
+
+def message(given: str, why: str, fix: str) -> str:
+    """Join the three parts every tensorbridge error message has."""
+    return f"Cannot handle {given}: {why}. Fix: {fix}."
+
+
+class TensorBridgeError(Exception):
+    """Base class of every error tensorbridge raises on purpose."""
+
+    path: str = ""
+
+    def at(self, path: str) -> "TensorBridgeError":
+        """Return this error with the tree ``path`` of the failing leaf prepended."""
+        self.path = path + self.path
+        return self
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return f"at {self.path}: {text}" if self.path else text
+
+
+class ConversionError(TensorBridgeError, TypeError):
+    """The value cannot be represented in the requested framework or dtype."""
+
+
+class CopyError(TensorBridgeError, ValueError):
+    """``copy=False`` was asked for, but sharing memory is impossible."""
+
+
+class DeviceError(TensorBridgeError, ValueError):
+    """The requested device does not exist or the framework cannot use it."""
+
+
+class FrameworkNotInstalledError(TensorBridgeError, ImportError):
+    """A target framework was asked for, but it is not installed."""
+
+
+class FileFormatError(TensorBridgeError, ValueError):
+    """A tensor file is malformed, truncated, or not of the format it claims.
+
+    ``file`` names the file (may be empty for in-memory data).
+    """
+
+    def __init__(self, text: str, file: object = "") -> None:
+        self.file = str(file)
+        super().__init__(f"{self.file}: {text}" if self.file else text)
+
+
+class UnsafeContentError(FileFormatError):
+    """A tensor file holds something that could run code, read other files,
+    or escape its directory. It is refused, never executed."""

@@ -1,0 +1,109 @@
+"""Atomic file replacement: a failed or killed write never touches the old file.
+
+``with atomic_write(path) as f: f.write(...)`` writes into a temporary file in
+the destination's directory, flushes and fsyncs it, gives it the destination's
+mode, ``os.replace``\\ s it over the destination, then fsyncs the directory. A
+symlinked destination updates the link's target. On any exception the
+temporary file is removed and the destination is byte-identical to before.
+
+A SIGKILL can leave the temporary file behind; its name is recognisable
+(``.NAME.tb-tmp-PID-RANDOM``) and the next write to the same destination
+removes leftovers whose process is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+from typing import BinaryIO, Iterator
+
+from ..errors import FileFormatError, TensorBridgeError
+
+__all__ = ["atomic_write", "TMP_MARKER"]
+
+TMP_MARKER = ".tb-tmp-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(directory: str, base: str) -> None:
+    prefix = f".{base}{TMP_MARKER}"
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        pid_text = name[len(prefix):].split("-", 1)[0]
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
+
+
+def _fsync_dir(directory: str) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Open a temporary file that replaces ``path`` when the block succeeds."""
+    target = os.path.realpath(os.fspath(path))  # a symlink's target gets the update
+    directory = os.path.dirname(target) or "."
+    base = os.path.basename(target)
+    if os.path.isdir(target):
+        raise FileFormatError(
+            "the destination is a directory. Fix: give a file name, e.g. "
+            f"{os.path.join(os.fspath(path), 'model.safetensors')!r}.",
+            path,
+        )
+    _remove_stale(directory, base)
+    try:
+        mode = os.stat(target).st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    tmp = os.path.join(directory, f".{base}{TMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise FileFormatError(
+            f"cannot create a file in {directory!r} ({exc.strerror}). Fix: check that the "
+            "directory exists and is writable, or choose another destination.",
+            path,
+        ) from exc
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, TensorBridgeError):
+            why = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else exc.strerror
+            raise FileFormatError(
+                f"writing failed ({why}); the destination was left unchanged. Fix: free space "
+                "or choose another destination, then retry.",
+                path,
+            ) from exc
+        raise
+    _fsync_dir(directory)

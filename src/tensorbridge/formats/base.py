@@ -1,0 +1,114 @@
+"""The shape every file-format module has.
+
+A format module (``npy.py``, ``npz.py``, ``safetensors.py``, ``pt.py``,
+``h5.py``, ``sharded.py``) defines one :class:`Format` subclass instance named
+``FORMAT``. The table in ``formats/__init__.py`` lists them; the library API
+and the CLI dispatch only through that table.
+
+Readers are lazy: ``open`` validates the file's structure (header, names,
+sizes) without reading tensor data; ``read(name)`` returns one host NumPy
+array in its canonical dtype (bfloat16/float8 as ``ml_dtypes`` dtypes).
+
+Writers stream: ``write`` receives every tensor's :class:`TensorInfo` up front
+(so headers can be written first) and a ``fetch(name)`` callable that yields
+each array only when it is its turn, so at most one tensor is held at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["TensorInfo", "Reader", "Format"]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a file says about one tensor, before its data is read."""
+
+    name: str
+    dtype: str  # canonical dtype name, see tensorbridge.dtypes
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        from ..dtypes import lookup
+
+        return self.size * lookup(self.dtype).itemsize
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "nbytes": self.nbytes}
+
+
+class Reader:
+    """An open tensor file. Use as a context manager; ``close()`` is idempotent."""
+
+    path: str
+    metadata: dict[str, str]
+
+    def keys(self) -> list[str]:
+        """Tensor names in file order."""
+        raise NotImplementedError
+
+    def info(self, name: str) -> TensorInfo:
+        raise NotImplementedError
+
+    def read(self, name: str) -> np.ndarray:
+        """Read one tensor into host memory (a fresh, writable array)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    # --- shared conveniences -------------------------------------------------
+    def infos(self) -> list[TensorInfo]:
+        return [self.info(k) for k in self.keys()]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.read(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.keys()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def __enter__(self) -> "Reader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Format:
+    """One file format: a name, its suffixes, and open/write."""
+
+    name: str = ""
+    suffixes: tuple[str, ...] = ()
+    #: dtypes the format can hold natively; others use tensorbridge's documented layout
+    description: str = ""
+
+    def open(self, path: str) -> Reader:
+        raise NotImplementedError
+
+    def write(
+        self,
+        path: str,
+        infos: Sequence[TensorInfo],
+        fetch: Callable[[str], np.ndarray],
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        """Write atomically: the destination is replaced only when complete."""
+        raise NotImplementedError

@@ -1,0 +1,48 @@
+"""Tensor-name rules shared by every format, on read and on write.
+
+A name is refused when it is empty, contains NUL, is an absolute path, has a
+``..`` component, or repeats. Such names let a file overwrite another entry,
+escape a directory when extracted, or confuse tools that split on ``/``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from ..errors import UnsafeContentError
+
+__all__ = ["check_name", "check_unique"]
+
+
+def check_name(name: object, file: object = "") -> None:
+    """Raise :class:`UnsafeContentError` unless ``name`` is a safe tensor name."""
+    if not isinstance(name, str):
+        raise UnsafeContentError(
+            f"tensor name {name!r} is a {type(name).__name__}, not a string. "
+            "Fix: use string names only.", file)
+    why = None
+    if name == "":
+        why = "it is empty"
+    elif "\x00" in name:
+        why = "it contains a NUL character"
+    elif name.startswith(("/", "\\")) or (name[:1].isalpha() and name[1:3] in (":/", ":\\")):
+        why = "it is an absolute path"
+    elif ".." in name.replace("\\", "/").split("/"):
+        why = "it has a '..' path component"
+    if why:
+        raise UnsafeContentError(
+            f"tensor name {name!r} is refused: {why}. Fix: rename the tensor "
+            "(e.g. 'encoder.weight'); names must be non-empty relative names "
+            "without NUL or '..'.", file)
+
+
+def check_unique(names: Iterable[str], file: object = "") -> None:
+    """Check every name, and that none repeats."""
+    seen: set[str] = set()
+    for name in names:
+        check_name(name, file)
+        if name in seen:
+            raise UnsafeContentError(
+                f"tensor name {name!r} appears more than once; a reader would silently "
+                "keep only one of them. Fix: give every tensor a unique name.", file)
+        seen.add(name)

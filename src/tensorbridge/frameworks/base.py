@@ -1,0 +1,173 @@
+"""The small interface every framework module implements.
+
+A conversion is planned as a list of :class:`Step`\\ s before anything runs, so
+that :func:`tensorbridge.explain` can show the route without moving data, and
+``copy=False`` can refuse before doing any work. Each step knows whether it
+copies and why.
+
+Routes go hub and spoke: a source either hands its memory to the target over
+DLPack (same device, zero-copy), or exports to a host NumPy array which the
+target imports. No module knows about any other framework.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import FrameworkNotInstalledError, message
+
+__all__ = ["Step", "Facts", "Backend", "host_facts"]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One stage of a route: what it does, whether it copies, and why."""
+
+    text: str
+    copies: bool
+    run: Callable[[Any], Any]
+    why: str = ""
+
+    def describe(self) -> str:
+        kind = "copy" if self.copies else "zero-copy"
+        return f"{self.text} [{kind}]" + (f" ({self.why})" if self.why else "")
+
+
+@dataclass
+class Facts:
+    """What a route depends on, read from a tensor without touching its data."""
+
+    framework: str
+    dtype: str  # canonical name
+    shape: tuple[int, ...]
+    device: str = "cpu"  # "cpu", "cuda:0", "mps:0", "tpu:0"
+    contiguous: bool = True  # C order, so DLPack consumers that need it accept it
+    negative_strides: bool = False  # on a dimension longer than 1: a real flip
+    unit_flip: bool = False  # negative strides only on size-1 dimensions (harmless)
+    native_order: bool = True
+    writable: bool = True
+    aligned: bool = True  # data pointer 64-byte aligned (JAX copies otherwise)
+    dlpack: bool = True  # can export over DLPack as it is
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def device_type(self) -> str:
+        return self.device.split(":", 1)[0]
+
+
+def host_facts(a: np.ndarray, framework: str = "numpy") -> Facts:
+    """Facts of a host NumPy array (also used for intermediate arrays)."""
+    from ..dtypes import canonical_name
+
+    return Facts(
+        framework=framework,
+        dtype=canonical_name(a.dtype),
+        shape=a.shape,
+        contiguous=a.flags.c_contiguous,
+        negative_strides=any(s < 0 and n > 1 for s, n in zip(a.strides, a.shape)),
+        unit_flip=any(s < 0 and n <= 1 for s, n in zip(a.strides, a.shape)),
+        native_order=a.dtype.isnative,
+        writable=a.flags.writeable,
+        aligned=a.ctypes.data % 64 == 0,
+    )
+
+
+class Backend:
+    """One framework. Subclasses fill in the names and the methods."""
+
+    #: public name, used in ``to=`` and messages
+    name: str = ""
+    #: top-level module whose presence in sys.modules means the framework is in use
+    module: str = ""
+    #: the pip extra that installs it
+    extra: str = ""
+    #: canonical dtype name -> attribute name in the framework module (data, not code)
+    DTYPES: dict[str, str] = {}
+
+    _mod: ModuleType | None = None
+
+    # -- loading ---------------------------------------------------------------
+    def loaded(self) -> bool:
+        """True when the framework is already imported (never imports it)."""
+        return self.module in sys.modules
+
+    def load(self) -> ModuleType:
+        """Import the framework, or say how to install it."""
+        if self._mod is None:
+            try:
+                self._mod = importlib.import_module(self.module)
+            except ImportError as exc:
+                raise FrameworkNotInstalledError(message(
+                    f"target {self.name!r}",
+                    f"{self.module} is not installed ({exc})",
+                    f"pip install 'tensorbridge[{self.extra}]'",
+                )) from exc
+        return self._mod
+
+    def native_dtype(self, canonical: str) -> Any | None:
+        """The framework's dtype object for a canonical name, or None."""
+        attr = self.DTYPES.get(canonical)
+        return None if attr is None else self._dtype_attr(attr)
+
+    def _dtype_attr(self, attr: str) -> Any | None:
+        mod = self.load()
+        obj: Any = mod
+        for part in attr.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                return None
+        return obj
+
+    # -- per-object ------------------------------------------------------------
+    def owns(self, tp: type) -> bool:
+        """True when instances of ``tp`` are this framework's tensors."""
+        raise NotImplementedError
+
+    def facts(self, x: Any) -> Facts:
+        raise NotImplementedError
+
+    def to_host_steps(self, x: Any, facts: Facts) -> list[Step]:
+        """Steps that turn ``x`` into a host NumPy array in its canonical dtype."""
+        raise NotImplementedError
+
+    def from_host_steps(self, facts: Facts, *, device: str | None, copy: bool | None) -> list[Step]:
+        """Steps that turn a host NumPy array with ``facts`` into this framework's tensor."""
+        raise NotImplementedError
+
+    def dlpack_import(self, facts: Facts) -> str | None:
+        """None when a DLPack producer with ``facts`` can be imported zero-copy,
+        else the reason it cannot."""
+        return "no DLPack support"
+
+    def from_dlpack(self, x: Any) -> Any:
+        raise NotImplementedError
+
+    def to_dlpack_source(self, x: Any) -> Any:
+        """An object with ``__dlpack__`` (and ``__dlpack_device__``) for ``x``."""
+        return x
+
+    def clone(self, x: Any) -> Any:
+        """An independent copy of one of this framework's tensors."""
+        raise NotImplementedError
+
+    def cast_steps(self, facts: Facts, dtype: str) -> list[Step]:
+        """Steps that cast a tensor of this framework to the canonical ``dtype``."""
+        raise NotImplementedError
+
+    def to_device_steps(self, facts: Facts, device: str) -> list[Step]:
+        """Steps that move a tensor of this framework to ``device``."""
+        raise NotImplementedError
+
+    def host_view(self, x: Any) -> np.ndarray | None:
+        """A zero-copy NumPy view of ``x``'s host memory, or None (device memory)."""
+        return None
+
+    def device_span(self, x: Any) -> tuple[str, int, int] | None:
+        """(device, first byte address, one past the last) for device memory."""
+        return None

@@ -1,0 +1,167 @@
+"""JAX: immutable arrays on any device, sharded arrays gathered, tracers refused."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+from ..dtypes import canonical_name, lookup
+from ..errors import ConversionError, DeviceError, message
+from .base import Backend, Facts, Step
+
+__all__ = ["JaxBackend", "BACKEND"]
+
+# Tracer class name -> the transform that made it, for error messages.
+_TRANSFORMS = {
+    "DynamicJaxprTracer": "jax.jit",
+    "JaxprTracer": "jax.jit/jax.linearize",
+    "JVPTracer": "jax.grad/jax.jvp",
+    "LinearizeTracer": "jax.grad/jax.linearize",
+    "BatchTracer": "jax.vmap",
+    "ShardMapTracer": "shard_map",
+}
+_WIDE = {"float64", "int64", "uint64", "complex128"}
+# jax platform name -> tensorbridge device type
+_PLATFORM = {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda", "rocm": "rocm", "tpu": "tpu", "METAL": "mps"}
+
+
+class JaxBackend(Backend):
+    name = "jax"
+    module = "jax"
+    extra = "jax"
+    # JAX dtypes are NumPy/ml_dtypes dtypes: the table is the identity on what jax.numpy has.
+    DTYPES = {n: f"numpy.{n}" for n in (
+        "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+        "float16", "bfloat16", "float32", "float64", "complex64", "complex128",
+        "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
+        "float8_e4m3", "float8_e3m4", "float8_e4m3b11fnuz")}
+
+    def owns(self, tp: type) -> bool:
+        jax = sys.modules.get("jax")
+        if jax is None:
+            return False
+        return issubclass(tp, jax.Array) or issubclass(tp, jax.core.Tracer)
+
+    def _check_x64(self, dtype: str) -> None:
+        jax = self.load()
+        if dtype in _WIDE and not jax.config.jax_enable_x64:
+            raise ConversionError(message(
+                f"a {dtype} array for JAX",
+                "JAX runs with 64-bit types disabled and would silently narrow it to 32 bits",
+                "call jax.config.update('jax_enable_x64', True) first, or pass dtype= to cast explicitly",
+            ))
+
+    def facts(self, x: Any) -> Facts:
+        jax = self.load()
+        if isinstance(x, jax.core.Tracer):
+            name = type(x).__name__
+            transform = _TRANSFORMS.get(name, "a JAX transform")
+            raise ConversionError(message(
+                f"a JAX tracer ({name}) inside {transform}",
+                "it is a placeholder for values that only exist when the compiled function runs",
+                "convert outside the transformed function (return the value, then convert), "
+                "or use jax.debug.callback / jax.pure_callback to get concrete values inside it",
+            ))
+        devices = x.devices()
+        dev = next(iter(devices))
+        kind = _PLATFORM.get(dev.platform, dev.platform)
+        device = "cpu" if kind == "cpu" else f"{kind}:{dev.id}"
+        f = Facts("jax", canonical_name(x.dtype), tuple(x.shape), device=device, writable=False)
+        if len(devices) > 1 or not x.is_fully_addressable:
+            f.notes.append("sharded")
+            f.dlpack = False
+        elif kind == "cpu":
+            f.aligned = x.unsafe_buffer_pointer() % 64 == 0 if x.size else True
+        return f
+
+    def to_host_steps(self, x: Any, facts: Facts) -> list[Step]:
+        if "sharded" in facts.notes:
+            return [Step(f"gather {len(x.devices())} shards to host", True, np.asarray,
+                         "a sharded array is spread over several devices")]
+        if facts.device_type != "cpu":
+            return [Step(f"copy {facts.device} -> host", True, _device_get,
+                         "device memory is not addressable from NumPy")]
+        return [Step("np.asarray view (read-only: JAX arrays are immutable)", False, np.asarray)]
+
+    def from_host_steps(self, facts: Facts, *, device: str | None, copy: bool | None) -> list[Step]:
+        self._check_x64(facts.dtype)
+        jax = self.load()
+        steps: list[Step] = []
+        why = self.dlpack_import(facts)
+        if facts.dtype in ("bfloat16",) or lookup(facts.dtype).name.startswith("float8"):
+            why = why or "NumPy cannot export bfloat16/float8 over DLPack"
+        if not facts.writable:
+            why = why or "NumPy cannot export read-only arrays over DLPack"
+        if why is None:
+            steps.append(Step("jax.dlpack.from_dlpack (shares the NumPy buffer; do not mutate it "
+                              "while JAX uses it)", False, jax.dlpack.from_dlpack))
+        else:
+            steps.append(Step("jax.device_put", True, jax.device_put, why))
+        if device is not None and self.device_type(device) != "cpu":
+            steps.extend(self.to_device_steps(facts, device))
+        return steps
+
+    def dlpack_import(self, facts: Facts) -> str | None:
+        if facts.dtype not in self.DTYPES:
+            return f"JAX has no {facts.dtype}"
+        if not facts.contiguous or facts.negative_strides:
+            return "JAX only imports row-major (C-contiguous) DLPack memory"
+        if facts.device_type == "cpu" and not facts.aligned:
+            return "JAX copies host memory that is not 64-byte aligned"
+        if facts.device_type not in ("cpu", "cuda", "rocm"):
+            return f"JAX cannot import DLPack memory on {facts.device}"
+        return None
+
+    def from_dlpack(self, x: Any) -> Any:
+        return self.load().dlpack.from_dlpack(x)
+
+    def clone(self, x: Any) -> Any:
+        return self.load().numpy.array(x, copy=True)
+
+    def cast_steps(self, facts: Facts, dtype: str) -> list[Step]:
+        self._check_x64(dtype)
+        target = lookup(dtype).numpy
+        return [Step(f"cast {facts.dtype} -> {dtype}", True, lambda a: a.astype(target))]
+
+    def device_type(self, device: str) -> str:
+        kind = device.split(":", 1)[0]
+        return {"gpu": "cuda"}.get(kind, kind)
+
+    def to_device_steps(self, facts: Facts, device: str) -> list[Step]:
+        jax = self.load()
+        kind, _, index = device.partition(":")
+        platform = {"cuda": "gpu"}.get(kind, kind)
+        try:
+            target = jax.devices(platform)[int(index or 0)]
+        except (RuntimeError, IndexError, ValueError) as exc:
+            raise DeviceError(message(
+                f"device={device!r} for JAX", f"JAX has no such device ({exc})",
+                f"use one of {[str(d) for d in jax.devices()]}, or leave device unset")) from exc
+        return [Step(f"jax.device_put -> {target}", True, lambda a: jax.device_put(a, target),
+                     "the data must live in the target device's memory")]
+
+    def host_view(self, x: Any) -> np.ndarray | None:
+        jax = self.load()
+        if isinstance(x, jax.core.Tracer) or len(x.devices()) != 1:
+            return None
+        if next(iter(x.devices())).platform != "cpu":
+            return None
+        return np.asarray(x)
+
+    def device_span(self, x: Any) -> tuple[str, int, int] | None:
+        try:
+            start = x.unsafe_buffer_pointer()
+        except Exception:  # sharded or deleted arrays have no single buffer
+            return None
+        dev = next(iter(x.devices()))
+        kind = _PLATFORM.get(dev.platform, dev.platform)
+        return f"{kind}:{dev.id}", start, start + x.nbytes
+
+
+def _device_get(x: Any) -> np.ndarray:
+    return np.asarray(sys.modules["jax"].device_get(x))
+
+
+BACKEND = JaxBackend()

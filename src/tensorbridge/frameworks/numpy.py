@@ -1,0 +1,81 @@
+"""NumPy: the hub. Host arrays in, host arrays out; bfloat16/float8 via ml_dtypes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..errors import DeviceError, message
+from .base import Backend, Facts, Step, host_facts
+
+__all__ = ["NumpyBackend", "BACKEND"]
+
+
+def _copy(a: Any) -> np.ndarray:
+    return np.array(a, copy=True, order="K")
+
+
+class NumpyBackend(Backend):
+    name = "numpy"
+    module = "numpy"
+    extra = "numpy"
+    DTYPES = {}  # every canonical dtype is a NumPy (or ml_dtypes) dtype
+
+    def load(self):
+        return np
+
+    def loaded(self) -> bool:
+        return True
+
+    def native_dtype(self, canonical: str):
+        from ..dtypes import numpy_dtype
+
+        return numpy_dtype(canonical)
+
+    def owns(self, tp: type) -> bool:
+        return issubclass(tp, (np.ndarray, np.generic))
+
+    def facts(self, x: Any) -> Facts:
+        return host_facts(np.asarray(x))
+
+    def to_host_steps(self, x: Any, facts: Facts) -> list[Step]:
+        if isinstance(x, np.ndarray):
+            return []
+        return [Step("numpy scalar -> 0-d array", False, np.asarray)]
+
+    def from_host_steps(self, facts: Facts, *, device: str | None, copy: bool | None) -> list[Step]:
+        if device not in (None, "cpu"):
+            raise DeviceError(message(
+                f"device={device!r} for a NumPy result",
+                "NumPy arrays live in host memory only",
+                "leave device unset, or pick a framework that has devices (to='torch', 'jax', 'cupy')",
+            ))
+        return []
+
+    def dlpack_import(self, facts: Facts) -> str | None:
+        if facts.device_type != "cpu":
+            return f"NumPy cannot hold memory on {facts.device}"
+        return None
+
+    def from_dlpack(self, x: Any) -> Any:
+        return np.from_dlpack(x)
+
+    def clone(self, x: Any) -> Any:
+        return _copy(x)
+
+    def cast_steps(self, facts: Facts, dtype: str) -> list[Step]:
+        from ..dtypes import numpy_dtype
+
+        target = numpy_dtype(dtype)
+        return [Step(f"cast {facts.dtype} -> {dtype}", True, lambda a: a.astype(target))]
+
+    def to_device_steps(self, facts: Facts, device: str) -> list[Step]:
+        return self.from_host_steps(facts, device=device, copy=None)
+
+    def host_view(self, x: Any) -> np.ndarray | None:
+        return np.asarray(x)
+
+
+BACKEND = NumpyBackend()
+

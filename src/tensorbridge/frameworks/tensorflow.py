@@ -1,0 +1,214 @@
+"""TensorFlow: eager tensors and variables; sparse densified; strings as bytes;
+ragged and symbolic (``tf.function``) tensors refused with the fix.
+
+TF exposes DLPack only as capsules (``tf.experimental.dlpack``), so capsules
+are wrapped in a small object with ``__dlpack__``. TF aborts the process on
+DLPack memory that is not 64-byte aligned, so such memory is always copied.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+from ..dtypes import canonical_name
+from ..errors import ConversionError, DeviceError, message
+from .base import Backend, Facts, Step
+
+__all__ = ["TensorFlowBackend", "BACKEND"]
+
+# Dtypes that both NumPy and TF move over DLPack (NumPy refuses bfloat16/float8).
+_DLPACK_DTYPES = {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+                  "float16", "float32", "float64", "complex64", "complex128"}
+
+
+class _Capsule:
+    """Give a legacy DLPack capsule the ``__dlpack__`` protocol."""
+
+    def __init__(self, capsule: Any, device: tuple[int, int]) -> None:
+        self._capsule, self._device = capsule, device
+
+    def __dlpack__(self, **kwargs: Any) -> Any:
+        return self._capsule
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return self._device
+
+
+class TensorFlowBackend(Backend):
+    name = "tensorflow"
+    module = "tensorflow"
+    extra = "tensorflow"
+    DTYPES = {
+        "bool": "bool", "int8": "int8", "int16": "int16", "int32": "int32", "int64": "int64",
+        "uint8": "uint8", "uint16": "uint16", "uint32": "uint32", "uint64": "uint64",
+        "float16": "float16", "bfloat16": "bfloat16", "float32": "float32", "float64": "float64",
+        "complex64": "complex64", "complex128": "complex128",
+        "float8_e4m3fn": "dtypes.experimental.float8_e4m3fn",
+        "float8_e5m2": "dtypes.experimental.float8_e5m2",
+        "float8_e4m3fnuz": "dtypes.experimental.float8_e4m3fnuz",
+        "float8_e5m2fnuz": "dtypes.experimental.float8_e5m2fnuz",
+        "float8_e4m3b11fnuz": "dtypes.experimental.float8_e4m3b11fnuz",
+    }
+
+    def owns(self, tp: type) -> bool:
+        tf = sys.modules.get("tensorflow")
+        if tf is None:
+            return False
+        return issubclass(tp, (tf.Tensor, tf.Variable, tf.SparseTensor, tf.RaggedTensor))
+
+    def facts(self, x: Any) -> Facts:
+        tf = self.load()
+        if isinstance(x, tf.RaggedTensor):
+            raise ConversionError(message(
+                f"a tf.RaggedTensor of shape {x.shape}",
+                "its rows have different lengths, so it is not a rectangular array",
+                "pass ragged='list' to get nested Python lists, or x.to_tensor(default_value=0) to pad",
+            ))
+        sparse = isinstance(x, tf.SparseTensor)
+        if not sparse and not isinstance(x, tf.Variable) and not hasattr(x, "_numpy"):
+            raise ConversionError(message(
+                f"a symbolic tf.Tensor {getattr(x, 'name', '')!r}",
+                "inside tf.function (graph mode) tensors have no values yet",
+                "convert the tensor returned by the tf.function call, outside it, or use "
+                "tf.py_function / tf.numpy_function to run Python on values inside it",
+            ))
+        dtype = x.dtype
+        if dtype == tf.string:
+            name = "string"
+        else:
+            name = canonical_name(dtype.as_numpy_dtype)
+        device = _device_name(x.device if not sparse else x.values.device)
+        f = Facts("tensorflow", name, tuple(x.shape), device=device, writable=False)
+        if sparse:
+            f.notes.append("sparse")
+        if isinstance(x, tf.Variable):
+            f.notes.append("variable")
+        f.dlpack = not sparse and name not in ("string",)
+        return f
+
+    def to_host_steps(self, x: Any, facts: Facts) -> list[Step]:
+        tf = self.load()
+        steps: list[Step] = []
+        if "sparse" in facts.notes:
+            steps.append(Step("densify the tf.SparseTensor", True, tf.sparse.to_dense,
+                              "sparse tensors have no dense memory to share"))
+        if "variable" in facts.notes:
+            steps.append(Step("read the variable's current value", False, lambda v: v.read_value()))
+        if facts.dtype == "string":
+            steps.append(Step("Tensor.numpy() -> array of bytes objects", True, lambda t: t.numpy(),
+                              "TF strings are variable-length bytes"))
+        elif facts.device_type == "cpu" and facts.dtype in _DLPACK_DTYPES and "sparse" not in facts.notes:
+            steps.append(Step("DLPack view of the host buffer (read-only: TF tensors are immutable)",
+                              False, _host_view))
+        else:
+            why = "device memory is not addressable from NumPy" if facts.device_type != "cpu" \
+                else f"NumPy cannot import {facts.dtype} over DLPack"
+            steps.append(Step("Tensor.numpy()", True, lambda t: t.numpy(), why))
+        return steps
+
+    def from_host_steps(self, facts: Facts, *, device: str | None, copy: bool | None) -> list[Step]:
+        tf = self.load()
+        if self.native_dtype(facts.dtype) is None:
+            raise ConversionError(message(
+                f"an array of dtype {facts.dtype}", f"TensorFlow {tf.__version__} has no {facts.dtype}",
+                "pass dtype= to cast to a dtype TensorFlow has, e.g. dtype='float32'"))
+        why = self.dlpack_import(facts)
+        if why is None and not facts.writable:
+            why = "NumPy cannot export read-only arrays over DLPack"
+        steps: list[Step] = []
+        if why is None:
+            steps.append(Step("tf.experimental.dlpack.from_dlpack (shares the NumPy buffer; do not "
+                              "mutate it while TF uses it)", False,
+                              lambda a: tf.experimental.dlpack.from_dlpack(a.__dlpack__())))
+        else:
+            steps.append(Step("tf.convert_to_tensor", True, tf.convert_to_tensor, why))
+        if device is not None and device.split(":")[0] != "cpu":
+            steps.extend(self.to_device_steps(facts, device))
+        return steps
+
+    def dlpack_import(self, facts: Facts) -> str | None:
+        if facts.dtype not in _DLPACK_DTYPES:
+            return f"TensorFlow's DLPack import has no {facts.dtype}"
+        if not facts.contiguous or facts.negative_strides:
+            return "TensorFlow only imports row-major (C-contiguous) DLPack memory"
+        if not facts.aligned:
+            return "TensorFlow needs 64-byte aligned memory (it aborts on anything else)"
+        if facts.device_type not in ("cpu", "cuda"):
+            return f"TensorFlow cannot import DLPack memory on {facts.device}"
+        return None
+
+    def from_dlpack(self, x: Any) -> Any:
+        tf = self.load()
+        return tf.experimental.dlpack.from_dlpack(x.__dlpack__())
+
+    def to_dlpack_source(self, x: Any) -> Any:
+        tf = self.load()
+        if isinstance(x, tf.Variable):
+            x = x.read_value()
+        dev = _device_name(x.device)
+        code = (1, 0) if dev == "cpu" else (2, int(dev.split(":")[1]))
+        return _Capsule(tf.experimental.dlpack.to_dlpack(x), code)
+
+    def clone(self, x: Any) -> Any:
+        tf = self.load()
+        with tf.device(x.device):
+            return tf.convert_to_tensor(x.numpy())
+
+    def cast_steps(self, facts: Facts, dtype: str) -> list[Step]:
+        tf = self.load()
+        target = self.native_dtype(dtype)
+        if target is None:
+            raise ConversionError(message(f"dtype={dtype!r}", "TensorFlow has no such dtype",
+                                          "pick one of " + ", ".join(self.DTYPES)))
+        return [Step(f"cast {facts.dtype} -> {dtype}", True, lambda t: tf.cast(t, target))]
+
+    def to_device_steps(self, facts: Facts, device: str) -> list[Step]:
+        tf = self.load()
+        kind, _, index = device.partition(":")
+        tf_name = {"cuda": "GPU", "gpu": "GPU", "cpu": "CPU"}.get(kind)
+        if tf_name is None or (tf_name == "GPU" and not tf.config.list_logical_devices("GPU")):
+            raise DeviceError(message(f"device={device!r} for TensorFlow",
+                                      "TensorFlow sees no such device on this machine",
+                                      f"use one of {[d.name for d in tf.config.list_logical_devices()]}"))
+        name = f"/{tf_name}:{index or 0}"
+
+        def move(t: Any) -> Any:
+            with tf.device(name):
+                return tf.identity(t)
+
+        return [Step(f"copy -> {name}", True, move, "the data must live in the target device's memory")]
+
+    def host_view(self, x: Any) -> np.ndarray | None:
+        tf = self.load()
+        if isinstance(x, (tf.SparseTensor, tf.RaggedTensor)) or not hasattr(x, "device"):
+            return None
+        if isinstance(x, tf.Variable):
+            return None
+        if _device_name(x.device) != "cpu" or x.dtype == tf.string:
+            return None
+        if canonical_name(x.dtype.as_numpy_dtype) not in _DLPACK_DTYPES:
+            return None
+        return _host_view(x)
+
+
+def _device_name(tf_device: str) -> str:
+    """'/job:localhost/replica:0/task:0/device:GPU:1' -> 'cuda:1'."""
+    if not tf_device:
+        return "cpu"
+    tail = tf_device.rsplit("device:", 1)[-1]
+    kind, _, index = tail.partition(":")
+    kind = {"GPU": "cuda", "CPU": "cpu", "TPU": "tpu"}.get(kind.upper(), kind.lower())
+    return "cpu" if kind == "cpu" else f"{kind}:{index or 0}"
+
+
+def _host_view(t: Any) -> np.ndarray:
+    tf = sys.modules["tensorflow"]
+    a = np.from_dlpack(_Capsule(tf.experimental.dlpack.to_dlpack(t), (1, 0)))
+    a.flags.writeable = False
+    return a
+
+
+BACKEND = TensorFlowBackend()

@@ -1,0 +1,282 @@
+"""PyTorch: detach, resolve conj/neg bits, densify sparse, move devices, and
+reinterpret bfloat16/float8 bits so NumPy (ml_dtypes) can share them."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+from ..dtypes import lookup, numpy_dtype
+from ..errors import ConversionError, DeviceError, message
+from .base import Backend, Facts, Step
+
+__all__ = ["TorchBackend", "BACKEND"]
+
+# Dtypes NumPy itself has; the others travel as same-width unsigned bits.
+_NUMPY_NATIVE = {
+    "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+    "float16", "float32", "float64", "complex64", "complex128",
+}
+_BITS = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    module = "torch"
+    extra = "torch"
+    DTYPES = {
+        "bool": "bool", "int8": "int8", "int16": "int16", "int32": "int32", "int64": "int64",
+        "uint8": "uint8", "uint16": "uint16", "uint32": "uint32", "uint64": "uint64",
+        "float16": "float16", "bfloat16": "bfloat16", "float32": "float32", "float64": "float64",
+        "complex64": "complex64", "complex128": "complex128",
+        "float8_e4m3fn": "float8_e4m3fn", "float8_e5m2": "float8_e5m2",
+        "float8_e4m3fnuz": "float8_e4m3fnuz", "float8_e5m2fnuz": "float8_e5m2fnuz",
+        "float8_e8m0fnu": "float8_e8m0fnu",
+    }
+
+    def __init__(self) -> None:
+        self._canonical: dict[Any, str] | None = None
+
+    def owns(self, tp: type) -> bool:
+        torch = sys.modules.get("torch")
+        return torch is not None and issubclass(tp, torch.Tensor)
+
+    def canonical(self, dtype: Any) -> str:
+        if self._canonical is None:
+            self._canonical = {}
+            for name in self.DTYPES:
+                d = self.native_dtype(name)
+                if d is not None:
+                    self._canonical[d] = name
+        name = self._canonical.get(dtype)
+        if name is None:
+            raise ConversionError(message(
+                f"a torch tensor of dtype {dtype}",
+                "no other framework or file format has this dtype",
+                "cast it first, e.g. t.to(torch.float32)",
+            ))
+        return name
+
+    def facts(self, x: Any) -> Facts:
+        dev = x.device
+        if dev.type == "meta":
+            raise ConversionError(message(
+                "a torch tensor on the 'meta' device",
+                "meta tensors carry a shape and dtype but no data",
+                "materialise it first (e.g. module.to_empty(device='cpu') and load weights)",
+            ))
+        device = "cpu" if dev.type == "cpu" else f"{dev.type}:{dev.index or 0}"
+        f = Facts("torch", self.canonical(x.dtype), tuple(x.shape), device=device)
+        sparse = x.layout != self.load().strided
+        if x.requires_grad:
+            f.notes.append("requires_grad")
+        if sparse:
+            f.notes.append("sparse")
+        if x.is_conj():
+            f.notes.append("conj")
+        if x.is_neg():
+            f.notes.append("neg")
+        if not sparse:
+            f.contiguous = x.is_contiguous()
+            f.aligned = x.data_ptr() % 64 == 0
+        f.dlpack = not (sparse or "conj" in f.notes or "neg" in f.notes)
+        return f
+
+    def _prepare_steps(self, facts: Facts) -> list[Step]:
+        """Detach, densify, resolve bits: what every route out of torch needs first."""
+        steps = []
+        if "requires_grad" in facts.notes:
+            steps.append(Step("detach from the autograd graph", False, lambda t: t.detach(),
+                              "the values are shared; gradients are not"))
+        if "sparse" in facts.notes:
+            steps.append(Step("densify the sparse tensor", True, lambda t: t.to_dense(),
+                              "sparse layouts have no dense memory to share"))
+        if "conj" in facts.notes:
+            steps.append(Step("resolve the lazy conjugate bit", True, lambda t: t.resolve_conj(),
+                              "the stored values are not yet conjugated"))
+        if "neg" in facts.notes:
+            steps.append(Step("resolve the lazy negation bit", True, lambda t: t.resolve_neg(),
+                              "the stored values are not yet negated"))
+        return steps
+
+    def to_host_steps(self, x: Any, facts: Facts) -> list[Step]:
+        steps = self._prepare_steps(facts)
+        if facts.device_type != "cpu":
+            steps.append(Step(f"copy {facts.device} -> host", True, _to_host,
+                              "device memory is not addressable from NumPy"))
+        if facts.dtype in _NUMPY_NATIVE:
+            steps.append(Step("Tensor.numpy() view", False, lambda t: t.numpy()))
+        else:
+            torch = self.load()
+            bits = getattr(torch, _BITS[lookup(facts.dtype).itemsize])
+            np_dtype = numpy_dtype(facts.dtype)
+            steps.append(Step(f"reinterpret {facts.dtype} bits as ml_dtypes.{facts.dtype}", False,
+                              lambda t: t.view(bits).numpy().view(np_dtype),
+                              "NumPy has no native bfloat16/float8"))
+        return steps
+
+    def from_host_steps(self, facts: Facts, *, device: str | None, copy: bool | None) -> list[Step]:
+        torch = self.load()
+        steps: list[Step] = []
+        if facts.negative_strides:
+            steps.append(Step("copy to positive strides", True, np.ascontiguousarray,
+                              "torch has no negative strides"))
+        elif facts.unit_flip:
+            steps.append(Step("rewrite the strides of flipped size-1 dims", False, _positive_unit_strides))
+        if not facts.native_order:
+            steps.append(Step("byte-swap to native order", True,
+                              lambda a: a.astype(a.dtype.newbyteorder("=")),
+                              "torch only holds native byte order"))
+        share_readonly = False
+        if not facts.writable and not any(s.copies for s in steps):
+            if copy is False:
+                share_readonly = True
+            else:
+                steps.append(Step("copy the read-only array", True, lambda a: np.array(a, copy=True),
+                                  "torch tensors are always writable; pass copy=False to share anyway"))
+        make = torch.from_dlpack if share_readonly else torch.from_numpy
+        how = "torch.from_dlpack (shares read-only memory: do not write to the tensor)" \
+            if share_readonly else "torch.from_numpy"
+        if facts.dtype in _NUMPY_NATIVE:
+            steps.append(Step(how, False, make))
+        else:
+            target = self.native_dtype(facts.dtype)
+            if target is None:
+                raise ConversionError(message(
+                    f"an array of dtype {facts.dtype}",
+                    f"torch {torch.__version__} has no {facts.dtype}",
+                    "pass dtype='float32' (or another dtype torch has) to cast",
+                ))
+            bits = _BITS[lookup(facts.dtype).itemsize]
+            np_bits = np.dtype(bits)
+            steps.append(Step(f"{how} of the raw bits, viewed as torch.{facts.dtype}", False,
+                              lambda a: make(a.view(np_bits)).view(target)))
+        if device not in (None, "cpu"):
+            steps.extend(self.to_device_steps(facts, device))
+        return steps
+
+    def dlpack_import(self, facts: Facts) -> str | None:
+        if facts.device_type not in ("cpu", "cuda"):
+            return f"torch cannot import DLPack memory on {facts.device}"
+        if facts.dtype not in self.DTYPES or self.native_dtype(facts.dtype) is None:
+            return f"torch has no {facts.dtype}"
+        return None
+
+    def from_dlpack(self, x: Any) -> Any:
+        return self.load().from_dlpack(x)
+
+    def clone(self, x: Any) -> Any:
+        return x.clone()
+
+    def cast_steps(self, facts: Facts, dtype: str) -> list[Step]:
+        target = self.native_dtype(dtype)
+        if target is None:
+            raise ConversionError(message(f"dtype={dtype!r}", "torch has no such dtype",
+                                          "pick one of " + ", ".join(self.DTYPES)))
+        return [Step(f"cast {facts.dtype} -> {dtype}", True, lambda t: t.to(target))]
+
+    def to_device_steps(self, facts: Facts, device: str) -> list[Step]:
+        torch = self.load()
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise DeviceError(message(f"device={device!r}", str(exc),
+                                      "use 'cpu', 'cuda', 'cuda:1' or 'mps'")) from exc
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise DeviceError(message(f"device={device!r}", "this machine has no CUDA device torch can use",
+                                      "leave device unset (the result stays on the CPU)"))
+        if dev.type == "mps" and facts.dtype in ("float64", "complex128"):
+            raise ConversionError(message(
+                f"a {facts.dtype} tensor for device 'mps'", "Apple's MPS backend has no 64-bit floats",
+                "pass dtype='float32' to cast first"))
+        return [Step(f"copy -> {device}", True, lambda t: t.to(dev),
+                     "the data must live in the target device's memory")]
+
+    def host_view(self, x: Any) -> np.ndarray | None:
+        if x.device.type != "cpu" or x.layout != self.load().strided:
+            return None
+        t = x.detach()
+        if t.is_conj():
+            t = t.conj()  # clears the lazy bit, same memory
+        if t.is_neg():
+            return None
+        bits = getattr(self.load(), _BITS[t.element_size()])
+        return t.view(bits).numpy()
+
+    def device_span(self, x: Any) -> tuple[str, int, int] | None:
+        if x.layout != self.load().strided:
+            return None
+        storage = x.untyped_storage()
+        start = storage.data_ptr()
+        return str(x.device), start, start + storage.nbytes()
+
+
+def _to_host(t: Any) -> Any:
+    return t.cpu()
+
+
+def _positive_unit_strides(a: np.ndarray) -> np.ndarray:
+    """A size-1 dimension's stride is never used: rewrite negative ones to 0 (no copy)."""
+    strides = tuple(0 if n <= 1 else s for s, n in zip(a.strides, a.shape))
+    return np.lib.stride_tricks.as_strided(a, a.shape, strides, writeable=a.flags.writeable)
+
+
+def gather_device_leaves(tree: Any, *, copy: bool | None, dtype: str | None) -> dict[int, np.ndarray]:
+    """Copy every CUDA tensor in ``tree`` to the host with one synchronisation per device.
+
+    Returns ``{id(tensor): host array}``; the arrays are fresh host memory in
+    the tensor's own dtype. Empty when CUDA was never initialised (then no
+    CUDA tensor can exist), or when ``copy=False`` (the plan refuses instead).
+    """
+    torch = sys.modules["torch"]
+    if copy is False or dtype is not None or not torch.cuda.is_initialized():
+        return {}
+    from ..tree import tree_leaves_with_path
+
+    found = [leaf for _, leaf in tree_leaves_with_path(tree)
+             if isinstance(leaf, torch.Tensor) and leaf.is_cuda]
+    if not found:
+        return {}
+    return dict(zip(map(id, found), batch_to_host(found)))
+
+
+def batch_to_host(tensors: list[Any]) -> list[np.ndarray]:
+    """CUDA tensors -> fresh host arrays: one pinned staging buffer, asynchronous
+    copies on each tensor's current stream, then one synchronisation per device,
+    so nothing is read before its copy has landed."""
+    torch = sys.modules["torch"]
+    prepared = []
+    for t in tensors:
+        t = t.detach()
+        if t.layout != torch.strided:
+            t = t.to_dense()
+        t = t.resolve_conj().resolve_neg()
+        prepared.append(t)
+    offsets, total = [], 0
+    for t in prepared:
+        offsets.append(total)
+        total += -(-t.numel() * t.element_size() // 64) * 64
+    staging = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=True)
+    devices = set()
+    for t, off in zip(prepared, offsets):
+        n = t.numel() * t.element_size()
+        if n:
+            dst = staging[off:off + n].view(t.dtype).view(t.shape)
+            dst.copy_(t, non_blocking=True)
+            devices.add(t.device)
+    for dev in devices:
+        torch.cuda.synchronize(dev)
+    flat = staging.numpy()
+    out = []
+    for t, off in zip(prepared, offsets):
+        n = t.numel() * t.element_size()
+        fresh = np.empty(n, np.uint8)
+        fresh[:] = flat[off:off + n]
+        name = BACKEND.canonical(t.dtype)
+        out.append(fresh.view(numpy_dtype(name)).reshape(tuple(t.shape)))
+    return out
+
+
+BACKEND = TorchBackend()

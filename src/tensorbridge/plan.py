@@ -1,0 +1,159 @@
+"""Plan a route for one tensor, before moving any data.
+
+A route is a list of :class:`~tensorbridge.frameworks.base.Step`. It goes
+hub and spoke: DLPack from source to target when both sides can share the
+memory as it is, else through a host NumPy array. ``copy=`` is enforced on the
+whole route: ``False`` refuses a route with any copying step, ``True`` adds a
+copy when none of the steps makes one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .dtypes import lookup
+from .errors import ConversionError, CopyError, message
+from .frameworks import get_backend
+from .frameworks.base import Backend, Facts, Step
+
+__all__ = ["Plan", "plan_leaf"]
+
+
+@dataclass
+class Plan:
+    """The route one value takes: where from, where to, and every step."""
+
+    source: str  # a description of the input
+    target: str  # framework name
+    steps: list[Step]
+
+    @property
+    def copies(self) -> bool:
+        return any(s.copies for s in self.steps)
+
+    def run(self, x: Any) -> Any:
+        for step in self.steps:
+            x = step.run(x)
+        return x
+
+    def __str__(self) -> str:
+        lines = [f"{self.source} -> {self.target}"]
+        if not self.steps:
+            lines.append("  (nothing to do: the input is returned as it is)")
+        for i, s in enumerate(self.steps, 1):
+            lines.append(f"  {i}. {s.describe()}")
+        lines.append("  result: " + ("independent memory (copied)" if self.copies
+                                     else "shares memory with the input (zero-copy)"))
+        return "\n".join(lines)
+
+
+def _after_host(facts: Facts, steps: list[Step]) -> Facts:
+    """Facts of the host array that ``steps`` produce."""
+    if any(s.copies for s in steps):
+        return Facts(facts.framework, facts.dtype, facts.shape)  # fresh, contiguous, aligned, writable
+    return replace(facts, device="cpu")
+
+
+def _cast_facts(facts: Facts, dtype: str) -> Facts:
+    return Facts(facts.framework, dtype, facts.shape, device=facts.device)
+
+
+def _describe(src: Backend, facts: Facts, x: Any) -> str:
+    return f"{src.name} {type(x).__name__} {facts.dtype}{list(facts.shape)} on {facts.device}"
+
+
+def plan_leaf(
+    x: Any,
+    src: Backend,
+    target: str,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    copy: bool | None = None,
+) -> Plan:
+    """The :class:`Plan` that converts one tensor ``x`` of framework ``src``."""
+    tgt = get_backend(target)
+    facts = src.facts(x)
+    if dtype is not None:
+        dtype = lookup(dtype).name
+        if dtype == facts.dtype:
+            dtype = None
+    if facts.dtype == "string":
+        steps = _string_route(x, src, facts, tgt, dtype)
+    elif src is tgt:
+        steps = _same_framework(src, facts, device, dtype)
+    else:
+        steps = _dlpack_route(src, facts, tgt, device, dtype)
+        if steps is None:
+            steps = _host_route(x, src, facts, tgt, device, dtype, copy)
+    plan = Plan(_describe(src, facts, x), tgt.name, steps)
+    if copy is False and plan.copies:
+        reasons = "; ".join(f"{s.text} ({s.why})" if s.why else s.text for s in steps if s.copies)
+        raise CopyError(message(
+            f"copy=False for {plan.source} -> {tgt.name}",
+            f"the memory cannot be shared: {reasons}",
+            "pass copy=None to allow a copy where it is needed, or copy=True for an independent result",
+        ))
+    if copy is True and not plan.copies:
+        plan.steps.append(Step("copy (copy=True)", True, tgt.clone, "an independent result was asked for"))
+    return plan
+
+
+def _same_framework(b: Backend, facts: Facts, device: str | None, dtype: str | None) -> list[Step]:
+    steps: list[Step] = []
+    if dtype is not None:
+        steps += b.cast_steps(facts, dtype)
+    if device is not None and _norm(device) != _norm(facts.device):
+        steps += b.to_device_steps(facts, device)
+    return steps
+
+
+def _norm(device: str) -> str:
+    kind, _, index = device.partition(":")
+    kind = {"gpu": "cuda"}.get(kind, kind)
+    return kind if kind == "cpu" else f"{kind}:{index or 0}"
+
+
+def _dlpack_route(src: Backend, facts: Facts, tgt: Backend, device: str | None,
+                  dtype: str | None) -> list[Step] | None:
+    """Zero-copy hand-over between two frameworks, or None when it cannot be."""
+    if src.name == "numpy" or tgt.name == "numpy" or not facts.dlpack:
+        return None
+    if facts.device_type == "cpu" and (device is None or _norm(device) == "cpu"):
+        pass
+    elif device is not None and _norm(device) != facts.device:
+        return None  # a device move is a copy anyway; the host route is as good
+    prepare = src._prepare_steps(facts) if hasattr(src, "_prepare_steps") else []
+    if any(s.copies for s in prepare):
+        return None
+    if tgt.dlpack_import(facts) is not None:
+        return None
+    steps = prepare + [Step(f"DLPack hand-over {src.name} -> {tgt.name} on {facts.device}", False,
+                            lambda t: tgt.from_dlpack(src.to_dlpack_source(t)))]
+    if dtype is not None:
+        steps += tgt.cast_steps(facts, dtype)
+    return steps
+
+
+def _host_route(x: Any, src: Backend, facts: Facts, tgt: Backend, device: str | None,
+                dtype: str | None, copy: bool | None) -> list[Step]:
+    steps = src.to_host_steps(x, facts)
+    host = _after_host(facts, steps)
+    if dtype is not None:
+        numpy = get_backend("numpy")
+        steps += numpy.cast_steps(host, dtype)
+        host = _cast_facts(host, dtype)
+        host.device = "cpu"
+    return steps + tgt.from_host_steps(host, device=device, copy=copy)
+
+
+def _string_route(x: Any, src: Backend, facts: Facts, tgt: Backend, dtype: str | None) -> list[Step]:
+    if tgt.name != "numpy" or dtype is not None:
+        raise ConversionError(message(
+            f"a {src.name} string tensor for {tgt.name}",
+            f"{tgt.name} has no string dtype" if tgt.name != "numpy" else "strings cannot be cast",
+            "convert it to NumPy (an array of bytes objects), or encode the strings to numbers "
+            "first (e.g. tf.strings.to_number, or a tokenizer)",
+        ))
+    return src.to_host_steps(x, facts)
