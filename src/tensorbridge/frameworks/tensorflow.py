@@ -86,7 +86,7 @@ class TensorFlowBackend(Backend):
             f.notes.append("sparse")
         if isinstance(x, tf.Variable):
             f.notes.append("variable")
-        f.dlpack = not sparse and name not in ("string",)
+        f.dlpack = not sparse and name in _DLPACK_DTYPES | {"bfloat16"}  # TF exports no float8
         return f
 
     def to_host_steps(self, x: Any, facts: Facts) -> list[Step]:

@@ -202,6 +202,8 @@ class TorchBackend(Backend):
             t = t.conj()  # clears the lazy bit, same memory
         if t.is_neg():
             return None
+        if t.is_complex():
+            t = self.load().view_as_real(t)
         bits = getattr(self.load(), _BITS[t.element_size()])
         return t.view(bits).numpy()
 
