@@ -1,0 +1,495 @@
+"""The ``.safetensors`` format: our own strict header parser and streaming writer.
+
+File layout (https://github.com/huggingface/safetensors)::
+
+    8 bytes   N, a little-endian u64: the header length
+    N bytes   a UTF-8 JSON object, padded with spaces:
+              {"__metadata__": {"key": "value", ...},          (optional, str -> str)
+               "NAME": {"dtype": "F32", "shape": [2, 3], "data_offsets": [BEGIN, END]}, ...}
+    rest      the data region; offsets are relative to its start, little-endian,
+              C order. The tensors tile it exactly: no overlap, no hole, no trailing byte.
+
+Why not the ``safetensors`` package? Its NumPy binding has no BF16 or float8; its
+Rust core accepts duplicate keys (the last one wins), names containing NUL or
+``..``, and non-string metadata; and ``save_file`` needs every tensor in memory
+at once. This module validates more strictly and writes one tensor at a time
+through a bounded buffer. The tests check interoperability with the real
+package in both directions.
+
+Reading never memory-maps the file: a file truncated while mapped kills the
+process with SIGBUS. Tensors are read with ``pread`` into fresh arrays, after the
+header has been checked against the real file size.
+
+>>> import numpy as np, tempfile, os
+>>> p = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+>>> a = np.arange(6, dtype=np.float32).reshape(2, 3)
+>>> FORMAT.write(p, [TensorInfo("w", "float32", (2, 3))], lambda name: a, {"k": "v"})
+>>> with FORMAT.open(p) as r:
+...     (r.keys(), r.metadata, r.read("w").tobytes() == a.tobytes())
+(['w'], {'k': 'v'}, True)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import struct
+import sys
+import threading
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from ..dtypes import DTYPES, canonical_name, lookup
+from ..errors import ConversionError, FileFormatError, TensorBridgeError, UnsafeContentError
+from .atomic import atomic_write
+from .base import Format, Reader, TensorInfo
+from .names import check_name, check_unique
+
+__all__ = [
+    "FORMAT",
+    "SafetensorsFormat",
+    "SafetensorsReader",
+    "MAX_HEADER_SIZE",
+    "CODE_TO_DTYPE",
+    "build_header",
+    "open_regular_file",
+    "read_exact_into",
+    "iter_le_bytes",
+    "check_fetched",
+]
+
+#: The Rust reference refuses longer headers; so do we (a header is parsed in memory).
+MAX_HEADER_SIZE = 100_000_000
+#: NumPy cannot hold more dimensions than this.
+MAX_NDIM = 64
+#: Bytes written per chunk when a tensor must be made contiguous or little-endian.
+CHUNK_BYTES = 16 * 1024 * 1024
+
+_ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+_METADATA_KEY = "__metadata__"
+
+#: safetensors header dtype code -> canonical dtype name (from the dtypes table).
+CODE_TO_DTYPE: dict[str, str] = {d.safetensors: d.name for d in DTYPES.values() if d.safetensors}
+
+
+# --- shared low-level helpers (also used by other format modules) ------------
+
+def open_regular_file(path: str) -> tuple[int, int]:
+    """Open ``path`` read-only and return ``(fd, size)``; refuse non-regular files.
+
+    ``O_NONBLOCK`` keeps a FIFO from hanging the open; it has no effect on files.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise FileFormatError(
+            f"cannot open the file ({exc.strerror}). Fix: check the path and its permissions.",
+            path) from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FileFormatError(
+                "it is not a regular file (a directory, FIFO or device cannot hold a "
+                "tensor file). Fix: pass the path of a file.", path)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return fd, st.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_exact_into(fd: int, buffer: memoryview, offset: int, path: str) -> None:
+    """Fill ``buffer`` (a byte memoryview) from ``fd`` at ``offset``, or raise."""
+    done = 0
+    total = len(buffer)
+    while done < total:
+        try:
+            if hasattr(os, "preadv"):
+                n = os.preadv(fd, [buffer[done:]], offset + done)
+            else:  # pragma: no cover - Windows
+                data = os.pread(fd, min(total - done, 1 << 30), offset + done)
+                n = len(data)
+                buffer[done:done + n] = data
+        except OSError as exc:
+            raise FileFormatError(
+                f"reading failed at byte {offset + done} ({exc.strerror}). Fix: check the "
+                "disk and the file, or copy the file locally and retry.", path) from exc
+        if n == 0:
+            raise FileFormatError(
+                f"the file ended at byte {offset + done}, but {total - done} more bytes were "
+                "expected (it was truncated or changed while being read). Fix: download or "
+                "copy the file again.", path)
+        done += n
+
+
+def _byte_view(arr: np.ndarray) -> memoryview:
+    """The bytes of a C-contiguous array, without copying (works for ml_dtypes)."""
+    return memoryview(arr.reshape(-1).view(np.uint8))
+
+
+def iter_le_bytes(arr: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> Iterator[memoryview]:
+    """Yield the C-order little-endian bytes of ``arr`` in bounded pieces.
+
+    A C-contiguous little-endian array is yielded as one view (no copy); otherwise
+    blocks along the first axis are copied, each about ``chunk_bytes`` long.
+    """
+    big = arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and sys.byteorder == "big")
+    if arr.dtype.itemsize == 1:
+        big = False
+    if arr.size == 0:
+        return
+    if not big and arr.flags.c_contiguous:
+        yield _byte_view(arr)
+        return
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    row_bytes = arr[0].nbytes if arr.ndim > 1 else arr.itemsize
+    if row_bytes > chunk_bytes and arr.ndim > 1:
+        for row in arr:
+            yield from iter_le_bytes(row, chunk_bytes)
+        return
+    step = max(1, chunk_bytes // max(row_bytes, 1))
+    le = arr.dtype.newbyteorder("<")
+    for start in range(0, arr.shape[0], step):
+        block = np.ascontiguousarray(arr[start:start + step])
+        if big:
+            block = block.astype(le)
+        yield _byte_view(block)
+
+
+def check_fetched(arr: object, info: TensorInfo, file: object = "") -> np.ndarray:
+    """Check that ``fetch(name)`` gave an array with the announced dtype and shape."""
+    if not isinstance(arr, np.ndarray):
+        raise ConversionError(
+            f"{file}: fetch({info.name!r}) returned a {type(arr).__name__}, not a numpy "
+            "array. Fix: return host NumPy arrays from fetch().")
+    try:
+        got = canonical_name(arr.dtype)
+    except ConversionError as exc:
+        raise ConversionError(f"{file}: tensor {info.name!r}: {exc}") from exc
+    if got != info.dtype or tuple(arr.shape) != tuple(info.shape):
+        raise ConversionError(
+            f"{file}: tensor {info.name!r} was announced as {info.dtype}{list(info.shape)} but "
+            f"fetch() returned {got}{list(arr.shape)}; the header is already written. Fix: "
+            "pass TensorInfo values that match the arrays fetch() returns.")
+    return arr
+
+
+def _safetensors_code(info: TensorInfo, file: object) -> str:
+    row = lookup(info.dtype)
+    if row.safetensors is None:
+        raise ConversionError(
+            f"{file}: tensor {info.name!r} has dtype {info.dtype!r}, which safetensors cannot "
+            "store (it has no header code for it). Fix: save as .npz or .h5, or convert it "
+            "first with --dtype (e.g. --dtype float32); safetensors holds: "
+            + ", ".join(CODE_TO_DTYPE.values()) + ".")
+    return row.safetensors
+
+
+def build_header(infos: Sequence[TensorInfo], metadata: Mapping[str, str] | None,
+                 file: object = "") -> bytes:
+    """The 8-byte length plus the space-padded JSON header for ``infos``, in order."""
+    check_unique([i.name for i in infos], file)
+    header: dict[str, Any] = {}
+    if metadata:
+        if not isinstance(metadata, Mapping):
+            raise ConversionError(
+                f"{file}: metadata {metadata!r} is not a mapping. Fix: pass a dict of str to str.")
+        for key, value in metadata.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise ConversionError(
+                    f"{file}: metadata entry {key!r}: {value!r} is refused: safetensors metadata "
+                    "maps strings to strings. Fix: convert keys and values with str() or json.dumps().")
+        header[_METADATA_KEY] = dict(metadata)
+    offset = 0
+    for info in infos:
+        if info.name == _METADATA_KEY:
+            raise UnsafeContentError(
+                f"tensor name {info.name!r} is reserved for the file's metadata. Fix: rename the "
+                "tensor.", file)
+        code = _safetensors_code(info, file)
+        end = offset + info.nbytes
+        header[info.name] = {"dtype": code, "shape": [int(d) for d in info.shape],
+                             "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the reference pads so the data starts 8-byte aligned
+    if len(text) > MAX_HEADER_SIZE:
+        raise ConversionError(
+            f"{file}: the safetensors header would be {len(text)} bytes, over the "
+            f"{MAX_HEADER_SIZE}-byte limit readers enforce. Fix: use fewer tensors or shorter "
+            "metadata, or write a sharded checkpoint.")
+    return struct.pack("<Q", len(text)) + text
+
+
+# --- header validation --------------------------------------------------------
+
+def _no_duplicates(path: str) -> Callable[[list[tuple[str, Any]]], dict]:
+    def hook(pairs: list[tuple[str, Any]]) -> dict:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise UnsafeContentError(
+                    f"the header has the key {key!r} more than once; other readers would "
+                    "silently keep only the last one. Fix: re-save the file with unique names.",
+                    path)
+            out[key] = value
+        return out
+    return hook
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _parse_entry(name: str, entry: object, path: str) -> tuple[TensorInfo, int, int]:
+    if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
+        keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+        raise FileFormatError(
+            f"tensor {name!r}: header entry must have exactly the keys 'dtype', 'shape' and "
+            f"'data_offsets', got {keys!r}. Fix: re-save the file with a safetensors writer.", path)
+    code = entry["dtype"]
+    if not isinstance(code, str) or code not in CODE_TO_DTYPE:
+        raise FileFormatError(
+            f"tensor {name!r}: unknown dtype {code!r}. Fix: use a known dtype code ("
+            + ", ".join(CODE_TO_DTYPE) + "), or convert the tensor with the tool that wrote it.",
+            path)
+    dtype = CODE_TO_DTYPE[code]
+    shape = entry["shape"]
+    if (not isinstance(shape, list) or len(shape) > MAX_NDIM
+            or not all(_is_int(d) and d >= 0 for d in shape)):
+        raise FileFormatError(
+            f"tensor {name!r}: shape {shape!r} is not a list of at most {MAX_NDIM} "
+            "non-negative integers. Fix: the file is corrupt; re-save it.", path)
+    size = 1
+    for d in shape:
+        size *= d
+        if size >= 2 ** 63:
+            raise FileFormatError(
+                f"tensor {name!r}: shape {shape!r} has more than 2**63 elements (the product "
+                "overflows). Fix: the file is corrupt or hostile; re-save it.", path)
+    offsets = entry["data_offsets"]
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise FileFormatError(
+            f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end] with "
+            "0 <= begin <= end. Fix: the file is corrupt; re-save it.", path)
+    begin, end = offsets
+    expected = size * lookup(dtype).itemsize
+    if end - begin != expected:
+        raise FileFormatError(
+            f"tensor {name!r}: data_offsets {offsets!r} span {end - begin} bytes, but shape "
+            f"{shape!r} of {dtype} needs {expected}. Fix: the file is corrupt; re-save it.", path)
+    return TensorInfo(name, dtype, tuple(shape)), begin, end
+
+
+def _check_tiling(spans: list[tuple[int, int, str]], data_len: int, path: str) -> None:
+    """The sorted spans must cover ``[0, data_len)`` exactly once."""
+    position = 0
+    for begin, end, name in sorted(spans, key=lambda s: (s[0], s[1])):
+        if begin < position:
+            raise FileFormatError(
+                f"tensor {name!r}: data_offsets [{begin}, {end}] overlap the previous tensor "
+                f"(which ends at {position}). Fix: the file is corrupt or hostile; re-save it.",
+                path)
+        if begin > position:
+            raise FileFormatError(
+                f"tensor {name!r}: data_offsets start at {begin}, leaving a hole of "
+                f"{begin - position} unused bytes after byte {position}. Fix: the file is "
+                "corrupt; re-save it.", path)
+        position = end
+    if position < data_len:
+        raise FileFormatError(
+            f"the data region has {data_len - position} trailing bytes after the last tensor "
+            f"(tensors end at {position}, the data region is {data_len} bytes). Fix: the file "
+            "is corrupt or has something appended; re-save it.", path)
+    if position > data_len:
+        raise FileFormatError(
+            f"the header says the data region is {position} bytes, but the file holds only "
+            f"{data_len} (it is truncated). Fix: download or copy the file again.", path)
+
+
+def _parse_header(raw: bytes, data_len: int, path: str) -> tuple[dict[str, str], list[tuple[TensorInfo, int]]]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FileFormatError(
+            f"the header is not valid UTF-8 ({exc.reason} at byte {8 + exc.start}). Fix: this "
+            "is not a safetensors file, or it is corrupt.", path) from exc
+    try:
+        header = json.loads(text, object_pairs_hook=_no_duplicates(path))
+    except TensorBridgeError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise FileFormatError(
+            f"the header is not valid JSON ({exc}). Fix: this is not a safetensors file, or it "
+            "is corrupt.", path) from exc
+    if not isinstance(header, dict):
+        raise FileFormatError(
+            f"the header is a JSON {type(header).__name__}, not an object. Fix: this is not a "
+            "safetensors file, or it is corrupt.", path)
+    metadata = header.pop(_METADATA_KEY, None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        bad = metadata if not isinstance(metadata, dict) else next(
+            {k: v} for k, v in metadata.items() if not isinstance(v, str))
+        raise UnsafeContentError(
+            f"__metadata__ must map strings to strings, got {bad!r}. Fix: re-save the file "
+            "with string metadata values.", path)
+    check_unique(header, path)
+    entries = []
+    spans = []
+    for name, entry in header.items():
+        info, begin, end = _parse_entry(name, entry, path)
+        entries.append((info, begin))
+        spans.append((begin, end, name))
+    _check_tiling(spans, data_len, path)
+    entries.sort(key=lambda e: e[1])  # file order; stable for empty tensors
+    return dict(metadata), entries
+
+
+# --- the reader ----------------------------------------------------------------
+
+class SafetensorsReader(Reader):
+    """An open ``.safetensors`` file whose header has been fully validated."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        fd, size = open_regular_file(path)
+        try:
+            if size < 8:
+                raise FileFormatError(
+                    f"the file is {size} bytes, shorter than the 8-byte header length. Fix: "
+                    "this is not a safetensors file, or it is truncated.", path)
+            head = bytearray(8)
+            read_exact_into(fd, memoryview(head), 0, path)
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_SIZE:
+                raise FileFormatError(
+                    f"the header length {n} is over the {MAX_HEADER_SIZE}-byte limit. Fix: "
+                    "this is not a safetensors file, or it is corrupt or hostile.", path)
+            if n > size - 8:
+                raise FileFormatError(
+                    f"the header length {n} is larger than the rest of the file "
+                    f"({size - 8} bytes). Fix: this is not a safetensors file, or it is truncated.",
+                    path)
+            raw = bytearray(n)
+            read_exact_into(fd, memoryview(raw), 8, path)
+            self.metadata, entries = _parse_header(bytes(raw), size - 8 - n, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._data_start = 8 + n
+        self._infos = {info.name: info for info, _ in entries}
+        self._begin = {info.name: begin for info, begin in entries}
+
+    def keys(self) -> list[str]:
+        return list(self._infos)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise FileFormatError(
+                f"no tensor named {name!r}. Fix: use one of {self.keys()[:20]!r}"
+                + (" ..." if len(self._infos) > 20 else "") + ".", self.path) from None
+
+    def _read_rows(self, info: TensorInfo, shape: tuple[int, ...], byte_offset: int) -> np.ndarray:
+        if self._fd is None:
+            raise FileFormatError("the file is closed. Fix: open it again.", self.path)
+        try:
+            out = np.empty(shape, dtype=lookup(info.dtype).numpy)
+        except MemoryError as exc:
+            raise FileFormatError(
+                f"tensor {info.name!r} ({info.dtype}{list(shape)}) does not fit in memory. Fix: "
+                "read it in parts with read_slice(), or use a machine with more memory.",
+                self.path) from exc
+        if out.nbytes:
+            read_exact_into(self._fd, _byte_view(out),
+                            self._data_start + self._begin[info.name] + byte_offset, self.path)
+        if sys.byteorder == "big" and out.dtype.itemsize > 1:  # pragma: no cover
+            out.byteswap(inplace=True)
+        if info.dtype == "bool" and out.size and out.view(np.uint8).max() > 1:
+            raise FileFormatError(
+                f"tensor {info.name!r} is BOOL but holds bytes other than 0 and 1. Fix: the "
+                "file is corrupt; re-save it.", self.path)
+        return out
+
+    def read(self, name: str) -> np.ndarray:
+        info = self.info(name)
+        return self._read_rows(info, info.shape, 0)
+
+    def read_slice(self, name: str, index: int | slice) -> np.ndarray:
+        """Read ``tensor[index]`` for an int or a step-1 slice of the first axis only."""
+        info = self.info(name)
+        if not info.shape:
+            raise ConversionError(
+                f"{self.path}: tensor {name!r} is 0-d and cannot be sliced. Fix: use read().")
+        rows = info.shape[0]
+        row_bytes = info.nbytes // rows if rows else 0
+        if isinstance(index, slice):
+            start, stop, step = index.indices(rows)
+            if step != 1:
+                raise ConversionError(
+                    f"{self.path}: read_slice({name!r}, {index!r}) needs a step of 1. Fix: "
+                    "read the block, then index it with the step.")
+            stop = max(start, stop)
+            return self._read_rows(info, (stop - start, *info.shape[1:]), start * row_bytes)
+        if not isinstance(index, (int, np.integer)) or not -rows <= index < rows:
+            raise ConversionError(
+                f"{self.path}: index {index!r} is out of range for tensor {name!r} with "
+                f"{rows} rows. Fix: use an int in [-{rows}, {rows}) or a slice.")
+        i = int(index) % rows
+        return self._read_rows(info, info.shape[1:], i * row_bytes)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+# --- the format ------------------------------------------------------------------
+
+class SafetensorsFormat(Format):
+    """Hugging Face safetensors: a JSON header, then raw little-endian tensor bytes."""
+
+    name = "safetensors"
+    suffixes = (".safetensors",)
+    description = ("Hugging Face safetensors; no code runs on load. Holds: "
+                   + ", ".join(CODE_TO_DTYPE.values()) + ".")
+
+    def open(self, path: str) -> SafetensorsReader:
+        return SafetensorsReader(os.fspath(path))
+
+    def write(
+        self,
+        path: str,
+        infos: Sequence[TensorInfo],
+        fetch: Callable[[str], np.ndarray],
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        """Stream ``infos`` into ``path`` atomically, one fetched tensor at a time."""
+        path = os.fspath(path)
+        for info in infos:
+            check_name(info.name, path)
+        header = build_header(infos, metadata, path)
+        with atomic_write(path) as f:
+            f.write(header)
+            for info in infos:
+                arr = check_fetched(fetch(info.name), info, path)
+                for piece in iter_le_bytes(arr):
+                    f.write(piece)
+                del arr
+
+
+FORMAT = SafetensorsFormat()

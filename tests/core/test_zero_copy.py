@@ -1,0 +1,117 @@
+"""Zero-copy proven by mutation; copy=True proven independent; copy=False refusals.
+
+A pair claims zero-copy when explain() says so. The proof never trusts
+tensorbridge: it writes through a writable alias made by the frameworks' own
+APIs and reads the change on the other side.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tensorbridge as tb
+
+from .frameworks import FRAMEWORKS, framework_of, make, raw_bytes
+
+
+def _writable_alias(x):
+    """A writable torch tensor over x's memory, made without tensorbridge."""
+    fw = framework_of(x)
+    if fw == "numpy":
+        return torch.from_numpy(x) if x.flags.writeable else torch.from_dlpack(x)
+    if fw == "torch":
+        return x
+    if fw == "jax":
+        return torch.from_dlpack(x)
+    import tensorflow as tf
+
+    return torch.utils.dlpack.from_dlpack(tf.experimental.dlpack.to_dlpack(x))
+
+
+def _read(x) -> float:
+    fw = framework_of(x)
+    if fw == "tensorflow":
+        return float(x.numpy().reshape(-1)[0])
+    return float(np.asarray(x).reshape(-1)[0]) if fw != "torch" else float(x.reshape(-1)[0])
+
+
+PAIRS = [(s, t) for s in FRAMEWORKS for t in FRAMEWORKS]
+
+
+@pytest.mark.parametrize("src,tgt", PAIRS, ids=[f"{s}-{t}" for s, t in PAIRS])
+def test_zero_copy_claims_hold_under_mutation(src, tgt):
+    x = make(src, "float32", np.zeros(1024, np.float32).tobytes())
+    if src == "numpy":  # 64-byte aligned, as frameworks allocate
+        buf = np.zeros(1024 + 16, np.float32)
+        off = (-buf.ctypes.data % 64) // 4
+        x = buf[off:off + 1024]
+    plan = tb.explain(x, to=tgt)
+    y = tb.convert(x, to=tgt)
+    if plan.copies:
+        return  # covered by test_copy_true_is_independent
+    assert tb.shares_memory(x, y)
+    _writable_alias(x)[0] = 7.0
+    assert _read(y) == 7.0, f"{src}->{tgt} claimed zero-copy but did not share:\n{plan}"
+
+
+@pytest.mark.parametrize("src,tgt", PAIRS, ids=[f"{s}-{t}" for s, t in PAIRS])
+def test_copy_true_is_independent(src, tgt):
+    x = make(src, "float32", np.zeros(64, np.float32).tobytes())
+    y = tb.convert(x, to=tgt, copy=True)
+    assert not tb.shares_memory(x, y)
+    _writable_alias(x)[0] = 7.0
+    assert _read(y) == 0.0
+
+
+@pytest.mark.parametrize("src,tgt", PAIRS, ids=[f"{s}-{t}" for s, t in PAIRS])
+def test_copy_false_shares_or_refuses(src, tgt):
+    x = make(src, "float32", raw_bytes("float32", 64))
+    if tb.explain(x, to=tgt).copies:
+        with pytest.raises(tb.CopyError, match="copy=False.*Fix:"):
+            tb.convert(x, to=tgt, copy=False)
+    else:
+        assert tb.shares_memory(x, tb.convert(x, to=tgt, copy=False))
+
+
+def test_torch_cpu_pairs_are_zero_copy():
+    """The pairs the docs promise: torch <-> numpy, torch <-> jax, torch/jax -> tf on the CPU."""
+    t = torch.zeros(1024)
+    for tgt in ("numpy", "jax", "tensorflow"):
+        assert not tb.explain(t, to=tgt).copies, tgt
+    a = np.zeros(8, np.float32)
+    assert not tb.explain(a, to="torch").copies
+
+
+def test_seed_tutorial_shared_memory_surprise_and_copy_true():
+    x = torch.ones((3, 6))
+    shared = tb.to_numpy(x)
+    shared[0][0] = 20
+    assert x[0, 0].item() == 20  # the surprise: tensor changed too
+    x = torch.ones((3, 6))
+    independent = tb.to_numpy(x, copy=True)
+    independent[0][0] = 20
+    assert x[0, 0].item() == 1
+
+
+def test_zero_copy_is_constant_size_work():
+    """512 MiB shares like 1 MiB does: the result views the same buffer."""
+    big = torch.empty(128 * 1024 * 1024)  # 512 MiB, never touched
+    a = tb.to_numpy(big)
+    assert a.ctypes.data == big.data_ptr()
+    t = tb.to_torch(a)
+    assert t.data_ptr() == big.data_ptr()
+
+
+def test_copy_false_refusal_says_why():
+    x = torch.tensor([1 + 2j]).conj()
+    with pytest.raises(tb.CopyError) as err:
+        tb.to_numpy(x, copy=False)
+    assert "conjugate" in str(err.value) and "copy=None" in str(err.value)
+    with pytest.raises(tb.CopyError, match="byte order"):
+        tb.to_torch(np.zeros(3, ">f4"), copy=False)
+    with pytest.raises(tb.CopyError, match="negative strides"):
+        tb.to_torch(np.arange(4)[::-1], copy=False)
+    with pytest.raises(ValueError):  # CopyError is also a ValueError
+        tb.to_torch(np.arange(4)[::-1], copy=False)

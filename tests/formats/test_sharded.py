@@ -1,0 +1,358 @@
+"""Sharded Hugging Face checkpoints: writing, reading what the real libraries
+produce, and refusing indexes that escape the directory or disagree with shards."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors.numpy
+import safetensors.torch
+import torch
+
+from tensorbridge.dtypes import canonical_name
+from tensorbridge.errors import (
+    ConversionError,
+    FileFormatError,
+    TensorBridgeError,
+    UnsafeContentError,
+)
+from tensorbridge.formats import format_for_path
+from tensorbridge.formats.base import TensorInfo
+from tensorbridge.formats.sharded import FORMAT, parse_size, plan_shards
+
+
+def same(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def make_arrays() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2**16, 300, dtype=np.uint16)
+    bits[:3] = [0x8000, 0x7FC1, 0x0001]  # -0.0, NaN payload, subnormal
+    return {
+        "embed.weight": rng.standard_normal((10, 10)).astype(np.float32),  # 400 B
+        "layer.0.w": bits.view(ml_dtypes.bfloat16).reshape(30, 10),  # 600 B
+        "layer.0.b": np.arange(25, dtype=np.int64),  # 200 B
+        "layer.1.w": rng.standard_normal((5, 10)).astype(np.float16),  # 100 B
+        "big": np.zeros(2000, np.uint8),  # 2000 B, over the limit: alone
+        "tail": np.array([True, False]),  # 2 B
+    }
+
+
+def write(path, arrays, metadata=None, **options) -> None:
+    infos = [TensorInfo(k, canonical_name(v.dtype), v.shape) for k, v in arrays.items()]
+    FORMAT.write(str(path), infos, arrays.__getitem__, metadata, **options)
+
+
+def read_all(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    with FORMAT.open(str(path)) as r:
+        return {k: r.read(k) for k in r.keys()}, r.metadata
+
+
+def snapshot(directory) -> dict[str, bytes]:
+    return {n: (directory / n).read_bytes() for n in sorted(os.listdir(directory))}
+
+
+# --- parse_size and planning ------------------------------------------------------------
+
+@pytest.mark.parametrize("text, value", [
+    ("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("10KiB", 10240), ("2GiB", 2 * 2**30),
+    ("1.5GiB", 3 * 2**29), ("42", 42), (42, 42), (" 7 kb ", 7000), ("3M", 3 * 10**6),
+    ("100B", 100), ("1TB", 10**12),
+])
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "GB", "5XB", "-5GB", "0", 0, "5 G B", None, 1.5, True])
+def test_parse_size_refuses_nonsense(text):
+    with pytest.raises(TensorBridgeError, match="the size"):
+        parse_size(text)
+
+
+def test_plan_is_greedy_in_order_and_big_tensors_go_alone():
+    infos = [TensorInfo(k, canonical_name(v.dtype), v.shape) for k, v in make_arrays().items()]
+    plan = plan_shards(infos, 1000)
+    assert [[i.name for i in g] for g in plan] == [
+        ["embed.weight", "layer.0.w"], ["layer.0.b", "layer.1.w"], ["big"], ["tail"]]
+    assert plan_shards([], 10) == [[]]
+
+
+# --- writing -----------------------------------------------------------------------------
+
+def test_write_makes_hf_layout_readable_by_safetensors(tmp_path):
+    arrays = make_arrays()
+    out = tmp_path / "ckpt"
+    write(out, arrays, {"source": "test"}, max_shard_size="1KB")
+    names = sorted(os.listdir(out))
+    shards = [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
+    assert names == sorted(shards + ["model.safetensors.index.json"])
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["metadata"] == {"source": "test", "total_size": sum(a.nbytes for a in arrays.values())}
+    assert index["weight_map"]["big"] == shards[2]
+    assert list(index["weight_map"]) == list(arrays)
+    for shard in shards:  # each shard within the limit, unless it is one big tensor
+        loaded = safetensors.torch.load_file(str(out / shard))
+        total = sum(t.numel() * t.element_size() for t in loaded.values())
+        assert total <= 1000 or len(loaded) == 1
+        with safetensors.safe_open(str(out / shard), "pt") as f:
+            assert f.metadata() == {"format": "pt"}
+        for name, t in loaded.items():
+            assert index["weight_map"][name] == shard
+            assert t.contiguous().view(torch.uint8).numpy().tobytes() == arrays[name].tobytes()
+
+
+def test_round_trip_bit_exact_via_directory_and_index(tmp_path):
+    arrays = make_arrays()
+    write(tmp_path / "d", arrays, max_shard_size=700)
+    for path in (tmp_path / "d", tmp_path / "d" / "model.safetensors.index.json"):
+        got, metadata = read_all(path)
+        assert list(got) == list(arrays)
+        for k in arrays:
+            assert same(got[k], arrays[k]), k
+        assert metadata["total_size"] == str(sum(a.nbytes for a in arrays.values()))
+
+
+def test_format_table_routes_directories_and_indexes_here(tmp_path):
+    write(tmp_path / "d", {"a": np.zeros(1)})
+    assert format_for_path(str(tmp_path / "d")).name == "sharded"
+    assert format_for_path(str(tmp_path / "d" / "model.safetensors.index.json")).name == "sharded"
+
+
+def test_custom_index_name_sets_the_shard_prefix(tmp_path):
+    write(tmp_path / "x" / "adapter.safetensors.index.json", {"a": np.zeros(3)})
+    assert sorted(os.listdir(tmp_path / "x")) == [
+        "adapter-00001-of-00001.safetensors", "adapter.safetensors.index.json"]
+
+
+def test_bad_index_name_and_unknown_options_are_refused(tmp_path):
+    with pytest.raises(FileFormatError, match="NAME.safetensors.index.json"):
+        write(tmp_path / "pytorch_model.bin.index.json", {"a": np.zeros(1)})
+    with pytest.raises(ConversionError, match="unknown option"):
+        write(tmp_path / "d", {"a": np.zeros(1)}, shard_size=3)
+    with pytest.raises(TensorBridgeError, match="the size"):
+        write(tmp_path / "d", {"a": np.zeros(1)}, max_shard_size="lots")
+    assert os.listdir(tmp_path) == []
+
+
+def test_unsupported_dtype_is_refused_before_any_file(tmp_path):
+    arrays = {"a": np.zeros(3, np.float32), "c": np.zeros(2, np.complex128)}
+    with pytest.raises(ConversionError, match="safetensors cannot store"):
+        write(tmp_path / "d", arrays, max_shard_size=1)
+    assert not (tmp_path / "d").exists()
+
+
+def test_failed_write_leaves_existing_checkpoint_byte_identical(tmp_path):
+    out = tmp_path / "d"
+    write(out, make_arrays(), max_shard_size=1000)
+    before = snapshot(out)
+    arrays = make_arrays()
+
+    def fetch(name):
+        if name == "tail":  # the last shard: earlier shards were already written
+            raise RuntimeError("network down")
+        return arrays[name]
+
+    infos = [TensorInfo(k, canonical_name(v.dtype), v.shape) for k, v in arrays.items()]
+    with pytest.raises(RuntimeError, match="network down"):
+        FORMAT.write(str(out), infos, fetch, max_shard_size=1000)
+    assert snapshot(out) == before
+
+
+def test_rewrite_with_fewer_shards_removes_the_old_ones(tmp_path):
+    out = tmp_path / "d"
+    write(out, make_arrays(), max_shard_size=1000)
+    (out / "README.md").write_text("keep me")
+    write(out, {"only": np.ones(4, np.int32)})
+    assert sorted(os.listdir(out)) == [
+        "README.md", "model-00001-of-00001.safetensors", "model.safetensors.index.json"]
+    got, _ = read_all(out)
+    assert same(got["only"], np.ones(4, np.int32))
+
+
+# --- reading what others wrote -------------------------------------------------------------
+
+def hf_checkpoint(directory, tensors_by_shard: dict[str, dict[str, torch.Tensor]],
+                  weight_map: dict[str, str] | None = None, index_name="model.safetensors.index.json"):
+    directory.mkdir(exist_ok=True)
+    for shard, tensors in tensors_by_shard.items():
+        safetensors.torch.save_file(tensors, str(directory / shard), metadata={"format": "pt"})
+    if weight_map is None:
+        weight_map = {n: s for s, ts in tensors_by_shard.items() for n in ts}
+    (directory / index_name).write_text(json.dumps(
+        {"metadata": {"total_size": 123}, "weight_map": weight_map}))
+    return directory
+
+
+def test_reads_a_torch_written_hf_checkpoint(tmp_path):
+    a = torch.randn(4, 4).to(torch.bfloat16)
+    b = torch.arange(6, dtype=torch.int32)
+    c = torch.randn(3).to(torch.float8_e4m3fn)
+    d = hf_checkpoint(tmp_path / "hf", {"model-00001-of-00002.safetensors": {"a": a, "b": b},
+                                       "model-00002-of-00002.safetensors": {"c": c}})
+    with FORMAT.open(str(d)) as r:
+        assert r.metadata == {"total_size": "123"}
+        assert r.info("a") == TensorInfo("a", "bfloat16", (4, 4))
+        assert r.shard_of("c").endswith("model-00002-of-00002.safetensors")
+        for name, t in {"a": a, "b": b, "c": c}.items():
+            got = r.read(name)
+            assert got.tobytes() == t.view(torch.uint8).numpy().tobytes()
+            assert str(t.dtype).replace("torch.", "") == got.dtype.name
+
+
+def test_single_file_directory(tmp_path):
+    (tmp_path / "m").mkdir()
+    arrays = {"x": np.arange(3, dtype=np.float64)}
+    safetensors.numpy.save_file(arrays, str(tmp_path / "m" / "model.safetensors"), {"format": "np"})
+    got, metadata = read_all(tmp_path / "m")
+    assert same(got["x"], arrays["x"]) and metadata == {"format": "np"}
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd to count open files")
+def test_at_most_one_shard_is_open(tmp_path):
+    arrays = {f"t{i}": np.full(10, i, np.int64) for i in range(6)}
+    write(tmp_path / "d", arrays, max_shard_size=80)
+    assert len(os.listdir(tmp_path / "d")) == 7
+    base = len(os.listdir("/proc/self/fd"))
+    with FORMAT.open(str(tmp_path / "d")) as r:
+        assert len(os.listdir("/proc/self/fd")) == base
+        for name in r.keys():
+            assert same(r.read(name), arrays[name])
+            assert len(os.listdir("/proc/self/fd")) <= base + 1
+    assert len(os.listdir("/proc/self/fd")) == base
+
+
+# --- hostile or broken checkpoints ---------------------------------------------------------
+
+def simple(tmp_path, weight_map=None, index_text=None):
+    d = hf_checkpoint(tmp_path / "ck", {"s1.safetensors": {"a": torch.zeros(2)},
+                                       "s2.safetensors": {"b": torch.ones(2)}}, weight_map)
+    if index_text is not None:
+        (d / "model.safetensors.index.json").write_text(index_text)
+    return d
+
+
+def refused(path, error, text):
+    with pytest.raises(error) as info:
+        FORMAT.open(str(path))
+    assert type(info.value) is error
+    assert text in str(info.value)
+    return info.value
+
+
+@pytest.mark.parametrize("shard, text", [
+    ("../x.safetensors", "not a plain file name"),
+    ("sub/s1.safetensors", "not a plain file name"),
+    ("/etc/passwd", "not a plain file name"),
+    ("s1.safetensors\x00", "NUL"),
+    ("..", "not a file name"),
+    ("", "not a file name"),
+    (7, "it is a int"),
+])
+def test_shard_names_that_leave_the_directory_are_refused(tmp_path, shard, text):
+    (tmp_path / "x.safetensors").write_bytes(b"")
+    d = simple(tmp_path, {"a": "s1.safetensors", "b": shard})
+    err = refused(d, UnsafeContentError, text)
+    assert "model.safetensors.index.json" in str(err)
+
+
+def test_symlinked_shard_escaping_the_directory_is_refused(tmp_path):
+    outside = tmp_path / "outside.safetensors"
+    safetensors.numpy.save_file({"b": np.ones(2, np.float32)}, str(outside))
+    d = simple(tmp_path)
+    os.unlink(d / "s2.safetensors")
+    os.symlink(outside, d / "s2.safetensors")
+    refused(d, UnsafeContentError, "outside")
+
+
+def test_missing_shard_is_named(tmp_path):
+    d = simple(tmp_path)
+    os.unlink(d / "s2.safetensors")
+    refused(d, FileFormatError, "shard 's2.safetensors' is listed in the index but does not exist")
+
+
+def test_name_listed_but_absent_is_refused(tmp_path):
+    d = simple(tmp_path, {"a": "s1.safetensors", "b": "s2.safetensors", "ghost": "s2.safetensors"})
+    refused(d, FileFormatError, "puts ['ghost'] in shard 's2.safetensors'")
+
+
+def test_name_in_shard_but_not_in_map_is_refused(tmp_path):
+    d = simple(tmp_path, {"a": "s1.safetensors"})
+    (d / "s2.safetensors").unlink()  # no longer referenced: fine
+    assert read_all(d)[0].keys() == {"a"}
+    d2 = hf_checkpoint(tmp_path / "ck2", {"s1.safetensors": {"a": torch.zeros(2), "hidden": torch.ones(1)}},
+                       {"a": "s1.safetensors"})
+    refused(d2, FileFormatError, "holds ['hidden'], which the index's weight_map does not list")
+
+
+def test_name_mapped_to_the_wrong_shard_is_refused(tmp_path):
+    d = simple(tmp_path, {"a": "s2.safetensors", "b": "s1.safetensors"})
+    refused(d, FileFormatError, "does not hold them")
+
+
+@pytest.mark.parametrize("text, error, message", [
+    ("{", FileFormatError, "not valid UTF-8 JSON"),
+    ("[1]", FileFormatError, "must be a JSON object with a 'weight_map'"),
+    ('{"metadata": {}}', FileFormatError, "must be a JSON object with a 'weight_map'"),
+    ('{"weight_map": []}', FileFormatError, "must be a JSON object with a 'weight_map'"),
+    ('{"weight_map": {"a": "s1.safetensors", "a": "s2.safetensors"}}', UnsafeContentError,
+     "'a' more than once"),
+    ('{"weight_map": {"../a": "s1.safetensors"}}', UnsafeContentError, "'..'"),
+    ('{"metadata": {"total_size": "lots"}, "weight_map": {"a": "s1.safetensors"}}',
+     FileFormatError, "total_size 'lots'"),
+    ('{"metadata": {"x": [1]}, "weight_map": {"a": "s1.safetensors"}}', FileFormatError,
+     "only strings and numbers"),
+    ('{"metadata": 5, "weight_map": {"a": "s1.safetensors"}}', FileFormatError, "not an object"),
+])
+def test_broken_indexes_are_refused(tmp_path, text, error, message):
+    refused(simple(tmp_path, index_text=text), error, message)
+
+
+def test_bad_utf8_index_is_refused(tmp_path):
+    d = simple(tmp_path)
+    (d / "model.safetensors.index.json").write_bytes(b'{"weight_map": {"\xff": "s1"}}')
+    refused(d, FileFormatError, "not valid UTF-8 JSON")
+
+
+def test_nested_index_as_shard_is_refused(tmp_path):
+    d = simple(tmp_path)
+    (d / "inner.index.json").write_text("{}")
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "inner.index.json"}}))
+    refused(d / "model.safetensors.index.json", UnsafeContentError, "nested indexes")
+
+
+def test_directory_with_two_indexes_or_nothing(tmp_path):
+    d = simple(tmp_path)
+    (d / "pytorch_model.bin.index.json").write_text("{}")
+    refused(d, FileFormatError, "several indexes")
+    (tmp_path / "empty").mkdir()
+    refused(tmp_path / "empty", FileFormatError, "holds no *.index.json")
+    (tmp_path / "f.txt").write_text("x")
+    refused(tmp_path / "f.txt", FileFormatError, "neither a directory nor a *.index.json")
+
+
+def test_corrupt_shard_error_names_the_shard(tmp_path):
+    d = simple(tmp_path)
+    (d / "s2.safetensors").write_bytes(b"\x05" + b"\0" * 7 + b"{}")
+    err = refused(d, FileFormatError, "larger than the rest of the file")
+    assert "s2.safetensors" in str(err)
+
+
+def test_reads_pytorch_bin_shards(tmp_path):
+    d = tmp_path / "bin"
+    d.mkdir()
+    a = torch.randn(3, 2).to(torch.bfloat16)
+    b = torch.arange(4, dtype=torch.int16)
+    torch.save({"a": a}, d / "pytorch_model-00001-of-00002.bin")
+    torch.save({"b": b}, d / "pytorch_model-00002-of-00002.bin")
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {"total_size": 20}, "weight_map": {
+        "a": "pytorch_model-00001-of-00002.bin", "b": "pytorch_model-00002-of-00002.bin"}}))
+    got, _ = read_all(d)
+    assert got["a"].dtype == ml_dtypes.bfloat16
+    assert got["a"].tobytes() == a.view(torch.uint8).numpy().tobytes()
+    assert same(got["b"], b.numpy())
