@@ -95,3 +95,6 @@ class CupyBackend(Backend):
 
     def device_span(self, x: Any) -> tuple[str, int, int] | None:
         return f"cuda:{x.device.id}", x.data.mem.ptr, x.data.mem.ptr + x.data.mem.size
+
+
+BACKEND = CupyBackend()

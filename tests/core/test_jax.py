@@ -1,0 +1,83 @@
+"""JAX inputs: tracers refused with the transform named, 64-bit honesty, shards gathered."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+
+import tensorbridge as tb  # noqa: E402
+
+
+@pytest.mark.parametrize("transform,name", [
+    (jax.jit, "jax.jit"), (jax.grad, "jax.grad"), (jax.vmap, "jax.vmap")])
+def test_tracers_are_refused_naming_the_transform(transform, name):
+    caught = []
+
+    def f(x):
+        try:
+            tb.to_numpy(x)
+        except tb.ConversionError as e:
+            caught.append(str(e))
+        return jnp.sum(x) if transform is jax.grad else x
+
+    transform(f)(jnp.ones(3))
+    assert caught, "the tracer was not refused"
+    assert name in caught[0] and "Fix:" in caught[0]
+
+
+def test_jax_to_numpy_is_a_read_only_view():
+    j = jnp.arange(16.0)
+    a = tb.to_numpy(j)
+    assert not a.flags.writeable and tb.shares_memory(a, j)
+
+
+def test_to_jax_places_on_device():
+    j = tb.to_jax(np.arange(3.0), device="cpu")
+    assert next(iter(j.devices())).platform == "cpu"
+    with pytest.raises(tb.DeviceError, match="Fix"):
+        tb.to_jax(np.arange(3.0), device="cuda")
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_float64_is_refused_without_x64_instead_of_narrowed():
+    r = _run("""
+        import numpy as np, tensorbridge as tb
+        try:
+            tb.to_jax(np.ones(2))
+        except tb.ConversionError as e:
+            print("REFUSED", e)
+        print(tb.to_jax(np.ones(2, np.float32)).dtype)
+        print(tb.to_jax(np.ones(2), dtype="float32").dtype)
+    """)
+    assert r.returncode == 0, r.stderr
+    assert "REFUSED" in r.stdout and "jax_enable_x64" in r.stdout
+    assert r.stdout.strip().splitlines()[-2:] == ["float32", "float32"]
+
+
+def test_sharded_arrays_are_gathered():
+    r = _run("""
+        import os
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        import tensorbridge as tb
+        mesh = Mesh(np.array(jax.devices()[:4]), ("x",))
+        x = jax.device_put(jnp.arange(16.0, dtype=jnp.float32), NamedSharding(mesh, P("x")))
+        assert len(x.devices()) == 4
+        a = tb.to_numpy(x)
+        assert a.tolist() == list(range(16)), a
+        print("gather" in str(tb.explain(x, to="numpy")), tb.to_torch(x).tolist() == list(range(16)))
+    """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["True", "True"]
