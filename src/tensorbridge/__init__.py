@@ -27,13 +27,16 @@ from .errors import (
     TensorBridgeError,
     UnsafeContentError,
 )
+from .files import load, open, save  # noqa: A004 - tb.open mirrors the builtin on purpose
 from .tree import register_container, tree_map
+from .writer import Writer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "convert", "to_numpy", "to_torch", "to_tensorflow", "to_tf", "to_jax", "to_cupy",
     "explain", "shares_memory", "register_container", "tree_map",
+    "save", "load", "open", "Writer",
     "TensorBridgeError", "ConversionError", "CopyError", "DeviceError",
     "FrameworkNotInstalledError", "FileFormatError", "UnsafeContentError",
 ]

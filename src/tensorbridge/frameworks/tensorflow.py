@@ -87,6 +87,10 @@ class TensorFlowBackend(Backend):
         if isinstance(x, tf.Variable):
             f.notes.append("variable")
         f.dlpack = not sparse and name in _DLPACK_DTYPES | {"bfloat16"}  # TF exports no float8
+        if name == "int32" and f.device_type != "cpu":
+            # TF keeps int32 tensors placed on a GPU in host memory; DLPack would mislabel them.
+            f.notes.append("int32 on a TF GPU device lives in host memory")
+            f.dlpack = False
         return f
 
     def to_host_steps(self, x: Any, facts: Facts) -> list[Step]:
