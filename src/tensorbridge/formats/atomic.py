@@ -6,6 +6,10 @@ mode, ``os.replace``\\ s it over the destination, then fsyncs the directory. A
 symlinked destination updates the link's target. On any exception the
 temporary file is removed and the destination is byte-identical to before.
 
+``with atomic_path(path) as tmp: ...`` is the same mechanism for libraries
+(h5py) that must open the file themselves: it yields the temporary file's
+*path* (an empty file already exists there) instead of an open file object.
+
 A SIGKILL can leave the temporary file behind; its name is recognisable
 (``.NAME.tb-tmp-PID-RANDOM``) and the next write to the same destination
 removes leftovers whose process is gone.
@@ -21,7 +25,7 @@ from typing import BinaryIO, Iterator
 
 from ..errors import FileFormatError, TensorBridgeError
 
-__all__ = ["atomic_write", "TMP_MARKER"]
+__all__ = ["atomic_write", "atomic_path", "TMP_MARKER"]
 
 TMP_MARKER = ".tb-tmp-"
 
@@ -51,34 +55,51 @@ def _remove_stale(directory: str, base: str) -> None:
                 os.unlink(os.path.join(directory, name))
 
 
+def _fsync_path(path: str) -> None:
+    """Flush a file (or a directory's entries) that is not open here to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(directory: str) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    with contextlib.suppress(OSError):  # some filesystems cannot fsync a directory
+        _fsync_path(directory)
+
+
+def _new_file_mode(target: str) -> int:
+    """The destination's current mode, or what a plain ``open()`` would give a new file."""
+    try:
+        return os.stat(target).st_mode & 0o7777
+    except (FileNotFoundError, NotADirectoryError):  # creating the temporary file reports it
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """Open a temporary file that replaces ``path`` when the block succeeds."""
+def _replacing(path: str | os.PathLike, example: str) -> Iterator[tuple[str, int]]:
+    """Create a temporary sibling of ``path``; on success move it over ``path``.
+
+    Yields the temporary file's path and a write-only descriptor the caller must
+    close. The caller's block writes and fsyncs the file; this then gives it the
+    destination's mode, replaces the destination and fsyncs the directory. On any
+    exception the temporary file is removed, and an ``OSError`` is reported as a
+    :class:`FileFormatError`. ``example`` names a file for the "is a directory" hint.
+    """
     target = os.path.realpath(os.fspath(path))  # a symlink's target gets the update
     directory = os.path.dirname(target) or "."
     base = os.path.basename(target)
     if os.path.isdir(target):
         raise FileFormatError(
             "the destination is a directory. Fix: give a file name, e.g. "
-            f"{os.path.join(os.fspath(path), 'model.safetensors')!r}.",
+            f"{os.path.join(os.fspath(path), example)!r}.",
             path,
         )
     _remove_stale(directory, base)
-    try:
-        mode = os.stat(target).st_mode & 0o7777
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
+    mode = _new_file_mode(target)
     tmp = os.path.join(directory, f".{base}{TMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -89,17 +110,15 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
             path,
         ) from exc
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp, fd
         os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(exc, OSError) and not isinstance(exc, TensorBridgeError):
-            why = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else exc.strerror
+            why = ("the disk is full" if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+                   else exc.strerror or str(exc))
             raise FileFormatError(
                 f"writing failed ({why}); the destination was left unchanged. Fix: free space "
                 "or choose another destination, then retry.",
@@ -107,3 +126,23 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
             ) from exc
         raise
     _fsync_dir(directory)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Open a temporary file that replaces ``path`` when the block succeeds."""
+    with _replacing(path, "model.safetensors") as (_tmp, fd):
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Like :func:`atomic_write`, but yields a temporary *path* for libraries
+    (h5py) that must open the file themselves. It replaces ``path`` on success."""
+    with _replacing(path, "model.h5") as (tmp, fd):
+        os.close(fd)
+        yield tmp
+        _fsync_path(tmp)

@@ -45,9 +45,7 @@ so leftovers of a killed writer are cleaned up the same way), fsyncs it, and
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
-import secrets
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -60,7 +58,7 @@ from ..errors import (
     TensorBridgeError,
     UnsafeContentError,
 )
-from . import atomic
+from .atomic import atomic_path
 from .base import Format, Reader, TensorInfo
 from .names import check_unique
 from .safetensors import check_fetched, open_regular_file
@@ -98,53 +96,6 @@ def _h5_errors(path: str, doing: str) -> Iterator[None]:
         raise FileFormatError(
             f"{doing} failed ({type(exc).__name__}: {exc}). Fix: check that this is an "
             "HDF5 file and that it is not corrupt or truncated.", path) from exc
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-    """Like :func:`.atomic.atomic_write`, but yields a temporary *path* for libraries
-    (h5py) that must open the file themselves. It replaces ``path`` on success."""
-    target = os.path.realpath(os.fspath(path))
-    directory = os.path.dirname(target) or "."
-    base = os.path.basename(target)
-    if os.path.isdir(target):
-        raise FileFormatError(
-            "the destination is a directory. Fix: give a file name, e.g. "
-            f"{os.path.join(os.fspath(path), 'model.h5')!r}.", path)
-    atomic._remove_stale(directory, base)
-    try:
-        mode = os.stat(target).st_mode & 0o7777
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
-    tmp = os.path.join(directory, f".{base}{atomic.TMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except OSError as exc:
-        raise FileFormatError(
-            f"cannot create a file in {directory!r} ({exc.strerror}). Fix: check that the "
-            "directory exists and is writable, or choose another destination.", path) from exc
-    try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError) and not isinstance(exc, TensorBridgeError):
-            why = ("the disk is full" if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-                   else exc.strerror or str(exc))
-            raise FileFormatError(
-                f"writing failed ({why}); the destination was left unchanged. Fix: free space "
-                "or choose another destination, then retry.", path) from exc
-        raise
-    atomic._fsync_dir(directory)
 
 
 # --- reading ------------------------------------------------------------------------
@@ -358,7 +309,8 @@ class H5Format(Format):
         for info in infos:
             lookup(info.dtype)  # unknown dtypes fail before anything is written
         with atomic_path(path) as tmp:
-            with h5py.File(tmp, "w") as f:
+            f = h5py.File(tmp, "w")
+            try:
                 for key, value in attrs.items():
                     f.attrs[key] = value
                 for info in infos:
@@ -372,6 +324,19 @@ class H5Format(Format):
                     if arr.size:
                         dset[...] = arr
                     del arr
+            except BaseException:
+                # closing a file whose write failed (e.g. a full disk) raises again, as a
+                # RuntimeError that would hide the real error; the file is discarded anyway
+                with contextlib.suppress(Exception):
+                    f.close()
+                raise
+            try:
+                f.close()  # flushes the metadata: a full disk can fail here too
+            except Exception as exc:
+                raise FileFormatError(
+                    f"writing failed while finishing the HDF5 file ({exc}); the disk may be "
+                    "full. The destination was left unchanged. Fix: free space or choose "
+                    "another destination, then retry.", path) from exc
 
 
 FORMAT = H5Format()
