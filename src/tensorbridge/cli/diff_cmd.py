@@ -1,0 +1,189 @@
+"""``tensorbridge diff A B``: compare two tensor files by name, across formats.
+
+With ``--rtol 0 --atol 0`` (the default) tensors of the same dtype are
+compared bit-exactly, as bytes: NaN payloads and the sign of zero count.
+Otherwise an element matches when ``|a - b| <= atol + rtol * |b|`` (NumPy's
+``isclose``, NaN equal to NaN). Tensors whose dtype changed are compared by
+value after widening both to float64 (complex128), and the dtype change is
+reported. Exit status as GNU diff: 0 same, 1 different, 2 trouble.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import numpy as np
+
+from ..console import format_number, natural_key, print_table
+from ..dtypes import canonical_name, lookup
+from .common import CHUNK, emit_json, open_file, select
+
+__all__ = ["compare_arrays", "diff_files", "run"]
+
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def _bits(c: np.ndarray) -> np.ndarray:
+    """One unsigned integer per element (two for 16-byte complex) for byte comparison."""
+    c = np.ascontiguousarray(c)
+    if c.dtype.byteorder not in "=|":
+        c = c.astype(c.dtype.newbyteorder("="))
+    size = c.dtype.itemsize
+    if size in _UINT:
+        return c.view(_UINT[size])
+    return c.view(np.uint64).reshape(c.size, size // 8)
+
+
+def _widen(c: np.ndarray, wide: type) -> np.ndarray:
+    kind = lookup(canonical_name(c.dtype)).kind
+    if kind == "bool":
+        c = c.astype(np.uint8)
+    elif kind == "float" and c.dtype.type.__module__ != "numpy":
+        c = c.astype(np.float32)  # bfloat16 / float8 (ml_dtypes) via float32
+    return c.astype(wide)
+
+
+def _same_value(wa: np.ndarray, wb: np.ndarray) -> np.ndarray:
+    """Equal values with the same sign of zero, or both NaN (per element)."""
+    if np.iscomplexobj(wa):
+        return _same_value(wa.real, wb.real) & _same_value(wa.imag, wb.imag)
+    both_nan = np.isnan(wa) & np.isnan(wb)
+    return both_nan | ((wa == wb) & (np.signbit(wa) == np.signbit(wb)))
+
+
+def compare_arrays(a: np.ndarray, b: np.ndarray, *, rtol: float = 0.0,
+                   atol: float = 0.0) -> dict[str, Any]:
+    """Max abs/rel difference and mismatch count of two same-shape arrays.
+
+    Streams in chunks. ``max_abs_diff`` treats NaN vs NaN and equal infinities
+    as 0 and a NaN vs a number as inf; ``max_rel_diff`` is relative to ``|b|``.
+
+    >>> r = compare_arrays(np.array([1.0, 2.0]), np.array([1.0, 2.5]))
+    >>> r["mismatches"], r["max_abs_diff"], r["max_rel_diff"]
+    (1, 0.5, 0.2)
+    """
+    exact = rtol == 0 and atol == 0
+    same_dtype = canonical_name(a.dtype) == canonical_name(b.dtype)
+    wide = np.complex128 if (np.iscomplexobj(a) or np.iscomplexobj(b)) else np.float64
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    mismatches, max_abs, max_rel = 0, 0.0, 0.0
+    with np.errstate(all="ignore"):
+        for start in range(0, fa.size, CHUNK):
+            ca, cb = fa[start:start + CHUNK], fb[start:start + CHUNK]
+            wa, wb = _widen(ca, wide), _widen(cb, wide)
+            d = np.abs(wa - wb)
+            equal = (wa == wb) | (np.isnan(wa) & np.isnan(wb))
+            d[equal] = 0.0
+            d[np.isnan(d)] = np.inf
+            scale = np.abs(wb)
+            rel = np.where(d == 0, 0.0, np.where(scale == 0, np.inf, d / scale))
+            if d.size:
+                max_abs = max(max_abs, float(d.max()))
+                max_rel = max(max_rel, float(rel.max()))
+            if exact and same_dtype:
+                bad = _bits(ca) != _bits(cb)
+                if bad.ndim == 2:
+                    bad = bad.any(axis=1)
+            elif exact:
+                bad = ~_same_value(wa, wb)
+            else:
+                bad = ~np.isclose(wa, wb, rtol=rtol, atol=atol, equal_nan=True)
+            mismatches += int(np.count_nonzero(bad))
+    return {"mismatches": mismatches, "max_abs_diff": max_abs, "max_rel_diff": max_rel}
+
+
+def diff_files(path_a: str, path_b: str, *, rtol: float = 0.0, atol: float = 0.0,
+               include: list[str] | None = None,
+               exclude: list[str] | None = None) -> dict[str, Any]:
+    """The document ``diff --json`` prints; ``"same"`` decides the exit status."""
+    reader_a, fmt_a = open_file(path_a)
+    with reader_a:
+        reader_b, fmt_b = open_file(path_b)
+        with reader_b:
+            names_a = select(reader_a.keys(), include, exclude)
+            names_b = select(reader_b.keys(), include, exclude)
+            if "npy" in (fmt_a, fmt_b) and len(names_a) == len(names_b) == 1:
+                names_b = names_a  # an .npy file's one array has no name of its own
+                renamed = {names_a[0]: reader_b.keys()[0]}
+            else:
+                renamed = {}
+            set_a, set_b = set(names_a), set(names_b)
+            only_a = sorted(set_a - set_b, key=natural_key)
+            only_b = sorted(set_b - set_a, key=natural_key)
+            tensors = []
+            for name in sorted(set_a & set_b, key=natural_key):
+                name_b = renamed.get(name, name)
+                ia, ib = reader_a.info(name), reader_b.info(name_b)
+                entry: dict[str, Any] = {
+                    "name": name, "dtype_a": ia.dtype, "dtype_b": ib.dtype,
+                    "shape_a": list(ia.shape), "shape_b": list(ib.shape),
+                }
+                if ia.shape != ib.shape:
+                    entry["status"] = "shape changed"
+                else:
+                    a, b = reader_a.read(name), reader_b.read(name_b)
+                    entry.update(compare_arrays(a, b, rtol=rtol, atol=atol))
+                    del a, b
+                    if ia.dtype != ib.dtype:
+                        entry["status"] = "dtype changed"
+                    else:
+                        entry["status"] = "different" if entry["mismatches"] else "same"
+                tensors.append(entry)
+            meta_a, meta_b = dict(reader_a.metadata or {}), dict(reader_b.metadata or {})
+    changed = [t for t in tensors if t["status"] != "same"]
+    return {
+        "a": path_a, "b": path_b, "format_a": fmt_a, "format_b": fmt_b,
+        "rtol": rtol, "atol": atol, "exact": rtol == 0 and atol == 0,
+        "only_in_a": only_a, "only_in_b": only_b, "tensors": tensors,
+        "compared": len(tensors), "different": len(changed),
+        "metadata_differs": meta_a != meta_b,
+        "same": not (only_a or only_b or changed),
+    }
+
+
+def _render(doc: dict[str, Any]) -> None:
+    out = sys.stdout
+    a, b = doc["a"], doc["b"]
+    out.write(f"--- {a} ({doc['format_a']})\n+++ {b} ({doc['format_b']})\n")
+    for label, names in ((a, doc["only_in_a"]), (b, doc["only_in_b"])):
+        if names:
+            out.write(f"only in {label}: {len(names)}\n")
+            for n in names:
+                out.write(f"  {n}\n")
+    changed = [t for t in doc["tensors"] if t["status"] != "same"]
+    if changed:
+        rows = []
+        for t in changed:
+            da = f"{t['dtype_a']}{t['shape_a']}".replace(" ", "")
+            db = f"{t['dtype_b']}{t['shape_b']}".replace(" ", "")
+            rows.append([t["name"], t["status"], da, db,
+                         format_number(t.get("max_abs_diff")), format_number(t.get("max_rel_diff")),
+                         format_number(t.get("mismatches"))])
+        out.flush()
+        print_table(["name", "status", "a", "b", "max abs", "max rel", "mismatches"],
+                    rows, out, align="llllrrr")
+    if doc["metadata_differs"]:
+        out.write("note: the files' metadata differ (not counted as a difference)\n")
+    mode = "bit-exact" if doc["exact"] else f"rtol={doc['rtol']:g}, atol={doc['atol']:g}"
+    if doc["same"]:
+        word = "tensor matches" if doc["compared"] == 1 else "tensors match"
+        out.write(f"same: {doc['compared']} {word} ({mode})\n")
+    else:
+        out.write(f"different: {doc['different']} of {doc['compared']} common tensors differ "
+                  f"({mode}), {len(doc['only_in_a'])} only in A, "
+                  f"{len(doc['only_in_b'])} only in B\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.rtol < 0 or args.atol < 0:
+        print("tensorbridge: error: --rtol and --atol must be >= 0", file=sys.stderr)
+        return 2
+    doc = diff_files(args.a, args.b, rtol=args.rtol, atol=args.atol,
+                     include=args.include, exclude=args.exclude)
+    if args.json:
+        emit_json(doc)
+    elif not args.quiet:
+        _render(doc)
+    return 0 if doc["same"] else 1

@@ -1,0 +1,183 @@
+"""``tensorbridge inspect``: what a tensor file holds, without loading it whole.
+
+Names, dtypes, shapes and sizes come from the file's header. ``--stats`` reads
+one tensor at a time and streams it in chunks, accumulating in float64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Any, TextIO
+
+import numpy as np
+
+from ..console import format_number, human_bytes, natural_key, print_table
+from ..dtypes import canonical_name, lookup
+from ..errors import TensorBridgeError
+from ..formats import TensorInfo
+from .common import CHUNK, emit_json, matches, open_file
+
+__all__ = ["tensor_stats", "inspect_file", "render_text", "run", "SORT_KEYS"]
+
+SORT_KEYS = ("name", "size", "dtype", "file")
+_STAT_COLUMNS = ("min", "max", "mean", "std", "nan", "inf")
+
+
+def tensor_stats(a: np.ndarray) -> dict[str, Any]:
+    """min/max/mean/std over the finite values, and the NaN and inf counts.
+
+    Streams through ``a`` in chunks with float64 accumulation (Chan's pairwise
+    merge of means and squared deviations). bfloat16 and float8 go through
+    float32; bool counts as 0/1; integer min/max are exact Python ints;
+    complex values are summarised by their magnitude (``"of": "abs"``).
+    ``std`` is the population standard deviation, as ``np.std``.
+
+    >>> s = tensor_stats(np.array([1.0, 3.0, np.nan, np.inf], np.float32))
+    >>> s["min"], s["max"], s["mean"], s["std"], s["nan"], s["inf"]
+    (1.0, 3.0, 2.0, 1.0, 1, 1)
+    """
+    kind = lookup(canonical_name(a.dtype)).kind
+    flat = a.reshape(-1)
+    n, mean, m2 = 0, 0.0, 0.0
+    lo: Any = None
+    hi: Any = None
+    nan = inf = 0
+    for start in range(0, flat.size, CHUNK):
+        c = flat[start:start + CHUNK]
+        if kind in ("bool", "int", "uint"):
+            if kind == "bool":
+                c = c.astype(np.uint8)
+            cmin, cmax = int(c.min()), int(c.max())
+            fin = c.astype(np.float64)
+        else:
+            if kind == "complex":
+                bad_nan = np.isnan(c.real) | np.isnan(c.imag)
+                bad_inf = ~bad_nan & (np.isinf(c.real) | np.isinf(c.imag))
+                f = np.abs(c.astype(np.complex128))
+            else:
+                if c.dtype.itemsize < 4 or c.dtype.type.__module__ != "numpy":
+                    c = c.astype(np.float32)  # ml_dtypes and float16: widen first
+                f = c.astype(np.float64)
+                bad_nan, bad_inf = np.isnan(f), np.isinf(f)
+            nan += int(bad_nan.sum())
+            inf += int(bad_inf.sum())
+            fin = f[~(bad_nan | bad_inf)]
+            if fin.size == 0:
+                continue
+            cmin, cmax = float(fin.min()), float(fin.max())
+        k = fin.size
+        cmean = float(fin.mean())
+        cm2 = float(np.square(fin - cmean).sum())
+        total = n + k
+        delta = cmean - mean
+        mean += delta * k / total
+        m2 += cm2 + delta * delta * n * k / total
+        n = total
+        lo = cmin if lo is None else min(lo, cmin)
+        hi = cmax if hi is None else max(hi, cmax)
+    stats: dict[str, Any] = {
+        "min": lo, "max": hi,
+        "mean": mean if n else None,
+        "std": math.sqrt(m2 / n) if n else None,
+        "nan": nan, "inf": inf, "finite": n,
+    }
+    if kind == "complex":
+        stats["of"] = "abs"
+    return stats
+
+
+def _sort(infos: list[TensorInfo], key: str) -> list[TensorInfo]:
+    if key == "file":
+        return infos
+    if key == "size":
+        return sorted(infos, key=lambda i: (-i.nbytes, natural_key(i.name)))
+    if key == "dtype":
+        return sorted(infos, key=lambda i: (i.dtype, natural_key(i.name)))
+    return sorted(infos, key=lambda i: natural_key(i.name))
+
+
+def inspect_file(path: str, *, format: str | None = None, stats: bool = False,
+                 filters: list[str] | None = None, sort: str = "name") -> dict[str, Any]:
+    """The JSON document ``inspect --json`` prints for one file."""
+    reader, fmt = open_file(path, format)
+    with reader:
+        infos = reader.infos()
+        if filters:
+            infos = [i for i in infos if matches(i.name, filters)]
+        tensors = []
+        for info in _sort(infos, sort):
+            entry = info.to_json()
+            if stats:
+                arr = reader.read(info.name)
+                entry["stats"] = tensor_stats(arr)
+                del arr
+            tensors.append(entry)
+        metadata = dict(reader.metadata or {})
+    return {
+        "path": path, "format": fmt, "metadata": metadata, "tensors": tensors,
+        "total_nbytes": sum(t["nbytes"] for t in tensors), "count": len(tensors),
+    }
+
+
+def _shape(shape: list[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _clip(text: str, width: int = 120) -> str:
+    text = text.replace("\n", " ")
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def render_text(doc: dict[str, Any], stream: TextIO) -> None:
+    """One file's report as a table (rich on a terminal, plain when piped)."""
+    stream.write(f"{doc['path']}  ({doc['format']})\n")
+    if doc["metadata"]:
+        stream.write("metadata:\n")
+        for k, v in doc["metadata"].items():
+            stream.write(f"  {k}: {_clip(str(v))}\n")
+    with_stats = any("stats" in t for t in doc["tensors"])
+    headers = ["name", "dtype", "shape", "size"]
+    align = "lllr"
+    if with_stats:
+        headers += list(_STAT_COLUMNS)
+        align += "r" * len(_STAT_COLUMNS)
+    rows = []
+    for t in doc["tensors"]:
+        row = [t["name"], t["dtype"], _shape(t["shape"]), human_bytes(t["nbytes"])]
+        if with_stats:
+            s = t["stats"]
+            row += [format_number(s[c]) for c in _STAT_COLUMNS]
+        rows.append(row)
+    if rows:
+        stream.flush()
+        print_table(headers, rows, stream, align=align)
+    word = "tensor" if doc["count"] == 1 else "tensors"
+    stream.write(f"total: {doc['count']} {word}, {human_bytes(doc['total_nbytes'])} "
+                 f"({doc['total_nbytes']} bytes)\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    docs, status = [], 0
+    for i, path in enumerate(args.files):
+        try:
+            doc = inspect_file(path, format=args.format, stats=args.stats,
+                               filters=args.filter, sort=args.sort)
+        except TensorBridgeError as exc:
+            print(f"tensorbridge: error: {exc}", file=sys.stderr)
+            status = 2
+            continue
+        docs.append(doc)
+        if not args.json:
+            if i:
+                sys.stdout.write("\n")
+            render_text(doc, sys.stdout)
+    if args.json:
+        emit_json({"files": docs})
+    elif len(docs) > 1:
+        count = sum(d["count"] for d in docs)
+        nbytes = sum(d["total_nbytes"] for d in docs)
+        sys.stdout.write(f"\nall {len(docs)} files: {count} tensors, {human_bytes(nbytes)} "
+                         f"({nbytes} bytes)\n")
+    return status

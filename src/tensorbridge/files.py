@@ -1,0 +1,260 @@
+"""The public file API: save a tree of tensors, load it back, or open a file lazily.
+
+Every format goes through the table in :mod:`tensorbridge.formats`; the format
+comes from ``format=`` or the path's suffix (``.npy``, ``.npz``,
+``.safetensors``, ``.pt``, ``.h5``, a sharded ``*.index.json``).
+
+Names. A tree is flattened to ``.``-joined names:
+``{"enc": {"w": a, "layers": [b, c]}}`` is saved as ``enc.w``,
+``enc.layers.0`` and ``enc.layers.1``. A single bare tensor is named
+``"array"`` (the name a ``.npy`` file's one tensor has). ``load(nested=True)``
+splits names on ``.`` again and turns dicts whose keys are exactly
+``0..n-1`` into lists.
+
+Leaves. Every leaf must be a tensor of a framework that is in use (NumPy,
+torch, TensorFlow, JAX, CuPy) or a Python ``bool``/``int``/``float``/``complex``
+(saved as a 0-d array). Anything else is refused, naming its path, before a
+byte is written. Tensors are converted to NumPy one at a time, while they are
+written, so a tree of GPU tensors never sits in host memory all at once.
+
+>>> import numpy as np, tempfile, os, tensorbridge.files as tbf
+>>> p = os.path.join(tempfile.mkdtemp(), "m.npz")
+>>> tbf.save({"enc": {"w": np.ones(2, np.float32), "layers": [np.zeros(1), np.arange(2)]}}, p)
+>>> sorted(tbf.load(p))
+['enc.layers.0', 'enc.layers.1', 'enc.w']
+>>> tbf.load(p, nested=True)["enc"]["layers"][1]
+array([0, 1])
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any, Iterable, Iterator, Mapping
+
+import numpy as np
+
+from .convert import convert
+from .errors import ConversionError, TensorBridgeError, message
+from .formats import Reader, TensorInfo, format_for_path
+from .formats.base import Format
+from .formats.names import check_unique
+from .frameworks import backend_of, describe, get_backend
+from .tree import format_path, tree_leaves_with_path
+
+__all__ = [
+    "save", "load", "open", "iter_tensors", "flatten_names", "unflatten_names",
+    "tensor_info", "to_host", "check_metadata", "write_options",
+]
+
+#: The name a single bare tensor gets (and the name of a .npy file's tensor).
+BARE_NAME = "array"
+_SCALARS = (bool, int, float, complex)
+
+
+def flatten_names(tree: Any, /) -> dict[str, Any]:
+    """Flatten a tree to ``{dotted name: leaf}`` in tree order.
+
+    ``None`` leaves are skipped; a bare leaf is named ``"array"``. Names that
+    repeat (``{"a.b": x, "a": {"b": y}}``) are refused.
+
+    >>> flatten_names({"enc": {"w": 1, "layers": [2, 3]}})
+    {'enc.w': 1, 'enc.layers.0': 2, 'enc.layers.1': 3}
+    """
+    flat: dict[str, Any] = {}
+    names = []
+    for keys, leaf in tree_leaves_with_path(tree):
+        name = ".".join(str(k) for k in keys) if keys else BARE_NAME
+        names.append(name)
+        flat[name] = leaf
+    check_unique(names)
+    return flat
+
+
+def _listify(node: Any) -> Any:
+    if not isinstance(node, dict):
+        return node
+    out = {k: _listify(v) for k, v in node.items()}
+    if out and set(out) == {str(i) for i in range(len(out))}:
+        return [out[str(i)] for i in range(len(out))]
+    return out
+
+
+def unflatten_names(flat: Mapping[str, Any], /) -> dict[str, Any] | list[Any]:
+    """Rebuild nesting from dotted names; dicts keyed exactly ``0..n-1`` become lists.
+
+    >>> unflatten_names({"enc.w": 1, "enc.layers.0": 2, "enc.layers.1": 3})
+    {'enc': {'w': 1, 'layers': [2, 3]}}
+    """
+    root: dict[str, Any] = {}
+    for name, value in flat.items():
+        parts = name.split(".")
+        node = root
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConversionError(message(
+                    f"tensor name {name!r}", f"{'.'.join(parts[:i + 1])!r} is also a tensor, "
+                    "so it cannot hold other tensors", "load with nested=False to get flat names"))
+            node = child
+        if parts[-1] in node:
+            raise ConversionError(message(
+                f"tensor name {name!r}", "other tensors are nested under this name",
+                "load with nested=False to get flat names"))
+        node[parts[-1]] = value
+    return _listify(root)
+
+
+def tensor_info(name: str, leaf: Any, keys: tuple = ()) -> tuple[TensorInfo, Any]:
+    """``(TensorInfo, leaf)`` for a tensor of any framework, without touching its data.
+
+    Python scalars become 0-d NumPy arrays; anything else that is not a tensor
+    is refused with :class:`ConversionError` naming its path.
+    """
+    if type(leaf) in _SCALARS:
+        leaf = np.asarray(leaf)
+    backend = backend_of(type(leaf))
+    where = format_path(keys) or "(root)"
+    if backend is None:
+        raise ConversionError(message(
+            f"{describe(leaf)} at {where} (tensor name {name!r})",
+            "tensor files hold only tensors, and this is not one",
+            "remove it from the tree, or convert it to an array first "
+            "(e.g. np.asarray(x)); keep strings and other settings in metadata= or a "
+            "separate JSON file"))
+    try:
+        facts = backend.facts(leaf)
+    except TensorBridgeError as exc:
+        raise exc.at(where) from exc.__cause__
+    return TensorInfo(name, facts.dtype, tuple(int(d) for d in facts.shape)), leaf
+
+
+def to_host(leaf: Any) -> np.ndarray:
+    """One leaf as a host NumPy array (converted now, for a writer's ``fetch``)."""
+    arr = convert(leaf, to="numpy")
+    return arr if isinstance(arr, np.ndarray) else np.asarray(arr)
+
+
+def check_metadata(metadata: Any, file: object = "") -> dict[str, str] | None:
+    """``metadata`` as a ``dict[str, str]`` (or None); refuse anything else."""
+    if metadata is None:
+        return None
+    if not isinstance(metadata, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ConversionError(message(
+            f"metadata {metadata!r:.200}" + (f" for {file}" if file else ""),
+            "file metadata maps strings to strings",
+            "convert keys and values with str() or json.dumps()"))
+    return dict(metadata)
+
+
+def write_options(fmt: Format, options: Mapping[str, Any], file: object = "") -> dict[str, Any]:
+    """Refuse options ``fmt.write`` does not take, before anything is written."""
+    if not options:
+        return {}
+    params = inspect.signature(fmt.write).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(k for k in options if k not in params)
+        if unknown:
+            raise ConversionError(message(
+                f"option(s) {unknown!r} for {fmt.name} file {file}",
+                f"the {fmt.name} writer takes no such option",
+                "remove them (max_shard_size is for sharded checkpoints, compress for .npz)"))
+    return dict(options)
+
+
+def save(tree: Any, path: str | os.PathLike, /, *, format: str | None = None,
+         metadata: Mapping[str, str] | None = None, **options: Any) -> None:
+    """Save a tensor or a tree of tensors (any framework) to ``path``, atomically.
+
+    Names are the tree paths joined with ``.``; a bare tensor is named
+    ``"array"``. ``options`` go to the format's writer (``compress=True`` for
+    ``.npz``, ``max_shard_size="2GB"`` for sharded checkpoints). Everything is
+    checked before a byte is written; the destination is replaced only when
+    the new file is complete.
+
+    >>> import numpy as np, tempfile, os
+    >>> p = os.path.join(tempfile.mkdtemp(), "a.npy")
+    >>> save(np.arange(3), p); load(p)
+    array([0, 1, 2])
+    """
+    path = os.fspath(path)
+    fmt = format_for_path(path, format)
+    meta = check_metadata(metadata, path)
+    opts = write_options(fmt, options, path)
+    leaves: dict[str, Any] = {}
+    infos: list[TensorInfo] = []
+    names = []
+    for keys, leaf in tree_leaves_with_path(tree):
+        name = ".".join(str(k) for k in keys) if keys else BARE_NAME
+        info, leaf = tensor_info(name, leaf, keys)
+        names.append(name)
+        infos.append(info)
+        leaves[name] = leaf
+    check_unique(names, path)
+
+    def fetch(name: str) -> np.ndarray:
+        return to_host(leaves[name])
+
+    fmt.write(path, infos, fetch, meta, **opts)
+
+
+def open(path: str | os.PathLike, /, *, format: str | None = None) -> Reader:  # noqa: A001
+    """Open a tensor file lazily: ``keys()``, ``info(name)``, ``r[name]``.
+
+    Use it as a context manager. Only headers are read until a tensor is asked for.
+
+    >>> import numpy as np, tempfile, os
+    >>> p = os.path.join(tempfile.mkdtemp(), "m.npz")
+    >>> save({"w": np.ones((2, 3), np.float32)}, p)
+    >>> with open(p) as r:
+    ...     r.keys(), r.info("w").shape
+    (['w'], (2, 3))
+    """
+    path = os.fspath(path)
+    return format_for_path(path, format).open(path)
+
+
+def iter_tensors(reader: Reader, names: Iterable[str] | None = None,
+                 ) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(name, array)`` one tensor at a time, in file order or ``names`` order.
+
+    Every name is checked against the file before the first tensor is read.
+    """
+    keys = reader.keys() if names is None else list(names)
+    for name in keys:
+        reader.info(name)
+    for name in keys:
+        yield name, reader.read(name)
+
+
+def load(path: str | os.PathLike, /, *, to: str = "numpy", nested: bool = False,
+         format: str | None = None, device: str | None = None,
+         names: Iterable[str] | None = None) -> Any:
+    """Load a tensor file as a flat ``{name: tensor}`` dict (a ``.npy`` file: the array).
+
+    ``to`` picks the framework (``"numpy"``, ``"torch"``, ``"jax"``, ...),
+    ``device`` the device; tensors are converted one at a time. ``names``
+    loads only those tensors. ``nested=True`` rebuilds the tree from dotted
+    names, with lists where the keys are ``0..n-1``.
+
+    >>> import numpy as np, tempfile, os
+    >>> p = os.path.join(tempfile.mkdtemp(), "m.npz")
+    >>> save({"layers": [np.zeros(1), np.ones(1)]}, p)
+    >>> load(p, nested=True)
+    {'layers': [array([0.]), array([1.])]}
+    """
+    path = os.fspath(path)
+    fmt = format_for_path(path, format)
+    plain = to in ("numpy", "np") and device is None
+    if not plain:
+        get_backend(to).load()  # unknown or missing frameworks fail before any reading
+
+    def out(arr: np.ndarray) -> Any:
+        return arr if plain else convert(arr, to=to, device=device)
+
+    with fmt.open(path) as reader:
+        if fmt.name == "npy" and names is None:
+            return out(reader.read(reader.keys()[0]))
+        flat = {name: out(arr) for name, arr in iter_tensors(reader, names)}
+    return unflatten_names(flat) if nested else flat

@@ -1,0 +1,493 @@
+"""The ``.npy`` format: our own strict header parser and a streaming writer.
+
+File layout (NumPy's ``lib/format.py``, versions 1.0, 2.0 and 3.0)::
+
+    6 bytes   the magic string b"\\x93NUMPY"
+    2 bytes   major, minor version: (1, 0), (2, 0) or (3, 0)
+    2|4 bytes HEADER_LEN, little-endian: u16 for 1.0, u32 for 2.0 and 3.0
+    HEADER_LEN bytes  a Python dict literal, latin-1 (UTF-8 for 3.0), padded with
+              spaces and ended by '\\n':
+              {'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }
+    rest      the array data, exactly prod(shape) * itemsize bytes.
+
+Why not ``np.load``? It reads files with trailing garbage, allocates whatever
+shape the header declares before reading (and an int64 shape product can wrap
+to 0), and ``literal_eval`` is parsed before some checks. Here the header
+length is capped at :data:`MAX_HEADER_SIZE` (NumPy's own ``_MAX_HEADER_SIZE``)
+*before* ``literal_eval`` sees it; the dict must have exactly the keys
+``descr``, ``fortran_order`` and ``shape``; the shape must be a tuple of
+non-negative ints whose product does not overflow; the declared data size must
+equal the rest of the file exactly. Only plain numeric dtypes are accepted:
+object, string, datetime and structured dtypes are refused. Big-endian data
+is byte-swapped to native order with its values kept. The data is read with
+``pread`` into a fresh array; the file is never memory-mapped.
+
+A reader holds one tensor, named :data:`ARRAY_NAME` (``"array"``), whatever the
+file is called, so that ``tensorbridge convert x.npy y.safetensors`` gives a
+predictable name. The writer refuses more than one tensor (use ``.npz``).
+
+**bfloat16 and float8.** NumPy has no such dtypes, so tensorbridge stores them
+in a layout plain NumPy can still open: a single-field structured dtype whose
+field name is the canonical dtype name and whose field type is the
+same-width little-endian unsigned int holding the raw bits, e.g. ``descr =
+[('bfloat16', '<u2')]`` or ``[('float8_e4m3fn', '|u1')]``.
+``np.load(f, allow_pickle=False)`` returns a structured array of raw bits, and
+``a['bfloat16'].view(ml_dtypes.bfloat16)`` recovers the values; tensorbridge
+reads such files back as the ``ml_dtypes`` dtype, bit-exactly. Any other
+structured dtype is refused. :func:`encode_dtype` and :func:`decode_dtype`
+implement this layout; ``npz.py`` reuses them.
+
+>>> import numpy as np, tempfile, os
+>>> p = os.path.join(tempfile.mkdtemp(), "a.npy")
+>>> a = np.arange(6, dtype=np.float32).reshape(2, 3)
+>>> FORMAT.write(p, [TensorInfo("array", "float32", (2, 3))], lambda name: a)
+>>> with FORMAT.open(p) as r:
+...     (r.keys(), r.read("array").tobytes() == a.tobytes())
+(['array'], True)
+>>> np.load(p, allow_pickle=False).tobytes() == a.tobytes()
+True
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from ..dtypes import DTYPES, canonical_name, lookup
+from ..errors import ConversionError, FileFormatError, UnsafeContentError
+from .atomic import atomic_write
+from .base import Format, Reader, TensorInfo
+from .names import check_unique
+from .safetensors import check_fetched, iter_le_bytes, open_regular_file, read_exact_into
+
+__all__ = [
+    "FORMAT",
+    "NpyFormat",
+    "NpyReader",
+    "NpyHeader",
+    "ARRAY_NAME",
+    "MAGIC",
+    "MAX_HEADER_SIZE",
+    "MAX_NDIM",
+    "MARKED_DTYPES",
+    "encode_dtype",
+    "decode_dtype",
+    "parse_header",
+    "build_header",
+    "read_into",
+    "check_bool",
+    "check_no_metadata",
+    "check_options",
+]
+
+#: The name of the one tensor a ``.npy`` file holds.
+ARRAY_NAME = "array"
+MAGIC = b"\x93NUMPY"
+#: NumPy's ``_MAX_HEADER_SIZE``: ``literal_eval`` is not safe on large inputs.
+MAX_HEADER_SIZE = 10000
+#: NumPy cannot hold more dimensions than this.
+MAX_NDIM = 64
+#: Bytes of the magic, version and the longest HEADER_LEN field, before the dict.
+PREFIX_MAX = len(MAGIC) + 2 + 4
+
+_KEYS = {"descr", "fortran_order", "shape"}
+_VERSIONS = {(1, 0): "<H", (2, 0): "<I", (3, 0): "<I"}
+_ALIGN = 64
+
+#: Canonical dtypes NumPy does not know (ml_dtypes), stored with the marker layout.
+MARKED_DTYPES: frozenset[str] = frozenset(
+    name for name, row in DTYPES.items() if row.numpy.type.__module__.split(".")[0] != "numpy")
+
+
+# --- the bfloat16/float8 marker layout ---------------------------------------
+
+def encode_dtype(dtype: Any, /) -> np.dtype:
+    """The dtype a ``.npy`` file stores for a tensor of ``dtype``.
+
+    Plain NumPy dtypes become little-endian; bfloat16/float8 become the marker
+    layout (a one-field structured dtype of raw little-endian bits).
+
+    >>> encode_dtype(np.dtype(">f4"))
+    dtype('<f4')
+    >>> import ml_dtypes
+    >>> encode_dtype(ml_dtypes.bfloat16)
+    dtype([('bfloat16', '<u2')])
+    """
+    name = canonical_name(dtype)
+    row = lookup(name)
+    if name in MARKED_DTYPES:
+        return np.dtype([(name, np.dtype(f"<u{row.itemsize}"))])
+    return row.numpy.newbyteorder("<") if row.itemsize > 1 else row.numpy
+
+
+def decode_dtype(dtype: Any, /) -> str | None:
+    """The canonical name if ``dtype`` is the marker layout, else None.
+
+    >>> decode_dtype(np.dtype([("float8_e4m3fn", "u1")]))
+    'float8_e4m3fn'
+    >>> decode_dtype(np.dtype("f4")) is None
+    True
+    """
+    dt = np.dtype(dtype)
+    if dt.names is None or len(dt.names) != 1:
+        return None
+    name = dt.names[0]
+    if name not in MARKED_DTYPES:
+        return None
+    field, offset = dt.fields[name][:2]
+    if (offset != 0 or dt.itemsize != field.itemsize or field.kind != "u"
+            or field.itemsize != lookup(name).itemsize or field.shape != ()):
+        return None
+    return name
+
+
+# --- the header ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NpyHeader:
+    """A validated ``.npy`` header."""
+
+    dtype: str  # canonical name
+    shape: tuple[int, ...]
+    fortran_order: bool
+    swap: bool  # the data is in the other byte order than this machine's: swap on read
+    header_size: int  # bytes before the data
+    nbytes: int  # bytes of data
+
+    def info(self, name: str) -> TensorInfo:
+        return TensorInfo(name, self.dtype, self.shape)
+
+
+def _fail(text: str, file: object) -> FileFormatError:
+    return FileFormatError(text, file)
+
+
+def _read_exactly(read: Callable[[int], bytes], n: int, what: str, file: object) -> bytes:
+    chunks = []
+    left = n
+    while left:
+        chunk = read(left)
+        if not chunk:
+            got = n - left
+            raise _fail(f"the file ended inside the {what} ({got} of {n} bytes). Fix: it is "
+                        "truncated or not a .npy file; copy or download it again.", file)
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _descr_dtype(descr: object, file: object) -> tuple[str, bool]:
+    """(canonical name, needs byte swap) for a header's ``descr``; refuse the rest."""
+    fix = ("Fix: convert the array to a numeric dtype before saving, e.g. "
+           "a.astype(np.float32); tensorbridge reads only numeric tensors.")
+    if isinstance(descr, list):
+        try:
+            if not (len(descr) == 1 and isinstance(descr[0], tuple) and len(descr[0]) == 2
+                    and all(isinstance(p, str) for p in descr[0])):
+                raise ValueError
+            dt = np.dtype([descr[0]])
+        except (TypeError, ValueError, KeyError, SyntaxError, IndexError) as exc:
+            raise UnsafeContentError(
+                f"descr {descr!r} is a structured dtype, which holds records, not a tensor. "
+                + fix, file) from exc
+        name = decode_dtype(dt)
+        if name is None:
+            raise UnsafeContentError(
+                f"descr {descr!r} is a structured dtype, which holds records, not a tensor "
+                "(the only structured layout read is tensorbridge's bfloat16/float8 marker, "
+                "e.g. [('bfloat16', '<u2')]). " + fix, file)
+        field = dt.fields[name][0]
+        return name, field.itemsize > 1 and not field.isnative
+    if not isinstance(descr, str):
+        raise _fail(f"descr {descr!r} is a {type(descr).__name__}, not a dtype string. Fix: the "
+                    "header is corrupt; re-save the file.", file)
+    try:
+        dt = np.dtype(descr)
+    except (TypeError, ValueError, KeyError, SyntaxError, OverflowError, MemoryError) as exc:
+        raise _fail(f"descr {descr!r} is not a dtype NumPy understands. Fix: the header is "
+                    "corrupt; re-save the file.", file) from exc
+    if dt.kind == "O" or dt.hasobject:
+        raise UnsafeContentError(
+            f"descr {descr!r} is an object array: it holds pickled Python objects, and "
+            "unpickling runs code. " + fix, file)
+    name = None
+    if dt.names is None and dt.subdtype is None:
+        try:
+            name = canonical_name(dt)
+        except ConversionError:
+            pass
+    if name is None:
+        raise _fail(f"descr {descr!r} ({dt}) is not a numeric tensor dtype (strings, bytes, "
+                    "datetimes and records are not tensors). " + fix, file)
+    return name, dt.itemsize > 1 and not dt.isnative
+
+
+def _check_shape(shape: object, file: object) -> tuple[int, ...]:
+    if (not isinstance(shape, tuple) or len(shape) > MAX_NDIM
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise _fail(f"shape {shape!r} is not a tuple of at most {MAX_NDIM} non-negative "
+                    "integers. Fix: the header is corrupt or hostile; re-save the file.", file)
+    size = 1
+    for d in shape:
+        size *= d
+    if size >= 2 ** 63:
+        raise _fail(f"shape {shape!r} has {size} elements, more than 2**63 (the product "
+                    "overflows int64). Fix: the header is corrupt or hostile; re-save the file.",
+                    file)
+    return shape
+
+
+def parse_header(read: Callable[[int], bytes], file: object = "") -> NpyHeader:
+    """Read and validate a ``.npy`` header through ``read(n) -> bytes``.
+
+    Reads at most ``PREFIX_MAX + MAX_HEADER_SIZE`` bytes, and only the header.
+    ``read`` may return fewer bytes than asked (a stream); an early end is an error.
+    """
+    start = _read_exactly(read, len(MAGIC) + 2, "magic string", file)
+    if start[:len(MAGIC)] != MAGIC:
+        raise _fail(f"the file starts with {start[:len(MAGIC)]!r}, not the .npy magic string "
+                    f"{MAGIC!r}. Fix: this is not a .npy file; pass the right path or format=.",
+                    file)
+    version = (start[6], start[7])
+    if version not in _VERSIONS:
+        raise _fail(f".npy format version {version[0]}.{version[1]} is not one of 1.0, 2.0, "
+                    "3.0. Fix: re-save the file with NumPy's np.save.", file)
+    code = _VERSIONS[version]
+    (hlen,) = struct.unpack(code, _read_exactly(read, struct.calcsize(code), "header length",
+                                                 file))
+    if hlen > MAX_HEADER_SIZE:
+        raise _fail(f"the header is {hlen} bytes, over the {MAX_HEADER_SIZE}-byte limit "
+                    "(NumPy's own; parsing longer headers is unsafe). Fix: the file is corrupt "
+                    "or hostile; if you trust it, load it with "
+                    "np.load(f, max_header_size=...) and re-save it.", file)
+    raw = _read_exactly(read, hlen, "header", file)
+    try:
+        text = raw.decode("utf-8" if version == (3, 0) else "latin1")
+    except UnicodeDecodeError as exc:
+        raise _fail(f"the header is not valid UTF-8 ({exc.reason}). Fix: the file is corrupt; "
+                    "re-save it.", file) from exc
+    try:
+        d = ast.literal_eval(text)
+    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError) as exc:
+        raise _fail(f"the header {text[:80]!r} is not a Python literal ({type(exc).__name__}). "
+                    "Fix: the file is corrupt; re-save it with np.save.", file) from exc
+    if not isinstance(d, dict):
+        raise _fail(f"the header is a {type(d).__name__} ({text[:80]!r}), not a dict. Fix: "
+                    "the file is corrupt; re-save it with np.save.", file)
+    if set(d) != _KEYS:
+        raise _fail(f"the header has the keys {sorted(map(repr, d))}, but a .npy header has "
+                    "exactly 'descr', 'fortran_order' and 'shape'. Fix: the file is corrupt "
+                    "or hostile; re-save it with np.save.", file)
+    if not isinstance(d["fortran_order"], bool):
+        raise _fail(f"fortran_order {d['fortran_order']!r} is not True or False. Fix: the file "
+                    "is corrupt; re-save it.", file)
+    shape = _check_shape(d["shape"], file)
+    name, swap = _descr_dtype(d["descr"], file)
+    size = 1
+    for dim in shape:
+        size *= dim
+    return NpyHeader(name, shape, d["fortran_order"], swap,
+                     len(MAGIC) + 2 + struct.calcsize(code) + hlen,
+                     size * lookup(name).itemsize)
+
+
+def build_header(dtype: str, shape: Sequence[int]) -> bytes:
+    """The bytes of a C-order ``.npy`` header for canonical ``dtype`` and ``shape``.
+
+    Version 1.0 where the header fits a u16 length, else 2.0; padded so the
+    data starts 64-byte aligned, as NumPy does.
+
+    >>> build_header("float32", (2,))[:10]
+    b'\\x93NUMPY\\x01\\x00v\\x00'
+    """
+    descr = np.lib.format.dtype_to_descr(encode_dtype(lookup(dtype).numpy))
+    shape = tuple(int(d) for d in shape)
+    text = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (descr, shape)
+    body = text.encode("latin1")
+    for version, prefix in (((1, 0), 10), ((2, 0), 12)):
+        pad = -(prefix + len(body) + 1) % _ALIGN
+        total = len(body) + pad + 1
+        if version == (1, 0) and total >= 65536:
+            continue
+        code = _VERSIONS[version]
+        return (MAGIC + bytes(version) + struct.pack(code, total) + body + b" " * pad + b"\n")
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def read_into(fill: Callable[[memoryview], None], header: NpyHeader,
+              file: object = "") -> np.ndarray:
+    """A fresh array for ``header``; ``fill(bytes_view)`` writes the raw data into it.
+
+    Byte-swaps foreign-order data to native (values kept) and applies Fortran order.
+    """
+    row = lookup(header.dtype)
+    count = header.nbytes // row.itemsize if row.itemsize else 0
+    try:
+        out = np.empty(count, dtype=row.numpy)
+    except (MemoryError, ValueError) as exc:
+        raise FileFormatError(
+            f"cannot allocate {header.nbytes} bytes for a {header.dtype}{list(header.shape)} "
+            "array. Fix: free memory, or read the file on a machine with more.", file) from exc
+    if count:
+        fill(memoryview(out.view(np.uint8)))
+    if header.swap and row.itemsize > 1:
+        unit = row.itemsize // 2 if row.kind == "complex" else row.itemsize
+        out.view(np.dtype(f"u{unit}")).byteswap(inplace=True)
+    if header.fortran_order:
+        out = out.reshape(header.shape[::-1]).T
+    else:
+        out = out.reshape(header.shape)
+    return out
+
+
+def check_bool(arr: np.ndarray, name: str, file: object) -> None:
+    """Refuse bool tensors holding bytes other than 0 and 1."""
+    if arr.dtype == np.bool_ and arr.size and arr.view(np.uint8).max() > 1:
+        raise FileFormatError(
+            f"tensor {name!r} is bool but holds bytes other than 0 and 1. Fix: the file is "
+            "corrupt; re-save it.", file)
+
+
+# --- the reader -----------------------------------------------------------------
+
+class NpyReader(Reader):
+    """An open ``.npy`` file whose header and size have been validated.
+
+    It holds one tensor, named ``"array"``.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.metadata = {}
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        fd, size = open_regular_file(path)
+        try:
+            position = 0
+
+            def read(n: int) -> bytes:
+                nonlocal position
+                try:
+                    data = os.pread(fd, n, position)
+                except OSError as exc:
+                    raise FileFormatError(f"reading failed ({exc.strerror}). Fix: check the "
+                                          "disk and the file.", path) from exc
+                position += len(data)
+                return data
+
+            self._header = parse_header(read, path)
+            data_len = size - self._header.header_size
+            if data_len < self._header.nbytes:
+                raise FileFormatError(
+                    f"the header declares {self._header.nbytes} bytes of data "
+                    f"({self._header.dtype}{list(self._header.shape)}), but the file holds only "
+                    f"{data_len} after the header (it is truncated). Fix: copy or download the "
+                    "file again.", path)
+            if data_len > self._header.nbytes:
+                raise FileFormatError(
+                    f"the file has {data_len - self._header.nbytes} trailing bytes after the "
+                    f"{self._header.nbytes} bytes of data the header declares. Fix: the file "
+                    "is corrupt or has something appended; re-save it.", path)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def keys(self) -> list[str]:
+        return [ARRAY_NAME]
+
+    def info(self, name: str) -> TensorInfo:
+        if name != ARRAY_NAME:
+            raise FileFormatError(
+                f"no tensor named {name!r}. Fix: a .npy file holds one tensor, named "
+                f"{ARRAY_NAME!r}.", self.path)
+        return self._header.info(ARRAY_NAME)
+
+    def read(self, name: str) -> np.ndarray:
+        self.info(name)
+        with self._lock:
+            fd = self._fd
+            if fd is None:
+                raise FileFormatError("the file is closed. Fix: open it again.", self.path)
+            out = read_into(
+                lambda view: read_exact_into(fd, view, self._header.header_size, self.path),
+                self._header, self.path)
+        check_bool(out, name, self.path)
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+# --- the format -------------------------------------------------------------------
+
+def check_no_metadata(metadata: Mapping[str, str] | None, fmt: str, file: object) -> None:
+    """Refuse metadata for formats that have no place to keep it."""
+    if metadata:
+        raise ConversionError(
+            f"{file}: metadata {dict(metadata)!r:.100} cannot be stored: {fmt} files have no "
+            "place for it, and dropping it silently would lose it. Fix: save as .safetensors "
+            "or .h5, or pass metadata=None.")
+
+
+def check_options(options: Mapping[str, Any], allowed: Sequence[str], fmt: str,
+                  file: object) -> None:
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConversionError(
+            f"{file}: unknown option(s) {unknown!r} for {fmt} files. Fix: "
+            + (f"the options are {list(allowed)!r}." if allowed else "it takes no options."))
+
+
+class NpyFormat(Format):
+    """NumPy ``.npy``: one array, strict header, no pickles."""
+
+    name = "npy"
+    suffixes = (".npy",)
+    description = ("NumPy .npy: one tensor, named 'array'. Holds every tensorbridge dtype; "
+                   "bfloat16/float8 as a one-field structured dtype of raw bits, e.g. "
+                   "[('bfloat16', '<u2')].")
+
+    def open(self, path: str) -> NpyReader:
+        return NpyReader(os.fspath(path))
+
+    def write(
+        self,
+        path: str,
+        infos: Sequence[TensorInfo],
+        fetch: Callable[[str], np.ndarray],
+        metadata: Mapping[str, str] | None = None,
+        **options: Any,
+    ) -> None:
+        """Write the one tensor in ``infos`` to ``path`` atomically, streaming its data."""
+        path = os.fspath(path)
+        infos = list(infos)
+        check_options(options, (), "npy", path)
+        if len(infos) != 1:
+            names = [i.name for i in infos]
+            raise ConversionError(
+                f"{path}: a .npy file holds exactly one array, but {len(infos)} tensors were "
+                f"given ({names[:10]!r}{' ...' if len(names) > 10 else ''}). Fix: save to .npz, "
+                ".safetensors or .h5 for several tensors, or pass a single array.")
+        check_unique([i.name for i in infos], path)
+        check_no_metadata(metadata, ".npy", path)
+        info = infos[0]
+        header = build_header(info.dtype, info.shape)
+        with atomic_write(path) as f:
+            f.write(header)
+            arr = check_fetched(fetch(info.name), info, path)
+            for piece in iter_le_bytes(arr):
+                f.write(piece)
+            del arr
+
+
+FORMAT = NpyFormat()

@@ -1,0 +1,291 @@
+"""The ``.npz`` format: a zip of ``.npy`` members, read strictly, written streaming.
+
+An ``.npz`` file (``np.savez``, ``np.savez_compressed``) is a zip archive whose
+members are ``NAME.npy`` files; the tensor names are the member names without
+``.npy``. bfloat16/float8 members use the marker layout of :mod:`.npy`
+(``descr = [('bfloat16', '<u2')]``), so plain ``np.load`` still opens them.
+
+Reading (``NpzReader``) never calls ``np.load`` and never unpickles:
+
+* every zip error (bad archive, CRC mismatch, truncation, encryption, an
+  unknown compression method) becomes a :class:`FileFormatError` naming the file;
+* every member must end in ``.npy`` and be stored or deflated;
+* names pass :func:`~.names.check_unique`: duplicate members, ``../``,
+  absolute names and NUL are refused;
+* each member's ``.npy`` header is parsed by reading only the header bytes
+  from the member stream, with the same rules as ``.npy`` files; opening the
+  archive (and so ``inspect``) reads no tensor data;
+* the array size a header declares must equal the member's zip ``file_size``
+  minus the header exactly;
+* **decompression-bomb guard**: a stored member's ``file_size`` must equal its
+  ``compress_size``; a deflated member is refused when its ``file_size`` is more
+  than :data:`MAX_DEFLATE_RATIO` (1032, the most deflate can ever expand)
+  times its ``compress_size`` and larger than :data:`BOMB_MIN_SIZE` (1 MiB).
+  Such sizes cannot come from a real deflate stream, so they are lies meant to
+  make a reader allocate memory. Honest, very compressible data (all zeros
+  compresses about 1029:1) is read; if it does not fit in memory, the
+  allocation failure is reported as a :class:`FileFormatError`.
+* data is streamed in bounded chunks into a fresh array; a member that
+  decompresses to fewer or more bytes than declared is refused.
+
+Writing streams one member at a time through a bounded buffer into an
+:func:`~.atomic.atomic_write` file, as zip64 members with a fixed timestamp
+(reproducible output). Option ``compress=True`` deflates (like
+``np.savez_compressed``); the default stores (like ``np.savez``).
+
+>>> import numpy as np, tempfile, os
+>>> p = os.path.join(tempfile.mkdtemp(), "m.npz")
+>>> a = np.arange(6, dtype=np.float32).reshape(2, 3)
+>>> FORMAT.write(p, [TensorInfo("w", "float32", (2, 3))], lambda name: a)
+>>> with FORMAT.open(p) as r:
+...     (r.keys(), r.read("w").tobytes() == a.tobytes())
+(['w'], True)
+>>> np.load(p, allow_pickle=False)["w"].tobytes() == a.tobytes()
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+import threading
+import zipfile
+import zlib
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import ConversionError, FileFormatError, TensorBridgeError, UnsafeContentError
+from .atomic import atomic_write
+from .base import Format, Reader, TensorInfo
+from .names import check_name, check_unique
+from .npy import (
+    NpyHeader,
+    build_header,
+    check_bool,
+    check_no_metadata,
+    check_options,
+    parse_header,
+    read_into,
+)
+from .safetensors import check_fetched, iter_le_bytes, open_regular_file
+
+__all__ = ["FORMAT", "NpzFormat", "NpzReader", "MAX_DEFLATE_RATIO", "BOMB_MIN_SIZE",
+           "CHUNK_BYTES"]
+
+#: Deflate cannot expand data by more than 1032:1; larger declared ratios are lies.
+MAX_DEFLATE_RATIO = 1032
+#: Below this declared size the bomb guard does not apply (tiny members, tiny risk).
+BOMB_MIN_SIZE = 1 << 20
+#: Bytes read or written per step of a member stream.
+CHUNK_BYTES = 16 * 1024 * 1024
+_SUFFIX = ".npy"
+_DATE = (1980, 1, 1, 0, 0, 0)
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError,
+               NotImplementedError, RuntimeError, zlib.error, struct.error, KeyError,
+               IndexError, MemoryError, OverflowError, UnicodeDecodeError)
+
+
+@contextlib.contextmanager
+def _zip_errors(path: str, doing: str) -> Iterator[None]:
+    """Turn whatever zipfile raises into a FileFormatError naming the file."""
+    try:
+        yield
+    except TensorBridgeError:
+        raise
+    except _ZIP_ERRORS as exc:
+        raise FileFormatError(
+            f"{doing} failed: {type(exc).__name__}: {exc}. Fix: the file is not a valid .npz "
+            "(zip) archive, or it is truncated or corrupt; copy or download it again.",
+            path) from exc
+
+
+def _in_member(exc: FileFormatError, member: str, path: str) -> FileFormatError:
+    """The same error type, prefixed with the member it is about."""
+    return type(exc)(f"member {member!r}: {exc}", path)
+
+
+class NpzReader(Reader):
+    """An open ``.npz`` archive whose member names, sizes and headers are validated."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.metadata = {}
+        self._lock = threading.Lock()
+        self._zf: zipfile.ZipFile | None = None
+        fd, _size = open_regular_file(path)
+        self._file = os.fdopen(fd, "rb")
+        try:
+            with _zip_errors(path, "opening the zip archive"):
+                self._zf = zipfile.ZipFile(self._file)
+            members = self._zf.infolist()
+            names = [self._member_name(zi) for zi in members]
+            check_unique(names, path)
+            self._members: dict[str, zipfile.ZipInfo] = dict(zip(names, members))
+            self._headers: dict[str, NpyHeader] = {
+                name: self._read_header(zi) for name, zi in self._members.items()}
+        except BaseException:
+            self.close()
+            raise
+
+    def _member_name(self, zi: zipfile.ZipInfo) -> str:
+        original = zi.orig_filename
+        if "\x00" in original:  # zipfile cuts names at NUL; refuse what it would hide
+            check_name(original, self.path)
+        name = zi.filename
+        if not name.endswith(_SUFFIX):
+            raise FileFormatError(
+                f"member {name!r} does not end in '.npy'; tensorbridge refuses npz members "
+                "that are not .npy arrays (they could hold anything). Fix: rebuild the archive "
+                "with np.savez, keeping only arrays.", self.path)
+        if zi.flag_bits & 0x1:
+            raise FileFormatError(
+                f"member {name!r} is encrypted. Fix: decrypt the archive and re-save it with "
+                "np.savez.", self.path)
+        if zi.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise FileFormatError(
+                f"member {name!r} uses zip compression method {zi.compress_type}, but .npz "
+                "members are stored or deflated. Fix: re-save with np.savez or "
+                "np.savez_compressed.", self.path)
+        return name[:-len(_SUFFIX)]
+
+    def _check_sizes(self, zi: zipfile.ZipInfo) -> None:
+        name = zi.filename
+        if zi.compress_type == zipfile.ZIP_STORED and zi.file_size != zi.compress_size:
+            raise FileFormatError(
+                f"member {name!r} is stored (not compressed), yet declares {zi.file_size} bytes "
+                f"from {zi.compress_size} stored bytes. Fix: the archive is corrupt or hostile; "
+                "re-save it.", self.path)
+        if (zi.file_size > BOMB_MIN_SIZE
+                and zi.file_size > MAX_DEFLATE_RATIO * max(zi.compress_size, 1)):
+            raise UnsafeContentError(
+                f"member {name!r} declares {zi.file_size} bytes from {zi.compress_size} "
+                f"compressed bytes, a ratio over {MAX_DEFLATE_RATIO}:1 that deflate cannot "
+                "produce (a decompression bomb: the sizes are lies meant to exhaust memory). "
+                "Fix: do not use this file; re-create it from a trusted source.", self.path)
+
+    def _read_header(self, zi: zipfile.ZipInfo) -> NpyHeader:
+        self._check_sizes(zi)
+        assert self._zf is not None
+        with _zip_errors(self.path, f"reading member {zi.filename!r}"):
+            with self._zf.open(zi) as stream:
+                try:
+                    header = parse_header(stream.read)
+                except FileFormatError as exc:
+                    raise _in_member(exc, zi.filename, self.path) from exc
+        data_len = zi.file_size - header.header_size
+        if data_len != header.nbytes:
+            what = "it is truncated" if data_len < header.nbytes else "it has trailing bytes"
+            raise FileFormatError(
+                f"member {zi.filename!r}: the header declares {header.nbytes} bytes of data "
+                f"({header.dtype}{list(header.shape)}) but the member holds {data_len} after "
+                f"the header ({what}). Fix: the archive is corrupt; re-save it.", self.path)
+        return header
+
+    def keys(self) -> list[str]:
+        return list(self._headers)
+
+    def info(self, name: str) -> TensorInfo:
+        header = self._headers.get(name) if isinstance(name, str) else None
+        if header is None:
+            raise FileFormatError(
+                f"no tensor named {name!r}. Fix: use one of {self.keys()[:20]!r}"
+                + (" ..." if len(self._headers) > 20 else "") + ".", self.path)
+        return header.info(name)
+
+    def read(self, name: str) -> np.ndarray:
+        self.info(name)
+        header = self._headers[name]
+        zi = self._members[name]
+        with self._lock:
+            if self._zf is None:
+                raise FileFormatError("the file is closed. Fix: open it again.", self.path)
+            with _zip_errors(self.path, f"reading member {zi.filename!r}"):
+                with self._zf.open(zi) as stream:
+                    skip = stream.read(header.header_size)
+                    if len(skip) != header.header_size:
+                        raise FileFormatError(
+                            f"member {zi.filename!r} ended inside its header. Fix: the "
+                            "archive is corrupt; re-save it.", self.path)
+
+                    def fill(view: memoryview) -> None:
+                        done = 0
+                        while done < len(view):
+                            n = stream.readinto(view[done:done + CHUNK_BYTES])
+                            if not n:
+                                raise FileFormatError(
+                                    f"member {zi.filename!r} ended after {done} of "
+                                    f"{len(view)} data bytes (it is truncated). Fix: copy or "
+                                    "download the archive again.", self.path)
+                            done += n
+
+                    out = read_into(fill, header, self.path)
+                    if stream.read(1):
+                        raise FileFormatError(
+                            f"member {zi.filename!r} holds more data than its header "
+                            "declares. Fix: the archive is corrupt; re-save it.", self.path)
+        check_bool(out, name, self.path)
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            if self._zf is not None:
+                with contextlib.suppress(Exception):
+                    self._zf.close()
+                self._zf = None
+            if self._file is not None:
+                self._file.close()
+                self._file = None  # type: ignore[assignment]
+
+
+class NpzFormat(Format):
+    """NumPy ``.npz``: a zip of ``.npy`` members, strictly checked."""
+
+    name = "npz"
+    suffixes = (".npz",)
+    description = ("NumPy .npz (zip of .npy). Holds every tensorbridge dtype; bfloat16/float8 "
+                   "as a one-field structured dtype of raw bits. Option compress=True deflates.")
+
+    def open(self, path: str) -> NpzReader:
+        return NpzReader(os.fspath(path))
+
+    def write(
+        self,
+        path: str,
+        infos: Sequence[TensorInfo],
+        fetch: Callable[[str], np.ndarray],
+        metadata: Mapping[str, str] | None = None,
+        **options: Any,
+    ) -> None:
+        """Stream ``infos`` into a zip at ``path`` atomically, one member at a time.
+
+        ``compress=True`` deflates members (as ``np.savez_compressed`` does).
+        """
+        path = os.fspath(path)
+        infos = list(infos)
+        check_options(options, ("compress",), "npz", path)
+        compress = options.get("compress", False)
+        if not isinstance(compress, bool):
+            raise ConversionError(
+                f"{path}: compress={compress!r} is not True or False. Fix: pass a bool.")
+        check_unique([i.name for i in infos], path)
+        check_no_metadata(metadata, ".npz", path)
+        headers = [build_header(i.dtype, i.shape) for i in infos]  # bad dtypes fail here
+        method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+        with atomic_write(path) as f:
+            with zipfile.ZipFile(f, "w", method, allowZip64=True) as zf:
+                for info, header in zip(infos, headers):
+                    arr = check_fetched(fetch(info.name), info, path)
+                    zi = zipfile.ZipInfo(info.name + _SUFFIX, date_time=_DATE)
+                    zi.compress_type = method
+                    zi.external_attr = 0o644 << 16
+                    with zf.open(zi, "w", force_zip64=True) as member:
+                        member.write(header)
+                        for piece in iter_le_bytes(arr, CHUNK_BYTES):
+                            for start in range(0, len(piece), CHUNK_BYTES):
+                                member.write(piece[start:start + CHUNK_BYTES])
+                    del arr
+
+
+FORMAT = NpzFormat()

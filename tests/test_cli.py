@@ -1,0 +1,422 @@
+"""The command line, run as users run it: in a subprocess, output piped.
+
+Piped output must be plain text (no ANSI escapes); exit codes follow GNU
+diff for ``diff`` (0 same, 1 different, 2 trouble) and 2 for every error.
+Fixture files are written by the real libraries (np.savez, safetensors,
+torch.save) where those are installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from tensorbridge.cli.diff_cmd import compare_arrays
+from tensorbridge.cli.inspect_cmd import tensor_stats
+from tensorbridge.console import human_bytes, natural_key, print_table
+from tensorbridge.formats import format_for_path
+
+ENV = {**os.environ, "NO_COLOR": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
+ENV.pop("TENSORBRIDGE_DEBUG", None)
+
+
+def tb(*args: str, cwd: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "tensorbridge", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, env=env or ENV, timeout=120)
+    assert "\x1b[" not in proc.stdout, "piped output must be plain text"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+def read_all(path) -> dict[str, np.ndarray]:
+    with format_for_path(str(path)).open(str(path)) as r:
+        return {k: r.read(k) for k in r.keys()}
+
+
+def same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+ARRAYS = {
+    "layer.10.w": np.arange(12, dtype=np.float32).reshape(3, 4),
+    "layer.2.w": np.array([1.5, -0.0, np.nan, np.inf], np.float32),
+    "layer.1.b": np.array([-1.0, 2.0], np.float64),
+    "steps": np.arange(5, dtype=np.int64),
+    "mask": np.array([True, False, True]),
+    "small": np.array([1, 255], np.uint8),
+    "half": np.array([0.5, -65504.0], np.float16),
+    "z": np.array([1 + 2j, -3j], np.complex64),
+    "scalar": np.array(7, np.int32),
+}
+
+
+@pytest.fixture
+def npz(tmp_path):
+    path = tmp_path / "model.npz"
+    np.savez(path, **ARRAYS)
+    return path
+
+
+# --- help, version, usage ------------------------------------------------------------
+
+@pytest.mark.parametrize("cmd", [[], ["inspect"], ["convert"], ["diff"], ["doctor"], ["demo"]])
+def test_help_leads_with_examples(cmd):
+    proc = tb(*cmd, "--help")
+    assert proc.returncode == 0
+    out = proc.stdout
+    assert "examples:" in out
+    assert out.index("examples:") < out.index("options:")
+    assert "  tensorbridge " in out[out.index("examples:"):]
+
+
+def test_version_and_usage_errors():
+    proc = tb("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("tensorbridge ")
+    assert tb("inspect").returncode == 2  # argparse: missing FILE
+    assert tb("frobnicate").returncode == 2
+    assert tb("diff", "--rtol", "x", "a", "b").returncode == 2
+
+
+# --- inspect -------------------------------------------------------------------------
+
+def test_inspect_plain_table_natural_order_and_totals(npz):
+    proc = tb("inspect", npz)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.index("layer.1.b") < out.index("layer.2.w") < out.index("layer.10.w")
+    line = next(l for l in out.splitlines() if l.startswith("layer.10.w"))
+    assert line.split()[1:3] == ["float32", "[3,"] and "48 B" in line
+    total = sum(a.nbytes for a in ARRAYS.values())
+    assert f"total: {len(ARRAYS)} tensors" in out and f"({total} bytes)" in out
+
+
+def test_inspect_json(npz):
+    proc = tb("inspect", "--json", npz)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    (f,) = doc["files"]
+    assert f["format"] == "npz" and f["path"] == str(npz)
+    assert f["count"] == len(ARRAYS)
+    assert f["total_nbytes"] == sum(a.nbytes for a in ARRAYS.values())
+    by_name = {t["name"]: t for t in f["tensors"]}
+    for name, a in ARRAYS.items():
+        t = by_name[name]
+        assert t["dtype"] == str(a.dtype) if a.dtype != bool else t["dtype"] == "bool"
+        assert t["shape"] == list(a.shape) and all(type(d) is int for d in t["shape"])
+        assert t["nbytes"] == a.nbytes
+    assert by_name["scalar"]["shape"] == []
+    names = [t["name"] for t in f["tensors"]]
+    assert names.index("layer.2.w") < names.index("layer.10.w")
+
+
+def test_inspect_filter_sort_and_stats(npz):
+    doc = json.loads(tb("inspect", "--json", "--filter", "layer.*", "--sort", "size", "--stats",
+                        npz).stdout)
+    tensors = doc["files"][0]["tensors"]
+    assert [t["name"] for t in tensors] == ["layer.10.w", "layer.1.b", "layer.2.w"]
+    s = {t["name"]: t["stats"] for t in tensors}["layer.2.w"]
+    assert (s["min"], s["max"], s["nan"], s["inf"], s["finite"]) == (-0.0, 1.5, 1, 1, 2)
+    assert s["mean"] == pytest.approx(0.75) and s["std"] == pytest.approx(0.75)
+    plain = tb("inspect", "--stats", "--filter", "steps", "--filter", "mask", npz)
+    assert plain.returncode == 0
+    lines = plain.stdout.splitlines()
+    assert "nan" in lines[1] and "std" in lines[1]
+    assert not any(l.startswith("layer") for l in lines)
+    steps = next(l for l in lines if l.startswith("steps")).split()
+    assert steps[-6:] == ["0", "4", "2", "1.41421", "0", "0"]
+
+
+def test_stats_stream_in_chunks_and_special_dtypes(monkeypatch):
+    import tensorbridge.cli.inspect_cmd as mod
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(3, 2, size=10_001)
+    monkeypatch.setattr(mod, "CHUNK", 97)
+    s = tensor_stats(a)
+    assert s["mean"] == pytest.approx(a.mean(), rel=1e-12)
+    assert s["std"] == pytest.approx(a.std(), rel=1e-12)
+    assert (s["min"], s["max"]) == (a.min(), a.max())
+    big = np.array([2**62 + 1, -(2**62) - 3], np.int64)
+    assert (tensor_stats(big)["min"], tensor_stats(big)["max"]) == (-(2**62) - 3, 2**62 + 1)
+    bf = np.array([1, 2, np.nan, -np.inf], ml_dtypes.bfloat16)
+    s = tensor_stats(bf)
+    assert (s["min"], s["max"], s["mean"], s["nan"], s["inf"]) == (1.0, 2.0, 1.5, 1, 1)
+    assert tensor_stats(np.array([True, False, True, True]))["mean"] == 0.75
+    s = tensor_stats(np.array([3 + 4j, np.nan], np.complex64))
+    assert (s["max"], s["nan"], s["of"]) == (5.0, 1, "abs")
+    s = tensor_stats(np.zeros((0, 3), np.float32))
+    assert (s["min"], s["mean"], s["std"]) == (None, None, None)
+
+
+def test_inspect_safetensors_metadata_and_several_files(npz, tmp_path):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    st = tmp_path / "m.safetensors"
+    safetensors_numpy.save_file({"b": np.ones(3, np.float32)}, str(st), metadata={"source": "test"})
+    proc = tb("inspect", st, npz)
+    assert proc.returncode == 0, proc.stderr
+    assert "metadata:" in proc.stdout and "source: test" in proc.stdout
+    assert "all 2 files:" in proc.stdout
+
+
+def test_inspect_errors_exit_2(tmp_path, npz):
+    missing = tb("inspect", tmp_path / "nope.npz")
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("tensorbridge: error:") and "nope.npz" in missing.stderr
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\xff" * 100)
+    assert tb("inspect", garbage).returncode == 2
+    unknown = tmp_path / "x.unknown"
+    unknown.write_bytes(b"")
+    proc = tb("inspect", unknown)
+    assert proc.returncode == 2 and ".safetensors" in proc.stderr
+    both = tb("inspect", npz, tmp_path / "nope.npz")  # the good file is still shown
+    assert both.returncode == 2 and "layer.10.w" in both.stdout
+
+
+# --- convert -------------------------------------------------------------------------
+
+def test_convert_round_trip_npz_safetensors_pt_npz(npz, tmp_path):
+    st, pt, back = tmp_path / "a.safetensors", tmp_path / "b.pt", tmp_path / "c.npz"
+    for src, dst in ((npz, st), (st, pt), (pt, back)):
+        proc = tb("convert", src, dst)
+        assert proc.returncode == 0, proc.stderr
+        assert f"verified {len(ARRAYS)} tensors" in proc.stdout
+    with np.load(back, allow_pickle=False) as f:
+        assert sorted(f.files) == sorted(ARRAYS)
+        for name, a in ARRAYS.items():
+            assert same_bytes(f[name], a), name
+    torch = pytest.importorskip("torch")
+    loaded = torch.load(pt, weights_only=True)
+    assert same_bytes(loaded["layer.2.w"].numpy(), ARRAYS["layer.2.w"])
+    assert same_bytes(loaded["z"].numpy(), ARRAYS["z"])
+
+
+def test_convert_reads_files_written_by_torch_save(tmp_path):
+    torch = pytest.importorskip("torch")
+    pt = tmp_path / "real.pt"
+    state = {"enc.w": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3), "n": torch.tensor(3)}
+    torch.save(state, pt)
+    out = tmp_path / "real.safetensors"
+    proc = tb("convert", pt, out)
+    assert proc.returncode == 0, proc.stderr
+    got = read_all(out)
+    assert got["enc.w"].dtype == ml_dtypes.bfloat16
+    assert got["enc.w"].view(np.uint16).tobytes() == state["enc.w"].view(torch.int16).numpy().tobytes()
+
+
+def test_convert_dtype_casts_floats_only(npz, tmp_path):
+    dst = tmp_path / "bf16.safetensors"
+    proc = tb("convert", "--dtype", "bfloat16", "--json", npz, dst)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["dtype"] == "bfloat16" and summary["verified"] == len(ARRAYS)
+    assert summary["cast"] == 4  # float32 x2, float64, float16; complex is not "floating"
+    got = read_all(dst)
+    assert got["layer.10.w"].dtype == ml_dtypes.bfloat16
+    assert same_bytes(got["layer.10.w"], ARRAYS["layer.10.w"].astype(ml_dtypes.bfloat16))
+    assert same_bytes(got["steps"], ARRAYS["steps"])  # int64 untouched
+    assert same_bytes(got["mask"], ARRAYS["mask"])
+    assert same_bytes(got["z"], ARRAYS["z"])
+    bad = tb("convert", "--dtype", "int8", npz, tmp_path / "x.npz")
+    assert bad.returncode == 2 and "floating" in bad.stderr
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_convert_include_exclude(npz, tmp_path):
+    dst = tmp_path / "sub.npz"
+    proc = tb("convert", "--include", "layer.*", "--include", "steps", "--exclude", "*.b",
+              npz, dst)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(read_all(dst)) == ["layer.10.w", "layer.2.w", "steps"]
+    assert "left out" in proc.stdout
+    none = tb("convert", "--include", "nothing*", npz, tmp_path / "none.npz")
+    assert none.returncode == 2 and not (tmp_path / "none.npz").exists()
+
+
+def test_convert_sharded_directory(npz, tmp_path):
+    out = tmp_path / "sharded"
+    proc = tb("convert", "--max-shard-size", "64B", npz, f"{out}/")
+    assert proc.returncode == 0, proc.stderr
+    shards = sorted(p.name for p in out.iterdir() if p.name.endswith(".safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").exists()
+    assert tb("diff", npz, out).returncode == 0
+    wrong = tb("convert", "--max-shard-size", "1GB", npz, tmp_path / "single.safetensors")
+    assert wrong.returncode == 2 and "max-shard-size" in wrong.stderr
+    if importlib.util.find_spec("h5py") is not None:
+        back = tmp_path / "back.h5"
+        proc = tb("convert", out, back)
+        assert proc.returncode == 0, proc.stderr
+        assert tb("diff", back, npz).returncode == 0
+
+
+def test_convert_errors(npz, tmp_path):
+    assert tb("convert", tmp_path / "missing.npz", tmp_path / "o.npz").returncode == 2
+    assert tb("convert", npz, npz).returncode == 2
+    assert tb("convert", npz, tmp_path / "o.weird").returncode == 2
+
+
+def test_verification_catches_a_corrupt_output(npz, tmp_path):
+    from tensorbridge.cli.convert_cmd import convert_file, digest, verify
+    from tensorbridge.errors import FileFormatError
+    from tensorbridge.formats import TensorInfo, get_format
+
+    dst = str(tmp_path / "v.safetensors")
+    summary = convert_file(str(npz), dst, include=["steps"])
+    assert summary["verified"] == 1 and summary["count"] == 1
+    planned = [TensorInfo("steps", "int64", (5,))]
+    fmt = get_format("safetensors")
+    assert verify(dst, fmt, planned, {"steps": digest(ARRAYS["steps"])}) == 1
+    with pytest.raises(FileFormatError, match="verification failed"):
+        verify(dst, fmt, planned, {"steps": digest(ARRAYS["steps"] + 1)})
+    with pytest.raises(FileFormatError, match="verification failed"):
+        verify(dst, fmt, [TensorInfo("steps", "uint64", (5,))], {"steps": digest(ARRAYS["steps"])})
+    assert convert_file(str(npz), dst, check=False)["verified"] is None
+
+
+def test_cli_needs_no_framework_even_for_pt(tmp_path, npz):
+    """inspect/convert/diff import no framework; .pt is read without torch."""
+    pt = tmp_path / "m.pt"
+    assert tb("convert", npz, pt).returncode == 0
+    script = textwrap.dedent(f"""
+        import sys
+        for name in ("torch", "tensorflow", "jax", "cupy"):
+            sys.modules[name] = None  # importing it now raises ImportError
+        from tensorbridge.cli import main
+        codes = [main(["inspect", "--stats", {str(pt)!r}]),
+                 main(["convert", "-q", {str(pt)!r}, {str(tmp_path / 'n.safetensors')!r}]),
+                 main(["diff", "-q", {str(pt)!r}, {str(npz)!r}])]
+        assert codes == [0, 0, 0], codes
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=ENV, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+# --- diff ----------------------------------------------------------------------------
+
+def _npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+def test_diff_exit_codes(tmp_path, npz):
+    same = tb("diff", npz, _npz(tmp_path / "copy.npz", **ARRAYS))
+    assert same.returncode == 0, same.stderr + same.stdout
+    assert "same:" in same.stdout
+    changed = dict(ARRAYS, **{"layer.1.b": np.array([-1.0, 2.5])})
+    diff = tb("diff", npz, _npz(tmp_path / "changed.npz", **changed))
+    assert diff.returncode == 1
+    assert "layer.1.b" in diff.stdout and "different" in diff.stdout
+    renamed = {("renamed" if k == "steps" else k): v for k, v in ARRAYS.items()}
+    names = tb("diff", npz, _npz(tmp_path / "renamed.npz", **renamed))
+    assert names.returncode == 1 and "only in" in names.stdout
+    assert tb("diff", npz, tmp_path / "missing.npz").returncode == 2
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"PK\x03\x04 not really a zip")
+    proc = tb("diff", npz, garbage)
+    assert proc.returncode == 2 and proc.stderr.startswith("tensorbridge: error:")
+
+
+def test_diff_json_tolerance_and_exactness(tmp_path):
+    a = _npz(tmp_path / "a.npz", x=np.array([1.0, 2.0, 0.0, np.nan]), y=np.arange(3))
+    b = _npz(tmp_path / "b.npz", x=np.array([1.0, 2.001, -0.0, np.nan]), y=np.arange(3))
+    proc = tb("diff", "--json", a, b)
+    assert proc.returncode == 1
+    doc = json.loads(proc.stdout)
+    x = {t["name"]: t for t in doc["tensors"]}["x"]
+    assert x["mismatches"] == 2  # 2.0 vs 2.001 and 0.0 vs -0.0; NaN == NaN (same bytes)
+    assert x["max_abs_diff"] == pytest.approx(0.001)
+    assert x["max_rel_diff"] == pytest.approx(0.001 / 2.001)
+    assert doc["same"] is False and doc["exact"] is True
+    assert tb("diff", "--atol", "0.01", a, b).returncode == 0
+    assert tb("diff", "--rtol", "1e-3", a, b).returncode == 0
+    assert tb("diff", "--rtol", "1e-5", a, b).returncode == 1
+
+
+def test_diff_across_formats_and_dtype_change(npz, tmp_path):
+    st = tmp_path / "m.safetensors"
+    assert tb("convert", npz, st).returncode == 0
+    assert tb("diff", npz, st).returncode == 0
+    bf = tmp_path / "bf.safetensors"
+    assert tb("convert", "--dtype", "bfloat16", npz, bf).returncode == 0
+    proc = tb("diff", "--json", npz, bf)
+    assert proc.returncode == 1
+    doc = json.loads(proc.stdout)
+    w = {t["name"]: t for t in doc["tensors"]}["layer.10.w"]
+    assert (w["status"], w["dtype_a"], w["dtype_b"]) == ("dtype changed", "float32", "bfloat16")
+    assert w["mismatches"] == 0  # 0..11 are exact in bfloat16
+    plain = tb("diff", npz, bf)
+    assert "dtype changed" in plain.stdout
+
+
+def test_compare_arrays_units():
+    r = compare_arrays(np.array([np.nan, np.inf, 1.0]), np.array([np.nan, np.inf, np.nan]))
+    assert r["mismatches"] == 1 and r["max_abs_diff"] == float("inf")
+    nan1 = np.array([0x7FC00000, 0x7FC00001], np.uint32).view(np.float32)
+    nan2 = np.array([0x7FC00000, 0x7FC00000], np.uint32).view(np.float32)
+    assert compare_arrays(nan1, nan2)["mismatches"] == 1  # payloads differ: bytes differ
+    assert compare_arrays(nan1, nan2, atol=1e-9)["mismatches"] == 0
+    c = compare_arrays(np.array([1 + 1j], np.complex128), np.array([1 + 2j], np.complex128))
+    assert c["mismatches"] == 1 and c["max_abs_diff"] == 1.0
+
+
+def test_main_maps_interrupts_and_bugs_to_exit_codes(monkeypatch, capsys):
+    import tensorbridge.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    def buggy(args):
+        raise KeyError("oops")
+
+    monkeypatch.setattr(cli, "_dispatch", interrupted)
+    assert cli.main(["diff", "a.npz", "b.npz"]) == 130
+    monkeypatch.setattr(cli, "_dispatch", buggy)
+    assert cli.main(["diff", "a.npz", "b.npz"]) == 2
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "unexpected KeyError" in err and "Traceback" not in err
+
+
+# --- doctor, console -----------------------------------------------------------------
+
+def test_doctor_json():
+    proc = tb("doctor", "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["numpy"] == np.__version__
+    torch_installed = doc["frameworks"]["torch"]["installed"]
+    assert torch_installed == (importlib.util.find_spec("torch") is not None)
+    routes = {r["route"]: r for r in doc["routes"]}
+    assert set(r["status"] for r in doc["routes"]) <= {"ok", "failed", "skipped"}
+    if torch_installed:
+        assert doc["frameworks"]["torch"]["version"]
+        assert routes["numpy -> torch"]["status"] == "ok"
+        assert "zero-copy" in routes["numpy -> torch"]["detail"]
+
+
+def test_console_helpers(monkeypatch):
+    assert sorted(["b.10", "b.9", "a", "b.1"], key=natural_key) == ["a", "b.1", "b.9", "b.10"]
+    assert natural_key("x10y") > natural_key("x9z")
+    assert human_bytes(0) == "0 B" and human_bytes(1023) == "1023 B"
+    assert human_bytes(1024) == "1.0 KiB" and human_bytes(3 * 2**30) == "3.0 GiB"
+    buf = io.StringIO()
+    print_table(["name", "size"], [["a", "1 B"], ["long.name", "10 B"]], buf, align="lr")
+    assert buf.getvalue() == "name       size\na           1 B\nlong.name  10 B\n"
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setenv("NO_COLOR", "1")
+    tty = Tty()
+    print_table(["name"], [["x"]], tty)
+    assert "x" in tty.getvalue() and "\x1b[3" not in tty.getvalue()  # no colour codes
