@@ -70,7 +70,8 @@ def _leaf_fn(target: str, device: str | None, dtype: str | None, copy: bool | No
                         pass
             elif target == "torch" and tp is np.ndarray and x.flags.writeable and x.dtype.isnative:
                 try:
-                    return sys.modules["torch"].from_numpy(x)
+                    # load(): torch need not be imported by the caller yet
+                    return (sys.modules.get("torch") or get_backend("torch").load()).from_numpy(x)
                 except (TypeError, ValueError):
                     pass  # negative strides, ml_dtypes, object arrays: the planned route says why
         src = backend_of(tp)
@@ -137,6 +138,17 @@ def to_numpy(x: Any, /, *, copy: bool | None = None, dtype: str | None = None,
     >>> tb.to_numpy(1.5)
     array(1.5)
     """
+    if copy is None and dtype is None and ragged == "error":
+        # Fast path, the same result as convert()'s leaf fast path: one tensor as it is.
+        tp = type(x)
+        if tp is np.ndarray:
+            return x
+        torch = sys.modules.get("torch")
+        if torch is not None and tp is torch.Tensor:
+            try:
+                return x.numpy()  # raises for grad, conj/neg bits, devices, bf16
+            except (RuntimeError, TypeError):
+                pass
     return convert(x, to="numpy", copy=copy, dtype=dtype, ragged=ragged)
 
 
@@ -148,6 +160,15 @@ def to_torch(x: Any, /, *, device: str | None = None, dtype: str | None = None,
     >>> tb.to_torch(np.arange(3)[::-1]).tolist()   # negative strides are fine
     [2, 1, 0]
     """
+    if (device is None and dtype is None and copy is None and type(x) is np.ndarray
+            and x.flags.writeable and x.dtype.isnative):
+        # Fast path, the same result as convert()'s leaf fast path.
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            try:
+                return torch.from_numpy(x)
+            except (TypeError, ValueError):
+                pass  # negative strides, ml_dtypes, object arrays: the planned route says why
     return convert(x, to="torch", device=device, dtype=dtype, copy=copy)
 
 
