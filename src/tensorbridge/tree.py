@@ -96,27 +96,11 @@ def tree_map(fn: Callable[[Any], Any], tree: Any, /) -> Any:
     {'a': [2, (3, 4)], 'b': None}
     """
     t = type(tree)
-    if t in _LEAF_TYPES:
+    leaf = _LEAF_TYPES
+    if t in leaf:
         return fn(tree)
     key: Any = None
     try:
-        if t is dict or isinstance(tree, dict):
-            out = {}
-            for key, value in tree.items():
-                out[key] = tree_map(fn, value)
-            return out if t is dict else _rebuild_dict(tree, out)
-        if t is list:
-            res = []
-            for key, value in enumerate(tree):
-                res.append(tree_map(fn, value))
-            return res
-        if t is tuple:
-            res = []
-            for key, value in enumerate(tree):
-                res.append(tree_map(fn, value))
-            return tuple(res)
-        if tree is None:
-            return None
         node = _REGISTRY.get(t)
         if node is not None:
             children, keys, aux = node.flatten(tree)
@@ -124,6 +108,19 @@ def tree_map(fn: Callable[[Any], Any], tree: Any, /) -> Any:
             for key, value in zip(keys, children):
                 res.append(tree_map(fn, value))
             return node.unflatten(aux, res)
+        # Leaves of known type are mapped in place, saving a call per leaf.
+        if t is dict or isinstance(tree, dict):
+            out = {}
+            for key, value in tree.items():
+                out[key] = fn(value) if type(value) in leaf else tree_map(fn, value)
+            return out if t is dict else _rebuild_dict(tree, out)
+        if t is list or t is tuple:
+            res = []
+            for key, value in enumerate(tree):
+                res.append(fn(value) if type(value) in leaf else tree_map(fn, value))
+            return res if t is list else tuple(res)
+        if tree is None:
+            return None
         if _is_namedtuple(tree):
             res = []
             for key, value in zip(tree._fields, tree):
@@ -157,11 +154,11 @@ def tree_leaves_with_path(tree: Any, /, path: tuple = ()) -> Iterator[tuple[tupl
     if tree is None:
         return
     t = type(tree)
-    if isinstance(tree, dict):
-        items: Any = tree.items()
-    elif t in _REGISTRY:
+    if t in _REGISTRY:
         children, keys, _ = _REGISTRY[t].flatten(tree)
-        items = zip(keys, children)
+        items: Any = zip(keys, children)
+    elif isinstance(tree, dict):
+        items = tree.items()
     elif _is_namedtuple(tree):
         items = zip(tree._fields, tree)
     elif isinstance(tree, (list, tuple)):

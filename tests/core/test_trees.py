@@ -94,3 +94,13 @@ def test_registration_is_thread_safe():
 def test_register_container_rejects_non_classes():
     with pytest.raises(TypeError, match="Expected a class"):
         tb.register_container("dict", lambda o: o, lambda a, k: k)
+
+
+def test_registered_dict_subclass_uses_its_own_flatten():
+    class Params(dict):
+        pass
+
+    tb.register_container(Params, lambda p: ([p["w"]], ["w"], None),
+                          lambda aux, kids: Params(w=kids[0], registered=True))
+    out = tb.to_torch(Params(w=np.ones(1), skipped=np.ones(1)))
+    assert out["registered"] is True and "skipped" not in out
