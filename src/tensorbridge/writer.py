@@ -36,6 +36,7 @@ from .dtypes import numpy_dtype
 from .errors import ConversionError, FileFormatError, message
 from .files import check_metadata, tensor_info, to_host, write_options
 from .formats import TensorInfo, format_for_path
+from .formats.atomic import remove_stale
 from .formats.names import check_unique
 from .formats.safetensors import iter_le_bytes
 
@@ -44,32 +45,6 @@ __all__ = ["Writer", "SPOOL_MARKER"]
 #: Spool files are named ``.DEST.tb-spool-PID-RANDOM`` in the destination's directory.
 #: A new Writer for the same destination removes those whose process is gone (SIGKILL).
 SPOOL_MARKER = ".tb-spool-"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_spools(directory: str, base: str) -> None:
-    """Remove spool files of ``base`` left behind by processes that no longer exist."""
-    prefix = f".{base}{SPOOL_MARKER}"
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return
-    for name in names:
-        if not name.startswith(prefix):
-            continue
-        pid = name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(directory, name))
 
 
 def _remove(paths: list[str]) -> None:
@@ -104,7 +79,7 @@ class Writer:
         target = os.path.realpath(self.path)
         self._dir = target if os.path.isdir(target) else (os.path.dirname(target) or ".")
         self._base = os.path.basename(target)
-        _remove_stale_spools(self._dir, self._base)
+        remove_stale(self._dir, self._base, SPOOL_MARKER)
         self._order: list[str] = []
         self._spec: dict[str, tuple[str, tuple[int, ...]]] = {}  # name -> (dtype, trailing)
         self._rows: dict[str, int] = {}

@@ -25,7 +25,7 @@ from typing import BinaryIO, Iterator
 
 from ..errors import FileFormatError, TensorBridgeError
 
-__all__ = ["atomic_write", "atomic_path", "TMP_MARKER"]
+__all__ = ["atomic_write", "atomic_path", "temp_name", "remove_stale", "fsync_dir", "TMP_MARKER"]
 
 TMP_MARKER = ".tb-tmp-"
 
@@ -40,8 +40,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale(directory: str, base: str) -> None:
-    prefix = f".{base}{TMP_MARKER}"
+def temp_name(directory: str, base: str, marker: str = TMP_MARKER) -> str:
+    """A fresh, recognisable temporary path for ``base``: ``.BASE{marker}PID-RANDOM``."""
+    return os.path.join(directory, f".{base}{marker}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def remove_stale(directory: str, base: str, marker: str = TMP_MARKER) -> None:
+    """Remove temporary files of ``base`` left behind by processes that no longer exist."""
+    prefix = f".{base}{marker}"
     try:
         names = os.listdir(directory)
     except OSError:
@@ -64,7 +70,7 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def _fsync_dir(directory: str) -> None:
+def fsync_dir(directory: str) -> None:
     with contextlib.suppress(OSError):  # some filesystems cannot fsync a directory
         _fsync_path(directory)
 
@@ -98,9 +104,9 @@ def _replacing(path: str | os.PathLike, example: str) -> Iterator[tuple[str, int
             f"{os.path.join(os.fspath(path), example)!r}.",
             path,
         )
-    _remove_stale(directory, base)
+    remove_stale(directory, base)
     mode = _new_file_mode(target)
-    tmp = os.path.join(directory, f".{base}{TMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = temp_name(directory, base)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
@@ -125,7 +131,7 @@ def _replacing(path: str | os.PathLike, example: str) -> Iterator[tuple[str, int
                 path,
             ) from exc
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 @contextlib.contextmanager

@@ -43,7 +43,6 @@ import contextlib
 import json
 import os
 import re
-import secrets
 import stat
 import threading
 from typing import Any, Callable, Mapping, Sequence
@@ -407,9 +406,8 @@ class ShardedFormat(Format):
         staged: list[tuple[str, str]] = []
         try:
             for shard, group in zip(names, groups):
-                atomic._remove_stale(directory, shard)
-                tmp = os.path.join(
-                    directory, f".{shard}{atomic.TMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}")
+                atomic.remove_stale(directory, shard)
+                tmp = atomic.temp_name(directory, shard)
                 staged.append((tmp, os.path.join(directory, shard)))
                 SAFETENSORS.write(tmp, group, fetch, {"format": "pt"})
             for tmp, final in staged:
@@ -423,7 +421,7 @@ class ShardedFormat(Format):
                     f"moving the shards into place failed ({exc.strerror}). Fix: check the "
                     "directory's permissions and free space, then retry.", directory) from exc
             raise
-        atomic._fsync_dir(directory)
+        atomic.fsync_dir(directory)
         index = {
             "metadata": {**user_metadata, "total_size": sum(i.nbytes for i in infos)},
             "weight_map": {i.name: shard for shard, group in zip(names, groups) for i in group},
