@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import io
 import pickletools
+import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -327,7 +329,7 @@ class _Machine:
     # -- the loop -----------------------------------------------------------------
     def run(self, data: bytes) -> Any:
         handlers: dict[str, Any] = {}
-        for op, arg, pos in pickletools.genops(io.BytesIO(data)):
+        for op, arg, pos in _opcodes(data, self.path):
             name = op.name
             handler = handlers.get(name)
             if handler is None:
@@ -472,6 +474,23 @@ class _Machine:
             f"data.pkl sets state {state!r:.80} on a {type(target).__name__}; only empty "
             f"tensor state and OrderedDict attributes are allowed. {_NO_CODE}.", self.path)
 
+
+
+_GENOPS_LOCK = threading.Lock()
+
+
+def _opcodes(data: bytes, path: str) -> list:
+    """Decode every opcode first. pickletools escape-decodes text arguments, so a
+    crafted ``GLOBAL`` can raise a DeprecationWarning (or a decoding error) from
+    inside it; both become a :class:`FileFormatError` here. The lock keeps the
+    temporary warning filter from racing with another thread's reader."""
+    with _GENOPS_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        try:
+            return list(pickletools.genops(io.BytesIO(data)))
+        except DeprecationWarning as exc:
+            raise FileFormatError(f"data.pkl holds malformed text ({exc}). Fix: re-save the "
+                                  "checkpoint with torch.save, or obtain an intact copy.", path) from exc
 
 
 def parse_pickle(data: bytes, storage_sizes: Mapping[str, int], path: str = "") -> Any:
