@@ -33,6 +33,14 @@ from .writer import Writer
 
 __version__ = "0.1.0"
 
+# Inside tf.function, AutoGraph rewrites the Python functions it meets. Marked as
+# its artifacts (the attribute tf.autograph.experimental.do_not_convert sets), the
+# public functions run as written, so their own errors reach the caller unchanged.
+for _fn in (convert, to_numpy, to_torch, to_tensorflow, to_jax, to_cupy, explain,
+            shares_memory, save, load, open, tree_map):
+    _fn.autograph_info__ = frozenset()
+del _fn
+
 __all__ = [
     "convert", "to_numpy", "to_torch", "to_tensorflow", "to_tf", "to_jax", "to_cupy",
     "explain", "shares_memory", "register_container", "tree_map",

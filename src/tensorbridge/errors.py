@@ -37,6 +37,10 @@ class TensorBridgeError(Exception):
 
     path: str = ""
 
+    # Exception's own constructor (not TypeError's or ValueError's): AutoGraph re-raises
+    # an error from inside tf.function as the same type only when it can see this.
+    __init__ = Exception.__init__
+
     def at(self, path: str) -> "TensorBridgeError":
         """Return this error with the tree ``path`` of the failing leaf prepended."""
         self.path = path + self.path

@@ -19,6 +19,9 @@ from .frameworks.base import Backend, Facts, Step
 
 __all__ = ["Plan", "plan_leaf"]
 
+#: frameworks whose tensors can be written in place
+_MUTABLE = {"numpy", "torch", "cupy"}
+
 
 @dataclass
 class Plan:
@@ -82,7 +85,8 @@ def plan_leaf(
     if facts.dtype == "string":
         steps = _string_route(x, src, facts, tgt, dtype)
     elif src is tgt:
-        steps = _same_framework(src, facts, device, dtype)
+        first = src.to_host_steps(x, facts) if src.name == "numpy" else []  # scalars -> 0-d
+        steps = first + _same_framework(src, facts, device, dtype)
     else:
         steps = _dlpack_route(src, facts, tgt, device, dtype)
         if steps is None:
@@ -129,8 +133,12 @@ def _dlpack_route(src: Backend, facts: Facts, tgt: Backend, device: str | None,
         return None
     if tgt.dlpack_import(facts) is not None:
         return None
+    why = ""
+    if not facts.writable and tgt.name in _MUTABLE:
+        why = (f"the {tgt.name} tensor aliases an immutable {src.name} buffer: do not write to it, "
+               "or pass copy=True")
     steps = prepare + [Step(f"DLPack hand-over {src.name} -> {tgt.name} on {facts.device}", False,
-                            lambda t: tgt.from_dlpack(src.to_dlpack_source(t)))]
+                            lambda t: tgt.from_dlpack(src.to_dlpack_source(t)), why)]
     if dtype is not None:
         steps += tgt.cast_steps(facts, dtype)
     return steps

@@ -25,7 +25,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Iterator, Sequence
 
-from .errors import TensorBridgeError
+from .errors import ConversionError, TensorBridgeError, message
 
 __all__ = ["register_container", "tree_map", "tree_leaves_with_path", "format_path"]
 
@@ -95,6 +95,19 @@ def tree_map(fn: Callable[[Any], Any], tree: Any, /) -> Any:
     >>> tree_map(lambda x: x + 1, {"a": [1, (2, 3)], "b": None})
     {'a': [2, (3, 4)], 'b': None}
     """
+    try:
+        return _map(fn, tree)
+    except RecursionError:
+        raise _too_deep() from None
+
+
+def _too_deep() -> ConversionError:
+    return ConversionError(message(
+        "the structure", "it contains itself, or is nested deeper than Python's recursion limit",
+        "break the cycle (a list or dict that holds itself), or flatten the structure"))
+
+
+def _map(fn: Callable[[Any], Any], tree: Any) -> Any:
     t = type(tree)
     leaf = _LEAF_TYPES
     if t in leaf:
@@ -106,36 +119,36 @@ def tree_map(fn: Callable[[Any], Any], tree: Any, /) -> Any:
             children, keys, aux = node.flatten(tree)
             res = []
             for key, value in zip(keys, children):
-                res.append(tree_map(fn, value))
+                res.append(_map(fn, value))
             return node.unflatten(aux, res)
         # Leaves of known type are mapped in place, saving a call per leaf.
         if t is dict or isinstance(tree, dict):
             out = {}
             for key, value in tree.items():
-                out[key] = fn(value) if type(value) in leaf else tree_map(fn, value)
+                out[key] = fn(value) if type(value) in leaf else _map(fn, value)
             return out if t is dict else _rebuild_dict(tree, out)
         if t is list or t is tuple:
             res = []
             for key, value in enumerate(tree):
-                res.append(fn(value) if type(value) in leaf else tree_map(fn, value))
+                res.append(fn(value) if type(value) in leaf else _map(fn, value))
             return res if t is list else tuple(res)
         if tree is None:
             return None
         if _is_namedtuple(tree):
             res = []
             for key, value in zip(tree._fields, tree):
-                res.append(tree_map(fn, value))
+                res.append(_map(fn, value))
             return t(*res)
         if isinstance(tree, (list, tuple)):
             res = []
             for key, value in enumerate(tree):
-                res.append(tree_map(fn, value))
+                res.append(_map(fn, value))
             return t(res)
         if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
             names = [f.name for f in dataclasses.fields(tree)]
             res = []
             for key in names:
-                res.append(tree_map(fn, getattr(tree, key)))
+                res.append(_map(fn, getattr(tree, key)))
             return _rebuild_dataclass(tree, names, res)
     except TensorBridgeError as exc:
         raise exc.at(format_path([key])) from exc.__cause__
@@ -143,7 +156,7 @@ def tree_map(fn: Callable[[Any], Any], tree: Any, /) -> Any:
     return fn(tree)
 
 
-def tree_leaves_with_path(tree: Any, /, path: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+def tree_leaves_with_path(tree: Any, /) -> Iterator[tuple[tuple, Any]]:
     """Yield ``(path, leaf)`` pairs in order; ``path`` is a tuple of keys.
 
     ``None`` is skipped (it is structure, not data).
@@ -151,6 +164,13 @@ def tree_leaves_with_path(tree: Any, /, path: tuple = ()) -> Iterator[tuple[tupl
     >>> list(tree_leaves_with_path({"enc": {"w": 1, "layers": [2, 3]}}))
     [(('enc', 'w'), 1), (('enc', 'layers', 0), 2), (('enc', 'layers', 1), 3)]
     """
+    try:
+        yield from _leaves(tree, ())
+    except RecursionError:
+        raise _too_deep() from None
+
+
+def _leaves(tree: Any, path: tuple) -> Iterator[tuple[tuple, Any]]:
     if tree is None:
         return
     t = type(tree)
@@ -169,4 +189,4 @@ def tree_leaves_with_path(tree: Any, /, path: tuple = ()) -> Iterator[tuple[tupl
         yield path, tree
         return
     for key, value in items:
-        yield from tree_leaves_with_path(value, path + (key,))
+        yield from _leaves(value, path + (key,))

@@ -81,3 +81,19 @@ def test_sharded_arrays_are_gathered():
     """)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["True", "True"]
+
+
+@pytest.mark.parametrize("source", ["torch", "tensorflow"])
+def test_64_bit_from_other_frameworks_is_refused_without_x64(source):
+    make = {"torch": "import torch; x = torch.tensor([2**40, -1])",
+            "tensorflow": "import tensorflow as tf; x = tf.constant([2**40, -1], dtype=tf.int64)"}[source]
+    r = _run(f"""
+        import tensorbridge as tb
+        {make}
+        try:
+            print("NARROWED", tb.to_jax(x))
+        except tb.ConversionError as e:
+            print("REFUSED", e)
+    """)
+    assert r.returncode == 0, r.stderr
+    assert "REFUSED" in r.stdout and "NARROWED" not in r.stdout

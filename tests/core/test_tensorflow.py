@@ -84,3 +84,35 @@ def test_float8_crosses_to_torch_and_jax_through_the_host():
     a = np.array([1.0, -2.0], dtype="float32")
     t = tf.cast(tf.constant(a), tf.dtypes.experimental.float8_e4m3fn)
     assert tb.to_torch(t).float().tolist() == [1.0, -2.0]
+
+
+def test_tf_function_error_reaches_the_caller_as_conversion_error(tmp_path):
+    """AutoGraph rewrites code in .py files; the refusal must still arrive as ours."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "user_code.py"
+    script.write_text(
+        "import tensorflow as tf, tensorbridge as tb\n"
+        "@tf.function\n"
+        "def f(x):\n"
+        "    return tb.to_numpy(x)\n"
+        "try:\n"
+        "    f(tf.constant([1.0]))\n"
+        "except tb.ConversionError as e:\n"
+        "    print('CAUGHT', 'tf.function' in str(e))\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "CAUGHT True", r.stdout + r.stderr[-2000:]
+
+
+def test_shares_memory_sees_bfloat16_tf_buffers():
+    x = tf.cast(tf.zeros(16), tf.bfloat16)
+    t = tb.to_torch(x)
+    assert tb.shares_memory(x, t) and tb.shares_memory(x, x)
+    assert not tb.shares_memory(x, tb.to_torch(x, copy=True))
+    assert "immutable" in str(tb.explain(x, to="torch"))
+
+
+def test_variable_snapshot_is_explained():
+    v = tf.Variable([1.0, 2.0])
+    assert "snapshot" in str(tb.explain(v, to="numpy"))

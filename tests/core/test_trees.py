@@ -104,3 +104,17 @@ def test_registered_dict_subclass_uses_its_own_flatten():
                           lambda aux, kids: Params(w=kids[0], registered=True))
     out = tb.to_torch(Params(w=np.ones(1), skipped=np.ones(1)))
     assert out["registered"] is True and "skipped" not in out
+
+
+def test_a_structure_that_contains_itself_is_refused():
+    cyclic = [np.ones(1)]
+    cyclic.append(cyclic)
+    for call in (lambda: tb.to_numpy(cyclic), lambda: tb.explain(cyclic, to="torch"),
+                 lambda: tb.save({"x": cyclic}, "/nonexistent/never-written.npz")):
+        with pytest.raises(tb.ConversionError, match="contains itself.*Fix"):
+            call()
+
+
+def test_numpy_scalars_become_zero_d_arrays():
+    out = tb.to_numpy(np.float32(1.5))
+    assert type(out) is np.ndarray and out.shape == () and out.dtype == np.float32

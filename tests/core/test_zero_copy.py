@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import tensorbridge as tb
+import tensorbridge.dtypes as D
 
 from .frameworks import FRAMEWORKS, framework_of, make, raw_bytes
 
@@ -20,6 +21,8 @@ def _writable_alias(x):
     """A writable torch tensor over x's memory, made without tensorbridge."""
     fw = framework_of(x)
     if fw == "numpy":
+        if x.dtype.kind == "V" or x.dtype.type.__module__.startswith("ml_dtypes"):
+            x = x.view(np.uint8)  # torch cannot import ml_dtypes arrays directly
         return torch.from_numpy(x) if x.flags.writeable else torch.from_dlpack(x)
     if fw == "torch":
         return x
@@ -115,3 +118,41 @@ def test_copy_false_refusal_says_why():
         tb.to_torch(np.arange(4)[::-1], copy=False)
     with pytest.raises(ValueError):  # CopyError is also a ValueError
         tb.to_torch(np.arange(4)[::-1], copy=False)
+
+
+def _copy_cases():
+    from .frameworks import SUPPORTS
+
+    for src, tgt in PAIRS:
+        for dtype in ("float32", "bfloat16", "float8_e4m3fn", "bool", "int8"):
+            if src == "tensorflow" and dtype.startswith("float8"):
+                continue  # TF has no way to write into (or even locate) float8 memory
+            if dtype in SUPPORTS[src] and dtype in SUPPORTS[tgt]:
+                for read_only in ((False, True) if src == "numpy" else (False,)):
+                    yield pytest.param(src, tgt, dtype, read_only,
+                                       id=f"{src}-{tgt}-{dtype}{'-read-only' if read_only else ''}")
+
+
+@pytest.mark.parametrize("src,tgt,dtype,read_only", list(_copy_cases()))
+def test_a_claimed_copy_is_independent(src, tgt, dtype, read_only):
+    """Whatever explain() calls a copy, and whatever copy=True returns, must not change
+    when the source's memory is written afterwards (dtype by dtype, read-only too)."""
+    from .frameworks import bytes_of
+
+    buf = np.zeros(4096 + 64, np.uint8)
+    off = -buf.ctypes.data % 64
+    raw = np.zeros(1024 * np.dtype(D.numpy_dtype(dtype)).itemsize, np.uint8)
+    if src == "numpy":
+        x = buf[off:off + raw.size].view(D.numpy_dtype(dtype))
+        if read_only:
+            x.flags.writeable = False
+    else:
+        x = make(src, dtype, raw.tobytes())
+    results = [tb.convert(x, to=tgt, copy=True)]
+    if tb.explain(x, to=tgt).copies:
+        results.append(tb.convert(x, to=tgt))
+    before = [bytes_of(y) for y in results]
+    alias = _writable_alias(x)
+    alias.view(torch.uint8)[0] = 1 if dtype == "bool" else 0x3C
+    for y, b in zip(results, before):
+        assert bytes_of(y) == b, f"{src}->{tgt} {dtype}: a result claimed independent changed"

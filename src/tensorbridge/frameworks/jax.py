@@ -98,12 +98,16 @@ class JaxBackend(Backend):
             steps.append(Step("jax.dlpack.from_dlpack (shares the NumPy buffer; do not mutate it "
                               "while JAX uses it)", False, jax.dlpack.from_dlpack))
         else:
-            steps.append(Step("jax.device_put", True, jax.device_put, why))
+            # Not jax.device_put: on the CPU it aliases aligned read-only and ml_dtypes
+            # buffers, even with may_alias=False. jnp.array(copy=True) always copies.
+            steps.append(Step("jnp.array(copy=True)", True,
+                              lambda a: jax.numpy.array(a, copy=True), why))
         if device is not None and self.device_type(device) != "cpu":
             steps.extend(self.to_device_steps(facts, device))
         return steps
 
     def dlpack_import(self, facts: Facts) -> str | None:
+        self._check_x64(facts.dtype)  # JAX's DLPack import narrows 64-bit types silently
         if facts.dtype not in self.DTYPES:
             return f"JAX has no {facts.dtype}"
         if not facts.contiguous or facts.negative_strides:

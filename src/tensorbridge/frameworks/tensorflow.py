@@ -100,7 +100,8 @@ class TensorFlowBackend(Backend):
             steps.append(Step("densify the tf.SparseTensor", True, tf.sparse.to_dense,
                               "sparse tensors have no dense memory to share"))
         if "variable" in facts.notes:
-            steps.append(Step("read the variable's current value", False, lambda v: v.read_value()))
+            steps.append(Step("read the variable's current value", False, lambda v: v.read_value(),
+                              "a snapshot: later assign() calls are not seen by the result"))
         if facts.dtype == "string":
             steps.append(Step("Tensor.numpy() -> array of bytes objects", True, lambda t: t.numpy(),
                               "TF strings are variable-length bytes"))
@@ -190,11 +191,15 @@ class TensorFlowBackend(Backend):
         if isinstance(x, (tf.SparseTensor, tf.RaggedTensor)) or not hasattr(x, "device"):
             return None
         if isinstance(x, tf.Variable):
-            return None
+            x = x.read_value()  # shares the variable's buffer until its next assign()
         if _device_name(x.device) != "cpu" or x.dtype == tf.string:
             return None
         if canonical_name(x.dtype.as_numpy_dtype) not in _DLPACK_DTYPES:
-            return None
+            # bfloat16: tf.bitcast to uint16 shares the buffer. TF can neither bitcast nor
+            # export float8, so its memory cannot be located from Python.
+            if x.dtype != tf.bfloat16:
+                return None
+            x = tf.bitcast(x, tf.uint16)
         return _host_view(x)
 
 
