@@ -284,3 +284,14 @@ def test_new_writer_removes_spools_of_dead_processes(tmp_path):
     with Writer(tmp_path / "out.npz") as w:
         w.append(x=np.zeros(2))
     assert sorted(os.listdir(tmp_path)) == sorted(["out.npz", mine.name, other.name])
+
+
+def test_keys_that_cannot_round_trip_are_refused_before_writing(tmp_path):
+    import tensorbridge as tb
+
+    for key in (2.5, (1, 2)):
+        with pytest.raises(tb.ConversionError, match="key"):
+            tb.save({key: np.ones(1)}, tmp_path / "k.npz")
+    assert not list(tmp_path.iterdir())
+    tb.save({"a": [np.ones(1)], 3: np.ones(1)}, tmp_path / "k.npz")
+    assert sorted(tb.load(tmp_path / "k.npz")) == ["3", "a.0"]

@@ -61,14 +61,21 @@ def flatten_names(tree: Any, /) -> dict[str, Any]:
     >>> flatten_names({"enc": {"w": 1, "layers": [2, 3]}})
     {'enc.w': 1, 'enc.layers.0': 2, 'enc.layers.1': 3}
     """
-    flat: dict[str, Any] = {}
-    names = []
+    named = [(name, leaf) for name, _, leaf in _named_leaves(tree)]
+    check_unique([name for name, _ in named])
+    return dict(named)
+
+
+def _named_leaves(tree: Any) -> Iterator[tuple[str, tuple, Any]]:
+    """``(dotted name, keys, leaf)`` for every leaf; keys must be str or int."""
     for keys, leaf in tree_leaves_with_path(tree):
-        name = ".".join(str(k) for k in keys) if keys else BARE_NAME
-        names.append(name)
-        flat[name] = leaf
-    check_unique(names)
-    return flat
+        for k in keys:
+            if type(k) not in (str, int):
+                raise ConversionError(message(
+                    f"the key {k!r} at {format_path(keys)}",
+                    f"a {type(k).__name__} key cannot be written as a tensor name and read back",
+                    "use string keys (or list positions) in trees you save"))
+        yield (".".join(str(k) for k in keys) if keys else BARE_NAME), keys, leaf
 
 
 def _listify(node: Any) -> Any:
@@ -185,8 +192,7 @@ def save(tree: Any, path: str | os.PathLike, /, *, format: str | None = None,
     leaves: dict[str, Any] = {}
     infos: list[TensorInfo] = []
     names = []
-    for keys, leaf in tree_leaves_with_path(tree):
-        name = ".".join(str(k) for k in keys) if keys else BARE_NAME
+    for name, keys, leaf in _named_leaves(tree):
         info, leaf = tensor_info(name, leaf, keys)
         names.append(name)
         infos.append(info)
