@@ -225,60 +225,39 @@ def _positive_unit_strides(a: np.ndarray) -> np.ndarray:
     return np.lib.stride_tricks.as_strided(a, a.shape, strides, writeable=a.flags.writeable)
 
 
-def gather_device_leaves(tree: Any, *, copy: bool | None, dtype: str | None) -> dict[int, np.ndarray]:
-    """Copy every CUDA tensor in ``tree`` to the host with one synchronisation per device.
+def gather_device_leaves(tree: Any, *, copy: bool | None, dtype: str | None,
+                         pinned: bool = False) -> dict[int, np.ndarray]:
+    """Copy every CUDA tensor in ``tree`` to the host in one coalesced transfer.
 
     Returns ``{id(tensor): host array}``; the arrays are fresh host memory in
-    the tensor's own dtype. Empty when CUDA was never initialised (then no
-    CUDA tensor can exist), or when ``copy=False`` (the plan refuses instead).
+    the tensor's own dtype, bit-exact (see :mod:`.torch_staging`: a pinned
+    staging ring, one host wait per ring block used, so one for a tree of up to
+    64 MiB per device). With ``pinned=True`` the arrays view page-locked memory
+    instead (one wait per device). Empty when CUDA was never initialised (then
+    no CUDA tensor can exist), or when ``copy=False`` (the plan refuses instead)
+    or ``dtype=`` is given (the planned route casts on the host).
     """
     torch = sys.modules["torch"]
     if copy is False or dtype is not None or not torch.cuda.is_initialized():
         return {}
     from ..tree import tree_leaves_with_path
 
-    found = [leaf for _, leaf in tree_leaves_with_path(tree)
-             if isinstance(leaf, torch.Tensor) and leaf.is_cuda]
+    found, seen = [], set()
+    for _, leaf in tree_leaves_with_path(tree):
+        if isinstance(leaf, torch.Tensor) and leaf.is_cuda and id(leaf) not in seen:
+            seen.add(id(leaf))
+            found.append(leaf)
     if not found:
         return {}
-    return dict(zip(map(id, found), batch_to_host(found)))
+    return dict(zip(map(id, found), batch_to_host(found, pinned=pinned)))
 
 
-def batch_to_host(tensors: list[Any]) -> list[np.ndarray]:
-    """CUDA tensors -> fresh host arrays: one pinned staging buffer, asynchronous
-    copies on each tensor's current stream, then one synchronisation per device,
-    so nothing is read before its copy has landed."""
-    torch = sys.modules["torch"]
-    prepared = []
-    for t in tensors:
-        t = t.detach()
-        if t.layout != torch.strided:
-            t = t.to_dense()
-        t = t.resolve_conj().resolve_neg()
-        prepared.append(t)
-    offsets, total = [], 0
-    for t in prepared:
-        offsets.append(total)
-        total += -(-t.numel() * t.element_size() // 64) * 64
-    staging = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=True)
-    devices = set()
-    for t, off in zip(prepared, offsets):
-        n = t.numel() * t.element_size()
-        if n:
-            dst = staging[off:off + n].view(t.dtype).view(t.shape)
-            dst.copy_(t, non_blocking=True)
-            devices.add(t.device)
-    for dev in devices:
-        torch.cuda.synchronize(dev)
-    flat = staging.numpy()
-    out = []
-    for t, off in zip(prepared, offsets):
-        n = t.numel() * t.element_size()
-        fresh = np.empty(n, np.uint8)
-        fresh[:] = flat[off:off + n]
-        name = BACKEND.canonical(t.dtype)
-        out.append(fresh.view(numpy_dtype(name)).reshape(tuple(t.shape)))
-    return out
+def batch_to_host(tensors: list[Any], *, pinned: bool = False) -> list[np.ndarray]:
+    """CUDA tensors -> host arrays, bit-exact: detached, conj/neg resolved,
+    sparse made dense, bfloat16/float8 as ml_dtypes. See :mod:`.torch_staging`."""
+    from .torch_staging import batch_to_host as staged
+
+    return staged(tensors, pinned=pinned)
 
 
 BACKEND = TorchBackend()
