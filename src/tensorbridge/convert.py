@@ -49,6 +49,26 @@ def _run(x: Any, src: Backend, target: str, device: str | None, dtype: str | Non
         )) from exc
 
 
+def _scalar_array(x: Any) -> np.ndarray:
+    a = np.asarray(x)
+    if a.dtype == object:
+        raise ConversionError(message(
+            f"the Python int {x}", "it does not fit in 64 bits, so no tensor dtype holds it",
+            "store it as a float (float(x)), or split it into several 64-bit integers"))
+    return a
+
+
+_JAX_ARRAYS: dict[type, bool] = {}
+
+
+def _is_jax_array(tp: type) -> bool:
+    """True for JAX's concrete array type (never a tracer), without importing JAX."""
+    known = _JAX_ARRAYS.get(tp)
+    if known is None:
+        known = _JAX_ARRAYS[tp] = tp.__name__ == "ArrayImpl" and tp.__module__.startswith("jaxlib")
+    return known
+
+
 def _leaf_fn(target: str, device: str | None, dtype: str | None, copy: bool | None, ragged: str,
              done: dict[int, Any]):
     """The function applied to every leaf; fast paths first for the common calls.
@@ -68,6 +88,8 @@ def _leaf_fn(target: str, device: str | None, dtype: str | None, copy: bool | No
                         return x.numpy()  # raises for grad, conj/neg bits, devices, bf16
                     except (RuntimeError, TypeError):
                         pass
+                elif _is_jax_array(tp):
+                    return np.asarray(x)  # a read-only view on the CPU; gathers otherwise
             elif target == "torch" and tp is np.ndarray and x.flags.writeable and x.dtype.isnative:
                 try:
                     # load(): torch need not be imported by the caller yet
@@ -132,8 +154,11 @@ def convert(
         raise ConversionError(message(f"pinned=True with to={to!r}",
                                       "pinned host memory is an option for NumPy results only",
                                       "leave pinned unset, or convert with to='numpy'"))
+    if copy is not None and type(copy) is not bool:
+        raise ConversionError(message(f"copy={copy!r}", "copy takes None, True or False only",
+                                      "pass copy=None (share where safe), True or False"))
     if type(x) in _SCALARS:
-        x = np.asarray(x)
+        x = _scalar_array(x)
     done: dict[int, Any] = {}
     if target == "numpy" and "torch" in sys.modules:
         from .frameworks.torch import gather_device_leaves
@@ -173,6 +198,8 @@ def to_numpy(x: Any, /, *, copy: bool | None = None, dtype: str | None = None,
                 return x.numpy()  # raises for grad, conj/neg bits, devices, bf16
             except (RuntimeError, TypeError):
                 pass
+        elif _is_jax_array(tp) and not pinned:
+            return np.asarray(x)  # a read-only view on the CPU; gathers otherwise
     return convert(x, to="numpy", copy=copy, dtype=dtype, ragged=ragged, pinned=pinned)
 
 

@@ -97,3 +97,13 @@ def test_64_bit_from_other_frameworks_is_refused_without_x64(source):
     """)
     assert r.returncode == 0, r.stderr
     assert "REFUSED" in r.stdout and "NARROWED" not in r.stdout
+
+
+def test_jax_fast_path_matches_the_planned_route():
+    j = jnp.arange(8.0)
+    fast = tb.to_numpy(j)
+    planned = tb.to_numpy({"j": j})["j"]
+    slow = tb.convert(j, to="numpy", copy=None, ragged="list")
+    for a in (fast, planned, slow):
+        assert not a.flags.writeable and tb.shares_memory(a, j)
+        assert a.tobytes() == np.asarray(j).tobytes()

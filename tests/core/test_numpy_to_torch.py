@@ -108,3 +108,8 @@ def test_non_tensor_leaves_are_left_alone():
     out = tb.to_torch(tree)
     assert out["lr"] == 0.1 and out["name"] == "run" and out["raw"] == b"x"
     assert isinstance(out["w"], torch.Tensor)
+
+
+def test_python_int_too_large_for_64_bits_is_refused_clearly():
+    with pytest.raises(tb.ConversionError, match="does not fit in 64 bits"):
+        tb.to_torch(2**70)

@@ -156,3 +156,9 @@ def test_a_claimed_copy_is_independent(src, tgt, dtype, read_only):
     alias.view(torch.uint8)[0] = 1 if dtype == "bool" else 0x3C
     for y, b in zip(results, before):
         assert bytes_of(y) == b, f"{src}->{tgt} {dtype}: a result claimed independent changed"
+
+
+@pytest.mark.parametrize("bad", [0, 1, "yes", "True"])
+def test_copy_accepts_only_none_true_false(bad):
+    with pytest.raises(tb.ConversionError, match="copy takes None, True or False"):
+        tb.to_numpy(np.ones(1), copy=bad)
