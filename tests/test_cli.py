@@ -420,3 +420,17 @@ def test_console_helpers(monkeypatch):
     tty = Tty()
     print_table(["name"], [["x"]], tty)
     assert "x" in tty.getvalue() and "\x1b[3" not in tty.getvalue()  # no colour codes
+
+
+def test_convert_drops_metadata_the_destination_cannot_hold(tmp_path):
+    """Hugging Face files carry {"format": "pt"}; .npz has no place for it."""
+    import safetensors.numpy
+
+    src = tmp_path / "hf.safetensors"
+    safetensors.numpy.save_file({"w": np.arange(4, dtype=np.float32)}, str(src), metadata={"format": "pt"})
+    r = subprocess.run([sys.executable, "-m", "tensorbridge", "convert", str(src), str(tmp_path / "hf.npz")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "left out: format" in r.stderr
+    with np.load(tmp_path / "hf.npz", allow_pickle=False) as z:
+        assert z["w"].tolist() == [0.0, 1.0, 2.0, 3.0]

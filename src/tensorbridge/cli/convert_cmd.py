@@ -2,15 +2,25 @@
 
 Streams through :meth:`Format.write` with a ``fetch`` callback, so only one
 tensor is in memory at a time. ``--dtype`` casts floating tensors only.
-Each tensor's bytes are hashed (BLAKE2b) as they are handed to the writer;
-afterwards DST is reopened and every tensor's dtype, shape and digest checked,
-so verification too holds one tensor at a time and reads SRC only once.
+
+Kernel-side copies: when DST is safetensors (one file or sharded), a tensor is
+not cast, and SRC stores its bytes as they would be written (an uncompressed,
+contiguous, little-endian ``.pt`` record, or any ``.safetensors`` tensor; see
+:meth:`Reader.raw_span`), ``fetch`` hands the writer that byte range and the
+bytes never pass through Python.
+
+Verification (on by default): every other tensor's bytes get a CRC-32 as they
+are handed to the writer. Afterwards DST is reopened, its header validated, and
+every tensor's dtype and shape checked; a copied tensor's bytes are compared
+with SRC's byte range, 1 MiB at a time (memcmp), and any other tensor's
+CRC-32 with the one taken while writing. Memory stays bounded throughout.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import zlib
 from typing import Any
 
@@ -20,9 +30,17 @@ from ..console import human_bytes, progress
 from ..dtypes import canonical_name, is_floating, lookup, numpy_dtype
 from ..errors import ConversionError, FileFormatError, message
 from ..formats import Format, Reader, TensorInfo, format_for_path, get_format
+from ..formats.base import RawSpan
 from .common import emit_json, open_file, select
 
 __all__ = ["convert_file", "destination_format", "verify", "digest", "run"]
+
+#: Destination formats whose writer accepts a :class:`RawSpan` from ``fetch``.
+_SPAN_WRITERS = frozenset({"safetensors", "sharded"})
+#: Bytes compared per step when a copied tensor is verified: two buffers of this
+#: size stay in the CPU cache between the reads and the compare (1 MiB measured
+#: about 2x faster than 16 MiB here).
+COMPARE_CHUNK = 1024 * 1024
 
 
 def destination_format(dst: str, format: str | None, max_shard_size: Any) -> Format:
@@ -74,34 +92,125 @@ def digest(a: np.ndarray) -> bytes:
     return zlib.crc32(flat.data).to_bytes(4, "little") + flat.nbytes.to_bytes(8, "little")
 
 
+class _Comparer:
+    """Compares byte ranges with SRC spans, :data:`COMPARE_CHUNK` at a time.
+
+    ``bytearray == bytearray`` is a ``memcmp`` (about 10 GB/s here, against 4 GB/s
+    for ``zlib.crc32`` of one side, and 0.4 GB/s for comparing memoryviews), so the
+    two buffers are sized to each chunk exactly, and reused while the size repeats.
+    Reading both files and comparing took 0.17 s for 768 MiB, against 0.30 s for
+    reading one and taking its CRC-32.
+    """
+
+    def __init__(self) -> None:
+        self._a = bytearray()
+        self._b = bytearray()
+        self._fds: dict[tuple[str, Any], int] = {}
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def fd(self, span: RawSpan) -> int:
+        from ..formats.safetensors import open_span
+
+        key = (span.path, span.file_id)
+        if key not in self._fds:
+            self._fds[key] = open_span(span)
+        return self._fds[key]
+
+    def same(self, src: RawSpan, fill: Any) -> bool:
+        """True when ``src``'s bytes equal those ``fill(position, view)`` puts in ``view``."""
+        from ..formats.safetensors import read_exact_into
+
+        fd = self.fd(src)
+        done = 0
+        while done < src.nbytes:
+            k = min(COMPARE_CHUNK, src.nbytes - done)
+            if len(self._a) != k:
+                self._a, self._b = bytearray(k), bytearray(k)
+            read_exact_into(fd, memoryview(self._a), src.offset + done, src.path)
+            fill(done, memoryview(self._b))
+            if self._a != self._b:
+                return False
+            done += k
+        return True
+
+
+def _span_fill(span: RawSpan, comparer: _Comparer) -> Any:
+    from ..formats.safetensors import read_exact_into
+
+    fd = comparer.fd(span)
+    return lambda pos, view: read_exact_into(fd, view, span.offset + pos, span.path)
+
+
+def _array_fill(arr: np.ndarray) -> Any:
+    flat = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+    return lambda pos, view: view.__setitem__(slice(None), flat[pos:pos + len(view)])
+
+
 def verify(dst_path: str, dst_format: Format, planned: list[TensorInfo],
-           digests: dict[str, bytes]) -> int:
-    """Reopen ``dst_path`` and check every tensor's dtype, shape and bytes against the
-    digests taken as it was written; holds one tensor at a time. Returns the count."""
-    with dst_format.open(dst_path) as out:
-        names = out.keys()
-        by_name = {i.name: i for i in planned}
-        if len(planned) == 1 and len(names) == 1:  # .npy holds one unnamed array
-            pairs = [(planned[0], names[0])]
-        else:
-            missing = sorted(set(by_name) - set(names))
-            extra = sorted(set(names) - set(by_name))
-            if missing or extra:
-                raise FileFormatError(
-                    f"verification failed: the written file lacks {missing[:5]} and has extra "
-                    f"{extra[:5]}. Fix: report this as a bug; the source file is untouched.",
-                    dst_path)
-            pairs = [(i, i.name) for i in planned]
-        for info, name in pairs:
-            written = out.read(name)
-            got = f"{canonical_name(written.dtype)}{list(written.shape)}"
-            if (got != f"{info.dtype}{list(info.shape)}"
-                    or digest(written) != digests.get(info.name)):
-                raise FileFormatError(
-                    f"verification failed: tensor {info.name!r} reads back as {got} with "
-                    f"different bytes than the {info.dtype}{list(info.shape)} written. Fix: "
-                    "report this as a bug; the source file is untouched.", dst_path)
-            del written
+           digests: dict[str, bytes], spans: dict[str, RawSpan] | None = None) -> int:
+    """Reopen ``dst_path`` and check every tensor's dtype and shape, and its bytes:
+    against ``spans[name]`` (SRC's bytes, compared directly) for tensors that were
+    copied, else against the digest taken as it was written. Holds one tensor (or
+    16 MiB) at a time. Returns the count."""
+    spans = spans or {}
+    comparer = _Comparer() if spans else None
+    try:
+        with dst_format.open(dst_path) as out:
+            return _verify_open(out, dst_path, planned, digests, spans, comparer)
+    finally:
+        if comparer is not None:
+            comparer.close()
+
+
+def _failed(info: TensorInfo, got: str, dst_path: str) -> FileFormatError:
+    return FileFormatError(
+        f"verification failed: tensor {info.name!r} reads back as {got} with "
+        f"different bytes than the {info.dtype}{list(info.shape)} written. Fix: "
+        "report this as a bug; the source file is untouched.", dst_path)
+
+
+def _verify_open(out: Reader, dst_path: str, planned: list[TensorInfo],
+                 digests: dict[str, bytes], spans: dict[str, RawSpan],
+                 comparer: _Comparer | None) -> int:
+    names = out.keys()
+    by_name = {i.name: i for i in planned}
+    if len(planned) == 1 and len(names) == 1:  # .npy holds one unnamed array
+        pairs = [(planned[0], names[0])]
+    else:
+        missing = sorted(set(by_name) - set(names))
+        extra = sorted(set(names) - set(by_name))
+        if missing or extra:
+            raise FileFormatError(
+                f"verification failed: the written file lacks {missing[:5]} and has extra "
+                f"{extra[:5]}. Fix: report this as a bug; the source file is untouched.",
+                dst_path)
+        pairs = [(i, i.name) for i in planned]
+    for info, name in pairs:
+        src = spans.get(info.name)
+        if src is not None and comparer is not None:
+            back = out.info(name)
+            got = f"{back.dtype}{list(back.shape)}"
+            if got != f"{info.dtype}{list(info.shape)}" or back.nbytes != src.nbytes:
+                raise _failed(info, got, dst_path)
+            dst_span = out.raw_span(name)
+            if dst_span is not None:
+                fill = _span_fill(dst_span, comparer)
+            else:  # a reader without byte ranges: compare what it reads
+                fill = _array_fill(out.read(name))
+            if not comparer.same(src, fill):
+                raise _failed(info, got, dst_path)
+            del fill
+            continue
+        written = out.read(name)
+        got = f"{canonical_name(written.dtype)}{list(written.shape)}"
+        if (got != f"{info.dtype}{list(info.shape)}"
+                or digest(written) != digests.get(info.name)):
+            raise _failed(info, got, dst_path)
+        del written
     return len(pairs)
 
 
@@ -140,9 +249,19 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
                     if i.dtype != p.dtype)
         by_name = {i.name: i for i in planned}
         digests: dict[str, bytes] = {}
+        spans: dict[str, RawSpan] = {}
+        dropped: list[str] = []
+        source_dtype = {i.name: i.dtype for i in infos}
+        raw_ok = out_format.name in _SPAN_WRITERS
         with progress(total, "converting", quiet=quiet) as bar:
-            def fetch(name: str) -> np.ndarray:
+            def fetch(name: str) -> np.ndarray | RawSpan:
                 info = by_name[name]
+                if raw_ok and source_dtype[name] == info.dtype:
+                    span = reader.raw_span(name)
+                    if span is not None and span.nbytes == info.nbytes:
+                        spans[name] = span
+                        bar.advance(info.nbytes, description=name[-30:])
+                        return span
                 arr = _fetch_as(reader, info)
                 if check:
                     digests[name] = digest(arr)
@@ -152,12 +271,16 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
             metadata = dict(reader.metadata or {})
             if in_format == "sharded":
                 metadata.pop("total_size", None)  # the index's own bookkeeping
+            if metadata and not out_format.holds_metadata:
+                dropped = sorted(metadata)  # .npy/.npz have no place for it
+                metadata = {}
             out_format.write(dst, planned, fetch, metadata, **options)
-        verified = verify(dst, out_format, planned, digests) if check else None
+        verified = verify(dst, out_format, planned, digests, spans) if check else None
     return {
         "src": src, "dst": dst, "src_format": in_format, "dst_format": out_format.name,
         "count": len(planned), "skipped": len(infos) - len(planned), "cast": casts,
         "dtype": cast, "total_nbytes": total, "verified": verified,
+        "metadata_dropped": dropped,
     }
 
 
@@ -178,6 +301,9 @@ def run(args: argparse.Namespace) -> int:
         if s["dtype"]:
             line += f", {s['cast']} cast to {s['dtype']}"
         print(line)
+        if s["metadata_dropped"]:
+            print(f"note: {s['dst_format']} files hold no metadata; left out: "
+                  f"{', '.join(s['metadata_dropped'])}", file=sys.stderr)
         if s["verified"] is None:
             print("not verified (--no-verify)")
         else:

@@ -12,6 +12,10 @@ array in its canonical dtype (bfloat16/float8 as ``ml_dtypes`` dtypes).
 Writers stream: ``write`` receives every tensor's :class:`TensorInfo` up front
 (so headers can be written first) and a ``fetch(name)`` callable that yields
 each array only when it is its turn, so at most one tensor is held at a time.
+
+A reader may also say where a tensor's bytes lie in its file
+(:meth:`Reader.raw_span`), so that a writer that stores the same bytes can copy
+them kernel-side instead of reading them into memory.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["TensorInfo", "Reader", "Format"]
+__all__ = ["TensorInfo", "RawSpan", "Reader", "Format"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,23 @@ class TensorInfo:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "nbytes": self.nbytes}
 
 
+@dataclass(frozen=True)
+class RawSpan:
+    """Where one tensor's exact bytes lie in a file.
+
+    ``nbytes`` bytes at ``offset`` in the regular file ``path`` are the tensor's
+    C-order, little-endian bytes, exactly as its canonical dtype is written (the
+    layout of a safetensors data region). ``file_id`` is ``(st_dev, st_ino)`` of
+    the file the reader validated, when known: whoever opens ``path`` again
+    checks it, so a file replaced in the meantime is refused, not mixed in.
+    """
+
+    path: str
+    offset: int
+    nbytes: int
+    file_id: tuple[int, int] | None = None
+
+
 class Reader:
     """An open tensor file. Use as a context manager; ``close()`` is idempotent."""
 
@@ -65,6 +86,12 @@ class Reader:
     def read(self, name: str) -> np.ndarray:
         """Read one tensor into host memory (a fresh, writable array)."""
         raise NotImplementedError
+
+    def raw_span(self, name: str) -> RawSpan | None:
+        """Where tensor ``name``'s bytes lie, stored contiguous, C order and
+        little-endian exactly as :meth:`read` would return them; ``None`` when
+        they are not stored that way (then use :meth:`read`)."""
+        return None
 
     def close(self) -> None:
         pass
@@ -99,6 +126,8 @@ class Format:
     suffixes: tuple[str, ...] = ()
     #: dtypes the format can hold natively; others use tensorbridge's documented layout
     description: str = ""
+    #: whether the format has a place for string metadata
+    holds_metadata: bool = True
 
     def open(self, path: str) -> Reader:
         raise NotImplementedError

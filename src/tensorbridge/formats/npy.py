@@ -453,6 +453,7 @@ class NpyFormat(Format):
 
     name = "npy"
     suffixes = (".npy",)
+    holds_metadata = False
     description = ("NumPy .npy: one tensor, named 'array'. Holds every tensorbridge dtype; "
                    "bfloat16/float8 as a one-field structured dtype of raw bits, e.g. "
                    "[('bfloat16', '<u2')].")

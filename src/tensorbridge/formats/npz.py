@@ -244,6 +244,7 @@ class NpzFormat(Format):
 
     name = "npz"
     suffixes = (".npz",)
+    holds_metadata = False
     description = ("NumPy .npz (zip of .npy). Holds every tensorbridge dtype; bfloat16/float8 "
                    "as a one-field structured dtype of raw bits. Option compress=True deflates.")
 

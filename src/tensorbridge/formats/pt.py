@@ -67,7 +67,7 @@ import numpy as np
 from ..dtypes import lookup
 from ..errors import ConversionError, FileFormatError
 from .atomic import atomic_write
-from .base import Format, Reader, TensorInfo
+from .base import Format, RawSpan, Reader, TensorInfo
 from .names import check_unique
 from .pt_errors import wrapped
 from .pt_flatten import MAX_DEPTH, flatten  # noqa: F401 (MAX_DEPTH: re-export)
@@ -130,7 +130,10 @@ class PtReader(Reader):
         self._fd: int | None = None
         self._zip: zipfile.ZipFile | None = None
         self._fd, size = open_regular_file(path)
+        self._little = True
         try:
+            st = os.fstat(self._fd)
+            self._file_id = (st.st_dev, st.st_ino)
             head = bytearray(min(size, 8))
             read_exact_into(self._fd, memoryview(head), 0, path)
             check_magic(bytes(head), size, path)
@@ -149,6 +152,7 @@ class PtReader(Reader):
         prefix = find_prefix(names, path)
         by_name = {m.filename: m for m in members}
         little = self._byteorder(by_name.get(prefix + "byteorder"))
+        self._little = little
         self._swap = little != (sys.byteorder == "little")
         records = {n[len(prefix) + 5:]: m for n, m in by_name.items()
                    if n.startswith(prefix + "data/")}
@@ -254,6 +258,31 @@ class PtReader(Reader):
             unit = itemsize // 2 if lookup(t.dtype).kind == "complex" else itemsize
             out.view(f"u{unit}").byteswap(inplace=True)
         return out
+
+    def raw_span(self, name: str) -> RawSpan | None:
+        """Where the tensor's bytes lie, when :meth:`read` would return them unchanged.
+
+        That is: the record is stored (not compressed), the storage is little-endian,
+        and the tensor is a C-contiguous run of its storage (any storage offset, e.g.
+        one view of a shared storage). Transposed, strided, broadcast (stride 0) and
+        empty tensors give ``None``.
+        """
+        entry = self._entry(name)
+        t = entry.tensor
+        if (self._fd is None or entry.data_offset < 0 or not self._little
+                or entry.info.size == 0 or entry.tensor.offset < 0):
+            return None
+        expected = 1
+        for d, s in zip(reversed(t.shape), reversed(t.stride)):
+            if d != 1 and s != expected:
+                return None
+            expected *= d
+        itemsize = lookup(t.dtype).itemsize
+        begin = t.offset * itemsize
+        nbytes = entry.info.nbytes
+        if begin + nbytes > entry.member.file_size:
+            return None  # not inside its record: read() reports it
+        return RawSpan(self.path, entry.data_offset + begin, nbytes, self._file_id)
 
     def close(self) -> None:
         with self._lock:

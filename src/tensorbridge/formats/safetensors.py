@@ -20,6 +20,14 @@ Reading never memory-maps the file: a file truncated while mapped kills the
 process with SIGBUS. Tensors are read with ``pread`` into fresh arrays, after the
 header has been checked against the real file size.
 
+Kernel-side copies: ``fetch(name)`` may return a :class:`~.base.RawSpan` instead
+of an array (the source file's byte range holding the tensor's exact
+little-endian bytes, see :meth:`~.base.Reader.raw_span`). The writer then moves
+those bytes with ``os.copy_file_range`` (falling back to ``os.sendfile``, then
+to a bounded ``pread``/``pwrite`` loop), never through a user buffer. A source
+that is shorter than the span (truncated after it was validated) or that was
+replaced raises :class:`FileFormatError`; the destination is left untouched.
+
 >>> import numpy as np, tempfile, os
 >>> p = os.path.join(tempfile.mkdtemp(), "m.safetensors")
 >>> a = np.arange(6, dtype=np.float32).reshape(2, 3)
@@ -44,7 +52,7 @@ import numpy as np
 from ..dtypes import DTYPES, canonical_name, lookup
 from ..errors import ConversionError, FileFormatError, TensorBridgeError, UnsafeContentError
 from .atomic import atomic_write
-from .base import Format, Reader, TensorInfo
+from .base import Format, RawSpan, Reader, TensorInfo
 from .names import check_name, check_unique
 
 __all__ = [
@@ -58,6 +66,9 @@ __all__ = [
     "read_exact_into",
     "iter_le_bytes",
     "check_fetched",
+    "check_span",
+    "copy_span",
+    "open_span",
 ]
 
 #: The Rust reference refuses longer headers; so do we (a header is parsed in memory).
@@ -177,6 +188,136 @@ def check_fetched(arr: object, info: TensorInfo, file: object = "") -> np.ndarra
             f"fetch() returned {got}{list(arr.shape)}; the header is already written. Fix: "
             "pass TensorInfo values that match the arrays fetch() returns.")
     return arr
+
+
+def check_span(span: RawSpan, info: TensorInfo, file: object = "") -> RawSpan:
+    """Check that a :class:`RawSpan` from ``fetch(name)`` holds ``info.nbytes`` bytes."""
+    if span.nbytes != info.nbytes or span.offset < 0:
+        raise ConversionError(
+            f"{file}: tensor {info.name!r} was announced as {info.dtype}{list(info.shape)} "
+            f"({info.nbytes} bytes) but fetch() returned a byte span of {span.nbytes} bytes at "
+            f"offset {span.offset}; the header is already written. Fix: pass TensorInfo values "
+            "that match the spans fetch() returns.")
+    return span
+
+
+def open_span(span: RawSpan) -> int:
+    """Open ``span.path`` read-only; refuse a file other than the one the reader checked."""
+    fd, _size = open_regular_file(span.path)
+    if span.file_id is not None:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != tuple(span.file_id):
+            os.close(fd)
+            raise FileFormatError(
+                "the file was replaced while it was being converted (it is no longer the file "
+                "that was opened and checked). Fix: wait until it is written, then retry.",
+                span.path)
+    return fd
+
+
+def _short_source(span: RawSpan, done: int) -> FileFormatError:
+    return FileFormatError(
+        f"the file ended at byte {span.offset + done}, but {span.nbytes - done} more bytes "
+        "were expected (it was truncated or changed while being read). Fix: download or "
+        "copy the file again.", span.path)
+
+
+#: Most bytes asked of one kernel copy call (Linux copies at most ~2 GiB per call).
+_COPY_CALL_BYTES = 1 << 30
+
+
+def copy_span(src_fd: int, span: RawSpan, dst_fd: int, dst_offset: int) -> None:
+    """Copy ``span`` (read from ``src_fd``) to ``dst_fd`` at ``dst_offset``, kernel-side.
+
+    Tries ``os.copy_file_range``, then ``os.sendfile``, then a chunked
+    ``pread``/``pwrite`` loop; each resumes where the previous one stopped. The
+    destination descriptor's file position is not relied on (the caller seeks).
+    Raises :class:`FileFormatError` when the source holds fewer bytes than the span.
+    """
+    total = span.nbytes
+    done = 0
+    # 1. copy_file_range: explicit offsets on both sides; the kernel may reflink or splice.
+    if hasattr(os, "copy_file_range"):
+        while done < total:
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, min(total - done, _COPY_CALL_BYTES),
+                                       span.offset + done, dst_offset + done)
+            except OSError as exc:
+                if exc.errno in _FALLBACK_ERRNOS:
+                    break
+                raise
+            if n == 0:  # the end of the source, or a filesystem that will not copy
+                if os.fstat(src_fd).st_size < span.offset + total:
+                    raise _short_source(span, done)
+                break
+            done += n
+    # 2. sendfile writes at dst_fd's file position, so put it where the copy resumes.
+    if done < total and hasattr(os, "sendfile"):
+        os.lseek(dst_fd, dst_offset + done, os.SEEK_SET)
+        while done < total:
+            try:
+                n = os.sendfile(dst_fd, src_fd, span.offset + done,
+                                min(total - done, _COPY_CALL_BYTES))
+            except OSError as exc:
+                if exc.errno in _FALLBACK_ERRNOS:
+                    break
+                raise
+            if n == 0:
+                if os.fstat(src_fd).st_size < span.offset + total:
+                    raise _short_source(span, done)
+                break
+            done += n
+    # 3. bounded user-space copy.
+    if done < total:
+        buf = bytearray(min(CHUNK_BYTES, total - done))
+        view = memoryview(buf)
+        while done < total:
+            k = min(len(buf), total - done)
+            try:
+                read_exact_into(src_fd, view[:k], span.offset + done, span.path)
+            except FileFormatError:
+                raise _short_source(span, done) from None
+            written = 0
+            while written < k:
+                written += os.pwrite(dst_fd, view[written:k], dst_offset + done + written)
+            done += k
+
+
+#: Written bytes handed to the kernel's writeback at a time (see _start_writeback).
+WRITEBACK_BYTES = 16 * 1024 * 1024
+
+
+def _start_writeback(f: Any, kicked: int) -> int:
+    """Start writing back ``f``'s dirty pages since byte ``kicked`` once there are
+    :data:`WRITEBACK_BYTES` of them; returns the new mark.
+
+    The atomic write ends with ``fsync``, which would otherwise wait for the whole
+    file's writeback at once; started early, it overlaps with the copying. On Linux
+    ``POSIX_FADV_DONTNEED`` starts writeback of dirty pages without waiting (and
+    leaves pages that are dirty or under writeback in the cache). Purely advisory:
+    errors are ignored, and nothing changes where the call is missing.
+    """
+    end = f.tell()
+    if end - kicked < WRITEBACK_BYTES or not hasattr(os, "posix_fadvise"):
+        return kicked
+    try:
+        f.flush()
+        os.posix_fadvise(f.fileno(), kicked, end - kicked, os.POSIX_FADV_DONTNEED)
+    except (OSError, AttributeError, ValueError):
+        pass
+    return end
+
+
+def _fallback_errnos() -> frozenset[int]:
+    import errno
+
+    names = ("EXDEV", "ENOSYS", "EINVAL", "EOPNOTSUPP", "ENOTSUP", "EBADF", "ETXTBSY",
+             "EPERM", "EOVERFLOW")
+    return frozenset(getattr(errno, n) for n in names if hasattr(errno, n))
+
+
+#: Errors after which the next copy method is tried instead of failing.
+_FALLBACK_ERRNOS = _fallback_errnos()
 
 
 def _safetensors_code(info: TensorInfo, file: object) -> str:
@@ -388,6 +529,8 @@ class SafetensorsReader(Reader):
             os.close(fd)
             raise
         self._fd = fd
+        st = os.fstat(fd)
+        self._file_id = (st.st_dev, st.st_ino)
         self._data_start = 8 + n
         self._infos = {info.name: info for info, _ in entries}
         self._begin = {info.name: begin for info, begin in entries}
@@ -427,6 +570,17 @@ class SafetensorsReader(Reader):
     def read(self, name: str) -> np.ndarray:
         info = self.info(name)
         return self._read_rows(info, info.shape, 0)
+
+    def raw_span(self, name: str) -> RawSpan | None:
+        """The tensor's bytes in this file (validated: inside the data region).
+
+        ``None`` for empty tensors, and for BOOL, whose bytes :meth:`read` checks.
+        """
+        info = self.info(name)
+        nbytes = info.nbytes
+        if nbytes == 0 or info.dtype == "bool" or self._fd is None:
+            return None
+        return RawSpan(self.path, self._data_start + self._begin[name], nbytes, self._file_id)
 
     def read_slice(self, name: str, index: int | slice) -> np.ndarray:
         """Read ``tensor[index]`` for an int or a step-1 slice of the first axis only."""
@@ -475,21 +629,44 @@ class SafetensorsFormat(Format):
         self,
         path: str,
         infos: Sequence[TensorInfo],
-        fetch: Callable[[str], np.ndarray],
+        fetch: Callable[[str], np.ndarray | RawSpan],
         metadata: Mapping[str, str] | None = None,
     ) -> None:
-        """Stream ``infos`` into ``path`` atomically, one fetched tensor at a time."""
+        """Stream ``infos`` into ``path`` atomically, one fetched tensor at a time.
+
+        ``fetch(name)`` returns an array, or a :class:`RawSpan` whose bytes are
+        copied kernel-side from the source file.
+        """
         path = os.fspath(path)
         for info in infos:
             check_name(info.name, path)
         header = build_header(infos, metadata, path)
-        with atomic_write(path) as f:
-            f.write(header)
-            for info in infos:
-                arr = check_fetched(fetch(info.name), info, path)
-                for piece in iter_le_bytes(arr):
-                    f.write(piece)
-                del arr
+        sources: dict[tuple[str, Any], int] = {}  # open source files, by span path and id
+        try:
+            with atomic_write(path) as f:
+                f.write(header)
+                kicked = 0  # bytes before this were handed to writeback already
+                for info in infos:
+                    got = fetch(info.name)
+                    if isinstance(got, RawSpan):
+                        span = check_span(got, info, path)
+                        key = (span.path, span.file_id)
+                        if key not in sources:
+                            sources[key] = open_span(span)
+                        f.flush()  # the buffered bytes first; then the copy lands after them
+                        start = f.tell()
+                        copy_span(sources[key], span, f.fileno(), start)
+                        f.seek(start + span.nbytes)
+                    else:
+                        arr = check_fetched(got, info, path)
+                        for piece in iter_le_bytes(arr):
+                            f.write(piece)
+                        del arr
+                    del got
+                    kicked = _start_writeback(f, kicked)
+        finally:
+            for fd in sources.values():
+                os.close(fd)
 
 
 FORMAT = SafetensorsFormat()
