@@ -15,9 +15,7 @@ from tensorbridge.errors import ConversionError, FileFormatError, UnsafeContentE
 from tensorbridge.files import flatten_names, load, open as tb_open, save, unflatten_names
 from tensorbridge.writer import Writer
 
-
-def same(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+from .formats.samples import same
 
 
 def bits(dtype, shape=(3, 4), seed=0) -> np.ndarray:

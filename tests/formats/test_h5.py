@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tensorbridge.dtypes import DTYPES, canonical_name
+from tensorbridge.dtypes import DTYPES
 from tensorbridge.errors import (
     ConversionError,
     FileFormatError,
@@ -24,40 +24,18 @@ from tensorbridge.errors import (
 from tensorbridge.formats.base import TensorInfo
 from tensorbridge.formats.h5 import DTYPE_ATTR, FORMAT
 
+from .samples import read_all_with, sample, same, write_with
+
 RAW_BITS = [d.name for d in DTYPES.values() if d.numpy.isbuiltin == 2]
 NATIVE = [d.name for d in DTYPES.values() if d.numpy.isbuiltin != 2]
 
 
-def sample(dtype_name: str, shape: tuple[int, ...] = (3, 5), seed: int = 0) -> np.ndarray:
-    """Random bits of ``dtype_name``, with NaN payloads, -0.0 and subnormals up front."""
-    dt = DTYPES[dtype_name].numpy
-    rng = np.random.default_rng(seed)
-    n = int(np.prod(shape))
-    if dtype_name == "bool":
-        return rng.integers(0, 2, n).astype(bool).reshape(shape)
-    raw = rng.integers(0, 256, n * dt.itemsize, dtype=np.uint8)
-    if DTYPES[dtype_name].kind in ("float", "complex"):
-        width = dt.itemsize if DTYPES[dtype_name].kind == "float" else dt.itemsize // 2
-        bits = 8 * width
-        patterns = [1, 1 << (bits - 1), (1 << bits) - 1, ((1 << bits) - 1) ^ (1 << (bits - 1)),
-                    ((1 << bits) - 1) ^ 2]  # subnormal, -0.0, NaN(s) with payloads
-        words = raw.view(f"<u{width}")
-        words[: len(patterns)] = patterns[: len(words)]
-    return raw.view(dt).reshape(shape).copy()
-
-
-def same(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-
-
 def write(path, arrays: dict[str, np.ndarray], metadata=None) -> None:
-    infos = [TensorInfo(k, canonical_name(v.dtype), v.shape) for k, v in arrays.items()]
-    FORMAT.write(str(path), infos, arrays.__getitem__, metadata)
+    write_with(FORMAT, path, arrays, metadata)
 
 
 def read_all(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    with FORMAT.open(str(path)) as r:
-        return {k: r.read(k) for k in r.keys()}, r.metadata
+    return read_all_with(FORMAT, path)
 
 
 # --- interoperability -----------------------------------------------------------------

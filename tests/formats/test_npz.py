@@ -19,28 +19,7 @@ from tensorbridge.formats.base import TensorInfo
 from tensorbridge.formats.npy import MARKED_DTYPES, build_header
 from tensorbridge.formats.npz import BOMB_MIN_SIZE, FORMAT, MAX_DEFLATE_RATIO
 
-
-def sample(name: str, shape: tuple[int, ...] = (3, 5), seed: int = 0) -> np.ndarray:
-    """Random bits of dtype ``name``, with subnormal, -0.0 and NaN payloads up front."""
-    dt = DTYPES[name].numpy
-    rng = np.random.default_rng(seed)
-    n = int(np.prod(shape))
-    if name == "bool":
-        return rng.integers(0, 2, n).astype(bool).reshape(shape)
-    raw = rng.integers(0, 256, n * dt.itemsize, dtype=np.uint8)
-    kind = DTYPES[name].kind
-    if kind in ("float", "complex"):
-        width = dt.itemsize if kind == "float" else dt.itemsize // 2
-        bits = 8 * width
-        patterns = [1, 1 << (bits - 1), (1 << bits) - 1, ((1 << bits) - 1) ^ (1 << (bits - 1)),
-                    ((1 << bits) - 1) ^ 2]  # subnormal, -0.0, NaNs with payloads
-        words = raw.view(f"<u{width}")
-        words[: len(patterns)] = patterns[: len(words)]
-    return raw.view(dt).reshape(shape).copy()
-
-
-def same(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+from .samples import sample, same
 
 
 def read_all(path) -> dict[str, np.ndarray]:

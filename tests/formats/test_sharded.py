@@ -24,9 +24,7 @@ from tensorbridge.formats import format_for_path
 from tensorbridge.formats.base import TensorInfo
 from tensorbridge.formats.sharded import FORMAT, parse_size, plan_shards
 
-
-def same(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+from .samples import read_all_with, same, write_with
 
 
 def make_arrays() -> dict[str, np.ndarray]:
@@ -44,13 +42,11 @@ def make_arrays() -> dict[str, np.ndarray]:
 
 
 def write(path, arrays, metadata=None, **options) -> None:
-    infos = [TensorInfo(k, canonical_name(v.dtype), v.shape) for k, v in arrays.items()]
-    FORMAT.write(str(path), infos, arrays.__getitem__, metadata, **options)
+    write_with(FORMAT, path, arrays, metadata, **options)
 
 
 def read_all(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    with FORMAT.open(str(path)) as r:
-        return {k: r.read(k) for k in r.keys()}, r.metadata
+    return read_all_with(FORMAT, path)
 
 
 def snapshot(directory) -> dict[str, bytes]:
