@@ -3,14 +3,16 @@
 
     python bench/gpu_check.py                 # prints a table; JSON to $OUT/gpu.json if $OUT is set
     python bench/gpu_check.py --no-tests      # benchmarks only
-    python bench/gpu_check.py --budget-s 240  # stop starting new benchmarks after this
+    python bench/gpu_check.py --budget-s 150  # stop starting new benchmarks after this (default 200)
 
 Meant for one H100/H200 with torch+CUDA, jax+CUDA and cupy, no TensorFlow, no
 network. Each figure compares tensorbridge with the naive way in the same run
 on the same card: torch.cuda.synchronize() before every clock read, a warm-up
 first, fresh inputs every repeat (random bit patterns, NaN payloads included),
 and every result checked bit for bit. The card's name is printed and recorded.
-Without a CUDA device it prints "no CUDA device: skipped" and exits 0.
+Without a CUDA device it prints "no CUDA device: skipped" and exits 0. The JSON
+is rewritten after the tests and after every benchmark, so a run killed by a
+timeout keeps what it measured.
 """
 
 from __future__ import annotations
@@ -51,12 +53,16 @@ TARGETS = {
 }
 
 
-def emit(result: dict[str, Any]) -> None:
+def emit(result: dict[str, Any], *, quiet: bool = False) -> None:
+    """Write the result so far to $OUT/gpu.json (atomically: a kill never leaves half a file)."""
     out = os.environ.get("OUT")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
-        Path(out, "gpu.json").write_text(json.dumps(result, indent=2, default=str))
-        print(f"JSON: {Path(out, 'gpu.json')}")
+        tmp = Path(out, "gpu.json.tmp")
+        tmp.write_text(json.dumps(result, indent=2, default=str))
+        os.replace(tmp, Path(out, "gpu.json"))
+        if not quiet:
+            print(f"JSON: {Path(out, 'gpu.json')}")
 
 
 def machine(torch: Any | None) -> dict[str, Any]:
@@ -313,7 +319,7 @@ def bench_tree_to_cuda(torch: Any, tb: Any, np: Any) -> dict:
 
     def make() -> dict:  # 288 arrays, ~1.13 GiB, fresh host memory each repeat
         d = {}
-        for i in range(144 if DEV == "cuda" else 4):
+        for i in range(n_layers):
             d[f"layers.{i}.weight"] = rng.integers(0, 2**32, 1024 * 2048, dtype=np.uint32) \
                 .view(np.float32).reshape(1024, 2048)
             d[f"layers.{i}.bias"] = rng.integers(0, 2**32, 2048, dtype=np.uint32).view(np.float32)
@@ -322,7 +328,8 @@ def bench_tree_to_cuda(torch: Any, tb: Any, np: Any) -> dict:
     def check(a: dict, b: dict) -> bool:  # same device, dtype, shape and bits as the naive way
         return list(a) == list(b) and all(same_bits_torch(a[k], b[k]) for k in a)
 
-    nbytes = sum(v.nbytes for v in make().values())
+    n_layers = 144 if DEV == "cuda" else 4
+    nbytes = n_layers * (1024 * 2048 + 2048) * 4  # what make() builds, without building it
     return measure(torch, make, lambda d: tb.to_torch(d, device=DEV),
                    lambda d: {k: torch.from_numpy(v).to(DEV) for k, v in d.items()}, check,
                    repeats=3, nbytes=nbytes)
@@ -375,12 +382,18 @@ def run_tests(budget_s: float) -> dict:
     try:
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=budget_s)
     except subprocess.TimeoutExpired as exc:
-        tail = (exc.stdout or "")[-3000:] if isinstance(exc.stdout, str) else ""
+        def text(b: Any) -> str:  # TimeoutExpired carries bytes even with text=True
+            if b is None:
+                return ""
+            return b.decode("utf-8", "replace") if isinstance(b, bytes) else str(b)
+
+        tail = (text(exc.stdout) + text(exc.stderr))[-3000:]
         print(tail + f"\nGPU tests: TIMED OUT after {budget_s:.0f} s")
-        return {"ran": True, "timed_out": True, "tail": tail}
+        return {"ran": True, "timed_out": True, "status": "FAILED (timed out)", "tail": tail}
     tail = (p.stdout + p.stderr)[-4000:]
     print(tail.rstrip())
-    status = {0: "passed", 5: "no GPU tests collected"}.get(p.returncode, "FAILED")
+    # Only called with a CUDA device: no GPU test collected (exit 5) means they were lost.
+    status = {0: "passed", 5: "FAILED (no GPU tests collected)"}.get(p.returncode, "FAILED")
     print(f"GPU tests: {status} (exit {p.returncode}, {time.perf_counter() - t0:.1f} s)", flush=True)
     return {"ran": True, "returncode": p.returncode, "status": status,
             "seconds": time.perf_counter() - t0, "tail": tail}
@@ -390,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--no-tests", action="store_true", help="skip pytest -m gpu")
     ap.add_argument("--tests-budget-s", type=float, default=120)
-    ap.add_argument("--budget-s", type=float, default=270,
+    ap.add_argument("--budget-s", type=float, default=200,
                     help="start no new benchmark after this many seconds in all")
     ap.add_argument("--only", action="append", help="run only these benchmarks")
     ap.add_argument("--dry-run-cpu", action="store_true",
@@ -423,8 +436,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{info['cpu_model']} x{info['cores']}, {info['date']}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()), flush=True)
     result: dict[str, Any] = {"machine": info, "targets": TARGETS, "benchmarks": {}}
+    emit(result, quiet=True)
     result["tests"] = {"ran": False, "reason": "--no-tests"} if args.no_tests else \
         run_tests(args.tests_budget_s)
+    emit(result, quiet=True)  # a later timeout keeps the test results
 
     failures = 0
     for name, fn, needs in BENCHES:
@@ -450,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
             failures += 1
         r["bench_wall_s"] = time.perf_counter() - t0
         result["benchmarks"][name] = r
+        result["wall_s"] = time.perf_counter() - start
+        emit(result, quiet=True)  # after every benchmark: a timeout keeps what was measured
         if "error" in r:
             print(f"{name}: ERROR {r['error']}", flush=True)
         else:
@@ -472,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     result["wall_s"] = time.perf_counter() - start
     print(f"\ncard: {info['card']}; total {result['wall_s']:.0f} s")
     emit(result)
-    tests_failed = result["tests"].get("status") == "FAILED" or result["tests"].get("timed_out")
+    tests_failed = str(result["tests"].get("status", "")).startswith("FAILED") \
+        or result["tests"].get("timed_out")
     return 1 if failures or tests_failed else 0
 
 

@@ -136,7 +136,15 @@ def convert(
     allocator: the fastest way off the GPU, and such arrays go back to a GPU
     fastest too. Small arrays of one call may share one pinned buffer (views
     of it); the memory returns to torch's cache once every array using it is
-    gone. Without CUDA tensors in ``x``, or with ``dtype=``, it changes nothing.
+    gone. Keep the arrays alive until any ``non_blocking=True`` copy from them
+    to a GPU (e.g. ``torch.from_numpy(a).to("cuda", non_blocking=True)``) has
+    been synchronised: torch cannot record streams on ``from_numpy`` views, so
+    it may hand the memory out again while such a copy is still reading it.
+    torch's pinned cache rounds each buffer up to a power of two and keeps the
+    memory page-locked (the OS cannot page it out) after the arrays go, for
+    reuse by later pinned allocations. If page-locking is refused, those
+    arrays come back in ordinary memory. Without CUDA tensors in ``x``, or
+    with ``dtype=``, it changes nothing.
 
     A tree of CUDA tensors goes to NumPy in one coalesced transfer through a
     pinned staging ring; a tree of host arrays goes to ``device="cuda"`` the

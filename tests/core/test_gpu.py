@@ -35,6 +35,27 @@ def _raw(n: int, dtype=torch.float32, seed: int = 0):
     return t.view(dtype)
 
 
+def _host_f32(n_floats: int, seed: int) -> np.ndarray:
+    """A writable float32 array of random bit patterns (torch.from_numpy warns on read-only ones)."""
+    return np.frombuffer(bytearray(_raw(n_floats, seed=seed).numpy().tobytes()), np.float32)
+
+
+SLEEP = 200_000_000  # torch.cuda._sleep cycles: ~0.1 s of GPU time queued on a stream
+
+
+def _ring_pinned() -> bool:
+    return all(b.tensor.is_pinned() for b in ts._ring().blocks if b is not None)
+
+
+@pytest.fixture
+def no_fallbacks():
+    """The test's transfers used the pinned ring: page-locking was never refused."""
+    before = ts.stats()["fallbacks"]
+    yield
+    assert ts.stats()["fallbacks"] == before, "page-locked memory was refused: plain copies ran"
+    assert _ring_pinned()
+
+
 def _bytes(t) -> bytes:
     """The exact host bytes a tensor means (slow and obvious)."""
     t = t.detach()
@@ -80,7 +101,7 @@ def test_cuda_tensor_to_numpy_bit_exact():
         assert a.tobytes() == _bytes(host)
 
 
-def test_cuda_tree_of_every_dtype_and_shape_through_the_ring_is_bit_exact():
+def test_cuda_tree_of_every_dtype_and_shape_through_the_ring_is_bit_exact(no_fallbacks):
     tree = {}
     for k, dt in enumerate(ALL):
         tree[f"small_{dt}"] = _raw(37 + k, dt, seed=k).cuda()
@@ -103,7 +124,7 @@ def test_cuda_tree_of_every_dtype_and_shape_through_the_ring_is_bit_exact():
     np.testing.assert_array_equal(out["conj"], z.conj().resolve_conj().cpu().numpy())
 
 
-def test_cuda_tree_to_numpy_one_sync_and_exact(waits):
+def test_cuda_tree_to_numpy_one_sync_and_exact(waits, no_fallbacks):
     tree = {f"w{i}": _raw(1000 + i, seed=i).cuda().reshape(-1) for i in range(50)}
     tree["grad"] = (torch.ones(3, device="cuda", requires_grad=True) * 2)
     waits.clear()
@@ -113,7 +134,7 @@ def test_cuda_tree_to_numpy_one_sync_and_exact(waits):
         assert out[k].tobytes() == _bytes(v)
 
 
-def test_big_tensor_waits_once_per_chunk(waits):
+def test_big_tensor_waits_once_per_chunk(waits, no_fallbacks):
     t = _raw(200 * MiB // 4, seed=3).cuda()  # 200 MiB: 4 chunks of 64 MiB
     waits.clear()
     a = tb.to_numpy(t)
@@ -121,7 +142,7 @@ def test_big_tensor_waits_once_per_chunk(waits):
     assert a.tobytes() == _bytes(t)
 
 
-def test_ten_thousand_tiny_tensors_are_packed(waits):
+def test_ten_thousand_tiny_tensors_are_packed(waits, no_fallbacks):
     flat = _raw(10_000 * 256, seed=4).cuda()
     ts_ = [flat[i * 256:(i + 1) * 256].clone() for i in range(10_000)]
     waits.clear()
@@ -133,7 +154,7 @@ def test_ten_thousand_tiny_tensors_are_packed(waits):
         assert a.tobytes() == host[i * 256:(i + 1) * 256].tobytes()
 
 
-def test_pinned_true_returns_page_locked_arrays(waits):
+def test_pinned_true_returns_page_locked_arrays(waits, no_fallbacks):
     tree = {"big": _raw(3 * MiB, seed=5).cuda(), "bias": _raw(100, seed=6).cuda(),
             "bias2": _raw(200, seed=7).cuda(), "bf16": _raw(1000, torch.bfloat16, seed=8).cuda()}
     waits.clear()
@@ -160,7 +181,7 @@ def test_threads_share_the_ring():
                 out = tb.to_numpy(tree)
                 for a, t in zip(out, tree):
                     assert a.tobytes() == _bytes(t)
-                host = {"a": np.frombuffer(_raw(3 * MiB, seed=seed).numpy().tobytes(), np.float32)}
+                host = {"a": _host_f32(3 * MiB, seed)}
                 dev = tb.to_torch(host, device="cuda")
                 assert _bytes(dev["a"]) == host["a"].tobytes()
         except BaseException as exc:
@@ -172,9 +193,10 @@ def test_threads_share_the_ring():
     for t in threads:
         t.join()
     assert not errors, errors
+    assert _ring_pinned()
 
 
-def test_copies_run_on_the_callers_current_stream():
+def test_copies_run_on_the_callers_current_stream(no_fallbacks):
     """The producer writes on a side stream after a long sleep; reading on the
     caller's (side) stream must see the written values, never the old ones."""
     side = torch.cuda.Stream()
@@ -191,7 +213,27 @@ def test_copies_run_on_the_callers_current_stream():
     assert pinned.tobytes() == _bytes(src)
 
 
-def test_host_to_device_tree_bit_exact_and_no_sync(waits):
+def test_host_to_device_copies_run_on_the_callers_current_stream(no_fallbacks):
+    """The twin of the test above, host -> device: the caller's (side) stream is busy, the
+    default stream idle. A copy or an event on the wrong stream lets a ring block be refilled
+    before its copy to the device ran, which corrupts that chunk every time."""
+    side = torch.cuda.Stream()
+    host = {f"w{i}": _host_f32(16 * MiB, seed=20 + i) for i in range(6)}  # 384 MiB: 6 chunks
+    host["ro"] = np.frombuffer(b"\x05\x06\x07\x08" * 1000, np.int32)
+    want = {k: v.tobytes() for k, v in host.items()}
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(SLEEP)  # the side stream is busy; the default stream is idle
+        out = tb.to_torch(host, device="cuda")
+        for v in host.values():  # the bytes were staged: the sources may change at once
+            if v.flags.writeable:
+                v[...] = 0
+    side.synchronize()
+    for k, b in want.items():
+        assert _bytes(out[k]) == b, k
+
+
+def test_host_to_device_tree_bit_exact_and_no_sync(waits, no_fallbacks):
     import ml_dtypes
 
     rng = np.random.default_rng(0)
@@ -212,6 +254,7 @@ def test_host_to_device_tree_bit_exact_and_no_sync(waits):
             for k, v in tree.items() if k != "name"}
     waits.clear()
     before = ts.stats()["chunks"]
+    torch.cuda._sleep(SLEEP)  # the copies queue behind this: a missing wait would show
     out = tb.to_torch(tree, device="cuda")
     chunks = ts.stats()["chunks"] - before
     assert chunks >= 5
@@ -229,11 +272,12 @@ def test_host_to_device_tree_bit_exact_and_no_sync(waits):
     assert out["u32"].dtype == torch.uint32 and out["bool"].dtype == torch.bool
 
 
-def test_host_to_device_on_a_side_stream_then_back():
+def test_host_to_device_on_a_side_stream_then_back(no_fallbacks):
     side = torch.cuda.Stream()
-    host = {"a": np.frombuffer(_raw(70 * MiB // 4, seed=2).numpy().tobytes(), np.float32),
-            "b": np.arange(5, dtype=np.int64)}
+    host = {"a": _host_f32(70 * MiB // 4, seed=2), "b": np.arange(5, dtype=np.int64)}
+    torch.cuda.synchronize()
     with torch.cuda.stream(side):
+        torch.cuda._sleep(SLEEP)
         dev = tb.to_torch(host, device="cuda")
         back = tb.to_numpy(dev)  # reuses ring blocks whose host->device copies may be in flight
     for k in host:
@@ -241,9 +285,15 @@ def test_host_to_device_on_a_side_stream_then_back():
 
 
 def test_host_to_device_is_faster_path_but_same_result_as_naive():
-    a = np.frombuffer(_raw(1 << 20, seed=3).numpy().tobytes(), np.float32)
-    assert torch.equal(tb.to_torch({"a": a}, device="cuda")["a"].view(torch.int32),
-                       torch.from_numpy(a).to("cuda").view(torch.int32))
+    a = _host_f32(1 << 20, seed=3)  # writable: torch.from_numpy warns on read-only arrays
+    torch.cuda._sleep(SLEEP)
+    got = tb.to_torch({"a": a}, device="cuda")["a"]
+    assert torch.equal(got.view(torch.int32), torch.from_numpy(a).to("cuda").view(torch.int32))
+
+
+def test_invalid_cuda_ordinal_is_a_device_error():
+    with pytest.raises(tb.DeviceError, match="cuda:99"):
+        tb.to_torch({"a": np.ones(3)}, device="cuda:99")
 
 
 def test_copy_false_from_cuda_is_refused():
@@ -270,12 +320,12 @@ def test_tree_across_two_devices():
     assert all(t.device == torch.device("cuda:1") for t in back)
 
 
-def test_same_device_switches_are_zero_copy():
+@pytest.mark.parametrize("tgt", ["jax", "cupy"])
+def test_same_device_switches_are_zero_copy(tgt):
+    pytest.importorskip(tgt)
     t = torch.arange(1 << 20, dtype=torch.float32, device="cuda")
-    for tgt in ("jax", "cupy"):
-        pytest.importorskip(tgt)
-        y = tb.convert(t, to=tgt)
-        assert not tb.explain(t, to=tgt).copies
-        assert tb.shares_memory(t, y)
-        back = tb.to_torch(y)
-        assert back.data_ptr() == t.data_ptr()
+    y = tb.convert(t, to=tgt)
+    assert not tb.explain(t, to=tgt).copies
+    assert tb.shares_memory(t, y)
+    back = tb.to_torch(y)
+    assert back.data_ptr() == t.data_ptr()

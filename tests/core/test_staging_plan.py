@@ -233,16 +233,24 @@ class FakeHooks(ts._Hooks):
 
     pin = False
 
-    def __init__(self):
-        self.log, self.events = [], []
+    def __init__(self, log=None, devices=None):
+        self.log, self.events = ([] if log is None else log), []
+        self.recorded_on = []  # the device argument of every record()
+        self.fake_devices = devices  # {id(tensor): fake device name}, to rehearse several GPUs
         self.lock = threading.Lock()
 
     def record(self, device):
         with self.lock:
-            ev = FakeEvent(self.log, len(self.events))
+            ev = FakeEvent(self.log, (id(self), len(self.events)))
             self.events.append(ev)
+            self.recorded_on.append(device)
             self.log.append(("record", ev.n))
             return ev
+
+    def device(self, t):
+        if self.fake_devices is not None:
+            return self.fake_devices[id(t)]
+        return t.device
 
     @property
     def waits(self):
@@ -450,9 +458,12 @@ def test_rehearsal_fallback_without_pinned_memory(monkeypatch):
     tensors = [raw(3000, torch.float32, seed=i) for i in range(3)]
     before = ts.stats()["fallbacks"]
     assert_exact(ts.batch_to_host(tensors, ring=r, hooks=FakeHooks()), tensors)
-    hosts = [raw(999, torch.int32).numpy()]
+    ro = np.frombuffer(raw(500, torch.int16, seed=7).numpy().tobytes(), np.int16)
+    assert not ro.flags.writeable  # torch.from_numpy would warn (an error here): must be avoided
+    hosts = [raw(999, torch.int32).numpy(), ro]
     got = ts.scatter_host_leaves(hosts, "cpu", ring=r, hooks=FakeHooks())
-    assert got[id(hosts[0])].numpy().tobytes() == hosts[0].tobytes()
+    for h in hosts:
+        assert got[id(h)].numpy().tobytes() == h.tobytes()
     assert ts.stats()["fallbacks"] == before + 2
 
 
@@ -474,6 +485,223 @@ def test_rehearsal_error_in_a_copy_thread_surfaces(monkeypatch):
     monkeypatch.setattr(ts.np, "copyto", real)
     assert not r.lock.locked()
     assert_exact(ts.batch_to_host(tensors, ring=r, hooks=FakeHooks()), tensors)  # the ring still works
+
+
+def test_rehearsal_error_mid_chunk_records_the_blocks_event(monkeypatch):
+    """source() fails for the second item of a chunk after the first item's copy was
+    queued: the block's event must still be recorded, and waited before the block is reused."""
+    r = ring(block=64 * KiB, nblocks=2)
+    log = []
+    hooks = FakeHooks(log)
+    # a lone float32 (copied directly) then two float16 (one pack): both items in one chunk
+    tensors = [raw(100, torch.float32, seed=1), raw(100, torch.float16, seed=2),
+               raw(100, torch.float16, seed=3)]
+
+    def oom(*a, **k):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(ts, "_flatten", oom)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        ts.batch_to_host(tensors, ring=r, hooks=hooks)
+    monkeypatch.undo()
+    assert len(hooks.events) == 1  # recorded although the chunk never finished
+    assert r.blocks[0].event is hooks.events[0] and not hooks.events[0].synced
+    assert not r.lock.locked()
+    later = FakeHooks(log)
+    assert_exact(ts.batch_to_host(tensors, ring=r, hooks=later), tensors)  # reuses block 0
+    assert hooks.events[0].synced
+    assert log.index(("wait", hooks.events[0].n)) < log.index(("record", later.events[0].n))
+
+
+def test_rehearsal_error_mid_chunk_host_to_device_records_the_blocks_event():
+    r = ring(block=64 * KiB, nblocks=2)
+    log = []
+    hooks = FakeHooks(log)
+
+    class Refusing:  # a device tensor whose copy_ fails (e.g. a device lost part-way)
+        def reshape(self, *a):
+            return self
+
+        def view(self, *a):
+            return self
+
+        def __getitem__(self, k):
+            return self
+
+        def copy_(self, *a, **k):
+            raise RuntimeError("CUDA error: an illegal memory access (simulated)")
+
+    srcs = [raw(100, torch.float32, seed=1).numpy().view(np.uint8),
+            raw(100, torch.float32, seed=2).numpy().view(np.uint8)]
+    dsts = [torch.empty(100), Refusing()]
+    with pytest.raises(RuntimeError, match="illegal"):
+        ts.batch_to_device(srcs, dsts, ring=r, hooks=hooks)
+    assert len(hooks.events) == 1 and r.blocks[0].event is hooks.events[0]
+    assert hooks.recorded_on == [torch.device("cpu")]
+    assert not r.lock.locked()
+    hosts = [raw(3000, torch.int16, seed=5).numpy()]
+    later = FakeHooks(log)
+    got = ts.scatter_host_leaves(hosts, "cpu", ring=r, hooks=later)
+    assert got[id(hosts[0])].numpy().tobytes() == hosts[0].tobytes()
+    assert hooks.events[0].synced
+    assert log.index(("wait", hooks.events[0].n)) < log.index(("record", later.events[0].n))
+
+
+def test_rehearsal_busy_ring_is_never_waited_for():
+    """Another thread holds the ring: copy plainly at once (no event, no wait), every dtype."""
+    r = ring()
+    tensors = tree_of_all_dtypes()
+    ro = np.frombuffer(raw(700, torch.float32, seed=3).numpy().tobytes(), np.float32)
+    hosts = {"w": raw(3000, torch.float64, seed=4).numpy(), "ro": ro, "t": raw(50, torch.bfloat16)}
+    before = ts.stats()
+    assert r.lock.acquire(blocking=False)
+    try:
+        hooks = FakeHooks()
+        out = ts.batch_to_host(tensors, ring=r, hooks=hooks)
+        got = ts.scatter_host_leaves(hosts, "cpu", ring=r, hooks=hooks)
+        assert hooks.events == [] and hooks.log == []  # never touched the ring's blocks
+        assert r.blocks == [None] * r.num_blocks
+    finally:
+        r.lock.release()
+    assert_exact(out, tensors)
+    for a in out:
+        assert a.flags.writeable
+    for v in hosts.values():
+        want = v.reshape(-1).view(torch.uint8).numpy().tobytes() if isinstance(v, torch.Tensor) \
+            else v.tobytes()
+        assert got[id(v)].reshape(-1).view(torch.uint8).numpy().tobytes() == want
+    after = ts.stats()
+    assert after["contended"] == before["contended"] + 2
+    assert after["fallbacks"] == before["fallbacks"]
+
+
+def test_rehearsal_record_gets_each_chunks_device(monkeypatch):
+    """Several (fake) devices: every event is recorded on the device of its chunk's
+    pieces, chunks never mix devices, and pinned=True waits once per device."""
+    chunks_seen = []
+    real = ts.plan_chunks
+
+    def spy(*a, **k):
+        got = real(*a, **k)
+        chunks_seen.append(got)
+        return got
+
+    monkeypatch.setattr(ts, "plan_chunks", spy)
+    tensors, devices = [], {}
+    for k in range(12):
+        t = raw([5, 3000, 40, 1500][k % 4] + k, [torch.float32, torch.int16][k % 2], seed=k)
+        tensors.append(t)
+        devices[id(t)] = f"cuda:{k % 3}"
+    hooks = FakeHooks(devices=devices)
+    out = ts.batch_to_host(tensors, ring=ring(block=4096, nblocks=3), hooks=hooks)
+    assert_exact(out, tensors)
+    (chunks,) = chunks_seen
+    assert len(chunks) > 3
+    assert [str(d) for d in hooks.recorded_on] == [c.key for c in chunks]
+    assert sorted(set(c.key for c in chunks)) == ["cuda:0", "cuda:1", "cuda:2"]
+    pinned = FakeHooks(devices=devices)
+    assert_exact(ts.batch_to_host(tensors, pinned=True, ring=ring(), hooks=pinned), tensors)
+    assert sorted(pinned.recorded_on) == ["cuda:0", "cuda:1", "cuda:2"] and pinned.waits == 3
+
+
+def test_rehearsal_pinned_falls_back_when_page_locking_is_refused(monkeypatch):
+    real = torch.empty
+
+    def refuse_pinned(*a, **k):
+        if "pin_memory" in k:
+            raise RuntimeError("cudaHostAlloc failed: out of memory (simulated)")
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch, "empty", refuse_pinned)
+    tensors = [raw(5000 + i, torch.float32, seed=i) for i in range(3)] + [raw(3, torch.int8)]
+    before = ts.stats()["fallbacks"]
+    hooks = FakeHooks()
+    out = ts.batch_to_host(tensors, pinned=True, ring=ring(), hooks=hooks)
+    monkeypatch.undo()
+    assert_exact(out, tensors)
+    assert ts.stats()["fallbacks"] == before + len(tensors)
+    assert hooks.waits == 0  # plain .cpu() copies have landed on return
+
+
+def chalf():
+    """A tensor of a dtype tensorbridge refuses (torch.complex32)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "ComplexHalf support is experimental"
+        return torch.zeros(4, dtype=torch.complex32)
+
+
+def test_rehearsal_unsupported_dtype_fails_before_any_copy(monkeypatch):
+    hooks = FakeHooks()
+    r = ring()
+    called = []
+    monkeypatch.setattr(ts, "plan_chunks", lambda *a, **k: called.append(1) or [])
+    with pytest.raises(tb.ConversionError, match="complex32"):
+        ts.batch_to_host([raw(3000, torch.float32), chalf()], ring=r, hooks=hooks)
+    assert called == [] and hooks.events == [] and r.blocks == [None] * r.num_blocks
+
+
+@pytest.fixture
+def fake_cuda_leaves(monkeypatch):
+    """gather_device_leaves on the CPU: every tensor claims to be a CUDA tensor."""
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+
+
+def test_gather_unsupported_dtype_names_the_leaf_before_copying(fake_cuda_leaves, monkeypatch):
+    def boom(*a, **k):  # pragma: no cover - must not be called
+        raise AssertionError("nothing may be copied before every dtype is checked")
+
+    monkeypatch.setattr(ts, "batch_to_host", boom)
+    tree = {"a": [torch.ones(3), {"b": chalf()}]}
+    with pytest.raises(tb.ConversionError) as info:
+        tb.to_numpy(tree)
+    assert "['a'][1]['b']" in str(info.value) and "complex32" in str(info.value)
+
+
+def test_gather_cuda_runtime_errors_become_conversion_errors(fake_cuda_leaves, monkeypatch):
+    def oom(*a, **k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(ts, "batch_to_host", oom)
+    with pytest.raises(tb.ConversionError, match="out of memory") as info:
+        tb.to_numpy({"w": torch.ones(3)})
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert "Fix:" in str(info.value)
+
+
+def test_scatter_gives_up_on_cuda_runtime_errors(monkeypatch):
+    def refuse(*a, **k):
+        raise RuntimeError("CUDA error: invalid device ordinal")
+
+    monkeypatch.setattr(ts, "batch_to_device", refuse)
+    r = ring()
+    assert ts.scatter_host_leaves({"a": np.ones(3)}, "cpu", ring=r, hooks=FakeHooks()) == {}
+    assert not r.lock.locked()
+
+
+def test_flatten_concatenates_bytes_of_any_dtype():
+    parts = [raw(7, torch.float8_e4m3fn, seed=1), raw(5, torch.float8_e5m2, seed=2)]
+    flat = ts._flatten(parts, torch)
+    assert flat.dtype == torch.uint8
+    assert flat.numpy().tobytes() == b"".join(reference(t) for t in parts)
+
+
+def test_after_fork_keeps_the_parents_ring_alive(monkeypatch):
+    import sys
+
+    r = ring()
+    blk = r.block(0)
+    monkeypatch.setattr(ts, "_RING", r)
+    monkeypatch.setattr(ts, "_POOL", None)
+    monkeypatch.setattr(ts, "_LEAKED", [])
+    old_lock = ts._STATS_LOCK
+    before = sys.getrefcount(blk.tensor)
+    monkeypatch.setattr(ts, "_GLOBAL_LOCK", ts._GLOBAL_LOCK)  # restored after the test
+    monkeypatch.setattr(ts, "_STATS_LOCK", old_lock)
+    ts._after_fork()
+    assert ts._RING is None and ts._STATS_LOCK is not old_lock
+    assert sys.getrefcount(blk.tensor) > before  # a reference that is never dropped (leaks 4 KiB)
+    assert ts.stats()["fallbacks"] >= 0  # the fresh stats lock works
 
 
 # ------------------------------------------------------------------ the public plumbing, CPU only

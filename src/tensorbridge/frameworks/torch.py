@@ -187,6 +187,10 @@ class TorchBackend(Backend):
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise DeviceError(message(f"device={device!r}", "this machine has no CUDA device torch can use",
                                       "leave device unset (the result stays on the CPU)"))
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise DeviceError(message(f"device={device!r}", f"this machine has {n} CUDA device(s)",
+                                      f"use 'cuda:0' to 'cuda:{n - 1}'"))
         if dev.type == "mps" and facts.dtype in ("float64", "complex128"):
             raise ConversionError(message(
                 f"a {facts.dtype} tensor for device 'mps'", "Apple's MPS backend has no 64-bit floats",
@@ -236,20 +240,40 @@ def gather_device_leaves(tree: Any, *, copy: bool | None, dtype: str | None,
     instead (one wait per device). Empty when CUDA was never initialised (then
     no CUDA tensor can exist), or when ``copy=False`` (the plan refuses instead)
     or ``dtype=`` is given (the planned route casts on the host).
+
+    Every tensor's dtype is checked before anything is copied: an unsupported
+    one raises :class:`ConversionError` with the leaf's path. A CUDA error
+    during the transfer (out of memory, ...) is raised as a ConversionError.
     """
     torch = sys.modules["torch"]
     if copy is False or dtype is not None or not torch.cuda.is_initialized():
         return {}
-    from ..tree import tree_leaves_with_path
+    from ..errors import TensorBridgeError
+    from ..tree import format_path, tree_leaves_with_path
+    from .torch_staging import _numpy_dtype
 
     found, seen = [], set()
-    for _, leaf in tree_leaves_with_path(tree):
+    for path, leaf in tree_leaves_with_path(tree):
         if isinstance(leaf, torch.Tensor) and leaf.is_cuda and id(leaf) not in seen:
             seen.add(id(leaf))
+            try:
+                _numpy_dtype(leaf.dtype)  # before any transfer, and with the leaf's path
+            except TensorBridgeError as exc:
+                raise exc.at(format_path(path)) from exc.__cause__
             found.append(leaf)
     if not found:
         return {}
-    return dict(zip(map(id, found), batch_to_host(found, pinned=pinned)))
+    try:
+        hosts = batch_to_host(found, pinned=pinned)
+    except RuntimeError as exc:  # CUDA refused: out of memory, a lost device, a forked child...
+        nbytes = sum(t.numel() * t.element_size() for t in found)
+        raise ConversionError(message(
+            f"{len(found)} CUDA tensor(s) ({nbytes / (1 << 20):.1f} MiB) copied to the host",
+            f"CUDA refused the copy: {type(exc).__name__}: {exc}",
+            "free GPU memory (e.g. torch.cuda.empty_cache()) or convert fewer tensors at a time; "
+            "in a forked child process use the 'spawn' start method",
+        )) from exc
+    return dict(zip(map(id, found), hosts))
 
 
 def batch_to_host(tensors: list[Any], *, pinned: bool = False) -> list[np.ndarray]:

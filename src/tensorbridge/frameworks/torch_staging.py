@@ -26,8 +26,13 @@ are copied to the device, into one fresh device tensor per leaf. No host
 synchronisation at the end: the copies are ordered on the caller's current
 stream, and each block's event is waited before the block is written again.
 
-The ring is guarded by a lock: several threads may convert at once (they take
-turns on the ring; the PCIe link is shared anyway). The planning functions at
+The ring is guarded by a lock that is never waited for: a thread that finds
+the ring busy copies on its own instead (plain ``.cpu()`` per item device ->
+host, plain copies host -> device), so no thread ever blocks on another's
+event synchronisation (no head-of-line blocking, no deadlock with collectives
+that other threads are waiting on). Device temporaries (contiguous copies,
+densified sparse tensors, packs) are made one item at a time, when the item is
+copied, and dropped after its last chunk. The planning functions at
 the top (:func:`plan_chunks`, :func:`plan_packs`, :func:`split_jobs`) are pure
 Python and are tested without CUDA; the executors take a ``_Hooks`` object so
 the whole pipeline can also be rehearsed with CPU tensors standing in for
@@ -36,6 +41,7 @@ device tensors.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 import threading
@@ -227,8 +233,10 @@ def split_jobs(pieces: Sequence[Piece], *, threads: int = THREADS, min_bytes: in
 
 # ------------------------------------------------------------------ the ring
 
+# fallbacks: page-locked memory refused (plain copies instead); contended: the ring was
+# busy with another thread's transfer (plain copies instead of waiting for it).
 _STATS = {"d2h_calls": 0, "h2d_calls": 0, "chunks": 0, "host_waits": 0, "bytes": 0,
-          "pinned_calls": 0, "fallbacks": 0}
+          "pinned_calls": 0, "fallbacks": 0, "contended": 0}
 _STATS_LOCK = threading.Lock()
 
 
@@ -317,10 +325,26 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL
 
 
+def _keep_forever(obj: Any) -> None:
+    """Take a reference that is never dropped, not even at interpreter shutdown."""
+    if obj is not None:
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
+
+
 def _after_fork() -> None:  # CUDA and threads do not survive fork: start afresh in the child
-    global _RING, _POOL, _GLOBAL_LOCK
+    global _RING, _POOL, _GLOBAL_LOCK, _STATS_LOCK
+    # The parent's pinned blocks must never be freed in the child (that would be a CUDA call
+    # in a forked process): keep them, and the objects holding them, alive for good.
+    if _RING is not None:
+        for b in _RING.blocks:
+            if b is not None:
+                _keep_forever(b.tensor)
+                _keep_forever(b)
+        _keep_forever(_RING)
+    _keep_forever(_POOL)
     _LEAKED.append((_RING, _POOL))
     _RING, _POOL, _GLOBAL_LOCK = None, None, threading.Lock()
+    _STATS_LOCK = threading.Lock()  # another thread may have held it at the fork
 
 
 if hasattr(os, "register_at_fork"):
@@ -379,6 +403,10 @@ class _Hooks:
         ev.record(torch.cuda.current_stream(device))
         return ev
 
+    def device(self, t: Any) -> Any:
+        """The device a tensor's copies are ordered on (tests fake several devices)."""
+        return t.device
+
 
 _CUDA = _Hooks()
 
@@ -404,13 +432,12 @@ def _prepare(t: Any, torch: Any) -> Any:
 
 
 def _flatten(tensors: list[Any], torch: Any) -> Any:
-    """Contiguous tensors of one dtype and device -> one flat uint8 tensor, back to back."""
-    try:
-        from torch._C._nn import flatten_dense_tensors  # one C++ call for the whole list
-        flat = flatten_dense_tensors(tensors)
-    except (ImportError, AttributeError):  # pragma: no cover - older/newer torch
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-    return flat.reshape(-1).view(torch.uint8)
+    """Contiguous tensors of one device -> one flat uint8 tensor, back to back.
+
+    Concatenates byte views: the same bytes for every dtype, and CUDA ``cat``
+    has every dtype for uint8 (it has no float8 before torch 2.6).
+    """
+    return torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors])
 
 
 _NP_DTYPES: dict[Any, np.dtype] = {}
@@ -432,12 +459,16 @@ def batch_to_host(tensors: list[Any], *, pinned: bool = False, ring: _Ring | Non
 
     Fresh pageable NumPy arrays through the pinned ring by default; with
     ``pinned=True``, arrays viewing page-locked memory. Nothing is returned
-    before every copy has landed. (``ring`` and ``hooks`` are for tests.)
+    before every copy has landed. Every dtype is resolved before anything is
+    copied (an unsupported one raises :class:`ConversionError` at once).
+    Device temporaries (contiguous copies, packs) are made lazily, one item at
+    a time. (``ring`` and ``hooks`` are for tests.)
     """
     torch = sys.modules["torch"]
-    prepared = [_prepare(t, torch) for t in tensors]
-    sizes = [t.numel() * t.element_size() for t in prepared]
-    keys = [(t.device, t.dtype) for t in prepared]
+    dts = [_numpy_dtype(t.dtype) for t in tensors]  # fail before any copy
+    sizes = [t.numel() * t.element_size() for t in tensors]  # the originals: nothing prepared yet
+    devs = [hooks.device(t) for t in tensors]
+    keys = [(d, t.dtype) for d, t in zip(devs, tensors)]
     packs, direct = plan_packs(sizes, keys, pack_bytes=(ring.block_bytes if ring else BLOCK_BYTES))
     # Items: what crosses the link. A direct tensor, or a pack of small ones of one device/dtype.
     # where[i] = (item, byte offset in the item) for every non-empty tensor i.
@@ -445,7 +476,7 @@ def batch_to_host(tensors: list[Any], *, pinned: bool = False, ring: _Ring | Non
     where: dict[int, tuple[int, int]] = {}
     for i in direct:
         where[i] = (len(items), 0)
-        items.append((prepared[i].device, i))
+        items.append((devs[i], i))
     for p in packs:
         for i, off in p.members:
             where[i] = (len(items), off)
@@ -456,35 +487,48 @@ def batch_to_host(tensors: list[Any], *, pinned: bool = False, ring: _Ring | Non
     where = {i: (renum[j], off) for i, (j, off) in where.items()}
     item_sizes = [sizes[src] if isinstance(src, int) else src.nbytes for _, src in items]
 
-    def source(j: int) -> Any:  # the item's bytes on the device, flat uint8
+    def source(j: int) -> Any:  # the item's bytes on the device, flat uint8, made now
         src = items[j][1]
         if isinstance(src, int):
-            return prepared[src].reshape(-1).view(torch.uint8)
-        return _flatten([prepared[i] for i, _ in src.members], torch)
+            return _prepare(tensors[src], torch).reshape(-1).view(torch.uint8)
+        return _flatten([_prepare(tensors[i], torch) for i, _ in src.members], torch)
 
     if pinned:
         hosts = _to_pinned(items, item_sizes, source, hooks, torch)
     else:
         hosts = _through_ring(items, item_sizes, source, ring or _ring(), hooks)
     out = []
-    for i, t in enumerate(prepared):
-        dt = _numpy_dtype(t.dtype)
+    for i, t in enumerate(tensors):
         n = sizes[i]
         if n == 0:
-            out.append(np.empty(t.shape, dt))
+            out.append(np.empty(tuple(t.shape), dts[i]))
             continue
         j, off = where[i]
-        out.append(hosts[j][off:off + n].view(dt).reshape(t.shape))
+        out.append(hosts[j][off:off + n].view(dts[i]).reshape(tuple(t.shape)))
     _count(d2h_calls=1, bytes=sum(sizes), pinned_calls=int(pinned))
     return out
 
 
+def _plain_to_host(item_sizes: list[int], source: Callable[[int], Any]) -> list[np.ndarray]:
+    """No ring: one synchronous ``.cpu()`` per item, into fresh pageable memory."""
+    return [source(j).cpu().numpy() for j in range(len(item_sizes))]
+
+
 def _to_pinned(items: list, item_sizes: list[int], source: Callable[[int], Any], hooks: _Hooks,
                torch: Any) -> list[np.ndarray]:
-    """One page-locked buffer per item, one copy each, one wait per device."""
+    """One page-locked buffer per item, one copy each, one wait per device.
+
+    Where page-locking is refused (e.g. a memlock limit), that item is copied
+    with a plain ``.cpu()`` into pageable memory instead.
+    """
     hosts, events = [], {}
     for j, (dev, _) in enumerate(items):
-        buf = torch.empty(item_sizes[j], dtype=torch.uint8, pin_memory=hooks.pin)
+        try:
+            buf = torch.empty(item_sizes[j], dtype=torch.uint8, pin_memory=hooks.pin)
+        except RuntimeError:
+            _count(fallbacks=1)
+            hosts.append(source(j).cpu().numpy())  # synchronous: landed on return
+            continue
         buf.copy_(source(j), non_blocking=True)
         hosts.append(buf.numpy())
         events[str(dev)] = dev
@@ -499,21 +543,21 @@ def _through_ring(items: list, item_sizes: list[int], source: Callable[[int], An
                   hooks: _Hooks) -> list[np.ndarray]:
     chunks = plan_chunks(item_sizes, keys=[str(d) for d, _ in items], block_bytes=ring.block_bytes,
                          num_blocks=ring.num_blocks, align=ring.align)
-    hosts = [np.empty(n, np.uint8) for n in item_sizes]  # fresh; first touched by the threads
-    last_chunk = {}
-    for c in chunks:
-        for p in c.pieces:
-            last_chunk[p.item] = c.index
-    with ring.lock:
+    if not ring.lock.acquire(blocking=False):  # another thread's transfer: never wait for it
+        _count(contended=1)
+        return _plain_to_host(item_sizes, source)
+    try:
         try:
-            blocks = [ring.block(b) for b in sorted({c.block for c in chunks})]
+            for b in sorted({c.block for c in chunks}):
+                ring.block(b)
         except RuntimeError:  # page-locked memory refused (e.g. a memlock limit): plain copies
             _count(fallbacks=1)
-            for j in range(len(items)):
-                if item_sizes[j]:
-                    hosts[j][:] = source(j).cpu().numpy()
-            return hosts
-        del blocks
+            return _plain_to_host(item_sizes, source)
+        hosts = [np.empty(n, np.uint8) for n in item_sizes]  # fresh; first touched by the threads
+        last_chunk = {}
+        for c in chunks:
+            for p in c.pieces:
+                last_chunk[p.item] = c.index
         reading: dict[int, list[Future]] = {}  # block -> memcpy jobs still reading it
         landed: deque[Chunk] = deque()  # enqueued, not yet handed to the threads
         live: dict[int, Any] = {}  # item -> its flat device source, while pieces remain
@@ -534,15 +578,22 @@ def _through_ring(items: list, item_sizes: list[int], source: Callable[[int], An
                 _wait_all(reading.pop(c.block, []))  # the host is done with the block's last chunk
                 blk = ring.block(c.block)
                 blk.wait()  # and so is the GPU (e.g. an earlier host->device use)
-                for p in c.pieces:
-                    src = live.get(p.item)
-                    if src is None:
-                        src = live[p.item] = source(p.item)
-                    blk.tensor[p.stage_off:p.stage_off + p.nbytes].copy_(
-                        src[p.src_off:p.src_off + p.nbytes], non_blocking=True)
-                    if last_chunk[p.item] == c.index:
-                        del live[p.item]  # stream-ordered: the allocator may reuse it safely
-                blk.event = hooks.record(items[c.pieces[0].item][0])
+                issued = False
+                try:
+                    for p in c.pieces:
+                        src = live.get(p.item)
+                        if src is None:
+                            src = live[p.item] = source(p.item)  # prepared now, not before
+                        blk.tensor[p.stage_off:p.stage_off + p.nbytes].copy_(
+                            src[p.src_off:p.src_off + p.nbytes], non_blocking=True)
+                        issued = True
+                        if last_chunk[p.item] == c.index:
+                            del live[p.item]  # stream-ordered: the allocator may reuse it safely
+                finally:
+                    # Also after an error part-way (e.g. out of memory preparing the next item):
+                    # copies into the block may be in flight, so its next user must wait for them.
+                    if issued:
+                        blk.event = hooks.record(items[c.pieces[0].item][0])
                 while landed:  # overlap: wait for the previous chunk while this one flies
                     hand_over(landed.popleft())
                 landed.append(c)
@@ -552,6 +603,8 @@ def _through_ring(items: list, item_sizes: list[int], source: Callable[[int], An
                 _wait_all(reading.pop(b))
         finally:
             _drain(reading)  # after an error: never leave a thread reading a block we give up
+    finally:
+        ring.lock.release()
     _count(chunks=len(chunks))
     return hosts
 
@@ -594,31 +647,48 @@ def scatter_host_leaves(tree: Any, device: Any, *, ring: _Ring | None = None,
     Takes C-contiguous native-order NumPy arrays, and CPU tensors without grad
     or conj/neg bits, of dtypes torch has; returns ``{id(leaf): device
     tensor}`` (one fresh tensor per leaf, same dtype and shape). Other leaves
-    are left to the planned route. Empty when CUDA is not available.
+    are left to the planned route. Empty when CUDA is not available, and when
+    CUDA refuses (out of memory, an invalid ordinal such as ``"cuda:7"``, CUDA
+    re-initialised in a forked child): the planned route then raises its own
+    error, with the leaf's path.
     """
     torch = sys.modules["torch"]
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        return {}  # the planned route says why
     if hooks is _CUDA and (dev.type != "cuda" or not torch.cuda.is_available()):
         return {}
     from ..tree import tree_leaves_with_path
 
     srcs, dsts, ids = [], [], []
     seen: set[int] = set()
-    for _, leaf in tree_leaves_with_path(tree):
-        if id(leaf) in seen:
-            continue
-        got = _host_source(leaf, torch)
-        if got is None:
-            continue
-        seen.add(id(leaf))
-        flat, tdt, shape = got
-        srcs.append(flat)
-        dsts.append(torch.empty(shape, dtype=tdt, device=dev))
-        ids.append(id(leaf))
-    if not srcs:
-        return {}
-    batch_to_device(srcs, dsts, ring=ring, hooks=hooks)
+    try:
+        for _, leaf in tree_leaves_with_path(tree):
+            if id(leaf) in seen:
+                continue
+            got = _host_source(leaf, torch)
+            if got is None:
+                continue
+            seen.add(id(leaf))
+            flat, tdt, shape = got
+            srcs.append(flat)
+            dsts.append(torch.empty(shape, dtype=tdt, device=dev))
+            ids.append(id(leaf))
+        if not srcs:
+            return {}
+        batch_to_device(srcs, dsts, ring=ring, hooks=hooks)
+    except RuntimeError:
+        return {}  # CUDA refused: the planned route raises a DeviceError/ConversionError itself
     return dict(zip(ids, dsts))
+
+
+def _plain_to_device(srcs: list[np.ndarray], flats: list[Any], torch: Any) -> None:
+    """No ring: one plain (synchronous) copy per array; read-only arrays are copied first
+    (``torch.from_numpy`` warns on read-only memory)."""
+    for a, f in zip(srcs, flats):
+        if a.nbytes:
+            f.copy_(torch.from_numpy(a if a.flags.writeable else a.copy()))
 
 
 def batch_to_device(srcs: list[np.ndarray], dsts: list[Any], *, ring: _Ring | None = None,
@@ -628,6 +698,7 @@ def batch_to_device(srcs: list[np.ndarray], dsts: list[Any], *, ring: _Ring | No
     The pool packs chunk ``k + 1`` into its block while chunk ``k`` is copied
     to the device. Returns without a host wait: the copies are ordered on the
     current stream, and each block's event is waited before it is refilled.
+    When another thread is using the ring, plain copies instead of waiting.
     """
     torch = sys.modules["torch"]
     ring = ring or _ring()
@@ -635,16 +706,19 @@ def batch_to_device(srcs: list[np.ndarray], dsts: list[Any], *, ring: _Ring | No
     flats = [d.reshape(-1).view(torch.uint8) for d in dsts]
     chunks = plan_chunks(sizes, block_bytes=ring.block_bytes, num_blocks=ring.num_blocks,
                          align=ring.align)
-    device = dsts[0].device if dsts else None
-    with ring.lock:
+    device = hooks.device(dsts[0]) if dsts else None
+    if not ring.lock.acquire(blocking=False):  # another thread's transfer: never wait for it
+        _count(contended=1)
+        _plain_to_device(srcs, flats, torch)
+        _count(h2d_calls=1, bytes=sum(sizes))
+        return
+    try:
         try:
             for b in sorted({c.block for c in chunks}):
                 ring.block(b)
         except RuntimeError:  # no page-locked memory: plain copies
             _count(fallbacks=1)
-            for a, f in zip(srcs, flats):
-                if a.nbytes:
-                    f.copy_(torch.from_numpy(a))
+            _plain_to_device(srcs, flats, torch)
             return
         packing: dict[int, list[Future]] = {}
 
@@ -667,10 +741,17 @@ def batch_to_device(srcs: list[np.ndarray], dsts: list[Any], *, ring: _Ring | No
                     start(chunks[k + 1])  # pack the next block while this one is copied
                 _wait_all(packing.pop(k))
                 blk = ring.block(c.block)
-                for p in c.pieces:
-                    flats[p.item][p.src_off:p.src_off + p.nbytes].copy_(
-                        blk.tensor[p.stage_off:p.stage_off + p.nbytes], non_blocking=True)
-                blk.event = hooks.record(device)
+                issued = False
+                try:
+                    for p in c.pieces:
+                        flats[p.item][p.src_off:p.src_off + p.nbytes].copy_(
+                            blk.tensor[p.stage_off:p.stage_off + p.nbytes], non_blocking=True)
+                        issued = True
+                finally:
+                    if issued:  # also after an error part-way: copies from the block may be in flight
+                        blk.event = hooks.record(device)
         finally:
             _drain(packing)  # after an error: never leave a thread writing a block we give up
+    finally:
+        ring.lock.release()
     _count(h2d_calls=1, chunks=len(chunks), bytes=sum(sizes))
