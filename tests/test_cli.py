@@ -432,3 +432,130 @@ def test_convert_drops_metadata_the_destination_cannot_hold(tmp_path):
     assert "left out: format" in r.stderr
     with np.load(tmp_path / "hf.npz", allow_pickle=False) as z:
         assert z["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+# --- review fixes: sharded destinations, verification, metadata ---------------------------
+
+def _tree(directory) -> dict[str, bytes]:
+    return {n: (directory / n).read_bytes() for n in sorted(os.listdir(directory))}
+
+
+def test_convert_refuses_a_sharded_destination_holding_the_source(tmp_path):
+    from tensorbridge.cli.convert_cmd import convert_file
+    from tensorbridge.errors import FileFormatError
+    from tensorbridge.files import save
+
+    d = tmp_path / "ck"
+    d.mkdir()
+    src = d / "model-00001-of-00001.safetensors"  # the very shard the writer would write
+    save({"w": np.arange(10, dtype=np.float32)}, src)
+    before = _tree(d)
+    with pytest.raises(FileFormatError, match="lies in the destination directory.*Fix: write "
+                                              "to a new directory"):
+        convert_file(str(src), str(d) + "/")
+    assert _tree(d) == before
+
+    # a shard of a sharded source: the new shard count would delete it
+    d2 = tmp_path / "ck2"
+    save({"a": np.zeros(100, np.float32), "b": np.ones(100, np.float32)}, d2,
+         format="sharded", max_shard_size=400)
+    before = _tree(d2)
+    for src, dst in [(d2 / "model-00002-of-00002.safetensors", str(d2) + "/"),
+                     (d2, str(d2 / "model.safetensors.index.json")),  # the sharded source itself
+                     (d2 / "model.safetensors.index.json",
+                      str(d2 / "other.safetensors.index.json"))]:
+        with pytest.raises(FileFormatError, match="lies in the destination directory"):
+            convert_file(str(src), dst)
+        assert _tree(d2) == before
+    # a source elsewhere is fine
+    assert convert_file(str(d2), str(tmp_path / "new") + "/")["verified"] == 2
+
+
+def test_convert_verifies_the_index_it_wrote_and_refuses_another_index(tmp_path):
+    from tensorbridge.cli.convert_cmd import convert_file
+    from tensorbridge.errors import FileFormatError
+    from tensorbridge.files import load, save
+
+    src = tmp_path / "s.safetensors"
+    save({"w": np.ones(4, np.float32)}, src)
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "pytorch_model.bin.index.json").write_text('{"metadata": {}, "weight_map": {}}')
+    before = _tree(d)
+    with pytest.raises(FileFormatError, match=r"already holds another index "
+                                              r"\['pytorch_model.bin.index.json'\].*nothing was "
+                                              r"written.*write to a new directory"):
+        convert_file(str(src), str(d) + "/")
+    assert _tree(d) == before
+
+    # rewriting a directory that holds only the index the writer writes is fine, and the
+    # check opens that exact index
+    out = tmp_path / "out"
+    assert convert_file(str(src), str(out) + "/")["verified"] == 1
+    assert convert_file(str(src), str(out / "model.safetensors.index.json"))["verified"] == 1
+    # a second index name in the same directory is refused
+    with pytest.raises(FileFormatError, match="already holds another index"):
+        convert_file(str(src), str(out / "x.safetensors.index.json"))
+    assert load(out)["w"].tobytes() == np.ones(4, np.float32).tobytes()
+
+
+def test_verification_failure_says_the_destination_was_replaced(tmp_path, monkeypatch):
+    from tensorbridge.cli.convert_cmd import convert_file
+    from tensorbridge.errors import FileFormatError
+    from tensorbridge.files import save
+    from tensorbridge.formats import safetensors as st
+
+    src = tmp_path / "s.safetensors"
+    a = np.arange(1 << 12, dtype=np.float32)
+    save({"w": a, "z": a[:10].copy()}, src)
+    real = st.copy_span
+
+    def corrupting(src_fd, span, dst_fd, off):
+        real(src_fd, span, dst_fd, off)
+        os.pwrite(dst_fd, b"\xff", off + span.nbytes - 1)
+
+    monkeypatch.setattr(st, "copy_span", corrupting)
+    with pytest.raises(FileFormatError) as info:
+        convert_file(str(src), str(tmp_path / "o.safetensors"))
+    text = str(info.value)
+    assert "verification failed" in text
+    assert "The destination was written and does not read back equal" in text
+    assert "delete the destination" in text and "--no-verify" in text
+
+
+def test_verification_pairs_a_single_tensor_by_name_unless_npy(tmp_path, monkeypatch):
+    from tensorbridge.cli.convert_cmd import convert_file
+    from tensorbridge.errors import FileFormatError
+    from tensorbridge.files import save
+    from tensorbridge.formats import get_format
+    from tensorbridge.formats.base import TensorInfo
+
+    src = tmp_path / "one.safetensors"
+    a = np.arange(4, dtype=np.float32)
+    save({"w": a}, src)
+    assert convert_file(str(src), str(tmp_path / "one.npy"))["verified"] == 1  # "array"
+    fmt = get_format("safetensors")
+    real = fmt.write
+
+    def renaming(path, infos, fetch, metadata=None, **kw):
+        return real(path, [TensorInfo("WRONG", i.dtype, i.shape) for i in infos],
+                    lambda n: fetch(infos[0].name), metadata)
+
+    monkeypatch.setattr(fmt, "write", renaming)
+    with pytest.raises(FileFormatError, match=r"lacks \['w'\] and has extra \['WRONG'\]"):
+        convert_file(str(src), str(tmp_path / "o.safetensors"))
+
+
+def test_convert_to_h5_drops_metadata_hdf5_cannot_hold(tmp_path):
+    from tensorbridge.files import open as tb_open, save
+
+    src = tmp_path / "s.safetensors"
+    save({"w": np.arange(4, dtype=np.float32)}, src,
+         metadata={"": "e", "k\x00": "n", "v": "a\x00b", "ok": "yes"})
+    r = tb("convert", src, tmp_path / "o.h5")
+    assert r.returncode == 0, r.stderr
+    assert "note: h5 files cannot hold metadata" in r.stderr
+    assert "left out: '', 'k\\x00', 'v'" in r.stderr
+    with tb_open(tmp_path / "o.h5") as out:
+        assert out.metadata == {"ok": "yes"}
+        assert out.read("w").tobytes() == np.arange(4, dtype=np.float32).tobytes()

@@ -248,15 +248,46 @@ def test_exception_inside_with_leaves_old_file_and_no_spool(tmp_path):
         w.append(x=np.ones((1, 2)))
 
 
-def test_failing_final_write_leaves_old_file_and_no_spool(tmp_path):
+def test_failing_final_write_leaves_old_file_and_no_spool(tmp_path, monkeypatch):
+    from tensorbridge.formats import get_format
+
     p = tmp_path / "keep.safetensors"
     save({"old": np.zeros(2)}, p)
     before = p.read_bytes()
-    with pytest.raises(ConversionError, match="safetensors cannot"):
+
+    def failing(*args, **kwargs):
+        raise ConversionError("the final write failed")
+
+    with pytest.raises(ConversionError, match="the final write failed"):
         with Writer(p) as w:
-            w.append(x=np.zeros((2, 2), np.complex128))  # safetensors has no complex128
+            w.append(x=np.zeros((2, 2), np.float32))
+            monkeypatch.setattr(get_format("safetensors"), "write", failing)
     assert p.read_bytes() == before
     assert os.listdir(tmp_path) == ["keep.safetensors"]
+
+
+@pytest.mark.parametrize("suffix, dtype, example", [
+    (".safetensors", "complex128", "complex64"),
+    ("", "complex128", "complex64"),  # a sharded directory
+    (".pt", "float8_e3m4", "float32"),  # PyTorch has no float8_e3m4
+])
+def test_writer_refuses_unwritable_dtypes_at_the_first_append(tmp_path, suffix, dtype,
+                                                               example):
+    p = tmp_path / ("keep" + suffix)
+    opts = {"format": "sharded"} if not suffix else {}
+    if suffix:
+        save({"old": np.zeros(2)}, p)
+    before = sorted(os.listdir(tmp_path))
+    w = Writer(p, **opts)
+    with pytest.raises(ConversionError) as info:
+        w.append(ok=np.zeros((2, 2), np.float32),
+                 x=np.zeros((2, 2), getattr(ml_dtypes, dtype, dtype)))
+    text = str(info.value)
+    assert f"tensor 'x' of dtype {dtype}" in text and f"files cannot hold {dtype}" in text
+    assert "--dtype" not in text and f"x.astype(np.{example})" in text
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert sorted(os.listdir(tmp_path)) == before  # nothing spooled, nothing written
+    w.abort()
 
 
 def test_writer_holds_no_batch_in_memory(tmp_path):
@@ -293,3 +324,57 @@ def test_keys_that_cannot_round_trip_are_refused_before_writing(tmp_path):
     assert not list(tmp_path.iterdir())
     tb.save({"a": [np.ones(1)], 3: np.ones(1)}, tmp_path / "k.npz")
     assert sorted(tb.load(tmp_path / "k.npz")) == ["3", "a.0"]
+
+
+def test_writer_keeps_a_bounded_number_of_spool_files_open(tmp_path):
+    """1100 names under an open-file limit of 256: spool files are closed and reopened."""
+    code = (
+        "import os, resource, numpy as np\n"
+        "from tensorbridge.writer import Writer, MAX_OPEN_SPOOLS\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))\n"
+        f"p = {str(tmp_path / 'many.safetensors')!r}\n"
+        "with Writer(p) as w:\n"
+        "    for i in range(2):\n"
+        "        w.append(**{f't{k}': np.full((1, 2), k + i, np.float32) for k in range(1100)})\n"
+        "        assert len(w._files) <= MAX_OPEN_SPOOLS == 64\n"
+        "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    got = load(tmp_path / "many.safetensors")
+    assert len(got) == 1100
+    for k in (0, 63, 64, 1099):
+        want = np.array([[k, k], [k + 1, k + 1]], np.float32)
+        assert got[f"t{k}"].tobytes() == want.tobytes()
+    assert os.listdir(tmp_path) == ["many.safetensors"]
+
+
+def test_writer_says_too_many_open_files(tmp_path):
+    code = (
+        "import os, resource, numpy as np\n"
+        "from tensorbridge.writer import Writer\n"
+        f"with Writer({str(tmp_path / 'warm.npz')!r}) as w: w.append(x=np.zeros((1, 2)))\n"
+        f"os.remove({str(tmp_path / 'warm.npz')!r})\n"  # every module is imported now
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))\n"
+        f"w = Writer({str(tmp_path / 'o.npz')!r})\n"
+        "held = []\n"
+        "try:\n"
+        "    while True: held.append(os.open(os.devnull, os.O_RDONLY))\n"
+        "except OSError: pass\n"
+        "try: w.append(x=np.zeros((1, 2)))\n"
+        "except Exception as e: print(type(e).__name__, e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("FileFormatError")
+    assert "too many open files" in proc.stdout and "ulimit -n" in proc.stdout
+    assert "writable" not in proc.stdout
+    assert os.listdir(tmp_path) == []
+
+
+def test_load_refuses_a_string_or_repeated_names(tmp_path):
+    p = tmp_path / "s.npz"
+    save({"a.b": np.ones(2), "a": np.zeros(1)}, p)
+    with pytest.raises(ConversionError, match=r"Fix: pass a list, e.g. names=\['a.b'\]"):
+        load(p, names="a.b")
+    with pytest.raises(ConversionError, match=r"names with \['a'\] given more than once"):
+        load(p, names=["a", "a.b", "a"])
+    assert load(p, names=["a.b"])["a.b"].tobytes() == np.ones(2).tobytes()

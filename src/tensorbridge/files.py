@@ -221,13 +221,34 @@ def open(path: str | os.PathLike, /, *, format: str | None = None) -> Reader:  #
     return format_for_path(path, format).open(path)
 
 
+def _check_names(names: Iterable[str]) -> list[str]:
+    """``names`` as a list; refuse a bare string (it would be read letter by letter)
+    and names given twice."""
+    if isinstance(names, (str, bytes)):
+        raise ConversionError(message(
+            f"names={names!r}", "names is a list of tensor names, and a string would be "
+            "taken letter by letter", f"pass a list, e.g. names=[{names!r}]"))
+    keys = list(names)
+    seen: set[str] = set()
+    twice: list[str] = []
+    for n in keys:
+        if n in seen and n not in twice:
+            twice.append(n)
+        seen.add(n)
+    if twice:
+        raise ConversionError(message(
+            f"names with {twice[:10]!r} given more than once", "each tensor is loaded once "
+            "under its name", "list every name once"))
+    return keys
+
+
 def iter_tensors(reader: Reader, names: Iterable[str] | None = None,
                  ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(name, array)`` one tensor at a time, in file order or ``names`` order.
 
     Every name is checked against the file before the first tensor is read.
     """
-    keys = reader.keys() if names is None else list(names)
+    keys = reader.keys() if names is None else _check_names(names)
     for name in keys:
         reader.info(name)
     for name in keys:
@@ -251,6 +272,8 @@ def load(path: str | os.PathLike, /, *, to: str = "numpy", nested: bool = False,
     {'layers': [array([0.]), array([1.])]}
     """
     path = os.fspath(path)
+    if names is not None:
+        names = _check_names(names)  # before anything is opened
     fmt = format_for_path(path, format)
     plain = to in ("numpy", "np") and device is None
     if not plain:

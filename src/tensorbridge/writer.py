@@ -24,6 +24,7 @@ the ``with`` block writes nothing and leaves an existing destination as it was.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 import tempfile
@@ -36,7 +37,7 @@ from .dtypes import numpy_dtype
 from .errors import ConversionError, FileFormatError, message
 from .files import check_metadata, tensor_info, to_host, write_options
 from .formats import TensorInfo, format_for_path
-from .formats.atomic import remove_stale
+from .formats.atomic import lock_new_file, remove_stale
 from .formats.names import check_unique
 from .formats.safetensors import iter_le_bytes
 
@@ -45,6 +46,22 @@ __all__ = ["Writer", "SPOOL_MARKER"]
 #: Spool files are named ``.DEST.tb-spool-PID-RANDOM`` in the destination's directory.
 #: A new Writer for the same destination removes those whose process is gone (SIGKILL).
 SPOOL_MARKER = ".tb-spool-"
+#: At most this many spool files are open at once (least recently used closed first,
+#: reopened in append mode), so thousands of names stay under the open-file limit.
+MAX_OPEN_SPOOLS = 64
+
+
+def _dtype_check(format_name: str) -> Any:
+    """The destination format's own per-tensor dtype check, where it refuses some."""
+    if format_name in ("safetensors", "sharded"):
+        from .formats.safetensors import _safetensors_code
+
+        return _safetensors_code
+    if format_name == "pt":
+        from .formats.pt import _check_writable
+
+        return _check_writable
+    return None  # .npy, .npz and .h5 hold every dtype
 
 
 def _remove(paths: list[str]) -> None:
@@ -128,19 +145,55 @@ class Writer:
             checked.append((name, info, leaf))
         return checked
 
-    def _spool(self, name: str) -> BinaryIO:
-        f = self._files.get(name)
-        if f is None:
+    def _check_dtypes(self, checked: list[tuple[str, TensorInfo, Any]]) -> None:
+        """Refuse, at the first append, dtypes the destination format cannot hold."""
+        check = _dtype_check(self._format.name)
+        if check is None:
+            return
+        for name, info, _ in checked:
             try:
-                fd, tmp = tempfile.mkstemp(
-                    prefix=f".{self._base}{SPOOL_MARKER}{os.getpid()}-", dir=self._dir)
+                check(TensorInfo(name, info.dtype, (0, *info.shape[1:])), self.path)
+            except ConversionError:
+                example = "complex64" if info.dtype.startswith("complex") else "float32"
+                raise ConversionError(message(
+                    f"tensor {name!r} of dtype {info.dtype} for {self.path!r}",
+                    f"{self._format.name} files cannot hold {info.dtype}",
+                    f"cast each batch before appending (e.g. x.astype(np.{example})), or "
+                    "write to .h5 or .npz, which hold every dtype")) from None
+
+    def _spool(self, name: str) -> BinaryIO:
+        """The open spool file of ``name``; at most :data:`MAX_OPEN_SPOOLS` stay open."""
+        f = self._files.pop(name, None)  # re-inserted below: the dict's order is the LRU
+        if f is None:
+            while len(self._files) >= MAX_OPEN_SPOOLS:
+                self._files.pop(next(iter(self._files))).close()
+            tmp = self._spools.get(name)
+            try:
+                if tmp is None:
+                    while True:  # locked while open: cleaners elsewhere skip it (atomic.py)
+                        fd, tmp = tempfile.mkstemp(
+                            prefix=f".{self._base}{SPOOL_MARKER}{os.getpid()}-", dir=self._dir)
+                        if lock_new_file(fd, tmp):
+                            break
+                        os.close(fd)  # removed by a cleaner before the lock: another name
+                    self._paths.append(tmp)
+                    self._spools[name] = tmp
+                    f = os.fdopen(fd, "wb")
+                else:
+                    # no O_CREAT: a spool removed while closed must fail, not restart empty
+                    f = os.fdopen(os.open(tmp, os.O_WRONLY | os.O_APPEND
+                                          | getattr(os, "O_CLOEXEC", 0)), "ab")
+                    lock_new_file(f.fileno(), tmp)
             except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    raise FileFormatError(
+                        f"cannot open a spool file: too many open files ({exc.strerror}). "
+                        "Fix: raise the open-file limit (e.g. `ulimit -n 4096`) or close "
+                        "other open files.", self.path) from exc
                 raise FileFormatError(
                     f"cannot create a spool file in {self._dir!r} ({exc.strerror}). Fix: check "
                     "that the directory exists and is writable.", self.path) from exc
-            self._paths.append(tmp)
-            self._spools[name] = tmp
-            f = self._files[name] = os.fdopen(fd, "wb")
+        self._files[name] = f
         return f
 
     def append(self, /, **tensors: Any) -> None:
@@ -151,6 +204,7 @@ class Writer:
         self._check_open()
         checked = self._check_batch(tensors)
         if not self._order:
+            self._check_dtypes(checked)
             self._order = list(tensors)
             self._spec = {name: (info.dtype, info.shape[1:]) for name, info, _ in checked}
         try:

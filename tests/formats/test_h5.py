@@ -382,3 +382,19 @@ def test_fuzzed_files_never_crash_the_reader(tmp_path, valid_h5, edits, cut):
                 assert r.read(name).nbytes == r.info(name).nbytes
     except TensorBridgeError:
         pass
+
+
+@pytest.mark.parametrize("meta, text", [
+    ({"": "e"}, "metadata key '' is refused: an HDF5 attribute name cannot be empty"),
+    ({"k": "a\x00b"}, "metadata key 'k' is refused: an HDF5 string attribute cannot hold a NUL"),
+    ({"k\x00z": "v"}, "metadata key 'k\\x00z' is refused: an HDF5 attribute name cannot hold a NUL"),
+])
+def test_unstorable_metadata_is_refused_before_writing(tmp_path, meta, text):
+    p = tmp_path / "m.h5"
+    write(p, {"old": np.arange(3)})
+    before = p.read_bytes()
+    with pytest.raises(ConversionError) as info:
+        write(p, {"a": np.zeros(1)}, meta)
+    assert text in str(info.value)
+    assert p.read_bytes() == before
+    assert os.listdir(tmp_path) == ["m.h5"]

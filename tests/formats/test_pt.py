@@ -12,6 +12,7 @@ import os
 import pickle
 import pickletools
 import random
+import signal
 import struct
 import subprocess
 import sys
@@ -575,3 +576,99 @@ def test_build_sets_no_state_on_tensors(tmp_path):
     make_zip(evil, base[:-2] + b"}X\x01\x00\x00\x00aK\x01sbu.", {"0": b"\0" * 4})
     with pytest.raises(UnsafeContentError, match="sets state {'a': 1} on a _Tensor"):
         FORMAT.open(str(evil))
+
+
+# --- review fixes: BOOL bytes, reading only the checked descriptor ---------------------
+
+def _poke_first_record(path, value: int) -> None:
+    """Overwrite the first byte of the first storage record (archive/data/0)."""
+    with zipfile.ZipFile(path) as z:
+        member = z.getinfo("archive/data/0")
+    raw = bytearray(path.read_bytes())
+    n, e = struct.unpack("<HH", raw[member.header_offset + 26:member.header_offset + 30])
+    raw[member.header_offset + 30 + n + e] = value
+    path.write_bytes(bytes(raw))
+
+
+def test_bool_bytes_other_than_0_and_1_are_refused(tmp_path):
+    p = tmp_path / "b.pt"
+    write(p, {"m": np.array([True, False, True, True])})
+    _poke_first_record(p, 2)
+    with FORMAT.open(str(p)) as r:
+        assert r.raw_span("m") is None  # never copied unchecked
+        with pytest.raises(FileFormatError, match="tensor 'm' is BOOL but holds bytes other"):
+            r.read("m")
+
+
+def test_valid_bool_is_read_and_not_given_a_raw_span(tmp_path):
+    p = tmp_path / "b.pt"
+    a = np.array([True, False, True, True])
+    write(p, {"m": a})
+    with FORMAT.open(str(p)) as r:
+        assert r.raw_span("m") is None
+        assert r.read("m").tobytes() == a.tobytes()
+
+
+def test_convert_of_corrupt_bool_fails_and_leaves_destination(tmp_path):
+    from tensorbridge.cli.convert_cmd import convert_file
+    from tensorbridge.files import save
+
+    p = tmp_path / "b.pt"
+    write(p, {"m": np.array([True, False, True, True])})
+    _poke_first_record(p, 2)
+    dst = tmp_path / "out.safetensors"
+    save({"old": np.zeros(3)}, dst)
+    before = dst.read_bytes()
+    with pytest.raises(FileFormatError, match="b.pt: tensor 'm' is BOOL"):
+        convert_file(str(p), str(dst))
+    assert dst.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["b.pt", "out.safetensors"]
+
+
+def test_reader_reads_only_the_checked_descriptor(tmp_path, monkeypatch):
+    """The path swapped for another checkpoint right after the magic check: the reader
+    still reads the file it checked."""
+    import tensorbridge.formats.pt as pt_mod
+
+    p, other = tmp_path / "m.pt", tmp_path / "other.pt"
+    a = np.arange(8, dtype=np.float32)
+    write(p, {"w": a})
+    write(other, {"evil": np.zeros(2, np.int64)})
+    real = pt_mod.check_magic
+
+    def racing(head, size, path):
+        real(head, size, path)
+        os.replace(other, path)
+
+    monkeypatch.setattr(pt_mod, "check_magic", racing)
+    with FORMAT.open(str(p)) as r:
+        assert r.keys() == ["w"]
+        assert r.read("w").tobytes() == a.tobytes()
+
+
+def test_reader_does_not_hang_on_a_fifo_swapped_in(tmp_path, monkeypatch):
+    import tensorbridge.formats.pt as pt_mod
+
+    p = tmp_path / "m.pt"
+    a = np.arange(8, dtype=np.float32)
+    write(p, {"w": a})
+    real = pt_mod.check_magic
+
+    def racing(head, size, path):
+        real(head, size, path)
+        os.remove(path)
+        os.mkfifo(path)
+
+    monkeypatch.setattr(pt_mod, "check_magic", racing)
+
+    def hung(signum, frame):
+        raise TimeoutError("opening the checkpoint reopened the path (a FIFO) and blocked")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        with FORMAT.open(str(p)) as r:
+            assert r.read("w").tobytes() == a.tobytes()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

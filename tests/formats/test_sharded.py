@@ -352,3 +352,153 @@ def test_reads_pytorch_bin_shards(tmp_path):
     assert got["a"].dtype == ml_dtypes.bfloat16
     assert got["a"].tobytes() == a.view(torch.uint8).numpy().tobytes()
     assert same(got["b"], b.numpy())
+
+
+# --- crash safety of rewrites ---------------------------------------------------------
+
+def _files(directory) -> list[str]:
+    return sorted(os.listdir(directory))
+
+
+def test_failed_index_write_leaves_old_checkpoint_and_no_new_shards(tmp_path, monkeypatch):
+    """Same shard count as before: the new shards must not take the old shards' names."""
+    import tensorbridge.formats.sharded as sharded_mod
+
+    out = tmp_path / "d"
+    old = {"a": np.zeros(100, np.float32), "b": np.zeros(100, np.float32)}
+    write(out, old, max_shard_size=400)
+    before = snapshot(out)
+    real = sharded_mod.atomic_write
+
+    def full_disk(path, **kw):
+        if str(path).endswith(".index.json"):
+            raise FileFormatError("writing failed (the disk is full)", str(path))
+        return real(path, **kw)
+
+    monkeypatch.setattr(sharded_mod, "atomic_write", full_disk)
+    with pytest.raises(FileFormatError, match="disk is full"):
+        write(out, {"x": np.ones(100, np.float32), "y": np.ones(100, np.float32)},
+              max_shard_size=400)
+    assert snapshot(out) == before  # byte-identical, nothing new left behind
+    got, _ = read_all(out)
+    assert {k: v.tobytes() for k, v in got.items()} == {k: v.tobytes() for k, v in old.items()}
+
+
+def test_rewrite_with_the_same_shard_count_replaces_everything(tmp_path):
+    out = tmp_path / "d"
+    write(out, {"a": np.zeros(100, np.float32), "b": np.zeros(100, np.float32)},
+          max_shard_size=400)
+    new = {"x": np.ones(100, np.float32), "y": np.full(100, 2, np.float32)}
+    write(out, new, max_shard_size=400)
+    names = _files(out)
+    assert len(names) == 3 and "model.safetensors.index.json" in names
+    got, _ = read_all(out)
+    assert {k: v.tobytes() for k, v in got.items()} == {k: v.tobytes() for k, v in new.items()}
+    write(out, new, max_shard_size=400)  # the standard names are free again
+    assert _files(out) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                           "model.safetensors.index.json"]
+
+
+_KILL_CHILD = """
+import sys, time, numpy as np
+from tensorbridge.formats import get_format
+from tensorbridge.formats.base import TensorInfo
+infos = [TensorInfo("a", "float32", (1000,)), TensorInfo("b", "float32", (1000,))]
+def fetch(n):
+    if n == "b":
+        print("ready", flush=True)
+        time.sleep(60)
+    return np.zeros(1000, np.float32)
+get_format("sharded").write(sys.argv[1], infos, fetch, None, max_shard_size=4000)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_sigkill_during_second_shard_leaves_nothing_after_next_save(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "d"
+    write(out, {"old": np.arange(10, dtype=np.int32)})
+    before = snapshot(out)
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_CHILD, str(out)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    left = [n for n in _files(out) if n not in before]
+    assert any(".tb-tmp-" in n for n in left), left  # the killed shard's temporary file
+    assert not any(".tb-tmp-" in n and n.count(".tb-tmp-") > 1 for n in left), left
+    got, _ = read_all(out)  # the old checkpoint still reads
+    assert same(got["old"], np.arange(10, dtype=np.int32))
+    new = {"a": np.zeros(1000, np.float32), "b": np.ones(1000, np.float32)}
+    write(out, new, max_shard_size=4000)
+    assert not [n for n in _files(out) if ".tb-tmp-" in n], _files(out)
+    assert len(_files(out)) == 3
+    got, _ = read_all(out)
+    assert {k: v.tobytes() for k, v in got.items()} == {k: v.tobytes() for k, v in new.items()}
+
+
+def test_hf_cache_snapshot_links_are_replaced_and_blobs_untouched(tmp_path):
+    blobs, snap, first = tmp_path / "blobs", tmp_path / "snap", tmp_path / "first"
+    blobs.mkdir()
+    snap.mkdir()
+    write(first, {"a": np.zeros(4, np.float32)})
+    for name in os.listdir(first):
+        os.replace(first / name, blobs / (name + ".blob"))
+        os.symlink(f"../blobs/{name}.blob", snap / name)
+    blob_bytes = snapshot(blobs)
+    write(snap, {"b": np.ones(4, np.float32)})
+    assert snapshot(blobs) == blob_bytes
+    assert not any(os.path.islink(snap / n) for n in os.listdir(snap))
+    got, _ = read_all(snap)
+    assert list(got) == ["b"] and same(got["b"], np.ones(4, np.float32))
+
+
+def test_concurrent_sharded_saves_to_one_directory_end_consistent(tmp_path):
+    import contextlib
+    import threading
+    import time
+
+    from tensorbridge.formats import atomic
+
+    lock = getattr(atomic, "lock_directory", lambda d: contextlib.nullcontext())
+
+    out = tmp_path / "d"
+    # different shard counts, so that each save's cleanup could hit another's shards
+    trees = [{f"t{i}.{j}": np.full(300, i, np.float32) for j in range(i + 1)} for i in range(6)]
+    errors = []
+
+    def save(tree):
+        try:
+            infos = [TensorInfo(k, "float32", v.shape) for k, v in tree.items()]
+
+            def slow(name):  # as a slow device-to-host copy: the saves interleave
+                time.sleep(0.003)
+                return tree[name]
+
+            for _ in range(5):
+                FORMAT.write(str(out), infos, slow, max_shard_size=1200)
+                with lock(str(out)):  # between saves, the checkpoint is whole
+                    read_all(out)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=save, args=(t,)) for t in trees]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    got, _ = read_all(out)
+    winner = next(t for t in trees if list(t) == list(got))
+    assert {k: v.tobytes() for k, v in got.items()} == {k: v.tobytes() for k, v in winner.items()}
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert _files(out) == sorted({*index["weight_map"].values(), "model.safetensors.index.json"})
+
+
+def test_user_total_size_metadata_is_refused(tmp_path):
+    with pytest.raises(ConversionError, match="total_size.*index's own field.*Fix: rename"):
+        write(tmp_path / "d", {"a": np.zeros(2)}, {"total_size": "5"})
+    assert not (tmp_path / "d").exists()

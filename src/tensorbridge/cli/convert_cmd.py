@@ -160,25 +160,34 @@ def verify(dst_path: str, dst_format: Format, planned: list[TensorInfo],
     comparer = _Comparer() if spans else None
     try:
         with dst_format.open(dst_path) as out:
-            return _verify_open(out, dst_path, planned, digests, spans, comparer)
+            return _verify_open(out, dst_path, planned, digests, spans, comparer,
+                                dst_format.name == "npy")
     finally:
         if comparer is not None:
             comparer.close()
 
 
+#: What a failed verification means and what to do: the destination was already
+#: replaced by the new file when it is checked.
+_VERIFY_FIX = (" The destination was written and does not read back equal to what was "
+               "written (the source file is untouched). Fix: delete the destination, it is "
+               "not a faithful copy, and report this as a bug; re-running with --no-verify "
+               "would keep such a file unchecked.")
+
+
 def _failed(info: TensorInfo, got: str, dst_path: str) -> FileFormatError:
     return FileFormatError(
         f"verification failed: tensor {info.name!r} reads back as {got} with "
-        f"different bytes than the {info.dtype}{list(info.shape)} written. Fix: "
-        "report this as a bug; the source file is untouched.", dst_path)
+        f"different bytes than the {info.dtype}{list(info.shape)} written." + _VERIFY_FIX,
+        dst_path)
 
 
 def _verify_open(out: Reader, dst_path: str, planned: list[TensorInfo],
                  digests: dict[str, bytes], spans: dict[str, RawSpan],
-                 comparer: _Comparer | None) -> int:
+                 comparer: _Comparer | None, unnamed: bool = False) -> int:
     names = out.keys()
     by_name = {i.name: i for i in planned}
-    if len(planned) == 1 and len(names) == 1:  # .npy holds one unnamed array
+    if unnamed and len(planned) == 1 and len(names) == 1:  # .npy: one array, "array"
         pairs = [(planned[0], names[0])]
     else:
         missing = sorted(set(by_name) - set(names))
@@ -186,8 +195,7 @@ def _verify_open(out: Reader, dst_path: str, planned: list[TensorInfo],
         if missing or extra:
             raise FileFormatError(
                 f"verification failed: the written file lacks {missing[:5]} and has extra "
-                f"{extra[:5]}. Fix: report this as a bug; the source file is untouched.",
-                dst_path)
+                f"{extra[:5]}." + _VERIFY_FIX, dst_path)
         pairs = [(i, i.name) for i in planned]
     for info, name in pairs:
         src = spans.get(info.name)
@@ -214,6 +222,74 @@ def _verify_open(out: Reader, dst_path: str, planned: list[TensorInfo],
     return len(pairs)
 
 
+def _sharded_destination(dst: str) -> tuple[str, str]:
+    """``(directory, index path)`` the sharded writer writes for ``dst``."""
+    from ..formats.sharded import _destination
+
+    directory, index_name, _ = _destination(dst)
+    return directory, os.path.join(directory, index_name)
+
+
+def _same_dir(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _source_files(reader: Reader, src: str, in_format: str) -> list[str]:
+    """Every file ``reader`` reads: ``src``, or a sharded source's index and shards."""
+    if in_format != "sharded":
+        return [src]
+    files = {reader.shard_of(n) for n in reader.keys()}  # type: ignore[attr-defined]
+    if not os.path.isdir(reader.path):  # the index (a single-file checkpoint has none)
+        files.add(reader.path)
+    return sorted(files)
+
+
+def _check_sharded_destination(dst: str, reader: Reader, src: str, in_format: str) -> str:
+    """Refuse a sharded ``dst`` whose directory holds SRC or another index; return the
+    index path it will be written to."""
+    from ..formats.sharded import INDEX_SUFFIX
+
+    directory, index_path = _sharded_destination(dst)
+    if not os.path.isdir(directory):
+        return index_path
+    for path in _source_files(reader, src, in_format):
+        if _same_dir(os.path.dirname(os.path.abspath(path)), directory):
+            raise FileFormatError(
+                f"the source file {path!r} lies in the destination directory, where writing "
+                "the shards and the index would overwrite or delete it. Fix: write to a new "
+                "directory.", dst)
+    try:
+        others = sorted(n for n in os.listdir(directory)
+                        if n.endswith(INDEX_SUFFIX) and n != os.path.basename(index_path))
+    except OSError as exc:
+        raise FileFormatError(f"cannot list the directory ({exc.strerror}). Fix: check its "
+                              "permissions.", directory) from exc
+    if others:
+        raise FileFormatError(
+            f"the destination directory already holds another index {others!r}, so the "
+            "directory would no longer be one checkpoint; nothing was written. Fix: write to "
+            "a new directory, or remove the other checkpoint first.", dst)
+    return index_path
+
+
+def _storable_metadata(out_format: Format, metadata: dict[str, str]) -> tuple[dict[str, str],
+                                                                           list[str]]:
+    """``metadata`` less the entries ``out_format`` cannot store, and those keys."""
+    if not metadata:
+        return metadata, []
+    if not out_format.holds_metadata:
+        return {}, sorted(metadata)  # .npy/.npz have no place for it
+    if out_format.name == "h5":
+        from ..formats.h5 import metadata_problem
+
+        bad = sorted(k for k, v in metadata.items() if metadata_problem(k, v) is not None)
+        return {k: v for k, v in metadata.items() if k not in bad}, bad
+    return metadata, []
+
+
 def convert_file(src: str, dst: str, *, src_format: str | None = None,
                  dst_format: str | None = None, dtype: str | None = None,
                  include: list[str] | None = None, exclude: list[str] | None = None,
@@ -237,6 +313,9 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
                               "new path, then move it over the original.", dst)
     reader, in_format = open_file(src, src_format)
     with reader:
+        written = dst
+        if out_format.name == "sharded":  # verify the index written, not the directory
+            written = _check_sharded_destination(dst, reader, src, in_format)
         infos = reader.infos()
         kept = set(select([i.name for i in infos], include, exclude))
         planned = [_target_info(i, cast) for i in infos if i.name in kept]
@@ -271,11 +350,9 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
             metadata = dict(reader.metadata or {})
             if in_format == "sharded":
                 metadata.pop("total_size", None)  # the index's own bookkeeping
-            if metadata and not out_format.holds_metadata:
-                dropped = sorted(metadata)  # .npy/.npz have no place for it
-                metadata = {}
+            metadata, dropped = _storable_metadata(out_format, metadata)
             out_format.write(dst, planned, fetch, metadata, **options)
-        verified = verify(dst, out_format, planned, digests, spans) if check else None
+        verified = verify(written, out_format, planned, digests, spans) if check else None
     return {
         "src": src, "dst": dst, "src_format": in_format, "dst_format": out_format.name,
         "count": len(planned), "skipped": len(infos) - len(planned), "cast": casts,
@@ -301,7 +378,11 @@ def run(args: argparse.Namespace) -> int:
         if s["dtype"]:
             line += f", {s['cast']} cast to {s['dtype']}"
         print(line)
-        if s["metadata_dropped"]:
+        if s["metadata_dropped"] and s["dst_format"] == "h5":
+            print("note: h5 files cannot hold metadata keys that are empty or hold NUL, or "
+                  "values that hold NUL; left out: "
+                  f"{', '.join(map(repr, s['metadata_dropped']))}", file=sys.stderr)
+        elif s["metadata_dropped"]:
             print(f"note: {s['dst_format']} files hold no metadata; left out: "
                   f"{', '.join(s['metadata_dropped'])}", file=sys.stderr)
         if s["verified"] is None:

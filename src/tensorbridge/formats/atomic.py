@@ -3,31 +3,112 @@
 ``with atomic_write(path) as f: f.write(...)`` writes into a temporary file in
 the destination's directory, flushes and fsyncs it, gives it the destination's
 mode, ``os.replace``\\ s it over the destination, then fsyncs the directory. A
-symlinked destination updates the link's target. On any exception the
-temporary file is removed and the destination is byte-identical to before.
+symlinked destination updates the link's target (``follow_symlinks=False``
+replaces the link itself instead). A destination that exists but is not a
+regular file (a FIFO, socket or device node) is refused, never replaced. On any
+exception the temporary file is removed and the destination is byte-identical
+to before.
 
 ``with atomic_path(path) as tmp: ...`` is the same mechanism for libraries
 (h5py) that must open the file themselves: it yields the temporary file's
 *path* (an empty file already exists there) instead of an open file object.
 
 A SIGKILL can leave the temporary file behind; its name is recognisable
-(``.NAME.tb-tmp-PID-RANDOM``) and the next write to the same destination
-removes leftovers whose process is gone.
+(``.NAME.tb-tmp-PID-RANDOM``). The writer holds a lock on its temporary file
+for the whole write: ``flock(LOCK_EX)`` for :func:`atomic_write` (and for the
+spool files of :class:`tensorbridge.writer.Writer`), and a Linux open-file-
+description byte-range lock for :func:`atomic_path` (HDF5 takes its own
+``flock`` on the file it opens, which ours would block). A lock dies with its
+process whatever PID namespace or host it ran in, so the next write to the same
+destination (:func:`remove_stale`), or a sharded write to the same directory
+(:func:`remove_stale_in`), removes a leftover only after taking both locks
+itself without waiting; the PID in the name is informative only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import secrets
+import stat
+import struct
+import sys
 from typing import BinaryIO, Iterator
 
 from ..errors import FileFormatError, TensorBridgeError
 
-__all__ = ["atomic_write", "atomic_path", "temp_name", "remove_stale", "fsync_dir", "TMP_MARKER"]
+__all__ = ["atomic_write", "atomic_path", "temp_name", "remove_stale", "remove_stale_in",
+           "fsync_dir", "lock_new_file", "lock_directory", "TMP_MARKER", "SPOOL_MARKER"]
 
 TMP_MARKER = ".tb-tmp-"
+#: The marker of :class:`tensorbridge.writer.Writer`'s spool files (kept equal to writer.SPOOL_MARKER).
+SPOOL_MARKER = ".tb-spool-"
+_MARKERS = (TMP_MARKER, SPOOL_MARKER)
+#: errnos meaning "this file system does not do locks": writing goes on without one.
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+# Open-file-description locks (Linux >= 3.15): owned by the open file, not the process, and
+# independent of flock() on local file systems. struct flock is {short, short, off_t, off_t,
+# pid_t} padded to 32 bytes on 64-bit Linux.
+_OFD = (sys.platform.startswith("linux") and hasattr(fcntl, "F_OFD_SETLK")
+        and struct.calcsize("P") == 8)
+_FLOCK_STRUCT = "@hhqqi4x"
+
+
+def _ofd_lock(fd: int, wait: bool) -> bool:
+    """Take a whole-file OFD write lock on ``fd``; False where it is held elsewhere."""
+    arg = struct.pack(_FLOCK_STRUCT, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, arg)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        if exc.errno in _NO_LOCKS:
+            return True
+        raise
+    return True
+
+
+def _flock(fd: int, wait: bool) -> bool:
+    """``flock(LOCK_EX)`` on ``fd``; False where another open file holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+            return False
+        if exc.errno in _NO_LOCKS:
+            return True
+        raise
+    return True
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        a, b = os.fstat(fd), os.lstat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def lock_new_file(fd: int, path: str, *, ofd: bool = False) -> bool:
+    """Lock the just-created ``path`` (open as ``fd``) for as long as ``fd``'s open file lives.
+
+    Returns False when a cleaner removed ``path`` between its creation and the lock
+    (it judged it stale before the lock existed): the caller closes ``fd`` and makes
+    another file. ``ofd`` uses an OFD byte-range lock instead of ``flock``.
+    """
+    try:
+        if ofd:
+            if _OFD:
+                _ofd_lock(fd, wait=True)
+        else:
+            _flock(fd, wait=True)
+    except OSError:
+        pass  # no lock at all: a cleaner's own lock attempt then fails too, or succeeds late
+    return _same_file(fd, path)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -35,9 +116,40 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError, ValueError):
         return True
     return True
+
+
+def _owner_alive_here(name: str, marker: str) -> bool:
+    """Pre-filter: the PID in ``.BASE{marker}PID-RANDOM`` is a live process of this PID
+    namespace (this process included). A dead PID proves nothing (another namespace or
+    host may own the file): the lock decides then."""
+    pid_text = name.rsplit(marker, 1)[-1].split("-", 1)[0]
+    return pid_text.isdigit() and _pid_alive(int(pid_text))
+
+
+def _remove_if_dead(path: str) -> None:
+    """Unlink the regular file ``path`` if no open file anywhere holds its locks."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return  # not ours to judge (permissions, a link, gone already)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return
+        try:
+            if not _flock(fd, wait=False):
+                return
+            if _OFD and not _ofd_lock(fd, wait=False):
+                return
+        except OSError:
+            return  # cannot tell: keep it
+        if _same_file(fd, path):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    finally:
+        os.close(fd)  # releases both locks
 
 
 def temp_name(directory: str, base: str, marker: str = TMP_MARKER) -> str:
@@ -45,20 +157,47 @@ def temp_name(directory: str, base: str, marker: str = TMP_MARKER) -> str:
     return os.path.join(directory, f".{base}{marker}{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def remove_stale(directory: str, base: str, marker: str = TMP_MARKER) -> None:
-    """Remove temporary files of ``base`` left behind by processes that no longer exist."""
-    prefix = f".{base}{marker}"
+def _listdir(directory: str) -> list[str]:
     try:
-        names = os.listdir(directory)
+        return os.listdir(directory)
     except OSError:
-        return
-    for name in names:
-        if not name.startswith(prefix):
-            continue
-        pid_text = name[len(prefix):].split("-", 1)[0]
-        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(directory, name))
+        return []
+
+
+def remove_stale(directory: str, base: str, marker: str = TMP_MARKER) -> None:
+    """Remove temporary files of ``base`` whose writer is gone (no one holds their lock)."""
+    prefix = f".{base}{marker}"
+    for name in _listdir(directory):
+        if name.startswith(prefix) and not _owner_alive_here(name[len(prefix) - len(marker):],
+                                                             marker):
+            _remove_if_dead(os.path.join(directory, name))
+
+
+def remove_stale_in(directory: str) -> None:
+    """Remove every abandoned ``.*.tb-tmp-*`` and ``.*.tb-spool-*`` file in ``directory``."""
+    for name in _listdir(directory):
+        marker = next((m for m in _MARKERS if m in name[1:]), None)
+        if name.startswith(".") and marker and not _owner_alive_here(name, marker):
+            _remove_if_dead(os.path.join(directory, name))
+
+
+@contextlib.contextmanager
+def lock_directory(directory: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``directory`` (through a read-only descriptor of the
+    directory itself, so no lock file is left behind) for the block."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+                     | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise FileFormatError(
+            f"cannot open the directory ({exc.strerror}). Fix: check that it exists and is "
+            "readable.", directory) from exc
+    try:
+        with contextlib.suppress(OSError):  # a file system without locks: go on unlocked
+            _flock(fd, wait=True)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _fsync_path(path: str) -> None:
@@ -75,46 +214,92 @@ def fsync_dir(directory: str) -> None:
         _fsync_path(directory)
 
 
-def _new_file_mode(target: str) -> int:
-    """The destination's current mode, or what a plain ``open()`` would give a new file."""
+def _default_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _kind(mode: int) -> str:
+    for test, what in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def _check_target(path: str | os.PathLike, target: str, follow_symlinks: bool,
+                  example: str) -> int:
+    """Refuse a destination that is a directory or another non-regular file; return the
+    mode the new file gets (the destination's, or what a plain ``open()`` would give)."""
     try:
-        return os.stat(target).st_mode & 0o7777
+        st = os.stat(target) if follow_symlinks else os.lstat(target)
     except (FileNotFoundError, NotADirectoryError):  # creating the temporary file reports it
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-@contextlib.contextmanager
-def _replacing(path: str | os.PathLike, example: str) -> Iterator[tuple[str, int]]:
-    """Create a temporary sibling of ``path``; on success move it over ``path``.
-
-    Yields the temporary file's path and a write-only descriptor the caller must
-    close. The caller's block writes and fsyncs the file; this then gives it the
-    destination's mode, replaces the destination and fsyncs the directory. On any
-    exception the temporary file is removed, and an ``OSError`` is reported as a
-    :class:`FileFormatError`. ``example`` names a file for the "is a directory" hint.
-    """
-    target = os.path.realpath(os.fspath(path))  # a symlink's target gets the update
-    directory = os.path.dirname(target) or "."
-    base = os.path.basename(target)
-    if os.path.isdir(target):
+        return _default_mode()
+    except OSError:
+        return _default_mode()
+    if not follow_symlinks and stat.S_ISLNK(st.st_mode):  # the link itself is replaced
+        try:
+            st = os.stat(target)
+        except OSError:
+            return _default_mode()
+        return st.st_mode & 0o7777 if stat.S_ISREG(st.st_mode) else _default_mode()
+    if stat.S_ISDIR(st.st_mode):
         raise FileFormatError(
             "the destination is a directory. Fix: give a file name, e.g. "
             f"{os.path.join(os.fspath(path), example)!r}.",
             path,
         )
-    remove_stale(directory, base)
-    mode = _new_file_mode(target)
-    tmp = temp_name(directory, base)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError as exc:
+    if not stat.S_ISREG(st.st_mode):
+        where = "" if target == os.path.abspath(os.fspath(path)) else f" ({target!r})"
         raise FileFormatError(
-            f"cannot create a file in {directory!r} ({exc.strerror}). Fix: check that the "
-            "directory exists and is writable, or choose another destination.",
+            f"the destination{where} is {_kind(st.st_mode)}, not a regular file; writing "
+            "would replace it with a regular file. Fix: choose a regular file's path, or "
+            "remove it first if replacing it is what you want.",
             path,
-        ) from exc
+        )
+    return st.st_mode & 0o7777
+
+
+@contextlib.contextmanager
+def _replacing(path: str | os.PathLike, example: str, follow_symlinks: bool,
+               ofd: bool) -> Iterator[tuple[str, int]]:
+    """Create a temporary sibling of ``path``; on success move it over ``path``.
+
+    Yields the temporary file's path and a write-only descriptor the caller must
+    close (the lock on the temporary file is held here until it is renamed). The caller's block
+    writes and fsyncs the file; this then gives it the destination's mode,
+    replaces the destination and fsyncs the directory. On any exception the
+    temporary file is removed, and an ``OSError`` is reported as a
+    :class:`FileFormatError`. ``example`` names a file for the "is a directory" hint.
+    """
+    raw = os.fspath(path)
+    if follow_symlinks:
+        target = os.path.realpath(raw)  # a symlink's target gets the update
+    else:  # the directory is resolved, the last component (maybe a link) is replaced
+        target = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(raw))),
+                              os.path.basename(os.path.abspath(raw)))
+    directory = os.path.dirname(target) or "."
+    base = os.path.basename(target)
+    mode = _check_target(path, target, follow_symlinks, example)
+    remove_stale(directory, base)
+    while True:
+        tmp = temp_name(directory, base)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                         0o600)
+        except OSError as exc:
+            raise FileFormatError(
+                f"cannot create a file in {directory!r} ({exc.strerror}). Fix: check that the "
+                "directory exists and is writable, or choose another destination.",
+                path,
+            ) from exc
+        if lock_new_file(fd, tmp, ofd=ofd):
+            break
+        os.close(fd)  # a cleaner took it before our lock existed: use another name
+    # The lock belongs to the open file: a duplicate descriptor keeps it until the
+    # temporary file is renamed or removed, whenever the caller closes ``fd``.
+    lock_fd = os.dup(fd)
     try:
         yield tmp, fd
         os.chmod(tmp, mode)
@@ -122,22 +307,31 @@ def _replacing(path: str | os.PathLike, example: str) -> Iterator[tuple[str, int
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        os.close(lock_fd)
         if isinstance(exc, OSError) and not isinstance(exc, TensorBridgeError):
-            why = ("the disk is full" if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-                   else exc.strerror or str(exc))
+            if exc.errno in _DISK_FULL:
+                why, fix = "the disk is full", "free space or choose another destination"
+            else:
+                why = exc.strerror or str(exc)
+                fix = ("check that the destination's directory exists and is writable, or "
+                       "choose another destination")
             raise FileFormatError(
-                f"writing failed ({why}); the destination was left unchanged. Fix: free space "
-                "or choose another destination, then retry.",
+                f"writing failed ({why}); the destination was left unchanged. Fix: {fix}, "
+                "then retry.",
                 path,
             ) from exc
         raise
+    os.close(lock_fd)
     fsync_dir(directory)
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """Open a temporary file that replaces ``path`` when the block succeeds."""
-    with _replacing(path, "model.safetensors") as (_tmp, fd):
+def atomic_write(path: str | os.PathLike, *, follow_symlinks: bool = True) -> Iterator[BinaryIO]:
+    """Open a temporary file that replaces ``path`` when the block succeeds.
+
+    ``follow_symlinks=False`` replaces a symlink at ``path`` itself rather than its target.
+    """
+    with _replacing(path, "model.safetensors", follow_symlinks, ofd=False) as (_tmp, fd):
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -145,10 +339,14 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+def atomic_path(path: str | os.PathLike, *, follow_symlinks: bool = True) -> Iterator[str]:
     """Like :func:`atomic_write`, but yields a temporary *path* for libraries
-    (h5py) that must open the file themselves. It replaces ``path`` on success."""
-    with _replacing(path, "model.h5") as (tmp, fd):
+    (h5py) that must open the file themselves. It replaces ``path`` on success.
+
+    The temporary file stays locked (an OFD lock, which does not block HDF5's own
+    ``flock``) through a descriptor held here until it is renamed or removed.
+    """
+    with _replacing(path, "model.h5", follow_symlinks, ofd=True) as (tmp, fd):
         os.close(fd)
         yield tmp
         _fsync_path(tmp)

@@ -63,7 +63,7 @@ from .base import Format, Reader, TensorInfo
 from .names import check_unique
 from .safetensors import check_fetched, open_regular_file
 
-__all__ = ["FORMAT", "H5Format", "H5Reader", "DTYPE_ATTR", "atomic_path"]
+__all__ = ["FORMAT", "H5Format", "H5Reader", "DTYPE_ATTR", "atomic_path", "metadata_problem"]
 
 #: Dataset attribute naming the canonical dtype of raw-bits datasets (bfloat16, float8).
 DTYPE_ATTR = "tensorbridge_dtype"
@@ -272,6 +272,21 @@ def _check_write_names(infos: Sequence[TensorInfo], path: str) -> None:
                 f"{info.name.replace('/', '.')!r}.")
 
 
+def metadata_problem(key: str, value: str) -> str | None:
+    """Why HDF5 cannot store the string attribute ``key = value``, or ``None``.
+
+    An attribute name cannot be empty, and HDF5 strings end at a NUL byte (h5py
+    would truncate a name there, and refuses a value holding one).
+    """
+    if key == "":
+        return "an HDF5 attribute name cannot be empty"
+    if "\x00" in key:
+        return "an HDF5 attribute name cannot hold a NUL character"
+    if "\x00" in value:
+        return "an HDF5 string attribute cannot hold a NUL character"
+    return None
+
+
 def _check_metadata(metadata: Mapping[str, str] | None, path: str) -> dict[str, str]:
     if not metadata:
         return {}
@@ -280,6 +295,12 @@ def _check_metadata(metadata: Mapping[str, str] | None, path: str) -> dict[str, 
             raise ConversionError(
                 f"{path}: metadata entry {key!r}: {value!r} is refused: metadata maps strings "
                 "to strings. Fix: convert keys and values with str() or json.dumps().")
+        why = metadata_problem(key, value)
+        if why is not None:
+            fix = "give it a non-empty key" if key == "" else "remove the NUL character"
+            raise ConversionError(
+                f"{path}: metadata key {key!r} is refused: {why}; nothing was written. "
+                f"Fix: {fix}, or leave the entry out.")
     return dict(metadata)
 
 

@@ -129,6 +129,7 @@ class PtReader(Reader):
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._zip: zipfile.ZipFile | None = None
+        self._zfile: object | None = None  # the zip's file object, on a dup of self._fd
         self._fd, size = open_regular_file(path)
         self._little = True
         try:
@@ -144,8 +145,12 @@ class PtReader(Reader):
 
     def _open(self, size: int) -> None:
         path = self.path
+        assert self._fd is not None
+        # read everything from the descriptor that was checked, never reopen ``path``:
+        # it may have been replaced since (another file, or a FIFO that would hang)
+        self._zfile = os.fdopen(os.dup(self._fd), "rb")
         with wrapped(path, "reading the zip directory"):
-            self._zip = zipfile.ZipFile(path)
+            self._zip = zipfile.ZipFile(self._zfile)  # type: ignore[arg-type]
             members = self._zip.infolist()
         names = [m.filename for m in members]
         check_unique_members(names, path)
@@ -257,6 +262,10 @@ class PtReader(Reader):
         if self._swap and itemsize > 1:
             unit = itemsize // 2 if lookup(t.dtype).kind == "complex" else itemsize
             out.view(f"u{unit}").byteswap(inplace=True)
+        if t.dtype == "bool" and out.size and out.view(np.uint8).max() > 1:
+            raise FileFormatError(
+                f"tensor {name!r} is BOOL but holds bytes other than 0 and 1. Fix: the "
+                "file is corrupt; re-save it.", self.path)
         return out
 
     def raw_span(self, name: str) -> RawSpan | None:
@@ -265,12 +274,12 @@ class PtReader(Reader):
         That is: the record is stored (not compressed), the storage is little-endian,
         and the tensor is a C-contiguous run of its storage (any storage offset, e.g.
         one view of a shared storage). Transposed, strided, broadcast (stride 0) and
-        empty tensors give ``None``.
+        empty tensors give ``None``, and so does BOOL, whose bytes :meth:`read` checks.
         """
         entry = self._entry(name)
         t = entry.tensor
         if (self._fd is None or entry.data_offset < 0 or not self._little
-                or entry.info.size == 0 or entry.tensor.offset < 0):
+                or entry.info.size == 0 or entry.tensor.offset < 0 or t.dtype == "bool"):
             return None
         expected = 1
         for d, s in zip(reversed(t.shape), reversed(t.stride)):
@@ -289,6 +298,9 @@ class PtReader(Reader):
             if self._zip is not None:
                 self._zip.close()
                 self._zip = None
+            if self._zfile is not None:
+                self._zfile.close()  # type: ignore[attr-defined]
+                self._zfile = None
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None

@@ -27,11 +27,18 @@ Writing fills ``{prefix}-00001-of-0000N.safetensors`` greedily in the order of
 (default 5GB, as ``transformers``; one larger tensor gets a shard of its own).
 Each shard gets the safetensors metadata ``{"format": "pt"}``, which
 ``transformers`` requires. The user's metadata and ``total_size`` go into the
-index. All shards are first written to hidden temporary names, so a failure
-while fetching or writing leaves an existing checkpoint untouched; then they
-are renamed into place and the index is written last, atomically. Finally,
-shards of an earlier save with the same prefix (``{prefix}-NNNNN-of-MMMMM.safetensors``)
-that the new index does not list are removed, as ``save_pretrained`` does.
+index (a user ``total_size`` key is refused: it is the index's own field).
+
+A rewrite never touches a file the current index references before the new
+index is in place: the whole write holds an exclusive ``flock`` on the
+directory (so concurrent saves take turns), first removes temporary files of
+killed writers, then writes each shard atomically under a name that does not
+exist yet (the standard names, or, if any is taken, ``{prefix}-<8 hex>-0000K-of-0000N``
+for every shard), then the index atomically (a symlinked index, as in a Hugging
+Face cache snapshot, is replaced as a link, never written through), and only then
+removes the old index's shards and leftover ``{prefix}[-<8 hex>]-NNNNN-of-MMMMM.safetensors``
+files the new index does not list, as ``save_pretrained`` does. A failure before
+the index lands removes the new shards: the old checkpoint stays byte-identical.
 
 >>> parse_size("5GB"), parse_size("10KiB"), parse_size(123)
 (5000000000, 10240, 123)
@@ -43,6 +50,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import stat
 import threading
 from typing import Any, Callable, Mapping, Sequence
@@ -353,16 +361,49 @@ def _destination(path: str) -> tuple[str, str, str]:
     return path, _DEFAULT_INDEX, "model"
 
 
-def _shard_names(prefix: str, count: int) -> list[str]:
-    return [f"{prefix}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+def _shard_names(prefix: str, count: int, tag: str = "") -> list[str]:
+    tag = f"-{tag}" if tag else ""
+    return [f"{prefix}{tag}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
-def _remove_old_shards(directory: str, prefix: str, keep: set[str]) -> None:
-    pattern = re.compile(re.escape(prefix) + r"-\d{5}-of-\d{5}\.safetensors")
-    for name in os.listdir(directory):
-        if pattern.fullmatch(name) and name not in keep:
+def _shard_pattern(prefix: str) -> re.Pattern[str]:
+    """Shard names of ``prefix``: standard ones and those with a uniqueness tag."""
+    return re.compile(re.escape(prefix) + r"(?:-[0-9a-f]{8})?-\d{5}-of-\d{5}\.safetensors")
+
+
+def _old_index_shards(index_path: str) -> set[str]:
+    """The shard names the current index at ``index_path`` lists (plain ``.safetensors``
+    file names only: an odd or hostile index never gets other files removed)."""
+    try:
+        index = _load_json(index_path)
+    except (TensorBridgeError, OSError):
+        return set()
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        return set()
+    return {v for v in weight_map.values()
+            if isinstance(v, str) and v.endswith(".safetensors") and not v.startswith(".")
+            and "/" not in v and "\\" not in v and "\x00" not in v}
+
+
+def _remove_old_shards(directory: str, prefix: str, old: set[str], keep: set[str]) -> None:
+    """After the new index is in place: remove the shards the old index listed and any
+    leftover shard of ``prefix`` (e.g. of a killed save) that the new index does not list."""
+    pattern = _shard_pattern(prefix)
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if name not in keep and (name in old or pattern.fullmatch(name)):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(directory, name))
+
+
+def _unlink_all(paths: list[str]) -> None:
+    for p in paths:
+        with contextlib.suppress(OSError):
+            os.unlink(p)
 
 
 class ShardedFormat(Format):
@@ -392,9 +433,14 @@ class ShardedFormat(Format):
                 f"{path}: unknown option(s) {sorted(options)!r} for sharded checkpoints. Fix: "
                 "the only option is max_shard_size.")
         directory, index_name, prefix = _destination(path)
+        if metadata and "total_size" in metadata:
+            raise ConversionError(
+                f"{path}: metadata key 'total_size' is refused: in a sharded checkpoint it is "
+                "the index's own field (the sum of the tensors' bytes), which tensorbridge "
+                "writes itself. Fix: rename the key (e.g. 'source_total_size'), or leave it "
+                "out; nothing was written.")
         build_header(infos, metadata, path)  # names, dtypes and metadata fail before writing
         user_metadata = dict(metadata or {})
-        user_metadata.pop("total_size", None)
         try:
             os.makedirs(directory, exist_ok=True)
         except OSError as exc:
@@ -402,33 +448,40 @@ class ShardedFormat(Format):
                 f"cannot create the directory ({exc.strerror}). Fix: choose a writable place.",
                 directory) from exc
         groups = plan_shards(infos, max_shard_size)
-        names = _shard_names(prefix, len(groups))
-        staged: list[tuple[str, str]] = []
-        try:
-            for shard, group in zip(names, groups):
-                atomic.remove_stale(directory, shard)
-                tmp = atomic.temp_name(directory, shard)
-                staged.append((tmp, os.path.join(directory, shard)))
-                SAFETENSORS.write(tmp, group, fetch, {"format": "pt"})
-            for tmp, final in staged:
-                os.replace(tmp, final)
-        except BaseException as exc:
-            for tmp, _ in staged:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-            if isinstance(exc, OSError) and not isinstance(exc, TensorBridgeError):
-                raise FileFormatError(
-                    f"moving the shards into place failed ({exc.strerror}). Fix: check the "
-                    "directory's permissions and free space, then retry.", directory) from exc
-            raise
-        atomic.fsync_dir(directory)
-        index = {
-            "metadata": {**user_metadata, "total_size": sum(i.nbytes for i in infos)},
-            "weight_map": {i.name: shard for shard, group in zip(names, groups) for i in group},
-        }
-        with atomic_write(os.path.join(directory, index_name)) as f:
-            f.write((json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
-        _remove_old_shards(directory, prefix, set(names))
+        index_path = os.path.join(directory, index_name)
+        # One sharded write per directory at a time: another's cleanup must not meet our
+        # shards half-way (its old index is read and its old shards removed under the lock).
+        with atomic.lock_directory(directory):
+            atomic.remove_stale_in(directory)  # leftovers of killed writers only (unlocked)
+            old = _old_index_shards(index_path)
+            names = _shard_names(prefix, len(groups))
+            # Never overwrite a file the current index may reference: if any standard name
+            # is taken, every new shard gets a fresh, unique name.
+            while any(os.path.lexists(os.path.join(directory, n)) for n in names):
+                names = _shard_names(prefix, len(groups), secrets.token_hex(4))
+            written: list[str] = []
+            try:
+                for shard, group in zip(names, groups):
+                    final = os.path.join(directory, shard)
+                    written.append(final)  # safetensors' atomic write removes its own temp
+                    SAFETENSORS.write(final, group, fetch, {"format": "pt"})
+                atomic.fsync_dir(directory)
+                index = {
+                    "metadata": {**user_metadata, "total_size": sum(i.nbytes for i in infos)},
+                    "weight_map": {i.name: shard for shard, group in zip(names, groups)
+                                   for i in group},
+                }
+                # the link itself is replaced, as the shards are (a Hugging Face cache
+                # snapshot links into content-addressed blobs that must not change)
+                with atomic_write(index_path, follow_symlinks=False) as f:
+                    f.write((json.dumps(index, indent=2, ensure_ascii=False) + "\n")
+                            .encode("utf-8"))
+            except BaseException:
+                _unlink_all(written)  # the old index and its shards were never touched
+                atomic.fsync_dir(directory)
+                raise
+            _remove_old_shards(directory, prefix, old, set(names) | {index_name})
+            atomic.fsync_dir(directory)
 
 
 FORMAT = ShardedFormat()
