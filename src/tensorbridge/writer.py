@@ -51,19 +51,6 @@ SPOOL_MARKER = ".tb-spool-"
 MAX_OPEN_SPOOLS = 64
 
 
-def _dtype_check(format_name: str) -> Any:
-    """The destination format's own per-tensor dtype check, where it refuses some."""
-    if format_name in ("safetensors", "sharded"):
-        from .formats.safetensors import _safetensors_code
-
-        return _safetensors_code
-    if format_name == "pt":
-        from .formats.pt import _check_writable
-
-        return _check_writable
-    return None  # .npy, .npz and .h5 hold every dtype
-
-
 def _remove(paths: list[str]) -> None:
     for p in paths:
         with contextlib.suppress(OSError):
@@ -147,12 +134,9 @@ class Writer:
 
     def _check_dtypes(self, checked: list[tuple[str, TensorInfo, Any]]) -> None:
         """Refuse, at the first append, dtypes the destination format cannot hold."""
-        check = _dtype_check(self._format.name)
-        if check is None:
-            return
         for name, info, _ in checked:
             try:
-                check(TensorInfo(name, info.dtype, (0, *info.shape[1:])), self.path)
+                self._format.check_info(TensorInfo(name, info.dtype, (0, *info.shape[1:])), self.path)
             except ConversionError:
                 example = "complex64" if info.dtype.startswith("complex") else "float32"
                 raise ConversionError(message(

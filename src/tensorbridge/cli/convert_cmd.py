@@ -224,9 +224,9 @@ def _verify_open(out: Reader, dst_path: str, planned: list[TensorInfo],
 
 def _sharded_destination(dst: str) -> tuple[str, str]:
     """``(directory, index path)`` the sharded writer writes for ``dst``."""
-    from ..formats.sharded import _destination
+    from ..formats.sharded import destination
 
-    directory, index_name, _ = _destination(dst)
+    directory, index_name, _ = destination(dst)
     return directory, os.path.join(directory, index_name)
 
 

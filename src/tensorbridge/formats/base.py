@@ -132,6 +132,10 @@ class Format:
     def open(self, path: str) -> Reader:
         raise NotImplementedError
 
+    def check_info(self, info: TensorInfo, path: str) -> None:
+        """Raise :class:`~tensorbridge.ConversionError` if this format cannot hold
+        ``info``'s dtype. Formats that hold every dtype keep this default."""
+
     def write(
         self,
         path: str,

@@ -336,6 +336,9 @@ class PtFormat(Format):
                    "interpreter, written as a flat state dict that torch.load(weights_only=True) "
                    "loads. Holds: " + ", ".join(sorted(_WRITABLE)) + ".")
 
+    def check_info(self, info: TensorInfo, path: str) -> None:
+        _check_writable(info, path)
+
     def open(self, path: str) -> PtReader:
         return PtReader(os.fspath(path))
 

@@ -622,6 +622,9 @@ class SafetensorsFormat(Format):
     description = ("Hugging Face safetensors; no code runs on load. Holds: "
                    + ", ".join(CODE_TO_DTYPE.values()) + ".")
 
+    def check_info(self, info: TensorInfo, path: str) -> None:
+        _safetensors_code(info, path)
+
     def open(self, path: str) -> SafetensorsReader:
         return SafetensorsReader(os.fspath(path))
 

@@ -65,7 +65,7 @@ from .names import check_unique
 from .safetensors import FORMAT as SAFETENSORS
 from .safetensors import build_header, open_regular_file, read_exact_into
 
-__all__ = ["FORMAT", "ShardedFormat", "ShardedReader", "parse_size", "plan_shards",
+__all__ = ["FORMAT", "ShardedFormat", "ShardedReader", "parse_size", "plan_shards", "destination",
            "DEFAULT_MAX_SHARD_SIZE", "INDEX_SUFFIX"]
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
@@ -347,7 +347,7 @@ class ShardedReader(Reader):
 
 # --- writing --------------------------------------------------------------------
 
-def _destination(path: str) -> tuple[str, str, str]:
+def destination(path: str) -> tuple[str, str, str]:
     """``(directory, index_name, shard_prefix)`` for a directory or index path."""
     if path.endswith(INDEX_SUFFIX):
         index_name = os.path.basename(path)
@@ -414,6 +414,9 @@ class ShardedFormat(Format):
     description = ("Hugging Face sharded checkpoint: model.safetensors.index.json plus "
                    "model-0000K-of-0000N.safetensors shards (reads .bin shards too).")
 
+    def check_info(self, info: TensorInfo, path: str) -> None:
+        SAFETENSORS.check_info(info, path)  # every shard is a safetensors file
+
     def open(self, path: str) -> ShardedReader:
         return ShardedReader(os.fspath(path))
 
@@ -432,7 +435,7 @@ class ShardedFormat(Format):
             raise ConversionError(
                 f"{path}: unknown option(s) {sorted(options)!r} for sharded checkpoints. Fix: "
                 "the only option is max_shard_size.")
-        directory, index_name, prefix = _destination(path)
+        directory, index_name, prefix = destination(path)
         if metadata and "total_size" in metadata:
             raise ConversionError(
                 f"{path}: metadata key 'total_size' is refused: in a sharded checkpoint it is "
