@@ -24,6 +24,8 @@ from .errors import ConversionError, message
 __all__ = [
     "DType",
     "DTYPES",
+    "NUMPY_NATIVE",
+    "BITS",
     "canonical_name",
     "numpy_dtype",
     "lookup",
@@ -75,6 +77,15 @@ _ROWS = [
 
 #: Every canonical dtype by name, in a stable order.
 DTYPES: dict[str, DType] = {r[0]: _row(*r) for r in _ROWS}
+
+#: Canonical dtypes NumPy itself has; the others (bfloat16, float8) are ml_dtypes types,
+#: which other frameworks cannot import from NumPy and which travel as raw bits.
+NUMPY_NATIVE = frozenset({
+    "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+    "float16", "float32", "float64", "complex64", "complex128",
+})
+#: itemsize -> the unsigned integer dtype name of that width, for moving raw bits
+BITS = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}
 
 # NumPy dtype (native byte order) -> canonical name. ml_dtypes types compare
 # by identity of their scalar type, so key on the type, not the dtype.

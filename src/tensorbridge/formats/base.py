@@ -97,6 +97,15 @@ class Reader:
         pass
 
     # --- shared conveniences -------------------------------------------------
+    def missing(self, name: object) -> Exception:
+        """The error for a name the file does not hold (raise it ``from None``)."""
+        from ..errors import FileFormatError
+
+        names = self.keys()
+        return FileFormatError(
+            f"no tensor named {name!r}. Fix: use one of {names[:20]!r}"
+            + (" ..." if len(names) > 20 else "") + ".", self.path)
+
     def infos(self) -> list[TensorInfo]:
         return [self.info(k) for k in self.keys()]
 

@@ -230,9 +230,7 @@ class H5Reader(Reader):
         try:
             return self._entries[name][0]
         except KeyError:
-            raise FileFormatError(
-                f"no tensor named {name!r}. Fix: use one of {self.keys()[:20]!r}"
-                + (" ..." if len(self._entries) > 20 else "") + ".", self.path) from None
+            raise self.missing(name) from None
 
     def read(self, name: str) -> np.ndarray:
         info = self.info(name)

@@ -189,9 +189,7 @@ class NpzReader(Reader):
     def info(self, name: str) -> TensorInfo:
         header = self._headers.get(name) if isinstance(name, str) else None
         if header is None:
-            raise FileFormatError(
-                f"no tensor named {name!r}. Fix: use one of {self.keys()[:20]!r}"
-                + (" ..." if len(self._headers) > 20 else "") + ".", self.path)
+            raise self.missing(name)
         return header.info(name)
 
     def read(self, name: str) -> np.ndarray:

@@ -222,9 +222,7 @@ class PtReader(Reader):
         try:
             return self._entries[name]
         except KeyError:
-            raise FileFormatError(
-                f"no tensor named {name!r}. Fix: use one of {self.keys()[:20]!r}"
-                + (" ..." if len(self._entries) > 20 else "") + ".", self.path) from None
+            raise self.missing(name) from None
 
     def _read_bytes(self, entry: _Entry, lo: int, hi: int) -> np.ndarray:
         buf = np.empty(hi - lo, dtype=np.uint8)

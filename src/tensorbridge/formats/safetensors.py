@@ -542,9 +542,7 @@ class SafetensorsReader(Reader):
         try:
             return self._infos[name]
         except KeyError:
-            raise FileFormatError(
-                f"no tensor named {name!r}. Fix: use one of {self.keys()[:20]!r}"
-                + (" ..." if len(self._infos) > 20 else "") + ".", self.path) from None
+            raise self.missing(name) from None
 
     def _read_rows(self, info: TensorInfo, shape: tuple[int, ...], byte_offset: int) -> np.ndarray:
         if self._fd is None:

@@ -320,9 +320,7 @@ class ShardedReader(Reader):
         try:
             return self._infos[name]
         except KeyError:
-            raise FileFormatError(
-                f"no tensor named {name!r}. Fix: use one of {self.keys()[:20]!r}"
-                + (" ..." if len(self._infos) > 20 else "") + ".", self.path) from None
+            raise self.missing(name) from None
 
     def shard_of(self, name: str) -> str:
         """The path of the shard holding ``name``."""

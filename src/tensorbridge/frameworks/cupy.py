@@ -8,24 +8,19 @@ from typing import Any
 
 import numpy as np
 
-from ..dtypes import canonical_name, lookup
+from ..dtypes import NUMPY_NATIVE, canonical_name, lookup
 from ..errors import ConversionError, DeviceError, message
 from .base import Backend, Facts, Step
 
 __all__ = ["CupyBackend", "BACKEND"]
 
-_NUMPY_NATIVE = {
-    "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-    "float16", "float32", "float64", "complex64", "complex128",
-}
-_BITS = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}
 
 
 class CupyBackend(Backend):
     name = "cupy"
     module = "cupy"
     extra = "cupy"
-    DTYPES = {n: n for n in _NUMPY_NATIVE}
+    DTYPES = {n: n for n in NUMPY_NATIVE}
 
     def owns(self, tp: type) -> bool:
         cp = sys.modules.get("cupy")
@@ -52,7 +47,7 @@ class CupyBackend(Backend):
                                           "use device='cuda' or 'cuda:N', or pick to='numpy' for host memory"))
             index = int(idx or 0)
         steps: list[Step] = []
-        if facts.dtype in _NUMPY_NATIVE:
+        if facts.dtype in NUMPY_NATIVE:
             def put(a: np.ndarray) -> Any:
                 with cp.cuda.Device(index):
                     return cp.asarray(a)
@@ -66,7 +61,7 @@ class CupyBackend(Backend):
     def dlpack_import(self, facts: Facts) -> str | None:
         if facts.device_type != "cuda":
             return f"CuPy cannot hold memory on {facts.device}"
-        if facts.dtype not in _NUMPY_NATIVE:
+        if facts.dtype not in NUMPY_NATIVE:
             return f"CuPy has no {facts.dtype}"
         return None
 
@@ -77,9 +72,9 @@ class CupyBackend(Backend):
         return x.copy()
 
     def cast_steps(self, facts: Facts, dtype: str) -> list[Step]:
-        if dtype not in _NUMPY_NATIVE:
+        if dtype not in NUMPY_NATIVE:
             raise ConversionError(message(f"dtype={dtype!r}", "CuPy has no such dtype",
-                                          "pick one of " + ", ".join(sorted(_NUMPY_NATIVE))))
+                                          "pick one of " + ", ".join(sorted(NUMPY_NATIVE))))
         target = lookup(dtype).numpy
         return [Step(f"cast {facts.dtype} -> {dtype}", True, lambda a: a.astype(target))]
 

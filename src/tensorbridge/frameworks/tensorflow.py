@@ -13,15 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from ..dtypes import canonical_name
+from ..dtypes import NUMPY_NATIVE, canonical_name
 from ..errors import ConversionError, DeviceError, message
 from .base import Backend, Facts, Step
 
 __all__ = ["TensorFlowBackend", "BACKEND"]
 
 # Dtypes that both NumPy and TF move over DLPack (NumPy refuses bfloat16/float8).
-_DLPACK_DTYPES = {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-                  "float16", "float32", "float64", "complex64", "complex128"}
+_DLPACK_DTYPES = NUMPY_NATIVE
 
 
 class _Capsule:

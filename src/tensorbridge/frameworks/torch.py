@@ -8,18 +8,12 @@ from typing import Any
 
 import numpy as np
 
-from ..dtypes import lookup, numpy_dtype
+from ..dtypes import BITS, NUMPY_NATIVE, lookup, numpy_dtype
 from ..errors import ConversionError, DeviceError, message
 from .base import Backend, Facts, Step
 
 __all__ = ["TorchBackend", "BACKEND"]
 
-# Dtypes NumPy itself has; the others travel as same-width unsigned bits.
-_NUMPY_NATIVE = {
-    "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-    "float16", "float32", "float64", "complex64", "complex128",
-}
-_BITS = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}
 
 
 class TorchBackend(Backend):
@@ -106,11 +100,11 @@ class TorchBackend(Backend):
         if facts.device_type != "cpu":
             steps.append(Step(f"copy {facts.device} -> host", True, _to_host,
                               "device memory is not addressable from NumPy"))
-        if facts.dtype in _NUMPY_NATIVE:
+        if facts.dtype in NUMPY_NATIVE:
             steps.append(Step("Tensor.numpy() view", False, lambda t: t.numpy()))
         else:
             torch = self.load()
-            bits = getattr(torch, _BITS[lookup(facts.dtype).itemsize])
+            bits = getattr(torch, BITS[lookup(facts.dtype).itemsize])
             np_dtype = numpy_dtype(facts.dtype)
             steps.append(Step(f"reinterpret {facts.dtype} bits as ml_dtypes.{facts.dtype}", False,
                               lambda t: t.view(bits).numpy().view(np_dtype),
@@ -139,7 +133,7 @@ class TorchBackend(Backend):
         make = torch.from_dlpack if share_readonly else torch.from_numpy
         how = "torch.from_dlpack (shares read-only memory: do not write to the tensor)" \
             if share_readonly else "torch.from_numpy"
-        if facts.dtype in _NUMPY_NATIVE:
+        if facts.dtype in NUMPY_NATIVE:
             steps.append(Step(how, False, make))
         else:
             target = self.native_dtype(facts.dtype)
@@ -149,7 +143,7 @@ class TorchBackend(Backend):
                     f"torch {torch.__version__} has no {facts.dtype}",
                     "pass dtype='float32' (or another dtype torch has) to cast",
                 ))
-            bits = _BITS[lookup(facts.dtype).itemsize]
+            bits = BITS[lookup(facts.dtype).itemsize]
             np_bits = np.dtype(bits)
             steps.append(Step(f"{how} of the raw bits, viewed as torch.{facts.dtype}", False,
                               lambda a: make(a.view(np_bits)).view(target)))
@@ -208,7 +202,7 @@ class TorchBackend(Backend):
             return None
         if t.is_complex():
             t = self.load().view_as_real(t)
-        bits = getattr(self.load(), _BITS[t.element_size()])
+        bits = getattr(self.load(), BITS[t.element_size()])
         return t.view(bits).numpy()
 
     def device_span(self, x: Any) -> tuple[str, int, int] | None:

@@ -413,9 +413,6 @@ _CUDA = _Hooks()
 
 # ------------------------------------------------------------------ device -> host
 
-_BITS = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}
-
-
 def _prepare(t: Any, torch: Any) -> Any:
     """Detach, densify, resolve conj/neg bits, make contiguous (all on the device)."""
     if t.requires_grad:
