@@ -60,6 +60,7 @@ def format_for_path(path: str | os.PathLike, format: str | None = None) -> Forma
         return get_format(table[suffix])
     raise FileFormatError(
         f"unknown file suffix {suffix or '(none)'!r}. Fix: use one of "
-        f"{', '.join(sorted(table))}, or pass format= (one of {', '.join(FORMAT_MODULES)}).",
+        f"{', '.join(sorted(table))}, or pass format= (one of {', '.join(FORMAT_MODULES)}; "
+        "on the command line --format or --src-format).",
         p,
     )
