@@ -71,31 +71,12 @@ def _is_jax_array(tp: type) -> bool:
 
 def _leaf_fn(target: str, device: str | None, dtype: str | None, copy: bool | None, ragged: str,
              done: dict[int, Any]):
-    """The function applied to every leaf; fast paths first for the common calls.
+    """The function applied to every leaf. The common calls (no device, dtype or
+    copy asked for) get a specialised function whose fast path comes first.
     ``done`` maps id(leaf) to results already computed in a batch."""
-    plain = device is None and dtype is None and copy is None
-    torch = sys.modules.get("torch")
-    tensor_type = torch.Tensor if torch is not None else None
 
-    def leaf(x: Any) -> Any:
+    def general(x: Any) -> Any:
         tp = type(x)
-        if plain:
-            if target == "numpy":
-                if tp is np.ndarray:
-                    return x
-                if tp is tensor_type:
-                    try:
-                        return x.numpy()  # raises for grad, conj/neg bits, devices, bf16
-                    except (RuntimeError, TypeError):
-                        pass
-                elif _is_jax_array(tp):
-                    return np.asarray(x)  # a read-only view on the CPU; gathers otherwise
-            elif target == "torch" and tp is np.ndarray and x.flags.writeable and x.dtype.isnative:
-                try:
-                    # load(): torch need not be imported by the caller yet
-                    return (sys.modules.get("torch") or get_backend("torch").load()).from_numpy(x)
-                except (TypeError, ValueError):
-                    pass  # negative strides, ml_dtypes, object arrays: the planned route says why
         src = backend_of(tp)
         if src is None:
             return x
@@ -105,7 +86,39 @@ def _leaf_fn(target: str, device: str | None, dtype: str | None, copy: bool | No
             return x.to_list()
         return _run(x, src, target, device, dtype, copy)
 
-    return leaf
+    if device is not None or dtype is not None or copy is not None:
+        return general
+    if target == "numpy":
+        torch = sys.modules.get("torch")
+        tensor_type = torch.Tensor if torch is not None else None
+
+        def to_numpy_leaf(x: Any) -> Any:
+            tp = type(x)
+            if tp is np.ndarray:
+                return x
+            if tp is tensor_type:
+                try:
+                    return x.numpy()  # raises for grad, conj/neg bits, devices, bf16
+                except (RuntimeError, TypeError):
+                    pass
+            elif _is_jax_array(tp):
+                return np.asarray(x)  # a read-only view on the CPU; gathers otherwise
+            return general(x)
+
+        return to_numpy_leaf
+    if target == "torch":
+        from_numpy = get_backend("torch").load().from_numpy  # torch is the target: load it
+
+        def to_torch_leaf(x: Any) -> Any:
+            if type(x) is np.ndarray and x.flags.writeable and x.dtype.isnative:
+                try:
+                    return from_numpy(x)
+                except (TypeError, ValueError):
+                    pass  # negative strides, ml_dtypes, object arrays: the planned route says why
+            return general(x)
+
+        return to_torch_leaf
+    return general
 
 
 def convert(
