@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import ConversionError, TensorBridgeError, message
 from .frameworks import ALIASES, FRAMEWORK_MODULES, backend_of, get_backend
-from .frameworks.base import Backend
+from .frameworks.base import Backend, normalize_device
 from .plan import Plan, plan_leaf
 from .tree import format_path, tree_leaves_with_path, tree_map
 
@@ -326,13 +326,4 @@ def shares_memory(a: Any, b: Any, /) -> bool:
     sa, sb = ba.device_span(a), bb.device_span(b)
     if sa is None or sb is None:
         return False
-    return _same_device(sa[0], sb[0]) and sa[1] < sb[2] and sb[1] < sa[2]
-
-
-def _same_device(d1: str, d2: str) -> bool:
-    def norm(d: str) -> str:
-        kind, _, idx = d.partition(":")
-        kind = {"gpu": "cuda"}.get(kind, kind)
-        return "cpu" if kind == "cpu" else f"{kind}:{idx or 0}"
-
-    return norm(d1) == norm(d2)
+    return normalize_device(sa[0]) == normalize_device(sb[0]) and sa[1] < sb[2] and sb[1] < sa[2]

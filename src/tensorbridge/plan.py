@@ -15,7 +15,7 @@ from typing import Any
 from .dtypes import lookup
 from .errors import ConversionError, CopyError, message
 from .frameworks import get_backend
-from .frameworks.base import Backend, Facts, Step
+from .frameworks.base import Backend, Facts, Step, normalize_device
 
 __all__ = ["Plan", "plan_leaf"]
 
@@ -108,15 +108,9 @@ def _same_framework(b: Backend, facts: Facts, device: str | None, dtype: str | N
     steps: list[Step] = []
     if dtype is not None:
         steps += b.cast_steps(facts, dtype)
-    if device is not None and _norm(device) != _norm(facts.device):
+    if device is not None and normalize_device(device) != facts.device:
         steps += b.to_device_steps(facts, device)
     return steps
-
-
-def _norm(device: str) -> str:
-    kind, _, index = device.partition(":")
-    kind = {"gpu": "cuda"}.get(kind, kind)
-    return kind if kind == "cpu" else f"{kind}:{index or 0}"
 
 
 def _dlpack_route(src: Backend, facts: Facts, tgt: Backend, device: str | None,
@@ -124,11 +118,9 @@ def _dlpack_route(src: Backend, facts: Facts, tgt: Backend, device: str | None,
     """Zero-copy hand-over between two frameworks, or None when it cannot be."""
     if src.name == "numpy" or tgt.name == "numpy" or not facts.dlpack:
         return None
-    if facts.device_type == "cpu" and (device is None or _norm(device) == "cpu"):
-        pass
-    elif device is not None and _norm(device) != facts.device:
+    if device is not None and normalize_device(device) != facts.device:
         return None  # a device move is a copy anyway; the host route is as good
-    prepare = src._prepare_steps(facts) if hasattr(src, "_prepare_steps") else []
+    prepare = src.prepare_steps(facts)
     if any(s.copies for s in prepare):
         return None
     if tgt.dlpack_import(facts) is not None:
@@ -152,7 +144,6 @@ def _host_route(x: Any, src: Backend, facts: Facts, tgt: Backend, device: str | 
         numpy = get_backend("numpy")
         steps += numpy.cast_steps(host, dtype)
         host = _cast_facts(host, dtype)
-        host.device = "cpu"
     return steps + tgt.from_host_steps(host, device=device, copy=copy)
 
 

@@ -22,7 +22,14 @@ import numpy as np
 
 from ..errors import FrameworkNotInstalledError, message
 
-__all__ = ["Step", "Facts", "Backend", "host_facts"]
+__all__ = ["Step", "Facts", "Backend", "host_facts", "normalize_device"]
+
+
+def normalize_device(device: str) -> str:
+    """``"gpu"`` -> ``"cuda:0"``, ``"cuda"`` -> ``"cuda:0"``, ``"cpu:0"`` -> ``"cpu"``."""
+    kind, _, index = device.partition(":")
+    kind = {"gpu": "cuda"}.get(kind, kind)
+    return kind if kind == "cpu" else f"{kind}:{index or 0}"
 
 
 @dataclass(frozen=True)
@@ -131,6 +138,10 @@ class Backend:
 
     def facts(self, x: Any) -> Facts:
         raise NotImplementedError
+
+    def prepare_steps(self, facts: Facts) -> list[Step]:
+        """Steps every route out of this framework needs first (detach, resolve bits...)."""
+        return []
 
     def to_host_steps(self, x: Any, facts: Facts) -> list[Step]:
         """Steps that turn ``x`` into a host NumPy array in its canonical dtype."""

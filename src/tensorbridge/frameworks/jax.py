@@ -9,7 +9,7 @@ import numpy as np
 
 from ..dtypes import canonical_name, lookup
 from ..errors import ConversionError, DeviceError, message
-from .base import Backend, Facts, Step
+from .base import Backend, Facts, Step, normalize_device
 
 __all__ = ["JaxBackend", "BACKEND"]
 
@@ -102,7 +102,7 @@ class JaxBackend(Backend):
             # buffers, even with may_alias=False. jnp.array(copy=True) always copies.
             steps.append(Step("jnp.array(copy=True)", True,
                               lambda a: jax.numpy.array(a, copy=True), why))
-        if device is not None and self.device_type(device) != "cpu":
+        if device is not None and normalize_device(device) != "cpu":
             steps.extend(self.to_device_steps(facts, device))
         return steps
 
@@ -128,10 +128,6 @@ class JaxBackend(Backend):
         self._check_x64(dtype)
         target = lookup(dtype).numpy
         return [Step(f"cast {facts.dtype} -> {dtype}", True, lambda a: a.astype(target))]
-
-    def device_type(self, device: str) -> str:
-        kind = device.split(":", 1)[0]
-        return {"gpu": "cuda"}.get(kind, kind)
 
     def to_device_steps(self, facts: Facts, device: str) -> list[Step]:
         jax = self.load()

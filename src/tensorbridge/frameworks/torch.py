@@ -78,7 +78,7 @@ class TorchBackend(Backend):
         f.dlpack = not (sparse or "conj" in f.notes or "neg" in f.notes)
         return f
 
-    def _prepare_steps(self, facts: Facts) -> list[Step]:
+    def prepare_steps(self, facts: Facts) -> list[Step]:
         """Detach, densify, resolve bits: what every route out of torch needs first."""
         steps = []
         if "requires_grad" in facts.notes:
@@ -96,7 +96,7 @@ class TorchBackend(Backend):
         return steps
 
     def to_host_steps(self, x: Any, facts: Facts) -> list[Step]:
-        steps = self._prepare_steps(facts)
+        steps = self.prepare_steps(facts)
         if facts.device_type != "cpu":
             steps.append(Step(f"copy {facts.device} -> host", True, _to_host,
                               "device memory is not addressable from NumPy"))
