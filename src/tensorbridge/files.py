@@ -37,7 +37,7 @@ import numpy as np
 from .convert import convert
 from .errors import ConversionError, TensorBridgeError, message
 from .formats import Reader, TensorInfo, format_for_path
-from .formats.base import Format
+from .formats.base import Format, check_metadata
 from .formats.names import check_unique
 from .frameworks import backend_of, describe, get_backend
 from .tree import format_path, tree_leaves_with_path
@@ -140,19 +140,6 @@ def to_host(leaf: Any) -> np.ndarray:
     """One leaf as a host NumPy array (converted now, for a writer's ``fetch``)."""
     arr = convert(leaf, to="numpy")
     return arr if isinstance(arr, np.ndarray) else np.asarray(arr)
-
-
-def check_metadata(metadata: Any, file: object = "") -> dict[str, str] | None:
-    """``metadata`` as a ``dict[str, str]`` (or None); refuse anything else."""
-    if metadata is None:
-        return None
-    if not isinstance(metadata, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise ConversionError(message(
-            f"metadata {metadata!r:.200}" + (f" for {file}" if file else ""),
-            "file metadata maps strings to strings",
-            "convert keys and values with str() or json.dumps()"))
-    return dict(metadata)
 
 
 def write_options(fmt: Format, options: Mapping[str, Any], file: object = "") -> dict[str, Any]:

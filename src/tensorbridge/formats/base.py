@@ -21,7 +21,7 @@ them kernel-side instead of reading them into memory.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -154,3 +154,33 @@ class Format:
     ) -> None:
         """Write atomically: the destination is replaced only when complete."""
         raise NotImplementedError
+
+
+def check_metadata(metadata: Any, file: object = "") -> dict[str, str]:
+    """``metadata`` as a ``dict[str, str]`` (``{}`` for None); refuse anything else,
+    before anything is written."""
+    from ..errors import ConversionError
+
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise ConversionError(f"{file}: metadata {metadata!r:.200} is not a mapping. "
+                              "Fix: pass a dict of str to str.")
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ConversionError(
+                f"{file}: metadata entry {key!r}: {value!r:.100} is refused: file metadata maps "
+                "strings to strings. Fix: convert keys and values with str() or json.dumps().")
+    return dict(metadata)
+
+
+def check_options(options: Mapping[str, Any], allowed: Sequence[str], fmt: str,
+                  file: object) -> None:
+    """Refuse write options a format does not take."""
+    from ..errors import ConversionError
+
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConversionError(
+            f"{file}: unknown option(s) {unknown!r} for {fmt} files. Fix: "
+            + (f"the options are {list(allowed)!r}." if allowed else "it takes no options."))

@@ -59,7 +59,7 @@ from ..errors import (
     UnsafeContentError,
 )
 from .atomic import atomic_path
-from .base import Format, Reader, TensorInfo
+from .base import Format, Reader, TensorInfo, check_metadata
 from .names import check_unique
 from .safetensors import check_fetched, open_regular_file
 
@@ -286,20 +286,15 @@ def metadata_problem(key: str, value: str) -> str | None:
 
 
 def _check_metadata(metadata: Mapping[str, str] | None, path: str) -> dict[str, str]:
-    if not metadata:
-        return {}
+    metadata = check_metadata(metadata, path)
     for key, value in metadata.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise ConversionError(
-                f"{path}: metadata entry {key!r}: {value!r} is refused: metadata maps strings "
-                "to strings. Fix: convert keys and values with str() or json.dumps().")
         why = metadata_problem(key, value)
         if why is not None:
             fix = "give it a non-empty key" if key == "" else "remove the NUL character"
             raise ConversionError(
                 f"{path}: metadata key {key!r} is refused: {why}; nothing was written. "
                 f"Fix: {fix}, or leave the entry out.")
-    return dict(metadata)
+    return metadata
 
 
 class H5Format(Format):

@@ -62,7 +62,7 @@ import numpy as np
 from ..dtypes import DTYPES, canonical_name, lookup
 from ..errors import ConversionError, FileFormatError, UnsafeContentError
 from .atomic import atomic_write
-from .base import Format, Reader, TensorInfo
+from .base import Format, Reader, TensorInfo, check_options
 from .names import check_unique
 from .safetensors import check_fetched, iter_le_bytes, open_regular_file, read_exact_into
 
@@ -83,7 +83,6 @@ __all__ = [
     "read_into",
     "check_bool",
     "check_no_metadata",
-    "check_options",
 ]
 
 #: The name of the one tensor a ``.npy`` file holds.
@@ -437,15 +436,6 @@ def check_no_metadata(metadata: Mapping[str, str] | None, fmt: str, file: object
             f"{file}: metadata {dict(metadata)!r:.100} cannot be stored: {fmt} files have no "
             "place for it, and dropping it silently would lose it. Fix: save as .safetensors "
             "or .h5, or pass metadata=None.")
-
-
-def check_options(options: Mapping[str, Any], allowed: Sequence[str], fmt: str,
-                  file: object) -> None:
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ConversionError(
-            f"{file}: unknown option(s) {unknown!r} for {fmt} files. Fix: "
-            + (f"the options are {list(allowed)!r}." if allowed else "it takes no options."))
 
 
 class NpyFormat(Format):

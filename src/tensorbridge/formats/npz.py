@@ -58,14 +58,13 @@ import numpy as np
 
 from ..errors import ConversionError, FileFormatError, TensorBridgeError, UnsafeContentError
 from .atomic import atomic_write
-from .base import Format, Reader, TensorInfo
+from .base import Format, Reader, TensorInfo, check_options
 from .names import check_name, check_unique
 from .npy import (
     NpyHeader,
     build_header,
     check_bool,
     check_no_metadata,
-    check_options,
     parse_header,
     read_into,
 )

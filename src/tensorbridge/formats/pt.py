@@ -67,7 +67,7 @@ import numpy as np
 from ..dtypes import lookup
 from ..errors import ConversionError, FileFormatError
 from .atomic import atomic_write
-from .base import Format, RawSpan, Reader, TensorInfo
+from .base import Format, RawSpan, Reader, TensorInfo, check_metadata
 from .names import check_unique
 from .pt_errors import wrapped
 from .pt_flatten import MAX_DEPTH, flatten  # noqa: F401 (MAX_DEPTH: re-export)
@@ -353,10 +353,7 @@ class PtFormat(Format):
         check_unique([i.name for i in infos], path)
         for info in infos:
             _check_writable(info, path)
-        meta = dict(metadata or {})
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-            raise ConversionError(f"{path}: metadata must map str to str, got {meta!r:.100}. "
-                                  "Fix: convert keys and values to strings.")
+        meta = check_metadata(metadata, path)
         pickle_bytes = state_dict_pickle(infos)
         small = [("data.pkl", pickle_bytes), (".format_version", b"1"),
                  (".storage_alignment", str(ALIGNMENT).encode()),

@@ -52,7 +52,7 @@ import numpy as np
 from ..dtypes import DTYPES, canonical_name, lookup
 from ..errors import ConversionError, FileFormatError, TensorBridgeError, UnsafeContentError
 from .atomic import atomic_write
-from .base import Format, RawSpan, Reader, TensorInfo
+from .base import Format, RawSpan, Reader, TensorInfo, check_metadata
 from .names import check_name, check_unique
 
 __all__ = [
@@ -336,16 +336,9 @@ def build_header(infos: Sequence[TensorInfo], metadata: Mapping[str, str] | None
     """The 8-byte length plus the space-padded JSON header for ``infos``, in order."""
     check_unique([i.name for i in infos], file)
     header: dict[str, Any] = {}
-    if metadata:
-        if not isinstance(metadata, Mapping):
-            raise ConversionError(
-                f"{file}: metadata {metadata!r} is not a mapping. Fix: pass a dict of str to str.")
-        for key, value in metadata.items():
-            if not isinstance(key, str) or not isinstance(value, str):
-                raise ConversionError(
-                    f"{file}: metadata entry {key!r}: {value!r} is refused: safetensors metadata "
-                    "maps strings to strings. Fix: convert keys and values with str() or json.dumps().")
-        header[_METADATA_KEY] = dict(metadata)
+    meta = check_metadata(metadata, file)
+    if meta:
+        header[_METADATA_KEY] = meta
     offset = 0
     for info in infos:
         if info.name == _METADATA_KEY:

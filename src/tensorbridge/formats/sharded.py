@@ -60,7 +60,7 @@ import numpy as np
 from ..errors import ConversionError, FileFormatError, TensorBridgeError, UnsafeContentError, message
 from . import atomic
 from .atomic import atomic_write
-from .base import Format, Reader, TensorInfo
+from .base import Format, Reader, TensorInfo, check_options
 from .names import check_unique
 from .safetensors import FORMAT as SAFETENSORS
 from .safetensors import build_header, open_regular_file, read_exact_into
@@ -428,11 +428,8 @@ class ShardedFormat(Format):
     ) -> None:
         """Write shards of at most ``max_shard_size`` bytes (option; default 5GB), then the index."""
         path = os.fspath(path)
-        max_shard_size = parse_size(options.pop("max_shard_size", DEFAULT_MAX_SHARD_SIZE))
-        if options:
-            raise ConversionError(
-                f"{path}: unknown option(s) {sorted(options)!r} for sharded checkpoints. Fix: "
-                "the only option is max_shard_size.")
+        check_options(options, ("max_shard_size",), "sharded", path)
+        max_shard_size = parse_size(options.get("max_shard_size", DEFAULT_MAX_SHARD_SIZE))
         directory, index_name, prefix = destination(path)
         if metadata and "total_size" in metadata:
             raise ConversionError(
