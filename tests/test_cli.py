@@ -499,7 +499,7 @@ def test_convert_verifies_the_index_it_wrote_and_refuses_another_index(tmp_path)
     assert load(out)["w"].tobytes() == np.ones(4, np.float32).tobytes()
 
 
-def test_verification_failure_says_the_destination_was_replaced(tmp_path, monkeypatch):
+def test_a_corrupt_copy_is_caught_as_it_lands_and_nothing_is_replaced(tmp_path, monkeypatch):
     from tensorbridge.cli.convert_cmd import convert_file
     from tensorbridge.errors import FileFormatError
     from tensorbridge.files import save
@@ -508,6 +508,8 @@ def test_verification_failure_says_the_destination_was_replaced(tmp_path, monkey
     src = tmp_path / "s.safetensors"
     a = np.arange(1 << 12, dtype=np.float32)
     save({"w": a, "z": a[:10].copy()}, src)
+    dst = tmp_path / "o.safetensors"
+    dst.write_bytes(b"the old destination")
     real = st.copy_span
 
     def corrupting(src_fd, span, dst_fd, off):
@@ -515,6 +517,34 @@ def test_verification_failure_says_the_destination_was_replaced(tmp_path, monkey
         os.pwrite(dst_fd, b"\xff", off + span.nbytes - 1)
 
     monkeypatch.setattr(st, "copy_span", corrupting)
+    with pytest.raises(FileFormatError) as info:
+        convert_file(str(src), str(dst))
+    text = str(info.value)
+    assert "verification failed: tensor 'w'" in text
+    assert "the destination was left unchanged" in text and "Fix:" in text
+    assert dst.read_bytes() == b"the old destination"
+    assert sorted(os.listdir(tmp_path)) == ["o.safetensors", "s.safetensors"]
+
+
+def test_a_corrupt_write_found_on_read_back_says_the_destination_was_replaced(
+        tmp_path, monkeypatch):
+    from tensorbridge.cli.convert_cmd import convert_file
+    from tensorbridge.errors import FileFormatError
+    from tensorbridge.files import save
+    from tensorbridge.formats import safetensors as st
+
+    src = tmp_path / "s.npz"  # no byte ranges to copy: tensors pass through arrays
+    a = np.arange(1 << 12, dtype=np.float32)
+    save({"w": a, "z": a[:10].copy()}, src)
+    real = st.iter_le_bytes
+
+    def corrupting(arr, *args):
+        for piece in real(arr, *args):
+            bad = bytearray(piece)
+            bad[-1] ^= 0xFF
+            yield memoryview(bad)
+
+    monkeypatch.setattr(st, "iter_le_bytes", corrupting)
     with pytest.raises(FileFormatError) as info:
         convert_file(str(src), str(tmp_path / "o.safetensors"))
     text = str(info.value)

@@ -359,3 +359,139 @@ def test_verification_of_copied_tensors_catches_a_corrupt_byte(pt_file, tmp_path
             m.setattr(SafetensorsReader, "raw_span", lambda self, name: None)
             with pytest.raises(FileFormatError, match="verification failed: tensor 'w.2'"):
                 verify(str(dst), fmt, planned, {}, spans)
+
+
+# --- checking copies as they land ------------------------------------------------------
+
+def test_landed_reports_where_each_copied_tensor_lies(st_file, tmp_path):
+    src, sd = st_file
+    dst = tmp_path / "o.safetensors"
+    seen = {}
+    with SAFETENSORS.open(src) as r:
+        infos = r.infos()
+
+        def landed(name, fd, offset, nbytes):  # the bytes are readable there, now
+            seen[name] = (os.fstat(fd).st_ino, offset, os.pread(fd, nbytes, offset))
+
+        SAFETENSORS.write(dst, infos, lambda n: r.raw_span(n) or r.read(n), landed=landed)
+    assert sorted(seen) == sorted(n for n in sd if n not in ("flag", "empty"))  # copies only
+    with SAFETENSORS.open(dst) as out:
+        for name, (ino, offset, data) in seen.items():
+            span = out.raw_span(name)
+            assert (ino, offset) == (span.file_id[1], span.offset)
+            assert data == out.read(name).tobytes()
+
+
+def test_landed_raising_aborts_the_write(st_file, tmp_path):
+    src, _ = st_file
+    dst = tmp_path / "o.safetensors"
+    dst.write_bytes(b"old")
+
+    def landed(name, fd, offset, nbytes):
+        raise FileFormatError("stop here", dst)
+
+    with SAFETENSORS.open(src) as r:
+        with pytest.raises(FileFormatError, match="stop here"):
+            SAFETENSORS.write(dst, r.infos(), r.raw_span, landed=landed)
+    assert dst.read_bytes() == b"old"
+    assert sorted(os.listdir(tmp_path)) == ["model.safetensors", "o.safetensors"]
+
+
+def test_landed_reaches_every_shard(pt_file, tmp_path):
+    src, _ = pt_file
+    files = set()
+    with PT.open(src) as r:
+        get_format("sharded").write(
+            tmp_path / "out/", r.infos(), lambda n: r.raw_span(n) or r.read(n),
+            landed=lambda name, fd, off, n: files.add(os.fstat(fd).st_ino),
+            max_shard_size="600B")
+    assert len(files) > 2
+
+
+def test_checker_records_equal_copies_and_raises_on_a_mismatch(st_file, tmp_path):
+    from tensorbridge.cli.convert_cmd import _LandedChecker
+
+    src, _ = st_file
+    with SAFETENSORS.open(src) as r:
+        spans = {n: r.raw_span(n) for n in ("t.0", "t.1", "t.2")}
+    scratch = tmp_path / "scratch"
+    data = src.read_bytes()
+    scratch.write_bytes(data)
+    fd = os.open(scratch, os.O_RDWR)
+    try:
+        checker = _LandedChecker(spans, str(scratch))
+        try:
+            for name in ("t.0", "t.1"):  # the very bytes, at the same offsets
+                checker.landed(name, fd, spans[name].offset, spans[name].nbytes)
+            checker.drain()
+            st = os.fstat(fd)
+            assert checker.checked == {n: ((st.st_dev, st.st_ino), spans[n].offset,
+                                           spans[n].nbytes) for n in ("t.0", "t.1")}
+            bad = spans["t.2"].offset + 5
+            os.pwrite(fd, bytes([data[bad] ^ 1]), bad)
+            checker.landed("t.2", fd, spans["t.2"].offset, spans["t.2"].nbytes)
+            with pytest.raises(FileFormatError,
+                               match="tensor 't.2' differs.*left unchanged.*Fix:"):
+                checker.drain()
+            assert "t.2" not in checker.checked
+        finally:
+            checker.close()
+    finally:
+        os.close(fd)
+
+
+def test_checker_leaves_unreadable_places_to_the_read_back(st_file, tmp_path):
+    from tensorbridge.cli.convert_cmd import _LandedChecker
+
+    src, _ = st_file
+    with SAFETENSORS.open(src) as r:
+        span = r.raw_span("t.0")
+    short = tmp_path / "short"
+    short.write_bytes(b"x" * 10)  # too short to hold the tensor: the check cannot run
+    fd = os.open(short, os.O_RDONLY)
+    checker = _LandedChecker({"t.0": span}, str(short))
+    try:
+        checker.landed("t.0", fd, span.offset, span.nbytes)
+        checker.drain()  # no verdict: neither checked nor a mismatch
+        assert checker.checked == {} and checker.mismatch is None
+    finally:
+        checker.close()
+        os.close(fd)
+
+
+def test_read_back_compares_again_where_the_checked_place_is_not_where_it_lies(
+        pt_file, tmp_path):
+    src, _ = pt_file
+    dst = tmp_path / "o.safetensors"
+    convert_file(str(src), str(dst), include=["w.0", "w.2"])
+    with PT.open(src) as r, SAFETENSORS.open(dst) as out:
+        planned = [r.info(n) for n in ("w.0", "w.2")]
+        spans = {i.name: r.raw_span(i.name) for i in planned}
+        places = {n: (out.raw_span(n).file_id, out.raw_span(n).offset, out.raw_span(n).nbytes)
+                  for n in ("w.0", "w.2")}
+    where = places["w.2"][1] + 3
+    data = bytearray(dst.read_bytes())
+    data[where] ^= 0x01
+    dst.write_bytes(bytes(data))  # same inode: write_bytes truncates and rewrites in place
+    # a place that was checked is trusted; one that is stale (another offset) is read again
+    assert verify(str(dst), SAFETENSORS, planned, {}, spans, places) == 2
+    stale = dict(places, **{"w.2": (places["w.2"][0], places["w.2"][1] + 8, places["w.2"][2])})
+    with pytest.raises(FileFormatError, match="verification failed: tensor 'w.2'"):
+        verify(str(dst), SAFETENSORS, planned, {}, spans, stale)
+
+
+def test_sharded_sources_copy_kernel_side(pt_file, tmp_path, monkeypatch):
+    src, sd = pt_file
+    convert_file(str(src), str(tmp_path / "shards") + "/", max_shard_size="600B")
+    with get_format("sharded").open(tmp_path / "shards") as r:
+        for name in r.keys():
+            span = r.raw_span(name)
+            if span is None:
+                continue
+            with SAFETENSORS.open(r.shard_of(name)) as shard:
+                assert span == shard.raw_span(name)
+    taken = _spans_taken(monkeypatch)
+    out = tmp_path / "joined.safetensors"
+    summary = convert_file(str(tmp_path / "shards"), str(out))
+    assert len(taken) >= len(TORCH_DTYPES) and summary["verified"] == len(sd)
+    _same_tensors(out, sd)

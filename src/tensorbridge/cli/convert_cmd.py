@@ -9,18 +9,25 @@ contiguous, little-endian ``.pt`` record, or any ``.safetensors`` tensor; see
 :meth:`Reader.raw_span`), ``fetch`` hands the writer that byte range and the
 bytes never pass through Python.
 
-Verification (on by default): every other tensor's bytes get a CRC-32 as they
-are handed to the writer. Afterwards DST is reopened, its header validated, and
-every tensor's dtype and shape checked; a copied tensor's bytes are compared
-with SRC's byte range, 1 MiB at a time (memcmp), and any other tensor's
-CRC-32 with the one taken while writing. Memory stays bounded throughout.
+Verification (on by default): a copied tensor's bytes are compared with SRC's
+byte range, 1 MiB at a time (memcmp), as soon as they land in the new file, on
+a second thread while the next tensor is copied (:class:`_LandedChecker`); a
+mismatch aborts the write before DST is replaced. Every other tensor's bytes get
+a CRC-32 as they are handed to the writer. Afterwards DST is reopened, its
+header validated, and every tensor's dtype and shape checked; a copied tensor
+whose bytes were already compared at the very place (file identity and offset)
+the reader now finds it is not read again, any other copied tensor is compared
+with SRC again, and every other tensor's CRC-32 with the one taken while
+writing. Memory stays bounded throughout.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import queue
 import sys
+import threading
 import zlib
 from typing import Any
 
@@ -138,6 +145,98 @@ class _Comparer:
         return True
 
 
+#: ``(file identity, offset, nbytes)`` of a tensor's bytes in the written file.
+Place = tuple[Any, int, int]
+
+
+class _LandedChecker:
+    """Compares each copied tensor with SRC's bytes right after it lands in the file
+    being written, on one background thread, while the main thread copies the next.
+
+    It is the writers' ``landed`` callback. The writer's descriptor is duplicated
+    once per file (the thread reads through it after the call returns); the kernel
+    copy releases the GIL, so the two overlap on two cores. :meth:`checked`
+    holds the place of every tensor that compared equal. A mismatch is raised by
+    the next ``landed`` call, or by :meth:`drain`, which waits for every check
+    queued so far; ``convert_file`` drains before the last tensor is committed, so a
+    mismatch aborts the write and leaves DST untouched.
+    """
+
+    def __init__(self, spans: dict[str, RawSpan], dst: str) -> None:
+        self._spans = spans
+        self._dst = dst
+        self._queue: queue.SimpleQueue[tuple[str, Any, int, int] | None] = queue.SimpleQueue()
+        self._fds: dict[Any, int] = {}
+        self._thread: threading.Thread | None = None
+        self._pending = 0
+        self._idle = threading.Condition()
+        self.checked: dict[str, Place] = {}
+        self.mismatch: str | None = None
+
+    def landed(self, name: str, fd: int, offset: int, nbytes: int) -> None:
+        self._raise_mismatch()
+        st = os.fstat(fd)
+        file_id = (st.st_dev, st.st_ino)
+        if file_id not in self._fds:
+            self._fds[file_id] = os.dup(fd)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="tensorbridge-verify",
+                                            daemon=True)
+            self._thread.start()
+        with self._idle:
+            self._pending += 1
+        self._queue.put((name, file_id, offset, nbytes))
+
+    def drain(self) -> None:
+        """Wait for every queued check; raise if one found different bytes."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._pending == 0)
+        self._raise_mismatch()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def _raise_mismatch(self) -> None:
+        if self.mismatch is not None:
+            raise FileFormatError(
+                f"verification failed: tensor {self.mismatch!r} differs from the source's "
+                "bytes right after it was copied into the new file, so the write was "
+                "abandoned and the destination was left unchanged. Fix: retry; if it "
+                "happens again, report it as a bug, with the source file's format.",
+                self._dst)
+
+    def _run(self) -> None:
+        from ..formats.safetensors import read_exact_into
+
+        comparer = _Comparer()
+        try:
+            while (item := self._queue.get()) is not None:
+                name, file_id, offset, nbytes = item
+                try:
+                    fd = self._fds[file_id]
+                    src = self._spans[name]
+                    same = src.nbytes == nbytes and comparer.same(
+                        src, lambda pos, view: read_exact_into(fd, view, offset + pos,
+                                                               self._dst))
+                except Exception:  # unchecked here: verify() compares it again afterwards
+                    same = None
+                if same:
+                    self.checked[name] = (file_id, offset, nbytes)
+                elif same is not None and self.mismatch is None:
+                    self.mismatch = name
+                with self._idle:
+                    self._pending -= 1
+                    self._idle.notify_all()
+        finally:
+            comparer.close()
+
+
 def _span_fill(span: RawSpan, comparer: _Comparer) -> Any:
     from ..formats.safetensors import read_exact_into
 
@@ -151,17 +250,20 @@ def _array_fill(arr: np.ndarray) -> Any:
 
 
 def verify(dst_path: str, dst_format: Format, planned: list[TensorInfo],
-           digests: dict[str, bytes], spans: dict[str, RawSpan] | None = None) -> int:
+           digests: dict[str, bytes], spans: dict[str, RawSpan] | None = None,
+           checked: dict[str, Place] | None = None) -> int:
     """Reopen ``dst_path`` and check every tensor's dtype and shape, and its bytes:
     against ``spans[name]`` (SRC's bytes, compared directly) for tensors that were
-    copied, else against the digest taken as it was written. Holds one tensor (or
-    16 MiB) at a time. Returns the count."""
+    copied, else against the digest taken as it was written. A copied tensor whose
+    bytes already compared equal at ``checked[name]`` (file identity, offset,
+    nbytes), the place the reader finds it now, is not read again. Holds one
+    tensor (or 16 MiB) at a time. Returns the count."""
     spans = spans or {}
     comparer = _Comparer() if spans else None
     try:
         with dst_format.open(dst_path) as out:
             return _verify_open(out, dst_path, planned, digests, spans, comparer,
-                                dst_format.name == "npy")
+                                dst_format.name == "npy", checked or {})
     finally:
         if comparer is not None:
             comparer.close()
@@ -184,7 +286,9 @@ def _failed(info: TensorInfo, got: str, dst_path: str) -> FileFormatError:
 
 def _verify_open(out: Reader, dst_path: str, planned: list[TensorInfo],
                  digests: dict[str, bytes], spans: dict[str, RawSpan],
-                 comparer: _Comparer | None, unnamed: bool = False) -> int:
+                 comparer: _Comparer | None, unnamed: bool = False,
+                 checked: dict[str, Place] | None = None) -> int:
+    checked = checked or {}
     names = out.keys()
     by_name = {i.name: i for i in planned}
     if unnamed and len(planned) == 1 and len(names) == 1:  # .npy: one array, "array"
@@ -205,6 +309,9 @@ def _verify_open(out: Reader, dst_path: str, planned: list[TensorInfo],
             if got != f"{info.dtype}{list(info.shape)}" or back.nbytes != src.nbytes:
                 raise _failed(info, got, dst_path)
             dst_span = out.raw_span(name)
+            if dst_span is not None and checked.get(info.name) == (
+                    dst_span.file_id, dst_span.offset, dst_span.nbytes):
+                continue  # these very bytes compared equal as they landed
             if dst_span is not None:
                 fill = _span_fill(dst_span, comparer)
             else:  # a reader without byte ranges: compare what it reads
@@ -332,6 +439,15 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
         dropped: list[str] = []
         source_dtype = {i.name: i.dtype for i in infos}
         raw_ok = out_format.name in _SPAN_WRITERS
+        checker = _LandedChecker(spans, dst) if check and raw_ok else None
+        last = planned[-1].name
+        if checker is not None:
+            def landed(name: str, fd: int, offset: int, nbytes: int) -> None:
+                checker.landed(name, fd, offset, nbytes)
+                if name == last:
+                    checker.drain()  # every copy compared before the file is committed
+
+            options["landed"] = landed
         with progress(total, "converting", quiet=quiet) as bar:
             def fetch(name: str) -> np.ndarray | RawSpan:
                 info = by_name[name]
@@ -344,6 +460,8 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
                 arr = _fetch_as(reader, info)
                 if check:
                     digests[name] = digest(arr)
+                if checker is not None and name == last:
+                    checker.drain()  # the last tensor is not a copy: compare the rest now
                 bar.advance(info.nbytes, description=name[-30:])
                 return arr
 
@@ -351,8 +469,14 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
             if in_format == "sharded":
                 metadata.pop("total_size", None)  # the index's own bookkeeping
             metadata, dropped = _storable_metadata(out_format, metadata)
-            out_format.write(dst, planned, fetch, metadata, **options)
-        verified = verify(written, out_format, planned, digests, spans) if check else None
+            try:
+                out_format.write(dst, planned, fetch, metadata, **options)
+            finally:
+                if checker is not None:
+                    checker.close()
+        verified = (verify(written, out_format, planned, digests, spans,
+                           checker.checked if checker is not None else None)
+                    if check else None)
     return {
         "src": src, "dst": dst, "src_format": in_format, "dst_format": out_format.name,
         "count": len(planned), "skipped": len(infos) - len(planned), "cast": casts,

@@ -266,7 +266,8 @@ def _replacing(path: str | os.PathLike, example: str, follow_symlinks: bool,
                ofd: bool) -> Iterator[tuple[str, int]]:
     """Create a temporary sibling of ``path``; on success move it over ``path``.
 
-    Yields the temporary file's path and a write-only descriptor the caller must
+    Yields the temporary file's path and a read-write descriptor (a verifier may
+    read back what was written) the caller must
     close (the lock on the temporary file is held here until it is renamed). The caller's block
     writes and fsyncs the file; this then gives it the destination's mode,
     replaces the destination and fsyncs the directory. On any exception the
@@ -286,7 +287,7 @@ def _replacing(path: str | os.PathLike, example: str, follow_symlinks: bool,
     while True:
         tmp = temp_name(directory, base)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
                          0o600)
         except OSError as exc:
             raise FileFormatError(

@@ -625,11 +625,18 @@ class SafetensorsFormat(Format):
         infos: Sequence[TensorInfo],
         fetch: Callable[[str], np.ndarray | RawSpan],
         metadata: Mapping[str, str] | None = None,
+        *,
+        landed: Callable[[str, int, int, int], None] | None = None,
     ) -> None:
         """Stream ``infos`` into ``path`` atomically, one fetched tensor at a time.
 
         ``fetch(name)`` returns an array, or a :class:`RawSpan` whose bytes are
-        copied kernel-side from the source file.
+        copied kernel-side from the source file. After each such copy,
+        ``landed(name, fd, offset, nbytes)`` is called, when given: ``fd`` is the
+        file being written (open for reading too, valid during the call only; ``os.dup``
+        it to keep it) and the tensor's bytes lie at ``offset``. A verifier can check
+        them there while the next tensor is copied. An exception it raises aborts
+        the write and leaves the destination untouched.
         """
         path = os.fspath(path)
         for info in infos:
@@ -651,6 +658,8 @@ class SafetensorsFormat(Format):
                         start = f.tell()
                         copy_span(sources[key], span, f.fileno(), start)
                         f.seek(start + span.nbytes)
+                        if landed is not None:
+                            landed(info.name, f.fileno(), start, span.nbytes)
                     else:
                         arr = check_fetched(got, info, path)
                         for piece in iter_le_bytes(arr):

@@ -60,7 +60,7 @@ import numpy as np
 from ..errors import ConversionError, FileFormatError, TensorBridgeError, UnsafeContentError, message
 from . import atomic
 from .atomic import atomic_write
-from .base import Format, Reader, TensorInfo, check_options
+from .base import Format, RawSpan, Reader, TensorInfo, check_options
 from .names import check_unique
 from .safetensors import FORMAT as SAFETENSORS
 from .safetensors import build_header, open_regular_file, read_exact_into
@@ -327,13 +327,23 @@ class ShardedReader(Reader):
         self.info(name)
         return self._where[name]
 
-    def read(self, name: str) -> np.ndarray:
+    def _shard_reader(self, name: str) -> Reader:
+        """The open reader of ``name``'s shard (call with ``self._lock`` held)."""
         shard = self.shard_of(name)
+        if self._current is None or self._current[0] != shard:
+            self.close()
+            self._current = (shard, _open_shard(shard))
+        return self._current[1]
+
+    def read(self, name: str) -> np.ndarray:
         with self._lock:
-            if self._current is None or self._current[0] != shard:
-                self.close()
-                self._current = (shard, _open_shard(shard))
-            return self._current[1].read(name)
+            return self._shard_reader(name).read(name)
+
+    def raw_span(self, name: str) -> RawSpan | None:
+        """The byte range in its shard, as the shard's reader gives it (checked again,
+        by file identity, whenever it is opened)."""
+        with self._lock:
+            return self._shard_reader(name).raw_span(name)
 
     def close(self) -> None:
         with self._lock:
@@ -424,9 +434,13 @@ class ShardedFormat(Format):
         infos: Sequence[TensorInfo],
         fetch: Callable[[str], np.ndarray],
         metadata: Mapping[str, str] | None = None,
+        *,
+        landed: Callable[[str, int, int, int], None] | None = None,
         **options: Any,
     ) -> None:
-        """Write shards of at most ``max_shard_size`` bytes (option; default 5GB), then the index."""
+        """Write shards of at most ``max_shard_size`` bytes (option; default 5GB), then the index.
+
+        ``landed`` is handed to each shard's safetensors writer (see its ``write``)."""
         path = os.fspath(path)
         check_options(options, ("max_shard_size",), "sharded", path)
         max_shard_size = parse_size(options.get("max_shard_size", DEFAULT_MAX_SHARD_SIZE))
@@ -462,7 +476,7 @@ class ShardedFormat(Format):
                 for shard, group in zip(names, groups):
                     final = os.path.join(directory, shard)
                     written.append(final)  # safetensors' atomic write removes its own temp
-                    SAFETENSORS.write(final, group, fetch, {"format": "pt"})
+                    SAFETENSORS.write(final, group, fetch, {"format": "pt"}, landed=landed)
                 atomic.fsync_dir(directory)
                 index = {
                     "metadata": {**user_metadata, "total_size": sum(i.nbytes for i in infos)},
