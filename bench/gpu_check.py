@@ -50,6 +50,7 @@ TARGETS = {
     "jax_to_numpy": ">= 10 GB/s",
     "cupy_to_numpy": ">= 10 GB/s",
     "tree_to_cuda": ">= 2x naive per-tensor .to('cuda')",
+    "pinned_soak": "20 s of to_numpy(state dict) in a loop: pinned bytes, RSS, fds flat",
 }
 
 
@@ -314,6 +315,57 @@ def bench_cupy_to_numpy(torch: Any, tb: Any, np: Any) -> dict:
                    sync_after=lambda: cp.cuda.Device().synchronize())
 
 
+def _pinned_bytes(torch: Any) -> int | None:
+    """Bytes of page-locked memory torch's host allocator holds (active + cached)."""
+    if DEV != "cuda" or not hasattr(torch.cuda, "host_memory_stats"):
+        return None
+    try:
+        return torch.cuda.host_memory_stats().get("allocated_bytes.current")
+    except Exception:
+        return None
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def bench_pinned_soak(torch: Any, tb: Any, np: Any) -> dict:
+    """A state dict to NumPy in a loop, pinned and not, alternating: the pinned
+    memory torch holds, the process's RSS and its open descriptors stay flat."""
+    import gc
+
+    seconds = 20.0 if DEV == "cuda" else 1.0
+    tree = {f"layer.{i}.weight": fresh_cuda(torch, (4 * GiB // 1024) // 4) for i in range(16)}
+    tree.update({f"layer.{i}.bias": fresh_cuda(torch, 1024 + i) for i in range(64)})
+    want = {k: v.cpu().numpy() for k, v in tree.items()}
+    nbytes = sum(v.numel() * 4 for v in tree.values())
+    fd_dir = "/proc/self/fd"
+
+    def one(pinned: bool) -> bool:
+        out = tb.to_numpy(tree, pinned=pinned)
+        return all(same_bits_np(out[k], want[k]) for k in tree)
+
+    ok = one(True) and one(False) and one(True) and one(False)  # warm: ring and pinned cache
+    gc.collect()
+    start = {"pinned": _pinned_bytes(torch), "rss": _rss_bytes(), "fds": len(os.listdir(fd_dir))}
+    n, t0 = 0, time.perf_counter()
+    samples = []
+    while time.perf_counter() - t0 < seconds:
+        ok = one(n % 2 == 0) and ok
+        n += 1
+        if n % 10 == 0:
+            samples.append((_pinned_bytes(torch), _rss_bytes()))
+    gc.collect()
+    end = {"pinned": _pinned_bytes(torch), "rss": _rss_bytes(), "fds": len(os.listdir(fd_dir))}
+    pinned_flat = start["pinned"] is None or end["pinned"] <= start["pinned"]
+    rss_flat = end["rss"] - start["rss"] < 64 * MiB
+    return {"iterations": n, "seconds": time.perf_counter() - t0, "nbytes_each": nbytes,
+            "start": start, "end": end, "samples": samples[-20:], "bit_exact": ok,
+            "pinned_flat": pinned_flat, "rss_flat": rss_flat,
+            "fds_flat": end["fds"] <= start["fds"], "tb_GBps": nbytes * n / (time.perf_counter() - t0) / 1e9}
+
+
 def bench_tree_to_cuda(torch: Any, tb: Any, np: Any) -> dict:
     rng = np.random.default_rng(0)
 
@@ -343,9 +395,10 @@ BENCHES: list[tuple[str, Callable, str | None]] = [
     ("many_small_to_numpy", with_stats(bench_many_small), None),
     ("torch_to_cupy", bench_torch_to_cupy, "cupy"),
     ("torch_to_jax", bench_torch_to_jax, "jax"),
-    ("jax_to_numpy", bench_jax_to_numpy, "jax"),
-    ("cupy_to_numpy", bench_cupy_to_numpy, "cupy"),
+    ("jax_to_numpy", with_stats(bench_jax_to_numpy), "jax"),
+    ("cupy_to_numpy", with_stats(bench_cupy_to_numpy), "cupy"),
     ("tree_to_cuda", with_stats(bench_tree_to_cuda), None),
+    ("pinned_soak", with_stats(bench_pinned_soak), None),
 ]
 
 
@@ -366,6 +419,8 @@ def verdict(name: str, r: dict) -> str:
         ok = r["tb_GBps"] >= 10
     elif name == "tree_to_cuda":
         ok = r["speedup"] >= 2
+    elif name == "pinned_soak":
+        ok = r["pinned_flat"] and r["rss_flat"] and r["fds_flat"]
     else:
         return "-"
     return "pass" if ok else "MISS"
@@ -469,6 +524,12 @@ def main(argv: list[str] | None = None) -> int:
         emit(result, quiet=True)  # after every benchmark: a timeout keeps what was measured
         if "error" in r:
             print(f"{name}: ERROR {r['error']}", flush=True)
+        elif "tb_s" not in r:  # the soak
+            print(f"{name}: {r['iterations']} conversions in {r['seconds']:.1f} s "
+                  f"({r['tb_GBps']:.2f} GB/s); pinned bytes {r['start']['pinned']} -> "
+                  f"{r['end']['pinned']}, RSS {r['start']['rss'] >> 20} -> "
+                  f"{r['end']['rss'] >> 20} MiB, fds {r['start']['fds']} -> {r['end']['fds']}, "
+                  f"bit-exact {r['bit_exact']}: {r['verdict']}", flush=True)
         else:
             print(f"{name}: tensorbridge {r['tb_s'] * 1e3:.3f} ms ({r['tb_GBps']:.2f} GB/s), "
                   f"naive {r['naive_s'] * 1e3:.3f} ms ({r['naive_GBps']:.2f} GB/s), "
@@ -485,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['speedup']:>7.2f}x  {TARGETS[name]:<45} {r['verdict']}")
         else:
             print(f"{name:<22} {'-':>14} {'-':>14} {'-':>8}  {TARGETS[name]:<45} "
-                  f"{r.get('skipped') or r.get('error')}")
+                  f"{r.get('verdict') or r.get('skipped') or r.get('error')}")
     result["wall_s"] = time.perf_counter() - start
     print(f"\ncard: {info['card']}; total {result['wall_s']:.0f} s")
     emit(result)

@@ -7,8 +7,12 @@ refusal without x64 is tested in a subprocess (tests/core/test_jax.py).
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
+
+# On a GPU, JAX would take 75% of its memory at start; the GPU tests share it with torch.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 HAVE = {name: importlib.util.find_spec(name) is not None
         for name in ("torch", "tensorflow", "jax", "cupy")}

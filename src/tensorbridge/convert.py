@@ -16,6 +16,7 @@ import numpy as np
 from .errors import ConversionError, TensorBridgeError, message
 from .frameworks import ALIASES, FRAMEWORK_MODULES, backend_of, get_backend
 from .frameworks.base import Backend, normalize_device
+from .frameworks import foreign_cuda
 from .plan import Plan, plan_leaf
 from .tree import format_path, tree_leaves_with_path, tree_map
 
@@ -25,6 +26,8 @@ __all__ = [
 ]
 
 _SCALARS = (bool, int, float, complex)
+#: Frameworks whose CUDA arrays go to NumPy through the staging ring (once imported).
+_CUDA_CAPABLE = frozenset({"torch", "jax", "cupy"})
 
 
 def _target(to: str) -> str:
@@ -102,6 +105,8 @@ def _leaf_fn(target: str, device: str | None, dtype: str | None, copy: bool | No
                 except (RuntimeError, TypeError):
                     pass
             elif _is_jax_array(tp):
+                if done and id(x) in done:  # a CUDA array, staged with the rest of the tree
+                    return done[id(x)]
                 return np.asarray(x)  # a read-only view on the CPU; gathers otherwise
             return general(x)
 
@@ -181,7 +186,7 @@ def convert(
     if type(x) in _SCALARS:
         x = _scalar_array(x)
     done: dict[int, Any] = {}
-    if target == "numpy" and "torch" in sys.modules:
+    if target == "numpy" and _CUDA_CAPABLE.intersection(sys.modules):
         from .frameworks.torch import gather_device_leaves
 
         done = gather_device_leaves(x, copy=copy, dtype=dtype, pinned=pinned)  # CUDA leaves, coalesced
@@ -219,8 +224,8 @@ def to_numpy(x: Any, /, *, copy: bool | None = None, dtype: str | None = None,
                 return x.numpy()  # raises for grad, conj/neg bits, devices, bf16
             except (RuntimeError, TypeError):
                 pass
-        elif _is_jax_array(tp) and not pinned:
-            return np.asarray(x)  # a read-only view on the CPU; gathers otherwise
+        elif _is_jax_array(tp) and not pinned and not foreign_cuda.jax_cuda_running():
+            return np.asarray(x)  # a read-only view on the CPU
     return convert(x, to="numpy", copy=copy, dtype=dtype, ragged=ragged, pinned=pinned)
 
 

@@ -227,47 +227,77 @@ def gather_device_leaves(tree: Any, *, copy: bool | None, dtype: str | None,
                          pinned: bool = False) -> dict[int, np.ndarray]:
     """Copy every CUDA tensor in ``tree`` to the host in one coalesced transfer.
 
-    Returns ``{id(tensor): host array}``; the arrays are fresh host memory in
+    Returns ``{id(leaf): host array}``; the arrays are fresh host memory in
     the tensor's own dtype, bit-exact (see :mod:`.torch_staging`: a pinned
     staging ring, one host wait per ring block used, so one for a tree of up to
     64 MiB per device). With ``pinned=True`` the arrays view page-locked memory
-    instead (one wait per device). Empty when CUDA was never initialised (then
-    no CUDA tensor can exist), or when ``copy=False`` (the plan refuses instead)
-    or ``dtype=`` is given (the planned route casts on the host).
+    instead (one wait per device). JAX and CuPy arrays on a CUDA device join
+    the same transfer through DLPack (see :mod:`.foreign_cuda`). Empty when no
+    CUDA array can exist yet (torch's CUDA never initialised, JAX's CUDA backend
+    not running, CuPy not imported), or when ``copy=False`` (the plan refuses
+    instead) or ``dtype=`` is given (the planned route casts on the host).
 
-    Every tensor's dtype is checked before anything is copied: an unsupported
-    one raises :class:`ConversionError` with the leaf's path. A CUDA error
-    during the transfer (out of memory, ...) is raised as a ConversionError.
+    Every torch tensor's dtype is checked before anything is copied: an
+    unsupported one raises :class:`ConversionError` with the leaf's path. A
+    CUDA error during the transfer (out of memory, ...) is raised as a
+    ConversionError; JAX/CuPy arrays then take their own path instead.
     """
-    torch = sys.modules["torch"]
-    if copy is False or dtype is not None or not torch.cuda.is_initialized():
+    if copy is False or dtype is not None:
+        return {}
+    from . import foreign_cuda
+
+    torch = sys.modules.get("torch")
+    torch_live = torch is not None and torch.cuda.is_initialized()
+    others = foreign_cuda.live_types()
+    if not torch_live and not others:
         return {}
     from ..errors import TensorBridgeError
     from ..tree import format_path, tree_leaves_with_path
     from .torch_staging import _numpy_dtype
 
-    found, seen = [], set()
+    found, seen, rest = [], set(), []
     for path, leaf in tree_leaves_with_path(tree):
-        if isinstance(leaf, torch.Tensor) and leaf.is_cuda and id(leaf) not in seen:
-            seen.add(id(leaf))
-            try:
-                _numpy_dtype(leaf.dtype)  # before any transfer, and with the leaf's path
-            except TensorBridgeError as exc:
-                raise exc.at(format_path(path)) from exc.__cause__
-            found.append(leaf)
+        if torch_live and isinstance(leaf, torch.Tensor):
+            if leaf.is_cuda and id(leaf) not in seen:
+                seen.add(id(leaf))
+                try:
+                    _numpy_dtype(leaf.dtype)  # before any transfer, and with the leaf's path
+                except TensorBridgeError as exc:
+                    raise exc.at(format_path(path)) from exc.__cause__
+                found.append(leaf)
+        elif others:
+            rest.append(leaf)
+    wrapped = foreign_cuda.wrap(foreign_cuda.cuda_arrays(rest, others)) if rest else []
+    if not found and not wrapped:
+        return {}
+    try:
+        hosts = batch_to_host(found + [t for _, t in wrapped], pinned=pinned)
+    except RuntimeError as exc:  # CUDA refused: out of memory, a lost device, a forked child...
+        if wrapped:  # try again without them: JAX/CuPy arrays have their own way to the host
+            return _torch_only(found, pinned)
+        raise _refused(found, exc) from exc
+    return dict(zip([id(t) for t in found] + [id(a) for a, _ in wrapped], hosts))
+
+
+def _torch_only(found: list[Any], pinned: bool) -> dict[int, np.ndarray]:
+    """The torch tensors ``found`` alone, after a transfer that included JAX/CuPy arrays failed."""
     if not found:
         return {}
     try:
         hosts = batch_to_host(found, pinned=pinned)
-    except RuntimeError as exc:  # CUDA refused: out of memory, a lost device, a forked child...
-        nbytes = sum(t.numel() * t.element_size() for t in found)
-        raise ConversionError(message(
-            f"{len(found)} CUDA tensor(s) ({nbytes / (1 << 20):.1f} MiB) copied to the host",
-            f"CUDA refused the copy: {type(exc).__name__}: {exc}",
-            "free GPU memory (e.g. torch.cuda.empty_cache()) or convert fewer tensors at a time; "
-            "in a forked child process use the 'spawn' start method",
-        )) from exc
+    except RuntimeError as exc:
+        raise _refused(found, exc) from exc
     return dict(zip(map(id, found), hosts))
+
+
+def _refused(found: list[Any], exc: Exception) -> ConversionError:
+    nbytes = sum(t.numel() * t.element_size() for t in found)
+    return ConversionError(message(
+        f"{len(found)} CUDA tensor(s) ({nbytes / (1 << 20):.1f} MiB) copied to the host",
+        f"CUDA refused the copy: {type(exc).__name__}: {exc}",
+        "free GPU memory (e.g. torch.cuda.empty_cache()) or convert fewer tensors at a time; "
+        "in a forked child process use the 'spawn' start method",
+    ))
 
 
 def batch_to_host(tensors: list[Any], *, pinned: bool = False) -> list[np.ndarray]:
