@@ -389,6 +389,8 @@ def test_main_maps_interrupts_and_bugs_to_exit_codes(monkeypatch, capsys):
 def test_doctor_json():
     proc = tb("doctor", "--json")
     assert proc.returncode == 0, proc.stderr
+    # TensorFlow's C++ start-up banners are held back (they print to fd 2 on import)
+    assert "oneDNN" not in proc.stderr and "absl::InitializeLog" not in proc.stderr, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["numpy"] == np.__version__
     torch_installed = doc["frameworks"]["torch"]["installed"]
@@ -589,3 +591,23 @@ def test_convert_to_h5_drops_metadata_hdf5_cannot_hold(tmp_path):
     with tb_open(tmp_path / "o.h5") as out:
         assert out.metadata == {"ok": "yes"}
         assert out.read("w").tobytes() == np.arange(4, dtype=np.float32).tobytes()
+
+
+def test_native_stderr_is_held_back_and_replayed_on_failure():
+    code = textwrap.dedent("""
+        import os, sys
+        from tensorbridge.native_stderr import held
+        with held():
+            os.write(2, b"banner from C\\n")
+        print("after", file=sys.stderr, flush=True)
+        try:
+            with held():
+                os.write(2, b"why it failed\\n")
+                raise RuntimeError("import failed")
+        except RuntimeError:
+            pass
+        os.write(2, b"fd 2 restored\\n")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "after\nwhy it failed\nfd 2 restored\n"

@@ -27,6 +27,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .native_stderr import held
+
 __all__ = ["run", "main"]
 
 Out = Callable[[str], Any]
@@ -87,9 +89,10 @@ class _Demo:
         self.out(">>> array_numpy = np.ones([4, 4])")
         self.need("tensorflow")
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        import tensorflow as tf
+        with held():  # TensorFlow's C++ start-up banners; shown if it fails
+            import tensorflow as tf
 
-        t = tf.multiply(array_numpy, 5)
+            t = tf.multiply(array_numpy, 5)
         self.out(">>> t = tf.multiply(array_numpy, 5)")
         self.out(_show(t))
         back = tb.to_numpy(t)

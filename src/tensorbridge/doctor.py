@@ -22,6 +22,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .native_stderr import held
+
 __all__ = ["collect", "render", "main", "FRAMEWORKS"]
 
 FRAMEWORKS = ("numpy", "torch", "tensorflow", "jax", "cupy")
@@ -35,7 +37,8 @@ def _import(name: str) -> dict[str, Any]:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep its start-up logs off stderr
     start = time.perf_counter()
     try:
-        mod = importlib.import_module(name)
+        with held():  # TensorFlow's C++ start-up banners; shown if the import fails
+            mod = importlib.import_module(name)
     except Exception as exc:  # installed but broken (missing CUDA libraries, ...)
         return {"installed": True, "importable": False, "error": f"{type(exc).__name__}: {exc}"}
     return {"installed": True, "importable": True,
