@@ -4,7 +4,6 @@ and ends with an .npz that plain NumPy reads back."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 
