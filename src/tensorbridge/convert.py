@@ -26,8 +26,6 @@ __all__ = [
 ]
 
 _SCALARS = (bool, int, float, complex)
-#: Frameworks whose CUDA arrays go to NumPy through the staging ring (once imported).
-_CUDA_CAPABLE = frozenset({"torch", "jax", "cupy"})
 
 
 def _target(to: str) -> str:
@@ -186,7 +184,8 @@ def convert(
     if type(x) in _SCALARS:
         x = _scalar_array(x)
     done: dict[int, Any] = {}
-    if target == "numpy" and _CUDA_CAPABLE.intersection(sys.modules):
+    modules = sys.modules
+    if target == "numpy" and ("torch" in modules or "jax" in modules or "cupy" in modules):
         from .frameworks.torch import gather_device_leaves
 
         done = gather_device_leaves(x, copy=copy, dtype=dtype, pinned=pinned)  # CUDA leaves, coalesced

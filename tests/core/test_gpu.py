@@ -334,9 +334,11 @@ def test_same_device_switches_are_zero_copy(tgt):
 def _jax_on_cuda():
     jax = pytest.importorskip("jax")
     try:
-        return jax, jax.devices("gpu")[0]
+        dev = jax.devices("gpu")[0]
     except RuntimeError:
         pytest.skip("JAX has no CUDA backend here")
+    torch.cuda.init()  # torch's CUDA running: small trees take the ring too
+    return jax, dev
 
 
 def test_jax_cuda_arrays_go_through_the_ring_bit_exact(no_fallbacks):
@@ -367,16 +369,28 @@ def test_jax_cuda_array_alone_and_pinned(no_fallbacks):
 
 
 def test_jax_result_is_ready_before_it_is_read():
+    """A JAX result still being computed (tens of ms of queued matmuls) is copied on a
+    side torch stream: DLPack must make that stream wait for JAX's work."""
     jax, dev = _jax_on_cuda()
     jnp = pytest.importorskip("jax.numpy")
-    base = jax.device_put(_host_f32(32 * MiB // 4, 12), dev)
-    x = jnp.sin(base) * 3 + jnp.cos(base)  # dispatched asynchronously, maybe not done yet
-    out = tb.to_numpy(x)
-    assert out.tobytes() == np.asarray(jax.device_get(x)).tobytes()
+
+    @jax.jit
+    def slow(m):
+        return jax.lax.fori_loop(0, 40, lambda i, v: jnp.tanh(v @ m), m)
+
+    m = jax.device_put(np.random.default_rng(3).standard_normal((4096, 4096), np.float32), dev)
+    jax.block_until_ready(slow(m))  # compiled, so the next call only queues work
+    side = torch.cuda.Stream()
+    x = slow(m)  # dispatched asynchronously: not done when the copy is asked for
+    with torch.cuda.stream(side):
+        out = tb.to_numpy({"x": x, "small": jnp.ones(7)})
+    assert out["x"].tobytes() == np.asarray(jax.device_get(x)).tobytes()
+    assert out["small"].tolist() == [1.0] * 7
 
 
 def test_cupy_arrays_go_through_the_ring_bit_exact(no_fallbacks):
     cp = pytest.importorskip("cupy")
+    torch.cuda.init()
     before = ts.stats()
     tree = {"a": cp.asarray(_host_f32(1 << 16, 21)),
             "b": cp.asarray(_host_f32(80 * MiB // 4, 22)),

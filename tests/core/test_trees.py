@@ -118,3 +118,27 @@ def test_a_structure_that_contains_itself_is_refused():
 def test_numpy_scalars_become_zero_d_arrays():
     out = tb.to_numpy(np.float32(1.5))
     assert type(out) is np.ndarray and out.shape == () and out.dtype == np.float32
+
+
+def test_tree_leaves_walks_as_tree_leaves_with_path_does():
+    from tensorbridge.tree import tree_leaves, tree_leaves_with_path
+
+    class Params(dict):
+        pass
+
+    tb.register_container(Params, lambda p: ([p["w"]], ["w"], None),
+                          lambda aux, kids: Params(w=kids[0]))
+    a, b, c, d, e = (np.full(1, i) for i in range(5))
+    tree = {"od": OrderedDict([("z", a), ("y", None)]), "nt": Pair(b, [c, (d,)]),
+            "dc": Batch(e, None), "p": Params(w=a), "s": "text", "n": 3}
+    for _ in range(2):  # before and after tree_map filled the leaf-type cache
+        got = tree_leaves(tree)
+        want = [x for _, x in tree_leaves_with_path(tree)]
+        assert len(got) == len(want) and all(x is y for x, y in zip(got, want))
+        tb.to_numpy(tree)
+    arrays = [x for x in tree_leaves(tree) if isinstance(x, np.ndarray)]
+    assert len(arrays) == 6 and all(x is y for x, y in zip(arrays, [a, b, c, d, e, a]))
+    loop: list = []
+    loop.append(loop)
+    with pytest.raises(tb.ConversionError, match="contains itself"):
+        tree_leaves(loop)

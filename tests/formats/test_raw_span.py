@@ -440,7 +440,7 @@ def test_checker_records_equal_copies_and_raises_on_a_mismatch(st_file, tmp_path
         os.close(fd)
 
 
-def test_checker_leaves_unreadable_places_to_the_read_back(st_file, tmp_path):
+def test_checker_aborts_when_a_check_cannot_run(st_file, tmp_path):
     from tensorbridge.cli.convert_cmd import _LandedChecker
 
     src, _ = st_file
@@ -452,11 +452,78 @@ def test_checker_leaves_unreadable_places_to_the_read_back(st_file, tmp_path):
     checker = _LandedChecker({"t.0": span}, str(short))
     try:
         checker.landed("t.0", fd, span.offset, span.nbytes)
-        checker.drain()  # no verdict: neither checked nor a mismatch
-        assert checker.checked == {} and checker.mismatch is None
+        with pytest.raises(FileFormatError, match="'t.0' could not be read back.*left unchanged"):
+            checker.drain()
+        assert checker.checked == {}
     finally:
         checker.close()
         os.close(fd)
+
+
+@pytest.mark.parametrize("how", ["comparer", "thread"])
+@pytest.mark.timeout(60)
+def test_checker_that_cannot_compare_raises_instead_of_waiting(how, st_file, monkeypatch):
+    from tensorbridge.cli import convert_cmd
+
+    src, _ = st_file
+    with SAFETENSORS.open(src) as r:
+        span = r.raw_span("t.0")
+    fd = os.open(src, os.O_RDONLY)
+    checker = convert_cmd._LandedChecker({"t.0": span}, str(src))
+    if how == "comparer":  # its buffers cannot be made: reported, the queue still drains
+        def broken():
+            raise MemoryError("no buffers")
+
+        monkeypatch.setattr(convert_cmd, "_Comparer", broken)
+        want = "comparison could not start"
+    else:  # the thread ends without a word: drain() notices instead of waiting forever
+        checker._run = lambda: None
+        want = "thread stopped"
+    try:
+        checker.landed("t.0", fd, span.offset, span.nbytes)
+        with pytest.raises(FileFormatError, match=f"{want}.*left unchanged"):
+            checker.drain()
+    finally:
+        checker.close()
+        os.close(fd)
+
+
+def test_cancelled_checks_are_skipped(st_file):
+    from tensorbridge.cli.convert_cmd import _LandedChecker
+
+    src, _ = st_file
+    with SAFETENSORS.open(src) as r:
+        span = r.raw_span("t.0")
+    fd = os.open(src, os.O_RDONLY)
+    checker = _LandedChecker({"t.0": span}, str(src))
+    try:
+        checker.cancel()
+        checker.landed("t.0", fd, span.offset, span.nbytes)
+        checker.drain()
+        assert checker.checked == {} and checker.failure is None
+    finally:
+        checker.close()
+        os.close(fd)
+
+
+def test_verified_sharded_convert_holds_few_descriptors(tmp_path):
+    """One shard per tensor, 120 shards, under a limit of 64 open files."""
+    import subprocess
+    import sys
+    import textwrap
+
+    src = tmp_path / "many.pt"
+    torch.save({f"t.{i:03d}": torch.full((64,), float(i)) for i in range(120)}, src)
+    code = textwrap.dedent(f"""
+        import resource
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+        from tensorbridge.cli.convert_cmd import convert_file
+        s = convert_file({str(src)!r}, {str(tmp_path / "shards")!r} + "/", max_shard_size="300B")
+        assert s["verified"] == 120, s
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(list((tmp_path / "shards").glob("*.safetensors"))) == 120
 
 
 def test_read_back_compares_again_where_the_checked_place_is_not_where_it_lies(

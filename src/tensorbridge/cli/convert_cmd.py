@@ -12,8 +12,8 @@ bytes never pass through Python.
 Verification (on by default): a copied tensor's bytes are compared with SRC's
 byte range, 1 MiB at a time (memcmp), as soon as they land in the new file, on
 a second thread while the next tensor is copied (:class:`_LandedChecker`); a
-mismatch aborts the write before DST is replaced. Every other tensor's bytes get
-a CRC-32 as they are handed to the writer. Afterwards DST is reopened, its
+mismatch, or a check that cannot run, aborts the write before DST is replaced.
+Every other tensor's bytes get a CRC-32 as they are handed to the writer. Afterwards DST is reopened, its
 header validated, and every tensor's dtype and shape checked; a copied tensor
 whose bytes were already compared at the very place (file identity and offset)
 the reader now finds it is not read again, any other copied tensor is compared
@@ -154,27 +154,31 @@ class _LandedChecker:
     being written, on one background thread, while the main thread copies the next.
 
     It is the writers' ``landed`` callback. The writer's descriptor is duplicated
-    once per file (the thread reads through it after the call returns); the kernel
-    copy releases the GIL, so the two overlap on two cores. :meth:`checked`
-    holds the place of every tensor that compared equal. A mismatch is raised by
-    the next ``landed`` call, or by :meth:`drain`, which waits for every check
-    queued so far; ``convert_file`` drains before the last tensor is committed, so a
-    mismatch aborts the write and leaves DST untouched.
+    once per file (the thread reads through it after the call returns; it closes a
+    file's duplicate when the next file's checks start, so a sharded write holds at
+    most two); the kernel copy releases the GIL, so the two overlap on two cores.
+    :attr:`checked` holds the place of every tensor that compared equal. A
+    mismatch, or a check that could not run, is raised by the next ``landed``
+    call or by :meth:`drain`, which waits for every check queued so far;
+    ``convert_file`` drains before the last tensor is committed, so either aborts
+    the write and leaves DST untouched. :meth:`cancel` drops the checks not yet
+    run (the write failed anyway), so an interrupted convert stops at once.
     """
 
     def __init__(self, spans: dict[str, RawSpan], dst: str) -> None:
         self._spans = spans
         self._dst = dst
         self._queue: queue.SimpleQueue[tuple[str, Any, int, int] | None] = queue.SimpleQueue()
-        self._fds: dict[Any, int] = {}
+        self._fds: dict[Any, int] = {}  # file identity -> our duplicate of its descriptor
         self._thread: threading.Thread | None = None
         self._pending = 0
         self._idle = threading.Condition()
+        self._cancelled = False
         self.checked: dict[str, Place] = {}
-        self.mismatch: str | None = None
+        self.failure: str | None = None  # why the write must be abandoned
 
     def landed(self, name: str, fd: int, offset: int, nbytes: int) -> None:
-        self._raise_mismatch()
+        self._raise_failure()
         st = os.fstat(fd)
         file_id = (st.st_dev, st.st_ino)
         if file_id not in self._fds:
@@ -188,53 +192,83 @@ class _LandedChecker:
         self._queue.put((name, file_id, offset, nbytes))
 
     def drain(self) -> None:
-        """Wait for every queued check; raise if one found different bytes."""
+        """Wait for every queued check; raise if one found different bytes or could not run."""
         with self._idle:
-            self._idle.wait_for(lambda: self._pending == 0)
-        self._raise_mismatch()
+            while self._pending:
+                if self._thread is None or not self._thread.is_alive():
+                    self.failure = self.failure or (
+                        "the verification thread stopped before it had checked every copied "
+                        "tensor")
+                    break
+                self._idle.wait(timeout=0.5)
+        self._raise_failure()
+
+    def cancel(self) -> None:
+        """Skip the checks not run yet: the write is being abandoned."""
+        self._cancelled = True
 
     def close(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
+        try:
+            if self._thread is not None:
+                self._queue.put(None)
+                self._thread.join()
+        finally:
             self._thread = None
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+            for fd in list(self._fds.values()):
+                os.close(fd)
+            self._fds.clear()
 
-    def _raise_mismatch(self) -> None:
-        if self.mismatch is not None:
+    def _raise_failure(self) -> None:
+        if self.failure is not None:
             raise FileFormatError(
-                f"verification failed: tensor {self.mismatch!r} differs from the source's "
-                "bytes right after it was copied into the new file, so the write was "
-                "abandoned and the destination was left unchanged. Fix: retry; if it "
-                "happens again, report it as a bug, with the source file's format.",
-                self._dst)
+                f"verification failed: {self.failure}, so the write was abandoned and the "
+                "destination was left unchanged. Fix: retry; if it happens again, check the "
+                "disk and report it as a bug, with the source file's format.", self._dst)
 
-    def _run(self) -> None:
+    def _check(self, comparer: _Comparer, name: str, file_id: Any, offset: int,
+               nbytes: int) -> None:
         from ..formats.safetensors import read_exact_into
 
-        comparer = _Comparer()
+        fd = self._fds[file_id]
+        src = self._spans[name]
+        if src.nbytes == nbytes and comparer.same(
+                src, lambda pos, view: read_exact_into(fd, view, offset + pos, self._dst)):
+            self.checked[name] = (file_id, offset, nbytes)
+        elif self.failure is None:
+            self.failure = (f"tensor {name!r} differs from the source's bytes right after "
+                            "it was copied into the new file")
+
+    def _run(self) -> None:
+        try:
+            comparer: _Comparer | None = _Comparer()
+        except Exception as exc:
+            comparer = None
+            self.failure = self.failure or (
+                f"the comparison could not start ({type(exc).__name__}: {exc})")
+        current = None  # the file being checked; an earlier one is never written again
         try:
             while (item := self._queue.get()) is not None:
                 name, file_id, offset, nbytes = item
                 try:
-                    fd = self._fds[file_id]
-                    src = self._spans[name]
-                    same = src.nbytes == nbytes and comparer.same(
-                        src, lambda pos, view: read_exact_into(fd, view, offset + pos,
-                                                               self._dst))
-                except Exception:  # unchecked here: verify() compares it again afterwards
-                    same = None
-                if same:
-                    self.checked[name] = (file_id, offset, nbytes)
-                elif same is not None and self.mismatch is None:
-                    self.mismatch = name
-                with self._idle:
-                    self._pending -= 1
-                    self._idle.notify_all()
+                    if comparer is None or self._cancelled or self.failure is not None:
+                        continue
+                    if current is not None and current != file_id:
+                        old = self._fds.pop(current, None)
+                        if old is not None:
+                            os.close(old)
+                    current = file_id
+                    self._check(comparer, name, file_id, offset, nbytes)
+                except Exception as exc:
+                    if self.failure is None:
+                        self.failure = (f"tensor {name!r} could not be read back to compare "
+                                        f"it ({type(exc).__name__}: {exc})")
+                finally:
+                    with self._idle:
+                        self._pending -= 1
+                        self._idle.notify_all()
         finally:
-            comparer.close()
+            if comparer is not None:
+                comparer.close()
 
 
 def _span_fill(span: RawSpan, comparer: _Comparer) -> Any:
@@ -471,6 +505,10 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
             metadata, dropped = _storable_metadata(out_format, metadata)
             try:
                 out_format.write(dst, planned, fetch, metadata, **options)
+            except BaseException:
+                if checker is not None:
+                    checker.cancel()  # the write failed: its checks need not finish
+                raise
             finally:
                 if checker is not None:
                     checker.close()

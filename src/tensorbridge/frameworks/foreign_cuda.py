@@ -8,11 +8,12 @@ DLPack protocol asks), then staged with the rest.
 
 Nothing here initialises a framework: JAX counts only once its CUDA backend is
 already running (an array can then exist on it), CuPy once it is imported.
-torch must be importable with CUDA. When torch is not imported yet, it is
-imported for this only when the tree's JAX/CuPy CUDA arrays hold at least
-:data:`IMPORT_TORCH_BYTES` (importing torch costs seconds once, which a
-transfer of that size repays); smaller trees keep ``jax.device_get`` /
-``cupy.ndarray.get``. An array that cannot be wrapped (sharded over several
+torch must be importable with CUDA. When torch's CUDA is not running yet (torch
+not imported, or imported without touching a GPU), it is imported and started for
+this only when the tree's JAX/CuPy CUDA arrays hold at least
+:data:`IMPORT_TORCH_BYTES` (that costs seconds, a pinned ring block and a device
+memory cache, once, which a transfer of that size repays); smaller trees keep
+``jax.device_get`` / ``cupy.ndarray.get``. An array that cannot be wrapped (sharded over several
 devices, a dtype torch lacks, a deleted buffer) also keeps its own framework's
 path.
 """
@@ -84,18 +85,22 @@ def cuda_arrays(leaves: list[Any], types: tuple[type, ...]) -> list[Any]:
 
 
 def _load_torch(arrays: list[Any]) -> Any | None:
-    """torch with CUDA, or None; imported here only for big enough transfers."""
+    """torch with CUDA, or None. Where torch's CUDA is not running yet, it is
+    imported and started here only for big enough transfers: starting it pins a
+    64 MiB ring block and gives torch a cache of device memory, for good."""
     torch = sys.modules.get("torch")
-    if torch is None:
-        if sum(int(a.nbytes) for a in arrays) < IMPORT_TORCH_BYTES:
-            return None
-        try:
-            import torch
-        except ImportError:
-            return None
     try:
-        return torch if torch.cuda.is_available() else None
+        if torch is not None and torch.cuda.is_initialized():
+            return torch
     except Exception:
+        return None
+    if sum(int(a.nbytes) for a in arrays) < IMPORT_TORCH_BYTES:
+        return None
+    try:
+        import torch
+
+        return torch if torch.cuda.is_available() else None
+    except Exception:  # a broken install (missing shared libraries raise OSError)
         return None
 
 

@@ -252,17 +252,19 @@ def gather_device_leaves(tree: Any, *, copy: bool | None, dtype: str | None,
     if not torch_live and not others:
         return {}
     from ..errors import TensorBridgeError
-    from ..tree import format_path, tree_leaves_with_path
+    from ..tree import format_path, tree_leaves, tree_leaves_with_path
     from .torch_staging import _numpy_dtype
 
     found, seen, rest = [], set(), []
-    for path, leaf in tree_leaves_with_path(tree):
-        if torch_live and isinstance(leaf, torch.Tensor):
+    tensor = torch.Tensor if torch_live else ()
+    for leaf in tree_leaves(tree):
+        if isinstance(leaf, tensor):
             if leaf.is_cuda and id(leaf) not in seen:
                 seen.add(id(leaf))
                 try:
-                    _numpy_dtype(leaf.dtype)  # before any transfer, and with the leaf's path
-                except TensorBridgeError as exc:
+                    _numpy_dtype(leaf.dtype)  # before any transfer
+                except TensorBridgeError as exc:  # say where the leaf is
+                    path = next(p for p, x in tree_leaves_with_path(tree) if x is leaf)
                     raise exc.at(format_path(path)) from exc.__cause__
                 found.append(leaf)
         elif others:
