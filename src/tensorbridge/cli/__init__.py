@@ -114,10 +114,12 @@ at a time and adds min/max/mean/std over the finite values plus NaN/inf counts
 Convert SRC to DST, any format to any format, holding one tensor at a time.
 The destination format comes from DST's suffix; a directory (or a path ending
 in /) is written as a sharded safetensors checkpoint. The write is atomic.
-Afterwards DST is reopened and every tensor's dtype, shape and bytes checked,
-one tensor at a time: byte for byte against the source where the bytes were
-copied as they are, else against a CRC-32 taken as they were written (after
---dtype); --no-verify skips that."""))
+Every tensor's bytes are checked. A tensor copied as it is (kernel-side, into
+safetensors) is compared byte for byte with the source right after it lands,
+before DST is replaced, so a mismatch leaves DST untouched. Afterwards DST is
+reopened, every tensor's dtype and shape checked, and every other tensor read
+back and compared with a CRC-32 taken as it was written (after --dtype).
+--no-verify skips all of that."""))
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST")
     p.add_argument("--format", choices=formats, help="write DST in this format")
