@@ -367,6 +367,48 @@ def test_compare_arrays_units():
     assert c["mismatches"] == 1 and c["max_abs_diff"] == 1.0
 
 
+def test_integers_are_compared_exactly_never_through_float64():
+    big = compare_arrays(np.array([2**53 + 1], np.int64), np.array([2**53], np.int64), atol=0.5)
+    assert big["mismatches"] == 1 and big["max_abs_diff"] == 1
+    assert isinstance(big["max_abs_diff"], int)
+    top = np.array([2**64 - 1, 7], np.uint64)
+    assert compare_arrays(top, np.array([2**64 - 2, 7], np.uint64), atol=0.5)["mismatches"] == 1
+    assert compare_arrays(top, np.array([2**64 - 2, 7], np.uint64), atol=1)["mismatches"] == 0
+    assert compare_arrays(top, np.array([2**64 - 2, 7], np.uint64))["max_abs_diff"] == 1
+    extremes = compare_arrays(np.array([-(2**63), 2**63 - 1], np.int64),
+                              np.array([2**63 - 1, -(2**63)], np.int64))
+    assert extremes["max_abs_diff"] == 2**64 - 1 and extremes["mismatches"] == 2
+    mixed = compare_arrays(np.array([-1, 5], np.int64), np.array([2**64 - 1, 5], np.uint64))
+    assert mixed["max_abs_diff"] == 2**64 and mixed["mismatches"] == 1  # dtype changed
+    assert compare_arrays(np.array([10, 20], np.int8), np.array([12, 20], np.uint16),
+                          atol=2)["mismatches"] == 0
+    assert compare_arrays(np.array([True, False]), np.array([1, 1], np.uint8))["mismatches"] == 1
+
+
+def test_diff_of_large_integers_with_a_tolerance(tmp_path):
+    a = _npz(tmp_path / "a.npz", step=np.array([2**53 + 1], np.int64))
+    b = _npz(tmp_path / "b.npz", step=np.array([2**53], np.int64))
+    proc = tb("diff", "--json", "--atol", "0.5", a, b)
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["tensors"][0]["max_abs_diff"] == 1
+
+
+def test_diff_npy_against_a_filtered_archive_pairs_the_filtered_array(tmp_path):
+    x = tmp_path / "x.npy"
+    np.save(x, np.arange(4.0))
+    m = _npz(tmp_path / "m.npz", a=np.zeros(4), b=np.arange(4.0))
+    assert tb("diff", x, m, "--exclude", "a").returncode == 0
+    assert tb("diff", m, x, "--include", "b").returncode == 0
+    assert tb("diff", x, m, "--include", "a").returncode == 1
+
+
+@pytest.mark.parametrize("flag", [["--atol", "nan"], ["--rtol", "-1"], ["--atol", "inf"]])
+def test_diff_refuses_tolerances_that_are_not_finite_and_non_negative(tmp_path, npz, flag):
+    proc = tb("diff", *flag, npz, npz)
+    assert proc.returncode == 2
+    assert "finite numbers >= 0" in proc.stderr and "Fix:" in proc.stderr
+
+
 def test_main_maps_interrupts_and_bugs_to_exit_codes(monkeypatch, capsys):
     import tensorbridge.cli as cli
 

@@ -265,6 +265,42 @@ def test_symlinked_shard_escaping_the_directory_is_refused(tmp_path):
     refused(d, UnsafeContentError, "outside")
 
 
+def _hf_snapshot(tmp_path, repo_name="models--org--name"):
+    """A Hugging Face hub cache: REPO/snapshots/REV/* are relative links into REPO/blobs/."""
+    src = tmp_path / "src"
+    write(src, {"a": np.arange(4, dtype=np.float32), "b": np.ones(3, np.int64)},
+          max_shard_size="20B")
+    repo = tmp_path / repo_name
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    for k, name in enumerate(sorted(os.listdir(src))):
+        os.replace(src / name, repo / "blobs" / f"blob{k}")
+        os.symlink(f"../../blobs/blob{k}", snap / name)
+    return repo, snap
+
+
+def test_hf_cache_snapshot_of_shards_reads_through_its_links(tmp_path):
+    repo, snap = _hf_snapshot(tmp_path)
+    assert len(os.listdir(snap)) == 3  # an index and two shards, all links
+    for where in (snap, snap / "model.safetensors.index.json"):
+        got, _ = read_all(where)
+        assert same(got["a"], np.arange(4, dtype=np.float32)) and same(got["b"], np.ones(3, np.int64))
+
+
+@pytest.mark.parametrize("layout", ["outside-blobs", "not-a-hub-repo"])
+def test_hf_like_links_elsewhere_are_still_refused(tmp_path, layout):
+    repo, snap = _hf_snapshot(tmp_path, "models--org--name" if layout == "outside-blobs"
+                              else "my-checkpoints")
+    shard = next(n for n in sorted(os.listdir(snap)) if n.endswith(".safetensors"))
+    if layout == "outside-blobs":  # a link to the repo's other folder, not to blobs/
+        (repo / "elsewhere").mkdir()
+        os.replace(os.path.realpath(snap / shard), repo / "elsewhere" / "x")
+        os.unlink(snap / shard)
+        os.symlink("../../elsewhere/x", snap / shard)
+    refused(snap, UnsafeContentError, "outside")
+
+
 def test_missing_shard_is_named(tmp_path):
     d = simple(tmp_path)
     os.unlink(d / "s2.safetensors")

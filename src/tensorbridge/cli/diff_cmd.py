@@ -53,12 +53,30 @@ def _same_value(wa: np.ndarray, wb: np.ndarray) -> np.ndarray:
     return both_nan | ((wa == wb) & (np.signbit(wa) == np.signbit(wb)))
 
 
+def _int_abs_diff(ca: np.ndarray, cb: np.ndarray) -> np.ndarray:
+    """Exact ``|a - b|`` of two integer (or bool) chunks: uint64, or Python ints for
+    int64 against uint64 (no 64-bit type holds that difference)."""
+    common = np.result_type(ca.dtype, cb.dtype)
+    if common.kind == "b":
+        common = np.dtype(np.uint8)
+    if common.kind not in "iu":  # int64 with uint64: NumPy would go through float64
+        oa, ob = ca.astype(object), cb.astype(object)
+        return np.abs(oa - ob)
+    xa, xb = ca.astype(common), cb.astype(common)
+    hi, lo = np.maximum(xa, xb), np.minimum(xa, xb)
+    # modulo 2**64 the difference is exact: it is below 2**64 for same-width integers
+    return hi.astype(np.uint64) - lo.astype(np.uint64)
+
+
 def compare_arrays(a: np.ndarray, b: np.ndarray, *, rtol: float = 0.0,
                    atol: float = 0.0) -> dict[str, Any]:
     """Max abs/rel difference and mismatch count of two same-shape arrays.
 
     Streams in chunks. ``max_abs_diff`` treats NaN vs NaN and equal infinities
     as 0 and a NaN vs a number as inf; ``max_rel_diff`` is relative to ``|b|``.
+    Integer (and bool) arrays are compared with exact integer arithmetic, never
+    through float64 (which cannot tell ``2**53 + 1`` from ``2**53``);
+    ``max_abs_diff`` is then an int.
 
     >>> r = compare_arrays(np.array([1.0, 2.0]), np.array([1.0, 2.5]))
     >>> r["mismatches"], r["max_abs_diff"], r["max_rel_diff"]
@@ -68,10 +86,22 @@ def compare_arrays(a: np.ndarray, b: np.ndarray, *, rtol: float = 0.0,
     same_dtype = canonical_name(a.dtype) == canonical_name(b.dtype)
     wide = np.complex128 if (np.iscomplexobj(a) or np.iscomplexobj(b)) else np.float64
     fa, fb = a.reshape(-1), b.reshape(-1)
-    mismatches, max_abs, max_rel = 0, 0.0, 0.0
+    ints = a.dtype.kind in "iub" and b.dtype.kind in "iub"
+    mismatches, max_abs, max_rel = 0, (0 if ints else 0.0), 0.0
     with np.errstate(all="ignore"):
         for start in range(0, fa.size, CHUNK):
             ca, cb = fa[start:start + CHUNK], fb[start:start + CHUNK]
+            if ints:
+                exact_d = _int_abs_diff(ca, cb)
+                fd = exact_d.astype(np.float64)
+                scale = np.abs(cb.astype(np.float64))
+                rel = np.where(fd == 0, 0.0, np.where(scale == 0, np.inf, fd / scale))
+                if exact_d.size:
+                    max_abs = max(max_abs, int(exact_d.max()))
+                    max_rel = max(max_rel, float(rel.max()))
+                bad = exact_d != 0 if exact else fd > atol + rtol * scale
+                mismatches += int(np.count_nonzero(bad))
+                continue
             wa, wb = _widen(ca, wide), _widen(cb, wide)
             d = np.abs(wa - wb)
             equal = (wa == wb) | (np.isnan(wa) & np.isnan(wb))
@@ -102,11 +132,15 @@ def diff_files(path_a: str, path_b: str, *, rtol: float = 0.0, atol: float = 0.0
     with reader_a:
         reader_b, fmt_b = open_file(path_b)
         with reader_b:
-            names_a = select(reader_a.keys(), include, exclude)
-            names_b = select(reader_b.keys(), include, exclude)
+            # an .npy file's one array has no name of its own: filters pick the other side's
+            def named(reader: Any, fmt: str) -> list[str]:
+                keys = reader.keys()
+                return keys if fmt == "npy" else select(keys, include, exclude)
+
+            names_a, names_b = named(reader_a, fmt_a), named(reader_b, fmt_b)
             if "npy" in (fmt_a, fmt_b) and len(names_a) == len(names_b) == 1:
-                names_b = names_a  # an .npy file's one array has no name of its own
-                renamed = {names_a[0]: reader_b.keys()[0]}
+                renamed = {names_a[0]: names_b[0]}  # B's one array, as filtered
+                names_b = names_a
             else:
                 renamed = {}
             set_a, set_b = set(names_a), set(names_b)
@@ -177,8 +211,11 @@ def _render(doc: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.rtol < 0 or args.atol < 0:
-        print("tensorbridge: error: --rtol and --atol must be >= 0", file=sys.stderr)
+    if not (args.rtol >= 0 and args.atol >= 0 and np.isfinite(args.rtol)
+            and np.isfinite(args.atol)):  # NaN fails every comparison: refuse it too
+        print(f"tensorbridge: error: --rtol {args.rtol:g} --atol {args.atol:g}: tolerances must "
+              "be finite numbers >= 0. Fix: pass e.g. --atol 1e-6 --rtol 1e-5, or leave them "
+              "out for a bit-exact comparison.", file=sys.stderr)
         return 2
     doc = diff_files(args.a, args.b, rtol=args.rtol, atol=args.atol,
                      include=args.include, exclude=args.exclude)

@@ -184,6 +184,23 @@ def _locate(path: str) -> tuple[str | None, str, str | None]:
         "directory or its index.", path)
 
 
+_HF_REPO = re.compile(r"(models|datasets|spaces)--.+")
+
+
+def _hf_blobs(root: str) -> str | None:
+    """``REPO/blobs`` when ``root`` lies in ``REPO/snapshots/REV/`` of a Hugging Face hub
+    cache (``REPO`` named ``models--ORG--NAME`` and the like), where every file is a
+    symlink into ``REPO/blobs/``: shards may link there, and nowhere else outside."""
+    parts = root.split(os.sep)
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] == "snapshots":
+            repo = os.sep.join(parts[:i])
+            if _HF_REPO.fullmatch(parts[i - 1]) and os.path.isdir(os.path.join(repo, "blobs")):
+                return os.path.join(repo, "blobs")
+            return None
+    return None
+
+
 def _shard_path(directory: str, shard: object, index_path: str) -> str:
     """The checked path of a shard named in the index."""
     why = None
@@ -202,7 +219,7 @@ def _shard_path(directory: str, shard: object, index_path: str) -> str:
     full = os.path.join(directory, shard)
     root = os.path.realpath(directory)
     real = os.path.realpath(full)
-    if os.path.dirname(real) != root:
+    if os.path.dirname(real) != root and os.path.dirname(real) != _hf_blobs(root):
         raise UnsafeContentError(
             f"shard {shard!r} is a symlink that resolves to {real!r}, outside {root!r}. Fix: "
             "copy the shard into the checkpoint directory instead of linking to it.", index_path)
