@@ -653,3 +653,22 @@ def test_native_stderr_is_held_back_and_replayed_on_failure():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "after\nwhy it failed\nfd 2 restored\n"
+
+
+@pytest.mark.parametrize("columns", ["80", "60"])
+def test_tables_on_a_narrow_terminal_keep_names_and_every_digit(monkeypatch, columns):
+    import tensorbridge.console as console
+
+    if not console.rich_available():
+        pytest.skip("rich is not installed")
+    monkeypatch.setattr(console, "is_tty", lambda stream: True)
+    monkeypatch.setenv("COLUMNS", columns)
+    buf = io.StringIO()
+    headers = ["name", "dtype", "shape", "size", "min", "max", "mean", "std", "nan", "inf"]
+    rows = [["encoder.weight", "uint64", "[2]", "16 B", "1", "18446744073709551615",
+             "9.22337e+18", "9.22337e+18", "0", "0"]]
+    print_table(headers, rows, buf, align="lllrrrrrrr")
+    text = buf.getvalue()
+    assert "encoder.weight" in text and "…" not in text
+    assert "18446744073709551615" in "".join(
+        line.split("│")[5].strip() for line in text.splitlines() if line.count("│") >= 5)

@@ -104,10 +104,12 @@ def print_table(
         from rich.table import Table
 
         table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+        longest = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
         for i, (h, a) in enumerate(zip(headers, align)):
-            # the first column (names) folds when too long; the others stay whole
-            table.add_column(h, justify="right" if a == "r" else "left",
-                             no_wrap=i > 0, overflow="fold" if i == 0 else "ellipsis")
+            # On a narrow terminal every column folds onto more lines instead of being cut
+            # (a number must never lose digits); names keep at least 16 characters a line.
+            table.add_column(h, justify="right" if a == "r" else "left", overflow="fold",
+                             min_width=min(longest[i], 16 if i == 0 else len(h)))
         for row in cells:
             table.add_row(*row)
         _rich_console(stream).print(table)
