@@ -35,6 +35,15 @@ class Plan:
     def copies(self) -> bool:
         return any(s.copies for s in self.steps)
 
+    @property
+    def independent(self) -> bool:
+        """The result is memory of its own: the last copying step made fresh memory."""
+        fresh = False
+        for s in self.steps:
+            if s.copies:
+                fresh = s.fresh
+        return fresh
+
     def run(self, x: Any) -> Any:
         for step in self.steps:
             x = step.run(x)
@@ -46,16 +55,24 @@ class Plan:
             lines.append("  (nothing to do: the input is returned as it is)")
         for i, s in enumerate(self.steps, 1):
             lines.append(f"  {i}. {s.describe()}")
-        lines.append("  result: " + ("independent memory (copied)" if self.copies
-                                     else "shares memory with the input (zero-copy)"))
+        if self.independent:
+            result = "independent memory (copied)"
+        elif self.copies:
+            result = ("copied, into memory the source framework keeps and hands out again "
+                      "(read-only); copy=True makes it independent")
+        else:
+            result = "shares memory with the input (zero-copy)"
+        lines.append("  result: " + result)
         return "\n".join(lines)
 
 
 def _after_host(facts: Facts, steps: list[Step]) -> Facts:
     """Facts of the host array that ``steps`` produce."""
-    if any(s.copies for s in steps):
-        return Facts(facts.framework, facts.dtype, facts.shape)  # fresh, contiguous, aligned, writable
-    return replace(facts, device="cpu")
+    last = next((s for s in reversed(steps) if s.copies), None)
+    if last is None:
+        return replace(facts, device="cpu")
+    # contiguous and aligned; writable only where the memory is ours alone
+    return Facts(facts.framework, facts.dtype, facts.shape, writable=last.fresh)
 
 
 def _cast_facts(facts: Facts, dtype: str) -> Facts:
@@ -99,7 +116,7 @@ def plan_leaf(
             f"the memory cannot be shared: {reasons}",
             "pass copy=None to allow a copy where it is needed, or copy=True for an independent result",
         ))
-    if copy is True and not plan.copies:
+    if copy is True and not plan.independent:
         plan.steps.append(Step("copy (copy=True)", True, tgt.clone, "an independent result was asked for"))
     return plan
 

@@ -83,6 +83,36 @@ def test_sharded_arrays_are_gathered():
     assert r.stdout.split() == ["True", "True"]
 
 
+def test_copies_of_a_sharded_array_are_independent_of_jaxs_cached_host_value():
+    """The gather is JAX's own cached, read-only host copy: copy=True must copy again,
+    and torch must never alias it (writing there would change what JAX reads)."""
+    r = _run("""
+        import os
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+        import warnings
+        warnings.simplefilter("error")  # torch's "not writable" warning would fail this
+        import jax, jax.numpy as jnp, numpy as np, torch
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        import tensorbridge as tb
+        mesh = Mesh(np.array(jax.devices()[:4]), ("x",))
+        x = jax.device_put(jnp.zeros((8, 2), jnp.float32), NamedSharding(mesh, P("x")))
+        cached = np.asarray(x)
+        for t in (tb.to_torch(x), tb.to_torch(x, copy=True)):
+            t[0, 0] = 999.0
+        a = tb.to_numpy(x, copy=True)
+        assert a.flags.writeable and not np.shares_memory(a, cached)
+        a[0, 0] = 7.0
+        plain = tb.to_numpy(x)  # copy=None: JAX's read-only value, as np.asarray gives
+        assert not plain.flags.writeable
+        assert np.asarray(x)[0, 0] == 0.0 and float(jnp.sum(x)) == 0.0
+        print(tb.explain(x, to="numpy"))
+        print(tb.explain(x, to="numpy", copy=True))
+    """)
+    assert r.returncode == 0, r.stderr
+    assert "copy=True makes it independent" in r.stdout
+    assert "copy (copy=True)" in r.stdout and "independent memory (copied)" in r.stdout
+
+
 @pytest.mark.parametrize("source", ["torch", "tensorflow"])
 def test_64_bit_from_other_frameworks_is_refused_without_x64(source):
     make = {"torch": "import torch; x = torch.tensor([2**40, -1])",

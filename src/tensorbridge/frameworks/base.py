@@ -40,6 +40,9 @@ class Step:
     copies: bool
     run: Callable[[Any], Any]
     why: str = ""
+    #: For a copying step: the result is new memory nothing else holds. False for a
+    #: copy the source framework keeps and hands out again (JAX's cached host value).
+    fresh: bool = True
 
     def describe(self) -> str:
         kind = "copy" if self.copies else "zero-copy"

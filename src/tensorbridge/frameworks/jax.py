@@ -79,10 +79,10 @@ class JaxBackend(Backend):
     def to_host_steps(self, x: Any, facts: Facts) -> list[Step]:
         if "sharded" in facts.notes:
             return [Step(f"gather {len(x.devices())} shards to host", True, np.asarray,
-                         "a sharded array is spread over several devices")]
+                         "a sharded array is spread over several devices", fresh=False)]
         if facts.device_type != "cpu":
             return [Step(f"copy {facts.device} -> host", True, _device_get,
-                         "device memory is not addressable from NumPy")]
+                         "device memory is not addressable from NumPy", fresh=False)]
         return [Step("np.asarray view (read-only: JAX arrays are immutable)", False, np.asarray)]
 
     def from_host_steps(self, facts: Facts, *, device: str | None, copy: bool | None) -> list[Step]:
@@ -160,6 +160,8 @@ class JaxBackend(Backend):
         return f"{kind}:{dev.id}", start, start + x.nbytes
 
 
+# Both host copies above are JAX's own: it caches the host value on the array and hands
+# the same read-only buffer to every np.asarray / jax.device_get that follows (fresh=False).
 def _device_get(x: Any) -> np.ndarray:
     return np.asarray(sys.modules["jax"].device_get(x))
 
