@@ -100,6 +100,19 @@ def canonical_name(dtype: Any) -> str:
     """
     dt = np.dtype(dtype)
     name = _BY_NUMPY_TYPE.get(dt.type)
+    if name is None and dt.kind in "iu" and dt.fields is None:
+        # np.longlong / np.ulonglong ('q'/'Q'): other scalar types, the same integers
+        name = f"{'int' if dt.kind == 'i' else 'uint'}{dt.itemsize * 8}"
+    if name is None and dt.kind in "fc" and dt.fields is None:
+        standard = {("f", 2): "float16", ("f", 4): "float32", ("f", 8): "float64",
+                    ("c", 8): "complex64", ("c", 16): "complex128"}
+        name = standard.get((dt.kind, dt.itemsize))  # a long double that is a double
+    if name is None and dt.kind in "fc" and dt.fields is None:
+        raise ConversionError(message(
+            f"numpy dtype {dt!r}",
+            f"{dt.itemsize * 8}-bit extended precision (long double) has no counterpart in "
+            "any tensor framework",
+            "cast it first, e.g. a.astype(np.float64) (or np.complex128)"))
     if name is None or dt.fields is not None:
         raise ConversionError(message(
             f"numpy dtype {dt!r}",

@@ -113,3 +113,33 @@ def test_non_tensor_leaves_are_left_alone():
 def test_python_int_too_large_for_64_bits_is_refused_clearly():
     with pytest.raises(tb.ConversionError, match="does not fit in 64 bits"):
         tb.to_torch(2**70)
+
+
+@pytest.mark.parametrize("code", ["q", "Q"])
+def test_longlong_arrays_are_the_64_bit_integers_they_are(code):
+    a = np.array([-(2**62) if code == "q" else 2**63, 1, 2], dtype=code)
+    assert a.dtype.type in (np.longlong, np.ulonglong)
+    for target in ("tensorflow", "jax"):
+        if target == "jax":
+            import jax
+
+            if not jax.config.jax_enable_x64:
+                continue
+        out = tb.to_numpy(tb.convert(a, to=target))
+        assert out.tobytes() == a.tobytes(), target
+    t = tb.to_torch(a, copy=True)
+    assert t.dtype == (torch.int64 if code == "q" else torch.uint64)
+    assert t.numpy().tobytes() == a.tobytes()
+    back = tb.to_numpy(a, copy=True)
+    assert back.tobytes() == a.tobytes() and back.dtype.itemsize == 8
+    assert "int64" in str(tb.explain(a, to="torch"))
+    assert tb.to_torch(2**63).dtype == torch.uint64
+
+
+def test_long_double_is_refused_with_a_cast_to_suggest():
+    a = np.ones(3, np.longdouble)
+    if a.dtype.itemsize == 8:
+        assert tb.to_torch(a).dtype == torch.float64  # a long double that is a double
+        return
+    with pytest.raises(tb.ConversionError, match="extended precision.*Fix: cast it first"):
+        tb.to_torch(a)

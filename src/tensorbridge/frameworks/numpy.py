@@ -40,9 +40,16 @@ class NumpyBackend(Backend):
         return host_facts(np.asarray(x))
 
     def to_host_steps(self, x: Any, facts: Facts) -> list[Step]:
-        if isinstance(x, np.ndarray):
-            return []
-        return [Step("numpy scalar -> 0-d array", False, np.asarray)]
+        from ..dtypes import numpy_dtype
+
+        steps = [] if isinstance(x, np.ndarray) else [
+            Step("numpy scalar -> 0-d array", False, np.asarray)]
+        canonical = numpy_dtype(facts.dtype)
+        if np.asarray(x).dtype.type is not canonical.type:  # np.longlong, np.ulonglong
+            steps.append(Step(f"view as {facts.dtype} ({np.asarray(x).dtype.type.__name__} is the "
+                              "same integer under another name, which frameworks refuse)", False,
+                              lambda a: a.view(canonical.newbyteorder(a.dtype.byteorder))))
+        return steps
 
     def from_host_steps(self, facts: Facts, *, device: str | None, copy: bool | None) -> list[Step]:
         if device not in (None, "cpu"):
