@@ -71,12 +71,18 @@ def _after_host(facts: Facts, steps: list[Step]) -> Facts:
     last = next((s for s in reversed(steps) if s.copies), None)
     if last is None:
         return replace(facts, device="cpu")
-    # contiguous and aligned; writable only where the memory is ours alone
-    return Facts(facts.framework, facts.dtype, facts.shape, writable=last.fresh)
+    # Copies keep the source's layout (torch's resolve_conj and .cpu() keep a transposed
+    # tensor transposed), in fresh memory: writable only where it is ours alone.
+    return Facts(facts.framework, facts.dtype, facts.shape, writable=last.fresh,
+                 contiguous=facts.contiguous, native_order=facts.native_order)
 
 
 def _cast_facts(facts: Facts, dtype: str) -> Facts:
-    return Facts(facts.framework, dtype, facts.shape, device=facts.device)
+    return Facts(facts.framework, dtype, facts.shape, device=facts.device)  # C order (cast_steps)
+
+
+def _to_native(a: Any) -> Any:
+    return a.astype(a.dtype.newbyteorder("="), order="C")
 
 
 def _describe(src: Backend, facts: Facts, x: Any) -> str:
@@ -161,6 +167,10 @@ def _host_route(x: Any, src: Backend, facts: Facts, tgt: Backend, device: str | 
         numpy = get_backend("numpy")
         steps += numpy.cast_steps(host, dtype)
         host = _cast_facts(host, dtype)
+    if not host.native_order and tgt.name != "numpy":
+        steps.append(Step("byte-swap to native order", True, _to_native,
+                          f"{tgt.name} holds native byte order only"))
+        host = Facts(host.framework, host.dtype, host.shape)
     return steps + tgt.from_host_steps(host, device=device, copy=copy)
 
 

@@ -116,3 +116,38 @@ def test_shares_memory_sees_bfloat16_tf_buffers():
 def test_variable_snapshot_is_explained():
     v = tf.Variable([1.0, 2.0])
     assert "snapshot" in str(tb.explain(v, to="numpy"))
+
+
+def _big_endian(n: int, dtype: str, offset: int) -> np.ndarray:
+    """A big-endian array whose data starts ``offset`` bytes past a 64-byte boundary."""
+    raw = np.zeros(n * 8 + 128, np.uint8)
+    start = (-raw.ctypes.data) % 64 + offset
+    a = raw[start:start + n * np.dtype(dtype).itemsize].view(np.dtype(dtype).newbyteorder(">"))
+    a[...] = np.arange(n)
+    return a
+
+
+@pytest.mark.parametrize("target", ["tensorflow", "jax", "torch"])
+@pytest.mark.parametrize("offset", [0, 8])
+@pytest.mark.parametrize("dtype", ["float32", "int32", "float64"])
+def test_big_endian_arrays_reach_every_framework(target, offset, dtype):
+    a = _big_endian(6, dtype, offset)
+    if target == "jax" and dtype == "float64":
+        import jax
+
+        if not jax.config.jax_enable_x64:
+            pytest.skip("x64 off")
+    out = tb.convert(a, to=target)
+    back = tb.to_numpy(out)
+    assert back.dtype == np.dtype(dtype) and back.tobytes() == a.astype(dtype).tobytes()
+    assert "byte-swap to native order" in str(tb.explain(a, to=target))
+
+
+@pytest.mark.parametrize("make", ["conj_T", "neg_T", "cast_T"])
+def test_copies_that_keep_a_transposed_layout_reach_tensorflow(make):
+    z = torch.randn(3, 2, dtype=torch.complex64)
+    x, kw = {"conj_T": (z.conj().T, {}), "neg_T": (z.conj().imag.T, {}),
+             "cast_T": (np.arange(12.0).reshape(3, 4).T, {"dtype": "float32"})}[make]
+    want = np.asarray(tb.to_numpy(x, **kw))
+    got = tb.to_tf(x, **kw)
+    assert got.numpy().tobytes() == np.ascontiguousarray(want).tobytes()

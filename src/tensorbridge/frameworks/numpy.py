@@ -75,7 +75,8 @@ class NumpyBackend(Backend):
         from ..dtypes import numpy_dtype
 
         target = numpy_dtype(dtype)
-        return [Step(f"cast {facts.dtype} -> {dtype}", True, lambda a: a.astype(target))]
+        return [Step(f"cast {facts.dtype} -> {dtype}", True,
+                     lambda a: a.astype(target, order="C"))]
 
     def to_device_steps(self, facts: Facts, device: str) -> list[Step]:
         return self.from_host_steps(facts, device=device, copy=None)

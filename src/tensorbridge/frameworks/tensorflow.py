@@ -124,9 +124,15 @@ class TensorFlowBackend(Backend):
             why = "NumPy cannot export read-only arrays over DLPack"
         steps: list[Step] = []
         if why is None:
+            def share(a: Any) -> Any:
+                # TF aborts the process on memory it cannot import: the facts of a fresh
+                # host copy are planned, so check the real array before handing it over
+                if a.flags.c_contiguous and a.dtype.isnative and a.ctypes.data % 64 == 0:
+                    return tf.experimental.dlpack.from_dlpack(a.__dlpack__())
+                return tf.convert_to_tensor(a)
+
             steps.append(Step("tf.experimental.dlpack.from_dlpack (shares the NumPy buffer; do not "
-                              "mutate it while TF uses it)", False,
-                              lambda a: tf.experimental.dlpack.from_dlpack(a.__dlpack__())))
+                              "mutate it while TF uses it)", False, share))
         else:
             steps.append(Step("tf.convert_to_tensor", True, tf.convert_to_tensor, why))
         if device is not None and device.split(":")[0] != "cpu":
