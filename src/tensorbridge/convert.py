@@ -105,7 +105,10 @@ def _leaf_fn(target: str, device: str | None, dtype: str | None, copy: bool | No
             elif _is_jax_array(tp):
                 if done and id(x) in done:  # a CUDA array, staged with the rest of the tree
                     return done[id(x)]
-                return np.asarray(x)  # a read-only view on the CPU; gathers otherwise
+                try:
+                    return np.asarray(x)  # a read-only view on the CPU; gathers otherwise
+                except RuntimeError:  # deleted or donated: the planned route says so
+                    pass
             return general(x)
 
         return to_numpy_leaf
@@ -224,7 +227,10 @@ def to_numpy(x: Any, /, *, copy: bool | None = None, dtype: str | None = None,
             except (RuntimeError, TypeError):
                 pass
         elif _is_jax_array(tp) and not pinned and not foreign_cuda.jax_cuda_running():
-            return np.asarray(x)  # a read-only view on the CPU
+            try:
+                return np.asarray(x)  # a read-only view on the CPU
+            except RuntimeError:  # deleted or donated: the planned route says so
+                pass
     return convert(x, to="numpy", copy=copy, dtype=dtype, ragged=ragged, pinned=pinned)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .dtypes import lookup
-from .errors import ConversionError, CopyError, message
+from .errors import ConversionError, CopyError, TensorBridgeError, message
 from .frameworks import get_backend
 from .frameworks.base import Backend, Facts, Step, normalize_device
 
@@ -100,7 +100,17 @@ def plan_leaf(
 ) -> Plan:
     """The :class:`Plan` that converts one tensor ``x`` of framework ``src``."""
     tgt = get_backend(target)
-    facts = src.facts(x)
+    try:
+        facts = src.facts(x)
+    except TensorBridgeError:
+        raise
+    except Exception as exc:  # the framework itself could not describe the object
+        raise ConversionError(message(
+            f"a {src.name} {type(x).__name__}",
+            f"{src.name} could not say what it holds ({type(exc).__name__}: {exc})",
+            "convert a live tensor with ordinary memory; tensors that are deleted, donated, "
+            "nested or handles have no data of their own to convert",
+        )) from exc
     if dtype is not None:
         dtype = lookup(dtype).name
         if dtype == facts.dtype:
@@ -146,8 +156,13 @@ def _dlpack_route(src: Backend, facts: Facts, tgt: Backend, device: str | None,
     prepare = src.prepare_steps(facts)
     if any(s.copies for s in prepare):
         return None
-    if tgt.dlpack_import(facts) is not None:
-        return None
+    try:
+        if tgt.dlpack_import(facts) is not None:
+            return None
+    except ConversionError:
+        if dtype is None:
+            raise
+        return None  # the target cannot hold the source dtype: cast on the host first
     why = ""
     if not facts.writable and tgt.name in _MUTABLE:
         why = (f"the {tgt.name} tensor aliases an immutable {src.name} buffer: do not write to it, "

@@ -137,3 +137,28 @@ def test_jax_fast_path_matches_the_planned_route():
     for a in (fast, planned, slow):
         assert not a.flags.writeable and tb.shares_memory(a, j)
         assert a.tobytes() == np.asarray(j).tobytes()
+
+
+def test_deleted_arrays_are_refused_with_the_reason():
+    x = jnp.arange(4.0)
+    x.delete()
+    for call in (lambda: tb.to_numpy(x), lambda: tb.to_torch(x), lambda: tb.to_numpy({"x": x}),
+                 lambda: tb.explain(x, to="numpy")):
+        with pytest.raises(tb.ConversionError, match="deleted JAX array.*Fix:"):
+            call()
+
+
+def test_dtype_casts_other_frameworks_64_bit_ints_for_jax_without_x64():
+    r = _run("""
+        import torch, tensorflow as tf
+        import tensorbridge as tb
+        for x in (torch.arange(3), tf.constant([0, 1, 2], dtype=tf.int64)):
+            y = tb.to_jax(x, dtype="int32")
+            print(y.dtype, y.tolist())
+            try:
+                tb.to_jax(x)
+            except tb.ConversionError as e:
+                print("REFUSED" if "dtype=" in str(e) else e)
+    """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["int32", "[0,", "1,", "2]", "REFUSED"] * 2

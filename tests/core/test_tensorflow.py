@@ -151,3 +151,10 @@ def test_copies_that_keep_a_transposed_layout_reach_tensorflow(make):
     want = np.asarray(tb.to_numpy(x, **kw))
     got = tb.to_tf(x, **kw)
     assert got.numpy().tobytes() == np.ascontiguousarray(want).tobytes()
+
+
+def test_a_variable_handle_is_refused_naming_the_variable_to_convert():
+    v = tf.Variable([1.0, 2.0])
+    for x in (v.handle, {"h": v.handle}):
+        with pytest.raises(tb.ConversionError, match="resource.*Fix: convert the variable itself"):
+            tb.to_numpy(x)

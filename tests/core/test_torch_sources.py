@@ -94,3 +94,14 @@ def test_cast_with_dtype():
     t = torch.tensor([1.0, 2.5], dtype=torch.float64)
     a = tb.to_numpy(t, dtype="bfloat16")
     assert a.dtype == ml_dtypes.bfloat16 and a.tolist() == [1.0, 2.5]
+
+
+def test_nested_tensors_are_refused_with_a_way_out():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "nested tensors are in prototype stage"
+        nt = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
+    for target in ("numpy", "jax"):
+        with pytest.raises(tb.ConversionError, match="nested tensor.*to_padded_tensor"):
+            tb.convert({"x": nt}, to=target)

@@ -64,6 +64,12 @@ class JaxBackend(Backend):
                 "convert outside the transformed function (return the value, then convert), "
                 "or use jax.debug.callback / jax.pure_callback to get concrete values inside it",
             ))
+        if x.is_deleted():
+            raise ConversionError(message(
+                f"a deleted JAX array ({x.dtype}{list(x.shape)})",
+                "its buffer was freed (x.delete(), or donated to a jit-compiled function)",
+                "convert it before deleting or donating it, or keep a copy (jnp.copy(x))",
+            ))
         devices = x.devices()
         dev = next(iter(devices))
         kind = _PLATFORM.get(dev.platform, dev.platform)

@@ -75,6 +75,12 @@ class TensorFlowBackend(Backend):
                 "tf.py_function / tf.numpy_function to run Python on values inside it",
             ))
         dtype = x.dtype
+        if dtype in (tf.resource, tf.variant):
+            raise ConversionError(message(
+                f"a TensorFlow tensor of dtype {dtype.name}",
+                "it is a handle to a variable or a container, not data",
+                "convert the variable itself (v, or v.read_value()) instead of v.handle",
+            ))
         if dtype == tf.string:
             name = "string"
         else:

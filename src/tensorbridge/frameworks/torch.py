@@ -61,6 +61,12 @@ class TorchBackend(Backend):
                 "meta tensors carry a shape and dtype but no data",
                 "materialise it first (e.g. module.to_empty(device='cpu') and load weights)",
             ))
+        if x.is_nested:
+            raise ConversionError(message(
+                "a torch nested tensor",
+                "its components have different shapes, so it is not one rectangular array",
+                "pad it (x.to_padded_tensor(0.0)), or convert its parts (list(x.unbind()))",
+            ))
         device = "cpu" if dev.type == "cpu" else f"{dev.type}:{dev.index or 0}"
         f = Facts("torch", self.canonical(x.dtype), tuple(x.shape), device=device)
         sparse = x.layout != self.load().strided
