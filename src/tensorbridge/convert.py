@@ -150,6 +150,13 @@ def convert(
     on its own becomes a 0-d tensor. ``ragged="list"`` turns TF ragged tensors
     into nested lists instead of refusing them.
 
+    A cast runs where the data is at that step of the route (``explain`` says
+    where): on the host with NumPy/ml_dtypes, or in the source or target
+    framework. Every value the new dtype can hold comes out the same whichever
+    runs it. Values it cannot hold follow the framework that casts: float8
+    out of range (NaN with ml_dtypes, saturation with torch), and subnormals
+    in TensorFlow, whose CPU kernels flush them to zero.
+
     ``pinned=True`` (``to="numpy"`` only) returns the arrays copied from CUDA
     tensors in page-locked (pinned) host memory, from torch's caching host
     allocator: the fastest way off the GPU, and such arrays go back to a GPU

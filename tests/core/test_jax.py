@@ -162,3 +162,19 @@ def test_dtype_casts_other_frameworks_64_bit_ints_for_jax_without_x64():
     """)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["int32", "[0,", "1,", "2]", "REFUSED"] * 2
+
+
+def test_a_cpu_index_places_the_array_on_that_cpu_device():
+    r = _run("""
+        import os
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+        import numpy as np, jax, tensorbridge as tb
+        print(tb.to_jax(np.ones(2, np.float32), device="cpu:2").devices())
+        print(tb.to_jax(np.ones(2, np.float32), device="CPU:0").devices())
+        try:
+            tb.to_jax(np.ones(2, np.float32), device="cpu:7")
+        except tb.DeviceError as e:
+            print("REFUSED", "cpu:3" in str(e))
+    """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[:3] == ["{CpuDevice(id=2)}", "{CpuDevice(id=0)}", "REFUSED True"]

@@ -143,3 +143,15 @@ def test_long_double_is_refused_with_a_cast_to_suggest():
         return
     with pytest.raises(tb.ConversionError, match="extended precision.*Fix: cast it first"):
         tb.to_torch(a)
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "float8_e5m2", "float8_e4m3fn"])
+def test_flipped_size_one_dims_of_ml_dtypes_share_memory(name):
+    dt = getattr(ml_dtypes, name)
+    a = np.arange(6, dtype=np.float32).astype(dt).reshape(1, 6)[::-1]
+    assert a.strides[0] < 0
+    t = tb.to_torch(a)
+    assert str(t.dtype) == f"torch.{name}"
+    assert t.view(torch.uint8 if a.itemsize == 1 else torch.int16).numpy().tobytes() == a.tobytes()
+    a[0, 1] = dt(5.0)
+    assert t[0, 1].item() == 5.0  # zero-copy, proven by mutation

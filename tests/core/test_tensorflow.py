@@ -158,3 +158,18 @@ def test_a_variable_handle_is_refused_naming_the_variable_to_convert():
     for x in (v.handle, {"h": v.handle}):
         with pytest.raises(tb.ConversionError, match="resource.*Fix: convert the variable itself"):
             tb.to_numpy(x)
+
+
+def test_a_0d_string_tensor_becomes_a_0d_array_of_bytes():
+    a = tb.to_numpy(tf.constant("hello"))
+    assert isinstance(a, np.ndarray) and a.shape == () and a.dtype == object
+    assert a.item() == b"hello"
+    assert tb.to_numpy(tf.constant(["a", "bc"])).tolist() == [b"a", b"bc"]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cpu:0", "CPU:0", "CPU"])
+def test_host_device_spellings_are_all_the_host(device):
+    t = tf.constant([1.0, 2.0])
+    assert tb.convert(t, to="numpy", device=device).tolist() == [1.0, 2.0]
+    assert tb.convert(torch.ones(2), to="numpy", device=device).tolist() == [1.0, 1.0]
+    assert tb.to_tf(np.ones(2, np.float32), device=device).numpy().tolist() == [1.0, 1.0]

@@ -26,8 +26,10 @@ __all__ = ["Step", "Facts", "Backend", "host_facts", "normalize_device"]
 
 
 def normalize_device(device: str) -> str:
-    """``"gpu"`` -> ``"cuda:0"``, ``"cuda"`` -> ``"cuda:0"``, ``"cpu:0"`` -> ``"cpu"``."""
+    """``"gpu"`` -> ``"cuda:0"``, ``"cuda"`` -> ``"cuda:0"``, ``"cpu:0"`` -> ``"cpu"``
+    (TensorFlow's spellings ``"CPU:0"`` and ``"GPU:1"`` too)."""
     kind, _, index = device.partition(":")
+    kind = kind.lower()
     kind = {"gpu": "cuda"}.get(kind, kind)
     return kind if kind == "cpu" else f"{kind}:{index or 0}"
 

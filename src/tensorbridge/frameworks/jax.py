@@ -108,7 +108,8 @@ class JaxBackend(Backend):
             # buffers, even with may_alias=False. jnp.array(copy=True) always copies.
             steps.append(Step("jnp.array(copy=True)", True,
                               lambda a: jax.numpy.array(a, copy=True), why))
-        if device is not None and normalize_device(device) != "cpu":
+        if device is not None and (normalize_device(device) != "cpu"
+                                   or device.partition(":")[2] not in ("", "0")):  # cpu:N
             steps.extend(self.to_device_steps(facts, device))
         return steps
 
@@ -138,6 +139,7 @@ class JaxBackend(Backend):
     def to_device_steps(self, facts: Facts, device: str) -> list[Step]:
         jax = self.load()
         kind, _, index = device.partition(":")
+        kind = kind.lower()
         platform = {"cuda": "gpu"}.get(kind, kind)
         try:
             target = jax.devices(platform)[int(index or 0)]

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DeviceError, message
-from .base import Backend, Facts, Step, host_facts
+from .base import Backend, Facts, Step, host_facts, normalize_device
 
 __all__ = ["NumpyBackend", "BACKEND"]
 
@@ -52,7 +52,7 @@ class NumpyBackend(Backend):
         return steps
 
     def from_host_steps(self, facts: Facts, *, device: str | None, copy: bool | None) -> list[Step]:
-        if device not in (None, "cpu"):
+        if device is not None and normalize_device(device) != "cpu":
             raise DeviceError(message(
                 f"device={device!r} for a NumPy result",
                 "NumPy arrays live in host memory only",

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..dtypes import NUMPY_NATIVE, canonical_name
 from ..errors import ConversionError, DeviceError, message
-from .base import Backend, Facts, Step
+from .base import Backend, Facts, Step, normalize_device
 
 __all__ = ["TensorFlowBackend", "BACKEND"]
 
@@ -108,7 +108,8 @@ class TensorFlowBackend(Backend):
             steps.append(Step("read the variable's current value", False, lambda v: v.read_value(),
                               "a snapshot: later assign() calls are not seen by the result"))
         if facts.dtype == "string":
-            steps.append(Step("Tensor.numpy() -> array of bytes objects", True, lambda t: t.numpy(),
+            steps.append(Step("Tensor.numpy() -> array of bytes objects", True,
+                              lambda t: np.asarray(t.numpy(), dtype=object),
                               "TF strings are variable-length bytes"))
         elif facts.device_type == "cpu" and facts.dtype in _DLPACK_DTYPES and "sparse" not in facts.notes:
             steps.append(Step("DLPack view of the host buffer (read-only: TF tensors are immutable)",
@@ -141,7 +142,7 @@ class TensorFlowBackend(Backend):
                               "mutate it while TF uses it)", False, share))
         else:
             steps.append(Step("tf.convert_to_tensor", True, tf.convert_to_tensor, why))
-        if device is not None and device.split(":")[0] != "cpu":
+        if device is not None and normalize_device(device) != "cpu":
             steps.extend(self.to_device_steps(facts, device))
         return steps
 

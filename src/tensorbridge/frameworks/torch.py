@@ -225,6 +225,8 @@ def _to_host(t: Any) -> Any:
 
 def _positive_unit_strides(a: np.ndarray) -> np.ndarray:
     """A size-1 dimension's stride is never used: rewrite negative ones to 0 (no copy)."""
+    if a.dtype.type.__module__ != "numpy":  # ml_dtypes: as_strided would lose the dtype
+        return _positive_unit_strides(a.view(f"u{a.dtype.itemsize}")).view(a.dtype)
     strides = tuple(0 if n <= 1 else s for s, n in zip(a.strides, a.shape))
     return np.lib.stride_tricks.as_strided(a, a.shape, strides, writeable=a.flags.writeable)
 
