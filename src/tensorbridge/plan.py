@@ -184,7 +184,7 @@ def _host_route(x: Any, src: Backend, facts: Facts, tgt: Backend, device: str | 
         host = _cast_facts(host, dtype)
     if not host.native_order and tgt.name != "numpy":
         steps.append(Step("byte-swap to native order", True, _to_native,
-                          f"{tgt.name} holds native byte order only"))
+                          f"{tgt.name} only holds native byte order"))
         host = Facts(host.framework, host.dtype, host.shape)
     return steps + tgt.from_host_steps(host, device=device, copy=copy)
 
