@@ -560,6 +560,21 @@ def test_malformed_pickles_are_refused(tmp_path, pkl, match):
         FORMAT.open(str(p))
 
 
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_complex_numbers_in_a_checkpoint_are_metadata_like_other_numbers(tmp_path, protocol):
+    p = tmp_path / "c.pt"
+    torch.save({"t": torch.ones(2), "c": 1 + 2j, "lr": 0.1}, p, pickle_protocol=protocol)
+    with FORMAT.open(str(p)) as r:
+        assert r.keys() == ["t"] and r.metadata == {"c": "(1+2j)", "lr": "0.1"}
+
+
+def test_complex_with_anything_but_two_numbers_is_refused(tmp_path):
+    p = tmp_path / "bad.pt"
+    make_zip(p, b"\x80\x02c__builtin__\ncomplex\nX\x01\x00\x00\x00aK\x01\x86R.")
+    with pytest.raises(FileFormatError, match="not two numbers"):
+        FORMAT.open(str(p))
+
+
 def test_unknown_tensor_name_says_what_exists(tmp_path):
     write(tmp_path / "m.pt", {"w": sample("float32", (1,))})
     with FORMAT.open(str(tmp_path / "m.pt")) as r:

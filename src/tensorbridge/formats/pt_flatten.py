@@ -3,8 +3,8 @@
 Nested dicts, lists and tuples are walked and their keys joined with ``.``
 (``{"model": {"w": t}, "layers": [t0]}`` gives ``model.w`` and ``layers.0``); a
 bare saved tensor is named ``tensor``. Plain leaves that are not tensors (ints,
-floats, bools, None, strings, bytes, torch dtypes) become metadata text under
-their joined path: ``repr`` text, a string as itself.
+floats, complex numbers, bools, None, strings, bytes, torch dtypes) become metadata
+text under their joined path: ``repr`` text, a string as itself.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ __all__ = ["MAX_DEPTH", "flatten"]
 #: Containers nested deeper than this are refused (flattening recurses).
 MAX_DEPTH = 100
 
-_SCALARS = (str, int, float, bool, bytes, type(None))
+_SCALARS = (str, int, float, complex, bool, bytes, type(None))
 
 
 def flatten(obj: Any, path: str) -> tuple[list[tuple[str, _Tensor]], dict[str, str]]:

@@ -225,7 +225,16 @@ def _globals(path: str) -> dict[str, Any]:
         except UnicodeEncodeError as exc:
             raise FileFormatError(f"malformed bytes object in the pickle ({exc}).", path) from exc
 
+    def complex_number(args: tuple) -> complex:
+        if len(args) != 2 or not all(type(a) in (int, float) for a in args):
+            raise FileFormatError(f"complex() is called with {args!r:.80}, not two numbers. "
+                                  "Fix: re-save the checkpoint with torch.save.", path)
+        return complex(*args)
+
     table: dict[str, Any] = {
+        # torch's weights_only loader allows complex; protocol 2 spells it __builtin__
+        "builtins.complex": _Global("complex", complex_number),
+        "__builtin__.complex": _Global("complex", complex_number),
         "collections.OrderedDict": _Global("collections.OrderedDict", ordered_dict),
         "torch._utils._rebuild_tensor_v2": _Global("_rebuild_tensor_v2", v2),
         "torch._utils._rebuild_tensor_v3": _Global("_rebuild_tensor_v3", v3),
