@@ -672,3 +672,27 @@ def test_tables_on_a_narrow_terminal_keep_names_and_every_digit(monkeypatch, col
     assert "encoder.weight" in text and "…" not in text
     assert "18446744073709551615" in "".join(
         line.split("│")[5].strip() for line in text.splitlines() if line.count("│") >= 5)
+
+
+def test_errors_with_json_still_print_one_json_document(tmp_path, npz):
+    missing = tmp_path / "missing.npz"
+    for args in (["diff", "--json", npz, missing], ["convert", "--json", missing,
+                                                      tmp_path / "o.npz"]):
+        proc = tb(*args)
+        assert proc.returncode == 2
+        doc = json.loads(proc.stdout)
+        assert doc["exit_code"] == 2 and "missing.npz" in doc["error"] and "Fix:" in doc["error"]
+        assert proc.stderr.startswith("tensorbridge: error:")
+    proc = tb("inspect", "--json", npz, missing)
+    assert proc.returncode == 2
+    doc = json.loads(proc.stdout)
+    assert len(doc["files"]) == 1 and doc["errors"][0]["path"] == str(missing)
+
+
+def test_save_to_a_path_ending_in_a_slash_writes_a_sharded_checkpoint(tmp_path):
+    import tensorbridge as tbm
+
+    out = str(tmp_path / "new") + "/"
+    tbm.save({"w": np.arange(4.0)}, out)
+    assert os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
+    assert tbm.load(out)["w"].tolist() == [0.0, 1.0, 2.0, 3.0]

@@ -225,18 +225,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 141
     except TensorBridgeError as exc:
-        print(f"tensorbridge: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(args, str(exc))
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""
-        print(f"tensorbridge: error:{where}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
+        return _fail(args, f"{where.strip()}: {exc.strerror or exc}" if where else
+                     str(exc.strerror or exc))
     except Exception as exc:  # never a traceback with exit 1: diff's 1 means "different"
-        print(f"tensorbridge: error: unexpected {type(exc).__name__}: {exc}. This is a bug; "
-              "please report it with the command you ran (set TENSORBRIDGE_DEBUG=1 for "
-              "the traceback).", file=sys.stderr)
         if os.environ.get("TENSORBRIDGE_DEBUG"):
             import traceback
 
             traceback.print_exc()
-        return 2
+        return _fail(args, f"unexpected {type(exc).__name__}: {exc}. This is a bug; please "
+                     "report it with the command you ran (set TENSORBRIDGE_DEBUG=1 for the "
+                     "traceback).")
+
+
+def _fail(args: argparse.Namespace, text: str) -> int:
+    """Report an error: on stderr, and with ``--json`` as a JSON document on stdout too
+    (``{"error": ..., "exit_code": 2}``), so a script reading stdout always gets JSON."""
+    print(f"tensorbridge: error: {text}", file=sys.stderr)
+    if getattr(args, "json", False):
+        from .common import emit_json
+
+        emit_json({"error": text, "exit_code": 2})
+    return 2

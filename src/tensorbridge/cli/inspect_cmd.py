@@ -159,13 +159,14 @@ def render_text(doc: dict[str, Any], stream: TextIO) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    docs, status = [], 0
+    docs, errors, status = [], [], 0
     for i, path in enumerate(args.files):
         try:
             doc = inspect_file(path, format=args.format, stats=args.stats,
                                filters=args.filter, sort=args.sort)
         except TensorBridgeError as exc:
             print(f"tensorbridge: error: {exc}", file=sys.stderr)
+            errors.append({"path": path, "error": str(exc)})
             status = 2
             continue
         docs.append(doc)
@@ -174,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
                 sys.stdout.write("\n")
             render_text(doc, sys.stdout)
     if args.json:
-        emit_json({"files": docs})
+        emit_json({"files": docs, "errors": errors})  # every file: read, or why not
     elif len(docs) > 1:
         count = sum(d["count"] for d in docs)
         nbytes = sum(d["total_nbytes"] for d in docs)

@@ -47,12 +47,13 @@ def _suffix_table() -> dict[str, str]:
 def format_for_path(path: str | os.PathLike, format: str | None = None) -> Format:
     """Pick the format from ``format=`` or from the path's suffix.
 
-    A directory, or a file ending in ``.index.json``, is a sharded checkpoint.
+    A directory (or a path ending in ``/``), or a file ending in ``.index.json``,
+    is a sharded checkpoint.
     """
     if format is not None:
         return get_format(format)
     p = os.fspath(path)
-    if os.path.isdir(p) or p.endswith(".index.json"):
+    if os.path.isdir(p) or p.endswith((".index.json", "/", os.sep)):
         return get_format("sharded")
     suffix = os.path.splitext(p)[1].lower()
     table = _suffix_table()
