@@ -50,6 +50,18 @@ def _run(x: Any, src: Backend, target: str, device: str | None, dtype: str | Non
         )) from exc
 
 
+def _jax_scalar(x: Any) -> Any:
+    """A Python scalar as JAX makes it (``jnp.asarray``): without 64-bit types, a float
+    becomes float32 and an int int32, as every JAX user expects of a literal."""
+    jax = get_backend("jax").load()
+    try:
+        return jax.numpy.asarray(x)
+    except OverflowError as exc:
+        raise ConversionError(message(
+            f"the Python int {x} for JAX", f"it does not fit in JAX's default integers ({exc})",
+            "call jax.config.update('jax_enable_x64', True) first, or pass dtype='float32'")) from exc
+
+
 def _scalar_array(x: Any) -> np.ndarray:
     a = np.asarray(x)
     if a.dtype == object:
@@ -192,7 +204,7 @@ def convert(
         raise ConversionError(message(f"copy={copy!r}", "copy takes None, True or False only",
                                       "pass copy=None (share where safe), True or False"))
     if type(x) in _SCALARS:
-        x = _scalar_array(x)
+        x = _jax_scalar(x) if target == "jax" and dtype is None else _scalar_array(x)
     done: dict[int, Any] = {}
     modules = sys.modules
     if target == "numpy" and ("torch" in modules or "jax" in modules or "cupy" in modules):

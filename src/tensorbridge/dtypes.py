@@ -124,11 +124,17 @@ def canonical_name(dtype: Any) -> str:
     return name
 
 
-def lookup(name: str) -> DType:
-    """The :class:`DType` for a canonical name or any NumPy-parsable alias."""
-    row = DTYPES.get(name)
+def lookup(name: Any) -> DType:
+    """The :class:`DType` for a canonical name, any NumPy-parsable alias, or a
+    framework's dtype object (``torch.bfloat16``, ``tf.float32``, ``jnp.int8``)."""
+    row = DTYPES.get(name) if isinstance(name, str) else None
     if row is not None:
         return row
+    if not isinstance(name, (str, np.dtype, type)):  # torch.float32, tf.float32 (DType)
+        text = getattr(name, "name", None)
+        text = text if isinstance(text, str) else str(name).rpartition(".")[2]
+        if text in DTYPES:
+            return DTYPES[text]
     try:
         return DTYPES[canonical_name(np.dtype(name))]
     except (TypeError, ValueError) as exc:

@@ -178,3 +178,18 @@ def test_a_cpu_index_places_the_array_on_that_cpu_device():
     """)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[:3] == ["{CpuDevice(id=2)}", "{CpuDevice(id=0)}", "REFUSED True"]
+
+
+def test_python_scalars_become_what_jax_makes_of_them():
+    r = _run("""
+        import tensorbridge as tb
+        print(tb.to_jax(1.5).dtype, tb.to_jax(3).dtype, tb.to_jax(True).dtype,
+              tb.to_jax(1 + 2j).dtype, tb.to_jax(2.5, dtype="float16").dtype)
+        try:
+            tb.to_jax(2**40)
+        except tb.ConversionError as e:
+            print("REFUSED", "jax_enable_x64" in str(e))
+    """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["float32", "int32", "bool", "complex64", "float16",
+                                "REFUSED", "True"]

@@ -155,3 +155,31 @@ def test_flipped_size_one_dims_of_ml_dtypes_share_memory(name):
     assert t.view(torch.uint8 if a.itemsize == 1 else torch.int16).numpy().tobytes() == a.tobytes()
     a[0, 1] = dt(5.0)
     assert t[0, 1].item() == 5.0  # zero-copy, proven by mutation
+
+
+def test_masked_arrays_are_refused_rather_than_losing_the_mask():
+    a = np.ma.masked_array([1.0, 2.0, 3.0], mask=[False, True, False])
+    for target in ("torch", "jax", "tensorflow"):
+        with pytest.raises(tb.ConversionError, match="mask.*Fix: fill the gaps"):
+            tb.convert({"a": a}, to=target)
+    assert tb.to_numpy(a) is a  # NumPy keeps the mask: nothing is lost
+    assert tb.to_torch(a.filled(0)).tolist() == [1.0, 0.0, 3.0]
+
+
+def test_dtype_accepts_the_frameworks_own_dtype_objects():
+    import tensorflow as tf
+
+    t = torch.arange(3, dtype=torch.float32)
+    assert tb.to_numpy(t, dtype=torch.bfloat16).dtype == ml_dtypes.bfloat16
+    assert tb.to_torch(np.ones(2), dtype=tf.float16).dtype == torch.float16
+    assert tb.to_torch(np.ones(2), dtype=np.int8).dtype == torch.int8
+    with pytest.raises(tb.ConversionError, match="not a known tensor dtype"):
+        tb.to_torch(np.ones(2), dtype=object())
+
+
+def test_quantized_tensors_are_refused_with_dequantize_as_the_fix():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized creation functions are deprecated
+        q = torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8)
+    with pytest.raises(tb.ConversionError, match=r"t\.dequantize\(\)"):
+        tb.to_numpy(q)

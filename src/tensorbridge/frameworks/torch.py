@@ -46,10 +46,13 @@ class TorchBackend(Backend):
                     self._canonical[d] = name
         name = self._canonical.get(dtype)
         if name is None:
+            quantized = "q" in str(dtype).rpartition(".")[2][:2]  # torch.qint8, quint8, ...
             raise ConversionError(message(
                 f"a torch tensor of dtype {dtype}",
                 "no other framework or file format has this dtype",
-                "cast it first, e.g. t.to(torch.float32)",
+                "dequantize it first (t.dequantize()), or keep its integer representation "
+                "(t.int_repr()) with its scale and zero point" if quantized
+                else "cast it first, e.g. t.to(torch.float32)",
             ))
         return name
 
