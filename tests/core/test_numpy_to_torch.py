@@ -183,3 +183,11 @@ def test_quantized_tensors_are_refused_with_dequantize_as_the_fix():
         q = torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8)
     with pytest.raises(tb.ConversionError, match=r"t\.dequantize\(\)"):
         tb.to_numpy(q)
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available() or torch.cuda.is_available(),
+                    reason="the machine has the device")
+@pytest.mark.parametrize("device", ["mps", "cuda", "cuda:1"])
+def test_a_device_this_machine_lacks_is_a_device_error(device):
+    with pytest.raises(tb.DeviceError, match="this machine has no.*Fix: leave device unset"):
+        tb.to_torch(np.ones(2, np.float32), device=device)

@@ -194,6 +194,11 @@ class TorchBackend(Backend):
             n = torch.cuda.device_count()
             raise DeviceError(message(f"device={device!r}", f"this machine has {n} CUDA device(s)",
                                       f"use 'cuda:0' to 'cuda:{n - 1}'"))
+        mps = getattr(torch.backends, "mps", None)
+        if dev.type == "mps" and not (mps is not None and mps.is_available()):
+            raise DeviceError(message(f"device={device!r}", "this machine has no MPS (Apple GPU) "
+                                      "device torch can use",
+                                      "leave device unset (the result stays on the CPU)"))
         if dev.type == "mps" and facts.dtype in ("float64", "complex128"):
             raise ConversionError(message(
                 f"a {facts.dtype} tensor for device 'mps'", "Apple's MPS backend has no 64-bit floats",
