@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tensorbridge.errors import ConversionError, FileFormatError, UnsafeContentError
+import tensorbridge as tb
 from tensorbridge.files import flatten_names, load, open as tb_open, save, unflatten_names
 from tensorbridge.writer import Writer
 
@@ -378,3 +379,37 @@ def test_load_refuses_a_string_or_repeated_names(tmp_path):
     with pytest.raises(ConversionError, match=r"names with \['a'\] given more than once"):
         load(p, names=["a", "a.b", "a"])
     assert load(p, names=["a.b"])["a.b"].tobytes() == np.ones(2).tobytes()
+
+
+@pytest.mark.parametrize("dest, kwargs, names, match", [
+    ("f.npz", {"compresss": True}, ["x"], "unknown option"),
+    ("f.npz", {"metadata": {"k": "v"}}, ["x"], "no place for it"),
+    ("s/", {"max_shard_size": "lots"}, ["x"], "lots"),
+    ("f.h5", {}, ["feat/x"], "feat/x"),
+    ("f.npy", {}, ["a", "b"], "exactly one array"),
+    ("f.safetensors", {}, ["__metadata__"], "reserved"),
+])
+def test_writer_refuses_what_the_format_cannot_write_before_spooling(tmp_path, dest, kwargs,
+                                                                     names, match):
+    """Refused when the Writer is made, or at its first append: never after a long export."""
+    path = str(tmp_path / dest) + ("/" if dest.endswith("/") else "")
+    with pytest.raises(tb.ConversionError if dest != "f.safetensors" else tb.TensorBridgeError,
+                       match=match):
+        w = tb.Writer(path, **kwargs)
+        w.append(**{n: np.ones((3, 2), np.float32) for n in names})
+    assert not [n for n in os.listdir(tmp_path) if "tb-spool" in n]
+
+
+def test_masked_arrays_are_refused_by_save_and_by_the_writer_without_losing_earlier_batches(
+        tmp_path):
+    masked = np.ma.masked_array(np.ones((2, 3)), mask=[[0, 1, 0], [0, 0, 0]])
+    with pytest.raises(tb.ConversionError, match="mask.*Fix: fill the gaps"):
+        tb.save({"x": masked}, tmp_path / "m.npz")
+    assert not (tmp_path / "m.npz").exists()
+    w = tb.Writer(tmp_path / "w.npz")
+    w.append(x=np.zeros((2, 3)))
+    with pytest.raises(tb.ConversionError, match="mask"):
+        w.append(x=masked)
+    w.append(x=np.ones((1, 3)))  # the Writer is still usable: the bad batch was refused whole
+    w.close()
+    assert tb.load(tmp_path / "w.npz")["x"].shape == (3, 3)

@@ -122,6 +122,12 @@ def tensor_info(name: str, leaf: Any, keys: tuple = ()) -> tuple[TensorInfo, Any
         leaf = np.asarray(leaf)
     backend = backend_of(type(leaf))
     where = format_path(keys) or "(root)"
+    if isinstance(leaf, np.ma.MaskedArray):
+        raise ConversionError(message(
+            f"a NumPy masked array at {where} (tensor name {name!r})",
+            "tensor files have no place for its mask, so which values are missing would be lost",
+            "fill the gaps (a.filled(0)), or pass a.data to drop the mask knowingly; save the "
+            "mask as a bool tensor too if you need it (np.ma.getmaskarray(a))"))
     if backend is None:
         raise ConversionError(message(
             f"{describe(leaf)} at {where} (tensor name {name!r})",

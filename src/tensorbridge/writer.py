@@ -80,6 +80,8 @@ class Writer:
         self._format = format_for_path(self.path, format)
         self._metadata = check_metadata(metadata, self.path)
         self._options = write_options(self._format, options, self.path)
+        # options and metadata the format refuses fail now, not after a long export
+        self._format.check_write(self.path, [], self._metadata, self._options)
         target = os.path.realpath(self.path)
         self._dir = target if os.path.isdir(target) else (os.path.dirname(target) or ".")
         self._base = os.path.basename(target)
@@ -133,7 +135,11 @@ class Writer:
         return checked
 
     def _check_dtypes(self, checked: list[tuple[str, TensorInfo, Any]]) -> None:
-        """Refuse, at the first append, dtypes the destination format cannot hold."""
+        """Refuse, at the first append, dtypes, names and counts the destination format
+        cannot hold (every later batch has the same names and dtypes)."""
+        self._format.check_write(self.path, [TensorInfo(name, info.dtype, (0, *info.shape[1:]))
+                                             for name, info, _ in checked
+                                             if self._format_holds(info)])
         for name, info, _ in checked:
             try:
                 self._format.check_info(TensorInfo(name, info.dtype, (0, *info.shape[1:])), self.path)
@@ -144,6 +150,13 @@ class Writer:
                     f"{self._format.name} files cannot hold {info.dtype}",
                     f"cast each batch before appending (e.g. x.astype(np.{example})), or "
                     "write to .h5 or .npz, which hold every dtype")) from None
+
+    def _format_holds(self, info: TensorInfo) -> bool:
+        try:
+            self._format.check_info(info, self.path)
+        except ConversionError:
+            return False  # reported below, with the Writer's own advice
+        return True
 
     def _spool(self, name: str) -> BinaryIO:
         """The open spool file of ``name``; at most :data:`MAX_OPEN_SPOOLS` stay open."""

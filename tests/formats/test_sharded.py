@@ -538,3 +538,15 @@ def test_user_total_size_metadata_is_refused(tmp_path):
     with pytest.raises(ConversionError, match="total_size.*index's own field.*Fix: rename"):
         write(tmp_path / "d", {"a": np.zeros(2)}, {"total_size": "5"})
     assert not (tmp_path / "d").exists()
+
+
+def test_reading_after_close_is_refused_and_opens_nothing(tmp_path):
+    d = simple(tmp_path)
+    with FORMAT.open(d) as r:
+        name = r.keys()[0]
+        r.read(name)
+    before = len(os.listdir("/proc/self/fd"))
+    for call in (lambda: r.read(name), lambda: r.raw_span(name)):
+        with pytest.raises(FileFormatError, match="closed.*Fix: open it again"):
+            call()
+    assert len(os.listdir("/proc/self/fd")) == before

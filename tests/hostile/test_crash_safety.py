@@ -267,8 +267,8 @@ def test_full_disk_rlimit_fsize(fmt, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.splitlines()[-1])
     assert res["result"] == "error", res
-    assert "disk" in res["message"] or "space" in res["message"], res["message"]
-    assert str(dst) in res["message"]
+    assert "largest file this process may write" in res["message"], res["message"]
+    assert "ulimit -f" in res["message"] and str(dst) in res["message"]
     assert dst.read_bytes() == before
     assert _leftovers(tmp_path, {dst.name}) == []
 

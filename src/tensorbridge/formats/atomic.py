@@ -48,7 +48,7 @@ SPOOL_MARKER = ".tb-spool-"
 _MARKERS = (TMP_MARKER, SPOOL_MARKER)
 #: errnos meaning "this file system does not do locks": writing goes on without one.
 _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
-_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 # Open-file-description locks (Linux >= 3.15): owned by the open file, not the process, and
 # independent of flock() on local file systems. struct flock is {short, short, off_t, off_t,
@@ -312,6 +312,10 @@ def _replacing(path: str | os.PathLike, example: str, follow_symlinks: bool,
         if isinstance(exc, OSError) and not isinstance(exc, TensorBridgeError):
             if exc.errno in _DISK_FULL:
                 why, fix = "the disk is full", "free space or choose another destination"
+            elif exc.errno == errno.EFBIG:
+                why = "the file would exceed the largest file this process may write"
+                fix = ("raise the file-size limit (`ulimit -f unlimited`), or write to a file "
+                       "system that holds larger files, or write a sharded checkpoint")
             else:
                 why = exc.strerror or str(exc)
                 fix = ("check that the destination's directory exists and is writable, or "

@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from .names import check_unique
+
 __all__ = ["TensorInfo", "RawSpan", "Reader", "Format"]
 
 
@@ -137,6 +139,8 @@ class Format:
     description: str = ""
     #: whether the format has a place for string metadata
     holds_metadata: bool = True
+    #: the keyword options ``write`` takes (``compress``, ``max_shard_size``)
+    options: tuple[str, ...] = ()
 
     def open(self, path: str) -> Reader:
         raise NotImplementedError
@@ -144,6 +148,28 @@ class Format:
     def check_info(self, info: TensorInfo, path: str) -> None:
         """Raise :class:`~tensorbridge.ConversionError` if this format cannot hold
         ``info``'s dtype. Formats that hold every dtype keep this default."""
+
+    def check_write(self, path: str, infos: Sequence[TensorInfo],
+                    metadata: Mapping[str, str] | None = None,
+                    options: Mapping[str, Any] | None = None) -> dict[str, str]:
+        """Refuse what :meth:`write` would refuse, before a byte is written: unknown
+        options, metadata the format has no place for, names and dtypes it cannot
+        store, duplicate names. ``write`` calls it first; :class:`~tensorbridge.Writer`
+        calls it when it is made and on its first batch, so a long export fails at
+        once, not at ``close()``. Returns the metadata to write. Formats extend it."""
+        from ..errors import ConversionError
+
+        check_options(dict(options or {}), self.options, self.name, path)
+        if metadata and not self.holds_metadata:
+            raise ConversionError(
+                f"{path}: metadata {dict(metadata)!r:.100} cannot be stored: .{self.name} files "
+                "have no place for it, and dropping it silently would lose it. Fix: save as "
+                ".safetensors or .h5, or pass metadata=None.")
+        meta = check_metadata(metadata, path)
+        for info in infos:
+            self.check_info(info, path)
+        check_unique([i.name for i in infos], path)
+        return meta
 
     def write(
         self,

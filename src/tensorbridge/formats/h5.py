@@ -305,6 +305,15 @@ class H5Format(Format):
     description = ("HDF5 via h5py. Holds every tensorbridge dtype; bfloat16/float8 are stored "
                    f"as same-width uint with attribute {DTYPE_ATTR}.")
 
+    def check_write(self, path: str, infos: Sequence[TensorInfo],
+                    metadata: Mapping[str, str] | None = None,
+                    options: Mapping[str, Any] | None = None) -> dict[str, str]:
+        super().check_write(path, infos, metadata, options)
+        _check_write_names(infos, path)
+        for info in infos:
+            lookup(info.dtype)  # unknown dtypes fail before anything is written
+        return _check_metadata(metadata, path)
+
     def open(self, path: str) -> H5Reader:
         return H5Reader(os.fspath(path))
 
@@ -318,10 +327,7 @@ class H5Format(Format):
         """Write one root dataset per tensor, fetching one at a time, atomically."""
         path = os.fspath(path)
         h5py = _h5py()
-        _check_write_names(infos, path)
-        attrs = _check_metadata(metadata, path)
-        for info in infos:
-            lookup(info.dtype)  # unknown dtypes fail before anything is written
+        attrs = self.check_write(path, infos, metadata)
         with atomic_path(path) as tmp:
             f = h5py.File(tmp, "w")
             try:

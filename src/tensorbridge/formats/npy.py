@@ -62,8 +62,7 @@ import numpy as np
 from ..dtypes import DTYPES, canonical_name, lookup
 from ..errors import ConversionError, FileFormatError, UnsafeContentError
 from .atomic import atomic_write
-from .base import Format, Reader, TensorInfo, check_options
-from .names import check_unique
+from .base import Format, Reader, TensorInfo
 from .safetensors import check_fetched, iter_le_bytes, open_regular_file, read_exact_into
 
 __all__ = [
@@ -82,7 +81,6 @@ __all__ = [
     "build_header",
     "read_into",
     "check_bool",
-    "check_no_metadata",
 ]
 
 #: The name of the one tensor a ``.npy`` file holds.
@@ -429,15 +427,6 @@ class NpyReader(Reader):
 
 # --- the format -------------------------------------------------------------------
 
-def check_no_metadata(metadata: Mapping[str, str] | None, fmt: str, file: object) -> None:
-    """Refuse metadata for formats that have no place to keep it."""
-    if metadata:
-        raise ConversionError(
-            f"{file}: metadata {dict(metadata)!r:.100} cannot be stored: {fmt} files have no "
-            "place for it, and dropping it silently would lose it. Fix: save as .safetensors "
-            "or .h5, or pass metadata=None.")
-
-
 class NpyFormat(Format):
     """NumPy ``.npy``: one array, strict header, no pickles."""
 
@@ -447,6 +436,19 @@ class NpyFormat(Format):
     description = ("NumPy .npy: one tensor, named 'array'. Holds every tensorbridge dtype; "
                    "bfloat16/float8 as a one-field structured dtype of raw bits, e.g. "
                    "[('bfloat16', '<u2')].")
+
+    def check_write(self, path: str, infos: Sequence[TensorInfo],
+                    metadata: Mapping[str, str] | None = None,
+                    options: Mapping[str, Any] | None = None) -> dict[str, str]:
+        if len(infos) > 1:
+            names = [i.name for i in infos]
+            raise ConversionError(
+                f"{path}: a .npy file holds exactly one array, but {len(infos)} tensors were "
+                f"given ({names[:10]!r}{' ...' if len(names) > 10 else ''}). Fix: save to .npz, "
+                ".safetensors or .h5 for several tensors, or pass a single array.")
+        for info in infos:
+            build_header(info.dtype, info.shape)  # a dtype .npy cannot hold fails here
+        return super().check_write(path, infos, metadata, options)
 
     def open(self, path: str) -> NpyReader:
         return NpyReader(os.fspath(path))
@@ -462,15 +464,11 @@ class NpyFormat(Format):
         """Write the one tensor in ``infos`` to ``path`` atomically, streaming its data."""
         path = os.fspath(path)
         infos = list(infos)
-        check_options(options, (), "npy", path)
-        if len(infos) != 1:
-            names = [i.name for i in infos]
+        self.check_write(path, infos, metadata, options)
+        if not infos:
             raise ConversionError(
-                f"{path}: a .npy file holds exactly one array, but {len(infos)} tensors were "
-                f"given ({names[:10]!r}{' ...' if len(names) > 10 else ''}). Fix: save to .npz, "
-                ".safetensors or .h5 for several tensors, or pass a single array.")
-        check_unique([i.name for i in infos], path)
-        check_no_metadata(metadata, ".npy", path)
+                f"{path}: a .npy file holds exactly one array, but no tensor was given. Fix: "
+                "pass a single array.")
         info = infos[0]
         header = build_header(info.dtype, info.shape)
         with atomic_write(path) as f:

@@ -58,13 +58,12 @@ import numpy as np
 
 from ..errors import ConversionError, FileFormatError, TensorBridgeError, UnsafeContentError
 from .atomic import atomic_write
-from .base import Format, Reader, TensorInfo, check_options
+from .base import Format, Reader, TensorInfo
 from .names import check_name, check_unique
 from .npy import (
     NpyHeader,
     build_header,
     check_bool,
-    check_no_metadata,
     parse_header,
     read_into,
 )
@@ -245,6 +244,20 @@ class NpzFormat(Format):
     description = ("NumPy .npz (zip of .npy). Holds every tensorbridge dtype; bfloat16/float8 "
                    "as a one-field structured dtype of raw bits. Option compress=True deflates.")
 
+    options = ("compress",)
+
+    def check_write(self, path: str, infos: Sequence[TensorInfo],
+                    metadata: Mapping[str, str] | None = None,
+                    options: Mapping[str, Any] | None = None) -> dict[str, str]:
+        meta = super().check_write(path, infos, metadata, options)
+        compress = (options or {}).get("compress", False)
+        if not isinstance(compress, bool):
+            raise ConversionError(
+                f"{path}: compress={compress!r} is not True or False. Fix: pass a bool.")
+        for info in infos:
+            build_header(info.dtype, info.shape)  # a dtype .npz cannot hold fails here
+        return meta
+
     def open(self, path: str) -> NpzReader:
         return NpzReader(os.fspath(path))
 
@@ -262,14 +275,9 @@ class NpzFormat(Format):
         """
         path = os.fspath(path)
         infos = list(infos)
-        check_options(options, ("compress",), "npz", path)
+        self.check_write(path, infos, metadata, options)
         compress = options.get("compress", False)
-        if not isinstance(compress, bool):
-            raise ConversionError(
-                f"{path}: compress={compress!r} is not True or False. Fix: pass a bool.")
-        check_unique([i.name for i in infos], path)
-        check_no_metadata(metadata, ".npz", path)
-        headers = [build_header(i.dtype, i.shape) for i in infos]  # bad dtypes fail here
+        headers = [build_header(i.dtype, i.shape) for i in infos]
         method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
         with atomic_write(path) as f:
             with zipfile.ZipFile(f, "w", method, allowZip64=True) as zf:

@@ -67,8 +67,7 @@ import numpy as np
 from ..dtypes import lookup
 from ..errors import ConversionError, FileFormatError
 from .atomic import atomic_write
-from .base import Format, RawSpan, Reader, TensorInfo, check_metadata
-from .names import check_unique
+from .base import Format, RawSpan, Reader, TensorInfo
 from .pt_errors import wrapped
 from .pt_flatten import MAX_DEPTH, flatten  # noqa: F401 (MAX_DEPTH: re-export)
 from .pt_pickle import (  # noqa: F401 (MAX_*: re-exported, as before the split)
@@ -350,10 +349,7 @@ class PtFormat(Format):
         """Stream ``infos`` into a torch zip checkpoint at ``path``, atomically."""
         path = os.fspath(path)
         infos = list(infos)
-        check_unique([i.name for i in infos], path)
-        for info in infos:
-            _check_writable(info, path)
-        meta = check_metadata(metadata, path)
+        meta = self.check_write(path, infos, metadata)
         pickle_bytes = state_dict_pickle(infos)
         small = [("data.pkl", pickle_bytes), (".format_version", b"1"),
                  (".storage_alignment", str(ALIGNMENT).encode()),

@@ -616,6 +616,15 @@ class SafetensorsFormat(Format):
     def check_info(self, info: TensorInfo, path: str) -> None:
         _safetensors_code(info, path)
 
+    def check_write(self, path: str, infos: Sequence[TensorInfo],
+                    metadata: Mapping[str, str] | None = None,
+                    options: Mapping[str, Any] | None = None) -> dict[str, str]:
+        meta = super().check_write(path, infos, metadata, options)
+        for info in infos:
+            check_name(info.name, path)
+        build_header(infos, meta, path)  # the reserved name and the header size limit
+        return meta
+
     def open(self, path: str) -> SafetensorsReader:
         return SafetensorsReader(os.fspath(path))
 
@@ -639,9 +648,7 @@ class SafetensorsFormat(Format):
         the write and leaves the destination untouched.
         """
         path = os.fspath(path)
-        for info in infos:
-            check_name(info.name, path)
-        header = build_header(infos, metadata, path)
+        header = build_header(infos, self.check_write(path, infos, metadata), path)
         sources: dict[tuple[str, Any], int] = {}  # open source files, by span path and id
         try:
             with atomic_write(path) as f:

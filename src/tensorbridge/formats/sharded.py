@@ -60,10 +60,10 @@ import numpy as np
 from ..errors import ConversionError, FileFormatError, TensorBridgeError, UnsafeContentError, message
 from . import atomic
 from .atomic import atomic_write
-from .base import Format, RawSpan, Reader, TensorInfo, check_options
+from .base import Format, RawSpan, Reader, TensorInfo
 from .names import check_unique
 from .safetensors import FORMAT as SAFETENSORS
-from .safetensors import build_header, open_regular_file, read_exact_into
+from .safetensors import open_regular_file, read_exact_into
 
 __all__ = ["FORMAT", "ShardedFormat", "ShardedReader", "parse_size", "plan_shards", "destination",
            "DEFAULT_MAX_SHARD_SIZE", "INDEX_SUFFIX"]
@@ -92,14 +92,14 @@ def parse_size(text: str | int) -> int:
     else:
         match = _SIZE_RE.fullmatch(str(text)) if isinstance(text, str) else None
         if match is None:
-            raise TensorBridgeError(message(
+            raise ConversionError(message(
                 f"the size {text!r}", "it is not a number of bytes with an optional unit",
                 "write it like 5GB, 500MB, 10KiB, 2GiB or 1048576"))
         unit = (match.group(2) or "").lower()
         value = int(float(match.group(1)) * _UNITS[unit]) if "." in match.group(1) \
             else int(match.group(1)) * _UNITS[unit]
     if value <= 0:
-        raise TensorBridgeError(message(
+        raise ConversionError(message(
             f"the size {text!r}", "a shard size must be positive", "give e.g. 5GB"))
     return value
 
@@ -288,6 +288,7 @@ class ShardedReader(Reader):
         self.path = path
         self._lock = threading.RLock()
         self._current: tuple[str, Reader] | None = None
+        self._closed = False
         index_path, directory, single = _locate(path)
         if single is not None:
             with _open_shard(single) as r:
@@ -347,10 +348,18 @@ class ShardedReader(Reader):
     def _shard_reader(self, name: str) -> Reader:
         """The open reader of ``name``'s shard (call with ``self._lock`` held)."""
         shard = self.shard_of(name)
+        if self._closed:
+            raise FileFormatError("the file is closed. Fix: open it again.", self.path)
         if self._current is None or self._current[0] != shard:
-            self.close()
+            self._drop_current()
             self._current = (shard, _open_shard(shard))
         return self._current[1]
+
+    def _drop_current(self) -> None:
+        if self._current is not None:
+            reader = self._current[1]
+            self._current = None
+            reader.close()
 
     def read(self, name: str) -> np.ndarray:
         with self._lock:
@@ -364,10 +373,8 @@ class ShardedReader(Reader):
 
     def close(self) -> None:
         with self._lock:
-            if self._current is not None:
-                reader = self._current[1]
-                self._current = None
-                reader.close()
+            self._closed = True
+            self._drop_current()
 
 
 # --- writing --------------------------------------------------------------------
@@ -439,8 +446,24 @@ class ShardedFormat(Format):
     description = ("Hugging Face sharded checkpoint: model.safetensors.index.json plus "
                    "model-0000K-of-0000N.safetensors shards (reads .bin shards too).")
 
+    options = ("max_shard_size",)
+
     def check_info(self, info: TensorInfo, path: str) -> None:
         SAFETENSORS.check_info(info, path)  # every shard is a safetensors file
+
+    def check_write(self, path: str, infos: Sequence[TensorInfo],
+                    metadata: Mapping[str, str] | None = None,
+                    options: Mapping[str, Any] | None = None) -> dict[str, str]:
+        meta = super().check_write(path, infos, metadata, options)
+        parse_size((options or {}).get("max_shard_size", DEFAULT_MAX_SHARD_SIZE))
+        if "total_size" in meta:
+            raise ConversionError(
+                f"{path}: metadata key 'total_size' is refused: in a sharded checkpoint it is "
+                "the index's own field (the sum of the tensors' bytes), which tensorbridge "
+                "writes itself. Fix: rename the key (e.g. 'source_total_size'), or leave it "
+                "out; nothing was written.")
+        SAFETENSORS.check_write(path, infos)  # names and dtypes, as every shard holds them
+        return meta
 
     def open(self, path: str) -> ShardedReader:
         return ShardedReader(os.fspath(path))
@@ -459,17 +482,9 @@ class ShardedFormat(Format):
 
         ``landed`` is handed to each shard's safetensors writer (see its ``write``)."""
         path = os.fspath(path)
-        check_options(options, ("max_shard_size",), "sharded", path)
+        user_metadata = self.check_write(path, infos, metadata, options)
         max_shard_size = parse_size(options.get("max_shard_size", DEFAULT_MAX_SHARD_SIZE))
         directory, index_name, prefix = destination(path)
-        if metadata and "total_size" in metadata:
-            raise ConversionError(
-                f"{path}: metadata key 'total_size' is refused: in a sharded checkpoint it is "
-                "the index's own field (the sum of the tensors' bytes), which tensorbridge "
-                "writes itself. Fix: rename the key (e.g. 'source_total_size'), or leave it "
-                "out; nothing was written.")
-        build_header(infos, metadata, path)  # names, dtypes and metadata fail before writing
-        user_metadata = dict(metadata or {})
         try:
             os.makedirs(directory, exist_ok=True)
         except OSError as exc:
