@@ -696,3 +696,24 @@ def test_save_to_a_path_ending_in_a_slash_writes_a_sharded_checkpoint(tmp_path):
     tbm.save({"w": np.arange(4.0)}, out)
     assert os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
     assert tbm.load(out)["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_diff_ignore_dtype_checks_values_of_an_export(tmp_path, npz):
+    bf = tmp_path / "bf.safetensors"
+    assert tb("convert", "--dtype", "bfloat16", npz, bf).returncode == 0
+    assert tb("diff", npz, bf).returncode == 1  # the dtype changed
+    proc = tb("diff", "--ignore-dtype", "--json", "--include", "layer.*", npz, bf)
+    assert proc.returncode == 0, proc.stdout  # these values are exact in bfloat16
+    w = {t["name"]: t for t in json.loads(proc.stdout)["tensors"]}["layer.10.w"]
+    assert (w["dtype_a"], w["dtype_b"], w["status"]) == ("float32", "bfloat16", "same")
+    off = _npz(tmp_path / "off.npz", **dict(ARRAYS, **{"layer.10.w": ARRAYS["layer.10.w"] + 0.5}))
+    assert tb("convert", "--dtype", "bfloat16", off, tmp_path / "off.safetensors").returncode == 0
+    assert tb("diff", "--ignore-dtype", "--include", "layer.*", npz,
+              tmp_path / "off.safetensors").returncode == 1
+    assert tb("diff", "--ignore-dtype", npz, bf).returncode == 1  # float16 -65504 is not in bf16
+
+
+def test_inspect_says_when_a_filter_matches_nothing(npz):
+    proc = tb("inspect", "--filter", "no.such.*", npz)
+    assert proc.returncode == 0 and "no tensor in" in proc.stderr and "no.such.*" in proc.stderr
+    assert "no tensor" not in tb("inspect", "--filter", "layer.*", npz).stderr

@@ -60,6 +60,7 @@ DIFF_EXAMPLES = """\
   tensorbridge diff a.npz b.npz                      # bit-exact
   tensorbridge diff model.pt model.safetensors --atol 1e-6 --rtol 1e-5
   tensorbridge diff --json before.pt after.pt
+  tensorbridge diff --ignore-dtype --rtol 1e-2 model.pt model-bf16.safetensors
   tensorbridge diff -q a.npz b.npz && echo same      # exit 0 same, 1 different, 2 trouble
 """
 
@@ -145,7 +146,8 @@ and dtype changes, and for common tensors the max absolute and relative
 difference and the number of mismatching elements. With --rtol 0 --atol 0
 (default) the comparison is bit-exact (bytes: NaN payloads and -0.0 count).
 Otherwise an element matches when |a-b| <= atol + rtol*|b| (NaN equals NaN).
-Tensors whose dtype changed are compared by value in float64 (complex128).
+Tensors whose dtype changed are compared by value in float64 (complex128), and
+count as different unless --ignore-dtype is given and their values match.
 
 exit status: 0 same, 1 different, 2 trouble (missing or unreadable file)."""))
     p.add_argument("a", metavar="A")
@@ -156,6 +158,8 @@ exit status: 0 same, 1 different, 2 trouble (missing or unreadable file)."""))
                    help="only compare names matching GLOB (repeatable)")
     p.add_argument("--exclude", action="append", metavar="GLOB",
                    help="do not compare names matching GLOB (repeatable)")
+    p.add_argument("--ignore-dtype", action="store_true",
+                   help="a dtype change alone is not a difference (values still are)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
     p = sub.add_parser("doctor", parents=[common], formatter_class=_F,

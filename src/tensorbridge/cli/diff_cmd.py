@@ -125,9 +125,13 @@ def compare_arrays(a: np.ndarray, b: np.ndarray, *, rtol: float = 0.0,
 
 
 def diff_files(path_a: str, path_b: str, *, rtol: float = 0.0, atol: float = 0.0,
-               include: list[str] | None = None,
-               exclude: list[str] | None = None) -> dict[str, Any]:
-    """The document ``diff --json`` prints; ``"same"`` decides the exit status."""
+               include: list[str] | None = None, exclude: list[str] | None = None,
+               ignore_dtype: bool = False) -> dict[str, Any]:
+    """The document ``diff --json`` prints; ``"same"`` decides the exit status.
+
+    ``ignore_dtype``: a tensor whose dtype changed counts as the same when its
+    values match (e.g. a bfloat16 export checked against float32 with a tolerance);
+    its entry still says ``"dtype_a"``/``"dtype_b"``."""
     reader_a, fmt_a = open_file(path_a)
     with reader_a:
         reader_b, fmt_b = open_file(path_b)
@@ -160,7 +164,7 @@ def diff_files(path_a: str, path_b: str, *, rtol: float = 0.0, atol: float = 0.0
                     a, b = reader_a.read(name), reader_b.read(name_b)
                     entry.update(compare_arrays(a, b, rtol=rtol, atol=atol))
                     del a, b
-                    if ia.dtype != ib.dtype:
+                    if ia.dtype != ib.dtype and not (ignore_dtype and not entry["mismatches"]):
                         entry["status"] = "dtype changed"
                     else:
                         entry["status"] = "different" if entry["mismatches"] else "same"
@@ -218,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
               "out for a bit-exact comparison.", file=sys.stderr)
         return 2
     doc = diff_files(args.a, args.b, rtol=args.rtol, atol=args.atol,
+                     ignore_dtype=args.ignore_dtype,
                      include=args.include, exclude=args.exclude)
     if args.json:
         emit_json(doc)

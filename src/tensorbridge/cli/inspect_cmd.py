@@ -170,6 +170,9 @@ def run(args: argparse.Namespace) -> int:
             status = 2
             continue
         docs.append(doc)
+        if args.filter and not doc["count"]:  # a typo in a pattern should not look like "empty"
+            print(f"tensorbridge: note: no tensor in {path} matches --filter "
+                  f"{' '.join(args.filter)}", file=sys.stderr)
         if not args.json:
             if i:
                 sys.stdout.write("\n")
