@@ -89,6 +89,15 @@ class Reader:
         """Read one tensor into host memory (a fresh, writable array)."""
         raise NotImplementedError
 
+    def read_slice(self, name: str, index: int | slice) -> np.ndarray:
+        """``tensor[index]`` for an int or a step-1 slice of the first axis (a fresh array).
+
+        safetensors, h5 and sharded checkpoints read only those rows; this default
+        reads the whole tensor, then keeps the rows."""
+        start, stop, single = first_axis_rows(self.info(name), index, self.path)
+        rows = self.read(name)[start:stop]
+        return rows[0].copy() if single else rows.copy()
+
     def raw_span(self, name: str) -> RawSpan | None:
         """Where tensor ``name``'s bytes lie, stored contiguous, C order and
         little-endian exactly as :meth:`read` would return them; ``None`` when
@@ -180,6 +189,31 @@ class Format:
     ) -> None:
         """Write atomically: the destination is replaced only when complete."""
         raise NotImplementedError
+
+
+def first_axis_rows(info: TensorInfo, index: Any, file: object) -> tuple[int, int, bool]:
+    """``(start, stop, single)`` rows of ``info``'s first axis that ``index`` selects: an int
+    (``single``: the axis is dropped) or a step-1 slice."""
+    from ..errors import ConversionError
+
+    if not info.shape:
+        raise ConversionError(
+            f"{file}: tensor {info.name!r} is 0-d and cannot be sliced. Fix: use read().")
+    rows = info.shape[0]
+    if isinstance(index, slice):
+        start, stop, step = index.indices(rows)
+        if step != 1:
+            raise ConversionError(
+                f"{file}: read_slice({info.name!r}, {index!r}) needs a step of 1. Fix: read the "
+                "block, then index it with the step.")
+        return start, max(start, stop), False
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) \
+            or not -rows <= index < rows:
+        raise ConversionError(
+            f"{file}: index {index!r} is out of range for tensor {info.name!r} with {rows} "
+            f"rows. Fix: use an int in [-{rows}, {rows}) or a slice.")
+    i = int(index) % rows
+    return i, i + 1, True
 
 
 def check_metadata(metadata: Any, file: object = "") -> dict[str, str]:

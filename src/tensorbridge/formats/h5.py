@@ -59,7 +59,7 @@ from ..errors import (
     UnsafeContentError,
 )
 from .atomic import atomic_path
-from .base import Format, Reader, TensorInfo, check_metadata
+from .base import Format, Reader, TensorInfo, check_metadata, first_axis_rows
 from .names import check_unique
 from .safetensors import check_fetched, open_regular_file
 
@@ -250,6 +250,21 @@ class H5Reader(Reader):
         if info.dtype in _RAW_BITS:
             out = out.view(lookup(info.dtype).numpy)
         return out
+
+    def read_slice(self, name: str, index: int | slice) -> np.ndarray:
+        """``tensor[index]`` (an int or a step-1 first-axis slice): only those rows are read."""
+        info = self.info(name)
+        start, stop, single = first_axis_rows(info, index, self.path)
+        _, h5path, native = self._entries[name]
+        if self._file is None:
+            raise FileFormatError("the file is closed. Fix: open it again.", self.path)
+        out = np.empty((stop - start, *info.shape[1:]), dtype=native)
+        if out.size:
+            with _h5_errors(self.path, f"reading dataset {h5path!r}"):
+                self._file[h5path].read_direct(out, np.s_[start:stop])
+        if info.dtype in _RAW_BITS:
+            out = out.view(lookup(info.dtype).numpy)
+        return out[0] if single else out
 
     def close(self) -> None:
         if self._file is not None:

@@ -52,7 +52,7 @@ import numpy as np
 from ..dtypes import DTYPES, canonical_name, lookup
 from ..errors import ConversionError, FileFormatError, TensorBridgeError, UnsafeContentError
 from .atomic import atomic_write
-from .base import Format, RawSpan, Reader, TensorInfo, check_metadata
+from .base import Format, RawSpan, Reader, TensorInfo, check_metadata, first_axis_rows
 from .names import check_name, check_unique
 
 __all__ = [
@@ -576,25 +576,10 @@ class SafetensorsReader(Reader):
     def read_slice(self, name: str, index: int | slice) -> np.ndarray:
         """Read ``tensor[index]`` for an int or a step-1 slice of the first axis only."""
         info = self.info(name)
-        if not info.shape:
-            raise ConversionError(
-                f"{self.path}: tensor {name!r} is 0-d and cannot be sliced. Fix: use read().")
-        rows = info.shape[0]
-        row_bytes = info.nbytes // rows if rows else 0
-        if isinstance(index, slice):
-            start, stop, step = index.indices(rows)
-            if step != 1:
-                raise ConversionError(
-                    f"{self.path}: read_slice({name!r}, {index!r}) needs a step of 1. Fix: "
-                    "read the block, then index it with the step.")
-            stop = max(start, stop)
-            return self._read_rows(info, (stop - start, *info.shape[1:]), start * row_bytes)
-        if not isinstance(index, (int, np.integer)) or not -rows <= index < rows:
-            raise ConversionError(
-                f"{self.path}: index {index!r} is out of range for tensor {name!r} with "
-                f"{rows} rows. Fix: use an int in [-{rows}, {rows}) or a slice.")
-        i = int(index) % rows
-        return self._read_rows(info, info.shape[1:], i * row_bytes)
+        start, stop, single = first_axis_rows(info, index, self.path)
+        row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+        shape = info.shape[1:] if single else (stop - start, *info.shape[1:])
+        return self._read_rows(info, shape, start * row_bytes)
 
     def close(self) -> None:
         with self._lock:

@@ -365,6 +365,10 @@ class ShardedReader(Reader):
         with self._lock:
             return self._shard_reader(name).read(name)
 
+    def read_slice(self, name: str, index: int | slice) -> np.ndarray:
+        with self._lock:
+            return self._shard_reader(name).read_slice(name, index)
+
     def raw_span(self, name: str) -> RawSpan | None:
         """The byte range in its shard, as the shard's reader gives it (checked again,
         by file identity, whenever it is opened)."""
