@@ -28,7 +28,6 @@ array([0, 1])
 
 from __future__ import annotations
 
-import inspect
 import os
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -149,17 +148,9 @@ def to_host(leaf: Any) -> np.ndarray:
 
 
 def write_options(fmt: Format, options: Mapping[str, Any], file: object = "") -> dict[str, Any]:
-    """Refuse options ``fmt.write`` does not take, before anything is written."""
-    if not options:
-        return {}
-    params = inspect.signature(fmt.write).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        unknown = sorted(k for k in options if k not in params)
-        if unknown:
-            raise ConversionError(message(
-                f"option(s) {unknown!r} for {fmt.name} file {file}",
-                f"the {fmt.name} writer takes no such option",
-                "remove them (max_shard_size is for sharded checkpoints, compress for .npz)"))
+    """Refuse options ``fmt.write`` does not take (or values it refuses), before anything
+    is written (see :meth:`~tensorbridge.formats.base.Format.check_write`)."""
+    fmt.check_write(str(file), [], None, options)
     return dict(options)
 
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from .dtypes import numpy_dtype
 from .errors import ConversionError, FileFormatError, message
-from .files import check_metadata, tensor_info, to_host, write_options
+from .files import check_metadata, tensor_info, to_host
 from .formats import TensorInfo, format_for_path
 from .formats.atomic import lock_new_file, remove_stale
 from .formats.names import check_unique
@@ -79,9 +79,9 @@ class Writer:
         self.path = os.fspath(path)
         self._format = format_for_path(self.path, format)
         self._metadata = check_metadata(metadata, self.path)
-        self._options = write_options(self._format, options, self.path)
         # options and metadata the format refuses fail now, not after a long export
-        self._format.check_write(self.path, [], self._metadata, self._options)
+        self._format.check_write(self.path, [], self._metadata, options)
+        self._options = dict(options)
         target = os.path.realpath(self.path)
         self._dir = target if os.path.isdir(target) else (os.path.dirname(target) or ".")
         self._base = os.path.basename(target)
