@@ -717,3 +717,23 @@ def test_inspect_says_when_a_filter_matches_nothing(npz):
     proc = tb("inspect", "--filter", "no.such.*", npz)
     assert proc.returncode == 0 and "no tensor in" in proc.stderr and "no.such.*" in proc.stderr
     assert "no tensor" not in tb("inspect", "--filter", "layer.*", npz).stderr
+
+
+def test_integers_beyond_float64_are_exact_against_floats_too():
+    import ml_dtypes
+
+    i = np.array([2**53 + 1, 3, -(2**60) - 1], np.int64)
+    for f in (np.array([2.0**53, 3.0, -(2.0**60)]), np.array([2.0**53, 3.0, -(2.0**60)],
+                                                              np.float32)):
+        for a, b in ((i, f), (f, i)):
+            r = compare_arrays(a, b)
+            assert r["mismatches"] == 2 and r["max_abs_diff"] == 1.0
+            assert compare_arrays(a, b, atol=1)["mismatches"] == 0
+    bf = np.array([2.0**53], ml_dtypes.bfloat16)
+    assert compare_arrays(np.array([2**53 + 1], np.uint64), bf)["mismatches"] == 1
+
+
+def test_diff_ignore_dtype_never_calls_a_rounded_integer_the_same(tmp_path):
+    a = _npz(tmp_path / "int.npz", x=np.array([2**53 + 1], np.int64))
+    b = _npz(tmp_path / "float.npz", x=np.array([2.0**53]))
+    assert tb("diff", "--ignore-dtype", a, b).returncode == 1

@@ -413,3 +413,26 @@ def test_masked_arrays_are_refused_by_save_and_by_the_writer_without_losing_earl
     w.append(x=np.ones((1, 3)))  # the Writer is still usable: the bad batch was refused whole
     w.close()
     assert tb.load(tmp_path / "w.npz")["x"].shape == (3, 3)
+
+
+def test_a_path_ending_in_a_slash_with_a_single_file_format_is_refused(tmp_path):
+    with pytest.raises(tb.ConversionError, match="names a directory.*Fix: name the file"):
+        tb.save({"x": np.ones(2)}, str(tmp_path / "y") + "/", format="npz")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_verified_convert_of_many_shards_fits_a_small_open_file_limit(tmp_path):
+    src = tmp_path / "src"
+    tb.save({f"t.{i:03d}": np.full(16, i, np.float32) for i in range(150)}, str(src) + "/",
+            max_shard_size="100B")
+    assert len(list(src.glob("*.safetensors"))) == 150
+    code = f"""
+import resource
+resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+from tensorbridge.cli.convert_cmd import convert_file
+for check in (True, False):
+    s = convert_file({str(src)!r}, {str(tmp_path / "out.safetensors")!r}, check=check)
+    assert s["verified"] == (150 if check else None), s
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]

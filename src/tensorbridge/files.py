@@ -171,6 +171,12 @@ def save(tree: Any, path: str | os.PathLike, /, *, format: str | None = None,
     """
     path = os.fspath(path)
     fmt = format_for_path(path, format)
+    if path.endswith(("/", os.sep)) and fmt.name != "sharded":
+        raise ConversionError(message(
+            f"format={fmt.name!r} for {path!r}", "a path ending in / names a directory, and "
+            f"a .{fmt.name} file is a single file",
+            "name the file (e.g. out/model." + fmt.name + "), or save a sharded checkpoint "
+            "(format='sharded')"))
     meta = check_metadata(metadata, path)
     opts = write_options(fmt, options, path)
     leaves: dict[str, Any] = {}

@@ -55,3 +55,13 @@ def test_a_0d_tensor_cannot_be_sliced(tmp_path, dest):
     with tb.open(path) as r:
         with pytest.raises(tb.ConversionError, match="0-d.*Fix: use read"):
             r.read_slice("s", 0)
+
+
+@pytest.mark.parametrize("dest", FILES[1:])
+def test_an_int_index_of_a_1d_tensor_is_a_0d_array(tmp_path, dest):
+    path = str(tmp_path / dest) + ("/" if dest.endswith("/") else "")
+    tb.save({"v": np.arange(4, dtype=np.int16)}, path)
+    with tb.open(path) as r:
+        got = r.read_slice("v", 2)
+    assert isinstance(got, np.ndarray) and got.shape == () and got.dtype == np.int16
+    assert got.item() == 2

@@ -123,9 +123,13 @@ class _Comparer:
         from ..formats.safetensors import open_span
 
         key = (span.path, span.file_id)
-        if key not in self._fds:
-            self._fds[key] = open_span(span)
-        return self._fds[key]
+        fd = self._fds.pop(key, None)  # re-inserted last: the dict's order is the LRU
+        if fd is None:
+            while len(self._fds) >= 4:  # a sharded source: one shard after another
+                os.close(self._fds.pop(next(iter(self._fds))))
+            fd = open_span(span)
+        self._fds[key] = fd
+        return fd
 
     def same(self, src: RawSpan, fill: Any) -> bool:
         """True when ``src``'s bytes equal those ``fill(position, view)`` puts in ``view``."""

@@ -68,6 +68,27 @@ def _int_abs_diff(ca: np.ndarray, cb: np.ndarray) -> np.ndarray:
     return hi.astype(np.uint64) - lo.astype(np.uint64)
 
 
+def _huge_int_diffs(ca: np.ndarray, cb: np.ndarray) -> dict[int, float]:
+    """``{position: exact |a - b|}`` where one side is an integer of magnitude 2**53 or
+    more and the other a float: float64 cannot hold such integers, so ``2**53 + 1`` would
+    compare equal to ``2.0**53``. Empty in every other case (the usual one)."""
+    kinds = [lookup(canonical_name(c.dtype)).kind for c in (ca, cb)]
+    exact, inexact = ("int", "uint"), ("float", "complex")
+    if not (kinds[0] in exact and kinds[1] in inexact or kinds[0] in inexact and kinds[1] in exact):
+        return {}
+    ints, floats = (ca, cb) if kinds[0] in exact else (cb, ca)
+    if floats.dtype.type.__module__ != "numpy":  # bfloat16 / float8: exact in float32
+        floats = floats.astype(np.float32)
+    big = np.nonzero(np.abs(ints.astype(np.float64)) >= 2.0**53)[0]
+    out: dict[int, float] = {}
+    for k in big:  # rare: only integers beyond float64's exact range
+        f = complex(floats[k]) if floats.dtype.kind == "c" else float(floats[k])
+        if isinstance(f, complex):
+            f = f.real if f.imag == 0 else float("inf")
+        out[int(k)] = abs(int(ints[k]) - int(f)) if np.isfinite(f) else float("inf")
+    return out
+
+
 def compare_arrays(a: np.ndarray, b: np.ndarray, *, rtol: float = 0.0,
                    atol: float = 0.0) -> dict[str, Any]:
     """Max abs/rel difference and mismatch count of two same-shape arrays.
@@ -107,6 +128,9 @@ def compare_arrays(a: np.ndarray, b: np.ndarray, *, rtol: float = 0.0,
             equal = (wa == wb) | (np.isnan(wa) & np.isnan(wb))
             d[equal] = 0.0
             d[np.isnan(d)] = np.inf
+            huge = _huge_int_diffs(ca, cb)  # integers float64 cannot hold exactly
+            for k, exact_d in huge.items():
+                d[k] = float(exact_d)
             scale = np.abs(wb)
             rel = np.where(d == 0, 0.0, np.where(scale == 0, np.inf, d / scale))
             if d.size:
@@ -120,6 +144,8 @@ def compare_arrays(a: np.ndarray, b: np.ndarray, *, rtol: float = 0.0,
                 bad = ~_same_value(wa, wb)
             else:
                 bad = ~np.isclose(wa, wb, rtol=rtol, atol=atol, equal_nan=True)
+            for k, exact_d in huge.items():
+                bad[k] = exact_d != 0 if exact else exact_d > atol + rtol * abs(float(cb[k]))
             mismatches += int(np.count_nonzero(bad))
     return {"mismatches": mismatches, "max_abs_diff": max_abs, "max_rel_diff": max_rel}
 

@@ -94,9 +94,10 @@ class Reader:
 
         safetensors, h5 and sharded checkpoints read only those rows; this default
         reads the whole tensor, then keeps the rows."""
-        start, stop, single = first_axis_rows(self.info(name), index, self.path)
+        info = self.info(name)
+        start, stop, single = first_axis_rows(info, index, self.path)
         rows = self.read(name)[start:stop]
-        return rows[0].copy() if single else rows.copy()
+        return rows.reshape(info.shape[1:]).copy() if single else rows.copy()
 
     def raw_span(self, name: str) -> RawSpan | None:
         """Where tensor ``name``'s bytes lie, stored contiguous, C order and

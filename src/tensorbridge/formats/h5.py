@@ -264,7 +264,7 @@ class H5Reader(Reader):
                 self._file[h5path].read_direct(out, np.s_[start:stop])
         if info.dtype in _RAW_BITS:
             out = out.view(lookup(info.dtype).numpy)
-        return out[0] if single else out
+        return out.reshape(info.shape[1:]) if single else out
 
     def close(self) -> None:
         if self._file is not None:

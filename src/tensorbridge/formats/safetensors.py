@@ -39,6 +39,7 @@ replaced raises :class:`FileFormatError`; the destination is left untouched.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -53,7 +54,7 @@ from ..dtypes import DTYPES, canonical_name, lookup
 from ..errors import ConversionError, FileFormatError, TensorBridgeError, UnsafeContentError
 from .atomic import atomic_write
 from .base import Format, RawSpan, Reader, TensorInfo, check_metadata, first_axis_rows
-from .names import check_name, check_unique
+from .names import check_unique
 
 __all__ = [
     "FORMAT",
@@ -96,6 +97,11 @@ def open_regular_file(path: str) -> tuple[int, int]:
     try:
         fd = os.open(path, flags)
     except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            raise FileFormatError(
+                f"cannot open the file: too many open files ({exc.strerror}). Fix: raise the "
+                "open-file limit (e.g. `ulimit -n 4096`) or close other open files.",
+                path) from exc
         raise FileFormatError(
             f"cannot open the file ({exc.strerror}). Fix: check the path and its permissions.",
             path) from exc
@@ -221,6 +227,10 @@ def _short_source(span: RawSpan, done: int) -> FileFormatError:
         "were expected (it was truncated or changed while being read). Fix: download or "
         "copy the file again.", span.path)
 
+
+#: Source files a write keeps open at once (the oldest is closed first): a sharded source
+#: hands over its shards one after another, and each may be a separate file.
+_OPEN_SOURCES = 4
 
 #: Most bytes asked of one kernel copy call (Linux copies at most ~2 GiB per call).
 _COPY_CALL_BYTES = 1 << 30
@@ -604,11 +614,15 @@ class SafetensorsFormat(Format):
     def check_write(self, path: str, infos: Sequence[TensorInfo],
                     metadata: Mapping[str, str] | None = None,
                     options: Mapping[str, Any] | None = None) -> dict[str, str]:
-        meta = super().check_write(path, infos, metadata, options)
-        for info in infos:
-            check_name(info.name, path)
-        build_header(infos, meta, path)  # the reserved name and the header size limit
-        return meta
+        return self._preflight(path, infos, metadata, options)[0]
+
+    def _preflight(self, path: str, infos: Sequence[TensorInfo],
+                   metadata: Mapping[str, str] | None,
+                   options: Mapping[str, Any] | None) -> tuple[dict[str, str], bytes]:
+        """The checked metadata and the header (which checks the reserved name and the
+        header size limit)."""
+        meta = super().check_write(path, infos, metadata, options)  # names: check_unique
+        return meta, build_header(infos, meta, path)
 
     def open(self, path: str) -> SafetensorsReader:
         return SafetensorsReader(os.fspath(path))
@@ -621,8 +635,11 @@ class SafetensorsFormat(Format):
         metadata: Mapping[str, str] | None = None,
         *,
         landed: Callable[[str, int, int, int], None] | None = None,
+        checked: bool = False,
     ) -> None:
         """Stream ``infos`` into ``path`` atomically, one fetched tensor at a time.
+
+        ``checked=True`` skips the checks of :meth:`check_write` (the caller ran them).
 
         ``fetch(name)`` returns an array, or a :class:`RawSpan` whose bytes are
         copied kernel-side from the source file. After each such copy,
@@ -633,7 +650,10 @@ class SafetensorsFormat(Format):
         the write and leaves the destination untouched.
         """
         path = os.fspath(path)
-        header = build_header(infos, self.check_write(path, infos, metadata), path)
+        if checked:  # the caller ran check_write on these (a sharded write, for all shards)
+            header = build_header(infos, metadata, path)
+        else:
+            header = self._preflight(path, infos, metadata, None)[1]
         sources: dict[tuple[str, Any], int] = {}  # open source files, by span path and id
         try:
             with atomic_write(path) as f:
@@ -644,8 +664,12 @@ class SafetensorsFormat(Format):
                     if isinstance(got, RawSpan):
                         span = check_span(got, info, path)
                         key = (span.path, span.file_id)
-                        if key not in sources:
-                            sources[key] = open_span(span)
+                        fd = sources.pop(key, None)  # re-inserted last: least recent first
+                        if fd is None:
+                            while len(sources) >= _OPEN_SOURCES:  # shards come one by one
+                                os.close(sources.pop(next(iter(sources))))
+                            fd = open_span(span)
+                        sources[key] = fd
                         f.flush()  # the buffered bytes first; then the copy lands after them
                         start = f.tell()
                         copy_span(sources[key], span, f.fileno(), start)

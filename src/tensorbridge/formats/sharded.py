@@ -512,7 +512,8 @@ class ShardedFormat(Format):
                 for shard, group in zip(names, groups):
                     final = os.path.join(directory, shard)
                     written.append(final)  # safetensors' atomic write removes its own temp
-                    SAFETENSORS.write(final, group, fetch, {"format": "pt"}, landed=landed)
+                    SAFETENSORS.write(final, group, fetch, {"format": "pt"}, landed=landed,
+                                      checked=True)
                 atomic.fsync_dir(directory)
                 index = {
                     "metadata": {**user_metadata, "total_size": sum(i.nbytes for i in infos)},
