@@ -110,26 +110,18 @@ class _Comparer:
     """
 
     def __init__(self) -> None:
+        from ..formats.safetensors import SpanFiles
+
         self._a = bytearray()
         self._b = bytearray()
-        self._fds: dict[tuple[str, Any], int] = {}
+        self._files = SpanFiles()
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self._files.close()
 
     def fd(self, span: RawSpan) -> int:
-        from ..formats.safetensors import open_span
-
-        key = (span.path, span.file_id)
-        fd = self._fds.pop(key, None)  # re-inserted last: the dict's order is the LRU
-        if fd is None:
-            while len(self._fds) >= 4:  # a sharded source: one shard after another
-                os.close(self._fds.pop(next(iter(self._fds))))
-            fd = open_span(span)
-        self._fds[key] = fd
-        return fd
+        """An open descriptor of ``span``'s file (a few stay open: see SpanFiles)."""
+        return self._files.fd(span)
 
     def same(self, src: RawSpan, fill: Any) -> bool:
         """True when ``src``'s bytes equal those ``fill(position, view)`` puts in ``view``."""

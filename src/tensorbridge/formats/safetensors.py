@@ -228,9 +228,32 @@ def _short_source(span: RawSpan, done: int) -> FileFormatError:
         "copy the file again.", span.path)
 
 
-#: Source files a write keeps open at once (the oldest is closed first): a sharded source
-#: hands over its shards one after another, and each may be a separate file.
-_OPEN_SOURCES = 4
+class SpanFiles:
+    """Open descriptors of the files spans point into, at most :data:`OPEN` at once (the
+    least recently used is closed first): a sharded source hands over its shards one
+    after another, and each is a separate file. ``close()`` closes them all."""
+
+    #: descriptors kept open at once
+    OPEN = 4
+
+    def __init__(self) -> None:
+        self._fds: dict[tuple[str, Any], int] = {}  # by span path and file id; LRU order
+
+    def fd(self, span: RawSpan) -> int:
+        key = (span.path, span.file_id)
+        fd = self._fds.pop(key, None)  # re-inserted last: the dict's order is the LRU
+        if fd is None:
+            while len(self._fds) >= self.OPEN:
+                os.close(self._fds.pop(next(iter(self._fds))))
+            fd = open_span(span)
+        self._fds[key] = fd
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
 
 #: Most bytes asked of one kernel copy call (Linux copies at most ~2 GiB per call).
 _COPY_CALL_BYTES = 1 << 30
@@ -654,7 +677,7 @@ class SafetensorsFormat(Format):
             header = build_header(infos, metadata, path)
         else:
             header = self._preflight(path, infos, metadata, None)[1]
-        sources: dict[tuple[str, Any], int] = {}  # open source files, by span path and id
+        sources = SpanFiles()
         try:
             with atomic_write(path) as f:
                 f.write(header)
@@ -663,16 +686,10 @@ class SafetensorsFormat(Format):
                     got = fetch(info.name)
                     if isinstance(got, RawSpan):
                         span = check_span(got, info, path)
-                        key = (span.path, span.file_id)
-                        fd = sources.pop(key, None)  # re-inserted last: least recent first
-                        if fd is None:
-                            while len(sources) >= _OPEN_SOURCES:  # shards come one by one
-                                os.close(sources.pop(next(iter(sources))))
-                            fd = open_span(span)
-                        sources[key] = fd
+                        fd = sources.fd(span)
                         f.flush()  # the buffered bytes first; then the copy lands after them
                         start = f.tell()
-                        copy_span(sources[key], span, f.fileno(), start)
+                        copy_span(fd, span, f.fileno(), start)
                         f.seek(start + span.nbytes)
                         if landed is not None:
                             landed(info.name, f.fileno(), start, span.nbytes)
@@ -684,8 +701,7 @@ class SafetensorsFormat(Format):
                     del got
                     kicked = _start_writeback(f, kicked)
         finally:
-            for fd in sources.values():
-                os.close(fd)
+            sources.close()
 
 
 FORMAT = SafetensorsFormat()
