@@ -136,27 +136,20 @@ class Writer:
 
     def _check_dtypes(self, checked: list[tuple[str, TensorInfo, Any]]) -> None:
         """Refuse, at the first append, dtypes, names and counts the destination format
-        cannot hold (every later batch has the same names and dtypes)."""
-        self._format.check_write(self.path, [TensorInfo(name, info.dtype, (0, *info.shape[1:]))
-                                             for name, info, _ in checked
-                                             if self._format_holds(info)])
-        for name, info, _ in checked:
+        cannot hold (every later batch has the same names and dtypes). Dtypes first, so
+        their refusal carries the Writer's own advice."""
+        infos = [TensorInfo(name, info.dtype, (0, *info.shape[1:])) for name, info, _ in checked]
+        for info in infos:
             try:
-                self._format.check_info(TensorInfo(name, info.dtype, (0, *info.shape[1:])), self.path)
+                self._format.check_info(info, self.path)
             except ConversionError:
                 example = "complex64" if info.dtype.startswith("complex") else "float32"
                 raise ConversionError(message(
-                    f"tensor {name!r} of dtype {info.dtype} for {self.path!r}",
+                    f"tensor {info.name!r} of dtype {info.dtype} for {self.path!r}",
                     f"{self._format.name} files cannot hold {info.dtype}",
                     f"cast each batch before appending (e.g. x.astype(np.{example})), or "
                     "write to .h5 or .npz, which hold every dtype")) from None
-
-    def _format_holds(self, info: TensorInfo) -> bool:
-        try:
-            self._format.check_info(info, self.path)
-        except ConversionError:
-            return False  # reported below, with the Writer's own advice
-        return True
+        self._format.check_write(self.path, infos)
 
     def _spool(self, name: str) -> BinaryIO:
         """The open spool file of ``name``; at most :data:`MAX_OPEN_SPOOLS` stay open."""
