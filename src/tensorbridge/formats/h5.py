@@ -325,9 +325,10 @@ class H5Format(Format):
                     options: Mapping[str, Any] | None = None) -> dict[str, str]:
         super().check_write(path, infos, metadata, options)
         _check_write_names(infos, path)
-        for info in infos:
-            lookup(info.dtype)  # unknown dtypes fail before anything is written
         return _check_metadata(metadata, path)
+
+    def check_info(self, info: TensorInfo, path: str) -> None:
+        lookup(info.dtype)  # unknown dtypes fail before anything is written
 
     def open(self, path: str) -> H5Reader:
         return H5Reader(os.fspath(path))

@@ -446,9 +446,10 @@ class NpyFormat(Format):
                 f"{path}: a .npy file holds exactly one array, but {len(infos)} tensors were "
                 f"given ({names[:10]!r}{' ...' if len(names) > 10 else ''}). Fix: save to .npz, "
                 ".safetensors or .h5 for several tensors, or pass a single array.")
-        for info in infos:
-            build_header(info.dtype, info.shape)  # a dtype .npy cannot hold fails here
         return super().check_write(path, infos, metadata, options)
+
+    def check_info(self, info: TensorInfo, path: str) -> None:
+        encode_dtype(lookup(info.dtype).numpy)  # a dtype .npy cannot hold fails here
 
     def open(self, path: str) -> NpyReader:
         return NpyReader(os.fspath(path))

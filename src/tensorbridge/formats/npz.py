@@ -60,6 +60,7 @@ from ..errors import ConversionError, FileFormatError, TensorBridgeError, Unsafe
 from .atomic import atomic_write
 from .base import Format, Reader, TensorInfo
 from .names import check_name, check_unique
+from .npy import FORMAT as NPY
 from .npy import (
     NpyHeader,
     build_header,
@@ -254,9 +255,10 @@ class NpzFormat(Format):
         if not isinstance(compress, bool):
             raise ConversionError(
                 f"{path}: compress={compress!r} is not True or False. Fix: pass a bool.")
-        for info in infos:
-            build_header(info.dtype, info.shape)  # a dtype .npz cannot hold fails here
         return meta
+
+    def check_info(self, info: TensorInfo, path: str) -> None:
+        NPY.check_info(info, path)  # every member is a .npy file
 
     def open(self, path: str) -> NpzReader:
         return NpzReader(os.fspath(path))

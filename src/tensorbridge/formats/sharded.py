@@ -63,7 +63,7 @@ from .atomic import atomic_write
 from .base import Format, RawSpan, Reader, TensorInfo
 from .names import check_unique
 from .safetensors import FORMAT as SAFETENSORS
-from .safetensors import open_regular_file, read_exact_into
+from .safetensors import build_header, open_regular_file, read_exact_into
 
 __all__ = ["FORMAT", "ShardedFormat", "ShardedReader", "parse_size", "plan_shards", "destination",
            "DEFAULT_MAX_SHARD_SIZE", "INDEX_SUFFIX"]
@@ -466,7 +466,7 @@ class ShardedFormat(Format):
                 "the index's own field (the sum of the tensors' bytes), which tensorbridge "
                 "writes itself. Fix: rename the key (e.g. 'source_total_size'), or leave it "
                 "out; nothing was written.")
-        SAFETENSORS.check_write(path, infos)  # names and dtypes, as every shard holds them
+        build_header(infos, None, path)  # the reserved name and the header size limit
         return meta
 
     def open(self, path: str) -> ShardedReader:
