@@ -50,6 +50,12 @@ def _run(x: Any, src: Backend, target: str, device: str | None, dtype: str | Non
         )) from exc
 
 
+def _scalar_input(x: Any, target: str, dtype: str | None) -> Any:
+    """A Python scalar given on its own, as the tensor it becomes (for convert and explain
+    alike): what JAX makes of it for JAX without dtype=, else a 0-d NumPy array."""
+    return _jax_scalar(x) if target == "jax" and dtype is None else _scalar_array(x)
+
+
 def _jax_scalar(x: Any) -> Any:
     """A Python scalar as JAX makes it (``jnp.asarray``): without 64-bit types, a float
     becomes float32 and an int int32, as every JAX user expects of a literal."""
@@ -204,7 +210,7 @@ def convert(
         raise ConversionError(message(f"copy={copy!r}", "copy takes None, True or False only",
                                       "pass copy=None (share where safe), True or False"))
     if type(x) in _SCALARS:
-        x = _jax_scalar(x) if target == "jax" and dtype is None else _scalar_array(x)
+        x = _scalar_input(x, target, dtype)
     done: dict[int, Any] = {}
     modules = sys.modules
     if target == "numpy" and ("torch" in modules or "jax" in modules or "cupy" in modules):
@@ -320,7 +326,7 @@ def explain(x: Any, /, to: str, *, device: str | None = None, dtype: str | None 
     """
     target = _target(to)
     if type(x) in _SCALARS:
-        x = np.asarray(x)
+        x = _scalar_input(x, target, dtype)
     src = backend_of(type(x))
     if src is not None:
         return plan_leaf(x, src, target, device=device, dtype=dtype, copy=copy)

@@ -193,3 +193,16 @@ def test_python_scalars_become_what_jax_makes_of_them():
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["float32", "int32", "bool", "complex64", "float16",
                                 "REFUSED", "True"]
+
+
+def test_explain_plans_a_python_scalar_as_convert_converts_it():
+    r = _run("""
+        import tensorbridge as tb
+        print(tb.explain(1.5, to="jax").source)
+        try:
+            tb.explain(2**70, to="torch")
+        except tb.ConversionError as e:
+            print("REFUSED", "64 bits" in str(e))
+    """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["jax ArrayImpl float32[] on cpu", "REFUSED True"]
