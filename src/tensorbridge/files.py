@@ -39,6 +39,7 @@ from .formats import Reader, TensorInfo, format_for_path
 from .formats.base import Format, check_metadata
 from .formats.names import check_unique
 from .frameworks import backend_of, describe, get_backend
+from .frameworks.numpy import refuse_masked
 from .tree import format_path, tree_leaves_with_path
 
 __all__ = [
@@ -121,12 +122,8 @@ def tensor_info(name: str, leaf: Any, keys: tuple = ()) -> tuple[TensorInfo, Any
         leaf = np.asarray(leaf)
     backend = backend_of(type(leaf))
     where = format_path(keys) or "(root)"
-    if isinstance(leaf, np.ma.MaskedArray):
-        raise ConversionError(message(
-            f"a NumPy masked array at {where} (tensor name {name!r})",
-            "tensor files have no place for its mask, so which values are missing would be lost",
-            "fill the gaps (a.filled(0)), or pass a.data to drop the mask knowingly; save the "
-            "mask as a bool tensor too if you need it (np.ma.getmaskarray(a))"))
+    refuse_masked(leaf, f"a NumPy masked array at {where} (tensor name {name!r})",
+                  "tensor files have no place for its mask")
     if backend is None:
         raise ConversionError(message(
             f"{describe(leaf)} at {where} (tensor name {name!r})",

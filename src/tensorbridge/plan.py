@@ -12,12 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
-
 from .dtypes import lookup
 from .errors import ConversionError, CopyError, TensorBridgeError, message
 from .frameworks import get_backend
 from .frameworks.base import Backend, Facts, Step, normalize_device
+from .frameworks.numpy import refuse_masked
 
 __all__ = ["Plan", "plan_leaf"]
 
@@ -102,12 +101,8 @@ def plan_leaf(
 ) -> Plan:
     """The :class:`Plan` that converts one tensor ``x`` of framework ``src``."""
     tgt = get_backend(target)
-    if target != "numpy" and src.name == "numpy" and isinstance(x, np.ma.MaskedArray):
-        raise ConversionError(message(
-            f"a NumPy masked array for {target}", f"{target} tensors have no mask, so which "
-            "values are missing would be lost",
-            "fill the gaps (a.filled(0)), or pass a.data to drop the mask knowingly; keep the "
-            "mask too as a bool tensor if you need it (np.ma.getmaskarray(a))"))
+    if target != "numpy" and src.name == "numpy":
+        refuse_masked(x, f"a NumPy masked array for {target}", f"{target} tensors have no mask")
     try:
         facts = src.facts(x)
     except TensorBridgeError:

@@ -6,10 +6,20 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DeviceError, message
+from ..errors import ConversionError, DeviceError, message
 from .base import Backend, Facts, Step, host_facts, normalize_device
 
 __all__ = ["NumpyBackend", "BACKEND"]
+
+
+def refuse_masked(x: Any, what: str, why: str) -> None:
+    """Raise :class:`ConversionError` when ``x`` is a masked array headed where masks do
+    not exist (``why`` says where): the missing values would silently become data."""
+    if isinstance(x, np.ma.MaskedArray):
+        raise ConversionError(message(
+            what, f"{why}, so which values are missing would be lost",
+            "fill the gaps (a.filled(0)), or pass a.data to drop the mask knowingly; keep the "
+            "mask as a bool tensor too if you need it (np.ma.getmaskarray(a))"))
 
 
 def _copy(a: Any) -> np.ndarray:
