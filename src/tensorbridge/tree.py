@@ -1,9 +1,23 @@
 """Nested structures of tensors: walk them, rebuild them, name the path on error.
 
-Containers walked by default: ``dict`` and its subclasses (``OrderedDict``,
-``defaultdict`` keep their type and default factory), ``list``, ``tuple``,
-namedtuples and dataclass instances. ``None`` and every other object is a
-leaf. Register your own containers with :func:`register_container`::
+One registry says how to take each kind of container apart and put it back
+together. Every container comes back as the same type, with all its items
+converted and its instance attributes kept (``state_dict()._metadata``,
+``BatchEncoding``'s encodings), or is refused with an error that names its
+path. Known kinds, subclasses included (their ``__init__`` is never called):
+
+- ``dict`` (``OrderedDict``, ``defaultdict`` with its factory, ``Counter``...),
+  ``list``, ``tuple``, namedtuples and struct sequences (``torch.return_types``),
+  ``collections.deque`` (with ``maxlen``), ``UserDict`` (Hugging Face's
+  ``BatchEncoding``), ``UserList``, ``ChainMap``, ``types.MappingProxyType``,
+  ``types.SimpleNamespace`` and dataclass instances.
+- Other containers (anything implementing the ``Mapping``, ``Sequence`` or
+  ``Set`` ABCs that is not above, sets, or a known container whose instance
+  attributes hold tensors) are refused when they hold tensors, since they would
+  come back with their tensors unconverted; without tensors they are leaves.
+- ``None`` is structure; strings, bytes and every other object are leaves.
+
+Register your own containers with :func:`register_container`::
 
     >>> import tensorbridge as tb
     >>> class Pair:
@@ -18,10 +32,13 @@ An error raised for one leaf names where it is, e.g. ``at ['layers'][1]['weight'
 
 from __future__ import annotations
 
+import array
+import collections
+import collections.abc as abc
 import copy
 import dataclasses
 import threading
-from collections import defaultdict
+import types
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Iterator, Sequence
 
@@ -35,22 +52,29 @@ Unflatten = Callable[[Any, list], Any]
 
 @dataclass(frozen=True)
 class _Node:
-    """A registered container: how to split it into children and rebuild it."""
+    """A kind of container: how to split it into children and rebuild it."""
 
     type: type
     flatten: Flatten  # obj -> (children, keys, aux)
     unflatten: Unflatten  # (aux, children) -> obj
+    #: a kind tensorbridge cannot rebuild: a leaf when it holds no tensor, else refused
+    opaque: str = ""
 
 
+#: containers registered by users, by exact type
 _REGISTRY: dict[type, _Node] = {}
 _LOCK = threading.Lock()
-# Types already seen to be leaves; lets tree_map skip the container checks.
-# Cleared whenever the registry changes.
+#: type -> its node, or None for a leaf; resolved once per type, cleared on registration
+_KINDS: dict[type, _Node | None] = {}
+# Types already seen to be leaves; lets the walks skip the lookups. Cleared with _KINDS.
 _LEAF_TYPES: set[type] = set()
+# Never containers, although str, bytes... implement the Sequence ABC.
+_ATOMS = (str, bytes, bytearray, memoryview, range, array.array, int, float, complex)
+_BUILTINS = (dict, list, tuple, type(None))
 
 
 def register_container(cls: type, flatten: Flatten, unflatten: Unflatten, /) -> None:
-    """Teach tensorbridge to walk instances of ``cls``.
+    """Teach tensorbridge to walk instances of ``cls`` (exactly this type).
 
     ``flatten(obj)`` returns ``(children, keys, aux)``: the child objects, a key
     for each (used in error paths and file names), and anything needed to
@@ -59,8 +83,12 @@ def register_container(cls: type, flatten: Flatten, unflatten: Unflatten, /) -> 
     """
     if not isinstance(cls, type):
         raise TypeError(f"Expected a class, got {cls!r}.")
+    if cls in _BUILTINS:
+        raise TypeError(f"Expected a class of your own, got the built-in {cls.__name__!r}; "
+                        "register a subclass instead.")
     with _LOCK:
         _REGISTRY[cls] = _Node(cls, flatten, unflatten)
+        _KINDS.clear()
         _LEAF_TYPES.clear()
 
 
@@ -69,24 +97,324 @@ def format_path(keys: Sequence[Hashable]) -> str:
     return "".join(f"[{k!r}]" for k in keys)
 
 
-def _is_namedtuple(obj: Any) -> bool:
-    return isinstance(obj, tuple) and hasattr(type(obj), "_fields")
+# -- rebuilding without calling __init__ ----------------------------------------
 
 
-def _rebuild_dict(tree: dict, items: dict) -> dict:
-    t = type(tree)
-    if t is dict:
-        return items
-    if isinstance(tree, defaultdict):
-        return t(tree.default_factory, items)
-    return t(items)
+def _name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _rebuild_dataclass(tree: Any, names: list[str], values: list) -> Any:
-    new = copy.copy(tree)
-    for name, value in zip(names, values):
+def _slots(cls: type) -> list[str]:
+    names = []
+    for klass in cls.__mro__:
+        slots = klass.__dict__.get("__slots__", ())
+        for s in (slots,) if isinstance(slots, str) else slots:
+            if s not in ("__dict__", "__weakref__"):
+                names.append(s)
+    return names
+
+
+def _attributes(obj: Any, skip: Sequence[str] = ()) -> dict[str, Any]:
+    """The instance attributes of ``obj`` (``__dict__`` and slots), less ``skip``."""
+    state = getattr(obj, "__dict__", None)
+    out = {k: v for k, v in state.items() if k not in skip} if isinstance(state, dict) else {}
+    for s in _slots(type(obj)):
+        try:
+            out[s] = object.__getattribute__(obj, s)
+        except AttributeError:
+            pass
+    return out
+
+
+def _blank(obj: Any) -> Any:
+    """A new, empty instance of ``type(obj)`` with the same instance attributes, made
+    without calling ``__init__`` (whose signature tensorbridge cannot know)."""
+    cls = type(obj)
+    try:
+        new = cls.__new__(cls)
+        state = getattr(obj, "__dict__", None)
+        if isinstance(state, dict) and state:
+            object.__getattribute__(new, "__dict__").update(state)
+        for s in _slots(cls):
+            try:
+                object.__setattr__(new, s, object.__getattribute__(obj, s))
+            except AttributeError:
+                pass
+    except Exception as exc:
+        raise ConversionError(message(
+            f"a {_name(cls)}", f"it cannot be rebuilt without calling its constructor "
+            f"({type(exc).__name__}: {exc})",
+            f"register it with tb.register_container({cls.__name__}, flatten, unflatten)")) from exc
+    return new
+
+
+def _check_attributes(obj: Any, skip: Sequence[str] = ()) -> None:
+    """Instance attributes are kept as they are: refuse the ones that hold tensors,
+    which would come back unconverted."""
+    for name, value in _attributes(obj, skip).items():
+        if _holds_tensor(value, set()):
+            raise ConversionError(message(
+                f"the attribute {name!r} of a {_name(type(obj))}",
+                "instance attributes are kept as they are, so its tensors would be left unconverted",
+                "move the tensors into the container's items, or register the type with "
+                "tb.register_container")).at(f".{name}")
+
+
+def _dict_flatten(d: dict) -> tuple[list, list, Any]:
+    if type(d) is dict:
+        return list(d.values()), list(d), (d, None)
+    _check_attributes(d)
+    # the items as stored: a subclass's __iter__/__getitem__ may compute or hide items
+    keys = list(collections.OrderedDict.keys(d) if isinstance(d, collections.OrderedDict)
+                else dict.keys(d))
+    return [dict.__getitem__(d, k) for k in keys], keys, (d, keys)
+
+
+def _dict_unflatten(aux: Any, kids: list) -> dict:
+    d, keys = aux
+    if type(d) is dict:
+        return dict(zip(d, kids))
+    new = _blank(d)
+    if isinstance(d, collections.defaultdict):
+        new.default_factory = d.default_factory
+    # the base class's own setitem: a subclass's __setitem__ may transform or refuse items
+    setitem = collections.OrderedDict.__setitem__ if isinstance(d, collections.OrderedDict) \
+        else dict.__setitem__
+    for k, v in zip(keys, kids):
+        setitem(new, k, v)
+    return new
+
+
+def _list_flatten(x: list) -> tuple[list, range, Any]:
+    if type(x) is not list:
+        _check_attributes(x)
+    return list(x), range(len(x)), x
+
+
+def _list_unflatten(x: list, kids: list) -> list:
+    if type(x) is list:
+        return kids
+    new = _blank(x)
+    list.extend(new, kids)
+    return new
+
+
+def _tuple_flatten(x: tuple) -> tuple[list, Sequence, Any]:
+    if type(x) is not tuple:
+        _check_attributes(x)
+    fields = getattr(type(x), "_fields", None)
+    keys = fields if isinstance(fields, tuple) and len(fields) == len(x) else range(len(x))
+    return list(x), keys, x
+
+
+def _tuple_unflatten(x: tuple, kids: list) -> tuple:
+    cls = type(x)
+    if cls is tuple:
+        return tuple(kids)
+    if hasattr(cls, "n_sequence_fields"):  # a struct sequence (os.stat_result, torch.return_types)
+        new = cls(kids)
+    else:  # namedtuples too: tuple.__new__ skips a __new__ that takes the fields
+        new = tuple.__new__(cls, kids)
+    attrs = _attributes(x)
+    if attrs:
+        object.__getattribute__(new, "__dict__").update(attrs)
+    return new
+
+
+def _deque_flatten(x: collections.deque) -> tuple[list, range, Any]:
+    _check_attributes(x)
+    return list(x), range(len(x)), x
+
+
+def _deque_unflatten(x: collections.deque, kids: list) -> collections.deque:
+    new = _blank(x)
+    collections.deque.__init__(new, kids, x.maxlen)
+    return new
+
+
+def _userdict_flatten(x: collections.UserDict) -> tuple[list, list, Any]:
+    _check_attributes(x, ("data",))
+    children, keys, aux = _dict_flatten(x.data)
+    return children, keys, (x, aux)
+
+
+def _userdict_unflatten(aux: Any, kids: list) -> collections.UserDict:
+    x, data = aux
+    new = _blank(x)
+    new.data = _dict_unflatten(data, kids)
+    return new
+
+
+def _userlist_flatten(x: collections.UserList) -> tuple[list, range, Any]:
+    _check_attributes(x, ("data",))
+    return list(x.data), range(len(x.data)), x
+
+
+def _userlist_unflatten(x: collections.UserList, kids: list) -> collections.UserList:
+    new = _blank(x)
+    new.data = _list_unflatten(x.data, kids)
+    return new
+
+
+def _chainmap_flatten(x: collections.ChainMap) -> tuple[list, range, Any]:
+    _check_attributes(x, ("maps",))
+    return list(x.maps), range(len(x.maps)), x
+
+
+def _chainmap_unflatten(x: collections.ChainMap, kids: list) -> collections.ChainMap:
+    new = _blank(x)
+    new.maps = kids
+    return new
+
+
+def _proxy_flatten(x: types.MappingProxyType) -> tuple[list, list, Any]:
+    under = x.copy()  # a shallow copy of the mapping behind the proxy, of its own type
+    if not isinstance(under, dict):
+        under = dict(under)
+    children, keys, aux = _dict_flatten(under)
+    return children, keys, aux
+
+
+def _proxy_unflatten(aux: Any, kids: list) -> types.MappingProxyType:
+    return types.MappingProxyType(_dict_unflatten(aux, kids))
+
+
+def _namespace_flatten(x: types.SimpleNamespace) -> tuple[list, list, Any]:
+    names = list(vars(x))
+    return [getattr(x, n) for n in names], names, (x, names)
+
+
+def _namespace_unflatten(aux: Any, kids: list) -> types.SimpleNamespace:
+    x, names = aux
+    new = _blank(x)
+    for n, v in zip(names, kids):
+        setattr(new, n, v)
+    return new
+
+
+def _dataclass_flatten(x: Any) -> tuple[list, list, Any]:
+    names = [f.name for f in dataclasses.fields(x)]
+    _check_attributes(x, names)
+    return [getattr(x, n) for n in names], names, (x, names)
+
+
+def _dataclass_unflatten(aux: Any, kids: list) -> Any:
+    x, names = aux
+    new = copy.copy(x)
+    for name, value in zip(names, kids):
         object.__setattr__(new, name, value)
     return new
+
+
+def _opaque_items(x: Any) -> Any:
+    return x.values() if isinstance(x, abc.Mapping) else x
+
+
+# (base class, flatten, unflatten), most specific first; the first base a type derives from wins
+_KNOWN: list[tuple[type, Flatten, Unflatten]] = [
+    (collections.UserDict, _userdict_flatten, _userdict_unflatten),
+    (collections.UserList, _userlist_flatten, _userlist_unflatten),
+    (collections.ChainMap, _chainmap_flatten, _chainmap_unflatten),
+    (collections.deque, _deque_flatten, _deque_unflatten),
+    (types.MappingProxyType, _proxy_flatten, _proxy_unflatten),
+    (types.SimpleNamespace, _namespace_flatten, _namespace_unflatten),
+    (dict, _dict_flatten, _dict_unflatten),
+    (list, _list_flatten, _list_unflatten),
+    (tuple, _tuple_flatten, _tuple_unflatten),
+]
+_SET = "a set has no order to keep, and NumPy arrays cannot be set members"
+_UNKNOWN = "tensorbridge does not know how to rebuild it, so its tensors would be left unconverted"
+
+
+def _is_tensor_type(tp: type) -> bool:
+    from .frameworks import backend_of
+
+    return backend_of(tp) is not None
+
+
+def _resolve(tp: type) -> _Node | None:
+    if tp in _REGISTRY:
+        return _REGISTRY[tp]
+    if issubclass(tp, _ATOMS) or _is_tensor_type(tp):
+        return None
+    for base, flatten, unflatten in _KNOWN:
+        if issubclass(tp, base):
+            return _Node(tp, flatten, unflatten)
+    if dataclasses.is_dataclass(tp):
+        return _Node(tp, _dataclass_flatten, _dataclass_unflatten)
+    if issubclass(tp, (abc.Set, abc.Mapping, abc.Sequence)):
+        why = _SET if issubclass(tp, abc.Set) else _UNKNOWN
+        return _Node(tp, _no_flatten, _no_flatten, opaque=why)
+    return None
+
+
+def _no_flatten(*args: Any) -> Any:
+    raise AssertionError("opaque containers are never taken apart")
+
+
+def _node_of(tp: type) -> _Node | None:
+    """The node for containers of type ``tp``, or None for a leaf (cached per type)."""
+    try:
+        return _KINDS[tp]
+    except KeyError:
+        node = _KINDS[tp] = _resolve(tp)
+        return node
+
+
+_PLAIN = {int, float, str, bool, bytes, type(None)}
+
+
+def _holds_tensor(x: Any, seen: set[int]) -> bool:
+    """True when a tensor of any framework is somewhere inside ``x`` (opaque containers too)."""
+    tp = type(x)
+    if tp is dict or tp is list or tp is tuple:
+        if id(x) in seen:
+            return False
+        seen.add(id(x))
+        return any(_holds_tensor(c, seen) for c in (x.values() if tp is dict else x)
+                   if type(c) not in _PLAIN)
+    if x is None or tp in _PLAIN:
+        return False
+    node = _node_of(tp)
+    if node is None:
+        return _is_tensor_type(tp)
+    if id(x) in seen:
+        return False
+    seen.add(id(x))
+    try:
+        children = _opaque_items(x) if node.opaque else node.flatten(x)[0]
+        return any(_holds_tensor(c, seen) for c in children)
+    except TensorBridgeError:
+        return True  # an attribute inside holds a tensor
+    except Exception:  # noqa: BLE001 - a container that cannot even be iterated
+        return False
+
+
+def _refuse(x: Any, node: _Node) -> None:
+    """An opaque container: a leaf when it holds no tensor, else refused."""
+    if _holds_tensor(x, set()):
+        tp = type(x)
+        fix = "put the tensors in a list or tuple" if node.opaque is _SET else (
+            f"convert a dict or list of its items instead (e.g. dict(x) or list(x)), or "
+            f"register the type with tb.register_container({tp.__name__}, flatten, unflatten)")
+        raise ConversionError(message(f"a {_name(tp)} holding tensors", node.opaque, fix))
+
+
+def _unflatten(node: _Node, aux: Any, children: list) -> Any:
+    try:
+        return node.unflatten(aux, children)
+    except TensorBridgeError:
+        raise
+    except Exception as exc:
+        if _REGISTRY.get(node.type) is node:
+            raise  # the user's own function: their exception, as it is
+        raise ConversionError(message(
+            f"a {_name(node.type)}", f"it could not be rebuilt ({type(exc).__name__}: {exc})",
+            f"register it with tb.register_container({node.type.__name__}, flatten, unflatten)",
+        )) from exc
+
+
+# -- the walks ------------------------------------------------------------------
 
 
 def tree_map(fn: Callable[[Any], Any], tree: Any, /) -> Any:
@@ -114,19 +442,12 @@ def _map(fn: Callable[[Any], Any], tree: Any) -> Any:
         return fn(tree)
     key: Any = None
     try:
-        node = _REGISTRY.get(t)
-        if node is not None:
-            children, keys, aux = node.flatten(tree)
-            res = []
-            for key, value in zip(keys, children):
-                res.append(_map(fn, value))
-            return node.unflatten(aux, res)
-        # Leaves of known type are mapped in place, saving a call per leaf.
-        if t is dict or isinstance(tree, dict):
+        # The plain kinds first, with leaves of known type mapped in place (a call per leaf saved).
+        if t is dict:
             out = {}
             for key, value in tree.items():
                 out[key] = fn(value) if type(value) in leaf else _map(fn, value)
-            return out if t is dict else _rebuild_dict(tree, out)
+            return out
         if t is list or t is tuple:
             res = []
             for key, value in enumerate(tree):
@@ -134,26 +455,22 @@ def _map(fn: Callable[[Any], Any], tree: Any) -> Any:
             return res if t is list else tuple(res)
         if tree is None:
             return None
-        if _is_namedtuple(tree):
-            res = []
-            for key, value in zip(tree._fields, tree):
-                res.append(_map(fn, value))
-            return t(*res)
-        if isinstance(tree, (list, tuple)):
-            res = []
-            for key, value in enumerate(tree):
-                res.append(_map(fn, value))
-            return t(res)
-        if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
-            names = [f.name for f in dataclasses.fields(tree)]
-            res = []
-            for key in names:
-                res.append(_map(fn, getattr(tree, key)))
-            return _rebuild_dataclass(tree, names, res)
+        node = _node_of(t)
+        if node is None:
+            leaf.add(t)
+            return fn(tree)
+        if node.opaque:
+            _refuse(tree, node)
+            return fn(tree)
+        children, keys, aux = node.flatten(tree)
+        res = []
+        for key, value in zip(keys, children):
+            res.append(fn(value) if type(value) in leaf else _map(fn, value))
     except TensorBridgeError as exc:
-        raise exc.at(format_path([key])) from exc.__cause__
-    _LEAF_TYPES.add(t)
-    return fn(tree)
+        if key is not None:
+            exc.at(format_path([key]))
+        raise exc from exc.__cause__
+    return _unflatten(node, aux, res)
 
 
 def tree_leaves(tree: Any, /) -> list[Any]:
@@ -168,6 +485,10 @@ def tree_leaves(tree: Any, /) -> list[Any]:
         _collect(tree, out)
     except RecursionError:
         raise _too_deep() from None
+    except TensorBridgeError:
+        for _ in tree_leaves_with_path(tree):  # walk again to raise it with its path
+            pass
+        raise
     return out
 
 
@@ -179,19 +500,19 @@ def _collect(tree: Any, out: list[Any]) -> None:
         return
     if tree is None:
         return
-    node = _REGISTRY.get(t)
     children: Any
-    if node is not None:
-        children = node.flatten(tree)[0]
-    elif isinstance(tree, dict):
+    if t is dict:
         children = tree.values()
-    elif isinstance(tree, (list, tuple)):  # namedtuples too, in field order
+    elif t is list or t is tuple:
         children = tree
-    elif dataclasses.is_dataclass(tree) and not isinstance(tree, type):
-        children = [getattr(tree, f.name) for f in dataclasses.fields(tree)]
     else:
-        out.append(tree)
-        return
+        node = _node_of(t)
+        if node is None or node.opaque:
+            if node is not None:
+                _refuse(tree, node)
+            out.append(tree)
+            return
+        children = node.flatten(tree)[0]
     for value in children:
         if type(value) in leaf:
             out.append(value)
@@ -217,19 +538,24 @@ def _leaves(tree: Any, path: tuple) -> Iterator[tuple[tuple, Any]]:
     if tree is None:
         return
     t = type(tree)
-    if t in _REGISTRY:
-        children, keys, _ = _REGISTRY[t].flatten(tree)
-        items: Any = zip(keys, children)
-    elif isinstance(tree, dict):
-        items = tree.items()
-    elif _is_namedtuple(tree):
-        items = zip(tree._fields, tree)
-    elif isinstance(tree, (list, tuple)):
+    if t is dict:
+        items: Any = tree.items()
+    elif t is list or t is tuple:
         items = enumerate(tree)
-    elif dataclasses.is_dataclass(tree) and not isinstance(tree, type):
-        items = ((f.name, getattr(tree, f.name)) for f in dataclasses.fields(tree))
     else:
-        yield path, tree
-        return
+        node = _node_of(t)
+        if node is None or node.opaque:
+            if node is not None:
+                try:
+                    _refuse(tree, node)
+                except TensorBridgeError as exc:
+                    raise exc.at(format_path(path)) from exc.__cause__
+            yield path, tree
+            return
+        try:
+            children, keys, _ = node.flatten(tree)
+        except TensorBridgeError as exc:
+            raise exc.at(format_path(path)) from exc.__cause__
+        items = zip(keys, children)
     for key, value in items:
         yield from _leaves(value, path + (key,))
