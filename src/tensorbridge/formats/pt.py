@@ -19,8 +19,19 @@ legacy ``torch.<X>Storage`` types, ``torch.storage.UntypedStorage``, ``torch.<dt
 ``torch.Size`` and ``_codecs.encode`` (how protocol 2 spells ``bytes``; it only
 encodes a string). Every other global or opcode raises :class:`UnsafeContentError`
 before anything is built, and no global is ever looked up or called: "calls" are
-evaluated by our own pure functions. TorchScript archives and legacy (pre-1.6,
-non-zip) pickles are refused.
+evaluated by our own pure functions. Pickle protocols 0-5 are read (their data
+opcodes); TorchScript archives are refused. The legacy format
+(``_use_new_zipfile_serialization=False``: five pickles then the raw storages) is read
+by the same interpreter.
+
+State that changes values is applied (the conjugate and negative bits) or refused
+with the reason and a fix (sparse, quantized, nested and meta tensors, tensor
+subclasses, dtypes such as ``complex32``); ``requires_grad`` and ``Parameter`` change
+nothing and are dropped. Work is bounded: text records are capped and ratio-checked
+before inflating, the pickle's evaluation and flattening are budgeted in proportion
+to its size, compressed records inflate in bounded steps, and the bytes that reads
+may materialise over distinct names are capped at :data:`MAX_AMPLIFICATION` times
+the file size plus :data:`AMPLIFY_SLACK` (tied names and zero-stride views).
 
 The parts live in their own modules: :mod:`.pt_pickle` (the opcode interpreter and
 its allowed globals), :mod:`.pt_flatten` (saved object -> flat table),
@@ -54,13 +65,14 @@ ignores and this reader merges back into ``Reader.metadata``; nothing is lost an
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
 import threading
 import zipfile
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -77,6 +89,7 @@ from .pt_pickle import (  # noqa: F401 (MAX_*: re-exported, as before the split)
     TORCH_DTYPES,
     _Tensor,
     parse_pickle,
+    run_pickle,
 )
 from .pt_pickle_write import state_dict_pickle
 from .pt_zip import (
@@ -84,9 +97,11 @@ from .pt_zip import (
     ARCHIVE,
     add_record,
     check_magic,
+    check_record,
     check_unique_members,
     find_prefix,
-    stored_data_offset,
+    inflate_into,
+    record_start,
     truncated,
 )
 from .safetensors import check_fetched, open_regular_file, read_exact_into
@@ -105,43 +120,136 @@ __all__ = [
 MAX_PICKLE_BYTES = 1 << 30
 #: The metadata record this module writes (relative to the archive folder).
 METADATA_RECORD = "extra/tensorbridge_metadata.json"
-MAX_METADATA_BYTES = 64 << 20
+MAX_METADATA_BYTES = 16 << 20
+#: Compressed text records (data.pkl, the metadata JSON) may inflate to at most this
+#: ratio of their compressed size, plus :data:`TEXT_RATIO_SLACK`.
+MAX_TEXT_RATIO = 64
+TEXT_RATIO_SLACK = 1 << 20
+#: Reads may materialise, over distinct tensor names, at most this many times the file
+#: size plus :data:`AMPLIFY_SLACK` (tied names, overlapping views and zero-stride views
+#: make the bytes returned exceed the bytes stored).
+MAX_AMPLIFICATION = 4
+AMPLIFY_SLACK = MAX_BROADCAST_BYTES
+#: torch's legacy (``_use_new_zipfile_serialization=False``) format: the first pickle.
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL = 1001
 
 _WRITABLE = frozenset(TORCH_DTYPES.values())
+_SIGN = {2: np.uint16(0x8000), 4: np.uint32(0x8000_0000), 8: np.uint64(1 << 63)}
 
 
 # --- the reader --------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class _Record:
+    """A storage's bytes: ``nbytes`` at file offset ``start``, or compressed ``member``."""
+
+    key: str
+    nbytes: int
+    start: int
+    member: zipfile.ZipInfo | None = None  # set when compressed
+
+
+@dataclass(frozen=True)
 class _Entry:
     info: TensorInfo
     tensor: _Tensor
-    member: zipfile.ZipInfo
-    data_offset: int  # absolute file offset of the record's bytes (stored records)
+    record: _Record
+
+
+def _json_strings(raw: bytes, what: str, path: str) -> dict[str, str]:
+    """Parse a JSON object of strings in one linear pass that builds only the strings
+    (``json.loads`` would build any nesting the record holds before we could check it)."""
+    with wrapped(path, f"parsing {what}"):
+        text = raw.decode("utf-8")
+    ws = " \t\n\r"
+    out: dict[str, str] = {}
+
+    def bad() -> FileFormatError:
+        return FileFormatError(
+            f"{what} is not a JSON object of strings. Fix: the checkpoint is corrupt; "
+            "save it again.", path)
+
+    def skip(i: int) -> int:
+        while i < len(text) and text[i] in ws:
+            i += 1
+        return i
+
+    def string(i: int) -> tuple[str, int]:
+        if i >= len(text) or text[i] != '"':
+            raise bad()
+        try:
+            return json.decoder.scanstring(text, i + 1)  # type: ignore[attr-defined]
+        except ValueError as exc:
+            raise bad() from exc
+
+    i = skip(0)
+    if i >= len(text) or text[i] != "{":
+        raise bad()
+    i = skip(i + 1)
+    if i < len(text) and text[i] == "}":
+        i += 1
+    else:
+        while True:
+            key, i = string(skip(i))
+            i = skip(i)
+            if i >= len(text) or text[i] != ":":
+                raise bad()
+            value, i = string(skip(i + 1))
+            out[key] = value
+            i = skip(i)
+            if i < len(text) and text[i] == ",":
+                i += 1
+                continue
+            if i < len(text) and text[i] == "}":
+                i += 1
+                break
+            raise bad()
+    if skip(i) != len(text):
+        raise bad()
+    return out
 
 
 class PtReader(Reader):
-    """An open ``torch.save`` zip checkpoint whose pickle and records were validated."""
+    """An open ``torch.save`` checkpoint (zip or legacy) whose pickle and records were
+    validated. Reads and :meth:`close` hold one lock, so a read never races a close."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._zip: zipfile.ZipFile | None = None
-        self._zfile: object | None = None  # the zip's file object, on a dup of self._fd
+        self._zfile: object | None = None  # a file object on a dup of self._fd
         self._fd, size = open_regular_file(path)
         self._little = True
+        self._swap = False
+        self._size = size
+        self._allowance = MAX_AMPLIFICATION * size + AMPLIFY_SLACK
+        self._charged: set[str] = set()
         try:
             st = os.fstat(self._fd)
             self._file_id = (st.st_dev, st.st_ino)
             head = bytearray(min(size, 8))
             read_exact_into(self._fd, memoryview(head), 0, path)
-            check_magic(bytes(head), size, path)
-            self._open(size)
+            if check_magic(bytes(head), size, path):
+                self._open_legacy(size)
+            else:
+                self._open(size)
         except BaseException:
             self.close()
             raise
 
+    def _set_byteorder(self, little: bool) -> None:
+        self._little = little
+        self._swap = little != (sys.byteorder == "little")
+
+    def _index(self, tensors: list[tuple[str, _Tensor]], records: Mapping[str, _Record]) -> None:
+        self._entries = {
+            name: _Entry(TensorInfo(name, t.dtype, t.shape), t, records[t.storage.key])
+            for name, t in tensors
+        }
+
+    # -- the zip format ------------------------------------------------------------------
     def _open(self, size: int) -> None:
         path = self.path
         assert self._fd is not None
@@ -155,60 +263,124 @@ class PtReader(Reader):
         check_unique_members(names, path)
         prefix = find_prefix(names, path)
         by_name = {m.filename: m for m in members}
-        little = self._byteorder(by_name.get(prefix + "byteorder"))
-        self._little = little
-        self._swap = little != (sys.byteorder == "little")
-        records = {n[len(prefix) + 5:]: m for n, m in by_name.items()
-                   if n.startswith(prefix + "data/")}
-        data = self._small_record(by_name[prefix + "data.pkl"], MAX_PICKLE_BYTES)
-        tree = parse_pickle(data, {k: m.file_size for k, m in records.items()}, path)
-        del data
-        tensors, self.metadata = flatten(tree, path)
+        for m in members:
+            check_record(m, path)
+        self._set_byteorder(self._byteorder(by_name.get(prefix + "byteorder")))
+        members_of = {n[len(prefix) + 5:]: m for n, m in by_name.items()
+                      if n.startswith(prefix + "data/")}
+        data = self._text_record(by_name[prefix + "data.pkl"], MAX_PICKLE_BYTES)
+        tree, ops, _ = run_pickle(io.BytesIO(data), len(data),
+                                  {k: m.file_size for k, m in members_of.items()}, path)
+        tensors, self.metadata = flatten(tree, path, ops, len(data))
+        del data, tree
         extra = by_name.get(prefix + METADATA_RECORD)
         if extra is not None:
-            self.metadata.update(self._metadata_record(extra))
-        used = {t.storage.key for _, t in tensors}
-        offsets = {k: self._data_offset(records[k], size) for k in used}
-        self._entries = {
-            name: _Entry(TensorInfo(name, t.dtype, t.shape), t, records[t.storage.key],
-                         offsets[t.storage.key])
-            for name, t in tensors
-        }
+            raw = self._text_record(extra, MAX_METADATA_BYTES)
+            self.metadata.update(_json_strings(raw, repr(extra.filename), path))
+        records = {}
+        for key in {t.storage.key for _, t in tensors}:
+            m = members_of[key]
+            start = record_start(self._fd, m, size, path)
+            stored = m.compress_type == zipfile.ZIP_STORED
+            if stored and m.compress_size != m.file_size:
+                raise truncated(m, path)
+            records[key] = _Record(key, m.file_size, start, None if stored else m)
+        self._index(tensors, records)
 
-    def _small_record(self, member: zipfile.ZipInfo, limit: int) -> bytes:
+    def _record_bytes(self, member: zipfile.ZipInfo) -> bytes:
+        """All of a (small, checked) member's bytes."""
+        assert self._fd is not None
+        start = record_start(self._fd, member, self._size, self.path)
+        buf = bytearray(member.file_size)
+        with wrapped(self.path, f"reading {member.filename!r}"):
+            if member.compress_type == zipfile.ZIP_STORED:
+                if member.compress_size != member.file_size:
+                    raise truncated(member, self.path)
+                read_exact_into(self._fd, memoryview(buf), start, self.path)
+            else:
+                inflate_into(self._fd, start, member, 0, memoryview(buf), self.path)
+        return bytes(buf)
+
+    def _text_record(self, member: zipfile.ZipInfo, limit: int) -> bytes:
+        """A text record (pickle, JSON, byteorder), checked for size and ratio first."""
         if member.file_size > limit:
             raise FileFormatError(
                 f"the entry {member.filename!r} is {member.file_size} bytes, over the {limit}-"
                 "byte limit. Fix: this is not a normal checkpoint; re-save it.", self.path)
-        with wrapped(self.path, f"reading {member.filename!r}"):
-            assert self._zip is not None
-            return self._zip.read(member)
+        if member.compress_type != zipfile.ZIP_STORED and member.file_size > \
+                MAX_TEXT_RATIO * member.compress_size + TEXT_RATIO_SLACK:
+            raise FileFormatError(
+                f"the entry {member.filename!r} inflates {member.compress_size} compressed "
+                f"bytes to {member.file_size}, more than {MAX_TEXT_RATIO}:1 (a decompression "
+                "bomb, or a corrupt zip). Fix: save the checkpoint again with torch.save.",
+                self.path)
+        return self._record_bytes(member)
 
     def _byteorder(self, member: zipfile.ZipInfo | None) -> bool:
         """True for little-endian storages."""
         if member is None:
             return True
-        text = self._small_record(member, 16)
+        text = self._text_record(member, 16)
         if text not in (b"little", b"big"):
             raise FileFormatError(
                 f"the byteorder record says {text!r}, not 'little' or 'big'. Fix: the "
                 "checkpoint is corrupt; save it again.", self.path)
         return text == b"little"
 
-    def _metadata_record(self, member: zipfile.ZipInfo) -> dict[str, str]:
-        raw = self._small_record(member, MAX_METADATA_BYTES)
-        with wrapped(self.path, f"parsing {member.filename!r}"):
-            meta = json.loads(raw.decode("utf-8"))
-        if not isinstance(meta, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-            raise FileFormatError(
-                f"{member.filename!r} is not a JSON object of strings. Fix: the checkpoint is "
-                "corrupt; save it again.", self.path)
-        return meta
-
-    def _data_offset(self, member: zipfile.ZipInfo, size: int) -> int:
+    # -- the legacy format ---------------------------------------------------------------
+    def _open_legacy(self, size: int) -> None:
+        """torch.save(..., _use_new_zipfile_serialization=False): pickles of the magic
+        number, the protocol version, sys_info, the object and the storage keys, then
+        each storage as an 8-byte element count and its bytes."""
+        path = self.path
         assert self._fd is not None
-        return stored_data_offset(self._fd, member, size, self.path)
+        f = os.fdopen(os.dup(self._fd), "rb")
+        self._zfile = f
+
+        def next_pickle(sizes: Mapping[str, int] | None = None) -> tuple[Any, int, Any, int]:
+            begin = f.tell()
+            obj, ops, storages = run_pickle(f, size - begin, sizes, path)
+            return obj, ops, storages, f.tell() - begin
+
+        def bad(what: str) -> FileFormatError:
+            return FileFormatError(
+                f"this legacy (non-zip) PyTorch checkpoint has {what}. Fix: the file is corrupt "
+                "or not a checkpoint; save it again with torch.save (zip format).", path)
+
+        if next_pickle()[0] != LEGACY_MAGIC:
+            raise bad("no torch magic number")
+        if next_pickle()[0] != LEGACY_PROTOCOL:
+            raise bad("an unknown protocol version")
+        info = next_pickle()[0]
+        if not isinstance(info, dict) or type(info.get("little_endian")) is not bool:
+            raise bad("a malformed sys_info record")
+        self._set_byteorder(info["little_endian"])
+        tree, ops, storages, nbytes = next_pickle()
+        tensors, self.metadata = flatten(tree, path, ops, nbytes)
+        del tree
+        keys = next_pickle()[0]
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) \
+                or len(set(keys)) != len(keys) or set(keys) != set(storages):
+            raise bad("a storage key list that does not match its storages")
+        pos = f.tell()
+        records = {}
+        for key in keys:
+            storage = storages[key]
+            if storage.dtype is None:
+                raise bad(f"an untyped storage {key!r}, which torch.load cannot read either")
+            head = bytearray(8)
+            if pos + 8 > size:
+                raise bad(f"storage {key!r} cut off by the end of the file")
+            read_exact_into(self._fd, memoryview(head), pos, path)
+            count = int.from_bytes(head, "little" if self._little else "big")
+            if count * lookup(storage.dtype).itemsize != storage.nbytes \
+                    or pos + 8 + storage.nbytes > size:
+                raise bad(f"storage {key!r} of a size other than the pickle declares, or cut off")
+            records[key] = _Record(key, storage.nbytes, pos + 8)
+            pos += 8 + storage.nbytes
+        if pos != size:
+            raise bad(f"{size - pos} bytes after its last storage")
+        self._index(tensors, records)
 
     # -- Reader API ----------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -223,18 +395,33 @@ class PtReader(Reader):
         except KeyError:
             raise self.missing(name) from None
 
+    def _charge(self, entry: _Entry, work: int) -> None:
+        """Count a name's bytes once against the file's amplification allowance."""
+        name = entry.info.name
+        if name in self._charged:
+            return
+        if work > self._allowance:
+            raise FileFormatError(
+                f"reading {name!r} would bring the bytes read from this {self._size}-byte "
+                f"file to more than {MAX_AMPLIFICATION}x its size + {AMPLIFY_SLACK} bytes: "
+                "many names view the same storage, or views repeat it (zero strides). This is "
+                "how a small file makes a reader allocate gigabytes. Fix: save each tensor "
+                "once (t.clone() for views), or read only the names you need.", self.path)
+        self._allowance -= work
+        self._charged.add(name)
+
     def _read_bytes(self, entry: _Entry, lo: int, hi: int) -> np.ndarray:
         buf = np.empty(hi - lo, dtype=np.uint8)
-        if self._fd is None or self._zip is None:
-            raise FileFormatError("the file is closed. Fix: open it again.", self.path)
-        if entry.data_offset >= 0:
-            read_exact_into(self._fd, memoryview(buf), entry.data_offset + lo, self.path)
-            return buf
-        with wrapped(self.path, f"decompressing {entry.member.filename!r}"):
-            with self._zip.open(entry.member) as f:
-                f.seek(lo)
-                if f.readinto(memoryview(buf)) != hi - lo:
-                    raise truncated(entry.member, self.path)
+        record = entry.record
+        with self._lock:
+            if self._fd is None:
+                raise FileFormatError("the file is closed. Fix: open it again.", self.path)
+            if record.member is None:
+                read_exact_into(self._fd, memoryview(buf), record.start + lo, self.path)
+                return buf
+            with wrapped(self.path, f"decompressing {record.member.filename!r}"):
+                inflate_into(self._fd, record.start, record.member, lo, memoryview(buf),
+                             self.path)
         return buf
 
     def read(self, name: str) -> np.ndarray:
@@ -245,7 +432,10 @@ class PtReader(Reader):
         if entry.info.size == 0:
             return np.empty(t.shape, dtype=dtype)
         last = t.offset + sum((d - 1) * s for d, s in zip(t.shape, t.stride))
-        buf = self._read_bytes(entry, t.offset * itemsize, (last + 1) * itemsize).view(dtype)
+        lo, hi = t.offset * itemsize, (last + 1) * itemsize
+        # a compressed record is inflated from its start up to hi: that is the work
+        self._charge(entry, entry.info.nbytes + (hi if entry.record.member is not None else 0))
+        buf = self._read_bytes(entry, lo, hi).view(dtype)
         contiguous = buf.size == entry.info.size and all(
             s == int(np.prod(t.shape[i + 1:], dtype=np.int64)) for i, s in enumerate(t.stride)
             if t.shape[i] > 1)
@@ -256,9 +446,12 @@ class PtReader(Reader):
             view = np.lib.stride_tricks.as_strided(
                 buf.view(unit), t.shape, tuple(s * itemsize for s in t.stride), writeable=False)
             out = view.copy(order="C").view(dtype)
+        kind = lookup(t.dtype).kind
         if self._swap and itemsize > 1:
-            unit = itemsize // 2 if lookup(t.dtype).kind == "complex" else itemsize
+            unit = itemsize // 2 if kind == "complex" else itemsize
             out.view(f"u{unit}").byteswap(inplace=True)
+        if t.neg or t.conj:
+            _apply_math_bits(out, t, kind)
         if t.dtype == "bool" and out.size and out.view(np.uint8).max() > 1:
             raise FileFormatError(
                 f"tensor {name!r} is BOOL but holds bytes other than 0 and 1. Fix: the "
@@ -269,14 +462,15 @@ class PtReader(Reader):
         """Where the tensor's bytes lie, when :meth:`read` would return them unchanged.
 
         That is: the record is stored (not compressed), the storage is little-endian,
-        and the tensor is a C-contiguous run of its storage (any storage offset, e.g.
-        one view of a shared storage). Transposed, strided, broadcast (stride 0) and
-        empty tensors give ``None``, and so does BOOL, whose bytes :meth:`read` checks.
+        the tensor has no negative or conjugate bit, and it is a C-contiguous run of its
+        storage (any storage offset, e.g. one view of a shared storage). Transposed,
+        strided, broadcast (stride 0) and empty tensors give ``None``, and so does BOOL,
+        whose bytes :meth:`read` checks.
         """
         entry = self._entry(name)
         t = entry.tensor
-        if (self._fd is None or entry.data_offset < 0 or not self._little
-                or entry.info.size == 0 or entry.tensor.offset < 0 or t.dtype == "bool"):
+        if (self._fd is None or entry.record.member is not None or not self._little
+                or entry.info.size == 0 or t.dtype == "bool" or t.neg or t.conj):
             return None
         expected = 1
         for d, s in zip(reversed(t.shape), reversed(t.stride)):
@@ -286,9 +480,10 @@ class PtReader(Reader):
         itemsize = lookup(t.dtype).itemsize
         begin = t.offset * itemsize
         nbytes = entry.info.nbytes
-        if begin + nbytes > entry.member.file_size:
+        if begin + nbytes > entry.record.nbytes:
             return None  # not inside its record: read() reports it
-        return RawSpan(self.path, entry.data_offset + begin, nbytes, self._file_id)
+        self._charge(entry, nbytes)
+        return RawSpan(self.path, entry.record.start + begin, nbytes, self._file_id)
 
     def close(self) -> None:
         with self._lock:
@@ -301,6 +496,29 @@ class PtReader(Reader):
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+
+
+def _apply_math_bits(out: np.ndarray, t: _Tensor, kind: str) -> None:
+    """Resolve torch's lazy negation/conjugation in place: floats (and both parts of
+    complex numbers) flip their sign bit (IEEE negate), integers negate with wrap-around,
+    and conjugation flips the sign bit of imaginary parts. That is what torch computes
+    for every number; for NaNs, torch's own ``resolve_neg`` sometimes quiets them or
+    returns its canonical NaN (depending on dtype and vectorisation), tensorbridge
+    keeps the payload."""
+    itemsize = out.dtype.itemsize
+    if kind == "complex":
+        parts = out.reshape(-1).view(f"u{itemsize // 2}").reshape(-1, 2)
+        sign = _SIGN[itemsize // 2]
+        if t.neg:
+            parts ^= sign
+        if t.conj:
+            parts[:, 1] ^= sign
+    elif kind == "float":
+        bits = out.view(f"u{itemsize}")
+        bits ^= _SIGN[itemsize]
+    else:  # int8..int64 and uint8 (_math_bits refuses the rest)
+        raw = out.view(f"{'i' if kind == 'int' else 'u'}{itemsize}")
+        np.negative(raw, out=raw)
 
 
 # --- the writer --------------------------------------------------------------------

@@ -9,8 +9,10 @@ being done. tensorbridge's own errors pass through unchanged.
 from __future__ import annotations
 
 import contextlib
+import lzma
 import struct
 import zipfile
+import zlib
 from typing import Iterator
 
 from ..errors import FileFormatError, TensorBridgeError
@@ -20,7 +22,7 @@ __all__ = ["RAW_ERRORS", "wrapped"]
 #: Errors the standard library raises on malformed zips and pickles.
 RAW_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError,
                struct.error, KeyError, IndexError, NotImplementedError, RuntimeError,
-               OverflowError, MemoryError, UnicodeDecodeError)
+               OverflowError, MemoryError, UnicodeDecodeError, zlib.error, lzma.LZMAError)
 
 
 @contextlib.contextmanager
@@ -31,7 +33,9 @@ def wrapped(path: str, doing: str) -> Iterator[None]:
     except TensorBridgeError:
         raise
     except RAW_ERRORS as exc:
+        detail = str(exc)
+        detail = detail if len(detail) <= 200 else detail[:200] + "..."
         raise FileFormatError(
-            f"{doing} failed ({type(exc).__name__}: {exc}); the file is corrupt, truncated "
+            f"{doing} failed ({type(exc).__name__}: {detail}); the file is corrupt, truncated "
             "or not a PyTorch checkpoint. Fix: download or save it again (torch.save writes "
             "a zip archive).", path) from exc
