@@ -631,11 +631,14 @@ def _(d):
     return p
 
 
-@case("pt/legacy-torch-format")
-def _(d):
+@case("pt/legacy-torch-format-trailing-bytes")
+def _(d):  # the legacy format is read; bytes after its last storage are not
     import torch
 
-    return _torch_save({"w": torch.ones(2)}, d / "legacy2.pt", _use_new_zipfile_serialization=False)
+    p = _torch_save({"w": torch.ones(2)}, d / "legacy2.pt", _use_new_zipfile_serialization=False)
+    with open(p, "ab") as f:
+        f.write(b"\0" * 8)
+    return p
 
 
 @case("pt/garbage")
