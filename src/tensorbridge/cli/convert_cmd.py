@@ -75,7 +75,8 @@ def _cast_target(dtype: str | None) -> str | None:
 
 
 def _target_info(info: TensorInfo, cast: str | None) -> TensorInfo:
-    if cast is not None and is_floating(info.dtype) and info.dtype != cast:
+    if cast is not None and is_floating(info.dtype) and (info.dtype != cast
+                                                         or type(info) is not TensorInfo):
         return TensorInfo(info.name, cast, info.shape)
     return info
 
@@ -433,8 +434,10 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
                  max_shard_size: Any = None, check: bool = True,
                  quiet: bool = True) -> dict[str, Any]:
     """Convert ``src`` to ``dst``; returns the summary ``convert --json`` prints."""
-    cast = _cast_target(dtype)
     out_format = destination_format(dst, dst_format, max_shard_size)
+    # --dtype q8_0 (and the others the format lists) quantises instead of casting
+    quant = dtype if dtype and dtype.lower() in out_format.quantizations else None
+    cast = None if quant else _cast_target(dtype)
     options: dict[str, Any] = {}
     if max_shard_size is not None:
         if out_format.name != "sharded":
@@ -456,6 +459,8 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
         infos = reader.infos()
         kept = set(select([i.name for i in infos], include, exclude))
         planned = [_target_info(i, cast) for i in infos if i.name in kept]
+        if quant:
+            planned = [out_format.quantized_info(i, quant) for i in planned]
         if not planned:
             raise ConversionError(message(
                 f"{src!r} with the given --include/--exclude", "no tensor is left to write",
@@ -488,8 +493,8 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
                         bar.advance(info.nbytes, description=name[-30:])
                         return span
                 arr = _fetch_as(reader, info)
-                if check:
-                    digests[name] = digest(arr)
+                if check:  # what DST will read back (quantising changes the values)
+                    digests[name] = digest(out_format.stored(info, arr))
                 if checker is not None and name == last:
                     checker.drain()  # the last tensor is not a copy: compare the rest now
                 bar.advance(info.nbytes, description=name[-30:])
@@ -514,7 +519,7 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
     return {
         "src": src, "dst": dst, "src_format": in_format, "dst_format": out_format.name,
         "count": len(planned), "skipped": len(infos) - len(planned), "cast": casts,
-        "dtype": cast, "total_nbytes": total, "verified": verified,
+        "dtype": quant or cast, "total_nbytes": total, "verified": verified,
         "metadata_dropped": dropped,
     }
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from typing import Any, TextIO
 
@@ -125,9 +126,19 @@ def _shape(shape: list[int]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
+#: control characters (C0, DEL, C1) and bidi overrides, printed escaped (names and metadata
+#: come from the file, and a terminal would obey them)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(text: str) -> str:
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 def _clip(text: str, width: int = 120) -> str:
     text = text.replace("\n", " ")
-    return text if len(text) <= width else text[: width - 3] + "..."
+    text = text if len(text) <= width else text[: width - 3] + "..."
+    return _escape(text)
 
 
 def render_text(doc: dict[str, Any], stream: TextIO) -> None:
@@ -136,7 +147,7 @@ def render_text(doc: dict[str, Any], stream: TextIO) -> None:
     if doc["metadata"]:
         stream.write("metadata:\n")
         for k, v in doc["metadata"].items():
-            stream.write(f"  {k}: {_clip(str(v))}\n")
+            stream.write(f"  {_clip(k)}: {_clip(str(v))}\n")
     with_stats = any("stats" in t for t in doc["tensors"])
     headers = ["name", "dtype", "shape", "size"]
     align = "lllr"
@@ -145,7 +156,10 @@ def render_text(doc: dict[str, Any], stream: TextIO) -> None:
         align += "r" * len(_STAT_COLUMNS)
     rows = []
     for t in doc["tensors"]:
-        row = [t["name"], t["dtype"], _shape(t["shape"]), human_bytes(t["nbytes"])]
+        row = [_escape(t["name"]), t["dtype"], _shape(t["shape"]), human_bytes(t["nbytes"])]
+        if t.get("stored_nbytes", t["nbytes"]) != t["nbytes"]:  # GGUF blocks: as stored
+            row[1:4:2] = [f"{t['stored_type']} ({t['bits_per_weight']:g} bpw)",
+                          human_bytes(t["stored_nbytes"])]
         if with_stats:
             s = t["stats"]
             row += [format_number(s[c]) for c in _STAT_COLUMNS]

@@ -23,6 +23,7 @@ FORMAT_MODULES: dict[str, str] = {
     "pt": "pt",
     "h5": "h5",
     "sharded": "sharded",
+    "gguf": "gguf",
 }
 
 

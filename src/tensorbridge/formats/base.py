@@ -151,6 +151,9 @@ class Format:
     holds_metadata: bool = True
     #: the keyword options ``write`` takes (``compress``, ``max_shard_size``)
     options: tuple[str, ...] = ()
+    #: ``--dtype`` values that store tensors quantised (GGUF's ``q8_0``...), see
+    #: :meth:`quantized_info`
+    quantizations: tuple[str, ...] = ()
 
     def open(self, path: str) -> Reader:
         raise NotImplementedError
@@ -158,6 +161,16 @@ class Format:
     def check_info(self, info: TensorInfo, path: str) -> None:
         """Raise :class:`~tensorbridge.ConversionError` if this format cannot hold
         ``info``'s dtype. Formats that hold every dtype keep this default."""
+
+    def quantized_info(self, info: TensorInfo, quantization: str) -> TensorInfo:
+        """``info`` marked to be stored as ``quantization`` (one of :attr:`quantizations`),
+        or ``info`` itself when that tensor stays as it is."""
+        return info
+
+    def stored(self, info: TensorInfo, arr: np.ndarray) -> np.ndarray:
+        """The values reading ``arr`` back gives once written as ``info``: ``arr`` itself,
+        except where the format quantises."""
+        return arr
 
     def check_write(self, path: str, infos: Sequence[TensorInfo],
                     metadata: Mapping[str, str] | None = None,

@@ -348,7 +348,7 @@ class H5Format(Format):
             f = h5py.File(tmp, "w")
             try:
                 for key, value in attrs.items():
-                    f.attrs[key] = value
+                    f.attrs[key] = str(value)  # a str subclass (GGUF's typed values) as text
                 for info in infos:
                     arr = check_fetched(fetch(info.name), info, path)
                     if info.dtype in _RAW_BITS:

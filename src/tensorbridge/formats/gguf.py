@@ -1,0 +1,775 @@
+"""The ``.gguf`` format (llama.cpp, ollama, whisper.cpp): our own validated parser and writer.
+
+File layout (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md), versions 2
+and 3, little- or big-endian (the byte order of the version field tells)::
+
+    "GGUF"  u32 version  u64 n_tensors  u64 n_kv
+    n_kv x      key (u64 length + UTF-8), u32 value type, value
+                (a scalar, a string, or an array: u32 item type, u64 count, items)
+    n_tensors x name, u32 n_dims, u64 ne[n_dims], u32 ggml type, u64 offset
+    padding to ``general.alignment`` (32 unless the metadata says otherwise)
+    data        each tensor at data start + its offset (a multiple of the alignment)
+
+``ne[0]`` is the fastest axis, so a tensor's NumPy shape is ``ne`` reversed.
+
+Reading: every count, string length, dimension, type id and offset is checked
+against the real file size before anything is allocated; tensors must lie
+inside the data region, aligned, without overlapping. Tensors of F32, F16,
+BF16 (as ``ml_dtypes.bfloat16``), F64 and I8..I64 come back as stored;
+quantised ones (Q4_0 ... Q8_0, the K-quants, IQ, TQ, MXFP4) dequantised to
+float32, bit-exact to ``gguf.quants.dequantize`` (see :mod:`.gguf_quants`), one
+cache-sized piece at a time; :meth:`GGUFReader.read_raw` gives the blocks
+undecoded. In a big-endian file the F16/F32/F64/int data is byte-swapped; BF16
+and quantised blocks are taken as they lie (as gguf-py does).
+
+Metadata: ``reader.metadata`` maps every key to a :class:`GGUFValue`, a ``str``
+(the value as text: strings as they are, numbers and arrays as JSON) that also
+carries its GGUF type and value, so a GGUF written from it keeps them. Its repr
+is short, however long the value (tokenizer vocabularies).
+
+Writing: F32, F16, BF16, F64 and I8..I64 as they are; a tensor whose info is a
+:class:`GGUFTensorInfo` of a quantised type (from a GGUF reader, or from
+:func:`quantized_info`) is stored quantised: blocks from a GGUF source are
+copied as they are, others quantised (``quantize="q8_0"`` does that for every
+float tensor with at least two axes whose last axis fits the blocks).
+
+>>> import numpy as np, tempfile, os
+>>> p = os.path.join(tempfile.mkdtemp(), "m.gguf")
+>>> a = np.arange(6, dtype=np.float32).reshape(2, 3)
+>>> FORMAT.write(p, [TensorInfo("w", "float32", (2, 3))], lambda name: a,
+...              {"general.name": "demo", "n": value(7, "uint32")})
+>>> with FORMAT.open(p) as r:
+...     (r.keys(), r.metadata, r.metadata["n"].gguf_type, r.read("w").tobytes() == a.tobytes())
+(['w'], {'general.name': 'demo', 'n': '7'}, 'UINT32', True)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import sys
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..dtypes import lookup
+from ..errors import ConversionError, FileFormatError, UnsafeContentError
+from .atomic import atomic_write
+from .base import Format, RawSpan, Reader, TensorInfo
+from .gguf_quants import can_dequantize, can_quantize, dequantize_into
+from .gguf_quants import quantize as quantize_array
+from .gguf_types import (
+    PLAIN_DTYPES,
+    TYPES,
+    TYPES_BY_NAME,
+    VALUE_TYPE_IDS,
+    VALUE_TYPES,
+    GGMLType,
+)
+from .names import check_unique
+from .safetensors import (
+    SpanFiles,
+    check_fetched,
+    copy_span,
+    iter_le_bytes,
+    open_regular_file,
+    read_exact_into,
+)
+
+__all__ = [
+    "DEFAULT_ALIGNMENT",
+    "FORMAT",
+    "MAX_DIMS",
+    "QUANT_TYPES",
+    "GGUFFormat",
+    "GGUFReader",
+    "GGUFTensorInfo",
+    "GGUFValue",
+    "quantized_info",
+    "value",
+]
+
+MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+#: ggml tensors have at most 4 dimensions (GGML_MAX_DIMS)
+MAX_DIMS = 4
+#: longest key or tensor name (the spec: keys are at most 65535 bytes)
+MAX_NAME = 65535
+#: deepest nesting of arrays inside arrays
+MAX_ARRAY_DEPTH = 8
+#: the largest general.alignment accepted
+MAX_ALIGNMENT = 1 << 30
+#: bytes read at a time while parsing the header
+_HEADER_CHUNK = 1 << 20
+#: raw bytes read at a time while dequantising
+_READ_CHUNK = 1 << 20
+#: dtypes that byte-swap in a big-endian file (as gguf-py: BF16 and blocks do not)
+_SWAPPED = {"float16", "float32", "float64", "int16", "int32", "int64"}
+#: types --dtype / quantize= can make (gguf-py's quantisers)
+QUANT_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "TQ1_0", "TQ2_0", "MXFP4")
+
+_STRING, _ARRAY = VALUE_TYPE_IDS["STRING"], VALUE_TYPE_IDS["ARRAY"]
+_NP_CODES = {"UINT8": "u1", "INT8": "i1", "UINT16": "u2", "INT16": "i2", "UINT32": "u4",
+             "INT32": "i4", "FLOAT32": "f4", "BOOL": "u1", "UINT64": "u8", "INT64": "i8",
+             "FLOAT64": "f8"}
+
+
+# --- metadata values -----------------------------------------------------------------
+
+class GGUFValue(str):
+    """A GGUF metadata value: the ``str`` is its text (JSON for numbers and arrays),
+    ``gguf_type`` its GGUF type name (``"UINT32"``, ``"ARRAY"``...), ``item_type``
+    the type of an array's items, and ``value`` the value itself (a NumPy array for
+    arrays of numbers, a list for strings and nested arrays)."""
+
+    gguf_type: str
+    item_type: str | None
+    value: Any
+
+    def __new__(cls, text: str, gguf_type: str, value: Any,
+                item_type: str | None = None) -> GGUFValue:
+        self = super().__new__(cls, text)
+        self.gguf_type, self.value, self.item_type = gguf_type, value, item_type
+        return self
+
+    def __repr__(self) -> str:
+        if len(self) <= 200:
+            return super().__repr__()
+        return f"{str.__repr__(self[:120])}... <{self.gguf_type}, {len(self)} chars>"
+
+    def __reduce__(self) -> Any:
+        return (GGUFValue, (str(self), self.gguf_type, self.value, self.item_type))
+
+
+def _f32_text(x: float) -> Any:
+    """A float32 as its shortest text (1e-05, not 9.999999747378752e-06), JSON-safe."""
+    if not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    return float(np.format_float_positional(np.float32(x), unique=True, trim="-")) \
+        if abs(x) >= 1e-4 or x == 0 else float(np.format_float_scientific(np.float32(x), unique=True))
+
+
+def _plain(x: Any, t: str) -> Any:
+    if t == "FLOAT32":
+        return _f32_text(float(x))
+    if t == "FLOAT64":
+        x = float(x)
+        return x if math.isfinite(x) else ("nan" if math.isnan(x) else ("inf" if x > 0 else "-inf"))
+    if t == "BOOL":
+        return bool(x)
+    if t == "STRING":
+        return _display(x)
+    return int(x)
+
+
+def _display(s: str) -> str:
+    """A string value as valid text (bytes that were not UTF-8 become U+FFFD)."""
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _json_of(t: str, v: Any, item: str | None) -> Any:
+    if t == "ARRAY":
+        if item == "ARRAY":
+            return [json.loads(x) for x in v]
+        if item == "STRING":
+            return [_display(s) for s in v]
+        if item == "FLOAT32":
+            return [_f32_text(x) for x in v.tolist()]
+        return [_plain(x, item or "") for x in v.tolist()]
+    return _plain(v, t)
+
+
+def _make(t: str, v: Any, item: str | None = None) -> GGUFValue:
+    if t == "STRING":
+        return GGUFValue(_display(v), t, v)
+    return GGUFValue(json.dumps(_json_of(t, v, item), ensure_ascii=False), t, v, item)
+
+
+def value(v: Any, gguf_type: str, item_type: str | None = None) -> GGUFValue:
+    """A metadata value of a given GGUF type, for ``metadata=`` when writing GGUF
+    (plain ``str`` values are written as STRING).
+
+    >>> value(4096, "uint32").gguf_type, value([1.5, 2], "array", "float32")
+    ('UINT32', '[1.5, 2.0]')
+    """
+    t = gguf_type.upper()
+    if t not in VALUE_TYPE_IDS:
+        raise ConversionError(f"unknown GGUF value type {gguf_type!r}. Fix: use one of "
+                              f"{', '.join(VALUE_TYPE_IDS)}.")
+    if t == "ARRAY":
+        item = (item_type or "").upper()
+        if item == "STRING":
+            return _make(t, [str(s) for s in v], item)
+        if item not in _NP_CODES:
+            raise ConversionError(f"array item type {item_type!r} is not a GGUF scalar or "
+                                  "string type. Fix: pass item_type= like 'int32' or 'string'.")
+        arr = np.asarray(v, dtype=np.dtype(_NP_CODES[item]).newbyteorder("<"))
+        return _make(t, arr.reshape(-1), item)
+    if t == "STRING":
+        return _make(t, str(v))
+    code = VALUE_TYPES[VALUE_TYPE_IDS[t]][1]
+    try:
+        packed = struct.unpack("<" + code, struct.pack("<" + code, v))[0]  # type: ignore[operator]
+    except (struct.error, TypeError) as exc:
+        raise ConversionError(f"{v!r} cannot be stored as GGUF {t} ({exc}). Fix: pass a value "
+                              "in that type's range.") from exc
+    return _make(t, packed)
+
+
+# --- tensor infos ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GGUFTensorInfo(TensorInfo):
+    """A :class:`TensorInfo` with the GGUF type it is (or will be) stored as.
+
+    ``dtype``/``shape`` are what reading gives (float32 for quantised types);
+    ``ggml_type`` is the stored type (``"Q4_K"``), ``source`` where a GGUF
+    source file holds its blocks (copied as they are when written to GGUF)."""
+
+    ggml_type: str = "F32"
+    source: RawSpan | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def stored_nbytes(self) -> int:
+        t = TYPES_BY_NAME[self.ggml_type]
+        return self.size // t.block_size * t.type_size
+
+    def to_json(self) -> dict:
+        out = super().to_json()
+        t = TYPES_BY_NAME[self.ggml_type]
+        out.update(stored_type=t.name, stored_nbytes=self.stored_nbytes,
+                   bits_per_weight=round(t.bits_per_weight, 4))
+        return out
+
+
+def quantized_info(info: TensorInfo, type_name: str) -> TensorInfo:
+    """``info`` marked to be stored as ``type_name`` (``"q8_0"``) when it is a float
+    tensor with at least two axes whose last axis is a multiple of the block size
+    (as llama.cpp does, vectors such as norms and biases stay unquantised); else
+    ``info`` unchanged."""
+    t = _quant_type(type_name)
+    if (lookup(info.dtype).kind != "float" or len(info.shape) < 2 or not info.shape[-1]
+            or info.shape[-1] % t.block_size or info.size == 0):
+        return info
+    return GGUFTensorInfo(info.name, "float32", tuple(info.shape), ggml_type=t.name)
+
+
+def _quant_type(type_name: str) -> GGMLType:
+    t = TYPES_BY_NAME.get(str(type_name).upper())
+    if t is None or not can_quantize(t.name):
+        raise ConversionError(
+            f"cannot quantise to {type_name!r}. Fix: use one of "
+            f"{', '.join(q.lower() for q in QUANT_TYPES)} (K- and IQ-quants are made by "
+            "llama.cpp's llama-quantize).")
+    return t
+
+
+# --- the header parser -------------------------------------------------------------------
+
+class _Cursor:
+    """Reads the header through a bounded buffer; never past the file's real size."""
+
+    def __init__(self, fd: int, size: int, path: str) -> None:
+        self.fd, self.size, self.path = fd, size, path
+        self.pos = 0
+        self._buf = b""
+        self._start = 0
+        self.order = "<"
+
+    def remaining(self) -> int:
+        return self.size - self.pos
+
+    def need(self, n: int, what: str) -> None:
+        if n > self.size - self.pos:
+            raise FileFormatError(
+                f"{what} needs {n} bytes at byte {self.pos}, but the file has only "
+                f"{self.size - self.pos} more (it is truncated or corrupt). Fix: download or "
+                "copy the file again.", self.path)
+
+    def take(self, n: int, what: str) -> bytes:
+        self.need(n, what)
+        off = self.pos - self._start
+        if off < 0 or off + n > len(self._buf):
+            k = min(max(n, _HEADER_CHUNK), self.size - self.pos)
+            buf = bytearray(k)
+            read_exact_into(self.fd, memoryview(buf), self.pos, self.path)
+            self._buf, self._start, off = bytes(buf), self.pos, 0
+        self.pos += n
+        return self._buf[off:off + n]
+
+    def unpack(self, code: str, what: str) -> Any:
+        size = struct.calcsize(code)
+        return struct.unpack(self.order + code, self.take(size, what))[0]
+
+    def string(self, what: str, limit: int | None = None) -> str:
+        n = self.unpack("Q", what)
+        if limit is not None and n > limit:
+            raise FileFormatError(
+                f"{what} is {n} bytes long, over the {limit}-byte limit. Fix: the file is "
+                "corrupt or hostile.", self.path)
+        raw = self.take(n, what)
+        return raw.decode("utf-8", "surrogateescape")
+
+
+def _name(cur: _Cursor, what: str) -> str:
+    start = cur.pos
+    s = cur.string(what, MAX_NAME)
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FileFormatError(f"{what} at byte {start} is not valid UTF-8 ({s!r:.80}). Fix: the "
+                              "file is corrupt; re-save it.", cur.path) from None
+    return s
+
+
+def _value_type(cur: _Cursor, what: str) -> str:
+    tid = cur.unpack("I", what)
+    if tid not in VALUE_TYPES:
+        raise FileFormatError(
+            f"{what} has the unknown value type {tid} (known: 0..12). Fix: the file is corrupt, "
+            "or from a newer GGUF version.", cur.path)
+    return VALUE_TYPES[tid][0]
+
+
+def _read_value(cur: _Cursor, t: str, key: str, depth: int = 0) -> GGUFValue:
+    what = f"metadata {key!r:.80}"
+    if t == "STRING":
+        return _make(t, cur.string(what))
+    if t != "ARRAY":
+        raw = cur.unpack(VALUE_TYPES[VALUE_TYPE_IDS[t]][1] or "", what)  # type: ignore[operator]
+        return _make(t, raw)
+    if depth >= MAX_ARRAY_DEPTH:
+        raise FileFormatError(f"{what} nests arrays more than {MAX_ARRAY_DEPTH} deep. Fix: the "
+                              "file is corrupt or hostile.", cur.path)
+    item = _value_type(cur, what + " (array item type)")
+    count = cur.unpack("Q", what + " (array length)")
+    if item in _NP_CODES:
+        size = VALUE_TYPES[VALUE_TYPE_IDS[item]][2] or 1
+        cur.need(count * size, f"{what} ({count} items)")
+        arr = np.frombuffer(cur.take(count * size, what),
+                            np.dtype(_NP_CODES[item]).newbyteorder(cur.order))
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+        if item == "BOOL":
+            arr = arr != 0
+        return _make(t, arr, item)
+    least = 8 if item == "STRING" else 12  # a string's length; an array's type and length
+    cur.need(count * least, f"{what} ({count} items)")
+    if item == "STRING":
+        return _make(t, [cur.string(what) for _ in range(count)], item)
+    return _make(t, [_read_value(cur, "ARRAY", key, depth + 1) for _ in range(count)], item)
+
+
+@dataclass
+class _Entry:
+    info: GGUFTensorInfo
+    type: GGMLType
+    offset: int  # relative to the data start
+    nbytes: int
+
+
+def _tensor_entry(cur: _Cursor, index: int) -> _Entry:
+    name = _name(cur, f"tensor #{index}'s name")
+    ndim = cur.unpack("I", f"tensor {name!r}: n_dims")
+    if ndim > MAX_DIMS:
+        raise FileFormatError(
+            f"tensor {name!r} has {ndim} dimensions; ggml tensors have at most {MAX_DIMS}. Fix: "
+            "the file is corrupt or hostile.", cur.path)
+    ne = [cur.unpack("Q", f"tensor {name!r}: dims") for _ in range(ndim)]
+    tid = cur.unpack("I", f"tensor {name!r}: type")
+    offset = cur.unpack("Q", f"tensor {name!r}: offset")
+    t = TYPES.get(tid)
+    if t is None:
+        raise FileFormatError(
+            f"tensor {name!r} has the unknown ggml type {tid} (known: "
+            f"{', '.join(f'{k}={v.name}' for k, v in sorted(TYPES.items()))}). Fix: the file "
+            "is corrupt, or from a newer llama.cpp than tensorbridge knows.", cur.path)
+    size = 1
+    for d in ne:
+        size *= d
+    if size >= 2 ** 62:
+        raise FileFormatError(
+            f"tensor {name!r}: dims {ne} have more than 2**62 elements. Fix: the file is "
+            "corrupt or hostile.", cur.path)
+    if ne and ne[0] % t.block_size:
+        raise FileFormatError(
+            f"tensor {name!r} is {t.name} with ne[0]={ne[0]}, not a multiple of its block size "
+            f"{t.block_size}. Fix: the file is corrupt.", cur.path)
+    shape = tuple(reversed(ne))
+    dtype = t.dtype or "float32"
+    nbytes = size // t.block_size * t.type_size
+    return _Entry(GGUFTensorInfo(name, dtype, shape, ggml_type=t.name), t, offset, nbytes)
+
+
+def _parse(fd: int, size: int, path: str) -> dict[str, Any]:
+    cur = _Cursor(fd, size, path)
+    if size < 24:
+        raise FileFormatError(f"the file is {size} bytes, shorter than a GGUF header (24). Fix: "
+                              "this is not a GGUF file, or it is truncated.", path)
+    magic = cur.take(4, "the magic")
+    if magic != MAGIC:
+        raise FileFormatError(f"the file starts with {magic!r}, not b'GGUF'. Fix: this is not a "
+                              "GGUF file (or pass the right --format).", path)
+    raw_version = cur.take(4, "the version")
+    version = struct.unpack("<I", raw_version)[0]
+    if version & 0xFFFF == 0:  # written on a machine of the other byte order
+        cur.order = ">"
+        version = struct.unpack(">I", raw_version)[0]
+    if version not in (2, 3):
+        raise FileFormatError(
+            f"GGUF version {version} is not supported (versions 2 and 3 are; version 1 used "
+            "32-bit counts). Fix: re-convert the model with a current llama.cpp.", path)
+    n_tensors = cur.unpack("Q", "the tensor count")
+    n_kv = cur.unpack("Q", "the metadata count")
+    # every key/value takes at least 13 bytes, every tensor info at least 24
+    cur.need(n_kv * 13 + n_tensors * 24, f"{n_kv} metadata entries and {n_tensors} tensors")
+    metadata: dict[str, GGUFValue] = {}
+    for i in range(n_kv):
+        key = _name(cur, f"metadata key #{i}")
+        if key in metadata:
+            raise UnsafeContentError(
+                f"metadata key {key!r} appears more than once; other readers keep one of them "
+                "silently. Fix: re-save the file with unique keys.", path)
+        metadata[key] = _read_value(cur, _value_type(cur, f"metadata {key!r:.80}"), key)
+    alignment = DEFAULT_ALIGNMENT
+    if "general.alignment" in metadata:
+        a = metadata["general.alignment"]
+        if a.gguf_type != "UINT32" or not 0 < a.value <= MAX_ALIGNMENT or a.value & (a.value - 1):
+            raise FileFormatError(
+                f"general.alignment is {a.gguf_type} {a!s:.40}; it must be a UINT32 power of "
+                f"two up to {MAX_ALIGNMENT}. Fix: the file is corrupt.", path)
+        alignment = a.value
+    entries = [_tensor_entry(cur, i) for i in range(n_tensors)]
+    check_unique([e.info.name for e in entries], path)
+    data_start = cur.pos + (-cur.pos % alignment)
+    data_len = max(0, size - data_start)
+    spans = []
+    for e in entries:
+        if e.offset % alignment:
+            raise FileFormatError(
+                f"tensor {e.info.name!r} starts at offset {e.offset}, not a multiple of the "
+                f"alignment {alignment}. Fix: the file is corrupt.", path)
+        if e.offset + e.nbytes > data_len:
+            raise FileFormatError(
+                f"tensor {e.info.name!r} ({e.type.name}, {e.nbytes} bytes at offset "
+                f"{e.offset}) ends past the end of the file's data ({data_len} bytes). Fix: the "
+                "file is truncated or corrupt; download it again.", path)
+        if e.nbytes:
+            spans.append((e.offset, e.offset + e.nbytes, e.info.name))
+    spans.sort()
+    for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise UnsafeContentError(
+                f"tensors {n0!r} and {n1!r} overlap in the file (bytes {b1}..{e0}); reading "
+                "one region many times would make a small file expand. Fix: the file is "
+                "corrupt or hostile; re-save it.", path)
+    return {"version": version, "order": cur.order, "metadata": metadata,
+            "alignment": alignment, "entries": entries, "data_start": data_start}
+
+
+# --- the reader ----------------------------------------------------------------------------
+
+class GGUFReader(Reader):
+    """An open ``.gguf`` file whose header has been fully validated.
+
+    ``read(name)`` gives float32 for quantised tensors (dequantised) and the stored
+    dtype otherwise; ``read_raw(name)`` the stored bytes, shaped like gguf-py's
+    ``ReaderTensor.data`` for quantised types; ``tensor_type(name)`` the stored type.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        fd, size = open_regular_file(path)
+        try:
+            parsed = _parse(fd, size, path)
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd: int | None = fd
+        self._file_id = (st.st_dev, st.st_ino)
+        self.version: int = parsed["version"]
+        self.byteorder = "little" if parsed["order"] == "<" else "big"
+        self.alignment: int = parsed["alignment"]
+        self.metadata = parsed["metadata"]
+        self._data_start = parsed["data_start"]
+        self._entries: dict[str, _Entry] = {}
+        for e in parsed["entries"]:
+            span = RawSpan(path, self._data_start + e.offset, e.nbytes, self._file_id)
+            e.info = GGUFTensorInfo(e.info.name, e.info.dtype, e.info.shape,
+                                    ggml_type=e.type.name, source=span)
+            self._entries[e.info.name] = e
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def _entry(self, name: str) -> _Entry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise self.missing(name) from None
+
+    def info(self, name: str) -> GGUFTensorInfo:
+        return self._entry(name).info
+
+    def tensor_type(self, name: str) -> str:
+        """The stored ggml type's name (``"Q4_K"``)."""
+        return self._entry(name).type.name
+
+    def _fd_open(self) -> int:
+        if self._fd is None:
+            raise FileFormatError("the file is closed. Fix: open it again.", self.path)
+        return self._fd
+
+    def _alloc(self, e: _Entry, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        try:
+            return np.empty(shape, dtype=dtype)
+        except MemoryError as exc:
+            raise FileFormatError(
+                f"tensor {e.info.name!r} ({e.info.dtype}{list(shape)}) does not fit in memory. "
+                "Fix: use a machine with more memory, or read_raw() the blocks.", self.path) from exc
+
+    def read_raw(self, name: str) -> np.ndarray:
+        """The stored bytes as uint8, shaped ``(*shape[:-1], bytes per row)``."""
+        e = self._entry(name)
+        shape = e.info.shape
+        row = (shape[-1] // e.type.block_size * e.type.type_size) if shape else e.type.type_size
+        out = self._alloc(e, (*shape[:-1], row), np.uint8)
+        if out.nbytes:
+            read_exact_into(self._fd_open(), memoryview(out.reshape(-1)),
+                            self._data_start + e.offset, self.path)
+        return out
+
+    def read(self, name: str) -> np.ndarray:
+        e = self._entry(name)
+        fd = self._fd_open()
+        start = self._data_start + e.offset
+        if not e.type.quantized:
+            dtype = lookup(e.info.dtype).numpy
+            out = self._alloc(e, e.info.shape, dtype)
+            if out.nbytes:
+                read_exact_into(fd, memoryview(out.reshape(-1).view(np.uint8)), start, self.path)
+            swap = (self.byteorder != sys.byteorder) and e.info.dtype in _SWAPPED
+            if swap:
+                out.byteswap(inplace=True)
+            return out
+        if not can_dequantize(e.type.name):
+            raise ConversionError(
+                f"{self.path}: tensor {name!r} is {e.type.name}, which has no known "
+                "dequantisation (gguf-py has none either). Fix: read its blocks with "
+                "reader.read_raw(name), or leave it out (--exclude).")
+        out = self._alloc(e, e.info.shape, np.float32)
+        flat = out.reshape(-1)
+        t = e.type
+        per = max(1, _READ_CHUNK // t.type_size)  # blocks per read
+        buf = np.empty(min(per, e.nbytes // t.type_size) * t.type_size, np.uint8)
+        nblocks = e.nbytes // t.type_size
+        for b0 in range(0, nblocks, per):
+            k = min(per, nblocks - b0)
+            piece = buf[:k * t.type_size]
+            read_exact_into(fd, memoryview(piece), start + b0 * t.type_size, self.path)
+            dequantize_into(piece.reshape(k, t.type_size), t.name,
+                            flat[b0 * t.block_size:(b0 + k) * t.block_size])
+        return out
+
+    def raw_span(self, name: str) -> RawSpan | None:
+        """The bytes of an unquantised little-endian tensor; ``None`` otherwise."""
+        e = self._entry(name)
+        if (e.type.quantized or not e.nbytes or self._fd is None
+                or (self.byteorder == "big" and e.info.dtype in _SWAPPED)):
+            return None
+        return e.info.source
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+# --- the writer ------------------------------------------------------------------------------
+
+def _pack_string(s: str) -> bytes:
+    raw = s.encode("utf-8", "surrogateescape")
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _pack_value(v: GGUFValue) -> bytes:
+    t = v.gguf_type
+    if t == "STRING":
+        return _pack_string(v.value)
+    if t != "ARRAY":
+        return struct.pack("<" + (VALUE_TYPES[VALUE_TYPE_IDS[t]][1] or ""), v.value)
+    item = v.item_type or "STRING"
+    head = struct.pack("<IQ", VALUE_TYPE_IDS[item], len(v.value))
+    if item == "STRING":
+        return head + b"".join(_pack_string(s) for s in v.value)
+    if item == "ARRAY":
+        return head + b"".join(_pack_value(x) for x in v.value)  # nested: no value type
+    arr = np.asarray(v.value)
+    if item == "BOOL":
+        arr = arr.astype(np.uint8)
+    return head + arr.astype(np.dtype(_NP_CODES[item]).newbyteorder("<")).tobytes()
+
+
+def _metadata_entries(metadata: Mapping[str, str], path: str) -> list[tuple[str, GGUFValue]]:
+    out = []
+    for key, v in metadata.items():
+        if not key or len(key.encode("utf-8", "surrogateescape")) > MAX_NAME:
+            raise ConversionError(f"{path}: metadata key {key!r:.80} must be 1 to {MAX_NAME} "
+                                  "bytes. Fix: rename it.")
+        gv = v if isinstance(v, GGUFValue) else _make("STRING", str(v))
+        if key == "general.alignment" and gv.gguf_type != "UINT32":
+            try:
+                gv = value(int(str(v)), "UINT32")
+            except (ValueError, ConversionError):
+                raise ConversionError(
+                    f"{path}: general.alignment {str(v)!r:.40} is not an integer. Fix: pass a "
+                    "power of two, e.g. value(32, 'uint32').") from None
+        out.append((key, gv))
+    return out
+
+
+def _alignment(entries: list[tuple[str, GGUFValue]], path: str) -> int:
+    for key, v in entries:
+        if key == "general.alignment":
+            a = int(v.value)
+            if not 0 < a <= MAX_ALIGNMENT or a & (a - 1):
+                raise ConversionError(f"{path}: general.alignment {a} is not a power of two up "
+                                      f"to {MAX_ALIGNMENT}. Fix: pass e.g. 32.")
+            return a
+    return DEFAULT_ALIGNMENT
+
+
+def _stored_type(info: TensorInfo, path: str) -> GGMLType:
+    if isinstance(info, GGUFTensorInfo) and TYPES_BY_NAME[info.ggml_type].quantized:
+        return TYPES_BY_NAME[info.ggml_type]
+    t = PLAIN_DTYPES.get(info.dtype)
+    if t is None:
+        raise ConversionError(
+            f"{path}: tensor {info.name!r} has dtype {info.dtype!r}, which GGUF cannot store. "
+            "Fix: cast it first (--dtype float16/float32, or an int type: GGUF holds "
+            + ", ".join(PLAIN_DTYPES) + "), or save as .safetensors or .npz.")
+    return t
+
+
+class GGUFFormat(Format):
+    """llama.cpp's GGUF: typed metadata, then tensors, plain or quantised in blocks."""
+
+    name = "gguf"
+    suffixes = (".gguf",)
+    description = ("llama.cpp GGUF; reads every ggml type (quantised ones dequantised to "
+                   "float32), writes " + ", ".join(PLAIN_DTYPES) + " and quantises to "
+                   + ", ".join(q.lower() for q in QUANT_TYPES) + ".")
+    options = ("quantize",)
+    #: the --dtype values that mean "store quantised"
+    quantizations = tuple(q.lower() for q in QUANT_TYPES)
+
+    def open(self, path: str) -> GGUFReader:
+        return GGUFReader(os.fspath(path))
+
+    def check_info(self, info: TensorInfo, path: str) -> None:
+        _stored_type(info, path)
+        if len(info.shape) > MAX_DIMS:
+            raise ConversionError(
+                f"{path}: tensor {info.name!r} has {len(info.shape)} dimensions; GGUF (ggml) "
+                f"holds at most {MAX_DIMS}. Fix: reshape it, or save as .safetensors.")
+
+    def check_write(self, path: str, infos: Sequence[TensorInfo],
+                    metadata: Mapping[str, str] | None = None,
+                    options: Mapping[str, Any] | None = None) -> dict[str, str]:
+        meta = super().check_write(path, infos, metadata, options)
+        if options and options.get("quantize") is not None:
+            _quant_type(options["quantize"])
+        _alignment(_metadata_entries(meta, path), path)
+        return meta
+
+    def quantized_info(self, info: TensorInfo, type_name: str) -> TensorInfo:
+        return quantized_info(info, type_name)
+
+    def stored(self, info: TensorInfo, arr: np.ndarray) -> np.ndarray:
+        """What reading back ``arr`` written as ``info`` gives: quantising loses precision."""
+        if not isinstance(info, GGUFTensorInfo) or info.source is not None:
+            return arr
+        t = TYPES_BY_NAME[info.ggml_type]
+        if not t.quantized:
+            return arr
+        blocks = quantize_array(arr, t.name).reshape(-1, t.type_size)
+        out = np.empty(arr.shape, np.float32)
+        dequantize_into(blocks, t.name, out)
+        return out
+
+    def write(self, path: str, infos: Sequence[TensorInfo],
+              fetch: Callable[[str], np.ndarray], metadata: Mapping[str, str] | None = None,
+              *, quantize: str | None = None) -> None:
+        """Write atomically, one fetched tensor at a time.
+
+        A :class:`GGUFTensorInfo` of a quantised type is stored in blocks: copied from
+        its ``source`` (a GGUF file's blocks) when it has one, else quantised from the
+        fetched float values. ``fetch`` is called for every tensor, in order.
+        ``quantize="q8_0"`` quantises every eligible float tensor
+        (see :func:`quantized_info`).
+        """
+        path = os.fspath(path)
+        if quantize is not None:
+            infos = [quantized_info(i, quantize) for i in infos]
+        meta = self.check_write(path, infos, metadata, None)
+        entries = _metadata_entries(meta, path)
+        align = _alignment(entries, path)
+        types = [_stored_type(i, path) for i in infos]
+        head = bytearray(MAGIC + struct.pack("<IQQ", 3, len(infos), len(entries)))
+        for key, v in entries:
+            head += _pack_string(key) + struct.pack("<I", VALUE_TYPE_IDS[v.gguf_type])
+            head += _pack_value(v)
+        offset = 0
+        sizes = []
+        for info, t in zip(infos, types):
+            nbytes = info.size // t.block_size * t.type_size
+            if t.quantized and (not info.shape or info.shape[-1] % t.block_size):
+                raise ConversionError(f"{path}: tensor {info.name!r} of shape {list(info.shape)} "
+                                      f"cannot be {t.name}: its last axis is not a multiple of "
+                                      f"{t.block_size}. Fix: keep it unquantised.")
+            head += _pack_string(info.name) + struct.pack("<I", len(info.shape))
+            head += b"".join(struct.pack("<Q", d) for d in reversed(info.shape))
+            head += struct.pack("<IQ", t.id, offset)
+            sizes.append(nbytes)
+            offset += nbytes + (-nbytes % align)
+        head += bytes(-len(head) % align)
+        sources = SpanFiles()
+        try:
+            with atomic_write(path) as f:
+                f.write(head)
+                for info, t, nbytes in zip(infos, types, sizes):
+                    got = fetch(info.name)
+                    src = info.source if isinstance(info, GGUFTensorInfo) else None
+                    if t.quantized:
+                        arr = check_fetched(got, TensorInfo(info.name, "float32", info.shape),
+                                            path)
+                        if src is not None and src.nbytes == nbytes:
+                            f.flush()
+                            at = f.tell()
+                            copy_span(sources.fd(src), src, f.fileno(), at)
+                            f.seek(at + nbytes)
+                        else:
+                            f.write(memoryview(quantize_array(arr, t.name).reshape(-1)))
+                    else:
+                        arr = check_fetched(got, TensorInfo(info.name, info.dtype, info.shape),
+                                            path)
+                        for piece in iter_le_bytes(arr):
+                            f.write(piece)
+                    del got
+                    f.write(bytes(-nbytes % align))
+        finally:
+            sources.close()
+
+
+FORMAT = GGUFFormat()
