@@ -49,17 +49,8 @@ __all__ = [
 CHUNK_ELEMENTS = 1 << 16
 
 _F32 = np.float32
-_B = np.arange(256, dtype=np.uint16)
-#: byte -> its low / high nibble, as float32 (exact)
-_LO = (_B & 15).astype(_F32)
-_HI = (_B >> 4).astype(_F32)
-#: byte -> nibble - 8 (Q4_0)
-_LO8 = _LO - 8
-_HI8 = _HI - 8
-#: byte -> 2-bit field at 2*s
-_CRUMB = [((_B >> (2 * s)) & 3).astype(_F32) for s in range(4)]
-#: small int -> float32, with an offset
-_IDENT = np.arange(256, dtype=_F32)
+#: shifts of the four 2-bit fields of a byte, broadcast over (n, k, 4, 32)
+_SHIFT2 = np.array([0, 2, 4, 6], np.uint8)[None, None, :, None]
 
 
 def _half(blocks: np.ndarray, start: int) -> np.ndarray:
@@ -74,23 +65,28 @@ def _q8_0(b: np.ndarray, out: np.ndarray) -> None:
     np.multiply(b[:, 2:].view(np.int8), d, out=out)  # int8 -> float32 is exact: x * d
 
 
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """``(n, k)`` bytes -> ``(n, 2, k)`` uint8: the low nibbles, then the high ones."""
+    q = np.empty((qs.shape[0], 2, qs.shape[1]), np.uint8)
+    np.bitwise_and(qs, 15, out=q[:, 0])
+    np.right_shift(qs, 4, out=q[:, 1])
+    return q
+
+
+# The integers are unpacked in uint8/int8, then one mixed-type multiply converts them to
+# float32 (exactly) and scales them: the same float operation gguf-py does, in one pass.
+
 def _q4_0(b: np.ndarray, out: np.ndarray) -> None:
     n = b.shape[0]
-    o = out.reshape(n, 2, 16)
-    qs = b[:, 2:]
-    np.take(_LO8, qs, out=o[:, 0], mode="clip")
-    np.take(_HI8, qs, out=o[:, 1], mode="clip")
-    np.multiply(_half(b, 0)[:, :, None], o, out=o)  # d * q
+    q = _nibbles(b[:, 2:]).view(np.int8)
+    q -= np.int8(8)
+    np.multiply(_half(b, 0), q.reshape(n, 32), out=out)  # d * (q - 8)
 
 
 def _q4_1(b: np.ndarray, out: np.ndarray) -> None:
     n = b.shape[0]
-    o = out.reshape(n, 2, 16)
-    qs = b[:, 4:]
-    np.take(_LO, qs, out=o[:, 0], mode="clip")
-    np.take(_HI, qs, out=o[:, 1], mode="clip")
-    np.multiply(_half(b, 0)[:, :, None], o, out=o)  # (d * q) + m
-    np.add(o, _half(b, 2)[:, :, None], out=o)
+    np.multiply(_half(b, 0), _nibbles(b[:, 4:]).reshape(n, 32), out=out)  # (d * q) + m
+    np.add(out, _half(b, 2), out=out)
 
 
 def _q5_index(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
@@ -105,15 +101,14 @@ def _q5_index(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
 
 
 def _q5_0(b: np.ndarray, out: np.ndarray) -> None:
-    q = _q5_index(b[:, 2:6], b[:, 6:])
-    np.take(_IDENT - 16, q, out=out, mode="clip")
-    np.multiply(_half(b, 0), out, out=out)
+    q = _q5_index(b[:, 2:6], b[:, 6:]).view(np.int8)
+    q -= np.int8(16)
+    np.multiply(_half(b, 0), q, out=out)
 
 
 def _q5_1(b: np.ndarray, out: np.ndarray) -> None:
     q = _q5_index(b[:, 4:8], b[:, 8:])
-    np.take(_IDENT, q, out=out, mode="clip")
-    np.multiply(_half(b, 0), out, out=out)
+    np.multiply(_half(b, 0), q, out=out)
     np.add(out, _half(b, 2), out=out)
 
 
@@ -131,11 +126,11 @@ def _q2_k(b: np.ndarray, out: np.ndarray) -> None:
     qs = b[:, 16:80].reshape(n, 2, 32)
     dl = _half(b, 80) * (sc & 0xF).astype(_F32)
     ml = _half(b, 82) * (sc >> 4).astype(_F32)
-    o = out.reshape(n, 2, 4, 32)
-    for s in range(4):
-        np.take(_CRUMB[s], qs, out=o[:, :, s], mode="clip")
+    q = np.empty((n, 2, 4, 32), np.uint8)
+    np.right_shift(qs[:, :, None, :], _SHIFT2, out=q)
+    q &= np.uint8(3)
     o16 = out.reshape(n, 16, 16)
-    np.multiply(dl[:, :, None], o16, out=o16)  # dl * q - ml
+    np.multiply(dl[:, :, None], q.reshape(n, 16, 16), out=o16)  # dl * q - ml
     np.subtract(o16, ml[:, :, None], out=o16)
 
 
@@ -152,13 +147,8 @@ def _q3_k(b: np.ndarray, out: np.ndarray) -> None:
     # index = 2-bit low part | (high bit << 2); value = low - 4 * (1 - high bit)
     ql = (qs >> np.array([0, 2, 4, 6], np.uint8)[None, None, :, None]) & 3  # (n, 2, 4, 32)
     hb = (hmask[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # (n, 8, 32)
-    idx = ql.reshape(n, 8, 32) | (hb << 2)
-    np.take(_Q3_VALUES, idx.reshape(n, QK_K), out=out, mode="clip")
-    o16 = out.reshape(n, 16, 16)
-    np.multiply(dl[:, :, None], o16, out=o16)
-
-
-_Q3_VALUES = np.array([(i & 3) - (0 if i & 4 else 4) for i in range(8)], _F32)
+    q = ql.reshape(n, 8, 32).view(np.int8) - ((hb ^ np.uint8(1)) << np.uint8(2)).view(np.int8)
+    np.multiply(dl[:, :, None], q.reshape(n, 16, 16), out=out.reshape(n, 16, 16))
 
 
 def _scale_min_k4(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -176,12 +166,9 @@ def _q4_k(b: np.ndarray, out: np.ndarray) -> None:
     sc, mn = _scale_min_k4(b[:, 4:16])
     d = _half(b, 0) * sc.astype(_F32)
     dm = _half(b, 2) * mn.astype(_F32)
-    qs = b[:, 16:].reshape(n, 4, 32)
-    o = out.reshape(n, 4, 2, 32)
-    np.take(_LO, qs, out=o[:, :, 0], mode="clip")
-    np.take(_HI, qs, out=o[:, :, 1], mode="clip")
+    q = _nibbles(b[:, 16:].reshape(n * 4, 32))  # (4n, 2, 32): sub-blocks in order
     o8 = out.reshape(n, 8, 32)
-    np.multiply(d[:, :, None], o8, out=o8)  # d * q - dm
+    np.multiply(d[:, :, None], q.reshape(n, 8, 32), out=o8)  # d * q - dm
     np.subtract(o8, dm[:, :, None], out=o8)
 
 
@@ -197,9 +184,8 @@ def _q5_k(b: np.ndarray, out: np.ndarray) -> None:
     np.right_shift(qs, 4, out=q[:, :, 1])
     q8 = q.reshape(n, 8, 32)
     q8 |= ((qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1) << 4
-    np.take(_IDENT, q.reshape(n, QK_K), out=out, mode="clip")
     o8 = out.reshape(n, 8, 32)
-    np.multiply(d[:, :, None], o8, out=o8)
+    np.multiply(d[:, :, None], q8, out=o8)
     np.subtract(o8, dm[:, :, None], out=o8)
 
 
@@ -214,9 +200,9 @@ def _q6_k(b: np.ndarray, out: np.ndarray) -> None:
     np.right_shift(ql, 4, out=q[:, :, 1])
     q8 = q.reshape(n, 8, 32)
     q8 |= ((qh >> np.array([0, 2, 4, 6], np.uint8)[None, None, :, None]) & 3).reshape(n, 8, 32) << 4
-    np.take(_IDENT - 32, q.reshape(n, QK_K), out=out, mode="clip")
-    o16 = out.reshape(n, 16, 16)
-    np.multiply(d[:, :, None], o16, out=o16)
+    qi = q.view(np.int8)
+    qi -= np.int8(32)
+    np.multiply(d[:, :, None], qi.reshape(n, 16, 16), out=out.reshape(n, 16, 16))
 
 
 # --- ternary, microscaling and non-linear 4-bit types --------------------------------
@@ -238,9 +224,9 @@ def _tq2_0(b: np.ndarray, out: np.ndarray) -> None:
     n = b.shape[0]
     qs = b[:, :64].reshape(n, 2, 1, 32)
     d = _half(b, 64)
-    q = (qs >> np.array([0, 2, 4, 6], np.uint8)[None, None, :, None]) & 3
-    np.take(_IDENT - 1, q.reshape(n, QK_K), out=out, mode="clip")
-    np.multiply(d, out, out=out)
+    q = ((qs >> _SHIFT2) & 3).view(np.int8)
+    q -= np.int8(1)
+    np.multiply(d, q.reshape(n, QK_K), out=out)
 
 
 _E2M1 = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], _F32)
