@@ -53,7 +53,7 @@ import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -283,7 +283,7 @@ class _Cursor:
         self.pos = 0
         self._buf = b""
         self._start = 0
-        self.order = "<"
+        self.order: Literal["<", ">"] = "<"
 
     def remaining(self) -> int:
         return self.size - self.pos
@@ -545,7 +545,7 @@ class GGUFReader(Reader):
         row = (shape[-1] // e.type.block_size * e.type.type_size) if shape else e.type.type_size
         out = self._alloc(e, (*shape[:-1], row), np.uint8)
         if out.nbytes:
-            read_exact_into(self._fd_open(), memoryview(out.reshape(-1)),
+            read_exact_into(self._fd_open(), out.reshape(-1).data,
                             self._data_start + e.offset, self.path)
         return out
 
@@ -557,7 +557,7 @@ class GGUFReader(Reader):
             dtype = lookup(e.info.dtype).numpy
             out = self._alloc(e, e.info.shape, dtype)
             if out.nbytes:
-                read_exact_into(fd, memoryview(out.reshape(-1).view(np.uint8)), start, self.path)
+                read_exact_into(fd, out.reshape(-1).view(np.uint8).data, start, self.path)
             swap = (self.byteorder != sys.byteorder) and e.info.dtype in _SWAPPED
             if swap:
                 out.byteswap(inplace=True)
@@ -576,7 +576,7 @@ class GGUFReader(Reader):
         for b0 in range(0, nblocks, per):
             k = min(per, nblocks - b0)
             piece = buf[:k * t.type_size]
-            read_exact_into(fd, memoryview(piece), start + b0 * t.type_size, self.path)
+            read_exact_into(fd, piece.data, start + b0 * t.type_size, self.path)
             dequantize_into(piece.reshape(k, t.type_size), t.name,
                             flat[b0 * t.block_size:(b0 + k) * t.block_size])
         return out
@@ -760,7 +760,7 @@ class GGUFFormat(Format):
                             copy_span(sources.fd(src), src, f.fileno(), at)
                             f.seek(at + nbytes)
                         else:
-                            f.write(memoryview(quantize_array(arr, t.name).reshape(-1)))
+                            f.write(quantize_array(arr, t.name).reshape(-1).data)
                     else:
                         arr = check_fetched(got, TensorInfo(info.name, info.dtype, info.shape),
                                             path)

@@ -14,6 +14,7 @@ bytes each, along its fastest axis (``ne[0]``, the last NumPy axis).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "DTYPE_TO_TYPE",
@@ -48,7 +49,7 @@ class GGMLType:
         return 8.0 * self.type_size / self.block_size
 
 
-_ROWS = [
+_ROWS: list[tuple[Any, ...]] = [
     (0, "F32", 1, 4, "float32"), (1, "F16", 1, 2, "float16"),
     (2, "Q4_0", 32, 18), (3, "Q4_1", 32, 20), (6, "Q5_0", 32, 22), (7, "Q5_1", 32, 24),
     (8, "Q8_0", 32, 34), (9, "Q8_1", 32, 40),
@@ -65,7 +66,7 @@ _ROWS = [
 ]
 
 #: type id -> type
-TYPES: dict[int, GGMLType] = {r[0]: GGMLType(*r) for r in _ROWS}  # type: ignore[arg-type]
+TYPES: dict[int, GGMLType] = {int(r[0]): GGMLType(*r) for r in _ROWS}
 #: type name (``"Q4_K"``) -> type
 TYPES_BY_NAME: dict[str, GGMLType] = {t.name: t for t in TYPES.values()}
 #: canonical dtypes GGUF stores as they are, and their type
