@@ -127,7 +127,9 @@ back and compared with a CRC-32 taken as it was written (after --dtype).
     p.add_argument("--src-format", choices=formats, help="read SRC as this format")
     p.add_argument("--dtype", metavar="DTYPE",
                    help="cast floating tensors to DTYPE (e.g. bfloat16, float16); "
-                        "integer and bool tensors are left as they are")
+                        "integer and bool tensors are left as they are. To .gguf: q8_0, "
+                        "q4_0, q4_1, q5_0, q5_1 (tq1_0, tq2_0, mxfp4 with gguf-py) "
+                        "quantise the float matrices")
     p.add_argument("--include", action="append", metavar="GLOB",
                    help="only tensors whose name matches GLOB (repeatable)")
     p.add_argument("--exclude", action="append", metavar="GLOB",

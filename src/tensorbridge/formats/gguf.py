@@ -182,9 +182,11 @@ def _json_of(t: str, v: Any, item: str | None) -> Any:
             return [json.loads(x) for x in v]
         if item == "STRING":
             return [_display(s) for s in v]
-        if item == "FLOAT32":
-            return [_f32_text(x) for x in v.tolist()]
-        return [_plain(x, item or "") for x in v.tolist()]
+        if item in ("FLOAT32", "FLOAT64"):
+            if np.isfinite(v).all():  # float32 items as their exact float64 value (fast)
+                return v.astype(np.float64).tolist()
+            return [_plain(x, "FLOAT64") for x in v.astype(np.float64).tolist()]
+        return v.tolist()  # ints and bools
     return _plain(v, t)
 
 
@@ -310,6 +312,23 @@ class _Cursor:
         size = struct.calcsize(code)
         return struct.unpack(self.order + code, self.take(size, what))[0]
 
+    def strings(self, count: int, what: str) -> list[str]:
+        """``count`` strings in a row: one tight loop over the buffer (vocabularies hold
+        100k+), falling back to :meth:`string` where one crosses the buffer's end."""
+        out = []
+        unpack = struct.Struct(self.order + "Q").unpack_from
+        for _ in range(count):
+            off = self.pos - self._start
+            buf = self._buf
+            if 0 <= off and off + 8 <= len(buf):
+                n = unpack(buf, off)[0]
+                if off + 8 + n <= len(buf):
+                    out.append(buf[off + 8:off + 8 + n].decode("utf-8", "surrogateescape"))
+                    self.pos += 8 + n
+                    continue
+            out.append(self.string(what))
+        return out
+
     def string(self, what: str, limit: int | None = None) -> str:
         n = self.unpack("Q", what)
         if limit is not None and n > limit:
@@ -364,7 +383,7 @@ def _read_value(cur: _Cursor, t: str, key: str, depth: int = 0) -> GGUFValue:
     least = 8 if item == "STRING" else 12  # a string's length; an array's type and length
     cur.need(count * least, f"{what} ({count} items)")
     if item == "STRING":
-        return _make(t, [cur.string(what) for _ in range(count)], item)
+        return _make(t, cur.strings(count, what), item)
     return _make(t, [_read_value(cur, "ARRAY", key, depth + 1) for _ in range(count)], item)
 
 
