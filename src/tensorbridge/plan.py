@@ -20,7 +20,9 @@ from .frameworks.numpy import refuse_masked
 
 __all__ = ["Plan", "plan_leaf"]
 
-#: frameworks whose tensors can be written in place
+#: frameworks whose tensors can be written in place. Memory never moves between these and
+#: the others (immutable: JAX, TensorFlow, MLX) in a way that lets a write on one side change a
+#: value on the other, unless copy=False asks to share a mutable buffer (docs/guide.md).
 _MUTABLE = {"numpy", "torch", "cupy"}
 
 
@@ -124,7 +126,7 @@ def plan_leaf(
         first = src.to_host_steps(x, facts) if src.name == "numpy" else []  # scalars -> 0-d
         steps = first + _same_framework(src, facts, device, dtype)
     else:
-        steps = _dlpack_route(src, facts, tgt, device, dtype)
+        steps = _dlpack_route(src, facts, tgt, device, dtype, copy)
         if steps is None:
             steps = _host_route(x, src, facts, tgt, device, dtype, copy)
     plan = Plan(_describe(src, facts, x), tgt.name, steps)
@@ -149,8 +151,22 @@ def _same_framework(b: Backend, facts: Facts, device: str | None, dtype: str | N
     return steps
 
 
+def _unshared(src: Backend, facts: Facts, tgt: Backend, copy: bool | None) -> Step | None:
+    """The copy that keeps a hand-over from making immutable data writable (always), or
+    from letting later writes to mutable data change an immutable result (unless copy=False)."""
+    if not facts.writable and tgt.name in _MUTABLE:
+        return Step(f"copy into new {tgt.name} memory", True, tgt.clone,
+                    f"{tgt.name} tensors are writable, and the memory belongs to an immutable "
+                    f"{src.name} array: a write through the result would change it")
+    if facts.writable and tgt.name not in _MUTABLE and copy is not False:
+        return Step(f"copy into new {tgt.name} memory", True, tgt.clone,
+                    f"a later write to the {src.name} tensor would change the immutable {tgt.name} "
+                    "array; copy=False shares instead")
+    return None
+
+
 def _dlpack_route(src: Backend, facts: Facts, tgt: Backend, device: str | None,
-                  dtype: str | None) -> list[Step] | None:
+                  dtype: str | None, copy: bool | None) -> list[Step] | None:
     """Zero-copy hand-over between two frameworks, or None when it cannot be."""
     if src.name == "numpy" or tgt.name == "numpy" or not facts.dlpack:
         return None
@@ -167,13 +183,18 @@ def _dlpack_route(src: Backend, facts: Facts, tgt: Backend, device: str | None,
             raise
         return None  # the target cannot hold the source dtype: cast on the host first
     why = ""
-    if not facts.writable and tgt.name in _MUTABLE:
-        why = (f"the {tgt.name} tensor aliases an immutable {src.name} buffer: do not write to it, "
-               "or pass copy=True")
+    if facts.writable and tgt.name not in _MUTABLE:
+        why = f"shares the {src.name} memory: do not write to the source while {tgt.name} uses it"
     steps = prepare + [Step(f"DLPack hand-over {src.name} -> {tgt.name} on {facts.device}", False,
                             lambda t: tgt.from_dlpack(src.to_dlpack_source(t)), why)]
     if dtype is not None:
-        steps += tgt.cast_steps(facts, dtype)
+        steps += tgt.cast_steps(facts, dtype)  # new memory: nothing is shared after it
+    else:
+        guard = _unshared(src, facts, tgt, copy)
+        if guard is not None:
+            if facts.device_type == "cpu":
+                return None  # the host route copies with NumPy: the plain call's cost
+            steps.append(guard)
     return steps
 
 
@@ -189,7 +210,9 @@ def _host_route(x: Any, src: Backend, facts: Facts, tgt: Backend, device: str | 
         steps.append(Step("byte-swap to native order", True, _to_native,
                           f"{tgt.name} only holds native byte order"))
         host = Facts(host.framework, host.dtype, host.shape)
-    return steps + tgt.from_host_steps(host, device=device, copy=copy)
+    # Memory the route made itself (nothing else holds it) is always safe to share.
+    private = any(s.copies and s.fresh for s in steps)
+    return steps + tgt.from_host_steps(host, device=device, copy=False if private else copy)
 
 
 def _string_route(x: Any, src: Backend, facts: Facts, tgt: Backend, dtype: str | None) -> list[Step]:

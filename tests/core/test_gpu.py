@@ -324,11 +324,20 @@ def test_tree_across_two_devices():
 def test_same_device_switches_are_zero_copy(tgt):
     pytest.importorskip(tgt)
     t = torch.arange(1 << 20, dtype=torch.float32, device="cuda")
-    y = tb.convert(t, to=tgt)
-    assert not tb.explain(t, to=tgt).copies
+    # JAX is immutable: sharing a torch buffer with it takes copy=False (docs/guide.md)
+    copy = False if tgt == "jax" else None
+    y = tb.convert(t, to=tgt, copy=copy)
+    assert not tb.explain(t, to=tgt, copy=copy).copies
     assert tb.shares_memory(t, y)
-    back = tb.to_torch(y)
-    assert back.data_ptr() == t.data_ptr()
+    if tgt == "jax":
+        assert tb.explain(t, to=tgt).copies  # by default a copy, made on the device
+        back = tb.to_torch(y)  # a writable tensor over JAX memory: a copy on the device
+        assert back.device == t.device and not tb.shares_memory(back, y)
+        with pytest.raises(tb.CopyError):
+            tb.to_torch(y, copy=False)
+    else:
+        back = tb.to_torch(y)
+        assert back.data_ptr() == t.data_ptr()
 
 
 def _jax_on_cuda():

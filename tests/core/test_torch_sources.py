@@ -87,7 +87,7 @@ def test_no_warnings_from_any_route():
         warnings.simplefilter("error")
         tb.to_numpy(torch.ones(2, requires_grad=True))
         tb.to_torch(np.frombuffer(b"\0" * 8, np.float32))
-        tb.to_torch(np.frombuffer(b"\0" * 8, np.float32), copy=False)
+        tb.to_torch(np.frombuffer(b"\0" * 8, np.float32), copy=True)
 
 
 def test_cast_with_dtype():

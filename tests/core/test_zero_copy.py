@@ -71,18 +71,24 @@ def test_copy_true_is_independent(src, tgt):
 @pytest.mark.parametrize("src,tgt", PAIRS, ids=[f"{s}-{t}" for s, t in PAIRS])
 def test_copy_false_shares_or_refuses(src, tgt):
     x = make(src, "float32", raw_bytes("float32", 64))
-    if tb.explain(x, to=tgt).copies:
+    try:
+        plan = tb.explain(x, to=tgt, copy=False)
+    except tb.CopyError:
         with pytest.raises(tb.CopyError, match="copy=False.*Fix:"):
             tb.convert(x, to=tgt, copy=False)
     else:
+        assert not plan.copies
         assert tb.shares_memory(x, tb.convert(x, to=tgt, copy=False))
 
 
 def test_torch_cpu_pairs_are_zero_copy():
-    """The pairs the docs promise: torch <-> numpy, torch <-> jax, torch/jax -> tf on the CPU."""
+    """The pairs the docs promise: torch <-> numpy by default; torch -> jax/tf with copy=False
+    (by default a copy, so later writes to the torch tensor cannot change the immutable result)."""
     t = torch.zeros(1024)
-    for tgt in ("numpy", "jax", "tensorflow"):
-        assert not tb.explain(t, to=tgt).copies, tgt
+    assert not tb.explain(t, to="numpy").copies
+    for tgt in ("jax", "tensorflow"):
+        assert tb.explain(t, to=tgt).copies, tgt
+        assert not tb.explain(t, to=tgt, copy=False).copies, tgt
     a = np.zeros(8, np.float32)
     assert not tb.explain(a, to="torch").copies
 

@@ -100,6 +100,9 @@ class JaxBackend(Backend):
             why = why or "NumPy cannot export bfloat16/float8 over DLPack"
         if not facts.writable:
             why = why or "NumPy cannot export read-only arrays over DLPack"
+        if copy is not False:
+            why = why or ("a later write to the NumPy array would change the JAX array, which JAX "
+                          "users take to be immutable (jnp.asarray copies too); copy=False shares")
         if why is None:
             steps.append(Step("jax.dlpack.from_dlpack (shares the NumPy buffer; do not mutate it "
                               "while JAX uses it)", False, jax.dlpack.from_dlpack))

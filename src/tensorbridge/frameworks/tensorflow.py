@@ -129,6 +129,9 @@ class TensorFlowBackend(Backend):
         why = self.dlpack_import(facts)
         if why is None and not facts.writable:
             why = "NumPy cannot export read-only arrays over DLPack"
+        if why is None and copy is not False:
+            why = ("a later write to the NumPy array would change the TensorFlow tensor, which TF "
+                   "users take to be immutable (tf.convert_to_tensor copies too); copy=False shares")
         steps: list[Step] = []
         if why is None:
             def share(a: Any) -> Any:

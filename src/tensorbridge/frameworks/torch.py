@@ -132,16 +132,13 @@ class TorchBackend(Backend):
             steps.append(Step("byte-swap to native order", True,
                               lambda a: a.astype(a.dtype.newbyteorder("=")),
                               "torch only holds native byte order"))
-        share_readonly = False
         if not facts.writable and not any(s.copies for s in steps):
-            if copy is False:
-                share_readonly = True
-            else:
-                steps.append(Step("copy the read-only array", True, lambda a: np.array(a, copy=True),
-                                  "torch tensors are always writable; pass copy=False to share anyway"))
-        make = torch.from_dlpack if share_readonly else torch.from_numpy
-        how = "torch.from_dlpack (shares read-only memory: do not write to the tensor)" \
-            if share_readonly else "torch.from_numpy"
+            steps.append(Step("copy the read-only array", True, lambda a: np.array(a, copy=True),
+                              "torch tensors are always writable, and a write into read-only memory "
+                              "(a read-only memmap, bytes, an immutable framework's buffer) would "
+                              "crash the process or change data that must not change"))
+        make = torch.from_numpy
+        how = "torch.from_numpy"
         if facts.dtype in NUMPY_NATIVE:
             steps.append(Step(how, False, make))
         else:
