@@ -27,6 +27,7 @@ from .errors import (
     TensorBridgeError,
     UnsafeContentError,
 )
+from .dask_io import to_dask
 from .files import load, open, save  # noqa: A004 - tb.open mirrors the builtin on purpose
 from .tree import register_container, tree_map
 from .writer import Writer
@@ -44,7 +45,7 @@ del _fn
 __all__ = [
     "convert", "to_numpy", "to_torch", "to_tensorflow", "to_tf", "to_jax", "to_cupy",
     "explain", "shares_memory", "register_container", "tree_map",
-    "save", "load", "open", "Writer",
+    "save", "load", "open", "Writer", "to_dask",
     "TensorBridgeError", "ConversionError", "CopyError", "DeviceError",
     "FrameworkNotInstalledError", "FileFormatError", "UnsafeContentError",
 ]

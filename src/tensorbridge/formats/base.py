@@ -21,11 +21,14 @@ them kernel-side instead of reading them into memory.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from .names import check_unique
+
+if TYPE_CHECKING:
+    from .lazy import LazyArray
 
 __all__ = ["TensorInfo", "RawSpan", "Reader", "Format"]
 
@@ -98,6 +101,29 @@ class Reader:
         start, stop, single = first_axis_rows(info, index, self.path)
         rows = self.read(name)[start:stop]
         return rows.reshape(info.shape[1:]).copy() if single else rows.copy()
+
+    def array(self, name: str) -> "LazyArray":
+        """Tensor ``name`` as a lazy n-d array: index it, and only the bytes the index needs
+        are read (see :mod:`tensorbridge.formats.lazy`)."""
+        from . import FORMAT_MODULES
+        from .lazy import LazyArray
+
+        module = type(self).__module__.rsplit(".", 1)[-1]
+        fmt = next((k for k, v in FORMAT_MODULES.items() if v == module), module)
+        return LazyArray(self, name, fmt)
+
+    def read_index(self, name: str, key: tuple) -> np.ndarray:
+        """``tensor[key]`` for a normalized basic index (one int or step>0 slice per axis,
+        see :func:`~tensorbridge.formats.lazy.normalize_index`), reading only what it needs.
+        Formats with their own chunking (h5, zarr) override it; the others are read by
+        byte range (:meth:`raw_span`) or by first-axis rows."""
+        from .lazy import read_index
+
+        return read_index(self, name, key)
+
+    def native_chunks(self, name: str) -> tuple[int, ...] | None:
+        """The chunk shape the file stores ``name`` in (h5, zarr), or ``None``."""
+        return None
 
     def raw_span(self, name: str) -> RawSpan | None:
         """Where tensor ``name``'s bytes lie, stored contiguous, C order and

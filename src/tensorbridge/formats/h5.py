@@ -266,6 +266,30 @@ class H5Reader(Reader):
             out = out.view(lookup(info.dtype).numpy)
         return out.reshape(info.shape[1:]) if single else out
 
+    def read_index(self, name: str, key: tuple) -> np.ndarray:
+        """``tensor[key]`` (a normalized basic index): h5py reads only the chunks it touches."""
+        info = self.info(name)
+        _, h5path, native = self._entries[name]
+        if self._file is None:
+            raise FileFormatError("the file is closed. Fix: open it again.", self.path)
+        shape = tuple(len(range(k.start, k.stop, k.step)) for k in key if isinstance(k, slice))
+        if 0 in shape or 0 in info.shape:
+            out = np.empty(shape, dtype=native)
+        else:
+            with _h5_errors(self.path, f"reading dataset {h5path!r}"):
+                out = np.asarray(self._file[h5path][key])
+        if info.dtype in _RAW_BITS:
+            out = out.view(lookup(info.dtype).numpy)
+        return out
+
+    def native_chunks(self, name: str) -> tuple[int, ...] | None:
+        _, h5path, _ = self._entries[name] if name in self._entries else self.missing(name)
+        if self._file is None:
+            return None
+        with _h5_errors(self.path, f"reading dataset {h5path!r}"):
+            chunks = self._file[h5path].chunks
+        return tuple(int(c) for c in chunks) if chunks else None
+
     def close(self) -> None:
         if self._file is not None:
             with contextlib.suppress(Exception):

@@ -53,6 +53,7 @@ from __future__ import annotations
 import ast
 import os
 import struct
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -62,7 +63,7 @@ import numpy as np
 from ..dtypes import DTYPES, canonical_name, lookup
 from ..errors import ConversionError, FileFormatError, UnsafeContentError
 from .atomic import atomic_write
-from .base import Format, Reader, TensorInfo
+from .base import Format, RawSpan, Reader, TensorInfo
 from .safetensors import check_fetched, iter_le_bytes, open_regular_file, read_exact_into
 
 __all__ = [
@@ -394,6 +395,8 @@ class NpyReader(Reader):
         except BaseException:
             os.close(fd)
             raise
+        st = os.fstat(fd)
+        self._file_id = (st.st_dev, st.st_ino)
         self._fd = fd
 
     def keys(self) -> list[str]:
@@ -417,6 +420,16 @@ class NpyReader(Reader):
                 self._header, self.path)
         check_bool(out, name, self.path)
         return out
+
+    def raw_span(self, name: str) -> RawSpan | None:
+        """The data's bytes, when :meth:`read` returns them unchanged: C order, this
+        machine's byte order (little-endian), not bool (whose bytes are checked), not empty."""
+        info = self.info(name)
+        h = self._header
+        if (self._fd is None or h.fortran_order or h.swap or sys.byteorder != "little"
+                or info.dtype == "bool" or h.nbytes == 0):
+            return None
+        return RawSpan(self.path, h.header_size, h.nbytes, self._file_id)
 
     def close(self) -> None:
         with self._lock:
