@@ -24,6 +24,7 @@ FORMAT_MODULES: dict[str, str] = {
     "h5": "h5",
     "sharded": "sharded",
     "gguf": "gguf",
+    "zarr": "zarr",
 }
 
 
@@ -48,12 +49,14 @@ def _suffix_table() -> dict[str, str]:
 def format_for_path(path: str | os.PathLike, format: str | None = None) -> Format:
     """Pick the format from ``format=`` or from the path's suffix.
 
-    A directory (or a path ending in ``/``), or a file ending in ``.index.json``,
-    is a sharded checkpoint.
+    A directory named ``*.zarr`` is a zarr store; any other directory (or a path ending
+    in ``/``), or a file ending in ``.index.json``, is a sharded checkpoint.
     """
     if format is not None:
         return get_format(format)
     p = os.fspath(path)
+    if p.rstrip("/" + os.sep).lower().endswith(".zarr"):  # a directory store, not a checkpoint
+        return get_format("zarr")
     if os.path.isdir(p) or p.endswith((".index.json", "/", os.sep)):
         return get_format("sharded")
     suffix = os.path.splitext(p)[1].lower()

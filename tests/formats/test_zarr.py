@@ -1,0 +1,274 @@
+"""zarr v3 stores: against zarr-python itself (both directions, bytes compared), Dask, xarray,
+the CLI, the Writer, atomic replacement, and hostile stores (typed errors within bounds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import tensorbridge as tb
+from tensorbridge.errors import ConversionError, FileFormatError
+
+from ..hostile.bounded import MIB, run_bounded
+
+zarr = pytest.importorskip("zarr")
+
+DTYPES = ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+          "float16", "float32", "float64", "complex64", "complex128", "bfloat16",
+          "float8_e4m3fn", "float8_e5m2"]
+
+
+def _array(dtype, shape=(5, 3), seed=0):
+    rng = np.random.default_rng(seed)
+    npdt = getattr(ml_dtypes, dtype, None) or np.dtype(dtype)
+    if dtype == "bool":
+        return rng.integers(0, 2, shape).astype(bool)
+    if np.dtype(npdt).kind in "iu":
+        info = np.iinfo(npdt)
+        return rng.integers(info.min, info.max, shape, dtype=npdt, endpoint=True)
+    raw = rng.integers(0, 256, int(np.prod(shape)) * np.dtype(npdt).itemsize, dtype=np.uint8)
+    return raw.view(npdt).reshape(shape)  # every bit pattern, NaNs included
+
+
+def _bytes(a):
+    return np.array(a, order="C").tobytes()
+
+
+def test_every_dtype_round_trips_and_zarr_python_reads_the_same_bytes(tmp_path):
+    tree = {f"t.{d}": _array(d, seed=i) for i, d in enumerate(DTYPES)}
+    tree["scalar"] = np.float32(1.5).reshape(())
+    tree["empty"] = np.zeros((0, 4), np.int32)
+    p = tmp_path / "all.zarr"
+    tb.save(tree, p, metadata={"format": "test", "note": "ünïcode"})
+    back = tb.load(p)
+    assert list(back) == list(tree)
+    for name, arr in tree.items():
+        assert back[name].dtype == arr.dtype and back[name].shape == arr.shape
+        assert _bytes(back[name]) == _bytes(arr), name
+    z = zarr.open_group(p, mode="r")
+    for name, arr in tree.items():
+        stored = z[name][...]
+        raw = arr.view(np.uint16 if arr.dtype == ml_dtypes.bfloat16 else np.uint8) \
+            if arr.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2") else arr
+        assert _bytes(stored) == _bytes(raw), name
+    assert z.attrs["note"] == "ünïcode"
+    with tb.open(p) as f:
+        assert f.metadata == {"format": "test", "note": "ünïcode"}
+
+
+def test_stores_written_by_zarr_python_are_read_exactly(tmp_path):
+    p = tmp_path / "ref.zarr"
+    g = zarr.open_group(p, mode="w")
+    g.attrs["source"] = "zarr"
+    want = {}
+    for i, (dtype, chunks, comp) in enumerate([
+            ("float32", (4, 7), "auto"), ("int64", (3, 3), None), ("float64", (10, 10), "auto"),
+            ("uint8", (1, 5), None), ("complex64", (2, 2), "auto")]):
+        arr = _array(dtype, (9, 7), seed=i)
+        a = g.create_array(f"x{i}", shape=arr.shape, dtype=arr.dtype, chunks=chunks,
+                           compressors=comp)
+        a[...] = arr
+        want[f"x{i}"] = arr
+    sub = g.create_group("enc")
+    sub.create_array("k", shape=(3,), dtype="int16")[...] = np.array([1, -2, 3], np.int16)
+    want["enc.k"] = np.array([1, -2, 3], np.int16)
+    back = tb.load(p)
+    assert sorted(back) == sorted(want)
+    for k, v in want.items():
+        assert _bytes(back[k]) == _bytes(v) and back[k].dtype == v.dtype, k
+    with tb.open(p) as f:
+        assert f.metadata == {"source": "zarr"}
+        assert f.native_chunks("x0") == (4, 7)
+        _, = [d for d in [tb.to_dask(p)["x0"]]]
+        assert f.array("x0")[2:8:3, ::-2].tobytes() == want["x0"][2:8:3, ::-2].tobytes()
+
+
+def test_dask_and_xarray_read_what_tensorbridge_writes(tmp_path):
+    da = pytest.importorskip("dask.array")
+    xr = pytest.importorskip("xarray")
+    tree = {"w": _array("float32", (40, 6)), "b": _array("int32", (6,))}
+    p = tmp_path / "m.zarr"
+    tb.save(tree, p)
+    assert _bytes(da.from_zarr(str(p), component="w").compute()) == _bytes(tree["w"])
+    ds = xr.open_zarr(p, consolidated=False)
+    assert _bytes(ds["w"].values) == _bytes(tree["w"]) and _bytes(ds["b"].values) == _bytes(tree["b"])
+    chunks = tb.to_dask(p)["w"].chunks
+    assert chunks[0] == (40,)
+
+
+def test_writer_appends_along_axis_0(tmp_path):
+    p = tmp_path / "stream.zarr"
+    with tb.Writer(p) as w:
+        for i in range(4):
+            w.append(x=np.full((3, 2), i, np.float32), y=np.arange(2, dtype=np.int64) + i)
+    back = tb.load(p)
+    assert back["x"].shape == (12, 2) and back["x"][::3, 0].tolist() == [0, 1, 2, 3]
+    assert back["y"].tolist() == [0, 1, 1, 2, 2, 3, 3, 4]
+
+
+def test_replacing_a_store_is_atomic_and_keeps_the_old_one_on_failure(tmp_path):
+    p = tmp_path / "m.zarr"
+    tb.save({"a": np.ones(3)}, p)
+
+    class Boom:
+        shape, dtype = (3,), np.float64
+
+    def bad_tree():  # the second tensor fails while it is fetched
+        return {"a": np.zeros(3), "b": np.zeros(2)}
+
+    from tensorbridge.formats.zarr import FORMAT
+    from tensorbridge.formats.base import TensorInfo
+
+    def fetch(name):
+        if name == "b":
+            raise RuntimeError("disk gone")
+        return np.zeros(3)
+
+    with pytest.raises(RuntimeError, match="disk gone"):
+        FORMAT.write(str(p), [TensorInfo("a", "float64", (3,)), TensorInfo("b", "float64", (2,))],
+                     fetch)
+    assert tb.load(p)["a"].tolist() == [1, 1, 1]
+    assert os.listdir(tmp_path) == ["m.zarr"]  # no temporary store left behind
+    tb.save(bad_tree(), p)
+    assert sorted(tb.load(p)) == ["a", "b"] and os.listdir(tmp_path) == ["m.zarr"]
+
+
+def test_a_destination_that_is_not_a_store_is_not_replaced(tmp_path):
+    p = tmp_path / "keep.zarr"
+    p.mkdir()
+    (p / "precious.txt").write_text("mine")
+    with pytest.raises(FileFormatError, match="not a zarr store"):
+        tb.save({"a": np.ones(1)}, p)
+    assert (p / "precious.txt").read_text() == "mine"
+    with pytest.raises(ConversionError, match="zarr array name"):
+        tb.save({"a/b": np.ones(1)}, tmp_path / "x.zarr")
+
+
+def test_cli_inspect_convert_diff(tmp_path):
+    src = tmp_path / "m.safetensors"
+    tb.save({"w": _array("bfloat16", (4, 4)), "b": _array("float32", (4,))}, src)
+    z = tmp_path / "m.zarr"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "tensorbridge", *map(str, a)],
+                                    capture_output=True, text=True, timeout=120)
+    r = run("convert", src, z)
+    assert r.returncode == 0, r.stderr
+    r = run("diff", src, z)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = run("inspect", z, "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    entry = doc["files"][0] if "files" in doc else doc
+    assert sorted(t["name"] for t in entry["tensors"]) == ["b", "w"]
+    with tb.open(src) as f, tb.open(z) as g:
+        assert g.keys() == f.keys()  # the source's order kept
+    back = tmp_path / "back.npz"
+    assert run("convert", z, back).returncode == 0
+    assert _bytes(tb.load(back)["w"]) == _bytes(tb.load(src)["w"])
+
+
+# --- hostile stores -----------------------------------------------------------------
+
+def _store(tmp_path, name="h.zarr", arr=None):
+    p = tmp_path / name
+    tb.save({"w": np.arange(12, dtype=np.float32).reshape(3, 4) if arr is None else arr}, p)
+    return p
+
+
+def _edit_meta(p, node, fn):
+    f = p / node / "zarr.json"
+    meta = json.loads(f.read_text())
+    fn(meta)
+    f.write_text(json.dumps(meta))
+
+
+def test_links_anywhere_in_the_store_are_refused(tmp_path):
+    p = _store(tmp_path)
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"\x00" * 48)
+    chunk = next(q for q in (p / "w").rglob("*") if q.is_file() and q.name != "zarr.json")
+    chunk.unlink()
+    chunk.symlink_to(secret)
+    with pytest.raises(FileFormatError, match="symbolic link"):
+        tb.open(p)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m["codecs"].append({"name": "numcodecs.pickle"}), "does not decode"),
+    (lambda m: m.update(data_type="variable_length_utf8"), None),
+    (lambda m: m["chunk_grid"]["configuration"].update(chunk_shape=[1 << 20, 1 << 20]), "cap"),
+    (lambda m: m.update(shape=[-1, 4]), "non-negative"),
+    (lambda m: m.update(shape=[3]), "matching the shape"),
+    (lambda m: m["attributes"].update(tensorbridge_dtype="bfloat16"), "does not match"),
+])
+def test_bad_array_metadata_is_refused_or_skipped(tmp_path, edit, match):
+    p = _store(tmp_path)
+    _edit_meta(p, "w", lambda m: (m.setdefault("attributes", {}), edit(m)))
+    if match is None:  # a non-numeric array is skipped, and the reader says why
+        with tb.open(p) as f:
+            assert f.keys() == [] and "not a numeric tensor dtype" in f.skipped["w"]
+        return
+    with pytest.raises(FileFormatError, match=match):
+        tb.load(p)
+
+
+def test_v2_stores_deep_and_huge_metadata_are_refused(tmp_path):
+    v2 = tmp_path / "v2.zarr"
+    zarr.open_group(v2, mode="w", zarr_format=2).create_array("a", shape=(2,), dtype="f4")
+    with pytest.raises(FileFormatError, match="zarr v2"):
+        tb.open(v2)
+    p = _store(tmp_path, "deep.zarr")
+    (p / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {"x": '
+                                 + "[" * 100_000 + "]" * 100_000 + "}}")
+    r = run_bounded("import tensorbridge as tb; tb.open(ARGS[0])", [str(p)], timeout=60)
+    assert r.outcome == "refused" and "nests deeper" in r.detail, r
+    assert r.peak_rss < 300 * MIB
+    p = _store(tmp_path, "huge.zarr")
+    with open(p / "zarr.json", "r+b") as f:
+        f.seek(32 << 20)
+        f.write(b" ")
+    with pytest.raises(FileFormatError, match="cap"):
+        tb.open(p)
+
+
+def test_a_mostly_fill_value_array_is_refused_whole_but_indexable(tmp_path):
+    p = tmp_path / "sparse.zarr"
+    g = zarr.open_group(p, mode="w")
+    a = g.create_array("big", shape=(1 << 20, 1 << 12), dtype="float32", chunks=(64, 1 << 12))
+    a[5, :3] = [1, 2, 3]  # one chunk written; 16 GiB declared
+    r = run_bounded("""
+        import tensorbridge as tb
+        from tensorbridge.errors import FileFormatError
+        try:
+            tb.load(ARGS[0])
+        except FileFormatError as e:
+            refused = "mostly fill value" in str(e)
+        with tb.open(ARGS[0]) as f:
+            RESULT = [refused, f.array("big")[5, :4].tolist()]
+    """, [str(p)], timeout=60, mem_limit=2 << 30)
+    assert r.outcome == "ok", r.detail
+    assert r.result == [True, [1.0, 2.0, 3.0, 0.0]]
+    assert r.peak_rss < 400 * MIB
+
+
+def test_corrupt_chunks_are_typed_errors(tmp_path):
+    p = _store(tmp_path)
+    chunk = next(q for q in (p / "w").rglob("*") if q.is_file() and q.name != "zarr.json")
+    chunk.write_bytes(b"\x28\xb5\x2f\xfd" + os.urandom(40))
+    with pytest.raises(FileFormatError, match="corrupt or incomplete"):
+        tb.load(p)
+
+
+def test_zarr_is_imported_only_for_zarr_stores():
+    r = run_bounded("""
+        import sys, tempfile, os, numpy as np, tensorbridge as tb
+        p = os.path.join(tempfile.mkdtemp(), "a.npz")
+        tb.save({"a": np.ones(2)}, p); tb.load(p)
+        RESULT = "zarr" in sys.modules
+    """)
+    assert r.outcome == "ok" and r.result is False
