@@ -54,6 +54,7 @@ CONVERT_EXAMPLES = """\
   tensorbridge convert --dtype bfloat16 model.safetensors model-bf16.safetensors
   tensorbridge convert --exclude 'optimizer.*' ckpt.pt weights.npz
   tensorbridge convert --max-shard-size 2GB model.safetensors sharded/
+  tensorbridge convert --dtype bfloat16 --workers 4 big-ckpt/ out/
 """
 
 DIFF_EXAMPLES = """\
@@ -138,6 +139,12 @@ back and compared with a CRC-32 taken as it was written (after --dtype).
                    help="largest shard for a sharded destination, e.g. 5GB, 500MB, 2GiB")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip reading DST back and comparing it with SRC")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="read and cast tensors in N worker processes (output byte-identical "
+                        "to one process)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run the reading and casting on a dask.distributed cluster "
+                        "(e.g. tcp://host:8786); workers need the same paths")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
 
     p = sub.add_parser("diff", parents=[common], formatter_class=_F,

@@ -24,6 +24,7 @@ writing. Memory stays bounded throughout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import queue
 import sys
@@ -38,6 +39,7 @@ from ..dtypes import canonical_name, is_floating, lookup, numpy_dtype
 from ..errors import ConversionError, FileFormatError, message
 from ..formats import Format, Reader, TensorInfo, format_for_path, get_format
 from ..formats.base import RawSpan
+from ..parallel import spool_array
 from .common import emit_json, open_file, select
 
 __all__ = ["convert_file", "destination_format", "verify", "digest", "run"]
@@ -432,8 +434,17 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
                  dst_format: str | None = None, dtype: str | None = None,
                  include: list[str] | None = None, exclude: list[str] | None = None,
                  max_shard_size: Any = None, check: bool = True,
-                 quiet: bool = True) -> dict[str, Any]:
-    """Convert ``src`` to ``dst``; returns the summary ``convert --json`` prints."""
+                 quiet: bool = True, workers: int = 1,
+                 scheduler: str | None = None) -> dict[str, Any]:
+    """Convert ``src`` to ``dst``; returns the summary ``convert --json`` prints.
+
+    ``workers > 1`` reads and casts tensors in that many worker processes, and
+    ``scheduler`` (a ``dask.distributed`` address) on that cluster's workers, while the
+    writer streams their results in order (see :mod:`tensorbridge.parallel`): the output
+    is byte-identical to a one-process run."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConversionError(message(f"--workers {workers!r}", "it is not a positive number",
+                                      "pass 1 or more, e.g. --workers 4"))
     out_format = destination_format(dst, dst_format, max_shard_size)
     # --dtype q8_0 (and the others the format lists) quantises instead of casting
     quant = dtype if dtype and dtype.lower() in out_format.quantizations else None
@@ -483,9 +494,26 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
                     checker.drain()  # every copy compared before the file is committed
 
             options["landed"] = landed
-        with progress(total, "converting", quiet=quiet) as bar:
+        spooler = (None if quant else  # quantising happens in the writer, in this process
+                   _start_spooler(reader, src, in_format, dst, out_format, planned,
+                                  source_dtype, raw_ok, check, workers, scheduler))
+        with contextlib.ExitStack() as stack, progress(total, "converting", quiet=quiet) as bar:
+            if spooler is not None:
+                stack.callback(spooler.close)  # after verification, which reads the spools
+
             def fetch(name: str) -> np.ndarray | RawSpan:
                 info = by_name[name]
+                if spooler is not None and name in spooler:
+                    span, dg = spooler.take(name)
+                    bar.advance(info.nbytes, description=name[-30:])
+                    if raw_ok:
+                        spans[name] = span  # copied kernel-side, compared as it lands
+                        return span
+                    if check and dg is not None:
+                        digests[name] = dg
+                    if checker is not None and name == last:
+                        checker.drain()
+                    return spool_array(span, numpy_dtype(info.dtype), info.shape)
                 if raw_ok and source_dtype[name] == info.dtype:
                     span = reader.raw_span(name)
                     if span is not None and span.nbytes == info.nbytes:
@@ -513,22 +541,52 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
             finally:
                 if checker is not None:
                     checker.close()
-        verified = (verify(written, out_format, planned, digests, spans,
-                           checker.checked if checker is not None else None)
-                    if check else None)
+            verified = (verify(written, out_format, planned, digests, spans,
+                               checker.checked if checker is not None else None)
+                        if check else None)
     return {
         "src": src, "dst": dst, "src_format": in_format, "dst_format": out_format.name,
         "count": len(planned), "skipped": len(infos) - len(planned), "cast": casts,
         "dtype": quant or cast, "total_nbytes": total, "verified": verified,
-        "metadata_dropped": dropped,
+        "metadata_dropped": dropped, "workers": workers if scheduler is None else None,
+        "scheduler": scheduler,
     }
+
+
+def _start_spooler(reader: Reader, src: str, in_format: str, dst: str, out_format: Format,
+                   planned: list[TensorInfo], source_dtype: dict[str, str], raw_ok: bool,
+                   check: bool, workers: int, scheduler: str | None) -> Any:
+    """A :class:`~tensorbridge.parallel.Spooler` for the tensors that need work (a cast, or
+    bytes the writer cannot copy as they are), or None for a one-process run."""
+    if workers == 1 and scheduler is None:
+        return None
+    from ..parallel import Spooler
+
+    work = {}
+    for info in planned:
+        copyable = raw_ok and source_dtype[info.name] == info.dtype
+        span = reader.raw_span(info.name) if copyable else None
+        if span is None or span.nbytes != info.nbytes:
+            work[info.name] = info.dtype
+    if not work:
+        return None
+    if out_format.name == "sharded":
+        directory, _ = _sharded_destination(dst)
+        spool_dir = os.path.dirname(os.path.abspath(directory))
+        base = os.path.basename(os.path.abspath(directory))
+    else:
+        spool_dir = os.path.dirname(os.path.abspath(dst))
+        base = os.path.basename(dst)
+    return Spooler(src, in_format, work, [i.name for i in planned], spool_dir, base,
+                   workers=workers, scheduler=scheduler, want_digest=check and not raw_ok)
 
 
 def run(args: argparse.Namespace) -> int:
     summary = convert_file(
         args.src, args.dst, src_format=args.src_format, dst_format=args.format,
         dtype=args.dtype, include=args.include, exclude=args.exclude,
-        max_shard_size=args.max_shard_size, check=args.verify, quiet=args.quiet)
+        max_shard_size=args.max_shard_size, check=args.verify, quiet=args.quiet,
+        workers=args.workers, scheduler=args.scheduler)
     if args.json:
         emit_json(summary)
     elif not args.quiet:
