@@ -737,3 +737,18 @@ def test_diff_ignore_dtype_never_calls_a_rounded_integer_the_same(tmp_path):
     a = _npz(tmp_path / "int.npz", x=np.array([2**53 + 1], np.int64))
     b = _npz(tmp_path / "float.npz", x=np.array([2.0**53]))
     assert tb("diff", "--ignore-dtype", a, b).returncode == 1
+
+
+def test_inspect_lists_what_an_h5_file_holds_but_does_not_read(tmp_path):
+    import h5py
+
+    p = tmp_path / "mixed.h5"
+    with h5py.File(p, "w") as f:
+        f.create_dataset("w", data=np.arange(3.0))
+        f.create_dataset("labels", data=["a", "b"], dtype=h5py.string_dtype())
+    why = "it holds object (strings, objects, references or records), not numbers"
+    proc = tb("inspect", p)
+    assert proc.returncode == 0, proc.stderr
+    assert f"skipped: labels: {why}" in proc.stdout
+    proc = tb("inspect", "--json", p)
+    assert json.loads(proc.stdout)["files"][0]["skipped"] == {"labels": why}

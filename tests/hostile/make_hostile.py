@@ -788,8 +788,7 @@ def _(d):
     with h5py.File(other, "w") as f:
         f["s"] = np.frombuffer(SECRET, np.uint8)
     p = d / "extlink.h5"
-    with h5py.File(p, "w") as f:
-        f["w"] = np.ones(2)
+    with h5py.File(p, "w") as f:  # nothing else: skipped entries beside tensors are read
         f["leak"] = h5py.ExternalLink(str(other), "/s")
     return p
 
@@ -799,7 +798,6 @@ def _(d):
     h5py = _h5py()
     p = d / "soft.h5"
     with h5py.File(p, "w") as f:
-        f["a"] = np.ones(2)
         f["alias"] = h5py.SoftLink("/a")
     return p
 
@@ -809,7 +807,6 @@ def _(d):
     h5py = _h5py()
     p = d / "dangling.h5"
     with h5py.File(p, "w") as f:
-        f["a"] = np.ones(2)
         f["gone"] = h5py.SoftLink("/does/not/exist")
     return p
 

@@ -116,8 +116,9 @@ def inspect_file(path: str, *, format: str | None = None, stats: bool = False,
                 del arr
             tensors.append(entry)
         metadata = dict(reader.metadata or {})
+        skipped = dict(getattr(reader, "skipped", {}))
     return {
-        "path": path, "format": fmt, "metadata": metadata, "tensors": tensors,
+        "path": path, "format": fmt, "metadata": metadata, "tensors": tensors, "skipped": skipped,
         "total_nbytes": sum(t["nbytes"] for t in tensors), "count": len(tensors),
     }
 
@@ -167,6 +168,8 @@ def render_text(doc: dict[str, Any], stream: TextIO) -> None:
     if rows:
         stream.flush()
         print_table(headers, rows, stream, align=align)
+    for name, why in doc.get("skipped", {}).items():
+        stream.write(f"skipped: {_clip(name, 60)}: {_clip(why)}\n")
     word = "tensor" if doc["count"] == 1 else "tensors"
     stream.write(f"total: {doc['count']} {word}, {human_bytes(doc['total_nbytes'])} "
                  f"({doc['total_nbytes']} bytes)\n")

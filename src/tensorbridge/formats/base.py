@@ -21,6 +21,7 @@ them kernel-side instead of reading them into memory.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -80,6 +81,9 @@ class Reader:
 
     path: str
     metadata: dict[str, str]
+    #: what the file holds that is not read as a tensor: name -> why (h5 lists strings,
+    #: links, partly written datasets...); empty for formats that refuse instead
+    skipped: Mapping[str, str] = MappingProxyType({})
 
     def keys(self) -> list[str]:
         """Tensor names in file order."""

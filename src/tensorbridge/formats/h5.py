@@ -15,17 +15,26 @@ float8s) holding the raw bits, with the dataset attribute
 restores the dtype with a bit-exact ``.view``. Every other dtype is stored
 natively (bool as h5py's enum, complex as h5py's ``{r, i}`` compound).
 
-Metadata. The root group's string attributes are the file's metadata; other
-root attributes are ignored on read. The writer stores metadata as string
-attributes on the root.
+Metadata. The root group's string attributes (variable- or fixed-length, one
+string each) are the file's metadata; other root attributes are ignored on
+read. The writer stores metadata as variable-length string attributes on the
+root, and the dtype marker as a fixed-length one.
 
-Safety. External storage, external links, soft links, virtual datasets,
-hard-linked groups (loops), and datasets of strings, objects, references or
-compounds are refused, so reading a file never reads another file. An
-uncompressed dataset that declares more bytes than the whole file, or a
-compressed one that claims over ``MAX_EXPANSION`` times its stored bytes, is
-refused before anything is allocated. Committed datatypes are not tensors and are
-skipped.
+What is not read. Every link is visited once and every object is read once, under
+the first name found: further hard links to it, soft links, external links,
+virtual datasets, external storage, named datatypes, datasets of strings,
+objects, references or records, null dataspaces, datasets never or partly
+written (their unwritten part would read as the fill value), and chunks over
+``MAX_CHUNK_BYTES`` bigger than their tensor are listed in
+``reader.skipped`` (name -> why) and never read, so reading a file never reads
+another file. A file where nothing is readable is refused with those reasons.
+
+Bounds. A compressed dataset that claims over ``MAX_EXPANSION`` times its stored
+bytes is refused (a decompression bomb). Data past the end of the file is refused
+at open, and a file that shrinks while open is an error at read, not zeros.
+Variable-length strings live in "global heap" collections, on which libhdf5 can
+loop forever (no signal stops it); they are read through a file object that checks
+each collection before libhdf5 parses it (:func:`heap_problem`).
 
 Writing. h5py needs a real, readable file, so the writer creates the file as a
 temporary sibling of the destination (named like :mod:`.atomic`'s temporaries,
@@ -67,6 +76,7 @@ __all__ = ["FORMAT", "H5Format", "H5Reader", "DTYPE_ATTR", "atomic_path", "metad
 
 #: Dataset attribute naming the canonical dtype of raw-bits datasets (bfloat16, float8).
 DTYPE_ATTR = "tensorbridge_dtype"
+_DTYPE_ATTR_B = DTYPE_ATTR.encode()
 
 #: gzip expands at most ~1032x; a compressed dataset that claims more is refused.
 MAX_EXPANSION = 1100
@@ -98,145 +108,408 @@ def _h5_errors(path: str, doing: str) -> Iterator[None]:
             "HDF5 file and that it is not corrupt or truncated.", path) from exc
 
 
+# --- the global heap guard ------------------------------------------------------------
+
+class _HeapGuard:
+    """A read-only file for h5py's ``fileobj`` driver that checks every global heap
+    collection (the ``GCOL`` blocks holding variable-length strings) before libhdf5
+    parses it.
+
+    libhdf5 loops forever, holding the GIL, on a collection whose free-space object has
+    size 0 (a 10 KB file with 2 bytes changed hangs any h5py program that reads a string
+    attribute), and no signal can stop it. This driver has no metadata accumulator, so
+    libhdf5 reads each collection from its own address, and the check sees it first.
+    Only attribute values are read through it (no tensor data). A short read (the file
+    shrank) is an error, not zeros.
+    """
+
+    def __init__(self, fd: int, size: int, length_size: int, path: str) -> None:
+        self._fd, self._size, self._length, self._path = fd, size, length_size, path
+        self._pos = 0
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = offset if whence == 0 else (self._pos + offset if whence == 1
+                                                else self._size + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:  # h5py wants it to exist; libhdf5 uses readinto
+        data = os.pread(self._fd, self._size - self._pos if n < 0 else n, self._pos)
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buf: Any) -> int:
+        view = memoryview(buf).cast("B")  # h5py passes a Cython memoryview
+        at, want = self._pos, len(view)
+        got = os.preadv(self._fd, [view], at)
+        problem = None
+        if got < want:
+            problem = (f"the file ended at byte {at + got} while libhdf5 read {want} bytes at "
+                       f"{at} (it is truncated, or shrank while open)")
+        elif view[:4] == _HEAP_MAGIC:
+            problem = heap_problem(bytes(view[:min(want, self._size - at)]), self._length,
+                                   self._size - at)
+        view.release()
+        if problem is not None:
+            del buf  # never keep libhdf5's buffer alive in a traceback
+            raise FileFormatError(
+                f"the global heap collection at byte {at} (where HDF5 keeps variable-length "
+                f"strings) is corrupt: {problem}. It was not parsed: libhdf5 can loop forever "
+                "on such a heap. Fix: the file is corrupt or hostile; re-create it.", self._path)
+        self._pos = at + got
+        return got
+
+    def flush(self) -> None:
+        pass
+
+
+_HEAP_MAGIC = b"GCOL"
+
+
+def heap_problem(block: bytes, length_size: int, room: int) -> str | None:
+    """Why ``block`` (bytes read at a global heap collection's address) must not reach
+    libhdf5's parser, or ``None``. ``room`` is how many bytes the file has from there.
+
+    The layout (HDF5 spec, "Global Heap"): ``GCOL``, version 1, 3 reserved bytes, the
+    collection size; then objects of ``index (2) refs (2) reserved (4) size (L)`` and
+    their data padded to 8 bytes; index 0 is the free space, whose size includes its
+    header. A block shorter than the collection is libhdf5's first, speculative read:
+    only the header is checked, the whole collection comes in the next read.
+
+    >>> heap_problem(b"GCOL\\x01\\0\\0\\0" + (32).to_bytes(8, "little") + bytes(16), 8, 32)
+    'its object at offset 16 has index 0 (free space) but size 0, which never ends'
+    """
+    head = 8 + length_size
+    obj_head = 8 + length_size
+    if len(block) < head:
+        return f"it is {len(block)} bytes, shorter than its header"
+    if block[4] != 1:
+        return f"version {block[4]}, not 1"
+    size = int.from_bytes(block[8:head], "little")
+    if size < head or size > room:
+        return f"it declares {size} bytes, but {room} bytes are left in the file"
+    if size > len(block):
+        return None  # the speculative first read: libhdf5 reads the whole collection next
+    p = head
+    while p < size:
+        if p + obj_head > size:
+            break  # a tail too small for an object header is free space
+        index = int.from_bytes(block[p:p + 2], "little")
+        length = int.from_bytes(block[p + 8:p + obj_head], "little")
+        need = obj_head + (-(-length // 8) * 8) if index else length
+        if index == 0 and length == 0:
+            return f"its object at offset {p} has index 0 (free space) but size 0, which never ends"
+        if need < obj_head or p + need > size:
+            return (f"its object at offset {p} (index {index}) declares {length} bytes, which "
+                    f"do not fit in the {size}-byte collection")
+        p += need
+    return None
+
+
 # --- reading ------------------------------------------------------------------------
 
-def _marker(dset: Any, name: str, path: str) -> str | None:
-    if DTYPE_ATTR not in dset.attrs:
-        return None
-    value = dset.attrs[DTYPE_ATTR]
-    if isinstance(value, bytes):
-        value = value.decode("ascii", "replace")
-    if not isinstance(value, str) or value not in _RAW_BITS:
-        raise FileFormatError(
-            f"dataset {name!r} has {DTYPE_ATTR}={value!r}, which is not one of "
-            f"{sorted(_RAW_BITS)}. Fix: remove the attribute or set it to a raw-bits dtype.", path)
-    want = np.dtype(f"u{lookup(value).itemsize}")
-    if dset.dtype.kind != "u" or dset.dtype.itemsize != want.itemsize:
-        raise FileFormatError(
-            f"dataset {name!r} is marked {DTYPE_ATTR}={value!r} but holds {dset.dtype}, not "
-            f"{want}. Fix: store the raw bits as {want}.", path)
-    return value
+class _Skip(Exception):
+    """A dataset or link that is not read; its message is the reason. ``unsafe``: reading
+    it would read another file."""
+
+    def __init__(self, why: str, unsafe: bool = False) -> None:
+        super().__init__(why)
+        self.unsafe = unsafe
 
 
-def _dataset_info(h5py: Any, dset: Any, name: str, path: str, file_size: int) -> tuple[TensorInfo, np.dtype]:
-    """Validate one dataset; return its info and the native dtype to read it into."""
-    if dset.is_virtual:
-        raise UnsafeContentError(
-            f"dataset {name!r} is a virtual dataset whose data lives in other files. "
-            "Fix: materialise it (copy the data into a normal dataset) before loading.", path)
-    external = dset.external
-    if external:
-        files = [e[0] for e in external]
-        raise UnsafeContentError(
-            f"dataset {name!r} keeps its data in external files {files!r}; reading it would "
-            "read those files. Fix: copy the data into the HDF5 file itself (e.g. h5repack).",
-            path)
-    dt = dset.dtype
-    if (dt.kind in "OSUVMm" or dt.fields is not None or h5py.check_dtype(vlen=dt) is not None
-            or h5py.check_dtype(ref=dt) is not None):
-        raise FileFormatError(
-            f"dataset {name!r} holds {dt!r} (strings, objects, references or compound "
-            "records), not numbers. Fix: store numeric arrays only, or delete the dataset.", path)
-    shape = dset.shape
-    if shape is None:
-        raise FileFormatError(
-            f"dataset {name!r} has a null dataspace (h5py.Empty): it holds no array. Fix: "
-            "delete it or store an array of shape (0,).", path)
-    marker = _marker(dset, name, path)
-    if marker is not None:
-        dtype_name = marker
-    else:
+#: A chunk (decompressed) may exceed its dataset's size only up to this many bytes: libhdf5
+#: allocates and decompresses whole chunks, so a 4-byte dataset with a 1 GiB chunk would
+#: cost 1 GiB to read.
+MAX_CHUNK_BYTES = 64 << 20
+#: HDF5's own limit on dataset rank (H5S_MAX_RANK).
+MAX_RANK = 32
+
+
+def _prod(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _decode(raw: Any) -> str | None:
+    if isinstance(raw, np.ndarray):
+        if raw.size != 1:
+            return None
+        raw = raw.reshape(()).item()
+    if isinstance(raw, (bytes, np.bytes_)):
         try:
-            dtype_name = canonical_name(dt)
-        except ConversionError as exc:
-            raise FileFormatError(
-                f"dataset {name!r} has dtype {dt!r}, which is not a tensor dtype. Fix: "
-                "convert it to a standard numeric dtype.", path) from exc
-    info = TensorInfo(name, dtype_name, tuple(int(d) for d in shape))
-    nfilters = dset.id.get_create_plist().get_nfilters()
-    if nfilters == 0 and info.nbytes > file_size:
-        raise FileFormatError(
-            f"dataset {name!r} declares {info.nbytes} bytes ({dtype_name}{list(info.shape)}), "
-            f"more than the whole file ({file_size} bytes), and is not compressed. Fix: the "
-            "file is corrupt or hostile; do not load it.", path)
-    if nfilters and info.nbytes > MAX_EXPANSION * dset.id.get_storage_size() + (1 << 20):
-        raise FileFormatError(
-            f"dataset {name!r} declares {info.nbytes} bytes but stores only "
-            f"{dset.id.get_storage_size()} compressed bytes, an expansion over "
-            f"{MAX_EXPANSION}x (a decompression bomb, or chunks never written). Fix: do not load "
-            "it, or rewrite it uncompressed if you trust it.", path)
-    return info, dt.newbyteorder("=")
-
-
-def _walk(h5py: Any, group: Any, prefix: str, path: str, file_size: int,
-          seen_groups: list, out: dict) -> None:
-    for key in group.keys():
-        full = f"{prefix}/{key}"
-        name = full.lstrip("/").replace("/", ".")
-        link = group.get(key, getlink=True)
-        if isinstance(link, h5py.ExternalLink):
-            raise UnsafeContentError(
-                f"{full!r} is an external link to {link.filename!r}:{link.path!r}; following "
-                "it would read another file. Fix: copy the linked data into this file.", path)
-        if isinstance(link, h5py.SoftLink):
-            raise UnsafeContentError(
-                f"{full!r} is a soft link to {link.path!r}; tensorbridge does not follow "
-                "links. Fix: store the data under this name, or delete the link.", path)
-        obj = group.get(key)
-        if isinstance(obj, h5py.Group):
-            if any(obj.id == g for g in seen_groups):
-                raise UnsafeContentError(
-                    f"group {full!r} is reached a second time (a hard-linked group; it may "
-                    "form a loop). Fix: give each group exactly one path.", path)
-            seen_groups.append(obj.id)
-            _walk(h5py, obj, full, path, file_size, seen_groups, out)
-        elif isinstance(obj, h5py.Dataset):
-            info, native = _dataset_info(h5py, obj, name, path, file_size)
-            if name in out:
-                check_unique([name, name], path)  # raises, naming the duplicate
-            out[name] = (info, full, native)
-        # committed datatypes are not tensors: skip them
+            return bytes(raw).rstrip(b"\x00").decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return raw if isinstance(raw, str) else None
 
 
 class H5Reader(Reader):
-    """An open HDF5 file; every dataset was validated by ``open``."""
+    """An open HDF5 file: every dataset was checked by ``open``; what cannot be read is
+    listed in :attr:`skipped` (tensor name -> why)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        h5py = _h5py()
-        fd, size = open_regular_file(path)
-        os.close(fd)
-        self._file = None
-        with _h5_errors(path, "opening the HDF5 file"):
-            self._file = h5py.File(path, "r")
+        self.metadata: dict[str, str] = {}
+        self.skipped: dict[str, str] = {}
+        self._unsafe = False
+        self._h5py = h5py = _h5py()
+        self._file: Any = None
+        self._guarded: Any = None
+        self._entries: dict[str, tuple[TensorInfo, bytes, np.dtype]] = {}
+        self._fd, self._size = open_regular_file(path)
         try:
+            with _h5_errors(path, "opening the HDF5 file"):
+                self._file = h5py.File(path, "r")
             with _h5_errors(path, "reading the HDF5 structure"):
-                entries: dict = {}
-                _walk(h5py, self._file, "", path, size, [], entries)
-                check_unique(entries, path)
-                self._entries = entries
-                self.metadata = {}
-                for key, value in self._file.attrs.items():
-                    if isinstance(value, str):
-                        self.metadata[key] = value
+                self._same_file()
+                self._length_size = self._file.id.get_create_plist().get_sizes()[1]
+                self._walk()
+                self._read_metadata()
+            if self.skipped and not self._entries:
+                error = UnsafeContentError if self._unsafe else FileFormatError
+                raise error(
+                    "no dataset can be read as a tensor: "
+                    + "; ".join(f"{k!r}: {v}" for k, v in list(self.skipped.items())[:10])
+                    + (" ..." if len(self.skipped) > 10 else "")
+                    + ". Fix: store numeric arrays as plain datasets in this file.", path)
         except BaseException:
             self.close()
             raise
+        self._close_guarded()
 
+    # --- open -------------------------------------------------------------------------
+    def _same_file(self) -> None:
+        """h5py opened the path again: make sure it is the file whose size was checked."""
+        mine = os.fstat(self._fd)
+        theirs = os.fstat(self._file.id.get_vfd_handle())
+        if (mine.st_dev, mine.st_ino) != (theirs.st_dev, theirs.st_ino):
+            raise FileFormatError("the file was replaced while it was being opened. Fix: open "
+                                  "it again when nothing is writing it.", self.path)
+
+    def _walk(self) -> None:
+        """Every link once (H5Lvisit; it does not enter a group twice), every object once."""
+        from h5py import h5l
+
+        links: list[tuple[bytes, int, Any]] = []
+        self._file.id.links.visit(
+            lambda name, info: links.append(
+                (name, info.type, info.u if info.type == h5l.TYPE_HARD else None)), info=True)
+        first: dict[int, str] = {}  # object address -> the tensor name it was first seen as
+        for raw, kind, addr in links:
+            try:
+                name = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                self.skipped[raw.decode("utf-8", "backslashreplace").replace("/", ".")] = (
+                    "its HDF5 name is not valid UTF-8")
+                continue
+            tname = name.replace("/", ".")
+            try:
+                if kind == h5l.TYPE_SOFT:
+                    target = self._file.id.links.get_val(raw)
+                    raise _Skip(f"a soft link to {target.decode('utf-8', 'replace')!r}; links "
+                                "are not followed (read the target's own name)")
+                if kind == h5l.TYPE_EXTERNAL:
+                    other, where = self._file.id.links.get_val(raw)
+                    raise _Skip(f"an external link to {other.decode('utf-8', 'replace')!r}:"
+                                f"{where.decode('utf-8', 'replace')!r}; other files are never "
+                                "read", unsafe=True)
+                if kind != h5l.TYPE_HARD:
+                    raise _Skip(f"a user-defined link (type {kind}); links are not followed")
+                if addr in first:
+                    raise _Skip(f"another name (hard link) of {first[addr]!r}, which is read "
+                                "once, under that name")
+                first[addr] = tname
+                entry = self._object(raw, tname)
+            except _Skip as why:
+                self.skipped[tname] = str(why)
+                self._unsafe |= why.unsafe
+                continue
+            if entry is None:
+                continue
+            if tname in self._entries:
+                check_unique([tname, tname], self.path)  # raises, naming the duplicate
+            check_unique([tname], self.path)
+            self._entries[tname] = entry
+
+    def _object(self, raw: bytes, tname: str) -> tuple[TensorInfo, bytes, np.dtype] | None:
+        from h5py import h5d, h5g, h5o
+
+        obj = h5o.open(self._file.id, raw)
+        if isinstance(obj, h5g.GroupID):
+            return None
+        if not isinstance(obj, h5d.DatasetID):
+            raise _Skip("a named datatype, not a tensor")
+        return self._dataset(obj, raw, tname)
+
+    def _dataset(self, dsid: Any, raw: bytes, tname: str) -> tuple[TensorInfo, bytes, np.dtype]:
+        from h5py import h5a, h5d, h5s
+
+        h5py = self._h5py
+        dcpl = dsid.get_create_plist()
+        layout = dcpl.get_layout()
+        if layout == h5d.VIRTUAL:
+            raise _Skip("a virtual dataset, whose data lives in other files (never read)",
+                        unsafe=True)
+        if dcpl.get_external_count():
+            files = [dcpl.get_external(i)[0].decode("utf-8", "replace")
+                     for i in range(min(dcpl.get_external_count(), 3))]
+            raise _Skip(f"its data lives in external files {files!r} (never read)", unsafe=True)
+        dt = dsid.dtype
+        if (dt.kind in "OSUVMm" or dt.fields is not None or h5py.check_dtype(vlen=dt) is not None
+                or h5py.check_dtype(ref=dt) is not None):
+            raise _Skip(f"it holds {dt} (strings, objects, references or records), not numbers")
+        space = dsid.get_space()
+        if space.get_simple_extent_type() == h5s.NULL:
+            raise _Skip("a null dataspace (h5py.Empty): it holds no array")
+        shape = tuple(int(d) for d in space.shape)
+        dtype_name = None
+        if h5a.exists(dsid, _DTYPE_ATTR_B):
+            dtype_name = self._marker(dsid, raw, tname)
+        if dtype_name is None:
+            try:
+                dtype_name = canonical_name(dt)
+            except ConversionError:
+                raise _Skip(f"its dtype {dt} is not a tensor dtype") from None
+        info = TensorInfo(tname, dtype_name, shape)
+        self._check_storage(dsid, dcpl, layout, info)
+        return info, raw, dt.newbyteorder("=")
+
+    def _check_storage(self, dsid: Any, dcpl: Any, layout: int, info: TensorInfo) -> None:
+        """Read only what the file really holds: no fill values for data never written, no
+        chunk much bigger than its tensor, no data past the end of the file, no bombs."""
+        from h5py import h5d
+
+        nbytes = info.nbytes
+        if nbytes == 0:
+            return
+        stored = dsid.get_storage_size()
+        if layout == h5d.CHUNKED:
+            chunk = dcpl.get_chunk()
+            itemsize = nbytes // info.size
+            chunk_bytes = _prod(chunk) * itemsize
+            if chunk_bytes > max(nbytes, MAX_CHUNK_BYTES):
+                raise _Skip(f"its chunks hold {chunk_bytes} bytes each, for a tensor of {nbytes} "
+                            f"bytes: libhdf5 would decompress whole chunks (over the "
+                            f"{MAX_CHUNK_BYTES}-byte cap)")
+            grid = _prod(-(-s // c) for s, c in zip(info.shape, chunk))
+            have = dsid.get_num_chunks()
+            if have < grid:
+                raise _Skip(f"partly written: {have} of {grid} chunks are stored; the rest "
+                            "would read as the fill value, not as data from the file")
+            if dcpl.get_nfilters():
+                if nbytes > MAX_EXPANSION * stored + (1 << 20):
+                    raise UnsafeContentError(
+                        f"dataset {info.name!r} declares {nbytes} bytes but stores only {stored} "
+                        f"compressed bytes, an expansion over {MAX_EXPANSION}x (a decompression "
+                        "bomb). Fix: do not load it, or rewrite it uncompressed if you trust "
+                        "it.", self.path)
+            elif stored > self._size:
+                raise FileFormatError(
+                    f"dataset {info.name!r} stores {stored} bytes, more than the whole file "
+                    f"({self._size} bytes). Fix: the file is corrupt; re-create it.", self.path)
+        elif layout == h5d.CONTIGUOUS:
+            offset = dsid.get_offset()
+            if offset is None or stored == 0:
+                raise _Skip(f"never written: no storage is allocated for its {nbytes} bytes")
+            if offset + nbytes > self._size:
+                raise FileFormatError(
+                    f"dataset {info.name!r} lies at bytes {offset}..{offset + nbytes}, past the "
+                    f"end of the file ({self._size} bytes): it is truncated. Fix: copy or "
+                    "download the file again.", self.path)
+
+    def _marker(self, dsid: Any, raw: bytes, tname: str) -> str:
+        value = self._string_attr(dsid, _DTYPE_ATTR_B, raw)
+        if value is None or value not in _RAW_BITS:
+            raise FileFormatError(
+                f"dataset {tname!r} has {DTYPE_ATTR}={value!r}, which is not one of "
+                f"{sorted(_RAW_BITS)}. Fix: remove the attribute or set it to a raw-bits "
+                "dtype.", self.path)
+        dt = dsid.dtype
+        want = np.dtype(f"u{lookup(value).itemsize}")
+        if dt.kind != "u" or dt.itemsize != want.itemsize:
+            raise FileFormatError(
+                f"dataset {tname!r} is marked {DTYPE_ATTR}={value!r} but holds {dt}, not "
+                f"{want}. Fix: store the raw bits as {want}.", self.path)
+        return value
+
+    def _string_attr(self, oid: Any, aname: bytes, obj_path: bytes) -> str | None:
+        """The string attribute ``aname`` of object ``oid`` (at ``obj_path``), or None if it
+        is not a single string. Variable-length strings live in the global heap and are read
+        through :class:`_HeapGuard`; fixed-length ones are stored in the object header."""
+        from h5py import h5a, h5t
+
+        aid = h5a.open(oid, aname)
+        tid = aid.get_type()
+        if tid.get_class() != h5t.STRING or _prod(aid.shape or ()) != 1:
+            return None
+        if tid.is_variable_str():
+            return _decode(self._guarded_file()[obj_path].attrs[aname.decode("utf-8")])
+        size = tid.get_size()
+        if size > self._size:
+            return None
+        out = np.empty(aid.shape or (), dtype=f"S{size}")
+        aid.read(out, tid)  # the file's own type (ASCII or UTF-8): no conversion
+        return _decode(out)
+
+    def _guarded_file(self) -> Any:
+        if self._guarded is None:
+            guard = _HeapGuard(self._fd, self._size, self._length_size, self.path)
+            self._guarded = self._h5py.File(guard, "r")
+        return self._guarded
+
+    def _read_metadata(self) -> None:
+        from h5py import h5a
+
+        names: list[bytes] = []
+        h5a.iterate(self._file.id, lambda name, *_: names.append(name))
+        for raw in names:
+            try:
+                key = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            value = self._string_attr(self._file.id, raw, b"/")
+            if value is not None:
+                self.metadata[key] = value
+
+    def _close_guarded(self) -> None:
+        if self._guarded is not None:
+            with contextlib.suppress(Exception):
+                self._guarded.close()
+            self._guarded = None
+
+    # --- reading ------------------------------------------------------------------------
     def keys(self) -> list[str]:
         return list(self._entries)
 
     def info(self, name: str) -> TensorInfo:
         try:
             return self._entries[name][0]
-        except KeyError:
+        except (KeyError, TypeError):
             raise self.missing(name) from None
 
-    def read(self, name: str) -> np.ndarray:
+    def _check_size(self) -> None:
+        size = os.fstat(self._fd).st_size
+        if size < self._size:
+            raise FileFormatError(
+                f"the file shrank from {self._size} to {size} bytes while it was open; what "
+                "libhdf5 reads past the new end would be zeros, not data. Fix: open it again "
+                "when nothing is writing it.", self.path)
+
+    def _dataset_id(self, name: str) -> tuple[TensorInfo, Any, np.dtype]:
         info = self.info(name)
-        _, h5path, native = self._entries[name]
+        _, raw, native = self._entries[name]
         if self._file is None:
             raise FileFormatError("the file is closed. Fix: open it again.", self.path)
+        from h5py import h5d
+
+        return info, h5d.open(self._file.id, raw), native
+
+    def read(self, name: str) -> np.ndarray:
+        info, dsid, native = self._dataset_id(name)
         try:
             out = np.empty(info.shape, dtype=native)
         except MemoryError as exc:
@@ -245,23 +518,26 @@ class H5Reader(Reader):
                 "Fix: use a machine with more memory, or read it with h5py in slices.",
                 self.path) from exc
         if out.size:
-            with _h5_errors(self.path, f"reading dataset {h5path!r}"):
-                self._file[h5path].read_direct(out)
+            from h5py import h5s
+
+            self._check_size()
+            with _h5_errors(self.path, f"reading dataset {name!r}"):
+                dsid.read(h5s.ALL, h5s.ALL, out)
+            self._check_size()
         if info.dtype in _RAW_BITS:
             out = out.view(lookup(info.dtype).numpy)
         return out
 
     def read_slice(self, name: str, index: int | slice) -> np.ndarray:
         """``tensor[index]`` (an int or a step-1 first-axis slice): only those rows are read."""
-        info = self.info(name)
+        info, dsid, native = self._dataset_id(name)
         start, stop, single = first_axis_rows(info, index, self.path)
-        _, h5path, native = self._entries[name]
-        if self._file is None:
-            raise FileFormatError("the file is closed. Fix: open it again.", self.path)
         out = np.empty((stop - start, *info.shape[1:]), dtype=native)
         if out.size:
-            with _h5_errors(self.path, f"reading dataset {h5path!r}"):
-                self._file[h5path].read_direct(out, np.s_[start:stop])
+            self._check_size()
+            with _h5_errors(self.path, f"reading dataset {name!r}"):
+                self._h5py.Dataset(dsid).read_direct(out, np.s_[start:stop])
+            self._check_size()
         if info.dtype in _RAW_BITS:
             out = out.view(lookup(info.dtype).numpy)
         return out.reshape(info.shape[1:]) if single else out
@@ -291,10 +567,14 @@ class H5Reader(Reader):
         return tuple(int(c) for c in chunks) if chunks else None
 
     def close(self) -> None:
+        self._close_guarded()
         if self._file is not None:
             with contextlib.suppress(Exception):
                 self._file.close()
             self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None  # type: ignore[assignment]
 
 
 # --- writing ----------------------------------------------------------------------
@@ -336,6 +616,26 @@ def _check_metadata(metadata: Mapping[str, str] | None, path: str) -> dict[str, 
     return metadata
 
 
+def _create_dataset(fid: Any, info: TensorInfo, arr: np.ndarray) -> Any:
+    """Create dataset ``info.name`` at the root holding ``arr``, in one step: no fill value
+    is written first, no timestamps (reproducible files), and one write of native bytes."""
+    from h5py import h5d, h5p, h5s, h5t
+
+    storage = arr.dtype.newbyteorder("=") if arr.dtype.itemsize > 1 else arr.dtype
+    arr = np.ascontiguousarray(arr, dtype=storage)
+    space = h5s.create_simple(info.shape) if info.shape else h5s.create(h5s.SCALAR)
+    dcpl = h5p.create(h5p.DATASET_CREATE)
+    dcpl.set_fill_time(h5d.FILL_TIME_NEVER)
+    dcpl.set_obj_track_times(False)
+    lcpl = h5p.create(h5p.LINK_CREATE)
+    lcpl.set_char_encoding(h5t.CSET_UTF8)
+    tid = h5t.py_create(storage, logical=True)
+    dsid = h5d.create(fid, info.name.encode("utf-8"), tid, space, dcpl=dcpl, lcpl=lcpl)
+    if arr.size:
+        dsid.write(h5s.ALL, h5s.ALL, arr, tid)
+    return dsid
+
+
 class H5Format(Format):
     """HDF5 via h5py; bfloat16/float8 stored as raw bits with a dtype attribute."""
 
@@ -353,6 +653,11 @@ class H5Format(Format):
 
     def check_info(self, info: TensorInfo, path: str) -> None:
         lookup(info.dtype)  # unknown dtypes fail before anything is written
+        if len(info.shape) > MAX_RANK:
+            raise ConversionError(
+                f"{path}: tensor {info.name!r} has {len(info.shape)} dimensions, but HDF5 "
+                f"datasets have at most {MAX_RANK}. Fix: reshape it (e.g. merge axes), or save "
+                "to .npy/.npz/.safetensors, which allow more.")
 
     def open(self, path: str) -> H5Reader:
         return H5Reader(os.fspath(path))
@@ -377,13 +682,11 @@ class H5Format(Format):
                     arr = check_fetched(fetch(info.name), info, path)
                     if info.dtype in _RAW_BITS:
                         arr = arr.view(f"u{arr.dtype.itemsize}")
-                    storage = arr.dtype.newbyteorder("=") if arr.dtype.itemsize > 1 else arr.dtype
-                    dset = f.create_dataset(info.name, shape=info.shape, dtype=storage)
-                    if info.dtype in _RAW_BITS:
-                        dset.attrs[DTYPE_ATTR] = info.dtype
-                    if arr.size:
-                        dset[...] = arr
-                    del arr
+                    dsid = _create_dataset(f.id, info, arr)
+                    if info.dtype in _RAW_BITS:  # fixed-length: no global heap to read back
+                        h5py.Dataset(dsid).attrs.create(
+                            DTYPE_ATTR, np.bytes_(info.dtype.encode("ascii")))
+                    del arr, dsid
             except BaseException:
                 # closing a file whose write failed (e.g. a full disk) raises again, as a
                 # RuntimeError that would hide the real error; the file is discarded anyway
