@@ -25,7 +25,7 @@ from tensorbridge.errors import (
 from tensorbridge.formats.base import TensorInfo
 from tensorbridge.formats.h5 import DTYPE_ATTR, FORMAT
 
-from .samples import read_all_with, sample, same, write_with
+from .samples import read_all_with, same, sample, write_with
 
 RAW_BITS = [d.name for d in DTYPES.values() if d.numpy.isbuiltin == 2]
 NATIVE = [d.name for d in DTYPES.values() if d.numpy.isbuiltin != 2]

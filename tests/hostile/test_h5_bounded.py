@@ -8,8 +8,6 @@ others prove something.
 
 from __future__ import annotations
 
-import zlib
-
 import h5py
 import numpy as np
 import pytest
