@@ -458,3 +458,52 @@ def test_rank_over_32_is_refused_before_writing(tmp_path):
     assert os.listdir(tmp_path) == []
     write(tmp_path / "r.h5", {"a": np.zeros((1,) * 32, np.float32)})
     assert read_all(tmp_path / "r.h5")[0]["a"].shape == (1,) * 32
+
+
+# --- chunks decoded here, with a bound ---------------------------------------------------
+
+@pytest.mark.parametrize("opts", [
+    {"compression": "gzip"},
+    {"compression": "gzip", "shuffle": True},
+    {"compression": "gzip", "shuffle": True, "fletcher32": True},
+    {"fletcher32": True},
+    {"shuffle": True},
+    {"compression": "lzf"},  # left to libhdf5
+])
+@pytest.mark.parametrize("name", ["float32", ">float64", "int16", "bool", "complex64", "uint8"])
+def test_filtered_chunks_read_as_h5py_reads_them(tmp_path, opts, name):
+    a = sample(name.lstrip(">"), (37, 5), seed=3)
+    if name.startswith(">"):
+        a = a.astype(a.dtype.newbyteorder(">"))
+    p = tmp_path / "f.h5"
+    with h5py.File(p, "w") as f:
+        f.create_dataset("x", data=a, chunks=(8, 3), **opts)  # edge chunks on both axes
+        f.create_dataset("w", data=a[:10], chunks=(10, 5), **opts)
+    with h5py.File(p, "r") as f:
+        want = {k: f[k][()] for k in f}
+    got, _ = read_all(p)
+    for k, v in want.items():
+        assert same(got[k], v.astype(v.dtype.newbyteorder("="))), (k, opts)
+
+
+@pytest.mark.parametrize("inflated, text", [
+    (4 << 20, "inflates to more than its 4096 bytes"),  # a 4 KB stream: stopped at 4 KiB
+    (64 << 20, "stores 65238 bytes for 4096 bytes of data"),  # refused before inflating
+])
+def test_a_chunk_that_inflates_past_its_size_is_stopped(tmp_path, inflated, text):
+    p = tmp_path / "bomb.h5"
+    with h5py.File(p, "w") as f:
+        d = f.create_dataset("x", shape=(1024,), dtype="f4", chunks=(1024,), compression="gzip")
+        d.id.write_direct_chunk((0,), zlib.compress(bytes(inflated), 9))
+    with FORMAT.open(str(p)) as r, pytest.raises(UnsafeContentError, match=text):
+        r.read("x")
+
+
+def test_a_corrupt_fletcher32_chunk_is_an_error(tmp_path):
+    p = tmp_path / "f.h5"
+    with h5py.File(p, "w") as f:
+        f.create_dataset("x", data=np.arange(100, dtype=np.int32), chunks=(100,), fletcher32=True)
+        mask, raw = f["x"].id.read_direct_chunk((0,))
+        f["x"].id.write_direct_chunk((0,), raw[:8] + bytes([raw[8] ^ 1]) + raw[9:])
+    with FORMAT.open(str(p)) as r, pytest.raises(FileFormatError, match="Fletcher-32"):
+        r.read("x")

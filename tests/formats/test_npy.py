@@ -3,6 +3,7 @@ dtype round-trips as bytes, and one hostile file per validation rule."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 
@@ -293,3 +294,61 @@ def test_fuzz_mutated_files_raise_only_tensorbridge_errors(tmp_path_factory, val
         read(p)
     except TensorBridgeError:
         pass
+
+
+# --- raw exceptions that escaped, and np.save's ml_dtypes files ---------------------------
+
+@pytest.mark.parametrize("shape, text", [
+    ("(0, 18446744073709551616)", "a dimension of 2**63 or more"),
+    ("(18446744073709551616, 0)", "a dimension of 2**63 or more"),
+    ("(0x" + "f" * 5000 + ",)", "(<int of 20000 bits>,)"),
+    ("(" + "9" * 5000 + ",)", "is not a Python literal"),
+    ("(2, 0x" + "1" * 3000 + ")", "(2, <int of 11997 bits>)"),
+])
+def test_absurd_shapes_are_file_format_errors(tmp_path, shape, text):
+    p = tmp_path / "s.npy"
+    p.write_bytes(raw_npy("{'descr': '<f4', 'fortran_order': False, 'shape': %s, }\n" % shape))
+    with pytest.raises(FileFormatError) as info:
+        FORMAT.open(str(p))
+    assert text in str(info.value)
+    assert len(str(info.value)) < 1000
+
+
+def test_deprecated_bytes_alias_is_refused_without_a_warning(tmp_path):
+    p = tmp_path / "a.npy"
+    p.write_bytes(raw_npy("{'descr': '|a5', 'fortran_order': False, 'shape': (1,), }\n", b"x" * 5))
+    with pytest.raises(FileFormatError, match=r"descr '\|a5' is a bytes string"):
+        FORMAT.open(str(p))  # pytest turns warnings into errors: none is raised
+
+
+def test_np_save_float8_e5m2_is_read_as_float8_e5m2(tmp_path):
+    a = sample("float8_e5m2", (4, 3))
+    p = tmp_path / "f8.npy"
+    np.save(p, a)  # descr '<f1', which np.load itself cannot read
+    assert b"'descr': '<f1'" in p.read_bytes()[:128]
+    assert same(read(p), a)
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "float8_e4m3fn"])
+def test_np_save_raw_void_ml_dtypes_get_an_honest_message(tmp_path, name):
+    p = tmp_path / "v.npy"
+    np.save(p, sample(name, (3,)))  # descr '<V2' / '<V1': which dtype is lost
+    with pytest.raises(FileFormatError) as info:
+        FORMAT.open(str(p))
+    assert "is raw bytes with no dtype. np.save writes ml_dtypes arrays" in str(info.value)
+    assert "corrupt" not in str(info.value)
+
+
+@pytest.mark.parametrize("header, nbytes", [
+    ("{'descr': '<f4', 'fortran_order': False, 'shape': (), }", 4),
+    ("{'descr': '>i8', 'fortran_order': True, 'shape': (3,), }", 24),
+    ("{'descr': '|b1', 'fortran_order': False, 'shape': (2, 0, 5), }", 0),
+])
+def test_fast_header_path_agrees_with_literal_eval(tmp_path, header, nbytes):
+    fast = tmp_path / "fast.npy"
+    slow = tmp_path / "slow.npy"
+    fast.write_bytes(raw_npy(header + "  \n", bytes(nbytes)))
+    slow.write_bytes(raw_npy(header.replace(": ", ":  ") + "  \n", bytes(nbytes)))
+    with FORMAT.open(str(fast)) as a, FORMAT.open(str(slow)) as b:
+        assert dataclasses.replace(a._header, header_size=0) == dataclasses.replace(
+            b._header, header_size=0)

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import zlib
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -247,6 +248,126 @@ def _decode(raw: Any) -> str | None:
     return raw if isinstance(raw, str) else None
 
 
+_DEFLATE, _SHUFFLE, _FLETCHER32 = 1, 2, 3
+
+
+def fletcher32(data: bytes) -> int:
+    """HDF5's Fletcher-32 checksum (``H5_checksum_fletcher32``): sums of big-endian 16-bit
+    words modulo 65535, where a non-zero multiple of 65535 is 65535.
+
+    >>> hex(fletcher32(b"abcde"))
+    '0x4ff029c7'
+    """
+    n_words = (len(data) + 1) // 2
+    if not any(data):
+        return 0
+    words = np.frombuffer(data[: len(data) // 2 * 2], ">u2")
+    s1 = s2 = 0
+    for start in range(0, len(words), 1 << 20):  # bounded temporaries
+        block = words[start:start + (1 << 20)].astype(np.uint64)
+        weights = (n_words - np.arange(start, start + len(block), dtype=np.uint64)) % 65535
+        s1 += int(block.sum())
+        s2 += int((block * weights).sum())
+    if len(data) % 2:
+        s1 += data[-1] << 8
+        s2 += data[-1] << 8
+    s1 = 0 if s1 == 0 else (s1 - 1) % 65535 + 1
+    s2 = 0 if s2 == 0 else (s2 - 1) % 65535 + 1
+    return (s2 << 16) | s1
+
+
+class _Chunks:
+    """Decoding of a chunked dataset whose filters are deflate, shuffle and fletcher32 (what
+    h5py writes), here instead of in libhdf5: libhdf5 inflates a chunk for as long as its
+    stream goes (a 260 KB file holding a 4 KiB dataset made it allocate 256 MiB); here each
+    chunk inflates to at most its own size."""
+
+    def __init__(self, chunk: tuple[int, ...], chunk_bytes: int, filters: list, dtype: np.dtype):
+        self.chunk, self.chunk_bytes, self.filters, self.dtype = chunk, chunk_bytes, filters, dtype
+
+    @classmethod
+    def plan(cls, dsid: Any, dcpl: Any, chunk: tuple[int, ...], chunk_bytes: int) -> _Chunks | None:
+        from h5py import h5t
+
+        filters = [dcpl.get_filter(i)[:3] for i in range(dcpl.get_nfilters())]
+        codes = [f[0] for f in filters]
+        if (not set(codes) <= {_DEFLATE, _SHUFFLE, _FLETCHER32} or codes.count(_DEFLATE) > 1
+                or not hasattr(dsid, "chunk_iter")):
+            return None  # others (lzf, szip, plugins) are left to libhdf5
+        dt = dsid.dtype
+        if not dsid.get_type().equal(h5t.py_create(dt, logical=True)):
+            return None  # an unusual file type (bit offsets, odd floats): libhdf5 converts
+        return cls(tuple(chunk), chunk_bytes, filters, dt)
+
+    def _decode(self, data: bytes, mask: int, name: str, path: str) -> bytes:
+        sizes = [self.chunk_bytes]  # each stage's input size on the way in (None: unknown)
+        for code, _flags, _values in self.filters:
+            last = sizes[-1]
+            sizes.append(None if code == _DEFLATE or last is None
+                         else last + 4 if code == _FLETCHER32 else last)
+        for i in range(len(self.filters) - 1, -1, -1):
+            if mask & (1 << i):
+                continue
+            code, _flags, values = self.filters[i]
+            if code == _FLETCHER32:
+                body, stored = data[:-4], int.from_bytes(data[-4:], "little")
+                mine = fletcher32(body)
+                c = mine.to_bytes(4, "little")  # what HDF5 1.6.0-1.6.2 wrote
+                swapped = (c[1] << 24) | (c[0] << 16) | (c[3] << 8) | c[2]
+                if len(data) < 4 or stored not in (mine, swapped):
+                    raise FileFormatError(
+                        f"a chunk of dataset {name!r} fails its Fletcher-32 checksum. Fix: "
+                        "the file is corrupt; copy or download it again.", path)
+                data = body
+            elif code == _DEFLATE:
+                want = sizes[i] if sizes[i] is not None else self.chunk_bytes + 4 * len(sizes)
+                inflate = zlib.decompressobj()
+                try:
+                    out = inflate.decompress(data, want + 1)
+                except zlib.error as exc:
+                    raise FileFormatError(
+                        f"a chunk of dataset {name!r} is not a valid deflate stream ({exc}). "
+                        "Fix: the file is corrupt; copy or download it again.", path) from exc
+                if len(out) > want or inflate.unconsumed_tail:
+                    raise UnsafeContentError(
+                        f"a chunk of dataset {name!r} inflates to more than its {want} bytes (a "
+                        "decompression bomb); it was stopped there. Fix: do not use this "
+                        "file.", path)
+                data = out
+            else:
+                size = values[0] if values else self.dtype.itemsize
+                count = len(data) // size if size else 0
+                if size > 1 and count:
+                    planes = np.frombuffer(data, np.uint8, count * size).reshape(size, count)
+                    data = planes.T.tobytes() + data[count * size:]
+        if len(data) != self.chunk_bytes:
+            raise FileFormatError(
+                f"a chunk of dataset {name!r} decodes to {len(data)} bytes, not "
+                f"{self.chunk_bytes}. Fix: the file is corrupt; copy or download it again.", path)
+        return data
+
+    def read(self, dsid: Any, out: np.ndarray, name: str, path: str) -> None:
+        stored: list = []
+        dsid.chunk_iter(lambda info: stored.append((info.chunk_offset, info.size)))
+        shape = out.shape
+        for offset, size in stored:
+            if any(o >= s for o, s in zip(offset, shape)):
+                continue  # a chunk left beyond the extent by a shrink
+            if size > 2 * self.chunk_bytes + 4096:
+                raise UnsafeContentError(
+                    f"a chunk of dataset {name!r} stores {size} bytes for {self.chunk_bytes} "
+                    "bytes of data, more than any of its filters produce. Fix: do not use this "
+                    "file.", path)
+            mask, raw = dsid.read_direct_chunk(offset)
+            data = self._decode(raw, mask, name, path)
+            block = np.frombuffer(data, self.dtype).reshape(self.chunk)
+            region = tuple(slice(o, min(o + c, s)) for o, c, s in zip(offset, self.chunk, shape))
+            out[region] = block[tuple(slice(0, r.stop - r.start) for r in region)]
+        if out.dtype == np.bool_ and out.size and out.view(np.uint8).max() > 1:
+            raise FileFormatError(f"bool dataset {name!r} holds bytes other than 0 and 1. "
+                                  "Fix: the file is corrupt; re-create it.", path)
+
+
 class H5Reader(Reader):
     """An open HDF5 file: every dataset was checked by ``open``; what cannot be read is
     listed in :attr:`skipped` (tensor name -> why)."""
@@ -259,7 +380,7 @@ class H5Reader(Reader):
         self._h5py = h5py = _h5py()
         self._file: Any = None
         self._guarded: Any = None
-        self._entries: dict[str, tuple[TensorInfo, bytes, np.dtype]] = {}
+        self._entries: dict[str, tuple[TensorInfo, bytes, np.dtype, _Chunks | None]] = {}
         self._fd, self._size = open_regular_file(path)
         try:
             with _h5_errors(path, "opening the HDF5 file"):
@@ -335,7 +456,8 @@ class H5Reader(Reader):
             check_unique([tname], self.path)
             self._entries[tname] = entry
 
-    def _object(self, raw: bytes, tname: str) -> tuple[TensorInfo, bytes, np.dtype] | None:
+    def _object(self, raw: bytes, tname: str) -> tuple[TensorInfo, bytes, np.dtype,
+                                                       _Chunks | None] | None:
         from h5py import h5d, h5g, h5o
 
         obj = h5o.open(self._file.id, raw)
@@ -345,7 +467,8 @@ class H5Reader(Reader):
             raise _Skip("a named datatype, not a tensor")
         return self._dataset(obj, raw, tname)
 
-    def _dataset(self, dsid: Any, raw: bytes, tname: str) -> tuple[TensorInfo, bytes, np.dtype]:
+    def _dataset(self, dsid: Any, raw: bytes,
+                 tname: str) -> tuple[TensorInfo, bytes, np.dtype, _Chunks | None]:
         from h5py import h5a, h5d, h5s
 
         h5py = self._h5py
@@ -374,18 +497,22 @@ class H5Reader(Reader):
                 dtype_name = canonical_name(dt)
             except ConversionError:
                 raise _Skip(f"its dtype {dt} is not a tensor dtype") from None
+        if any(d >= 2 ** 63 for d in shape):
+            raise _Skip(f"its shape {shape} has a dimension of 2**63 or more")
         info = TensorInfo(tname, dtype_name, shape)
-        self._check_storage(dsid, dcpl, layout, info)
-        return info, raw, dt.newbyteorder("=")
+        plan = self._check_storage(dsid, dcpl, layout, info)
+        return info, raw, dt.newbyteorder("="), plan
 
-    def _check_storage(self, dsid: Any, dcpl: Any, layout: int, info: TensorInfo) -> None:
+    def _check_storage(self, dsid: Any, dcpl: Any, layout: int,
+                       info: TensorInfo) -> _Chunks | None:
         """Read only what the file really holds: no fill values for data never written, no
-        chunk much bigger than its tensor, no data past the end of the file, no bombs."""
+        chunk much bigger than its tensor, no data past the end of the file, no bombs.
+        Returns how to decode the chunks here (bounded), or None to let libhdf5 read."""
         from h5py import h5d
 
         nbytes = info.nbytes
         if nbytes == 0:
-            return
+            return None
         stored = dsid.get_storage_size()
         if layout == h5d.CHUNKED:
             chunk = dcpl.get_chunk()
@@ -407,7 +534,8 @@ class H5Reader(Reader):
                         f"compressed bytes, an expansion over {MAX_EXPANSION}x (a decompression "
                         "bomb). Fix: do not load it, or rewrite it uncompressed if you trust "
                         "it.", self.path)
-            elif stored > self._size:
+                return _Chunks.plan(dsid, dcpl, chunk, chunk_bytes)
+            if stored > self._size:
                 raise FileFormatError(
                     f"dataset {info.name!r} stores {stored} bytes, more than the whole file "
                     f"({self._size} bytes). Fix: the file is corrupt; re-create it.", self.path)
@@ -420,6 +548,7 @@ class H5Reader(Reader):
                     f"dataset {info.name!r} lies at bytes {offset}..{offset + nbytes}, past the "
                     f"end of the file ({self._size} bytes): it is truncated. Fix: copy or "
                     "download the file again.", self.path)
+        return None
 
     def _marker(self, dsid: Any, raw: bytes, tname: str) -> str:
         value = self._string_attr(dsid, _DTYPE_ATTR_B, raw)
@@ -499,17 +628,17 @@ class H5Reader(Reader):
                 "libhdf5 reads past the new end would be zeros, not data. Fix: open it again "
                 "when nothing is writing it.", self.path)
 
-    def _dataset_id(self, name: str) -> tuple[TensorInfo, Any, np.dtype]:
+    def _dataset_id(self, name: str) -> tuple[TensorInfo, Any, np.dtype, _Chunks | None]:
         info = self.info(name)
-        _, raw, native = self._entries[name]
+        _, raw, native, plan = self._entries[name]
         if self._file is None:
             raise FileFormatError("the file is closed. Fix: open it again.", self.path)
         from h5py import h5d
 
-        return info, h5d.open(self._file.id, raw), native
+        return info, h5d.open(self._file.id, raw), native, plan
 
     def read(self, name: str) -> np.ndarray:
-        info, dsid, native = self._dataset_id(name)
+        info, dsid, native, plan = self._dataset_id(name)
         try:
             out = np.empty(info.shape, dtype=native)
         except MemoryError as exc:
@@ -522,7 +651,10 @@ class H5Reader(Reader):
 
             self._check_size()
             with _h5_errors(self.path, f"reading dataset {name!r}"):
-                dsid.read(h5s.ALL, h5s.ALL, out)
+                if plan is not None:
+                    plan.read(dsid, out, name, self.path)
+                else:
+                    dsid.read(h5s.ALL, h5s.ALL, out)
             self._check_size()
         if info.dtype in _RAW_BITS:
             out = out.view(lookup(info.dtype).numpy)
@@ -530,8 +662,11 @@ class H5Reader(Reader):
 
     def read_slice(self, name: str, index: int | slice) -> np.ndarray:
         """``tensor[index]`` (an int or a step-1 first-axis slice): only those rows are read."""
-        info, dsid, native = self._dataset_id(name)
+        info, dsid, native, plan = self._dataset_id(name)
         start, stop, single = first_axis_rows(info, index, self.path)
+        if plan is not None:  # decode the whole tensor under the bound, then keep the rows
+            rows = self.read(name)[start:stop]
+            return rows.reshape(info.shape[1:]).copy() if single else rows.copy()
         out = np.empty((stop - start, *info.shape[1:]), dtype=native)
         if out.size:
             self._check_size()

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import struct
 import sys
 import threading
@@ -145,6 +146,15 @@ def decode_dtype(dtype: Any, /) -> str | None:
     return name
 
 
+#: descrs that np.save writes for exactly one ml_dtypes type (float8_e5m2's '<f1'; the
+#: others are written as raw '<V1'/'<V2', which could be any of several)
+_SAVED_ML_DTYPES: dict[str, str] = {
+    d: names[0] for d, names in (
+        (d, [n for n in MARKED_DTYPES if DTYPES[n].numpy.str == d])
+        for d in {DTYPES[n].numpy.str for n in MARKED_DTYPES})
+    if len(names) == 1 and d.lstrip("<>|=")[:1] != "V"}
+
+
 # --- the header ---------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -192,19 +202,31 @@ def _descr_dtype(descr: object, file: object) -> tuple[str, bool]:
             dt = np.dtype([descr[0]])
         except (TypeError, ValueError, KeyError, SyntaxError, IndexError) as exc:
             raise UnsafeContentError(
-                f"descr {descr!r} is a structured dtype, which holds records, not a tensor. "
+                f"descr {short_repr(descr)} is a structured dtype, which holds records, not a "
+                "tensor. "
                 + fix, file) from exc
         name = decode_dtype(dt)
         if name is None:
             raise UnsafeContentError(
-                f"descr {descr!r} is a structured dtype, which holds records, not a tensor "
+                f"descr {short_repr(descr)} is a structured dtype, which holds records, not a tensor "
                 "(the only structured layout read is tensorbridge's bfloat16/float8 marker, "
                 "e.g. [('bfloat16', '<u2')]). " + fix, file)
         field = dt.fields[name][0]
         return name, field.itemsize > 1 and not field.isnative
     if not isinstance(descr, str):
-        raise _fail(f"descr {descr!r} is a {type(descr).__name__}, not a dtype string. Fix: the "
-                    "header is corrupt; re-save the file.", file)
+        raise _fail(f"descr {short_repr(descr)} is a {type(descr).__name__}, not a dtype "
+                    "string. Fix: the header is corrupt; re-save the file.", file)
+    if descr in _SAVED_ML_DTYPES:  # what np.save writes for that ml_dtypes type, and no other
+        return _SAVED_ML_DTYPES[descr], False
+    code = descr.lstrip("<>|=")[:1]
+    if code == "a":  # NumPy's deprecated alias of 'S' (np.dtype would warn)
+        raise _fail(f"descr {descr!r} is a bytes string, not a numeric tensor dtype. " + fix, file)
+    if code == "V" and descr.lstrip("<>|=")[1:].isdigit():
+        raise _fail(
+            f"descr {descr!r} is raw bytes with no dtype. np.save writes ml_dtypes arrays "
+            "(bfloat16, most float8s) this way, without saying which one they were. Fix: "
+            "np.load the file, .view() it as the right ml_dtypes dtype (e.g. "
+            "ml_dtypes.bfloat16), and save it with tensorbridge, which records the dtype.", file)
     try:
         dt = np.dtype(descr)
     except (TypeError, ValueError, KeyError, SyntaxError, OverflowError, MemoryError) as exc:
@@ -226,18 +248,46 @@ def _descr_dtype(descr: object, file: object) -> tuple[str, bool]:
     return name, dt.itemsize > 1 and not dt.isnative
 
 
+def short_repr(value: object, limit: int = 200) -> str:
+    """``repr(value)`` cut to ``limit`` characters, without ever formatting a huge int in
+    decimal (Python refuses ints over 4300 digits, and a header can hold one).
+
+    >>> short_repr((2, 1 << 20000))
+    '(2, <int of 20001 bits>)'
+    """
+    def one(v: object) -> str:
+        if isinstance(v, int) and v.bit_length() > 64:
+            return f"<int of {v.bit_length()} bits>"
+        if isinstance(v, (tuple, list)):
+            inner = ", ".join(one(x) for x in v[:70]) + (", ..." if len(v) > 70 else "")
+            if isinstance(v, list):
+                return f"[{inner}]"
+            return f"({inner},)" if len(v) == 1 else f"({inner})"
+        try:
+            return repr(v)[:limit]
+        except ValueError:  # a huge int inside something else
+            return f"<{type(v).__name__}>"
+    text = one(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _check_shape(shape: object, file: object) -> tuple[int, ...]:
     if (not isinstance(shape, tuple) or len(shape) > MAX_NDIM
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise _fail(f"shape {shape!r} is not a tuple of at most {MAX_NDIM} non-negative "
-                    "integers. Fix: the header is corrupt or hostile; re-save the file.", file)
+        raise _fail(f"shape {short_repr(shape)} is not a tuple of at most {MAX_NDIM} "
+                    "non-negative integers. Fix: the header is corrupt or hostile; re-save the "
+                    "file.", file)
+    if any(d >= 2 ** 63 for d in shape):
+        raise _fail(f"shape {short_repr(shape)} has a dimension of 2**63 or more, which no "
+                    "array can have (even beside a zero-length one). Fix: the header is corrupt "
+                    "or hostile; re-save the file.", file)
     size = 1
     for d in shape:
         size *= d
     if size >= 2 ** 63:
-        raise _fail(f"shape {shape!r} has {size} elements, more than 2**63 (the product "
-                    "overflows int64). Fix: the header is corrupt or hostile; re-save the file.",
-                    file)
+        raise _fail(f"shape {short_repr(shape)} has 2**{size.bit_length() - 1} elements or more, "
+                    "over 2**63 (the product overflows int64). Fix: the header is corrupt or "
+                    "hostile; re-save the file.", file)
     return shape
 
 
@@ -270,6 +320,12 @@ def parse_header(read: Callable[[int], bytes], file: object = "") -> NpyHeader:
     except UnicodeDecodeError as exc:
         raise _fail(f"the header is not valid UTF-8 ({exc.reason}). Fix: the file is corrupt; "
                     "re-save it.", file) from exc
+    fast = _NP_SAVE_HEADER.fullmatch(text)
+    if fast is not None:  # what np.save writes: no need to parse a literal
+        dims = fast["shape"].replace(",", " ").split()
+        d: Any = {"descr": fast["descr"], "fortran_order": fast["fortran"] == "True",
+                  "shape": tuple(int(x) for x in dims)}
+        return _header(d, version, code, hlen, file)
     try:
         d = ast.literal_eval(text)
     except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError) as exc:
@@ -278,13 +334,24 @@ def parse_header(read: Callable[[int], bytes], file: object = "") -> NpyHeader:
     if not isinstance(d, dict):
         raise _fail(f"the header is a {type(d).__name__} ({text[:80]!r}), not a dict. Fix: "
                     "the file is corrupt; re-save it with np.save.", file)
+    return _header(d, version, code, hlen, file)
+
+
+#: The header np.save writes for a plain dtype: parsed without literal_eval (10x faster)
+_NP_SAVE_HEADER = re.compile(
+    r"\{'descr': '(?P<descr>[<>|=]?[a-zA-Z]\d{0,3})', 'fortran_order': (?P<fortran>True|False), "
+    r"'shape': \((?P<shape>|\d{1,19},|\d{1,19}(?:, \d{1,19}){1,63})\), \} *\n")
+
+
+def _header(d: Any, version: tuple[int, int], code: str, hlen: int, file: object) -> NpyHeader:
     if set(d) != _KEYS:
-        raise _fail(f"the header has the keys {sorted(map(repr, d))}, but a .npy header has "
-                    "exactly 'descr', 'fortran_order' and 'shape'. Fix: the file is corrupt "
-                    "or hostile; re-save it with np.save.", file)
+        keys = ", ".join(sorted(short_repr(k, 60) for k in list(d)[:20]))
+        raise _fail(f"the header has the keys [{keys}], but a .npy header has exactly "
+                    "'descr', 'fortran_order' and 'shape'. Fix: the file is corrupt or "
+                    "hostile; re-save it with np.save.", file)
     if not isinstance(d["fortran_order"], bool):
-        raise _fail(f"fortran_order {d['fortran_order']!r} is not True or False. Fix: the file "
-                    "is corrupt; re-save it.", file)
+        raise _fail(f"fortran_order {short_repr(d['fortran_order'])} is not True or False. "
+                    "Fix: the file is corrupt; re-save it.", file)
     shape = _check_shape(d["shape"], file)
     name, swap = _descr_dtype(d["descr"], file)
     size = 1

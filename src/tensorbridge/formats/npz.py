@@ -47,6 +47,7 @@ True
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import struct
 import threading
@@ -62,6 +63,8 @@ from .base import Format, Reader, TensorInfo
 from .names import check_name, check_unique
 from .npy import FORMAT as NPY
 from .npy import (
+    MAX_HEADER_SIZE,
+    PREFIX_MAX,
     NpyHeader,
     build_header,
     check_bool,
@@ -80,6 +83,7 @@ BOMB_MIN_SIZE = 1 << 20
 #: Bytes read or written per step of a member stream.
 CHUNK_BYTES = 16 * 1024 * 1024
 _SUFFIX = ".npy"
+_LOCAL_SIZE = 30  # a zip local file header before its name and extra field
 _DATE = (1980, 1, 1, 0, 0, 0)
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError,
                NotImplementedError, RuntimeError, zlib.error, struct.error, KeyError,
@@ -113,7 +117,7 @@ class NpzReader(Reader):
         self.metadata = {}
         self._lock = threading.Lock()
         self._zf: zipfile.ZipFile | None = None
-        fd, _size = open_regular_file(path)
+        fd, self._size = open_regular_file(path)
         self._file = os.fdopen(fd, "rb")
         try:
             with _zip_errors(path, "opening the zip archive"):
@@ -122,8 +126,11 @@ class NpzReader(Reader):
             names = [self._member_name(zi) for zi in members]
             check_unique(names, path)
             self._members: dict[str, zipfile.ZipInfo] = dict(zip(names, members))
+            with _zip_errors(path, "reading the member headers"):
+                starts = {name: self._data_start(zi) for name, zi in self._members.items()}
+            self._check_no_overlap(starts)
             self._headers: dict[str, NpyHeader] = {
-                name: self._read_header(zi) for name, zi in self._members.items()}
+                name: self._read_header(zi, starts[name]) for name, zi in self._members.items()}
         except BaseException:
             self.close()
             raise
@@ -164,15 +171,69 @@ class NpzReader(Reader):
                 "produce (a decompression bomb: the sizes are lies meant to exhaust memory). "
                 "Fix: do not use this file; re-create it from a trusted source.", self.path)
 
-    def _read_header(self, zi: zipfile.ZipInfo) -> NpyHeader:
+    def _data_start(self, zi: zipfile.ZipInfo) -> int:
+        """Where member ``zi``'s (compressed) data starts: after its local header, whose
+        signature and name must match the central directory (as zipfile checks)."""
+        fd = self._file.fileno()
+        local = os.pread(fd, _LOCAL_SIZE, zi.header_offset)
+        if len(local) != _LOCAL_SIZE or local[:4] != b"PK\x03\x04":
+            raise FileFormatError(
+                f"member {zi.filename!r} has no local file header at byte {zi.header_offset}. "
+                "Fix: the archive is corrupt; re-save it.", self.path)
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        raw = os.pread(fd, name_len, zi.header_offset + _LOCAL_SIZE)
+        name = raw.decode("utf-8" if zi.flag_bits & 0x800 else "cp437", "replace")
+        if name != zi.orig_filename:
+            raise FileFormatError(
+                f"member {zi.orig_filename!r} is named {name!r} in its local header. Fix: the "
+                "archive is corrupt or crafted; re-save it.", self.path)
+        return zi.header_offset + _LOCAL_SIZE + name_len + extra_len
+
+    def _check_no_overlap(self, starts: dict[str, int]) -> None:
+        """Each member's bytes belong to it alone, before the central directory.
+
+        Python 3.11's zipfile does not check this; overlapping members let a small file
+        declare the same compressed bytes many times (a 40 KB file inflating to 1 GB)."""
+        assert self._zf is not None
+        spans = sorted((zi.header_offset, starts[name] + zi.compress_size, zi.filename)
+                       for name, zi in self._members.items())
+        end_of_data = self._zf.start_dir
+        for (start, end, member), nxt in zip(spans, spans[1:] + [(end_of_data, 0, None)]):
+            if end > nxt[0]:
+                other = f"member {nxt[2]!r}" if nxt[2] is not None else "the central directory"
+                raise UnsafeContentError(
+                    f"member {member!r} (bytes {start}..{end}) overlaps {other} (from byte "
+                    f"{nxt[0]}): the same bytes would be read twice, which only a crafted "
+                    "archive does. Fix: do not use this file; re-create it with np.savez.",
+                    self.path)
+
+    def _header_bytes(self, zi: zipfile.ZipInfo, start: int) -> bytes | None:
+        """The first bytes of member ``zi``'s data (enough for any .npy header), read
+        directly; None if a deflate stream needs more than the window (then stream it)."""
+        want = PREFIX_MAX + MAX_HEADER_SIZE
+        if zi.compress_type == zipfile.ZIP_STORED:
+            return os.pread(self._file.fileno(), min(want, zi.compress_size), start)
+        window = min(zi.compress_size, 2 * want + 1024)
+        raw = os.pread(self._file.fileno(), window, start)
+        inflate = zlib.decompressobj(-15)
+        head = inflate.decompress(raw, want)
+        if len(head) < want and not inflate.eof and window < zi.compress_size:
+            return None
+        return head
+
+    def _read_header(self, zi: zipfile.ZipInfo, start: int) -> NpyHeader:
         self._check_sizes(zi)
         assert self._zf is not None
         with _zip_errors(self.path, f"reading member {zi.filename!r}"):
-            with self._zf.open(zi) as stream:
-                try:
-                    header = parse_header(stream.read)
-                except FileFormatError as exc:
-                    raise _in_member(exc, zi.filename, self.path) from exc
+            head = self._header_bytes(zi, start)
+            try:
+                if head is not None:
+                    header = parse_header(io.BytesIO(head).read)
+                else:
+                    with self._zf.open(zi) as stream:
+                        header = parse_header(stream.read)
+            except FileFormatError as exc:
+                raise _in_member(exc, zi.filename, self.path) from exc
         data_len = zi.file_size - header.header_size
         if data_len != header.nbytes:
             what = "it is truncated" if data_len < header.nbytes else "it has trailing bytes"
