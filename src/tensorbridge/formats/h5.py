@@ -678,28 +678,34 @@ class H5Reader(Reader):
         return out.reshape(info.shape[1:]) if single else out
 
     def read_index(self, name: str, key: tuple) -> np.ndarray:
-        """``tensor[key]`` (a normalized basic index): h5py reads only the chunks it touches."""
-        info = self.info(name)
-        _, h5path, native = self._entries[name]
-        if self._file is None:
-            raise FileFormatError("the file is closed. Fix: open it again.", self.path)
+        """``tensor[key]`` (a normalized basic index): h5py reads only the chunks it touches
+        (datasets whose chunks are decoded here are decoded whole, under the bound)."""
+        info, dsid, native, plan = self._dataset_id(name)
         shape = tuple(len(range(k.start, k.stop, k.step)) for k in key if isinstance(k, slice))
         if 0 in shape or 0 in info.shape:
             out = np.empty(shape, dtype=native)
+        elif plan is not None:
+            return np.ascontiguousarray(self.read(name)[key])
         else:
-            with _h5_errors(self.path, f"reading dataset {h5path!r}"):
-                out = np.asarray(self._file[h5path][key])
+            self._check_size()
+            with _h5_errors(self.path, f"reading dataset {name!r}"):
+                out = np.asarray(self._h5py.Dataset(dsid)[key])
+            self._check_size()
         if info.dtype in _RAW_BITS:
             out = out.view(lookup(info.dtype).numpy)
         return out
 
     def native_chunks(self, name: str) -> tuple[int, ...] | None:
-        _, h5path, _ = self._entries[name] if name in self._entries else self.missing(name)
         if self._file is None:
             return None
-        with _h5_errors(self.path, f"reading dataset {h5path!r}"):
-            chunks = self._file[h5path].chunks
-        return tuple(int(c) for c in chunks) if chunks else None
+        _, dsid, _, _ = self._dataset_id(name)
+        with _h5_errors(self.path, f"reading dataset {name!r}"):
+            dcpl = dsid.get_create_plist()
+            from h5py import h5d
+
+            if dcpl.get_layout() != h5d.CHUNKED:
+                return None
+            return tuple(int(c) for c in dcpl.get_chunk())
 
     def close(self) -> None:
         self._close_guarded()
