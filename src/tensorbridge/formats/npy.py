@@ -51,6 +51,7 @@ True
 from __future__ import annotations
 
 import ast
+import io
 import os
 import re
 import struct
@@ -80,6 +81,7 @@ __all__ = [
     "encode_dtype",
     "decode_dtype",
     "parse_header",
+    "parse_header_bytes",
     "build_header",
     "read_into",
     "check_bool",
@@ -315,6 +317,21 @@ def parse_header(read: Callable[[int], bytes], file: object = "") -> NpyHeader:
                     "or hostile; if you trust it, load it with "
                     "np.load(f, max_header_size=...) and re-save it.", file)
     raw = _read_exactly(read, hlen, "header", file)
+    return _parse_text(raw, version, code, hlen, file)
+
+
+def parse_header_bytes(data: bytes, file: object = "") -> NpyHeader:
+    """:func:`parse_header` of a header already in memory (``data`` may run on into the
+    array data); the same checks and messages, without a read per field."""
+    if len(data) >= 10 and data[:6] == MAGIC and (data[6], data[7]) == (1, 0):
+        (hlen,) = struct.unpack_from("<H", data, 8)
+        if len(data) >= 10 + hlen:
+            return _parse_text(data[10:10 + hlen], (1, 0), "<H", hlen, file)
+    return parse_header(io.BytesIO(data).read, file)
+
+
+def _parse_text(raw: bytes, version: tuple[int, int], code: str, hlen: int,
+                file: object) -> NpyHeader:
     try:
         text = raw.decode("utf-8" if version == (3, 0) else "latin1")
     except UnicodeDecodeError as exc:

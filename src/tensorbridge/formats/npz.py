@@ -47,7 +47,6 @@ True
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import struct
 import threading
@@ -69,6 +68,7 @@ from .npy import (
     build_header,
     check_bool,
     parse_header,
+    parse_header_bytes,
     read_into,
 )
 from .safetensors import check_fetched, iter_le_bytes, open_regular_file
@@ -126,11 +126,15 @@ class NpzReader(Reader):
             names = [self._member_name(zi) for zi in members]
             check_unique(names, path)
             self._members: dict[str, zipfile.ZipInfo] = dict(zip(names, members))
+            if os.pread(fd, 4, 0) not in (b"PK\x03\x04", b"PK\x05\x06"):
+                raise FileFormatError(
+                    "the file does not start with a zip member (something is prepended to "
+                    "the archive; np.load refuses it too). Fix: re-save it with np.savez.", path)
             with _zip_errors(path, "reading the member headers"):
-                starts = {name: self._data_start(zi) for name, zi in self._members.items()}
-            self._check_no_overlap(starts)
+                firsts = {name: self._data_start(zi) for name, zi in self._members.items()}
+            self._check_no_overlap({name: start for name, (start, _) in firsts.items()})
             self._headers: dict[str, NpyHeader] = {
-                name: self._read_header(zi, starts[name]) for name, zi in self._members.items()}
+                name: self._read_header(zi, *firsts[name]) for name, zi in self._members.items()}
         except BaseException:
             self.close()
             raise
@@ -171,23 +175,27 @@ class NpzReader(Reader):
                 "produce (a decompression bomb: the sizes are lies meant to exhaust memory). "
                 "Fix: do not use this file; re-create it from a trusted source.", self.path)
 
-    def _data_start(self, zi: zipfile.ZipInfo) -> int:
-        """Where member ``zi``'s (compressed) data starts: after its local header, whose
-        signature and name must match the central directory (as zipfile checks)."""
-        fd = self._file.fileno()
-        local = os.pread(fd, _LOCAL_SIZE, zi.header_offset)
-        if len(local) != _LOCAL_SIZE or local[:4] != b"PK\x03\x04":
+    def _data_start(self, zi: zipfile.ZipInfo) -> tuple[int, bytes]:
+        """Where member ``zi``'s (compressed) data starts, after its local header, whose
+        signature and name must match the central directory (as zipfile checks); and the
+        first data bytes that came with the same read."""
+        at = zi.header_offset
+        block = os.pread(self._file.fileno(), _LOCAL_SIZE + 2 * len(zi.orig_filename) + 512, at)
+        if len(block) < _LOCAL_SIZE or block[:4] != b"PK\x03\x04":
             raise FileFormatError(
-                f"member {zi.filename!r} has no local file header at byte {zi.header_offset}. "
-                "Fix: the archive is corrupt; re-save it.", self.path)
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        raw = os.pread(fd, name_len, zi.header_offset + _LOCAL_SIZE)
+                f"member {zi.filename!r} has no local file header at byte {at}. Fix: the "
+                "archive is corrupt; re-save it.", self.path)
+        name_len, extra_len = struct.unpack_from("<HH", block, 26)
+        raw = block[_LOCAL_SIZE:_LOCAL_SIZE + name_len]
+        if len(raw) < name_len:
+            raw = os.pread(self._file.fileno(), name_len, at + _LOCAL_SIZE)
         name = raw.decode("utf-8" if zi.flag_bits & 0x800 else "cp437", "replace")
         if name != zi.orig_filename:
             raise FileFormatError(
                 f"member {zi.orig_filename!r} is named {name!r} in its local header. Fix: the "
                 "archive is corrupt or crafted; re-save it.", self.path)
-        return zi.header_offset + _LOCAL_SIZE + name_len + extra_len
+        skip = _LOCAL_SIZE + name_len + extra_len
+        return at + skip, block[skip:]
 
     def _check_no_overlap(self, starts: dict[str, int]) -> None:
         """Each member's bytes belong to it alone, before the central directory.
@@ -207,11 +215,13 @@ class NpzReader(Reader):
                     "archive does. Fix: do not use this file; re-create it with np.savez.",
                     self.path)
 
-    def _header_bytes(self, zi: zipfile.ZipInfo, start: int) -> bytes | None:
+    def _header_bytes(self, zi: zipfile.ZipInfo, start: int, first: bytes) -> bytes | None:
         """The first bytes of member ``zi``'s data (enough for any .npy header), read
         directly; None if a deflate stream needs more than the window (then stream it)."""
         want = PREFIX_MAX + MAX_HEADER_SIZE
         if zi.compress_type == zipfile.ZIP_STORED:
+            if len(first) >= 10 and len(first) >= 10 + int.from_bytes(first[8:10], "little"):
+                return first[:zi.compress_size]  # np.save's header came with the local one
             return os.pread(self._file.fileno(), min(want, zi.compress_size), start)
         window = min(zi.compress_size, 2 * want + 1024)
         raw = os.pread(self._file.fileno(), window, start)
@@ -221,14 +231,14 @@ class NpzReader(Reader):
             return None
         return head
 
-    def _read_header(self, zi: zipfile.ZipInfo, start: int) -> NpyHeader:
+    def _read_header(self, zi: zipfile.ZipInfo, start: int, first: bytes) -> NpyHeader:
         self._check_sizes(zi)
         assert self._zf is not None
         with _zip_errors(self.path, f"reading member {zi.filename!r}"):
-            head = self._header_bytes(zi, start)
+            head = self._header_bytes(zi, start, first)
             try:
                 if head is not None:
-                    header = parse_header(io.BytesIO(head).read)
+                    header = parse_header_bytes(head)
                 else:
                     with self._zf.open(zi) as stream:
                         header = parse_header(stream.read)
