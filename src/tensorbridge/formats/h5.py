@@ -224,8 +224,23 @@ class _Skip(Exception):
 #: allocates and decompresses whole chunks, so a 4-byte dataset with a 1 GiB chunk would
 #: cost 1 GiB to read.
 MAX_CHUNK_BYTES = 64 << 20
+#: Datasets kept open after ``open`` (more are reopened by name at each read).
+_KEEP_OPEN = 1024  # each costs libhdf5 about 20 KB
 #: HDF5's own limit on dataset rank (H5S_MAX_RANK).
 MAX_RANK = 32
+
+
+_MEMORY_TYPES: dict[np.dtype, Any] = {}
+
+
+def _memory_type(dtype: np.dtype) -> Any:
+    """h5py's memory type for ``dtype``, made once (making it costs more than a small read)."""
+    tid = _MEMORY_TYPES.get(dtype)
+    if tid is None:
+        from h5py import h5t
+
+        tid = _MEMORY_TYPES[dtype] = h5t.py_create(dtype)
+    return tid
 
 
 def _prod(shape: Sequence[int]) -> int:
@@ -380,7 +395,7 @@ class H5Reader(Reader):
         self._h5py = h5py = _h5py()
         self._file: Any = None
         self._guarded: Any = None
-        self._entries: dict[str, tuple[TensorInfo, bytes, np.dtype, _Chunks | None]] = {}
+        self._entries: dict[str, tuple[TensorInfo, bytes, np.dtype, _Chunks | None, Any]] = {}
         self._fd, self._size = open_regular_file(path)
         try:
             with _h5_errors(path, "opening the HDF5 file"):
@@ -457,7 +472,7 @@ class H5Reader(Reader):
             self._entries[tname] = entry
 
     def _object(self, raw: bytes, tname: str) -> tuple[TensorInfo, bytes, np.dtype,
-                                                       _Chunks | None] | None:
+                                                       _Chunks | None, Any] | None:
         from h5py import h5d, h5g, h5o
 
         obj = h5o.open(self._file.id, raw)
@@ -468,22 +483,20 @@ class H5Reader(Reader):
         return self._dataset(obj, raw, tname)
 
     def _dataset(self, dsid: Any, raw: bytes,
-                 tname: str) -> tuple[TensorInfo, bytes, np.dtype, _Chunks | None]:
+                 tname: str) -> tuple[TensorInfo, bytes, np.dtype, _Chunks | None, Any]:
         from h5py import h5a, h5d, h5s
 
-        h5py = self._h5py
         dcpl = dsid.get_create_plist()
         layout = dcpl.get_layout()
         if layout == h5d.VIRTUAL:
             raise _Skip("a virtual dataset, whose data lives in other files (never read)",
                         unsafe=True)
-        if dcpl.get_external_count():
+        if layout == h5d.CONTIGUOUS and dcpl.get_external_count():
             files = [dcpl.get_external(i)[0].decode("utf-8", "replace")
                      for i in range(min(dcpl.get_external_count(), 3))]
             raise _Skip(f"its data lives in external files {files!r} (never read)", unsafe=True)
         dt = dsid.dtype
-        if (dt.kind in "OSUVMm" or dt.fields is not None or h5py.check_dtype(vlen=dt) is not None
-                or h5py.check_dtype(ref=dt) is not None):
+        if dt.kind in "OSUVMm" or dt.fields is not None:  # vlen and references are "O"
             raise _Skip(f"it holds {dt} (strings, objects, references or records), not numbers")
         space = dsid.get_space()
         if space.get_simple_extent_type() == h5s.NULL:
@@ -501,7 +514,8 @@ class H5Reader(Reader):
             raise _Skip(f"its shape {shape} has a dimension of 2**63 or more")
         info = TensorInfo(tname, dtype_name, shape)
         plan = self._check_storage(dsid, dcpl, layout, info)
-        return info, raw, dt.newbyteorder("="), plan
+        keep = dsid if len(self._entries) < _KEEP_OPEN else None  # saves reopening by name
+        return info, raw, dt.newbyteorder("="), plan, keep
 
     def _check_storage(self, dsid: Any, dcpl: Any, layout: int,
                        info: TensorInfo) -> _Chunks | None:
@@ -630,12 +644,14 @@ class H5Reader(Reader):
 
     def _dataset_id(self, name: str) -> tuple[TensorInfo, Any, np.dtype, _Chunks | None]:
         info = self.info(name)
-        _, raw, native, plan = self._entries[name]
+        _, raw, native, plan, dsid = self._entries[name]
         if self._file is None:
             raise FileFormatError("the file is closed. Fix: open it again.", self.path)
-        from h5py import h5d
+        if dsid is None:
+            from h5py import h5d
 
-        return info, h5d.open(self._file.id, raw), native, plan
+            dsid = h5d.open(self._file.id, raw)
+        return info, dsid, native, plan
 
     def read(self, name: str) -> np.ndarray:
         info, dsid, native, plan = self._dataset_id(name)
@@ -649,13 +665,12 @@ class H5Reader(Reader):
         if out.size:
             from h5py import h5s
 
-            self._check_size()
             with _h5_errors(self.path, f"reading dataset {name!r}"):
                 if plan is not None:
                     plan.read(dsid, out, name, self.path)
                 else:
-                    dsid.read(h5s.ALL, h5s.ALL, out)
-            self._check_size()
+                    dsid.read(h5s.ALL, h5s.ALL, out, _memory_type(out.dtype))
+            self._check_size()  # after: any read past a new end gave zeros
         if info.dtype in _RAW_BITS:
             out = out.view(lookup(info.dtype).numpy)
         return out
@@ -669,7 +684,6 @@ class H5Reader(Reader):
             return rows.reshape(info.shape[1:]).copy() if single else rows.copy()
         out = np.empty((stop - start, *info.shape[1:]), dtype=native)
         if out.size:
-            self._check_size()
             with _h5_errors(self.path, f"reading dataset {name!r}"):
                 self._h5py.Dataset(dsid).read_direct(out, np.s_[start:stop])
             self._check_size()
@@ -687,7 +701,6 @@ class H5Reader(Reader):
         elif plan is not None:
             return np.ascontiguousarray(self.read(name)[key])
         else:
-            self._check_size()
             with _h5_errors(self.path, f"reading dataset {name!r}"):
                 out = np.asarray(self._h5py.Dataset(dsid)[key])
             self._check_size()
