@@ -91,7 +91,7 @@ def test_inspect_plain_table_natural_order_and_totals(npz):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert out.index("layer.1.b") < out.index("layer.2.w") < out.index("layer.10.w")
-    line = next(l for l in out.splitlines() if l.startswith("layer.10.w"))
+    line = next(ln for ln in out.splitlines() if ln.startswith("layer.10.w"))
     assert line.split()[1:3] == ["float32", "[3,"] and "48 B" in line
     total = sum(a.nbytes for a in ARRAYS.values())
     assert f"total: {len(ARRAYS)} tensors" in out and f"({total} bytes)" in out
@@ -128,8 +128,8 @@ def test_inspect_filter_sort_and_stats(npz):
     assert plain.returncode == 0
     lines = plain.stdout.splitlines()
     assert "nan" in lines[1] and "std" in lines[1]
-    assert not any(l.startswith("layer") for l in lines)
-    steps = next(l for l in lines if l.startswith("steps")).split()
+    assert not any(ln.startswith("layer") for ln in lines)
+    steps = next(ln for ln in lines if ln.startswith("steps")).split()
     assert steps[-6:] == ["0", "4", "2", "1.41421", "0", "0"]
 
 

@@ -17,7 +17,8 @@ import io
 import os
 import re
 import sys
-from typing import Any, Sequence, TextIO
+from typing import Any, TextIO
+from collections.abc import Sequence
 
 __all__ = ["is_tty", "use_color", "rich_available", "print_table", "human_bytes",
            "natural_key", "format_number", "progress"]
@@ -105,7 +106,7 @@ def print_table(
 
         table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
         longest = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
-        for i, (h, a) in enumerate(zip(headers, align)):
+        for i, (h, a) in enumerate(zip(headers, align, strict=True)):
             # On a narrow terminal every column folds onto more lines instead of being cut
             # (a number must never lose digits); names keep at least 16 characters a line.
             table.add_column(h, justify="right" if a == "r" else "left", overflow="fold",
@@ -122,7 +123,7 @@ def print_table(
             widths[i] = max(widths[i], len(c))
 
     def line(values: Sequence[str]) -> str:
-        out = [v.rjust(w) if a == "r" else v.ljust(w) for v, w, a in zip(values, widths, align)]
+        out = [v.rjust(w) if a == "r" else v.ljust(w) for v, w, a in zip(values, widths, align, strict=True)]
         return "  ".join(out).rstrip()
 
     stream.write(line(list(headers)) + "\n")
@@ -133,7 +134,7 @@ def print_table(
 class _NoProgress:
     """What :func:`progress` returns when no bar is shown: does nothing."""
 
-    def __enter__(self) -> "_NoProgress":
+    def __enter__(self) -> _NoProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -155,7 +156,7 @@ class _RichProgress:
         )
         self._task = self._progress.add_task(description, total=total)
 
-    def __enter__(self) -> "_RichProgress":
+    def __enter__(self) -> _RichProgress:
         self._progress.start()
         return self
 

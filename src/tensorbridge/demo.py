@@ -23,7 +23,8 @@ import tempfile
 import textwrap
 import warnings
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 

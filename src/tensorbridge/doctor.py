@@ -18,7 +18,8 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 

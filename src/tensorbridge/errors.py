@@ -41,7 +41,7 @@ class TensorBridgeError(Exception):
     # an error from inside tf.function as the same type only when it can see this.
     __init__ = Exception.__init__
 
-    def at(self, path: str) -> "TensorBridgeError":
+    def at(self, path: str) -> TensorBridgeError:
         """Return this error with the tree ``path`` of the failing leaf prepended."""
         self.path = path + self.path
         return self

@@ -29,7 +29,8 @@ import os
 import sys
 import tempfile
 import weakref
-from typing import Any, BinaryIO, Mapping
+from typing import Any, BinaryIO
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -254,7 +255,7 @@ class Writer:
         self._files.clear()
         _remove(self._paths)
 
-    def __enter__(self) -> "Writer":
+    def __enter__(self) -> Writer:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:

@@ -7,7 +7,8 @@ import json
 import math
 import os
 import sys
-from typing import Any, Iterable, Sequence
+from typing import Any
+from collections.abc import Iterable, Sequence
 
 from ..errors import FileFormatError
 from ..formats import Reader, format_for_path

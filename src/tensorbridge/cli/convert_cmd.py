@@ -477,7 +477,7 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
                 f"{src!r} with the given --include/--exclude", "no tensor is left to write",
                 "check the patterns with `tensorbridge inspect --filter GLOB`"))
         total = sum(i.nbytes for i in planned)
-        casts = sum(1 for i, p in zip((i for i in infos if i.name in kept), planned)
+        casts = sum(1 for i, p in zip((i for i in infos if i.name in kept), planned, strict=True)
                     if i.dtype != p.dtype)
         by_name = {i.name: i for i in planned}
         digests: dict[str, bytes] = {}

@@ -35,7 +35,8 @@ import secrets
 import stat
 import struct
 import sys
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
+from collections.abc import Iterator
 
 from ..errors import FileFormatError, TensorBridgeError
 

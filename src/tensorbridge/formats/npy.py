@@ -56,7 +56,8 @@ import struct
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -306,7 +307,7 @@ def build_header(dtype: str, shape: Sequence[int]) -> bytes:
     """
     descr = np.lib.format.dtype_to_descr(encode_dtype(lookup(dtype).numpy))
     shape = tuple(int(d) for d in shape)
-    text = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (descr, shape)
+    text = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {shape!r}, }}"
     body = text.encode("latin1")
     for version, prefix in (((1, 0), 10), ((2, 0), 12)):
         pad = -(prefix + len(body) + 1) % _ALIGN
@@ -338,10 +339,8 @@ def read_into(fill: Callable[[memoryview], None], header: NpyHeader,
         unit = row.itemsize // 2 if row.kind == "complex" else row.itemsize
         out.view(np.dtype(f"u{unit}")).byteswap(inplace=True)
     if header.fortran_order:
-        out = out.reshape(header.shape[::-1]).T
-    else:
-        out = out.reshape(header.shape)
-    return out
+        return out.reshape(header.shape[::-1]).T
+    return out.reshape(header.shape)
 
 
 def check_bool(arr: np.ndarray, name: str, file: object) -> None:

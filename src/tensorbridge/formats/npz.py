@@ -52,7 +52,8 @@ import struct
 import threading
 import zipfile
 import zlib
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -121,7 +122,7 @@ class NpzReader(Reader):
             members = self._zf.infolist()
             names = [self._member_name(zi) for zi in members]
             check_unique(names, path)
-            self._members: dict[str, zipfile.ZipInfo] = dict(zip(names, members))
+            self._members: dict[str, zipfile.ZipInfo] = dict(zip(names, members, strict=True))
             self._headers: dict[str, NpyHeader] = {
                 name: self._read_header(zi) for name, zi in self._members.items()}
         except BaseException:
@@ -283,7 +284,7 @@ class NpzFormat(Format):
         method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
         with atomic_write(path) as f:
             with zipfile.ZipFile(f, "w", method, allowZip64=True) as zf:
-                for info, header in zip(infos, headers):
+                for info, header in zip(infos, headers, strict=True):
                     arr = check_fetched(fetch(info.name), info, path)
                     zi = zipfile.ZipInfo(info.name + _SUFFIX, date_time=_DATE)
                     zi.compress_type = method

@@ -72,7 +72,8 @@ import sys
 import threading
 import zipfile
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -431,7 +432,7 @@ class PtReader(Reader):
         itemsize = dtype.itemsize
         if entry.info.size == 0:
             return np.empty(t.shape, dtype=dtype)
-        last = t.offset + sum((d - 1) * s for d, s in zip(t.shape, t.stride))
+        last = t.offset + sum((d - 1) * s for d, s in zip(t.shape, t.stride, strict=True))
         lo, hi = t.offset * itemsize, (last + 1) * itemsize
         # a compressed record is inflated from its start up to hi: that is the work
         self._charge(entry, entry.info.nbytes + (hi if entry.record.member is not None else 0))
@@ -473,7 +474,7 @@ class PtReader(Reader):
                 or entry.info.size == 0 or t.dtype == "bool" or t.neg or t.conj):
             return None
         expected = 1
-        for d, s in zip(reversed(t.shape), reversed(t.stride)):
+        for d, s in zip(reversed(t.shape), reversed(t.stride), strict=True):
             if d != 1 and s != expected:
                 return None
             expected *= d

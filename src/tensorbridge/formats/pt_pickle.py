@@ -35,7 +35,8 @@ import pickletools
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import IO, Any, Callable, Mapping
+from typing import IO, Any
+from collections.abc import Callable, Mapping
 
 from ..dtypes import lookup
 from ..errors import FileFormatError, UnsafeContentError
@@ -336,7 +337,7 @@ def _rebuild(storage: object, offset: object, size: object, stride: object,
             f"a tensor has shape {list(shape)} but stride {brief(list(strides))}. Fix: the "
             "checkpoint is corrupt; re-save it.", path)
     # a stride along an axis of length <= 1 is never used: normalise it (2**62 there is legal)
-    strides = tuple(s if d > 1 else 0 for d, s in zip(shape, strides))
+    strides = tuple(s if d > 1 else 0 for d, s in zip(shape, strides, strict=True))
     tensor = _Tensor(storage, dtype, _int(offset, "a storage offset", path), shape, strides,
                      neg, conj)
     _check_extent(tensor, path)
@@ -358,7 +359,7 @@ def _check_extent(t: _Tensor, path: str) -> None:
         count *= d
     if count == 0:
         return
-    last = t.offset + sum((d - 1) * s for d, s in zip(t.shape, t.stride))
+    last = t.offset + sum((d - 1) * s for d, s in zip(t.shape, t.stride, strict=True))
     need = (last + 1) * itemsize
     if need > t.storage.nbytes:
         raise FileFormatError(

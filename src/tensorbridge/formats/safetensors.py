@@ -46,7 +46,8 @@ import stat
 import struct
 import sys
 import threading
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 

@@ -53,7 +53,8 @@ import re
 import secrets
 import stat
 import threading
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -509,7 +510,7 @@ class ShardedFormat(Format):
                 names = _shard_names(prefix, len(groups), secrets.token_hex(4))
             written: list[str] = []
             try:
-                for shard, group in zip(names, groups):
+                for shard, group in zip(names, groups, strict=True):
                     final = os.path.join(directory, shard)
                     written.append(final)  # safetensors' atomic write removes its own temp
                     SAFETENSORS.write(final, group, fetch, {"format": "pt"}, landed=landed,
@@ -517,7 +518,7 @@ class ShardedFormat(Format):
                 atomic.fsync_dir(directory)
                 index = {
                     "metadata": {**user_metadata, "total_size": sum(i.nbytes for i in infos)},
-                    "weight_map": {i.name: shard for shard, group in zip(names, groups)
+                    "weight_map": {i.name: shard for shard, group in zip(names, groups, strict=True)
                                    for i in group},
                 }
                 # the link itself is replaced, as the shards are (a Hugging Face cache

@@ -232,7 +232,7 @@ def _positive_unit_strides(a: np.ndarray) -> np.ndarray:
     """A size-1 dimension's stride is never used: rewrite negative ones to 0 (no copy)."""
     if a.dtype.type.__module__ != "numpy":  # ml_dtypes: as_strided would lose the dtype
         return _positive_unit_strides(a.view(f"u{a.dtype.itemsize}")).view(a.dtype)
-    strides = tuple(0 if n <= 1 else s for s, n in zip(a.strides, a.shape))
+    strides = tuple(0 if n <= 1 else s for s, n in zip(a.strides, a.shape, strict=True))
     return np.lib.stride_tricks.as_strided(a, a.shape, strides, writeable=a.flags.writeable)
 
 
@@ -291,7 +291,7 @@ def gather_device_leaves(tree: Any, *, copy: bool | None, dtype: str | None,
         if wrapped:  # try again without them: JAX/CuPy arrays have their own way to the host
             return _torch_only(found, pinned)
         raise _refused(found, exc) from exc
-    return dict(zip([id(t) for t in found] + [id(a) for a, _ in wrapped], hosts))
+    return dict(zip([id(t) for t in found] + [id(a) for a, _ in wrapped], hosts, strict=True))
 
 
 def _torch_only(found: list[Any], pinned: bool) -> dict[int, np.ndarray]:
@@ -302,7 +302,7 @@ def _torch_only(found: list[Any], pinned: bool) -> dict[int, np.ndarray]:
         hosts = batch_to_host(found, pinned=pinned)
     except RuntimeError as exc:
         raise _refused(found, exc) from exc
-    return dict(zip(map(id, found), hosts))
+    return dict(zip(map(id, found), hosts, strict=True))
 
 
 def _refused(found: list[Any], exc: Exception) -> ConversionError:

@@ -48,7 +48,8 @@ import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any
+from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
 
@@ -465,7 +466,7 @@ def batch_to_host(tensors: list[Any], *, pinned: bool = False, ring: _Ring | Non
     dts = [_numpy_dtype(t.dtype) for t in tensors]  # fail before any copy
     sizes = [t.numel() * t.element_size() for t in tensors]  # the originals: nothing prepared yet
     devs = [hooks.device(t) for t in tensors]
-    keys = [(d, t.dtype) for d, t in zip(devs, tensors)]
+    keys = [(d, t.dtype) for d, t in zip(devs, tensors, strict=True)]
     packs, direct = plan_packs(sizes, keys, pack_bytes=(ring.block_bytes if ring else BLOCK_BYTES))
     # Items: what crosses the link. A direct tensor, or a pack of small ones of one device/dtype.
     # where[i] = (item, byte offset in the item) for every non-empty tensor i.
@@ -677,13 +678,13 @@ def scatter_host_leaves(tree: Any, device: Any, *, ring: _Ring | None = None,
         batch_to_device(srcs, dsts, ring=ring, hooks=hooks)
     except RuntimeError:
         return {}  # CUDA refused: the planned route raises a DeviceError/ConversionError itself
-    return dict(zip(ids, dsts))
+    return dict(zip(ids, dsts, strict=True))
 
 
 def _plain_to_device(srcs: list[np.ndarray], flats: list[Any], torch: Any) -> None:
     """No ring: one plain (synchronous) copy per array; read-only arrays are copied first
     (``torch.from_numpy`` warns on read-only memory)."""
-    for a, f in zip(srcs, flats):
+    for a, f in zip(srcs, flats, strict=True):
         if a.nbytes:
             f.copy_(torch.from_numpy(a if a.flags.writeable else a.copy()))
 
