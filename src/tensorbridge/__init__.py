@@ -7,6 +7,8 @@ shared, honest where it cannot.
 dtype('float32')
 """
 
+from typing import Any
+
 from .convert import (
     convert,
     explain,
@@ -37,6 +39,7 @@ __version__ = "0.1.0"
 # Inside tf.function, AutoGraph rewrites the Python functions it meets. Marked as
 # its artifacts (the attribute tf.autograph.experimental.do_not_convert sets), the
 # public functions run as written, so their own errors reach the caller unchanged.
+_fn: Any
 for _fn in (convert, to_numpy, to_torch, to_tensorflow, to_jax, to_cupy, explain,
             shares_memory, save, load, open, tree_map):
     _fn.autograph_info__ = frozenset()

@@ -67,7 +67,7 @@ def human_bytes(n: int | float) -> str:
     raise AssertionError("unreachable")
 
 
-def natural_key(name: str) -> tuple:
+def natural_key(name: str) -> tuple[Any, ...]:
     """A sort key that orders digit runs by value, so ``layer.2`` < ``layer.10``.
 
     Even positions hold text and odd positions integers, so keys of any two
@@ -164,8 +164,10 @@ class _RichProgress:
         self._progress.stop()
 
     def advance(self, n: int = 1, description: str | None = None) -> None:
-        kwargs = {"description": description} if description else {}
-        self._progress.update(self._task, advance=n, **kwargs)
+        if description:
+            self._progress.update(self._task, advance=n, description=description)
+        else:
+            self._progress.update(self._task, advance=n)
 
 
 def progress(total_bytes: int, description: str, *, quiet: bool = False) -> Any:

@@ -252,7 +252,8 @@ class _Demo:
             self.out(f"b.requires_grad={b.requires_grad}: tb.Writer and tb.to_numpy take it as "
                      "it is, no .detach().cpu().numpy()")
             a_np, b_np = tb.to_numpy(a), tb.to_numpy(b)
-            batches = [(a[:2], b[:2]), (a[2:], b[2:])]  # torch tensors go in directly
+            # torch tensors go in directly
+            batches: list[tuple[Any, Any]] = [(a[:2], b[:2]), (a[2:], b[2:])]
         else:
             self.out("torch not installed: the same model in NumPy (Linear(2, 2) -> SELU)")
             rng = np.random.default_rng(0)
@@ -266,9 +267,9 @@ class _Demo:
         directory = self.out_dir or tempfile.mkdtemp(prefix="tensorbridge-demo-")
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, "db.npz")
-        with tb.Writer(path) as w:
+        with tb.Writer(path) as writer:
             for a_batch, b_batch in batches:  # two batches, as a training loop would
-                w.append(a=a_batch, b=b_batch)
+                writer.append(a=a_batch, b=b_batch)
         self.out(f">>> with tb.Writer({path!r}) as w: w.append(a=..., b=...)  # two batches")
         with np.load(path, allow_pickle=False) as f:
             same = (f["a"].tobytes() == a_np.tobytes() and f["b"].tobytes() == b_np.tobytes())

@@ -90,6 +90,8 @@ def _equal(a: Any, b: Any) -> bool:
 def _routes(have: dict[str, bool]) -> list[dict[str, Any]]:
     import tensorbridge as tb
 
+    from .plan import Plan
+
     routes: list[dict[str, Any]] = []
 
     def route(name: str, needs: tuple[str, ...], fn: Callable[[], str],
@@ -133,7 +135,8 @@ def _routes(have: dict[str, bool]) -> list[dict[str, Any]]:
             import torch
 
             t = torch.arange(64, dtype=torch.float32)
-            steps = "; ".join(s.text for s in tb.explain(t, to=target).steps)
+            plan = tb.explain(t, to=target)
+            steps = "; ".join(s.text for s in plan.steps) if isinstance(plan, Plan) else str(plan)
             return f"{shared(t, tb.convert(t, to=target))} via {steps}"
         return fn
 

@@ -130,7 +130,7 @@ def _attributes(obj: Any, skip: Sequence[str] = ()) -> dict[str, Any]:
 def _blank(obj: Any) -> Any:
     """A new, empty instance of ``type(obj)`` with the same instance attributes, made
     without calling ``__init__`` (whose signature tensorbridge cannot know)."""
-    cls = type(obj)
+    cls: Any = type(obj)
     try:
         new = cls.__new__(cls)
         state = getattr(obj, "__dict__", None)

@@ -75,7 +75,7 @@ class Writer:
     same shapes after the first axis, as the first one.
     """
 
-    def __init__(self, path: str | os.PathLike, /, *, format: str | None = None,
+    def __init__(self, path: str | os.PathLike[str], /, *, format: str | None = None,
                  metadata: Mapping[str, str] | None = None, **options: Any) -> None:
         self.path = os.fspath(path)
         self._format = format_for_path(self.path, format)

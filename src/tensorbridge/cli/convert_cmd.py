@@ -278,7 +278,7 @@ def _span_fill(span: RawSpan, comparer: _Comparer) -> Any:
 
 
 def _array_fill(arr: np.ndarray) -> Any:
-    flat = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+    flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data
     return lambda pos, view: view.__setitem__(slice(None), flat[pos:pos + len(view)])
 
 
@@ -533,7 +533,8 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
                 metadata.pop("total_size", None)  # the index's own bookkeeping
             metadata, dropped = _storable_metadata(out_format, metadata)
             try:
-                out_format.write(dst, planned, fetch, metadata, **options)
+                # (fetch returns a RawSpan only to formats that copy spans: see raw_spans)
+                out_format.write(dst, planned, fetch, metadata, **options)  # type: ignore[arg-type]
             except BaseException:
                 if checker is not None:
                     checker.cancel()  # the write failed: its checks need not finish

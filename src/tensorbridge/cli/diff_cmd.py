@@ -129,8 +129,8 @@ def compare_arrays(a: np.ndarray, b: np.ndarray, *, rtol: float = 0.0,
             d[equal] = 0.0
             d[np.isnan(d)] = np.inf
             huge = _huge_int_diffs(ca, cb)  # integers float64 cannot hold exactly
-            for k, exact_d in huge.items():
-                d[k] = float(exact_d)
+            for k, big in huge.items():
+                d[k] = float(big)
             scale = np.abs(wb)
             rel = np.where(d == 0, 0.0, np.where(scale == 0, np.inf, d / scale))
             if d.size:
@@ -144,8 +144,8 @@ def compare_arrays(a: np.ndarray, b: np.ndarray, *, rtol: float = 0.0,
                 bad = ~_same_value(wa, wb)
             else:
                 bad = ~np.isclose(wa, wb, rtol=rtol, atol=atol, equal_nan=True)
-            for k, exact_d in huge.items():
-                bad[k] = exact_d != 0 if exact else exact_d > atol + rtol * abs(float(cb[k]))
+            for k, big in huge.items():
+                bad[k] = big != 0 if exact else big > atol + rtol * abs(float(cb[k]))
             mismatches += int(np.count_nonzero(bad))
     return {"mismatches": mismatches, "max_abs_diff": max_abs, "max_rel_diff": max_rel}
 

@@ -45,6 +45,8 @@ def tensor_stats(a: np.ndarray) -> dict[str, Any]:
     lo: Any = None
     hi: Any = None
     nan = inf = 0
+    cmin: float
+    cmax: float
     for start in range(0, flat.size, CHUNK):
         c = flat[start:start + CHUNK]
         if kind in ("bool", "int", "uint"):

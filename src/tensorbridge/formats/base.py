@@ -55,7 +55,7 @@ class TensorInfo:
 
         return self.size * lookup(self.dtype).itemsize
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "nbytes": self.nbytes}
 
 

@@ -170,7 +170,7 @@ def _dataset_info(h5py: Any, dset: Any, name: str, path: str, file_size: int) ->
 
 
 def _walk(h5py: Any, group: Any, prefix: str, path: str, file_size: int,
-          seen_groups: list, out: dict) -> None:
+          seen_groups: list[Any], out: dict[str, Any]) -> None:
     for key in group.keys():
         full = f"{prefix}/{key}"
         name = full.lstrip("/").replace("/", ".")
@@ -212,7 +212,7 @@ class H5Reader(Reader):
             self._file = h5py.File(path, "r")
         try:
             with _h5_errors(path, "reading the HDF5 structure"):
-                entries: dict = {}
+                entries: dict[str, Any] = {}
                 _walk(h5py, self._file, "", path, size, [], entries)
                 check_unique(entries, path)
                 self._entries = entries

@@ -201,7 +201,7 @@ def _descr_dtype(descr: object, file: object) -> tuple[str, bool]:
                 f"descr {descr!r} is a structured dtype, which holds records, not a tensor "
                 "(the only structured layout read is tensorbridge's bfloat16/float8 marker, "
                 "e.g. [('bfloat16', '<u2')]). " + fix, file)
-        field = dt.fields[name][0]
+        field = dt[name]
         return name, field.itemsize > 1 and not field.isnative
     if not isinstance(descr, str):
         raise _fail(f"descr {descr!r} is a {type(descr).__name__}, not a dtype string. Fix: the "
@@ -334,7 +334,7 @@ def read_into(fill: Callable[[memoryview], None], header: NpyHeader,
             f"cannot allocate {header.nbytes} bytes for a {header.dtype}{list(header.shape)} "
             "array. Fix: free memory, or read the file on a machine with more.", file) from exc
     if count:
-        fill(memoryview(out.view(np.uint8)))
+        fill(out.view(np.uint8).data)
     if header.swap and row.itemsize > 1:
         unit = row.itemsize // 2 if row.kind == "complex" else row.itemsize
         out.view(np.dtype(f"u{unit}")).byteswap(inplace=True)

@@ -210,7 +210,7 @@ class NpzReader(Reader):
                     def fill(view: memoryview) -> None:
                         done = 0
                         while done < len(view):
-                            n = stream.readinto(view[done:done + CHUNK_BYTES])
+                            n = stream.readinto(view[done:done + CHUNK_BYTES])  # type: ignore[attr-defined]
                             if not n:
                                 raise FileFormatError(
                                     f"member {zi.filename!r} ended after {done} of "

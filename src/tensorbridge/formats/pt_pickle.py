@@ -386,12 +386,13 @@ def _globals(path: str) -> dict[str, Any]:
     def v2(args: tuple) -> _Tensor | _Refused:
         if len(args) not in (6, 7):
             raise FileFormatError(f"_rebuild_tensor_v2 gets {len(args)} arguments.", path)
-        return _rebuild(*args[:4], None, path, args[4:])
+        return _rebuild(args[0], args[1], args[2], args[3], None, path, args[4:])
 
     def v3(args: tuple) -> _Tensor | _Refused:
         if len(args) not in (7, 8) or not isinstance(args[6], _DType):
             raise FileFormatError("_rebuild_tensor_v3 gets malformed arguments.", path)
-        return _rebuild(*args[:4], args[6].name, path, args[4:6] + args[7:])
+        return _rebuild(args[0], args[1], args[2], args[3], args[6].name, path,
+                        args[4:6] + args[7:])
 
     def parameter(args: tuple) -> _Tensor | _Refused:
         # (data, requires_grad, backward_hooks[, state]): state is Python attributes

@@ -136,7 +136,7 @@ def _load_json(path: str) -> Any:
     finally:
         os.close(fd)
 
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key, value in pairs:
             if key in out:
@@ -217,6 +217,7 @@ def _shard_path(directory: str, shard: object, index_path: str) -> str:
         raise UnsafeContentError(
             f"shard {shard!r} is refused: {why}. Fix: shards must be plain file names next "
             "to the index, e.g. 'model-00001-of-00002.safetensors'.", index_path)
+    assert isinstance(shard, str)  # (for the type checker: anything else was refused above)
     full = os.path.join(directory, shard)
     root = os.path.realpath(directory)
     real = os.path.realpath(full)
@@ -305,7 +306,7 @@ class ShardedReader(Reader):
             raise FileFormatError(
                 f"the index must be a JSON object with a 'weight_map' object, got {got!r}. Fix: "
                 "restore the *.index.json from the original checkpoint.", index_path)
-        weight_map: dict = index["weight_map"]
+        weight_map: dict[str, Any] = index["weight_map"]
         check_unique(weight_map, index_path)
         self.metadata = _stringify_metadata(index.get("metadata"), index_path)
         by_shard: dict[str, list[str]] = {}

@@ -40,10 +40,10 @@ class TorchBackend(Backend):
     def canonical(self, dtype: Any) -> str:
         if self._canonical is None:
             self._canonical = {}
-            for name in self.DTYPES:
-                d = self.native_dtype(name)
+            for canonical in self.DTYPES:
+                d = self.native_dtype(canonical)
                 if d is not None:
-                    self._canonical[d] = name
+                    self._canonical[d] = canonical
         name = self._canonical.get(dtype)
         if name is None:
             quantized = "q" in str(dtype).rpartition(".")[2][:2]  # torch.qint8, quint8, ...
@@ -259,7 +259,7 @@ def gather_device_leaves(tree: Any, *, copy: bool | None, dtype: str | None,
         return {}
     from . import foreign_cuda
 
-    torch = sys.modules.get("torch")
+    torch: Any = sys.modules.get("torch")
     torch_live = torch is not None and torch.cuda.is_initialized()
     others = foreign_cuda.live_types()
     if not torch_live and not others:

@@ -188,16 +188,16 @@ def plan_packs(sizes: Sequence[int], keys: Sequence[Hashable], *, small_bytes: i
     for key, items in groups.items():
         cur: list[tuple[int, int]] = []
         used = 0
-        for i in items + [None]:  # type: ignore[list-item]
-            if i is None or (cur and used + sizes[i] > pack_bytes):
+        for item in [*items, None]:
+            if item is None or (cur and used + sizes[item] > pack_bytes):
                 if len(cur) == 1:
                     direct.append(cur[0][0])
                 elif cur:
                     packs.append(Pack(key, tuple(cur), used))
                 cur, used = [], 0
-            if i is not None:
-                cur.append((i, used))
-                used += sizes[i]
+            if item is not None:
+                cur.append((item, used))
+                used += sizes[item]
     direct.sort()
     return packs, direct
 
@@ -352,7 +352,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork)
 
 
-class _Done(Future):
+class _Done(Future[None]):
     def __init__(self) -> None:
         super().__init__()
         self.set_result(None)
@@ -361,7 +361,7 @@ class _Done(Future):
 _DONE = _Done()
 
 
-def _submit(fn: Callable[[list[Piece]], None], jobs: list[list[Piece]]) -> list[Future]:
+def _submit(fn: Callable[[list[Piece]], None], jobs: list[list[Piece]]) -> list[Future[None]]:
     if not jobs:
         return []
     if len(jobs) == 1:  # a small chunk: a pool round trip costs more than the copy
@@ -371,7 +371,7 @@ def _submit(fn: Callable[[list[Piece]], None], jobs: list[list[Piece]]) -> list[
     return [pool.submit(fn, job) for job in jobs]
 
 
-def _wait_all(futures: list[Future]) -> None:
+def _wait_all(futures: list[Future[None]]) -> None:
     err = None
     for f in futures:
         try:
@@ -382,7 +382,7 @@ def _wait_all(futures: list[Future]) -> None:
         raise err
 
 
-def _drain(pending: dict[int, list[Future]]) -> None:
+def _drain(pending: dict[int, list[Future[None]]]) -> None:
     for futs in pending.values():
         for f in futs:
             try:
@@ -478,7 +478,7 @@ def batch_to_host(tensors: list[Any], *, pinned: bool = False, ring: _Ring | Non
     for p in packs:
         for i, off in p.members:
             where[i] = (len(items), off)
-        items.append((p.key[0], p))
+        items.append((p.key[0], p))  # type: ignore[index]  # keys are (device, dtype)
     order = sorted(range(len(items)), key=lambda j: str(items[j][0]))  # group by device
     items = [items[j] for j in order]
     renum = {old: new for new, old in enumerate(order)}
@@ -512,7 +512,7 @@ def _plain_to_host(item_sizes: list[int], source: Callable[[int], Any]) -> list[
     return [source(j).cpu().numpy() for j in range(len(item_sizes))]
 
 
-def _to_pinned(items: list, item_sizes: list[int], source: Callable[[int], Any], hooks: _Hooks,
+def _to_pinned(items: list[Any], item_sizes: list[int], source: Callable[[int], Any], hooks: _Hooks,
                torch: Any) -> list[np.ndarray]:
     """One page-locked buffer per item, one copy each, one wait per device.
 
@@ -537,7 +537,7 @@ def _to_pinned(items: list, item_sizes: list[int], source: Callable[[int], Any],
     return hosts
 
 
-def _through_ring(items: list, item_sizes: list[int], source: Callable[[int], Any], ring: _Ring,
+def _through_ring(items: list[Any], item_sizes: list[int], source: Callable[[int], Any], ring: _Ring,
                   hooks: _Hooks) -> list[np.ndarray]:
     chunks = plan_chunks(item_sizes, keys=[str(d) for d, _ in items], block_bytes=ring.block_bytes,
                          num_blocks=ring.num_blocks, align=ring.align)
@@ -556,7 +556,7 @@ def _through_ring(items: list, item_sizes: list[int], source: Callable[[int], An
         for c in chunks:
             for p in c.pieces:
                 last_chunk[p.item] = c.index
-        reading: dict[int, list[Future]] = {}  # block -> memcpy jobs still reading it
+        reading: dict[int, list[Future[None]]] = {}  # block -> memcpy jobs still reading it
         landed: deque[Chunk] = deque()  # enqueued, not yet handed to the threads
         live: dict[int, Any] = {}  # item -> its flat device source, while pieces remain
 
@@ -718,7 +718,7 @@ def batch_to_device(srcs: list[np.ndarray], dsts: list[Any], *, ring: _Ring | No
             _count(fallbacks=1)
             _plain_to_device(srcs, flats, torch)
             return
-        packing: dict[int, list[Future]] = {}
+        packing: dict[int, list[Future[None]]] = {}
 
         def start(c: Chunk) -> None:
             blk = ring.block(c.block)
