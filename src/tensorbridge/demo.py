@@ -333,9 +333,13 @@ def run(out: Out = print, *, out_dir: str | None = None,
 
 def main(*, out_dir: str | None = None, quiet: bool = False) -> int:
     """``tensorbridge demo``: exit 0 when no step failed, 1 otherwise."""
-    def out(line: str) -> None:
+    from .console import echo
+
+    def out(text: str) -> None:
         if not quiet:
-            print(line, flush=True)
+            for line in text.split("\n"):
+                echo(line)
+            sys.stdout.flush()
 
     summary = run(out, out_dir=out_dir)
     return 1 if summary["failed"] else 0

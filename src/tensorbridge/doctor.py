@@ -217,12 +217,13 @@ def collect(frameworks: tuple[str, ...] = FRAMEWORKS) -> dict[str, Any]:
 
 
 def render(report: dict[str, Any], stream: Any = None) -> None:
-    from .console import print_table
+    from .console import echo, print_table
 
     stream = sys.stdout if stream is None else stream
-    stream.write(f"tensorbridge {report['tensorbridge']} on Python {report['python']} "
-                 f"({report['platform']})\n")
-    stream.write(f"numpy {report['numpy']}, ml_dtypes {report['ml_dtypes']}\n\n")
+    echo(f"tensorbridge {report['tensorbridge']} on Python {report['python']} "
+         f"({report['platform']})", stream)
+    echo(f"numpy {report['numpy']}, ml_dtypes {report['ml_dtypes']}", stream)
+    echo("", stream)
     rows = []
     for name, info in report["frameworks"].items():
         if not info["installed"]:
@@ -234,11 +235,12 @@ def render(report: dict[str, Any], stream: Any = None) -> None:
             text = ", ".join(devices) if isinstance(devices, list) else str(devices)
             rows.append([name, info["version"], f"{info['import_seconds']:.2f}s", text])
     stream.flush()
-    print_table(["framework", "version", "import", "devices"], rows, stream)
-    stream.write("\n")
+    print_table(["framework", "version", "import", "devices"], rows, stream, align="lllw")
+    echo("", stream)
     stream.flush()
     print_table(["route", "status", "detail"],
-                [[r["route"], r["status"], r["detail"]] for r in report["routes"]], stream)
+                [[r["route"], r["status"], r["detail"]] for r in report["routes"]], stream,
+                align="llw")
 
 
 def main(*, json_output: bool = False, quiet: bool = False) -> int:

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ..console import human_bytes, progress
+from ..console import echo, human_bytes, progress
 from ..dtypes import canonical_name, is_floating, lookup, numpy_dtype
 from ..errors import ConversionError, FileFormatError, message
 from ..formats import Format, Reader, TensorInfo, format_for_path, get_format
@@ -459,10 +459,11 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
         from ..formats.sharded import parse_size
 
         options["max_shard_size"] = parse_size(max_shard_size)
-    if os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst):
-        raise FileFormatError("source and destination are the same file. Fix: write to a "
-                              "new path, then move it over the original.", dst)
-    reader, in_format = open_file(src, src_format)
+    # In place (SRC is DST) works like any other convert: the new file is written beside
+    # it and replaces it atomically at the end, while SRC's reader keeps the old file open.
+    # Its bytes are then checked by CRC-32, not against SRC's byte ranges (gone by then).
+    in_place = os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst)
+    reader, in_format = open_file(src, src_format, flag="--src-format")
     with reader:
         written = dst
         if out_format.name == "sharded":  # verify the index written, not the directory
@@ -484,7 +485,7 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
         spans: dict[str, RawSpan] = {}
         dropped: list[str] = []
         source_dtype = {i.name: i.dtype for i in infos}
-        raw_ok = out_format.name in _SPAN_WRITERS
+        raw_ok = out_format.name in _SPAN_WRITERS and not in_place
         checker = _LandedChecker(spans, dst) if check and raw_ok else None
         last = planned[-1].name
         if checker is not None:
@@ -599,16 +600,17 @@ def run(args: argparse.Namespace) -> int:
             line += f", {s['skipped']} left out by --include/--exclude"
         if s["dtype"]:
             line += f", {s['cast']} cast to {s['dtype']}"
-        print(line)
+        echo(line)
         if s["metadata_dropped"] and s["dst_format"] == "h5":
-            print("note: h5 files cannot hold metadata keys that are empty or hold NUL, or "
-                  "values that hold NUL; left out: "
-                  f"{', '.join(map(repr, s['metadata_dropped']))}", file=sys.stderr)
+            echo("note: h5 files cannot hold metadata keys that are empty or hold NUL, or "
+                 "values that hold NUL; left out: "
+                 f"{', '.join(map(repr, s['metadata_dropped']))}", sys.stderr)
         elif s["metadata_dropped"]:
-            print(f"note: {s['dst_format']} files hold no metadata; left out: "
-                  f"{', '.join(s['metadata_dropped'])}", file=sys.stderr)
+            echo(f"note: {s['dst_format']} files hold no metadata; left out: "
+                 f"{', '.join(s['metadata_dropped'])}", sys.stderr)
         if s["verified"] is None:
-            print("not verified (--no-verify)")
+            echo("not verified (--no-verify)")
         else:
-            print(f"verified {s['verified']} tensor{'s' if s['verified'] != 1 else ''}: the output reads back bit-exact")
+            echo(f"verified {s['verified']} tensor{'s' if s['verified'] != 1 else ''}: "
+                 "the output reads back bit-exact")
     return 0
