@@ -7,19 +7,32 @@ shared, honest where it cannot.
 dtype('float32')
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .convert import (
-    convert,
-    explain,
-    shares_memory,
-    to_cupy,
-    to_jax,
-    to_numpy,
-    to_tensorflow,
-    to_tf,
-    to_torch,
-)
+from .convert import shares_memory
+
+if TYPE_CHECKING:  # the same functions, with overloads whose return type follows the argument
+    from ._api import (
+        convert,
+        explain,
+        to_cupy,
+        to_jax,
+        to_numpy,
+        to_tensorflow,
+        to_tf,
+        to_torch,
+    )
+else:
+    from .convert import (
+        convert,
+        explain,
+        to_cupy,
+        to_jax,
+        to_numpy,
+        to_tensorflow,
+        to_tf,
+        to_torch,
+    )
 from .errors import (
     ConversionError,
     CopyError,
