@@ -667,7 +667,7 @@ def test_tables_on_a_narrow_terminal_keep_names_and_every_digit(monkeypatch, col
     headers = ["name", "dtype", "shape", "size", "min", "max", "mean", "std", "nan", "inf"]
     rows = [["encoder.weight", "uint64", "[2]", "16 B", "1", "18446744073709551615",
              "9.22337e+18", "9.22337e+18", "0", "0"]]
-    print_table(headers, rows, buf, align="wllrrrrrrr")
+    print_table(headers, rows, buf, align="lllrrrrrrr")
     text = buf.getvalue()
     assert "encoder.weight" in text and "…" not in text
     tokens = text.replace("│", " ").split()

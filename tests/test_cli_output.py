@@ -120,10 +120,11 @@ class TestHostileTextIsEscapedEverywhere:
 
     @pytest.mark.parametrize("mode", TEXT_MODES)
     @pytest.mark.parametrize("stats", [False, True])
-    def test_inspect(self, monkeypatch, evil, mode, stats):
+    @pytest.mark.parametrize("columns", [200, 80])  # a table; blocks (the name is too long)
+    def test_inspect(self, monkeypatch, evil, mode, stats, columns):
         a, _ = evil
         code, out, err = run_cli(monkeypatch, ["inspect", a] + (["--stats"] if stats else []),
-                                 mode=mode)
+                                 mode=mode, columns=columns)
         assert code == 0, err
         assert_safe(out + err, no_escape_codes=mode != "tty")
         assert escape(EVIL) in out  # the name is shown, escaped, on one line
@@ -231,15 +232,19 @@ def test_inspect_stats_on_a_narrow_terminal_keeps_every_digit_and_column(monkeyp
     assert "18446744073709551615" in out and "…" not in out
 
 
-def test_tables_that_fit_stay_tables_and_fold_only_the_name(monkeypatch):
+def test_a_table_row_is_always_one_line_so_a_long_name_cannot_start_a_line(monkeypatch):
     monkeypatch.setattr(console, "is_tty", lambda stream=None: True)
     monkeypatch.setenv("NO_COLOR", "1")
-    monkeypatch.setenv("COLUMNS", "60")
-    buf = io.StringIO()
-    print_table(["name", "size"], [["a" * 70, "12345678 B"]], buf, align="wr")
-    lines = buf.getvalue().splitlines()
-    assert any("12345678 B" in ln for ln in lines) and len(lines) > 3  # the name folded
-    assert "".join(ln.split("│")[0].strip() for ln in lines[2:]) == "a" * 70
+    name = "a" * 30 + " fake_row float32 [1] 4 B"
+    for columns, table in (("120", True), ("60", False)):
+        monkeypatch.setenv("COLUMNS", columns)
+        buf = io.StringIO()
+        print_table(["name", "size"], [[name, "12345678 B"]], buf, align="lr")
+        lines = buf.getvalue().splitlines()
+        assert ("│" in buf.getvalue()) == table
+        assert [ln for ln in lines if name in ln]  # whole, on one line
+        assert not any(ln.lstrip().startswith("fake_row") for ln in lines)
+        assert any("12345678 B" in ln for ln in lines)
 
 
 def test_json_has_no_infinity_and_says_which_values_were_not_finite(monkeypatch, tmp_path):

@@ -31,8 +31,6 @@ __all__ = ["escape", "echo", "is_tty", "use_color", "rich_available", "print_tab
 
 _DIGITS = re.compile(r"(\d+)")
 _SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-#: a folding column (``w``) is never squeezed below this many characters a line
-_FOLD_MIN = 16
 
 
 def _escape_char(c: str) -> str:
@@ -149,25 +147,22 @@ def print_table(
     r"""Print a table: a rich table on a terminal, fixed-width plain text otherwise.
     Every cell, header and the title are escaped (see :func:`escape`).
 
-    ``align`` has one letter per column: ``l`` (left) and ``r`` (right) columns are
-    never broken, ``w`` columns are left-aligned and may fold onto more lines on a
-    narrow terminal (default: the first column ``w``, the others ``l``). When the
-    table does not fit the terminal even so, each row is printed as a block of
-    ``header: value`` lines instead: no value is ever cut or dropped.
+    ``align`` has one letter per column, ``l`` or ``r`` (default: all left). A row is
+    always one line: no value is ever folded, cut or dropped (a folded name could
+    start a line that looks like a row of its own). When the table does not fit the
+    terminal, each row is printed as a block of ``header value`` lines instead.
 
-    >>> print_table(["name", "size"], [["a\x1b[31m", 4]], sys.stdout, align="wr")
+    >>> print_table(["name", "size"], [["a\x1b[31m", 4]], sys.stdout, align="lr")
     name       size
     a\x1b[31m     4
     """
     stream = sys.stdout if stream is None else stream
-    align = align or "w" + "l" * (len(headers) - 1)
+    align = align or "l" * len(headers)
     heads = [escape(h) for h in headers]
     cells = [[escape(c) for c in row] for row in rows]
     if is_tty(stream) and rich_available():
         console = _rich_console(stream)
-        longest = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(heads)]
-        need = [min(n, max(_FOLD_MIN, len(h))) if a == "w" else n
-                for n, h, a in zip(longest, heads, align, strict=True)]
+        need = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(heads)]
         if sum(need) + 3 * (len(need) - 1) > console.width:
             _print_records(heads, cells, stream, title)
             return
@@ -178,7 +173,7 @@ def print_table(
                       show_edge=False, pad_edge=False)
         for h, a, n in zip(heads, align, need, strict=True):
             table.add_column(Text(h), justify="right" if a == "r" else "left", min_width=n,
-                             overflow="fold", no_wrap=a != "w")
+                             no_wrap=True)
         for row in cells:
             table.add_row(*(Text(c) for c in row))
         console.print(table)

@@ -235,12 +235,12 @@ def render(report: dict[str, Any], stream: Any = None) -> None:
             text = ", ".join(devices) if isinstance(devices, list) else str(devices)
             rows.append([name, info["version"], f"{info['import_seconds']:.2f}s", text])
     stream.flush()
-    print_table(["framework", "version", "import", "devices"], rows, stream, align="lllw")
+    print_table(["framework", "version", "import", "devices"], rows, stream, align="llll")
     echo("", stream)
     stream.flush()
     print_table(["route", "status", "detail"],
                 [[r["route"], r["status"], r["detail"]] for r in report["routes"]], stream,
-                align="llw")
+                align="lll")
 
 
 def main(*, json_output: bool = False, quiet: bool = False) -> int:

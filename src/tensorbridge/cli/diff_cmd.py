@@ -229,7 +229,7 @@ def _render(doc: dict[str, Any]) -> None:
                          format_number(t.get("mismatches"))])
         out.flush()
         print_table(["name", "status", "a", "b", "max abs", "max rel", "mismatches"],
-                    rows, out, align="wlllrrr")
+                    rows, out, align="llllrrr")
     if doc["metadata_differs"]:
         echo("note: the files' metadata differ (not counted as a difference)", out)
     mode = "bit-exact" if doc["exact"] else f"rtol={doc['rtol']:g}, atol={doc['atol']:g}"

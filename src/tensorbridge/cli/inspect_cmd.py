@@ -160,7 +160,7 @@ def render_text(doc: dict[str, Any], stream: TextIO) -> None:
             echo(f"  {_clip(str(k))}: {_clip(str(v))}", stream)
     with_stats = any("stats" in t for t in doc["tensors"])
     headers = ["name", "dtype", "shape", "size"]
-    align = "wllr"
+    align = "lllr"
     if with_stats:
         headers += list(_STAT_COLUMNS)
         align += "r" * len(_STAT_COLUMNS)
