@@ -154,8 +154,9 @@ def test_cli_inspect_convert_diff(tmp_path):
     src = tmp_path / "m.safetensors"
     tb.save({"w": _array("bfloat16", (4, 4)), "b": _array("float32", (4,))}, src)
     z = tmp_path / "m.zarr"
-    run = lambda *a: subprocess.run([sys.executable, "-m", "tensorbridge", *map(str, a)],
-                                    capture_output=True, text=True, timeout=120)
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "tensorbridge", *map(str, a)],
+                              capture_output=True, text=True, timeout=120)
     r = run("convert", src, z)
     assert r.returncode == 0, r.stderr
     r = run("diff", src, z)

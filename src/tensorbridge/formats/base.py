@@ -103,7 +103,7 @@ class Reader:
         rows = self.read(name)[start:stop]
         return rows.reshape(info.shape[1:]).copy() if single else rows.copy()
 
-    def array(self, name: str) -> "LazyArray":
+    def array(self, name: str) -> LazyArray:
         """Tensor ``name`` as a lazy n-d array: index it, and only the bytes the index needs
         are read (see :mod:`tensorbridge.formats.lazy`)."""
         from . import FORMAT_MODULES

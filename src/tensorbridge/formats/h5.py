@@ -284,7 +284,9 @@ class H5Reader(Reader):
         return out
 
     def native_chunks(self, name: str) -> tuple[int, ...] | None:
-        _, h5path, _ = self._entries[name] if name in self._entries else self.missing(name)
+        if name not in self._entries:
+            raise self.missing(name)
+        _, h5path, _ = self._entries[name]
         if self._file is None:
             return None
         with _h5_errors(self.path, f"reading dataset {h5path!r}"):

@@ -39,7 +39,8 @@ import json
 import os
 import shutil
 import threading
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
