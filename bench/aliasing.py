@@ -43,7 +43,7 @@ def main() -> None:
             if shares is None:
                 write(src)
                 shares = float(read(out)) == 5.0
-            times.append(per_call(lambda: call(src), n))
+            times.append(per_call(lambda src=src: call(src), n))
         rows.append((name, shares, *times))
 
     np_w = lambda a: a.__setitem__(0, 5.0)  # noqa: E731
@@ -77,7 +77,7 @@ def main() -> None:
             if shares is None:
                 write_out(out)
                 shares = float(read_src(src)) == 5.0
-            times.append(per_call(lambda: call(src), n))
+            times.append(per_call(lambda src=src: call(src), n))
         rows.append((name + " (write via result)", shares, *times))
 
     case_back("torch.from_dlpack(jax)", jsrc, torch.from_dlpack, first)

@@ -28,7 +28,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # jax must leave room for torch
 os.environ.setdefault("XLA_PYTHON_CLIENT_ALLOCATOR", "platform")
@@ -77,8 +78,8 @@ def machine(torch: Any | None) -> dict[str, Any]:
 
     cpu = None
     try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                   if ln.startswith("model name"))
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
     info: dict[str, Any] = {
@@ -250,7 +251,7 @@ def bench_many_small(torch: Any, tb: Any, np: Any) -> dict:
         return [flat[i * 256:(i + 1) * 256].clone() for i in range(10_000)]  # 10,000 x 1 KiB
 
     def check(a: list, b: list) -> bool:
-        return len(a) == len(b) and all(same_bits_np(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same_bits_np(x, y) for x, y in zip(a, b, strict=True))
 
     return measure(torch, make, tb.to_numpy, lambda ts: [t.detach().cpu().numpy() for t in ts],
                    check, repeats=5, nbytes=10_000 * 1024)

@@ -30,13 +30,13 @@ import gc
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_PEERS = "/tmp/tb-peers"
@@ -168,7 +168,6 @@ def case_to_torch_small(args: argparse.Namespace) -> list[dict]:
 
 
 def case_tree_1000(args: argparse.Namespace) -> list[dict]:
-    import numpy as np
     import torch
     import tensorbridge as tb
 
@@ -208,7 +207,7 @@ def case_zero_copy_numpy(args: argparse.Namespace) -> list[dict]:
 
 def case_zero_copy_jax(args: argparse.Namespace) -> list[dict]:
     import torch
-    import jax
+    import jax  # noqa: F401 - imported before the timed calls, not inside them
     import tensorbridge as tb
 
     big = torch.ones(512 * MiB // 4)
@@ -290,7 +289,6 @@ def _timed(cmd: list[str]) -> tuple[float, int]:
 
 
 def case_file_convert(args: argparse.Namespace) -> list[dict]:
-    import numpy as np
 
     size = args.size_mib * MiB
     ntensors = 128
@@ -414,10 +412,11 @@ def machine_info(peers: str | None) -> dict[str, Any]:
         sys.path.append(peers)
     cpu = None
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
     except OSError:
         pass
     versions = {d: _version(d) for d in (
@@ -454,9 +453,9 @@ def print_table(rows: list[dict]) -> None:
         lines.append([r["case"], f"{r['label']}: {_fmt_time(r['tb'], r['unit'])}", r["other"],
                       _fmt_time(r["other_time"], r["unit"]), f"{r['ratio']:.2f}x",
                       r["target_text"], res])
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)] if lines else []
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines, strict=True)] if lines else []
     for ln in [head] + lines:
-        print("  ".join(str(x).ljust(w) for x, w in zip(ln, widths)).rstrip())
+        print("  ".join(str(x).ljust(w) for x, w in zip(ln, widths, strict=True)).rstrip())
 
 
 def run_case_here(name: str, args: argparse.Namespace) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 
 import numpy as np
 import pytest

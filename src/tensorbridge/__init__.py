@@ -7,17 +7,32 @@ shared, honest where it cannot.
 dtype('float32')
 """
 
-from .convert import (
-    convert,
-    explain,
-    shares_memory,
-    to_cupy,
-    to_jax,
-    to_numpy,
-    to_tensorflow,
-    to_tf,
-    to_torch,
-)
+from typing import TYPE_CHECKING, Any
+
+from .convert import shares_memory
+
+if TYPE_CHECKING:  # the same functions, with overloads whose return type follows the argument
+    from ._api import (
+        convert,
+        explain,
+        to_cupy,
+        to_jax,
+        to_numpy,
+        to_tensorflow,
+        to_tf,
+        to_torch,
+    )
+else:
+    from .convert import (
+        convert,
+        explain,
+        to_cupy,
+        to_jax,
+        to_numpy,
+        to_tensorflow,
+        to_tf,
+        to_torch,
+    )
 from .errors import (
     ConversionError,
     CopyError,
@@ -37,6 +52,7 @@ __version__ = "0.1.0"
 # Inside tf.function, AutoGraph rewrites the Python functions it meets. Marked as
 # its artifacts (the attribute tf.autograph.experimental.do_not_convert sets), the
 # public functions run as written, so their own errors reach the caller unchanged.
+_fn: Any
 for _fn in (convert, to_numpy, to_torch, to_tensorflow, to_jax, to_cupy, explain,
             shares_memory, save, load, open, tree_map):
     _fn.autograph_info__ = frozenset()

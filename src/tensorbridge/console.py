@@ -1,9 +1,15 @@
 """Terminal output for the command line: rich on a terminal, plain text in a pipe.
 
+Everything the command line prints goes through this module, and every string in
+it passes :func:`escape` on the way out (``print_table`` cells, :func:`echo` lines,
+progress descriptions): names, metadata and messages from a file can neither
+colour nor move nor retitle the terminal, nor start a line of their own.
+
 rich is optional. It is imported only when output goes to a terminal, and
 everything falls back to plain, fixed-width text without ANSI escape codes
-when it is missing, when the stream is piped, or when ``NO_COLOR`` is set
-(see https://no-color.org: then rich draws tables without colour).
+when it is missing or when the stream is piped. With ``NO_COLOR`` set (see
+https://no-color.org) no escape code is written at all: tables are drawn
+without styles, and there is no live progress bar (it moves the cursor).
 
 >>> human_bytes(1536), human_bytes(12)
 ('1.5 KiB', '12 B')
@@ -17,12 +23,54 @@ import io
 import os
 import re
 import sys
-from typing import Any, Sequence, TextIO
+from collections.abc import Sequence
+from typing import Any, TextIO
 
-__all__ = ["is_tty", "use_color", "rich_available", "print_table", "human_bytes",
-           "natural_key", "format_number", "progress"]
+__all__ = ["escape", "echo", "is_tty", "use_color", "rich_available", "print_table",
+           "human_bytes", "natural_key", "format_number", "progress"]
 
 _DIGITS = re.compile(r"(\d+)")
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(c: str) -> str:
+    short = _SHORT.get(c)
+    if short is not None:
+        return short
+    o = ord(c)
+    if o < 0x100:
+        return f"\\x{o:02x}"
+    if o < 0x10000:
+        return f"\\u{o:04x}"
+    return f"\\U{o:08x}"
+
+
+def escape(text: object) -> str:
+    r"""``text`` made safe for a terminal: every character that ``str.isprintable``
+    rejects is written as a Python escape (``\x1b``, ``\n``, ``\u202e``, ...).
+
+    That is C0 and C1 controls (ESC, BEL, CR, LF, TAB, ...), DEL, format characters
+    (bidi overrides and isolates U+202A-202E, U+2066-2069, marks U+200E/F, zero-width
+    characters), line and paragraph separators, spaces other than ' ', lone
+    surrogates, private-use and unassigned code points. The rest, accented and CJK
+    letters included, is unchanged. Backslashes are kept as they are: this prevents
+    control of the terminal; for the exact text, use ``--json``.
+
+    >>> escape("w\x1b[31m\nfake_row float32 [1] 4 B")
+    'w\\x1b[31m\\nfake_row float32 [1] 4 B'
+    >>> print(escape("caf\u00e9 \u202eevil \x07 \ud800"))
+    café \u202eevil \x07 \ud800
+    """
+    s = text if isinstance(text, str) else str(text)
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else _escape_char(c) for c in s)
+
+
+def echo(text: object = "", stream: TextIO | None = None) -> None:
+    """Write one line, escaped (see :func:`escape`), to ``stream`` (default stdout)."""
+    stream = sys.stdout if stream is None else stream
+    stream.write(escape(text) + "\n")
 
 
 def is_tty(stream: Any = None) -> bool:
@@ -49,9 +97,12 @@ def rich_available() -> bool:
 
 
 def _rich_console(stream: TextIO) -> Any:
+    """A rich console on a stream already known to be a terminal: no markup, emoji or
+    highlighting is read from the text, and with NO_COLOR no escape code at all."""
     from rich.console import Console
 
-    return Console(file=stream, no_color=not use_color(), highlight=False, soft_wrap=False)
+    return Console(file=stream, force_terminal=True, color_system="auto" if use_color() else None,
+                   markup=False, emoji=False, highlight=False, soft_wrap=False)
 
 
 def human_bytes(n: int | float) -> str:
@@ -66,7 +117,7 @@ def human_bytes(n: int | float) -> str:
     raise AssertionError("unreachable")
 
 
-def natural_key(name: str) -> tuple:
+def natural_key(name: str) -> tuple[Any, ...]:
     """A sort key that orders digit runs by value, so ``layer.2`` < ``layer.10``.
 
     Even positions hold text and odd positions integers, so keys of any two
@@ -93,47 +144,74 @@ def print_table(
     title: str | None = None,
     align: str | None = None,
 ) -> None:
-    """Print a table: a rich table on a terminal, fixed-width plain text otherwise.
+    r"""Print a table: a rich table on a terminal, fixed-width plain text otherwise.
+    Every cell, header and the title are escaped (see :func:`escape`).
 
-    ``align`` has one letter per column, ``l`` or ``r`` (default: all left).
+    ``align`` has one letter per column, ``l`` or ``r`` (default: all left). A row is
+    always one line: no value is ever folded, cut or dropped (a folded name could
+    start a line that looks like a row of its own). When the table does not fit the
+    terminal, each row is printed as a block of ``header value`` lines instead.
+
+    >>> print_table(["name", "size"], [["a\x1b[31m", 4]], sys.stdout, align="lr")
+    name       size
+    a\x1b[31m     4
     """
     stream = sys.stdout if stream is None else stream
     align = align or "l" * len(headers)
-    cells = [[str(c) for c in row] for row in rows]
+    heads = [escape(h) for h in headers]
+    cells = [[escape(c) for c in row] for row in rows]
     if is_tty(stream) and rich_available():
+        console = _rich_console(stream)
+        need = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(heads)]
+        if sum(need) + 3 * (len(need) - 1) > console.width:
+            _print_records(heads, cells, stream, title)
+            return
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
-        longest = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
-        for i, (h, a) in enumerate(zip(headers, align)):
-            # On a narrow terminal every column folds onto more lines instead of being cut
-            # (a number must never lose digits); names keep at least 16 characters a line.
-            table.add_column(h, justify="right" if a == "r" else "left", overflow="fold",
-                             min_width=min(longest[i], 16 if i == 0 else len(h)))
+        table = Table(title=Text(escape(title)) if title else None, title_justify="left",
+                      show_edge=False, pad_edge=False)
+        for h, a, n in zip(heads, align, need, strict=True):
+            table.add_column(Text(h), justify="right" if a == "r" else "left", min_width=n,
+                             no_wrap=True)
         for row in cells:
-            table.add_row(*row)
-        _rich_console(stream).print(table)
+            table.add_row(*(Text(c) for c in row))
+        console.print(table)
         return
     if title:
-        stream.write(title + "\n")
-    widths = [len(h) for h in headers]
+        stream.write(escape(title) + "\n")
+    widths = [len(h) for h in heads]
     for row in cells:
         for i, c in enumerate(row):
             widths[i] = max(widths[i], len(c))
 
     def line(values: Sequence[str]) -> str:
-        out = [v.rjust(w) if a == "r" else v.ljust(w) for v, w, a in zip(values, widths, align)]
+        out = [v.rjust(w) if a == "r" else v.ljust(w)
+               for v, w, a in zip(values, widths, align, strict=True)]
         return "  ".join(out).rstrip()
 
-    stream.write(line(list(headers)) + "\n")
+    stream.write(line(heads) + "\n")
     for row in cells:
         stream.write(line(row) + "\n")
+
+
+def _print_records(heads: list[str], cells: list[list[str]], stream: TextIO,
+                   title: str | None) -> None:
+    """A table too wide for the terminal, one block per row: the first cell, then
+    ``header: value`` lines (the terminal folds what is longer than a line)."""
+    if title:
+        stream.write(escape(title) + "\n")
+    pad = max(len(h) for h in heads[1:]) if len(heads) > 1 else 0
+    for row in cells:
+        stream.write(row[0] + "\n")
+        for h, c in zip(heads[1:], row[1:], strict=True):
+            stream.write(f"  {h.ljust(pad)}  {c}\n")
 
 
 class _NoProgress:
     """What :func:`progress` returns when no bar is shown: does nothing."""
 
-    def __enter__(self) -> "_NoProgress":
+    def __enter__(self) -> _NoProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -149,13 +227,13 @@ class _RichProgress:
                                    TimeRemainingColumn, TransferSpeedColumn)
 
         self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+            TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(binary_units=True),
             TransferSpeedColumn(), TimeRemainingColumn(),
             console=_rich_console(sys.stderr), transient=True,
         )
-        self._task = self._progress.add_task(description, total=total)
+        self._task = self._progress.add_task(escape(description), total=total)
 
-    def __enter__(self) -> "_RichProgress":
+    def __enter__(self) -> _RichProgress:
         self._progress.start()
         return self
 
@@ -163,14 +241,17 @@ class _RichProgress:
         self._progress.stop()
 
     def advance(self, n: int = 1, description: str | None = None) -> None:
-        kwargs = {"description": description} if description else {}
-        self._progress.update(self._task, advance=n, **kwargs)
+        if description:
+            self._progress.update(self._task, advance=n, description=escape(description))
+        else:
+            self._progress.update(self._task, advance=n)
 
 
 def progress(total_bytes: int, description: str, *, quiet: bool = False) -> Any:
-    """A byte progress bar on stderr when stderr is a terminal, rich is
-    installed and not ``quiet``; otherwise an object that does nothing.
-    Use as a context manager and call ``advance(nbytes, description)``."""
-    if quiet or not is_tty(sys.stderr) or not rich_available():
+    """A byte progress bar on stderr when stderr is a terminal, rich is installed,
+    ``NO_COLOR`` is not set (the bar moves the cursor with escape codes) and not
+    ``quiet``; otherwise an object that does nothing. Use as a context manager and
+    call ``advance(nbytes, description)``; descriptions are escaped."""
+    if quiet or not is_tty(sys.stderr) or not use_color() or not rich_available():
         return _NoProgress()
     return _RichProgress(total_bytes, description)

@@ -9,6 +9,7 @@ True
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -89,7 +90,7 @@ def _is_jax_array(tp: type) -> bool:
 
 
 def _leaf_fn(target: str, device: str | None, dtype: str | None, copy: bool | None, ragged: str,
-             done: dict[int, Any]):
+             done: dict[int, Any]) -> Callable[[Any], Any]:
     """The function applied to every leaf. The common calls (no device, dtype or
     copy asked for) get a specialised function whose fast path comes first.
     ``done`` maps id(leaf) to results already computed in a batch."""
@@ -300,7 +301,7 @@ def to_cupy(x: Any, /, *, device: str | None = None, dtype: str | None = None,
     return convert(x, to="cupy", device=device, dtype=dtype, copy=copy)
 
 
-class TreePlan(list):
+class TreePlan(list[Any]):
     """The plans for every tensor in a tree: a list of ``(path, Plan)``."""
 
     def __str__(self) -> str:

@@ -24,7 +24,8 @@ index, so it reads only its own bytes. On a ``dask.distributed`` cluster the arr
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 import numpy as np
 

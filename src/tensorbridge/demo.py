@@ -23,7 +23,8 @@ import tempfile
 import textwrap
 import warnings
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
@@ -251,7 +252,8 @@ class _Demo:
             self.out(f"b.requires_grad={b.requires_grad}: tb.Writer and tb.to_numpy take it as "
                      "it is, no .detach().cpu().numpy()")
             a_np, b_np = tb.to_numpy(a), tb.to_numpy(b)
-            batches = [(a[:2], b[:2]), (a[2:], b[2:])]  # torch tensors go in directly
+            # torch tensors go in directly
+            batches: list[tuple[Any, Any]] = [(a[:2], b[:2]), (a[2:], b[2:])]
         else:
             self.out("torch not installed: the same model in NumPy (Linear(2, 2) -> SELU)")
             rng = np.random.default_rng(0)
@@ -265,9 +267,9 @@ class _Demo:
         directory = self.out_dir or tempfile.mkdtemp(prefix="tensorbridge-demo-")
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, "db.npz")
-        with tb.Writer(path) as w:
+        with tb.Writer(path) as writer:
             for a_batch, b_batch in batches:  # two batches, as a training loop would
-                w.append(a=a_batch, b=b_batch)
+                writer.append(a=a_batch, b=b_batch)
         self.out(f">>> with tb.Writer({path!r}) as w: w.append(a=..., b=...)  # two batches")
         with np.load(path, allow_pickle=False) as f:
             same = (f["a"].tobytes() == a_np.tobytes() and f["b"].tobytes() == b_np.tobytes())
@@ -331,9 +333,13 @@ def run(out: Out = print, *, out_dir: str | None = None,
 
 def main(*, out_dir: str | None = None, quiet: bool = False) -> int:
     """``tensorbridge demo``: exit 0 when no step failed, 1 otherwise."""
-    def out(line: str) -> None:
+    from .console import echo
+
+    def out(text: str) -> None:
         if not quiet:
-            print(line, flush=True)
+            for line in text.split("\n"):
+                echo(line)
+            sys.stdout.flush()
 
     summary = run(out, out_dir=out_dir)
     return 1 if summary["failed"] else 0

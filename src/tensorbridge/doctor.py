@@ -18,7 +18,8 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
@@ -89,6 +90,8 @@ def _equal(a: Any, b: Any) -> bool:
 def _routes(have: dict[str, bool]) -> list[dict[str, Any]]:
     import tensorbridge as tb
 
+    from .plan import Plan
+
     routes: list[dict[str, Any]] = []
 
     def route(name: str, needs: tuple[str, ...], fn: Callable[[], str],
@@ -132,7 +135,8 @@ def _routes(have: dict[str, bool]) -> list[dict[str, Any]]:
             import torch
 
             t = torch.arange(64, dtype=torch.float32)
-            steps = "; ".join(s.text for s in tb.explain(t, to=target).steps)
+            plan = tb.explain(t, to=target)
+            steps = "; ".join(s.text for s in plan.steps) if isinstance(plan, Plan) else str(plan)
             return f"{shared(t, tb.convert(t, to=target))} via {steps}"
         return fn
 
@@ -213,12 +217,13 @@ def collect(frameworks: tuple[str, ...] = FRAMEWORKS) -> dict[str, Any]:
 
 
 def render(report: dict[str, Any], stream: Any = None) -> None:
-    from .console import print_table
+    from .console import echo, print_table
 
     stream = sys.stdout if stream is None else stream
-    stream.write(f"tensorbridge {report['tensorbridge']} on Python {report['python']} "
-                 f"({report['platform']})\n")
-    stream.write(f"numpy {report['numpy']}, ml_dtypes {report['ml_dtypes']}\n\n")
+    echo(f"tensorbridge {report['tensorbridge']} on Python {report['python']} "
+         f"({report['platform']})", stream)
+    echo(f"numpy {report['numpy']}, ml_dtypes {report['ml_dtypes']}", stream)
+    echo("", stream)
     rows = []
     for name, info in report["frameworks"].items():
         if not info["installed"]:
@@ -230,11 +235,12 @@ def render(report: dict[str, Any], stream: Any = None) -> None:
             text = ", ".join(devices) if isinstance(devices, list) else str(devices)
             rows.append([name, info["version"], f"{info['import_seconds']:.2f}s", text])
     stream.flush()
-    print_table(["framework", "version", "import", "devices"], rows, stream)
-    stream.write("\n")
+    print_table(["framework", "version", "import", "devices"], rows, stream, align="llll")
+    echo("", stream)
     stream.flush()
     print_table(["route", "status", "detail"],
-                [[r["route"], r["status"], r["detail"]] for r in report["routes"]], stream)
+                [[r["route"], r["status"], r["detail"]] for r in report["routes"]], stream,
+                align="lll")
 
 
 def main(*, json_output: bool = False, quiet: bool = False) -> int:

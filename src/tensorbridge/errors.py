@@ -15,6 +15,8 @@ Errors raised inside a tree of tensors carry the path of the offending leaf
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 __all__ = [
     "TensorBridgeError",
     "ConversionError",
@@ -39,9 +41,12 @@ class TensorBridgeError(Exception):
 
     # Exception's own constructor (not TypeError's or ValueError's): AutoGraph re-raises
     # an error from inside tf.function as the same type only when it can see this.
-    __init__ = Exception.__init__
+    if TYPE_CHECKING:
+        def __init__(self, *args: object) -> None: ...
+    else:
+        __init__ = Exception.__init__
 
-    def at(self, path: str) -> "TensorBridgeError":
+    def at(self, path: str) -> TensorBridgeError:
         """Return this error with the tree ``path`` of the failing leaf prepended."""
         self.path = path + self.path
         return self
@@ -63,7 +68,8 @@ class DeviceError(TensorBridgeError, ValueError):
     """The requested device does not exist or the framework cannot use it."""
 
 
-class FrameworkNotInstalledError(TensorBridgeError, ImportError):
+class FrameworkNotInstalledError(TensorBridgeError, ImportError):  # type: ignore[misc]
+    # (ImportError.path, the module's file, is str | None; ours is the tree path, never None.)
     """A target framework was asked for, but it is not installed."""
 
 

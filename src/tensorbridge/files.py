@@ -29,7 +29,8 @@ array([0, 1])
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -66,7 +67,7 @@ def flatten_names(tree: Any, /) -> dict[str, Any]:
     return dict(named)
 
 
-def _named_leaves(tree: Any) -> Iterator[tuple[str, tuple, Any]]:
+def _named_leaves(tree: Any) -> Iterator[tuple[str, tuple[Any, ...], Any]]:
     """``(dotted name, keys, leaf)`` for every leaf; keys must be str or int."""
     for keys, leaf in tree_leaves_with_path(tree):
         for k in keys:
@@ -112,7 +113,7 @@ def unflatten_names(flat: Mapping[str, Any], /) -> dict[str, Any] | list[Any]:
     return _listify(root)
 
 
-def tensor_info(name: str, leaf: Any, keys: tuple = ()) -> tuple[TensorInfo, Any]:
+def tensor_info(name: str, leaf: Any, keys: tuple[Any, ...] = ()) -> tuple[TensorInfo, Any]:
     """``(TensorInfo, leaf)`` for a tensor of any framework, without touching its data.
 
     Python scalars become 0-d NumPy arrays; anything else that is not a tensor
@@ -151,7 +152,7 @@ def write_options(fmt: Format, options: Mapping[str, Any], file: object = "") ->
     return dict(options)
 
 
-def save(tree: Any, path: str | os.PathLike, /, *, format: str | None = None,
+def save(tree: Any, path: str | os.PathLike[str], /, *, format: str | None = None,
          metadata: Mapping[str, str] | None = None, **options: Any) -> None:
     """Save a tensor or a tree of tensors (any framework) to ``path``, atomically.
 
@@ -192,7 +193,7 @@ def save(tree: Any, path: str | os.PathLike, /, *, format: str | None = None,
     fmt.write(path, infos, fetch, meta, **opts)
 
 
-def open(path: str | os.PathLike, /, *, format: str | None = None) -> Reader:  # noqa: A001
+def open(path: str | os.PathLike[str], /, *, format: str | None = None) -> Reader:  # noqa: A001
     """Open a tensor file lazily: ``keys()``, ``info(name)``, ``r[name]``.
 
     Use it as a context manager. Only headers are read until a tensor is asked for.
@@ -242,7 +243,7 @@ def iter_tensors(reader: Reader, names: Iterable[str] | None = None,
         yield name, reader.read(name)
 
 
-def load(path: str | os.PathLike, /, *, to: str = "numpy", nested: bool = False,
+def load(path: str | os.PathLike[str], /, *, to: str = "numpy", nested: bool = False,
          format: str | None = None, device: str | None = None,
          names: Iterable[str] | None = None) -> Any:
     """Load a tensor file as a flat ``{name: tensor}`` dict (a ``.npy`` file: the array).

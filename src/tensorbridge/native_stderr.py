@@ -14,7 +14,7 @@ import contextlib
 import os
 import sys
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 __all__ = ["held"]
 

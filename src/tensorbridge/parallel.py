@@ -23,7 +23,8 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import deque
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 

@@ -126,9 +126,9 @@ def plan_leaf(
         first = src.to_host_steps(x, facts) if src.name == "numpy" else []  # scalars -> 0-d
         steps = first + _same_framework(src, facts, device, dtype)
     else:
-        steps = _dlpack_route(src, facts, tgt, device, dtype, copy)
-        if steps is None:
-            steps = _host_route(x, src, facts, tgt, device, dtype, copy)
+        dlpack = _dlpack_route(src, facts, tgt, device, dtype, copy)
+        steps = dlpack if dlpack is not None else _host_route(x, src, facts, tgt, device, dtype,
+                                                              copy)
     plan = Plan(_describe(src, facts, x), tgt.name, steps)
     if copy is False and plan.copies:
         reasons = "; ".join(f"{s.text} ({s.why})" if s.why else s.text for s in steps if s.copies)

@@ -40,7 +40,8 @@ import dataclasses
 import threading
 import types
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Iterator, Sequence
+from typing import Any
+from collections.abc import Callable, Hashable, Iterator, Sequence
 
 from .errors import ConversionError, TensorBridgeError, message
 
@@ -129,7 +130,7 @@ def _attributes(obj: Any, skip: Sequence[str] = ()) -> dict[str, Any]:
 def _blank(obj: Any) -> Any:
     """A new, empty instance of ``type(obj)`` with the same instance attributes, made
     without calling ``__init__`` (whose signature tensorbridge cannot know)."""
-    cls = type(obj)
+    cls: Any = type(obj)
     try:
         new = cls.__new__(cls)
         state = getattr(obj, "__dict__", None)
@@ -173,14 +174,14 @@ def _dict_flatten(d: dict) -> tuple[list, list, Any]:
 def _dict_unflatten(aux: Any, kids: list) -> dict:
     d, keys = aux
     if type(d) is dict:
-        return dict(zip(d, kids))
+        return dict(zip(d, kids, strict=True))
     new = _blank(d)
     if isinstance(d, collections.defaultdict):
         new.default_factory = d.default_factory
     # the base class's own setitem: a subclass's __setitem__ may transform or refuse items
     setitem = collections.OrderedDict.__setitem__ if isinstance(d, collections.OrderedDict) \
         else dict.__setitem__
-    for k, v in zip(keys, kids):
+    for k, v in zip(keys, kids, strict=True):
         setitem(new, k, v)
     return new
 
@@ -211,10 +212,9 @@ def _tuple_unflatten(x: tuple, kids: list) -> tuple:
     cls = type(x)
     if cls is tuple:
         return tuple(kids)
-    if hasattr(cls, "n_sequence_fields"):  # a struct sequence (os.stat_result, torch.return_types)
-        new = cls(kids)
-    else:  # namedtuples too: tuple.__new__ skips a __new__ that takes the fields
-        new = tuple.__new__(cls, kids)
+    # a struct sequence (os.stat_result, torch.return_types) is built from its sequence;
+    # namedtuples too, through tuple.__new__, which skips a __new__ that takes the fields
+    new = cls(kids) if hasattr(cls, "n_sequence_fields") else tuple.__new__(cls, kids)
     attrs = _attributes(x)
     if attrs:
         object.__getattribute__(new, "__dict__").update(attrs)
@@ -287,7 +287,7 @@ def _namespace_flatten(x: types.SimpleNamespace) -> tuple[list, list, Any]:
 def _namespace_unflatten(aux: Any, kids: list) -> types.SimpleNamespace:
     x, names = aux
     new = _blank(x)
-    for n, v in zip(names, kids):
+    for n, v in zip(names, kids, strict=True):
         setattr(new, n, v)
     return new
 
@@ -301,7 +301,7 @@ def _dataclass_flatten(x: Any) -> tuple[list, list, Any]:
 def _dataclass_unflatten(aux: Any, kids: list) -> Any:
     x, names = aux
     new = copy.copy(x)
-    for name, value in zip(names, kids):
+    for name, value in zip(names, kids, strict=True):
         object.__setattr__(new, name, value)
     return new
 
@@ -450,7 +450,7 @@ def _map(fn: Callable[[Any], Any], tree: Any) -> Any:
             return out
         if t is list or t is tuple:
             res = []
-            for key, value in enumerate(tree):
+            for key, value in enumerate(tree):  # noqa: B007 - key names the path if it raises
                 res.append(fn(value) if type(value) in leaf else _map(fn, value))
             return res if t is list else tuple(res)
         if tree is None:
@@ -464,7 +464,7 @@ def _map(fn: Callable[[Any], Any], tree: Any) -> Any:
             return fn(tree)
         children, keys, aux = node.flatten(tree)
         res = []
-        for key, value in zip(keys, children):
+        for key, value in zip(keys, children, strict=True):  # noqa: B007 - as above
             res.append(fn(value) if type(value) in leaf else _map(fn, value))
     except TensorBridgeError as exc:
         if key is not None:
@@ -556,6 +556,6 @@ def _leaves(tree: Any, path: tuple) -> Iterator[tuple[tuple, Any]]:
             children, keys, _ = node.flatten(tree)
         except TensorBridgeError as exc:
             raise exc.at(format_path(path)) from exc.__cause__
-        items = zip(keys, children)
+        items = zip(keys, children, strict=True)
     for key, value in items:
         yield from _leaves(value, path + (key,))

@@ -29,7 +29,8 @@ import os
 import sys
 import tempfile
 import weakref
-from typing import Any, BinaryIO, Mapping
+from typing import Any, BinaryIO
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -74,7 +75,7 @@ class Writer:
     same shapes after the first axis, as the first one.
     """
 
-    def __init__(self, path: str | os.PathLike, /, *, format: str | None = None,
+    def __init__(self, path: str | os.PathLike[str], /, *, format: str | None = None,
                  metadata: Mapping[str, str] | None = None, **options: Any) -> None:
         self.path = os.fspath(path)
         self._format = format_for_path(self.path, format)
@@ -254,7 +255,7 @@ class Writer:
         self._files.clear()
         _remove(self._paths)
 
-    def __enter__(self) -> "Writer":
+    def __enter__(self) -> Writer:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:

@@ -179,7 +179,7 @@ def test_threads_share_the_ring():
                 tree = [_raw(n, torch.float64, seed=seed * 10 + rep).cuda()
                         for n in (17, 5000, 12 * MiB + seed)]  # 96 MiB+: several chunks
                 out = tb.to_numpy(tree)
-                for a, t in zip(out, tree):
+                for a, t in zip(out, tree, strict=True):
                     assert a.tobytes() == _bytes(t)
                 host = {"a": _host_f32(3 * MiB, seed)}
                 dev = tb.to_torch(host, device="cuda")
@@ -314,7 +314,7 @@ def test_from_numpy_to_device():
 def test_tree_across_two_devices():
     tree = [_raw(1000, seed=i).to(f"cuda:{i % 2}") for i in range(6)]
     out = tb.to_numpy(tree)
-    for a, t in zip(out, tree):
+    for a, t in zip(out, tree, strict=True):
         assert a.tobytes() == _bytes(t)
     back = tb.to_torch(out, device="cuda:1")
     assert all(t.device == torch.device("cuda:1") for t in back)

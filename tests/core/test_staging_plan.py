@@ -45,10 +45,10 @@ def check_chunks(sizes, chunks, *, block, nblocks, align, keys=None):
         assert c.index == k and c.block == k % nblocks
         assert c.pieces
         spans = sorted((p.stage_off, p.stage_off + p.nbytes) for p in c.pieces)
-        for (a0, a1), (b0, _) in zip(spans, spans[1:]):
+        for (_, a1), (b0, _) in zip(spans, spans[1:], strict=False):
             assert a1 <= b0  # no two pieces share a staging byte
         for p in c.pieces:
-            assert 0 <= p.stage_off and p.stage_off + p.nbytes <= block
+            assert p.stage_off >= 0 and p.stage_off + p.nbytes <= block
             assert p.stage_off % align == 0 and p.src_off % align == 0
             if keys is not None:
                 assert keys[p.item] == c.key
@@ -105,7 +105,7 @@ def test_keys_never_share_a_chunk():
 
 
 def test_default_ring_shape():
-    assert ts.BLOCK_BYTES == 64 * MiB and ts.NUM_BLOCKS == 4 and ts.BLOCK_BYTES % ts.ALIGN == 0
+    assert 64 * MiB == ts.BLOCK_BYTES and ts.NUM_BLOCKS == 4 and ts.BLOCK_BYTES % ts.ALIGN == 0
     chunks = plan_chunks([1 << 30])  # a 1 GiB tensor: 16 full chunks
     assert len(chunks) == 16 and all(c.end == ts.BLOCK_BYTES for c in chunks)
 
@@ -283,7 +283,7 @@ def reference(t):
 
 
 def assert_exact(out, tensors):
-    for a, t in zip(out, tensors):
+    for a, t in zip(out, tensors, strict=True):
         name = BACKEND.canonical(t.dtype)
         assert a.dtype == tb.dtypes.numpy_dtype(name), (a.dtype, t.dtype)
         assert a.shape == tuple(t.shape)
@@ -372,7 +372,7 @@ def test_rehearsal_small_tensors_are_packed_into_one_transfer():
     out = ts.batch_to_host(tensors, ring=ring(block=64 * KiB), hooks=hooks)
     assert_exact(out, tensors)
     assert len(hooks.events) == 1  # 32 KB of tiny tensors: one pack, one chunk, one wait
-    assert not any(np.shares_memory(a, b) for a, b in zip(out, out[1:]))
+    assert not any(np.shares_memory(a, b) for a, b in zip(out, out[1:], strict=False))
 
 
 def test_rehearsal_threads_share_the_ring():
@@ -432,7 +432,7 @@ def test_rehearsal_host_to_device_tree_bit_exact(monkeypatch):
     r = ring(block=4096, nblocks=2)
     done = ts.scatter_host_leaves(tree, "cpu", ring=r, hooks=hooks)
     assert set(done) == {id(v) for k, v in tree.items() if not k.startswith(("skip", "text"))}
-    for k, v in tree.items():
+    for v in tree.values():
         if id(v) not in done:
             continue
         t = done[id(v)]

@@ -134,10 +134,10 @@ def test_tree_leaves_walks_as_tree_leaves_with_path_does():
     for _ in range(2):  # before and after tree_map filled the leaf-type cache
         got = tree_leaves(tree)
         want = [x for _, x in tree_leaves_with_path(tree)]
-        assert len(got) == len(want) and all(x is y for x, y in zip(got, want))
+        assert len(got) == len(want) and all(x is y for x, y in zip(got, want, strict=True))
         tb.to_numpy(tree)
     arrays = [x for x in tree_leaves(tree) if isinstance(x, np.ndarray)]
-    assert len(arrays) == 6 and all(x is y for x, y in zip(arrays, [a, b, c, d, e, a]))
+    assert len(arrays) == 6 and all(x is y for x, y in zip(arrays, [a, b, c, d, e, a], strict=True))
     loop: list = []
     loop.append(loop)
     with pytest.raises(tb.ConversionError, match="contains itself"):

@@ -160,7 +160,7 @@ def test_a_claimed_copy_is_independent(src, tgt, dtype, read_only):
     before = [bytes_of(y) for y in results]
     alias = _writable_alias(x)
     alias.view(torch.uint8)[0] = 1 if dtype == "bool" else 0x3C
-    for y, b in zip(results, before):
+    for y, b in zip(results, before, strict=True):
         assert bytes_of(y) == b, f"{src}->{tgt} {dtype}: a result claimed independent changed"
 
 

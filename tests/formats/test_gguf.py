@@ -18,8 +18,8 @@ from tensorbridge.formats import gguf_quants as tbq
 from tensorbridge.formats.gguf_types import TYPES, TYPES_BY_NAME
 
 gguf = pytest.importorskip("gguf")
-from gguf.constants import GGML_QUANT_SIZES, GGUFEndian
-from gguf.constants import GGMLQuantizationType as Q
+from gguf.constants import GGML_QUANT_SIZES, GGUFEndian  # noqa: E402 - after importorskip
+from gguf.constants import GGMLQuantizationType as Q  # noqa: E402
 
 RNG = np.random.default_rng(12)
 PLAIN = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8,

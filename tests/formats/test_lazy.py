@@ -12,7 +12,6 @@ import os
 import pickle
 import random
 import struct
-import sys
 
 import ml_dtypes
 import numpy as np

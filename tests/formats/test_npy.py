@@ -307,7 +307,7 @@ def test_fuzz_mutated_files_raise_only_tensorbridge_errors(tmp_path_factory, val
 ])
 def test_absurd_shapes_are_file_format_errors(tmp_path, shape, text):
     p = tmp_path / "s.npy"
-    p.write_bytes(raw_npy("{'descr': '<f4', 'fortran_order': False, 'shape': %s, }\n" % shape))
+    p.write_bytes(raw_npy(f"{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}\n"))
     with pytest.raises(FileFormatError) as info:
         FORMAT.open(str(p))
     assert text in str(info.value)

@@ -34,7 +34,7 @@ TORCH_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, tor
                 torch.int32, torch.int8, torch.uint8, torch.complex64]
 
 
-def _tensor(dtype: "torch.dtype", shape: tuple[int, ...], seed: int) -> "torch.Tensor":
+def _tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     if dtype.is_floating_point or dtype.is_complex:
         t = torch.randn(shape, generator=g, dtype=torch.float64)

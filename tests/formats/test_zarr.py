@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import tensorbridge as tb
-from tensorbridge.errors import ConversionError, FileFormatError
+from tensorbridge.errors import ConversionError, FileFormatError, TensorBridgeError
 
 from ..hostile.bounded import MIB, run_bounded
 
@@ -154,8 +154,9 @@ def test_cli_inspect_convert_diff(tmp_path):
     src = tmp_path / "m.safetensors"
     tb.save({"w": _array("bfloat16", (4, 4)), "b": _array("float32", (4,))}, src)
     z = tmp_path / "m.zarr"
-    run = lambda *a: subprocess.run([sys.executable, "-m", "tensorbridge", *map(str, a)],
-                                    capture_output=True, text=True, timeout=120)
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "tensorbridge", *map(str, a)],
+                              capture_output=True, text=True, timeout=120)
     r = run("convert", src, z)
     assert r.returncode == 0, r.stderr
     r = run("diff", src, z)
@@ -272,3 +273,59 @@ def test_zarr_is_imported_only_for_zarr_stores():
         RESULT = "zarr" in sys.modules
     """)
     assert r.outcome == "ok" and r.result is False
+
+
+# --- fuzz: array metadata values and chunk bytes -----------------------------------------
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from ..hostile.test_fuzz import _JSON_VALUE, FUZZ, MUTATIONS, mutate  # noqa: E402
+
+_FUZZ_ROOT = None
+
+
+def _fuzz_store():
+    global _FUZZ_ROOT
+    if _FUZZ_ROOT is None:
+        import tempfile
+
+        _FUZZ_ROOT = tempfile.mkdtemp(prefix="tb-zarr-fuzz-")
+        p = os.path.join(_FUZZ_ROOT, "seed.zarr")
+        tb.save({"w": np.arange(24, dtype=np.float32).reshape(6, 4),
+                 "h": np.ones((3, 2), ml_dtypes.bfloat16), "b": np.array([True, False])}, p)
+    return os.path.join(_FUZZ_ROOT, "seed.zarr")
+
+
+def _read_all(p):
+    try:
+        with tb.open(p) as f:
+            for name in f.keys():
+                f.read(name)
+                f.array(name)[..., :1]
+    except TensorBridgeError:
+        pass
+
+
+@FUZZ
+@given(node=st.sampled_from(["", "w", "h", "b"]), key=st.sampled_from(
+    ["shape", "data_type", "chunk_grid", "codecs", "fill_value", "attributes",
+     "chunk_key_encoding", "zarr_format", "node_type", "dimension_names"]),
+    value=_JSON_VALUE, ops=MUTATIONS, structural=st.booleans())
+def test_fuzz_zarr_metadata_and_chunks(tmp_path, node, key, value, ops, structural):
+    import shutil
+
+    p = tmp_path / "f.zarr"
+    if p.exists():
+        shutil.rmtree(p)
+    shutil.copytree(_fuzz_store(), p)
+    if structural:
+        f = p / node / "zarr.json"
+        meta = json.loads(f.read_text())
+        meta[key] = value
+        f.write_text(json.dumps(meta))
+    else:
+        chunks = sorted(q for q in p.rglob("*") if q.is_file() and q.name != "zarr.json")
+        target = chunks[len(ops) % len(chunks)]
+        target.write_bytes(mutate(target.read_bytes(), ops))
+    _read_all(p)  # only a TensorBridgeError may escape

@@ -23,7 +23,7 @@ import sys
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -225,7 +225,7 @@ def _(d):
 @case("safetensors/duplicate-keys")
 def _(d):
     entry = json.dumps(_F32x2)
-    raw = ('{"a": %s, "a": %s}' % (entry, entry)).encode()
+    raw = f'{{"a": {entry}, "a": {entry}}}'.encode()
     return _st(d, "dup", None, _8B, raw=raw)
 
 
@@ -947,7 +947,7 @@ def _(d):
 @case("sharded/index-duplicate-keys")
 def _(d):
     s = "model-00001-of-00001.safetensors"
-    raw = ('{"weight_map": {"w": "%s", "w": "%s"}}' % (s, s)).encode()
+    raw = f'{{"weight_map": {{"w": "{s}", "w": "{s}"}}}}'.encode()
     return _index(d, "dupkey", None, raw=raw)
 
 

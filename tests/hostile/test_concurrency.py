@@ -77,7 +77,7 @@ FORMATS = {"safetensors": ".safetensors", "npz": ".npz", "pt": ".pt", "h5": ".h5
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("conc")
-    tree = {k: v for k, v in _inputs().items() if not (k == "c64")}
+    tree = {k: v for k, v in _inputs().items() if k != "c64"}
     tree["c64"] = _inputs()["c64"]
     out = {}
     for fmt, suffix in FORMATS.items():

@@ -207,6 +207,6 @@ def test_fuzzed_link_and_chunk_geometry(tmp_path, shape, chunk, written, gzip, h
         got = r.read(names[0])
         assert got.tobytes() == want.tobytes() and got.shape == shape
         fully = written == "all" or a.size == 0 or want.size == 0
-        grid = int(np.prod([-(-s // c) for s, c in zip(shape, chunk)]))
+        grid = int(np.prod([-(-s // c) for s, c in zip(shape, chunk, strict=True)]))
         assert fully or (written == "part" and grid == 1), r.skipped
         assert len(r.skipped) == hard + soft + group_alias

@@ -10,7 +10,7 @@ import numpy as np
 
 def _npy(nbytes: int) -> bytes:
     """A version-1.0 .npy header for a uint8 array of ``nbytes`` (no data)."""
-    text = "{'descr': '|u1', 'fortran_order': False, 'shape': (%d,), }" % nbytes
+    text = f"{{'descr': '|u1', 'fortran_order': False, 'shape': ({nbytes},), }}"
     text += " " * (-(10 + len(text) + 1) % 64) + "\n"
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode()
 
@@ -37,7 +37,7 @@ def nested_npz(copies: int, payload: bytes) -> bytes:
         inner = 30 + len(names[i + 1]) + len(datas[i + 1])
         offsets.append(offsets[i] + 30 + len(names[i]) + len(datas[i]) - inner)
     central = b""
-    for name, data, offset in zip(names, datas, offsets):
+    for name, data, offset in zip(names, datas, offsets, strict=True):
         central += struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, 0, 0, 0x21,
                                zlib.crc32(data), len(data), len(data), len(name), 0, 0, 0, 0,
                                0, offset) + name

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["main", "build_parser"]
 
@@ -169,6 +169,8 @@ exit status: 0 same, 1 different, 2 trouble (missing or unreadable file)."""))
                    help="do not compare names matching GLOB (repeatable)")
     p.add_argument("--ignore-dtype", action="store_true",
                    help="a dtype change alone is not a difference (values still are)")
+    p.add_argument("--format-a", choices=formats, help="read A as this format, whatever the suffix")
+    p.add_argument("--format-b", choices=formats, help="read B as this format, whatever the suffix")
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
     p = sub.add_parser("doctor", parents=[common], formatter_class=_F,
@@ -256,7 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _fail(args: argparse.Namespace, text: str) -> int:
     """Report an error: on stderr, and with ``--json`` as a JSON document on stdout too
     (``{"error": ..., "exit_code": 2}``), so a script reading stdout always gets JSON."""
-    print(f"tensorbridge: error: {text}", file=sys.stderr)
+    from ..console import echo
+
+    echo(f"tensorbridge: error: {text}", sys.stderr)
     if getattr(args, "json", False):
         from .common import emit_json
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ..console import human_bytes, progress
+from ..console import echo, human_bytes, progress
 from ..dtypes import canonical_name, is_floating, lookup, numpy_dtype
 from ..errors import ConversionError, FileFormatError, message
 from ..formats import Format, Reader, TensorInfo, format_for_path, get_format
@@ -278,7 +278,7 @@ def _span_fill(span: RawSpan, comparer: _Comparer) -> Any:
 
 
 def _array_fill(arr: np.ndarray) -> Any:
-    flat = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+    flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data
     return lambda pos, view: view.__setitem__(slice(None), flat[pos:pos + len(view)])
 
 
@@ -459,10 +459,11 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
         from ..formats.sharded import parse_size
 
         options["max_shard_size"] = parse_size(max_shard_size)
-    if os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst):
-        raise FileFormatError("source and destination are the same file. Fix: write to a "
-                              "new path, then move it over the original.", dst)
-    reader, in_format = open_file(src, src_format)
+    # In place (SRC is DST) works like any other convert: the new file is written beside
+    # it and replaces it atomically at the end, while SRC's reader keeps the old file open.
+    # Its bytes are then checked by CRC-32, not against SRC's byte ranges (gone by then).
+    in_place = os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst)
+    reader, in_format = open_file(src, src_format, flag="--src-format")
     with reader:
         written = dst
         if out_format.name == "sharded":  # verify the index written, not the directory
@@ -477,14 +478,14 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
                 f"{src!r} with the given --include/--exclude", "no tensor is left to write",
                 "check the patterns with `tensorbridge inspect --filter GLOB`"))
         total = sum(i.nbytes for i in planned)
-        casts = sum(1 for i, p in zip((i for i in infos if i.name in kept), planned)
+        casts = sum(1 for i, p in zip((i for i in infos if i.name in kept), planned, strict=True)
                     if i.dtype != p.dtype)
         by_name = {i.name: i for i in planned}
         digests: dict[str, bytes] = {}
         spans: dict[str, RawSpan] = {}
         dropped: list[str] = []
         source_dtype = {i.name: i.dtype for i in infos}
-        raw_ok = out_format.name in _SPAN_WRITERS
+        raw_ok = out_format.name in _SPAN_WRITERS and not in_place
         checker = _LandedChecker(spans, dst) if check and raw_ok else None
         last = planned[-1].name
         if checker is not None:
@@ -533,7 +534,8 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
                 metadata.pop("total_size", None)  # the index's own bookkeeping
             metadata, dropped = _storable_metadata(out_format, metadata)
             try:
-                out_format.write(dst, planned, fetch, metadata, **options)
+                # (fetch returns a RawSpan only to formats that copy spans: see raw_spans)
+                out_format.write(dst, planned, fetch, metadata, **options)  # type: ignore[arg-type]
             except BaseException:
                 if checker is not None:
                     checker.cancel()  # the write failed: its checks need not finish
@@ -598,16 +600,17 @@ def run(args: argparse.Namespace) -> int:
             line += f", {s['skipped']} left out by --include/--exclude"
         if s["dtype"]:
             line += f", {s['cast']} cast to {s['dtype']}"
-        print(line)
+        echo(line)
         if s["metadata_dropped"] and s["dst_format"] == "h5":
-            print("note: h5 files cannot hold metadata keys that are empty or hold NUL, or "
-                  "values that hold NUL; left out: "
-                  f"{', '.join(map(repr, s['metadata_dropped']))}", file=sys.stderr)
+            echo("note: h5 files cannot hold metadata keys that are empty or hold NUL, or "
+                 "values that hold NUL; left out: "
+                 f"{', '.join(map(repr, s['metadata_dropped']))}", sys.stderr)
         elif s["metadata_dropped"]:
-            print(f"note: {s['dst_format']} files hold no metadata; left out: "
-                  f"{', '.join(s['metadata_dropped'])}", file=sys.stderr)
+            echo(f"note: {s['dst_format']} files hold no metadata; left out: "
+                 f"{', '.join(s['metadata_dropped'])}", sys.stderr)
         if s["verified"] is None:
-            print("not verified (--no-verify)")
+            echo("not verified (--no-verify)")
         else:
-            print(f"verified {s['verified']} tensor{'s' if s['verified'] != 1 else ''}: the output reads back bit-exact")
+            echo(f"verified {s['verified']} tensor{'s' if s['verified'] != 1 else ''}: "
+                 "the output reads back bit-exact")
     return 0

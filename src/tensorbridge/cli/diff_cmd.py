@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..console import format_number, natural_key, print_table
+from ..console import echo, format_number, natural_key, print_table
 from ..dtypes import canonical_name, lookup
 from .common import CHUNK, emit_json, open_file, select
 
@@ -129,8 +129,8 @@ def compare_arrays(a: np.ndarray, b: np.ndarray, *, rtol: float = 0.0,
             d[equal] = 0.0
             d[np.isnan(d)] = np.inf
             huge = _huge_int_diffs(ca, cb)  # integers float64 cannot hold exactly
-            for k, exact_d in huge.items():
-                d[k] = float(exact_d)
+            for k, big in huge.items():
+                d[k] = float(big)
             scale = np.abs(wb)
             rel = np.where(d == 0, 0.0, np.where(scale == 0, np.inf, d / scale))
             if d.size:
@@ -144,23 +144,24 @@ def compare_arrays(a: np.ndarray, b: np.ndarray, *, rtol: float = 0.0,
                 bad = ~_same_value(wa, wb)
             else:
                 bad = ~np.isclose(wa, wb, rtol=rtol, atol=atol, equal_nan=True)
-            for k, exact_d in huge.items():
-                bad[k] = exact_d != 0 if exact else exact_d > atol + rtol * abs(float(cb[k]))
+            for k, big in huge.items():
+                bad[k] = big != 0 if exact else big > atol + rtol * abs(float(cb[k]))
             mismatches += int(np.count_nonzero(bad))
     return {"mismatches": mismatches, "max_abs_diff": max_abs, "max_rel_diff": max_rel}
 
 
 def diff_files(path_a: str, path_b: str, *, rtol: float = 0.0, atol: float = 0.0,
                include: list[str] | None = None, exclude: list[str] | None = None,
-               ignore_dtype: bool = False) -> dict[str, Any]:
+               ignore_dtype: bool = False, format_a: str | None = None,
+               format_b: str | None = None) -> dict[str, Any]:
     """The document ``diff --json`` prints; ``"same"`` decides the exit status.
 
     ``ignore_dtype``: a tensor whose dtype changed counts as the same when its
     values match (e.g. a bfloat16 export checked against float32 with a tolerance);
     its entry still says ``"dtype_a"``/``"dtype_b"``."""
-    reader_a, fmt_a = open_file(path_a)
+    reader_a, fmt_a = open_file(path_a, format_a, flag="--format-a")
     with reader_a:
-        reader_b, fmt_b = open_file(path_b)
+        reader_b, fmt_b = open_file(path_b, format_b, flag="--format-b")
         with reader_b:
             # an .npy file's one array has no name of its own: filters pick the other side's
             def named(reader: Any, fmt: str) -> list[str]:
@@ -210,12 +211,13 @@ def diff_files(path_a: str, path_b: str, *, rtol: float = 0.0, atol: float = 0.0
 def _render(doc: dict[str, Any]) -> None:
     out = sys.stdout
     a, b = doc["a"], doc["b"]
-    out.write(f"--- {a} ({doc['format_a']})\n+++ {b} ({doc['format_b']})\n")
+    echo(f"--- {a} ({doc['format_a']})", out)
+    echo(f"+++ {b} ({doc['format_b']})", out)
     for label, names in ((a, doc["only_in_a"]), (b, doc["only_in_b"])):
         if names:
-            out.write(f"only in {label}: {len(names)}\n")
+            echo(f"only in {label}: {len(names)}", out)
             for n in names:
-                out.write(f"  {n}\n")
+                echo(f"  {n}", out)
     changed = [t for t in doc["tensors"] if t["status"] != "same"]
     if changed:
         rows = []
@@ -229,27 +231,27 @@ def _render(doc: dict[str, Any]) -> None:
         print_table(["name", "status", "a", "b", "max abs", "max rel", "mismatches"],
                     rows, out, align="llllrrr")
     if doc["metadata_differs"]:
-        out.write("note: the files' metadata differ (not counted as a difference)\n")
+        echo("note: the files' metadata differ (not counted as a difference)", out)
     mode = "bit-exact" if doc["exact"] else f"rtol={doc['rtol']:g}, atol={doc['atol']:g}"
     if doc["same"]:
         word = "tensor matches" if doc["compared"] == 1 else "tensors match"
-        out.write(f"same: {doc['compared']} {word} ({mode})\n")
+        echo(f"same: {doc['compared']} {word} ({mode})", out)
     else:
-        out.write(f"different: {doc['different']} of {doc['compared']} common tensors differ "
-                  f"({mode}), {len(doc['only_in_a'])} only in A, "
-                  f"{len(doc['only_in_b'])} only in B\n")
+        echo(f"different: {doc['different']} of {doc['compared']} common tensors differ "
+             f"({mode}), {len(doc['only_in_a'])} only in A, "
+             f"{len(doc['only_in_b'])} only in B", out)
 
 
 def run(args: argparse.Namespace) -> int:
     if not (args.rtol >= 0 and args.atol >= 0 and np.isfinite(args.rtol)
             and np.isfinite(args.atol)):  # NaN fails every comparison: refuse it too
-        print(f"tensorbridge: error: --rtol {args.rtol:g} --atol {args.atol:g}: tolerances must "
-              "be finite numbers >= 0. Fix: pass e.g. --atol 1e-6 --rtol 1e-5, or leave them "
-              "out for a bit-exact comparison.", file=sys.stderr)
+        echo(f"tensorbridge: error: --rtol {args.rtol:g} --atol {args.atol:g}: tolerances must "
+             "be finite numbers >= 0. Fix: pass e.g. --atol 1e-6 --rtol 1e-5, or leave them "
+             "out for a bit-exact comparison.", sys.stderr)
         return 2
     doc = diff_files(args.a, args.b, rtol=args.rtol, atol=args.atol,
-                     ignore_dtype=args.ignore_dtype,
-                     include=args.include, exclude=args.exclude)
+                     ignore_dtype=args.ignore_dtype, include=args.include,
+                     exclude=args.exclude, format_a=args.format_a, format_b=args.format_b)
     if args.json:
         emit_json(doc)
     elif not args.quiet:

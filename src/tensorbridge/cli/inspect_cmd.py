@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 from typing import Any, TextIO
 
 import numpy as np
 
-from ..console import format_number, human_bytes, natural_key, print_table
+from ..console import echo, escape, format_number, human_bytes, natural_key, print_table
 from ..dtypes import canonical_name, lookup
 from ..errors import TensorBridgeError
 from ..formats import TensorInfo
@@ -38,13 +37,34 @@ def tensor_stats(a: np.ndarray) -> dict[str, Any]:
     >>> s = tensor_stats(np.array([1.0, 3.0, np.nan, np.inf], np.float32))
     >>> s["min"], s["max"], s["mean"], s["std"], s["nan"], s["inf"]
     (1.0, 3.0, 2.0, 1.0, 1, 1)
+    >>> s = tensor_stats(np.array([1e300, 3e300]))  # squares beyond float64: scaled
+    >>> s["mean"], s["std"]
+    (2e+300, 1e+300)
     """
     kind = lookup(canonical_name(a.dtype)).kind
     flat = a.reshape(-1)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        stats = _scan(flat, kind, 1.0)
+        big = max(abs(stats["min"]), abs(stats["max"])) if stats["finite"] else 0.0
+        if kind in ("float", "complex") and (big > 2.0**400 or 0 < big < 2.0**-400):
+            # squares (and sums) of such values leave float64's range: scan again on
+            # values scaled by a power of two (exact), then scale mean and std back
+            scale = 2.0 ** -math.frexp(big)[1]
+            again = _scan(flat, kind, scale)
+            stats["mean"], stats["std"] = again["mean"] / scale, again["std"] / scale
+    if kind == "complex":
+        stats["of"] = "abs"
+    return stats
+
+
+def _scan(flat: np.ndarray, kind: str, scale: float) -> dict[str, Any]:
+    """One pass of :func:`tensor_stats` over ``flat``; mean and std of ``flat * scale``."""
     n, mean, m2 = 0, 0.0, 0.0
     lo: Any = None
     hi: Any = None
     nan = inf = 0
+    cmin: float
+    cmax: float
     for start in range(0, flat.size, CHUNK):
         c = flat[start:start + CHUNK]
         if kind in ("bool", "int", "uint"):
@@ -68,6 +88,8 @@ def tensor_stats(a: np.ndarray) -> dict[str, Any]:
             if fin.size == 0:
                 continue
             cmin, cmax = float(fin.min()), float(fin.max())
+            if scale != 1.0:
+                fin = fin * scale
         k = fin.size
         cmean = float(fin.mean())
         cm2 = float(np.square(fin - cmean).sum())
@@ -78,15 +100,12 @@ def tensor_stats(a: np.ndarray) -> dict[str, Any]:
         n = total
         lo = cmin if lo is None else min(lo, cmin)
         hi = cmax if hi is None else max(hi, cmax)
-    stats: dict[str, Any] = {
+    return {
         "min": lo, "max": hi,
         "mean": mean if n else None,
         "std": math.sqrt(m2 / n) if n else None,
         "nan": nan, "inf": inf, "finite": n,
     }
-    if kind == "complex":
-        stats["of"] = "abs"
-    return stats
 
 
 def _sort(infos: list[TensorInfo], key: str) -> list[TensorInfo]:
@@ -127,28 +146,19 @@ def _shape(shape: list[int]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-#: control characters (C0, DEL, C1) and bidi overrides, printed escaped (names and metadata
-#: come from the file, and a terminal would obey them)
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-
-
-def _escape(text: str) -> str:
-    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
-
-
 def _clip(text: str, width: int = 120) -> str:
-    text = text.replace("\n", " ")
-    text = text if len(text) <= width else text[: width - 3] + "..."
-    return _escape(text)
+    text = escape(text)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def render_text(doc: dict[str, Any], stream: TextIO) -> None:
-    """One file's report as a table (rich on a terminal, plain when piped)."""
-    stream.write(f"{doc['path']}  ({doc['format']})\n")
+    """One file's report as a table (rich on a terminal, plain when piped); every
+    string from the file is escaped (see :func:`~tensorbridge.console.escape`)."""
+    echo(f"{doc['path']}  ({doc['format']})", stream)
     if doc["metadata"]:
-        stream.write("metadata:\n")
+        echo("metadata:", stream)
         for k, v in doc["metadata"].items():
-            stream.write(f"  {_clip(k)}: {_clip(str(v))}\n")
+            echo(f"  {_clip(str(k))}: {_clip(str(v))}", stream)
     with_stats = any("stats" in t for t in doc["tensors"])
     headers = ["name", "dtype", "shape", "size"]
     align = "lllr"
@@ -157,7 +167,7 @@ def render_text(doc: dict[str, Any], stream: TextIO) -> None:
         align += "r" * len(_STAT_COLUMNS)
     rows = []
     for t in doc["tensors"]:
-        row = [_escape(t["name"]), t["dtype"], _shape(t["shape"]), human_bytes(t["nbytes"])]
+        row = [t["name"], t["dtype"], _shape(t["shape"]), human_bytes(t["nbytes"])]
         if t.get("stored_nbytes", t["nbytes"]) != t["nbytes"]:  # GGUF blocks: as stored
             row[1:4:2] = [f"{t['stored_type']} ({t['bits_per_weight']:g} bpw)",
                           human_bytes(t["stored_nbytes"])]
@@ -171,8 +181,8 @@ def render_text(doc: dict[str, Any], stream: TextIO) -> None:
     for name, why in doc.get("skipped", {}).items():
         stream.write(f"skipped: {_clip(name, 60)}: {_clip(why)}\n")
     word = "tensor" if doc["count"] == 1 else "tensors"
-    stream.write(f"total: {doc['count']} {word}, {human_bytes(doc['total_nbytes'])} "
-                 f"({doc['total_nbytes']} bytes)\n")
+    echo(f"total: {doc['count']} {word}, {human_bytes(doc['total_nbytes'])} "
+         f"({doc['total_nbytes']} bytes)", stream)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -182,14 +192,14 @@ def run(args: argparse.Namespace) -> int:
             doc = inspect_file(path, format=args.format, stats=args.stats,
                                filters=args.filter, sort=args.sort)
         except TensorBridgeError as exc:
-            print(f"tensorbridge: error: {exc}", file=sys.stderr)
+            echo(f"tensorbridge: error: {exc}", sys.stderr)
             errors.append({"path": path, "error": str(exc)})
             status = 2
             continue
         docs.append(doc)
         if args.filter and not doc["count"]:  # a typo in a pattern should not look like "empty"
-            print(f"tensorbridge: note: no tensor in {path} matches --filter "
-                  f"{' '.join(args.filter)}", file=sys.stderr)
+            echo(f"tensorbridge: note: no tensor in {path} matches --filter "
+                 f"{' '.join(args.filter)}", sys.stderr)
         if not args.json:
             if i:
                 sys.stdout.write("\n")
@@ -199,6 +209,6 @@ def run(args: argparse.Namespace) -> int:
     elif len(docs) > 1:
         count = sum(d["count"] for d in docs)
         nbytes = sum(d["total_nbytes"] for d in docs)
-        sys.stdout.write(f"\nall {len(docs)} files: {count} tensors, {human_bytes(nbytes)} "
-                         f"({nbytes} bytes)\n")
+        echo()
+        echo(f"all {len(docs)} files: {count} tensors, {human_bytes(nbytes)} ({nbytes} bytes)")
     return status

@@ -46,7 +46,7 @@ def _suffix_table() -> dict[str, str]:
     return table
 
 
-def format_for_path(path: str | os.PathLike, format: str | None = None) -> Format:
+def format_for_path(path: str | os.PathLike[str], format: str | None = None) -> Format:
     """Pick the format from ``format=`` or from the path's suffix.
 
     A directory named ``*.zarr`` is a zarr store; any other directory (or a path ending

@@ -35,7 +35,8 @@ import secrets
 import stat
 import struct
 import sys
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
+from collections.abc import Iterator
 
 from ..errors import FileFormatError, TensorBridgeError
 
@@ -228,7 +229,7 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def _check_target(path: str | os.PathLike, target: str, follow_symlinks: bool,
+def _check_target(path: str | os.PathLike[str], target: str, follow_symlinks: bool,
                   example: str) -> int:
     """Refuse a destination that is a directory or another non-regular file; return the
     mode the new file gets (the destination's, or what a plain ``open()`` would give)."""
@@ -262,7 +263,7 @@ def _check_target(path: str | os.PathLike, target: str, follow_symlinks: bool,
 
 
 @contextlib.contextmanager
-def _replacing(path: str | os.PathLike, example: str, follow_symlinks: bool,
+def _replacing(path: str | os.PathLike[str], example: str, follow_symlinks: bool,
                ofd: bool) -> Iterator[tuple[str, int]]:
     """Create a temporary sibling of ``path``; on success move it over ``path``.
 
@@ -331,7 +332,7 @@ def _replacing(path: str | os.PathLike, example: str, follow_symlinks: bool,
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, *, follow_symlinks: bool = True) -> Iterator[BinaryIO]:
+def atomic_write(path: str | os.PathLike[str], *, follow_symlinks: bool = True) -> Iterator[BinaryIO]:
     """Open a temporary file that replaces ``path`` when the block succeeds.
 
     ``follow_symlinks=False`` replaces a symlink at ``path`` itself rather than its target.
@@ -344,7 +345,7 @@ def atomic_write(path: str | os.PathLike, *, follow_symlinks: bool = True) -> It
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, *, follow_symlinks: bool = True) -> Iterator[str]:
+def atomic_path(path: str | os.PathLike[str], *, follow_symlinks: bool = True) -> Iterator[str]:
     """Like :func:`atomic_write`, but yields a temporary *path* for libraries
     (h5py) that must open the file themselves. It replaces ``path`` on success.
 

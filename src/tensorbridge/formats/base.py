@@ -20,9 +20,10 @@ them kernel-side instead of reading them into memory.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -55,7 +56,7 @@ class TensorInfo:
 
         return self.size * lookup(self.dtype).itemsize
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "nbytes": self.nbytes}
 
 
@@ -106,7 +107,7 @@ class Reader:
         rows = self.read(name)[start:stop]
         return rows.reshape(info.shape[1:]).copy() if single else rows.copy()
 
-    def array(self, name: str) -> "LazyArray":
+    def array(self, name: str) -> LazyArray:
         """Tensor ``name`` as a lazy n-d array: index it, and only the bytes the index needs
         are read (see :mod:`tensorbridge.formats.lazy`)."""
         from . import FORMAT_MODULES
@@ -163,7 +164,7 @@ class Reader:
     def __len__(self) -> int:
         return len(self.keys())
 
-    def __enter__(self) -> "Reader":
+    def __enter__(self) -> Reader:
         return self
 
     def __exit__(self, *exc: object) -> None:

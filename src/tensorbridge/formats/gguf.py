@@ -320,7 +320,7 @@ class _Cursor:
         for _ in range(count):
             off = self.pos - self._start
             buf = self._buf
-            if 0 <= off and off + 8 <= len(buf):
+            if off >= 0 and off + 8 <= len(buf):
                 n = unpack(buf, off)[0]
                 if off + 8 + n <= len(buf):
                     out.append(buf[off + 8:off + 8 + n].decode("utf-8", "surrogateescape"))
@@ -364,7 +364,7 @@ def _read_value(cur: _Cursor, t: str, key: str, depth: int = 0) -> GGUFValue:
     if t == "STRING":
         return _make(t, cur.string(what))
     if t != "ARRAY":
-        raw = cur.unpack(VALUE_TYPES[VALUE_TYPE_IDS[t]][1] or "", what)  # type: ignore[operator]
+        raw = cur.unpack(VALUE_TYPES[VALUE_TYPE_IDS[t]][1] or "", what)
         return _make(t, raw)
     if depth >= MAX_ARRAY_DEPTH:
         raise FileFormatError(f"{what} nests arrays more than {MAX_ARRAY_DEPTH} deep. Fix: the "
@@ -484,7 +484,7 @@ def _parse(fd: int, size: int, path: str) -> dict[str, Any]:
         if e.nbytes:
             spans.append((e.offset, e.offset + e.nbytes, e.info.name))
     spans.sort()
-    for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
+    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
         if b1 < e0:
             raise UnsafeContentError(
                 f"tensors {n0!r} and {n1!r} overlap in the file (bytes {b1}..{e0}); reading "
@@ -751,7 +751,7 @@ class GGUFFormat(Format):
             head += _pack_value(v)
         offset = 0
         sizes = []
-        for info, t in zip(infos, types):
+        for info, t in zip(infos, types, strict=True):
             nbytes = info.size // t.block_size * t.type_size
             if t.quantized and (not info.shape or info.shape[-1] % t.block_size):
                 raise ConversionError(f"{path}: tensor {info.name!r} of shape {list(info.shape)} "
@@ -767,7 +767,7 @@ class GGUFFormat(Format):
         try:
             with atomic_write(path) as f:
                 f.write(head)
-                for info, t, nbytes in zip(infos, types, sizes):
+                for info, t, nbytes in zip(infos, types, sizes, strict=True):
                     got = fetch(info.name)
                     src = info.source if isinstance(info, GGUFTensorInfo) else None
                     if t.quantized:

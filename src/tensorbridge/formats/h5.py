@@ -56,7 +56,8 @@ from __future__ import annotations
 import contextlib
 import os
 import zlib
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -243,7 +244,7 @@ def _memory_type(dtype: np.dtype) -> Any:
     return tid
 
 
-def _prod(shape: Sequence[int]) -> int:
+def _prod(shape: Iterable[int]) -> int:
     n = 1
     for d in shape:
         n *= d
@@ -315,7 +316,7 @@ class _Chunks:
         return cls(tuple(chunk), chunk_bytes, filters, dt)
 
     def _decode(self, data: bytes, mask: int, name: str, path: str) -> bytes:
-        sizes = [self.chunk_bytes]  # each stage's input size on the way in (None: unknown)
+        sizes: list[int | None] = [self.chunk_bytes]  # each stage's input size on the way in (None: unknown)
         for code, _flags, _values in self.filters:
             last = sizes[-1]
             sizes.append(None if code == _DEFLATE or last is None
@@ -335,7 +336,8 @@ class _Chunks:
                         "the file is corrupt; copy or download it again.", path)
                 data = body
             elif code == _DEFLATE:
-                want = sizes[i] if sizes[i] is not None else self.chunk_bytes + 4 * len(sizes)
+                known = sizes[i]
+                want = known if known is not None else self.chunk_bytes + 4 * len(sizes)
                 inflate = zlib.decompressobj()
                 try:
                     out = inflate.decompress(data, want + 1)
@@ -366,7 +368,7 @@ class _Chunks:
         dsid.chunk_iter(lambda info: stored.append((info.chunk_offset, info.size)))
         shape = out.shape
         for offset, size in stored:
-            if any(o >= s for o, s in zip(offset, shape)):
+            if any(o >= s for o, s in zip(offset, shape, strict=True)):
                 continue  # a chunk left beyond the extent by a shrink
             if size > 2 * self.chunk_bytes + 4096:
                 raise UnsafeContentError(
@@ -376,7 +378,7 @@ class _Chunks:
             mask, raw = dsid.read_direct_chunk(offset)
             data = self._decode(raw, mask, name, path)
             block = np.frombuffer(data, self.dtype).reshape(self.chunk)
-            region = tuple(slice(o, min(o + c, s)) for o, c, s in zip(offset, self.chunk, shape))
+            region = tuple(slice(o, min(o + c, s)) for o, c, s in zip(offset, self.chunk, shape, strict=True))
             out[region] = block[tuple(slice(0, r.stop - r.start) for r in region)]
         if out.dtype == np.bool_ and out.size and out.view(np.uint8).max() > 1:
             raise FileFormatError(f"bool dataset {name!r} holds bytes other than 0 and 1. "
@@ -536,7 +538,7 @@ class H5Reader(Reader):
                 raise _Skip(f"its chunks hold {chunk_bytes} bytes each, for a tensor of {nbytes} "
                             f"bytes: libhdf5 would decompress whole chunks (over the "
                             f"{MAX_CHUNK_BYTES}-byte cap)")
-            grid = _prod(-(-s // c) for s, c in zip(info.shape, chunk))
+            grid = _prod(-(-s // c) for s, c in zip(info.shape, chunk, strict=True))
             have = dsid.get_num_chunks()
             if have < grid:
                 raise _Skip(f"partly written: {have} of {grid} chunks are stored; the rest "

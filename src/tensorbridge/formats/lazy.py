@@ -128,7 +128,7 @@ def _runs(key: Key, shape: tuple[int, ...], itemsize: int) -> tuple[int, int, in
         strides[ax] = strides[ax + 1] * shape[ax + 1]
     lo = hi = 0
     kept = itemsize
-    for k, st in zip(key, strides):
+    for k, st in zip(key, strides, strict=True):
         if isinstance(k, slice):
             n = len(range(k.start, k.stop, k.step))
             lo += k.start * st
@@ -210,7 +210,7 @@ def _read_dense(f: _SpanFile, span: RawSpan, key: Key, shape: tuple[int, ...], i
     unit = np.dtype(f"<u{itemsize}") if itemsize in (1, 2, 4, 8) else np.dtype(f"V{itemsize}")
     flat = np.frombuffer(raw, unit)
     sel_shape, sel_strides = [], []
-    for k, st in zip(key, _c_strides(shape, itemsize)):
+    for k, st in zip(key, _c_strides(shape, itemsize), strict=True):
         if isinstance(k, slice):
             sel_shape.append(len(range(k.start, k.stop, k.step)))
             sel_strides.append(st * k.step)
@@ -271,7 +271,7 @@ def read_index(reader: Reader, name: str, key: Key) -> np.ndarray:
         shape = tuple(len(range(k.start, k.stop, k.step)) for k in key if isinstance(k, slice))
         return np.empty(shape, dtype)
     rows = reader.read_slice(name, slice(k0.start, k0.stop))
-    return np.array(rows[(slice(None, None, k0.step), *key[1:])], order="C")
+    return np.array(rows[(slice(None, None, k0.step),) + tuple(key[1:])], order="C")
 
 
 class ReaderOwner:

@@ -7,7 +7,7 @@ escape a directory when extracted, or confuse tools that split on ``/``.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from ..errors import UnsafeContentError
 

@@ -58,7 +58,8 @@ import struct
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -213,7 +214,7 @@ def _descr_dtype(descr: object, file: object) -> tuple[str, bool]:
                 f"descr {short_repr(descr)} is a structured dtype, which holds records, not a tensor "
                 "(the only structured layout read is tensorbridge's bfloat16/float8 marker, "
                 "e.g. [('bfloat16', '<u2')]). " + fix, file)
-        field = dt.fields[name][0]
+        field = dt[name]
         return name, field.itemsize > 1 and not field.isnative
     if not isinstance(descr, str):
         raise _fail(f"descr {short_repr(descr)} is a {type(descr).__name__}, not a dtype "
@@ -390,7 +391,7 @@ def build_header(dtype: str, shape: Sequence[int]) -> bytes:
     """
     descr = np.lib.format.dtype_to_descr(encode_dtype(lookup(dtype).numpy))
     shape = tuple(int(d) for d in shape)
-    text = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (descr, shape)
+    text = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {shape!r}, }}"
     body = text.encode("latin1")
     for version, prefix in (((1, 0), 10), ((2, 0), 12)):
         pad = -(prefix + len(body) + 1) % _ALIGN
@@ -417,15 +418,13 @@ def read_into(fill: Callable[[memoryview], None], header: NpyHeader,
             f"cannot allocate {header.nbytes} bytes for a {header.dtype}{list(header.shape)} "
             "array. Fix: free memory, or read the file on a machine with more.", file) from exc
     if count:
-        fill(memoryview(out.view(np.uint8)))
+        fill(out.view(np.uint8).data)
     if header.swap and row.itemsize > 1:
         unit = row.itemsize // 2 if row.kind == "complex" else row.itemsize
         out.view(np.dtype(f"u{unit}")).byteswap(inplace=True)
     if header.fortran_order:
-        out = out.reshape(header.shape[::-1]).T
-    else:
-        out = out.reshape(header.shape)
-    return out
+        return out.reshape(header.shape[::-1]).T
+    return out.reshape(header.shape)
 
 
 def check_bool(arr: np.ndarray, name: str, file: object) -> None:

@@ -52,7 +52,8 @@ import struct
 import threading
 import zipfile
 import zlib
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -125,7 +126,7 @@ class NpzReader(Reader):
             members = self._zf.infolist()
             names = [self._member_name(zi) for zi in members]
             check_unique(names, path)
-            self._members: dict[str, zipfile.ZipInfo] = dict(zip(names, members))
+            self._members: dict[str, zipfile.ZipInfo] = dict(zip(names, members, strict=True))
             if os.pread(fd, 4, 0) not in (b"PK\x03\x04", b"PK\x05\x06"):
                 raise FileFormatError(
                     "the file does not start with a zip member (something is prepended to "
@@ -206,7 +207,8 @@ class NpzReader(Reader):
         spans = sorted((zi.header_offset, starts[name] + zi.compress_size, zi.filename)
                        for name, zi in self._members.items())
         end_of_data = self._zf.start_dir
-        for (start, end, member), nxt in zip(spans, spans[1:] + [(end_of_data, 0, None)]):
+        for (start, end, member), nxt in zip(spans, [*spans[1:], (end_of_data, 0, None)],
+                                                 strict=True):
             if end > nxt[0]:
                 other = f"member {nxt[2]!r}" if nxt[2] is not None else "the central directory"
                 raise UnsafeContentError(
@@ -280,7 +282,7 @@ class NpzReader(Reader):
                     def fill(view: memoryview) -> None:
                         done = 0
                         while done < len(view):
-                            n = stream.readinto(view[done:done + CHUNK_BYTES])
+                            n = stream.readinto(view[done:done + CHUNK_BYTES])  # type: ignore[attr-defined]
                             if not n:
                                 raise FileFormatError(
                                     f"member {zi.filename!r} ended after {done} of "
@@ -354,7 +356,7 @@ class NpzFormat(Format):
         method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
         with atomic_write(path) as f:
             with zipfile.ZipFile(f, "w", method, allowZip64=True) as zf:
-                for info, header in zip(infos, headers):
+                for info, header in zip(infos, headers, strict=True):
                     arr = check_fetched(fetch(info.name), info, path)
                     zi = zipfile.ZipInfo(info.name + _SUFFIX, date_time=_DATE)
                     zi.compress_type = method

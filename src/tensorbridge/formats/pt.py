@@ -72,7 +72,8 @@ import sys
 import threading
 import zipfile
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -257,7 +258,7 @@ class PtReader(Reader):
         # it may have been replaced since (another file, or a FIFO that would hang)
         self._zfile = os.fdopen(os.dup(self._fd), "rb")
         with wrapped(path, "reading the zip directory"):
-            self._zip = zipfile.ZipFile(self._zfile)  # type: ignore[arg-type]
+            self._zip = zipfile.ZipFile(self._zfile)
             members = self._zip.infolist()
         names = [m.filename for m in members]
         check_unique_members(names, path)
@@ -417,10 +418,10 @@ class PtReader(Reader):
             if self._fd is None:
                 raise FileFormatError("the file is closed. Fix: open it again.", self.path)
             if record.member is None:
-                read_exact_into(self._fd, memoryview(buf), record.start + lo, self.path)
+                read_exact_into(self._fd, buf.data, record.start + lo, self.path)
                 return buf
             with wrapped(self.path, f"decompressing {record.member.filename!r}"):
-                inflate_into(self._fd, record.start, record.member, lo, memoryview(buf),
+                inflate_into(self._fd, record.start, record.member, lo, buf.data,
                              self.path)
         return buf
 
@@ -431,7 +432,7 @@ class PtReader(Reader):
         itemsize = dtype.itemsize
         if entry.info.size == 0:
             return np.empty(t.shape, dtype=dtype)
-        last = t.offset + sum((d - 1) * s for d, s in zip(t.shape, t.stride))
+        last = t.offset + sum((d - 1) * s for d, s in zip(t.shape, t.stride, strict=True))
         lo, hi = t.offset * itemsize, (last + 1) * itemsize
         # a compressed record is inflated from its start up to hi: that is the work
         self._charge(entry, entry.info.nbytes + (hi if entry.record.member is not None else 0))
@@ -448,8 +449,8 @@ class PtReader(Reader):
             out = view.copy(order="C").view(dtype)
         kind = lookup(t.dtype).kind
         if self._swap and itemsize > 1:
-            unit = itemsize // 2 if kind == "complex" else itemsize
-            out.view(f"u{unit}").byteswap(inplace=True)
+            word = itemsize // 2 if kind == "complex" else itemsize
+            out.view(f"u{word}").byteswap(inplace=True)
         if t.neg or t.conj:
             _apply_math_bits(out, t, kind)
         if t.dtype == "bool" and out.size and out.view(np.uint8).max() > 1:
@@ -473,7 +474,7 @@ class PtReader(Reader):
                 or entry.info.size == 0 or t.dtype == "bool" or t.neg or t.conj):
             return None
         expected = 1
-        for d, s in zip(reversed(t.shape), reversed(t.stride)):
+        for d, s in zip(reversed(t.shape), reversed(t.stride), strict=True):
             if d != 1 and s != expected:
                 return None
             expected *= d
@@ -539,7 +540,7 @@ def _native_bytes(arr: np.ndarray) -> memoryview:
     if arr.dtype.byteorder not in ("=", "|"):
         arr = arr.astype(arr.dtype.newbyteorder("="))
     arr = np.ascontiguousarray(arr)
-    return memoryview(arr.reshape(-1).view(np.uint8))
+    return arr.reshape(-1).view(np.uint8).data
 
 
 class PtFormat(Format):

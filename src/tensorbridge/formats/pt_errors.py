@@ -13,7 +13,7 @@ import lzma
 import struct
 import zipfile
 import zlib
-from typing import Iterator
+from collections.abc import Iterator
 
 from ..errors import FileFormatError, TensorBridgeError
 

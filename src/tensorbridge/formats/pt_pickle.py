@@ -35,7 +35,8 @@ import pickletools
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import IO, Any, Callable, Mapping
+from typing import IO, Any
+from collections.abc import Callable, Mapping
 
 from ..dtypes import lookup
 from ..errors import FileFormatError, UnsafeContentError
@@ -336,7 +337,7 @@ def _rebuild(storage: object, offset: object, size: object, stride: object,
             f"a tensor has shape {list(shape)} but stride {brief(list(strides))}. Fix: the "
             "checkpoint is corrupt; re-save it.", path)
     # a stride along an axis of length <= 1 is never used: normalise it (2**62 there is legal)
-    strides = tuple(s if d > 1 else 0 for d, s in zip(shape, strides))
+    strides = tuple(s if d > 1 else 0 for d, s in zip(shape, strides, strict=True))
     tensor = _Tensor(storage, dtype, _int(offset, "a storage offset", path), shape, strides,
                      neg, conj)
     _check_extent(tensor, path)
@@ -358,7 +359,7 @@ def _check_extent(t: _Tensor, path: str) -> None:
         count *= d
     if count == 0:
         return
-    last = t.offset + sum((d - 1) * s for d, s in zip(t.shape, t.stride))
+    last = t.offset + sum((d - 1) * s for d, s in zip(t.shape, t.stride, strict=True))
     need = (last + 1) * itemsize
     if need > t.storage.nbytes:
         raise FileFormatError(
@@ -385,12 +386,13 @@ def _globals(path: str) -> dict[str, Any]:
     def v2(args: tuple) -> _Tensor | _Refused:
         if len(args) not in (6, 7):
             raise FileFormatError(f"_rebuild_tensor_v2 gets {len(args)} arguments.", path)
-        return _rebuild(*args[:4], None, path, args[4:])
+        return _rebuild(args[0], args[1], args[2], args[3], None, path, args[4:])
 
     def v3(args: tuple) -> _Tensor | _Refused:
         if len(args) not in (7, 8) or not isinstance(args[6], _DType):
             raise FileFormatError("_rebuild_tensor_v3 gets malformed arguments.", path)
-        return _rebuild(*args[:4], args[6].name, path, args[4:6] + args[7:])
+        return _rebuild(args[0], args[1], args[2], args[3], args[6].name, path,
+                        args[4:6] + args[7:])
 
     def parameter(args: tuple) -> _Tensor | _Refused:
         # (data, requires_grad, backward_hooks[, state]): state is Python attributes

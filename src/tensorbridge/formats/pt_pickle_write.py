@@ -10,7 +10,7 @@ globals that :mod:`.pt_pickle` allows, so tensorbridge reads back what it writes
 from __future__ import annotations
 
 import struct
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..errors import ConversionError
 from .base import TensorInfo

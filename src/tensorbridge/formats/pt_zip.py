@@ -20,7 +20,8 @@ import os
 import struct
 import zipfile
 import zlib
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from ..errors import FileFormatError, UnsafeContentError
 from .safetensors import read_exact_into

@@ -46,7 +46,8 @@ import stat
 import struct
 import sys
 import threading
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -145,7 +146,7 @@ def read_exact_into(fd: int, buffer: memoryview, offset: int, path: str) -> None
 
 def _byte_view(arr: np.ndarray) -> memoryview:
     """The bytes of a C-contiguous array, without copying (works for ml_dtypes)."""
-    return memoryview(arr.reshape(-1).view(np.uint8))
+    return arr.reshape(-1).view(np.uint8).data
 
 
 def iter_le_bytes(arr: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> Iterator[memoryview]:
@@ -395,8 +396,8 @@ def build_header(infos: Sequence[TensorInfo], metadata: Mapping[str, str] | None
 
 # --- header validation --------------------------------------------------------
 
-def _no_duplicates(path: str) -> Callable[[list[tuple[str, Any]]], dict]:
-    def hook(pairs: list[tuple[str, Any]]) -> dict:
+def _no_duplicates(path: str) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key, value in pairs:
             if key in out:

@@ -53,7 +53,8 @@ import re
 import secrets
 import stat
 import threading
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -135,7 +136,7 @@ def _load_json(path: str) -> Any:
     finally:
         os.close(fd)
 
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key, value in pairs:
             if key in out:
@@ -216,6 +217,7 @@ def _shard_path(directory: str, shard: object, index_path: str) -> str:
         raise UnsafeContentError(
             f"shard {shard!r} is refused: {why}. Fix: shards must be plain file names next "
             "to the index, e.g. 'model-00001-of-00002.safetensors'.", index_path)
+    assert isinstance(shard, str)  # (for the type checker: anything else was refused above)
     full = os.path.join(directory, shard)
     root = os.path.realpath(directory)
     real = os.path.realpath(full)
@@ -304,7 +306,7 @@ class ShardedReader(Reader):
             raise FileFormatError(
                 f"the index must be a JSON object with a 'weight_map' object, got {got!r}. Fix: "
                 "restore the *.index.json from the original checkpoint.", index_path)
-        weight_map: dict = index["weight_map"]
+        weight_map: dict[str, Any] = index["weight_map"]
         check_unique(weight_map, index_path)
         self.metadata = _stringify_metadata(index.get("metadata"), index_path)
         by_shard: dict[str, list[str]] = {}
@@ -509,7 +511,7 @@ class ShardedFormat(Format):
                 names = _shard_names(prefix, len(groups), secrets.token_hex(4))
             written: list[str] = []
             try:
-                for shard, group in zip(names, groups):
+                for shard, group in zip(names, groups, strict=True):
                     final = os.path.join(directory, shard)
                     written.append(final)  # safetensors' atomic write removes its own temp
                     SAFETENSORS.write(final, group, fetch, {"format": "pt"}, landed=landed,
@@ -517,7 +519,7 @@ class ShardedFormat(Format):
                 atomic.fsync_dir(directory)
                 index = {
                     "metadata": {**user_metadata, "total_size": sum(i.nbytes for i in infos)},
-                    "weight_map": {i.name: shard for shard, group in zip(names, groups)
+                    "weight_map": {i.name: shard for shard, group in zip(names, groups, strict=True)
                                    for i in group},
                 }
                 # the link itself is replaced, as the shards are (a Hugging Face cache

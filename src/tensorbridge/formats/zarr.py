@@ -39,7 +39,8 @@ import json
 import os
 import shutil
 import threading
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -107,13 +108,16 @@ def _codec_names(codecs: Any, where: str, path: str) -> None:
                               "store is corrupt; re-save it.", path)
     for c in codecs:
         name = c.get("name") if isinstance(c, dict) else c
-        if name not in _CODECS:
+        if not isinstance(name, str) or name not in _CODECS:
             raise FileFormatError(
                 f"array {where!r} uses codec {name!r:.80}, which tensorbridge does not decode "
                 f"(it decodes {sorted(_CODECS)}). Fix: re-save the store with one of those "
                 "codecs using zarr-python, if you trust it.", path)
         if name == "sharding_indexed":
-            conf = c.get("configuration") or {}
+            conf = c.get("configuration") if isinstance(c, dict) else None
+            if not isinstance(conf, dict):
+                raise FileFormatError(f"array {where!r}: the sharding codec has no configuration. "
+                                      "Fix: the store is corrupt.", path)
             _codec_names(conf.get("codecs", []), where, path)
             _codec_names(conf.get("index_codecs", []), where, path)
 
@@ -235,14 +239,16 @@ def _check_array(rel: str, meta: dict, path: str) -> tuple[str | None, str, tupl
     attrs = meta.get("attributes") or {}
     declared = attrs.get(DTYPE_ATTR) if isinstance(attrs, dict) else None
     if declared is not None:
-        if _RAW_BITS.get(declared) != data_type:
+        if not isinstance(declared, str) or _RAW_BITS.get(declared) != data_type:
             raise FileFormatError(
                 f"array {rel!r}: attribute {DTYPE_ATTR}={declared!r:.60} does not match its "
                 f"stored type {data_type!r}. Fix: the store is corrupt.", path)
         dtype = declared
-    grid = meta.get("chunk_grid") or {}
-    chunk = (grid.get("configuration") or {}).get("chunk_shape") if isinstance(grid, dict) else None
-    if grid.get("name") != "regular" or not isinstance(chunk, list) or len(chunk) != len(shape) \
+    grid = meta.get("chunk_grid")
+    conf = grid.get("configuration") if isinstance(grid, dict) else None
+    chunk = conf.get("chunk_shape") if isinstance(conf, dict) else None
+    if not isinstance(grid, dict) or grid.get("name") != "regular" \
+            or not isinstance(chunk, list) or len(chunk) != len(shape) \
             or not all(type(c) is int and c > 0 for c in chunk):
         raise FileFormatError(f"array {rel!r}: chunk grid {grid!r:.100} is not a regular grid "
                               "matching the shape. Fix: the store is corrupt.", path)
@@ -284,7 +290,8 @@ class ZarrReader(Reader):
         attrs = root.get("attributes") or {}
         attrs = attrs if isinstance(attrs, dict) else {}
         order = attrs.get(ORDER_ATTR)
-        if isinstance(order, list) and sorted(order) == sorted(entries):
+        if isinstance(order, list) and all(isinstance(k, str) for k in order) \
+                and sorted(order) == sorted(entries):
             entries = {k: entries[k] for k in order}
         self._entries = entries
         self.metadata = {k: v for k, v in attrs.items()

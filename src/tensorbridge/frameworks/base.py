@@ -16,7 +16,8 @@ import importlib
 import sys
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
@@ -82,8 +83,8 @@ def host_facts(a: np.ndarray, framework: str = "numpy") -> Facts:
         dtype=canonical_name(a.dtype),
         shape=a.shape,
         contiguous=a.flags.c_contiguous,
-        negative_strides=any(s < 0 and n > 1 for s, n in zip(a.strides, a.shape)),
-        unit_flip=any(s < 0 and n <= 1 for s, n in zip(a.strides, a.shape)),
+        negative_strides=any(s < 0 and n > 1 for s, n in zip(a.strides, a.shape, strict=True)),
+        unit_flip=any(s < 0 and n <= 1 for s, n in zip(a.strides, a.shape, strict=True)),
         native_order=a.dtype.isnative,
         writable=a.flags.writeable,
         aligned=a.ctypes.data % 64 == 0,

@@ -29,7 +29,7 @@ class CupyBackend(Backend):
     def facts(self, x: Any) -> Facts:
         f = Facts("cupy", canonical_name(x.dtype), tuple(x.shape), device=f"cuda:{x.device.id}")
         f.contiguous = x.flags.c_contiguous
-        f.negative_strides = any(s < 0 and n > 1 for s, n in zip(x.strides, x.shape))
+        f.negative_strides = any(s < 0 and n > 1 for s, n in zip(x.strides, x.shape, strict=True))
         f.aligned = x.data.ptr % 64 == 0
         return f
 

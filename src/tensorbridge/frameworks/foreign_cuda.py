@@ -88,7 +88,7 @@ def _load_torch(arrays: list[Any]) -> Any | None:
     """torch with CUDA, or None. Where torch's CUDA is not running yet, it is
     imported and started here only for big enough transfers: starting it pins a
     64 MiB ring block and gives torch a cache of device memory, for good."""
-    torch = sys.modules.get("torch")
+    torch: Any = sys.modules.get("torch")
     try:
         if torch is not None and torch.cuda.is_initialized():
             return torch

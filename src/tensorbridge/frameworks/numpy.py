@@ -32,13 +32,13 @@ class NumpyBackend(Backend):
     extra = "numpy"
     DTYPES = {}  # every canonical dtype is a NumPy (or ml_dtypes) dtype
 
-    def load(self):
+    def load(self) -> Any:
         return np
 
     def loaded(self) -> bool:
         return True
 
-    def native_dtype(self, canonical: str):
+    def native_dtype(self, canonical: str) -> Any:
         from ..dtypes import numpy_dtype
 
         return numpy_dtype(canonical)

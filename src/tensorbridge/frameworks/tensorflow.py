@@ -81,10 +81,7 @@ class TensorFlowBackend(Backend):
                 "it is a handle to a variable or a container, not data",
                 "convert the variable itself (v, or v.read_value()) instead of v.handle",
             ))
-        if dtype == tf.string:
-            name = "string"
-        else:
-            name = canonical_name(dtype.as_numpy_dtype)
+        name = "string" if dtype == tf.string else canonical_name(dtype.as_numpy_dtype)
         device = _device_name(x.device if not sparse else x.values.device)
         f = Facts("tensorflow", name, tuple(x.shape), device=device, writable=False)
         if sparse:

@@ -40,10 +40,10 @@ class TorchBackend(Backend):
     def canonical(self, dtype: Any) -> str:
         if self._canonical is None:
             self._canonical = {}
-            for name in self.DTYPES:
-                d = self.native_dtype(name)
+            for canonical in self.DTYPES:
+                d = self.native_dtype(canonical)
                 if d is not None:
-                    self._canonical[d] = name
+                    self._canonical[d] = canonical
         name = self._canonical.get(dtype)
         if name is None:
             quantized = "q" in str(dtype).rpartition(".")[2][:2]  # torch.qint8, quint8, ...
@@ -232,7 +232,7 @@ def _positive_unit_strides(a: np.ndarray) -> np.ndarray:
     """A size-1 dimension's stride is never used: rewrite negative ones to 0 (no copy)."""
     if a.dtype.type.__module__ != "numpy":  # ml_dtypes: as_strided would lose the dtype
         return _positive_unit_strides(a.view(f"u{a.dtype.itemsize}")).view(a.dtype)
-    strides = tuple(0 if n <= 1 else s for s, n in zip(a.strides, a.shape))
+    strides = tuple(0 if n <= 1 else s for s, n in zip(a.strides, a.shape, strict=True))
     return np.lib.stride_tricks.as_strided(a, a.shape, strides, writeable=a.flags.writeable)
 
 
@@ -259,7 +259,7 @@ def gather_device_leaves(tree: Any, *, copy: bool | None, dtype: str | None,
         return {}
     from . import foreign_cuda
 
-    torch = sys.modules.get("torch")
+    torch: Any = sys.modules.get("torch")
     torch_live = torch is not None and torch.cuda.is_initialized()
     others = foreign_cuda.live_types()
     if not torch_live and not others:
@@ -291,7 +291,7 @@ def gather_device_leaves(tree: Any, *, copy: bool | None, dtype: str | None,
         if wrapped:  # try again without them: JAX/CuPy arrays have their own way to the host
             return _torch_only(found, pinned)
         raise _refused(found, exc) from exc
-    return dict(zip([id(t) for t in found] + [id(a) for a, _ in wrapped], hosts))
+    return dict(zip([id(t) for t in found] + [id(a) for a, _ in wrapped], hosts, strict=True))
 
 
 def _torch_only(found: list[Any], pinned: bool) -> dict[int, np.ndarray]:
@@ -302,7 +302,7 @@ def _torch_only(found: list[Any], pinned: bool) -> dict[int, np.ndarray]:
         hosts = batch_to_host(found, pinned=pinned)
     except RuntimeError as exc:
         raise _refused(found, exc) from exc
-    return dict(zip(map(id, found), hosts))
+    return dict(zip(map(id, found), hosts, strict=True))
 
 
 def _refused(found: list[Any], exc: Exception) -> ConversionError:

@@ -48,7 +48,8 @@ import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any
+from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
 
@@ -187,16 +188,16 @@ def plan_packs(sizes: Sequence[int], keys: Sequence[Hashable], *, small_bytes: i
     for key, items in groups.items():
         cur: list[tuple[int, int]] = []
         used = 0
-        for i in items + [None]:  # type: ignore[list-item]
-            if i is None or (cur and used + sizes[i] > pack_bytes):
+        for item in [*items, None]:
+            if item is None or (cur and used + sizes[item] > pack_bytes):
                 if len(cur) == 1:
                     direct.append(cur[0][0])
                 elif cur:
                     packs.append(Pack(key, tuple(cur), used))
                 cur, used = [], 0
-            if i is not None:
-                cur.append((i, used))
-                used += sizes[i]
+            if item is not None:
+                cur.append((item, used))
+                used += sizes[item]
     direct.sort()
     return packs, direct
 
@@ -351,7 +352,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork)
 
 
-class _Done(Future):
+class _Done(Future[None]):
     def __init__(self) -> None:
         super().__init__()
         self.set_result(None)
@@ -360,7 +361,7 @@ class _Done(Future):
 _DONE = _Done()
 
 
-def _submit(fn: Callable[[list[Piece]], None], jobs: list[list[Piece]]) -> list[Future]:
+def _submit(fn: Callable[[list[Piece]], None], jobs: list[list[Piece]]) -> list[Future[None]]:
     if not jobs:
         return []
     if len(jobs) == 1:  # a small chunk: a pool round trip costs more than the copy
@@ -370,7 +371,7 @@ def _submit(fn: Callable[[list[Piece]], None], jobs: list[list[Piece]]) -> list[
     return [pool.submit(fn, job) for job in jobs]
 
 
-def _wait_all(futures: list[Future]) -> None:
+def _wait_all(futures: list[Future[None]]) -> None:
     err = None
     for f in futures:
         try:
@@ -381,7 +382,7 @@ def _wait_all(futures: list[Future]) -> None:
         raise err
 
 
-def _drain(pending: dict[int, list[Future]]) -> None:
+def _drain(pending: dict[int, list[Future[None]]]) -> None:
     for futs in pending.values():
         for f in futs:
             try:
@@ -465,7 +466,7 @@ def batch_to_host(tensors: list[Any], *, pinned: bool = False, ring: _Ring | Non
     dts = [_numpy_dtype(t.dtype) for t in tensors]  # fail before any copy
     sizes = [t.numel() * t.element_size() for t in tensors]  # the originals: nothing prepared yet
     devs = [hooks.device(t) for t in tensors]
-    keys = [(d, t.dtype) for d, t in zip(devs, tensors)]
+    keys = [(d, t.dtype) for d, t in zip(devs, tensors, strict=True)]
     packs, direct = plan_packs(sizes, keys, pack_bytes=(ring.block_bytes if ring else BLOCK_BYTES))
     # Items: what crosses the link. A direct tensor, or a pack of small ones of one device/dtype.
     # where[i] = (item, byte offset in the item) for every non-empty tensor i.
@@ -477,7 +478,7 @@ def batch_to_host(tensors: list[Any], *, pinned: bool = False, ring: _Ring | Non
     for p in packs:
         for i, off in p.members:
             where[i] = (len(items), off)
-        items.append((p.key[0], p))
+        items.append((p.key[0], p))  # type: ignore[index]  # keys are (device, dtype)
     order = sorted(range(len(items)), key=lambda j: str(items[j][0]))  # group by device
     items = [items[j] for j in order]
     renum = {old: new for new, old in enumerate(order)}
@@ -511,7 +512,7 @@ def _plain_to_host(item_sizes: list[int], source: Callable[[int], Any]) -> list[
     return [source(j).cpu().numpy() for j in range(len(item_sizes))]
 
 
-def _to_pinned(items: list, item_sizes: list[int], source: Callable[[int], Any], hooks: _Hooks,
+def _to_pinned(items: list[Any], item_sizes: list[int], source: Callable[[int], Any], hooks: _Hooks,
                torch: Any) -> list[np.ndarray]:
     """One page-locked buffer per item, one copy each, one wait per device.
 
@@ -536,7 +537,7 @@ def _to_pinned(items: list, item_sizes: list[int], source: Callable[[int], Any],
     return hosts
 
 
-def _through_ring(items: list, item_sizes: list[int], source: Callable[[int], Any], ring: _Ring,
+def _through_ring(items: list[Any], item_sizes: list[int], source: Callable[[int], Any], ring: _Ring,
                   hooks: _Hooks) -> list[np.ndarray]:
     chunks = plan_chunks(item_sizes, keys=[str(d) for d, _ in items], block_bytes=ring.block_bytes,
                          num_blocks=ring.num_blocks, align=ring.align)
@@ -555,7 +556,7 @@ def _through_ring(items: list, item_sizes: list[int], source: Callable[[int], An
         for c in chunks:
             for p in c.pieces:
                 last_chunk[p.item] = c.index
-        reading: dict[int, list[Future]] = {}  # block -> memcpy jobs still reading it
+        reading: dict[int, list[Future[None]]] = {}  # block -> memcpy jobs still reading it
         landed: deque[Chunk] = deque()  # enqueued, not yet handed to the threads
         live: dict[int, Any] = {}  # item -> its flat device source, while pieces remain
 
@@ -677,13 +678,13 @@ def scatter_host_leaves(tree: Any, device: Any, *, ring: _Ring | None = None,
         batch_to_device(srcs, dsts, ring=ring, hooks=hooks)
     except RuntimeError:
         return {}  # CUDA refused: the planned route raises a DeviceError/ConversionError itself
-    return dict(zip(ids, dsts))
+    return dict(zip(ids, dsts, strict=True))
 
 
 def _plain_to_device(srcs: list[np.ndarray], flats: list[Any], torch: Any) -> None:
     """No ring: one plain (synchronous) copy per array; read-only arrays are copied first
     (``torch.from_numpy`` warns on read-only memory)."""
-    for a, f in zip(srcs, flats):
+    for a, f in zip(srcs, flats, strict=True):
         if a.nbytes:
             f.copy_(torch.from_numpy(a if a.flags.writeable else a.copy()))
 
@@ -717,7 +718,7 @@ def batch_to_device(srcs: list[np.ndarray], dsts: list[Any], *, ring: _Ring | No
             _count(fallbacks=1)
             _plain_to_device(srcs, flats, torch)
             return
-        packing: dict[int, list[Future]] = {}
+        packing: dict[int, list[Future[None]]] = {}
 
         def start(c: Chunk) -> None:
             blk = ring.block(c.block)
