@@ -11,12 +11,11 @@ overflowing strides. ``tests/hostile/test_bounds_pt.py`` reads each one under
 from __future__ import annotations
 
 import bz2
-import lzma
 import struct
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 MIB = 1 << 20
 
