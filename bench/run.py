@@ -394,6 +394,9 @@ CASES: dict[str, Callable[[argparse.Namespace], list[dict]]] = {
     "jax_numpy": case_jax_numpy,
     "file_convert": case_file_convert,
 }
+from routes import CASES as _ROUTE_CASES  # noqa: E402  (every route beside its plain call)
+
+CASES.update(_ROUTE_CASES)
 
 
 # --------------------------------------------------------------------------- machine

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConversionError, DeviceError, message
-from .base import Backend, Facts, Step, host_facts, normalize_device
+from .base import SHARE_MIN_BYTES, Backend, Facts, Step, host_facts, normalize_device
 
 __all__ = ["NumpyBackend", "BACKEND"]
 
@@ -45,6 +45,24 @@ class NumpyBackend(Backend):
 
     def owns(self, tp: type) -> bool:
         return issubclass(tp, (np.ndarray, np.generic))
+
+    def on_host(self, x: Any) -> bool:
+        return True
+
+    def kind(self, x: Any, target: str) -> tuple | None:
+        if not isinstance(x, np.ndarray) or isinstance(x, np.ma.MaskedArray):
+            return None  # scalars and masked arrays are planned afresh
+        dt = x.dtype
+        flags = x.flags
+        strides = x.strides
+        flip: Any = False
+        if strides and min(strides) < 0:  # which dims are flipped decides the route
+            pairs = list(zip(strides, x.shape))
+            flip = (any(s < 0 and n > 1 for s, n in pairs), any(s < 0 and n <= 1 for s, n in pairs))
+        key = (type(x), dt, dt.char, flags.c_contiguous, flags.writeable, flip)
+        if target in ("numpy", "torch"):
+            return key  # neither reads the address or the size
+        return key + (x.ctypes.data % 64 == 0, x.nbytes < SHARE_MIN_BYTES)
 
     def facts(self, x: Any) -> Facts:
         return host_facts(np.asarray(x))
