@@ -51,12 +51,20 @@ def _run(x: Any, src: Backend, target: str, device: str | None, dtype: str | Non
         return (plan._fn or plan.fn)(x)
     except TensorBridgeError:
         raise
-    except Exception as exc:  # a framework refused a step we planned: say which one
-        plan = plan_leaf(x, src, target, device=device, dtype=dtype, copy=copy)  # describes x
-        raise ConversionError(message(
-            plan.source, f"{type(exc).__name__}: {exc}",
-            f"check the route with tb.explain(x, to={target!r}); pass dtype= or device= to change it",
-        )) from exc
+    except Exception as exc:
+        raise _step_failed(x, src, target, device, dtype, copy, exc) from exc
+
+
+def _step_failed(x: Any, src: Backend, target: str, device: Any, dtype: Any, copy: bool | None,
+                 exc: Exception) -> TensorBridgeError:
+    """A framework refused a step we planned: say which one. The error is worded from a
+    fresh plan of ``x`` (a cached plan describes the first tensor of its kind), which
+    also raises the planner's own refusal where ``x`` should never have reached the step."""
+    plan = plan_leaf(x, src, target, device=device, dtype=dtype, copy=copy)
+    return ConversionError(message(
+        plan.source, f"{type(exc).__name__}: {exc}",
+        f"check the route with tb.explain(x, to={target!r}); pass dtype= or device= to change it",
+    ))
 
 
 def _scalar_input(x: Any, target: str, dtype: str | None) -> Any:
@@ -89,39 +97,49 @@ def _scalar_array(x: Any) -> np.ndarray:
 def _leaf_fn(target: str, device: str | None, dtype: str | None, copy: bool | None, ragged: str,
              done: dict[int, Any]) -> Callable[[Any], Any]:
     """The function applied to every leaf: its plan, cached per kind of tensor, run.
-    ``done`` maps id(leaf) to results already computed in a batch (CUDA staging)."""
+    ``done`` maps id(leaf) to results already computed in a batch (CUDA staging).
+    Within one call the options are fixed, so the plans met are also kept by kind alone."""
     by_type = _BY_TYPE
+    local: dict[tuple, Any] = {}  # kind -> the function of its cached plan, for this call
 
     def leaf(x: Any) -> Any:
         tp = type(x)
-        src = by_type[tp] if tp in by_type else backend_of(tp)
+        src = by_type.get(tp, _UNKNOWN)
+        if src is _UNKNOWN:
+            src = backend_of(tp)
         if src is None:
             return x
         if done and id(x) in done:
             return done[id(x)]
         if ragged == "list" and tp.__name__ == "RaggedTensor" and src.name == "tensorflow":
             return x.to_list()
-        return _run(x, src, target, device, dtype, copy)
+        kind = src.kind(x, target)
+        fn = local.get(kind) if kind is not None else None
+        if fn is None:
+            plan = cached_plan(x, src, target, device, dtype, copy)
+            fn = plan._fn or plan.fn
+            if kind is not None:
+                local[kind] = fn
+        try:
+            return fn(x)
+        except TensorBridgeError:
+            raise
+        except Exception as exc:
+            raise _step_failed(x, src, target, device, dtype, copy, exc) from exc
 
     return leaf
-
-
-_cuda_initialized: Any = None
 
 
 def _device_leaves_possible() -> bool:
     """True when a CUDA tensor or array may exist in this process (torch's CUDA started,
     JAX's CUDA backend running, CuPy imported). Asks without starting anything, so
     that on a host-only process no GPU machinery runs at all."""
-    global _cuda_initialized
     modules = sys.modules
     if "cupy" in modules:
         return True
-    if "torch" in modules:
-        if _cuda_initialized is None:
-            _cuda_initialized = modules["torch"].cuda.is_initialized
-        if _cuda_initialized():
-            return True
+    torch = modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return True
     return "jax" in modules and foreign_cuda.jax_cuda_running()
 
 

@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+import numpy as np
+
 from .dtypes import lookup
 from .errors import ConversionError, CopyError, TensorBridgeError, message
 from .frameworks import get_backend
@@ -114,6 +116,10 @@ def _cast_facts(facts: Facts, dtype: str) -> Facts:
         nbytes = n * lookup(dtype).itemsize
     return Facts(facts.framework, dtype, facts.shape, device=facts.device,
                  nbytes=nbytes)  # C order (cast_steps)
+
+
+def _host_copy(a: Any) -> Any:
+    return np.array(a, copy=True, order="K")  # positive strides, the source's axis order
 
 
 def _to_native(a: Any) -> Any:
@@ -247,6 +253,12 @@ def _host_route(x: Any, src: Backend, facts: Facts, tgt: Backend, device: str | 
         host = Facts(host.framework, host.dtype, host.shape, nbytes=host.nbytes)
     # Memory the route made itself (nothing else holds it) is always safe to share.
     private = any(s.copies and s.fresh for s in steps)
+    if copy is True and not private and tgt.name == "torch":
+        # copy=True: copy with NumPy, then share that (cheaper than torch's clone afterwards)
+        steps.append(Step("copy on the host (copy=True)", True, _host_copy,
+                          "an independent result was asked for"))
+        host = Facts(host.framework, host.dtype, host.shape, nbytes=host.nbytes)
+        private = True
     return steps + tgt.from_host_steps(host, device=device, copy=False if private else copy)
 
 
@@ -290,7 +302,7 @@ def cached_plan(x: Any, src: Backend, target: str, device: Any, dtype: Any,
     plan = _PLANS.get(key)
     if plan is None:
         plan = plan_leaf(x, src, target, device=device, dtype=dtype, copy=copy)
-        plan.fn  # compiled now: callers run plan._fn
+        _ = plan.fn  # compiled now: callers run plan._fn
         if len(_PLANS) >= _PLANS_MAX:
             _PLANS.clear()
         _PLANS[key] = plan
