@@ -20,7 +20,8 @@ result before it is timed.
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 MiB = 1 << 20
 SMALL = 256  # floats
@@ -127,7 +128,8 @@ def plain_call(fw: str, tgt: str, kind: str) -> tuple[str, Callable[[Any], Any]]
                  "jax": "np.array(j)" if tgt == "torch" else "np.asarray(j)"}[fw]
     if fw == "torch" and bf16:
         host_text = "t.detach().cpu().view(int).numpy().view(ml_dtypes)"
-    host = (lambda x: to_host_plain(fw, x, for_torch=(tgt == "torch")))
+    def host(x: Any) -> Any:
+        return to_host_plain(fw, x, for_torch=(tgt == "torch"))
     if tgt == "numpy":
         return host_text, host
     if tgt == "torch":
@@ -170,7 +172,8 @@ def case_routes_small(args: argparse.Namespace) -> list[dict]:
                 rows.append({"case": "routes_small", "label": label,
                              "error": f"{type(exc).__name__}: {exc}"[:300]})
                 continue
-            t = time_pair(lambda: tb.convert(x, to=to), lambda: plain(x), repeats=11, batch_s=0.005)
+            t = time_pair(lambda x=x, to=to: tb.convert(x, to=to), lambda x=x, plain=plain: plain(x),
+                          repeats=11, batch_s=0.005)
             rows.append(row("routes_small", label, text, t, target=1.5,
                             route=str(tb.explain(x, to=to))))
     # dtype= casts and copy=True, one tensor

@@ -27,7 +27,6 @@ __all__ = [
 ]
 
 _SCALARS = frozenset((bool, int, float, complex))
-_UNKNOWN = object()
 
 
 _TARGETS = {**{n: n for n in FRAMEWORK_MODULES}, **ALIASES}
@@ -104,9 +103,7 @@ def _leaf_fn(target: str, device: str | None, dtype: str | None, copy: bool | No
 
     def leaf(x: Any) -> Any:
         tp = type(x)
-        src = by_type.get(tp, _UNKNOWN)
-        if src is _UNKNOWN:
-            src = backend_of(tp)
+        src = by_type[tp] if tp in by_type else backend_of(tp)
         if src is None:
             return x
         if done and id(x) in done:
@@ -213,9 +210,7 @@ def convert(
     if tp in _SCALARS:
         x = _scalar_input(x, target, dtype)
         tp = type(x)
-    src = _BY_TYPE.get(tp, _UNKNOWN)
-    if src is _UNKNOWN:
-        src = backend_of(tp)
+    src = _BY_TYPE[tp] if tp in _BY_TYPE else backend_of(tp)
     if target == "numpy":
         gather = _device_leaves_possible()
         if not gather or (src is not None and src.on_host(x)):  # no GPU machinery at all
