@@ -111,6 +111,25 @@ def test_every_gguf_py_type_read_bit_exact(tmp_path):
     assert set(loaded) == set(expected)
 
 
+def test_read_slice_reads_rows(tmp_path):
+    p = tmp_path / "s.gguf"
+    w = _writer(p)
+    q = _blocks("Q4_K", 5, 2)
+    w.add_tensor("q", q, raw_dtype=Q.Q4_K)
+    x = RNG.standard_normal((4, 3, 2)).astype(np.float16)
+    w.add_tensor("x", x)
+    _finish(w)
+    full = _ref_dequantize(q, "Q4_K")
+    with tbf.open(p) as r:
+        assert _bits(r.read_slice("q", slice(1, 4))) == _bits(full[1:4])
+        assert _bits(r.read_slice("q", -1)) == _bits(full[-1]) and r.read_slice("q", 2).shape == (512,)
+        assert _bits(r.read_slice("x", slice(2, None))) == _bits(x[2:])
+        assert _bits(r.read_slice("x", 0)) == _bits(x[0]) and r.read_slice("x", 0).shape == (3, 2)
+        assert r.read_slice("q", slice(3, 3)).shape == (0, 512)
+        with pytest.raises(ConversionError, match="out of range"):
+            r.read_slice("q", 5)
+
+
 def test_big_endian_file_reads_as_gguf_py_does(tmp_path):
     p = tmp_path / "be.gguf"
     w = _writer(p, GGUFEndian.BIG)

@@ -45,6 +45,7 @@ float tensor with at least two axes whose last axis fits the blocks).
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import sys
@@ -58,7 +59,7 @@ import numpy as np
 from ..dtypes import lookup
 from ..errors import ConversionError, FileFormatError, UnsafeContentError
 from .atomic import atomic_write
-from .base import Format, RawSpan, Reader, TensorInfo
+from .base import Format, RawSpan, Reader, TensorInfo, first_axis_rows
 from .gguf_meta import (
     DEFAULT_ALIGNMENT,
     MAX_ALIGNMENT,
@@ -350,28 +351,40 @@ class GGUFReader(Reader):
 
     def read(self, name: str) -> np.ndarray:
         e = self._entry(name)
+        return self._read_rows(e, 0, e.info.shape)
+
+    def read_slice(self, name: str, index: int | slice) -> np.ndarray:
+        """``tensor[index]`` for an int or a step-1 slice of the first axis: only those
+        rows are read (and dequantised), e.g. a few rows of a token embedding."""
+        e = self._entry(name)
+        start, stop, single = first_axis_rows(e.info, index, self.path)
+        rest = e.info.shape[1:]
+        shape = rest if single else (stop - start, *rest)
+        return self._read_rows(e, start * math.prod(rest), shape)
+
+    def _read_rows(self, e: _Entry, first: int, shape: tuple[int, ...]) -> np.ndarray:
+        """``shape`` elements of ``e`` from element ``first`` on (a whole number of rows, so
+        whole blocks: a quantised row is a multiple of the block size)."""
         fd = self._fd_open()
-        start = self._data_start + e.offset
-        if not e.type.quantized:
-            dtype = lookup(e.info.dtype).numpy
-            out = self._alloc(e, e.info.shape, dtype)
+        t = e.type
+        start = self._data_start + e.offset + first // t.block_size * t.type_size
+        if not t.quantized:
+            out = self._alloc(e, shape, lookup(e.info.dtype).numpy)
             if out.nbytes:
                 read_exact_into(fd, out.reshape(-1).view(np.uint8).data, start, self.path)
-            swap = (self.byteorder != sys.byteorder) and e.info.dtype in _SWAPPED
-            if swap:
+            if self.byteorder != sys.byteorder and e.info.dtype in _SWAPPED:
                 out.byteswap(inplace=True)
             return out
-        if not can_dequantize(e.type.name):
+        if not can_dequantize(t.name):
             raise ConversionError(
-                f"{self.path}: tensor {name!r} is {e.type.name}, which has no known "
+                f"{self.path}: tensor {e.info.name!r} is {t.name}, which has no known "
                 "dequantisation (gguf-py has none either). Fix: read its blocks with "
                 "reader.read_raw(name), or leave it out (--exclude).")
-        out = self._alloc(e, e.info.shape, np.float32)
+        out = self._alloc(e, shape, np.float32)
         flat = out.reshape(-1)
-        t = e.type
+        nblocks = flat.size // t.block_size
         per = max(1, _READ_CHUNK // t.type_size)  # blocks per read
-        buf = np.empty(min(per, e.nbytes // t.type_size) * t.type_size, np.uint8)
-        nblocks = e.nbytes // t.type_size
+        buf = np.empty(min(per, nblocks) * t.type_size, np.uint8)
         for b0 in range(0, nblocks, per):
             k = min(per, nblocks - b0)
             piece = buf[:k * t.type_size]
