@@ -26,13 +26,15 @@ from .safetensors import read_exact_into
 
 __all__ = ["GGUFValue", "value", "Cursor", "read_name", "read_value_type", "read_value",
            "pack_string", "pack_value", "metadata_entries", "alignment_of", "DEFAULT_ALIGNMENT",
-           "MAX_NAME", "MAX_ARRAY_DEPTH", "MAX_ALIGNMENT"]
+           "MAX_NAME", "MAX_ARRAY_DEPTH", "MAX_NESTED_ARRAYS", "MAX_ALIGNMENT"]
 
 DEFAULT_ALIGNMENT = 32
 #: longest key or tensor name (the spec: keys are at most 65535 bytes)
 MAX_NAME = 65535
 #: deepest nesting of arrays inside arrays
 MAX_ARRAY_DEPTH = 8
+#: most arrays nested inside arrays, in all of a file's metadata
+MAX_NESTED_ARRAYS = 1 << 16
 #: the largest general.alignment accepted
 MAX_ALIGNMENT = 1 << 30
 #: bytes read at a time while parsing the header
@@ -160,6 +162,9 @@ class Cursor:
         self._buf = b""
         self._start = 0
         self.order: Literal["<", ">"] = "<"
+        #: arrays inside arrays still allowed: each costs a Python object of some 300
+        #: bytes for 12 bytes of file, so their number is capped, not only their bytes
+        self.nested_left = MAX_NESTED_ARRAYS
 
     def remaining(self) -> int:
         return self.size - self.pos
@@ -258,6 +263,11 @@ def read_value(cur: Cursor, t: str, key: str, depth: int = 0) -> GGUFValue:
     cur.need(count * least, f"{what} ({count} items)")
     if item == "STRING":
         return _make(t, cur.strings(count, what), item)
+    cur.nested_left -= count
+    if cur.nested_left < 0:
+        raise FileFormatError(
+            f"{what} holds arrays of arrays with more than {MAX_NESTED_ARRAYS} inner arrays in "
+            "all (GGUF models use flat arrays). Fix: the file is corrupt or hostile.", cur.path)
     return _make(t, [read_value(cur, "ARRAY", key, depth + 1) for _ in range(count)], item)
 
 
