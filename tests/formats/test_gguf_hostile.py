@@ -88,6 +88,8 @@ CASES = {
                   "at most 4"),
     "dims overflow": (gguf_bytes([], [tinfo("a", [2 ** 32, 2 ** 32, 2 ** 32])]),
                       FileFormatError, "2\\*\\*62"),
+    "empty but huge dims": (gguf_bytes([], [tinfo("a", [0, 2 ** 40, 2 ** 40])]),
+                            FileFormatError, "2\\*\\*62"),
     "block misfit": (gguf_bytes([], [tinfo("a", [33, 1], 8)], bytes(64)), FileFormatError,
                      "block size"),
     "misaligned": (gguf_bytes([], [tinfo("a", [1], 0, 4)], bytes(32)), FileFormatError,

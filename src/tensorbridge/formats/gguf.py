@@ -192,10 +192,8 @@ def _tensor_entry(cur: Cursor, index: int) -> _Entry:
             f"tensor {name!r} has the unknown ggml type {tid} (known: "
             f"{', '.join(f'{k}={v.name}' for k, v in sorted(TYPES.items()))}). Fix: the file "
             "is corrupt, or from a newer llama.cpp than tensorbridge knows.", cur.path)
-    size = 1
-    for d in ne:
-        size *= d
-    if size >= 2 ** 62:
+    size = math.prod(ne)
+    if math.prod(max(d, 1) for d in ne) >= 2 ** 62:  # NumPy refuses such shapes even when empty
         raise FileFormatError(
             f"tensor {name!r}: dims {ne} have more than 2**62 elements. Fix: the file is "
             "corrupt or hostile.", cur.path)
@@ -333,7 +331,7 @@ class GGUFReader(Reader):
     def _alloc(self, e: _Entry, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         try:
             return np.empty(shape, dtype=dtype)
-        except MemoryError as exc:
+        except (MemoryError, ValueError) as exc:  # ValueError: "array is too big"
             raise FileFormatError(
                 f"tensor {e.info.name!r} ({e.info.dtype}{list(shape)}) does not fit in memory. "
                 "Fix: use a machine with more memory, or read_raw() the blocks.", self.path) from exc
