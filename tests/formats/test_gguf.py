@@ -74,6 +74,28 @@ def test_blocks_bit_exact_on_random_bytes(name):
     assert got.dtype == np.float32 and _bits(got) == _bits(ref)
 
 
+def test_every_type_reads_without_gguf_py(tmp_path):
+    """Reading needs no gguf-py: every type it dequantises, in a process where importing
+    gguf fails."""
+    from tests.hostile.bounded import run_bounded
+
+    p = tmp_path / "iq.gguf"
+    w = _writer(p)
+    for name in REF_DEQUANTIZED:
+        if name != "BF16":  # read as stored (bfloat16), checked elsewhere
+            w.add_tensor(name, _blocks(name, 2, 1), raw_dtype=Q[name])
+    _finish(w)
+    expected = {t.name: _bits(_ref_dequantize(t.data, t.name))
+                for t in gguf.GGUFReader(str(p)).tensors}
+    code = ("import sys; sys.modules['gguf'] = None\n"
+            "import tensorbridge as tb\n"
+            "RESULT = {k: v.tobytes().hex() for k, v in tb.load(ARGS[0]).items()}\n"
+            "assert 'gguf' not in sys.modules or sys.modules['gguf'] is None")
+    r = run_bounded(code, [str(p)], timeout=120, mem_limit=0)
+    assert r.outcome == "ok", r.detail
+    assert {k: bytes.fromhex(v) for k, v in r.result.items()} == expected
+
+
 def test_every_gguf_py_type_read_bit_exact(tmp_path):
     """One file from GGUFWriter holding a tensor of every type; tensorbridge reads each
     as gguf-py's reader plus gguf.quants.dequantize does, bit for bit."""

@@ -4,14 +4,17 @@ Every function here works on whole blocks: ``blocks`` is a ``(n, type_size)``
 uint8 array, the result ``(n, block_size)`` float32. Each float operation is
 the one gguf-py's ``gguf.quants`` does, in the same order and precision (the
 reference is llama.cpp's ``ggml-quants.c``), so results match bit for bit; what
-differs is how the integers are unpacked (256-entry lookup tables instead of
-shift-and-mask passes), and that the results are written straight into the
-caller's output, a cache-sized piece at a time (:func:`dequantize_into`).
+differs is that the integers stay uint8/int8 (unpacked with shifts on whole rows,
+or with 256-entry byte-spreading tables) until one mixed-type multiply turns them
+into float32 (exactly) and scales them in the same pass, and that results are
+written straight into the caller's output, a cache-sized piece at a time
+(:func:`dequantize_into`).
 
-The IQ types with codebook grids (IQ1_S, IQ1_M, IQ2_*, IQ3_*) and NVFP4 are
-dequantised by gguf-py itself (``pip install tensorbridge[gguf]``), a piece at
-a time. Q8_1 and Q1_0 have no dequantisation in gguf-py, so they are read as
-raw blocks only.
+The codebook IQ types (IQ1_S, IQ1_M, IQ2_*, IQ3_*) and NVFP4 use a port of
+gguf-py's own code and grids (:mod:`.gguf_iq`), so no type needs gguf-py to be
+read. Q8_1 and Q1_0 have no dequantisation in gguf-py, so they are read as raw
+blocks only. Quantising to TQ1_0, TQ2_0 and MXFP4 goes through gguf-py
+(``pip install 'tensorbridge[gguf]'``).
 
 >>> import numpy as np
 >>> x = np.linspace(-1, 1, 64, dtype=np.float32).reshape(2, 32)
@@ -35,7 +38,7 @@ from .gguf_types import QK_K, TYPES_BY_NAME
 __all__ = [
     "CHUNK_ELEMENTS",
     "DEQUANTIZERS",
-    "GGUF_PY_DEQUANTIZED",
+    "CODEBOOK_TYPES",
     "QUANTIZERS",
     "can_dequantize",
     "can_quantize",
@@ -313,33 +316,26 @@ DEQUANTIZERS: dict[str, Callable[[np.ndarray, np.ndarray], None]] = {
     "TQ1_0": _tq1_0, "TQ2_0": _tq2_0, "MXFP4": _mxfp4, "IQ4_NL": _iq4_nl, "IQ4_XS": _iq4_xs,
     "BF16": _bf16,
 }
-#: types whose dequantisation is gguf-py's own (their codebooks live there)
-GGUF_PY_DEQUANTIZED = frozenset({"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S",
-                                 "IQ1_M", "NVFP4"})
+def _codebook(type_name: str) -> Callable[[np.ndarray, np.ndarray], None]:
+    from .gguf_iq import IQ_TYPES
+
+    cls = IQ_TYPES[type_name]
+    cls.init_grid()
+
+    def run(b: np.ndarray, out: np.ndarray) -> None:
+        out[...] = cls.dequantize_blocks(b)
+
+    return run
+
+
+#: types with codebooks, dequantised by the port of gguf-py's code in :mod:`.gguf_iq`
+CODEBOOK_TYPES = frozenset({"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S",
+                            "IQ1_M", "NVFP4"})
 
 
 def can_dequantize(type_name: str) -> bool:
-    """Whether ``type_name``'s blocks can be dequantised here (gguf-py may be needed)."""
-    return type_name in DEQUANTIZERS or type_name in GGUF_PY_DEQUANTIZED
-
-
-def _gguf_py(type_name: str) -> Callable[[np.ndarray, np.ndarray], None]:
-    try:
-        import gguf  # noqa: F401  (optional: pip install tensorbridge[gguf])
-        from gguf.constants import GGMLQuantizationType
-        from gguf.quants import dequantize as ref
-    except ImportError as exc:
-        raise FrameworkNotInstalledError(message(
-            f"a {type_name} tensor", f"{type_name} blocks decode through codebooks that "
-            "tensorbridge takes from gguf-py, which is not installed",
-            "pip install 'tensorbridge[gguf]', or read the blocks undecoded with "
-            "reader.read_raw(name)")) from exc
-    qtype = GGMLQuantizationType[type_name]
-
-    def run(b: np.ndarray, out: np.ndarray) -> None:
-        out[...] = ref(np.ascontiguousarray(b), qtype)
-
-    return run
+    """Whether ``type_name``'s blocks can be dequantised (all but Q8_1 and Q1_0)."""
+    return type_name in DEQUANTIZERS or type_name in CODEBOOK_TYPES
 
 
 def dequantize_blocks(blocks: np.ndarray, type_name: str) -> np.ndarray:
@@ -354,8 +350,8 @@ def _dequantizer(type_name: str) -> Callable[[np.ndarray, np.ndarray], None]:
     f = DEQUANTIZERS.get(type_name)
     if f is not None:
         return f
-    if type_name in GGUF_PY_DEQUANTIZED:
-        return _gguf_py(type_name)
+    if type_name in CODEBOOK_TYPES:
+        return _codebook(type_name)
     raise ConversionError(message(
         f"a {type_name} tensor", f"no dequantisation of {type_name} is known (gguf-py has "
         "none either)", "read its blocks undecoded with reader.read_raw(name)"))
