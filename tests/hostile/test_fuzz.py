@@ -95,7 +95,7 @@ def _gguf_seeds() -> list[bytes]:
             "h": _bf16(), "q": x}
     meta = {"general.name": "seed", "n": value(7, "uint32"),
             "toks": value(["a", "bc"], "array", "string"), "f": value([0.5], "array", "float32")}
-    return [_file_bytes(lambda p: tbf.save(tree, p, metadata=meta, quantize=q), ".gguf")
+    return [_file_bytes(lambda p, q=q: tbf.save(tree, p, metadata=meta, quantize=q), ".gguf")
             for q in ("q8_0", "q4_0")]
 
 
