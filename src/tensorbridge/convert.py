@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 
 from .errors import ConversionError, TensorBridgeError, message
-from .frameworks import ALIASES, FRAMEWORK_MODULES, backend_of, get_backend
+from .frameworks import _BY_TYPE, ALIASES, FRAMEWORK_MODULES, backend_of, get_backend
 from .frameworks.base import Backend, normalize_device
 from .frameworks import foreign_cuda
-from .plan import Plan, plan_leaf
+from .plan import Plan, cached_plan, plan_leaf
 from .tree import format_path, tree_leaves_with_path, tree_map
 
 __all__ = [
@@ -26,10 +26,16 @@ __all__ = [
     "explain", "shares_memory", "TreePlan",
 ]
 
-_SCALARS = (bool, int, float, complex)
+_SCALARS = frozenset((bool, int, float, complex))
+
+
+_TARGETS = {**{n: n for n in FRAMEWORK_MODULES}, **ALIASES}
 
 
 def _target(to: str) -> str:
+    name = _TARGETS.get(to) if type(to) is str else None
+    if name is not None:
+        return name
     name = ALIASES.get(to, to)
     if name not in FRAMEWORK_MODULES:
         raise ConversionError(message(f"to={to!r}", "it is not a framework tensorbridge knows",
@@ -39,16 +45,25 @@ def _target(to: str) -> str:
 
 def _run(x: Any, src: Backend, target: str, device: str | None, dtype: str | None,
          copy: bool | None) -> Any:
-    plan = plan_leaf(x, src, target, device=device, dtype=dtype, copy=copy)
+    plan = cached_plan(x, src, target, device, dtype, copy)
     try:
-        return plan.run(x)
+        return (plan._fn or plan.fn)(x)
     except TensorBridgeError:
         raise
-    except Exception as exc:  # a framework refused a step we planned: say which one
-        raise ConversionError(message(
-            plan.source, f"{type(exc).__name__}: {exc}",
-            f"check the route with tb.explain(x, to={target!r}); pass dtype= or device= to change it",
-        )) from exc
+    except Exception as exc:
+        raise _step_failed(x, src, target, device, dtype, copy, exc) from exc
+
+
+def _step_failed(x: Any, src: Backend, target: str, device: Any, dtype: Any, copy: bool | None,
+                 exc: Exception) -> TensorBridgeError:
+    """A framework refused a step we planned: say which one. The error is worded from a
+    fresh plan of ``x`` (a cached plan describes the first tensor of its kind), which
+    also raises the planner's own refusal where ``x`` should never have reached the step."""
+    plan = plan_leaf(x, src, target, device=device, dtype=dtype, copy=copy)
+    return ConversionError(message(
+        plan.source, f"{type(exc).__name__}: {exc}",
+        f"check the route with tb.explain(x, to={target!r}); pass dtype= or device= to change it",
+    ))
 
 
 def _scalar_input(x: Any, target: str, dtype: str | None) -> Any:
@@ -78,72 +93,51 @@ def _scalar_array(x: Any) -> np.ndarray:
     return a
 
 
-_JAX_ARRAYS: dict[type, bool] = {}
-
-
-def _is_jax_array(tp: type) -> bool:
-    """True for JAX's concrete array type (never a tracer), without importing JAX."""
-    known = _JAX_ARRAYS.get(tp)
-    if known is None:
-        known = _JAX_ARRAYS[tp] = tp.__name__ == "ArrayImpl" and tp.__module__.startswith("jaxlib")
-    return known
-
-
 def _leaf_fn(target: str, device: str | None, dtype: str | None, copy: bool | None, ragged: str,
              done: dict[int, Any]) -> Callable[[Any], Any]:
-    """The function applied to every leaf. The common calls (no device, dtype or
-    copy asked for) get a specialised function whose fast path comes first.
-    ``done`` maps id(leaf) to results already computed in a batch."""
+    """The function applied to every leaf: its plan, cached per kind of tensor, run.
+    ``done`` maps id(leaf) to results already computed in a batch (CUDA staging).
+    Within one call the options are fixed, so the plans met are also kept by kind alone."""
+    by_type = _BY_TYPE
+    local: dict[tuple, Any] = {}  # kind -> the function of its cached plan, for this call
 
-    def general(x: Any) -> Any:
+    def leaf(x: Any) -> Any:
         tp = type(x)
-        src = backend_of(tp)
+        src = by_type[tp] if tp in by_type else backend_of(tp)
         if src is None:
             return x
         if done and id(x) in done:
             return done[id(x)]
         if ragged == "list" and tp.__name__ == "RaggedTensor" and src.name == "tensorflow":
             return x.to_list()
-        return _run(x, src, target, device, dtype, copy)
+        kind = src.kind(x, target)
+        fn = local.get(kind) if kind is not None else None
+        if fn is None:
+            plan = cached_plan(x, src, target, device, dtype, copy)
+            fn = plan._fn or plan.fn
+            if kind is not None:
+                local[kind] = fn
+        try:
+            return fn(x)
+        except TensorBridgeError:
+            raise
+        except Exception as exc:
+            raise _step_failed(x, src, target, device, dtype, copy, exc) from exc
 
-    if device is not None or dtype is not None or copy is not None:
-        return general
-    if target == "numpy":
-        torch = sys.modules.get("torch")
-        tensor_type = torch.Tensor if torch is not None else None
+    return leaf
 
-        def to_numpy_leaf(x: Any) -> Any:
-            tp = type(x)
-            if tp is np.ndarray:
-                return x
-            if tp is tensor_type:
-                try:
-                    return x.numpy()  # raises for grad, conj/neg bits, devices, bf16
-                except (RuntimeError, TypeError):
-                    pass
-            elif _is_jax_array(tp):
-                if done and id(x) in done:  # a CUDA array, staged with the rest of the tree
-                    return done[id(x)]
-                try:
-                    return np.asarray(x)  # a read-only view on the CPU; gathers otherwise
-                except RuntimeError:  # deleted or donated: the planned route says so
-                    pass
-            return general(x)
 
-        return to_numpy_leaf
-    if target == "torch":
-        from_numpy = get_backend("torch").load().from_numpy  # torch is the target: load it
-
-        def to_torch_leaf(x: Any) -> Any:
-            if type(x) is np.ndarray and x.flags.writeable and x.dtype.isnative:
-                try:
-                    return from_numpy(x)
-                except (TypeError, ValueError):
-                    pass  # negative strides, ml_dtypes, object arrays: the planned route says why
-            return general(x)
-
-        return to_torch_leaf
-    return general
+def _device_leaves_possible() -> bool:
+    """True when a CUDA tensor or array may exist in this process (torch's CUDA started,
+    JAX's CUDA backend running, CuPy imported). Asks without starting anything, so
+    that on a host-only process no GPU machinery runs at all."""
+    modules = sys.modules
+    if "cupy" in modules:
+        return True
+    torch = modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return True
+    return "jax" in modules and foreign_cuda.jax_cuda_running()
 
 
 def convert(
@@ -199,27 +193,42 @@ def convert(
     >>> tb.convert(np.ones(2, np.float32), to="numpy", copy=True)
     array([1., 1.], dtype=float32)
     """
-    target = _target(to)
-    if ragged not in ("error", "list"):
+    target = _TARGETS.get(to) if type(to) is str else None
+    if target is None:
+        target = _target(to)
+    if ragged != "error" and ragged != "list":
         raise ConversionError(message(f"ragged={ragged!r}", "it is not an option",
                                       "use ragged='error' (default) or ragged='list'"))
     if pinned and target != "numpy":
         raise ConversionError(message(f"pinned=True with to={to!r}",
                                       "pinned host memory is an option for NumPy results only",
                                       "leave pinned unset, or convert with to='numpy'"))
-    if copy is not None and type(copy) is not bool:
+    if copy is not None and copy is not True and copy is not False:
         raise ConversionError(message(f"copy={copy!r}", "copy takes None, True or False only",
                                       "pass copy=None (share where safe), True or False"))
-    if type(x) in _SCALARS:
+    tp = type(x)
+    if tp in _SCALARS:
         x = _scalar_input(x, target, dtype)
+        tp = type(x)
+    src = _BY_TYPE[tp] if tp in _BY_TYPE else backend_of(tp)
+    if target == "numpy":
+        gather = _device_leaves_possible()
+        if not gather or (src is not None and src.on_host(x)):  # no GPU machinery at all
+            if src is not None and not (ragged == "list" and tp.__name__ == "RaggedTensor"):
+                return _run(x, src, target, device, dtype, copy)  # one tensor: its cached plan
+            if not gather:
+                return tree_map(_leaf_fn(target, device, dtype, copy, ragged, {}), x)
+    elif not (device is not None and target == "torch" and copy is not False and dtype is None
+              and isinstance(device, str) and device.startswith("cuda")):
+        if src is not None:
+            return _run(x, src, target, device, dtype, copy)
+        return tree_map(_leaf_fn(target, device, dtype, copy, ragged, {}), x)
     done: dict[int, Any] = {}
-    modules = sys.modules
-    if target == "numpy" and ("torch" in modules or "jax" in modules or "cupy" in modules):
+    if target == "numpy":
         from .frameworks.torch import gather_device_leaves
 
         done = gather_device_leaves(x, copy=copy, dtype=dtype, pinned=pinned)  # CUDA leaves, coalesced
-    elif (target == "torch" and copy is not False and dtype is None and isinstance(device, str)
-          and device.startswith("cuda")):
+    else:
         from .frameworks.torch_staging import scatter_host_leaves
 
         get_backend("torch").load()
@@ -241,22 +250,6 @@ def to_numpy(x: Any, /, *, copy: bool | None = None, dtype: str | None = None,
     >>> tb.to_numpy(1.5)
     array(1.5)
     """
-    if copy is None and dtype is None and ragged == "error":
-        # Fast path, the same result as convert()'s leaf fast path: one tensor as it is.
-        tp = type(x)
-        if tp is np.ndarray:
-            return x
-        torch = sys.modules.get("torch")
-        if torch is not None and tp is torch.Tensor:
-            try:
-                return x.numpy()  # raises for grad, conj/neg bits, devices, bf16
-            except (RuntimeError, TypeError):
-                pass
-        elif _is_jax_array(tp) and not pinned and not foreign_cuda.jax_cuda_running():
-            try:
-                return np.asarray(x)  # a read-only view on the CPU
-            except RuntimeError:  # deleted or donated: the planned route says so
-                pass
     return convert(x, to="numpy", copy=copy, dtype=dtype, ragged=ragged, pinned=pinned)
 
 
@@ -268,15 +261,6 @@ def to_torch(x: Any, /, *, device: str | None = None, dtype: str | None = None,
     >>> tb.to_torch(np.arange(3)[::-1]).tolist()   # negative strides are fine
     [2, 1, 0]
     """
-    if (device is None and dtype is None and copy is None and type(x) is np.ndarray
-            and x.flags.writeable and x.dtype.isnative):
-        # Fast path, the same result as convert()'s leaf fast path.
-        torch = sys.modules.get("torch")
-        if torch is not None:
-            try:
-                return torch.from_numpy(x)
-            except (TypeError, ValueError):
-                pass  # negative strides, ml_dtypes, object arrays: the planned route says why
     return convert(x, to="torch", device=device, dtype=dtype, copy=copy)
 
 

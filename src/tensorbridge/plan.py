@@ -9,8 +9,12 @@ copy when none of the steps makes one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import sys
+from dataclasses import dataclass, field, replace
+from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 from .dtypes import lookup
 from .errors import ConversionError, CopyError, TensorBridgeError, message
@@ -18,7 +22,7 @@ from .frameworks import get_backend
 from .frameworks.base import Backend, Facts, Step, normalize_device
 from .frameworks.numpy import refuse_masked
 
-__all__ = ["Plan", "plan_leaf"]
+__all__ = ["Plan", "plan_leaf", "cached_plan"]
 
 #: frameworks whose tensors can be written in place. Memory never moves between these and
 #: the others (immutable: JAX, TensorFlow, MLX) in a way that lets a write on one side change a
@@ -52,6 +56,26 @@ class Plan:
             x = step.run(x)
         return x
 
+    _fn: Callable[[Any], Any] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def fn(self) -> Callable[[Any], Any]:
+        """The steps as one function (what a cached plan runs per call)."""
+        fn = self._fn
+        if fn is None:
+            runs = [s.run for s in self.steps]
+            if not runs:
+                fn = _identity
+            elif len(runs) == 1:
+                fn = runs[0]
+            elif len(runs) == 2:
+                first, second = runs
+                fn = lambda x: second(first(x))  # noqa: E731
+            else:
+                fn = self.run
+            self._fn = fn
+        return fn
+
     def __str__(self) -> str:
         lines = [f"{self.source} -> {self.target}"]
         if not self.steps:
@@ -69,6 +93,10 @@ class Plan:
         return "\n".join(lines)
 
 
+def _identity(x: Any) -> Any:
+    return x
+
+
 def _after_host(facts: Facts, steps: list[Step]) -> Facts:
     """Facts of the host array that ``steps`` produce."""
     last = next((s for s in reversed(steps) if s.copies), None)
@@ -77,11 +105,22 @@ def _after_host(facts: Facts, steps: list[Step]) -> Facts:
     # Copies keep the source's layout (torch's resolve_conj and .cpu() keep a transposed
     # tensor transposed), in fresh memory: writable only where it is ours alone.
     return Facts(facts.framework, facts.dtype, facts.shape, writable=last.fresh,
-                 contiguous=facts.contiguous, native_order=facts.native_order)
+                 contiguous=facts.contiguous, native_order=facts.native_order, nbytes=facts.nbytes)
 
 
 def _cast_facts(facts: Facts, dtype: str) -> Facts:
-    return Facts(facts.framework, dtype, facts.shape, device=facts.device)  # C order (cast_steps)
+    nbytes = -1
+    if facts.nbytes >= 0:
+        n = 1
+        for d in facts.shape:
+            n *= d
+        nbytes = n * lookup(dtype).itemsize
+    return Facts(facts.framework, dtype, facts.shape, device=facts.device,
+                 nbytes=nbytes)  # C order (cast_steps)
+
+
+def _host_copy(a: Any) -> Any:
+    return np.array(a, copy=True, order="K")  # positive strides, the source's axis order
 
 
 def _to_native(a: Any) -> Any:
@@ -167,8 +206,11 @@ def _unshared(src: Backend, facts: Facts, tgt: Backend, copy: bool | None) -> St
 
 def _dlpack_route(src: Backend, facts: Facts, tgt: Backend, device: str | None,
                   dtype: str | None, copy: bool | None) -> list[Step] | None:
-    """Zero-copy hand-over between two frameworks, or None when it cannot be."""
+    """Zero-copy hand-over between two frameworks, or None when it cannot be (or when
+    copying a small tensor through the host costs less than the target's handshake)."""
     if src.name == "numpy" or tgt.name == "numpy" or not facts.dlpack:
+        return None
+    if copy is not False and tgt.copy_small and facts.small and facts.device_type == "cpu":
         return None
     if device is not None and normalize_device(device) != facts.device:
         return None  # a device move is a copy anyway; the host route is as good
@@ -209,9 +251,15 @@ def _host_route(x: Any, src: Backend, facts: Facts, tgt: Backend, device: str | 
     if not host.native_order and tgt.name != "numpy":
         steps.append(Step("byte-swap to native order", True, _to_native,
                           f"{tgt.name} only holds native byte order"))
-        host = Facts(host.framework, host.dtype, host.shape)
+        host = Facts(host.framework, host.dtype, host.shape, nbytes=host.nbytes)
     # Memory the route made itself (nothing else holds it) is always safe to share.
     private = any(s.copies and s.fresh for s in steps)
+    if copy is True and not private and tgt.name == "torch":
+        # copy=True: copy with NumPy, then share that (cheaper than torch's clone afterwards)
+        steps.append(Step("copy on the host (copy=True)", True, _host_copy,
+                          "an independent result was asked for"))
+        host = Facts(host.framework, host.dtype, host.shape, nbytes=host.nbytes)
+        private = True
     return steps + tgt.from_host_steps(host, device=device, copy=False if private else copy)
 
 
@@ -224,3 +272,39 @@ def _string_route(x: Any, src: Backend, facts: Facts, tgt: Backend, dtype: str |
             "first (e.g. tf.strings.to_number, or a tokenizer)",
         ))
     return src.to_host_steps(x, facts)
+
+
+# -- plans cached per kind of tensor ------------------------------------------------
+#: (kind, target, device, dtype, copy[, JAX's x64 flag]) -> Plan. A kind is what
+#: Backend.kind reads from a tensor: everything its route depends on, never its data.
+_PLANS: dict[tuple, Plan] = {}
+_PLANS_MAX = 4096  # kinds met by one process are few; a bound keeps odd workloads small
+
+
+def cached_plan(x: Any, src: Backend, target: str, device: Any, dtype: Any,
+                copy: bool | None) -> Plan:
+    """The :class:`Plan` for ``x``, planned once per kind of tensor.
+
+    The same route :func:`plan_leaf` gives ``x`` (what ``explain`` shows): the
+    cache key holds every fact the planner reads (``src.kind``), and the options.
+    Objects without a kind (scalars, sparse or deleted tensors, unusual dtypes or
+    options) are planned afresh each call. The plan's ``source`` describes the
+    first tensor of the kind; errors are worded from a fresh plan.
+    """
+    kind = src.kind(x, target)
+    if kind is None or not (dtype is None or type(dtype) is str) or not (
+            device is None or type(device) is str):
+        return plan_leaf(x, src, target, device=device, dtype=dtype, copy=copy)
+    key: tuple = (kind, target, device, dtype, copy)
+    if target == "jax" or src.name == "jax":
+        jax = sys.modules.get("jax")
+        if jax is not None:  # routes into JAX depend on whether 64-bit types are on
+            key += (jax.config.jax_enable_x64,)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = plan_leaf(x, src, target, device=device, dtype=dtype, copy=copy)
+        _ = plan.fn  # compiled now: callers run plan._fn
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan

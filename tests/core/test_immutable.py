@@ -102,7 +102,7 @@ def test_immutable_to_immutable_and_to_numpy_share_read_only():
     assert tb.shares_memory(j, a) and not a.flags.writeable
     with pytest.raises(ValueError, match="read-only"):
         a[0] = 1.0
-    c = tf.constant(np.arange(64, dtype=np.float32))
+    c = tf.constant(np.arange(1 << 15, dtype=np.float32))  # 128 KiB: smaller ones copy by cost
     v = tb.to_numpy(c)
     assert tb.shares_memory(c, v) and not v.flags.writeable
     assert not tb.explain(c, to="jax").copies

@@ -106,7 +106,7 @@ def test_tf_function_error_reaches_the_caller_as_conversion_error(tmp_path):
 
 
 def test_shares_memory_sees_bfloat16_tf_buffers():
-    x = tf.cast(tf.zeros(16), tf.bfloat16)
+    x = tf.cast(tf.zeros(1 << 16), tf.bfloat16)  # 128 KiB: smaller ones are copied by cost
     jax = pytest.importorskip("jax")
     j = tb.to_jax(x)  # DLPack between two immutable frameworks: shared
     assert isinstance(j, jax.Array) and tb.shares_memory(x, j) and tb.shares_memory(j, x)

@@ -74,6 +74,28 @@ def test_blocks_bit_exact_on_random_bytes(name):
     assert got.dtype == np.float32 and _bits(got) == _bits(ref)
 
 
+def test_every_type_reads_without_gguf_py(tmp_path):
+    """Reading needs no gguf-py: every type it dequantises, in a process where importing
+    gguf fails."""
+    from tests.hostile.bounded import run_bounded
+
+    p = tmp_path / "iq.gguf"
+    w = _writer(p)
+    for name in REF_DEQUANTIZED:
+        if name != "BF16":  # read as stored (bfloat16), checked elsewhere
+            w.add_tensor(name, _blocks(name, 2, 1), raw_dtype=Q[name])
+    _finish(w)
+    expected = {t.name: _bits(_ref_dequantize(t.data, t.name))
+                for t in gguf.GGUFReader(str(p)).tensors}
+    code = ("import sys; sys.modules['gguf'] = None\n"
+            "import tensorbridge as tb\n"
+            "RESULT = {k: v.tobytes().hex() for k, v in tb.load(ARGS[0]).items()}\n"
+            "assert 'gguf' not in sys.modules or sys.modules['gguf'] is None")
+    r = run_bounded(code, [str(p)], timeout=120, mem_limit=0)
+    assert r.outcome == "ok", r.detail
+    assert {k: bytes.fromhex(v) for k, v in r.result.items()} == expected
+
+
 def test_every_gguf_py_type_read_bit_exact(tmp_path):
     """One file from GGUFWriter holding a tensor of every type; tensorbridge reads each
     as gguf-py's reader plus gguf.quants.dequantize does, bit for bit."""
@@ -109,6 +131,25 @@ def test_every_gguf_py_type_read_bit_exact(tmp_path):
             assert _bits(r.read_raw(name)) == _bits(ref[name].data)
     loaded = tbf.load(p)
     assert set(loaded) == set(expected)
+
+
+def test_read_slice_reads_rows(tmp_path):
+    p = tmp_path / "s.gguf"
+    w = _writer(p)
+    q = _blocks("Q4_K", 5, 2)
+    w.add_tensor("q", q, raw_dtype=Q.Q4_K)
+    x = RNG.standard_normal((4, 3, 2)).astype(np.float16)
+    w.add_tensor("x", x)
+    _finish(w)
+    full = _ref_dequantize(q, "Q4_K")
+    with tbf.open(p) as r:
+        assert _bits(r.read_slice("q", slice(1, 4))) == _bits(full[1:4])
+        assert _bits(r.read_slice("q", -1)) == _bits(full[-1]) and r.read_slice("q", 2).shape == (512,)
+        assert _bits(r.read_slice("x", slice(2, None))) == _bits(x[2:])
+        assert _bits(r.read_slice("x", 0)) == _bits(x[0]) and r.read_slice("x", 0).shape == (3, 2)
+        assert r.read_slice("q", slice(3, 3)).shape == (0, 512)
+        with pytest.raises(ConversionError, match="out of range"):
+            r.read_slice("q", 5)
 
 
 def test_big_endian_file_reads_as_gguf_py_does(tmp_path):

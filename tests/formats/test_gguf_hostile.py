@@ -75,6 +75,9 @@ CASES = {
     "deep arrays": (gguf_bytes([s("a") + struct.pack("<I", 9)
                                 + struct.pack("<IQ", 9, 1) * 12 + struct.pack("<IQ", 4, 0)], []),
                     FileFormatError, "nests arrays"),
+    "many nested arrays": (gguf_bytes([s("a") + struct.pack("<IIQ", 9, 9, 100_000)
+                                       + struct.pack("<IQ", 4, 0) * 100_000], []),
+                           FileFormatError, "inner arrays"),
     "duplicate key": (gguf_bytes([kv_u32("k", 1), kv_u32("k", 2)], []),
                       UnsafeContentError, "more than once"),
     "duplicate tensor": (gguf_bytes([], [tinfo("a", [1]), tinfo("a", [1], 0, 32)], bytes(64)),
@@ -85,6 +88,8 @@ CASES = {
                   "at most 4"),
     "dims overflow": (gguf_bytes([], [tinfo("a", [2 ** 32, 2 ** 32, 2 ** 32])]),
                       FileFormatError, "2\\*\\*62"),
+    "empty but huge dims": (gguf_bytes([], [tinfo("a", [0, 2 ** 40, 2 ** 40])]),
+                            FileFormatError, "2\\*\\*62"),
     "block misfit": (gguf_bytes([], [tinfo("a", [33, 1], 8)], bytes(64)), FileFormatError,
                      "block size"),
     "misaligned": (gguf_bytes([], [tinfo("a", [1], 0, 4)], bytes(32)), FileFormatError,
@@ -116,6 +121,7 @@ def test_refused(tmp_path, case):
 
 
 @pytest.mark.parametrize("case", ["huge kv count", "huge string length", "huge array",
+                                  "many nested arrays",
                                   "huge string array", "dims overflow"])
 def test_refused_within_bounds(tmp_path, case):
     p = _write(tmp_path, CASES[case][0])

@@ -87,6 +87,18 @@ def _bf16():
     return np.arange(6, dtype=np.float32).reshape(2, 3).astype(ml_dtypes.bfloat16)
 
 
+def _gguf_seeds() -> list[bytes]:
+    from tensorbridge.formats.gguf import value
+
+    x = np.linspace(-1, 1, 64, dtype=np.float32).reshape(2, 32)
+    tree = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "i": np.arange(3, dtype=np.int64),
+            "h": _bf16(), "q": x}
+    meta = {"general.name": "seed", "n": value(7, "uint32"),
+            "toks": value(["a", "bc"], "array", "string"), "f": value([0.5], "array", "float32")}
+    return [_file_bytes(lambda p, q=q: tbf.save(tree, p, metadata=meta, quantize=q), ".gguf")
+            for q in ("q8_0", "q4_0")]
+
+
 def _seeds() -> dict[str, list[bytes]]:
     import torch
 
@@ -108,6 +120,7 @@ def _seeds() -> dict[str, list[bytes]]:
                                                            metadata={"k": "v"}), ".safetensors")],
             "pt": [_file_bytes(lambda p: torch.save(tsave, p), ".pt"), _tb_bytes(tree, ".pt")],
             "h5": [_tb_bytes(tree, ".h5")],
+            "gguf": _gguf_seeds(),
         }
     return seeds
 
@@ -208,7 +221,7 @@ def _path(target: str, suffix: str) -> Path:
     return d / f"fuzz{suffix}"
 
 
-@pytest.mark.parametrize("fmt", ["npy", "npz", "safetensors", "pt", "h5"])
+@pytest.mark.parametrize("fmt", ["npy", "npz", "safetensors", "pt", "h5", "gguf"])
 @FUZZ
 @given(seed=st.integers(0, 10), ops=MUTATIONS)
 def test_fuzz_bytes(fmt, seed, ops):

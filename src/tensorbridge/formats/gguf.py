@@ -24,8 +24,8 @@ and quantised blocks are taken as they lie (as gguf-py does).
 
 Metadata: ``reader.metadata`` maps every key to a :class:`GGUFValue`, a ``str``
 (the value as text: strings as they are, numbers and arrays as JSON) that also
-carries its GGUF type and value, so a GGUF written from it keeps them. Its repr
-is short, however long the value (tokenizer vocabularies).
+carries its GGUF type and value (see :mod:`.gguf_meta`), so a GGUF written from it
+keeps them. Its repr is short, however long the value (tokenizer vocabularies).
 
 Writing: F32, F16, BF16, F64 and I8..I64 as they are; a tensor whose info is a
 :class:`GGUFTensorInfo` of a quantised type (from a GGUF reader, or from
@@ -45,7 +45,6 @@ float tensor with at least two axes whose last axis fits the blocks).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -53,14 +52,28 @@ import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from ..dtypes import lookup
 from ..errors import ConversionError, FileFormatError, UnsafeContentError
 from .atomic import atomic_write
-from .base import Format, RawSpan, Reader, TensorInfo
+from .base import Format, RawSpan, Reader, TensorInfo, first_axis_rows
+from .gguf_meta import (
+    DEFAULT_ALIGNMENT,
+    MAX_ALIGNMENT,
+    Cursor,
+    GGUFValue,
+    alignment_of,
+    metadata_entries,
+    pack_string,
+    pack_value,
+    read_name,
+    read_value,
+    read_value_type,
+    value,
+)
 from .gguf_quants import can_dequantize, can_quantize, dequantize_into
 from .gguf_quants import quantize as quantize_array
 from .gguf_types import (
@@ -68,7 +81,6 @@ from .gguf_types import (
     TYPES,
     TYPES_BY_NAME,
     VALUE_TYPE_IDS,
-    VALUE_TYPES,
     GGMLType,
 )
 from .names import check_unique
@@ -95,17 +107,8 @@ __all__ = [
 ]
 
 MAGIC = b"GGUF"
-DEFAULT_ALIGNMENT = 32
 #: ggml tensors have at most 4 dimensions (GGML_MAX_DIMS)
 MAX_DIMS = 4
-#: longest key or tensor name (the spec: keys are at most 65535 bytes)
-MAX_NAME = 65535
-#: deepest nesting of arrays inside arrays
-MAX_ARRAY_DEPTH = 8
-#: the largest general.alignment accepted
-MAX_ALIGNMENT = 1 << 30
-#: bytes read at a time while parsing the header
-_HEADER_CHUNK = 1 << 20
 #: raw bytes read at a time while dequantising
 _READ_CHUNK = 1 << 20
 #: dtypes that byte-swap in a big-endian file (as gguf-py: BF16 and blocks do not)
@@ -113,118 +116,6 @@ _SWAPPED = {"float16", "float32", "float64", "int16", "int32", "int64"}
 #: types --dtype / quantize= can make (gguf-py's quantisers)
 QUANT_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "TQ1_0", "TQ2_0", "MXFP4")
 
-_STRING, _ARRAY = VALUE_TYPE_IDS["STRING"], VALUE_TYPE_IDS["ARRAY"]
-_NP_CODES = {"UINT8": "u1", "INT8": "i1", "UINT16": "u2", "INT16": "i2", "UINT32": "u4",
-             "INT32": "i4", "FLOAT32": "f4", "BOOL": "u1", "UINT64": "u8", "INT64": "i8",
-             "FLOAT64": "f8"}
-
-
-# --- metadata values -----------------------------------------------------------------
-
-class GGUFValue(str):
-    """A GGUF metadata value: the ``str`` is its text (JSON for numbers and arrays),
-    ``gguf_type`` its GGUF type name (``"UINT32"``, ``"ARRAY"``...), ``item_type``
-    the type of an array's items, and ``value`` the value itself (a NumPy array for
-    arrays of numbers, a list for strings and nested arrays)."""
-
-    gguf_type: str
-    item_type: str | None
-    value: Any
-
-    def __new__(cls, text: str, gguf_type: str, value: Any,
-                item_type: str | None = None) -> GGUFValue:
-        self = super().__new__(cls, text)
-        self.gguf_type, self.value, self.item_type = gguf_type, value, item_type
-        return self
-
-    def __repr__(self) -> str:
-        if len(self) <= 200:
-            return super().__repr__()
-        return f"{str.__repr__(self[:120])}... <{self.gguf_type}, {len(self)} chars>"
-
-    def __reduce__(self) -> Any:
-        return (GGUFValue, (str(self), self.gguf_type, self.value, self.item_type))
-
-
-def _f32_text(x: float) -> Any:
-    """A float32 as its shortest text (1e-05, not 9.999999747378752e-06), JSON-safe."""
-    if not math.isfinite(x):
-        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    return float(np.format_float_positional(np.float32(x), unique=True, trim="-")) \
-        if abs(x) >= 1e-4 or x == 0 else float(np.format_float_scientific(np.float32(x), unique=True))
-
-
-def _plain(x: Any, t: str) -> Any:
-    if t == "FLOAT32":
-        return _f32_text(float(x))
-    if t == "FLOAT64":
-        x = float(x)
-        return x if math.isfinite(x) else ("nan" if math.isnan(x) else ("inf" if x > 0 else "-inf"))
-    if t == "BOOL":
-        return bool(x)
-    if t == "STRING":
-        return _display(x)
-    return int(x)
-
-
-def _display(s: str) -> str:
-    """A string value as valid text (bytes that were not UTF-8 become U+FFFD)."""
-    try:
-        s.encode("utf-8")
-        return s
-    except UnicodeEncodeError:
-        return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def _json_of(t: str, v: Any, item: str | None) -> Any:
-    if t == "ARRAY":
-        if item == "ARRAY":
-            return [json.loads(x) for x in v]
-        if item == "STRING":
-            return [_display(s) for s in v]
-        if item in ("FLOAT32", "FLOAT64"):
-            if np.isfinite(v).all():  # float32 items as their exact float64 value (fast)
-                return v.astype(np.float64).tolist()
-            return [_plain(x, "FLOAT64") for x in v.astype(np.float64).tolist()]
-        return v.tolist()  # ints and bools
-    return _plain(v, t)
-
-
-def _make(t: str, v: Any, item: str | None = None) -> GGUFValue:
-    if t == "STRING":
-        return GGUFValue(_display(v), t, v)
-    return GGUFValue(json.dumps(_json_of(t, v, item), ensure_ascii=False), t, v, item)
-
-
-def value(v: Any, gguf_type: str, item_type: str | None = None) -> GGUFValue:
-    """A metadata value of a given GGUF type, for ``metadata=`` when writing GGUF
-    (plain ``str`` values are written as STRING).
-
-    >>> value(4096, "uint32").gguf_type, value([1.5, 2], "array", "float32")
-    ('UINT32', '[1.5, 2.0]')
-    """
-    t = gguf_type.upper()
-    if t not in VALUE_TYPE_IDS:
-        raise ConversionError(f"unknown GGUF value type {gguf_type!r}. Fix: use one of "
-                              f"{', '.join(VALUE_TYPE_IDS)}.")
-    if t == "ARRAY":
-        item = (item_type or "").upper()
-        if item == "STRING":
-            return _make(t, [str(s) for s in v], item)
-        if item not in _NP_CODES:
-            raise ConversionError(f"array item type {item_type!r} is not a GGUF scalar or "
-                                  "string type. Fix: pass item_type= like 'int32' or 'string'.")
-        arr = np.asarray(v, dtype=np.dtype(_NP_CODES[item]).newbyteorder("<"))
-        return _make(t, arr.reshape(-1), item)
-    if t == "STRING":
-        return _make(t, str(v))
-    code = VALUE_TYPES[VALUE_TYPE_IDS[t]][1]
-    try:
-        packed = struct.unpack("<" + code, struct.pack("<" + code, v))[0]  # type: ignore[operator]
-    except (struct.error, TypeError) as exc:
-        raise ConversionError(f"{v!r} cannot be stored as GGUF {t} ({exc}). Fix: pass a value "
-                              "in that type's range.") from exc
-    return _make(t, packed)
 
 
 # --- tensor infos ----------------------------------------------------------------------
@@ -277,116 +168,6 @@ def _quant_type(type_name: str) -> GGMLType:
 
 # --- the header parser -------------------------------------------------------------------
 
-class _Cursor:
-    """Reads the header through a bounded buffer; never past the file's real size."""
-
-    def __init__(self, fd: int, size: int, path: str) -> None:
-        self.fd, self.size, self.path = fd, size, path
-        self.pos = 0
-        self._buf = b""
-        self._start = 0
-        self.order: Literal["<", ">"] = "<"
-
-    def remaining(self) -> int:
-        return self.size - self.pos
-
-    def need(self, n: int, what: str) -> None:
-        if n > self.size - self.pos:
-            raise FileFormatError(
-                f"{what} needs {n} bytes at byte {self.pos}, but the file has only "
-                f"{self.size - self.pos} more (it is truncated or corrupt). Fix: download or "
-                "copy the file again.", self.path)
-
-    def take(self, n: int, what: str) -> bytes:
-        self.need(n, what)
-        off = self.pos - self._start
-        if off < 0 or off + n > len(self._buf):
-            k = min(max(n, _HEADER_CHUNK), self.size - self.pos)
-            buf = bytearray(k)
-            read_exact_into(self.fd, memoryview(buf), self.pos, self.path)
-            self._buf, self._start, off = bytes(buf), self.pos, 0
-        self.pos += n
-        return self._buf[off:off + n]
-
-    def unpack(self, code: str, what: str) -> Any:
-        size = struct.calcsize(code)
-        return struct.unpack(self.order + code, self.take(size, what))[0]
-
-    def strings(self, count: int, what: str) -> list[str]:
-        """``count`` strings in a row: one tight loop over the buffer (vocabularies hold
-        100k+), falling back to :meth:`string` where one crosses the buffer's end."""
-        out = []
-        unpack = struct.Struct(self.order + "Q").unpack_from
-        for _ in range(count):
-            off = self.pos - self._start
-            buf = self._buf
-            if off >= 0 and off + 8 <= len(buf):
-                n = unpack(buf, off)[0]
-                if off + 8 + n <= len(buf):
-                    out.append(buf[off + 8:off + 8 + n].decode("utf-8", "surrogateescape"))
-                    self.pos += 8 + n
-                    continue
-            out.append(self.string(what))
-        return out
-
-    def string(self, what: str, limit: int | None = None) -> str:
-        n = self.unpack("Q", what)
-        if limit is not None and n > limit:
-            raise FileFormatError(
-                f"{what} is {n} bytes long, over the {limit}-byte limit. Fix: the file is "
-                "corrupt or hostile.", self.path)
-        raw = self.take(n, what)
-        return raw.decode("utf-8", "surrogateescape")
-
-
-def _name(cur: _Cursor, what: str) -> str:
-    start = cur.pos
-    s = cur.string(what, MAX_NAME)
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        raise FileFormatError(f"{what} at byte {start} is not valid UTF-8 ({s!r:.80}). Fix: the "
-                              "file is corrupt; re-save it.", cur.path) from None
-    return s
-
-
-def _value_type(cur: _Cursor, what: str) -> str:
-    tid = cur.unpack("I", what)
-    if tid not in VALUE_TYPES:
-        raise FileFormatError(
-            f"{what} has the unknown value type {tid} (known: 0..12). Fix: the file is corrupt, "
-            "or from a newer GGUF version.", cur.path)
-    return VALUE_TYPES[tid][0]
-
-
-def _read_value(cur: _Cursor, t: str, key: str, depth: int = 0) -> GGUFValue:
-    what = f"metadata {key!r:.80}"
-    if t == "STRING":
-        return _make(t, cur.string(what))
-    if t != "ARRAY":
-        raw = cur.unpack(VALUE_TYPES[VALUE_TYPE_IDS[t]][1] or "", what)
-        return _make(t, raw)
-    if depth >= MAX_ARRAY_DEPTH:
-        raise FileFormatError(f"{what} nests arrays more than {MAX_ARRAY_DEPTH} deep. Fix: the "
-                              "file is corrupt or hostile.", cur.path)
-    item = _value_type(cur, what + " (array item type)")
-    count = cur.unpack("Q", what + " (array length)")
-    if item in _NP_CODES:
-        size = VALUE_TYPES[VALUE_TYPE_IDS[item]][2] or 1
-        cur.need(count * size, f"{what} ({count} items)")
-        arr = np.frombuffer(cur.take(count * size, what),
-                            np.dtype(_NP_CODES[item]).newbyteorder(cur.order))
-        arr = arr.astype(arr.dtype.newbyteorder("<"))
-        if item == "BOOL":
-            arr = arr != 0
-        return _make(t, arr, item)
-    least = 8 if item == "STRING" else 12  # a string's length; an array's type and length
-    cur.need(count * least, f"{what} ({count} items)")
-    if item == "STRING":
-        return _make(t, cur.strings(count, what), item)
-    return _make(t, [_read_value(cur, "ARRAY", key, depth + 1) for _ in range(count)], item)
-
-
 @dataclass
 class _Entry:
     info: GGUFTensorInfo
@@ -395,8 +176,8 @@ class _Entry:
     nbytes: int
 
 
-def _tensor_entry(cur: _Cursor, index: int) -> _Entry:
-    name = _name(cur, f"tensor #{index}'s name")
+def _tensor_entry(cur: Cursor, index: int) -> _Entry:
+    name = read_name(cur, f"tensor #{index}'s name")
     ndim = cur.unpack("I", f"tensor {name!r}: n_dims")
     if ndim > MAX_DIMS:
         raise FileFormatError(
@@ -411,10 +192,8 @@ def _tensor_entry(cur: _Cursor, index: int) -> _Entry:
             f"tensor {name!r} has the unknown ggml type {tid} (known: "
             f"{', '.join(f'{k}={v.name}' for k, v in sorted(TYPES.items()))}). Fix: the file "
             "is corrupt, or from a newer llama.cpp than tensorbridge knows.", cur.path)
-    size = 1
-    for d in ne:
-        size *= d
-    if size >= 2 ** 62:
+    size = math.prod(ne)
+    if math.prod(max(d, 1) for d in ne) >= 2 ** 62:  # NumPy refuses such shapes even when empty
         raise FileFormatError(
             f"tensor {name!r}: dims {ne} have more than 2**62 elements. Fix: the file is "
             "corrupt or hostile.", cur.path)
@@ -429,7 +208,7 @@ def _tensor_entry(cur: _Cursor, index: int) -> _Entry:
 
 
 def _parse(fd: int, size: int, path: str) -> dict[str, Any]:
-    cur = _Cursor(fd, size, path)
+    cur = Cursor(fd, size, path)
     if size < 24:
         raise FileFormatError(f"the file is {size} bytes, shorter than a GGUF header (24). Fix: "
                               "this is not a GGUF file, or it is truncated.", path)
@@ -452,12 +231,12 @@ def _parse(fd: int, size: int, path: str) -> dict[str, Any]:
     cur.need(n_kv * 13 + n_tensors * 24, f"{n_kv} metadata entries and {n_tensors} tensors")
     metadata: dict[str, GGUFValue] = {}
     for i in range(n_kv):
-        key = _name(cur, f"metadata key #{i}")
+        key = read_name(cur, f"metadata key #{i}")
         if key in metadata:
             raise UnsafeContentError(
                 f"metadata key {key!r} appears more than once; other readers keep one of them "
                 "silently. Fix: re-save the file with unique keys.", path)
-        metadata[key] = _read_value(cur, _value_type(cur, f"metadata {key!r:.80}"), key)
+        metadata[key] = read_value(cur, read_value_type(cur, f"metadata {key!r:.80}"), key)
     alignment = DEFAULT_ALIGNMENT
     if "general.alignment" in metadata:
         a = metadata["general.alignment"]
@@ -552,7 +331,7 @@ class GGUFReader(Reader):
     def _alloc(self, e: _Entry, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         try:
             return np.empty(shape, dtype=dtype)
-        except MemoryError as exc:
+        except (MemoryError, ValueError) as exc:  # ValueError: "array is too big"
             raise FileFormatError(
                 f"tensor {e.info.name!r} ({e.info.dtype}{list(shape)}) does not fit in memory. "
                 "Fix: use a machine with more memory, or read_raw() the blocks.", self.path) from exc
@@ -570,28 +349,40 @@ class GGUFReader(Reader):
 
     def read(self, name: str) -> np.ndarray:
         e = self._entry(name)
+        return self._read_rows(e, 0, e.info.shape)
+
+    def read_slice(self, name: str, index: int | slice) -> np.ndarray:
+        """``tensor[index]`` for an int or a step-1 slice of the first axis: only those
+        rows are read (and dequantised), e.g. a few rows of a token embedding."""
+        e = self._entry(name)
+        start, stop, single = first_axis_rows(e.info, index, self.path)
+        rest = e.info.shape[1:]
+        shape = rest if single else (stop - start, *rest)
+        return self._read_rows(e, start * math.prod(rest), shape)
+
+    def _read_rows(self, e: _Entry, first: int, shape: tuple[int, ...]) -> np.ndarray:
+        """``shape`` elements of ``e`` from element ``first`` on (a whole number of rows, so
+        whole blocks: a quantised row is a multiple of the block size)."""
         fd = self._fd_open()
-        start = self._data_start + e.offset
-        if not e.type.quantized:
-            dtype = lookup(e.info.dtype).numpy
-            out = self._alloc(e, e.info.shape, dtype)
+        t = e.type
+        start = self._data_start + e.offset + first // t.block_size * t.type_size
+        if not t.quantized:
+            out = self._alloc(e, shape, lookup(e.info.dtype).numpy)
             if out.nbytes:
                 read_exact_into(fd, out.reshape(-1).view(np.uint8).data, start, self.path)
-            swap = (self.byteorder != sys.byteorder) and e.info.dtype in _SWAPPED
-            if swap:
+            if self.byteorder != sys.byteorder and e.info.dtype in _SWAPPED:
                 out.byteswap(inplace=True)
             return out
-        if not can_dequantize(e.type.name):
+        if not can_dequantize(t.name):
             raise ConversionError(
-                f"{self.path}: tensor {name!r} is {e.type.name}, which has no known "
+                f"{self.path}: tensor {e.info.name!r} is {t.name}, which has no known "
                 "dequantisation (gguf-py has none either). Fix: read its blocks with "
                 "reader.read_raw(name), or leave it out (--exclude).")
-        out = self._alloc(e, e.info.shape, np.float32)
+        out = self._alloc(e, shape, np.float32)
         flat = out.reshape(-1)
-        t = e.type
+        nblocks = flat.size // t.block_size
         per = max(1, _READ_CHUNK // t.type_size)  # blocks per read
-        buf = np.empty(min(per, e.nbytes // t.type_size) * t.type_size, np.uint8)
-        nblocks = e.nbytes // t.type_size
+        buf = np.empty(min(per, nblocks) * t.type_size, np.uint8)
         for b0 in range(0, nblocks, per):
             k = min(per, nblocks - b0)
             piece = buf[:k * t.type_size]
@@ -616,58 +407,6 @@ class GGUFReader(Reader):
 
 
 # --- the writer ------------------------------------------------------------------------------
-
-def _pack_string(s: str) -> bytes:
-    raw = s.encode("utf-8", "surrogateescape")
-    return struct.pack("<Q", len(raw)) + raw
-
-
-def _pack_value(v: GGUFValue) -> bytes:
-    t = v.gguf_type
-    if t == "STRING":
-        return _pack_string(v.value)
-    if t != "ARRAY":
-        return struct.pack("<" + (VALUE_TYPES[VALUE_TYPE_IDS[t]][1] or ""), v.value)
-    item = v.item_type or "STRING"
-    head = struct.pack("<IQ", VALUE_TYPE_IDS[item], len(v.value))
-    if item == "STRING":
-        return head + b"".join(_pack_string(s) for s in v.value)
-    if item == "ARRAY":
-        return head + b"".join(_pack_value(x) for x in v.value)  # nested: no value type
-    arr = np.asarray(v.value)
-    if item == "BOOL":
-        arr = arr.astype(np.uint8)
-    return head + arr.astype(np.dtype(_NP_CODES[item]).newbyteorder("<")).tobytes()
-
-
-def _metadata_entries(metadata: Mapping[str, str], path: str) -> list[tuple[str, GGUFValue]]:
-    out = []
-    for key, v in metadata.items():
-        if not key or len(key.encode("utf-8", "surrogateescape")) > MAX_NAME:
-            raise ConversionError(f"{path}: metadata key {key!r:.80} must be 1 to {MAX_NAME} "
-                                  "bytes. Fix: rename it.")
-        gv = v if isinstance(v, GGUFValue) else _make("STRING", str(v))
-        if key == "general.alignment" and gv.gguf_type != "UINT32":
-            try:
-                gv = value(int(str(v)), "UINT32")
-            except (ValueError, ConversionError):
-                raise ConversionError(
-                    f"{path}: general.alignment {str(v)!r:.40} is not an integer. Fix: pass a "
-                    "power of two, e.g. value(32, 'uint32').") from None
-        out.append((key, gv))
-    return out
-
-
-def _alignment(entries: list[tuple[str, GGUFValue]], path: str) -> int:
-    for key, v in entries:
-        if key == "general.alignment":
-            a = int(v.value)
-            if not 0 < a <= MAX_ALIGNMENT or a & (a - 1):
-                raise ConversionError(f"{path}: general.alignment {a} is not a power of two up "
-                                      f"to {MAX_ALIGNMENT}. Fix: pass e.g. 32.")
-            return a
-    return DEFAULT_ALIGNMENT
-
 
 def _stored_type(info: TensorInfo, path: str) -> GGMLType:
     if isinstance(info, GGUFTensorInfo) and TYPES_BY_NAME[info.ggml_type].quantized:
@@ -709,7 +448,7 @@ class GGUFFormat(Format):
         meta = super().check_write(path, infos, metadata, options)
         if options and options.get("quantize") is not None:
             _quant_type(options["quantize"])
-        _alignment(_metadata_entries(meta, path), path)
+        alignment_of(metadata_entries(meta, path), path)
         return meta
 
     def quantized_info(self, info: TensorInfo, type_name: str) -> TensorInfo:
@@ -742,13 +481,13 @@ class GGUFFormat(Format):
         if quantize is not None:
             infos = [quantized_info(i, quantize) for i in infos]
         meta = self.check_write(path, infos, metadata, None)
-        entries = _metadata_entries(meta, path)
-        align = _alignment(entries, path)
+        entries = metadata_entries(meta, path)
+        align = alignment_of(entries, path)
         types = [_stored_type(i, path) for i in infos]
         head = bytearray(MAGIC + struct.pack("<IQQ", 3, len(infos), len(entries)))
         for key, v in entries:
-            head += _pack_string(key) + struct.pack("<I", VALUE_TYPE_IDS[v.gguf_type])
-            head += _pack_value(v)
+            head += pack_string(key) + struct.pack("<I", VALUE_TYPE_IDS[v.gguf_type])
+            head += pack_value(v)
         offset = 0
         sizes = []
         for info, t in zip(infos, types, strict=True):
@@ -757,7 +496,7 @@ class GGUFFormat(Format):
                 raise ConversionError(f"{path}: tensor {info.name!r} of shape {list(info.shape)} "
                                       f"cannot be {t.name}: its last axis is not a multiple of "
                                       f"{t.block_size}. Fix: keep it unquantised.")
-            head += _pack_string(info.name) + struct.pack("<I", len(info.shape))
+            head += pack_string(info.name) + struct.pack("<I", len(info.shape))
             head += b"".join(struct.pack("<Q", d) for d in reversed(info.shape))
             head += struct.pack("<IQ", t.id, offset)
             sizes.append(nbytes)

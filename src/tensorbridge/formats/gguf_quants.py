@@ -4,14 +4,17 @@ Every function here works on whole blocks: ``blocks`` is a ``(n, type_size)``
 uint8 array, the result ``(n, block_size)`` float32. Each float operation is
 the one gguf-py's ``gguf.quants`` does, in the same order and precision (the
 reference is llama.cpp's ``ggml-quants.c``), so results match bit for bit; what
-differs is how the integers are unpacked (256-entry lookup tables instead of
-shift-and-mask passes), and that the results are written straight into the
-caller's output, a cache-sized piece at a time (:func:`dequantize_into`).
+differs is that the integers stay uint8/int8 (unpacked with shifts on whole rows,
+or with 256-entry byte-spreading tables) until one mixed-type multiply turns them
+into float32 (exactly) and scales them in the same pass, and that results are
+written straight into the caller's output, a cache-sized piece at a time
+(:func:`dequantize_into`).
 
-The IQ types with codebook grids (IQ1_S, IQ1_M, IQ2_*, IQ3_*) and NVFP4 are
-dequantised by gguf-py itself (``pip install tensorbridge[gguf]``), a piece at
-a time. Q8_1 and Q1_0 have no dequantisation in gguf-py, so they are read as
-raw blocks only.
+The codebook IQ types (IQ1_S, IQ1_M, IQ2_*, IQ3_*) and NVFP4 use a port of
+gguf-py's own code and grids (:mod:`.gguf_iq`), so no type needs gguf-py to be
+read. Q8_1 and Q1_0 have no dequantisation in gguf-py, so they are read as raw
+blocks only. Quantising to TQ1_0, TQ2_0 and MXFP4 goes through gguf-py
+(``pip install 'tensorbridge[gguf]'``).
 
 >>> import numpy as np
 >>> x = np.linspace(-1, 1, 64, dtype=np.float32).reshape(2, 32)
@@ -25,6 +28,7 @@ True
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +38,7 @@ from .gguf_types import QK_K, TYPES_BY_NAME
 __all__ = [
     "CHUNK_ELEMENTS",
     "DEQUANTIZERS",
-    "GGUF_PY_DEQUANTIZED",
+    "CODEBOOK_TYPES",
     "QUANTIZERS",
     "can_dequantize",
     "can_quantize",
@@ -51,6 +55,33 @@ CHUNK_ELEMENTS = 1 << 16
 _F32 = np.float32
 #: shifts of the four 2-bit fields of a byte, broadcast over (n, k, 4, 32)
 _SHIFT2 = np.array([0, 2, 4, 6], np.uint8)[None, None, :, None]
+
+
+def _spread(f: Callable[[np.ndarray, int], np.ndarray], fields: int, dtype: Any) -> np.ndarray:
+    """A 256-entry table: byte v -> one integer whose i-th byte is ``f(v, i)``, so that
+    gathering it spreads each byte's bit fields over ``fields`` bytes in one pass (a
+    broadcast shift runs NumPy's inner loop 32 elements at a time; this does not)."""
+    v = np.arange(256, dtype=np.uint64)
+    word = np.zeros(256, np.uint64)
+    for i in range(fields):
+        word |= f(v, i).astype(np.uint64) << np.uint64(8 * i)
+    return word.astype(dtype)
+
+
+_U64 = np.uint64
+#: byte -> 8 bytes: bit i, shifted to 0x10 (the 5th bit of Q5_K)
+_BIT4 = _spread(lambda v, i: ((v >> _U64(i)) & _U64(1)) << _U64(4), 8, np.uint64)
+#: byte -> 8 bytes: 4 where bit i is clear, else 0 (Q3_K's "minus 4 unless the high bit")
+_NOT_BIT_4 = _spread(lambda v, i: (((v >> _U64(i)) & _U64(1)) ^ _U64(1)) << _U64(2), 8,
+                     np.uint64)
+#: byte -> 4 bytes: its 2-bit fields, lowest first
+_CRUMBS = _spread(lambda v, i: (v >> _U64(2 * i)) & _U64(3), 4, np.uint32)
+
+
+def _bytes_of(table: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``table[idx]`` as bytes with the fields first: ``(n, fields, k)`` from ``(n, k)``."""
+    n, k = idx.shape
+    return table[idx].view(np.uint8).reshape(n, k, -1).transpose(0, 2, 1)
 
 
 def _half(blocks: np.ndarray, start: int) -> np.ndarray:
@@ -123,12 +154,10 @@ def _q8_k(b: np.ndarray, out: np.ndarray) -> None:
 def _q2_k(b: np.ndarray, out: np.ndarray) -> None:
     n = b.shape[0]
     sc = b[:, :16]
-    qs = b[:, 16:80].reshape(n, 2, 32)
+    qs = b[:, 16:80]
     dl = _half(b, 80) * (sc & 0xF).astype(_F32)
     ml = _half(b, 82) * (sc >> 4).astype(_F32)
-    q = np.empty((n, 2, 4, 32), np.uint8)
-    np.right_shift(qs[:, :, None, :], _SHIFT2, out=q)
-    q &= np.uint8(3)
+    q = _bytes_of(_CRUMBS, qs.reshape(n * 2, 32)).reshape(n, 2, 4, 32)
     o16 = out.reshape(n, 16, 16)
     np.multiply(dl[:, :, None], q.reshape(n, 16, 16), out=o16)  # dl * q - ml
     np.subtract(o16, ml[:, :, None], out=o16)
@@ -137,7 +166,7 @@ def _q2_k(b: np.ndarray, out: np.ndarray) -> None:
 def _q3_k(b: np.ndarray, out: np.ndarray) -> None:
     n = b.shape[0]
     hmask = b[:, :32]
-    qs = b[:, 32:96].reshape(n, 2, 1, 32)
+    qs = b[:, 32:96]
     scales = b[:, 96:108]
     d = _half(b, 108)
     lsc = (scales[:, None, :8] >> np.array([0, 4], np.uint8)[None, :, None]).reshape(n, 16)
@@ -145,10 +174,10 @@ def _q3_k(b: np.ndarray, out: np.ndarray) -> None:
     sc = ((lsc & 0x0F) | ((hsc & 0x03) << 4)).astype(np.int8) - np.int8(32)
     dl = d * sc.astype(_F32)
     # index = 2-bit low part | (high bit << 2); value = low - 4 * (1 - high bit)
-    ql = (qs >> np.array([0, 2, 4, 6], np.uint8)[None, None, :, None]) & 3  # (n, 2, 4, 32)
-    hb = (hmask[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # (n, 8, 32)
-    q = ql.reshape(n, 8, 32).view(np.int8) - ((hb ^ np.uint8(1)) << np.uint8(2)).view(np.int8)
-    np.multiply(dl[:, :, None], q.reshape(n, 16, 16), out=out.reshape(n, 16, 16))
+    # the low 2 bits, minus 4 unless the high bit is set
+    q = _bytes_of(_CRUMBS, qs.reshape(n * 2, 32)).reshape(n, 8, 32)
+    q -= _bytes_of(_NOT_BIT_4, hmask)
+    np.multiply(dl[:, :, None], q.view(np.int8).reshape(n, 16, 16), out=out.reshape(n, 16, 16))
 
 
 def _scale_min_k4(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -183,7 +212,7 @@ def _q5_k(b: np.ndarray, out: np.ndarray) -> None:
     np.bitwise_and(qs, 15, out=q[:, :, 0])
     np.right_shift(qs, 4, out=q[:, :, 1])
     q8 = q.reshape(n, 8, 32)
-    q8 |= ((qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1) << 4
+    q8 |= _bytes_of(_BIT4, qh)
     o8 = out.reshape(n, 8, 32)
     np.multiply(d[:, :, None], q8, out=o8)
     np.subtract(o8, dm[:, :, None], out=o8)
@@ -287,33 +316,26 @@ DEQUANTIZERS: dict[str, Callable[[np.ndarray, np.ndarray], None]] = {
     "TQ1_0": _tq1_0, "TQ2_0": _tq2_0, "MXFP4": _mxfp4, "IQ4_NL": _iq4_nl, "IQ4_XS": _iq4_xs,
     "BF16": _bf16,
 }
-#: types whose dequantisation is gguf-py's own (their codebooks live there)
-GGUF_PY_DEQUANTIZED = frozenset({"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S",
-                                 "IQ1_M", "NVFP4"})
+def _codebook(type_name: str) -> Callable[[np.ndarray, np.ndarray], None]:
+    from .gguf_iq import IQ_TYPES
+
+    cls = IQ_TYPES[type_name]
+    cls.init_grid()
+
+    def run(b: np.ndarray, out: np.ndarray) -> None:
+        out[...] = cls.dequantize_blocks(b)
+
+    return run
+
+
+#: types with codebooks, dequantised by the port of gguf-py's code in :mod:`.gguf_iq`
+CODEBOOK_TYPES = frozenset({"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S",
+                            "IQ1_M", "NVFP4"})
 
 
 def can_dequantize(type_name: str) -> bool:
-    """Whether ``type_name``'s blocks can be dequantised here (gguf-py may be needed)."""
-    return type_name in DEQUANTIZERS or type_name in GGUF_PY_DEQUANTIZED
-
-
-def _gguf_py(type_name: str) -> Callable[[np.ndarray, np.ndarray], None]:
-    try:
-        import gguf  # noqa: F401  (optional: pip install tensorbridge[gguf])
-        from gguf.constants import GGMLQuantizationType
-        from gguf.quants import dequantize as ref
-    except ImportError as exc:
-        raise FrameworkNotInstalledError(message(
-            f"a {type_name} tensor", f"{type_name} blocks decode through codebooks that "
-            "tensorbridge takes from gguf-py, which is not installed",
-            "pip install 'tensorbridge[gguf]', or read the blocks undecoded with "
-            "reader.read_raw(name)")) from exc
-    qtype = GGMLQuantizationType[type_name]
-
-    def run(b: np.ndarray, out: np.ndarray) -> None:
-        out[...] = ref(np.ascontiguousarray(b), qtype)
-
-    return run
+    """Whether ``type_name``'s blocks can be dequantised (all but Q8_1 and Q1_0)."""
+    return type_name in DEQUANTIZERS or type_name in CODEBOOK_TYPES
 
 
 def dequantize_blocks(blocks: np.ndarray, type_name: str) -> np.ndarray:
@@ -328,8 +350,8 @@ def _dequantizer(type_name: str) -> Callable[[np.ndarray, np.ndarray], None]:
     f = DEQUANTIZERS.get(type_name)
     if f is not None:
         return f
-    if type_name in GGUF_PY_DEQUANTIZED:
-        return _gguf_py(type_name)
+    if type_name in CODEBOOK_TYPES:
+        return _codebook(type_name)
     raise ConversionError(message(
         f"a {type_name} tensor", f"no dequantisation of {type_name} is known (gguf-py has "
         "none either)", "read its blocks undecoded with reader.read_raw(name)"))

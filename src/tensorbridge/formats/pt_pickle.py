@@ -59,8 +59,8 @@ MAX_NDIM = 64
 MAX_BROADCAST_BYTES = 64 << 20
 #: Work units (opcodes, container items, bytes of built strings, ~bytes of objects) the
 #: interpreter may spend per byte of ``data.pkl``, plus :data:`WORK_FLOOR`. A real
-#: state dict costs about 10 per byte; the worst pure-data pickle ~60.
-WORK_PER_BYTE = 16
+#: state dict costs 11-16 per byte (long or short names); a pickle of tiny objects ~65.
+WORK_PER_BYTE = 32
 WORK_FLOOR = 16 << 20
 
 #: legacy ``torch.<X>Storage`` name -> canonical dtype (torch/storage.py).

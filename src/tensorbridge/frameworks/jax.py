@@ -9,7 +9,7 @@ import numpy as np
 
 from ..dtypes import canonical_name, lookup
 from ..errors import ConversionError, DeviceError, message
-from .base import Backend, Facts, Step, normalize_device
+from .base import SHARE_MIN_BYTES, Backend, Facts, Step, normalize_device
 
 __all__ = ["JaxBackend", "BACKEND"]
 
@@ -37,6 +37,27 @@ class JaxBackend(Backend):
         "float16", "bfloat16", "float32", "float64", "complex64", "complex128",
         "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
         "float8_e4m3", "float8_e3m4", "float8_e4m3b11fnuz")}
+
+    copy_small = True  # jax.dlpack.from_dlpack costs ~30 µs; jnp.array of a small copy less
+
+    def __init__(self) -> None:
+        self._arrays: dict[type, bool] = {}  # type -> a concrete array (not a tracer)
+
+    def kind(self, x: Any, target: str) -> tuple | None:
+        tp = type(x)
+        concrete = self._arrays.get(tp)
+        if concrete is None:
+            jax = self.load()
+            concrete = self._arrays[tp] = issubclass(tp, jax.Array) and not issubclass(tp, jax.core.Tracer)
+        if not concrete or x.is_deleted():
+            return None  # tracers and deleted arrays are refused by the planner
+        sharding = x.sharding  # says the devices, and whether it is sharded
+        key = (tp, x.dtype, sharding)
+        if target == "numpy":
+            return key
+        return key + ((x.unsafe_buffer_pointer() % 64 == 0 if x.size else True)
+                      if len(sharding.device_set) == 1 else None,
+                      x.size * x.dtype.itemsize < SHARE_MIN_BYTES)
 
     def owns(self, tp: type) -> bool:
         jax = sys.modules.get("jax")
@@ -74,7 +95,8 @@ class JaxBackend(Backend):
         dev = next(iter(devices))
         kind = _PLATFORM.get(dev.platform, dev.platform)
         device = "cpu" if kind == "cpu" else f"{kind}:{dev.id}"
-        f = Facts("jax", canonical_name(x.dtype), tuple(x.shape), device=device, writable=False)
+        f = Facts("jax", canonical_name(x.dtype), tuple(x.shape), device=device, writable=False,
+                  nbytes=x.size * x.dtype.itemsize)
         if len(devices) > 1 or not x.is_fully_addressable:
             f.notes.append("sharded")
             f.dlpack = False

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
 
 from ..errors import ConversionError, DeviceError, message
-from .base import Backend, Facts, Step, host_facts, normalize_device
+from .base import SHARE_MIN_BYTES, Backend, Facts, Step, host_facts, normalize_device
 
 __all__ = ["NumpyBackend", "BACKEND"]
+
+
+def _is_masked(x: Any) -> bool:
+    """``isinstance(x, np.ma.MaskedArray)`` without touching ``np.ma``: NumPy 2 imports it
+    lazily (20 ms once, ~10 µs per attribute access after), and no masked array exists
+    before it is imported."""
+    ma = sys.modules.get("numpy.ma")
+    return ma is not None and isinstance(x, ma.MaskedArray)
 
 
 def refuse_masked(x: Any, what: str, why: str) -> None:
     """Raise :class:`ConversionError` when ``x`` is a masked array headed where masks do
     not exist (``why`` says where): the missing values would silently become data."""
-    if isinstance(x, np.ma.MaskedArray):
+    if _is_masked(x):
         raise ConversionError(message(
             what, f"{why}, so which values are missing would be lost",
             "fill the gaps (a.filled(0)), or pass a.data to drop the mask knowingly; keep the "
@@ -45,6 +54,26 @@ class NumpyBackend(Backend):
 
     def owns(self, tp: type) -> bool:
         return issubclass(tp, (np.ndarray, np.generic))
+
+    def on_host(self, x: Any) -> bool:
+        return True
+
+    def kind(self, x: Any, target: str) -> tuple | None:
+        if type(x) is not np.ndarray and (not isinstance(x, np.ndarray) or _is_masked(x)):
+            return None  # scalars and masked arrays are planned afresh
+        dt = x.dtype
+        flags = x.flags
+        flip: Any = False
+        strides = x.strides
+        if strides and min(strides) < 0:  # which dims are flipped decides the route
+            pairs = list(zip(strides, x.shape, strict=True))
+            flip = (any(s < 0 and n > 1 for s, n in pairs), any(s < 0 and n <= 1 for s, n in pairs))
+        if target == "torch":  # torch.from_numpy reads neither the layout, address nor size
+            return (type(x), dt, dt.char, flags.writeable, flip)
+        key = (type(x), dt, dt.char, flags.writeable, flip, flags.c_contiguous)
+        if target == "numpy":
+            return key
+        return key + (x.ctypes.data % 64 == 0, x.nbytes < SHARE_MIN_BYTES)
 
     def facts(self, x: Any) -> Facts:
         return host_facts(np.asarray(x))

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..dtypes import NUMPY_NATIVE, canonical_name
 from ..errors import ConversionError, DeviceError, message
-from .base import Backend, Facts, Step, normalize_device
+from .base import SHARE_MIN_BYTES, Backend, Facts, Step, normalize_device
 
 __all__ = ["TensorFlowBackend", "BACKEND"]
 
@@ -52,6 +52,24 @@ class TensorFlowBackend(Backend):
         "float8_e4m3b11fnuz": "dtypes.experimental.float8_e4m3b11fnuz",
     }
 
+    def __init__(self) -> None:
+        self._plain: dict[type, bool] = {}  # type -> eager tensor or variable (has a kind)
+
+    def kind(self, x: Any, target: str) -> tuple | None:
+        tp = type(x)
+        plain = self._plain.get(tp)
+        if plain is None:
+            tf = self.load()
+            plain = self._plain[tp] = (
+                (hasattr(tp, "_numpy") and issubclass(tp, tf.Tensor)) or issubclass(tp, tf.Variable)
+            ) and not issubclass(tp, (tf.SparseTensor, tf.RaggedTensor))
+        if not plain:
+            return None  # symbolic, sparse, ragged: planned (or refused) afresh
+        key = (tp, x.dtype, x.device)
+        if target == "numpy":
+            return key
+        return key + (x.shape.num_elements() * x.dtype.size < SHARE_MIN_BYTES,)
+
     def owns(self, tp: type) -> bool:
         tf = sys.modules.get("tensorflow")
         if tf is None:
@@ -84,6 +102,8 @@ class TensorFlowBackend(Backend):
         name = "string" if dtype == tf.string else canonical_name(dtype.as_numpy_dtype)
         device = _device_name(x.device if not sparse else x.values.device)
         f = Facts("tensorflow", name, tuple(x.shape), device=device, writable=False)
+        if not sparse and name != "string":
+            f.nbytes = x.shape.num_elements() * x.dtype.size
         if sparse:
             f.notes.append("sparse")
         if isinstance(x, tf.Variable):
@@ -109,7 +129,7 @@ class TensorFlowBackend(Backend):
                               lambda t: np.asarray(t.numpy(), dtype=object),
                               "TF strings are variable-length bytes"))
         elif facts.device_type == "cpu" and facts.dtype in _DLPACK_DTYPES and "sparse" not in facts.notes:
-            steps.append(Step("DLPack view of the host buffer (read-only: TF tensors are immutable)",
+            steps.append(Step("view of the host buffer (read-only: TF tensors are immutable)",
                               False, _host_view))
         else:
             why = "device memory is not addressable from NumPy" if facts.device_type != "cpu" \
@@ -226,8 +246,14 @@ def _device_name(tf_device: str) -> str:
 
 
 def _host_view(t: Any) -> np.ndarray:
-    tf = sys.modules["tensorflow"]
-    a = np.from_dlpack(_Capsule(tf.experimental.dlpack.to_dlpack(t), (1, 0)))
+    """A read-only NumPy view of a host tensor's buffer (NumPy-native dtypes). TF's own
+    ``np.asarray(t)`` (``t._numpy()``) views the buffer, and keeps the tensor alive; it
+    is writable, and TF tensors are immutable, so the view we hand out is not."""
+    view = getattr(t, "_numpy", None)
+    a = view() if view is not None else None
+    if type(a) is not np.ndarray:  # a 0-d tensor gives a NumPy scalar: the DLPack export views it
+        tf = sys.modules["tensorflow"]
+        a = np.from_dlpack(_Capsule(tf.experimental.dlpack.to_dlpack(t), (1, 0)))
     a.flags.writeable = False
     return a
 

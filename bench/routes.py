@@ -1,0 +1,369 @@
+"""Every conversion route beside the plain call a user would write (issue 10).
+
+The cases here are registered in ``bench/run.py`` (``--only routes_small`` ...);
+each runs in its own process like the others. For each route the plain call is
+the obvious one for the same result: ``t.detach().cpu().numpy()``,
+``torch.from_numpy``, ``tf.convert_to_tensor``, ``x.numpy()``, ``jnp.asarray``,
+``np.asarray``, and between two frameworks the two-step bounce through a host
+NumPy array. Every tensorbridge result is checked bit for bit against the plain
+result before it is timed.
+
+- ``routes_small``: one 256-float tensor of each kind (float32, requires_grad,
+  bfloat16, float8, transposed, TF tensor and Variable, JAX array) to every
+  other framework, plus ``dtype=`` casts and ``copy=True``.
+- ``routes_tree``: dicts of 1000 such tensors, to NumPy and from NumPy, with
+  ``copy=None`` and ``copy=True``, against the dict comprehension.
+- ``routes_large``: 64 MiB tensors: zero-copy routes against the same route on
+  1 MiB (O(1) means ~1x), copies against the fastest plain copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+MiB = 1 << 20
+SMALL = 256  # floats
+
+
+def _host(x: Any) -> Any:
+    """Any framework's tensor as a NumPy array (for the bit check only)."""
+    import numpy as np
+
+    mod = type(x).__module__
+    if mod.startswith("torch"):
+        import torch
+
+        t = x.detach().cpu()
+        if t.dtype in (torch.bfloat16,):
+            return t.view(torch.uint16).numpy()
+        if t.element_size() == 1 and t.dtype.is_floating_point:
+            return t.view(torch.uint8).numpy()
+        return t.numpy()
+    if hasattr(x, "numpy") and not isinstance(x, np.ndarray):
+        x = x.numpy()
+    a = np.asarray(x)
+    if a.dtype.type.__module__ != "numpy":  # ml_dtypes: compare the bits
+        a = a.view(f"u{a.dtype.itemsize}")
+    return a
+
+
+def _check(tb_out: Any, plain_out: Any, what: str) -> None:
+    import numpy as np
+
+    from run import same_bits
+
+    a, b = _host(tb_out), _host(plain_out)
+    if not same_bits(a, b):
+        raise AssertionError(f"{what}: tensorbridge and the plain call differ "
+                             f"({a.dtype}{a.shape} vs {b.dtype}{b.shape})")
+    del np
+
+
+def _frameworks() -> dict[str, Any]:
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import jax
+    import jax.numpy as jnp
+    import ml_dtypes
+    import numpy as np
+    import tensorflow as tf
+    import torch
+
+    return {"np": np, "torch": torch, "tf": tf, "jax": jax, "jnp": jnp, "ml": ml_dtypes}
+
+
+def sources(n: int) -> dict[str, tuple[str, Callable[[], Any]]]:
+    """Kind name -> (framework, maker) for tensors of ``n`` float32 values."""
+    f = _frameworks()
+    np, torch, tf, jnp, ml = f["np"], f["torch"], f["tf"], f["jnp"], f["ml"]
+    side = int(n ** 0.5)
+
+    def base() -> Any:
+        return np.random.default_rng(0).standard_normal(n).astype(np.float32)
+
+    return {
+        "numpy f32": ("numpy", base),
+        "numpy f32 transposed": ("numpy", lambda: base()[: side * side].reshape(side, side).T),
+        "numpy bf16": ("numpy", lambda: base().astype(ml.bfloat16)),
+        "torch f32": ("torch", lambda: torch.from_numpy(base())),
+        "torch requires_grad": ("torch", lambda: torch.from_numpy(base()).requires_grad_()),
+        "torch bf16": ("torch", lambda: torch.from_numpy(base()).to(torch.bfloat16)),
+        "torch float8_e4m3fn": ("torch", lambda: torch.from_numpy(base()).to(torch.float8_e4m3fn)),
+        "torch transposed": ("torch", lambda: torch.from_numpy(base()[: side * side]).reshape(side, side).T),
+        "tf f32": ("tf", lambda: tf.constant(base())),
+        "tf Variable": ("tf", lambda: tf.Variable(base())),
+        "tf bf16": ("tf", lambda: tf.constant(base().astype(ml.bfloat16))),
+        "jax f32": ("jax", lambda: jnp.asarray(base())),
+        "jax bf16": ("jax", lambda: jnp.asarray(base().astype(ml.bfloat16))),
+    }
+
+
+def to_host_plain(fw: str, x: Any, *, for_torch: bool = False) -> Any:
+    """The plain call that gives a host NumPy array of ``x``."""
+    f = _frameworks()
+    np, torch = f["np"], f["torch"]
+    if fw == "numpy":
+        return x
+    if fw == "torch":
+        t = x.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(f["ml"].bfloat16)
+        if t.dtype == torch.float8_e4m3fn:
+            return t.view(torch.uint8).numpy().view(f["ml"].float8_e4m3fn)
+        return t.numpy()
+    if fw == "tf":
+        return x.numpy()
+    return np.array(x) if for_torch else np.asarray(x)  # jax: torch wants writable memory
+
+
+def plain_call(fw: str, tgt: str, kind: str) -> tuple[str, Callable[[Any], Any]]:
+    """(text, function) of the plain call from a ``fw`` tensor to ``tgt``."""
+    f = _frameworks()
+    np, torch, tf, jnp, ml = f["np"], f["torch"], f["tf"], f["jnp"], f["ml"]
+    bf16 = "bf16" in kind or "float8" in kind
+    host_text = {"numpy": "a", "torch": "t.detach().cpu().numpy()", "tf": "x.numpy()",
+                 "jax": "np.array(j)" if tgt == "torch" else "np.asarray(j)"}[fw]
+    if fw == "torch" and bf16:
+        host_text = "t.detach().cpu().view(int).numpy().view(ml_dtypes)"
+    def host(x: Any) -> Any:
+        return to_host_plain(fw, x, for_torch=(tgt == "torch"))
+    if tgt == "numpy":
+        return host_text, host
+    if tgt == "torch":
+        if bf16:
+            bits = {"bf16": (np.int16, torch.bfloat16)}.get("bf16" if "bf16" in kind else "",
+                                                          (np.uint8, torch.float8_e4m3fn))
+            return (f"torch.from_numpy({host_text}.view(int)).view(...)",
+                    lambda x: torch.from_numpy(host(x).view(bits[0])).view(bits[1]))
+        return f"torch.from_numpy({host_text})", lambda x: torch.from_numpy(host(x))
+    if tgt == "tf":
+        return f"tf.convert_to_tensor({host_text})", lambda x: tf.convert_to_tensor(host(x))
+    assert tgt == "jax"
+    del ml
+    return f"jnp.asarray({host_text})", lambda x: jnp.asarray(host(x))
+
+
+def _tb_name(tgt: str) -> str:
+    return {"numpy": "numpy", "torch": "torch", "tf": "tensorflow", "jax": "jax"}[tgt]
+
+
+def case_routes_small(args: argparse.Namespace) -> list[dict]:
+    import tensorbridge as tb
+    from run import row, time_pair
+
+    f = _frameworks()
+    np, torch, jnp = f["np"], f["torch"], f["jnp"]
+    rows = []
+    skip = {("torch float8_e4m3fn", "tf")}  # TF has no float8 import from NumPy arrays
+    for kind, (fw, make) in sources(SMALL).items():
+        x = make()
+        for tgt in ("numpy", "torch", "tf", "jax"):
+            if tgt == fw or (kind, tgt) in skip:
+                continue
+            text, plain = plain_call(fw, tgt, kind)
+            to = _tb_name(tgt)
+            label = f"{kind} -> {tgt}"
+            try:
+                _check(tb.convert(x, to=to), plain(x), label)
+            except Exception as exc:  # a refusal or a mismatch is a finding, not a crash
+                rows.append({"case": "routes_small", "label": label,
+                             "error": f"{type(exc).__name__}: {exc}"[:300]})
+                continue
+            t = time_pair(lambda x=x, to=to: tb.convert(x, to=to), lambda x=x, plain=plain: plain(x),
+                          repeats=11, batch_s=0.005)
+            rows.append(row("routes_small", label, text, t, target=1.5,
+                            route=str(tb.explain(x, to=to))))
+    # dtype= casts and copy=True, one tensor
+    t32 = torch.from_numpy(np.arange(SMALL, dtype=np.float32))
+    g32 = t32.clone().requires_grad_()
+    a32 = np.arange(SMALL, dtype=np.float32)
+    extra = [
+        ("torch f32 -> numpy dtype=float16", lambda: tb.to_numpy(t32, dtype="float16"),
+         "t.detach().cpu().numpy().astype(np.float16)",
+         lambda: t32.detach().cpu().numpy().astype(np.float16)),
+        ("torch requires_grad -> numpy dtype=bfloat16", lambda: tb.to_numpy(g32, dtype="bfloat16"),
+         "t.detach().cpu().numpy().astype(ml_dtypes.bfloat16)",
+         lambda: g32.detach().cpu().numpy().astype(f["ml"].bfloat16)),
+        ("numpy f32 -> torch dtype=bfloat16", lambda: tb.to_torch(a32, dtype="bfloat16"),
+         "torch.from_numpy(a).to(torch.bfloat16)",
+         lambda: torch.from_numpy(a32).to(torch.bfloat16)),
+        ("numpy f32 -> jax dtype=float16", lambda: tb.to_jax(a32, dtype="float16"),
+         "jnp.asarray(a, dtype=jnp.float16)", lambda: jnp.asarray(a32, dtype=jnp.float16)),
+        ("torch f32 -> numpy copy=True", lambda: tb.to_numpy(t32, copy=True),
+         "t.detach().cpu().numpy().copy()", lambda: t32.detach().cpu().numpy().copy()),
+        ("numpy f32 -> torch copy=True", lambda: tb.to_torch(a32, copy=True),
+         "torch.from_numpy(a.copy())", lambda: torch.from_numpy(a32.copy())),
+        ("torch requires_grad -> numpy copy=True", lambda: tb.to_numpy(g32, copy=True),
+         "t.detach().cpu().numpy().copy()", lambda: g32.detach().cpu().numpy().copy()),
+    ]
+    for label, ftb, text, fplain in extra:
+        try:
+            _check(ftb(), fplain(), label)
+        except Exception as exc:
+            rows.append({"case": "routes_small", "label": label,
+                         "error": f"{type(exc).__name__}: {exc}"[:300]})
+            continue
+        rows.append(row("routes_small", label, text, time_pair(ftb, fplain, repeats=11, batch_s=0.005),
+                        target=1.5))
+    return rows
+
+
+def case_routes_tree(args: argparse.Namespace) -> list[dict]:
+    import tensorbridge as tb
+    from run import row, time_pair
+
+    f = _frameworks()
+    np = f["np"]
+    rows = []
+    srcs = sources(16)
+    n = 1000
+
+    def add(label: str, ftb: Callable[[], Any], text: str, fplain: Callable[[], Any]) -> None:
+        try:
+            a, b = ftb(), fplain()
+            assert list(a) == list(b)
+            for k in a:
+                _check(a[k], b[k], f"{label} [{k!r}]")
+        except Exception as exc:
+            rows.append({"case": "routes_tree", "label": label,
+                         "error": f"{type(exc).__name__}: {exc}"[:300]})
+            return
+        rows.append(row("routes_tree", label, text,
+                        time_pair(ftb, fplain, repeats=7, batch_s=0.03, warmup_s=0.05), target=1.5, unit="ms"))
+
+    # to numpy: every kind, copy=None and copy=True
+    for kind in ("torch f32", "torch requires_grad", "torch bf16", "torch transposed",
+                 "tf f32", "tf Variable", "jax f32"):
+        fw, make = srcs[kind]
+        d = {f"layer{i}.weight": make() for i in range(n)}
+        text, plain = plain_call(fw, "numpy", kind)
+        add(f"dict of {n} {kind} -> numpy", lambda d=d: tb.to_numpy(d),
+            f"{{k: {text}}}", lambda d=d, plain=plain: {k: plain(v) for k, v in d.items()})
+        copy_text = {"torch": f"{text}.copy()", "tf": "x.numpy()", "jax": "np.array(j)"}[fw]
+        copy_fn = {"torch": lambda v, plain=plain: plain(v).copy(), "tf": lambda v: v.numpy(),
+                   "jax": lambda v: np.array(v)}[fw]
+        add(f"dict of {n} {kind} -> numpy copy=True", lambda d=d: tb.to_numpy(d, copy=True),
+            f"{{k: {copy_text}}}", lambda d=d, fn=copy_fn: {k: fn(v) for k, v in d.items()})
+    # from numpy to every framework, and between frameworks
+    for kind, tgt in (("numpy f32", "torch"), ("numpy f32", "tf"), ("numpy f32", "jax"),
+                      ("numpy bf16", "torch"), ("torch f32", "jax"), ("tf f32", "torch"),
+                      ("jax f32", "torch"), ("torch requires_grad", "tf")):
+        fw, make = srcs[kind]
+        d = {f"layer{i}.weight": make() for i in range(n)}
+        text, plain = plain_call(fw, tgt, kind)
+        to = _tb_name(tgt)
+        add(f"dict of {n} {kind} -> {tgt}", lambda d=d, to=to: tb.convert(d, to=to),
+            f"{{k: {text}}}", lambda d=d, plain=plain: {k: plain(v) for k, v in d.items()})
+    torch = f["torch"]
+    d = {f"layer{i}.weight": srcs["numpy f32"][1]() for i in range(n)}
+    add(f"dict of {n} numpy f32 -> torch copy=True", lambda: tb.to_torch(d, copy=True),
+        "{k: torch.from_numpy(a.copy())}", lambda: {k: torch.from_numpy(v.copy()) for k, v in d.items()})
+    return rows
+
+
+def case_routes_large(args: argparse.Namespace) -> list[dict]:
+    import tensorbridge as tb
+    from run import row, time_pair
+
+    f = _frameworks()
+    np, torch, tf, jnp = f["np"], f["torch"], f["tf"], f["jnp"]
+    big_n, small_n = 64 * MiB // 4, MiB // 4
+    rows = []
+
+    def pair(label: str, ftb: Callable[[], Any], text: str, fplain: Callable[[], Any],
+             target: float, ttext: str, check: bool = True) -> None:
+        try:
+            if check:
+                _check(ftb(), fplain(), label)
+        except Exception as exc:
+            rows.append({"case": "routes_large", "label": label,
+                         "error": f"{type(exc).__name__}: {exc}"[:300]})
+            return
+        rows.append(row("routes_large", label, text,
+                        time_pair(ftb, fplain, repeats=7, batch_s=0.05, warmup_s=0.2),
+                        target=target, target_text=ttext, unit="ms"))
+
+    def arr(n: int) -> Any:  # 64-byte aligned, as torch/TF/JAX allocate (DLPack imports need it)
+        out = torch.empty(n, dtype=torch.float32).numpy()
+        out[...] = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
+        return out
+
+    def unaligned(n: int) -> Any:
+        buf = torch.empty(n + 1, dtype=torch.float32).numpy()[1:]
+        buf[...] = 1.0
+        return buf
+
+    def ready(y: Any) -> Any:  # JAX dispatches asynchronously: time the finished work
+        return y.block_until_ready() if hasattr(y, "block_until_ready") else y
+
+    # zero-copy routes: 64 MiB against 1 MiB through the same call (O(1): ~1x)
+    zc = [
+        ("torch -> numpy", lambda n: torch.from_numpy(arr(n)), "numpy"),
+        ("torch requires_grad -> numpy", lambda n: torch.from_numpy(arr(n)).requires_grad_(), "numpy"),
+        ("numpy -> torch", arr, "torch"),
+        ("tf -> numpy", lambda n: tf.constant(arr(n)), "numpy"),
+        ("jax -> numpy", lambda n: jnp.asarray(arr(n)), "numpy"),
+        ("torch -> jax", lambda n: torch.from_numpy(arr(n)), "jax"),
+        ("torch -> tf", lambda n: torch.from_numpy(arr(n)), "tensorflow"),
+        ("numpy -> jax", arr, "jax"),
+        ("numpy -> tf", arr, "tensorflow"),
+        ("tf -> jax", lambda n: tf.constant(arr(n)), "jax"),
+    ]
+    for label, make, to in zc:
+        big, small = make(big_n), make(small_n)
+        plan = tb.explain(big, to=to)
+        if plan.copies:
+            rows.append({"case": "routes_large", "label": f"{label} (64 MiB vs 1 MiB)",
+                         "info": True, "note": "copies: " + str(plan)})
+            continue
+        pair(f"{label} 64 MiB (zero-copy)", lambda b=big, to=to: ready(tb.convert(b, to=to)),
+             "same call on 1 MiB", lambda s=small, to=to: ready(tb.convert(s, to=to)),
+             1.5, "~1x (<= 1.5x)", check=False)
+    # copies against the fastest plain copy
+    a = arr(big_n)
+    t = torch.from_numpy(arr(big_n))
+    tt = torch.from_numpy(arr(big_n)).reshape(4096, -1).T
+    x = tf.constant(arr(big_n))
+    j = jnp.asarray(arr(big_n))
+    ro = arr(big_n)
+    ro.flags.writeable = False
+    ua = unaligned(big_n)
+    copies = [
+        ("torch -> numpy copy=True", lambda: tb.to_numpy(t, copy=True),
+         "t.numpy().copy()", lambda: t.numpy().copy()),
+        ("numpy -> torch copy=True", lambda: tb.to_torch(a, copy=True),
+         "torch.from_numpy(a.copy())", lambda: torch.from_numpy(a.copy())),
+        ("torch transposed -> numpy copy=True", lambda: tb.to_numpy(tt, copy=True),
+         "t.numpy().copy()", lambda: tt.numpy().copy()),
+        ("jax -> numpy copy=True", lambda: tb.to_numpy(j, copy=True), "np.array(j)",
+         lambda: np.array(j)),
+        ("tf -> numpy copy=True", lambda: tb.to_numpy(x, copy=True), "x.numpy()", lambda: x.numpy()),
+        ("read-only numpy -> torch", lambda: tb.to_torch(ro), "torch.from_numpy(a.copy())",
+         lambda: torch.from_numpy(ro.copy())),
+        ("numpy reversed -> torch", lambda: tb.to_torch(a[::-1]),
+         "torch.from_numpy(np.ascontiguousarray(a[::-1]))",
+         lambda: torch.from_numpy(np.ascontiguousarray(a[::-1]))),
+        ("jax -> torch", lambda: tb.to_torch(j), "torch.from_numpy(np.array(j))",
+         lambda: torch.from_numpy(np.array(j))),
+        ("numpy -> jax copy=True", lambda: ready(tb.to_jax(a, copy=True)), "jnp.array(a, copy=True)",
+         lambda: ready(jnp.array(a, copy=True))),
+        ("unaligned numpy -> jax", lambda: ready(tb.to_jax(ua)), "jnp.asarray(a)",
+         lambda: ready(jnp.asarray(ua))),
+        ("unaligned numpy -> tf", lambda: tb.to_tf(ua), "tf.convert_to_tensor(a)",
+         lambda: tf.convert_to_tensor(ua)),
+        ("torch -> numpy dtype=float16", lambda: tb.to_numpy(t, dtype="float16"),
+         "t.numpy().astype(np.float16)", lambda: t.numpy().astype(np.float16)),
+    ]
+    for label, ftb, text, fplain in copies:
+        pair(f"{label} 64 MiB", ftb, text, fplain, 1.1, "<= 1.1x")
+    return rows
+
+
+CASES = {
+    "routes_small": case_routes_small,
+    "routes_tree": case_routes_tree,
+    "routes_large": case_routes_large,
+}
