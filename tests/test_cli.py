@@ -754,3 +754,16 @@ def test_inspect_lists_what_an_h5_file_holds_but_does_not_read(tmp_path):
     assert f"skipped: labels: {why}" in proc.stdout
     proc = tb("inspect", "--json", p)
     assert json.loads(proc.stdout)["files"][0]["skipped"] == {"labels": why}
+
+
+def test_inspect_escapes_the_names_and_reasons_of_skipped_entries(tmp_path):
+    import h5py
+
+    p = tmp_path / "esc.h5"
+    with h5py.File(p, "w") as f:
+        f.create_dataset("w", data=np.arange(3.0))
+        f["s\x1b[31m\nfake"] = h5py.SoftLink("/\x1b]0;title\x07")
+    proc = tb("inspect", p)
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b" not in proc.stdout and "\x07" not in proc.stdout
+    assert "skipped: s\\x1b[31m\\nfake: a soft link to '/\\x1b]0;title\\x07'" in proc.stdout

@@ -507,3 +507,33 @@ def test_a_corrupt_fletcher32_chunk_is_an_error(tmp_path):
         f["x"].id.write_direct_chunk((0,), raw[:8] + bytes([raw[8] ^ 1]) + raw[9:])
     with FORMAT.open(str(p)) as r, pytest.raises(FileFormatError, match="Fletcher-32"):
         r.read("x")
+
+
+@pytest.mark.parametrize("index", [
+    np.s_[3], np.s_[-1], np.s_[2:9], np.s_[:, 4], np.s_[1:30:7, ::3], np.s_[5, 2:3],
+    np.s_[..., -2], np.s_[36], np.s_[0:0],
+])
+def test_parts_of_decoded_chunks_match_h5py_and_touch_only_their_chunks(tmp_path, monkeypatch,
+                                                                        index):
+    import tensorbridge.formats.h5 as tbh5
+
+    a = sample("float64", (37, 11), seed=5)
+    p = tmp_path / "p.h5"
+    with h5py.File(p, "w") as f:
+        f.create_dataset("x", data=a, chunks=(8, 4), compression="gzip", shuffle=True)
+    decoded = []
+    real = tbh5._Chunks._decode
+    monkeypatch.setattr(tbh5._Chunks, "_decode",
+                        lambda self, *args: decoded.append(1) or real(self, *args))
+    mask = np.zeros(a.shape, bool)
+    mask[index] = True
+    rows, cols = np.nonzero(mask)
+    box_chunks = 0 if not rows.size else (
+        (rows.max() // 8 - rows.min() // 8 + 1) * (cols.max() // 4 - cols.min() // 4 + 1))
+    with FORMAT.open(str(p)) as r:
+        assert same(np.asarray(r.array("x")[index]), a[index])
+        assert len(decoded) == box_chunks  # the chunks of the bounding box, no others
+        if isinstance(index, int):
+            decoded.clear()
+            assert same(r.read_slice("x", index), a[index])
+            assert len(decoded) == 3  # one row of chunks

@@ -363,13 +363,19 @@ class _Chunks:
                 f"{self.chunk_bytes}. Fix: the file is corrupt; copy or download it again.", path)
         return data
 
-    def read(self, dsid: Any, out: np.ndarray, name: str, path: str) -> None:
-        stored: list = []
+    def read(self, dsid: Any, out: np.ndarray, name: str, path: str,
+             lo: tuple[int, ...] | None = None) -> None:
+        """Fill ``out`` with the box of the dataset that starts at ``lo`` (default: the
+        origin) and has ``out``'s shape, decoding only the chunks it touches."""
+        lo = lo if lo is not None else (0,) * out.ndim
+        hi = tuple(a + n for a, n in zip(lo, out.shape, strict=True))
+        stored: list[tuple[tuple[int, ...], int]] = []
         dsid.chunk_iter(lambda info: stored.append((info.chunk_offset, info.size)))
-        shape = out.shape
         for offset, size in stored:
-            if any(o >= s for o, s in zip(offset, shape, strict=True)):
-                continue  # a chunk left beyond the extent by a shrink
+            box = [(max(o, a), min(o + c, b))
+                   for o, c, a, b in zip(offset, self.chunk, lo, hi, strict=True)]
+            if any(a >= b for a, b in box):
+                continue  # outside the box (or left beyond the extent by a shrink)
             if size > 2 * self.chunk_bytes + 4096:
                 raise UnsafeContentError(
                     f"a chunk of dataset {name!r} stores {size} bytes for {self.chunk_bytes} "
@@ -378,8 +384,9 @@ class _Chunks:
             mask, raw = dsid.read_direct_chunk(offset)
             data = self._decode(raw, mask, name, path)
             block = np.frombuffer(data, self.dtype).reshape(self.chunk)
-            region = tuple(slice(o, min(o + c, s)) for o, c, s in zip(offset, self.chunk, shape, strict=True))
-            out[region] = block[tuple(slice(0, r.stop - r.start) for r in region)]
+            into = tuple(slice(a - l0, b - l0) for (a, b), l0 in zip(box, lo, strict=True))
+            part = tuple(slice(a - o, b - o) for (a, b), o in zip(box, offset, strict=True))
+            out[into] = block[part]
         if out.dtype == np.bool_ and out.size and out.view(np.uint8).max() > 1:
             raise FileFormatError(f"bool dataset {name!r} holds bytes other than 0 and 1. "
                                   "Fix: the file is corrupt; re-create it.", path)
@@ -681,9 +688,15 @@ class H5Reader(Reader):
         """``tensor[index]`` (an int or a step-1 first-axis slice): only those rows are read."""
         info, dsid, native, plan = self._dataset_id(name)
         start, stop, single = first_axis_rows(info, index, self.path)
-        if plan is not None:  # decode the whole tensor under the bound, then keep the rows
-            rows = self.read(name)[start:stop]
-            return rows.reshape(info.shape[1:]).copy() if single else rows.copy()
+        if plan is not None:  # only the chunks holding those rows, each under the bound
+            out = np.empty((stop - start, *info.shape[1:]), dtype=native)
+            if out.size:
+                with _h5_errors(self.path, f"reading dataset {name!r}"):
+                    plan.read(dsid, out, name, self.path, (start,) + (0,) * (out.ndim - 1))
+                self._check_size()
+            if info.dtype in _RAW_BITS:
+                out = out.view(lookup(info.dtype).numpy)
+            return out.reshape(info.shape[1:]) if single else out
         out = np.empty((stop - start, *info.shape[1:]), dtype=native)
         if out.size:
             with _h5_errors(self.path, f"reading dataset {name!r}"):
@@ -694,14 +707,23 @@ class H5Reader(Reader):
         return out.reshape(info.shape[1:]) if single else out
 
     def read_index(self, name: str, key: tuple) -> np.ndarray:
-        """``tensor[key]`` (a normalized basic index): h5py reads only the chunks it touches
-        (datasets whose chunks are decoded here are decoded whole, under the bound)."""
+        """``tensor[key]`` (a normalized basic index): only the chunks it touches are read
+        (by h5py, or decoded here, each under the bound, for deflate/shuffle/fletcher32)."""
         info, dsid, native, plan = self._dataset_id(name)
         shape = tuple(len(range(k.start, k.stop, k.step)) for k in key if isinstance(k, slice))
         if 0 in shape or 0 in info.shape:
             out = np.empty(shape, dtype=native)
-        elif plan is not None:
-            return np.ascontiguousarray(self.read(name)[key])
+        elif plan is not None:  # decode the chunks of the key's bounding box, then index it
+            lo = tuple(k if isinstance(k, int) else k.start for k in key)
+            hi = tuple(k + 1 if isinstance(k, int) else k.start + (len(range(k.start, k.stop,
+                       k.step)) - 1) * k.step + 1 for k in key)
+            box = np.empty(tuple(b - a for a, b in zip(lo, hi, strict=True)), dtype=native)
+            with _h5_errors(self.path, f"reading dataset {name!r}"):
+                plan.read(dsid, box, name, self.path, lo)
+            self._check_size()
+            inner = tuple(k - a if isinstance(k, int) else slice(0, None, k.step)
+                          for k, a in zip(key, lo, strict=True))
+            out = np.ascontiguousarray(box[inner])
         else:
             with _h5_errors(self.path, f"reading dataset {name!r}"):
                 out = np.asarray(self._h5py.Dataset(dsid)[key])
