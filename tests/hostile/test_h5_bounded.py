@@ -210,3 +210,28 @@ def test_fuzzed_link_and_chunk_geometry(tmp_path, shape, chunk, written, gzip, h
         grid = int(np.prod([-(-s // c) for s, c in zip(shape, chunk, strict=True)]))
         assert fully or (written == "part" and grid == 1), r.skipped
         assert len(r.skipped) == hard + soft + group_alias
+
+
+def corrupt_big_heap(path) -> None:
+    """A collection over 4096 bytes whose endless free-space object lies past the first 4096:
+    libhdf5 reads those 4096 first, then the rest from where it stopped."""
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=np.arange(10, dtype=np.float32))
+        f.attrs["note"] = "x" * 10_000
+    data = bytearray(path.read_bytes())
+    heap = data.find(b"GCOL")
+    assert int.from_bytes(data[heap + 8:heap + 16], "little") > 8192
+    data[heap + 24:heap + 32] = (5000).to_bytes(8, "little")  # object 1 now ends at 5032
+    data[heap + 5032:heap + 5048] = bytes(16)  # where a free-space object of size 0 begins
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_heap_past_its_first_4096_bytes_is_refused_too(tmp_path):
+    p = tmp_path / "bighang.h5"
+    corrupt_big_heap(p)
+    plain = run_bounded("import h5py\nRESULT = str(h5py.File(ARGS[0], 'r').attrs['note'])[:9]",
+                        [str(p)], timeout=3)
+    assert plain.outcome == "timeout", plain
+    r = run_bounded(LOAD, [str(p)], timeout=30, mem_limit=2 << 30)
+    assert r.outcome == "refused" and "free space) but size 0" in r.detail, r
+    assert r.wall < 10

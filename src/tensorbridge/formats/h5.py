@@ -153,6 +153,12 @@ class _HeapGuard:
         elif view[:4] == _HEAP_MAGIC:
             problem = heap_problem(bytes(view[:min(want, self._size - at)]), self._length,
                                    self._size - at)
+            size = int.from_bytes(view[8:8 + self._length], "little") if want >= 16 else 0
+            if problem is None and size > want:
+                # libhdf5 read the first 4096 bytes and will read the rest on its own, never
+                # starting at the magic again: check the whole collection now
+                problem = heap_problem(os.pread(self._fd, size, at), self._length,
+                                       self._size - at)
         view.release()
         if problem is not None:
             del buf  # never keep libhdf5's buffer alive in a traceback
@@ -177,8 +183,8 @@ def heap_problem(block: bytes, length_size: int, room: int) -> str | None:
     The layout (HDF5 spec, "Global Heap"): ``GCOL``, version 1, 3 reserved bytes, the
     collection size; then objects of ``index (2) refs (2) reserved (4) size (L)`` and
     their data padded to 8 bytes; index 0 is the free space, whose size includes its
-    header. A block shorter than the collection is libhdf5's first, speculative read:
-    only the header is checked, the whole collection comes in the next read.
+    header. A block shorter than the collection declares is only checked up to its header
+    (the caller then reads and checks the whole collection).
 
     >>> heap_problem(b"GCOL\\x01\\0\\0\\0" + (32).to_bytes(8, "little") + bytes(16), 8, 32)
     'its object at offset 16 has index 0 (free space) but size 0, which never ends'
@@ -193,7 +199,7 @@ def heap_problem(block: bytes, length_size: int, room: int) -> str | None:
     if size < head or size > room:
         return f"it declares {size} bytes, but {room} bytes are left in the file"
     if size > len(block):
-        return None  # the speculative first read: libhdf5 reads the whole collection next
+        return None  # a first, speculative read: the caller checks the whole collection
     p = head
     while p < size:
         if p + obj_head > size:
