@@ -235,3 +235,38 @@ def test_a_corrupt_heap_past_its_first_4096_bytes_is_refused_too(tmp_path):
     r = run_bounded(LOAD, [str(p)], timeout=30, mem_limit=2 << 30)
     assert r.outcome == "refused" and "free space) but size 0" in r.detail, r
     assert r.wall < 10
+
+
+@pytest.fixture(scope="module")
+def heap_file(tmp_path_factory) -> tuple[bytes, int]:
+    p = tmp_path_factory.mktemp("heap") / "h.h5"
+    with h5py.File(p, "w") as f:
+        f.create_dataset("x", data=np.arange(10, dtype=np.float32))
+        f.attrs["a"] = "hello world"
+        f.attrs["b"] = "y" * 300
+        f.attrs["c"] = "z" * 5000  # the collection is over 4096 bytes
+    data = p.read_bytes()
+    return data, data.find(b"GCOL")
+
+
+# in process: a hang would stop the whole run (pytest-timeout's thread method), not pass
+@pytest.mark.timeout(300, method="thread")
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.integers(0, 9000), st.sampled_from([0, 255, 1, 8, 16])),
+                      min_size=1, max_size=3))
+def test_fuzzed_global_heaps_never_hang(tmp_path, heap_file, edits):
+    import tensorbridge.formats.h5 as tbh5
+    from tensorbridge.errors import TensorBridgeError
+
+    data, heap = heap_file
+    d = bytearray(data)
+    for offset, value in edits:
+        d[min(heap + offset, len(d) - 1)] = value
+    p = tmp_path / "fz.h5"
+    p.write_bytes(bytes(d))
+    try:
+        with tbh5.FORMAT.open(str(p)) as r:
+            for k in r.keys():
+                r.read(k)
+    except TensorBridgeError:
+        pass
