@@ -158,6 +158,10 @@ Otherwise an element matches when |a-b| <= atol + rtol*|b| (NaN equals NaN).
 Tensors whose dtype changed are compared by value in float64 (complex128), and
 count as different unless --ignore-dtype is given and their values match.
 
+--json is strict JSON: an infinite difference is null, with "nonfinite":
+{"max_abs_diff": "inf"} beside it. Names from the files are printed escaped
+(\\x1b, \\u202e, ...); --json has them exactly.
+
 exit status: 0 same, 1 different, 2 trouble (missing or unreadable file)."""))
     p.add_argument("a", metavar="A")
     p.add_argument("b", metavar="B")
