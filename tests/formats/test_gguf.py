@@ -335,7 +335,7 @@ def test_convert_to_q8_0_and_to_other_formats(tmp_path):
     assert _bits(ref["w"].data) == _bits(gguf.quants.quantize(x, Q.Q8_0))
     assert ref["b"].tensor_type == Q.F32
     model = _model(tmp_path)
-    for suffix in (".safetensors", ".npz", ".h5", ".pt"):
+    for suffix in (".safetensors", ".npz", ".h5", ".pt", ".zarr"):
         out = tmp_path / ("out" + suffix)
         convert_file(str(model), str(out))
         back = tbf.load(out)
