@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from ..console import echo, human_bytes, progress
-from ..dtypes import canonical_name, is_floating, lookup, numpy_dtype
+from ..dtypes import DTYPES, canonical_name, is_floating, lookup, numpy_dtype
 from ..errors import ConversionError, FileFormatError, message
 from ..formats import Format, Reader, TensorInfo, format_for_path, get_format
 from ..formats.base import RawSpan
@@ -448,6 +448,11 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
     out_format = destination_format(dst, dst_format, max_shard_size)
     # --dtype q8_0 (and the others the format lists) quantises instead of casting
     quant = dtype if dtype and dtype.lower() in out_format.quantizations else None
+    if dtype and not quant and out_format.quantizations and dtype not in DTYPES:
+        raise ConversionError(message(
+            f"--dtype {dtype} for {dst!r}", "it is neither a dtype nor a quantisation "
+            f".{out_format.name} files can be written in here",
+            f"use a float dtype, or one of {', '.join(out_format.quantizations)}"))
     cast = None if quant else _cast_target(dtype)
     options: dict[str, Any] = {}
     if max_shard_size is not None:
@@ -479,7 +484,7 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
                 "check the patterns with `tensorbridge inspect --filter GLOB`"))
         total = sum(i.nbytes for i in planned)
         casts = sum(1 for i, p in zip((i for i in infos if i.name in kept), planned, strict=True)
-                    if i.dtype != p.dtype)
+                    if i.dtype != p.dtype or (quant and p is not i))  # quantised too
         by_name = {i.name: i for i in planned}
         digests: dict[str, bytes] = {}
         spans: dict[str, RawSpan] = {}
