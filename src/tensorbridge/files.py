@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 from typing import Any
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -38,6 +38,7 @@ from .convert import convert
 from .errors import CheckpointChangedError, ConversionError, TensorBridgeError, message
 from .formats import Reader, TensorInfo, format_for_path
 from .formats.base import Format, check_metadata
+from .formats.mapping import FileMaps, should_map
 from .formats.names import check_unique
 from .frameworks import backend_of, describe, get_backend
 from .frameworks.numpy import refuse_masked
@@ -45,7 +46,7 @@ from .tree import format_path, tree_leaves_with_path
 
 __all__ = [
     "save", "load", "open", "iter_tensors", "flatten_names", "unflatten_names",
-    "tensor_info", "to_host", "check_metadata", "write_options",
+    "tensor_info", "to_host", "check_metadata", "write_options", "file_path", "open_reader",
 ]
 
 #: The name a single bare tensor gets (and the name of a .npy file's tensor).
@@ -221,10 +222,11 @@ def open(path: str | os.PathLike[str], /, *, format: str | None = None,  # noqa:
     (['w'], (2, 3))
     """
     path = file_path(path)
-    return _open(format_for_path(path, format), path, variant)
+    return open_reader(format_for_path(path, format), path, variant)
 
 
-def _open(fmt: Format, path: str, variant: str | None) -> Reader:
+def open_reader(fmt: Format, path: str, variant: str | None) -> Reader:
+    """``fmt.open(path)``, with ``variant`` for a sharded checkpoint (refused for others)."""
     if variant is None:
         return fmt.open(path)
     if fmt.name != "sharded":
@@ -277,21 +279,24 @@ def _check_names(names: Iterable[str]) -> list[str]:
 
 
 def iter_tensors(reader: Reader, names: Iterable[str] | None = None,
+                 read: Callable[[Reader, str], np.ndarray] | None = None,
                  ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(name, array)`` one tensor at a time, in file order or ``names`` order.
 
     Every name is checked against the file before the first tensor is read.
+    ``read(reader, name)`` replaces ``reader.read(name)`` (``load`` maps with it).
     """
     keys = reader.keys() if names is None else _check_names(names)
     for name in keys:
         reader.info(name)
     for name in keys:
-        yield name, reader.read(name)
+        yield name, (reader.read(name) if read is None else read(reader, name))
 
 
 def load(path: str | os.PathLike[str], /, *, to: str = "numpy", nested: bool = False,
          format: str | None = None, device: str | None = None,
-         names: Iterable[str] | None = None, variant: str | None = None) -> Any:
+         names: Iterable[str] | None = None, variant: str | None = None,
+         mmap: bool | None = None) -> Any:
     """Load a tensor file as a flat ``{name: tensor}`` dict (a ``.npy`` file: the array).
 
     ``to`` picks the framework (``"numpy"``, ``"torch"``, ``"jax"``, ...),
@@ -299,6 +304,15 @@ def load(path: str | os.PathLike[str], /, *, to: str = "numpy", nested: bool = F
     loads only those tensors. ``nested=True`` rebuilds the tree from dotted
     names, with lists where the keys are ``0..n-1``. ``variant`` picks a
     Hugging Face variant in a checkpoint directory (see :func:`open`).
+
+    ``mmap=True`` maps the file's bytes instead of copying them (safetensors,
+    sharded checkpoints, stored ``.pt`` records, ``.npy``): a load then costs
+    what the headers cost. The arrays are writable copy-on-write; a file
+    replaced afterwards leaves them unchanged, but a file rewritten in place
+    shows through, and a truncated one kills the process (SIGBUS) when a lost
+    page is touched. ``mmap=False`` copies (the arrays never change);
+    ``mmap=None``, the default, maps only files on a read-only file system and
+    copies the rest. See :mod:`tensorbridge.formats.mapping`.
 
     A sharded checkpoint that another process re-saves while it is being
     loaded is read again (up to three times): the result is one version, or
@@ -321,12 +335,18 @@ def load(path: str | os.PathLike[str], /, *, to: str = "numpy", nested: bool = F
     def out(arr: np.ndarray) -> Any:
         return arr if plain else convert(arr, to=to, device=device)
 
+    maps = FileMaps() if should_map(path, mmap) else None
+
+    def read(reader: Reader, name: str) -> np.ndarray:
+        arr = None if maps is None else maps.array(reader, name)
+        return reader.read(name) if arr is None else arr
+
     for attempt in range(3):
         try:
-            with _open(fmt, path, variant) as reader:
+            with open_reader(fmt, path, variant) as reader:
                 if fmt.name == "npy" and names is None:
-                    return out(reader.read(reader.keys()[0]))
-                flat = {name: out(arr) for name, arr in iter_tensors(reader, names)}
+                    return out(read(reader, reader.keys()[0]))
+                flat = {name: out(arr) for name, arr in iter_tensors(reader, names, read)}
             break
         except CheckpointChangedError:
             if attempt == 2:

@@ -654,3 +654,28 @@ def test_many_names_resolve_each_shard_once(tmp_path, monkeypatch):
     with FORMAT.open(str(d)) as r:
         assert len(r.keys()) == 301
     assert len(calls) <= 6  # the directory, the index, two shards (not one per name)
+
+
+def test_cli_reads_variants_and_says_what_it_chose(tmp_path, capsys):
+    from tensorbridge import cli
+
+    d = hf_checkpoint(tmp_path / "m", {"model-00001-of-00001.safetensors": {"w": torch.zeros(2)}})
+    hf_checkpoint(d, {"model.fp16-00001-of-00001.safetensors": {"h": torch.ones(2).half()}},
+                  index_name="model.safetensors.index.fp16.json")
+    bin_checkpoint(d, {"pytorch_model-00001-of-00001.bin": {"w": torch.zeros(2)}})
+    assert cli.main(["inspect", "--json", "--variant", "fp16", str(d)]) == 0
+    out = capsys.readouterr()
+    assert [t["name"] for t in json.loads(out.out)["files"][0]["tensors"]] == ["h"]
+    assert cli.main(["inspect", "--json", str(d)]) == 0
+    out = capsys.readouterr()
+    assert [t["name"] for t in json.loads(out.out)["files"][0]["tensors"]] == ["w"]
+    assert "note:" in out.err and "prefers safetensors" in out.err
+    dst = tmp_path / "h.safetensors"
+    assert cli.main(["convert", "-q", "--variant", "fp16", str(d), str(dst)]) == 0
+    assert list(tb_load(dst)) == ["h"]
+
+
+def tb_load(path):
+    import tensorbridge as tb
+
+    return tb.load(path)

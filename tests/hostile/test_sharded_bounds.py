@@ -238,14 +238,14 @@ def test_close_during_reads_never_reads_another_file(tmp_path):
         r = ST.open(str(p))
         results = []
 
-        def reader() -> None:
+        def reader(r=r, results=results) -> None:
             for _ in range(20):
                 try:
                     results.append(int(r.read("a")[-1]))
                 except FileFormatError as exc:
                     assert "closed" in str(exc)
                     return
-                except BaseException as exc:  # pragma: no cover - reported below
+                except BaseException as exc:  # noqa: BLE001 - reported below
                     errors.append(exc)
                     return
 

@@ -21,11 +21,11 @@ WRITER = textwrap.dedent("""
     d, first, step, until = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
     v = first
     while time.time() < until:
-        tree = {f"t{i}": np.full(64, v, np.int64) for i in range(%d)}
-        tree["s"] = np.full((v %% 3 + 1, 8), v, np.int64)
+        tree = {f"t{i}": np.full(64, v, np.int64) for i in range(TENSORS)}
+        tree["s"] = np.full((v % 3 + 1, 8), v, np.int64)
         tb.save(tree, d + "/", max_shard_size=1100)
         v += step
-""" % TENSORS)
+""").replace("TENSORS", str(TENSORS))
 
 
 def versions(tree: dict) -> set[int]:
@@ -52,9 +52,9 @@ def test_reads_during_concurrent_sharded_saves_never_mix_versions(tmp_path):
                 loads += 1
             try:  # a lazy reader: opened now, read after the next saves
                 with tb.open(d) as r:
-                    said = {k: r.info(k).shape for k in r.keys()}
+                    said = {k: r.info(k).shape for k in r}
                     time.sleep(0.02)
-                    got = {k: r.read(k) for k in r.keys()}
+                    got = {k: r.read(k) for k in r}
             except CheckpointChangedError:
                 lazy_changed += 1
             else:
@@ -68,7 +68,7 @@ def test_reads_during_concurrent_sharded_saves_never_mix_versions(tmp_path):
     assert loads > 0 and lazy_ok + lazy_changed > 0, (loads, changed, lazy_ok, lazy_changed)
     final = tb.load(d)
     assert len(versions(final)) == 1
-    assert sorted(os.listdir(d))[-1] == "model.safetensors.index.json"
+    assert max(os.listdir(d)) == "model.safetensors.index.json"
 
 
 def test_lazy_reader_refuses_a_shard_of_a_later_save(tmp_path):

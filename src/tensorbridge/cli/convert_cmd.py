@@ -435,7 +435,8 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
                  include: list[str] | None = None, exclude: list[str] | None = None,
                  max_shard_size: Any = None, check: bool = True,
                  quiet: bool = True, workers: int = 1,
-                 scheduler: str | None = None) -> dict[str, Any]:
+                 scheduler: str | None = None,
+                 src_variant: str | None = None) -> dict[str, Any]:
     """Convert ``src`` to ``dst``; returns the summary ``convert --json`` prints.
 
     ``workers > 1`` reads and casts tensors in that many worker processes, and
@@ -468,7 +469,7 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
     # it and replaces it atomically at the end, while SRC's reader keeps the old file open.
     # Its bytes are then checked by CRC-32, not against SRC's byte ranges (gone by then).
     in_place = os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst)
-    reader, in_format = open_file(src, src_format, flag="--src-format")
+    reader, in_format = open_file(src, src_format, src_variant, flag="--src-format")
     with reader:
         written = dst
         if out_format.name == "sharded":  # verify the index written, not the directory
@@ -593,7 +594,7 @@ def run(args: argparse.Namespace) -> int:
         args.src, args.dst, src_format=args.src_format, dst_format=args.format,
         dtype=args.dtype, include=args.include, exclude=args.exclude,
         max_shard_size=args.max_shard_size, check=args.verify, quiet=args.quiet,
-        workers=args.workers, scheduler=args.scheduler)
+        workers=args.workers, scheduler=args.scheduler, src_variant=args.variant)
     if args.json:
         emit_json(summary)
     elif not args.quiet:

@@ -85,7 +85,7 @@ def _max_depth(brackets: bytes) -> int:
     return deepest
 
 
-def _check_budget(raw: bytes, path: str, what: str) -> None:
+def _check_budget(raw: bytes | bytearray, path: str, what: str) -> None:
     """Refuse ``raw`` over the budget. The first pass counts brackets inside strings too
     (an upper bound, one C pass); only if that is over does the exact pass, which first
     removes the strings, decide."""
@@ -139,18 +139,17 @@ def _unique(path: str, what: str) -> Callable[[list[tuple[str, Any]]], dict]:
     return hook
 
 
-def loads(raw: bytes, path: str, what: str, text: str | None = None) -> Any:
-    """Parse the UTF-8 JSON ``raw`` (from ``path``; ``what`` names it in messages) within
-    the budget above; refuse duplicate keys and NaN/Infinity. ``text``: ``raw`` already
-    decoded, if the caller did."""
-    if text is None:
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise FileFormatError(
-                f"{what} is not valid UTF-8 ({exc.reason} at byte {exc.start}). Fix: this is "
-                "not a valid file, or it is corrupt.", path) from exc
+def loads(raw: bytes | bytearray, path: str, what: str, *, offset: int = 0) -> Any:
+    """Parse the UTF-8 JSON ``raw`` (from ``path``, where it starts at byte ``offset``;
+    ``what`` names it in messages) within the budget above; refuse duplicate keys and
+    NaN/Infinity. The budget is checked before the text is decoded or parsed."""
     _check_budget(raw, path, what)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FileFormatError(
+            f"{what} is not valid UTF-8 ({exc.reason} at byte {offset + exc.start}). Fix: "
+            "this is not a valid file, or it is corrupt.", path) from exc
     try:
         return json.loads(text, object_pairs_hook=_unique(path, what),
                           parse_constant=_refuse_constant(path, what))

@@ -53,7 +53,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ..dtypes import DTYPES, canonical_name, lookup
-from ..errors import ConversionError, FileFormatError, TensorBridgeError, UnsafeContentError
+from ..errors import ConversionError, FileFormatError, UnsafeContentError
 from .atomic import atomic_write
 from .base import Format, RawSpan, Reader, TensorInfo, check_metadata, first_axis_rows
 from . import safejson
@@ -473,14 +473,9 @@ def _check_tiling(spans: list[tuple[int, int, str]], data_len: int, path: str) -
             f"{data_len} (it is truncated). Fix: download or copy the file again.", path)
 
 
-def _parse_header(raw: bytes, data_len: int, path: str) -> tuple[dict[str, str], list[tuple[TensorInfo, int]]]:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise FileFormatError(
-            f"the header is not valid UTF-8 ({exc.reason} at byte {8 + exc.start}). Fix: this "
-            "is not a safetensors file, or it is corrupt.", path) from exc
-    header = safejson.loads(raw, path, "the header", text)
+def _parse_header(raw: bytes | bytearray, data_len: int, path: str,
+                  ) -> tuple[dict[str, str], list[tuple[TensorInfo, int]]]:
+    header = safejson.loads(raw, path, "the header", offset=8)
     if not isinstance(header, dict):
         raise FileFormatError(
             f"the header is a JSON {type(header).__name__}, not an object. Fix: this is not a "
@@ -544,7 +539,8 @@ class SafetensorsReader(Reader):
                     path)
             raw = bytearray(n)
             read_exact_into(fd, memoryview(raw), 8, path)
-            self.metadata, entries = _parse_header(bytes(raw), size - 8 - n, path)
+            self.metadata, entries = _parse_header(raw, size - 8 - n, path)
+            del raw
         except BaseException:
             os.close(fd)
             raise

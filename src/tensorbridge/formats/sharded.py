@@ -194,7 +194,7 @@ def _load_json(path: str) -> tuple[Any, tuple[int, ...]]:
         stamp = _stamp(os.fstat(fd))
     finally:
         os.close(fd)
-    return safejson.loads(bytes(raw), path, "the index"), stamp
+    return safejson.loads(raw, path, "the index"), stamp
 
 
 def _stamp(st: os.stat_result) -> tuple[int, ...]:
