@@ -679,3 +679,18 @@ def tb_load(path):
     import tensorbridge as tb
 
     return tb.load(path)
+
+
+def test_generation_is_deterministic_and_differs_from_the_save_it_replaces(tmp_path):
+    arrays = make_arrays()
+    for d in ("a", "b"):
+        write(tmp_path / d, arrays, max_shard_size=700)
+    assert snapshot(tmp_path / "a") == snapshot(tmp_path / "b")  # byte-identical saves
+    index = tmp_path / "a" / "model.safetensors.index.json"
+    first = json.loads(index.read_text())[GENERATION_KEY]
+    write(tmp_path / "a", arrays, max_shard_size=700)  # the same tree again
+    second = json.loads(index.read_text())[GENERATION_KEY]
+    assert second != first
+    with FORMAT.open(str(tmp_path / "a")) as r:
+        for name in r.keys():
+            assert same(r.read(name), arrays[name])

@@ -32,7 +32,7 @@ in ``reader.metadata``, except ``total_size``, the index's own bookkeeping, whic
 
 One version at a time: the identity of each shard (device, inode, size, modification and
 change times) is recorded when the checkpoint is opened and checked whenever a shard is
-opened again; tensorbridge's saves also write a random generation into the index
+opened again; tensorbridge's saves also write a generation into the index
 (``tensorbridge_generation``) and into every shard's metadata, and the reader checks that
 they agree. A reader that meets a shard of another save raises
 :class:`~tensorbridge.errors.CheckpointChangedError` (``load`` retries up to three times)
@@ -68,6 +68,7 @@ lands removes the new shards: the old checkpoint stays byte-identical.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -675,9 +676,25 @@ def _remove_old_shards(directory: str, prefix: str, keep: set[str]) -> None:
                 os.unlink(os.path.join(directory, name))
 
 
-def new_generation() -> str:
-    """A fresh save's generation: 16 random hex digits."""
-    return secrets.token_hex(8)
+def new_generation(previous: str | None, infos: Sequence[TensorInfo], prefix: str) -> str:
+    """A save's generation: 16 hex digits of a hash of the previous save's generation (the
+    index being replaced) and of what is written. Every save into a directory differs from
+    the one it replaces, and the same tree saved into a fresh directory gives the same
+    bytes every time (a parallel convert is byte-identical to one process)."""
+    digest = hashlib.sha256(json.dumps(
+        [previous or "", prefix, [[i.name, i.dtype, list(i.shape)] for i in infos]],
+        ensure_ascii=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def _previous_generation(index_path: str) -> str | None:
+    """The generation of the index about to be replaced (``None`` when there is none)."""
+    try:
+        index, _ = _load_json(index_path)
+    except (FileFormatError, OSError):
+        return None
+    value = index.get(GENERATION_KEY) if isinstance(index, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def _refuse_file_named_directory(directory: str) -> None:
@@ -764,7 +781,7 @@ class ShardedFormat(Format):
         # shards half-way (its old index is read and its old shards removed under the lock).
         with atomic.lock_directory(directory):
             atomic.remove_stale_in(directory)  # leftovers of killed writers only (unlocked)
-            generation = new_generation()
+            generation = new_generation(_previous_generation(index_path), infos, prefix)
             names = _shard_names(prefix, len(groups))
             # Never overwrite a file the current index may reference: if any standard name
             # is taken, every new shard gets a fresh, unique name.
