@@ -32,7 +32,8 @@ from __future__ import annotations
 import json
 import re
 import reprlib
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
@@ -70,7 +71,7 @@ def short(value: object, limit: int = 120) -> str:
     return text if len(text) <= 2 * limit else text[:2 * limit] + "..."
 
 
-def _max_depth(brackets: bytes) -> int:
+def _max_depth(brackets: bytes | bytearray) -> int:
     """The deepest nesting of a string holding only ``[]{}`` (NumPy, in chunks)."""
     depth = 0
     deepest = 0
@@ -109,7 +110,7 @@ def _check_budget(raw: bytes | bytearray, path: str, what: str) -> None:
                 "needs 3). Fix: this is not a valid file, or it is corrupt or hostile.", path)
 
 
-def _within_budget(brackets: bytes, size: int) -> bool:
+def _within_budget(brackets: bytes | bytearray, size: int) -> bool:
     containers = brackets.count(b"[") + brackets.count(b"{")
     return containers <= size // BYTES_PER_CONTAINER + 8 and (
         not brackets or _max_depth(brackets) <= MAX_DEPTH)
