@@ -198,7 +198,7 @@ def save(tree: Any, path: str | os.PathLike[str], /, *, format: str | None = Non
         names.append(name)
         infos.append(info)
         leaves[name] = leaf
-    check_unique(names, path)
+    check_unique(names, path, writing=True)
 
     def fetch(name: str) -> np.ndarray:
         return to_host(leaves[name])

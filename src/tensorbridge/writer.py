@@ -114,7 +114,7 @@ class Writer:
                 f"a batch with names {sorted(tensors)!r}",
                 f"the first batch had {sorted(self._order)!r}; every batch must have the same "
                 "names", "append the same set of tensors each time"))
-        check_unique(list(tensors), self.path)
+        check_unique(list(tensors), self.path, writing=True)
         checked = []
         for name, value in tensors.items():
             info, leaf = tensor_info(name, value, (name,))

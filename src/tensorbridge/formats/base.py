@@ -222,7 +222,7 @@ class Format:
         meta = check_metadata(metadata, path)
         for info in infos:
             self.check_info(info, path)
-        check_unique([i.name for i in infos], path)
+        check_unique([i.name for i in infos], path, writing=True)
         return meta
 
     def write(

@@ -1,8 +1,8 @@
 """Tensor-name rules shared by every format, on read and on write.
 
 A name is refused when it is empty, contains NUL, is an absolute path, has a
-``..`` component, holds a lone surrogate (it cannot be written as UTF-8), or
-repeats. Such names let a file overwrite another entry, escape a directory when
+``..`` component, or repeats; on write, also when it holds a lone surrogate (it
+cannot be written as UTF-8). Such names let a file overwrite another entry, escape a directory when
 extracted, confuse tools that split on ``/``, or fail half-way through a write.
 """
 
@@ -30,8 +30,12 @@ def text_is_utf8(text: str) -> bool:
     return True
 
 
-def check_name(name: object, file: object = "") -> None:
-    """Raise :class:`UnsafeContentError` unless ``name`` is a safe tensor name."""
+def check_name(name: object, file: object = "", *, writing: bool = False) -> None:
+    """Raise :class:`UnsafeContentError` unless ``name`` is a safe tensor name.
+
+    ``writing``: also refuse a lone surrogate. A file may hold one (a JSON ``\\ud800``
+    escape) and it is read, so that ``inspect`` can show it (escaped); no file can be
+    written with it, as UTF-8 cannot encode it."""
     if not isinstance(name, str):
         raise UnsafeContentError(
             f"tensor name {short(name)} is a {type(name).__name__}, not a string. "
@@ -45,7 +49,7 @@ def check_name(name: object, file: object = "") -> None:
         why = "it is an absolute path"
     elif ".." in name.replace("\\", "/").split("/"):
         why = "it has a '..' path component"
-    elif not text_is_utf8(name):
+    elif writing and not text_is_utf8(name):
         why = "it is not valid Unicode (it holds a lone surrogate), so it cannot be written as UTF-8"
     if why:
         raise UnsafeContentError(
@@ -54,11 +58,11 @@ def check_name(name: object, file: object = "") -> None:
             "without NUL or '..'.", file)
 
 
-def check_unique(names: Iterable[str], file: object = "") -> None:
-    """Check every name, and that none repeats."""
+def check_unique(names: Iterable[str], file: object = "", *, writing: bool = False) -> None:
+    """Check every name (see :func:`check_name`), and that none repeats."""
     seen: set[str] = set()
     for name in names:
-        check_name(name, file)
+        check_name(name, file, writing=writing)
         if name in seen:
             raise UnsafeContentError(
                 f"tensor name {short(name)} appears more than once; a reader would silently "

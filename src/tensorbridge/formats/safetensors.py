@@ -57,7 +57,7 @@ from ..errors import ConversionError, FileFormatError, UnsafeContentError
 from .atomic import atomic_write
 from .base import Format, RawSpan, Reader, TensorInfo, check_metadata, first_axis_rows
 from . import safejson
-from .names import check_unique, text_is_utf8
+from .names import check_unique
 from .safejson import short
 
 __all__ = [
@@ -371,7 +371,7 @@ def _safetensors_code(info: TensorInfo, file: object) -> str:
 def build_header(infos: Sequence[TensorInfo], metadata: Mapping[str, str] | None,
                  file: object = "") -> bytes:
     """The 8-byte length plus the space-padded JSON header for ``infos``, in order."""
-    check_unique([i.name for i in infos], file)
+    check_unique([i.name for i in infos], file, writing=True)
     header: dict[str, Any] = {}
     meta = check_metadata(metadata, file)
     if meta:
@@ -483,12 +483,6 @@ def _parse_header(raw: bytes | bytearray, data_len: int, path: str,
     metadata = header.pop(_METADATA_KEY, None)
     if metadata is None:
         metadata = {}
-    if isinstance(metadata, dict) and not all(
-            text_is_utf8(k) and (not isinstance(v, str) or text_is_utf8(v))
-            for k, v in metadata.items()):
-        raise UnsafeContentError(
-            "__metadata__ holds text that is not valid Unicode (a lone surrogate, from a "
-            "\\ud800-style escape). Fix: re-save the file with valid text.", path)
     if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         bad = metadata if not isinstance(metadata, dict) else next(

@@ -427,10 +427,6 @@ def _stringify_metadata(raw: object, index_path: str) -> tuple[dict[str, str], i
             'an object such as {"total_size": 123}.', index_path)
     out = {}
     for key, value in raw.items():
-        if not text_is_utf8(key) or (isinstance(value, str) and not text_is_utf8(value)):
-            raise FileFormatError(
-                f"the index's metadata {safejson.short(key)} is not valid Unicode (a lone "
-                "surrogate). Fix: re-save the index with valid text.", index_path)
         if isinstance(value, str):
             out[key] = value
         elif isinstance(value, (int, float, bool)):
