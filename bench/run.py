@@ -173,6 +173,25 @@ def case_to_torch_small(args: argparse.Namespace) -> list[dict]:
                 time_pair(lambda: tb.to_torch(a), lambda: torch.from_numpy(a)), target=2.0)]
 
 
+def case_mlx_small(args: argparse.Namespace) -> list[dict]:
+    import numpy as np
+    import mlx.core as mx
+    import tensorbridge as tb
+
+    x = mx.arange(256, dtype=mx.float32)
+    mx.eval(x)
+    a = np.arange(256, dtype=np.float32)
+    assert same_bits(tb.to_numpy(x), np.array(x)) and same_bits(np.array(tb.to_mlx(a)), a)
+    return [
+        row("mlx_small", "to_numpy(256 mlx), a read-only view", "np.array(x) (copies)",
+            time_pair(lambda: tb.to_numpy(x), lambda: np.array(x)), target=1.5),
+        row("mlx_small", "to_numpy(256 mlx), a read-only view", "np.asarray(x) (writable view)",
+            time_pair(lambda: tb.to_numpy(x), lambda: np.asarray(x)), target=None),
+        row("mlx_small", "to_mlx(256 ndarray)", "mx.array(a)",
+            time_pair(lambda: tb.to_mlx(a), lambda: mx.array(a)), target=1.5),
+    ]
+
+
 def case_tree_1000(args: argparse.Namespace) -> list[dict]:
     import torch
     import tensorbridge as tb
@@ -393,6 +412,7 @@ CASES: dict[str, Callable[[argparse.Namespace], list[dict]]] = {
     "to_numpy_small": case_to_numpy_small,
     "to_torch_small": case_to_torch_small,
     "tree_1000": case_tree_1000,
+    "mlx_small": case_mlx_small,
     "zero_copy_numpy": case_zero_copy_numpy,
     "zero_copy_jax": case_zero_copy_jax,
     "torch_jax": case_torch_jax,

@@ -58,7 +58,7 @@ def _runtime_params(fn) -> list[tuple[str, str, str | None, str | None]]:
     return rows
 
 
-STUBBED = ["convert", "to_numpy", "to_torch", "to_tensorflow", "to_tf", "to_jax", "to_cupy",
+STUBBED = ["convert", "to_numpy", "to_torch", "to_tensorflow", "to_tf", "to_jax", "to_cupy", "to_mlx",
            "explain"]
 
 

@@ -1,4 +1,4 @@
-"""tensorbridge: move tensors between NumPy, PyTorch, TensorFlow, JAX and CuPy,
+"""tensorbridge: move tensors between NumPy, PyTorch, TensorFlow, JAX, CuPy and MLX,
 and between tensor files. Exact for every dtype, zero-copy where memory can be
 shared, honest where it cannot.
 
@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # the same functions, with overloads whose return type follow
         explain,
         to_cupy,
         to_jax,
+        to_mlx,
         to_numpy,
         to_tensorflow,
         to_tf,
@@ -28,6 +29,7 @@ else:
         explain,
         to_cupy,
         to_jax,
+        to_mlx,
         to_numpy,
         to_tensorflow,
         to_tf,
@@ -53,13 +55,13 @@ __version__ = "0.1.0"
 # its artifacts (the attribute tf.autograph.experimental.do_not_convert sets), the
 # public functions run as written, so their own errors reach the caller unchanged.
 _fn: Any
-for _fn in (convert, to_numpy, to_torch, to_tensorflow, to_jax, to_cupy, explain,
+for _fn in (convert, to_numpy, to_torch, to_tensorflow, to_jax, to_cupy, to_mlx, explain,
             shares_memory, save, load, open, tree_map):
     _fn.autograph_info__ = frozenset()
 del _fn
 
 __all__ = [
-    "convert", "to_numpy", "to_torch", "to_tensorflow", "to_tf", "to_jax", "to_cupy",
+    "convert", "to_numpy", "to_torch", "to_tensorflow", "to_tf", "to_jax", "to_cupy", "to_mlx",
     "explain", "shares_memory", "register_container", "tree_map",
     "save", "load", "open", "Writer", "to_dask",
     "TensorBridgeError", "ConversionError", "CopyError", "DeviceError",

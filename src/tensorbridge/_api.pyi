@@ -109,13 +109,16 @@ def to_jax(x: _Leaf, /, *, device: str | None = None, dtype: str | None = None,
 def to_jax(x: Any, /, *, device: str | None = None, dtype: str | None = None,
            copy: bool | None = None) -> Any: ...
 
-# TensorFlow and CuPy ship no type information: their tensors are Any.
+# TensorFlow and CuPy ship no type information: their tensors are Any (MLX arrays too:
+# mlx is an optional extra, and its class would be Any where it is not installed).
 def to_tensorflow(x: Any, /, *, device: str | None = None, dtype: str | None = None,
                   copy: bool | None = None) -> Any: ...
 def to_tf(x: Any, /, *, device: str | None = None, dtype: str | None = None,
           copy: bool | None = None) -> Any: ...
 def to_cupy(x: Any, /, *, device: str | None = None, dtype: str | None = None,
             copy: bool | None = None) -> Any: ...
+def to_mlx(x: Any, /, *, device: str | None = None, dtype: str | None = None,
+           copy: bool | None = None) -> Any: ...
 
 @overload
 def explain(x: _Container, /, to: str, *, device: str | None = None, dtype: str | None = None,

@@ -15,21 +15,21 @@ from typing import Any
 import numpy as np
 
 from .errors import ConversionError, TensorBridgeError, message
-from .frameworks import _BY_TYPE, ALIASES, FRAMEWORK_MODULES, backend_of, get_backend
+from .frameworks import _BY_TYPE, ALIASES, TARGETS, backend_of, get_backend
 from .frameworks.base import Backend, normalize_device
 from .frameworks import foreign_cuda
 from .plan import Plan, cached_plan, plan_leaf
 from .tree import format_path, tree_leaves_with_path, tree_map
 
 __all__ = [
-    "convert", "to_numpy", "to_torch", "to_tensorflow", "to_tf", "to_jax", "to_cupy",
+    "convert", "to_numpy", "to_torch", "to_tensorflow", "to_tf", "to_jax", "to_cupy", "to_mlx",
     "explain", "shares_memory", "TreePlan",
 ]
 
 _SCALARS = frozenset((bool, int, float, complex))
 
 
-_TARGETS = {**{n: n for n in FRAMEWORK_MODULES}, **ALIASES}
+_TARGETS = {**{n: n for n in TARGETS}, **ALIASES}
 
 
 def _target(to: str) -> str:
@@ -37,9 +37,9 @@ def _target(to: str) -> str:
     if name is not None:
         return name
     name = ALIASES.get(to, to)
-    if name not in FRAMEWORK_MODULES:
+    if name not in TARGETS:
         raise ConversionError(message(f"to={to!r}", "it is not a framework tensorbridge knows",
-                                      "use one of " + ", ".join(FRAMEWORK_MODULES)))
+                                      "use one of " + ", ".join(TARGETS)))
     return name
 
 
@@ -154,7 +154,7 @@ def convert(
     """Convert a tensor, or every tensor in a nested structure, to framework ``to``.
 
     ``to`` is one of ``"numpy"``, ``"torch"``, ``"tensorflow"`` (``"tf"``),
-    ``"jax"``, ``"cupy"``. ``copy=None`` shares memory where that is safe and
+    ``"jax"``, ``"cupy"``, ``"mlx"``. ``copy=None`` shares memory where that is safe and
     possible, ``copy=True`` always returns independent memory, ``copy=False``
     never copies and raises :class:`~tensorbridge.CopyError` instead.
     ``dtype=`` casts (canonical names such as ``"bfloat16"``); ``device=``
@@ -277,6 +277,18 @@ def to_jax(x: Any, /, *, device: str | None = None, dtype: str | None = None,
            copy: bool | None = None) -> Any:
     """Convert to ``jax.Array``; see :func:`convert`."""
     return convert(x, to="jax", device=device, dtype=dtype, copy=copy)
+
+
+def to_mlx(x: Any, /, *, device: str | None = None, dtype: str | None = None,
+           copy: bool | None = None) -> Any:
+    """Convert to ``mlx.core.array``; see :func:`convert`. MLX copies every host
+    import, so ``copy=False`` is refused for anything that is not already MLX.
+
+    >>> import numpy as np, tensorbridge as tb
+    >>> tb.to_mlx(np.arange(3.0)).dtype   # float64 stays float64 (mx.array would narrow it)
+    mlx.core.float64
+    """
+    return convert(x, to="mlx", device=device, dtype=dtype, copy=copy)
 
 
 def to_cupy(x: Any, /, *, device: str | None = None, dtype: str | None = None,

@@ -27,12 +27,14 @@ from .native_stderr import held
 
 __all__ = ["collect", "render", "main", "FRAMEWORKS"]
 
-FRAMEWORKS = ("numpy", "torch", "tensorflow", "jax", "cupy")
+FRAMEWORKS = ("numpy", "torch", "tensorflow", "jax", "cupy", "mlx")
+_MODULES = {"mlx": "mlx.core"}  # the module to import where it is not the framework's name
 
 
 def _import(name: str) -> dict[str, Any]:
     if importlib.util.find_spec(name) is None:
         return {"installed": False}
+    name = _MODULES.get(name, name)
     already = name in sys.modules
     if name == "tensorflow":
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep its start-up logs off stderr
@@ -75,6 +77,12 @@ def _devices(name: str) -> Any:
             import cupy
 
             return [f"cuda:{i}" for i in range(cupy.cuda.runtime.getDeviceCount())]
+        if name == "mlx":
+            import mlx.core as mx
+
+            cuda = getattr(mx, "cuda", None)
+            gpu = mx.metal.is_available() or (cuda is not None and cuda.is_available())
+            return ["cpu", "gpu (unified memory)"] if gpu else ["cpu"]
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
     return []
@@ -146,6 +154,12 @@ def _routes(have: dict[str, bool]) -> list[dict[str, Any]]:
             return shared(a, tb.convert(a, to=target))
         return fn
 
+    def mlx_to_numpy() -> str:
+        import mlx.core as mx
+
+        x = mx.arange(6, dtype=mx.float32)
+        return shared(x, tb.to_numpy(x))
+
     def cuda() -> str | None:
         import torch
 
@@ -184,6 +198,8 @@ def _routes(have: dict[str, bool]) -> list[dict[str, Any]]:
     route("torch -> tensorflow (DLPack)", ("torch", "tensorflow"), torch_to("tensorflow"))
     route("numpy -> jax", ("jax",), numpy_to("jax"))
     route("numpy -> tensorflow", ("tensorflow",), numpy_to("tensorflow"))
+    route("mlx -> numpy", ("mlx",), mlx_to_numpy)
+    route("numpy -> mlx", ("mlx",), numpy_to("mlx"))
     route("pinned memory (torch)", ("torch",), pinned, cuda)
     route("cuda -> numpy (torch)", ("torch",), cuda_to_numpy, cuda)
     route("numpy -> cuda (torch)", ("torch",), numpy_to_cuda, cuda)

@@ -25,6 +25,7 @@ __all__ = [
     "FrameworkNotInstalledError",
     "FileFormatError",
     "UnsafeContentError",
+    "CheckpointChangedError",
     "message",
 ]
 
@@ -87,3 +88,8 @@ class FileFormatError(TensorBridgeError, ValueError):
 class UnsafeContentError(FileFormatError):
     """A tensor file holds something that could run code, read other files,
     or escape its directory. It is refused, never executed."""
+
+
+class CheckpointChangedError(FileFormatError):
+    """A checkpoint of several files (a sharded one) was replaced by another save while
+    it was being read. Nothing of two versions was mixed: open or load it again."""

@@ -30,14 +30,15 @@ from __future__ import annotations
 
 import os
 from typing import Any
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
 from .convert import convert
-from .errors import ConversionError, TensorBridgeError, message
+from .errors import CheckpointChangedError, ConversionError, TensorBridgeError, message
 from .formats import Reader, TensorInfo, format_for_path
 from .formats.base import Format, check_metadata
+from .formats.mapping import FileMaps, should_map
 from .formats.names import check_unique
 from .frameworks import backend_of, describe, get_backend
 from .frameworks.numpy import refuse_masked
@@ -45,7 +46,7 @@ from .tree import format_path, tree_leaves_with_path
 
 __all__ = [
     "save", "load", "open", "iter_tensors", "flatten_names", "unflatten_names",
-    "tensor_info", "to_host", "check_metadata", "write_options",
+    "tensor_info", "to_host", "check_metadata", "write_options", "file_path", "open_reader",
 ]
 
 #: The name a single bare tensor gets (and the name of a .npy file's tensor).
@@ -79,12 +80,24 @@ def _named_leaves(tree: Any) -> Iterator[tuple[str, tuple[Any, ...], Any]]:
         yield (".".join(str(k) for k in keys) if keys else BARE_NAME), keys, leaf
 
 
-def _listify(node: Any) -> Any:
-    if not isinstance(node, dict):
-        return node
-    out = {k: _listify(v) for k, v in node.items()}
-    if out and set(out) == {str(i) for i in range(len(out))}:
-        return [out[str(i)] for i in range(len(out))]
+def _listify(root: dict) -> Any:
+    """Dicts keyed exactly ``0..n-1`` become lists, innermost first; iterative, so a name
+    of thousands of dotted parts cannot exhaust the recursion limit."""
+    order: list[tuple[dict, Any, Any]] = []  # (node, parent, key in parent), parents first
+    stack: list[tuple[dict, Any, Any]] = [(root, None, None)]
+    while stack:
+        node, parent, key = stack.pop()
+        order.append((node, parent, key))
+        stack.extend((v, node, k) for k, v in node.items() if isinstance(v, dict))
+    out: Any = root
+    for node, parent, key in reversed(order):  # children before their parents
+        value: Any = node
+        if node and len(node) == len(set(node)) and set(node) == {str(i) for i in range(len(node))}:
+            value = [node[str(i)] for i in range(len(node))]
+        if parent is None:
+            out = value
+        else:
+            parent[key] = value
     return out
 
 
@@ -167,7 +180,7 @@ def save(tree: Any, path: str | os.PathLike[str], /, *, format: str | None = Non
     >>> save(np.arange(3), p); load(p)
     array([0, 1, 2])
     """
-    path = os.fspath(path)
+    path = file_path(path)
     fmt = format_for_path(path, format)
     if path.endswith(("/", os.sep)) and fmt.name != "sharded":
         raise ConversionError(message(
@@ -185,7 +198,7 @@ def save(tree: Any, path: str | os.PathLike[str], /, *, format: str | None = Non
         names.append(name)
         infos.append(info)
         leaves[name] = leaf
-    check_unique(names, path)
+    check_unique(names, path, writing=True)
 
     def fetch(name: str) -> np.ndarray:
         return to_host(leaves[name])
@@ -193,10 +206,13 @@ def save(tree: Any, path: str | os.PathLike[str], /, *, format: str | None = Non
     fmt.write(path, infos, fetch, meta, **opts)
 
 
-def open(path: str | os.PathLike[str], /, *, format: str | None = None) -> Reader:  # noqa: A001
+def open(path: str | os.PathLike[str], /, *, format: str | None = None,  # noqa: A001
+         variant: str | None = None) -> Reader:
     """Open a tensor file lazily: ``keys()``, ``info(name)``, ``r[name]``.
 
     Use it as a context manager. Only headers are read until a tensor is asked for.
+    ``variant`` picks a Hugging Face variant in a checkpoint directory
+    (``save_pretrained(variant="fp16")``: ``model.safetensors.index.fp16.json``).
 
     >>> import numpy as np, tempfile, os
     >>> p = os.path.join(tempfile.mkdtemp(), "m.npz")
@@ -205,8 +221,40 @@ def open(path: str | os.PathLike[str], /, *, format: str | None = None) -> Reade
     ...     r.keys(), r.info("w").shape
     (['w'], (2, 3))
     """
-    path = os.fspath(path)
-    return format_for_path(path, format).open(path)
+    path = file_path(path)
+    return open_reader(format_for_path(path, format), path, variant)
+
+
+def open_reader(fmt: Format, path: str, variant: str | None) -> Reader:
+    """``fmt.open(path)``, with ``variant`` for a sharded checkpoint (refused for others)."""
+    if variant is None:
+        return fmt.open(path)
+    if fmt.name != "sharded":
+        raise ConversionError(message(
+            f"variant={variant!r} for the .{fmt.name} file {path!r}", "variants are files of a "
+            "checkpoint directory (model.safetensors.index.VARIANT.json)",
+            "pass the checkpoint's directory, or leave variant out"))
+    return fmt.open(path, variant=variant)  # type: ignore[call-arg]
+
+
+def file_path(path: Any) -> str:
+    """``path`` as a ``str``: ``os.PathLike`` and ``bytes`` paths are accepted (decoded as
+    the file system does); a NUL character or another type is refused.
+
+    >>> file_path(b"m.npz")
+    'm.npz'
+    """
+    try:
+        text = os.fsdecode(os.fspath(path))
+    except TypeError:
+        raise ConversionError(message(
+            f"the path {describe(path)}", "a path is a str, bytes or os.PathLike",
+            "pass the file's path as a string")) from None
+    if "\x00" in text:
+        raise ConversionError(message(
+            f"the path {text!r:.200}", "it contains a NUL character, which no file name can hold",
+            "remove the NUL character from the path"))
+    return text
 
 
 def _check_names(names: Iterable[str]) -> list[str]:
@@ -231,27 +279,44 @@ def _check_names(names: Iterable[str]) -> list[str]:
 
 
 def iter_tensors(reader: Reader, names: Iterable[str] | None = None,
+                 read: Callable[[Reader, str], np.ndarray] | None = None,
                  ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(name, array)`` one tensor at a time, in file order or ``names`` order.
 
     Every name is checked against the file before the first tensor is read.
+    ``read(reader, name)`` replaces ``reader.read(name)`` (``load`` maps with it).
     """
     keys = reader.keys() if names is None else _check_names(names)
     for name in keys:
         reader.info(name)
     for name in keys:
-        yield name, reader.read(name)
+        yield name, (reader.read(name) if read is None else read(reader, name))
 
 
 def load(path: str | os.PathLike[str], /, *, to: str = "numpy", nested: bool = False,
          format: str | None = None, device: str | None = None,
-         names: Iterable[str] | None = None) -> Any:
+         names: Iterable[str] | None = None, variant: str | None = None,
+         mmap: bool | None = None) -> Any:
     """Load a tensor file as a flat ``{name: tensor}`` dict (a ``.npy`` file: the array).
 
     ``to`` picks the framework (``"numpy"``, ``"torch"``, ``"jax"``, ...),
     ``device`` the device; tensors are converted one at a time. ``names``
     loads only those tensors. ``nested=True`` rebuilds the tree from dotted
-    names, with lists where the keys are ``0..n-1``.
+    names, with lists where the keys are ``0..n-1``. ``variant`` picks a
+    Hugging Face variant in a checkpoint directory (see :func:`open`).
+
+    ``mmap=True`` maps the file's bytes instead of copying them (safetensors,
+    sharded checkpoints, stored ``.pt`` records, ``.npy``): a load then costs
+    what the headers cost. The arrays are writable copy-on-write; a file
+    replaced afterwards leaves them unchanged, but a file rewritten in place
+    shows through, and a truncated one kills the process (SIGBUS) when a lost
+    page is touched. ``mmap=False`` copies (the arrays never change);
+    ``mmap=None``, the default, maps only files on a read-only file system and
+    copies the rest. See :mod:`tensorbridge.formats.mapping`.
+
+    A sharded checkpoint that another process re-saves while it is being
+    loaded is read again (up to three times): the result is one version, or
+    :class:`~tensorbridge.errors.CheckpointChangedError`.
 
     >>> import numpy as np, tempfile, os
     >>> p = os.path.join(tempfile.mkdtemp(), "m.npz")
@@ -259,7 +324,7 @@ def load(path: str | os.PathLike[str], /, *, to: str = "numpy", nested: bool = F
     >>> load(p, nested=True)
     {'layers': [array([0.]), array([1.])]}
     """
-    path = os.fspath(path)
+    path = file_path(path)
     if names is not None:
         names = _check_names(names)  # before anything is opened
     fmt = format_for_path(path, format)
@@ -270,8 +335,20 @@ def load(path: str | os.PathLike[str], /, *, to: str = "numpy", nested: bool = F
     def out(arr: np.ndarray) -> Any:
         return arr if plain else convert(arr, to=to, device=device)
 
-    with fmt.open(path) as reader:
-        if fmt.name == "npy" and names is None:
-            return out(reader.read(reader.keys()[0]))
-        flat = {name: out(arr) for name, arr in iter_tensors(reader, names)}
+    maps = FileMaps() if should_map(path, mmap) else None
+
+    def read(reader: Reader, name: str) -> np.ndarray:
+        arr = None if maps is None else maps.array(reader, name)
+        return reader.read(name) if arr is None else arr
+
+    for attempt in range(3):
+        try:
+            with open_reader(fmt, path, variant) as reader:
+                if fmt.name == "npy" and names is None:
+                    return out(read(reader, reader.keys()[0]))
+                flat = {name: out(arr) for name, arr in iter_tensors(reader, names, read)}
+            break
+        except CheckpointChangedError:
+            if attempt == 2:
+                raise
     return unflatten_names(flat) if nested else flat

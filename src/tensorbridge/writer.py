@@ -36,7 +36,7 @@ import numpy as np
 
 from .dtypes import numpy_dtype
 from .errors import ConversionError, FileFormatError, message
-from .files import check_metadata, tensor_info, to_host
+from .files import check_metadata, file_path, tensor_info, to_host
 from .formats import TensorInfo, format_for_path
 from .formats.atomic import lock_new_file, remove_stale
 from .formats.names import check_unique
@@ -77,7 +77,7 @@ class Writer:
 
     def __init__(self, path: str | os.PathLike[str], /, *, format: str | None = None,
                  metadata: Mapping[str, str] | None = None, **options: Any) -> None:
-        self.path = os.fspath(path)
+        self.path = file_path(path)
         self._format = format_for_path(self.path, format)
         self._metadata = check_metadata(metadata, self.path)
         # options and metadata the format refuses fail now, not after a long export
@@ -114,7 +114,7 @@ class Writer:
                 f"a batch with names {sorted(tensors)!r}",
                 f"the first batch had {sorted(self._order)!r}; every batch must have the same "
                 "names", "append the same set of tensors each time"))
-        check_unique(list(tensors), self.path)
+        check_unique(list(tensors), self.path, writing=True)
         checked = []
         for name, value in tensors.items():
             info, leaf = tensor_info(name, value, (name,))

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-FRAMEWORKS = ("torch", "tensorflow", "jax", "cupy", "h5py", "safetensors", "rich")
+FRAMEWORKS = ("torch", "tensorflow", "jax", "cupy", "mlx", "h5py", "safetensors", "rich")
 
 
 def _run(code: str) -> str:
@@ -33,9 +33,20 @@ def test_a_framework_is_loaded_only_when_asked_for():
     out = _run("""
         import sys, numpy as np, tensorbridge as tb
         tb.to_torch(np.ones(2))
-        print(sorted(m for m in ("torch", "tensorflow", "jax") if m in sys.modules))
+        print(sorted(m for m in ("torch", "tensorflow", "jax", "mlx") if m in sys.modules))
     """)
     assert out.strip() == "['torch']"
+
+
+def test_mlx_is_loaded_only_when_asked_for():
+    out = _run("""
+        import sys, numpy as np, tensorbridge as tb
+        tb.to_numpy([np.ones(2)]); tb.to_torch({"a": np.ones(2)}); tb.explain(np.ones(1), to="torch")
+        before = "mlx" in sys.modules
+        x = tb.to_mlx(np.ones(2))
+        print(before, type(x).__module__, sorted(m for m in ("tensorflow", "jax") if m in sys.modules))
+    """)
+    assert out.strip() == "False mlx.core []"
 
 
 def test_missing_framework_says_how_to_install():

@@ -330,12 +330,14 @@ def test_convert_to_q8_0_and_to_other_formats(tmp_path):
     tbf.save({"w": x, "b": np.ones(4, np.float32)}, src, metadata={"k": "v"})
     q = tmp_path / "q.gguf"
     s = convert_file(str(src), str(q), dtype="q8_0")
-    assert s["verified"] == 2
+    assert (s["verified"], s["cast"], s["dtype"]) == (2, 1, "q8_0")
+    with pytest.raises(ConversionError, match="q8_0, q4_0"):
+        convert_file(str(src), str(tmp_path / "k.gguf"), dtype="q4_k")
     ref = {t.name: t for t in gguf.GGUFReader(str(q)).tensors}
     assert _bits(ref["w"].data) == _bits(gguf.quants.quantize(x, Q.Q8_0))
     assert ref["b"].tensor_type == Q.F32
     model = _model(tmp_path)
-    for suffix in (".safetensors", ".npz", ".h5", ".pt"):
+    for suffix in (".safetensors", ".npz", ".h5", ".pt", ".zarr"):
         out = tmp_path / ("out" + suffix)
         convert_file(str(model), str(out))
         back = tbf.load(out)

@@ -190,6 +190,38 @@ def test_nested_containers_parameters_and_ordered_dict_state(tmp_path):
                   {"opt.lr": "0.1", "opt.steps.0": "1", "opt.steps.1": "2"})
 
 
+def test_tensors_and_parameters_with_python_attributes(tmp_path):
+    """torch.save writes _rebuild_from_type_v2 / _rebuild_parameter_with_state for them;
+    the attributes change no value and are dropped (torch.load keeps them)."""
+    t = to_torch(sample("complex64", (3,)))
+    t.note = "x"
+    w = torch.nn.Parameter(to_torch(sample("float32", (2,))))
+    w.tag = 5
+    p = tmp_path / "attrs.pt"
+    torch.save({"t": t, "w": w, "c": t.conj()}, p)
+    ref = reference(p, True)
+    assert ref["t"].note == "x" and ref["w"].tag == 5
+    check_against(p, {"t": t, "w": w, "c": t.conj()}, ref)
+
+
+def test_devices_in_metadata_and_the_first_rebuild_function(tmp_path):
+    from .test_pt import make_zip
+
+    p = tmp_path / "dev.pt"
+    torch.save({"w": torch.ones(2), "where": torch.device("cuda", 1), "cpu": torch.device("cpu")},
+               p)
+    assert torch.load(p, weights_only=True)["where"] == torch.device("cuda:1")
+    arrays, meta = read_all(p)
+    assert list(arrays) == ["w"] and meta == {"where": "cuda:1", "cpu": "cpu"}
+    # torch._utils._rebuild_tensor (no requires_grad/hooks), which weights_only allows
+    pkl = (b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor\n((X\x07\x00\x00\x00"
+           b"storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x02tQK\x01"
+           b"K\x01\x85K\x01\x85tRs.")
+    make_zip(p, pkl, {"0": np.array([1, 2], np.float32).tobytes()})
+    assert torch_bytes(torch.load(p, weights_only=True)["w"]) == read_all(p)[0]["w"].tobytes() \
+        == np.array([2], np.float32).tobytes()
+
+
 def test_conj_checkpoint_converts_to_safetensors_with_the_right_signs(tmp_path):
     """The silent-corruption example: convert's verification used the same reader."""
     from safetensors.torch import load_file

@@ -220,7 +220,7 @@ HOSTILE = [
     ("header_past_eof", {}, b"", 10_000, FileFormatError, "larger than the rest of the file"),
     ("bad_utf8", b'{"a\xff": 1}', b"", None, FileFormatError, "not valid UTF-8"),
     ("bad_json", b'{"a": ', b"", None, FileFormatError, "not valid JSON"),
-    ("deep_json", b"[" * 100_000, b"", None, FileFormatError, "not valid JSON"),
+    ("deep_json", b"[" * 100_000, b"", None, FileFormatError, "JSON arrays and objects"),
     ("not_object", [1, 2], b"", None, FileFormatError, "JSON list, not an object"),
     ("unknown_dtype", {"a": entry(dtype="F128")}, b"\0" * 4, None, FileFormatError, "unknown dtype 'F128'"),
     ("lowercase_dtype", {"a": entry(dtype="f32")}, b"\0" * 4, None, FileFormatError, "unknown dtype 'f32'"),

@@ -22,7 +22,7 @@ from tensorbridge.errors import (
 )
 from tensorbridge.formats import format_for_path
 from tensorbridge.formats.base import TensorInfo
-from tensorbridge.formats.sharded import FORMAT, parse_size, plan_shards
+from tensorbridge.formats.sharded import FORMAT, GENERATION_KEY, parse_size, plan_shards
 
 from .samples import read_all_with, same, write_with
 
@@ -96,7 +96,7 @@ def test_write_makes_hf_layout_readable_by_safetensors(tmp_path):
         total = sum(t.numel() * t.element_size() for t in loaded.values())
         assert total <= 1000 or len(loaded) == 1
         with safetensors.safe_open(str(out / shard), "pt") as f:
-            assert f.metadata() == {"format": "pt"}
+            assert f.metadata() == {"format": "pt", GENERATION_KEY: index[GENERATION_KEY]}
         for name, t in loaded.items():
             assert index["weight_map"][name] == shard
             assert t.contiguous().view(torch.uint8).numpy().tobytes() == arrays[name].tobytes()
@@ -110,7 +110,9 @@ def test_round_trip_bit_exact_via_directory_and_index(tmp_path):
         assert list(got) == list(arrays)
         for k in arrays:
             assert same(got[k], arrays[k]), k
-        assert metadata["total_size"] == str(sum(a.nbytes for a in arrays.values()))
+        assert "total_size" not in metadata  # the index's own field, not the user's metadata
+        with FORMAT.open(str(path)) as r:
+            assert r.total_size == sum(a.nbytes for a in arrays.values())
 
 
 def test_format_table_routes_directories_and_indexes_here(tmp_path):
@@ -191,7 +193,7 @@ def test_reads_a_torch_written_hf_checkpoint(tmp_path):
     d = hf_checkpoint(tmp_path / "hf", {"model-00001-of-00002.safetensors": {"a": a, "b": b},
                                        "model-00002-of-00002.safetensors": {"c": c}})
     with FORMAT.open(str(d)) as r:
-        assert r.metadata == {"total_size": "123"}
+        assert r.metadata == {} and r.total_size == 123 and r.notes == []
         assert r.info("a") == TensorInfo("a", "bfloat16", (4, 4))
         assert r.shard_of("c").endswith("model-00002-of-00002.safetensors")
         for name, t in {"a": a, "b": b, "c": c}.items():
@@ -304,7 +306,7 @@ def test_hf_like_links_elsewhere_are_still_refused(tmp_path, layout):
 def test_missing_shard_is_named(tmp_path):
     d = simple(tmp_path)
     os.unlink(d / "s2.safetensors")
-    refused(d, FileFormatError, "shard 's2.safetensors' is listed in the index but does not exist")
+    refused(d, FileFormatError, "shard 's2.safetensors' does not exist")
 
 
 def test_name_listed_but_absent_is_refused(tmp_path):
@@ -327,7 +329,7 @@ def test_name_mapped_to_the_wrong_shard_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("text, error, message", [
-    ("{", FileFormatError, "not valid UTF-8 JSON"),
+    ("{", FileFormatError, "the index is not valid JSON"),
     ("[1]", FileFormatError, "must be a JSON object with a 'weight_map'"),
     ('{"metadata": {}}', FileFormatError, "must be a JSON object with a 'weight_map'"),
     ('{"weight_map": []}', FileFormatError, "must be a JSON object with a 'weight_map'"),
@@ -347,7 +349,7 @@ def test_broken_indexes_are_refused(tmp_path, text, error, message):
 def test_bad_utf8_index_is_refused(tmp_path):
     d = simple(tmp_path)
     (d / "model.safetensors.index.json").write_bytes(b'{"weight_map": {"\xff": "s1"}}')
-    refused(d, FileFormatError, "not valid UTF-8 JSON")
+    refused(d, FileFormatError, "the index is not valid UTF-8")
 
 
 def test_nested_index_as_shard_is_refused(tmp_path):
@@ -360,7 +362,7 @@ def test_nested_index_as_shard_is_refused(tmp_path):
 
 def test_directory_with_two_indexes_or_nothing(tmp_path):
     d = simple(tmp_path)
-    (d / "pytorch_model.bin.index.json").write_text("{}")
+    (d / "other.safetensors.index.json").write_text("{}")
     refused(d, FileFormatError, "several indexes")
     (tmp_path / "empty").mkdir()
     refused(tmp_path / "empty", FileFormatError, "holds no *.index.json")
@@ -550,3 +552,145 @@ def test_reading_after_close_is_refused_and_opens_nothing(tmp_path):
         with pytest.raises(FileFormatError, match="closed.*Fix: open it again"):
             call()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+# --- layouts: variants, safetensors beside .bin, the link policy on every path ------------
+
+def bin_checkpoint(directory, tensors_by_shard, index_name="pytorch_model.bin.index.json"):
+    """A sharded .bin checkpoint in the layout transformers 4 wrote."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for shard, tensors in tensors_by_shard.items():
+        torch.save(tensors, directory / shard)
+    (directory / index_name).write_text(json.dumps({"metadata": {"total_size": 1}, "weight_map": {
+        n: s for s, ts in tensors_by_shard.items() for n in ts}}))
+    return directory
+
+
+def test_variant_checkpoints_read_and_are_chosen_by_name(tmp_path):
+    d = tmp_path / "m"
+    hf_checkpoint(d, {"model-00001-of-00001.safetensors": {"w": torch.zeros(2)}})
+    hf_checkpoint(d, {"model.fp16-00001-of-00002.safetensors": {"w": torch.ones(2).half()},
+                      "model.fp16-00002-of-00002.safetensors": {"b": torch.ones(1).half()}},
+                  index_name="model.safetensors.index.fp16.json")
+    with FORMAT.open(str(d)) as r:  # the plain files by default, as transformers
+        assert r.keys() == ["w"] and r.read("w").dtype == np.float32 and r.notes == []
+    with FORMAT.open(str(d), variant="fp16") as r:
+        assert r.keys() == ["w", "b"] and r.read("w").dtype == np.float16
+        assert r.shard_of("b").endswith("model.fp16-00002-of-00002.safetensors")
+    index = d / "model.safetensors.index.fp16.json"
+    assert format_for_path(str(index)).name == "sharded"
+    with FORMAT.open(str(index)) as r:
+        assert r.keys() == ["w", "b"]
+    with pytest.raises(FileFormatError, match=r"no variant 'bf16'.*\['fp16'\]"):
+        FORMAT.open(str(d), variant="bf16")
+    with pytest.raises(ConversionError, match="plain word"):
+        FORMAT.open(str(d), variant="../x")
+    with pytest.raises(ConversionError, match="that index is of 'fp16'"):
+        FORMAT.open(str(index), variant="bf16")
+
+
+def test_only_variant_present_is_read_and_said_several_refused(tmp_path):
+    d = tmp_path / "m"
+    hf_checkpoint(d, {"model.fp16-00001-of-00001.safetensors": {"w": torch.ones(2).half()}},
+                  index_name="model.safetensors.index.fp16.json")
+    with FORMAT.open(str(d)) as r:
+        assert r.keys() == ["w"] and "only the 'fp16' variant" in r.notes[0]
+    d.joinpath("model.bf16.safetensors").write_bytes(
+        safetensors.torch.save({"w": torch.ones(2).bfloat16()}))
+    refused(d, FileFormatError, "several variants ['bf16', 'fp16']")
+    with FORMAT.open(str(d), variant="bf16") as r:  # a single-file variant
+        assert r.read("w").dtype.name == "bfloat16"
+
+
+def test_safetensors_preferred_over_bin_and_said(tmp_path):
+    d = hf_checkpoint(tmp_path / "hub", {"model-00001-of-00001.safetensors": {"w": torch.ones(2)}})
+    bin_checkpoint(d, {"pytorch_model-00001-of-00001.bin": {"w": torch.zeros(2)}})
+    with FORMAT.open(str(d)) as r:
+        assert r.read("w").tolist() == [1.0, 1.0]
+        assert "prefers safetensors" in r.notes[0] and "pytorch_model.bin.index.json" in r.notes[0]
+    os.unlink(d / "model.safetensors.index.json")
+    os.unlink(d / "model-00001-of-00001.safetensors")
+    with FORMAT.open(str(d)) as r:  # .bin alone is read
+        assert r.read("w").tolist() == [0.0, 0.0] and r.notes == []
+
+
+def test_write_a_variant_by_its_index_name(tmp_path):
+    index = tmp_path / "v" / "model.safetensors.index.fp16.json"
+    write(index, {"a": np.zeros(3, np.float16)})
+    assert sorted(os.listdir(tmp_path / "v")) == [
+        "model.fp16-00001-of-00001.safetensors", "model.safetensors.index.fp16.json"]
+    with FORMAT.open(str(tmp_path / "v"), variant="fp16") as r:
+        assert r.keys() == ["a"]
+
+
+@pytest.mark.parametrize("single", ["model.safetensors", "pytorch_model.bin"])
+def test_single_file_link_outside_is_refused(tmp_path, single):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x").write_bytes(safetensors.torch.save({"w": torch.ones(2)}))
+    d = tmp_path / "ck"
+    d.mkdir()
+    os.symlink(outside / "x", d / single)
+    refused(d, UnsafeContentError, "links may only point into a Hugging Face cache's blobs/")
+
+
+def test_index_link_outside_is_refused_and_not_quoted(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOPSECRET not json")
+    d = tmp_path / "ck"
+    d.mkdir()
+    os.symlink(secret, d / "model.safetensors.index.json")
+    for path in (d, d / "model.safetensors.index.json"):
+        err = refused(path, UnsafeContentError, "the index 'model.safetensors.index.json' is a symlink")
+        assert "TOPSECRET" not in str(err)
+
+
+def test_many_names_resolve_each_shard_once(tmp_path, monkeypatch):
+    d = hf_checkpoint(tmp_path / "ck", {"s1.safetensors": {f"t{i}": torch.zeros(1) for i in range(300)},
+                                        "s2.safetensors": {"u": torch.zeros(1)}})
+    calls = []
+    real = os.path.realpath
+    monkeypatch.setattr(os.path, "realpath", lambda p, *a, **k: calls.append(p) or real(p, *a, **k))
+    with FORMAT.open(str(d)) as r:
+        assert len(r.keys()) == 301
+    assert len(calls) <= 6  # the directory, the index, two shards (not one per name)
+
+
+def test_cli_reads_variants_and_says_what_it_chose(tmp_path, capsys):
+    from tensorbridge import cli
+
+    d = hf_checkpoint(tmp_path / "m", {"model-00001-of-00001.safetensors": {"w": torch.zeros(2)}})
+    hf_checkpoint(d, {"model.fp16-00001-of-00001.safetensors": {"h": torch.ones(2).half()}},
+                  index_name="model.safetensors.index.fp16.json")
+    bin_checkpoint(d, {"pytorch_model-00001-of-00001.bin": {"w": torch.zeros(2)}})
+    assert cli.main(["inspect", "--json", "--variant", "fp16", str(d)]) == 0
+    out = capsys.readouterr()
+    assert [t["name"] for t in json.loads(out.out)["files"][0]["tensors"]] == ["h"]
+    assert cli.main(["inspect", "--json", str(d)]) == 0
+    out = capsys.readouterr()
+    assert [t["name"] for t in json.loads(out.out)["files"][0]["tensors"]] == ["w"]
+    assert "note:" in out.err and "prefers safetensors" in out.err
+    dst = tmp_path / "h.safetensors"
+    assert cli.main(["convert", "-q", "--variant", "fp16", str(d), str(dst)]) == 0
+    assert list(tb_load(dst)) == ["h"]
+
+
+def tb_load(path):
+    import tensorbridge as tb
+
+    return tb.load(path)
+
+
+def test_generation_is_deterministic_and_differs_from_the_save_it_replaces(tmp_path):
+    arrays = make_arrays()
+    for d in ("a", "b"):
+        write(tmp_path / d, arrays, max_shard_size=700)
+    assert snapshot(tmp_path / "a") == snapshot(tmp_path / "b")  # byte-identical saves
+    index = tmp_path / "a" / "model.safetensors.index.json"
+    first = json.loads(index.read_text())[GENERATION_KEY]
+    write(tmp_path / "a", arrays, max_shard_size=700)  # the same tree again
+    second = json.loads(index.read_text())[GENERATION_KEY]
+    assert second != first
+    with FORMAT.open(str(tmp_path / "a")) as r:
+        for name in r.keys():
+            assert same(r.read(name), arrays[name])

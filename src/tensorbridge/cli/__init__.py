@@ -108,6 +108,8 @@ at a time and adds min/max/mean/std over the finite values plus NaN/inf counts
                    help="order: natural by name (layer.2 before layer.10; default), size "
                         "(largest first), dtype, or file order")
     p.add_argument("--format", choices=formats, help="read as this format, whatever the suffix")
+    p.add_argument("--variant", metavar="NAME", help="in a checkpoint directory, read the "
+                   "save_pretrained(variant=NAME) files (e.g. fp16)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
     p = sub.add_parser("convert", parents=[common], formatter_class=_F,
@@ -126,6 +128,8 @@ back and compared with a CRC-32 taken as it was written (after --dtype).
     p.add_argument("dst", metavar="DST")
     p.add_argument("--format", choices=formats, help="write DST in this format")
     p.add_argument("--src-format", choices=formats, help="read SRC as this format")
+    p.add_argument("--variant", metavar="NAME", help="read SRC's save_pretrained(variant=NAME) "
+                   "files (e.g. fp16), when SRC is a checkpoint directory")
     p.add_argument("--dtype", metavar="DTYPE",
                    help="cast floating tensors to DTYPE (e.g. bfloat16, float16); "
                         "integer and bool tensors are left as they are. To .gguf: q8_0, "
@@ -157,6 +161,10 @@ difference and the number of mismatching elements. With --rtol 0 --atol 0
 Otherwise an element matches when |a-b| <= atol + rtol*|b| (NaN equals NaN).
 Tensors whose dtype changed are compared by value in float64 (complex128), and
 count as different unless --ignore-dtype is given and their values match.
+
+--json is strict JSON: an infinite difference is null, with "nonfinite":
+{"max_abs_diff": "inf"} beside it. Names from the files are printed escaped
+(\\x1b, \\u202e, ...); --json has them exactly.
 
 exit status: 0 same, 1 different, 2 trouble (missing or unreadable file)."""))
     p.add_argument("a", metavar="A")

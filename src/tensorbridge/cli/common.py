@@ -67,24 +67,31 @@ def _hint(path: str, chosen: str | None, flag: str) -> str:
             f"{flag} {found}.")
 
 
-def open_file(path: str, format: str | None = None, *,
+def open_file(path: str, format: str | None = None, variant: str | None = None, *,
               flag: str = "--format") -> tuple[Reader, str]:
     """Open a tensor file (or sharded directory) for reading: ``(reader, format name)``.
+    ``variant`` picks a Hugging Face variant in a directory; what the reader chose over
+    what (safetensors over .bin, the only variant) is said on stderr.
 
     When it cannot be read as the format its suffix (or ``format``) names, and its first
     bytes are those of another format, the error says so and names ``flag``."""
+    from ..files import open_reader
+
     if not os.path.exists(path):
         raise FileFormatError("no such file or directory. Fix: check the path.", path)
     chosen = format
     try:
         fmt = format_for_path(path, format)
         chosen = fmt.name
-        return fmt.open(path), fmt.name
+        reader = open_reader(fmt, path, variant)
     except FileFormatError as exc:
         hint = _hint(path, chosen, flag)
         if hint and exc.args and isinstance(exc.args[0], str):
             exc.args = (exc.args[0] + hint, *exc.args[1:])
         raise
+    for note in getattr(reader, "notes", ()):
+        print(f"tensorbridge: note: {path}: {note}", file=sys.stderr)
+    return reader, fmt.name
 
 
 def json_safe(x: Any) -> Any:

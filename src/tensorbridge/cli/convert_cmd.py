@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from ..console import echo, human_bytes, progress
-from ..dtypes import canonical_name, is_floating, lookup, numpy_dtype
+from ..dtypes import DTYPES, canonical_name, is_floating, lookup, numpy_dtype
 from ..errors import ConversionError, FileFormatError, message
 from ..formats import Format, Reader, TensorInfo, format_for_path, get_format
 from ..formats.base import RawSpan
@@ -435,7 +435,8 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
                  include: list[str] | None = None, exclude: list[str] | None = None,
                  max_shard_size: Any = None, check: bool = True,
                  quiet: bool = True, workers: int = 1,
-                 scheduler: str | None = None) -> dict[str, Any]:
+                 scheduler: str | None = None,
+                 src_variant: str | None = None) -> dict[str, Any]:
     """Convert ``src`` to ``dst``; returns the summary ``convert --json`` prints.
 
     ``workers > 1`` reads and casts tensors in that many worker processes, and
@@ -448,6 +449,11 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
     out_format = destination_format(dst, dst_format, max_shard_size)
     # --dtype q8_0 (and the others the format lists) quantises instead of casting
     quant = dtype if dtype and dtype.lower() in out_format.quantizations else None
+    if dtype and not quant and out_format.quantizations and dtype not in DTYPES:
+        raise ConversionError(message(
+            f"--dtype {dtype} for {dst!r}", "it is neither a dtype nor a quantisation "
+            f".{out_format.name} files can be written in here",
+            f"use a float dtype, or one of {', '.join(out_format.quantizations)}"))
     cast = None if quant else _cast_target(dtype)
     options: dict[str, Any] = {}
     if max_shard_size is not None:
@@ -463,7 +469,7 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
     # it and replaces it atomically at the end, while SRC's reader keeps the old file open.
     # Its bytes are then checked by CRC-32, not against SRC's byte ranges (gone by then).
     in_place = os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst)
-    reader, in_format = open_file(src, src_format, flag="--src-format")
+    reader, in_format = open_file(src, src_format, src_variant, flag="--src-format")
     with reader:
         written = dst
         if out_format.name == "sharded":  # verify the index written, not the directory
@@ -479,7 +485,7 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
                 "check the patterns with `tensorbridge inspect --filter GLOB`"))
         total = sum(i.nbytes for i in planned)
         casts = sum(1 for i, p in zip((i for i in infos if i.name in kept), planned, strict=True)
-                    if i.dtype != p.dtype)
+                    if i.dtype != p.dtype or (quant and p is not i))  # quantised too
         by_name = {i.name: i for i in planned}
         digests: dict[str, bytes] = {}
         spans: dict[str, RawSpan] = {}
@@ -588,7 +594,7 @@ def run(args: argparse.Namespace) -> int:
         args.src, args.dst, src_format=args.src_format, dst_format=args.format,
         dtype=args.dtype, include=args.include, exclude=args.exclude,
         max_shard_size=args.max_shard_size, check=args.verify, quiet=args.quiet,
-        workers=args.workers, scheduler=args.scheduler)
+        workers=args.workers, scheduler=args.scheduler, src_variant=args.variant)
     if args.json:
         emit_json(summary)
     elif not args.quiet:

@@ -119,9 +119,10 @@ def _sort(infos: list[TensorInfo], key: str) -> list[TensorInfo]:
 
 
 def inspect_file(path: str, *, format: str | None = None, stats: bool = False,
-                 filters: list[str] | None = None, sort: str = "name") -> dict[str, Any]:
+                 filters: list[str] | None = None, sort: str = "name",
+                 variant: str | None = None) -> dict[str, Any]:
     """The JSON document ``inspect --json`` prints for one file."""
-    reader, fmt = open_file(path, format)
+    reader, fmt = open_file(path, format, variant)
     with reader:
         infos = reader.infos()
         if filters:
@@ -190,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     for i, path in enumerate(args.files):
         try:
             doc = inspect_file(path, format=args.format, stats=args.stats,
-                               filters=args.filter, sort=args.sort)
+                               filters=args.filter, sort=args.sort, variant=args.variant)
         except TensorBridgeError as exc:
             echo(f"tensorbridge: error: {exc}", sys.stderr)
             errors.append({"path": path, "error": str(exc)})

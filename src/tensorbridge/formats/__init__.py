@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 
 from ..errors import FileFormatError
 from .base import Format, Reader, TensorInfo
@@ -50,14 +51,16 @@ def format_for_path(path: str | os.PathLike[str], format: str | None = None) -> 
     """Pick the format from ``format=`` or from the path's suffix.
 
     A directory named ``*.zarr`` is a zarr store; any other directory (or a path ending
-    in ``/``), or a file ending in ``.index.json``, is a sharded checkpoint.
+    in ``/``), or a file ending in ``.index.json`` (or ``.index.VARIANT.json``), is a
+    sharded checkpoint.
     """
     if format is not None:
         return get_format(format)
     p = os.fspath(path)
     if p.rstrip("/" + os.sep).lower().endswith(".zarr"):  # a directory store, not a checkpoint
         return get_format("zarr")
-    if os.path.isdir(p) or p.endswith((".index.json", "/", os.sep)):
+    if os.path.isdir(p) or p.endswith((".index.json", "/", os.sep)) \
+            or re.search(r"\.index\.[^./\\]+\.json$", p):
         return get_format("sharded")
     suffix = os.path.splitext(p)[1].lower()
     table = _suffix_table()

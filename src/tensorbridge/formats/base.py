@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .names import check_unique
+from .names import check_unique, text_is_utf8
 
 if TYPE_CHECKING:
     from .lazy import LazyArray
@@ -222,7 +222,7 @@ class Format:
         meta = check_metadata(metadata, path)
         for info in infos:
             self.check_info(info, path)
-        check_unique([i.name for i in infos], path)
+        check_unique([i.name for i in infos], path, writing=True)
         return meta
 
     def write(
@@ -274,8 +274,13 @@ def check_metadata(metadata: Any, file: object = "") -> dict[str, str]:
     for key, value in metadata.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise ConversionError(
-                f"{file}: metadata entry {key!r}: {value!r:.100} is refused: file metadata maps "
-                "strings to strings. Fix: convert keys and values with str() or json.dumps().")
+                f"{file}: metadata entry {key!r:.100}: {value!r:.100} is refused: file metadata "
+                "maps strings to strings. Fix: convert keys and values with str() or json.dumps().")
+        if not (text_is_utf8(key) and text_is_utf8(value)):
+            raise ConversionError(
+                f"{file}: metadata entry {key!r:.100}: {value!r:.100} is refused: it holds a lone "
+                "surrogate, which no file can store as UTF-8. Fix: encode the text with "
+                "errors='surrogateescape' and store it as hex, or remove it.")
     return dict(metadata)
 
 

@@ -145,14 +145,15 @@ _UNSUPPORTED_REBUILDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Full(Exception):
+    """brief() has formatted enough."""
+
+
 def brief(obj: object, limit: int = 80) -> str:
     """A ``repr`` of ``obj`` cut to about ``limit`` characters, built without ever
     formatting more than that (the object may be a huge or self-sharing structure)."""
     out: list[str] = []
     used = 0
-
-    class _Full(Exception):
-        pass
 
     def emit(text: str) -> None:
         nonlocal used
@@ -383,6 +384,20 @@ def _globals(path: str) -> dict[str, Any]:
             raise FileFormatError("OrderedDict is called with arguments. Fix: re-save it.", path)
         return _ODict()
 
+    def v1(args: tuple) -> _Tensor | _Refused:
+        # _rebuild_tensor(storage, offset, size, stride): no requires_grad, hooks or bits
+        if len(args) != 4:
+            raise FileFormatError(f"_rebuild_tensor gets {len(args)} arguments.", path)
+        return _rebuild(*args, None, path)
+
+    def device(args: tuple) -> str:
+        # torch.device('cuda', 0) in a checkpoint's metadata: kept as its text
+        if not 1 <= len(args) <= 2 or not isinstance(args[0], str) \
+                or (len(args) == 2 and type(args[1]) is not int):
+            raise FileFormatError(f"torch.device is called with {brief(args)}. Fix: re-save "
+                                  "the checkpoint with torch.save.", path)
+        return args[0] if len(args) == 1 else f"{args[0]}:{args[1]}"
+
     def v2(args: tuple) -> _Tensor | _Refused:
         if len(args) not in (6, 7):
             raise FileFormatError(f"_rebuild_tensor_v2 gets {len(args)} arguments.", path)
@@ -453,7 +468,9 @@ def _globals(path: str) -> dict[str, Any]:
         "builtins.complex": _Global("complex", complex_number),
         "__builtin__.complex": _Global("complex", complex_number),
         "collections.OrderedDict": _Global("collections.OrderedDict", ordered_dict),
+        "torch._utils._rebuild_tensor": _Global("_rebuild_tensor", v1),
         "torch._utils._rebuild_tensor_v2": _Global("_rebuild_tensor_v2", v2),
+        "torch.device": _Global("torch.device", device),
         "torch._utils._rebuild_tensor_v3": _Global("_rebuild_tensor_v3", v3),
         "torch._utils._rebuild_parameter": _Global("_rebuild_parameter", parameter),
         "torch._utils._rebuild_parameter_with_state": _Global("_rebuild_parameter", parameter),
@@ -577,7 +594,7 @@ class _Machine:
         dtype = stype.dtype
         itemsize = 1 if dtype is None else (
             OPAQUE_DTYPES[dtype][0] if dtype in OPAQUE_DTYPES else lookup(dtype).itemsize)
-        nbytes = _int(numel, f"the size of storage {brief(key)}", self.path) * itemsize
+        nbytes = _int(numel, "the size of a storage", self.path) * itemsize
         if self.sizes is not None:
             have = self.sizes.get(key)
             if have is None:
@@ -600,7 +617,9 @@ class _Machine:
         handlers: dict[str, Any] = {}
         for op, arg, pos in ops:
             self.ops += 1
-            self.charge(1 + (len(arg) if isinstance(arg, _STR_LIKE) else 0))
+            self.work += 1 + (len(arg) if isinstance(arg, _STR_LIKE) else 0)
+            if self.work > self.budget:
+                self.charge(0)
             name = op.name
             handler = handlers.get(name)
             if handler is None:

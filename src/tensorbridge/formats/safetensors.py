@@ -39,6 +39,7 @@ replaced raises :class:`FileFormatError`; the destination is left untouched.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -52,10 +53,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ..dtypes import DTYPES, canonical_name, lookup
-from ..errors import ConversionError, FileFormatError, TensorBridgeError, UnsafeContentError
+from ..errors import ConversionError, FileFormatError, UnsafeContentError
 from .atomic import atomic_write
 from .base import Format, RawSpan, Reader, TensorInfo, check_metadata, first_axis_rows
+from . import safejson
 from .names import check_unique
+from .safejson import short
 
 __all__ = [
     "FORMAT",
@@ -368,7 +371,7 @@ def _safetensors_code(info: TensorInfo, file: object) -> str:
 def build_header(infos: Sequence[TensorInfo], metadata: Mapping[str, str] | None,
                  file: object = "") -> bytes:
     """The 8-byte length plus the space-padded JSON header for ``infos``, in order."""
-    check_unique([i.name for i in infos], file)
+    check_unique([i.name for i in infos], file, writing=True)
     header: dict[str, Any] = {}
     meta = check_metadata(metadata, file)
     if meta:
@@ -396,20 +399,6 @@ def build_header(infos: Sequence[TensorInfo], metadata: Mapping[str, str] | None
 
 # --- header validation --------------------------------------------------------
 
-def _no_duplicates(path: str) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
-    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in out:
-                raise UnsafeContentError(
-                    f"the header has the key {key!r} more than once; other readers would "
-                    "silently keep only the last one. Fix: re-save the file with unique names.",
-                    path)
-            out[key] = value
-        return out
-    return hook
-
-
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -418,12 +407,12 @@ def _parse_entry(name: str, entry: object, path: str) -> tuple[TensorInfo, int, 
     if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
         keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
         raise FileFormatError(
-            f"tensor {name!r}: header entry must have exactly the keys 'dtype', 'shape' and "
-            f"'data_offsets', got {keys!r}. Fix: re-save the file with a safetensors writer.", path)
+            f"tensor {short(name)}: header entry must have exactly the keys 'dtype', 'shape' "
+            f"and 'data_offsets', got {short(keys)}. Fix: re-save the file with a safetensors writer.", path)
     code = entry["dtype"]
     if not isinstance(code, str) or code not in CODE_TO_DTYPE:
         raise FileFormatError(
-            f"tensor {name!r}: unknown dtype {code!r}. Fix: use a known dtype code ("
+            f"tensor {short(name)}: unknown dtype {short(code)}. Fix: use a known dtype code ("
             + ", ".join(CODE_TO_DTYPE) + "), or convert the tensor with the tool that wrote it.",
             path)
     dtype = CODE_TO_DTYPE[code]
@@ -431,27 +420,30 @@ def _parse_entry(name: str, entry: object, path: str) -> tuple[TensorInfo, int, 
     if (not isinstance(shape, list) or len(shape) > MAX_NDIM
             or not all(_is_int(d) and d >= 0 for d in shape)):
         raise FileFormatError(
-            f"tensor {name!r}: shape {shape!r} is not a list of at most {MAX_NDIM} "
+            f"tensor {short(name)}: shape {short(shape)} is not a list of at most {MAX_NDIM} "
             "non-negative integers. Fix: the file is corrupt; re-save it.", path)
     size = 1
+    span = lookup(dtype).itemsize  # NumPy refuses a shape whose non-zero dims overflow
     for d in shape:
         size *= d
-        if size >= 2 ** 63:
+        span *= max(d, 1)
+        if size >= 2 ** 63 or span >= 2 ** 63:
             raise FileFormatError(
-                f"tensor {name!r}: shape {shape!r} has more than 2**63 elements (the product "
+                f"tensor {short(name)}: shape {short(shape)} has more than 2**63 elements or bytes (NumPy "
+                "cannot hold that shape, even empty; the product "
                 "overflows). Fix: the file is corrupt or hostile; re-save it.", path)
     offsets = entry["data_offsets"]
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1]):
         raise FileFormatError(
-            f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end] with "
+            f"tensor {short(name)}: data_offsets {short(offsets)} is not [begin, end] with "
             "0 <= begin <= end. Fix: the file is corrupt; re-save it.", path)
     begin, end = offsets
     expected = size * lookup(dtype).itemsize
     if end - begin != expected:
         raise FileFormatError(
-            f"tensor {name!r}: data_offsets {offsets!r} span {end - begin} bytes, but shape "
-            f"{shape!r} of {dtype} needs {expected}. Fix: the file is corrupt; re-save it.", path)
+            f"tensor {short(name)}: data_offsets {short(offsets)} span {end - begin} bytes, but "
+            f"shape {short(shape)} of {dtype} needs {expected}. Fix: the file is corrupt; re-save it.", path)
     return TensorInfo(name, dtype, tuple(shape)), begin, end
 
 
@@ -461,12 +453,12 @@ def _check_tiling(spans: list[tuple[int, int, str]], data_len: int, path: str) -
     for begin, end, name in sorted(spans, key=lambda s: (s[0], s[1])):
         if begin < position:
             raise FileFormatError(
-                f"tensor {name!r}: data_offsets [{begin}, {end}] overlap the previous tensor "
+                f"tensor {short(name)}: data_offsets [{begin}, {end}] overlap the previous tensor "
                 f"(which ends at {position}). Fix: the file is corrupt or hostile; re-save it.",
                 path)
         if begin > position:
             raise FileFormatError(
-                f"tensor {name!r}: data_offsets start at {begin}, leaving a hole of "
+                f"tensor {short(name)}: data_offsets start at {begin}, leaving a hole of "
                 f"{begin - position} unused bytes after byte {position}. Fix: the file is "
                 "corrupt; re-save it.", path)
         position = end
@@ -481,21 +473,9 @@ def _check_tiling(spans: list[tuple[int, int, str]], data_len: int, path: str) -
             f"{data_len} (it is truncated). Fix: download or copy the file again.", path)
 
 
-def _parse_header(raw: bytes, data_len: int, path: str) -> tuple[dict[str, str], list[tuple[TensorInfo, int]]]:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise FileFormatError(
-            f"the header is not valid UTF-8 ({exc.reason} at byte {8 + exc.start}). Fix: this "
-            "is not a safetensors file, or it is corrupt.", path) from exc
-    try:
-        header = json.loads(text, object_pairs_hook=_no_duplicates(path))
-    except TensorBridgeError:
-        raise
-    except (ValueError, RecursionError) as exc:
-        raise FileFormatError(
-            f"the header is not valid JSON ({exc}). Fix: this is not a safetensors file, or it "
-            "is corrupt.", path) from exc
+def _parse_header(raw: bytes | bytearray, data_len: int, path: str,
+                  ) -> tuple[dict[str, str], list[tuple[TensorInfo, int]]]:
+    header = safejson.loads(raw, path, "the header", offset=8)
     if not isinstance(header, dict):
         raise FileFormatError(
             f"the header is a JSON {type(header).__name__}, not an object. Fix: this is not a "
@@ -508,7 +488,7 @@ def _parse_header(raw: bytes, data_len: int, path: str) -> tuple[dict[str, str],
         bad = metadata if not isinstance(metadata, dict) else next(
             {k: v} for k, v in metadata.items() if not isinstance(v, str))
         raise UnsafeContentError(
-            f"__metadata__ must map strings to strings, got {bad!r}. Fix: re-save the file "
+            f"__metadata__ must map strings to strings, got {short(bad)}. Fix: re-save the file "
             "with string metadata values.", path)
     check_unique(header, path)
     entries = []
@@ -531,6 +511,8 @@ class SafetensorsReader(Reader):
         self.path = path
         self._lock = threading.Lock()
         self._fd: int | None = None
+        self._users = 0  # reads under way: close() leaves the descriptor to the last one
+        self._closing = False
         fd, size = open_regular_file(path)
         try:
             if size < 8:
@@ -551,13 +533,16 @@ class SafetensorsReader(Reader):
                     path)
             raw = bytearray(n)
             read_exact_into(fd, memoryview(raw), 8, path)
-            self.metadata, entries = _parse_header(bytes(raw), size - 8 - n, path)
+            self.metadata, entries = _parse_header(raw, size - 8 - n, path)
+            del raw
         except BaseException:
             os.close(fd)
             raise
         self._fd = fd
         st = os.fstat(fd)
         self._file_id = (st.st_dev, st.st_ino)
+        #: what identifies this version of the file (see the sharded reader)
+        self.stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         self._data_start = 8 + n
         self._infos = {info.name: info for info, _ in entries}
         self._begin = {info.name: begin for info, begin in entries}
@@ -571,9 +556,30 @@ class SafetensorsReader(Reader):
         except KeyError:
             raise self.missing(name) from None
 
+    @contextlib.contextmanager
+    def _descriptor(self) -> Iterator[int]:
+        """The open descriptor, which ``close()`` in another thread cannot close (and so
+        let its number be reused by another file) while a read is using it."""
+        with self._lock:
+            if self._fd is None or self._closing:
+                raise FileFormatError("the file is closed. Fix: open it again.", self.path)
+            self._users += 1
+            fd = self._fd
+        try:
+            yield fd
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._closing and self._users == 0 and self._fd is not None:
+                    os.close(self._fd)
+                    self._fd = None
+
     def _read_rows(self, info: TensorInfo, shape: tuple[int, ...], byte_offset: int) -> np.ndarray:
-        if self._fd is None:
-            raise FileFormatError("the file is closed. Fix: open it again.", self.path)
+        with self._descriptor() as fd:
+            return self._read_rows_from(fd, info, shape, byte_offset)
+
+    def _read_rows_from(self, fd: int, info: TensorInfo, shape: tuple[int, ...],
+                        byte_offset: int) -> np.ndarray:
         try:
             out = np.empty(shape, dtype=lookup(info.dtype).numpy)
         except MemoryError as exc:
@@ -582,7 +588,7 @@ class SafetensorsReader(Reader):
                 "read it in parts with read_slice(), or use a machine with more memory.",
                 self.path) from exc
         if out.nbytes:
-            read_exact_into(self._fd, _byte_view(out),
+            read_exact_into(fd, _byte_view(out),
                             self._data_start + self._begin[info.name] + byte_offset, self.path)
         if sys.byteorder == "big" and out.dtype.itemsize > 1:  # pragma: no cover
             out.byteswap(inplace=True)
@@ -617,7 +623,8 @@ class SafetensorsReader(Reader):
 
     def close(self) -> None:
         with self._lock:
-            if self._fd is not None:
+            self._closing = True
+            if self._fd is not None and self._users == 0:
                 os.close(self._fd)
                 self._fd = None
 

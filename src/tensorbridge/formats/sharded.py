@@ -8,26 +8,46 @@ A sharded checkpoint is a directory holding ``model.safetensors.index.json``::
 
 and the shard files it names. Paths accepted by :meth:`ShardedFormat.open`:
 
-- the ``*.index.json`` file itself;
-- a directory with exactly one ``*.index.json``;
-- a directory without an index but with ``model.safetensors`` (preferred) or
-  ``pytorch_model.bin``: a single-file checkpoint.
+- the index file itself (``*.index.json``, or ``*.index.VARIANT.json`` as
+  ``save_pretrained(variant="fp16")`` writes it, with ``model.fp16-0000K-of-0000N`` shards);
+- a directory. ``variant=`` picks a variant's files; without it the plain files are read,
+  or the only variant when there is nothing else (said in ``reader.notes``; several
+  variants and no plain files are refused, naming them). Of one variant, safetensors are
+  read before ``.bin``, as ``transformers`` does: an index, else ``model[.VARIANT].safetensors``,
+  else ``pytorch_model[.VARIANT].bin.index.json``, else ``pytorch_model[.VARIANT].bin``.
+  When ``.bin`` files were passed over, ``reader.notes`` says so.
 
-Reading checks, before any tensor is read: the index is a JSON object with a
-``weight_map`` of unique, safe tensor names to shard file names; every shard
-name is a plain file name in the same directory (no ``/``, ``..``, NUL, and no
-symlink resolving outside the directory); every shard exists and is a regular
-file; and every shard holds exactly the names the map gives it. Shards are
-opened through :func:`tensorbridge.formats.format_for_path` (safetensors or
-``.bin``/``.pt`` shards). At most one shard is open at a time. The index's
-``metadata`` values are returned as strings (``total_size`` as its digits).
+Reading checks, before any tensor is read: the index is JSON within
+:mod:`.safejson`'s budget (nesting, containers per byte, no NaN/Infinity, unique keys) with a
+``weight_map`` of unique, safe tensor names to shard file names; every shard name is a
+plain file name in the same directory (no ``/``, ``..``, NUL, lone surrogate); every file
+read (the index, each shard, a single-file checkpoint) resolves inside the directory, or
+into the ``blobs/`` of a Hugging Face cache snapshot, and no other link is followed (each
+shard is resolved once, however many names it holds); every shard is a regular file and
+holds exactly the names the map gives it. Shards are opened through
+:func:`tensorbridge.formats.format_for_path` (safetensors or ``.bin``/``.pt`` shards). At
+most one shard is open at a time. The index's ``metadata`` values are returned as strings
+in ``reader.metadata``, except ``total_size``, the index's own bookkeeping, which is
+``reader.total_size`` (an int; negative numbers, NaN and Infinity are refused).
+
+One version at a time: the identity of each shard (device, inode, size, modification and
+change times) is recorded when the checkpoint is opened and checked whenever a shard is
+opened again; tensorbridge's saves also write a generation into the index
+(``tensorbridge_generation``) and into every shard's metadata, and the reader checks that
+they agree. A reader that meets a shard of another save raises
+:class:`~tensorbridge.errors.CheckpointChangedError` (``load`` retries up to three times)
+instead of mixing versions.
 
 Writing fills ``{prefix}-00001-of-0000N.safetensors`` greedily in the order of
 ``infos``, so that each shard's tensor bytes stay within ``max_shard_size``
-(default 5GB, as ``transformers``; one larger tensor gets a shard of its own).
-Each shard gets the safetensors metadata ``{"format": "pt"}``, which
-``transformers`` requires. The user's metadata and ``total_size`` go into the
-index (a user ``total_size`` key is refused: it is the index's own field).
+(default 5GB, as ``transformers``; one larger tensor gets a shard of its own; at most
+2**63 - 1). The prefix is ``model``, or taken from the index name
+(``adapter.safetensors.index.json``: ``adapter``; ``model.safetensors.index.fp16.json``:
+``model.fp16``). Each shard gets the safetensors metadata ``{"format": "pt"}``, which
+``transformers`` requires, plus the generation. The user's metadata and ``total_size`` go
+into the index (a user ``total_size`` key is refused: it is the index's own field). A
+directory named like a single file (``x.npz``, ``m.safetensors``) is refused as a
+destination.
 
 A rewrite never touches a file the current index references before the new
 index is in place: the whole write holds an exclusive ``flock`` on the
@@ -36,9 +56,10 @@ killed writers, then writes each shard atomically under a name that does not
 exist yet (the standard names, or, if any is taken, ``{prefix}-<8 hex>-0000K-of-0000N``
 for every shard), then the index atomically (a symlinked index, as in a Hugging
 Face cache snapshot, is replaced as a link, never written through), and only then
-removes the old index's shards and leftover ``{prefix}[-<8 hex>]-NNNNN-of-MMMMM.safetensors``
-files the new index does not list, as ``save_pretrained`` does. A failure before
-the index lands removes the new shards: the old checkpoint stays byte-identical.
+removes the files named ``{prefix}[-<8 hex>]-NNNNN-of-MMMMM.safetensors`` that the new index
+does not list (the previous save's shards, a killed save's), as ``save_pretrained`` does.
+Nothing else is removed, whatever the old index lists. A failure before the index
+lands removes the new shards: the old checkpoint stays byte-identical.
 
 >>> parse_size("5GB"), parse_size("10KiB"), parse_size(123)
 (5000000000, 10240, 123)
@@ -47,6 +68,7 @@ the index lands removes the new shards: the old checkpoint stays byte-identical.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -58,22 +80,33 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import ConversionError, FileFormatError, TensorBridgeError, UnsafeContentError, message
-from . import atomic
+from ..errors import (
+    CheckpointChangedError,
+    ConversionError,
+    FileFormatError,
+    UnsafeContentError,
+    message,
+)
+from . import atomic, safejson
 from .atomic import atomic_write
 from .base import Format, RawSpan, Reader, TensorInfo
-from .names import check_unique
+from .names import check_unique, text_is_utf8
 from .safetensors import FORMAT as SAFETENSORS
 from .safetensors import build_header, open_regular_file, read_exact_into
 
 __all__ = ["FORMAT", "ShardedFormat", "ShardedReader", "parse_size", "plan_shards", "destination",
-           "DEFAULT_MAX_SHARD_SIZE", "INDEX_SUFFIX"]
+           "DEFAULT_MAX_SHARD_SIZE", "INDEX_SUFFIX", "GENERATION_KEY", "is_index_name"]
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+#: The index key (beside ``metadata`` and ``weight_map``) and the shard metadata key that
+#: hold a save's generation, a random token: a reader checks that they agree.
+GENERATION_KEY = "tensorbridge_generation"
 INDEX_SUFFIX = ".index.json"
 _ST_INDEX_SUFFIX = ".safetensors.index.json"
 _DEFAULT_INDEX = "model.safetensors.index.json"
 _SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+#: The largest max_shard_size (2**63 - 1: a file offset's limit).
+MAX_SHARD_SIZE = 2**63 - 1
 #: An index larger than this is refused before it is read into memory.
 MAX_INDEX_SIZE = 100_000_000
 
@@ -91,17 +124,24 @@ def parse_size(text: str | int) -> int:
     if isinstance(text, (int, np.integer)) and not isinstance(text, bool):
         value = int(text)
     else:
-        match = _SIZE_RE.fullmatch(str(text)) if isinstance(text, str) else None
+        match = _SIZE_RE.fullmatch(text) if isinstance(text, str) and len(text) <= 64 else None
         if match is None:
             raise ConversionError(message(
-                f"the size {text!r}", "it is not a number of bytes with an optional unit",
-                "write it like 5GB, 500MB, 10KiB, 2GiB or 1048576"))
+                f"the size {safejson.short(text)}", "it is not a number of bytes with an "
+                "optional unit", "write it like 5GB, 500MB, 10KiB, 2GiB or 1048576"))
         unit = (match.group(2) or "").lower()
-        value = int(float(match.group(1)) * _UNITS[unit]) if "." in match.group(1) \
-            else int(match.group(1)) * _UNITS[unit]
+        try:
+            value = int(float(match.group(1)) * _UNITS[unit]) if "." in match.group(1) \
+                else int(match.group(1)) * _UNITS[unit]
+        except (OverflowError, ValueError):  # inf, or past the int-to-str digit limit
+            value = MAX_SHARD_SIZE + 1
     if value <= 0:
         raise ConversionError(message(
-            f"the size {text!r}", "a shard size must be positive", "give e.g. 5GB"))
+            f"the size {safejson.short(text)}", "a shard size must be positive", "give e.g. 5GB"))
+    if value > MAX_SHARD_SIZE:
+        raise ConversionError(message(
+            f"the size {safejson.short(text)}", f"it is over {MAX_SHARD_SIZE} bytes (8 EiB), "
+            "more than any file can hold", "give e.g. 5GB"))
     return value
 
 
@@ -124,7 +164,26 @@ def plan_shards(infos: Sequence[TensorInfo], max_shard_size: int) -> list[list[T
 
 # --- locating and validating ----------------------------------------------------
 
-def _load_json(path: str) -> Any:
+#: An index file name: ``NAME.index.json``, or ``NAME.index.VARIANT.json`` (``save_pretrained(variant=...)``).
+_INDEX_RE = re.compile(r"(?P<base>.+)\.index(?:\.(?P<variant>[^./\\\x00]+))?\.json")
+_VARIANT_RE = re.compile(r"[A-Za-z0-9_+-]+")
+#: A single-file checkpoint, plain or of a variant (not a shard: ``model.fp16-00001-of-00002``).
+_SINGLE_RE = re.compile(r"(?P<stem>model|pytorch_model)(?:\.(?P<variant>[^./\\\x00]+))?"
+                        r"\.(?P<ext>safetensors|bin)")
+_SHARD_SUFFIX_RE = re.compile(r".*-\d{5}-of-\d{5}")
+
+
+def is_index_name(path: str) -> bool:
+    """Whether ``path`` names a sharded index (``*.index.json`` or ``*.index.VARIANT.json``).
+
+    >>> is_index_name("d/model.safetensors.index.fp16.json"), is_index_name("config.json")
+    (True, False)
+    """
+    return _INDEX_RE.fullmatch(os.path.basename(os.fspath(path))) is not None
+
+
+def _load_json(path: str) -> tuple[Any, tuple[int, ...]]:
+    """The parsed index (under :mod:`.safejson`'s budget) and the stamp of the file read."""
     fd, size = open_regular_file(path)
     try:
         if size > MAX_INDEX_SIZE:
@@ -133,31 +192,75 @@ def _load_json(path: str) -> Any:
                 "is not a checkpoint index, or it is corrupt.", path)
         raw = bytearray(size)
         read_exact_into(fd, memoryview(raw), 0, path)
+        stamp = _stamp(os.fstat(fd))
     finally:
         os.close(fd)
-
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in out:
-                raise UnsafeContentError(
-                    f"the index has the key {key!r} more than once; other readers would keep "
-                    "only the last one. Fix: write the index with unique keys.", path)
-            out[key] = value
-        return out
-
-    try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
-    except TensorBridgeError:
-        raise
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError too
-        raise FileFormatError(
-            f"the index is not valid UTF-8 JSON ({exc}). Fix: restore the "
-            "*.index.json from the original checkpoint.", path) from exc
+    return safejson.loads(raw, path, "the index"), stamp
 
 
-def _locate(path: str) -> tuple[str | None, str, str | None]:
-    """Return ``(index_path, directory, single_file)``; exactly one of the paths is set."""
+def _stamp(st: os.stat_result) -> tuple[int, ...]:
+    """What identifies one version of a file: device, inode, size and change times."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _check_variant(variant: object) -> str | None:
+    if variant is None:
+        return None
+    if not isinstance(variant, str) or not _VARIANT_RE.fullmatch(variant):
+        raise ConversionError(message(
+            f"variant={safejson.short(variant)}", "a variant is a plain word such as 'fp16' "
+            "(the VARIANT of model.safetensors.index.VARIANT.json)",
+            "pass the variant's name, e.g. variant='fp16'"))
+    return variant
+
+
+class _Layout:
+    """What a checkpoint directory holds, by kind (safetensors or bin) and variant."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.indexes: dict[tuple[str, str | None], list[str]] = {}
+        self.singles: dict[tuple[str, str | None], list[str]] = {}
+        for n in names:
+            m = _INDEX_RE.fullmatch(n)
+            if m:
+                kind = "bin" if m["base"].endswith(".bin") else "safetensors"
+                self.indexes.setdefault((kind, m["variant"]), []).append(n)
+                continue
+            m = _SINGLE_RE.fullmatch(n)
+            if m and not (m["variant"] and _SHARD_SUFFIX_RE.fullmatch(m["variant"])) \
+                    and (m["stem"], m["ext"]) in (("model", "safetensors"), ("pytorch_model", "bin")):
+                kind = "safetensors" if m["ext"] == "safetensors" else "bin"
+                self.singles.setdefault((kind, m["variant"]), []).append(n)
+
+    def variants(self) -> list[str]:
+        return sorted({v for (_, v) in [*self.indexes, *self.singles] if v is not None})
+
+    def pick(self, variant: str | None, path: str) -> tuple[str, bool, str] | None:
+        """``(file name, is_index)`` for ``variant``: safetensors first (an index, then
+        ``model[.VARIANT].safetensors``), then .bin, as ``transformers`` prefers."""
+        for kind in ("safetensors", "bin"):
+            found = self.indexes.get((kind, variant), [])
+            if len(found) > 1:
+                raise FileFormatError(
+                    f"the directory holds several indexes {safejson.short(sorted(found))}. Fix: "
+                    "pass the path of the one to read, e.g. "
+                    f"{safejson.short(os.path.join(path, sorted(found)[0]))}.", path)
+            if found:
+                return found[0], True, kind
+            single = self.singles.get((kind, variant))
+            if single:
+                return single[0], False, kind
+        return None
+
+    def other_kind(self, variant: str | None) -> list[str]:
+        """The .bin files of ``variant`` that the safetensors choice leaves unread."""
+        return sorted(self.indexes.get(("bin", variant), []) + self.singles.get(("bin", variant), []))
+
+
+def _locate(path: str, variant: str | None
+            ) -> tuple[str | None, str, str | None, list[str]]:
+    """Return ``(index_path, directory, single_file, notes)``; one of the two paths is set.
+    ``notes`` says what was chosen over what (see :attr:`ShardedReader.notes`)."""
     if os.path.isdir(path):
         try:
             names = sorted(os.listdir(path))
@@ -165,21 +268,49 @@ def _locate(path: str) -> tuple[str | None, str, str | None]:
             raise FileFormatError(
                 f"cannot list the directory ({exc.strerror}). Fix: check its permissions.",
                 path) from exc
-        indexes = [n for n in names if n.endswith(INDEX_SUFFIX)]
-        if len(indexes) == 1:
-            return os.path.join(path, indexes[0]), path, None
-        if len(indexes) > 1:
+        layout = _Layout(names)
+        notes: list[str] = []
+        chosen = layout.pick(variant, path)
+        if chosen is None and variant is None and len(layout.variants()) == 1:
+            only = layout.variants()[0]
+            chosen = layout.pick(only, path)
+            notes.append(f"the directory holds only the {only!r} variant; it was read "
+                         f"(pass variant={only!r} to say so)")
+            variant = only
+        if chosen is None:
+            if variant is not None:
+                raise FileFormatError(
+                    f"the directory holds no variant {variant!r} (no "
+                    f"*.index.{variant}.json, model.{variant}.safetensors or "
+                    f"pytorch_model.{variant}.bin). Fix: pass one of its variants "
+                    f"{layout.variants()!r}, or variant=None for the plain files.", path)
+            if layout.variants():
+                raise FileFormatError(
+                    f"the directory holds several variants {layout.variants()!r} and no plain "
+                    "checkpoint. Fix: choose one, e.g. tb.load(path, variant="
+                    f"{layout.variants()[0]!r}), or pass the path of its index.", path)
             raise FileFormatError(
-                f"the directory holds several indexes {indexes!r}. Fix: pass the path of the "
-                "one to read, e.g. " + repr(os.path.join(path, indexes[0])) + ".", path)
-        for single in _SINGLE_FILES:
-            if single in names:
-                return None, path, os.path.join(path, single)
-        raise FileFormatError(
-            "the directory holds no *.index.json, model.safetensors or pytorch_model.bin. Fix: "
-            "pass the path of a checkpoint file or a sharded checkpoint directory.", path)
-    if path.endswith(INDEX_SUFFIX):
-        return path, os.path.dirname(path) or ".", None
+                "the directory holds no *.index.json, model.safetensors or pytorch_model.bin. "
+                "Fix: pass the path of a checkpoint file or a sharded checkpoint directory.",
+                path)
+        name, is_index, kind = chosen
+        if kind == "safetensors":
+            unread = layout.other_kind(variant)
+            if unread:
+                notes.append(f"read the safetensors files ({name}); the .bin files "
+                             f"{unread!r} hold the same model and were not read, as "
+                             "transformers prefers safetensors")
+        full = os.path.join(path, name)
+        return (full, path, None, notes) if is_index else (None, path, full, notes)
+    if is_index_name(path):
+        m = _INDEX_RE.fullmatch(os.path.basename(path))
+        assert m is not None
+        if variant is not None and m["variant"] != variant:
+            raise ConversionError(message(
+                f"variant={variant!r} with the index {safejson.short(path)}",
+                f"that index is of {'no variant' if m['variant'] is None else repr(m['variant'])}",
+                "pass the checkpoint's directory with variant=, or the index alone"))
+        return path, os.path.dirname(path) or ".", None, []
     raise FileFormatError(
         "it is neither a directory nor a *.index.json file. Fix: pass a sharded checkpoint's "
         "directory or its index.", path)
@@ -202,44 +333,68 @@ def _hf_blobs(root: str) -> str | None:
     return None
 
 
-def _shard_path(directory: str, shard: object, index_path: str) -> str:
-    """The checked path of a shard named in the index."""
-    why = None
+class _Place:
+    """The link policy of one checkpoint directory: a file it names must resolve inside
+    the directory itself or, in a Hugging Face cache snapshot, inside the repo's
+    ``blobs/``. Applied to the index, to every shard and to a single-file checkpoint.
+    The directory is resolved once (not once per tensor name)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.root = os.path.realpath(directory)
+        self.blobs = _hf_blobs(self.root)
+
+    def check(self, name: str, what: str, where: str) -> str:
+        """``os.path.join(directory, name)`` once its target is known to be allowed and to
+        be a regular file; ``what`` names the file in messages, ``where`` is the file blamed."""
+        full = os.path.join(self.directory, name)
+        real = os.path.realpath(full)
+        if os.path.dirname(real) not in (self.root, self.blobs):
+            raise UnsafeContentError(
+                f"{what} is a symlink that resolves to {safejson.short(real)}, outside "
+                f"{safejson.short(self.root)}; links may only point into a Hugging Face cache's "
+                "blobs/. Fix: copy the file into the checkpoint directory instead of linking "
+                "to it.", where)
+        try:
+            mode = os.stat(real).st_mode
+        except FileNotFoundError:
+            raise FileFormatError(
+                f"{what} does not exist. Fix: download the missing file, or restore the "
+                "complete checkpoint.", where) from None
+        except OSError as exc:
+            raise FileFormatError(
+                f"{what} cannot be read ({exc.strerror}). Fix: check its permissions.",
+                where) from exc
+        if not stat.S_ISREG(mode):
+            raise FileFormatError(
+                f"{what} is not a regular file. Fix: replace it with the file.", where)
+        return full
+
+
+def _shard_name_problem(shard: object) -> str | None:
     if not isinstance(shard, str):
-        why = f"it is a {type(shard).__name__}, not a file name"
-    elif shard in ("", ".", ".."):
-        why = "it is not a file name"
-    elif "\x00" in shard:
-        why = "it contains a NUL character"
-    elif "/" in shard or "\\" in shard or os.path.isabs(shard) or shard[1:2] == ":":
-        why = "it is a path, not a plain file name in the index's directory"
+        return f"it is a {type(shard).__name__}, not a file name"
+    if shard in ("", ".", ".."):
+        return "it is not a file name"
+    if "\x00" in shard:
+        return "it contains a NUL character"
+    if "/" in shard or "\\" in shard or os.path.isabs(shard) or shard[1:2] == ":":
+        return "it is a path, not a plain file name in the index's directory"
+    if not text_is_utf8(shard):
+        return "it is not valid Unicode (a lone surrogate), so no file can have that name"
+    return None
+
+
+def _shard_path(place: _Place, shard: object, index_path: str) -> str:
+    """The checked path of a shard named in the index."""
+    why = _shard_name_problem(shard)
     if why:
         raise UnsafeContentError(
-            f"shard {shard!r} is refused: {why}. Fix: shards must be plain file names next "
-            "to the index, e.g. 'model-00001-of-00002.safetensors'.", index_path)
-    assert isinstance(shard, str)  # (for the type checker: anything else was refused above)
-    full = os.path.join(directory, shard)
-    root = os.path.realpath(directory)
-    real = os.path.realpath(full)
-    if os.path.dirname(real) != root and os.path.dirname(real) != _hf_blobs(root):
-        raise UnsafeContentError(
-            f"shard {shard!r} is a symlink that resolves to {real!r}, outside {root!r}. Fix: "
-            "copy the shard into the checkpoint directory instead of linking to it.", index_path)
-    try:
-        mode = os.stat(real).st_mode
-    except FileNotFoundError:
-        raise FileFormatError(
-            f"shard {shard!r} is listed in the index but does not exist. Fix: download the "
-            "missing shard, or restore the complete checkpoint.", index_path) from None
-    except OSError as exc:
-        raise FileFormatError(
-            f"shard {shard!r} cannot be read ({exc.strerror}). Fix: check its permissions.",
-            index_path) from exc
-    if not stat.S_ISREG(mode):
-        raise FileFormatError(
-            f"shard {shard!r} is not a regular file. Fix: replace it with the shard file.",
+            f"shard {safejson.short(shard)} is refused: {why}. Fix: shards must be plain "
+            "file names next to the index, e.g. 'model-00001-of-00002.safetensors'.",
             index_path)
-    return full
+    assert isinstance(shard, str)
+    return place.check(shard, f"shard {safejson.short(shard)}", index_path)
 
 
 def _open_shard(path: str) -> Reader:
@@ -252,14 +407,20 @@ def _open_shard(path: str) -> Reader:
     fmt = format_for_path(path)
     if fmt.name == "sharded":
         raise UnsafeContentError(
-            f"shard {os.path.basename(path)!r} is itself an index; nested indexes are not "
-            "supported. Fix: list the shard files in a single index.", path)
+            f"shard {safejson.short(os.path.basename(path))} is itself an index; nested "
+            "indexes are not supported. Fix: list the shard files in a single index.", path)
     return fmt.open(path)
 
 
-def _stringify_metadata(raw: object, index_path: str) -> dict[str, str]:
+def _reader_stamp(reader: Reader, path: str) -> tuple[int, ...]:
+    stamp = getattr(reader, "stamp", None)
+    return tuple(stamp) if stamp is not None else _stamp(os.stat(path))
+
+
+def _stringify_metadata(raw: object, index_path: str) -> tuple[dict[str, str], int | None]:
+    """The index's metadata as strings, less ``total_size``, and ``total_size``."""
     if raw is None:
-        return {}
+        return {}, None
     if not isinstance(raw, dict):
         raise FileFormatError(
             f"the index's 'metadata' is a {type(raw).__name__}, not an object. Fix: make it "
@@ -272,66 +433,129 @@ def _stringify_metadata(raw: object, index_path: str) -> dict[str, str]:
             out[key] = json.dumps(value)
         else:
             raise FileFormatError(
-                f"the index's metadata {key!r} is {value!r}; only strings and numbers are "
-                "supported. Fix: store it as a string.", index_path)
+                f"the index's metadata {safejson.short(key)} is {safejson.short(value)}; only "
+                "strings and numbers are supported. Fix: store it as a string.", index_path)
     total = raw.get("total_size")
     if total is not None and (not isinstance(total, (int, float)) or isinstance(total, bool)
                               or total < 0):
         raise FileFormatError(
-            f"the index's total_size {total!r} is not a non-negative number. Fix: set it to "
-            "the sum of the tensors' bytes.", index_path)
-    return out
+            f"the index's total_size {safejson.short(total)} is not a non-negative number. "
+            "Fix: set it to the sum of the tensors' bytes.", index_path)
+    out.pop("total_size", None)
+    return out, (None if total is None else int(total))
+
+
+def _changed(what: str, path: str) -> CheckpointChangedError:
+    return CheckpointChangedError(
+        f"the checkpoint changed while it was being read ({what}); nothing read from it "
+        "mixes two versions. Fix: open or load it again (a save into this directory was "
+        "under way).", path)
 
 
 class ShardedReader(Reader):
-    """A validated sharded checkpoint; shards are opened one at a time on demand."""
+    """A validated sharded checkpoint; shards are opened one at a time on demand.
 
-    def __init__(self, path: str) -> None:
+    ``notes`` lists what was chosen when the directory offered more than one checkpoint
+    (safetensors over ``.bin``, the only variant); ``total_size`` is the index's
+    ``total_size`` (``None`` without an index), which is not part of ``metadata``.
+
+    One version: each shard's identity (device, inode, size, change times) is recorded
+    when the checkpoint is opened, and each later opening of a shard checks it, and
+    checks the shard's generation against the index's when tensorbridge wrote them: a
+    shard replaced by a later save raises :class:`~tensorbridge.errors.CheckpointChangedError`
+    instead of returning data of another version.
+    """
+
+    def __init__(self, path: str, variant: str | None = None) -> None:
         self.path = path
         self._lock = threading.RLock()
         self._current: tuple[str, Reader] | None = None
         self._closed = False
-        index_path, directory, single = _locate(path)
+        self.total_size: int | None = None
+        self._generation: str | None = None
+        self._stamps: dict[str, tuple[int, ...]] = {}
+        index_path, directory, single, self.notes = _locate(path, _check_variant(variant))
+        place = _Place(directory)
         if single is not None:
+            single = place.check(os.path.basename(single),
+                                 safejson.short(os.path.basename(single)), path)
             with _open_shard(single) as r:
                 self._infos = {i.name: i for i in r.infos()}
                 self.metadata = dict(r.metadata)
+                self._stamps[single] = _reader_stamp(r, single)
             self._where = {name: single for name in self._infos}
             return
         assert index_path is not None
+        place.check(os.path.basename(index_path),
+                    f"the index {safejson.short(os.path.basename(index_path))}", index_path)
         self.path = index_path
-        index = _load_json(index_path)
+        index, index_stamp = _load_json(index_path)
+        try:
+            self._validate(index, index_path, place)
+        except FileFormatError as exc:
+            if isinstance(exc, CheckpointChangedError):
+                raise
+            try:
+                now = _stamp(os.stat(index_path))
+            except OSError:
+                now = ()
+            if now != index_stamp:
+                raise _changed("its index was replaced while the shards were checked",
+                               index_path) from exc
+            raise
+
+    def _validate(self, index: Any, index_path: str, place: _Place) -> None:
         if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
             got = type(index).__name__ if not isinstance(index, dict) else sorted(index)
             raise FileFormatError(
-                f"the index must be a JSON object with a 'weight_map' object, got {got!r}. Fix: "
-                "restore the *.index.json from the original checkpoint.", index_path)
+                f"the index must be a JSON object with a 'weight_map' object, got "
+                f"{safejson.short(got)}. Fix: restore the *.index.json from the original "
+                "checkpoint.", index_path)
         weight_map: dict[str, Any] = index["weight_map"]
         check_unique(weight_map, index_path)
-        self.metadata = _stringify_metadata(index.get("metadata"), index_path)
+        self.metadata, self.total_size = _stringify_metadata(index.get("metadata"), index_path)
+        generation = index.get(GENERATION_KEY)
+        self._generation = generation if isinstance(generation, str) else None
         by_shard: dict[str, list[str]] = {}
+        paths: dict[object, str] = {}  # shard name -> checked path, once per shard
+        where: dict[str, str] = {}
         for name, shard in weight_map.items():
-            by_shard.setdefault(_shard_path(directory, shard, index_path), []).append(name)
+            key = shard if isinstance(shard, str) else id(shard)
+            full = paths.get(key)
+            if full is None:
+                full = paths[key] = _shard_path(place, shard, index_path)
+            by_shard.setdefault(full, []).append(name)
+            where[name] = full
         found: dict[str, TensorInfo] = {}
         for shard_path, listed in by_shard.items():
             with _open_shard(shard_path) as r:
+                self._check_version(r, shard_path)
                 held = r.keys()
                 missing = sorted(set(listed) - set(held))
                 extra = sorted(set(held) - set(listed))
                 if missing:
                     raise FileFormatError(
-                        f"the index puts {missing[:10]!r} in shard "
-                        f"{os.path.basename(shard_path)!r}, which does not hold them. Fix: "
-                        "restore the matching index and shards.", index_path)
+                        f"the index puts {safejson.short(missing[:10])} in shard "
+                        f"{safejson.short(os.path.basename(shard_path))}, which does not hold "
+                        "them. Fix: restore the matching index and shards.", index_path)
                 if extra:
                     raise FileFormatError(
-                        f"shard {os.path.basename(shard_path)!r} holds {extra[:10]!r}, which the "
-                        "index's weight_map does not list there. Fix: restore the matching "
-                        "index and shards.", index_path)
+                        f"shard {safejson.short(os.path.basename(shard_path))} holds "
+                        f"{safejson.short(extra[:10])}, which the index's weight_map does not "
+                        "list there. Fix: restore the matching index and shards.", index_path)
                 for name in listed:
                     found[name] = r.info(name)
+                self._stamps[shard_path] = _reader_stamp(r, shard_path)
         self._infos = {name: found[name] for name in weight_map}
-        self._where = {name: os.path.join(directory, weight_map[name]) for name in weight_map}
+        self._where = where
+
+    def _check_version(self, reader: Reader, shard_path: str) -> None:
+        """A shard written by tensorbridge carries its save's generation: it must be the
+        index's."""
+        if self._generation is not None \
+                and reader.metadata.get(GENERATION_KEY) != self._generation:
+            raise _changed(f"shard {safejson.short(os.path.basename(shard_path))} belongs to "
+                           "another save than the index", self.path)
 
     def keys(self) -> list[str]:
         return list(self._infos)
@@ -354,7 +578,22 @@ class ShardedReader(Reader):
             raise FileFormatError("the file is closed. Fix: open it again.", self.path)
         if self._current is None or self._current[0] != shard:
             self._drop_current()
-            self._current = (shard, _open_shard(shard))
+            try:
+                reader = _open_shard(shard)
+            except FileFormatError as exc:
+                if isinstance(exc, CheckpointChangedError):
+                    raise
+                raise _changed(f"shard {safejson.short(os.path.basename(shard))} cannot be "
+                               "opened again", self.path) from exc
+            try:
+                if _reader_stamp(reader, shard) != self._stamps[shard]:
+                    raise _changed(f"shard {safejson.short(os.path.basename(shard))} was "
+                                   "replaced or modified since it was opened", self.path)
+                self._check_version(reader, shard)
+            except BaseException:
+                reader.close()
+                raise
+            self._current = (shard, reader)
         return self._current[1]
 
     def _drop_current(self) -> None:
@@ -386,16 +625,24 @@ class ShardedReader(Reader):
 # --- writing --------------------------------------------------------------------
 
 def destination(path: str) -> tuple[str, str, str]:
-    """``(directory, index_name, shard_prefix)`` for a directory or index path."""
-    if path.endswith(INDEX_SUFFIX):
+    """``(directory, index_name, shard_prefix)`` for a directory or index path; an index
+    of a variant (``model.safetensors.index.fp16.json``) gets ``model.fp16-0000K-of-0000N``
+    shards, as ``save_pretrained(variant="fp16")`` names them."""
+    if is_index_name(path):
         index_name = os.path.basename(path)
-        if not index_name.endswith(_ST_INDEX_SUFFIX) or index_name == _ST_INDEX_SUFFIX:
+        m = _INDEX_RE.fullmatch(index_name)
+        assert m is not None
+        base = m["base"]
+        if not base.endswith(".safetensors") or base == ".safetensors":
             raise FileFormatError(
                 "tensorbridge writes safetensors shards, so the index must be named "
-                "'NAME.safetensors.index.json'. Fix: use e.g. "
-                f"{os.path.join(os.path.dirname(path), _DEFAULT_INDEX)!r}, or pass a directory.",
-                path)
-        return os.path.dirname(path) or ".", index_name, index_name[: -len(_ST_INDEX_SUFFIX)]
+                "'NAME.safetensors.index.json' (or 'NAME.safetensors.index.VARIANT.json'). Fix: "
+                f"use e.g. {os.path.join(os.path.dirname(path), _DEFAULT_INDEX)!r}, or pass a "
+                "directory.", path)
+        prefix = base[: -len(".safetensors")]
+        if m["variant"]:
+            prefix += "." + m["variant"]
+        return os.path.dirname(path) or ".", index_name, prefix
     return path, _DEFAULT_INDEX, "model"
 
 
@@ -409,33 +656,57 @@ def _shard_pattern(prefix: str) -> re.Pattern[str]:
     return re.compile(re.escape(prefix) + r"(?:-[0-9a-f]{8})?-\d{5}-of-\d{5}\.safetensors")
 
 
-def _old_index_shards(index_path: str) -> set[str]:
-    """The shard names the current index at ``index_path`` lists (plain ``.safetensors``
-    file names only: an odd or hostile index never gets other files removed)."""
-    try:
-        index = _load_json(index_path)
-    except (TensorBridgeError, OSError):
-        return set()
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict):
-        return set()
-    return {v for v in weight_map.values()
-            if isinstance(v, str) and v.endswith(".safetensors") and not v.startswith(".")
-            and "/" not in v and "\\" not in v and "\x00" not in v}
-
-
-def _remove_old_shards(directory: str, prefix: str, old: set[str], keep: set[str]) -> None:
-    """After the new index is in place: remove the shards the old index listed and any
-    leftover shard of ``prefix`` (e.g. of a killed save) that the new index does not list."""
+def _remove_old_shards(directory: str, prefix: str, keep: set[str]) -> None:
+    """After the new index is in place: remove the shards of ``prefix`` (the standard names
+    and tagged ones, which are this writer's own names: those of the previous save, of a
+    killed one) that the new index does not list. Nothing else is removed, whatever the
+    old index listed: a hostile index cannot get other files deleted."""
     pattern = _shard_pattern(prefix)
     try:
         names = os.listdir(directory)
     except OSError:
         return
     for name in names:
-        if name not in keep and (name in old or pattern.fullmatch(name)):
+        if name not in keep and pattern.fullmatch(name):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(directory, name))
+
+
+def new_generation(previous: str | None, infos: Sequence[TensorInfo], prefix: str) -> str:
+    """A save's generation: 16 hex digits of a hash of the previous save's generation (the
+    index being replaced) and of what is written. Every save into a directory differs from
+    the one it replaces, and the same tree saved into a fresh directory gives the same
+    bytes every time (a parallel convert is byte-identical to one process)."""
+    digest = hashlib.sha256(json.dumps(
+        [previous or "", prefix, [[i.name, i.dtype, list(i.shape)] for i in infos]],
+        ensure_ascii=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def _previous_generation(index_path: str) -> str | None:
+    """The generation of the index about to be replaced (``None`` when there is none)."""
+    try:
+        index, _ = _load_json(index_path)
+    except (FileFormatError, OSError):
+        return None
+    value = index.get(GENERATION_KEY) if isinstance(index, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _refuse_file_named_directory(directory: str) -> None:
+    """A directory named like a single file (``x.npz``, ``m.safetensors``) is not written
+    into: that was a single file meant, and a sharded checkpoint would hide in it."""
+    from . import FORMAT_MODULES, get_format
+
+    suffix = os.path.splitext(os.path.basename(os.path.normpath(directory)))[1].lower()
+    for name in FORMAT_MODULES:
+        fmt = get_format(name)
+        if name != "sharded" and suffix in fmt.suffixes:
+            raise FileFormatError(
+                f"the destination is a directory named like a .{name} file ({suffix}); a "
+                "sharded checkpoint would be written inside it. Fix: to write one "
+                f"{suffix} file, remove or rename that directory; for a sharded checkpoint, "
+                "choose a directory name without a file suffix.", directory)
 
 
 def _unlink_all(paths: list[str]) -> None:
@@ -471,8 +742,10 @@ class ShardedFormat(Format):
         build_header(infos, None, path)  # the reserved name and the header size limit
         return meta
 
-    def open(self, path: str) -> ShardedReader:
-        return ShardedReader(os.fspath(path))
+    def open(self, path: str, *, variant: str | None = None) -> ShardedReader:
+        """Open a sharded checkpoint (see the module docstring); ``variant`` picks the
+        files of ``save_pretrained(variant=...)`` in a directory."""
+        return ShardedReader(os.fspath(path), variant)
 
     def write(
         self,
@@ -491,6 +764,7 @@ class ShardedFormat(Format):
         user_metadata = self.check_write(path, infos, metadata, options)
         max_shard_size = parse_size(options.get("max_shard_size", DEFAULT_MAX_SHARD_SIZE))
         directory, index_name, prefix = destination(path)
+        _refuse_file_named_directory(directory)
         try:
             os.makedirs(directory, exist_ok=True)
         except OSError as exc:
@@ -503,7 +777,7 @@ class ShardedFormat(Format):
         # shards half-way (its old index is read and its old shards removed under the lock).
         with atomic.lock_directory(directory):
             atomic.remove_stale_in(directory)  # leftovers of killed writers only (unlocked)
-            old = _old_index_shards(index_path)
+            generation = new_generation(_previous_generation(index_path), infos, prefix)
             names = _shard_names(prefix, len(groups))
             # Never overwrite a file the current index may reference: if any standard name
             # is taken, every new shard gets a fresh, unique name.
@@ -514,13 +788,15 @@ class ShardedFormat(Format):
                 for shard, group in zip(names, groups, strict=True):
                     final = os.path.join(directory, shard)
                     written.append(final)  # safetensors' atomic write removes its own temp
-                    SAFETENSORS.write(final, group, fetch, {"format": "pt"}, landed=landed,
+                    SAFETENSORS.write(final, group, fetch,
+                                      {"format": "pt", GENERATION_KEY: generation}, landed=landed,
                                       checked=True)
                 atomic.fsync_dir(directory)
                 index = {
                     "metadata": {**user_metadata, "total_size": sum(i.nbytes for i in infos)},
                     "weight_map": {i.name: shard for shard, group in zip(names, groups, strict=True)
                                    for i in group},
+                    GENERATION_KEY: generation,
                 }
                 # the link itself is replaced, as the shards are (a Hugging Face cache
                 # snapshot links into content-addressed blobs that must not change)
@@ -531,7 +807,7 @@ class ShardedFormat(Format):
                 _unlink_all(written)  # the old index and its shards were never touched
                 atomic.fsync_dir(directory)
                 raise
-            _remove_old_shards(directory, prefix, old, set(names) | {index_name})
+            _remove_old_shards(directory, prefix, set(names) | {index_name})
             atomic.fsync_dir(directory)
 
 

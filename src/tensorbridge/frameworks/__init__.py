@@ -14,17 +14,23 @@ from typing import Any
 from ..errors import ConversionError, message
 from .base import Backend, Facts, Step
 
-__all__ = ["FRAMEWORK_MODULES", "ALIASES", "get_backend", "backend_of", "Backend", "Facts", "Step"]
+__all__ = ["FRAMEWORK_MODULES", "TARGETS", "ALIASES", "get_backend", "backend_of", "Backend", "Facts", "Step"]
 
-#: public framework name -> (module under tensorbridge.frameworks, top-level module it serves)
+#: public framework name -> (module under tensorbridge.frameworks, top-level module it serves).
+#: "protocol" serves no module: any object that speaks DLPack or an array interface, consulted
+#: after the frameworks; it is a source only (see TARGETS).
 FRAMEWORK_MODULES: dict[str, tuple[str, str]] = {
     "numpy": ("numpy", "numpy"),
     "torch": ("torch", "torch"),
     "tensorflow": ("tensorflow", "tensorflow"),
     "jax": ("jax", "jax"),
     "cupy": ("cupy", "cupy"),
+    "mlx": ("mlx", "mlx.core"),
+    "protocol": ("protocol", ""),
 }
-ALIASES = {"np": "numpy", "pytorch": "torch", "tf": "tensorflow", "cp": "cupy"}
+#: the names ``to=`` takes
+TARGETS = tuple(name for name, (_, top) in FRAMEWORK_MODULES.items() if top)
+ALIASES = {"np": "numpy", "pytorch": "torch", "tf": "tensorflow", "cp": "cupy", "mx": "mlx"}
 
 _BACKENDS: dict[str, Backend] = {}
 _BY_TYPE: dict[type, Backend | None] = {}
@@ -39,7 +45,7 @@ def get_backend(name: str) -> Backend:
         if row is None:
             raise ConversionError(message(
                 f"to={name!r}", "it is not a framework tensorbridge knows",
-                "use one of " + ", ".join(FRAMEWORK_MODULES)))
+                "use one of " + ", ".join(TARGETS)))
         backend = importlib.import_module(f"{__name__}.{row[0]}").BACKEND
         _BACKENDS[key] = backend
     return backend
@@ -54,7 +60,7 @@ def backend_of(tp: type) -> Backend | None:
         pass
     found = None
     for name, (_, top) in FRAMEWORK_MODULES.items():
-        if top in sys.modules:
+        if not top or top in sys.modules:
             backend = get_backend(name)
             if backend.owns(tp):
                 found = backend

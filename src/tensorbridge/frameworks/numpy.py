@@ -68,7 +68,7 @@ class NumpyBackend(Backend):
         if strides and min(strides) < 0:  # which dims are flipped decides the route
             pairs = list(zip(strides, x.shape, strict=True))
             flip = (any(s < 0 and n > 1 for s, n in pairs), any(s < 0 and n <= 1 for s, n in pairs))
-        if target == "torch":  # torch.from_numpy reads neither the layout, address nor size
+        if target in ("torch", "mlx"):  # from_numpy/mx.array read neither layout, address nor size
             return (type(x), dt, dt.char, flags.writeable, flip)
         key = (type(x), dt, dt.char, flags.writeable, flip, flags.c_contiguous)
         if target == "numpy":

@@ -1,0 +1,89 @@
+"""Arrays that map a file's bytes instead of copying them (``load(..., mmap=...)``).
+
+Any reader that says where a tensor's exact bytes lie (:meth:`~.base.Reader.raw_span`:
+safetensors, sharded checkpoints, stored ``.pt`` records, C-order little-endian ``.npy``)
+can hand out a NumPy array over a private mapping of those bytes (``MAP_PRIVATE``, as
+``safetensors.torch.load_file`` maps through ``torch.UntypedStorage.from_file``). Nothing
+is read until a page is touched, so a load costs what the headers cost.
+
+What a mapping means, and why ``load`` does not map every file by default:
+
+- the array is writable; writes are copy-on-write and never reach the file;
+- a file **replaced** after loading (``os.replace``, as tensorbridge, ``huggingface_hub``
+  and ``save_pretrained`` write) leaves the array unchanged: the mapping holds the old inode;
+- a file **rewritten in place** (``torch.save``, ``np.save`` and ``safetensors``'
+  ``save_file`` open the same inode with ``O_TRUNC``) shows through on every page the
+  array has not written, and a page past the new end of a **truncated** file kills the
+  process with SIGBUS on access.
+
+So ``mmap=None`` (the default) maps only files no one can rewrite under the array: those
+on a read-only file system (a read-only mount, squashfs, a container layer). Elsewhere it
+copies, with one ``pread`` per tensor into fresh memory, and the arrays never change.
+``mmap=True`` maps wherever the bytes allow it (the caller accepts the above);
+``mmap=False`` always copies. Tensors whose bytes are not stored as they are returned
+(bool, which is checked; empty; byte-swapped; strided; compressed) are always copied.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+from ..dtypes import lookup
+from .base import Reader
+from .safetensors import open_span
+
+__all__ = ["FileMaps", "should_map"]
+
+
+def should_map(path: str, mode: bool | None) -> bool:
+    """Whether ``load(path, mmap=mode)`` maps: ``mode`` if given, else whether ``path`` lies
+    on a read-only file system (where nothing can rewrite the file in place)."""
+    if mode is not None:
+        return bool(mode)
+    try:
+        return bool(os.statvfs(path).f_flag & getattr(os, "ST_RDONLY", 1))
+    except (OSError, ValueError):
+        return False
+
+
+class FileMaps:
+    """One private mapping per file, shared by the arrays of that file (each array keeps
+    its mapping alive; the descriptor is closed at once)."""
+
+    def __init__(self) -> None:
+        self._maps: dict[tuple[str, Any], mmap.mmap] = {}
+
+    def array(self, reader: Reader, name: str) -> np.ndarray | None:
+        """Tensor ``name`` of ``reader`` over a mapping of its file, or ``None`` when its
+        bytes are not stored exactly as :meth:`~.base.Reader.read` returns them."""
+        if sys.byteorder != "little":  # pragma: no cover - spans are little-endian bytes
+            return None
+        span = reader.raw_span(name)
+        if span is None:
+            return None
+        info = reader.info(name)
+        dtype = lookup(info.dtype).numpy
+        if span.nbytes != info.nbytes or span.offset % max(dtype.alignment, 1):
+            return None  # a misaligned tensor is copied (torch refuses unaligned memory)
+        key = (span.path, span.file_id)
+        mapped = self._maps.get(key)
+        if mapped is None:
+            fd = open_span(span)  # refuses a file replaced since the reader checked it
+            try:
+                mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+            finally:
+                os.close(fd)
+            self._maps[key] = mapped
+        if span.offset + span.nbytes > len(mapped):  # the file shrank since it was checked
+            from ..errors import FileFormatError
+
+            raise FileFormatError(
+                f"the file ends before tensor {name!r} does (it was truncated after it was "
+                "opened). Fix: copy or download the file again.", span.path)
+        arr = np.frombuffer(mapped, dtype=dtype, count=info.size, offset=span.offset)
+        return arr.reshape(info.shape)

@@ -1,0 +1,227 @@
+"""MLX: lazy arrays, computed (``mx.eval``) before their memory is read.
+
+What MLX does, measured with mlx 0.32 on a Linux CPU (tests/core/test_mlx.py):
+
+- Export is zero-copy. ``np.asarray(x)`` views the array's buffer, writable, so a write
+  through it changes every MLX array sharing that buffer (``x.reshape``, ``x.view``):
+  tensorbridge marks its NumPy views read-only, as for JAX. ``torch.from_dlpack(x)``
+  shares the buffer too, writable, so torch gets a copy (the rule for immutable
+  frameworks, :mod:`tensorbridge.plan`). bfloat16 has no buffer-protocol format and
+  NumPy's DLPack import refuses it, so its bits are viewed as uint16
+  (``x.view(mx.uint16)``, same buffer) and then as ``ml_dtypes.bfloat16``. uint64 comes
+  out as ``np.ulonglong``, which torch refuses: it is viewed as ``np.uint64``.
+- Import always copies: ``mx.array(a)`` and ``mx.from_dlpack`` copy CPU memory, and
+  ``mx.from_dlpack(a, copy=False)`` refuses. Both narrow float64 to float32 and
+  complex128 to complex64 silently unless told the dtype, and refuse negative strides
+  (torch.from_dlpack of an MLX array with negative strides aborts the process).
+- MLX has no complex128 and no float8; float64 runs on the CPU only.
+- Arrays have no device of their own (memory is unified; a stream picks where an
+  operation runs), so ``device=`` takes only the host.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+from ..dtypes import NUMPY_NATIVE, numpy_dtype
+from ..errors import ConversionError, DeviceError, message
+from .base import Backend, Facts, Step, normalize_device
+
+__all__ = ["MlxBackend", "BACKEND"]
+
+# DLPack device types whose memory is not host-addressable (CUDA, CUDA managed).
+_CUDA_CODES = {2: "cuda", 13: "cuda"}
+
+
+class MlxBackend(Backend):
+    name = "mlx"
+    module = "mlx.core"
+    extra = "mlx"
+    DTYPES = {
+        "bool": "bool_", "int8": "int8", "int16": "int16", "int32": "int32", "int64": "int64",
+        "uint8": "uint8", "uint16": "uint16", "uint32": "uint32", "uint64": "uint64",
+        "float16": "float16", "bfloat16": "bfloat16", "float32": "float32", "float64": "float64",
+        "complex64": "complex64",
+    }
+
+    def __init__(self) -> None:
+        self._canonical: dict[Any, str] | None = None
+        self._gpu: bool | None = None
+
+    def owns(self, tp: type) -> bool:
+        mx = sys.modules.get("mlx.core")
+        return mx is not None and issubclass(tp, mx.array)
+
+    def kind(self, x: Any, target: str) -> tuple | None:
+        dtype = x.dtype
+        if target in ("numpy", "mlx"):  # the route reads only the dtype (and the device)
+            return (type(x), dtype, self._device(x))
+        try:
+            f = self.facts(x)  # the layout exists once computed; facts copy nothing
+        except ConversionError:
+            return None  # refused: a fresh plan words the error
+        return (type(x), dtype, f.device, f.contiguous, f.negative_strides, f.unit_flip,
+                f.aligned, f.small)
+
+    def canonical(self, dtype: Any) -> str:
+        if self._canonical is None:
+            self._canonical = {self.native_dtype(n): n for n in self.DTYPES}
+        name = self._canonical.get(dtype)
+        if name is None:
+            raise ConversionError(message(
+                f"an MLX array of dtype {dtype}", "no other framework or file format has this dtype",
+                "cast it first, e.g. x.astype(mx.float32)"))
+        return name
+
+    def _device(self, x: Any) -> str:
+        if self._gpu is None:
+            mx = self.load()
+            cuda = getattr(mx, "cuda", None)
+            self._gpu = bool(mx.metal.is_available() or (cuda is not None and cuda.is_available()))
+        if not self._gpu:  # a CPU-only build: every buffer is host memory
+            return "cpu"
+        code, index = x.__dlpack_device__()
+        kind = _CUDA_CODES.get(int(code))
+        # Metal (Apple) memory is unified: the buffer protocol hands out host memory.
+        return "cpu" if kind is None else f"{kind}:{index}"
+
+    def facts(self, x: Any) -> Facts:
+        name = self.canonical(x.dtype)
+        _evaluate(x)  # the memory layout is only known once the values exist
+        f = Facts("mlx", name, tuple(x.shape), device=self._device(x), writable=False)
+        if f.device_type != "cpu":
+            f.dlpack = False  # untested: go through MLX's own copy to the host
+            return f
+        a = _host_array(x, name)
+        f.contiguous = a.flags.c_contiguous
+        f.negative_strides = any(s < 0 and n > 1 for s, n in zip(a.strides, a.shape, strict=True))
+        f.unit_flip = any(s < 0 and n <= 1 for s, n in zip(a.strides, a.shape, strict=True))
+        f.aligned = a.ctypes.data % 64 == 0
+        f.nbytes = a.nbytes
+        # torch aborts the process on DLPack memory with negative strides
+        f.dlpack = not (f.negative_strides or f.unit_flip)
+        return f
+
+    def prepare_steps(self, facts: Facts) -> list[Step]:
+        return [Step("mx.eval (MLX is lazy: pending operations are computed now)", False, _evaluate)]
+
+    def to_host_steps(self, x: Any, facts: Facts) -> list[Step]:
+        steps = self.prepare_steps(facts)
+        if facts.device_type != "cpu":
+            steps.append(Step(f"copy {facts.device} -> host (np.array)", True,
+                              lambda a: np.array(_bits(a, facts.dtype)).view(numpy_dtype(facts.dtype)),
+                              "device memory is not addressable from NumPy"))
+        elif facts.dtype in NUMPY_NATIVE:
+            # NumPy's DLPack import: read-only, and uint64 as np.uint64 (the buffer protocol
+            # says np.ulonglong, which torch refuses)
+            steps.append(Step("np.from_dlpack view, read-only (MLX arrays are immutable)", False,
+                              np.from_dlpack))
+        else:
+            steps.append(Step(f"view the {facts.dtype} bits as uint16, then as ml_dtypes.{facts.dtype}, "
+                              "read-only (MLX arrays are immutable)", False,
+                              lambda a: _host_array(a, facts.dtype),
+                              f"NumPy has no native {facts.dtype}"))
+        return steps
+
+    def from_host_steps(self, facts: Facts, *, device: str | None, copy: bool | None) -> list[Step]:
+        mx = self.load()
+        self._check_device(device)
+        target = self.native_dtype(facts.dtype) if facts.dtype in self.DTYPES else None
+        if target is None:
+            raise ConversionError(message(
+                f"an array of dtype {facts.dtype}", f"MLX has no {facts.dtype}",
+                "pass dtype='complex64' to cast" if facts.dtype == "complex128" else
+                "pass dtype='bfloat16' or 'float16' to cast, or keep the raw bits "
+                "(dtype-preserving: a.view(np.uint8), and mx.from_fp8 in MLX)"))
+        steps: list[Step] = []
+        if facts.negative_strides or facts.unit_flip:
+            steps.append(Step("copy to positive strides", True, lambda a: np.array(a, order="C"),
+                              "MLX refuses negative strides"))
+        why = "MLX copies host memory on import (it never shares a CPU buffer)"
+        if facts.dtype in NUMPY_NATIVE:
+            # dtype= always: without it, MLX narrows float64 to float32 and complex128 silently
+            steps.append(Step("mx.array", True, lambda a: mx.array(a, dtype=target), why))
+        else:
+            bits = np.dtype(f"u{numpy_dtype(facts.dtype).itemsize}")
+            steps.append(Step(f"mx.array of the raw bits, viewed as mx.{facts.dtype}", True,
+                              lambda a: mx.array(a.view(bits)).view(target), why))
+        return steps
+
+    def _check_device(self, device: str | None) -> None:
+        if device is None or normalize_device(device) == "cpu":
+            return
+        raise DeviceError(message(
+            f"device={device!r} for MLX",
+            "MLX arrays have no device of their own (the memory is unified; each operation "
+            "runs on the default device or the stream it is given)",
+            "leave device unset (or 'cpu'), and choose where MLX computes with "
+            "mx.set_default_device(mx.gpu) or stream=mx.gpu"))
+
+    def dlpack_import(self, facts: Facts) -> str | None:
+        return "MLX copies every CPU import (mx.from_dlpack(copy=False) refuses)"
+
+    def from_dlpack(self, x: Any) -> Any:
+        return self.load().from_dlpack(x)
+
+    def clone(self, x: Any) -> Any:
+        return self.load().array(x)  # a new buffer (measured: mx.array(mx_array) copies)
+
+    def cast_steps(self, facts: Facts, dtype: str) -> list[Step]:
+        target = self.native_dtype(dtype)
+        if target is None:
+            raise ConversionError(message(f"dtype={dtype!r}", "MLX has no such dtype",
+                                          "pick one of " + ", ".join(self.DTYPES)))
+        return [Step(f"cast {facts.dtype} -> {dtype} (x.astype)", True, lambda x: x.astype(target))]
+
+    def to_device_steps(self, facts: Facts, device: str) -> list[Step]:
+        self._check_device(device)
+        return []
+
+    def host_view(self, x: Any) -> np.ndarray | None:
+        try:
+            name = self.canonical(x.dtype)
+            _evaluate(x)
+        except ConversionError:
+            return None
+        if self._device(x) != "cpu":
+            return None
+        return _host_array(x, name)
+
+
+def _evaluate(x: Any) -> Any:
+    """``mx.eval(x)``, with MLX's refusal inside a transform said as ours."""
+    try:
+        sys.modules["mlx.core"].eval(x)
+    except ValueError as exc:
+        if "transformation" not in str(exc):
+            raise
+        raise ConversionError(message(
+            f"an MLX array {x.dtype}{list(x.shape)} inside mx.compile or mx.vmap",
+            "inside a function transformation arrays are placeholders without values",
+            "convert the array the transformed function returns, outside it",
+        )) from exc
+    return x
+
+
+def _bits(x: Any, dtype: str) -> Any:
+    """``x`` itself, or for dtypes NumPy lacks its bits as unsigned ints (same buffer)."""
+    if dtype in NUMPY_NATIVE:
+        return x
+    mx = sys.modules["mlx.core"]
+    return x.view(getattr(mx, f"uint{numpy_dtype(dtype).itemsize * 8}"))
+
+
+def _host_array(x: Any, dtype: str) -> np.ndarray:
+    """A read-only NumPy view of an evaluated host MLX array (no copy)."""
+    a = np.asarray(_bits(x, dtype))
+    want = numpy_dtype(dtype)
+    if a.dtype.type is not want.type:  # bfloat16 bits, np.ulonglong for uint64
+        a = a.view(want)
+    a.flags.writeable = False
+    return a
+
+
+BACKEND = MlxBackend()

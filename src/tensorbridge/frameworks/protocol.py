@@ -1,0 +1,190 @@
+"""Objects of frameworks tensorbridge does not know, read through an array protocol.
+
+Checked after every framework in the table, for any type that speaks one of:
+
+- ``__dlpack__`` + ``__dlpack_device__``: host memory is viewed in place, every dtype
+  (bfloat16 and float8 too, see :mod:`.dlpack_reader`); CUDA memory is taken over by
+  torch (or CuPy) through DLPack;
+- ``__cuda_array_interface__`` (numba, CuPy-like libraries): taken over, zero-copy, by
+  CuPy or torch, whichever is in use (else the one installed);
+- ``__array_interface__`` (pyarrow tensors, PIL images, ...): a NumPy view, no copy;
+- ``__array__`` on a type that also has ``shape`` and ``dtype`` (it is clearly an array;
+  a ``DataFrame``, which has no single dtype, stays a leaf). Whether ``__array__`` copies
+  is up to the object, so the step counts as a copy: ``copy=False`` refuses it.
+
+Each object becomes the same memory as a tensor of a framework tensorbridge knows (the
+"carrier": a NumPy view, or a torch/CuPy tensor for CUDA memory), and that framework's
+route follows. The protocol backend is a source only, never a target.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from typing import Any
+
+import numpy as np
+
+from ..dtypes import numpy_dtype
+from ..errors import ConversionError, message
+from .base import Backend, Facts, Step, host_facts
+from .dlpack_reader import DEVICE_TYPES, host_view
+
+__all__ = ["ProtocolBackend", "BACKEND"]
+
+#: protocol kind -> what the first step of the route says
+_HOW = {
+    "dlpack": "view the object's memory through its __dlpack__",
+    "interface": "np.asarray view through the object's __array_interface__",
+    "array": "np.asarray(x) through the object's __array__ (it may copy or share)",
+    "cuda_dlpack": "take over the object's CUDA memory through its __dlpack__",
+    "cuda": "take over the object's CUDA memory through its __cuda_array_interface__",
+}
+
+
+def _kind_of(tp: type) -> str | None:
+    if hasattr(tp, "__dlpack__") and hasattr(tp, "__dlpack_device__"):
+        return "dlpack"
+    if hasattr(tp, "__cuda_array_interface__"):
+        return "cuda"
+    if hasattr(tp, "__array_interface__"):
+        return "interface"
+    if hasattr(tp, "__array__") and hasattr(tp, "shape") and hasattr(tp, "dtype"):
+        return "array"
+    return None
+
+
+def _cuda_framework() -> Backend:
+    """The backend that takes over CUDA memory: one already in use, else one installed."""
+    from . import get_backend
+
+    for name in ("cupy", "torch"):
+        if name in sys.modules:
+            return get_backend(name)
+    for name in ("torch", "cupy"):
+        if importlib.util.find_spec(name) is not None:
+            return get_backend(name)
+    raise ConversionError(message(
+        "an object with CUDA memory from a framework tensorbridge does not know",
+        "reading CUDA memory needs torch or CuPy, and neither is installed",
+        "pip install 'tensorbridge[torch]' (or [cupy]), or copy it to the host in its own framework"))
+
+
+class ProtocolBackend(Backend):
+    name = "protocol"
+    module = ""  # no framework module: consulted for every type the frameworks do not own
+    extra = ""
+
+    def __init__(self) -> None:
+        self._kinds: dict[type, str | None] = {}
+
+    def loaded(self) -> bool:
+        return True
+
+    def load(self) -> Any:
+        return np
+
+    def owns(self, tp: type) -> bool:
+        return self.protocol_of(tp) is not None
+
+    def protocol_of(self, tp: type) -> str | None:
+        """Which protocol instances of ``tp`` speak (cached per type), or None."""
+        try:
+            return self._kinds[tp]
+        except KeyError:
+            kind = self._kinds[tp] = _kind_of(tp)
+            return kind
+
+    def _what(self, x: Any) -> str:
+        return f"a {type(x).__module__}.{type(x).__qualname__}"
+
+    def _route_kind(self, x: Any) -> str:
+        kind = self.protocol_of(type(x))
+        if kind == "dlpack":
+            code = int(x.__dlpack_device__()[0])
+            if DEVICE_TYPES.get(code) == "cuda":
+                return "cuda_dlpack"
+        return kind or ""
+
+    def carry(self, x: Any) -> Any:
+        """The same memory as a NumPy array, or a torch/CuPy tensor for CUDA memory."""
+        kind = self._route_kind(x)
+        if kind == "dlpack":
+            return host_view(x, self._what(x))
+        if kind in ("interface", "array"):
+            a = np.asarray(x)
+            if a.dtype == object:
+                raise ConversionError(message(
+                    self._what(x), "its array holds Python objects, not numbers",
+                    "convert its values to a numeric dtype first"))
+            return a
+        backend = _cuda_framework()
+        if kind == "cuda_dlpack":
+            return backend.from_dlpack(x)
+        mod = backend.load()  # __cuda_array_interface__: both take it over without a copy
+        return mod.asarray(x) if backend.name == "cupy" else mod.as_tensor(x, device="cuda")
+
+    def carrier(self, facts: Facts) -> Backend:
+        from . import get_backend
+
+        return get_backend(facts.framework)
+
+    def facts(self, x: Any) -> Facts:
+        kind = self._route_kind(x)
+        c = self.carry(x)
+        if isinstance(c, np.ndarray):
+            f = host_facts(c)
+            f.dlpack = False  # the NumPy route handles read-only, bfloat16 and flipped views
+        else:
+            f = self.carrier_of(c).facts(c)
+        f.notes.append(f"protocol:{kind}")
+        return f
+
+    def carrier_of(self, c: Any) -> Backend:
+        from . import get_backend
+
+        return get_backend("cupy" if type(c).__module__.startswith("cupy") else "torch")
+
+    def _wrap_step(self, facts: Facts) -> Step:
+        kind = next(n for n in facts.notes if n.startswith("protocol:")).partition(":")[2]
+        if kind == "array":
+            return Step(_HOW[kind], True, self._host, "the object decides whether it copies",
+                        fresh=False)
+        return Step(_HOW[kind], False, self._host if facts.framework == "numpy" else self.carry)
+
+    def _host(self, x: Any) -> np.ndarray:
+        a = self.carry(x)
+        canonical = numpy_dtype(host_facts(a).dtype)
+        if a.dtype.type is not canonical.type:  # np.longlong: the same integers, another name
+            a = a.view(canonical.newbyteorder(a.dtype.byteorder))
+        return a
+
+    def prepare_steps(self, facts: Facts) -> list[Step]:
+        return [self._wrap_step(facts)] + self.carrier(facts).prepare_steps(facts)
+
+    def to_host_steps(self, x: Any, facts: Facts) -> list[Step]:
+        if facts.framework == "numpy":
+            return [self._wrap_step(facts)]
+        return [self._wrap_step(facts)] + self.carrier(facts).to_host_steps(self.carry(x), facts)
+
+    def to_dlpack_source(self, x: Any) -> Any:
+        return x  # the carrier (a torch/CuPy tensor, which export DLPack) after the first step
+
+    def from_host_steps(self, facts: Facts, *, device: str | None, copy: bool | None) -> list[Step]:
+        raise ConversionError(message(
+            "to='protocol'", "array-protocol objects are a source, not a target",
+            "pick a framework to convert to"))
+
+    def host_view(self, x: Any) -> np.ndarray | None:
+        try:
+            c = self.carry(x)
+        except ConversionError:
+            return None
+        return c if isinstance(c, np.ndarray) else None
+
+    def device_span(self, x: Any) -> tuple[str, int, int] | None:
+        c = self.carry(x)
+        return None if isinstance(c, np.ndarray) else self.carrier_of(c).device_span(c)
+
+
+BACKEND = ProtocolBackend()
