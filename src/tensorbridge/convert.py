@@ -108,7 +108,8 @@ def _leaf_fn(target: str, device: str | None, dtype: str | None, copy: bool | No
             return x
         if done and id(x) in done:
             return done[id(x)]
-        if ragged == "list" and tp.__name__ == "RaggedTensor" and src.name == "tensorflow":
+        if (ragged == "list" and tp.__name__ == "RaggedTensor" and src.name == "tensorflow"
+                and target != "tensorflow"):
             return x.to_list()
         kind = src.kind(x, target)
         fn = local.get(kind) if kind is not None else None
@@ -161,7 +162,11 @@ def convert(
     places the result (``"cpu"``, ``"cuda:0"``). Containers keep their types;
     leaves that are not tensors are returned as they are. A Python scalar given
     on its own becomes a 0-d tensor. ``ragged="list"`` turns TF ragged tensors
-    into nested lists instead of refusing them.
+    into nested lists instead of refusing them. A value already in framework
+    ``to`` is returned as it is, whatever it holds (TF strings, ragged and
+    sparse tensors, torch meta, quantized, nested or int4 tensors, NumPy
+    records, strings and datetimes), unless ``dtype=`` or ``device=`` ask for a
+    change; ``copy=True`` returns the framework's own copy of it.
 
     A cast runs where the data is at that step of the route (``explain`` says
     where): on the host with NumPy/ml_dtypes, or in the source or target
@@ -352,10 +357,19 @@ def shares_memory(a: Any, b: Any, /) -> bool:
     ba, bb = backend_of(type(a)), backend_of(type(b))
     if ba is None or bb is None:
         return False
-    va, vb = ba.host_view(a), bb.host_view(b)
+    va, vb = _quietly(ba.host_view, a), _quietly(bb.host_view, b)
     if va is not None and vb is not None:
         return bool(np.shares_memory(va, vb))
-    sa, sb = ba.device_span(a), bb.device_span(b)
+    sa, sb = _quietly(ba.device_span, a), _quietly(bb.device_span, b)
     if sa is None or sb is None:
         return False
     return normalize_device(sa[0]) == normalize_device(sb[0]) and sa[1] < sb[2] and sb[1] < sa[2]
+
+
+def _quietly(fn: Any, x: Any) -> Any:
+    """``fn(x)``, or None where the framework cannot locate the memory (a deleted or donated
+    JAX array, a tracer, a handle): memory that does not exist is shared with nothing."""
+    try:
+        return fn(x)
+    except Exception:  # noqa: BLE001 - any framework's refusal means: no memory to compare
+        return None

@@ -144,11 +144,16 @@ def plan_leaf(
     tgt = get_backend(target)
     if target != "numpy" and src.name == "numpy":
         refuse_masked(x, f"a NumPy masked array for {target}", f"{target} tensors have no mask")
+    same = src is tgt and dtype is None and device is None
     try:
         facts = src.facts(x)
     except TensorBridgeError:
+        if same:  # strings, ragged, meta, quantized, int4...: other frameworks cannot hold them,
+            return _identity(x, src, copy)  # but it is already where it was asked to go
         raise
     except Exception as exc:  # the framework itself could not describe the object
+        if same:
+            return _identity(x, src, copy)
         raise ConversionError(message(
             f"a {src.name} {type(x).__name__}",
             f"{src.name} could not say what it holds ({type(exc).__name__}: {exc})",
@@ -159,6 +164,8 @@ def plan_leaf(
         dtype = lookup(dtype).name
         if dtype == facts.dtype:
             dtype = None
+    if facts.dtype == "string" and same:
+        return _identity(x, src, copy)
     if facts.dtype == "string":
         steps = _string_route(x, src, facts, tgt, dtype)
     elif src is tgt:
@@ -179,6 +186,18 @@ def plan_leaf(
     if copy is True and not plan.independent:
         plan.steps.append(Step("copy (copy=True)", True, tgt.clone, "an independent result was asked for"))
     return plan
+
+
+def _identity(x: Any, src: Backend, copy: bool | None) -> Plan:
+    """Already in the target framework, whatever it holds: returned as it is (a 0-d array
+    for a NumPy scalar), or the framework's own copy with copy=True."""
+    from .frameworks import describe
+
+    steps = [] if src.name != "numpy" or isinstance(x, np.ndarray) else [
+        Step("numpy scalar -> 0-d array", False, np.asarray)]
+    if copy is True:
+        steps.append(Step("copy (copy=True)", True, src.clone, "an independent result was asked for"))
+    return Plan(describe(x), src.name, steps)
 
 
 def _same_framework(b: Backend, facts: Facts, device: str | None, dtype: str | None) -> list[Step]:

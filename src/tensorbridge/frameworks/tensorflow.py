@@ -191,6 +191,8 @@ class TensorFlowBackend(Backend):
 
     def clone(self, x: Any) -> Any:
         tf = self.load()
+        if isinstance(x, (tf.SparseTensor, tf.RaggedTensor)):  # copy each component
+            return tf.nest.map_structure(self.clone, x, expand_composites=True)
         with tf.device(x.device):
             return tf.convert_to_tensor(x.numpy())
 

@@ -185,7 +185,13 @@ class TorchBackend(Backend):
         return self.load().from_dlpack(x)
 
     def clone(self, x: Any) -> Any:
-        return x.clone()
+        try:
+            return x.clone()
+        except NotImplementedError:  # int4/uint4...: torch has no copy kernel, copy the bytes
+            torch = self.load()
+            storage = x.untyped_storage().clone()
+            return torch.empty((0,), dtype=x.dtype, device=x.device).set_(
+                storage, x.storage_offset(), x.size(), x.stride())
 
     def cast_steps(self, facts: Facts, dtype: str) -> list[Step]:
         target = self.native_dtype(dtype)
@@ -221,8 +227,11 @@ class TorchBackend(Backend):
                      "the data must live in the target device's memory")]
 
     def host_view(self, x: Any) -> np.ndarray | None:
-        if x.device.type != "cpu" or x.layout != self.load().strided:
+        if x.device.type != "cpu" or x.layout != self.load().strided or x.is_nested:
             return None
+        if x.is_quantized or x.element_size() not in BITS or x.dtype.is_complex and \
+                x.element_size() == 4:  # complex32: view_as_real has no kernel for it
+            return _storage_view(x)
         t = x.detach()
         if t.is_conj():
             t = t.conj()  # clears the lazy bit, same memory
@@ -239,6 +248,17 @@ class TorchBackend(Backend):
         storage = x.untyped_storage()
         start = storage.data_ptr()
         return str(x.device), start, start + storage.nbytes()
+
+
+def _storage_view(x: Any) -> np.ndarray | None:
+    """The bytes of ``x``'s whole storage (for dtypes NumPy cannot view: int4, quantized...)."""
+    storage = x.untyped_storage()
+    if storage.nbytes() == 0:
+        return None
+    import ctypes
+
+    buf = (ctypes.c_uint8 * storage.nbytes()).from_address(storage.data_ptr())
+    return np.frombuffer(buf, np.uint8)
 
 
 def _to_host(t: Any) -> Any:
