@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import ConversionError, TensorBridgeError, message
 from .frameworks import _BY_TYPE, ALIASES, TARGETS, backend_of, get_backend
-from .frameworks.base import Backend, normalize_device
+from .frameworks.base import Backend, normalize_device, parse_device
 from .frameworks import foreign_cuda
 from .plan import Plan, cached_plan, plan_leaf
 from .tree import format_path, tree_leaves_with_path, tree_map
@@ -211,6 +211,8 @@ def convert(
     if copy is not None and copy is not True and copy is not False:
         raise ConversionError(message(f"copy={copy!r}", "copy takes None, True or False only",
                                       "pass copy=None (share where safe), True or False"))
+    if device is not None:
+        device = parse_device(device)
     tp = type(x)
     if tp in _SCALARS:
         x = _scalar_input(x, target, dtype)
@@ -327,6 +329,8 @@ def explain(x: Any, /, to: str, *, device: str | None = None, dtype: str | None 
       result: independent memory (copied)
     """
     target = _target(to)
+    if device is not None:
+        device = parse_device(device)
     if type(x) in _SCALARS:
         x = _scalar_input(x, target, dtype)
     src = backend_of(type(x))

@@ -19,7 +19,7 @@ import numpy as np
 from .dtypes import lookup
 from .errors import ConversionError, CopyError, TensorBridgeError, message
 from .frameworks import get_backend
-from .frameworks.base import Backend, Facts, Step, normalize_device
+from .frameworks.base import Backend, Facts, Step, normalize_device, parse_device
 from .frameworks.numpy import refuse_masked
 
 __all__ = ["Plan", "plan_leaf", "cached_plan"]
@@ -142,6 +142,8 @@ def plan_leaf(
 ) -> Plan:
     """The :class:`Plan` that converts one tensor ``x`` of framework ``src``."""
     tgt = get_backend(target)
+    if device is not None:
+        device = parse_device(device)
     if target != "numpy" and src.name == "numpy":
         refuse_masked(x, f"a NumPy masked array for {target}", f"{target} tensors have no mask")
     same = src is tgt and dtype is None and device is None

@@ -23,7 +23,8 @@ import numpy as np
 
 from ..errors import FrameworkNotInstalledError, message
 
-__all__ = ["Step", "Facts", "Backend", "host_facts", "normalize_device", "SHARE_MIN_BYTES"]
+__all__ = ["Step", "Facts", "Backend", "host_facts", "normalize_device", "parse_device",
+           "SHARE_MIN_BYTES"]
 
 #: Below this many bytes, a route that would share memory through a DLPack hand-over
 #: (JAX: ~30 µs, torch: ~3 µs per call) copies instead when copy=None allows it: copying
@@ -32,12 +33,66 @@ SHARE_MIN_BYTES = 64 * 1024
 
 
 def normalize_device(device: str) -> str:
-    """``"gpu"`` -> ``"cuda:0"``, ``"cuda"`` -> ``"cuda:0"``, ``"cpu:0"`` -> ``"cpu"``
-    (TensorFlow's spellings ``"CPU:0"`` and ``"GPU:1"`` too)."""
+    """``"gpu"`` -> ``"cuda:0"``, ``"cuda"`` -> ``"cuda:0"``, ``"cpu:0"`` -> ``"cpu"``,
+    ``"cpu:3"`` stays ``"cpu:3"`` (TensorFlow's spellings ``"CPU:0"``, ``"GPU:1"`` and
+    ``"/job:localhost/replica:0/task:0/device:GPU:1"`` too)."""
+    if device.startswith("/"):  # a TF device path: keep its last "device:KIND:N" part
+        device = device.rsplit("device:", 1)[-1].lstrip("/")
     kind, _, index = device.partition(":")
     kind = kind.lower()
     kind = {"gpu": "cuda"}.get(kind, kind)
-    return kind if kind == "cpu" else f"{kind}:{index or 0}"
+    if kind == "cpu":
+        return "cpu" if index in ("", "0") else f"cpu:{index}"
+    return f"{kind}:{index or 0}"
+
+
+_KINDS = ("cpu", "cuda", "mps", "tpu", "rocm", "xpu", "metal")
+_PARSED: dict[str, str] = {}
+
+
+def parse_device(device: Any) -> str:
+    """The one spelling of a device every target understands: ``"cpu"``, ``"cpu:N"``,
+    ``"cuda:N"``, ``"mps:0"``, ``"tpu:N"``... from a string (torch, JAX or TF spelling,
+    ``"/GPU:0"`` and full TF device paths too), a ``torch.device``, a JAX ``Device`` or a
+    CUDA index (``0`` is ``"cuda:0"``, as in torch). Anything else is a
+    :class:`~tensorbridge.DeviceError`.
+
+    >>> parse_device("GPU"), parse_device("cpu:0"), parse_device("/device:CPU:2"), parse_device(1)
+    ('cuda:0', 'cpu', 'cpu:2', 'cuda:1')
+    """
+    if isinstance(device, str):
+        done = _PARSED.get(device)
+        if done is not None:
+            return done
+        text = device.strip()
+        canonical = normalize_device(text) if text else ""
+        kind, _, index = canonical.partition(":")
+        if kind not in _KINDS or not (index == "" or index.isdigit()):
+            raise _bad_device(device)
+        if len(_PARSED) < 256:
+            _PARSED[device] = canonical
+        return canonical
+    if isinstance(device, int) and not isinstance(device, bool):
+        if device < 0:
+            raise _bad_device(device)
+        return f"cuda:{device}"
+    kind = getattr(device, "type", None)  # torch.device
+    if isinstance(kind, str) and type(device).__module__.startswith("torch"):
+        index = getattr(device, "index", None)
+        return parse_device(kind if index is None else f"{kind}:{index}")
+    platform = getattr(device, "platform", None)  # a JAX Device
+    if isinstance(platform, str) and isinstance(getattr(device, "id", None), int):
+        return parse_device(f"{platform}:{device.id}")
+    raise _bad_device(device)
+
+
+def _bad_device(device: Any) -> Exception:
+    from ..errors import DeviceError
+
+    return DeviceError(message(
+        f"device={device!r}", "it is not a device tensorbridge can name",
+        "pass 'cpu', 'cpu:N', 'cuda', 'cuda:N', 'mps' or 'tpu:N', a torch.device, a JAX device "
+        "(jax.devices()[0]), a TF device name ('/GPU:0'), or a CUDA index (0)"))
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,7 @@ class JaxBackend(Backend):
         devices = x.devices()
         dev = next(iter(devices))
         kind = _PLATFORM.get(dev.platform, dev.platform)
-        device = "cpu" if kind == "cpu" else f"{kind}:{dev.id}"
+        device = "cpu" if kind == "cpu" and dev.id == 0 else f"{kind}:{dev.id}"
         f = Facts("jax", canonical_name(x.dtype), tuple(x.shape), device=device, writable=False,
                   nbytes=x.size * x.dtype.itemsize)
         if len(devices) > 1 or not x.is_fully_addressable:
@@ -133,8 +133,7 @@ class JaxBackend(Backend):
             # buffers, even with may_alias=False. jnp.array(copy=True) always copies.
             steps.append(Step("jnp.array(copy=True)", True,
                               lambda a: jax.numpy.array(a, copy=True), why))
-        if device is not None and (normalize_device(device) != "cpu"
-                                   or device.partition(":")[2] not in ("", "0")):  # cpu:N
+        if device is not None and normalize_device(device) != "cpu":  # cpu:N too
             steps.extend(self.to_device_steps(facts, device))
         return steps
 

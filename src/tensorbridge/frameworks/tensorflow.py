@@ -208,7 +208,7 @@ class TensorFlowBackend(Backend):
         tf = self.load()
         kind, _, index = device.partition(":")
         tf_name = {"cuda": "GPU", "gpu": "GPU", "cpu": "CPU"}.get(kind)
-        if tf_name is None or (tf_name == "GPU" and not tf.config.list_logical_devices("GPU")):
+        if tf_name is None or int(index or 0) >= len(tf.config.list_logical_devices(tf_name)):
             raise DeviceError(message(f"device={device!r} for TensorFlow",
                                       "TensorFlow sees no such device on this machine",
                                       f"use one of {[d.name for d in tf.config.list_logical_devices()]}"))
@@ -244,7 +244,7 @@ def _device_name(tf_device: str) -> str:
     tail = tf_device.rsplit("device:", 1)[-1]
     kind, _, index = tail.partition(":")
     kind = {"GPU": "cuda", "CPU": "cpu", "TPU": "tpu"}.get(kind.upper(), kind.lower())
-    return "cpu" if kind == "cpu" else f"{kind}:{index or 0}"
+    return "cpu" if kind == "cpu" and index in ("", "0") else f"{kind}:{index or 0}"
 
 
 def _host_view(t: Any) -> np.ndarray:

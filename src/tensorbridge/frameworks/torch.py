@@ -207,6 +207,9 @@ class TorchBackend(Backend):
         except (RuntimeError, TypeError) as exc:
             raise DeviceError(message(f"device={device!r}", str(exc),
                                       "use 'cpu', 'cuda', 'cuda:1' or 'mps'")) from exc
+        if dev.type == "cpu" and dev.index not in (None, 0):
+            raise DeviceError(message(f"device={device!r} for torch", "torch has one CPU device",
+                                      "use device='cpu'"))
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise DeviceError(message(f"device={device!r}", "this machine has no CUDA device torch can use",
                                       "leave device unset (the result stays on the CPU)"))
