@@ -227,7 +227,7 @@ def convert(
                 return tree_map(_leaf_fn(target, device, dtype, copy, ragged, {}), x)
     elif not (device is not None and target == "torch" and copy is not False and dtype is None
               and isinstance(device, str) and device.startswith("cuda")):
-        if src is not None:
+        if src is not None and not (ragged == "list" and tp.__name__ == "RaggedTensor"):
             return _run(x, src, target, device, dtype, copy)
         return tree_map(_leaf_fn(target, device, dtype, copy, ragged, {}), x)
     done: dict[int, Any] = {}

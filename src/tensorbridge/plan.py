@@ -151,11 +151,11 @@ def plan_leaf(
         facts = src.facts(x)
     except TensorBridgeError:
         if same:  # strings, ragged, meta, quantized, int4...: other frameworks cannot hold them,
-            return _identity(x, src, copy)  # but it is already where it was asked to go
+            return _as_it_is(x, src, copy)  # but it is already where it was asked to go
         raise
     except Exception as exc:  # the framework itself could not describe the object
         if same:
-            return _identity(x, src, copy)
+            return _as_it_is(x, src, copy)
         raise ConversionError(message(
             f"a {src.name} {type(x).__name__}",
             f"{src.name} could not say what it holds ({type(exc).__name__}: {exc})",
@@ -167,7 +167,7 @@ def plan_leaf(
         if dtype == facts.dtype:
             dtype = None
     if facts.dtype == "string" and same:
-        return _identity(x, src, copy)
+        return _as_it_is(x, src, copy)
     if facts.dtype == "string":
         steps = _string_route(x, src, facts, tgt, dtype)
     elif src is tgt:
@@ -190,7 +190,7 @@ def plan_leaf(
     return plan
 
 
-def _identity(x: Any, src: Backend, copy: bool | None) -> Plan:
+def _as_it_is(x: Any, src: Backend, copy: bool | None) -> Plan:
     """Already in the target framework, whatever it holds: returned as it is (a 0-d array
     for a NumPy scalar), or the framework's own copy with copy=True."""
     from .frameworks import describe

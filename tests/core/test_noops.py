@@ -132,3 +132,10 @@ def test_shares_memory_of_a_deleted_jax_array_is_false_not_an_error():
     k = j + 1
     j.delete()
     assert tb.shares_memory(j, k) is False and tb.shares_memory(j, j) is False
+
+
+def test_ragged_list_gives_lists_for_other_targets_alone_and_in_trees():
+    r = tf.ragged.constant([[1], [2, 3]])
+    for to in ("torch", "jax", "numpy"):
+        assert tb.convert(r, to=to, ragged="list") == [[1], [2, 3]]
+        assert tb.convert({"r": r}, to=to, ragged="list") == {"r": [[1], [2, 3]]}
