@@ -76,10 +76,10 @@ def parse_device(device: Any) -> str:
         if device < 0:
             raise _bad_device(device)
         return f"cuda:{device}"
-    kind = getattr(device, "type", None)  # torch.device
-    if isinstance(kind, str) and type(device).__module__.startswith("torch"):
-        index = getattr(device, "index", None)
-        return parse_device(kind if index is None else f"{kind}:{index}")
+    torch_kind = getattr(device, "type", None)  # torch.device
+    if isinstance(torch_kind, str) and type(device).__module__.startswith("torch"):
+        torch_index = getattr(device, "index", None)
+        return parse_device(torch_kind if torch_index is None else f"{torch_kind}:{torch_index}")
     platform = getattr(device, "platform", None)  # a JAX Device
     if isinstance(platform, str) and isinstance(getattr(device, "id", None), int):
         return parse_device(f"{platform}:{device.id}")
