@@ -266,6 +266,19 @@ def test_quantise_bit_exact_to_gguf_py(tmp_path, qname):
     assert _bits(tbf.load(p)["w"]) == _bits(_ref_dequantize(want, qname))
 
 
+def test_streaming_writer_quantises(tmp_path):
+    import tensorbridge as tb
+
+    p = tmp_path / "w.gguf"
+    a, b = (RNG.standard_normal((2, 64)).astype(np.float32) for _ in range(2))
+    with tb.Writer(p, metadata={"general.name": "w"}, quantize="q8_0") as w:
+        w.append(x=a, n=np.arange(3, dtype=np.int32))
+        w.append(x=b, n=np.arange(3, dtype=np.int32))
+    ref = {t.name: t for t in gguf.GGUFReader(str(p)).tensors}
+    assert _bits(ref["x"].data) == _bits(gguf.quants.quantize(np.concatenate([a, b]), Q.Q8_0))
+    assert ref["n"].tensor_type == Q.I32 and ref["n"].data.tolist() == [0, 1, 2, 0, 1, 2]
+
+
 def test_refusals_when_writing(tmp_path):
     p = tmp_path / "x.gguf"
     with pytest.raises(ConversionError, match="GGUF cannot store"):
