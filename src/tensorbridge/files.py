@@ -38,7 +38,7 @@ from .convert import convert
 from .errors import CheckpointChangedError, ConversionError, TensorBridgeError, message
 from .formats import Reader, TensorInfo, format_for_path
 from .formats.base import Format, check_metadata
-from .formats.mapping import FileMaps, should_map
+from .formats.mapping import Arena, FileMaps, should_map
 from .formats.names import check_unique
 from .frameworks import backend_of, describe, get_backend
 from .frameworks.numpy import refuse_masked
@@ -335,13 +335,14 @@ def load(path: str | os.PathLike[str], /, *, to: str = "numpy", nested: bool = F
     def out(arr: np.ndarray) -> Any:
         return arr if plain else convert(arr, to=to, device=device)
 
-    maps = FileMaps() if should_map(path, mmap) else None
-
-    def read(reader: Reader, name: str) -> np.ndarray:
-        arr = None if maps is None else maps.array(reader, name)
-        return reader.read(name) if arr is None else arr
-
+    mapping = should_map(path, mmap)
     for attempt in range(3):
+        source: FileMaps | Arena = FileMaps() if mapping else Arena(names)
+
+        def read(reader: Reader, name: str, source: FileMaps | Arena = source) -> np.ndarray:
+            arr = source.array(reader, name)
+            return reader.read(name) if arr is None else arr
+
         try:
             with open_reader(fmt, path, variant) as reader:
                 if fmt.name == "npy" and names is None:
@@ -351,4 +352,7 @@ def load(path: str | os.PathLike[str], /, *, to: str = "numpy", nested: bool = F
         except CheckpointChangedError:
             if attempt == 2:
                 raise
+        finally:
+            if isinstance(source, Arena):
+                source.close()
     return unflatten_names(flat) if nested else flat

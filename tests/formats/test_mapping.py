@@ -114,3 +114,19 @@ def test_file_truncated_after_open_is_refused_not_mapped(tmp_path):
         os.truncate(p, 100)
         with pytest.raises(tb.FileFormatError, match="truncated"):
             mapping.FileMaps().array(r, "a")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_copies_share_one_allocation_and_hold_the_right_bytes(tmp_path, kind):
+    p = write(kind, tmp_path)
+    if kind == "npy":
+        assert tb.load(p, mmap=False).tobytes() == A.tobytes()
+        return
+    got = tb.load(p, mmap=False)
+    assert got["a"].tobytes() == A.tobytes() and got["b"].tobytes() == B.tobytes()
+    assert got["flag"].tolist() == [True, False] and got["empty"].shape == (0, 3)
+    assert got["a"].base is not None and got["a"].base is got["b"].base  # one arena
+    assert got["a"].ctypes.data % 64 == 0 and got["b"].ctypes.data % 64 == 0
+    only = tb.load(p, mmap=False, names=["b"])
+    assert list(only) == ["b"] and only["b"].tobytes() == B.tobytes()
+    assert only["b"].base.nbytes < A.nbytes  # the arena holds only what was asked for

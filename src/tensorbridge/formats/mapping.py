@@ -35,9 +35,9 @@ import numpy as np
 
 from ..dtypes import lookup
 from .base import Reader
-from .safetensors import open_span
+from .safetensors import SpanFiles, open_span, read_exact_into
 
-__all__ = ["FileMaps", "should_map"]
+__all__ = ["Arena", "FileMaps", "should_map"]
 
 
 def should_map(path: str, mode: bool | None) -> bool:
@@ -87,3 +87,50 @@ class FileMaps:
                 "opened). Fix: copy or download the file again.", span.path)
         arr = np.frombuffer(mapped, dtype=dtype, count=info.size, offset=span.offset)
         return arr.reshape(info.shape)
+
+
+class Arena:
+    """Copies for one ``load``: the tensors whose bytes are stored as returned (their
+    :meth:`~.base.Reader.raw_span`) are read with one ``pread`` each into slices of one
+    allocation, made when the first is asked for. One large allocation faults its pages in
+    far faster than one per tensor (the kernel can back it with huge pages). The arrays are
+    views of it: the memory is released when the last of them is."""
+
+    ALIGN = 64
+
+    def __init__(self, names: list[str] | None) -> None:
+        self._names = names
+        self._slots: dict[str, tuple[Any, int]] | None = None
+        self._buffer = np.empty(0, np.uint8)
+        self._files = SpanFiles()
+
+    def _plan(self, reader: Reader) -> None:
+        slots: dict[str, tuple[Any, int]] = {}
+        total = 0
+        for name in self._names if self._names is not None else reader.keys():
+            span = reader.raw_span(name)
+            if span is None or span.nbytes != reader.info(name).nbytes:
+                continue
+            slots[name] = (span, total)
+            total += -(-span.nbytes // self.ALIGN) * self.ALIGN
+        raw = np.empty(total + self.ALIGN, np.uint8)
+        skip = -raw.ctypes.data % self.ALIGN
+        self._buffer = raw[skip:skip + total]
+        self._slots = slots
+
+    def array(self, reader: Reader, name: str) -> np.ndarray | None:
+        """A fresh copy of tensor ``name`` in the arena, or ``None`` (read it instead)."""
+        if self._slots is None:
+            self._plan(reader)
+        assert self._slots is not None
+        slot = self._slots.pop(name, None)
+        if slot is None:
+            return None
+        span, start = slot
+        info = reader.info(name)
+        piece = self._buffer[start:start + span.nbytes]
+        read_exact_into(self._files.fd(span), piece.data, span.offset, span.path)
+        return piece.view(lookup(info.dtype).numpy).reshape(info.shape)
+
+    def close(self) -> None:
+        self._files.close()
