@@ -336,11 +336,15 @@ def load(path: str | os.PathLike[str], /, *, to: str = "numpy", nested: bool = F
         return arr if plain else convert(arr, to=to, device=device)
 
     mapping = should_map(path, mmap)
+    # One arena only where the arrays are kept as they are (numpy, or torch sharing them):
+    # a target that copies would hold the whole arena until the last tensor is converted.
+    arena = plain or (to == "torch" and device is None)
     for attempt in range(3):
-        source: FileMaps | Arena = FileMaps() if mapping else Arena(names)
+        source: FileMaps | Arena | None = FileMaps() if mapping else Arena(names) if arena else None
 
-        def read(reader: Reader, name: str, source: FileMaps | Arena = source) -> np.ndarray:
-            arr = source.array(reader, name)
+        def read(reader: Reader, name: str,
+                 source: FileMaps | Arena | None = source) -> np.ndarray:
+            arr = None if source is None else source.array(reader, name)
             return reader.read(name) if arr is None else arr
 
         try:
