@@ -88,7 +88,7 @@ def test_workers_must_be_positive(tmp_path, capsys):
 def cluster():
     distributed = pytest.importorskip("distributed")
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None, silence_logs=50) as c:
+                                  dashboard_address=None, scheduler_port=0, silence_logs=50) as c:
         yield c
 
 
@@ -122,3 +122,15 @@ def test_an_unreachable_scheduler_is_a_clear_error(tmp_path):
     with pytest.raises(ConversionError, match="no scheduler answered"):
         convert_file(str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"),
                      dtype="float16", scheduler="tcp://127.0.0.1:1")
+
+
+def test_workers_are_forked_only_where_it_is_safe():
+    from tests.hostile.bounded import run_bounded
+
+    r = run_bounded("""
+        from tensorbridge.parallel import start_method
+        before = start_method()
+        import jax.numpy
+        RESULT = [before, start_method()]
+    """)
+    assert r.outcome == "ok" and r.result == ["fork", "spawn"], r

@@ -75,19 +75,33 @@ def spool_one(src: str, fmt: str, name: str, dtype: str, spool: str,
     return nbytes, (digest(arr) if want_digest else None)
 
 
+#: Frameworks that start threads of their own: forking a process that imported one is unsafe
+#: (JAX warns; a lock held by one of its threads would stay held in the child).
+_THREADED = ("jax", "tensorflow", "torch", "mlx", "cupy")
+
+
+def start_method() -> str:
+    """``"fork"`` where it is safe (Linux, one thread, no threaded framework imported): a
+    forked worker starts at once and never re-runs the calling script. Else ``"spawn"``,
+    which needs the usual ``if __name__ == "__main__":`` guard in a calling script."""
+    import sys
+    import threading
+
+    if (sys.platform.startswith("linux") and threading.active_count() == 1
+            and not any(m in sys.modules for m in _THREADED)):
+        return "fork"
+    return "spawn"
+
+
 class _Local:
-    """A pool of worker processes. On Linux they are forked before any thread of ours
-    starts (a spawned worker would re-run an unguarded calling script); elsewhere they
-    are spawned, which needs the usual ``if __name__ == "__main__":`` guard in scripts."""
+    """A pool of worker processes, started with :func:`start_method`."""
 
     def __init__(self, workers: int) -> None:
         import multiprocessing
-        import sys
         from concurrent.futures import ProcessPoolExecutor
 
-        method = "fork" if sys.platform.startswith("linux") else "spawn"
-        self._pool = ProcessPoolExecutor(max_workers=workers,
-                                         mp_context=multiprocessing.get_context(method))
+        self._pool = ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context(start_method()))
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self._pool.submit(fn, *args)
