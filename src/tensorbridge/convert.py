@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import ConversionError, TensorBridgeError, message
 from .frameworks import _BY_TYPE, ALIASES, TARGETS, backend_of, get_backend
-from .frameworks.base import Backend, normalize_device, parse_device
+from .frameworks.base import Backend, Step, normalize_device, parse_device
 from .frameworks import foreign_cuda
 from .plan import Plan, cached_plan, plan_leaf
 from .tree import format_path, tree_leaves_with_path, tree_map
@@ -307,6 +307,16 @@ def to_cupy(x: Any, /, *, device: str | None = None, dtype: str | None = None,
 class TreePlan(list[Any]):
     """The plans for every tensor in a tree: a list of ``(path, Plan)``."""
 
+    @property
+    def copies(self) -> bool:
+        """True when converting any tensor of the tree copies memory."""
+        return any(plan.copies for _, plan in self)
+
+    @property
+    def independent(self) -> bool:
+        """True when every converted tensor is memory of its own."""
+        return all(plan.independent for _, plan in self)
+
     def __str__(self) -> str:
         if not self:
             return "(no tensors in the input)"
@@ -332,7 +342,13 @@ def explain(x: Any, /, to: str, *, device: str | None = None, dtype: str | None 
     if device is not None:
         device = parse_device(device)
     if type(x) in _SCALARS:
+        scalar = x
         x = _scalar_input(x, target, dtype)
+        plan = plan_leaf(x, backend_of(type(x)), target, device=device, dtype=dtype, copy=copy)
+        # the value is copied into a new tensor: nothing is shared with the caller's scalar
+        return Plan(f"Python {type(scalar).__name__} {scalar!r}", plan.target,
+                    [Step("Python scalar -> new 0-d tensor", True, _same,
+                          "a Python number has no memory to share")] + plan.steps)
     src = backend_of(type(x))
     if src is not None:
         return plan_leaf(x, src, target, device=device, dtype=dtype, copy=copy)
@@ -368,6 +384,10 @@ def shares_memory(a: Any, b: Any, /) -> bool:
     if sa is None or sb is None:
         return False
     return normalize_device(sa[0]) == normalize_device(sb[0]) and sa[1] < sb[2] and sb[1] < sa[2]
+
+
+def _same(x: Any) -> Any:
+    return x  # convert() makes the 0-d tensor before it runs a plan
 
 
 def _quietly(fn: Any, x: Any) -> Any:

@@ -113,6 +113,23 @@ def canonical_name(dtype: Any) -> str:
             f"{dt.itemsize * 8}-bit extended precision (long double) has no counterpart in "
             "any tensor framework",
             "cast it first, e.g. a.astype(np.float64) (or np.complex128)"))
+    if dt.names == ("float0",):  # jax.dtypes.float0
+        raise ConversionError(message(
+            "a JAX float0 array",
+            "float0 is the dtype JAX gives gradients with respect to integer inputs: it holds no "
+            "values (zero bytes per element)",
+            "drop it, or take gradients only with respect to float inputs "
+            "(jax.grad(..., allow_int=True) makes these)"))
+    if name is None and dt.type.__module__ == "ml_dtypes":
+        bits = _ML_DTYPE_BITS.get(dt.name)
+        width = f"{bits}-bit " if bits else ""
+        floating = dt.name.startswith("float")
+        raise ConversionError(message(
+            f"numpy dtype {dt.name} (ml_dtypes)",
+            f"it is a {width}{'float' if floating else 'integer'} type that no tensor file format "
+            "and not every framework has, so tensorbridge does not carry it between them",
+            f"cast it first, e.g. a.astype({'np.float32' if floating else 'np.int8'}) "
+            "(every value fits), or keep it in the framework it came from"))
     if name is None or dt.fields is not None:
         raise ConversionError(message(
             f"numpy dtype {dt!r}",
@@ -122,6 +139,11 @@ def canonical_name(dtype: Any) -> str:
             "for text, keep it as a Python list or encode it to bytes yourself",
         ))
     return name
+
+
+#: widths of the ml_dtypes types that are not canonical dtypes, for messages
+_ML_DTYPE_BITS = {"int2": 2, "uint2": 2, "int4": 4, "uint4": 4, "float4_e2m1fn": 4,
+                  "float6_e2m3fn": 6, "float6_e3m2fn": 6}
 
 
 def lookup(name: Any) -> DType:

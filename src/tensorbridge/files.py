@@ -332,8 +332,13 @@ def load(path: str | os.PathLike[str], /, *, to: str = "numpy", nested: bool = F
     if not plain:
         get_backend(to).load()  # unknown or missing frameworks fail before any reading
 
-    def out(arr: np.ndarray) -> Any:
-        return arr if plain else convert(arr, to=to, device=device)
+    def out(arr: np.ndarray, name: str = "") -> Any:
+        if plain:
+            return arr
+        try:
+            return convert(arr, to=to, device=device)
+        except TensorBridgeError as exc:  # say which tensor of the file
+            raise (exc.at(f"[{name!r}]") if name else exc) from exc.__cause__
 
     mapping = should_map(path, mmap)
     # One arena only where the arrays are kept as they are (numpy, or torch sharing them):
@@ -351,7 +356,7 @@ def load(path: str | os.PathLike[str], /, *, to: str = "numpy", nested: bool = F
             with open_reader(fmt, path, variant) as reader:
                 if fmt.name == "npy" and names is None:
                     return out(read(reader, reader.keys()[0]))
-                flat = {name: out(arr) for name, arr in iter_tensors(reader, names, read)}
+                flat = {name: out(arr, name) for name, arr in iter_tensors(reader, names, read)}
             break
         except CheckpointChangedError:
             if attempt == 2:

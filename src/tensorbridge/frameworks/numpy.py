@@ -31,6 +31,13 @@ def refuse_masked(x: Any, what: str, why: str) -> None:
             "mask as a bool tensor too if you need it (np.ma.getmaskarray(a))"))
 
 
+def _cast(a: np.ndarray, target: np.dtype) -> np.ndarray:
+    """``a.astype(target)`` without NumPy's warnings for NaN or out-of-range values: what
+    such values become is documented (convert's docstring), not an accident to warn about."""
+    with np.errstate(all="ignore"):
+        return a.astype(target, order="C")
+
+
 def _copy(a: Any) -> np.ndarray:
     return np.array(a, copy=True, order="K")
 
@@ -114,8 +121,7 @@ class NumpyBackend(Backend):
         from ..dtypes import numpy_dtype
 
         target = numpy_dtype(dtype)
-        return [Step(f"cast {facts.dtype} -> {dtype}", True,
-                     lambda a: a.astype(target, order="C"))]
+        return [Step(f"cast {facts.dtype} -> {dtype}", True, lambda a: _cast(a, target))]
 
     def to_device_steps(self, facts: Facts, device: str) -> list[Step]:
         return self.from_host_steps(facts, device=device, copy=None)

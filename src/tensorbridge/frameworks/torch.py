@@ -54,7 +54,7 @@ class TorchBackend(Backend):
                 "no other framework or file format has this dtype",
                 "dequantize it first (t.dequantize()), or keep its integer representation "
                 "(t.int_repr()) with its scale and zero point" if quantized
-                else "cast it first, e.g. t.to(torch.float32)",
+                else _cast_hint(dtype),
             ))
         return name
 
@@ -262,6 +262,18 @@ def _storage_view(x: Any) -> np.ndarray | None:
 
     buf = (ctypes.c_uint8 * storage.nbytes()).from_address(storage.data_ptr())
     return np.frombuffer(buf, np.uint8)
+
+
+def _cast_hint(dtype: Any) -> str:
+    """How to cast a torch dtype no other framework has, without losing part of the values."""
+    if dtype.is_complex:  # complex32: both halves kept
+        return "cast it first, e.g. t.to(torch.complex64) (keeps the imaginary part)"
+    if dtype.is_floating_point:
+        return "cast it first, e.g. t.to(torch.float32) (holds every value of smaller float types)"
+    if str(dtype).rpartition(".")[2].startswith(("int", "uint", "bits")):  # int4, uint4, bits8...
+        return ("torch cannot cast these packed types either: convert their bytes "
+                "(t.view(torch.uint8)) and unpack them where they are used")
+    return "cast it first, e.g. t.to(torch.float32)"
 
 
 def _to_host(t: Any) -> Any:
