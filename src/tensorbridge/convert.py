@@ -344,7 +344,9 @@ def explain(x: Any, /, to: str, *, device: str | None = None, dtype: str | None 
     if type(x) in _SCALARS:
         scalar = x
         x = _scalar_input(x, target, dtype)
-        plan = plan_leaf(x, backend_of(type(x)), target, device=device, dtype=dtype, copy=copy)
+        made = backend_of(type(x))
+        assert made is not None  # a NumPy or JAX array
+        plan = plan_leaf(x, made, target, device=device, dtype=dtype, copy=copy)
         # the value is copied into a new tensor: nothing is shared with the caller's scalar
         return Plan(f"Python {type(scalar).__name__} {scalar!r}", plan.target,
                     [Step("Python scalar -> new 0-d tensor", True, _same,
