@@ -348,7 +348,7 @@ def explain(x: Any, /, to: str, *, device: str | None = None, dtype: str | None 
         assert made is not None  # a NumPy or JAX array
         plan = plan_leaf(x, made, target, device=device, dtype=dtype, copy=copy)
         # the value is copied into a new tensor: nothing is shared with the caller's scalar
-        return Plan(f"Python {type(scalar).__name__} {scalar!r}", plan.target,
+        return Plan(f"Python {type(scalar).__name__} {scalar!r} as {plan.source}", plan.target,
                     [Step("Python scalar -> new 0-d tensor", True, _same,
                           "a Python number has no memory to share")] + plan.steps)
     src = backend_of(type(x))

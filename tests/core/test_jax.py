@@ -205,4 +205,4 @@ def test_explain_plans_a_python_scalar_as_convert_converts_it():
             print("REFUSED", "64 bits" in str(e))
     """)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == ["jax ArrayImpl float32[] on cpu", "REFUSED True"]
+    assert r.stdout.splitlines() == ["Python float 1.5 as jax ArrayImpl float32[] on cpu", "REFUSED True"]

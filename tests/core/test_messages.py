@@ -56,7 +56,7 @@ def test_explain_of_a_python_scalar_says_it_is_a_new_tensor():
     for to in ("torch", "numpy", "jax"):
         plan = tb.explain(2.5, to=to)
         assert plan.independent and "shares memory" not in str(plan), to
-        assert str(plan).startswith("Python float 2.5 -> ")
+        assert str(plan).startswith("Python float 2.5 as "), str(plan)
 
 
 def test_tree_plans_say_whether_they_copy():
