@@ -212,9 +212,15 @@ def _tuple_unflatten(x: tuple, kids: list) -> tuple:
     cls = type(x)
     if cls is tuple:
         return tuple(kids)
+    if all(a is b for a, b in zip(kids, x)):
+        return x  # immutable, and nothing in it changed (torch.Size, a tuple of ints)
     # a struct sequence (os.stat_result, torch.return_types) is built from its sequence;
-    # namedtuples too, through tuple.__new__, which skips a __new__ that takes the fields
-    new = cls(kids) if hasattr(cls, "n_sequence_fields") else tuple.__new__(cls, kids)
+    # namedtuples too, through tuple.__new__, which skips a __new__ that takes the fields.
+    # tuple.__new__ refuses C subclasses (torch.Size): those take their sequence.
+    try:
+        new = cls(kids) if hasattr(cls, "n_sequence_fields") else tuple.__new__(cls, kids)
+    except TypeError:
+        new = cls(kids)
     attrs = _attributes(x)
     if attrs:
         object.__getattribute__(new, "__dict__").update(attrs)

@@ -4,6 +4,7 @@ or is refused with its path: never with tensors left unconverted."""
 from __future__ import annotations
 
 import collections
+import os
 import collections.abc as abc
 import dataclasses
 import types
@@ -289,3 +290,11 @@ def test_saving_a_batch_encoding_names_its_tensors_by_key(tmp_path):
     enc = transformers.BatchEncoding({"input_ids": np.array([[1, 2]]), "mask": np.ones((1, 2))})
     tb.save({"batch": enc, "q": collections.deque([np.zeros(1)])}, tmp_path / "b.safetensors")
     assert sorted(tb.load(tmp_path / "b.safetensors")) == ["batch.input_ids", "batch.mask", "q.0"]
+
+
+def test_tuples_of_c_types_and_unchanged_tuples():
+    shape = torch.Size([2, 3])  # tuple.__new__ refuses this C subclass
+    out = tb.to_numpy({"shape": shape, "t": torch.ones(1), "sizes": (1, "a")})
+    assert out["shape"] is shape and out["sizes"] == (1, "a") and type(out["t"]) is np.ndarray
+    stat = tb.to_numpy(os.stat("."))  # a struct sequence of ints: itself
+    assert type(stat) is os.stat_result
