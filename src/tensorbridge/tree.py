@@ -212,7 +212,7 @@ def _tuple_unflatten(x: tuple, kids: list) -> tuple:
     cls = type(x)
     if cls is tuple:
         return tuple(kids)
-    if all(a is b for a, b in zip(kids, x)):
+    if all(a is b for a, b in zip(kids, x, strict=True)):
         return x  # immutable, and nothing in it changed (torch.Size, a tuple of ints)
     # a struct sequence (os.stat_result, torch.return_types) is built from its sequence;
     # namedtuples too, through tuple.__new__, which skips a __new__ that takes the fields.
