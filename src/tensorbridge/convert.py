@@ -18,7 +18,7 @@ from .errors import ConversionError, TensorBridgeError, message
 from .frameworks import _BY_TYPE, ALIASES, TARGETS, backend_of, get_backend
 from .frameworks.base import Backend, Step, normalize_device, parse_device
 from .frameworks import foreign_cuda
-from .plan import Plan, cached_plan, plan_leaf
+from .plan import _PLANS, Plan, cached_plan, plan_key_x64, plan_leaf
 from .tree import format_path, tree_leaves_with_path, tree_map
 
 __all__ = [
@@ -45,7 +45,18 @@ def _target(to: str) -> str:
 
 def _run(x: Any, src: Backend, target: str, device: str | None, dtype: str | None,
          copy: bool | None) -> Any:
-    plan = cached_plan(x, src, target, device, dtype, copy)
+    """Convert one tensor with the plan of its kind (plan.cached_plan, looked up inline:
+    this is every single-tensor call's path)."""
+    plan = None
+    kind = src.kind(x, target)
+    if kind is not None and (dtype is None or type(dtype) is str) and (
+            device is None or type(device) is str):
+        key: tuple = (kind, target, device, dtype, copy)
+        if target == "jax" or src.name == "jax":
+            key = plan_key_x64(key)
+        plan = _PLANS.get(key)
+    if plan is None:
+        plan = cached_plan(x, src, target, device, dtype, copy)
     try:
         return (plan._fn or plan.fn)(x)
     except TensorBridgeError:
@@ -219,12 +230,13 @@ def convert(
         tp = type(x)
     src = _BY_TYPE[tp] if tp in _BY_TYPE else backend_of(tp)
     if target == "numpy":
-        gather = _device_leaves_possible()
-        if not gather or (src is not None and src.on_host(x)):  # no GPU machinery at all
+        # one host tensor: its cached plan, and no GPU machinery at all
+        if src is not None and src.on_host(x) and not (ragged == "list" and tp.__name__ == "RaggedTensor"):
+            return _run(x, src, target, device, dtype, copy)
+        if not _device_leaves_possible():
             if src is not None and not (ragged == "list" and tp.__name__ == "RaggedTensor"):
-                return _run(x, src, target, device, dtype, copy)  # one tensor: its cached plan
-            if not gather:
-                return tree_map(_leaf_fn(target, device, dtype, copy, ragged, {}), x)
+                return _run(x, src, target, device, dtype, copy)
+            return tree_map(_leaf_fn(target, device, dtype, copy, ragged, {}), x)
     elif not (device is not None and target == "torch" and copy is not False and dtype is None
               and isinstance(device, str) and device.startswith("cuda")):
         if src is not None and not (ragged == "list" and tp.__name__ == "RaggedTensor"):

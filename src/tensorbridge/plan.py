@@ -302,6 +302,12 @@ _PLANS: dict[tuple, Plan] = {}
 _PLANS_MAX = 4096  # kinds met by one process are few; a bound keeps odd workloads small
 
 
+def plan_key_x64(key: tuple) -> tuple:
+    """A plan key for a route into or out of JAX: those depend on JAX's 64-bit flag."""
+    jax = sys.modules.get("jax")
+    return key if jax is None else key + (jax.config.jax_enable_x64,)
+
+
 def cached_plan(x: Any, src: Backend, target: str, device: Any, dtype: Any,
                 copy: bool | None) -> Plan:
     """The :class:`Plan` for ``x``, planned once per kind of tensor.
@@ -318,9 +324,7 @@ def cached_plan(x: Any, src: Backend, target: str, device: Any, dtype: Any,
         return plan_leaf(x, src, target, device=device, dtype=dtype, copy=copy)
     key: tuple = (kind, target, device, dtype, copy)
     if target == "jax" or src.name == "jax":
-        jax = sys.modules.get("jax")
-        if jax is not None:  # routes into JAX depend on whether 64-bit types are on
-            key += (jax.config.jax_enable_x64,)
+        key = plan_key_x64(key)
     plan = _PLANS.get(key)
     if plan is None:
         plan = plan_leaf(x, src, target, device=device, dtype=dtype, copy=copy)
