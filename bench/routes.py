@@ -101,49 +101,32 @@ def sources(n: int) -> dict[str, tuple[str, Callable[[], Any]]]:
     }
 
 
-def to_host_plain(fw: str, x: Any, *, for_torch: bool = False) -> Any:
-    """The plain call that gives a host NumPy array of ``x``."""
-    f = _frameworks()
-    np, torch = f["np"], f["torch"]
-    if fw == "numpy":
-        return x
-    if fw == "torch":
-        t = x.detach().cpu()
-        if t.dtype == torch.bfloat16:
-            return t.view(torch.int16).numpy().view(f["ml"].bfloat16)
-        if t.dtype == torch.float8_e4m3fn:
-            return t.view(torch.uint8).numpy().view(f["ml"].float8_e4m3fn)
-        return t.numpy()
-    if fw == "tf":
-        return x.numpy()
-    return np.array(x) if for_torch else np.asarray(x)  # jax: torch wants writable memory
-
-
 def plain_call(fw: str, tgt: str, kind: str) -> tuple[str, Callable[[Any], Any]]:
-    """(text, function) of the plain call from a ``fw`` tensor to ``tgt``."""
+    """(text, function) of the plain call from a ``fw`` tensor to ``tgt``: the expression
+    a user writes, compiled as it is (no helper call in between, so it is not slowed)."""
     f = _frameworks()
-    np, torch, tf, jnp, ml = f["np"], f["torch"], f["tf"], f["jnp"], f["ml"]
-    bf16 = "bf16" in kind or "float8" in kind
-    host_text = {"numpy": "a", "torch": "t.detach().cpu().numpy()", "tf": "x.numpy()",
-                 "jax": "np.array(j)" if tgt == "torch" else "np.asarray(j)"}[fw]
-    if fw == "torch" and bf16:
-        host_text = "t.detach().cpu().view(int).numpy().view(ml_dtypes)"
-    def host(x: Any) -> Any:
-        return to_host_plain(fw, x, for_torch=(tgt == "torch"))
+    bits = {"bf16": ("int16", "bfloat16"), "float8": ("uint8", "float8_e4m3fn")}
+    low = next((v for k, v in bits.items() if k in kind), None)
+    if fw == "numpy":
+        host = "x"
+    elif fw == "torch":
+        host = "x.detach().cpu().numpy()" if low is None else \
+            f"x.detach().cpu().view(torch.{low[0]}).numpy().view(ml.{low[1]})"
+    elif fw == "tf":
+        host = "x.numpy()"
+    else:  # jax: torch wants writable memory, so the plain call copies
+        host = "np.array(x)" if tgt == "torch" else "np.asarray(x)"
     if tgt == "numpy":
-        return host_text, host
-    if tgt == "torch":
-        if bf16:
-            bits = {"bf16": (np.int16, torch.bfloat16)}.get("bf16" if "bf16" in kind else "",
-                                                          (np.uint8, torch.float8_e4m3fn))
-            return (f"torch.from_numpy({host_text}.view(int)).view(...)",
-                    lambda x: torch.from_numpy(host(x).view(bits[0])).view(bits[1]))
-        return f"torch.from_numpy({host_text})", lambda x: torch.from_numpy(host(x))
-    if tgt == "tf":
-        return f"tf.convert_to_tensor({host_text})", lambda x: tf.convert_to_tensor(host(x))
-    assert tgt == "jax"
-    del ml
-    return f"jnp.asarray({host_text})", lambda x: jnp.asarray(host(x))
+        expr = host
+    elif tgt == "torch":
+        expr = f"torch.from_numpy({host})" if low is None else \
+            f"torch.from_numpy({host}.view(np.{low[0]})).view(torch.{low[1]})"
+    elif tgt == "tf":
+        expr = f"tf.convert_to_tensor({host})"
+    else:
+        expr = f"jnp.asarray({host})"
+    env = {"np": f["np"], "torch": f["torch"], "tf": f["tf"], "jnp": f["jnp"], "ml": f["ml"]}
+    return expr, eval(f"lambda x: {expr}", env)  # noqa: S307 - our own fixed expressions
 
 
 def _tb_name(tgt: str) -> str:
@@ -211,6 +194,13 @@ def case_routes_small(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _comprehension(expr: str) -> Callable[[Any], Any]:
+    """The dict comprehension a user writes around the plain call, compiled as it is."""
+    f = _frameworks()
+    env = {"np": f["np"], "torch": f["torch"], "tf": f["tf"], "jnp": f["jnp"], "ml": f["ml"]}
+    return eval(f"lambda d: {{k: {expr} for k, x in d.items()}}", env)  # noqa: S307
+
+
 def case_routes_tree(args: argparse.Namespace) -> list[dict]:
     import tensorbridge as tb
     from run import row, time_pair
@@ -239,24 +229,26 @@ def case_routes_tree(args: argparse.Namespace) -> list[dict]:
                  "tf f32", "tf Variable", "jax f32"):
         fw, make = srcs[kind]
         d = {f"layer{i}.weight": make() for i in range(n)}
-        text, plain = plain_call(fw, "numpy", kind)
+        text, _ = plain_call(fw, "numpy", kind)
+        comp = _comprehension(text)
         add(f"dict of {n} {kind} -> numpy", lambda d=d: tb.to_numpy(d),
-            f"{{k: {text}}}", lambda d=d, plain=plain: {k: plain(v) for k, v in d.items()})
-        copy_text = {"torch": f"{text}.copy()", "tf": "x.numpy()", "jax": "np.array(j)"}[fw]
-        copy_fn = {"torch": lambda v, plain=plain: plain(v).copy(), "tf": lambda v: v.numpy(),
-                   "jax": lambda v: np.array(v)}[fw]
+            f"{{k: {text}}}", lambda d=d, fn=comp: fn(d))
+        copy_text = {"torch": f"{text}.copy()", "tf": "x.numpy()", "jax": "np.array(x)"}[fw]
+        env = {"np": np, "ml": f["ml"], "torch": f["torch"]}
+        copy_comp = eval(f"lambda d: {{k: {copy_text} for k, x in d.items()}}", env)  # noqa: S307
         add(f"dict of {n} {kind} -> numpy copy=True", lambda d=d: tb.to_numpy(d, copy=True),
-            f"{{k: {copy_text}}}", lambda d=d, fn=copy_fn: {k: fn(v) for k, v in d.items()})
+            f"{{k: {copy_text}}}", lambda d=d, fn=copy_comp: fn(d))
     # from numpy to every framework, and between frameworks
     for kind, tgt in (("numpy f32", "torch"), ("numpy f32", "tf"), ("numpy f32", "jax"),
                       ("numpy bf16", "torch"), ("torch f32", "jax"), ("tf f32", "torch"),
                       ("jax f32", "torch"), ("torch requires_grad", "tf")):
         fw, make = srcs[kind]
         d = {f"layer{i}.weight": make() for i in range(n)}
-        text, plain = plain_call(fw, tgt, kind)
+        text, _ = plain_call(fw, tgt, kind)
+        comp = _comprehension(text)
         to = _tb_name(tgt)
         add(f"dict of {n} {kind} -> {tgt}", lambda d=d, to=to: tb.convert(d, to=to),
-            f"{{k: {text}}}", lambda d=d, plain=plain: {k: plain(v) for k, v in d.items()})
+            f"{{k: {text}}}", lambda d=d, fn=comp: fn(d))
     torch = f["torch"]
     d = {f"layer{i}.weight": srcs["numpy f32"][1]() for i in range(n)}
     add(f"dict of {n} numpy f32 -> torch copy=True", lambda: tb.to_torch(d, copy=True),
@@ -362,7 +354,78 @@ def case_routes_large(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def case_files_io(args: argparse.Namespace) -> list[dict]:
+    """tb.save / tb.load of a 64 MiB state dict (16 tensors) beside each format's reference
+    writer and reader, in one process, page cache warm. Durable writes (fsync + rename)
+    are tensorbridge's; the references do not fsync."""
+    import os
+    import tempfile
+
+    import h5py
+    import numpy as np
+    import safetensors.numpy as stn
+    import safetensors.torch as stt
+    import torch
+
+    import tensorbridge as tb
+    from run import row, time_pair
+
+    rng = np.random.default_rng(0)
+    sd = {f"layers.{i}.weight": rng.standard_normal((1024, 1024), dtype=np.float32) for i in range(16)}
+    tsd = {k: torch.from_numpy(v) for k, v in sd.items()}
+    work = tempfile.mkdtemp(prefix="tb-bench-io-", dir=args.workdir if os.path.isdir(args.workdir) else None)
+    rows = []
+
+    def pair(label: str, ftb: Callable[[], Any], text: str, fplain: Callable[[], Any], target: float) -> None:
+        try:
+            ftb()
+            fplain()
+            t = time_pair(ftb, fplain, repeats=5, batch_s=0.05, warmup_s=0.1)
+        except Exception as exc:
+            rows.append({"case": "files_io", "label": label, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            return
+        rows.append(row("files_io", label, text, t, target=target, unit="ms"))
+
+    def p(name: str) -> str:
+        return os.path.join(work, name)
+
+    # writes
+    pair("tb.save .safetensors", lambda: tb.save(tsd, p("a.safetensors")),
+         "safetensors.torch.save_file", lambda: stt.save_file(tsd, p("b.safetensors")), 1.3)
+    pair("tb.save .pt", lambda: tb.save(tsd, p("a.pt")), "torch.save", lambda: torch.save(tsd, p("b.pt")), 1.3)
+    pair("tb.save .npy (one tensor)", lambda: tb.save(sd["layers.0.weight"], p("a.npy")),
+         "np.save", lambda: np.save(p("b.npy"), sd["layers.0.weight"]), 1.3)
+
+    def h5_write() -> None:
+        with h5py.File(p("b.h5"), "w") as f:
+            for k, v in sd.items():
+                f.create_dataset(k, data=v)
+
+    pair("tb.save .h5", lambda: tb.save(sd, p("a.h5")), "h5py create_dataset per tensor", h5_write, 1.2)
+    # reads
+    pair("tb.load .safetensors to=torch", lambda: tb.load(p("b.safetensors"), to="torch"),
+         "safetensors.torch.load_file", lambda: stt.load_file(p("b.safetensors")), 1.2)
+    pair("tb.load .safetensors to=numpy", lambda: tb.load(p("b.safetensors")),
+         "safetensors.numpy.load_file", lambda: stn.load_file(p("b.safetensors")), 1.2)
+    pair("tb.load .npy", lambda: tb.load(p("b.npy")), "np.load(mmap_mode='r')",
+         lambda: np.load(p("b.npy"), mmap_mode="r"), 1.2)
+    pair("tb.load .pt to=torch", lambda: tb.load(p("b.pt"), to="torch"),
+         "torch.load(weights_only=True, mmap=True)",
+         lambda: torch.load(p("b.pt"), weights_only=True, mmap=True), 1.2)
+
+    def h5_read() -> dict:
+        with h5py.File(p("b.h5"), "r") as f:
+            return {k: f[k][()] for k in f}
+
+    pair("tb.load .h5", lambda: tb.load(p("b.h5")), "h5py f[k][()] per dataset", h5_read, 1.2)
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
 CASES = {
+    "files_io": case_files_io,
     "routes_small": case_routes_small,
     "routes_tree": case_routes_tree,
     "routes_large": case_routes_large,

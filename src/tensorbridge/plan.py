@@ -71,6 +71,9 @@ class Plan:
             elif len(runs) == 2:
                 first, second = runs
                 fn = lambda x: second(first(x))  # noqa: E731
+            elif len(runs) == 3:
+                first, second, third = runs
+                fn = lambda x: third(second(first(x)))  # noqa: E731
             else:
                 fn = self.run
             self._fn = fn
@@ -186,7 +189,13 @@ def plan_leaf(
             "pass copy=None to allow a copy where it is needed, or copy=True for an independent result",
         ))
     if copy is True and not plan.independent:
-        plan.steps.append(Step("copy (copy=True)", True, tgt.clone, "an independent result was asked for"))
+        own = src.fresh_host_step(facts) if (tgt.name == "numpy" and dtype is None and steps
+                                              and not plan.copies) else None
+        if own is not None:  # the framework's own copy instead of its view, then a second copy
+            plan.steps[-1] = own
+        else:
+            plan.steps.append(Step("copy (copy=True)", True, tgt.clone,
+                                   "an independent result was asked for"))
     return plan
 
 

@@ -154,3 +154,19 @@ def test_jax_kinds_include_x64_and_deleted_arrays_are_refused():
         tb.to_numpy(b)
     assert any(k[1] == "numpy" for k in _PLANS)  # the live array's plan was cached
     del jax
+
+
+def test_copy_true_to_numpy_uses_the_frameworks_own_copy_once():
+    """copy=True from TF and JAX: one copy (the framework's own), writable and independent,
+    as explain says; the cached route is the fresh one for every kind met."""
+    tf = pytest.importorskip("tensorflow")
+    jax = pytest.importorskip("jax")
+    objs = [tf.constant(np.arange(SMALL, dtype=np.float32)), tf.Variable(np.zeros(3, np.float32)),
+            tf.constant(1.5), jax.numpy.arange(4.0), jax.numpy.asarray(2.0),
+            tf.cast(tf.constant([1.0, 2.0]), tf.bfloat16)]
+    for x in objs:
+        plan = tb.explain(x, to="numpy", copy=True)
+        a = tb.to_numpy(x, copy=True)
+        assert plan.independent and sum(s.copies for s in plan.steps) == 1, str(plan)
+        assert a.flags.writeable and not tb.shares_memory(x, a)
+        assert _route(cached_plan(x, backend_of(type(x)), "numpy", None, None, True)) == _route(plan)

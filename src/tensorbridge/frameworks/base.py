@@ -234,6 +234,12 @@ class Backend:
         """Steps that turn ``x`` into a host NumPy array in its canonical dtype."""
         raise NotImplementedError
 
+    def fresh_host_step(self, facts: Facts) -> Step | None:
+        """For copy=True to NumPy: a copying step that replaces the last (zero-copy view)
+        step of :meth:`to_host_steps` with the framework's own copy to fresh host memory,
+        or None (then the view is copied afterwards)."""
+        return None
+
     def from_host_steps(self, facts: Facts, *, device: str | None, copy: bool | None) -> list[Step]:
         """Steps that turn a host NumPy array with ``facts`` into this framework's tensor."""
         raise NotImplementedError

@@ -113,6 +113,11 @@ class JaxBackend(Backend):
                          "device memory is not addressable from NumPy", fresh=False)]
         return [Step("np.asarray view (read-only: JAX arrays are immutable)", False, np.asarray)]
 
+    def fresh_host_step(self, facts: Facts) -> Step | None:
+        if facts.device_type != "cpu" or "sharded" in facts.notes:
+            return None  # the route already copies
+        return Step("np.array copy (copy=True)", True, _array_copy, "an independent result was asked for")
+
     def from_host_steps(self, facts: Facts, *, device: str | None, copy: bool | None) -> list[Step]:
         self._check_x64(facts.dtype)
         jax = self.load()
@@ -194,6 +199,10 @@ class JaxBackend(Backend):
 
 # Both host copies above are JAX's own: it caches the host value on the array and hands
 # the same read-only buffer to every np.asarray / jax.device_get that follows (fresh=False).
+def _array_copy(x: Any) -> np.ndarray:
+    return np.array(x, copy=True)
+
+
 def _device_get(x: Any) -> np.ndarray:
     return np.asarray(sys.modules["jax"].device_get(x))
 

@@ -137,6 +137,11 @@ class TensorFlowBackend(Backend):
             steps.append(Step("Tensor.numpy()", True, lambda t: t.numpy(), why))
         return steps
 
+    def fresh_host_step(self, facts: Facts) -> Step | None:
+        if facts.device_type != "cpu" or facts.dtype not in _DLPACK_DTYPES or "sparse" in facts.notes:
+            return None  # the route already copies, or has no view to replace
+        return Step("Tensor.numpy() (copy=True)", True, _numpy_copy, "an independent result was asked for")
+
     def from_host_steps(self, facts: Facts, *, device: str | None, copy: bool | None) -> list[Step]:
         tf = self.load()
         if self.native_dtype(facts.dtype) is None:
@@ -245,6 +250,10 @@ def _device_name(tf_device: str) -> str:
     kind, _, index = tail.partition(":")
     kind = {"GPU": "cuda", "CPU": "cpu", "TPU": "tpu"}.get(kind.upper(), kind.lower())
     return "cpu" if kind == "cpu" and index in ("", "0") else f"{kind}:{index or 0}"
+
+
+def _numpy_copy(t: Any) -> np.ndarray:
+    return np.asarray(t.numpy())  # TF's own copy, writable (a 0-d tensor gives a scalar)
 
 
 def _host_view(t: Any) -> np.ndarray:
