@@ -231,7 +231,7 @@ def convert(
     src = _BY_TYPE[tp] if tp in _BY_TYPE else backend_of(tp)
     if target == "numpy":
         # one host tensor: its cached plan, and no GPU machinery at all
-        if src is not None and src.on_host(x) and not (ragged == "list" and tp.__name__ == "RaggedTensor"):
+        if src is not None and src.unstaged(x) and not (ragged == "list" and tp.__name__ == "RaggedTensor"):
             return _run(x, src, target, device, dtype, copy)
         if not _device_leaves_possible():
             if src is not None and not (ragged == "list" and tp.__name__ == "RaggedTensor"):
@@ -269,6 +269,10 @@ def to_numpy(x: Any, /, *, copy: bool | None = None, dtype: str | None = None,
     >>> tb.to_numpy(1.5)
     array(1.5)
     """
+    src = _BY_TYPE.get(type(x))
+    if (src is not None and not pinned and ragged == "error"
+            and (copy is None or copy is True or copy is False) and src.unstaged(x)):
+        return _run(x, src, "numpy", None, dtype, copy)  # what convert() does for one host tensor
     return convert(x, to="numpy", copy=copy, dtype=dtype, ragged=ragged, pinned=pinned)
 
 
@@ -280,6 +284,9 @@ def to_torch(x: Any, /, *, device: str | None = None, dtype: str | None = None,
     >>> tb.to_torch(np.arange(3)[::-1]).tolist()   # negative strides are fine
     [2, 1, 0]
     """
+    src = _BY_TYPE.get(type(x))
+    if src is not None and device is None and (copy is None or copy is True or copy is False):
+        return _run(x, src, "torch", None, dtype, copy)  # what convert() does for one tensor
     return convert(x, to="torch", device=device, dtype=dtype, copy=copy)
 
 

@@ -215,8 +215,10 @@ class Backend:
     def facts(self, x: Any) -> Facts:
         raise NotImplementedError
 
-    def on_host(self, x: Any) -> bool:
-        """True when ``x`` is certainly in host memory (cheap; False when unsure)."""
+    def unstaged(self, x: Any) -> bool:
+        """True when ``x`` certainly needs no CUDA staging (``to_numpy`` of a tree gathers
+        CUDA tensors in one transfer): host memory, or a framework the staging ring does
+        not gather. Cheap; False when unsure."""
         return False
 
     def kind(self, x: Any, target: str) -> tuple | None:

@@ -10,6 +10,7 @@ import numpy as np
 from ..dtypes import canonical_name, lookup
 from ..errors import ConversionError, DeviceError, message
 from .base import SHARE_MIN_BYTES, Backend, Facts, Step, normalize_device
+from . import foreign_cuda
 
 __all__ = ["JaxBackend", "BACKEND"]
 
@@ -42,6 +43,9 @@ class JaxBackend(Backend):
 
     def __init__(self) -> None:
         self._arrays: dict[type, bool] = {}  # type -> a concrete array (not a tracer)
+
+    def unstaged(self, x: Any) -> bool:
+        return not foreign_cuda.jax_cuda_running()  # then no JAX array is on a CUDA device
 
     def kind(self, x: Any, target: str) -> tuple | None:
         tp = type(x)

@@ -62,7 +62,7 @@ class NumpyBackend(Backend):
     def owns(self, tp: type) -> bool:
         return issubclass(tp, (np.ndarray, np.generic))
 
-    def on_host(self, x: Any) -> bool:
+    def unstaged(self, x: Any) -> bool:
         return True
 
     def kind(self, x: Any, target: str) -> tuple | None:

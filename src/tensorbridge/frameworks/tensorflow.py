@@ -55,6 +55,9 @@ class TensorFlowBackend(Backend):
     def __init__(self) -> None:
         self._plain: dict[type, bool] = {}  # type -> eager tensor or variable (has a kind)
 
+    def unstaged(self, x: Any) -> bool:
+        return True  # TF tensors never join the CUDA staging ring (TF copies its own)
+
     def kind(self, x: Any, target: str) -> tuple | None:
         tp = type(x)
         plain = self._plain.get(tp)

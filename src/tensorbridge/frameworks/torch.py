@@ -69,7 +69,7 @@ class TorchBackend(Backend):
             return key  # the host route reads nothing else
         return key + (x.is_contiguous(), x.data_ptr() % 64 == 0, x.nbytes < SHARE_MIN_BYTES)
 
-    def on_host(self, x: Any) -> bool:
+    def unstaged(self, x: Any) -> bool:
         return x.is_cpu
 
     def facts(self, x: Any) -> Facts:
