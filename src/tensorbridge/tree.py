@@ -120,6 +120,8 @@ def _attributes(obj: Any, skip: Sequence[str] = ()) -> dict[str, Any]:
     state = getattr(obj, "__dict__", None)
     out = {k: v for k, v in state.items() if k not in skip} if isinstance(state, dict) else {}
     for s in _slots(type(obj)):
+        if s in skip:
+            continue
         try:
             out[s] = object.__getattribute__(obj, s)
         except AttributeError:
@@ -164,15 +166,21 @@ def _check_attributes(obj: Any, skip: Sequence[str] = ()) -> None:
 def _dict_flatten(d: dict) -> tuple[list, list, Any]:
     if type(d) is dict:
         return list(d.values()), list(d), (d, None)
-    _check_attributes(d)
     # the items as stored: a subclass's __iter__/__getitem__ may compute or hide items
     keys = list(collections.OrderedDict.keys(d) if isinstance(d, collections.OrderedDict)
                 else dict.keys(d))
-    return [dict.__getitem__(d, k) for k in keys], keys, (d, keys)
+    items = [dict.__getitem__(d, k) for k in keys]
+    # attributes that are the very object of the item of their name (transformers'
+    # ModelOutput) are rebuilt from the converted item
+    attrs = _attributes(d)
+    mirrored = [k for k, v in zip(keys, items, strict=True)
+                if isinstance(k, str) and k in attrs and attrs[k] is v]
+    _check_attributes(d, mirrored)
+    return items, keys, (d, keys, mirrored)
 
 
 def _dict_unflatten(aux: Any, kids: list) -> dict:
-    d, keys = aux
+    d, keys = aux[:2]
     if type(d) is dict:
         return dict(zip(d, kids, strict=True))
     new = _blank(d)
@@ -183,6 +191,8 @@ def _dict_unflatten(aux: Any, kids: list) -> dict:
         else dict.__setitem__
     for k, v in zip(keys, kids, strict=True):
         setitem(new, k, v)
+    for k in aux[2]:
+        object.__setattr__(new, k, dict.__getitem__(new, k))
     return new
 
 

@@ -1,0 +1,64 @@
+"""Review findings: containers a new user hands over that the earlier tests did not use."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+
+import tensorbridge as tb
+
+
+@dataclasses.dataclass(slots=True)
+class _Slotted:
+    x: Any
+    y: int = 0
+
+
+def test_slots_dataclass_converts() -> None:
+    out = tb.to_numpy(_Slotted(torch.arange(3), 5))
+    assert type(out) is _Slotted and out.y == 5
+    assert isinstance(out.x, np.ndarray) and out.x.tolist() == [0, 1, 2]
+
+
+class _Mirrored(dict):
+    """Like transformers' ModelOutput: every item is also an instance attribute."""
+
+    def __setitem__(self, k: str, v: Any) -> None:
+        super().__setitem__(k, v)
+        object.__setattr__(self, k, v)
+
+
+def test_dict_whose_attributes_mirror_its_items() -> None:
+    d = _Mirrored()
+    d["logits"] = torch.ones(2)
+    d.extra = "kept"
+    out = tb.to_numpy(d)
+    assert type(out) is _Mirrored and out.extra == "kept"
+    assert isinstance(out["logits"], np.ndarray) and out.logits is out["logits"]
+
+
+def test_an_attribute_not_mirroring_its_item_is_still_refused() -> None:
+    d = _Mirrored()
+    d["logits"] = torch.ones(2)
+    object.__setattr__(d, "logits", torch.zeros(2))  # a different tensor under the same name
+    try:
+        tb.to_numpy(d)
+    except tb.ConversionError as e:
+        assert "the attribute 'logits'" in str(e)
+    else:
+        raise AssertionError("a tensor in an attribute came back unconverted")
+
+
+def test_transformers_model_output_converts() -> None:
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    o = BaseModelOutputWithPooling(last_hidden_state=torch.ones(1, 2, 3), pooler_output=torch.zeros(1, 3))
+    out = tb.to_numpy(o)
+    assert type(out) is BaseModelOutputWithPooling and list(out.keys()) == list(o.keys())
+    assert isinstance(out.last_hidden_state, np.ndarray) and out[0] is out.last_hidden_state
+    assert out.pooler_output is out["pooler_output"] and out.hidden_states is None
+    back = tb.to_torch(out)
+    assert torch.equal(back.last_hidden_state, o.last_hidden_state) and back[1] is back.pooler_output
