@@ -62,3 +62,12 @@ def test_transformers_model_output_converts() -> None:
     assert out.pooler_output is out["pooler_output"] and out.hidden_states is None
     back = tb.to_torch(out)
     assert torch.equal(back.last_hidden_state, o.last_hidden_state) and back[1] is back.pooler_output
+
+
+def test_empty_npz_reads_as_empty(tmp_path) -> None:
+    np.savez(tmp_path / "np.npz")  # numpy writes an archive with no members
+    assert tb.load(tmp_path / "np.npz") == {}
+    tb.save({}, tmp_path / "tb.npz")
+    assert tb.load(tmp_path / "tb.npz") == {}
+    with np.load(tmp_path / "tb.npz") as z:
+        assert z.files == []

@@ -207,6 +207,8 @@ class NpzReader(Reader):
         spans = sorted((zi.header_offset, starts[name] + zi.compress_size, zi.filename)
                        for name, zi in self._members.items())
         end_of_data = self._zf.start_dir
+        if not spans:  # np.savez() with no arrays
+            return
         for (start, end, member), nxt in zip(spans, [*spans[1:], (end_of_data, 0, None)],
                                                  strict=True):
             if end > nxt[0]:
