@@ -71,3 +71,18 @@ def test_empty_npz_reads_as_empty(tmp_path) -> None:
     assert tb.load(tmp_path / "tb.npz") == {}
     with np.load(tmp_path / "tb.npz") as z:
         assert z.files == []
+
+
+def test_read_slice_names_a_wrong_index_type(tmp_path) -> None:
+    import pytest
+
+    p = tmp_path / "x.safetensors"
+    tb.save({"a": np.arange(10.0)}, p)
+    with tb.open(p) as r:
+        for index in (2.0, True, slice(1.0, 2), slice(0, np.float64(3)), "1"):
+            with pytest.raises(tb.ConversionError, match="takes an int or a slice of ints"):
+                r.read_slice("a", index)
+        with pytest.raises(tb.ConversionError, match="out of range"):
+            r.read_slice("a", 10)
+        assert r.read_slice("a", np.int64(-1)).tolist() == 9.0
+        assert r.read_slice("a", slice(np.int32(8), None)).tolist() == [8.0, 9.0]

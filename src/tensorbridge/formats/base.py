@@ -245,6 +245,14 @@ def first_axis_rows(info: TensorInfo, index: Any, file: object) -> tuple[int, in
         raise ConversionError(
             f"{file}: tensor {info.name!r} is 0-d and cannot be sliced. Fix: use read().")
     rows = info.shape[0]
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer, slice)) or (
+            isinstance(index, slice) and not all(
+                b is None or (isinstance(b, (int, np.integer)) and not isinstance(b, bool))
+                for b in (index.start, index.stop, index.step))):
+        raise ConversionError(
+            f"{file}: read_slice({info.name!r}, {index!r:.80}) takes an int or a slice of ints "
+            f"(rows of the first axis), not {type(index).__name__} or slice bounds of other "
+            "types. Fix: pass int(i), or slice(int(a), int(b)).")
     if isinstance(index, slice):
         start, stop, step = index.indices(rows)
         if step != 1:
@@ -252,8 +260,7 @@ def first_axis_rows(info: TensorInfo, index: Any, file: object) -> tuple[int, in
                 f"{file}: read_slice({info.name!r}, {index!r}) needs a step of 1. Fix: read the "
                 "block, then index it with the step.")
         return start, max(start, stop), False
-    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) \
-            or not -rows <= index < rows:
+    if not -rows <= index < rows:
         raise ConversionError(
             f"{file}: index {index!r} is out of range for tensor {info.name!r} with {rows} "
             f"rows. Fix: use an int in [-{rows}, {rows}) or a slice.")
