@@ -159,7 +159,8 @@ def test_4000_groups_open_in_linear_time(tmp_path, baseline):
     with h5py.File(p, "w") as f:
         for i in range(4000):
             f.create_group(f"g{i}").create_dataset("b", data=np.float32(i))
-    r = _bounded(p, baseline, 16_000)
+    # 4000 names, infos and open dataset handles are Python objects: a larger fixed slack
+    r = _bounded(p, baseline, 16_000, slack=80 * MIB)
     assert r.outcome == "ok" and len(r.result["keys"]) == 4000
 
 
