@@ -86,3 +86,28 @@ def test_read_slice_names_a_wrong_index_type(tmp_path) -> None:
             r.read_slice("a", 10)
         assert r.read_slice("a", np.int64(-1)).tolist() == 9.0
         assert r.read_slice("a", slice(np.int32(8), None)).tolist() == [8.0, 9.0]
+
+
+class _InstanceInterface:
+    def __init__(self, a: np.ndarray) -> None:
+        self.__array_interface__ = a.__array_interface__
+        self._a = a
+
+
+class _InstanceShape:
+    def __init__(self, a: np.ndarray) -> None:
+        self.a, self.shape, self.dtype = a, a.shape, a.dtype
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return self.a
+
+
+def test_array_protocol_on_the_instance_is_refused_not_left_unconverted() -> None:
+    import pytest
+
+    a = np.arange(4, dtype=np.float32)
+    for x in (_InstanceInterface(a), _InstanceShape(a)):
+        with pytest.raises(tb.ConversionError, match="on the instance"):
+            tb.to_torch(x)
+        with pytest.raises(tb.ConversionError, match=r"^at \['k'\].*on the instance"):
+            tb.to_numpy({"k": x})

@@ -29,6 +29,25 @@ __all__ = [
 _SCALARS = frozenset((bool, int, float, complex))
 
 
+def _refuse_instance_protocol(x: Any) -> None:
+    """Array protocols are found on the type; one set on the instance only (``self.__array_interface__
+    = ...``, or ``shape``/``dtype`` beside a class's ``__array__``) would leave the array
+    unconverted, silently: refuse it instead."""
+    state = getattr(x, "__dict__", None)
+    if not isinstance(state, dict) or not state:
+        return
+    names = [n for n in ("__dlpack__", "__cuda_array_interface__", "__array_interface__",
+                         "__array__") if n in state]
+    if not names and hasattr(type(x), "__array__") and "shape" in state and "dtype" in state:
+        names = ["shape", "dtype"]
+    if names:
+        raise ConversionError(message(
+            f"a {type(x).__module__}.{type(x).__qualname__}",
+            f"it sets {', '.join(names)} on the instance, and tensorbridge finds array protocols "
+            "on the type only, so it would be left unconverted",
+            "pass np.asarray(x), or define the protocol on the class (a method or property)"))
+
+
 _TARGETS = {**{n: n for n in TARGETS}, **ALIASES}
 
 
@@ -116,6 +135,7 @@ def _leaf_fn(target: str, device: str | None, dtype: str | None, copy: bool | No
         tp = type(x)
         src = by_type[tp] if tp in by_type else backend_of(tp)
         if src is None:
+            _refuse_instance_protocol(x)
             return x
         if done and id(x) in done:
             return done[id(x)]
