@@ -729,7 +729,7 @@ class H5Reader(Reader):
             self._check_size()
             inner = tuple(k - a if isinstance(k, int) else slice(0, None, k.step)
                           for k, a in zip(key, lo, strict=True))
-            out = np.ascontiguousarray(box[inner])
+            out = np.array(box[inner], order="C")  # 0-d stays 0-d
         else:
             with _h5_errors(self.path, f"reading dataset {name!r}"):
                 out = np.asarray(self._h5py.Dataset(dsid)[key])
