@@ -24,3 +24,22 @@ def test_h5_compressed_lazy_integer_index_is_0d(tmp_path):
             got = lazy[ix]
             assert got.shape == a[ix].shape
             np.testing.assert_array_equal(got, a[ix])
+
+
+def test_zarr_store_whose_root_is_an_array(tmp_path):
+    # dask.array.to_zarr(x, "x.zarr") and zarr.open_array write the array at the store's root;
+    # it was refused ("tensor name '' is refused: it is empty")
+    zarr = pytest.importorskip("zarr")
+    da = pytest.importorskip("dask.array")
+    a = np.arange(91, dtype=np.float32).reshape(13, 7)
+    p = str(tmp_path / "x.zarr")
+    da.to_zarr(da.from_array(a, chunks=(4, 7)), p, zarr_format=3)
+    assert zarr.open(p, mode="r").shape == a.shape  # the reference's own reading
+    loaded = tb.load(p)
+    assert list(loaded) == ["array"]
+    np.testing.assert_array_equal(loaded["array"], a)
+    with tb.open(p) as r:
+        np.testing.assert_array_equal(r.array("array")[::-3, 2], a[::-3, 2])
+        assert r.metadata == {}
+    np.testing.assert_array_equal(tb.to_dask(p)["array"][5:].compute(), a[5:])
+

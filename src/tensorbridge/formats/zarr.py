@@ -54,6 +54,8 @@ __all__ = ["FORMAT", "ZarrFormat", "ZarrReader"]
 
 ORDER_ATTR = "tensorbridge_order"
 DTYPE_ATTR = "tensorbridge_dtype"
+#: The name of the one tensor of a store whose root is an array (as for .npy files).
+ROOT_ARRAY_NAME = "array"
 CHUNK_BYTES = 16 << 20
 MAX_CHUNK_BYTES = 512 << 20
 MAX_METADATA_BYTES = 16 << 20
@@ -279,7 +281,9 @@ class ZarrReader(Reader):
         entries: dict[str, tuple[TensorInfo, str, int]] = {}
         for rel in sorted(arrays):
             dtype, why, shape = _check_array(rel, arrays[rel], path)
-            name = rel.replace("/", ".")
+            # a store that is one array at its root (dask.array.to_zarr(x, "x.zarr"),
+            # zarr.open_array): one tensor, named as a .npy file's
+            name = rel.replace("/", ".") if rel else ROOT_ARRAY_NAME
             if dtype is None:
                 self.skipped[name] = why
                 continue
@@ -297,8 +301,11 @@ class ZarrReader(Reader):
         self.metadata = {k: v for k, v in attrs.items()
                          if isinstance(k, str) and isinstance(v, str) and k != ORDER_ATTR}
         with _zarr_errors(path, "opening the store"):
-            # never the consolidated copy: it would bypass the metadata checked above
-            self._group = _zarr().open_group(path, mode="r", use_consolidated=False)
+            if "" in arrays:  # the root is the array (its attributes are the array's)
+                self.metadata = {}
+                self._group = _zarr().open_array(path, mode="r")
+            else:  # never the consolidated copy: it would bypass the metadata checked above
+                self._group = _zarr().open_group(path, mode="r", use_consolidated=False)
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -313,7 +320,8 @@ class ZarrReader(Reader):
         if self._group is None:
             raise FileFormatError("the store is closed. Fix: open it again.", self.path)
         with _zarr_errors(self.path, f"opening array {name!r}"):
-            return self._group[self._entries[name][1]]
+            rel = self._entries[name][1]
+            return self._group[rel] if rel else self._group
 
     def _finish(self, out: np.ndarray, info: TensorInfo) -> np.ndarray:
         out = np.asarray(out)
