@@ -88,7 +88,7 @@ def test_workers_must_be_positive(tmp_path, capsys):
 def cluster():
     distributed = pytest.importorskip("distributed")
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None, scheduler_port=0, silence_logs=50) as c:
+                                  dashboard_address=":0", scheduler_port=0, silence_logs=50) as c:
         yield c
 
 

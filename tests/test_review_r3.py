@@ -43,3 +43,22 @@ def test_zarr_store_whose_root_is_an_array(tmp_path):
         assert r.metadata == {}
     np.testing.assert_array_equal(tb.to_dask(p)["array"][5:].compute(), a[5:])
 
+
+def test_a_cluster_worker_reads_a_replaced_source_afresh(tmp_path):
+    # dask workers outlive the command: a reader cached by source path in a worker read the
+    # OLD file of a source replaced since, and the output was "verified" with stale values
+    distributed = pytest.importorskip("distributed")
+    from tensorbridge.cli.convert_cmd import convert_file
+
+    src = str(tmp_path / "src.safetensors")
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                  dashboard_address=":0", scheduler_port=0,
+                                  silence_logs=50) as cluster:
+        tb.save({"a": np.ones((4, 4), np.float32)}, src)
+        convert_file(src, str(tmp_path / "o1.safetensors"), dtype="float16",
+                     scheduler=cluster.scheduler_address)
+        tb.save({"a": np.full((2, 3), 2, np.float32)}, src)  # replaced: a new file
+        convert_file(src, str(tmp_path / "o2.safetensors"), dtype="float16",
+                     scheduler=cluster.scheduler_address)
+    np.testing.assert_array_equal(tb.load(tmp_path / "o2.safetensors")["a"],
+                                  np.full((2, 3), 2, np.float16))

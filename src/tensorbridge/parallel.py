@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any
 from collections.abc import Callable
 
@@ -35,29 +35,41 @@ from .formats.base import RawSpan
 __all__ = ["Spooler", "spool_one", "SPOOL_MARKER"]
 
 SPOOL_MARKER = ".tb-spool-"
-_READERS: dict[tuple[str, str], Any] = {}
+#: Open readers in this worker process, by (source, format, conversion), least recently
+#: used first. A dask worker outlives the command: a reader kept across conversions would
+#: read a source that was replaced since from its old file, so each conversion opens its own.
+_READERS: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
+_KEEP_READERS = 4
 
 
-def _reader(src: str, fmt: str) -> Any:
-    """One open reader per source in each worker process (reused by its tasks)."""
-    key = (src, fmt)
+def _reader(src: str, fmt: str, token: str) -> Any:
+    """One open reader per source and conversion in each worker process (reused by its
+    tasks); the least recently used beyond :data:`_KEEP_READERS` are closed."""
+    key = (src, fmt, token)
     reader = _READERS.get(key)
     if reader is None:
         from .formats import get_format
 
         reader = _READERS[key] = get_format(fmt).open(src)
+        while len(_READERS) > _KEEP_READERS:
+            _, old = _READERS.popitem(last=False)
+            with contextlib.suppress(Exception):
+                old.close()
+    else:
+        with contextlib.suppress(KeyError):
+            _READERS.move_to_end(key)
     return reader
 
 
 def spool_one(src: str, fmt: str, name: str, dtype: str, spool: str,
-              want_digest: bool) -> tuple[int, bytes | None]:
+              want_digest: bool, token: str = "") -> tuple[int, bytes | None]:
     """Read ``name`` from ``src``, cast it to ``dtype``, write its little-endian bytes to
     the new file ``spool``; returns ``(nbytes, digest)``. Runs in a worker."""
     from .cli.convert_cmd import _fetch_as, digest
     from .formats.base import TensorInfo
     from .formats.safetensors import iter_le_bytes
 
-    reader = _reader(src, fmt)
+    reader = _reader(src, fmt, token)
     info = reader.info(name)
     arr = _fetch_as(reader, TensorInfo(name, dtype, info.shape))
     fd = os.open(spool, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
@@ -156,6 +168,7 @@ class Spooler:
         self._base = base
         self._want_digest = want_digest
         self._window = 2 * max(1, workers)
+        self._token = os.urandom(8).hex()  # this conversion's readers, on every worker
         self._futures: dict[str, tuple[Any, str]] = {}
         self.spools: list[str] = []
         self._exec: _Local | _Cluster = _Cluster(scheduler) if scheduler else _Local(workers)
@@ -170,7 +183,7 @@ class Spooler:
             spool = temp_name(self._dir, self._base, SPOOL_MARKER)
             self.spools.append(spool)
             future = self._exec.submit(spool_one, self._src, self._fmt, name, self._work[name],
-                                       spool, self._want_digest)
+                                       spool, self._want_digest, self._token)
             self._futures[name] = (future, spool)
 
     def take(self, name: str) -> tuple[RawSpan, bytes | None]:
