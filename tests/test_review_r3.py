@@ -3,6 +3,8 @@ each test is an input the feature tests did not use, compared against NumPy or t
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -62,3 +64,48 @@ def test_a_cluster_worker_reads_a_replaced_source_afresh(tmp_path):
                      scheduler=cluster.scheduler_address)
     np.testing.assert_array_equal(tb.load(tmp_path / "o2.safetensors")["a"],
                                   np.full((2, 3), 2, np.float16))
+
+
+_DIES = """
+import os, sys
+import tensorbridge.parallel as par
+from tensorbridge.cli.convert_cmd import convert_file
+from tensorbridge.errors import ConversionError
+real = par._reader
+def dying(src, fmt, token):  # the worker process dies (killed, out of memory) on one tensor
+    reader = real(src, fmt, token)
+    class Dies:
+        def __getattr__(self, name):
+            return getattr(reader, name)
+        def read(self, name):
+            if name == "l3":
+                os._exit(9)
+            return reader.read(name)
+    return Dies()
+par._reader = dying
+assert par.start_method() == "fork"  # the patch reaches the workers
+try:
+    convert_file(sys.argv[1], sys.argv[2], dtype="float16", workers=2)
+except ConversionError as e:
+    print("REFUSED", e)
+"""
+
+
+def test_a_worker_process_that_dies_is_a_conversion_error(tmp_path):
+    # the refill after a failed task submitted to the broken pool, and its BrokenProcessPool
+    # (no TensorBridgeError, no fix) replaced the message
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    tb.save({f"l{i}": np.full((64, 64), i, np.float32) for i in range(8)}, f"{src}/",
+            max_shard_size="20KB")
+    dst = tmp_path / "out.npz"
+    tb.save({"old": np.arange(3)}, dst)
+    before = dst.read_bytes()
+    proc = subprocess.run([sys.executable, "-c", _DIES, f"{src}/", str(dst)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("REFUSED") and "worker failed" in proc.stdout
+    assert dst.read_bytes() == before
+    assert not [n for n in os.listdir(tmp_path) if ".tb-" in n]

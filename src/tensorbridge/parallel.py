@@ -198,8 +198,7 @@ class Spooler:
                 f"tensor {name!r}", f"its worker failed ({type(exc).__name__}: {exc})",
                 "run again; with --scheduler, check that every worker sees the source and "
                 "the destination's directory at the same paths")) from exc
-        finally:
-            self._fill()
+        self._fill()  # not after a failure: a broken pool would raise over its message
         st = os.stat(spool)
         return RawSpan(spool, 0, nbytes, (st.st_dev, st.st_ino)), dg
 
