@@ -111,3 +111,20 @@ def test_array_protocol_on_the_instance_is_refused_not_left_unconverted() -> Non
             tb.to_torch(x)
         with pytest.raises(tb.ConversionError, match=r"^at \['k'\].*on the instance"):
             tb.to_numpy({"k": x})
+
+
+def test_sharded_save_removes_the_single_file_it_supersedes(tmp_path) -> None:
+    from safetensors.numpy import save_file
+
+    for variant in ("", ".fp16"):
+        d = tmp_path / f"ck{variant}"
+        d.mkdir()
+        # what save_pretrained wrote before; from_pretrained reads it before any index
+        save_file({"w": np.zeros(4, np.float32)}, str(d / f"model{variant}.safetensors"))
+        save_file({"w": np.zeros(4, np.float32)}, str(d / "other.safetensors"))
+        index = d / f"model.safetensors.index{variant}.json"
+        tb.save({"w": np.ones(4, np.float32), "b": np.ones(64, np.float32)},
+                index if variant else f"{d}/", max_shard_size=64)
+        names = sorted(p.name for p in d.iterdir())
+        assert f"model{variant}.safetensors" not in names and "other.safetensors" in names
+        assert tb.load(index)["w"].tolist() == [1.0] * 4

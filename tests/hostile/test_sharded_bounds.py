@@ -202,7 +202,8 @@ def test_oversized_max_shard_size_is_refused(tmp_path, size):
 def test_hostile_index_cannot_get_other_files_deleted(tmp_path):
     d = tmp_path / "d"
     d.mkdir()
-    victims = ["precious.safetensors", "model.safetensors", "other-00001-of-00002.safetensors"]
+    # (model.safetensors is removed by name, listed or not: the index supersedes it)
+    victims = ["precious.safetensors", "model.bin", "other-00001-of-00002.safetensors"]
     for v in victims:
         (d / v).write_bytes(b"keep me")
     (tmp_path / "outside.safetensors").write_bytes(b"keep me too")

@@ -57,7 +57,9 @@ exist yet (the standard names, or, if any is taken, ``{prefix}-<8 hex>-0000K-of-
 for every shard), then the index atomically (a symlinked index, as in a Hugging
 Face cache snapshot, is replaced as a link, never written through), and only then
 removes the files named ``{prefix}[-<8 hex>]-NNNNN-of-MMMMM.safetensors`` that the new index
-does not list (the previous save's shards, a killed save's), as ``save_pretrained`` does.
+does not list (the previous save's shards, a killed save's), and the single file
+``{prefix}.safetensors`` the index supersedes (``from_pretrained`` reads it before the index,
+so it would load the old weights), as ``save_pretrained`` does.
 Nothing else is removed, whatever the old index lists. A failure before the index
 lands removes the new shards: the old checkpoint stays byte-identical.
 
@@ -662,12 +664,13 @@ def _remove_old_shards(directory: str, prefix: str, keep: set[str]) -> None:
     killed one) that the new index does not list. Nothing else is removed, whatever the
     old index listed: a hostile index cannot get other files deleted."""
     pattern = _shard_pattern(prefix)
+    single = f"{prefix}.safetensors"  # superseded; from_pretrained would read it first
     try:
         names = os.listdir(directory)
     except OSError:
         return
     for name in names:
-        if name not in keep and pattern.fullmatch(name):
+        if name not in keep and (pattern.fullmatch(name) or name == single):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(directory, name))
 
