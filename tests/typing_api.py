@@ -50,3 +50,19 @@ def check(a: np.ndarray, batch: Batch) -> None:
     assert_type(tb.shares_memory(a, t), bool)
     with tb.open("model.safetensors") as reader:
         assert_type(reader.read("w"), np.ndarray)
+
+
+def check_devices(a: np.ndarray, path: str) -> None:
+    """``device=`` takes what docs/guide.md ("Devices") lists: strings, CUDA indices,
+    framework device objects."""
+    import jax
+    import torch
+
+    t = torch.ones(2)
+    assert_type(tb.to_torch(t, device=torch.device("cpu")), torch.Tensor)
+    assert_type(tb.to_torch(t, device=0), torch.Tensor)
+    assert_type(tb.to_jax(t, device=jax.devices()[0]), jax.Array)
+    assert_type(tb.convert(t, to="torch", device=torch.device("cpu")), torch.Tensor)
+    assert_type(tb.explain(t, to="torch", device=0), Plan)
+    tb.to_tf(a, device=0)
+    tb.load(path, to="torch", device=torch.device("cpu"))

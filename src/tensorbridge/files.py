@@ -294,7 +294,7 @@ def iter_tensors(reader: Reader, names: Iterable[str] | None = None,
 
 
 def load(path: str | os.PathLike[str], /, *, to: str = "numpy", nested: bool = False,
-         format: str | None = None, device: str | None = None,
+         format: str | None = None, device: Any = None,
          names: Iterable[str] | None = None, variant: str | None = None,
          mmap: bool | None = None) -> Any:
     """Load a tensor file as a flat ``{name: tensor}`` dict (a ``.npy`` file: the array).
