@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tensorbridge", formatter_class=_F, parents=[common],
         description=_describe(MAIN_EXAMPLES, """\
 Move tensors between files and frameworks, exactly.
-Formats: .npy .npz .safetensors .pt/.pth/.bin .h5/.hdf5 and sharded checkpoints
+Formats: .npy .npz .safetensors .pt/.pth/.bin .h5/.hdf5 .gguf .zarr and sharded checkpoints
 (a directory or *.index.json). Run `tensorbridge COMMAND --help` for details."""),
     )
     parser.add_argument("--version", action="version", version=f"tensorbridge {_version()}")
