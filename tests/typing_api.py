@@ -66,3 +66,16 @@ def check_devices(a: np.ndarray, path: str) -> None:
     assert_type(tb.explain(t, to="torch", device=0), Plan)
     tb.to_tf(a, device=0)
     tb.load(path, to="torch", device=torch.device("cpu"))
+
+
+def check_dtypes(a: np.ndarray) -> None:
+    """``dtype=`` takes canonical names and framework dtype objects (docs/guide.md)."""
+    import torch
+
+    t = torch.ones(2)
+    assert_type(tb.to_torch(t, dtype=torch.float16), torch.Tensor)
+    assert_type(tb.to_torch(t, dtype="bfloat16"), torch.Tensor)
+    assert_type(tb.convert(t, to="torch", dtype=torch.bfloat16), torch.Tensor)
+    tb.to_numpy(t, dtype=np.float16)
+    tb.to_numpy(t, dtype=np.dtype("float32"))
+    tb.explain(t, to="numpy", dtype=np.float16)

@@ -178,7 +178,7 @@ def convert(
     to: str,
     *,
     device: Any = None,
-    dtype: str | None = None,
+    dtype: Any = None,
     copy: bool | None = None,
     ragged: str = "error",
     pinned: bool = False,
@@ -275,7 +275,7 @@ def convert(
     return tree_map(_leaf_fn(target, device, dtype, copy, ragged, done), x)
 
 
-def to_numpy(x: Any, /, *, copy: bool | None = None, dtype: str | None = None,
+def to_numpy(x: Any, /, *, copy: bool | None = None, dtype: Any = None,
              ragged: str = "error", pinned: bool = False) -> Any:
     """Convert to NumPy arrays (bfloat16/float8 as ``ml_dtypes`` dtypes).
 
@@ -296,7 +296,7 @@ def to_numpy(x: Any, /, *, copy: bool | None = None, dtype: str | None = None,
     return convert(x, to="numpy", copy=copy, dtype=dtype, ragged=ragged, pinned=pinned)
 
 
-def to_torch(x: Any, /, *, device: Any = None, dtype: str | None = None,
+def to_torch(x: Any, /, *, device: Any = None, dtype: Any = None,
              copy: bool | None = None) -> Any:
     """Convert to ``torch.Tensor``; see :func:`convert`.
 
@@ -310,7 +310,7 @@ def to_torch(x: Any, /, *, device: Any = None, dtype: str | None = None,
     return convert(x, to="torch", device=device, dtype=dtype, copy=copy)
 
 
-def to_tensorflow(x: Any, /, *, device: Any = None, dtype: str | None = None,
+def to_tensorflow(x: Any, /, *, device: Any = None, dtype: Any = None,
                   copy: bool | None = None) -> Any:
     """Convert to TensorFlow tensors; see :func:`convert`."""
     return convert(x, to="tensorflow", device=device, dtype=dtype, copy=copy)
@@ -319,13 +319,13 @@ def to_tensorflow(x: Any, /, *, device: Any = None, dtype: str | None = None,
 to_tf = to_tensorflow
 
 
-def to_jax(x: Any, /, *, device: Any = None, dtype: str | None = None,
+def to_jax(x: Any, /, *, device: Any = None, dtype: Any = None,
            copy: bool | None = None) -> Any:
     """Convert to ``jax.Array``; see :func:`convert`."""
     return convert(x, to="jax", device=device, dtype=dtype, copy=copy)
 
 
-def to_mlx(x: Any, /, *, device: Any = None, dtype: str | None = None,
+def to_mlx(x: Any, /, *, device: Any = None, dtype: Any = None,
            copy: bool | None = None) -> Any:
     """Convert to ``mlx.core.array``; see :func:`convert`. MLX copies every host
     import, so ``copy=False`` is refused for anything that is not already MLX.
@@ -337,7 +337,7 @@ def to_mlx(x: Any, /, *, device: Any = None, dtype: str | None = None,
     return convert(x, to="mlx", device=device, dtype=dtype, copy=copy)
 
 
-def to_cupy(x: Any, /, *, device: Any = None, dtype: str | None = None,
+def to_cupy(x: Any, /, *, device: Any = None, dtype: Any = None,
             copy: bool | None = None) -> Any:
     """Convert to ``cupy.ndarray`` (CUDA only); see :func:`convert`."""
     return convert(x, to="cupy", device=device, dtype=dtype, copy=copy)
@@ -362,7 +362,7 @@ class TreePlan(list[Any]):
         return "\n".join(f"{format_path(p) or '(root)'}: {plan}" for p, plan in self)
 
 
-def explain(x: Any, /, to: str, *, device: Any = None, dtype: str | None = None,
+def explain(x: Any, /, to: str, *, device: Any = None, dtype: Any = None,
             copy: bool | None = None) -> Plan | TreePlan:
     """Say how ``x`` would be converted, without converting it.
 
