@@ -109,3 +109,18 @@ def test_a_worker_process_that_dies_is_a_conversion_error(tmp_path):
     assert proc.stdout.startswith("REFUSED") and "worker failed" in proc.stdout
     assert dst.read_bytes() == before
     assert not [n for n in os.listdir(tmp_path) if ".tb-" in n]
+
+
+def test_a_retried_task_replaces_the_spool_its_lost_attempt_left(tmp_path):
+    # dask retries a task whose worker was lost with the same arguments; a worker killed while
+    # writing its spool leaves the file (SIGKILL runs no cleanup), and the retry's O_EXCL open
+    # failed with FileExistsError on every attempt, so a lost worker failed the command
+    from tensorbridge.parallel import spool_one
+
+    src = tmp_path / "s.safetensors"
+    tb.save({"a": np.arange(12, dtype=np.float32).reshape(3, 4)}, src)
+    spool = tmp_path / ".out.safetensors.tb-spool-1-ab"
+    spool.write_bytes(b"partial bytes of the lost attempt")
+    nbytes, _ = spool_one(str(src), "safetensors", "a", "float16", str(spool), False, "t")
+    assert nbytes == 24
+    assert spool.read_bytes() == np.arange(12, dtype="<f2").tobytes()

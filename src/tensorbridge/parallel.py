@@ -72,8 +72,12 @@ def spool_one(src: str, fmt: str, name: str, dtype: str, spool: str,
     reader = _reader(src, fmt, token)
     info = reader.info(name)
     arr = _fetch_as(reader, TensorInfo(name, dtype, info.shape))
-    fd = os.open(spool, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
-                 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(spool, flags, 0o600)
+    except FileExistsError:  # a retry: the attempt on a lost worker left its partial spool
+        os.unlink(spool)
+        fd = os.open(spool, flags, 0o600)
     nbytes = 0
     try:
         with os.fdopen(fd, "wb") as f:
