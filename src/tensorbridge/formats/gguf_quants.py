@@ -470,7 +470,8 @@ def quantize_blocks(blocks: np.ndarray, type_name: str) -> np.ndarray:
     """``(n, block_size)`` float32 -> ``(n, type_size)`` uint8 blocks."""
     f = QUANTIZERS.get(type_name)
     if f is not None:
-        return f(blocks)
+        with np.errstate(all="ignore"):  # inf/NaN weights or scales: gguf-py's bytes, no error
+            return f(blocks)
     if type_name in _GGUF_PY_QUANTIZED:
         try:
             from gguf.constants import GGMLQuantizationType
@@ -480,7 +481,8 @@ def quantize_blocks(blocks: np.ndarray, type_name: str) -> np.ndarray:
                 f"quantising to {type_name}", "tensorbridge quantises it with gguf-py, which "
                 "is not installed", "pip install 'tensorbridge[gguf]', or use q8_0, q4_0, "
                 "q4_1, q5_0 or q5_1")) from exc
-        return ref(np.ascontiguousarray(blocks), GGMLQuantizationType[type_name])
+        with np.errstate(all="ignore"):
+            return ref(np.ascontiguousarray(blocks), GGMLQuantizationType[type_name])
     raise ConversionError(message(
         f"quantising to {type_name}", "tensorbridge (like gguf-py) cannot quantise to it",
         "use one of q8_0, q4_0, q4_1, q5_0, q5_1, tq1_0, tq2_0, mxfp4 (llama.cpp's "
