@@ -28,3 +28,20 @@ def test_quantize_overflowing_block_like_gguf_py_without_warnings(tmp_path):
             ref = quantize(x, gguf.GGMLQuantizationType[qt.upper()])
         (t,) = gguf.GGUFReader(p).tensors
         assert t.data.tobytes() == ref.tobytes(), qt
+
+
+def test_read_slice_other_index_says_what_it_takes(tmp_path):
+    """A tuple or list index is not 'out of range': it is an index read_slice does not take,
+    and a long list is not echoed back whole in the message."""
+    p = tmp_path / "x.safetensors"
+    tb.save({"w": np.arange(12, dtype=np.float32).reshape(4, 3)}, p)
+    with tb.open(p) as r:
+        for index in [(slice(1, 3), slice(0, 2)), list(range(100_000)), (Ellipsis, 1), 1.0]:
+            with pytest.raises(tb.ConversionError,
+                               match=r"takes an int or a slice of ints") \
+                    as exc:
+                r.read_slice("w", index)
+            assert "out of range" not in str(exc.value) and len(str(exc.value)) < 400
+        with pytest.raises(tb.ConversionError, match="out of range.*with 4 rows"):
+            r.read_slice("w", 4)
+        assert r.read_slice("w", np.int64(-1)).tolist() == [9, 10, 11]
