@@ -45,3 +45,15 @@ def test_read_slice_other_index_says_what_it_takes(tmp_path):
         with pytest.raises(tb.ConversionError, match="out of range.*with 4 rows"):
             r.read_slice("w", 4)
         assert r.read_slice("w", np.int64(-1)).tolist() == [9, 10, 11]
+
+
+@pytest.mark.parametrize("args", [(1e40, "float32"), ([1, "x"], "array", "int32"),
+                                  ([300], "array", "uint8"), ([1e40], "array", "float32"),
+                                  ([[1, 2], [3]], "array", "int32")])
+def test_gguf_value_out_of_its_type_is_a_conversion_error(args):
+    """Like value(300, 'uint8'): a typed GGUF value that its type cannot hold is refused
+    with tensorbridge's error and a fix, not a bare OverflowError/ValueError (or inf)."""
+    from tensorbridge.formats.gguf import value
+
+    with pytest.raises(tb.ConversionError, match="cannot be stored as GGUF.*Fix:"):
+        value(*args)

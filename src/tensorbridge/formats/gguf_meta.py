@@ -138,14 +138,19 @@ def value(v: Any, gguf_type: str, item_type: str | None = None) -> GGUFValue:
         if item not in _NP_CODES:
             raise ConversionError(f"array item type {item_type!r} is not a GGUF scalar or "
                                   "string type. Fix: pass item_type= like 'int32' or 'string'.")
-        arr = np.asarray(v, dtype=np.dtype(_NP_CODES[item]).newbyteorder("<"))
+        try:
+            with np.errstate(over="raise"):
+                arr = np.asarray(v, dtype=np.dtype(_NP_CODES[item]).newbyteorder("<"))
+        except (ValueError, TypeError, OverflowError, FloatingPointError) as exc:
+            raise ConversionError(f"the items cannot be stored as GGUF {item} ({exc}). Fix: "
+                                  "pass numbers in that type's range.") from exc
         return _make(t, arr.reshape(-1), item)
     if t == "STRING":
         return _make(t, str(v))
     code = VALUE_TYPES[VALUE_TYPE_IDS[t]][1]
     try:
         packed = struct.unpack("<" + code, struct.pack("<" + code, v))[0]  # type: ignore[operator]
-    except (struct.error, TypeError) as exc:
+    except (struct.error, TypeError, OverflowError) as exc:
         raise ConversionError(f"{v!r} cannot be stored as GGUF {t} ({exc}). Fix: pass a value "
                               "in that type's range.") from exc
     return _make(t, packed)
