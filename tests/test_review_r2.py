@@ -57,3 +57,26 @@ def test_gguf_value_out_of_its_type_is_a_conversion_error(args):
 
     with pytest.raises(tb.ConversionError, match="cannot be stored as GGUF.*Fix:"):
         value(*args)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float64"])
+def test_save_quantize_from_a_half_precision_checkpoint(tmp_path, dtype):
+    """save(tree, 'x.gguf', quantize='q8_0') of a bfloat16/float16 state dict (the usual
+    Hugging Face checkpoint) quantises it as gguf-py does from its float32 values; it used
+    to fail with 'announced as float32 but fetch() returned bfloat16'."""
+    gguf = pytest.importorskip("gguf")
+    from gguf.quants import quantize
+
+    from tensorbridge.dtypes import lookup
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 64)).astype(lookup(dtype).numpy)
+    norm = np.ones(64, lookup(dtype).numpy)  # a vector stays as it is
+    for qt in ("q8_0", "q4_1"):
+        p = tmp_path / f"{qt}.gguf"
+        tb.save({"w": x, "norm": norm}, p, quantize=qt)
+        ts = {t.name: t for t in gguf.GGUFReader(p).tensors}
+        want = quantize(x.astype(np.float32), gguf.GGMLQuantizationType[qt.upper()])
+        assert ts["w"].tensor_type.name == qt.upper()
+        assert ts["w"].data.tobytes() == want.tobytes()
+        assert tb.load(p)["norm"].dtype == norm.dtype

@@ -156,6 +156,16 @@ def quantized_info(info: TensorInfo, type_name: str) -> TensorInfo:
     return GGUFTensorInfo(info.name, "float32", tuple(info.shape), ggml_type=t.name)
 
 
+def _float_of(got: object) -> str:
+    """The dtype a tensor to quantise may be fetched in: its own float dtype (a bfloat16
+    or float16 checkpoint saved with ``quantize=``), quantised from its float32 values."""
+    try:
+        row = lookup(got.dtype) if isinstance(got, np.ndarray) else None
+    except ConversionError:
+        row = None
+    return row.name if row is not None and row.kind == "float" else "float32"
+
+
 def _quant_type(type_name: str) -> GGMLType:
     t = TYPES_BY_NAME.get(str(type_name).upper())
     if t is None or not can_quantize(t.name):
@@ -510,8 +520,8 @@ class GGUFFormat(Format):
                     got = fetch(info.name)
                     src = info.source if isinstance(info, GGUFTensorInfo) else None
                     if t.quantized:
-                        arr = check_fetched(got, TensorInfo(info.name, "float32", info.shape),
-                                            path)
+                        arr = check_fetched(got, TensorInfo(info.name, _float_of(got),
+                                                            info.shape), path)
                         if src is not None and src.nbytes == nbytes:
                             f.flush()
                             at = f.tell()
