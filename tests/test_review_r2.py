@@ -80,3 +80,22 @@ def test_save_quantize_from_a_half_precision_checkpoint(tmp_path, dtype):
         assert ts["w"].tensor_type.name == qt.upper()
         assert ts["w"].data.tobytes() == want.tobytes()
         assert tb.load(p)["norm"].dtype == norm.dtype
+
+
+def test_writer_quantize_from_bfloat16_batches(tmp_path):
+    """The streaming Writer (quantize='q8_0') takes bfloat16 batches like save() does."""
+    gguf = pytest.importorskip("gguf")
+    from gguf.quants import quantize
+
+    from tensorbridge.writer import Writer
+
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng(4)
+    batches = [rng.standard_normal((2, 32)).astype(ml_dtypes.bfloat16) for _ in range(3)]
+    p = tmp_path / "w.gguf"
+    with Writer(p, quantize="q8_0") as w:
+        for b in batches:
+            w.append(x=b)
+    (t,) = gguf.GGUFReader(p).tensors
+    want = quantize(np.concatenate(batches).astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+    assert t.data.tobytes() == want.tobytes()
