@@ -53,7 +53,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ..dtypes import DTYPES, canonical_name, lookup
-from ..errors import ConversionError, FileFormatError, UnsafeContentError
+from ..errors import CheckpointChangedError, ConversionError, FileFormatError, UnsafeContentError
 from .atomic import atomic_write
 from .base import Format, RawSpan, Reader, TensorInfo, check_metadata, first_axis_rows
 from . import safejson
@@ -212,16 +212,26 @@ def check_span(span: RawSpan, info: TensorInfo, file: object = "") -> RawSpan:
 
 
 def open_span(span: RawSpan) -> int:
-    """Open ``span.path`` read-only; refuse a file other than the one the reader checked."""
-    fd, _size = open_regular_file(span.path)
+    """Open ``span.path`` read-only; refuse a file other than the one the reader checked.
+
+    A file that is gone, or is another file now, was changed by a save after it was opened
+    and checked: :class:`~tensorbridge.errors.CheckpointChangedError` (``load`` retries)."""
+    try:
+        fd, _size = open_regular_file(span.path)
+    except FileFormatError as exc:
+        if span.file_id is not None and isinstance(exc.__cause__, FileNotFoundError):
+            raise CheckpointChangedError(
+                "the file was removed after it was opened and checked (a save replaced it). "
+                "Fix: open or load it again.", span.path) from exc
+        raise
     if span.file_id is not None:
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) != tuple(span.file_id):
             os.close(fd)
-            raise FileFormatError(
-                "the file was replaced while it was being converted (it is no longer the file "
-                "that was opened and checked). Fix: wait until it is written, then retry.",
-                span.path)
+            raise CheckpointChangedError(
+                "the file was replaced while it was being read (it is no longer the file "
+                "that was opened and checked). Fix: wait until it is written, then open or "
+                "load it again.", span.path)
     return fd
 
 
