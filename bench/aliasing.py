@@ -14,7 +14,7 @@ import numpy as np
 def aligned(n: int) -> np.ndarray:
     buf = np.empty(n + 16, np.float32)
     off = (-buf.ctypes.data % 64) // 4
-    a = buf[off:off + n]
+    a = buf[off : off + n]
     a[:] = 1.0
     return a
 
@@ -81,8 +81,12 @@ def main() -> None:
         rows.append((name + " (write via result)", shares, *times))
 
     case_back("torch.from_dlpack(jax)", jsrc, torch.from_dlpack, first)
-    case_back("torch.from_dlpack(tf)", tsrc, lambda t: torch.from_dlpack(
-        tf.experimental.dlpack.to_dlpack(t)), tfirst)
+    case_back(
+        "torch.from_dlpack(tf)",
+        tsrc,
+        lambda t: torch.from_dlpack(tf.experimental.dlpack.to_dlpack(t)),
+        tfirst,
+    )
     case_back("tb.to_torch(jax) copy=None", jsrc, tb.to_torch, first)
     case_back("tb.to_torch(tf) copy=None", tsrc, tb.to_torch, tfirst)
     print(f"{'call':48} {'shares':>6} {'1 KiB µs':>10} {'16 MiB µs':>10}")

@@ -14,9 +14,8 @@ import tempfile
 import time
 import tracemalloc
 
-import numpy as np
-
 import gguf
+import numpy as np
 from gguf.constants import GGMLQuantizationType as Q
 
 import tensorbridge as tb
@@ -37,7 +36,7 @@ def make(path: str, rows: int, cols: int, n_tokens: int) -> int:
         t = TYPES_BY_NAME[name]
         raw = rng.integers(0, 256, (rows, cols // t.block_size, t.type_size), dtype=np.uint8)
         for off in offsets:
-            raw[:, :, off:off + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+            raw[:, :, off : off + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
         w.add_tensor(f"{name}.weight", raw.reshape(rows, -1), raw_dtype=Q[name])
     x = rng.standard_normal((rows, cols)).astype(np.float32)
     w.add_tensor("Q8_0.weight", gguf.quants.quantize(x, Q.Q8_0), raw_dtype=Q.Q8_0)
@@ -82,13 +81,17 @@ def main() -> None:
         out_bytes = sum(v.nbytes for v in out.values())
         largest = max(v.nbytes for v in out.values())
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"file {size / 2**20:.1f} MiB, {n / 1e6:.1f} M weights (Q2_K..Q6_K, Q8_0), "
-          f"{a.tokens} tokens; median of {a.rounds}")
+    print(
+        f"file {size / 2**20:.1f} MiB, {n / 1e6:.1f} M weights (Q2_K..Q6_K, Q8_0), "
+        f"{a.tokens} tokens; median of {a.rounds}"
+    )
     for k, v in med.items():
         print(f"  {k:8s} {v * 1e3:8.1f} ms  {n / v / 1e6:8.1f} M weights/s")
     print(f"  ratio    {med['gguf-py'] / med['tb.load']:.2f}x faster")
-    print(f"  tb.load peak traced memory {peak / 2**20:.1f} MiB = output {out_bytes / 2**20:.1f} "
-          f"MiB + {(peak - out_bytes) / 2**20:.1f} MiB (largest tensor {largest / 2**20:.1f} MiB)")
+    print(
+        f"  tb.load peak traced memory {peak / 2**20:.1f} MiB = output {out_bytes / 2**20:.1f} "
+        f"MiB + {(peak - out_bytes) / 2**20:.1f} MiB (largest tensor {largest / 2**20:.1f} MiB)"
+    )
 
 
 if __name__ == "__main__":

@@ -27,9 +27,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # jax must leave room for torch
 os.environ.setdefault("XLA_PYTHON_CLIENT_ALLOCATOR", "platform")
@@ -84,19 +84,38 @@ def machine(torch: Any | None) -> dict[str, Any]:
         pass
     info: dict[str, Any] = {
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu_model": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-        "versions": {d: v for d in ("tensorbridge", "numpy", "torch", "jax", "jaxlib", "cupy",
-                                    "cupy-cuda12x", "cupy-cuda13x", "ml_dtypes")
-                     if (v := ver(d))},
+        "cpu_model": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "versions": {
+            d: v
+            for d in (
+                "tensorbridge",
+                "numpy",
+                "torch",
+                "jax",
+                "jaxlib",
+                "cupy",
+                "cupy-cuda12x",
+                "cupy-cuda13x",
+                "ml_dtypes",
+            )
+            if (v := ver(d))
+        },
     }
     if torch is not None and torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        info.update(card=torch.cuda.get_device_name(0), card_memory_gib=round(p.total_memory / (1 << 30), 1),
-                    cuda=torch.version.cuda, device_count=torch.cuda.device_count())
+        info.update(
+            card=torch.cuda.get_device_name(0),
+            card_memory_gib=round(p.total_memory / (1 << 30), 1),
+            cuda=torch.version.cuda,
+            device_count=torch.cuda.device_count(),
+        )
     return info
 
 
 # --------------------------------------------------------------------------- helpers
+
 
 def same_bits_np(a: Any, b: Any) -> bool:
     import numpy as np
@@ -104,8 +123,12 @@ def same_bits_np(a: Any, b: Any) -> bool:
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape or a.dtype.itemsize != b.dtype.itemsize or a.dtype.str != b.dtype.str:
         return False
-    return bool(np.array_equal(np.ascontiguousarray(a).reshape(-1).view(np.uint8),
-                               np.ascontiguousarray(b).reshape(-1).view(np.uint8)))
+    return bool(
+        np.array_equal(
+            np.ascontiguousarray(a).reshape(-1).view(np.uint8),
+            np.ascontiguousarray(b).reshape(-1).view(np.uint8),
+        )
+    )
 
 
 def same_bits_torch(a: Any, b: Any) -> bool:
@@ -118,14 +141,24 @@ def same_bits_torch(a: Any, b: Any) -> bool:
 
 def fresh_cuda(torch: Any, n_floats: int) -> Any:
     """Random fp32 bit patterns on the GPU (NaN payloads and -0.0 included)."""
-    return torch.randint(-2**31, 2**31 - 1, (n_floats,), dtype=torch.int32,
-                         device=DEV).view(torch.float32)
+    return torch.randint(-(2**31), 2**31 - 1, (n_floats,), dtype=torch.int32, device=DEV).view(
+        torch.float32
+    )
 
 
-def measure(torch: Any, make: Callable[[], Any], tb_fn: Callable[[Any], Any],
-            naive_fn: Callable[[Any], Any], check: Callable[[Any, Any], bool], *,
-            repeats: int, nbytes: int, sync_after: Callable[[], None] | None = None) -> dict:
+def measure(
+    torch: Any,
+    make: Callable[[], Any],
+    tb_fn: Callable[[Any], Any],
+    naive_fn: Callable[[Any], Any],
+    check: Callable[[Any, Any], bool],
+    *,
+    repeats: int,
+    nbytes: int,
+    sync_after: Callable[[], None] | None = None,
+) -> dict:
     """Median seconds of tb_fn and naive_fn on fresh inputs, alternating, with checks."""
+
     def sync() -> None:
         if DEV == "cuda":
             torch.cuda.synchronize()
@@ -156,12 +189,22 @@ def measure(torch: Any, make: Callable[[], Any], tb_fn: Callable[[Any], Any],
         ok = ok and check(got["tb"], got["naive"])
         del x, got
     a, b = statistics.median(t_tb), statistics.median(t_nv)
-    return {"tb_s": a, "naive_s": b, "speedup": b / a, "tb_GBps": nbytes / a / 1e9,
-            "naive_GBps": nbytes / b / 1e9, "bit_exact": ok, "repeats": repeats, "nbytes": nbytes,
-            "tb_all_s": t_tb, "naive_all_s": t_nv}
+    return {
+        "tb_s": a,
+        "naive_s": b,
+        "speedup": b / a,
+        "tb_GBps": nbytes / a / 1e9,
+        "naive_GBps": nbytes / b / 1e9,
+        "bit_exact": ok,
+        "repeats": repeats,
+        "nbytes": nbytes,
+        "tb_all_s": t_tb,
+        "naive_all_s": t_nv,
+    }
 
 
 # --------------------------------------------------------------------------- benchmarks
+
 
 def staging_stats() -> dict:
     """The staging ring's counters (host waits, chunks, fallbacks), to diff around a benchmark."""
@@ -196,14 +239,28 @@ def is_pinned_np(torch: Any, a: Any) -> bool:
 
 def bench_tensor_1gib(torch: Any, tb: Any, np: Any) -> dict:
     n = GiB // 4
-    return measure(torch, lambda: fresh_cuda(torch, n), tb.to_numpy,
-                   lambda t: t.detach().cpu().numpy(), same_bits_np, repeats=3, nbytes=GiB)
+    return measure(
+        torch,
+        lambda: fresh_cuda(torch, n),
+        tb.to_numpy,
+        lambda t: t.detach().cpu().numpy(),
+        same_bits_np,
+        repeats=3,
+        nbytes=GiB,
+    )
 
 
 def bench_tensor_1gib_pinned(torch: Any, tb: Any, np: Any) -> dict:
     n = GiB // 4
-    r = measure(torch, lambda: fresh_cuda(torch, n), lambda t: tb.to_numpy(t, pinned=True),
-                lambda t: t.detach().cpu().numpy(), same_bits_np, repeats=3, nbytes=GiB)
+    r = measure(
+        torch,
+        lambda: fresh_cuda(torch, n),
+        lambda t: tb.to_numpy(t, pinned=True),
+        lambda t: t.detach().cpu().numpy(),
+        same_bits_np,
+        repeats=3,
+        nbytes=GiB,
+    )
     a = tb.to_numpy(fresh_cuda(torch, 1 << 20), pinned=True)
     r["result_is_pinned"] = is_pinned_np(torch, a) if DEV == "cuda" else None
     if DEV == "cuda":
@@ -213,7 +270,9 @@ def bench_tensor_1gib_pinned(torch: Any, tb: Any, np: Any) -> dict:
 
 def _state_dict(torch: Any) -> dict:
     sd = {}
-    for i in range(144 if DEV == "cuda" else 4):  # 144 x 8 MiB weights + 144 x 8 KiB biases: 288 tensors, ~1.13 GiB
+    for i in range(
+        144 if DEV == "cuda" else 4
+    ):  # 144 x 8 MiB weights + 144 x 8 KiB biases: 288 tensors, ~1.13 GiB
         sd[f"layers.{i}.weight"] = fresh_cuda(torch, 1024 * 2048).view(1024, 2048)
         sd[f"layers.{i}.bias"] = fresh_cuda(torch, 2048)
     return sd
@@ -225,20 +284,34 @@ def _dict_check(a: dict, b: dict) -> bool:
 
 def bench_state_dict(torch: Any, tb: Any, np: Any) -> dict:
     nbytes = sum(t.nbytes for t in _state_dict(torch).values())
-    r = measure(torch, lambda: _state_dict(torch), tb.to_numpy,
-                lambda sd: {k: v.detach().cpu().numpy() for k, v in sd.items()}, _dict_check,
-                repeats=3, nbytes=nbytes)
+    r = measure(
+        torch,
+        lambda: _state_dict(torch),
+        tb.to_numpy,
+        lambda sd: {k: v.detach().cpu().numpy() for k, v in sd.items()},
+        _dict_check,
+        repeats=3,
+        nbytes=nbytes,
+    )
     r["tensors"] = 288 if DEV == "cuda" else 8
     return r
 
 
 def bench_state_dict_pinned(torch: Any, tb: Any, np: Any) -> dict:
     nbytes = sum(t.nbytes for t in _state_dict(torch).values())
-    r = measure(torch, lambda: _state_dict(torch), lambda sd: tb.to_numpy(sd, pinned=True),
-                lambda sd: {k: v.detach().cpu().numpy() for k, v in sd.items()}, _dict_check,
-                repeats=3, nbytes=nbytes)
+    r = measure(
+        torch,
+        lambda: _state_dict(torch),
+        lambda sd: tb.to_numpy(sd, pinned=True),
+        lambda sd: {k: v.detach().cpu().numpy() for k, v in sd.items()},
+        _dict_check,
+        repeats=3,
+        nbytes=nbytes,
+    )
     out = tb.to_numpy(_state_dict(torch), pinned=True)
-    r["result_is_pinned"] = all(is_pinned_np(torch, a) for a in out.values()) if DEV == "cuda" else None
+    r["result_is_pinned"] = (
+        all(is_pinned_np(torch, a) for a in out.values()) if DEV == "cuda" else None
+    )
     if DEV == "cuda":
         r["bit_exact"] = r["bit_exact"] and r["result_is_pinned"]
     r["tensors"] = 288 if DEV == "cuda" else 8
@@ -248,13 +321,20 @@ def bench_state_dict_pinned(torch: Any, tb: Any, np: Any) -> dict:
 def bench_many_small(torch: Any, tb: Any, np: Any) -> dict:
     def make() -> list:
         flat = fresh_cuda(torch, 10_000 * 256)
-        return [flat[i * 256:(i + 1) * 256].clone() for i in range(10_000)]  # 10,000 x 1 KiB
+        return [flat[i * 256 : (i + 1) * 256].clone() for i in range(10_000)]  # 10,000 x 1 KiB
 
     def check(a: list, b: list) -> bool:
         return len(a) == len(b) and all(same_bits_np(x, y) for x, y in zip(a, b, strict=True))
 
-    return measure(torch, make, tb.to_numpy, lambda ts: [t.detach().cpu().numpy() for t in ts],
-                   check, repeats=5, nbytes=10_000 * 1024)
+    return measure(
+        torch,
+        make,
+        tb.to_numpy,
+        lambda ts: [t.detach().cpu().numpy() for t in ts],
+        check,
+        repeats=5,
+        nbytes=10_000 * 1024,
+    )
 
 
 def bench_torch_to_cupy(torch: Any, tb: Any, np: Any) -> dict:
@@ -263,9 +343,16 @@ def bench_torch_to_cupy(torch: Any, tb: Any, np: Any) -> dict:
     def check(a: Any, b: Any) -> bool:
         return bool(cp.array_equal(a.view(cp.uint8), b.view(cp.uint8)))
 
-    r = measure(torch, lambda: fresh_cuda(torch, GiB // 4), tb.to_cupy,
-                lambda t: cp.asarray(t.detach().cpu().numpy()), check, repeats=3, nbytes=GiB,
-                sync_after=lambda: cp.cuda.Device().synchronize())
+    r = measure(
+        torch,
+        lambda: fresh_cuda(torch, GiB // 4),
+        tb.to_cupy,
+        lambda t: cp.asarray(t.detach().cpu().numpy()),
+        check,
+        repeats=3,
+        nbytes=GiB,
+        sync_after=lambda: cp.cuda.Device().synchronize(),
+    )
     x = fresh_cuda(torch, GiB // 4)
     r["zero_copy"] = bool(tb.shares_memory(tb.to_cupy(x), x))
     r["under_1ms"] = r["tb_s"] < 1e-3
@@ -283,9 +370,15 @@ def bench_torch_to_jax(torch: Any, tb: Any, np: Any) -> dict:
         return jax.block_until_ready(x)
 
     # copy=False: by default a mutable torch buffer is copied into immutable JAX (guide)
-    r = measure(torch, lambda: fresh_cuda(torch, GiB // 4), lambda t: block(tb.to_jax(t, copy=False)),
-                lambda t: block(jnp.asarray(t.detach().cpu().numpy())), check, repeats=3,
-                nbytes=GiB)
+    r = measure(
+        torch,
+        lambda: fresh_cuda(torch, GiB // 4),
+        lambda t: block(tb.to_jax(t, copy=False)),
+        lambda t: block(jnp.asarray(t.detach().cpu().numpy())),
+        check,
+        repeats=3,
+        nbytes=GiB,
+    )
     x = fresh_cuda(torch, GiB // 4)
     r["zero_copy"] = bool(tb.shares_memory(tb.to_jax(x, copy=False), x))
     r["under_1ms"] = r["tb_s"] < 1e-3
@@ -313,8 +406,16 @@ def bench_cupy_to_numpy(torch: Any, tb: Any, np: Any) -> dict:
         x = cp.random.randint(0, 2**32, size=GiB // 4, dtype=cp.uint64).astype(cp.uint32)
         return x.view(cp.float32)
 
-    return measure(torch, make, tb.to_numpy, cp.asnumpy, same_bits_np, repeats=3, nbytes=GiB,
-                   sync_after=lambda: cp.cuda.Device().synchronize())
+    return measure(
+        torch,
+        make,
+        tb.to_numpy,
+        cp.asnumpy,
+        same_bits_np,
+        repeats=3,
+        nbytes=GiB,
+        sync_after=lambda: cp.cuda.Device().synchronize(),
+    )
 
 
 def _pinned_bytes(torch: Any) -> int | None:
@@ -362,10 +463,19 @@ def bench_pinned_soak(torch: Any, tb: Any, np: Any) -> dict:
     end = {"pinned": _pinned_bytes(torch), "rss": _rss_bytes(), "fds": len(os.listdir(fd_dir))}
     pinned_flat = start["pinned"] is None or end["pinned"] <= start["pinned"]
     rss_flat = end["rss"] - start["rss"] < 64 * MiB
-    return {"iterations": n, "seconds": time.perf_counter() - t0, "nbytes_each": nbytes,
-            "start": start, "end": end, "samples": samples[-20:], "bit_exact": ok,
-            "pinned_flat": pinned_flat, "rss_flat": rss_flat,
-            "fds_flat": end["fds"] <= start["fds"], "tb_GBps": nbytes * n / (time.perf_counter() - t0) / 1e9}
+    return {
+        "iterations": n,
+        "seconds": time.perf_counter() - t0,
+        "nbytes_each": nbytes,
+        "start": start,
+        "end": end,
+        "samples": samples[-20:],
+        "bit_exact": ok,
+        "pinned_flat": pinned_flat,
+        "rss_flat": rss_flat,
+        "fds_flat": end["fds"] <= start["fds"],
+        "tb_GBps": nbytes * n / (time.perf_counter() - t0) / 1e9,
+    }
 
 
 def bench_tree_to_cuda(torch: Any, tb: Any, np: Any) -> dict:
@@ -374,8 +484,11 @@ def bench_tree_to_cuda(torch: Any, tb: Any, np: Any) -> dict:
     def make() -> dict:  # 288 arrays, ~1.13 GiB, fresh host memory each repeat
         d = {}
         for i in range(n_layers):
-            d[f"layers.{i}.weight"] = rng.integers(0, 2**32, 1024 * 2048, dtype=np.uint32) \
-                .view(np.float32).reshape(1024, 2048)
+            d[f"layers.{i}.weight"] = (
+                rng.integers(0, 2**32, 1024 * 2048, dtype=np.uint32)
+                .view(np.float32)
+                .reshape(1024, 2048)
+            )
             d[f"layers.{i}.bias"] = rng.integers(0, 2**32, 2048, dtype=np.uint32).view(np.float32)
         return d
 
@@ -384,9 +497,15 @@ def bench_tree_to_cuda(torch: Any, tb: Any, np: Any) -> dict:
 
     n_layers = 144 if DEV == "cuda" else 4
     nbytes = n_layers * (1024 * 2048 + 2048) * 4  # what make() builds, without building it
-    return measure(torch, make, lambda d: tb.to_torch(d, device=DEV),
-                   lambda d: {k: torch.from_numpy(v).to(DEV) for k, v in d.items()}, check,
-                   repeats=3, nbytes=nbytes)
+    return measure(
+        torch,
+        make,
+        lambda d: tb.to_torch(d, device=DEV),
+        lambda d: {k: torch.from_numpy(v).to(DEV) for k, v in d.items()},
+        check,
+        repeats=3,
+        nbytes=nbytes,
+    )
 
 
 BENCHES: list[tuple[str, Callable, str | None]] = [
@@ -432,13 +551,23 @@ def run_tests(budget_s: float) -> dict:
     if importlib.util.find_spec("pytest") is None:
         print("pytest not installed: GPU tests not run")
         return {"ran": False, "reason": "pytest not installed"}
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-           str(ROOT / "tests")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-m",
+        "gpu",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        str(ROOT / "tests"),
+    ]
     print("$ " + " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     try:
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=budget_s)
     except subprocess.TimeoutExpired as exc:
+
         def text(b: Any) -> str:  # TimeoutExpired carries bytes even with text=True
             if b is None:
                 return ""
@@ -451,20 +580,34 @@ def run_tests(budget_s: float) -> dict:
     print(tail.rstrip())
     # Only called with a CUDA device: no GPU test collected (exit 5) means they were lost.
     status = {0: "passed", 5: "FAILED (no GPU tests collected)"}.get(p.returncode, "FAILED")
-    print(f"GPU tests: {status} (exit {p.returncode}, {time.perf_counter() - t0:.1f} s)", flush=True)
-    return {"ran": True, "returncode": p.returncode, "status": status,
-            "seconds": time.perf_counter() - t0, "tail": tail}
+    print(
+        f"GPU tests: {status} (exit {p.returncode}, {time.perf_counter() - t0:.1f} s)", flush=True
+    )
+    return {
+        "ran": True,
+        "returncode": p.returncode,
+        "status": status,
+        "seconds": time.perf_counter() - t0,
+        "tail": tail,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--no-tests", action="store_true", help="skip pytest -m gpu")
     ap.add_argument("--tests-budget-s", type=float, default=120)
-    ap.add_argument("--budget-s", type=float, default=200,
-                    help="start no new benchmark after this many seconds in all")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=200,
+        help="start no new benchmark after this many seconds in all",
+    )
     ap.add_argument("--only", action="append", help="run only these benchmarks")
-    ap.add_argument("--dry-run-cpu", action="store_true",
-                    help="exercise the script's logic on the CPU with small sizes (no figures)")
+    ap.add_argument(
+        "--dry-run-cpu",
+        action="store_true",
+        help="exercise the script's logic on the CPU with small sizes (no figures)",
+    )
     args = ap.parse_args(argv)
     start = time.perf_counter()
     global GiB, DEV
@@ -483,19 +626,26 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     import numpy as np
+
     import tensorbridge as tb
 
     info = machine(torch)
     if args.dry_run_cpu:
-        info.update(card="none (--dry-run-cpu: logic check only, figures meaningless)",
-                    card_memory_gib=0, cuda=None)
-    print(f"card: {info['card']} ({info['card_memory_gib']} GiB), CUDA {info['cuda']}, "
-          f"{info['cpu_model']} x{info['cores']}, {info['date']}")
+        info.update(
+            card="none (--dry-run-cpu: logic check only, figures meaningless)",
+            card_memory_gib=0,
+            cuda=None,
+        )
+    print(
+        f"card: {info['card']} ({info['card_memory_gib']} GiB), CUDA {info['cuda']}, "
+        f"{info['cpu_model']} x{info['cores']}, {info['date']}"
+    )
     print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()), flush=True)
     result: dict[str, Any] = {"machine": info, "targets": TARGETS, "benchmarks": {}}
     emit(result, quiet=True)
-    result["tests"] = {"ran": False, "reason": "--no-tests"} if args.no_tests else \
-        run_tests(args.tests_budget_s)
+    result["tests"] = (
+        {"ran": False, "reason": "--no-tests"} if args.no_tests else run_tests(args.tests_budget_s)
+    )
     emit(result, quiet=True)  # a later timeout keeps the test results
 
     failures = 0
@@ -518,7 +668,10 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # report and go on: one failure must not hide the rest
             import traceback
 
-            r = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
+            r = {
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc()[-3000:],
+            }
             failures += 1
         r["bench_wall_s"] = time.perf_counter() - t0
         result["benchmarks"][name] = r
@@ -527,33 +680,46 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in r:
             print(f"{name}: ERROR {r['error']}", flush=True)
         elif "tb_s" not in r:  # the soak
-            print(f"{name}: {r['iterations']} conversions in {r['seconds']:.1f} s "
-                  f"({r['tb_GBps']:.2f} GB/s); pinned bytes {r['start']['pinned']} -> "
-                  f"{r['end']['pinned']}, RSS {r['start']['rss'] >> 20} -> "
-                  f"{r['end']['rss'] >> 20} MiB, fds {r['start']['fds']} -> {r['end']['fds']}, "
-                  f"bit-exact {r['bit_exact']}: {r['verdict']}", flush=True)
+            print(
+                f"{name}: {r['iterations']} conversions in {r['seconds']:.1f} s "
+                f"({r['tb_GBps']:.2f} GB/s); pinned bytes {r['start']['pinned']} -> "
+                f"{r['end']['pinned']}, RSS {r['start']['rss'] >> 20} -> "
+                f"{r['end']['rss'] >> 20} MiB, fds {r['start']['fds']} -> {r['end']['fds']}, "
+                f"bit-exact {r['bit_exact']}: {r['verdict']}",
+                flush=True,
+            )
         else:
-            print(f"{name}: tensorbridge {r['tb_s'] * 1e3:.3f} ms ({r['tb_GBps']:.2f} GB/s), "
-                  f"naive {r['naive_s'] * 1e3:.3f} ms ({r['naive_GBps']:.2f} GB/s), "
-                  f"{r['speedup']:.2f}x, bit-exact {r['bit_exact']}; target {TARGETS[name]}: "
-                  f"{r['verdict']}", flush=True)
+            print(
+                f"{name}: tensorbridge {r['tb_s'] * 1e3:.3f} ms ({r['tb_GBps']:.2f} GB/s), "
+                f"naive {r['naive_s'] * 1e3:.3f} ms ({r['naive_GBps']:.2f} GB/s), "
+                f"{r['speedup']:.2f}x, bit-exact {r['bit_exact']}; target {TARGETS[name]}: "
+                f"{r['verdict']}",
+                flush=True,
+            )
         if DEV == "cuda":
             torch.cuda.empty_cache()
 
     print()
-    print(f"{'benchmark':<22} {'tensorbridge':>14} {'naive':>14} {'speedup':>8}  {'target':<45} result")
+    print(
+        f"{'benchmark':<22} {'tensorbridge':>14} {'naive':>14} {'speedup':>8}  {'target':<45} result"
+    )
     for name, r in result["benchmarks"].items():
         if "tb_s" in r:
-            print(f"{name:<22} {r['tb_GBps']:>9.2f} GB/s {r['naive_GBps']:>9.2f} GB/s "
-                  f"{r['speedup']:>7.2f}x  {TARGETS[name]:<45} {r['verdict']}")
+            print(
+                f"{name:<22} {r['tb_GBps']:>9.2f} GB/s {r['naive_GBps']:>9.2f} GB/s "
+                f"{r['speedup']:>7.2f}x  {TARGETS[name]:<45} {r['verdict']}"
+            )
         else:
-            print(f"{name:<22} {'-':>14} {'-':>14} {'-':>8}  {TARGETS[name]:<45} "
-                  f"{r.get('verdict') or r.get('skipped') or r.get('error')}")
+            print(
+                f"{name:<22} {'-':>14} {'-':>14} {'-':>8}  {TARGETS[name]:<45} "
+                f"{r.get('verdict') or r.get('skipped') or r.get('error')}"
+            )
     result["wall_s"] = time.perf_counter() - start
     print(f"\ncard: {info['card']}; total {result['wall_s']:.0f} s")
     emit(result)
-    tests_failed = str(result["tests"].get("status", "")).startswith("FAILED") \
-        or result["tests"].get("timed_out")
+    tests_failed = str(result["tests"].get("status", "")).startswith("FAILED") or result[
+        "tests"
+    ].get("timed_out")
     return 1 if failures or tests_failed else 0
 
 

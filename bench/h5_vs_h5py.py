@@ -77,14 +77,18 @@ def main() -> None:
     }
     d = tempfile.mkdtemp()
     a, b = os.path.join(d, "a.h5"), os.path.join(d, "b.h5")
-    print(f"{'case':18} {'op':6} {'h5py ms':>9} {'+fsync':>9} {'tb ms':>9} {'tb/h5py':>8} "
-          f"{'tb/(h5py+fsync)':>16}")
+    print(
+        f"{'case':18} {'op':6} {'h5py ms':>9} {'+fsync':>9} {'tb ms':>9} {'tb/h5py':>8} "
+        f"{'tb/(h5py+fsync)':>16}"
+    )
     for name, arrays in cases.items():
         hw = median(lambda arrays=arrays: h5py_write(a, arrays), args.repeat)
         hwf = median(lambda arrays=arrays: h5py_write(a, arrays, fsync=True), args.repeat)
         tw = median(lambda arrays=arrays: tb_write(b, arrays), args.repeat)
-        print(f"{name:18} {'write':6} {hw * 1e3:9.1f} {hwf * 1e3:9.1f} {tw * 1e3:9.1f} "
-              f"{tw / hw:8.2f} {tw / hwf:16.2f}")
+        print(
+            f"{name:18} {'write':6} {hw * 1e3:9.1f} {hwf * 1e3:9.1f} {tw * 1e3:9.1f} "
+            f"{tw / hw:8.2f} {tw / hwf:16.2f}"
+        )
         h5py_read(a), tb_read(a)  # warm the page cache
         hr = median(lambda: h5py_read(a), args.repeat)
         tr = median(lambda: tb_read(a), args.repeat)

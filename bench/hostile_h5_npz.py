@@ -60,8 +60,9 @@ def build(d: Path) -> dict[str, tuple[Path, str]]:
     stream = b"".join(z.compress(bytes(16 * MIB)) for _ in range(16)) + z.flush()
     p = d / "inflate.h5"
     with h5py.File(p, "w") as f:
-        f.create_dataset("x", shape=(1024,), chunks=(1024,), dtype="f4",
-                         compression="gzip").id.write_direct_chunk((0,), stream)
+        f.create_dataset(
+            "x", shape=(1024,), chunks=(1024,), dtype="f4", compression="gzip"
+        ).id.write_direct_chunk((0,), stream)
     out["h5 4 KiB dataset, 256 MiB deflate chunk"] = (p, H5PY)
     p = d / "groups.h5"
     with h5py.File(p, "w") as f:
@@ -84,8 +85,11 @@ def main() -> None:
         cells = []
         for code in (plain, TB):
             r = run_bounded(code, [str(path)], timeout=20, mem_limit=4 << 30)
-            cells.append(f"{r.outcome} {r.wall:.2f} s {r.peak_rss / MIB:.0f} MiB"
-                         if r.outcome != "timeout" else "hangs (killed at 20 s)")
+            cells.append(
+                f"{r.outcome} {r.wall:.2f} s {r.peak_rss / MIB:.0f} MiB"
+                if r.outcome != "timeout"
+                else "hangs (killed at 20 s)"
+            )
         print(f"| {name} | {path.stat().st_size / 1024:.0f} KB | {cells[0]} | {cells[1]} |")
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 def touch(tree) -> int:
     total = 0
-    for v in (tree.values() if isinstance(tree, dict) else [tree]):
+    for v in tree.values() if isinstance(tree, dict) else [tree]:
         a = v.numpy() if hasattr(v, "numpy") and not isinstance(v, np.ndarray) else v
         total += int(a.reshape(-1).view(np.uint8)[::4096].sum())  # one byte per page
     return total
@@ -70,23 +70,41 @@ def main() -> None:
     del tree
 
     cases = [
-        ("safetensors -> torch", lambda: safetensors.torch.load_file(st),
-         {"mmap=True": lambda: tb.load(st, to="torch", mmap=True),
-          "default (copy)": lambda: tb.load(st, to="torch")}),
-        ("safetensors -> numpy", lambda: safetensors.numpy.load_file(st),
-         {"mmap=True": lambda: tb.load(st, mmap=True),
-          "default (copy)": lambda: tb.load(st)}),
-        (".npy -> numpy (np.load mmap_mode='r')", lambda: np.load(npy, mmap_mode="r"),
-         {"mmap=True": lambda: tb.load(npy, mmap=True),
-          "default (copy)": lambda: tb.load(npy)}),
-        (".pt -> torch (torch.load mmap=True)", lambda: torch.load(pt, mmap=True, weights_only=True),
-         {"mmap=True": lambda: tb.load(pt, to="torch", mmap=True),
-          "default (copy)": lambda: tb.load(pt, to="torch")}),
+        (
+            "safetensors -> torch",
+            lambda: safetensors.torch.load_file(st),
+            {
+                "mmap=True": lambda: tb.load(st, to="torch", mmap=True),
+                "default (copy)": lambda: tb.load(st, to="torch"),
+            },
+        ),
+        (
+            "safetensors -> numpy",
+            lambda: safetensors.numpy.load_file(st),
+            {"mmap=True": lambda: tb.load(st, mmap=True), "default (copy)": lambda: tb.load(st)},
+        ),
+        (
+            ".npy -> numpy (np.load mmap_mode='r')",
+            lambda: np.load(npy, mmap_mode="r"),
+            {"mmap=True": lambda: tb.load(npy, mmap=True), "default (copy)": lambda: tb.load(npy)},
+        ),
+        (
+            ".pt -> torch (torch.load mmap=True)",
+            lambda: torch.load(pt, mmap=True, weights_only=True),
+            {
+                "mmap=True": lambda: tb.load(pt, to="torch", mmap=True),
+                "default (copy)": lambda: tb.load(pt, to="torch"),
+            },
+        ),
     ]
-    print(f"# {args.mib} MiB in {args.tensors} float32 tensors, median of {args.repeats}, "
-          f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {os.cpu_count()} CPUs")
-    print("| file -> target | reference: load / load+touch (ms) | tensorbridge | "
-          "load / load+touch (ms) | ratio load | ratio load+touch |")
+    print(
+        f"# {args.mib} MiB in {args.tensors} float32 tensors, median of {args.repeats}, "
+        f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {os.cpu_count()} CPUs"
+    )
+    print(
+        "| file -> target | reference: load / load+touch (ms) | tensorbridge | "
+        "load / load+touch (ms) | ratio load | ratio load+touch |"
+    )
     print("|---|---|---|---|---|---|")
     for title, ref, ours in cases:
         ref()  # warm the page cache and the imports
@@ -96,9 +114,11 @@ def main() -> None:
             fn()
             o_load = median_time(fn, args.repeats, False)
             o_touch = median_time(fn, args.repeats, True)
-            print(f"| {title} | {r_load * 1e3:.2f} / {r_touch * 1e3:.1f} | {label} | "
-                  f"{o_load * 1e3:.2f} / {o_touch * 1e3:.1f} | {o_load / r_load:.2f} | "
-                  f"{o_touch / r_touch:.2f} |")
+            print(
+                f"| {title} | {r_load * 1e3:.2f} / {r_touch * 1e3:.1f} | {label} | "
+                f"{o_load * 1e3:.2f} / {o_touch * 1e3:.1f} | {o_load / r_load:.2f} | "
+                f"{o_touch / r_touch:.2f} |"
+            )
     for f in (st, npy, pt):
         os.unlink(f)
     os.rmdir(d)

@@ -38,8 +38,9 @@ def digest(path: str) -> str:
 def run(args: list[str]) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes) of the largest process of the command."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "tensorbridge", *args], capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tensorbridge", *args], capture_output=True, text=True
+    )
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(proc.stderr)
@@ -61,8 +62,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     rows = opts.mib * (1 << 20) // (4 * 1024)
     if not os.path.exists(src):
-        tree = {f"layer.{i}.weight": rng.standard_normal((rows, 1024)).astype(np.float32)
-                for i in range(opts.shards)}
+        tree = {
+            f"layer.{i}.weight": rng.standard_normal((rows, 1024)).astype(np.float32)
+            for i in range(opts.shards)
+        }
         tb.save(tree, src, max_shard_size=f"{opts.mib + 1}MiB")
         del tree
     times: dict[int, list[float]] = {1: [], opts.workers: []}
@@ -72,8 +75,9 @@ def main() -> None:
         for w in times:
             out = os.path.join(root, f"out-{w}") + "/"
             shutil.rmtree(out, ignore_errors=True)
-            wall, peak = run(["convert", src, out, "--dtype", "bfloat16", "--workers", str(w),
-                              "--quiet"])
+            wall, peak = run(
+                ["convert", src, out, "--dtype", "bfloat16", "--workers", str(w), "--quiet"]
+            )
             times[w].append(wall)
             peaks[w] = peak
             outs[w] = out
@@ -85,10 +89,13 @@ def main() -> None:
     result = {
         "machine": f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}",
         "checkpoint": f"{opts.shards} shards x {opts.mib} MiB float32 -> bfloat16",
-        "median_s": med, "speedup": med[1] / med[opts.workers],
+        "median_s": med,
+        "speedup": med[1] / med[opts.workers],
         "peak_rss_mib_upto": {w: round(p / (1 << 20)) for w, p in peaks.items()},
-        "byte_identical": identical, "to_dask_4_rows_s": round(lazy, 4),
-        "rows_shape": list(rows_read.shape), "runs": times,
+        "byte_identical": identical,
+        "to_dask_4_rows_s": round(lazy, 4),
+        "rows_shape": list(rows_read.shape),
+        "runs": times,
     }
     print(json.dumps(result, indent=1))
 

@@ -51,13 +51,14 @@ def _host(x: Any) -> Any:
 
 def _check(tb_out: Any, plain_out: Any, what: str) -> None:
     import numpy as np
-
     from run import same_bits
 
     a, b = _host(tb_out), _host(plain_out)
     if not same_bits(a, b):
-        raise AssertionError(f"{what}: tensorbridge and the plain call differ "
-                             f"({a.dtype}{a.shape} vs {b.dtype}{b.shape})")
+        raise AssertionError(
+            f"{what}: tensorbridge and the plain call differ "
+            f"({a.dtype}{a.shape} vs {b.dtype}{b.shape})"
+        )
     del np
 
 
@@ -79,7 +80,7 @@ def sources(n: int) -> dict[str, tuple[str, Callable[[], Any]]]:
     """Kind name -> (framework, maker) for tensors of ``n`` float32 values."""
     f = _frameworks()
     np, torch, tf, jnp, ml = f["np"], f["torch"], f["tf"], f["jnp"], f["ml"]
-    side = int(n ** 0.5)
+    side = int(n**0.5)
 
     def base() -> Any:
         return np.random.default_rng(0).standard_normal(n).astype(np.float32)
@@ -92,7 +93,10 @@ def sources(n: int) -> dict[str, tuple[str, Callable[[], Any]]]:
         "torch requires_grad": ("torch", lambda: torch.from_numpy(base()).requires_grad_()),
         "torch bf16": ("torch", lambda: torch.from_numpy(base()).to(torch.bfloat16)),
         "torch float8_e4m3fn": ("torch", lambda: torch.from_numpy(base()).to(torch.float8_e4m3fn)),
-        "torch transposed": ("torch", lambda: torch.from_numpy(base()[: side * side]).reshape(side, side).T),
+        "torch transposed": (
+            "torch",
+            lambda: torch.from_numpy(base()[: side * side]).reshape(side, side).T,
+        ),
         "tf f32": ("tf", lambda: tf.constant(base())),
         "tf Variable": ("tf", lambda: tf.Variable(base())),
         "tf bf16": ("tf", lambda: tf.constant(base().astype(ml.bfloat16))),
@@ -110,8 +114,11 @@ def plain_call(fw: str, tgt: str, kind: str) -> tuple[str, Callable[[Any], Any]]
     if fw == "numpy":
         host = "x"
     elif fw == "torch":
-        host = "x.detach().cpu().numpy()" if low is None else \
-            f"x.detach().cpu().view(torch.{low[0]}).numpy().view(ml.{low[1]})"
+        host = (
+            "x.detach().cpu().numpy()"
+            if low is None
+            else f"x.detach().cpu().view(torch.{low[0]}).numpy().view(ml.{low[1]})"
+        )
     elif fw == "tf":
         host = "x.numpy()"
     else:  # jax: torch wants writable memory, so the plain call copies
@@ -119,8 +126,11 @@ def plain_call(fw: str, tgt: str, kind: str) -> tuple[str, Callable[[Any], Any]]
     if tgt == "numpy":
         expr = host
     elif tgt == "torch":
-        expr = f"torch.from_numpy({host})" if low is None else \
-            f"torch.from_numpy({host}.view(np.{low[0]})).view(torch.{low[1]})"
+        expr = (
+            f"torch.from_numpy({host})"
+            if low is None
+            else f"torch.from_numpy({host}.view(np.{low[0]})).view(torch.{low[1]})"
+        )
     elif tgt == "tf":
         expr = f"tf.convert_to_tensor({host})"
     else:
@@ -134,8 +144,9 @@ def _tb_name(tgt: str) -> str:
 
 
 def case_routes_small(args: argparse.Namespace) -> list[dict]:
-    import tensorbridge as tb
     from run import row, time_pair
+
+    import tensorbridge as tb
 
     f = _frameworks()
     np, torch, jnp = f["np"], f["torch"], f["jnp"]
@@ -152,45 +163,92 @@ def case_routes_small(args: argparse.Namespace) -> list[dict]:
             try:
                 _check(tb.convert(x, to=to), plain(x), label)
             except Exception as exc:  # a refusal or a mismatch is a finding, not a crash
-                rows.append({"case": "routes_small", "label": label,
-                             "error": f"{type(exc).__name__}: {exc}"[:300]})
+                rows.append(
+                    {
+                        "case": "routes_small",
+                        "label": label,
+                        "error": f"{type(exc).__name__}: {exc}"[:300],
+                    }
+                )
                 continue
-            t = time_pair(lambda x=x, to=to: tb.convert(x, to=to), lambda x=x, plain=plain: plain(x),
-                          repeats=11, batch_s=0.005)
-            rows.append(row("routes_small", label, text, t, target=1.5,
-                            route=str(tb.explain(x, to=to))))
+            t = time_pair(
+                lambda x=x, to=to: tb.convert(x, to=to),
+                lambda x=x, plain=plain: plain(x),
+                repeats=11,
+                batch_s=0.005,
+            )
+            rows.append(
+                row("routes_small", label, text, t, target=1.5, route=str(tb.explain(x, to=to)))
+            )
     # dtype= casts and copy=True, one tensor
     t32 = torch.from_numpy(np.arange(SMALL, dtype=np.float32))
     g32 = t32.clone().requires_grad_()
     a32 = np.arange(SMALL, dtype=np.float32)
     extra = [
-        ("torch f32 -> numpy dtype=float16", lambda: tb.to_numpy(t32, dtype="float16"),
-         "t.detach().cpu().numpy().astype(np.float16)",
-         lambda: t32.detach().cpu().numpy().astype(np.float16)),
-        ("torch requires_grad -> numpy dtype=bfloat16", lambda: tb.to_numpy(g32, dtype="bfloat16"),
-         "t.detach().cpu().numpy().astype(ml_dtypes.bfloat16)",
-         lambda: g32.detach().cpu().numpy().astype(f["ml"].bfloat16)),
-        ("numpy f32 -> torch dtype=bfloat16", lambda: tb.to_torch(a32, dtype="bfloat16"),
-         "torch.from_numpy(a).to(torch.bfloat16)",
-         lambda: torch.from_numpy(a32).to(torch.bfloat16)),
-        ("numpy f32 -> jax dtype=float16", lambda: tb.to_jax(a32, dtype="float16"),
-         "jnp.asarray(a, dtype=jnp.float16)", lambda: jnp.asarray(a32, dtype=jnp.float16)),
-        ("torch f32 -> numpy copy=True", lambda: tb.to_numpy(t32, copy=True),
-         "t.detach().cpu().numpy().copy()", lambda: t32.detach().cpu().numpy().copy()),
-        ("numpy f32 -> torch copy=True", lambda: tb.to_torch(a32, copy=True),
-         "torch.from_numpy(a.copy())", lambda: torch.from_numpy(a32.copy())),
-        ("torch requires_grad -> numpy copy=True", lambda: tb.to_numpy(g32, copy=True),
-         "t.detach().cpu().numpy().copy()", lambda: g32.detach().cpu().numpy().copy()),
+        (
+            "torch f32 -> numpy dtype=float16",
+            lambda: tb.to_numpy(t32, dtype="float16"),
+            "t.detach().cpu().numpy().astype(np.float16)",
+            lambda: t32.detach().cpu().numpy().astype(np.float16),
+        ),
+        (
+            "torch requires_grad -> numpy dtype=bfloat16",
+            lambda: tb.to_numpy(g32, dtype="bfloat16"),
+            "t.detach().cpu().numpy().astype(ml_dtypes.bfloat16)",
+            lambda: g32.detach().cpu().numpy().astype(f["ml"].bfloat16),
+        ),
+        (
+            "numpy f32 -> torch dtype=bfloat16",
+            lambda: tb.to_torch(a32, dtype="bfloat16"),
+            "torch.from_numpy(a).to(torch.bfloat16)",
+            lambda: torch.from_numpy(a32).to(torch.bfloat16),
+        ),
+        (
+            "numpy f32 -> jax dtype=float16",
+            lambda: tb.to_jax(a32, dtype="float16"),
+            "jnp.asarray(a, dtype=jnp.float16)",
+            lambda: jnp.asarray(a32, dtype=jnp.float16),
+        ),
+        (
+            "torch f32 -> numpy copy=True",
+            lambda: tb.to_numpy(t32, copy=True),
+            "t.detach().cpu().numpy().copy()",
+            lambda: t32.detach().cpu().numpy().copy(),
+        ),
+        (
+            "numpy f32 -> torch copy=True",
+            lambda: tb.to_torch(a32, copy=True),
+            "torch.from_numpy(a.copy())",
+            lambda: torch.from_numpy(a32.copy()),
+        ),
+        (
+            "torch requires_grad -> numpy copy=True",
+            lambda: tb.to_numpy(g32, copy=True),
+            "t.detach().cpu().numpy().copy()",
+            lambda: g32.detach().cpu().numpy().copy(),
+        ),
     ]
     for label, ftb, text, fplain in extra:
         try:
             _check(ftb(), fplain(), label)
         except Exception as exc:
-            rows.append({"case": "routes_small", "label": label,
-                         "error": f"{type(exc).__name__}: {exc}"[:300]})
+            rows.append(
+                {
+                    "case": "routes_small",
+                    "label": label,
+                    "error": f"{type(exc).__name__}: {exc}"[:300],
+                }
+            )
             continue
-        rows.append(row("routes_small", label, text, time_pair(ftb, fplain, repeats=11, batch_s=0.005),
-                        target=1.5))
+        rows.append(
+            row(
+                "routes_small",
+                label,
+                text,
+                time_pair(ftb, fplain, repeats=11, batch_s=0.005),
+                target=1.5,
+            )
+        )
     return rows
 
 
@@ -202,8 +260,9 @@ def _comprehension(expr: str) -> Callable[[Any], Any]:
 
 
 def case_routes_tree(args: argparse.Namespace) -> list[dict]:
-    import tensorbridge as tb
     from run import row, time_pair
+
+    import tensorbridge as tb
 
     f = _frameworks()
     np = f["np"]
@@ -218,65 +277,129 @@ def case_routes_tree(args: argparse.Namespace) -> list[dict]:
             for k in a:
                 _check(a[k], b[k], f"{label} [{k!r}]")
         except Exception as exc:
-            rows.append({"case": "routes_tree", "label": label,
-                         "error": f"{type(exc).__name__}: {exc}"[:300]})
+            rows.append(
+                {
+                    "case": "routes_tree",
+                    "label": label,
+                    "error": f"{type(exc).__name__}: {exc}"[:300],
+                }
+            )
             return
-        rows.append(row("routes_tree", label, text,
-                        time_pair(ftb, fplain, repeats=7, batch_s=0.03, warmup_s=0.05), target=1.5, unit="ms"))
+        rows.append(
+            row(
+                "routes_tree",
+                label,
+                text,
+                time_pair(ftb, fplain, repeats=7, batch_s=0.03, warmup_s=0.05),
+                target=1.5,
+                unit="ms",
+            )
+        )
 
     # to numpy: every kind, copy=None and copy=True
-    for kind in ("torch f32", "torch requires_grad", "torch bf16", "torch transposed",
-                 "tf f32", "tf Variable", "jax f32"):
+    for kind in (
+        "torch f32",
+        "torch requires_grad",
+        "torch bf16",
+        "torch transposed",
+        "tf f32",
+        "tf Variable",
+        "jax f32",
+    ):
         fw, make = srcs[kind]
         d = {f"layer{i}.weight": make() for i in range(n)}
         text, _ = plain_call(fw, "numpy", kind)
         comp = _comprehension(text)
-        add(f"dict of {n} {kind} -> numpy", lambda d=d: tb.to_numpy(d),
-            f"{{k: {text}}}", lambda d=d, fn=comp: fn(d))
+        add(
+            f"dict of {n} {kind} -> numpy",
+            lambda d=d: tb.to_numpy(d),
+            f"{{k: {text}}}",
+            lambda d=d, fn=comp: fn(d),
+        )
         copy_text = {"torch": f"{text}.copy()", "tf": "x.numpy()", "jax": "np.array(x)"}[fw]
         env = {"np": np, "ml": f["ml"], "torch": f["torch"]}
         copy_comp = eval(f"lambda d: {{k: {copy_text} for k, x in d.items()}}", env)  # noqa: S307
-        add(f"dict of {n} {kind} -> numpy copy=True", lambda d=d: tb.to_numpy(d, copy=True),
-            f"{{k: {copy_text}}}", lambda d=d, fn=copy_comp: fn(d))
+        add(
+            f"dict of {n} {kind} -> numpy copy=True",
+            lambda d=d: tb.to_numpy(d, copy=True),
+            f"{{k: {copy_text}}}",
+            lambda d=d, fn=copy_comp: fn(d),
+        )
     # from numpy to every framework, and between frameworks
-    for kind, tgt in (("numpy f32", "torch"), ("numpy f32", "tf"), ("numpy f32", "jax"),
-                      ("numpy bf16", "torch"), ("torch f32", "jax"), ("tf f32", "torch"),
-                      ("jax f32", "torch"), ("torch requires_grad", "tf")):
+    for kind, tgt in (
+        ("numpy f32", "torch"),
+        ("numpy f32", "tf"),
+        ("numpy f32", "jax"),
+        ("numpy bf16", "torch"),
+        ("torch f32", "jax"),
+        ("tf f32", "torch"),
+        ("jax f32", "torch"),
+        ("torch requires_grad", "tf"),
+    ):
         fw, make = srcs[kind]
         d = {f"layer{i}.weight": make() for i in range(n)}
         text, _ = plain_call(fw, tgt, kind)
         comp = _comprehension(text)
         to = _tb_name(tgt)
-        add(f"dict of {n} {kind} -> {tgt}", lambda d=d, to=to: tb.convert(d, to=to),
-            f"{{k: {text}}}", lambda d=d, fn=comp: fn(d))
+        add(
+            f"dict of {n} {kind} -> {tgt}",
+            lambda d=d, to=to: tb.convert(d, to=to),
+            f"{{k: {text}}}",
+            lambda d=d, fn=comp: fn(d),
+        )
     torch = f["torch"]
     d = {f"layer{i}.weight": srcs["numpy f32"][1]() for i in range(n)}
-    add(f"dict of {n} numpy f32 -> torch copy=True", lambda: tb.to_torch(d, copy=True),
-        "{k: torch.from_numpy(a.copy())}", lambda: {k: torch.from_numpy(v.copy()) for k, v in d.items()})
+    add(
+        f"dict of {n} numpy f32 -> torch copy=True",
+        lambda: tb.to_torch(d, copy=True),
+        "{k: torch.from_numpy(a.copy())}",
+        lambda: {k: torch.from_numpy(v.copy()) for k, v in d.items()},
+    )
     return rows
 
 
 def case_routes_large(args: argparse.Namespace) -> list[dict]:
-    import tensorbridge as tb
     from run import row, time_pair
+
+    import tensorbridge as tb
 
     f = _frameworks()
     np, torch, tf, jnp = f["np"], f["torch"], f["tf"], f["jnp"]
     big_n, small_n = 64 * MiB // 4, MiB // 4
     rows = []
 
-    def pair(label: str, ftb: Callable[[], Any], text: str, fplain: Callable[[], Any],
-             target: float, ttext: str, check: bool = True) -> None:
+    def pair(
+        label: str,
+        ftb: Callable[[], Any],
+        text: str,
+        fplain: Callable[[], Any],
+        target: float,
+        ttext: str,
+        check: bool = True,
+    ) -> None:
         try:
             if check:
                 _check(ftb(), fplain(), label)
         except Exception as exc:
-            rows.append({"case": "routes_large", "label": label,
-                         "error": f"{type(exc).__name__}: {exc}"[:300]})
+            rows.append(
+                {
+                    "case": "routes_large",
+                    "label": label,
+                    "error": f"{type(exc).__name__}: {exc}"[:300],
+                }
+            )
             return
-        rows.append(row("routes_large", label, text,
-                        time_pair(ftb, fplain, repeats=7, batch_s=0.05, warmup_s=0.2),
-                        target=target, target_text=ttext, unit="ms"))
+        rows.append(
+            row(
+                "routes_large",
+                label,
+                text,
+                time_pair(ftb, fplain, repeats=7, batch_s=0.05, warmup_s=0.2),
+                target=target,
+                target_text=ttext,
+                unit="ms",
+            )
+        )
 
     def arr(n: int) -> Any:  # 64-byte aligned, as torch/TF/JAX allocate (DLPack imports need it)
         out = torch.empty(n, dtype=torch.float32).numpy()
@@ -294,7 +417,11 @@ def case_routes_large(args: argparse.Namespace) -> list[dict]:
     # zero-copy routes: 64 MiB against 1 MiB through the same call (O(1): ~1x)
     zc = [
         ("torch -> numpy", lambda n: torch.from_numpy(arr(n)), "numpy"),
-        ("torch requires_grad -> numpy", lambda n: torch.from_numpy(arr(n)).requires_grad_(), "numpy"),
+        (
+            "torch requires_grad -> numpy",
+            lambda n: torch.from_numpy(arr(n)).requires_grad_(),
+            "numpy",
+        ),
         ("numpy -> torch", arr, "torch"),
         ("tf -> numpy", lambda n: tf.constant(arr(n)), "numpy"),
         ("jax -> numpy", lambda n: jnp.asarray(arr(n)), "numpy"),
@@ -308,12 +435,24 @@ def case_routes_large(args: argparse.Namespace) -> list[dict]:
         big, small = make(big_n), make(small_n)
         plan = tb.explain(big, to=to)
         if plan.copies:
-            rows.append({"case": "routes_large", "label": f"{label} (64 MiB vs 1 MiB)",
-                         "info": True, "note": "copies: " + str(plan)})
+            rows.append(
+                {
+                    "case": "routes_large",
+                    "label": f"{label} (64 MiB vs 1 MiB)",
+                    "info": True,
+                    "note": "copies: " + str(plan),
+                }
+            )
             continue
-        pair(f"{label} 64 MiB (zero-copy)", lambda b=big, to=to: ready(tb.convert(b, to=to)),
-             "same call on 1 MiB", lambda s=small, to=to: ready(tb.convert(s, to=to)),
-             1.5, "~1x (<= 1.5x)", check=False)
+        pair(
+            f"{label} 64 MiB (zero-copy)",
+            lambda b=big, to=to: ready(tb.convert(b, to=to)),
+            "same call on 1 MiB",
+            lambda s=small, to=to: ready(tb.convert(s, to=to)),
+            1.5,
+            "~1x (<= 1.5x)",
+            check=False,
+        )
     # copies against the fastest plain copy
     a = arr(big_n)
     t = torch.from_numpy(arr(big_n))
@@ -324,30 +463,78 @@ def case_routes_large(args: argparse.Namespace) -> list[dict]:
     ro.flags.writeable = False
     ua = unaligned(big_n)
     copies = [
-        ("torch -> numpy copy=True", lambda: tb.to_numpy(t, copy=True),
-         "t.numpy().copy()", lambda: t.numpy().copy()),
-        ("numpy -> torch copy=True", lambda: tb.to_torch(a, copy=True),
-         "torch.from_numpy(a.copy())", lambda: torch.from_numpy(a.copy())),
-        ("torch transposed -> numpy copy=True", lambda: tb.to_numpy(tt, copy=True),
-         "t.numpy().copy()", lambda: tt.numpy().copy()),
-        ("jax -> numpy copy=True", lambda: tb.to_numpy(j, copy=True), "np.array(j)",
-         lambda: np.array(j)),
-        ("tf -> numpy copy=True", lambda: tb.to_numpy(x, copy=True), "x.numpy()", lambda: x.numpy()),
-        ("read-only numpy -> torch", lambda: tb.to_torch(ro), "torch.from_numpy(a.copy())",
-         lambda: torch.from_numpy(ro.copy())),
-        ("numpy reversed -> torch", lambda: tb.to_torch(a[::-1]),
-         "torch.from_numpy(np.ascontiguousarray(a[::-1]))",
-         lambda: torch.from_numpy(np.ascontiguousarray(a[::-1]))),
-        ("jax -> torch", lambda: tb.to_torch(j), "torch.from_numpy(np.array(j))",
-         lambda: torch.from_numpy(np.array(j))),
-        ("numpy -> jax copy=True", lambda: ready(tb.to_jax(a, copy=True)), "jnp.array(a, copy=True)",
-         lambda: ready(jnp.array(a, copy=True))),
-        ("unaligned numpy -> jax", lambda: ready(tb.to_jax(ua)), "jnp.asarray(a)",
-         lambda: ready(jnp.asarray(ua))),
-        ("unaligned numpy -> tf", lambda: tb.to_tf(ua), "tf.convert_to_tensor(a)",
-         lambda: tf.convert_to_tensor(ua)),
-        ("torch -> numpy dtype=float16", lambda: tb.to_numpy(t, dtype="float16"),
-         "t.numpy().astype(np.float16)", lambda: t.numpy().astype(np.float16)),
+        (
+            "torch -> numpy copy=True",
+            lambda: tb.to_numpy(t, copy=True),
+            "t.numpy().copy()",
+            lambda: t.numpy().copy(),
+        ),
+        (
+            "numpy -> torch copy=True",
+            lambda: tb.to_torch(a, copy=True),
+            "torch.from_numpy(a.copy())",
+            lambda: torch.from_numpy(a.copy()),
+        ),
+        (
+            "torch transposed -> numpy copy=True",
+            lambda: tb.to_numpy(tt, copy=True),
+            "t.numpy().copy()",
+            lambda: tt.numpy().copy(),
+        ),
+        (
+            "jax -> numpy copy=True",
+            lambda: tb.to_numpy(j, copy=True),
+            "np.array(j)",
+            lambda: np.array(j),
+        ),
+        (
+            "tf -> numpy copy=True",
+            lambda: tb.to_numpy(x, copy=True),
+            "x.numpy()",
+            lambda: x.numpy(),
+        ),
+        (
+            "read-only numpy -> torch",
+            lambda: tb.to_torch(ro),
+            "torch.from_numpy(a.copy())",
+            lambda: torch.from_numpy(ro.copy()),
+        ),
+        (
+            "numpy reversed -> torch",
+            lambda: tb.to_torch(a[::-1]),
+            "torch.from_numpy(np.ascontiguousarray(a[::-1]))",
+            lambda: torch.from_numpy(np.ascontiguousarray(a[::-1])),
+        ),
+        (
+            "jax -> torch",
+            lambda: tb.to_torch(j),
+            "torch.from_numpy(np.array(j))",
+            lambda: torch.from_numpy(np.array(j)),
+        ),
+        (
+            "numpy -> jax copy=True",
+            lambda: ready(tb.to_jax(a, copy=True)),
+            "jnp.array(a, copy=True)",
+            lambda: ready(jnp.array(a, copy=True)),
+        ),
+        (
+            "unaligned numpy -> jax",
+            lambda: ready(tb.to_jax(ua)),
+            "jnp.asarray(a)",
+            lambda: ready(jnp.asarray(ua)),
+        ),
+        (
+            "unaligned numpy -> tf",
+            lambda: tb.to_tf(ua),
+            "tf.convert_to_tensor(a)",
+            lambda: tf.convert_to_tensor(ua),
+        ),
+        (
+            "torch -> numpy dtype=float16",
+            lambda: tb.to_numpy(t, dtype="float16"),
+            "t.numpy().astype(np.float16)",
+            lambda: t.numpy().astype(np.float16),
+        ),
     ]
     for label, ftb, text, fplain in copies:
         pair(f"{label} 64 MiB", ftb, text, fplain, 1.1, "<= 1.1x")
@@ -366,23 +553,31 @@ def case_files_io(args: argparse.Namespace) -> list[dict]:
     import safetensors.numpy as stn
     import safetensors.torch as stt
     import torch
-
-    import tensorbridge as tb
     from run import row, time_pair
 
+    import tensorbridge as tb
+
     rng = np.random.default_rng(0)
-    sd = {f"layers.{i}.weight": rng.standard_normal((1024, 1024), dtype=np.float32) for i in range(16)}
+    sd = {
+        f"layers.{i}.weight": rng.standard_normal((1024, 1024), dtype=np.float32) for i in range(16)
+    }
     tsd = {k: torch.from_numpy(v) for k, v in sd.items()}
-    work = tempfile.mkdtemp(prefix="tb-bench-io-", dir=args.workdir if os.path.isdir(args.workdir) else None)
+    work = tempfile.mkdtemp(
+        prefix="tb-bench-io-", dir=args.workdir if os.path.isdir(args.workdir) else None
+    )
     rows = []
 
-    def pair(label: str, ftb: Callable[[], Any], text: str, fplain: Callable[[], Any], target: float) -> None:
+    def pair(
+        label: str, ftb: Callable[[], Any], text: str, fplain: Callable[[], Any], target: float
+    ) -> None:
         try:
             ftb()
             fplain()
             t = time_pair(ftb, fplain, repeats=5, batch_s=0.05, warmup_s=0.1)
         except Exception as exc:
-            rows.append({"case": "files_io", "label": label, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            rows.append(
+                {"case": "files_io", "label": label, "error": f"{type(exc).__name__}: {exc}"[:300]}
+            )
             return
         rows.append(row("files_io", label, text, t, target=target, unit="ms"))
 
@@ -390,28 +585,69 @@ def case_files_io(args: argparse.Namespace) -> list[dict]:
         return os.path.join(work, name)
 
     # writes
-    pair("tb.save .safetensors", lambda: tb.save(tsd, p("a.safetensors")),
-         "safetensors.torch.save_file", lambda: stt.save_file(tsd, p("b.safetensors")), 1.3)
-    pair("tb.save .pt", lambda: tb.save(tsd, p("a.pt")), "torch.save", lambda: torch.save(tsd, p("b.pt")), 1.3)
-    pair("tb.save .npy (one tensor)", lambda: tb.save(sd["layers.0.weight"], p("a.npy")),
-         "np.save", lambda: np.save(p("b.npy"), sd["layers.0.weight"]), 1.3)
+    pair(
+        "tb.save .safetensors",
+        lambda: tb.save(tsd, p("a.safetensors")),
+        "safetensors.torch.save_file",
+        lambda: stt.save_file(tsd, p("b.safetensors")),
+        1.3,
+    )
+    pair(
+        "tb.save .pt",
+        lambda: tb.save(tsd, p("a.pt")),
+        "torch.save",
+        lambda: torch.save(tsd, p("b.pt")),
+        1.3,
+    )
+    pair(
+        "tb.save .npy (one tensor)",
+        lambda: tb.save(sd["layers.0.weight"], p("a.npy")),
+        "np.save",
+        lambda: np.save(p("b.npy"), sd["layers.0.weight"]),
+        1.3,
+    )
 
     def h5_write() -> None:
         with h5py.File(p("b.h5"), "w") as f:
             for k, v in sd.items():
                 f.create_dataset(k, data=v)
 
-    pair("tb.save .h5", lambda: tb.save(sd, p("a.h5")), "h5py create_dataset per tensor", h5_write, 1.2)
+    pair(
+        "tb.save .h5",
+        lambda: tb.save(sd, p("a.h5")),
+        "h5py create_dataset per tensor",
+        h5_write,
+        1.2,
+    )
     # reads
-    pair("tb.load .safetensors to=torch", lambda: tb.load(p("b.safetensors"), to="torch"),
-         "safetensors.torch.load_file", lambda: stt.load_file(p("b.safetensors")), 1.2)
-    pair("tb.load .safetensors to=numpy", lambda: tb.load(p("b.safetensors")),
-         "safetensors.numpy.load_file", lambda: stn.load_file(p("b.safetensors")), 1.2)
-    pair("tb.load .npy", lambda: tb.load(p("b.npy")), "np.load(mmap_mode='r')",
-         lambda: np.load(p("b.npy"), mmap_mode="r"), 1.2)
-    pair("tb.load .pt to=torch", lambda: tb.load(p("b.pt"), to="torch"),
-         "torch.load(weights_only=True, mmap=True)",
-         lambda: torch.load(p("b.pt"), weights_only=True, mmap=True), 1.2)
+    pair(
+        "tb.load .safetensors to=torch",
+        lambda: tb.load(p("b.safetensors"), to="torch"),
+        "safetensors.torch.load_file",
+        lambda: stt.load_file(p("b.safetensors")),
+        1.2,
+    )
+    pair(
+        "tb.load .safetensors to=numpy",
+        lambda: tb.load(p("b.safetensors")),
+        "safetensors.numpy.load_file",
+        lambda: stn.load_file(p("b.safetensors")),
+        1.2,
+    )
+    pair(
+        "tb.load .npy",
+        lambda: tb.load(p("b.npy")),
+        "np.load(mmap_mode='r')",
+        lambda: np.load(p("b.npy"), mmap_mode="r"),
+        1.2,
+    )
+    pair(
+        "tb.load .pt to=torch",
+        lambda: tb.load(p("b.pt"), to="torch"),
+        "torch.load(weights_only=True, mmap=True)",
+        lambda: torch.load(p("b.pt"), weights_only=True, mmap=True),
+        1.2,
+    )
 
     def h5_read() -> dict:
         with h5py.File(p("b.h5"), "r") as f:

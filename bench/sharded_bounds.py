@@ -25,8 +25,12 @@ def st_file(path: str, header: bytes, data: bytes = b"") -> str:
     return path
 
 
-def index_dir(path: str, index: bytes, shard_header: bytes = b'{"a":{"dtype":"F32","shape":[1],'
-              b'"data_offsets":[0,4]}}    ', data: bytes = b"\0" * 4) -> str:
+def index_dir(
+    path: str,
+    index: bytes,
+    shard_header: bytes = b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}    ',
+    data: bytes = b"\0" * 4,
+) -> str:
     os.mkdir(path)
     st_file(os.path.join(path, "s1.safetensors"), shard_header, data)
     with open(os.path.join(path, "model.safetensors.index.json"), "wb") as f:
@@ -43,23 +47,41 @@ def main() -> None:
     }
     n = 100_000
     names = [f"layers.{i}.w" for i in range(n)]
-    dense = {k: {"dtype": "U8", "shape": [], "data_offsets": [i, i + 1]} for i, k in enumerate(names)}
+    dense = {
+        k: {"dtype": "U8", "shape": [], "data_offsets": [i, i + 1]} for i, k in enumerate(names)
+    }
     dense_header = json.dumps(dense, separators=(",", ":")).encode()
     dense_header += b" " * (-len(dense_header) % 8)
     rows = []
     for i, (label, raw) in enumerate(amplifiers.items()):
         rows.append((f"safetensors header: {label}", st_file(f"{d}/h{i}.safetensors", raw)))
         rows.append((f"sharded index: {label}", index_dir(f"{d}/i{i}", raw)))
-    rows.append((f"valid safetensors header of {n} 0-d tensors ({len(dense_header) >> 20} MiB)",
-                 st_file(f"{d}/dense.safetensors", dense_header, bytes(n))))
-    rows.append((f"valid index of {n} names in one shard",
-                 index_dir(f"{d}/big", json.dumps({"weight_map": {k: "s1.safetensors" for k in names}})
-                           .encode(), dense_header, bytes(n))))
+    rows.append(
+        (
+            f"valid safetensors header of {n} 0-d tensors ({len(dense_header) >> 20} MiB)",
+            st_file(f"{d}/dense.safetensors", dense_header, bytes(n)),
+        )
+    )
+    rows.append(
+        (
+            f"valid index of {n} names in one shard",
+            index_dir(
+                f"{d}/big",
+                json.dumps({"weight_map": {k: "s1.safetensors" for k in names}}).encode(),
+                dense_header,
+                bytes(n),
+            ),
+        )
+    )
     print("| input | outcome | wall | peak RSS |")
     print("|---|---|---:|---:|")
     for label, path in rows:
         r = run_bounded(OPEN, [path], timeout=120, mem_limit=2 << 30)
-        what = r.outcome if r.outcome != "refused" else f"refused ({r.detail.split(': ', 1)[1][:48]}...)"
+        what = (
+            r.outcome
+            if r.outcome != "refused"
+            else f"refused ({r.detail.split(': ', 1)[1][:48]}...)"
+        )
         print(f"| {label} | {what} | {r.wall:.2f} s | {r.peak_rss / MIB:.0f} MiB |")
 
 

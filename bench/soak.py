@@ -45,11 +45,13 @@ def open_fds() -> int:
 def make_tree(rng: np.random.Generator) -> dict:
     import ml_dtypes
 
-    bits = rng.integers(0, 2 ** 63, size=1 << 17, dtype=np.uint64).view(np.uint8)  # 1 MiB
+    bits = rng.integers(0, 2**63, size=1 << 17, dtype=np.uint64).view(np.uint8)  # 1 MiB
     return {
-        "enc": {"w": bits[: 1 << 19].view(np.float32).reshape(256, -1),
-                "b": bits[: 4096].view(ml_dtypes.bfloat16)},
-        "layers": [bits[: 1 << 18].view(np.float16), bits[: 8192].view(np.int64)],
+        "enc": {
+            "w": bits[: 1 << 19].view(np.float32).reshape(256, -1),
+            "b": bits[:4096].view(ml_dtypes.bfloat16),
+        },
+        "layers": [bits[: 1 << 18].view(np.float16), bits[:8192].view(np.int64)],
         "mask": (bits[:1000] & 1).astype(bool),
         "step": np.array(7, np.int32),
     }
@@ -59,8 +61,17 @@ def flat_bytes(flat: dict) -> dict[str, bytes]:
     return {k: np.ascontiguousarray(v).tobytes() for k, v in flat.items()}
 
 
-def iteration(tb, tbf, Writer, tree: dict, expected: dict[str, bytes], work: Path, i: int,
-              have_torch: bool, have_jax: bool) -> None:
+def iteration(
+    tb,
+    tbf,
+    Writer,
+    tree: dict,
+    expected: dict[str, bytes],
+    work: Path,
+    i: int,
+    have_torch: bool,
+    have_jax: bool,
+) -> None:
     out = tb.to_numpy(tb.to_torch(tree)) if have_torch else tb.to_numpy(tree)
     if have_jax:
         out = tb.to_numpy(tb.to_jax(out))
@@ -85,11 +96,17 @@ def iteration(tb, tbf, Writer, tree: dict, expected: dict[str, bytes], work: Pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--seconds", type=float, default=120.0)
     ap.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
-    ap.add_argument("--warmup", type=float, default=0.15,
-                    help="fraction of the run before the baseline sample (allocator warm-up)")
+    ap.add_argument(
+        "--warmup",
+        type=float,
+        default=0.15,
+        help="fraction of the run before the baseline sample (allocator warm-up)",
+    )
     ap.add_argument("--max-growth-mb", type=float, default=32.0)
     ap.add_argument("--json", action="store_true", help="print one JSON document")
     args = ap.parse_args(argv)
@@ -124,16 +141,29 @@ def main(argv: list[str] | None = None) -> int:
             iterations += 1
             iteration(tb, tbf, Writer, tree, expected, work, iterations, have_torch, have_jax)
             if time.monotonic() >= next_sample:
-                samples.append({"t": round(time.monotonic() - start, 1), "iterations": iterations,
-                                "rss_mb": round(rss_mb(), 1), "fds": open_fds()})
+                samples.append(
+                    {
+                        "t": round(time.monotonic() - start, 1),
+                        "iterations": iterations,
+                        "rss_mb": round(rss_mb(), 1),
+                        "fds": open_fds(),
+                    }
+                )
                 if not args.json:
-                    print(f"t={samples[-1]['t']:7.1f}s  iterations={iterations:6d}  "
-                          f"rss={samples[-1]['rss_mb']:8.1f} MiB  fds={samples[-1]['fds']}", flush=True)
+                    print(
+                        f"t={samples[-1]['t']:7.1f}s  iterations={iterations:6d}  "
+                        f"rss={samples[-1]['rss_mb']:8.1f} MiB  fds={samples[-1]['fds']}",
+                        flush=True,
+                    )
                 next_sample += args.interval
         leftovers = sorted(os.listdir(work))
     gc.collect()
-    end = {"t": round(time.monotonic() - start, 1), "iterations": iterations,
-           "rss_mb": round(rss_mb(), 1), "fds": open_fds()}
+    end = {
+        "t": round(time.monotonic() - start, 1),
+        "iterations": iterations,
+        "rss_mb": round(rss_mb(), 1),
+        "fds": open_fds(),
+    }
     samples.append(end)
     base = next((s for s in samples if s["t"] >= args.warmup * args.seconds), samples[0])
     growth = end["rss_mb"] - base["rss_mb"]
@@ -141,11 +171,19 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": end["t"],
         "iterations": iterations,
         "iterations_per_s": round(iterations / max(end["t"], 1e-9), 2),
-        "rss_mb": {"start": round(samples[0]["rss_mb"], 1), "after_warmup": base["rss_mb"],
-                   "end": end["rss_mb"], "max": max(s["rss_mb"] for s in samples)},
+        "rss_mb": {
+            "start": round(samples[0]["rss_mb"], 1),
+            "after_warmup": base["rss_mb"],
+            "end": end["rss_mb"],
+            "max": max(s["rss_mb"] for s in samples),
+        },
         "rss_growth_after_warmup_mb": round(growth, 1),
-        "fds": {"start": samples[0]["fds"], "after_warmup": base["fds"], "end": end["fds"],
-                "max": max(s["fds"] for s in samples)},
+        "fds": {
+            "start": samples[0]["fds"],
+            "after_warmup": base["fds"],
+            "end": end["fds"],
+            "max": max(s["fds"] for s in samples),
+        },
         "work_dir_files_at_end": leftovers,
         "frameworks": {"torch": have_torch, "jax": have_jax},
         "samples": samples,
@@ -157,11 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         r = report
         print(f"\n{r['iterations']} iterations in {r['seconds']} s ({r['iterations_per_s']}/s)")
-        print(f"RSS MiB: start {r['rss_mb']['start']}, after warm-up {r['rss_mb']['after_warmup']}, "
-              f"end {r['rss_mb']['end']}, max {r['rss_mb']['max']} "
-              f"(growth after warm-up {r['rss_growth_after_warmup_mb']})")
-        print(f"FDs: start {r['fds']['start']}, after warm-up {r['fds']['after_warmup']}, "
-              f"end {r['fds']['end']}, max {r['fds']['max']}")
+        print(
+            f"RSS MiB: start {r['rss_mb']['start']}, after warm-up {r['rss_mb']['after_warmup']}, "
+            f"end {r['rss_mb']['end']}, max {r['rss_mb']['max']} "
+            f"(growth after warm-up {r['rss_growth_after_warmup_mb']})"
+        )
+        print(
+            f"FDs: start {r['fds']['start']}, after warm-up {r['fds']['after_warmup']}, "
+            f"end {r['fds']['end']}, max {r['fds']['max']}"
+        )
         print(f"files left in the work dir: {leftovers}")
         print(f"verdict: {r['verdict']}")
     return 0 if ok else 1

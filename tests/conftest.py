@@ -14,8 +14,10 @@ import pytest
 # On a GPU, JAX would take 75% of its memory at start; the GPU tests share it with torch.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-HAVE = {name: importlib.util.find_spec(name) is not None
-        for name in ("torch", "tensorflow", "jax", "cupy")}
+HAVE = {
+    name: importlib.util.find_spec(name) is not None
+    for name in ("torch", "tensorflow", "jax", "cupy")
+}
 
 
 def _cuda() -> bool:

@@ -32,8 +32,14 @@ ENV.pop("TENSORBRIDGE_DEBUG", None)
 
 
 def tb(*args: str, cwd: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "tensorbridge", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, env=env or ENV, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tensorbridge", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env or ENV,
+        timeout=120,
+    )
     assert "\x1b[" not in proc.stdout, "piped output must be plain text"
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc
@@ -66,6 +72,7 @@ def npz(tmp_path):
 
 # --- help, version, usage ------------------------------------------------------------
 
+
 @pytest.mark.parametrize("cmd", [[], ["inspect"], ["convert"], ["diff"], ["doctor"], ["demo"]])
 def test_help_leads_with_examples(cmd):
     proc = tb(*cmd, "--help")
@@ -73,7 +80,7 @@ def test_help_leads_with_examples(cmd):
     out = proc.stdout
     assert "examples:" in out
     assert out.index("examples:") < out.index("options:")
-    assert "  tensorbridge " in out[out.index("examples:"):]
+    assert "  tensorbridge " in out[out.index("examples:") :]
 
 
 def test_version_and_usage_errors():
@@ -85,6 +92,7 @@ def test_version_and_usage_errors():
 
 
 # --- inspect -------------------------------------------------------------------------
+
 
 def test_inspect_plain_table_natural_order_and_totals(npz):
     proc = tb("inspect", npz)
@@ -117,8 +125,9 @@ def test_inspect_json(npz):
 
 
 def test_inspect_filter_sort_and_stats(npz):
-    doc = json.loads(tb("inspect", "--json", "--filter", "layer.*", "--sort", "size", "--stats",
-                        npz).stdout)
+    doc = json.loads(
+        tb("inspect", "--json", "--filter", "layer.*", "--sort", "size", "--stats", npz).stdout
+    )
     tensors = doc["files"][0]["tensors"]
     assert [t["name"] for t in tensors] == ["layer.10.w", "layer.1.b", "layer.2.w"]
     s = {t["name"]: t["stats"] for t in tensors}["layer.2.w"]
@@ -182,6 +191,7 @@ def test_inspect_errors_exit_2(tmp_path, npz):
 
 # --- convert -------------------------------------------------------------------------
 
+
 def test_convert_round_trip_npz_safetensors_pt_npz(npz, tmp_path):
     st, pt, back = tmp_path / "a.safetensors", tmp_path / "b.pt", tmp_path / "c.npz"
     for src, dst in ((npz, st), (st, pt), (pt, back)):
@@ -208,7 +218,9 @@ def test_convert_reads_files_written_by_torch_save(tmp_path):
     assert proc.returncode == 0, proc.stderr
     got = read_all(out)
     assert got["enc.w"].dtype == ml_dtypes.bfloat16
-    assert got["enc.w"].view(np.uint16).tobytes() == state["enc.w"].view(torch.int16).numpy().tobytes()
+    assert (
+        got["enc.w"].view(np.uint16).tobytes() == state["enc.w"].view(torch.int16).numpy().tobytes()
+    )
 
 
 def test_convert_dtype_casts_floats_only(npz, tmp_path):
@@ -231,8 +243,7 @@ def test_convert_dtype_casts_floats_only(npz, tmp_path):
 
 def test_convert_include_exclude(npz, tmp_path):
     dst = tmp_path / "sub.npz"
-    proc = tb("convert", "--include", "layer.*", "--include", "steps", "--exclude", "*.b",
-              npz, dst)
+    proc = tb("convert", "--include", "layer.*", "--include", "steps", "--exclude", "*.b", npz, dst)
     assert proc.returncode == 0, proc.stderr
     assert sorted(read_all(dst)) == ["layer.10.w", "layer.2.w", "steps"]
     assert "left out" in proc.stdout
@@ -290,16 +301,18 @@ def test_cli_needs_no_framework_even_for_pt(tmp_path, npz):
             sys.modules[name] = None  # importing it now raises ImportError
         from tensorbridge.cli import main
         codes = [main(["inspect", "--stats", {str(pt)!r}]),
-                 main(["convert", "-q", {str(pt)!r}, {str(tmp_path / 'n.safetensors')!r}]),
+                 main(["convert", "-q", {str(pt)!r}, {str(tmp_path / "n.safetensors")!r}]),
                  main(["diff", "-q", {str(pt)!r}, {str(npz)!r}])]
         assert codes == [0, 0, 0], codes
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=ENV, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=ENV, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
 
 
 # --- diff ----------------------------------------------------------------------------
+
 
 def _npz(path, **arrays):
     np.savez(path, **arrays)
@@ -375,13 +388,18 @@ def test_integers_are_compared_exactly_never_through_float64():
     assert compare_arrays(top, np.array([2**64 - 2, 7], np.uint64), atol=0.5)["mismatches"] == 1
     assert compare_arrays(top, np.array([2**64 - 2, 7], np.uint64), atol=1)["mismatches"] == 0
     assert compare_arrays(top, np.array([2**64 - 2, 7], np.uint64))["max_abs_diff"] == 1
-    extremes = compare_arrays(np.array([-(2**63), 2**63 - 1], np.int64),
-                              np.array([2**63 - 1, -(2**63)], np.int64))
+    extremes = compare_arrays(
+        np.array([-(2**63), 2**63 - 1], np.int64), np.array([2**63 - 1, -(2**63)], np.int64)
+    )
     assert extremes["max_abs_diff"] == 2**64 - 1 and extremes["mismatches"] == 2
     mixed = compare_arrays(np.array([-1, 5], np.int64), np.array([2**64 - 1, 5], np.uint64))
     assert mixed["max_abs_diff"] == 2**64 and mixed["mismatches"] == 1  # dtype changed
-    assert compare_arrays(np.array([10, 20], np.int8), np.array([12, 20], np.uint16),
-                          atol=2)["mismatches"] == 0
+    assert (
+        compare_arrays(np.array([10, 20], np.int8), np.array([12, 20], np.uint16), atol=2)[
+            "mismatches"
+        ]
+        == 0
+    )
     assert compare_arrays(np.array([True, False]), np.array([1, 1], np.uint8))["mismatches"] == 1
 
 
@@ -428,6 +446,7 @@ def test_main_maps_interrupts_and_bugs_to_exit_codes(monkeypatch, capsys):
 
 # --- doctor, console -----------------------------------------------------------------
 
+
 def test_doctor_json():
     proc = tb("doctor", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -469,9 +488,15 @@ def test_convert_drops_metadata_the_destination_cannot_hold(tmp_path):
     import safetensors.numpy
 
     src = tmp_path / "hf.safetensors"
-    safetensors.numpy.save_file({"w": np.arange(4, dtype=np.float32)}, str(src), metadata={"format": "pt"})
-    r = subprocess.run([sys.executable, "-m", "tensorbridge", "convert", str(src), str(tmp_path / "hf.npz")],
-                       capture_output=True, text=True, timeout=120)
+    safetensors.numpy.save_file(
+        {"w": np.arange(4, dtype=np.float32)}, str(src), metadata={"format": "pt"}
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "tensorbridge", "convert", str(src), str(tmp_path / "hf.npz")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "left out: format" in r.stderr
     with np.load(tmp_path / "hf.npz", allow_pickle=False) as z:
@@ -479,6 +504,7 @@ def test_convert_drops_metadata_the_destination_cannot_hold(tmp_path):
 
 
 # --- review fixes: sharded destinations, verification, metadata ---------------------------
+
 
 def _tree(directory) -> dict[str, bytes]:
     return {n: (directory / n).read_bytes() for n in sorted(os.listdir(directory))}
@@ -494,20 +520,26 @@ def test_convert_refuses_a_sharded_destination_holding_the_source(tmp_path):
     src = d / "model-00001-of-00001.safetensors"  # the very shard the writer would write
     save({"w": np.arange(10, dtype=np.float32)}, src)
     before = _tree(d)
-    with pytest.raises(FileFormatError, match="lies in the destination directory.*Fix: write "
-                                              "to a new directory"):
+    with pytest.raises(
+        FileFormatError, match="lies in the destination directory.*Fix: write to a new directory"
+    ):
         convert_file(str(src), str(d) + "/")
     assert _tree(d) == before
 
     # a shard of a sharded source: the new shard count would delete it
     d2 = tmp_path / "ck2"
-    save({"a": np.zeros(100, np.float32), "b": np.ones(100, np.float32)}, d2,
-         format="sharded", max_shard_size=400)
+    save(
+        {"a": np.zeros(100, np.float32), "b": np.ones(100, np.float32)},
+        d2,
+        format="sharded",
+        max_shard_size=400,
+    )
     before = _tree(d2)
-    for src, dst in [(d2 / "model-00002-of-00002.safetensors", str(d2) + "/"),
-                     (d2, str(d2 / "model.safetensors.index.json")),  # the sharded source itself
-                     (d2 / "model.safetensors.index.json",
-                      str(d2 / "other.safetensors.index.json"))]:
+    for src, dst in [
+        (d2 / "model-00002-of-00002.safetensors", str(d2) + "/"),
+        (d2, str(d2 / "model.safetensors.index.json")),  # the sharded source itself
+        (d2 / "model.safetensors.index.json", str(d2 / "other.safetensors.index.json")),
+    ]:
         with pytest.raises(FileFormatError, match="lies in the destination directory"):
             convert_file(str(src), dst)
         assert _tree(d2) == before
@@ -526,9 +558,12 @@ def test_convert_verifies_the_index_it_wrote_and_refuses_another_index(tmp_path)
     d.mkdir()
     (d / "pytorch_model.bin.index.json").write_text('{"metadata": {}, "weight_map": {}}')
     before = _tree(d)
-    with pytest.raises(FileFormatError, match=r"already holds another index "
-                                              r"\['pytorch_model.bin.index.json'\].*nothing was "
-                                              r"written.*write to a new directory"):
+    with pytest.raises(
+        FileFormatError,
+        match=r"already holds another index "
+        r"\['pytorch_model.bin.index.json'\].*nothing was "
+        r"written.*write to a new directory",
+    ):
         convert_file(str(src), str(d) + "/")
     assert _tree(d) == before
 
@@ -571,7 +606,8 @@ def test_a_corrupt_copy_is_caught_as_it_lands_and_nothing_is_replaced(tmp_path, 
 
 
 def test_a_corrupt_write_found_on_read_back_says_the_destination_was_replaced(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     from tensorbridge.cli.convert_cmd import convert_file
     from tensorbridge.errors import FileFormatError
     from tensorbridge.files import save
@@ -612,8 +648,12 @@ def test_verification_pairs_a_single_tensor_by_name_unless_npy(tmp_path, monkeyp
     real = fmt.write
 
     def renaming(path, infos, fetch, metadata=None, **kw):
-        return real(path, [TensorInfo("WRONG", i.dtype, i.shape) for i in infos],
-                    lambda n: fetch(infos[0].name), metadata)
+        return real(
+            path,
+            [TensorInfo("WRONG", i.dtype, i.shape) for i in infos],
+            lambda n: fetch(infos[0].name),
+            metadata,
+        )
 
     monkeypatch.setattr(fmt, "write", renaming)
     with pytest.raises(FileFormatError, match=r"lacks \['w'\] and has extra \['WRONG'\]"):
@@ -621,11 +661,15 @@ def test_verification_pairs_a_single_tensor_by_name_unless_npy(tmp_path, monkeyp
 
 
 def test_convert_to_h5_drops_metadata_hdf5_cannot_hold(tmp_path):
-    from tensorbridge.files import open as tb_open, save
+    from tensorbridge.files import open as tb_open
+    from tensorbridge.files import save
 
     src = tmp_path / "s.safetensors"
-    save({"w": np.arange(4, dtype=np.float32)}, src,
-         metadata={"": "e", "k\x00": "n", "v": "a\x00b", "ok": "yes"})
+    save(
+        {"w": np.arange(4, dtype=np.float32)},
+        src,
+        metadata={"": "e", "k\x00": "n", "v": "a\x00b", "ok": "yes"},
+    )
     r = tb("convert", src, tmp_path / "o.h5")
     assert r.returncode == 0, r.stderr
     assert "note: h5 files cannot hold metadata" in r.stderr
@@ -665,8 +709,20 @@ def test_tables_on_a_narrow_terminal_keep_names_and_every_digit(monkeypatch, col
     monkeypatch.setenv("COLUMNS", columns)
     buf = io.StringIO()
     headers = ["name", "dtype", "shape", "size", "min", "max", "mean", "std", "nan", "inf"]
-    rows = [["encoder.weight", "uint64", "[2]", "16 B", "1", "18446744073709551615",
-             "9.22337e+18", "9.22337e+18", "0", "0"]]
+    rows = [
+        [
+            "encoder.weight",
+            "uint64",
+            "[2]",
+            "16 B",
+            "1",
+            "18446744073709551615",
+            "9.22337e+18",
+            "9.22337e+18",
+            "0",
+            "0",
+        ]
+    ]
     print_table(headers, rows, buf, align="lllrrrrrrr")
     text = buf.getvalue()
     assert "encoder.weight" in text and "…" not in text
@@ -678,8 +734,10 @@ def test_tables_on_a_narrow_terminal_keep_names_and_every_digit(monkeypatch, col
 
 def test_errors_with_json_still_print_one_json_document(tmp_path, npz):
     missing = tmp_path / "missing.npz"
-    for args in (["diff", "--json", npz, missing], ["convert", "--json", missing,
-                                                      tmp_path / "o.npz"]):
+    for args in (
+        ["diff", "--json", npz, missing],
+        ["convert", "--json", missing, tmp_path / "o.npz"],
+    ):
         proc = tb(*args)
         assert proc.returncode == 2
         doc = json.loads(proc.stdout)
@@ -710,8 +768,12 @@ def test_diff_ignore_dtype_checks_values_of_an_export(tmp_path, npz):
     assert (w["dtype_a"], w["dtype_b"], w["status"]) == ("float32", "bfloat16", "same")
     off = _npz(tmp_path / "off.npz", **dict(ARRAYS, **{"layer.10.w": ARRAYS["layer.10.w"] + 0.5}))
     assert tb("convert", "--dtype", "bfloat16", off, tmp_path / "off.safetensors").returncode == 0
-    assert tb("diff", "--ignore-dtype", "--include", "layer.*", npz,
-              tmp_path / "off.safetensors").returncode == 1
+    assert (
+        tb(
+            "diff", "--ignore-dtype", "--include", "layer.*", npz, tmp_path / "off.safetensors"
+        ).returncode
+        == 1
+    )
     assert tb("diff", "--ignore-dtype", npz, bf).returncode == 1  # float16 -65504 is not in bf16
 
 
@@ -725,8 +787,10 @@ def test_integers_beyond_float64_are_exact_against_floats_too():
     import ml_dtypes
 
     i = np.array([2**53 + 1, 3, -(2**60) - 1], np.int64)
-    for f in (np.array([2.0**53, 3.0, -(2.0**60)]), np.array([2.0**53, 3.0, -(2.0**60)],
-                                                              np.float32)):
+    for f in (
+        np.array([2.0**53, 3.0, -(2.0**60)]),
+        np.array([2.0**53, 3.0, -(2.0**60)], np.float32),
+    ):
         for a, b in ((i, f), (f, i)):
             r = compare_arrays(a, b)
             assert r["mismatches"] == 2 and r["max_abs_diff"] == 1.0

@@ -45,8 +45,11 @@ def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict[str, 
     header: dict = {"__metadata__": metadata}
     offset = 0
     for name, a in tensors.items():
-        header[name] = {"dtype": {"float32": "F32", "float64": "F64"}[a.dtype.name],
-                        "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        header[name] = {
+            "dtype": {"float32": "F32", "float64": "F64"}[a.dtype.name],
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + a.nbytes],
+        }
         offset += a.nbytes
     raw = json.dumps(header).encode("ascii")
     raw += b" " * (-len(raw) % 8)
@@ -60,19 +63,31 @@ def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict[str, 
 def evil(tmp_path):
     a = tmp_path / "a.safetensors"
     b = tmp_path / "b.safetensors"
-    write_safetensors(a, {EVIL: np.array([1.0, 2.5e300, -3.0], np.float64),
-                          "ok": np.zeros(2, np.float32)}, {META_KEY: META_VALUE})
-    write_safetensors(b, {EVIL: np.array([1.0, 2.0, -3.0], np.float64),
-                          "ok": np.zeros(2, np.float32), EVIL_ONLY_B: np.ones(1, np.float32)},
-                      {"k": "v"})
+    write_safetensors(
+        a,
+        {EVIL: np.array([1.0, 2.5e300, -3.0], np.float64), "ok": np.zeros(2, np.float32)},
+        {META_KEY: META_VALUE},
+    )
+    write_safetensors(
+        b,
+        {
+            EVIL: np.array([1.0, 2.0, -3.0], np.float64),
+            "ok": np.zeros(2, np.float32),
+            EVIL_ONLY_B: np.ones(1, np.float32),
+        },
+        {"k": "v"},
+    )
     return a, b
 
 
 @pytest.fixture
 def evil_writable(tmp_path):
     c = tmp_path / "c.safetensors"
-    write_safetensors(c, {EVIL_WRITABLE: np.array([1.0, 2.5e300, -3.0], np.float64),
-                          "ok": np.zeros(2, np.float32)}, {META_KEY: META_VALUE})
+    write_safetensors(
+        c,
+        {EVIL_WRITABLE: np.array([1.0, 2.5e300, -3.0], np.float64), "ok": np.zeros(2, np.float32)},
+        {META_KEY: META_VALUE},
+    )
     return c
 
 
@@ -83,8 +98,7 @@ class _Stream(io.StringIO):
         return self.tty
 
 
-def run_cli(monkeypatch, args, *, mode: str = "plain", columns: int = 200) -> tuple[int, str,
-                                                                                     str]:
+def run_cli(monkeypatch, args, *, mode: str = "plain", columns: int = 200) -> tuple[int, str, str]:
     """``tensorbridge ARGS`` in-process; mode ``plain`` (piped), ``tty`` (a colour
     terminal), ``nocolor`` (a terminal with NO_COLOR=1) or ``json`` (piped, --json)."""
     out, err = _Stream(), _Stream()
@@ -123,8 +137,9 @@ class TestHostileTextIsEscapedEverywhere:
     @pytest.mark.parametrize("columns", [200, 80])  # a table; blocks (the name is too long)
     def test_inspect(self, monkeypatch, evil, mode, stats, columns):
         a, _ = evil
-        code, out, err = run_cli(monkeypatch, ["inspect", a] + (["--stats"] if stats else []),
-                                 mode=mode, columns=columns)
+        code, out, err = run_cli(
+            monkeypatch, ["inspect", a] + (["--stats"] if stats else []), mode=mode, columns=columns
+        )
         assert code == 0, err
         assert_safe(out + err, no_escape_codes=mode != "tty")
         assert escape(EVIL) in out  # the name is shown, escaped, on one line
@@ -154,8 +169,12 @@ class TestHostileTextIsEscapedEverywhere:
     @pytest.mark.parametrize("mode", TEXT_MODES + ["json"])
     def test_errors(self, monkeypatch, evil, tmp_path, mode):
         bad = tmp_path / "x\x1b]0;t\x07\nsame: 99 tensors match\u202e.safetensors"
-        bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":1}")
-        for args in (["inspect", bad], ["diff", evil[0], bad], ["convert", bad, tmp_path / "o.npz"]):
+        bad.write_bytes(b'\x08\x00\x00\x00\x00\x00\x00\x00{"a":1}')
+        for args in (
+            ["inspect", bad],
+            ["diff", evil[0], bad],
+            ["convert", bad, tmp_path / "o.npz"],
+        ):
             code, out, err = run_cli(monkeypatch, args, mode=mode)
             assert code == 2
             assert "tensorbridge: error:" in err and "Fix:" in err
@@ -168,8 +187,11 @@ class TestHostileTextIsEscapedEverywhere:
     @pytest.mark.parametrize("args", [["inspect", "--stats"], ["diff"], ["convert"]])
     def test_json_is_exact_and_strict(self, monkeypatch, evil, evil_writable, tmp_path, args):
         a, b = evil
-        tail = {"inspect": [a], "diff": [a, b],
-                "convert": [evil_writable, tmp_path / "o.safetensors"]}
+        tail = {
+            "inspect": [a],
+            "diff": [a, b],
+            "convert": [evil_writable, tmp_path / "o.safetensors"],
+        }
         code, out, err = run_cli(monkeypatch, args + tail[args[0]], mode="json")
         assert code in (0, 1), err
         for bad in HOSTILE + ["\x1b", "\r"]:
@@ -177,7 +199,9 @@ class TestHostileTextIsEscapedEverywhere:
         doc = json.loads(out, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
         if args[0] == "inspect":
             f = doc["files"][0]
-            assert [t["name"] for t in f["tensors"]] == sorted([EVIL, "ok"], key=console.natural_key)
+            assert [t["name"] for t in f["tensors"]] == sorted(
+                [EVIL, "ok"], key=console.natural_key
+            )
             assert f["metadata"] == {META_KEY: META_VALUE}
         elif args[0] == "diff":
             assert doc["only_in_b"] == [EVIL_ONLY_B]
@@ -190,9 +214,33 @@ class TestHostileTextIsEscapedEverywhere:
 
 
 def test_escape_covers_every_class_of_dangerous_character():
-    for c in ["\x00", "\x07", "\x08", "\t", "\n", "\r", "\x1b", "\x7f", "\x85", "\x9b",
-              "\u061c", "\u200b", "\u200e", "\u200f", "\u2028", "\u2029", "\u202a", "\u202e",
-              "\u2066", "\u2069", "\ufeff", "\ud800", "\udfff", "\U000e0001", "\xa0"]:
+    for c in [
+        "\x00",
+        "\x07",
+        "\x08",
+        "\t",
+        "\n",
+        "\r",
+        "\x1b",
+        "\x7f",
+        "\x85",
+        "\x9b",
+        "\u061c",
+        "\u200b",
+        "\u200e",
+        "\u200f",
+        "\u2028",
+        "\u2029",
+        "\u202a",
+        "\u202e",
+        "\u2066",
+        "\u2069",
+        "\ufeff",
+        "\ud800",
+        "\udfff",
+        "\U000e0001",
+        "\xa0",
+    ]:
         e = escape(f"a{c}b")
         assert e.isprintable() and e.isascii() and e.startswith("a\\") and e.endswith("b"), e
     assert escape("café 中文 ñ ∑ 🙂") == "café 中文 ñ ∑ 🙂"
@@ -211,15 +259,22 @@ def test_no_color_means_no_escape_code_at_all(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("columns", [150, 60, 40])
-def test_inspect_stats_on_a_narrow_terminal_keeps_every_digit_and_column(monkeypatch, tmp_path,
-                                                                        columns):
+def test_inspect_stats_on_a_narrow_terminal_keeps_every_digit_and_column(
+    monkeypatch, tmp_path, columns
+):
     p = tmp_path / "m.npz"
-    np.savez(p, **{"encoder.layers.0.attention.weight": np.array([-1.234567e-300, 3e300]),
-                   "big": np.array([0, 2**64 - 1], np.uint64)})
+    np.savez(
+        p,
+        **{
+            "encoder.layers.0.attention.weight": np.array([-1.234567e-300, 3e300]),
+            "big": np.array([0, 2**64 - 1], np.uint64),
+        },
+    )
     _, doc_text, _ = run_cli(monkeypatch, ["inspect", "--stats", p], mode="json")
     tensors = json.loads(doc_text)["files"][0]["tensors"]
-    code, out, err = run_cli(monkeypatch, ["inspect", "--stats", p], mode="nocolor",
-                             columns=columns)
+    code, out, err = run_cli(
+        monkeypatch, ["inspect", "--stats", p], mode="nocolor", columns=columns
+    )
     assert code == 0, err
     assert max(len(ln) for ln in out.splitlines() if str(p) not in ln) <= columns
     assert ("┃" in out) == (columns == 150)  # a table where it fits, else one block a tensor
@@ -258,8 +313,11 @@ def test_json_has_no_infinity_and_says_which_values_were_not_finite(monkeypatch,
     assert x["nonfinite"] == {"max_abs_diff": "inf", "max_rel_diff": "inf"}
     assert x["mismatches"] == 1
     assert json_safe({"v": [1.5, float("-inf")]}) == {"v": [1.5, None]}
-    assert json_safe({"s": -0.0, "n": float("nan")}) == {"s": -0.0, "n": None,
-                                                         "nonfinite": {"n": "nan"}}
+    assert json_safe({"s": -0.0, "n": float("nan")}) == {
+        "s": -0.0,
+        "n": None,
+        "nonfinite": {"n": "nan"},
+    }
 
 
 def _contents(path) -> dict[str, tuple[str, bytes]]:
@@ -297,8 +355,9 @@ def test_a_file_with_the_wrong_suffix_gets_a_format_hint(monkeypatch, tmp_path):
     assert code == 2 and "pass --format-a safetensors" in err
     code, out, err = run_cli(monkeypatch, ["inspect", "--format", "safetensors", st])
     assert code == 0 and "w" in out
-    code, _, _ = run_cli(monkeypatch, ["diff", "--format-a", "safetensors", "--format-b",
-                                       "safetensors", st, st])
+    code, _, _ = run_cli(
+        monkeypatch, ["diff", "--format-a", "safetensors", "--format-b", "safetensors", st, st]
+    )
     assert code == 0
     z = tmp_path / "data.safetensors"
     np.savez(z, w=np.ones(1))

@@ -15,8 +15,12 @@ HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 
 def test_demo_command(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "tensorbridge", "demo", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tensorbridge", "demo", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "oneDNN" not in proc.stderr and "absl::" not in proc.stderr, proc.stderr
     out = proc.stdout

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from tensorbridge.errors import ConversionError, FileFormatError, UnsafeContentError
 import tensorbridge as tb
-from tensorbridge.files import flatten_names, load, open as tb_open, save, unflatten_names
+from tensorbridge.errors import ConversionError, FileFormatError, UnsafeContentError
+from tensorbridge.files import flatten_names, load, save, unflatten_names
+from tensorbridge.files import open as tb_open
 from tensorbridge.writer import Writer
 
 from .formats.samples import same
@@ -21,19 +22,25 @@ from .formats.samples import same
 
 def bits(dtype, shape=(3, 4), seed=0) -> np.ndarray:
     dt = np.dtype(dtype)
-    raw = np.random.default_rng(seed).integers(0, 256, int(np.prod(shape)) * dt.itemsize,
-                                               dtype=np.uint8)
+    raw = np.random.default_rng(seed).integers(
+        0, 256, int(np.prod(shape)) * dt.itemsize, dtype=np.uint8
+    )
     if dt == np.bool_:
         raw &= 1
     return raw.view(dt).reshape(shape).copy()
 
 
 def tree():
-    return {"enc": {"w": bits(np.float32), "layers": [bits(ml_dtypes.bfloat16, (2,)),
-                                                      bits(np.int64, ())]}}
+    return {
+        "enc": {
+            "w": bits(np.float32),
+            "layers": [bits(ml_dtypes.bfloat16, (2,)), bits(np.int64, ())],
+        }
+    }
 
 
 # --- names ------------------------------------------------------------------------------
+
 
 def test_flatten_and_unflatten_names():
     t = tree()
@@ -54,6 +61,7 @@ def test_unflatten_refuses_a_name_that_is_leaf_and_branch():
 
 
 # --- save / load ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("suffix", [".npz", ".safetensors", ".h5"])
 def test_nested_round_trip(tmp_path, suffix):
@@ -135,15 +143,20 @@ def test_unknown_suffix_is_refused(tmp_path):
 
 
 def test_torch_tensors_are_saved_and_loaded_as_torch(tmp_path):
-    t = {"w": torch.randn(3, 4).to(torch.bfloat16), "b": torch.arange(3),
-         "g": torch.randn(2, requires_grad=True)}
+    t = {
+        "w": torch.randn(3, 4).to(torch.bfloat16),
+        "b": torch.arange(3),
+        "g": torch.randn(2, requires_grad=True),
+    }
     save(t, tmp_path / "t.npz")
     got = load(tmp_path / "t.npz", to="torch")
     assert all(isinstance(v, torch.Tensor) for v in got.values())
     for k in t:
         assert got[k].dtype == t[k].dtype
-        assert (got[k].contiguous().view(torch.uint8).numpy().tobytes()
-                == t[k].detach().contiguous().view(torch.uint8).numpy().tobytes())
+        assert (
+            got[k].contiguous().view(torch.uint8).numpy().tobytes()
+            == t[k].detach().contiguous().view(torch.uint8).numpy().tobytes()
+        )
 
 
 def test_load_subset_and_unknown_names(tmp_path):
@@ -174,18 +187,23 @@ def test_numpy_only_use_imports_no_framework(tmp_path):
         f"p = {str(tmp_path / 'x.npz')!r}\n"
         "save({'a': np.zeros(2)}, p); load(p)\n"
         "with Writer(p) as w: w.append(a=np.zeros(2))\n"
-        "print(sorted(m for m in ('torch', 'tensorflow', 'jax') if m in sys.modules))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
+        "print(sorted(m for m in ('torch', 'tensorflow', 'jax') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "[]"
 
 
 # --- Writer --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("suffix", [".npz", ".safetensors", ".h5"])
 def test_writer_concatenates_batches(tmp_path, suffix):
-    batches = [{"x": bits(np.float32, (n, 3), seed=n), "y": bits(ml_dtypes.bfloat16, (n,), n)}
-               for n in (2, 0, 5)]
+    batches = [
+        {"x": bits(np.float32, (n, 3), seed=n), "y": bits(ml_dtypes.bfloat16, (n,), n)}
+        for n in (2, 0, 5)
+    ]
     p = tmp_path / f"out{suffix}"
     with Writer(p) as w:
         for b in batches:
@@ -212,14 +230,17 @@ def test_writer_npy_refuses_two_names(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("batch, text", [
-    ({"x": np.zeros((1, 4), np.float64)}, "dtype float64"),
-    ({"x": np.zeros((1, 5), np.float32)}, r"shape \[1, 5\].*\[N, 4\]"),
-    ({"x": np.zeros((1, 4), np.float32), "z": np.zeros(1)}, "same names"),
-    ({"q": np.zeros((1, 4), np.float32)}, "same names"),
-    ({"x": np.zeros((), np.float32)}, "0-d tensor"),
-    ({}, "empty append"),
-])
+@pytest.mark.parametrize(
+    "batch, text",
+    [
+        ({"x": np.zeros((1, 4), np.float64)}, "dtype float64"),
+        ({"x": np.zeros((1, 5), np.float32)}, r"shape \[1, 5\].*\[N, 4\]"),
+        ({"x": np.zeros((1, 4), np.float32), "z": np.zeros(1)}, "same names"),
+        ({"q": np.zeros((1, 4), np.float32)}, "same names"),
+        ({"x": np.zeros((), np.float32)}, "0-d tensor"),
+        ({}, "empty append"),
+    ],
+)
 def test_writer_refuses_mismatched_batches(tmp_path, batch, text):
     p = tmp_path / "m.npz"
     w = Writer(p)
@@ -267,13 +288,15 @@ def test_failing_final_write_leaves_old_file_and_no_spool(tmp_path, monkeypatch)
     assert os.listdir(tmp_path) == ["keep.safetensors"]
 
 
-@pytest.mark.parametrize("suffix, dtype, example", [
-    (".safetensors", "complex128", "complex64"),
-    ("", "complex128", "complex64"),  # a sharded directory
-    (".pt", "float8_e3m4", "float32"),  # PyTorch has no float8_e3m4
-])
-def test_writer_refuses_unwritable_dtypes_at_the_first_append(tmp_path, suffix, dtype,
-                                                               example):
+@pytest.mark.parametrize(
+    "suffix, dtype, example",
+    [
+        (".safetensors", "complex128", "complex64"),
+        ("", "complex128", "complex64"),  # a sharded directory
+        (".pt", "float8_e3m4", "float32"),  # PyTorch has no float8_e3m4
+    ],
+)
+def test_writer_refuses_unwritable_dtypes_at_the_first_append(tmp_path, suffix, dtype, example):
     p = tmp_path / ("keep" + suffix)
     opts = {"format": "sharded"} if not suffix else {}
     if suffix:
@@ -281,8 +304,9 @@ def test_writer_refuses_unwritable_dtypes_at_the_first_append(tmp_path, suffix, 
     before = sorted(os.listdir(tmp_path))
     w = Writer(p, **opts)
     with pytest.raises(ConversionError) as info:
-        w.append(ok=np.zeros((2, 2), np.float32),
-                 x=np.zeros((2, 2), getattr(ml_dtypes, dtype, dtype)))
+        w.append(
+            ok=np.zeros((2, 2), np.float32), x=np.zeros((2, 2), getattr(ml_dtypes, dtype, dtype))
+        )
     text = str(info.value)
     assert f"tensor 'x' of dtype {dtype}" in text and f"files cannot hold {dtype}" in text
     assert "--dtype" not in text and f"x.astype(np.{example})" in text
@@ -303,8 +327,12 @@ def test_writer_holds_no_batch_in_memory(tmp_path):
 
 
 def test_new_writer_removes_spools_of_dead_processes(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     dead = int(proc.stdout)  # that process has exited
     stale = tmp_path / f".out.npz.tb-spool-{dead}-abc123"
     mine = tmp_path / f".out.npz.tb-spool-{os.getpid()}-live"
@@ -338,7 +366,8 @@ def test_writer_keeps_a_bounded_number_of_spool_files_open(tmp_path):
         "    for i in range(2):\n"
         "        w.append(**{f't{k}': np.full((1, 2), k + i, np.float32) for k in range(1100)})\n"
         "        assert len(w._files) <= MAX_OPEN_SPOOLS == 64\n"
-        "print('ok')\n")
+        "print('ok')\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     got = load(tmp_path / "many.safetensors")
@@ -362,7 +391,8 @@ def test_writer_says_too_many_open_files(tmp_path):
         "    while True: held.append(os.open(os.devnull, os.O_RDONLY))\n"
         "except OSError: pass\n"
         "try: w.append(x=np.zeros((1, 2)))\n"
-        "except Exception as e: print(type(e).__name__, e)\n")
+        "except Exception as e: print(type(e).__name__, e)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("FileFormatError")
@@ -381,27 +411,33 @@ def test_load_refuses_a_string_or_repeated_names(tmp_path):
     assert load(p, names=["a.b"])["a.b"].tobytes() == np.ones(2).tobytes()
 
 
-@pytest.mark.parametrize("dest, kwargs, names, match", [
-    ("f.npz", {"compresss": True}, ["x"], "unknown option"),
-    ("f.npz", {"metadata": {"k": "v"}}, ["x"], "no place for it"),
-    ("s/", {"max_shard_size": "lots"}, ["x"], "lots"),
-    ("f.h5", {}, ["feat/x"], "feat/x"),
-    ("f.npy", {}, ["a", "b"], "exactly one array"),
-    ("f.safetensors", {}, ["__metadata__"], "reserved"),
-])
-def test_writer_refuses_what_the_format_cannot_write_before_spooling(tmp_path, dest, kwargs,
-                                                                     names, match):
+@pytest.mark.parametrize(
+    "dest, kwargs, names, match",
+    [
+        ("f.npz", {"compresss": True}, ["x"], "unknown option"),
+        ("f.npz", {"metadata": {"k": "v"}}, ["x"], "no place for it"),
+        ("s/", {"max_shard_size": "lots"}, ["x"], "lots"),
+        ("f.h5", {}, ["feat/x"], "feat/x"),
+        ("f.npy", {}, ["a", "b"], "exactly one array"),
+        ("f.safetensors", {}, ["__metadata__"], "reserved"),
+    ],
+)
+def test_writer_refuses_what_the_format_cannot_write_before_spooling(
+    tmp_path, dest, kwargs, names, match
+):
     """Refused when the Writer is made, or at its first append: never after a long export."""
     path = str(tmp_path / dest) + ("/" if dest.endswith("/") else "")
-    with pytest.raises(tb.ConversionError if dest != "f.safetensors" else tb.TensorBridgeError,
-                       match=match):
+    with pytest.raises(
+        tb.ConversionError if dest != "f.safetensors" else tb.TensorBridgeError, match=match
+    ):
         w = tb.Writer(path, **kwargs)
         w.append(**{n: np.ones((3, 2), np.float32) for n in names})
     assert not [n for n in os.listdir(tmp_path) if "tb-spool" in n]
 
 
 def test_masked_arrays_are_refused_by_save_and_by_the_writer_without_losing_earlier_batches(
-        tmp_path):
+    tmp_path,
+):
     masked = np.ma.masked_array(np.ones((2, 3)), mask=[[0, 1, 0], [0, 0, 0]])
     with pytest.raises(tb.ConversionError, match="mask.*Fix: fill the gaps"):
         tb.save({"x": masked}, tmp_path / "m.npz")
@@ -423,8 +459,11 @@ def test_a_path_ending_in_a_slash_with_a_single_file_format_is_refused(tmp_path)
 
 def test_a_verified_convert_of_many_shards_fits_a_small_open_file_limit(tmp_path):
     src = tmp_path / "src"
-    tb.save({f"t.{i:03d}": np.full(16, i, np.float32) for i in range(150)}, str(src) + "/",
-            max_shard_size="100B")
+    tb.save(
+        {f"t.{i:03d}": np.full(16, i, np.float32) for i in range(150)},
+        str(src) + "/",
+        max_shard_size="100B",
+    )
     assert len(list(src.glob("*.safetensors"))) == 150
     code = f"""
 import resource

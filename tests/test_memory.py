@@ -58,14 +58,20 @@ def test_convert_peak_memory_is_under_half_the_file(checkpoint, dst):
     assert peak < BUDGET, f"peak RSS {peak / MIB:.0f} MiB for a {size / MIB:.0f} MiB file"
     with tb.open(str(out)) as f:
         assert len(f.keys()) == N
-        assert f["layer.31.weight"].tobytes() == tb.load(str(checkpoint))["layer.31.weight"].tobytes()
+        assert (
+            f["layer.31.weight"].tobytes() == tb.load(str(checkpoint))["layer.31.weight"].tobytes()
+        )
 
 
 @pytest.mark.parametrize("dst", ["joined.safetensors", "joined.npz"])
 def test_a_sharded_source_is_read_one_shard_at_a_time(checkpoint, dst):
     shards = checkpoint.parent / "source-shards"
-    assert _peak_rss_of(["convert", str(checkpoint), str(shards) + "/", "--quiet",
-                         "--max-shard-size", "32MB"]) < BUDGET
+    assert (
+        _peak_rss_of(
+            ["convert", str(checkpoint), str(shards) + "/", "--quiet", "--max-shard-size", "32MB"]
+        )
+        < BUDGET
+    )
     assert len(list(shards.glob("*.safetensors"))) >= 8  # the source spans many shards
     out = checkpoint.parent / dst
     peak = _peak_rss_of(["convert", str(shards), str(out), "--quiet"])

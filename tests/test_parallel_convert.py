@@ -30,8 +30,9 @@ def _digest(path):
 def source(tmp_path_factory):
     d = tmp_path_factory.mktemp("par")
     rng = np.random.default_rng(0)
-    tree = {f"layer.{i}.weight": rng.standard_normal((64, 48)).astype(np.float32)
-            for i in range(10)}
+    tree = {
+        f"layer.{i}.weight": rng.standard_normal((64, 48)).astype(np.float32) for i in range(10)
+    }
     tree["ids"] = np.arange(7, dtype=np.int64)
     tree["mask"] = rng.integers(0, 2, (5, 5)).astype(bool)
     src = f"{d}/src/"
@@ -44,8 +45,9 @@ def _leftovers(directory):
     return [n for n in os.listdir(directory) if ".tb-" in n]
 
 
-@pytest.mark.parametrize("dst", ["out.safetensors", "out.npz", "out.h5", "out.pt", "shards/",
-                                 "out.zarr"])
+@pytest.mark.parametrize(
+    "dst", ["out.safetensors", "out.npz", "out.h5", "out.pt", "shards/", "out.zarr"]
+)
 def test_workers_write_the_same_bytes_as_one_process(source, dst):
     d, src = source
     outs = []
@@ -56,7 +58,9 @@ def test_workers_write_the_same_bytes_as_one_process(source, dst):
         outs.append(out)
     assert _digest(outs[0]) == _digest(outs[1])
     back = tb.load(outs[1])
-    assert back["layer.3.weight"].dtype.name == "bfloat16" and back["ids"].tolist() == list(range(7))
+    assert back["layer.3.weight"].dtype.name == "bfloat16" and back["ids"].tolist() == list(
+        range(7)
+    )
     assert not _leftovers(d)
 
 
@@ -79,16 +83,33 @@ def test_workers_must_be_positive(tmp_path, capsys):
     tb.save({"a": np.ones(2)}, tmp_path / "a.npz")
     with pytest.raises(ConversionError, match="positive"):
         convert_file(str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), workers=0)
-    assert main(["convert", str(tmp_path / "a.npz"), str(tmp_path / "c.npz"), "--workers", "2",
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "a.npz"),
+                str(tmp_path / "c.npz"),
+                "--workers",
+                "2",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["workers"] == 2
 
 
 @pytest.fixture(scope="module")
 def cluster():
     distributed = pytest.importorskip("distributed")
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=":0", scheduler_port=0, silence_logs=50) as c:
+    with distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=":0",
+        scheduler_port=0,
+        silence_logs=50,
+    ) as c:
         yield c
 
 
@@ -110,8 +131,9 @@ def test_a_cluster_failure_leaves_nothing_half_written(tmp_path, cluster):
     raw[-1] = 9
     src.write_bytes(bytes(raw))
     with pytest.raises(FileFormatError, match="(?i)bool"):
-        convert_file(str(src), f"{tmp_path}/out/", dtype="float16",
-                     scheduler=cluster.scheduler_address)
+        convert_file(
+            str(src), f"{tmp_path}/out/", dtype="float16", scheduler=cluster.scheduler_address
+        )
     assert not os.path.exists(tmp_path / "out" / "model.safetensors.index.json")
     assert not _leftovers(tmp_path)
 
@@ -120,8 +142,12 @@ def test_an_unreachable_scheduler_is_a_clear_error(tmp_path):
     pytest.importorskip("distributed")
     tb.save({"a": np.ones(2, np.float32)}, tmp_path / "a.safetensors")
     with pytest.raises(ConversionError, match="no scheduler answered"):
-        convert_file(str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"),
-                     dtype="float16", scheduler="tcp://127.0.0.1:1")
+        convert_file(
+            str(tmp_path / "a.safetensors"),
+            str(tmp_path / "b.safetensors"),
+            dtype="float16",
+            scheduler="tcp://127.0.0.1:1",
+        )
 
 
 def test_workers_are_forked_only_where_it_is_safe():

@@ -55,13 +55,17 @@ def test_an_attribute_not_mirroring_its_item_is_still_refused() -> None:
 def test_transformers_model_output_converts() -> None:
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    o = BaseModelOutputWithPooling(last_hidden_state=torch.ones(1, 2, 3), pooler_output=torch.zeros(1, 3))
+    o = BaseModelOutputWithPooling(
+        last_hidden_state=torch.ones(1, 2, 3), pooler_output=torch.zeros(1, 3)
+    )
     out = tb.to_numpy(o)
     assert type(out) is BaseModelOutputWithPooling and list(out.keys()) == list(o.keys())
     assert isinstance(out.last_hidden_state, np.ndarray) and out[0] is out.last_hidden_state
     assert out.pooler_output is out["pooler_output"] and out.hidden_states is None
     back = tb.to_torch(out)
-    assert torch.equal(back.last_hidden_state, o.last_hidden_state) and back[1] is back.pooler_output
+    assert (
+        torch.equal(back.last_hidden_state, o.last_hidden_state) and back[1] is back.pooler_output
+    )
 
 
 def test_empty_npz_reads_as_empty(tmp_path) -> None:
@@ -123,8 +127,11 @@ def test_sharded_save_removes_the_single_file_it_supersedes(tmp_path) -> None:
         save_file({"w": np.zeros(4, np.float32)}, str(d / f"model{variant}.safetensors"))
         save_file({"w": np.zeros(4, np.float32)}, str(d / "other.safetensors"))
         index = d / f"model.safetensors.index{variant}.json"
-        tb.save({"w": np.ones(4, np.float32), "b": np.ones(64, np.float32)},
-                index if variant else f"{d}/", max_shard_size=64)
+        tb.save(
+            {"w": np.ones(4, np.float32), "b": np.ones(64, np.float32)},
+            index if variant else f"{d}/",
+            max_shard_size=64,
+        )
         names = sorted(p.name for p in d.iterdir())
         assert f"model{variant}.safetensors" not in names and "other.safetensors" in names
         assert tb.load(index)["w"].tolist() == [1.0] * 4

@@ -37,9 +37,7 @@ def test_read_slice_other_index_says_what_it_takes(tmp_path):
     tb.save({"w": np.arange(12, dtype=np.float32).reshape(4, 3)}, p)
     with tb.open(p) as r:
         for index in [(slice(1, 3), slice(0, 2)), list(range(100_000)), (Ellipsis, 1), 1.0]:
-            with pytest.raises(tb.ConversionError,
-                               match=r"takes an int or a slice of ints") \
-                    as exc:
+            with pytest.raises(tb.ConversionError, match=r"takes an int or a slice of ints") as exc:
                 r.read_slice("w", index)
             assert "out of range" not in str(exc.value) and len(str(exc.value)) < 400
         with pytest.raises(tb.ConversionError, match="out of range.*with 4 rows"):
@@ -47,9 +45,16 @@ def test_read_slice_other_index_says_what_it_takes(tmp_path):
         assert r.read_slice("w", np.int64(-1)).tolist() == [9, 10, 11]
 
 
-@pytest.mark.parametrize("args", [(1e40, "float32"), ([1, "x"], "array", "int32"),
-                                  ([300], "array", "uint8"), ([1e40], "array", "float32"),
-                                  ([[1, 2], [3]], "array", "int32")])
+@pytest.mark.parametrize(
+    "args",
+    [
+        (1e40, "float32"),
+        ([1, "x"], "array", "int32"),
+        ([300], "array", "uint8"),
+        ([1e40], "array", "float32"),
+        ([[1, 2], [3]], "array", "int32"),
+    ],
+)
 def test_gguf_value_out_of_its_type_is_a_conversion_error(args):
     """Like value(300, 'uint8'): a typed GGUF value that its type cannot hold is refused
     with tensorbridge's error and a fix, not a bare OverflowError/ValueError (or inf)."""

@@ -53,17 +53,31 @@ def test_a_cluster_worker_reads_a_replaced_source_afresh(tmp_path):
     from tensorbridge.cli.convert_cmd import convert_file
 
     src = str(tmp_path / "src.safetensors")
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
-                                  dashboard_address=":0", scheduler_port=0,
-                                  silence_logs=50) as cluster:
+    with distributed.LocalCluster(
+        n_workers=1,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=":0",
+        scheduler_port=0,
+        silence_logs=50,
+    ) as cluster:
         tb.save({"a": np.ones((4, 4), np.float32)}, src)
-        convert_file(src, str(tmp_path / "o1.safetensors"), dtype="float16",
-                     scheduler=cluster.scheduler_address)
+        convert_file(
+            src,
+            str(tmp_path / "o1.safetensors"),
+            dtype="float16",
+            scheduler=cluster.scheduler_address,
+        )
         tb.save({"a": np.full((2, 3), 2, np.float32)}, src)  # replaced: a new file
-        convert_file(src, str(tmp_path / "o2.safetensors"), dtype="float16",
-                     scheduler=cluster.scheduler_address)
-    np.testing.assert_array_equal(tb.load(tmp_path / "o2.safetensors")["a"],
-                                  np.full((2, 3), 2, np.float16))
+        convert_file(
+            src,
+            str(tmp_path / "o2.safetensors"),
+            dtype="float16",
+            scheduler=cluster.scheduler_address,
+        )
+    np.testing.assert_array_equal(
+        tb.load(tmp_path / "o2.safetensors")["a"], np.full((2, 3), 2, np.float16)
+    )
 
 
 _DIES = """
@@ -98,13 +112,20 @@ def test_a_worker_process_that_dies_is_a_conversion_error(tmp_path):
     import sys
 
     src = tmp_path / "src"
-    tb.save({f"l{i}": np.full((64, 64), i, np.float32) for i in range(8)}, f"{src}/",
-            max_shard_size="20KB")
+    tb.save(
+        {f"l{i}": np.full((64, 64), i, np.float32) for i in range(8)},
+        f"{src}/",
+        max_shard_size="20KB",
+    )
     dst = tmp_path / "out.npz"
     tb.save({"old": np.arange(3)}, dst)
     before = dst.read_bytes()
-    proc = subprocess.run([sys.executable, "-c", _DIES, f"{src}/", str(dst)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _DIES, f"{src}/", str(dst)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("REFUSED") and "worker failed" in proc.stdout
     assert dst.read_bytes() == before

@@ -35,6 +35,7 @@ else:
         to_tf,
         to_torch,
     )
+from .dask_io import to_dask
 from .errors import (
     ConversionError,
     CopyError,
@@ -44,7 +45,6 @@ from .errors import (
     TensorBridgeError,
     UnsafeContentError,
 )
-from .dask_io import to_dask
 from .files import load, open, save  # noqa: A004 - tb.open mirrors the builtin on purpose
 from .tree import register_container, tree_map
 from .writer import Writer
@@ -55,15 +55,47 @@ __version__ = "0.1.0"
 # its artifacts (the attribute tf.autograph.experimental.do_not_convert sets), the
 # public functions run as written, so their own errors reach the caller unchanged.
 _fn: Any
-for _fn in (convert, to_numpy, to_torch, to_tensorflow, to_jax, to_cupy, to_mlx, explain,
-            shares_memory, save, load, open, tree_map):
+for _fn in (
+    convert,
+    to_numpy,
+    to_torch,
+    to_tensorflow,
+    to_jax,
+    to_cupy,
+    to_mlx,
+    explain,
+    shares_memory,
+    save,
+    load,
+    open,
+    tree_map,
+):
     _fn.autograph_info__ = frozenset()
 del _fn
 
 __all__ = [
-    "convert", "to_numpy", "to_torch", "to_tensorflow", "to_tf", "to_jax", "to_cupy", "to_mlx",
-    "explain", "shares_memory", "register_container", "tree_map",
-    "save", "load", "open", "Writer", "to_dask",
-    "TensorBridgeError", "ConversionError", "CopyError", "DeviceError",
-    "FrameworkNotInstalledError", "FileFormatError", "UnsafeContentError",
+    "convert",
+    "to_numpy",
+    "to_torch",
+    "to_tensorflow",
+    "to_tf",
+    "to_jax",
+    "to_cupy",
+    "to_mlx",
+    "explain",
+    "shares_memory",
+    "register_container",
+    "tree_map",
+    "save",
+    "load",
+    "open",
+    "Writer",
+    "to_dask",
+    "TensorBridgeError",
+    "ConversionError",
+    "CopyError",
+    "DeviceError",
+    "FrameworkNotInstalledError",
+    "FileFormatError",
+    "UnsafeContentError",
 ]

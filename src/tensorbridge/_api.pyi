@@ -37,98 +37,201 @@ _Leaf = _DLPackArray | np.generic | complex
 _Container = dict[Any, Any] | list[Any] | tuple[Any, ...]
 
 @overload
-def convert(x: dict[_K, Any], /, to: str, *, device: Any = None,
-            dtype: Any = None, copy: bool | None = None, ragged: str = "error",
-            pinned: bool = False) -> dict[_K, Any]: ...
+def convert(
+    x: dict[_K, Any],
+    /,
+    to: str,
+    *,
+    device: Any = None,
+    dtype: Any = None,
+    copy: bool | None = None,
+    ragged: str = "error",
+    pinned: bool = False,
+) -> dict[_K, Any]: ...
 @overload
-def convert(x: list[Any], /, to: str, *, device: Any = None, dtype: Any = None,
-            copy: bool | None = None, ragged: str = "error",
-            pinned: bool = False) -> list[Any]: ...
+def convert(
+    x: list[Any],
+    /,
+    to: str,
+    *,
+    device: Any = None,
+    dtype: Any = None,
+    copy: bool | None = None,
+    ragged: str = "error",
+    pinned: bool = False,
+) -> list[Any]: ...
 @overload
-def convert(x: tuple[Any, ...], /, to: str, *, device: Any = None,
-            dtype: Any = None, copy: bool | None = None, ragged: str = "error",
-            pinned: bool = False) -> tuple[Any, ...]: ...
+def convert(
+    x: tuple[Any, ...],
+    /,
+    to: str,
+    *,
+    device: Any = None,
+    dtype: Any = None,
+    copy: bool | None = None,
+    ragged: str = "error",
+    pinned: bool = False,
+) -> tuple[Any, ...]: ...
 @overload
-def convert(x: _Leaf, /, to: Literal["numpy", "np"], *, device: Any = None,
-            dtype: Any = None, copy: bool | None = None, ragged: str = "error",
-            pinned: bool = False) -> np.ndarray: ...
+def convert(
+    x: _Leaf,
+    /,
+    to: Literal["numpy", "np"],
+    *,
+    device: Any = None,
+    dtype: Any = None,
+    copy: bool | None = None,
+    ragged: str = "error",
+    pinned: bool = False,
+) -> np.ndarray: ...
 @overload
-def convert(x: _Leaf, /, to: Literal["torch", "pytorch"], *, device: Any = None,
-            dtype: Any = None, copy: bool | None = None, ragged: str = "error",
-            pinned: bool = False) -> torch.Tensor: ...
+def convert(
+    x: _Leaf,
+    /,
+    to: Literal["torch", "pytorch"],
+    *,
+    device: Any = None,
+    dtype: Any = None,
+    copy: bool | None = None,
+    ragged: str = "error",
+    pinned: bool = False,
+) -> torch.Tensor: ...
 @overload
-def convert(x: _Leaf, /, to: Literal["jax"], *, device: Any = None,
-            dtype: Any = None, copy: bool | None = None, ragged: str = "error",
-            pinned: bool = False) -> jax.Array: ...
+def convert(
+    x: _Leaf,
+    /,
+    to: Literal["jax"],
+    *,
+    device: Any = None,
+    dtype: Any = None,
+    copy: bool | None = None,
+    ragged: str = "error",
+    pinned: bool = False,
+) -> jax.Array: ...
 @overload
-def convert(x: Any, /, to: str, *, device: Any = None, dtype: Any = None,
-            copy: bool | None = None, ragged: str = "error", pinned: bool = False) -> Any: ...
-
+def convert(
+    x: Any,
+    /,
+    to: str,
+    *,
+    device: Any = None,
+    dtype: Any = None,
+    copy: bool | None = None,
+    ragged: str = "error",
+    pinned: bool = False,
+) -> Any: ...
 @overload
-def to_numpy(x: dict[_K, Any], /, *, copy: bool | None = None, dtype: Any = None,
-             ragged: str = "error", pinned: bool = False) -> dict[_K, Any]: ...
+def to_numpy(
+    x: dict[_K, Any],
+    /,
+    *,
+    copy: bool | None = None,
+    dtype: Any = None,
+    ragged: str = "error",
+    pinned: bool = False,
+) -> dict[_K, Any]: ...
 @overload
-def to_numpy(x: list[Any], /, *, copy: bool | None = None, dtype: Any = None,
-             ragged: str = "error", pinned: bool = False) -> list[Any]: ...
+def to_numpy(
+    x: list[Any],
+    /,
+    *,
+    copy: bool | None = None,
+    dtype: Any = None,
+    ragged: str = "error",
+    pinned: bool = False,
+) -> list[Any]: ...
 @overload
-def to_numpy(x: tuple[Any, ...], /, *, copy: bool | None = None, dtype: Any = None,
-             ragged: str = "error", pinned: bool = False) -> tuple[Any, ...]: ...
+def to_numpy(
+    x: tuple[Any, ...],
+    /,
+    *,
+    copy: bool | None = None,
+    dtype: Any = None,
+    ragged: str = "error",
+    pinned: bool = False,
+) -> tuple[Any, ...]: ...
 @overload
-def to_numpy(x: _Leaf, /, *, copy: bool | None = None, dtype: Any = None,
-             ragged: str = "error", pinned: bool = False) -> np.ndarray: ...
+def to_numpy(
+    x: _Leaf,
+    /,
+    *,
+    copy: bool | None = None,
+    dtype: Any = None,
+    ragged: str = "error",
+    pinned: bool = False,
+) -> np.ndarray: ...
 @overload
-def to_numpy(x: Any, /, *, copy: bool | None = None, dtype: Any = None,
-             ragged: str = "error", pinned: bool = False) -> Any: ...
-
+def to_numpy(
+    x: Any,
+    /,
+    *,
+    copy: bool | None = None,
+    dtype: Any = None,
+    ragged: str = "error",
+    pinned: bool = False,
+) -> Any: ...
 @overload
-def to_torch(x: dict[_K, Any], /, *, device: Any = None, dtype: Any = None,
-             copy: bool | None = None) -> dict[_K, Any]: ...
+def to_torch(
+    x: dict[_K, Any], /, *, device: Any = None, dtype: Any = None, copy: bool | None = None
+) -> dict[_K, Any]: ...
 @overload
-def to_torch(x: list[Any], /, *, device: Any = None, dtype: Any = None,
-             copy: bool | None = None) -> list[Any]: ...
+def to_torch(
+    x: list[Any], /, *, device: Any = None, dtype: Any = None, copy: bool | None = None
+) -> list[Any]: ...
 @overload
-def to_torch(x: tuple[Any, ...], /, *, device: Any = None, dtype: Any = None,
-             copy: bool | None = None) -> tuple[Any, ...]: ...
+def to_torch(
+    x: tuple[Any, ...], /, *, device: Any = None, dtype: Any = None, copy: bool | None = None
+) -> tuple[Any, ...]: ...
 @overload
-def to_torch(x: _Leaf, /, *, device: Any = None, dtype: Any = None,
-             copy: bool | None = None) -> torch.Tensor: ...
+def to_torch(
+    x: _Leaf, /, *, device: Any = None, dtype: Any = None, copy: bool | None = None
+) -> torch.Tensor: ...
 @overload
-def to_torch(x: Any, /, *, device: Any = None, dtype: Any = None,
-             copy: bool | None = None) -> Any: ...
-
+def to_torch(
+    x: Any, /, *, device: Any = None, dtype: Any = None, copy: bool | None = None
+) -> Any: ...
 @overload
-def to_jax(x: dict[_K, Any], /, *, device: Any = None, dtype: Any = None,
-           copy: bool | None = None) -> dict[_K, Any]: ...
+def to_jax(
+    x: dict[_K, Any], /, *, device: Any = None, dtype: Any = None, copy: bool | None = None
+) -> dict[_K, Any]: ...
 @overload
-def to_jax(x: list[Any], /, *, device: Any = None, dtype: Any = None,
-           copy: bool | None = None) -> list[Any]: ...
+def to_jax(
+    x: list[Any], /, *, device: Any = None, dtype: Any = None, copy: bool | None = None
+) -> list[Any]: ...
 @overload
-def to_jax(x: tuple[Any, ...], /, *, device: Any = None, dtype: Any = None,
-           copy: bool | None = None) -> tuple[Any, ...]: ...
+def to_jax(
+    x: tuple[Any, ...], /, *, device: Any = None, dtype: Any = None, copy: bool | None = None
+) -> tuple[Any, ...]: ...
 @overload
-def to_jax(x: _Leaf, /, *, device: Any = None, dtype: Any = None,
-           copy: bool | None = None) -> jax.Array: ...
+def to_jax(
+    x: _Leaf, /, *, device: Any = None, dtype: Any = None, copy: bool | None = None
+) -> jax.Array: ...
 @overload
-def to_jax(x: Any, /, *, device: Any = None, dtype: Any = None,
-           copy: bool | None = None) -> Any: ...
+def to_jax(
+    x: Any, /, *, device: Any = None, dtype: Any = None, copy: bool | None = None
+) -> Any: ...
 
 # TensorFlow and CuPy ship no type information: their tensors are Any (MLX arrays too:
 # mlx is an optional extra, and its class would be Any where it is not installed).
-def to_tensorflow(x: Any, /, *, device: Any = None, dtype: Any = None,
-                  copy: bool | None = None) -> Any: ...
-def to_tf(x: Any, /, *, device: Any = None, dtype: Any = None,
-          copy: bool | None = None) -> Any: ...
-def to_cupy(x: Any, /, *, device: Any = None, dtype: Any = None,
-            copy: bool | None = None) -> Any: ...
-def to_mlx(x: Any, /, *, device: Any = None, dtype: Any = None,
-           copy: bool | None = None) -> Any: ...
-
+def to_tensorflow(
+    x: Any, /, *, device: Any = None, dtype: Any = None, copy: bool | None = None
+) -> Any: ...
+def to_tf(x: Any, /, *, device: Any = None, dtype: Any = None, copy: bool | None = None) -> Any: ...
+def to_cupy(
+    x: Any, /, *, device: Any = None, dtype: Any = None, copy: bool | None = None
+) -> Any: ...
+def to_mlx(
+    x: Any, /, *, device: Any = None, dtype: Any = None, copy: bool | None = None
+) -> Any: ...
 @overload
-def explain(x: _Container, /, to: str, *, device: Any = None, dtype: Any = None,
-            copy: bool | None = None) -> TreePlan: ...
+def explain(
+    x: _Container, /, to: str, *, device: Any = None, dtype: Any = None, copy: bool | None = None
+) -> TreePlan: ...
 @overload
-def explain(x: _Leaf, /, to: str, *, device: Any = None, dtype: Any = None,
-            copy: bool | None = None) -> Plan: ...
+def explain(
+    x: _Leaf, /, to: str, *, device: Any = None, dtype: Any = None, copy: bool | None = None
+) -> Plan: ...
 @overload
-def explain(x: Any, /, to: str, *, device: Any = None, dtype: Any = None,
-            copy: bool | None = None) -> Plan | TreePlan: ...
+def explain(
+    x: Any, /, to: str, *, device: Any = None, dtype: Any = None, copy: bool | None = None
+) -> Plan | TreePlan: ...

@@ -26,8 +26,18 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-__all__ = ["escape", "echo", "is_tty", "use_color", "rich_available", "print_table",
-           "human_bytes", "natural_key", "format_number", "progress"]
+__all__ = [
+    "escape",
+    "echo",
+    "is_tty",
+    "use_color",
+    "rich_available",
+    "print_table",
+    "human_bytes",
+    "natural_key",
+    "format_number",
+    "progress",
+]
 
 _DIGITS = re.compile(r"(\d+)")
 _SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -101,8 +111,15 @@ def _rich_console(stream: TextIO) -> Any:
     highlighting is read from the text, and with NO_COLOR no escape code at all."""
     from rich.console import Console
 
-    return Console(file=stream, force_terminal=True, color_system="auto" if use_color() else None,
-                   markup=False, emoji=False, highlight=False, soft_wrap=False)
+    return Console(
+        file=stream,
+        force_terminal=True,
+        color_system="auto" if use_color() else None,
+        markup=False,
+        emoji=False,
+        highlight=False,
+        soft_wrap=False,
+    )
 
 
 def human_bytes(n: int | float) -> str:
@@ -169,11 +186,16 @@ def print_table(
         from rich.table import Table
         from rich.text import Text
 
-        table = Table(title=Text(escape(title)) if title else None, title_justify="left",
-                      show_edge=False, pad_edge=False)
+        table = Table(
+            title=Text(escape(title)) if title else None,
+            title_justify="left",
+            show_edge=False,
+            pad_edge=False,
+        )
         for h, a, n in zip(heads, align, need, strict=True):
-            table.add_column(Text(h), justify="right" if a == "r" else "left", min_width=n,
-                             no_wrap=True)
+            table.add_column(
+                Text(h), justify="right" if a == "r" else "left", min_width=n, no_wrap=True
+            )
         for row in cells:
             table.add_row(*(Text(c) for c in row))
         console.print(table)
@@ -186,8 +208,10 @@ def print_table(
             widths[i] = max(widths[i], len(c))
 
     def line(values: Sequence[str]) -> str:
-        out = [v.rjust(w) if a == "r" else v.ljust(w)
-               for v, w, a in zip(values, widths, align, strict=True)]
+        out = [
+            v.rjust(w) if a == "r" else v.ljust(w)
+            for v, w, a in zip(values, widths, align, strict=True)
+        ]
         return "  ".join(out).rstrip()
 
     stream.write(line(heads) + "\n")
@@ -195,8 +219,9 @@ def print_table(
         stream.write(line(row) + "\n")
 
 
-def _print_records(heads: list[str], cells: list[list[str]], stream: TextIO,
-                   title: str | None) -> None:
+def _print_records(
+    heads: list[str], cells: list[list[str]], stream: TextIO, title: str | None
+) -> None:
     """A table too wide for the terminal, one block per row: the first cell, then
     ``header: value`` lines (the terminal folds what is longer than a line)."""
     if title:
@@ -223,13 +248,23 @@ class _NoProgress:
 
 class _RichProgress:
     def __init__(self, total: int, description: str) -> None:
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                                   TimeRemainingColumn, TransferSpeedColumn)
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
 
         self._progress = Progress(
-            TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(binary_units=True),
-            TransferSpeedColumn(), TimeRemainingColumn(),
-            console=_rich_console(sys.stderr), transient=True,
+            TextColumn("{task.description}", markup=False),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=_rich_console(sys.stderr),
+            transient=True,
         )
         self._task = self._progress.add_task(escape(description), total=total)
 

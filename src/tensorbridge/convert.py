@@ -15,15 +15,23 @@ from typing import Any
 import numpy as np
 
 from .errors import ConversionError, TensorBridgeError, message
-from .frameworks import _BY_TYPE, ALIASES, TARGETS, backend_of, get_backend
+from .frameworks import _BY_TYPE, ALIASES, TARGETS, backend_of, foreign_cuda, get_backend
 from .frameworks.base import Backend, Step, normalize_device, parse_device
-from .frameworks import foreign_cuda
 from .plan import _PLANS, Plan, cached_plan, plan_key_x64, plan_leaf
 from .tree import format_path, tree_leaves_with_path, tree_map
 
 __all__ = [
-    "convert", "to_numpy", "to_torch", "to_tensorflow", "to_tf", "to_jax", "to_cupy", "to_mlx",
-    "explain", "shares_memory", "TreePlan",
+    "convert",
+    "to_numpy",
+    "to_torch",
+    "to_tensorflow",
+    "to_tf",
+    "to_jax",
+    "to_cupy",
+    "to_mlx",
+    "explain",
+    "shares_memory",
+    "TreePlan",
 ]
 
 _SCALARS = frozenset((bool, int, float, complex))
@@ -36,16 +44,22 @@ def _refuse_instance_protocol(x: Any) -> None:
     state = getattr(x, "__dict__", None)
     if not isinstance(state, dict) or not state:
         return
-    names = [n for n in ("__dlpack__", "__cuda_array_interface__", "__array_interface__",
-                         "__array__") if n in state]
+    names = [
+        n
+        for n in ("__dlpack__", "__cuda_array_interface__", "__array_interface__", "__array__")
+        if n in state
+    ]
     if not names and hasattr(type(x), "__array__") and "shape" in state and "dtype" in state:
         names = ["shape", "dtype"]
     if names:
-        raise ConversionError(message(
-            f"a {type(x).__module__}.{type(x).__qualname__}",
-            f"it sets {', '.join(names)} on the instance, and tensorbridge finds array protocols "
-            "on the type only, so it would be left unconverted",
-            "pass np.asarray(x), or define the protocol on the class (a method or property)"))
+        raise ConversionError(
+            message(
+                f"a {type(x).__module__}.{type(x).__qualname__}",
+                f"it sets {', '.join(names)} on the instance, and tensorbridge finds array protocols "
+                "on the type only, so it would be left unconverted",
+                "pass np.asarray(x), or define the protocol on the class (a method or property)",
+            )
+        )
 
 
 _TARGETS = {**{n: n for n in TARGETS}, **ALIASES}
@@ -57,19 +71,28 @@ def _target(to: str) -> str:
         return name
     name = ALIASES.get(to, to)
     if name not in TARGETS:
-        raise ConversionError(message(f"to={to!r}", "it is not a framework tensorbridge knows",
-                                      "use one of " + ", ".join(TARGETS)))
+        raise ConversionError(
+            message(
+                f"to={to!r}",
+                "it is not a framework tensorbridge knows",
+                "use one of " + ", ".join(TARGETS),
+            )
+        )
     return name
 
 
-def _run(x: Any, src: Backend, target: str, device: str | None, dtype: str | None,
-         copy: bool | None) -> Any:
+def _run(
+    x: Any, src: Backend, target: str, device: str | None, dtype: str | None, copy: bool | None
+) -> Any:
     """Convert one tensor with the plan of its kind (plan.cached_plan, looked up inline:
     this is every single-tensor call's path)."""
     plan = None
     kind = src.kind(x, target)
-    if kind is not None and (dtype is None or type(dtype) is str) and (
-            device is None or type(device) is str):
+    if (
+        kind is not None
+        and (dtype is None or type(dtype) is str)
+        and (device is None or type(device) is str)
+    ):
         key: tuple = (kind, target, device, dtype, copy)
         if target == "jax" or src.name == "jax":
             key = plan_key_x64(key)
@@ -84,16 +107,20 @@ def _run(x: Any, src: Backend, target: str, device: str | None, dtype: str | Non
         raise _step_failed(x, src, target, device, dtype, copy, exc) from exc
 
 
-def _step_failed(x: Any, src: Backend, target: str, device: Any, dtype: Any, copy: bool | None,
-                 exc: Exception) -> TensorBridgeError:
+def _step_failed(
+    x: Any, src: Backend, target: str, device: Any, dtype: Any, copy: bool | None, exc: Exception
+) -> TensorBridgeError:
     """A framework refused a step we planned: say which one. The error is worded from a
     fresh plan of ``x`` (a cached plan describes the first tensor of its kind), which
     also raises the planner's own refusal where ``x`` should never have reached the step."""
     plan = plan_leaf(x, src, target, device=device, dtype=dtype, copy=copy)
-    return ConversionError(message(
-        plan.source, f"{type(exc).__name__}: {exc}",
-        f"check the route with tb.explain(x, to={target!r}); pass dtype= or device= to change it",
-    ))
+    return ConversionError(
+        message(
+            plan.source,
+            f"{type(exc).__name__}: {exc}",
+            f"check the route with tb.explain(x, to={target!r}); pass dtype= or device= to change it",
+        )
+    )
 
 
 def _scalar_input(x: Any, target: str, dtype: str | None) -> Any:
@@ -109,22 +136,36 @@ def _jax_scalar(x: Any) -> Any:
     try:
         return jax.numpy.asarray(x)
     except OverflowError as exc:
-        raise ConversionError(message(
-            f"the Python int {x} for JAX", f"it does not fit in JAX's default integers ({exc})",
-            "call jax.config.update('jax_enable_x64', True) first, or pass dtype='float32'")) from exc
+        raise ConversionError(
+            message(
+                f"the Python int {x} for JAX",
+                f"it does not fit in JAX's default integers ({exc})",
+                "call jax.config.update('jax_enable_x64', True) first, or pass dtype='float32'",
+            )
+        ) from exc
 
 
 def _scalar_array(x: Any) -> np.ndarray:
     a = np.asarray(x)
     if a.dtype == object:
-        raise ConversionError(message(
-            f"the Python int {x}", "it does not fit in 64 bits, so no tensor dtype holds it",
-            "store it as a float (float(x)), or split it into several 64-bit integers"))
+        raise ConversionError(
+            message(
+                f"the Python int {x}",
+                "it does not fit in 64 bits, so no tensor dtype holds it",
+                "store it as a float (float(x)), or split it into several 64-bit integers",
+            )
+        )
     return a
 
 
-def _leaf_fn(target: str, device: str | None, dtype: str | None, copy: bool | None, ragged: str,
-             done: dict[int, Any]) -> Callable[[Any], Any]:
+def _leaf_fn(
+    target: str,
+    device: str | None,
+    dtype: str | None,
+    copy: bool | None,
+    ragged: str,
+    done: dict[int, Any],
+) -> Callable[[Any], Any]:
     """The function applied to every leaf: its plan, cached per kind of tensor, run.
     ``done`` maps id(leaf) to results already computed in a batch (CUDA staging).
     Within one call the options are fixed, so the plans met are also kept by kind alone."""
@@ -139,8 +180,12 @@ def _leaf_fn(target: str, device: str | None, dtype: str | None, copy: bool | No
             return x
         if done and id(x) in done:
             return done[id(x)]
-        if (ragged == "list" and tp.__name__ == "RaggedTensor" and src.name == "tensorflow"
-                and target != "tensorflow"):
+        if (
+            ragged == "list"
+            and tp.__name__ == "RaggedTensor"
+            and src.name == "tensorflow"
+            and target != "tensorflow"
+        ):
             return x.to_list()
         kind = src.kind(x, target)
         fn = local.get(kind) if kind is not None else None
@@ -233,15 +278,29 @@ def convert(
     if target is None:
         target = _target(to)
     if ragged != "error" and ragged != "list":
-        raise ConversionError(message(f"ragged={ragged!r}", "it is not an option",
-                                      "use ragged='error' (default) or ragged='list'"))
+        raise ConversionError(
+            message(
+                f"ragged={ragged!r}",
+                "it is not an option",
+                "use ragged='error' (default) or ragged='list'",
+            )
+        )
     if pinned and target != "numpy":
-        raise ConversionError(message(f"pinned=True with to={to!r}",
-                                      "pinned host memory is an option for NumPy results only",
-                                      "leave pinned unset, or convert with to='numpy'"))
+        raise ConversionError(
+            message(
+                f"pinned=True with to={to!r}",
+                "pinned host memory is an option for NumPy results only",
+                "leave pinned unset, or convert with to='numpy'",
+            )
+        )
     if copy is not None and copy is not True and copy is not False:
-        raise ConversionError(message(f"copy={copy!r}", "copy takes None, True or False only",
-                                      "pass copy=None (share where safe), True or False"))
+        raise ConversionError(
+            message(
+                f"copy={copy!r}",
+                "copy takes None, True or False only",
+                "pass copy=None (share where safe), True or False",
+            )
+        )
     if device is not None:
         device = parse_device(device)
     tp = type(x)
@@ -251,14 +310,24 @@ def convert(
     src = _BY_TYPE[tp] if tp in _BY_TYPE else backend_of(tp)
     if target == "numpy":
         # one host tensor: its cached plan, and no GPU machinery at all
-        if src is not None and src.unstaged(x) and not (ragged == "list" and tp.__name__ == "RaggedTensor"):
+        if (
+            src is not None
+            and src.unstaged(x)
+            and not (ragged == "list" and tp.__name__ == "RaggedTensor")
+        ):
             return _run(x, src, target, device, dtype, copy)
         if not _device_leaves_possible():
             if src is not None and not (ragged == "list" and tp.__name__ == "RaggedTensor"):
                 return _run(x, src, target, device, dtype, copy)
             return tree_map(_leaf_fn(target, device, dtype, copy, ragged, {}), x)
-    elif not (device is not None and target == "torch" and copy is not False and dtype is None
-              and isinstance(device, str) and device.startswith("cuda")):
+    elif not (
+        device is not None
+        and target == "torch"
+        and copy is not False
+        and dtype is None
+        and isinstance(device, str)
+        and device.startswith("cuda")
+    ):
         if src is not None and not (ragged == "list" and tp.__name__ == "RaggedTensor"):
             return _run(x, src, target, device, dtype, copy)
         return tree_map(_leaf_fn(target, device, dtype, copy, ragged, {}), x)
@@ -266,17 +335,28 @@ def convert(
     if target == "numpy":
         from .frameworks.torch import gather_device_leaves
 
-        done = gather_device_leaves(x, copy=copy, dtype=dtype, pinned=pinned)  # CUDA leaves, coalesced
+        done = gather_device_leaves(
+            x, copy=copy, dtype=dtype, pinned=pinned
+        )  # CUDA leaves, coalesced
     else:
         from .frameworks.torch_staging import scatter_host_leaves
 
         get_backend("torch").load()
-        done = scatter_host_leaves(x, device)  # host leaves through the pinned ring; {} without CUDA
+        done = scatter_host_leaves(
+            x, device
+        )  # host leaves through the pinned ring; {} without CUDA
     return tree_map(_leaf_fn(target, device, dtype, copy, ragged, done), x)
 
 
-def to_numpy(x: Any, /, *, copy: bool | None = None, dtype: Any = None,
-             ragged: str = "error", pinned: bool = False) -> Any:
+def to_numpy(
+    x: Any,
+    /,
+    *,
+    copy: bool | None = None,
+    dtype: Any = None,
+    ragged: str = "error",
+    pinned: bool = False,
+) -> Any:
     """Convert to NumPy arrays (bfloat16/float8 as ``ml_dtypes`` dtypes).
 
     Zero-copy where the memory can be shared. Arrays that view memory of an
@@ -290,14 +370,18 @@ def to_numpy(x: Any, /, *, copy: bool | None = None, dtype: Any = None,
     array(1.5)
     """
     src = _BY_TYPE.get(type(x))
-    if (src is not None and not pinned and ragged == "error"
-            and (copy is None or copy is True or copy is False) and src.unstaged(x)):
+    if (
+        src is not None
+        and not pinned
+        and ragged == "error"
+        and (copy is None or copy is True or copy is False)
+        and src.unstaged(x)
+    ):
         return _run(x, src, "numpy", None, dtype, copy)  # what convert() does for one host tensor
     return convert(x, to="numpy", copy=copy, dtype=dtype, ragged=ragged, pinned=pinned)
 
 
-def to_torch(x: Any, /, *, device: Any = None, dtype: Any = None,
-             copy: bool | None = None) -> Any:
+def to_torch(x: Any, /, *, device: Any = None, dtype: Any = None, copy: bool | None = None) -> Any:
     """Convert to ``torch.Tensor``; see :func:`convert`.
 
     >>> import numpy as np, tensorbridge as tb
@@ -310,8 +394,9 @@ def to_torch(x: Any, /, *, device: Any = None, dtype: Any = None,
     return convert(x, to="torch", device=device, dtype=dtype, copy=copy)
 
 
-def to_tensorflow(x: Any, /, *, device: Any = None, dtype: Any = None,
-                  copy: bool | None = None) -> Any:
+def to_tensorflow(
+    x: Any, /, *, device: Any = None, dtype: Any = None, copy: bool | None = None
+) -> Any:
     """Convert to TensorFlow tensors; see :func:`convert`."""
     return convert(x, to="tensorflow", device=device, dtype=dtype, copy=copy)
 
@@ -319,14 +404,12 @@ def to_tensorflow(x: Any, /, *, device: Any = None, dtype: Any = None,
 to_tf = to_tensorflow
 
 
-def to_jax(x: Any, /, *, device: Any = None, dtype: Any = None,
-           copy: bool | None = None) -> Any:
+def to_jax(x: Any, /, *, device: Any = None, dtype: Any = None, copy: bool | None = None) -> Any:
     """Convert to ``jax.Array``; see :func:`convert`."""
     return convert(x, to="jax", device=device, dtype=dtype, copy=copy)
 
 
-def to_mlx(x: Any, /, *, device: Any = None, dtype: Any = None,
-           copy: bool | None = None) -> Any:
+def to_mlx(x: Any, /, *, device: Any = None, dtype: Any = None, copy: bool | None = None) -> Any:
     """Convert to ``mlx.core.array``; see :func:`convert`. MLX copies every host
     import, so ``copy=False`` is refused for anything that is not already MLX.
 
@@ -337,8 +420,7 @@ def to_mlx(x: Any, /, *, device: Any = None, dtype: Any = None,
     return convert(x, to="mlx", device=device, dtype=dtype, copy=copy)
 
 
-def to_cupy(x: Any, /, *, device: Any = None, dtype: Any = None,
-            copy: bool | None = None) -> Any:
+def to_cupy(x: Any, /, *, device: Any = None, dtype: Any = None, copy: bool | None = None) -> Any:
     """Convert to ``cupy.ndarray`` (CUDA only); see :func:`convert`."""
     return convert(x, to="cupy", device=device, dtype=dtype, copy=copy)
 
@@ -362,8 +444,9 @@ class TreePlan(list[Any]):
         return "\n".join(f"{format_path(p) or '(root)'}: {plan}" for p, plan in self)
 
 
-def explain(x: Any, /, to: str, *, device: Any = None, dtype: Any = None,
-            copy: bool | None = None) -> Plan | TreePlan:
+def explain(
+    x: Any, /, to: str, *, device: Any = None, dtype: Any = None, copy: bool | None = None
+) -> Plan | TreePlan:
     """Say how ``x`` would be converted, without converting it.
 
     For a single tensor, returns a :class:`~tensorbridge.plan.Plan`; print it
@@ -387,9 +470,19 @@ def explain(x: Any, /, to: str, *, device: Any = None, dtype: Any = None,
         assert made is not None  # a NumPy or JAX array
         plan = plan_leaf(x, made, target, device=device, dtype=dtype, copy=copy)
         # the value is copied into a new tensor: nothing is shared with the caller's scalar
-        return Plan(f"Python {type(scalar).__name__} {scalar!r} as {plan.source}", plan.target,
-                    [Step("Python scalar -> new 0-d tensor", True, _same,
-                          "a Python number has no memory to share")] + plan.steps)
+        return Plan(
+            f"Python {type(scalar).__name__} {scalar!r} as {plan.source}",
+            plan.target,
+            [
+                Step(
+                    "Python scalar -> new 0-d tensor",
+                    True,
+                    _same,
+                    "a Python number has no memory to share",
+                )
+            ]
+            + plan.steps,
+        )
     src = backend_of(type(x))
     if src is not None:
         return plan_leaf(x, src, target, device=device, dtype=dtype, copy=copy)
@@ -398,7 +491,9 @@ def explain(x: Any, /, to: str, *, device: Any = None, dtype: Any = None,
         b = backend_of(type(leaf))
         if b is not None:
             try:
-                plans.append((path, plan_leaf(leaf, b, target, device=device, dtype=dtype, copy=copy)))
+                plans.append(
+                    (path, plan_leaf(leaf, b, target, device=device, dtype=dtype, copy=copy))
+                )
             except TensorBridgeError as exc:
                 raise exc.at(format_path(path)) from exc.__cause__
     return plans

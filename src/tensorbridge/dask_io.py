@@ -24,8 +24,8 @@ index, so it reads only its own bytes. On a ``dask.distributed`` cluster the arr
 from __future__ import annotations
 
 import os
-from typing import Any
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -38,13 +38,15 @@ def _dask_array() -> Any:
     try:
         import dask.array as da
     except ImportError as exc:
-        raise ConversionError(message(
-            "to_dask()", "Dask is not installed", "pip install 'tensorbridge[dask]'")) from exc
+        raise ConversionError(
+            message("to_dask()", "Dask is not installed", "pip install 'tensorbridge[dask]'")
+        ) from exc
     return da
 
 
-def _auto_chunks(da: Any, shape: tuple[int, ...], dtype: np.dtype,
-                 native: tuple[int, ...] | None, chunks: Any) -> Any:
+def _auto_chunks(
+    da: Any, shape: tuple[int, ...], dtype: np.dtype, native: tuple[int, ...] | None, chunks: Any
+) -> Any:
     from dask.array.core import normalize_chunks
 
     if chunks != "auto" or not shape:
@@ -59,14 +61,21 @@ def _auto_chunks(da: Any, shape: tuple[int, ...], dtype: np.dtype,
         return normalize_chunks("auto", shape, dtype=dtype)
 
 
-def to_dask(path: str | os.PathLike, /, *, chunks: Any = "auto", format: str | None = None,
-            names: Iterable[str] | None = None) -> dict[str, Any]:
+def to_dask(
+    path: str | os.PathLike,
+    /,
+    *,
+    chunks: Any = "auto",
+    format: str | None = None,
+    names: Iterable[str] | None = None,
+) -> dict[str, Any]:
     """``{name: dask.array.Array}`` for every tensor of the file, in file order.
 
     ``names`` picks tensors (every name is checked first). The file stays open while the
     arrays are alive; nothing is read until they are computed.
     """
-    from .files import _check_names, open as open_file
+    from .files import _check_names
+    from .files import open as open_file
     from .formats.lazy import LazyArray, ReaderOwner
 
     da = _dask_array()
@@ -83,8 +92,13 @@ def to_dask(path: str | os.PathLike, /, *, chunks: Any = "auto", format: str | N
             lazy = LazyArray(reader, name, reader.array(name).format_name, owner)
             spec = _auto_chunks(da, lazy.shape, lazy.dtype, reader.native_chunks(name), chunks)
             token = f"tensorbridge-{name}-{da.core.tokenize(reader.path, st.st_ino, st.st_mtime_ns, st.st_size, name, spec)}"
-            out[name] = da.from_array(lazy, chunks=spec, name=token, lock=False,
-                                      meta=np.empty((0,) * lazy.ndim, lazy.dtype))
+            out[name] = da.from_array(
+                lazy,
+                chunks=spec,
+                name=token,
+                lock=False,
+                meta=np.empty((0,) * lazy.ndim, lazy.dtype),
+            )
         return out
     except BaseException:
         reader.close()

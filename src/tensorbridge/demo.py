@@ -23,8 +23,8 @@ import tempfile
 import textwrap
 import warnings
 from collections import OrderedDict
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -64,8 +64,9 @@ class _Demo:
     def need(self, *names: str) -> None:
         missing = [n for n in names if not self.have.get(n)]
         if missing:
-            raise _Skip(f"{' and '.join(missing)} not installed "
-                        f"(pip install 'tensorbridge[{missing[0]}]')")
+            raise _Skip(
+                f"{' and '.join(missing)} not installed (pip install 'tensorbridge[{missing[0]}]')"
+            )
 
     def step(self, title: str, fn: Callable[[], None]) -> None:
         self.number += 1
@@ -98,9 +99,11 @@ class _Demo:
         self.out(_show(t))
         back = tb.to_numpy(t)
         self.out(">>> back = tb.to_numpy(t)")
-        self.out(f"back: {back.dtype}{list(back.shape)}, every value 5: {bool((back == 5).all())}; "
-                 f"{_shared(back, t)} with the TF tensor "
-                 f"({'read-only, as TF tensors are immutable' if not back.flags.writeable else 'writable'})")
+        self.out(
+            f"back: {back.dtype}{list(back.shape)}, every value 5: {bool((back == 5).all())}; "
+            f"{_shared(back, t)} with the TF tensor "
+            f"({'read-only, as TF tensors are immutable' if not back.flags.writeable else 'writable'})"
+        )
 
     def shared_surprise(self) -> None:
         self.need("torch")
@@ -112,14 +115,18 @@ class _Demo:
         a = tb.to_numpy(x)
         a[0][0] = 20
         self.out(">>> x = torch.ones((3, 6)); a = tb.to_numpy(x); a[0][0] = 20")
-        self.out(f"x[0][0] is now {x[0][0].item():g}: {_shared(a, x)}. Writing into the array "
-                 "wrote into the tensor, exactly as x.numpy() does.")
+        self.out(
+            f"x[0][0] is now {x[0][0].item():g}: {_shared(a, x)}. Writing into the array "
+            "wrote into the tensor, exactly as x.numpy() does."
+        )
         y = torch.ones((3, 6))
         b = tb.to_numpy(y, copy=True)
         b[0][0] = 20
         self.out(">>> y = torch.ones((3, 6)); b = tb.to_numpy(y, copy=True); b[0][0] = 20")
-        self.out(f"y[0][0] is still {y[0][0].item():g}: {_shared(b, y)}. copy=True gives "
-                 "independent memory (the tutorial's numpy_x.copy(), in one call).")
+        self.out(
+            f"y[0][0] is still {y[0][0].item():g}: {_shared(b, y)}. copy=True gives "
+            "independent memory (the tutorial's numpy_x.copy(), in one call)."
+        )
 
     def requires_grad(self) -> None:
         self.need("torch")
@@ -137,8 +144,10 @@ class _Demo:
         self.out(f"x.numpy() {plain}.")
         a = tb.to_numpy(x)
         self.out(">>> a = tb.to_numpy(x)   # no .detach() needed")
-        self.out(f"a: {a.dtype}{list(a.shape)}, {_shared(a, x)}. It is the detached data: "
-                 "use copy=True before writing into it, or autograd sees changed values.")
+        self.out(
+            f"a: {a.dtype}{list(a.shape)}, {_shared(a, x)}. It is the detached data: "
+            "use copy=True before writing into it, or autograd sees changed values."
+        )
 
     def three_d(self) -> None:
         self.need("torch")
@@ -149,13 +158,17 @@ class _Demo:
         g = torch.Generator().manual_seed(0)
         integers_tensor = (torch.rand(5, 7, 9, generator=g) * 100).int()
         float_tensor = torch.rand(5, 7, 9, generator=g) * 100
-        for label, t in (("(torch.rand(5, 7, 9) * 100).int()", integers_tensor),
-                         ("torch.rand(5, 7, 9) * 100", float_tensor)):
+        for label, t in (
+            ("(torch.rand(5, 7, 9) * 100).int()", integers_tensor),
+            ("torch.rand(5, 7, 9) * 100", float_tensor),
+        ):
             a = tb.to_numpy(t)
             exact = a.tobytes() == t.numpy().tobytes()
             self.out(f">>> a = tb.to_numpy({label})")
-            self.out(f"a.shape={a.shape}, a.dtype={a.dtype} (torch {str(t.dtype)[6:]}), "
-                     f"bit-exact: {exact}, {_shared(a, t)}")
+            self.out(
+                f"a.shape={a.shape}, a.dtype={a.dtype} (torch {str(t.dtype)[6:]}), "
+                f"bit-exact: {exact}, {_shared(a, t)}"
+            )
 
     def one_and_two_d(self) -> None:
         self.need("torch")
@@ -184,10 +197,14 @@ class _Demo:
             copied = np.array(p)
         viewed = tb.to_numpy(p)
         self.out(">>> copied = numpy.array(p); viewed = tb.to_numpy(p)")
-        self.out(f"numpy.array(p): {_shared(copied, p)}; numpy.array always copies "
-                 "(numpy.asarray(p) would share).")
-        self.out(f"tb.to_numpy(p): {_shared(viewed, p)}; tb.to_numpy(p, copy=True) copies "
-                 "when you want that.")
+        self.out(
+            f"numpy.array(p): {_shared(copied, p)}; numpy.array always copies "
+            "(numpy.asarray(p) would share)."
+        )
+        self.out(
+            f"tb.to_numpy(p): {_shared(viewed, p)}; tb.to_numpy(p, copy=True) copies "
+            "when you want that."
+        )
 
     def from_numpy_to_device(self) -> None:
         self.need("torch")
@@ -201,21 +218,28 @@ class _Demo:
         self.out(f"t: {t.dtype} on {t.device}, {_shared(a, t)}")
         flipped = a[::-1]
         self.out(">>> tb.to_torch(a[::-1])  # torch.from_numpy refuses negative strides")
-        self.out(f"works: first row {tb.to_torch(flipped)[0].tolist()}, "
-                 f"{_shared(flipped, tb.to_torch(flipped))}")
+        self.out(
+            f"works: first row {tb.to_torch(flipped)[0].tolist()}, "
+            f"{_shared(flipped, tb.to_torch(flipped))}"
+        )
         if not torch.cuda.is_available():
-            self.out("skipped: no CUDA device, so tb.to_torch(a, device='cuda') and the "
-                     "CUDA -> NumPy path were not run")
+            self.out(
+                "skipped: no CUDA device, so tb.to_torch(a, device='cuda') and the "
+                "CUDA -> NumPy path were not run"
+            )
             return
         self.out(str(tb.explain(a, to="torch", device="cuda")))
         c = tb.to_torch(a, device="cuda")
-        self.out(f">>> c = tb.to_torch(a, device='cuda')\nc on {c.device}; back on the host "
-                 f"bit-exact: {tb.to_numpy(c).tobytes() == a.tobytes()}")
+        self.out(
+            f">>> c = tb.to_torch(a, device='cuda')\nc on {c.device}; back on the host "
+            f"bit-exact: {tb.to_numpy(c).tobytes() == a.tobytes()}"
+        )
         c2 = torch.ones((3, 6), device="cuda", requires_grad=True)
         h = tb.to_numpy(c2)
         self.out(">>> tb.to_numpy(torch.ones((3, 6), device='cuda', requires_grad=True))")
-        self.out(f"{h.dtype}{list(h.shape)} on the host (no .detach().cpu() needed), "
-                 f"{_shared(h, c2)}")
+        self.out(
+            f"{h.dtype}{list(h.shape)} on the host (no .detach().cpu() needed), {_shared(h, c2)}"
+        )
 
     def bfloat16(self) -> None:
         self.need("torch")
@@ -233,8 +257,10 @@ class _Demo:
         self.out(f"t.numpy() {plain}")
         a = tb.to_numpy(t)
         exact = a.view(np.uint16).tobytes() == t.view(torch.int16).numpy().tobytes()
-        self.out(f">>> a = tb.to_numpy(t)\na.dtype={a.dtype} (ml_dtypes), bit-exact: {exact}, "
-                 f"{_shared(a, t)}")
+        self.out(
+            f">>> a = tb.to_numpy(t)\na.dtype={a.dtype} (ml_dtypes), bit-exact: {exact}, "
+            f"{_shared(a, t)}"
+        )
 
     def dataset(self) -> None:
         import tensorbridge as tb
@@ -247,10 +273,14 @@ class _Demo:
             a = torch.distributions.Uniform(low=-2, high=2).sample((4, 2))
             fun = t_nn.Sequential(OrderedDict([("fun1", t_nn.Linear(2, 2)), ("out", t_nn.SELU())]))
             b = fun(a)
-            self.out(">>> a = Uniform(-2, 2).sample((4, 2)); "
-                     "b = Sequential(fun1=Linear(2, 2), out=SELU())(a)")
-            self.out(f"b.requires_grad={b.requires_grad}: tb.Writer and tb.to_numpy take it as "
-                     "it is, no .detach().cpu().numpy()")
+            self.out(
+                ">>> a = Uniform(-2, 2).sample((4, 2)); "
+                "b = Sequential(fun1=Linear(2, 2), out=SELU())(a)"
+            )
+            self.out(
+                f"b.requires_grad={b.requires_grad}: tb.Writer and tb.to_numpy take it as "
+                "it is, no .detach().cpu().numpy()"
+            )
             a_np, b_np = tb.to_numpy(a), tb.to_numpy(b)
             # torch tensors go in directly
             batches: list[tuple[Any, Any]] = [(a[:2], b[:2]), (a[2:], b[2:])]
@@ -272,9 +302,11 @@ class _Demo:
                 writer.append(a=a_batch, b=b_batch)
         self.out(f">>> with tb.Writer({path!r}) as w: w.append(a=..., b=...)  # two batches")
         with np.load(path, allow_pickle=False) as f:
-            same = (f["a"].tobytes() == a_np.tobytes() and f["b"].tobytes() == b_np.tobytes())
-            self.out(f">>> np.load(path, allow_pickle=False): keys {sorted(f.files)}, "
-                     f"equal to what was written: {same}")
+            same = f["a"].tobytes() == a_np.tobytes() and f["b"].tobytes() == b_np.tobytes()
+            self.out(
+                f">>> np.load(path, allow_pickle=False): keys {sorted(f.files)}, "
+                f"equal to what was written: {same}"
+            )
         if not same:
             raise AssertionError("the .npz did not read back equal")
         self.out(_show(repr(a_np)))
@@ -292,8 +324,9 @@ class _Demo:
             self.out(f"(the file is kept in {directory}; pass --out DIR to choose the place)")
 
 
-def run(out: Out = print, *, out_dir: str | None = None,
-        frameworks: tuple[str, ...] | None = None) -> dict[str, Any]:
+def run(
+    out: Out = print, *, out_dir: str | None = None, frameworks: tuple[str, ...] | None = None
+) -> dict[str, Any]:
     """Run every demo step, printing lines through ``out``.
 
     ``frameworks`` limits which installed frameworks are used (for tests);
@@ -308,8 +341,10 @@ def run(out: Out = print, *, out_dir: str | None = None,
     from . import __version__
 
     out(f"tensorbridge {__version__} demo: PyTorch tensors to NumPy and back, done right")
-    out(f"python {sys.version.split()[0]}, numpy {np.__version__}, "
-        f"ml_dtypes {ml_dtypes.__version__}")
+    out(
+        f"python {sys.version.split()[0]}, numpy {np.__version__}, "
+        f"ml_dtypes {ml_dtypes.__version__}"
+    )
     missing = [n for n in names if not have[n]]
     out("frameworks used: " + ", ".join(["numpy"] + [n for n in names if have[n]]))
     if missing:

@@ -18,8 +18,8 @@ import os
 import platform
 import sys
 import time
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -44,10 +44,13 @@ def _import(name: str) -> dict[str, Any]:
             mod = importlib.import_module(name)
     except Exception as exc:  # installed but broken (missing CUDA libraries, ...)
         return {"installed": True, "importable": False, "error": f"{type(exc).__name__}: {exc}"}
-    return {"installed": True, "importable": True,
-            "version": str(getattr(mod, "__version__", "?")),
-            "import_seconds": round(time.perf_counter() - start, 3),
-            "already_imported": already}
+    return {
+        "installed": True,
+        "importable": True,
+        "version": str(getattr(mod, "__version__", "?")),
+        "import_seconds": round(time.perf_counter() - start, 3),
+        "already_imported": already,
+    }
 
 
 def _devices(name: str) -> Any:
@@ -59,8 +62,10 @@ def _devices(name: str) -> Any:
 
             out = ["cpu"]
             if torch.cuda.is_available():
-                out += [f"cuda:{i} ({torch.cuda.get_device_name(i)})"
-                        for i in range(torch.cuda.device_count())]
+                out += [
+                    f"cuda:{i} ({torch.cuda.get_device_name(i)})"
+                    for i in range(torch.cuda.device_count())
+                ]
             mps = getattr(torch.backends, "mps", None)
             if mps is not None and mps.is_available():
                 out.append("mps:0")
@@ -102,12 +107,21 @@ def _routes(have: dict[str, bool]) -> list[dict[str, Any]]:
 
     routes: list[dict[str, Any]] = []
 
-    def route(name: str, needs: tuple[str, ...], fn: Callable[[], str],
-              skip: Callable[[], str | None] = lambda: None) -> None:
+    def route(
+        name: str,
+        needs: tuple[str, ...],
+        fn: Callable[[], str],
+        skip: Callable[[], str | None] = lambda: None,
+    ) -> None:
         missing = [n for n in needs if not have.get(n)]
         if missing:
-            routes.append({"route": name, "status": "skipped",
-                           "detail": f"{', '.join(missing)} not installed"})
+            routes.append(
+                {
+                    "route": name,
+                    "status": "skipped",
+                    "detail": f"{', '.join(missing)} not installed",
+                }
+            )
             return
         reason = None
         try:
@@ -120,8 +134,9 @@ def _routes(have: dict[str, bool]) -> list[dict[str, Any]]:
         try:
             routes.append({"route": name, "status": "ok", "detail": fn()})
         except Exception as exc:
-            routes.append({"route": name, "status": "failed",
-                           "detail": f"{type(exc).__name__}: {exc}"})
+            routes.append(
+                {"route": name, "status": "failed", "detail": f"{type(exc).__name__}: {exc}"}
+            )
 
     def shared(a: Any, b: Any) -> str:
         if not _equal(a, b):
@@ -146,12 +161,14 @@ def _routes(have: dict[str, bool]) -> list[dict[str, Any]]:
             plan = tb.explain(t, to=target)
             steps = "; ".join(s.text for s in plan.steps) if isinstance(plan, Plan) else str(plan)
             return f"{shared(t, tb.convert(t, to=target))} via {steps}"
+
         return fn
 
     def numpy_to(target: str) -> Callable[[], str]:
         def fn() -> str:
             a = np.arange(64, dtype=np.float32)
             return shared(a, tb.convert(a, to=target))
+
         return fn
 
     def mlx_to_numpy() -> str:
@@ -236,8 +253,11 @@ def render(report: dict[str, Any], stream: Any = None) -> None:
     from .console import echo, print_table
 
     stream = sys.stdout if stream is None else stream
-    echo(f"tensorbridge {report['tensorbridge']} on Python {report['python']} "
-         f"({report['platform']})", stream)
+    echo(
+        f"tensorbridge {report['tensorbridge']} on Python {report['python']} "
+        f"({report['platform']})",
+        stream,
+    )
     echo(f"numpy {report['numpy']}, ml_dtypes {report['ml_dtypes']}", stream)
     echo("", stream)
     rows = []
@@ -254,9 +274,12 @@ def render(report: dict[str, Any], stream: Any = None) -> None:
     print_table(["framework", "version", "import", "devices"], rows, stream, align="llll")
     echo("", stream)
     stream.flush()
-    print_table(["route", "status", "detail"],
-                [[r["route"], r["status"], r["detail"]] for r in report["routes"]], stream,
-                align="lll")
+    print_table(
+        ["route", "status", "detail"],
+        [[r["route"], r["status"], r["detail"]] for r in report["routes"]],
+        stream,
+        align="lll",
+    )
 
 
 def main(*, json_output: bool = False, quiet: bool = False) -> int:

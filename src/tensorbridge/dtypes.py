@@ -80,10 +80,24 @@ DTYPES: dict[str, DType] = {r[0]: _row(*r) for r in _ROWS}
 
 #: Canonical dtypes NumPy itself has; the others (bfloat16, float8) are ml_dtypes types,
 #: which other frameworks cannot import from NumPy and which travel as raw bits.
-NUMPY_NATIVE = frozenset({
-    "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-    "float16", "float32", "float64", "complex64", "complex128",
-})
+NUMPY_NATIVE = frozenset(
+    {
+        "bool",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+        "complex64",
+        "complex128",
+    }
+)
 #: itemsize -> the unsigned integer dtype name of that width, for moving raw bits
 BITS = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}
 
@@ -104,46 +118,69 @@ def canonical_name(dtype: Any) -> str:
         # np.longlong / np.ulonglong ('q'/'Q'): other scalar types, the same integers
         name = f"{'int' if dt.kind == 'i' else 'uint'}{dt.itemsize * 8}"
     if name is None and dt.kind in "fc" and dt.fields is None:
-        standard = {("f", 2): "float16", ("f", 4): "float32", ("f", 8): "float64",
-                    ("c", 8): "complex64", ("c", 16): "complex128"}
+        standard = {
+            ("f", 2): "float16",
+            ("f", 4): "float32",
+            ("f", 8): "float64",
+            ("c", 8): "complex64",
+            ("c", 16): "complex128",
+        }
         name = standard.get((dt.kind, dt.itemsize))  # a long double that is a double
     if name is None and dt.kind in "fc" and dt.fields is None:
-        raise ConversionError(message(
-            f"numpy dtype {dt!r}",
-            f"{dt.itemsize * 8}-bit extended precision (long double) has no counterpart in "
-            "any tensor framework",
-            "cast it first, e.g. a.astype(np.float64) (or np.complex128)"))
+        raise ConversionError(
+            message(
+                f"numpy dtype {dt!r}",
+                f"{dt.itemsize * 8}-bit extended precision (long double) has no counterpart in "
+                "any tensor framework",
+                "cast it first, e.g. a.astype(np.float64) (or np.complex128)",
+            )
+        )
     if dt.names == ("float0",):  # jax.dtypes.float0
-        raise ConversionError(message(
-            "a JAX float0 array",
-            "float0 is the dtype JAX gives gradients with respect to integer inputs: it holds no "
-            "values (zero bytes per element)",
-            "drop it, or take gradients only with respect to float inputs "
-            "(jax.grad(..., allow_int=True) makes these)"))
+        raise ConversionError(
+            message(
+                "a JAX float0 array",
+                "float0 is the dtype JAX gives gradients with respect to integer inputs: it holds no "
+                "values (zero bytes per element)",
+                "drop it, or take gradients only with respect to float inputs "
+                "(jax.grad(..., allow_int=True) makes these)",
+            )
+        )
     if name is None and dt.type.__module__ == "ml_dtypes":
         bits = _ML_DTYPE_BITS.get(dt.name)
         width = f"{bits}-bit " if bits else ""
         floating = dt.name.startswith("float")
-        raise ConversionError(message(
-            f"numpy dtype {dt.name} (ml_dtypes)",
-            f"it is a {width}{'float' if floating else 'integer'} type that no tensor file format "
-            "and not every framework has, so tensorbridge does not carry it between them",
-            f"cast it first, e.g. a.astype({'np.float32' if floating else 'np.int8'}) "
-            "(every value fits), or keep it in the framework it came from"))
+        raise ConversionError(
+            message(
+                f"numpy dtype {dt.name} (ml_dtypes)",
+                f"it is a {width}{'float' if floating else 'integer'} type that no tensor file format "
+                "and not every framework has, so tensorbridge does not carry it between them",
+                f"cast it first, e.g. a.astype({'np.float32' if floating else 'np.int8'}) "
+                "(every value fits), or keep it in the framework it came from",
+            )
+        )
     if name is None or dt.fields is not None:
-        raise ConversionError(message(
-            f"numpy dtype {dt!r}",
-            "it is not a numeric tensor dtype (object, string, structured and "
-            "datetime arrays hold no numbers a tensor framework can share)",
-            "convert it to a numeric dtype first, e.g. a.astype(np.float32); "
-            "for text, keep it as a Python list or encode it to bytes yourself",
-        ))
+        raise ConversionError(
+            message(
+                f"numpy dtype {dt!r}",
+                "it is not a numeric tensor dtype (object, string, structured and "
+                "datetime arrays hold no numbers a tensor framework can share)",
+                "convert it to a numeric dtype first, e.g. a.astype(np.float32); "
+                "for text, keep it as a Python list or encode it to bytes yourself",
+            )
+        )
     return name
 
 
 #: widths of the ml_dtypes types that are not canonical dtypes, for messages
-_ML_DTYPE_BITS = {"int2": 2, "uint2": 2, "int4": 4, "uint4": 4, "float4_e2m1fn": 4,
-                  "float6_e2m3fn": 6, "float6_e3m2fn": 6}
+_ML_DTYPE_BITS = {
+    "int2": 2,
+    "uint2": 2,
+    "int4": 4,
+    "uint4": 4,
+    "float4_e2m1fn": 4,
+    "float6_e2m3fn": 6,
+    "float6_e3m2fn": 6,
+}
 
 
 def lookup(name: Any) -> DType:
@@ -160,11 +197,13 @@ def lookup(name: Any) -> DType:
     try:
         return DTYPES[canonical_name(np.dtype(name))]
     except (TypeError, ValueError) as exc:
-        raise ConversionError(message(
-            f"dtype {name!r}",
-            "it is not a known tensor dtype",
-            "use one of: " + ", ".join(DTYPES),
-        )) from exc
+        raise ConversionError(
+            message(
+                f"dtype {name!r}",
+                "it is not a known tensor dtype",
+                "use one of: " + ", ".join(DTYPES),
+            )
+        ) from exc
 
 
 def numpy_dtype(name: str) -> np.dtype:

@@ -43,6 +43,7 @@ class TensorBridgeError(Exception):
     # Exception's own constructor (not TypeError's or ValueError's): AutoGraph re-raises
     # an error from inside tf.function as the same type only when it can see this.
     if TYPE_CHECKING:
+
         def __init__(self, *args: object) -> None: ...
     else:
         __init__ = Exception.__init__

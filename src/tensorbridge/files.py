@@ -29,8 +29,8 @@ array([0, 1])
 from __future__ import annotations
 
 import os
-from typing import Any
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -45,8 +45,18 @@ from .frameworks.numpy import refuse_masked
 from .tree import format_path, tree_leaves_with_path
 
 __all__ = [
-    "save", "load", "open", "iter_tensors", "flatten_names", "unflatten_names",
-    "tensor_info", "to_host", "check_metadata", "write_options", "file_path", "open_reader",
+    "save",
+    "load",
+    "open",
+    "iter_tensors",
+    "flatten_names",
+    "unflatten_names",
+    "tensor_info",
+    "to_host",
+    "check_metadata",
+    "write_options",
+    "file_path",
+    "open_reader",
 ]
 
 #: The name a single bare tensor gets (and the name of a .npy file's tensor).
@@ -73,10 +83,13 @@ def _named_leaves(tree: Any) -> Iterator[tuple[str, tuple[Any, ...], Any]]:
     for keys, leaf in tree_leaves_with_path(tree):
         for k in keys:
             if type(k) not in (str, int):
-                raise ConversionError(message(
-                    f"the key {k!r} at {format_path(keys)}",
-                    f"a {type(k).__name__} key cannot be written as a tensor name and read back",
-                    "use string keys (or list positions) in trees you save"))
+                raise ConversionError(
+                    message(
+                        f"the key {k!r} at {format_path(keys)}",
+                        f"a {type(k).__name__} key cannot be written as a tensor name and read back",
+                        "use string keys (or list positions) in trees you save",
+                    )
+                )
         yield (".".join(str(k) for k in keys) if keys else BARE_NAME), keys, leaf
 
 
@@ -114,14 +127,23 @@ def unflatten_names(flat: Mapping[str, Any], /) -> dict[str, Any] | list[Any]:
         for i, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConversionError(message(
-                    f"tensor name {name!r}", f"{'.'.join(parts[:i + 1])!r} is also a tensor, "
-                    "so it cannot hold other tensors", "load with nested=False to get flat names"))
+                raise ConversionError(
+                    message(
+                        f"tensor name {name!r}",
+                        f"{'.'.join(parts[: i + 1])!r} is also a tensor, "
+                        "so it cannot hold other tensors",
+                        "load with nested=False to get flat names",
+                    )
+                )
             node = child
         if parts[-1] in node:
-            raise ConversionError(message(
-                f"tensor name {name!r}", "other tensors are nested under this name",
-                "load with nested=False to get flat names"))
+            raise ConversionError(
+                message(
+                    f"tensor name {name!r}",
+                    "other tensors are nested under this name",
+                    "load with nested=False to get flat names",
+                )
+            )
         node[parts[-1]] = value
     return _listify(root)
 
@@ -136,15 +158,21 @@ def tensor_info(name: str, leaf: Any, keys: tuple[Any, ...] = ()) -> tuple[Tenso
         leaf = np.asarray(leaf)
     backend = backend_of(type(leaf))
     where = format_path(keys) or "(root)"
-    refuse_masked(leaf, f"a NumPy masked array at {where} (tensor name {name!r})",
-                  "tensor files have no place for its mask")
+    refuse_masked(
+        leaf,
+        f"a NumPy masked array at {where} (tensor name {name!r})",
+        "tensor files have no place for its mask",
+    )
     if backend is None:
-        raise ConversionError(message(
-            f"{describe(leaf)} at {where} (tensor name {name!r})",
-            "tensor files hold only tensors, and this is not one",
-            "remove it from the tree, or convert it to an array first "
-            "(e.g. np.asarray(x)); keep strings and other settings in metadata= or a "
-            "separate JSON file"))
+        raise ConversionError(
+            message(
+                f"{describe(leaf)} at {where} (tensor name {name!r})",
+                "tensor files hold only tensors, and this is not one",
+                "remove it from the tree, or convert it to an array first "
+                "(e.g. np.asarray(x)); keep strings and other settings in metadata= or a "
+                "separate JSON file",
+            )
+        )
     try:
         facts = backend.facts(leaf)
     except TensorBridgeError as exc:
@@ -165,8 +193,15 @@ def write_options(fmt: Format, options: Mapping[str, Any], file: object = "") ->
     return dict(options)
 
 
-def save(tree: Any, path: str | os.PathLike[str], /, *, format: str | None = None,
-         metadata: Mapping[str, str] | None = None, **options: Any) -> None:
+def save(
+    tree: Any,
+    path: str | os.PathLike[str],
+    /,
+    *,
+    format: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+    **options: Any,
+) -> None:
     """Save a tensor or a tree of tensors (any framework) to ``path``, atomically.
 
     Names are the tree paths joined with ``.``; a bare tensor is named
@@ -183,11 +218,14 @@ def save(tree: Any, path: str | os.PathLike[str], /, *, format: str | None = Non
     path = file_path(path)
     fmt = format_for_path(path, format)
     if path.endswith(("/", os.sep)) and fmt.name != "sharded":
-        raise ConversionError(message(
-            f"format={fmt.name!r} for {path!r}", "a path ending in / names a directory, and "
-            f"a .{fmt.name} file is a single file",
-            "name the file (e.g. out/model." + fmt.name + "), or save a sharded checkpoint "
-            "(format='sharded')"))
+        raise ConversionError(
+            message(
+                f"format={fmt.name!r} for {path!r}",
+                f"a path ending in / names a directory, and a .{fmt.name} file is a single file",
+                "name the file (e.g. out/model." + fmt.name + "), or save a sharded checkpoint "
+                "(format='sharded')",
+            )
+        )
     meta = check_metadata(metadata, path)
     opts = write_options(fmt, options, path)
     leaves: dict[str, Any] = {}
@@ -206,8 +244,13 @@ def save(tree: Any, path: str | os.PathLike[str], /, *, format: str | None = Non
     fmt.write(path, infos, fetch, meta, **opts)
 
 
-def open(path: str | os.PathLike[str], /, *, format: str | None = None,  # noqa: A001
-         variant: str | None = None) -> Reader:
+def open(
+    path: str | os.PathLike[str],
+    /,
+    *,
+    format: str | None = None,  # noqa: A001
+    variant: str | None = None,
+) -> Reader:
     """Open a tensor file lazily: ``keys()``, ``info(name)``, ``r[name]``.
 
     Use it as a context manager. Only headers are read until a tensor is asked for.
@@ -230,10 +273,14 @@ def open_reader(fmt: Format, path: str, variant: str | None) -> Reader:
     if variant is None:
         return fmt.open(path)
     if fmt.name != "sharded":
-        raise ConversionError(message(
-            f"variant={variant!r} for the .{fmt.name} file {path!r}", "variants are files of a "
-            "checkpoint directory (model.safetensors.index.VARIANT.json)",
-            "pass the checkpoint's directory, or leave variant out"))
+        raise ConversionError(
+            message(
+                f"variant={variant!r} for the .{fmt.name} file {path!r}",
+                "variants are files of a "
+                "checkpoint directory (model.safetensors.index.VARIANT.json)",
+                "pass the checkpoint's directory, or leave variant out",
+            )
+        )
     return fmt.open(path, variant=variant)  # type: ignore[call-arg]
 
 
@@ -247,13 +294,21 @@ def file_path(path: Any) -> str:
     try:
         text = os.fsdecode(os.fspath(path))
     except TypeError:
-        raise ConversionError(message(
-            f"the path {describe(path)}", "a path is a str, bytes or os.PathLike",
-            "pass the file's path as a string")) from None
+        raise ConversionError(
+            message(
+                f"the path {describe(path)}",
+                "a path is a str, bytes or os.PathLike",
+                "pass the file's path as a string",
+            )
+        ) from None
     if "\x00" in text:
-        raise ConversionError(message(
-            f"the path {text!r:.200}", "it contains a NUL character, which no file name can hold",
-            "remove the NUL character from the path"))
+        raise ConversionError(
+            message(
+                f"the path {text!r:.200}",
+                "it contains a NUL character, which no file name can hold",
+                "remove the NUL character from the path",
+            )
+        )
     return text
 
 
@@ -261,9 +316,13 @@ def _check_names(names: Iterable[str]) -> list[str]:
     """``names`` as a list; refuse a bare string (it would be read letter by letter)
     and names given twice."""
     if isinstance(names, (str, bytes)):
-        raise ConversionError(message(
-            f"names={names!r}", "names is a list of tensor names, and a string would be "
-            "taken letter by letter", f"pass a list, e.g. names=[{names!r}]"))
+        raise ConversionError(
+            message(
+                f"names={names!r}",
+                "names is a list of tensor names, and a string would be taken letter by letter",
+                f"pass a list, e.g. names=[{names!r}]",
+            )
+        )
     keys = list(names)
     seen: set[str] = set()
     twice: list[str] = []
@@ -272,15 +331,21 @@ def _check_names(names: Iterable[str]) -> list[str]:
             twice.append(n)
         seen.add(n)
     if twice:
-        raise ConversionError(message(
-            f"names with {twice[:10]!r} given more than once", "each tensor is loaded once "
-            "under its name", "list every name once"))
+        raise ConversionError(
+            message(
+                f"names with {twice[:10]!r} given more than once",
+                "each tensor is loaded once under its name",
+                "list every name once",
+            )
+        )
     return keys
 
 
-def iter_tensors(reader: Reader, names: Iterable[str] | None = None,
-                 read: Callable[[Reader, str], np.ndarray] | None = None,
-                 ) -> Iterator[tuple[str, np.ndarray]]:
+def iter_tensors(
+    reader: Reader,
+    names: Iterable[str] | None = None,
+    read: Callable[[Reader, str], np.ndarray] | None = None,
+) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(name, array)`` one tensor at a time, in file order or ``names`` order.
 
     Every name is checked against the file before the first tensor is read.
@@ -293,10 +358,18 @@ def iter_tensors(reader: Reader, names: Iterable[str] | None = None,
         yield name, (reader.read(name) if read is None else read(reader, name))
 
 
-def load(path: str | os.PathLike[str], /, *, to: str = "numpy", nested: bool = False,
-         format: str | None = None, device: Any = None,
-         names: Iterable[str] | None = None, variant: str | None = None,
-         mmap: bool | None = None) -> Any:
+def load(
+    path: str | os.PathLike[str],
+    /,
+    *,
+    to: str = "numpy",
+    nested: bool = False,
+    format: str | None = None,
+    device: Any = None,
+    names: Iterable[str] | None = None,
+    variant: str | None = None,
+    mmap: bool | None = None,
+) -> Any:
     """Load a tensor file as a flat ``{name: tensor}`` dict (a ``.npy`` file: the array).
 
     ``to`` picks the framework (``"numpy"``, ``"torch"``, ``"jax"``, ...),
@@ -347,8 +420,7 @@ def load(path: str | os.PathLike[str], /, *, to: str = "numpy", nested: bool = F
     for attempt in range(3):
         source: FileMaps | Arena | None = FileMaps() if mapping else Arena(names) if arena else None
 
-        def read(reader: Reader, name: str,
-                 source: FileMaps | Arena | None = source) -> np.ndarray:
+        def read(reader: Reader, name: str, source: FileMaps | Arena | None = source) -> np.ndarray:
             arr = None if source is None else source.array(reader, name)
             return reader.read(name) if arr is None else arr
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import OrderedDict, deque
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -61,8 +61,9 @@ def _reader(src: str, fmt: str, token: str) -> Any:
     return reader
 
 
-def spool_one(src: str, fmt: str, name: str, dtype: str, spool: str,
-              want_digest: bool, token: str = "") -> tuple[int, bytes | None]:
+def spool_one(
+    src: str, fmt: str, name: str, dtype: str, spool: str, want_digest: bool, token: str = ""
+) -> tuple[int, bytes | None]:
     """Read ``name`` from ``src``, cast it to ``dtype``, write its little-endian bytes to
     the new file ``spool``; returns ``(nbytes, digest)``. Runs in a worker."""
     from .cli.convert_cmd import _fetch_as, digest
@@ -103,8 +104,11 @@ def start_method() -> str:
     import sys
     import threading
 
-    if (sys.platform.startswith("linux") and threading.active_count() == 1
-            and not any(m in sys.modules for m in _THREADED)):
+    if (
+        sys.platform.startswith("linux")
+        and threading.active_count() == 1
+        and not any(m in sys.modules for m in _THREADED)
+    ):
         return "fork"
     return "spawn"
 
@@ -117,7 +121,8 @@ class _Local:
         from concurrent.futures import ProcessPoolExecutor
 
         self._pool = ProcessPoolExecutor(
-            max_workers=workers, mp_context=multiprocessing.get_context(start_method()))
+            max_workers=workers, mp_context=multiprocessing.get_context(start_method())
+        )
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self._pool.submit(fn, *args)
@@ -136,16 +141,24 @@ class _Cluster:
         try:
             from distributed import Client
         except ImportError as exc:
-            raise ConversionError(message(
-                f"--scheduler {address}", "dask.distributed is not installed",
-                "pip install 'tensorbridge[dask]'")) from exc
+            raise ConversionError(
+                message(
+                    f"--scheduler {address}",
+                    "dask.distributed is not installed",
+                    "pip install 'tensorbridge[dask]'",
+                )
+            ) from exc
         try:
             self._client = Client(address, timeout="10s", set_as_default=False)
         except Exception as exc:  # OSError, TimeoutError, ...
-            raise ConversionError(message(
-                f"--scheduler {address}", f"no scheduler answered ({type(exc).__name__}: "
-                f"{exc})", "start one (`dask scheduler`, then `dask worker ADDRESS` on each "
-                "machine) and pass its address, e.g. tcp://host:8786")) from exc
+            raise ConversionError(
+                message(
+                    f"--scheduler {address}",
+                    f"no scheduler answered ({type(exc).__name__}: {exc})",
+                    "start one (`dask scheduler`, then `dask worker ADDRESS` on each "
+                    "machine) and pass its address, e.g. tcp://host:8786",
+                )
+            ) from exc
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self._client.submit(fn, *args, pure=False, retries=2)
@@ -161,9 +174,19 @@ class Spooler:
     """Runs :func:`spool_one` for ``names`` (in write order) on workers, a window ahead of
     the writer; :meth:`take` waits for one and hands its spool to the writer."""
 
-    def __init__(self, src: str, src_format: str, work: dict[str, str], order: list[str],
-                 spool_dir: str, base: str, *, workers: int = 2, scheduler: str | None = None,
-                 want_digest: bool = True) -> None:
+    def __init__(
+        self,
+        src: str,
+        src_format: str,
+        work: dict[str, str],
+        order: list[str],
+        spool_dir: str,
+        base: str,
+        *,
+        workers: int = 2,
+        scheduler: str | None = None,
+        want_digest: bool = True,
+    ) -> None:
         self._src = os.path.abspath(src)
         self._fmt = src_format
         self._work = work
@@ -186,8 +209,16 @@ class Spooler:
             name = self._queue.popleft()
             spool = temp_name(self._dir, self._base, SPOOL_MARKER)
             self.spools.append(spool)
-            future = self._exec.submit(spool_one, self._src, self._fmt, name, self._work[name],
-                                       spool, self._want_digest, self._token)
+            future = self._exec.submit(
+                spool_one,
+                self._src,
+                self._fmt,
+                name,
+                self._work[name],
+                spool,
+                self._want_digest,
+                self._token,
+            )
             self._futures[name] = (future, spool)
 
     def take(self, name: str) -> tuple[RawSpan, bytes | None]:
@@ -198,10 +229,14 @@ class Spooler:
         except TensorBridgeError:
             raise
         except Exception as exc:
-            raise ConversionError(message(
-                f"tensor {name!r}", f"its worker failed ({type(exc).__name__}: {exc})",
-                "run again; with --scheduler, check that every worker sees the source and "
-                "the destination's directory at the same paths")) from exc
+            raise ConversionError(
+                message(
+                    f"tensor {name!r}",
+                    f"its worker failed ({type(exc).__name__}: {exc})",
+                    "run again; with --scheduler, check that every worker sees the source and "
+                    "the destination's directory at the same paths",
+                )
+            ) from exc
         self._fill()  # not after a failure: a broken pool would raise over its message
         st = os.stat(spool)
         return RawSpan(spool, 0, nbytes, (st.st_dev, st.st_ino)), dg

@@ -10,8 +10,8 @@ copy when none of the steps makes one.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field, replace
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -88,8 +88,10 @@ class Plan:
         if self.independent:
             result = "independent memory (copied)"
         elif self.copies:
-            result = ("copied, into memory the source framework keeps and hands out again "
-                      "(read-only); copy=True makes it independent")
+            result = (
+                "copied, into memory the source framework keeps and hands out again "
+                "(read-only); copy=True makes it independent"
+            )
         else:
             result = "shares memory with the input (zero-copy)"
         lines.append("  result: " + result)
@@ -107,8 +109,15 @@ def _after_host(facts: Facts, steps: list[Step]) -> Facts:
         return replace(facts, device="cpu")
     # Copies keep the source's layout (torch's resolve_conj and .cpu() keep a transposed
     # tensor transposed), in fresh memory: writable only where it is ours alone.
-    return Facts(facts.framework, facts.dtype, facts.shape, writable=last.fresh,
-                 contiguous=facts.contiguous, native_order=facts.native_order, nbytes=facts.nbytes)
+    return Facts(
+        facts.framework,
+        facts.dtype,
+        facts.shape,
+        writable=last.fresh,
+        contiguous=facts.contiguous,
+        native_order=facts.native_order,
+        nbytes=facts.nbytes,
+    )
 
 
 def _cast_facts(facts: Facts, dtype: str) -> Facts:
@@ -118,8 +127,9 @@ def _cast_facts(facts: Facts, dtype: str) -> Facts:
         for d in facts.shape:
             n *= d
         nbytes = n * lookup(dtype).itemsize
-    return Facts(facts.framework, dtype, facts.shape, device=facts.device,
-                 nbytes=nbytes)  # C order (cast_steps)
+    return Facts(
+        facts.framework, dtype, facts.shape, device=facts.device, nbytes=nbytes
+    )  # C order (cast_steps)
 
 
 def _host_copy(a: Any) -> Any:
@@ -159,12 +169,14 @@ def plan_leaf(
     except Exception as exc:  # the framework itself could not describe the object
         if same:
             return _as_it_is(x, src, copy)
-        raise ConversionError(message(
-            f"a {src.name} {type(x).__name__}",
-            f"{src.name} could not say what it holds ({type(exc).__name__}: {exc})",
-            "convert a live tensor with ordinary memory; tensors that are deleted, donated, "
-            "nested or handles have no data of their own to convert",
-        )) from exc
+        raise ConversionError(
+            message(
+                f"a {src.name} {type(x).__name__}",
+                f"{src.name} could not say what it holds ({type(exc).__name__}: {exc})",
+                "convert a live tensor with ordinary memory; tensors that are deleted, donated, "
+                "nested or handles have no data of their own to convert",
+            )
+        ) from exc
     if dtype is not None:
         dtype = lookup(dtype).name
         if dtype == facts.dtype:
@@ -178,24 +190,31 @@ def plan_leaf(
         steps = first + _same_framework(src, facts, device, dtype)
     else:
         dlpack = _dlpack_route(src, facts, tgt, device, dtype, copy)
-        steps = dlpack if dlpack is not None else _host_route(x, src, facts, tgt, device, dtype,
-                                                              copy)
+        steps = (
+            dlpack if dlpack is not None else _host_route(x, src, facts, tgt, device, dtype, copy)
+        )
     plan = Plan(_describe(src, facts, x), tgt.name, steps)
     if copy is False and plan.copies:
         reasons = "; ".join(f"{s.text} ({s.why})" if s.why else s.text for s in steps if s.copies)
-        raise CopyError(message(
-            f"copy=False for {plan.source} -> {tgt.name}",
-            f"the memory cannot be shared: {reasons}",
-            "pass copy=None to allow a copy where it is needed, or copy=True for an independent result",
-        ))
+        raise CopyError(
+            message(
+                f"copy=False for {plan.source} -> {tgt.name}",
+                f"the memory cannot be shared: {reasons}",
+                "pass copy=None to allow a copy where it is needed, or copy=True for an independent result",
+            )
+        )
     if copy is True and not plan.independent:
-        own = src.fresh_host_step(facts) if (tgt.name == "numpy" and dtype is None and steps
-                                              and not plan.copies) else None
+        own = (
+            src.fresh_host_step(facts)
+            if (tgt.name == "numpy" and dtype is None and steps and not plan.copies)
+            else None
+        )
         if own is not None:  # the framework's own copy instead of its view, then a second copy
             plan.steps[-1] = own
         else:
-            plan.steps.append(Step("copy (copy=True)", True, tgt.clone,
-                                   "an independent result was asked for"))
+            plan.steps.append(
+                Step("copy (copy=True)", True, tgt.clone, "an independent result was asked for")
+            )
     return plan
 
 
@@ -204,10 +223,15 @@ def _as_it_is(x: Any, src: Backend, copy: bool | None) -> Plan:
     for a NumPy scalar), or the framework's own copy with copy=True."""
     from .frameworks import describe
 
-    steps = [] if src.name != "numpy" or isinstance(x, np.ndarray) else [
-        Step("numpy scalar -> 0-d array", False, np.asarray)]
+    steps = (
+        []
+        if src.name != "numpy" or isinstance(x, np.ndarray)
+        else [Step("numpy scalar -> 0-d array", False, np.asarray)]
+    )
     if copy is True:
-        steps.append(Step("copy (copy=True)", True, src.clone, "an independent result was asked for"))
+        steps.append(
+            Step("copy (copy=True)", True, src.clone, "an independent result was asked for")
+        )
     return Plan(describe(x), src.name, steps)
 
 
@@ -224,18 +248,32 @@ def _unshared(src: Backend, facts: Facts, tgt: Backend, copy: bool | None) -> St
     """The copy that keeps a hand-over from making immutable data writable (always), or
     from letting later writes to mutable data change an immutable result (unless copy=False)."""
     if not facts.writable and tgt.name in _MUTABLE:
-        return Step(f"copy into new {tgt.name} memory", True, tgt.clone,
-                    f"{tgt.name} tensors are writable, and the memory belongs to an immutable "
-                    f"{src.name} array: a write through the result would change it")
+        return Step(
+            f"copy into new {tgt.name} memory",
+            True,
+            tgt.clone,
+            f"{tgt.name} tensors are writable, and the memory belongs to an immutable "
+            f"{src.name} array: a write through the result would change it",
+        )
     if facts.writable and tgt.name not in _MUTABLE and copy is not False:
-        return Step(f"copy into new {tgt.name} memory", True, tgt.clone,
-                    f"a later write to the {src.name} tensor would change the immutable {tgt.name} "
-                    "array; copy=False shares instead")
+        return Step(
+            f"copy into new {tgt.name} memory",
+            True,
+            tgt.clone,
+            f"a later write to the {src.name} tensor would change the immutable {tgt.name} "
+            "array; copy=False shares instead",
+        )
     return None
 
 
-def _dlpack_route(src: Backend, facts: Facts, tgt: Backend, device: str | None,
-                  dtype: str | None, copy: bool | None) -> list[Step] | None:
+def _dlpack_route(
+    src: Backend,
+    facts: Facts,
+    tgt: Backend,
+    device: str | None,
+    dtype: str | None,
+    copy: bool | None,
+) -> list[Step] | None:
     """Zero-copy hand-over between two frameworks, or None when it cannot be (or when
     copying a small tensor through the host costs less than the target's handshake)."""
     if src.name == "numpy" or tgt.name == "numpy" or not facts.dlpack:
@@ -257,8 +295,14 @@ def _dlpack_route(src: Backend, facts: Facts, tgt: Backend, device: str | None,
     why = ""
     if facts.writable and tgt.name not in _MUTABLE:
         why = f"shares the {src.name} memory: do not write to the source while {tgt.name} uses it"
-    steps = prepare + [Step(f"DLPack hand-over {src.name} -> {tgt.name} on {facts.device}", False,
-                            lambda t: tgt.from_dlpack(src.to_dlpack_source(t)), why)]
+    steps = prepare + [
+        Step(
+            f"DLPack hand-over {src.name} -> {tgt.name} on {facts.device}",
+            False,
+            lambda t: tgt.from_dlpack(src.to_dlpack_source(t)),
+            why,
+        )
+    ]
     if dtype is not None:
         steps += tgt.cast_steps(facts, dtype)  # new memory: nothing is shared after it
     else:
@@ -270,8 +314,15 @@ def _dlpack_route(src: Backend, facts: Facts, tgt: Backend, device: str | None,
     return steps
 
 
-def _host_route(x: Any, src: Backend, facts: Facts, tgt: Backend, device: str | None,
-                dtype: str | None, copy: bool | None) -> list[Step]:
+def _host_route(
+    x: Any,
+    src: Backend,
+    facts: Facts,
+    tgt: Backend,
+    device: str | None,
+    dtype: str | None,
+    copy: bool | None,
+) -> list[Step]:
     steps = src.to_host_steps(x, facts)
     host = _after_host(facts, steps)
     if dtype is not None:
@@ -279,28 +330,46 @@ def _host_route(x: Any, src: Backend, facts: Facts, tgt: Backend, device: str | 
         steps += numpy.cast_steps(host, dtype)
         host = _cast_facts(host, dtype)
     if not host.native_order and tgt.name != "numpy":
-        steps.append(Step("byte-swap to native order", True, _to_native,
-                          f"{tgt.name} only holds native byte order"))
+        steps.append(
+            Step(
+                "byte-swap to native order",
+                True,
+                _to_native,
+                f"{tgt.name} only holds native byte order",
+            )
+        )
         host = Facts(host.framework, host.dtype, host.shape, nbytes=host.nbytes)
     # Memory the route made itself (nothing else holds it) is always safe to share.
     private = any(s.copies and s.fresh for s in steps)
     if copy is True and not private and tgt.name == "torch":
         # copy=True: copy with NumPy, then share that (cheaper than torch's clone afterwards)
-        steps.append(Step("copy on the host (copy=True)", True, _host_copy,
-                          "an independent result was asked for"))
+        steps.append(
+            Step(
+                "copy on the host (copy=True)",
+                True,
+                _host_copy,
+                "an independent result was asked for",
+            )
+        )
         host = Facts(host.framework, host.dtype, host.shape, nbytes=host.nbytes)
         private = True
     return steps + tgt.from_host_steps(host, device=device, copy=False if private else copy)
 
 
-def _string_route(x: Any, src: Backend, facts: Facts, tgt: Backend, dtype: str | None) -> list[Step]:
+def _string_route(
+    x: Any, src: Backend, facts: Facts, tgt: Backend, dtype: str | None
+) -> list[Step]:
     if tgt.name != "numpy" or dtype is not None:
-        raise ConversionError(message(
-            f"a {src.name} string tensor for {tgt.name}",
-            f"{tgt.name} has no string dtype" if tgt.name != "numpy" else "strings cannot be cast",
-            "convert it to NumPy (an array of bytes objects), or encode the strings to numbers "
-            "first (e.g. tf.strings.to_number, or a tokenizer)",
-        ))
+        raise ConversionError(
+            message(
+                f"a {src.name} string tensor for {tgt.name}",
+                f"{tgt.name} has no string dtype"
+                if tgt.name != "numpy"
+                else "strings cannot be cast",
+                "convert it to NumPy (an array of bytes objects), or encode the strings to numbers "
+                "first (e.g. tf.strings.to_number, or a tokenizer)",
+            )
+        )
     return src.to_host_steps(x, facts)
 
 
@@ -317,8 +386,9 @@ def plan_key_x64(key: tuple) -> tuple:
     return key if jax is None else key + (jax.config.jax_enable_x64,)
 
 
-def cached_plan(x: Any, src: Backend, target: str, device: Any, dtype: Any,
-                copy: bool | None) -> Plan:
+def cached_plan(
+    x: Any, src: Backend, target: str, device: Any, dtype: Any, copy: bool | None
+) -> Plan:
     """The :class:`Plan` for ``x``, planned once per kind of tensor.
 
     The same route :func:`plan_leaf` gives ``x`` (what ``explain`` shows): the
@@ -328,8 +398,11 @@ def cached_plan(x: Any, src: Backend, target: str, device: Any, dtype: Any,
     first tensor of the kind; errors are worded from a fresh plan.
     """
     kind = src.kind(x, target)
-    if kind is None or not (dtype is None or type(dtype) is str) or not (
-            device is None or type(device) is str):
+    if (
+        kind is None
+        or not (dtype is None or type(dtype) is str)
+        or not (device is None or type(device) is str)
+    ):
         return plan_leaf(x, src, target, device=device, dtype=dtype, copy=copy)
     key: tuple = (kind, target, device, dtype, copy)
     if target == "jax" or src.name == "jax":

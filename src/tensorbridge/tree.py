@@ -39,9 +39,9 @@ import copy
 import dataclasses
 import threading
 import types
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
-from collections.abc import Callable, Hashable, Iterator, Sequence
 
 from .errors import ConversionError, TensorBridgeError, message
 
@@ -85,8 +85,10 @@ def register_container(cls: type, flatten: Flatten, unflatten: Unflatten, /) -> 
     if not isinstance(cls, type):
         raise TypeError(f"Expected a class, got {cls!r}.")
     if cls in _BUILTINS:
-        raise TypeError(f"Expected a class of your own, got the built-in {cls.__name__!r}; "
-                        "register a subclass instead.")
+        raise TypeError(
+            f"Expected a class of your own, got the built-in {cls.__name__!r}; "
+            "register a subclass instead."
+        )
     with _LOCK:
         _REGISTRY[cls] = _Node(cls, flatten, unflatten)
         _KINDS.clear()
@@ -144,10 +146,14 @@ def _blank(obj: Any) -> Any:
             except AttributeError:
                 pass
     except Exception as exc:
-        raise ConversionError(message(
-            f"a {_name(cls)}", f"it cannot be rebuilt without calling its constructor "
-            f"({type(exc).__name__}: {exc})",
-            f"register it with tb.register_container({cls.__name__}, flatten, unflatten)")) from exc
+        raise ConversionError(
+            message(
+                f"a {_name(cls)}",
+                f"it cannot be rebuilt without calling its constructor "
+                f"({type(exc).__name__}: {exc})",
+                f"register it with tb.register_container({cls.__name__}, flatten, unflatten)",
+            )
+        ) from exc
     return new
 
 
@@ -156,25 +162,32 @@ def _check_attributes(obj: Any, skip: Sequence[str] = ()) -> None:
     which would come back unconverted."""
     for name, value in _attributes(obj, skip).items():
         if _holds_tensor(value, set()):
-            raise ConversionError(message(
-                f"the attribute {name!r} of a {_name(type(obj))}",
-                "instance attributes are kept as they are, so its tensors would be left unconverted",
-                "move the tensors into the container's items, or register the type with "
-                "tb.register_container")).at(f".{name}")
+            raise ConversionError(
+                message(
+                    f"the attribute {name!r} of a {_name(type(obj))}",
+                    "instance attributes are kept as they are, so its tensors would be left unconverted",
+                    "move the tensors into the container's items, or register the type with "
+                    "tb.register_container",
+                )
+            ).at(f".{name}")
 
 
 def _dict_flatten(d: dict) -> tuple[list, list, Any]:
     if type(d) is dict:
         return list(d.values()), list(d), (d, None)
     # the items as stored: a subclass's __iter__/__getitem__ may compute or hide items
-    keys = list(collections.OrderedDict.keys(d) if isinstance(d, collections.OrderedDict)
-                else dict.keys(d))
+    keys = list(
+        collections.OrderedDict.keys(d) if isinstance(d, collections.OrderedDict) else dict.keys(d)
+    )
     items = [dict.__getitem__(d, k) for k in keys]
     # attributes that are the very object of the item of their name (transformers'
     # ModelOutput) are rebuilt from the converted item
     attrs = _attributes(d)
-    mirrored = [k for k, v in zip(keys, items, strict=True)
-                if isinstance(k, str) and k in attrs and attrs[k] is v]
+    mirrored = [
+        k
+        for k, v in zip(keys, items, strict=True)
+        if isinstance(k, str) and k in attrs and attrs[k] is v
+    ]
     _check_attributes(d, mirrored)
     return items, keys, (d, keys, mirrored)
 
@@ -187,8 +200,11 @@ def _dict_unflatten(aux: Any, kids: list) -> dict:
     if isinstance(d, collections.defaultdict):
         new.default_factory = d.default_factory
     # the base class's own setitem: a subclass's __setitem__ may transform or refuse items
-    setitem = collections.OrderedDict.__setitem__ if isinstance(d, collections.OrderedDict) \
+    setitem = (
+        collections.OrderedDict.__setitem__
+        if isinstance(d, collections.OrderedDict)
         else dict.__setitem__
+    )
     for k, v in zip(keys, kids, strict=True):
         setitem(new, k, v)
     for k in aux[2]:
@@ -387,8 +403,11 @@ def _holds_tensor(x: Any, seen: set[int]) -> bool:
         if id(x) in seen:
             return False
         seen.add(id(x))
-        return any(_holds_tensor(c, seen) for c in (x.values() if tp is dict else x)
-                   if type(c) not in _PLAIN)
+        return any(
+            _holds_tensor(c, seen)
+            for c in (x.values() if tp is dict else x)
+            if type(c) not in _PLAIN
+        )
     if x is None or tp in _PLAIN:
         return False
     node = _node_of(tp)
@@ -410,9 +429,14 @@ def _refuse(x: Any, node: _Node) -> None:
     """An opaque container: a leaf when it holds no tensor, else refused."""
     if _holds_tensor(x, set()):
         tp = type(x)
-        fix = "put the tensors in a list or tuple" if node.opaque is _SET else (
-            f"convert a dict or list of its items instead (e.g. dict(x) or list(x)), or "
-            f"register the type with tb.register_container({tp.__name__}, flatten, unflatten)")
+        fix = (
+            "put the tensors in a list or tuple"
+            if node.opaque is _SET
+            else (
+                f"convert a dict or list of its items instead (e.g. dict(x) or list(x)), or "
+                f"register the type with tb.register_container({tp.__name__}, flatten, unflatten)"
+            )
+        )
         raise ConversionError(message(f"a {_name(tp)} holding tensors", node.opaque, fix))
 
 
@@ -424,10 +448,13 @@ def _unflatten(node: _Node, aux: Any, children: list) -> Any:
     except Exception as exc:
         if _REGISTRY.get(node.type) is node:
             raise  # the user's own function: their exception, as it is
-        raise ConversionError(message(
-            f"a {_name(node.type)}", f"it could not be rebuilt ({type(exc).__name__}: {exc})",
-            f"register it with tb.register_container({node.type.__name__}, flatten, unflatten)",
-        )) from exc
+        raise ConversionError(
+            message(
+                f"a {_name(node.type)}",
+                f"it could not be rebuilt ({type(exc).__name__}: {exc})",
+                f"register it with tb.register_container({node.type.__name__}, flatten, unflatten)",
+            )
+        ) from exc
 
 
 # -- the walks ------------------------------------------------------------------
@@ -446,9 +473,13 @@ def tree_map(fn: Callable[[Any], Any], tree: Any, /) -> Any:
 
 
 def _too_deep() -> ConversionError:
-    return ConversionError(message(
-        "the structure", "it contains itself, or is nested deeper than Python's recursion limit",
-        "break the cycle (a list or dict that holds itself), or flatten the structure"))
+    return ConversionError(
+        message(
+            "the structure",
+            "it contains itself, or is nested deeper than Python's recursion limit",
+            "break the cycle (a list or dict that holds itself), or flatten the structure",
+        )
+    )
 
 
 def _map(fn: Callable[[Any], Any], tree: Any) -> Any:

@@ -29,8 +29,8 @@ import os
 import sys
 import tempfile
 import weakref
-from typing import Any, BinaryIO
 from collections.abc import Mapping
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -75,8 +75,15 @@ class Writer:
     same shapes after the first axis, as the first one.
     """
 
-    def __init__(self, path: str | os.PathLike[str], /, *, format: str | None = None,
-                 metadata: Mapping[str, str] | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        /,
+        *,
+        format: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        **options: Any,
+    ) -> None:
         self.path = file_path(path)
         self._format = format_for_path(self.path, format)
         self._metadata = check_metadata(metadata, self.path)
@@ -100,38 +107,57 @@ class Writer:
     # -- appending -----------------------------------------------------------
     def _check_open(self) -> None:
         if self._state != "open":
-            raise ConversionError(message(
-                f"append to a Writer for {self.path!r}", f"it is {self._state}",
-                "create a new Writer"))
+            raise ConversionError(
+                message(
+                    f"append to a Writer for {self.path!r}",
+                    f"it is {self._state}",
+                    "create a new Writer",
+                )
+            )
 
     def _check_batch(self, tensors: Mapping[str, Any]) -> list[tuple[str, TensorInfo, Any]]:
         if not tensors:
-            raise ConversionError(message(
-                "an empty append()", "a batch needs at least one tensor",
-                "pass tensors by name, e.g. w.append(x=batch_x, y=batch_y)"))
+            raise ConversionError(
+                message(
+                    "an empty append()",
+                    "a batch needs at least one tensor",
+                    "pass tensors by name, e.g. w.append(x=batch_x, y=batch_y)",
+                )
+            )
         if self._order and set(tensors) != set(self._order):
-            raise ConversionError(message(
-                f"a batch with names {sorted(tensors)!r}",
-                f"the first batch had {sorted(self._order)!r}; every batch must have the same "
-                "names", "append the same set of tensors each time"))
+            raise ConversionError(
+                message(
+                    f"a batch with names {sorted(tensors)!r}",
+                    f"the first batch had {sorted(self._order)!r}; every batch must have the same "
+                    "names",
+                    "append the same set of tensors each time",
+                )
+            )
         check_unique(list(tensors), self.path, writing=True)
         checked = []
         for name, value in tensors.items():
             info, leaf = tensor_info(name, value, (name,))
             if not info.shape:
-                raise ConversionError(message(
-                    f"0-d tensor {name!r}", "batches are concatenated along axis 0, which a "
-                    "0-d tensor does not have", "append x[None] (a batch of one)"))
+                raise ConversionError(
+                    message(
+                        f"0-d tensor {name!r}",
+                        "batches are concatenated along axis 0, which a 0-d tensor does not have",
+                        "append x[None] (a batch of one)",
+                    )
+                )
             spec = (info.dtype, info.shape[1:])
             first = self._spec.get(name, spec)
             if spec != first:
-                raise ConversionError(message(
-                    f"tensor {name!r} of dtype {info.dtype} and shape {list(info.shape)}",
-                    f"the first batch had dtype {first[0]} and shape [N, "
-                    f"{', '.join(map(str, first[1]))}]; batches must match in dtype and in "
-                    "every axis but the first",
-                    f"cast or reshape it, e.g. x.astype({first[0]!r}) or "
-                    f"x.reshape(-1, {', '.join(map(str, first[1]))})"))
+                raise ConversionError(
+                    message(
+                        f"tensor {name!r} of dtype {info.dtype} and shape {list(info.shape)}",
+                        f"the first batch had dtype {first[0]} and shape [N, "
+                        f"{', '.join(map(str, first[1]))}]; batches must match in dtype and in "
+                        "every axis but the first",
+                        f"cast or reshape it, e.g. x.astype({first[0]!r}) or "
+                        f"x.reshape(-1, {', '.join(map(str, first[1]))})",
+                    )
+                )
             checked.append((name, info, leaf))
         return checked
 
@@ -145,11 +171,14 @@ class Writer:
                 self._format.check_info(info, self.path)
             except ConversionError:
                 example = "complex64" if info.dtype.startswith("complex") else "float32"
-                raise ConversionError(message(
-                    f"tensor {info.name!r} of dtype {info.dtype} for {self.path!r}",
-                    f"{self._format.name} files cannot hold {info.dtype}",
-                    f"cast each batch before appending (e.g. x.astype(np.{example})), or "
-                    "write to .h5 or .npz, which hold every dtype")) from None
+                raise ConversionError(
+                    message(
+                        f"tensor {info.name!r} of dtype {info.dtype} for {self.path!r}",
+                        f"{self._format.name} files cannot hold {info.dtype}",
+                        f"cast each batch before appending (e.g. x.astype(np.{example})), or "
+                        "write to .h5 or .npz, which hold every dtype",
+                    )
+                ) from None
         self._format.check_write(self.path, infos)
 
     def _spool(self, name: str) -> BinaryIO:
@@ -163,7 +192,8 @@ class Writer:
                 if tmp is None:
                     while True:  # locked while open: cleaners elsewhere skip it (atomic.py)
                         fd, tmp = tempfile.mkstemp(
-                            prefix=f".{self._base}{SPOOL_MARKER}{os.getpid()}-", dir=self._dir)
+                            prefix=f".{self._base}{SPOOL_MARKER}{os.getpid()}-", dir=self._dir
+                        )
                         if lock_new_file(fd, tmp):
                             break
                         os.close(fd)  # removed by a cleaner before the lock: another name
@@ -172,18 +202,23 @@ class Writer:
                     f = os.fdopen(fd, "wb")
                 else:
                     # no O_CREAT: a spool removed while closed must fail, not restart empty
-                    f = os.fdopen(os.open(tmp, os.O_WRONLY | os.O_APPEND
-                                          | getattr(os, "O_CLOEXEC", 0)), "ab")
+                    f = os.fdopen(
+                        os.open(tmp, os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)), "ab"
+                    )
                     lock_new_file(f.fileno(), tmp)
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
                     raise FileFormatError(
                         f"cannot open a spool file: too many open files ({exc.strerror}). "
                         "Fix: raise the open-file limit (e.g. `ulimit -n 4096`) or close "
-                        "other open files.", self.path) from exc
+                        "other open files.",
+                        self.path,
+                    ) from exc
                 raise FileFormatError(
                     f"cannot create a spool file in {self._dir!r} ({exc.strerror}). Fix: check "
-                    "that the directory exists and is writable.", self.path) from exc
+                    "that the directory exists and is writable.",
+                    self.path,
+                ) from exc
         self._files[name] = f
         return f
 
@@ -212,15 +247,18 @@ class Writer:
                 raise FileFormatError(
                     f"spooling a batch failed ({exc.strerror}); nothing was written. Fix: "
                     "free disk space in the destination's directory and start again.",
-                    self.path) from exc
+                    self.path,
+                ) from exc
             raise
         self.batches += 1
 
     # -- finishing -----------------------------------------------------------
     def infos(self) -> list[TensorInfo]:
         """What the file will hold, so far."""
-        return [TensorInfo(n, self._spec[n][0], (self._rows.get(n, 0), *self._spec[n][1]))
-                for n in self._order]
+        return [
+            TensorInfo(n, self._spec[n][0], (self._rows.get(n, 0), *self._spec[n][1]))
+            for n in self._order
+        ]
 
     def _fetch(self, name: str) -> np.ndarray:
         dtype, trailing = self._spec[name]
@@ -237,8 +275,9 @@ class Writer:
         try:
             for f in self._files.values():
                 f.close()
-            self._format.write(self.path, self.infos(), self._fetch, self._metadata,
-                               **self._options)
+            self._format.write(
+                self.path, self.infos(), self._fetch, self._metadata, **self._options
+            )
         finally:
             self._state = "closed"
             self._files.clear()

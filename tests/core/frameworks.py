@@ -9,13 +9,56 @@ import tensorbridge.dtypes as D
 
 FRAMEWORKS = ["numpy", "torch", "tensorflow", "jax"]
 
-TORCH_DTYPES = {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-                "float16", "bfloat16", "float32", "float64", "complex64", "complex128",
-                "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu"}
-TF_DTYPES = {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-             "float16", "bfloat16", "float32", "float64", "complex64", "complex128",
-             "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e4m3b11fnuz"}
-SUPPORTS = {"numpy": set(D.DTYPES), "torch": TORCH_DTYPES, "tensorflow": TF_DTYPES, "jax": set(D.DTYPES)}
+TORCH_DTYPES = {
+    "bool",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float16",
+    "bfloat16",
+    "float32",
+    "float64",
+    "complex64",
+    "complex128",
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "float8_e4m3fnuz",
+    "float8_e5m2fnuz",
+    "float8_e8m0fnu",
+}
+TF_DTYPES = {
+    "bool",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float16",
+    "bfloat16",
+    "float32",
+    "float64",
+    "complex64",
+    "complex128",
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "float8_e4m3fnuz",
+    "float8_e5m2fnuz",
+    "float8_e4m3b11fnuz",
+}
+SUPPORTS = {
+    "numpy": set(D.DTYPES),
+    "torch": TORCH_DTYPES,
+    "tensorflow": TF_DTYPES,
+    "jax": set(D.DTYPES),
+}
 
 _SPECIAL = {  # bit patterns that break naive conversions: NaN payloads, -0.0, subnormals, inf
     "float16": [0x7E01, 0xFC01, 0x8000, 0x0001, 0x7C00, 0xFC00],
@@ -36,11 +79,11 @@ def raw_bytes(dtype: str, n: int = 32, seed: int = 0) -> bytes:
     if dtype in ("complex64", "complex128"):
         part = "float32" if dtype == "complex64" else "float64"
         specials, info_size = _SPECIAL[part], info.itemsize // 2
-        for i, v in enumerate(specials[:2 * n]):
-            data[i * info_size:(i + 1) * info_size] = v.to_bytes(info_size, "little")
+        for i, v in enumerate(specials[: 2 * n]):
+            data[i * info_size : (i + 1) * info_size] = v.to_bytes(info_size, "little")
         return bytes(data)
     for i, v in enumerate(specials[:n]):
-        data[i * info.itemsize:(i + 1) * info.itemsize] = v.to_bytes(info.itemsize, "little")
+        data[i * info.itemsize : (i + 1) * info.itemsize] = v.to_bytes(info.itemsize, "little")
     return bytes(data)
 
 

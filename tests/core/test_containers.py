@@ -4,9 +4,9 @@ or is refused with its path: never with tensors left unconverted."""
 from __future__ import annotations
 
 import collections
-import os
 import collections.abc as abc
 import dataclasses
+import os
 import types
 
 import numpy as np
@@ -106,7 +106,11 @@ def _containers(t):
         ("UserDict subclass", Enc({"a": t}, note="x"), lambda c: [c["a"]]),
         ("UserList", Rows([t, [t]]), lambda c: [c[0], c[1][0]]),
         ("ChainMap", Chain({"a": t}, {"b": t}), lambda c: [c.maps[0]["a"], c.maps[1]["b"]]),
-        ("MappingProxyType", types.MappingProxyType(collections.OrderedDict(a=t)), lambda c: [c["a"]]),
+        (
+            "MappingProxyType",
+            types.MappingProxyType(collections.OrderedDict(a=t)),
+            lambda c: [c["a"]],
+        ),
         ("SimpleNamespace", NS(a=t, b=[t]), lambda c: [c.a, c.b[0]]),
         ("tuple subclass", Point(t, t), lambda c: list(c)),
         ("struct sequence", torch.return_types.max((t, t)), lambda c: list(c)),
@@ -127,8 +131,9 @@ def _same_shape(a, b, seen=None):
             assert attrs_a[k] is attrs_b[k]  # kept as they are
 
 
-@pytest.mark.parametrize("target,src,kind", [("numpy", torch.ones(2), np.ndarray),
-                                             ("torch", np.ones(2), torch.Tensor)])
+@pytest.mark.parametrize(
+    "target,src,kind", [("numpy", torch.ones(2), np.ndarray), ("torch", np.ones(2), torch.Tensor)]
+)
 def test_every_known_container_keeps_its_type_attributes_and_converts_every_item(target, src, kind):
     for name, tree, items in _containers(src):
         out = tb.convert(tree, to=target)
@@ -175,9 +180,10 @@ def test_state_dict_metadata_survives_a_round_trip_and_loads():
 
 def test_a_real_batch_encoding_keeps_its_type_encodings_and_methods():
     transformers = pytest.importorskip("transformers")
-    enc = transformers.BatchEncoding({"input_ids": np.array([[1, 2, 3]]),
-                                      "attention_mask": np.ones((1, 3), np.int64)},
-                                     n_sequences=1)
+    enc = transformers.BatchEncoding(
+        {"input_ids": np.array([[1, 2, 3]]), "attention_mask": np.ones((1, 3), np.int64)},
+        n_sequences=1,
+    )
     out = tb.to_torch(enc)
     assert type(out) is transformers.BatchEncoding
     assert out.n_sequences == 1 and out.encodings is None
@@ -185,8 +191,10 @@ def test_a_real_batch_encoding_keeps_its_type_encodings_and_methods():
     assert list(out.keys()) == ["input_ids", "attention_mask"]
     assert type(enc["input_ids"]) is np.ndarray  # input untouched
     back = tb.to_numpy(out)
-    assert type(back) is transformers.BatchEncoding and back["input_ids"].tobytes() == \
-        enc["input_ids"].tobytes()
+    assert (
+        type(back) is transformers.BatchEncoding
+        and back["input_ids"].tobytes() == enc["input_ids"].tobytes()
+    )
 
 
 def test_converted_items_are_zero_copy_inside_every_container():
@@ -223,20 +231,31 @@ class Frames(abc.Sequence):
         return len(self._items)
 
 
-@pytest.mark.parametrize("make,kind", [
-    (lambda t: Registry({"w": t}), "Registry"),
-    (lambda t: Frames([t]), "Frames"),
-    (lambda t: Frames([{"deep": [t]}]), "Frames"),
-    (lambda t: {t}, "set"),
-    (lambda t: frozenset([t]), "frozenset"),
-])
+@pytest.mark.parametrize(
+    "make,kind",
+    [
+        (lambda t: Registry({"w": t}), "Registry"),
+        (lambda t: Frames([t]), "Frames"),
+        (lambda t: Frames([{"deep": [t]}]), "Frames"),
+        (lambda t: {t}, "set"),
+        (lambda t: frozenset([t]), "frozenset"),
+    ],
+)
 def test_unknown_containers_holding_tensors_are_refused_with_their_path(make, kind):
     t = torch.ones(1)
     tree = {"batch": [1, make(t)]}
-    for call in (lambda: tb.to_numpy(tree), lambda: tb.to_jax(tree), lambda: tb.explain(tree, to="numpy"),
-                 lambda: tree_leaves(tree), lambda: list(tree_leaves_with_path(tree))):
-        with pytest.raises(tb.ConversionError, match=rf"^at \['batch'\]\[1\]: Cannot handle a .*{kind} "
-                                                     r"holding tensors: .*Fix: "):
+    for call in (
+        lambda: tb.to_numpy(tree),
+        lambda: tb.to_jax(tree),
+        lambda: tb.explain(tree, to="numpy"),
+        lambda: tree_leaves(tree),
+        lambda: list(tree_leaves_with_path(tree)),
+    ):
+        with pytest.raises(
+            tb.ConversionError,
+            match=rf"^at \['batch'\]\[1\]: Cannot handle a .*{kind} "
+            r"holding tensors: .*Fix: ",
+        ):
             call()
     with pytest.raises(tb.ConversionError, match=kind):
         tb.to_numpy(make(t))  # at the root too
@@ -252,8 +271,11 @@ def test_unknown_containers_without_tensors_are_leaves():
 def test_tensors_in_instance_attributes_are_refused_not_left_behind():
     d = collections.OrderedDict(a=np.ones(1))
     d.cache = {"w": np.ones(1)}
-    with pytest.raises(tb.ConversionError, match=r"^at \['m'\]\.cache: Cannot handle the attribute "
-                                                 r"'cache' of a collections.OrderedDict: .*unconverted"):
+    with pytest.raises(
+        tb.ConversionError,
+        match=r"^at \['m'\]\.cache: Cannot handle the attribute "
+        r"'cache' of a collections.OrderedDict: .*unconverted",
+    ):
         tb.to_torch({"m": d})
     ns = KwOnlyDict(name=torch.ones(1), w=1)
     with pytest.raises(tb.ConversionError, match=r"^at \.name: "):
@@ -268,8 +290,11 @@ def test_a_container_that_cannot_be_made_without_its_constructor_is_refused_by_n
         def __init__(self, needed):
             super().__init__(a=np.ones(1))
 
-    with pytest.raises(tb.ConversionError, match=r"^at \['s'\]: Cannot handle a .*Strict: it cannot be "
-                                                 r"rebuilt without calling its constructor.*register_container"):
+    with pytest.raises(
+        tb.ConversionError,
+        match=r"^at \['s'\]: Cannot handle a .*Strict: it cannot be "
+        r"rebuilt without calling its constructor.*register_container",
+    ):
         tb.to_numpy({"s": Strict(1)})
 
 
@@ -277,8 +302,11 @@ def test_a_user_registration_wins_over_the_built_in_kinds():
     class Params(collections.UserDict):
         pass
 
-    tb.register_container(Params, lambda p: ([p["w"]], ["w"], None),
-                          lambda aux, kids: Params(w=kids[0], registered=True))
+    tb.register_container(
+        Params,
+        lambda p: ([p["w"]], ["w"], None),
+        lambda aux, kids: Params(w=kids[0], registered=True),
+    )
     out = tb.to_torch(Params(w=np.ones(1)))
     assert out["registered"] is True
     with pytest.raises(TypeError, match="built-in 'dict'"):

@@ -22,7 +22,9 @@ TARGETS = ["numpy", "torch", "jax", "tensorflow"]
 
 
 @pytest.mark.parametrize("to", TARGETS)
-@pytest.mark.parametrize("device", ["cpu", "CPU:0", "cpu:0", "/CPU:0", "/job:localhost/replica:0/task:0/device:CPU:0"])
+@pytest.mark.parametrize(
+    "device", ["cpu", "CPU:0", "cpu:0", "/CPU:0", "/job:localhost/replica:0/task:0/device:CPU:0"]
+)
 def test_every_spelling_of_the_host_is_the_host_for_every_target(to, device):
     out = tb.convert(np.arange(3.0, dtype=np.float32), to=to, device=device)
     assert np.asarray(tb.to_numpy(out)).tolist() == [0.0, 1.0, 2.0]
@@ -39,7 +41,9 @@ def test_device_objects_are_accepted_everywhere(to):
 @pytest.mark.parametrize("to", TARGETS)
 @pytest.mark.parametrize("device", ["", "  ", "foo", "cuda:x", -1, True, 1.5, object()])
 def test_what_names_no_device_is_a_device_error_for_every_target(to, device):
-    with pytest.raises(tb.DeviceError, match=r"it is not a device tensorbridge can name.*Fix: pass 'cpu'"):
+    with pytest.raises(
+        tb.DeviceError, match=r"it is not a device tensorbridge can name.*Fix: pass 'cpu'"
+    ):
         tb.convert(np.ones(2), to=to, device=device)
     with pytest.raises(tb.DeviceError):
         tb.explain(np.ones(2), to=to, device=device)
@@ -63,7 +67,8 @@ def test_a_cuda_index_is_cuda_as_in_torch():
 def test_jax_cpu_indices_place_arrays_on_that_device(tmp_path):
     """With four host devices (XLA's flag, set before JAX starts: a subprocess)."""
     script = tmp_path / "cpu_n.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import numpy as np, jax, tensorbridge as tb
         assert len(jax.devices("cpu")) == 4
         a = np.arange(4.0, dtype=np.float32)
@@ -78,7 +83,10 @@ def test_jax_cpu_indices_place_arrays_on_that_device(tmp_path):
         t = tb.to_torch(j)  # from cpu:3 to torch's one CPU
         assert t.tolist() == [0.0, 1.0, 2.0, 3.0]
         print("OK")
-    """))
+    """)
+    )
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env
+    )
     assert r.stdout.strip().endswith("OK"), r.stdout + r.stderr[-3000:]

@@ -132,8 +132,9 @@ def test_cpu_jax_arrays_are_not_cuda_arrays():
 
 
 def _run(code: str) -> None:
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 

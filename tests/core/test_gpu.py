@@ -19,17 +19,36 @@ pytestmark = pytest.mark.gpu
 
 MiB = 1 << 20
 
-ALL = [torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16,
-       torch.uint32, torch.uint64, torch.float16, torch.bfloat16, torch.float32, torch.float64,
-       torch.complex64, torch.complex128, torch.float8_e4m3fn, torch.float8_e5m2,
-       torch.float8_e4m3fnuz, torch.float8_e5m2fnuz, torch.float8_e8m0fnu]
+ALL = [
+    torch.bool,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.complex64,
+    torch.complex128,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.float8_e4m3fnuz,
+    torch.float8_e5m2fnuz,
+    torch.float8_e8m0fnu,
+]
 
 
 def _raw(n: int, dtype=torch.float32, seed: int = 0):
     """n elements of random bit patterns (NaN payloads, -0.0, subnormals) on the host."""
     g = torch.Generator().manual_seed(seed)
-    t = torch.randint(0, 256, (n * torch.empty(0, dtype=dtype).element_size(),),
-                      dtype=torch.uint8, generator=g)
+    t = torch.randint(
+        0, 256, (n * torch.empty(0, dtype=dtype).element_size(),), dtype=torch.uint8, generator=g
+    )
     if dtype == torch.bool:
         t = t % 2
     return t.view(dtype)
@@ -126,7 +145,7 @@ def test_cuda_tree_of_every_dtype_and_shape_through_the_ring_is_bit_exact(no_fal
 
 def test_cuda_tree_to_numpy_one_sync_and_exact(waits, no_fallbacks):
     tree = {f"w{i}": _raw(1000 + i, seed=i).cuda().reshape(-1) for i in range(50)}
-    tree["grad"] = (torch.ones(3, device="cuda", requires_grad=True) * 2)
+    tree["grad"] = torch.ones(3, device="cuda", requires_grad=True) * 2
     waits.clear()
     out = tb.to_numpy(tree)
     assert waits == ["event"]  # one wait for the whole tree, no device-wide sync
@@ -144,19 +163,23 @@ def test_big_tensor_waits_once_per_chunk(waits, no_fallbacks):
 
 def test_ten_thousand_tiny_tensors_are_packed(waits, no_fallbacks):
     flat = _raw(10_000 * 256, seed=4).cuda()
-    ts_ = [flat[i * 256:(i + 1) * 256].clone() for i in range(10_000)]
+    ts_ = [flat[i * 256 : (i + 1) * 256].clone() for i in range(10_000)]
     waits.clear()
     before = ts.stats()["chunks"]
     out = tb.to_numpy(ts_)
     assert waits == ["event"] and ts.stats()["chunks"] - before == 1
     host = flat.cpu().numpy()
     for i, a in enumerate(out):
-        assert a.tobytes() == host[i * 256:(i + 1) * 256].tobytes()
+        assert a.tobytes() == host[i * 256 : (i + 1) * 256].tobytes()
 
 
 def test_pinned_true_returns_page_locked_arrays(waits, no_fallbacks):
-    tree = {"big": _raw(3 * MiB, seed=5).cuda(), "bias": _raw(100, seed=6).cuda(),
-            "bias2": _raw(200, seed=7).cuda(), "bf16": _raw(1000, torch.bfloat16, seed=8).cuda()}
+    tree = {
+        "big": _raw(3 * MiB, seed=5).cuda(),
+        "bias": _raw(100, seed=6).cuda(),
+        "bias2": _raw(200, seed=7).cuda(),
+        "bf16": _raw(1000, torch.bfloat16, seed=8).cuda(),
+    }
     waits.clear()
     out = tb.to_numpy(tree, pinned=True)
     assert waits == ["event"]  # one device: one wait
@@ -176,8 +199,10 @@ def test_threads_share_the_ring():
     def worker(seed: int) -> None:
         try:
             for rep in range(3):
-                tree = [_raw(n, torch.float64, seed=seed * 10 + rep).cuda()
-                        for n in (17, 5000, 12 * MiB + seed)]  # 96 MiB+: several chunks
+                tree = [
+                    _raw(n, torch.float64, seed=seed * 10 + rep).cuda()
+                    for n in (17, 5000, 12 * MiB + seed)
+                ]  # 96 MiB+: several chunks
                 out = tb.to_numpy(tree)
                 for a, t in zip(out, tree, strict=True):
                     assert a.tobytes() == _bytes(t)
@@ -239,7 +264,9 @@ def test_host_to_device_tree_bit_exact_and_no_sync(waits, no_fallbacks):
     rng = np.random.default_rng(0)
     tree = {
         f"layers.{i}.weight": rng.integers(0, 2**32, 1024 * 2048, dtype=np.uint32)
-        .view(np.float32).reshape(1024, 2048) for i in range(40)  # 320 MiB: 5 chunks
+        .view(np.float32)
+        .reshape(1024, 2048)
+        for i in range(40)  # 320 MiB: 5 chunks
     }
     tree["bf16"] = rng.integers(0, 2**16, 777, dtype=np.uint16).view(ml_dtypes.bfloat16)
     tree["f8"] = rng.integers(0, 256, 999, dtype=np.uint8).view(ml_dtypes.float8_e5m2)
@@ -250,8 +277,11 @@ def test_host_to_device_tree_bit_exact_and_no_sync(waits, no_fallbacks):
     tree["ro"] = np.frombuffer(b"\x01\x02\x03\x04" * 300, np.int32)
     tree["flipped"] = np.arange(10.0)[::-1]  # the planned route: not contiguous
     tree["name"] = "kept"
-    want = {k: (v.tobytes() if isinstance(v, np.ndarray) else _bytes(v))
-            for k, v in tree.items() if k != "name"}
+    want = {
+        k: (v.tobytes() if isinstance(v, np.ndarray) else _bytes(v))
+        for k, v in tree.items()
+        if k != "name"
+    }
     waits.clear()
     before = ts.stats()["chunks"]
     torch.cuda._sleep(SLEEP)  # the copies queue behind this: a missing wait would show
@@ -309,8 +339,9 @@ def test_from_numpy_to_device():
     assert t.is_cuda and t.cpu().numpy().tobytes() == a.tobytes()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
-                    reason="needs two CUDA devices")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA devices"
+)
 def test_tree_across_two_devices():
     tree = [_raw(1000, seed=i).to(f"cuda:{i % 2}") for i in range(6)]
     out = tb.to_numpy(tree)
@@ -354,8 +385,9 @@ def test_jax_cuda_arrays_go_through_the_ring_bit_exact(no_fallbacks):
     jax, dev = _jax_on_cuda()
     before = ts.stats()
     tree = {}
-    for k, dt in enumerate([torch.float32, torch.bfloat16, torch.int8, torch.float16,
-                            torch.complex64, torch.bool]):
+    for k, dt in enumerate(
+        [torch.float32, torch.bfloat16, torch.int8, torch.float16, torch.complex64, torch.bool]
+    ):
         host = _raw((1 << 15) + k, dt, seed=40 + k)
         tree[str(dt)] = jax.device_put(tb.to_numpy(host), dev)
     tree["big"] = jax.device_put(_host_f32(96 * MiB // 4, 7), dev)  # spans two ring blocks
@@ -401,9 +433,11 @@ def test_cupy_arrays_go_through_the_ring_bit_exact(no_fallbacks):
     cp = pytest.importorskip("cupy")
     torch.cuda.init()
     before = ts.stats()
-    tree = {"a": cp.asarray(_host_f32(1 << 16, 21)),
-            "b": cp.asarray(_host_f32(80 * MiB // 4, 22)),
-            "c": cp.arange(100, dtype=cp.int16)}
+    tree = {
+        "a": cp.asarray(_host_f32(1 << 16, 21)),
+        "b": cp.asarray(_host_f32(80 * MiB // 4, 22)),
+        "c": cp.arange(100, dtype=cp.int16),
+    }
     out = tb.to_numpy(tree)
     for k, x in tree.items():
         assert out[k].dtype == x.dtype and out[k].tobytes() == cp.asnumpy(x).tobytes(), k

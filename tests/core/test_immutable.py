@@ -18,14 +18,17 @@ jnp = jax.numpy
 def aligned(n: int = 64) -> np.ndarray:
     buf = np.empty(n + 16, np.float32)
     off = (-buf.ctypes.data % 64) // 4
-    a = buf[off:off + n]
+    a = buf[off : off + n]
     a[:] = np.arange(n)
     return a
 
 
 def first(x) -> float:
-    return float(np.asarray(x.numpy() if hasattr(x, "numpy") and not isinstance(x, np.ndarray)
-                            else x).reshape(-1)[0])
+    return float(
+        np.asarray(
+            x.numpy() if hasattr(x, "numpy") and not isinstance(x, np.ndarray) else x
+        ).reshape(-1)[0]
+    )
 
 
 def test_read_only_memmap_to_torch_copies_or_refuses(tmp_path):
@@ -52,8 +55,14 @@ def test_bytes_are_never_mutated_through_torch():
     assert b == np.arange(4, dtype=np.float32).tobytes()
 
 
-@pytest.mark.parametrize("make", [lambda: jnp.arange(8.0), lambda: tf.constant(np.arange(8.0, dtype=np.float32)),
-                                  lambda: tf.Variable(np.arange(8.0, dtype=np.float32))])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: jnp.arange(8.0),
+        lambda: tf.constant(np.arange(8.0, dtype=np.float32)),
+        lambda: tf.Variable(np.arange(8.0, dtype=np.float32)),
+    ],
+)
 def test_immutable_sources_into_torch_are_copies_and_copy_false_refuses(make):
     x = make()
     t = tb.to_torch(x)
@@ -113,7 +122,11 @@ def test_the_frameworks_own_calls_disagree_and_the_rule_picks_the_safe_side():
     do for the same inputs (the evidence in the guide); tensorbridge's default matches the
     copying entry points, copy=False the sharing ones."""
     a = aligned()
-    by_asarray, by_tf, by_dlpack = jnp.asarray(a), tf.convert_to_tensor(a), jax.dlpack.from_dlpack(a)
+    by_asarray, by_tf, by_dlpack = (
+        jnp.asarray(a),
+        tf.convert_to_tensor(a),
+        jax.dlpack.from_dlpack(a),
+    )
     ours, ours_shared = tb.to_jax(a), tb.to_jax(a, copy=False)
     a[0] = 5.0
     assert (first(by_asarray), first(by_tf), first(by_dlpack)) == (0.0, 0.0, 5.0)

@@ -10,8 +10,9 @@ FRAMEWORKS = ("torch", "tensorflow", "jax", "cupy", "mlx", "h5py", "safetensors"
 
 
 def _run(code: str) -> str:
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout
 

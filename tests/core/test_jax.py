@@ -15,8 +15,9 @@ import jax.numpy as jnp  # noqa: E402
 import tensorbridge as tb  # noqa: E402
 
 
-@pytest.mark.parametrize("transform,name", [
-    (jax.jit, "jax.jit"), (jax.grad, "jax.grad"), (jax.vmap, "jax.vmap")])
+@pytest.mark.parametrize(
+    "transform,name", [(jax.jit, "jax.jit"), (jax.grad, "jax.grad"), (jax.vmap, "jax.vmap")]
+)
 def test_tracers_are_refused_naming_the_transform(transform, name):
     caught = []
 
@@ -46,8 +47,9 @@ def test_to_jax_places_on_device():
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_float64_is_refused_without_x64_instead_of_narrowed():
@@ -115,8 +117,10 @@ def test_copies_of_a_sharded_array_are_independent_of_jaxs_cached_host_value():
 
 @pytest.mark.parametrize("source", ["torch", "tensorflow"])
 def test_64_bit_from_other_frameworks_is_refused_without_x64(source):
-    make = {"torch": "import torch; x = torch.tensor([2**40, -1])",
-            "tensorflow": "import tensorflow as tf; x = tf.constant([2**40, -1], dtype=tf.int64)"}[source]
+    make = {
+        "torch": "import torch; x = torch.tensor([2**40, -1])",
+        "tensorflow": "import tensorflow as tf; x = tf.constant([2**40, -1], dtype=tf.int64)",
+    }[source]
     r = _run(f"""
         import tensorbridge as tb
         {make}
@@ -142,8 +146,12 @@ def test_jax_fast_path_matches_the_planned_route():
 def test_deleted_arrays_are_refused_with_the_reason():
     x = jnp.arange(4.0)
     x.delete()
-    for call in (lambda: tb.to_numpy(x), lambda: tb.to_torch(x), lambda: tb.to_numpy({"x": x}),
-                 lambda: tb.explain(x, to="numpy")):
+    for call in (
+        lambda: tb.to_numpy(x),
+        lambda: tb.to_torch(x),
+        lambda: tb.to_numpy({"x": x}),
+        lambda: tb.explain(x, to="numpy"),
+    ):
         with pytest.raises(tb.ConversionError, match="deleted JAX array.*Fix:"):
             call()
 
@@ -191,8 +199,15 @@ def test_python_scalars_become_what_jax_makes_of_them():
             print("REFUSED", "jax_enable_x64" in str(e))
     """)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["float32", "int32", "bool", "complex64", "float16",
-                                "REFUSED", "True"]
+    assert r.stdout.split() == [
+        "float32",
+        "int32",
+        "bool",
+        "complex64",
+        "float16",
+        "REFUSED",
+        "True",
+    ]
 
 
 def test_explain_plans_a_python_scalar_as_convert_converts_it():
@@ -205,4 +220,7 @@ def test_explain_plans_a_python_scalar_as_convert_converts_it():
             print("REFUSED", "64 bits" in str(e))
     """)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == ["Python float 1.5 as jax ArrayImpl float32[] on cpu", "REFUSED True"]
+    assert r.stdout.splitlines() == [
+        "Python float 1.5 as jax ArrayImpl float32[] on cpu",
+        "REFUSED True",
+    ]

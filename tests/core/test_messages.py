@@ -14,15 +14,25 @@ import tensorbridge as tb
 jax = pytest.importorskip("jax")
 
 
-@pytest.mark.parametrize("name,bits,kind", [("int4", 4, "integer"), ("uint4", 4, "integer"),
-                                            ("int2", 2, "integer"), ("float4_e2m1fn", 4, "float"),
-                                            ("float6_e2m3fn", 6, "float"), ("float6_e3m2fn", 6, "float")])
+@pytest.mark.parametrize(
+    "name,bits,kind",
+    [
+        ("int4", 4, "integer"),
+        ("uint4", 4, "integer"),
+        ("int2", 2, "integer"),
+        ("float4_e2m1fn", 4, "float"),
+        ("float6_e2m3fn", 6, "float"),
+        ("float6_e3m2fn", 6, "float"),
+    ],
+)
 def test_sub_byte_ml_dtypes_are_named_as_what_they_are(name, bits, kind):
     a = np.zeros(2, getattr(ml_dtypes, name))
     with pytest.raises(tb.ConversionError) as err:
         tb.to_torch(a)
     text = str(err.value)
-    assert f"{name} (ml_dtypes): it is a {bits}-bit {kind} type" in text and "not numeric" not in text
+    assert (
+        f"{name} (ml_dtypes): it is a {bits}-bit {kind} type" in text and "not numeric" not in text
+    )
     assert ("np.float32" if kind == "float" else "np.int8") in text
 
 
@@ -46,7 +56,9 @@ def test_load_to_jax_names_the_tensor_it_cannot_convert(tmp_path):
     was = jax.config.jax_enable_x64  # the suite turns 64-bit types on (conftest)
     jax.config.update("jax_enable_x64", False)
     try:
-        with pytest.raises(tb.ConversionError, match=r"^at \['w64'\]: Cannot handle a float64 array for JAX"):
+        with pytest.raises(
+            tb.ConversionError, match=r"^at \['w64'\]: Cannot handle a float64 array for JAX"
+        ):
             tb.load(p, to="jax")
     finally:
         jax.config.update("jax_enable_x64", was)
@@ -64,8 +76,9 @@ def test_tree_plans_say_whether_they_copy():
     assert shared.copies is False and shared.independent is False
     copied = tb.explain({"a": torch.ones(2), "b": [np.ones(2)]}, to="numpy", copy=True)
     assert copied.copies is True and copied.independent is True
-    mixed = tb.explain({"a": torch.ones(2, requires_grad=True), "b": torch.ones(2).to_sparse()},
-                       to="numpy")
+    mixed = tb.explain(
+        {"a": torch.ones(2, requires_grad=True), "b": torch.ones(2).to_sparse()}, to="numpy"
+    )
     assert mixed.copies is True and mixed.independent is False
 
 
@@ -93,21 +106,39 @@ def _odd_inputs():
     deleted = jnp.ones(2)
     deleted.delete()
     return {
-        "np float64": np.arange(3.0), "np int4": np.zeros(2, ml_dtypes.int4),
-        "np record": np.zeros(2, [("a", "i4")]), "np str": np.array(["x"]),
-        "np datetime": np.array(["2020-01-01"], "datetime64[D]"), "np object": np.array([None]),
-        "np masked": np.ma.masked_array([1.0, 2.0], [True, False]), "np big-endian": np.ones(2, ">f8"),
-        "np read-only": np.frombuffer(b"\0" * 8, np.float32), "np empty": np.zeros((0, 3), np.float32),
-        "np bool": np.array([True]), "np uint64": np.array([2**64 - 1], np.uint64),
-        "np longdouble": np.ones(2, np.longdouble), "np float0": np.zeros(2, jax.dtypes.float0),
-        "torch grad": torch.ones(2, requires_grad=True), "torch conj": torch.ones(2, dtype=torch.complex64).conj(),
-        "torch meta": torch.empty(2, device="meta"), "torch quantized": quant, "torch nested": nested,
-        "torch complex32": c32, "torch int4": torch.empty(2, dtype=torch.int4),
-        "torch sparse": torch.ones(2).to_sparse(), "torch bf16": torch.ones(2, dtype=torch.bfloat16),
-        "jax deleted": deleted, "jax int4": jnp.zeros(2, jnp.int4), "jax bf16": jnp.ones(2, jnp.bfloat16),
-        "tf string": tf.constant([b"a"]), "tf ragged": tf.ragged.constant([[1], [2, 3]]),
-        "tf sparse": tf.sparse.from_dense(tf.constant([[0.0, 1.0]])), "tf variable": tf.Variable([1.0]),
-        "tf resource": tf.Variable([1.0]).handle, "python big int": 2**70, "python complex": 1 + 2j,
+        "np float64": np.arange(3.0),
+        "np int4": np.zeros(2, ml_dtypes.int4),
+        "np record": np.zeros(2, [("a", "i4")]),
+        "np str": np.array(["x"]),
+        "np datetime": np.array(["2020-01-01"], "datetime64[D]"),
+        "np object": np.array([None]),
+        "np masked": np.ma.masked_array([1.0, 2.0], [True, False]),
+        "np big-endian": np.ones(2, ">f8"),
+        "np read-only": np.frombuffer(b"\0" * 8, np.float32),
+        "np empty": np.zeros((0, 3), np.float32),
+        "np bool": np.array([True]),
+        "np uint64": np.array([2**64 - 1], np.uint64),
+        "np longdouble": np.ones(2, np.longdouble),
+        "np float0": np.zeros(2, jax.dtypes.float0),
+        "torch grad": torch.ones(2, requires_grad=True),
+        "torch conj": torch.ones(2, dtype=torch.complex64).conj(),
+        "torch meta": torch.empty(2, device="meta"),
+        "torch quantized": quant,
+        "torch nested": nested,
+        "torch complex32": c32,
+        "torch int4": torch.empty(2, dtype=torch.int4),
+        "torch sparse": torch.ones(2).to_sparse(),
+        "torch bf16": torch.ones(2, dtype=torch.bfloat16),
+        "jax deleted": deleted,
+        "jax int4": jnp.zeros(2, jnp.int4),
+        "jax bf16": jnp.ones(2, jnp.bfloat16),
+        "tf string": tf.constant([b"a"]),
+        "tf ragged": tf.ragged.constant([[1], [2, 3]]),
+        "tf sparse": tf.sparse.from_dense(tf.constant([[0.0, 1.0]])),
+        "tf variable": tf.Variable([1.0]),
+        "tf resource": tf.Variable([1.0]).handle,
+        "python big int": 2**70,
+        "python complex": 1 + 2j,
     }
 
 
@@ -118,7 +149,12 @@ def test_no_raw_exception_or_warning_escapes_any_route():
     for name, x in _odd_inputs().items():
         for to in ("numpy", "torch", "jax", "tensorflow"):
             for copy in (None, True, False):
-                for dtype, device in ((None, None), ("float16", None), (None, "cpu:1"), ("bogus", "cpu")):
+                for dtype, device in (
+                    (None, None),
+                    ("float16", None),
+                    (None, "cpu:1"),
+                    ("bogus", "cpu"),
+                ):
                     for call in (tb.convert, tb.explain):
                         with warnings.catch_warnings():
                             warnings.simplefilter("error")
@@ -126,7 +162,9 @@ def test_no_raw_exception_or_warning_escapes_any_route():
                                 call(x, to=to, copy=copy, dtype=dtype, device=device)
                             except tb.TensorBridgeError as exc:
                                 if "Fix: " not in str(exc):
-                                    failures.append((name, to, copy, dtype, device, f"no fix: {exc}"))
+                                    failures.append(
+                                        (name, to, copy, dtype, device, f"no fix: {exc}")
+                                    )
                             except BaseException as exc:  # noqa: BLE001 - the assertion reports it
                                 failures.append((name, to, copy, dtype, device, repr(exc)[:300]))
         for other in (np.ones(1), x):

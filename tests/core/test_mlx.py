@@ -23,8 +23,22 @@ from .frameworks import (
 
 mx = pytest.importorskip("mlx.core")
 
-MLX_DTYPES = {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-              "float16", "bfloat16", "float32", "float64", "complex64"}
+MLX_DTYPES = {
+    "bool",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float16",
+    "bfloat16",
+    "float32",
+    "float64",
+    "complex64",
+}
 
 
 def make_mlx(dtype: str, raw: bytes, shape=(4, 8)):
@@ -101,11 +115,19 @@ def test_strided_and_flipped_mlx_arrays(tgt):
 
 
 def test_zero_d_empty_and_flipped_numpy_into_mlx():
-    for a in (np.float32(2.5), np.zeros((0, 3), np.int8), np.arange(5.0)[::-2],
-              np.arange(4, dtype=">i4"), np.ones((3, 2), np.float16, order="F")):
+    for a in (
+        np.float32(2.5),
+        np.zeros((0, 3), np.int8),
+        np.arange(5.0)[::-2],
+        np.arange(4, dtype=">i4"),
+        np.ones((3, 2), np.float16, order="F"),
+    ):
         y = tb.to_mlx(a)
         assert tuple(y.shape) == np.shape(a)
-        assert mlx_bytes(y) == np.ascontiguousarray(a, dtype=np.asarray(a).dtype.newbyteorder("=")).tobytes()
+        assert (
+            mlx_bytes(y)
+            == np.ascontiguousarray(a, dtype=np.asarray(a).dtype.newbyteorder("=")).tobytes()
+        )
 
 
 # -- memory: claims proven by mutation ------------------------------------------------------
@@ -121,7 +143,9 @@ def test_to_numpy_is_a_read_only_view_of_the_mlx_buffer():
         c = tb.to_numpy(x, copy=True)
         assert c.flags.writeable and not tb.shares_memory(x, c)
         mlx_writable_view(x)[1] = 0
-        assert c.view(f"u{c.itemsize}")[1] == np.frombuffer(raw_bytes(dtype, 8), f"u{c.itemsize}")[1]
+        assert (
+            c.view(f"u{c.itemsize}")[1] == np.frombuffer(raw_bytes(dtype, 8), f"u{c.itemsize}")[1]
+        )
 
 
 def test_to_torch_copies_because_mlx_arrays_are_immutable():
@@ -202,7 +226,10 @@ def test_dtype_casts():
     a = np.array([1.0, 2.5, -3.0e38, np.nan], np.float32)
     y = tb.to_mlx(a, dtype="bfloat16")
     assert mlx_bytes(y) == a.astype(ml_dtypes.bfloat16).tobytes()
-    assert tb.to_numpy(y, dtype="float32").tobytes() == a.astype(ml_dtypes.bfloat16).astype(np.float32).tobytes()
+    assert (
+        tb.to_numpy(y, dtype="float32").tobytes()
+        == a.astype(ml_dtypes.bfloat16).astype(np.float32).tobytes()
+    )
     z = tb.to_mlx(mx.array([1, 2, 3], dtype=mx.int32), dtype="float16")
     assert z.dtype == mx.float16 and z.tolist() == [1.0, 2.0, 3.0]
     assert tb.to_mlx(np.zeros(2, np.complex128), dtype="complex64").dtype == mx.complex64
@@ -214,7 +241,9 @@ def test_devices():
     assert tb.to_mlx(a, device="cpu").tolist() == [1.0, 1.0]
     assert tb.to_mlx(a, device="CPU:0").tolist() == [1.0, 1.0]
     for device in ("cuda", "mps", "gpu:1"):
-        with pytest.raises(tb.DeviceError, match=r"MLX arrays have no device of their own.*set_default_device"):
+        with pytest.raises(
+            tb.DeviceError, match=r"MLX arrays have no device of their own.*set_default_device"
+        ):
             tb.to_mlx(a, device=device)
     with pytest.raises(tb.DeviceError, match="set_default_device"):
         tb.to_mlx(mx.ones(2), device="cuda")

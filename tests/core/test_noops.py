@@ -44,8 +44,14 @@ CASES = {
     "torch quantized": ("torch", _quantized),
     "torch nested": ("torch", _nested),
     "torch complex32": ("torch", _complex32),
-    "torch int4": ("torch", lambda: torch.tensor([1, 2, 3, 4], dtype=torch.uint8).view(torch.int4)
-                   if hasattr(torch, "int4") else pytest.skip("no torch.int4")),
+    "torch int4": (
+        "torch",
+        lambda: (
+            torch.tensor([1, 2, 3, 4], dtype=torch.uint8).view(torch.int4)
+            if hasattr(torch, "int4")
+            else pytest.skip("no torch.int4")
+        ),
+    ),
     "jax int4": ("jax", lambda: jnp.array([1, -2, 7], dtype=jnp.int4)),
     "numpy record": ("numpy", lambda: np.array([(1, 2.5)], dtype=[("a", "<i4"), ("b", "<f8")])),
     "numpy str": ("numpy", lambda: np.array(["a", "bc"])),

@@ -36,7 +36,9 @@ def test_read_only_copies_by_default_and_copy_false_refuses():
         warnings.simplefilter("error")
         t = tb.to_torch(a)
     assert not tb.shares_memory(a, t)
-    with pytest.raises(tb.CopyError, match="copy=False.*read-only.*torch tensors are always writable"):
+    with pytest.raises(
+        tb.CopyError, match="copy=False.*read-only.*torch tensors are always writable"
+    ):
         tb.to_torch(a, copy=False)
     t[0] = 5  # writable copy; the bytes object is untouched
     assert a[0] == 0
@@ -66,10 +68,15 @@ def test_byte_order_is_swapped_to_native(order):
     assert t.numpy().tobytes() == values.tobytes()
 
 
-@pytest.mark.parametrize("np_dtype,torch_dtype", [
-    (ml_dtypes.bfloat16, torch.bfloat16), (ml_dtypes.float8_e4m3fn, torch.float8_e4m3fn),
-    (ml_dtypes.float8_e5m2, torch.float8_e5m2), (ml_dtypes.float8_e8m0fnu, torch.float8_e8m0fnu),
-])
+@pytest.mark.parametrize(
+    "np_dtype,torch_dtype",
+    [
+        (ml_dtypes.bfloat16, torch.bfloat16),
+        (ml_dtypes.float8_e4m3fn, torch.float8_e4m3fn),
+        (ml_dtypes.float8_e5m2, torch.float8_e5m2),
+        (ml_dtypes.float8_e8m0fnu, torch.float8_e8m0fnu),
+    ],
+)
 def test_ml_dtypes_map_to_torch_dtypes_zero_copy(np_dtype, torch_dtype):
     a = np.ones(4, np_dtype)
     t = tb.to_torch(a)
@@ -86,9 +93,15 @@ def test_unsigned_stay_unsigned(dtype):
     assert t.view(getattr(torch, dtype)).numpy().tobytes() == a.tobytes()
 
 
-@pytest.mark.parametrize("a", [np.array(["a", "b"]), np.array([object(), 1], dtype=object),
-                               np.array(["2020-01-01"], dtype="datetime64[D]")],
-                         ids=["str", "object", "datetime"])
+@pytest.mark.parametrize(
+    "a",
+    [
+        np.array(["a", "b"]),
+        np.array([object(), 1], dtype=object),
+        np.array(["2020-01-01"], dtype="datetime64[D]"),
+    ],
+    ids=["str", "object", "datetime"],
+)
 def test_object_and_string_arrays_are_refused_with_a_fix(a):
     with pytest.raises(tb.ConversionError) as err:
         tb.to_torch(a)
@@ -184,8 +197,10 @@ def test_quantized_tensors_are_refused_with_dequantize_as_the_fix():
         tb.to_numpy(q)
 
 
-@pytest.mark.skipif(torch.backends.mps.is_available() or torch.cuda.is_available(),
-                    reason="the machine has the device")
+@pytest.mark.skipif(
+    torch.backends.mps.is_available() or torch.cuda.is_available(),
+    reason="the machine has the device",
+)
 @pytest.mark.parametrize("device", ["mps", "cuda", "cuda:1"])
 def test_a_device_this_machine_lacks_is_a_device_error(device):
     with pytest.raises(tb.DeviceError, match="this machine has no.*Fix: leave device unset"):

@@ -35,7 +35,9 @@ def _check_each(objs, target: str, **opts) -> None:
         out = tb.convert(x, to=target, **opts)
         src = backend_of(type(x))
         fresh = plan_leaf(x, src, target, **opts)
-        cached = cached_plan(x, src, target, opts.get("device"), opts.get("dtype"), opts.get("copy"))
+        cached = cached_plan(
+            x, src, target, opts.get("device"), opts.get("dtype"), opts.get("copy")
+        )
         assert _route(cached) == _route(fresh), (x, str(fresh))
         assert _route(tb.explain(x, to=target, **opts)) == _route(fresh)
         want = tb.to_numpy(x, copy=True)
@@ -79,9 +81,18 @@ def test_numpy_kinds_get_their_own_routes():
     readonly = writable.copy()
     readonly.flags.writeable = False
     big = _aligned(LARGE)
-    objs = [writable, readonly, writable[::-1], writable.reshape(16, 16).T,
-            writable.astype(">f4"), writable.astype(np.float16), big, big[1:],
-            np.arange(3, dtype=np.longlong), np.zeros((1, 4), np.float32)[::-1]]
+    objs = [
+        writable,
+        readonly,
+        writable[::-1],
+        writable.reshape(16, 16).T,
+        writable.astype(">f4"),
+        writable.astype(np.float16),
+        big,
+        big[1:],
+        np.arange(3, dtype=np.longlong),
+        np.zeros((1, 4), np.float32)[::-1],
+    ]
     for target in ("torch", "numpy"):
         _check_each(objs, target)
     jax = pytest.importorskip("jax")
@@ -137,7 +148,9 @@ def test_tf_views_are_read_only_and_shared():
     for obj in (x, v, x, tf.cast(x, tf.bfloat16), tf.constant(2.0)):
         a = tb.to_numpy(obj)
         plan = tb.explain(obj, to="numpy")
-        assert _route(cached_plan(obj, backend_of(type(obj)), "numpy", None, None, None)) == _route(plan)
+        assert _route(cached_plan(obj, backend_of(type(obj)), "numpy", None, None, None)) == _route(
+            plan
+        )
         if not plan.copies:
             assert not a.flags.writeable and tb.shares_memory(obj, a)
 
@@ -161,12 +174,19 @@ def test_copy_true_to_numpy_uses_the_frameworks_own_copy_once():
     as explain says; the cached route is the fresh one for every kind met."""
     tf = pytest.importorskip("tensorflow")
     jax = pytest.importorskip("jax")
-    objs = [tf.constant(np.arange(SMALL, dtype=np.float32)), tf.Variable(np.zeros(3, np.float32)),
-            tf.constant(1.5), jax.numpy.arange(4.0), jax.numpy.asarray(2.0),
-            tf.cast(tf.constant([1.0, 2.0]), tf.bfloat16)]
+    objs = [
+        tf.constant(np.arange(SMALL, dtype=np.float32)),
+        tf.Variable(np.zeros(3, np.float32)),
+        tf.constant(1.5),
+        jax.numpy.arange(4.0),
+        jax.numpy.asarray(2.0),
+        tf.cast(tf.constant([1.0, 2.0]), tf.bfloat16),
+    ]
     for x in objs:
         plan = tb.explain(x, to="numpy", copy=True)
         a = tb.to_numpy(x, copy=True)
         assert plan.independent and sum(s.copies for s in plan.steps) == 1, str(plan)
         assert a.flags.writeable and not tb.shares_memory(x, a)
-        assert _route(cached_plan(x, backend_of(type(x)), "numpy", None, None, True)) == _route(plan)
+        assert _route(cached_plan(x, backend_of(type(x)), "numpy", None, None, True)) == _route(
+            plan
+        )

@@ -67,8 +67,13 @@ class Table:
 class FakeCuda:
     """``__cuda_array_interface__`` only (numba's DeviceNDArray speaks this)."""
 
-    __cuda_array_interface__ = {"shape": (4,), "typestr": "<f4", "data": (1 << 40, False),
-                                "version": 3, "strides": None}
+    __cuda_array_interface__ = {
+        "shape": (4,),
+        "typestr": "<f4",
+        "data": (1 << 40, False),
+        "version": 3,
+        "strides": None,
+    }
 
 
 def _producer(dtype: str, raw: bytes):
@@ -151,7 +156,9 @@ def test_trees_and_what_stays_a_leaf():
     out = tb.to_numpy({"d": OnlyDLPack(a), "i": [OnlyInterface(a)], "t": Table(), "s": "text"})
     assert isinstance(out["d"], np.ndarray) and isinstance(out["i"][0], np.ndarray)
     assert isinstance(out["t"], Table) and out["s"] == "text"  # no dtype: not clearly an array
-    assert [str(p) for p, _ in tb.explain({"d": OnlyDLPack(a), "t": Table()}, to="numpy")] == ["('d',)"]
+    assert [str(p) for p, _ in tb.explain({"d": OnlyDLPack(a), "t": Table()}, to="numpy")] == [
+        "('d',)"
+    ]
 
 
 def test_refusals_name_the_object():
@@ -159,7 +166,9 @@ def test_refusals_name_the_object():
         tb.convert(OnlyDLPack(np.ones(1)), to="protocol")
     with pytest.raises(tb.ConversionError, match=r"at \['x'\].*Python objects"):
         tb.to_numpy({"x": OnlyInterface(np.array([object()]))})
-    with pytest.raises(tb.ConversionError):  # no CUDA here (or a bogus pointer): refused, not returned
+    with pytest.raises(
+        tb.ConversionError
+    ):  # no CUDA here (or a bogus pointer): refused, not returned
         tb.to_numpy(FakeCuda())
 
 

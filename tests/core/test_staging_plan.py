@@ -22,6 +22,7 @@ KiB, MiB = 1 << 10, 1 << 20
 
 # ------------------------------------------------------------------ plan_chunks
 
+
 def covered_once(sizes, pieces):
     """Every byte of every item in exactly one piece."""
     by_item: dict[int, list[Piece]] = {}
@@ -60,18 +61,21 @@ def check_chunks(sizes, chunks, *, block, nblocks, align, keys=None):
         assert parts == sorted(parts) and len(set(parts)) == len(parts)
 
 
-@pytest.mark.parametrize("sizes", [
-    [],
-    [0, 0, 0],
-    [1],
-    [4096],
-    [4097],
-    [3 * 4096 + 5],
-    [10, 4096, 10],
-    [4000, 200, 4096 * 5 + 1, 0, 7, 4096],
-    [1] * 1000,
-    [64] * 64 + [65] * 64,
-])
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        [],
+        [0, 0, 0],
+        [1],
+        [4096],
+        [4097],
+        [3 * 4096 + 5],
+        [10, 4096, 10],
+        [4000, 200, 4096 * 5 + 1, 0, 7, 4096],
+        [1] * 1000,
+        [64] * 64 + [65] * 64,
+    ],
+)
 def test_plan_chunks_examples(sizes):
     chunks = plan_chunks(sizes, block_bytes=4096, num_blocks=3, align=64)
     check_chunks(sizes, chunks, block=4096, nblocks=3, align=64)
@@ -120,10 +124,15 @@ def test_bad_block_sizes_are_refused():
 
 
 @settings(max_examples=300, deadline=None)
-@given(sizes=st.lists(st.one_of(st.integers(0, 200), st.integers(0, 5000), st.integers(0, 20000)),
-                      max_size=60),
-       block_pow=st.integers(7, 13), align_pow=st.integers(0, 7), nblocks=st.integers(1, 5),
-       nkeys=st.integers(1, 3))
+@given(
+    sizes=st.lists(
+        st.one_of(st.integers(0, 200), st.integers(0, 5000), st.integers(0, 20000)), max_size=60
+    ),
+    block_pow=st.integers(7, 13),
+    align_pow=st.integers(0, 7),
+    nblocks=st.integers(1, 5),
+    nkeys=st.integers(1, 3),
+)
 def test_plan_chunks_property(sizes, block_pow, align_pow, nblocks, nkeys):
     block, align = 1 << block_pow, 1 << min(align_pow, block_pow)
     keys = sorted(i % nkeys for i in range(len(sizes)))
@@ -132,6 +141,7 @@ def test_plan_chunks_property(sizes, block_pow, align_pow, nblocks, nkeys):
 
 
 # ------------------------------------------------------------------ plan_packs
+
 
 def check_packs(sizes, keys, packs, direct, *, small, pack_bytes):
     seen = Counter(direct)
@@ -154,8 +164,10 @@ def test_plan_packs_examples():
     packs, direct = plan_packs(sizes, keys, small_bytes=MiB, pack_bytes=64 * MiB)
     check_packs(sizes, keys, packs, direct, small=MiB, pack_bytes=64 * MiB)
     assert direct == [2]
-    assert [(p.key, p.members) for p in packs] == [("f32", ((0, 0), (1, 8), (5, 16))),
-                                                   ("bf16", ((4, 0), (6, 8)))]
+    assert [(p.key, p.members) for p in packs] == [
+        ("f32", ((0, 0), (1, 8), (5, 16))),
+        ("bf16", ((4, 0), (6, 8))),
+    ]
 
 
 def test_plan_packs_lone_small_tensor_goes_direct():
@@ -171,8 +183,12 @@ def test_plan_packs_ten_thousand_tiny():
 
 
 @settings(max_examples=200, deadline=None)
-@given(sizes=st.lists(st.integers(0, 3000), max_size=80), nkeys=st.integers(1, 4),
-       small=st.integers(1, 2000), pack_bytes=st.integers(1, 10000))
+@given(
+    sizes=st.lists(st.integers(0, 3000), max_size=80),
+    nkeys=st.integers(1, 4),
+    small=st.integers(1, 2000),
+    pack_bytes=st.integers(1, 10000),
+)
 def test_plan_packs_property(sizes, nkeys, small, pack_bytes):
     keys = [i % nkeys for i in range(len(sizes))]
     pack_bytes = max(pack_bytes, small)
@@ -182,21 +198,41 @@ def test_plan_packs_property(sizes, nkeys, small, pack_bytes):
 
 # ------------------------------------------------------------------ split_jobs
 
+
 @settings(max_examples=200, deadline=None)
-@given(sizes=st.lists(st.integers(0, 30000), max_size=30), threads=st.integers(1, 16),
-       min_pow=st.integers(6, 14))
+@given(
+    sizes=st.lists(st.integers(0, 30000), max_size=30),
+    threads=st.integers(1, 16),
+    min_pow=st.integers(6, 14),
+)
 def test_split_jobs_property(sizes, threads, min_pow):
     chunks = plan_chunks(sizes, block_bytes=1 << 15, num_blocks=4)
     for c in chunks:
         jobs = split_jobs(c.pieces, threads=threads, min_bytes=1 << min_pow)
         flat = [p for j in jobs for p in j]
-        covered_once([sum(p.nbytes for p in c.pieces if p.item == i) if any(
-            p.item == i for p in c.pieces) else 0 for i in range(len(sizes))],
-            [Piece(p.item, p.src_off - min(q.src_off for q in c.pieces if q.item == p.item),
-                   p.stage_off, p.nbytes) for p in flat])
+        covered_once(
+            [
+                sum(p.nbytes for p in c.pieces if p.item == i)
+                if any(p.item == i for p in c.pieces)
+                else 0
+                for i in range(len(sizes))
+            ],
+            [
+                Piece(
+                    p.item,
+                    p.src_off - min(q.src_off for q in c.pieces if q.item == p.item),
+                    p.stage_off,
+                    p.nbytes,
+                )
+                for p in flat
+            ],
+        )
         for p in flat:  # each job piece maps the same src->stage offset as its parent piece
-            parent = next(q for q in c.pieces if q.item == p.item
-                          and q.src_off <= p.src_off < q.src_off + q.nbytes)
+            parent = next(
+                q
+                for q in c.pieces
+                if q.item == p.item and q.src_off <= p.src_off < q.src_off + q.nbytes
+            )
             assert p.stage_off - parent.stage_off == p.src_off - parent.src_off
             assert p.src_off + p.nbytes <= parent.src_off + parent.nbytes
             assert (p.src_off - parent.src_off) % 64 == 0  # cuts on aligned boundaries
@@ -267,10 +303,28 @@ def raw(n, dtype, seed=0):
     return torch.randint(0, 256, (n * item,), dtype=torch.uint8, generator=g).view(dtype)
 
 
-ALL = [torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16,
-       torch.uint32, torch.uint64, torch.float16, torch.bfloat16, torch.float32, torch.float64,
-       torch.complex64, torch.complex128, torch.float8_e4m3fn, torch.float8_e5m2,
-       torch.float8_e4m3fnuz, torch.float8_e5m2fnuz, torch.float8_e8m0fnu]
+ALL = [
+    torch.bool,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.complex64,
+    torch.complex128,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.float8_e4m3fnuz,
+    torch.float8_e5m2fnuz,
+    torch.float8_e8m0fnu,
+]
 
 
 def reference(t):
@@ -307,8 +361,11 @@ def test_rehearsal_every_dtype_bit_exact(pinned):
     out = ts.batch_to_host(tensors, pinned=pinned, ring=ring(), hooks=hooks)
     assert_exact(out, tensors)
     for a in out:  # fresh memory, never the tensor's
-        assert a.size == 0 or not any(np.shares_memory(a, t.reshape(-1).view(torch.uint8).numpy())
-                                      for t in tensors if t.numel())
+        assert a.size == 0 or not any(
+            np.shares_memory(a, t.reshape(-1).view(torch.uint8).numpy())
+            for t in tensors
+            if t.numel()
+        )
 
 
 def test_rehearsal_prepares_like_the_planned_route():
@@ -382,8 +439,10 @@ def test_rehearsal_threads_share_the_ring():
     def worker(seed):
         try:
             for rep in range(5):
-                tensors = [raw(700 + 13 * j, torch.float64, seed=seed * 100 + rep * 10 + j)
-                           for j in range(4)]
+                tensors = [
+                    raw(700 + 13 * j, torch.float64, seed=seed * 100 + rep * 10 + j)
+                    for j in range(4)
+                ]
                 assert_exact(ts.batch_to_host(tensors, ring=r, hooks=FakeHooks()), tensors)
                 hosts = [raw(900 + j, torch.int16, seed=seed + j).numpy() for j in range(3)]
                 got = ts.scatter_host_leaves(hosts, "cpu", ring=r, hooks=FakeHooks())
@@ -438,9 +497,13 @@ def test_rehearsal_host_to_device_tree_bit_exact(monkeypatch):
         t = done[id(v)]
         assert tuple(t.shape) == tuple(v.shape)
         assert t.reshape(-1).view(torch.uint8).numpy().tobytes() == (
-            v.numpy().tobytes() if isinstance(v, torch.Tensor) else v.tobytes())
-        assert t.dtype == (v.dtype if isinstance(v, torch.Tensor)
-                           else BACKEND.native_dtype(tb.dtypes.canonical_name(v.dtype)))
+            v.numpy().tobytes() if isinstance(v, torch.Tensor) else v.tobytes()
+        )
+        assert t.dtype == (
+            v.dtype
+            if isinstance(v, torch.Tensor)
+            else BACKEND.native_dtype(tb.dtypes.canonical_name(v.dtype))
+        )
     # a block is packed again only after the copies out of its last chunk were waited for
     for k, synced in enumerate(calls):
         if k >= 2:
@@ -484,7 +547,9 @@ def test_rehearsal_error_in_a_copy_thread_surfaces(monkeypatch):
         ts.batch_to_host(tensors, ring=r, hooks=FakeHooks())
     monkeypatch.setattr(ts.np, "copyto", real)
     assert not r.lock.locked()
-    assert_exact(ts.batch_to_host(tensors, ring=r, hooks=FakeHooks()), tensors)  # the ring still works
+    assert_exact(
+        ts.batch_to_host(tensors, ring=r, hooks=FakeHooks()), tensors
+    )  # the ring still works
 
 
 def test_rehearsal_error_mid_chunk_records_the_blocks_event(monkeypatch):
@@ -494,8 +559,11 @@ def test_rehearsal_error_mid_chunk_records_the_blocks_event(monkeypatch):
     log = []
     hooks = FakeHooks(log)
     # a lone float32 (copied directly) then two float16 (one pack): both items in one chunk
-    tensors = [raw(100, torch.float32, seed=1), raw(100, torch.float16, seed=2),
-               raw(100, torch.float16, seed=3)]
+    tensors = [
+        raw(100, torch.float32, seed=1),
+        raw(100, torch.float16, seed=2),
+        raw(100, torch.float16, seed=3),
+    ]
 
     def oom(*a, **k):
         raise RuntimeError("CUDA out of memory (simulated)")
@@ -531,8 +599,10 @@ def test_rehearsal_error_mid_chunk_host_to_device_records_the_blocks_event():
         def copy_(self, *a, **k):
             raise RuntimeError("CUDA error: an illegal memory access (simulated)")
 
-    srcs = [raw(100, torch.float32, seed=1).numpy().view(np.uint8),
-            raw(100, torch.float32, seed=2).numpy().view(np.uint8)]
+    srcs = [
+        raw(100, torch.float32, seed=1).numpy().view(np.uint8),
+        raw(100, torch.float32, seed=2).numpy().view(np.uint8),
+    ]
     dsts = [torch.empty(100), Refusing()]
     with pytest.raises(RuntimeError, match="illegal"):
         ts.batch_to_device(srcs, dsts, ring=r, hooks=hooks)
@@ -567,8 +637,11 @@ def test_rehearsal_busy_ring_is_never_waited_for():
     for a in out:
         assert a.flags.writeable
     for v in hosts.values():
-        want = v.reshape(-1).view(torch.uint8).numpy().tobytes() if isinstance(v, torch.Tensor) \
+        want = (
+            v.reshape(-1).view(torch.uint8).numpy().tobytes()
+            if isinstance(v, torch.Tensor)
             else v.tobytes()
+        )
         assert got[id(v)].reshape(-1).view(torch.uint8).numpy().tobytes() == want
     after = ts.stats()
     assert after["contended"] == before["contended"] + 2
@@ -705,6 +778,7 @@ def test_after_fork_keeps_the_parents_ring_alive(monkeypatch):
 
 
 # ------------------------------------------------------------------ the public plumbing, CPU only
+
 
 def test_pinned_is_a_no_op_without_cuda_tensors():
     a = np.arange(3.0)

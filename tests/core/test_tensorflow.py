@@ -100,7 +100,8 @@ def test_tf_function_error_reaches_the_caller_as_conversion_error(tmp_path):
         "try:\n"
         "    f(tf.constant([1.0]))\n"
         "except tb.ConversionError as e:\n"
-        "    print('CAUGHT', 'tf.function' in str(e))\n")
+        "    print('CAUGHT', 'tf.function' in str(e))\n"
+    )
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "CAUGHT True", r.stdout + r.stderr[-2000:]
 
@@ -124,7 +125,7 @@ def _big_endian(n: int, dtype: str, offset: int) -> np.ndarray:
     """A big-endian array whose data starts ``offset`` bytes past a 64-byte boundary."""
     raw = np.zeros(n * 8 + 128, np.uint8)
     start = (-raw.ctypes.data) % 64 + offset
-    a = raw[start:start + n * np.dtype(dtype).itemsize].view(np.dtype(dtype).newbyteorder(">"))
+    a = raw[start : start + n * np.dtype(dtype).itemsize].view(np.dtype(dtype).newbyteorder(">"))
     a[...] = np.arange(n)
     return a
 
@@ -148,8 +149,11 @@ def test_big_endian_arrays_reach_every_framework(target, offset, dtype):
 @pytest.mark.parametrize("make", ["conj_T", "neg_T", "cast_T"])
 def test_copies_that_keep_a_transposed_layout_reach_tensorflow(make):
     z = torch.randn(3, 2, dtype=torch.complex64)
-    x, kw = {"conj_T": (z.conj().T, {}), "neg_T": (z.conj().imag.T, {}),
-             "cast_T": (np.arange(12.0).reshape(3, 4).T, {"dtype": "float32"})}[make]
+    x, kw = {
+        "conj_T": (z.conj().T, {}),
+        "neg_T": (z.conj().imag.T, {}),
+        "cast_T": (np.arange(12.0).reshape(3, 4).T, {"dtype": "float32"}),
+    }[make]
     want = np.asarray(tb.to_numpy(x, **kw))
     got = tb.to_tf(x, **kw)
     assert got.numpy().tobytes() == np.ascontiguousarray(want).tobytes()

@@ -54,7 +54,10 @@ def test_zero_d_gives_zero_d():
 
 
 def test_bfloat16_and_float8_share_memory_with_numpy():
-    for dt, mdt in ((torch.bfloat16, ml_dtypes.bfloat16), (torch.float8_e4m3fn, ml_dtypes.float8_e4m3fn)):
+    for dt, mdt in (
+        (torch.bfloat16, ml_dtypes.bfloat16),
+        (torch.float8_e4m3fn, ml_dtypes.float8_e4m3fn),
+    ):
         t = torch.ones(4, dtype=dt)
         a = tb.to_numpy(t)
         assert a.dtype == mdt

@@ -43,7 +43,11 @@ def test_container_types_are_preserved():
     assert type(out["dd"]) is defaultdict and out["dd"].default_factory is list
     assert isinstance(out["list"][1], tuple) and out["list"][1][1] is None
     assert type(out["nt"]) is Pair and out["nt"].b == 3
-    assert type(out["dc"]) is Batch and out["dc"].tag == "train" and isinstance(out["dc"].y[0], np.ndarray)
+    assert (
+        type(out["dc"]) is Batch
+        and out["dc"].tag == "train"
+        and isinstance(out["dc"].y[0], np.ndarray)
+    )
     assert type(out["fz"]) is Frozen and isinstance(out["fz"].w, np.ndarray)
     assert out["none"] is None
     assert isinstance(tree["dc"].x, torch.Tensor)  # the input is not modified
@@ -54,8 +58,9 @@ def test_custom_container_registration():
         def __init__(self, items):
             self.items = items
 
-    tb.register_container(Box, lambda b: (b.items, list(range(len(b.items))), None),
-                          lambda aux, kids: Box(kids))
+    tb.register_container(
+        Box, lambda b: (b.items, list(range(len(b.items))), None), lambda aux, kids: Box(kids)
+    )
     out = tb.to_torch(Box([np.ones(1), np.zeros(1)]))
     assert isinstance(out, Box) and all(isinstance(i, torch.Tensor) for i in out.items)
 
@@ -100,8 +105,11 @@ def test_registered_dict_subclass_uses_its_own_flatten():
     class Params(dict):
         pass
 
-    tb.register_container(Params, lambda p: ([p["w"]], ["w"], None),
-                          lambda aux, kids: Params(w=kids[0], registered=True))
+    tb.register_container(
+        Params,
+        lambda p: ([p["w"]], ["w"], None),
+        lambda aux, kids: Params(w=kids[0], registered=True),
+    )
     out = tb.to_torch(Params(w=np.ones(1), skipped=np.ones(1)))
     assert out["registered"] is True and "skipped" not in out
 
@@ -109,8 +117,11 @@ def test_registered_dict_subclass_uses_its_own_flatten():
 def test_a_structure_that_contains_itself_is_refused():
     cyclic = [np.ones(1)]
     cyclic.append(cyclic)
-    for call in (lambda: tb.to_numpy(cyclic), lambda: tb.explain(cyclic, to="torch"),
-                 lambda: tb.save({"x": cyclic}, "/nonexistent/never-written.npz")):
+    for call in (
+        lambda: tb.to_numpy(cyclic),
+        lambda: tb.explain(cyclic, to="torch"),
+        lambda: tb.save({"x": cyclic}, "/nonexistent/never-written.npz"),
+    ):
         with pytest.raises(tb.ConversionError, match="contains itself.*Fix"):
             call()
 
@@ -126,11 +137,18 @@ def test_tree_leaves_walks_as_tree_leaves_with_path_does():
     class Params(dict):
         pass
 
-    tb.register_container(Params, lambda p: ([p["w"]], ["w"], None),
-                          lambda aux, kids: Params(w=kids[0]))
+    tb.register_container(
+        Params, lambda p: ([p["w"]], ["w"], None), lambda aux, kids: Params(w=kids[0])
+    )
     a, b, c, d, e = (np.full(1, i) for i in range(5))
-    tree = {"od": OrderedDict([("z", a), ("y", None)]), "nt": Pair(b, [c, (d,)]),
-            "dc": Batch(e, None), "p": Params(w=a), "s": "text", "n": 3}
+    tree = {
+        "od": OrderedDict([("z", a), ("y", None)]),
+        "nt": Pair(b, [c, (d,)]),
+        "dc": Batch(e, None),
+        "p": Params(w=a),
+        "s": "text",
+        "n": 3,
+    }
     for _ in range(2):  # before and after tree_map filled the leaf-type cache
         got = tree_leaves(tree)
         want = [x for _, x in tree_leaves_with_path(tree)]

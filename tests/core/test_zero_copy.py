@@ -49,7 +49,7 @@ def test_zero_copy_claims_hold_under_mutation(src, tgt):
     if src == "numpy":  # 64-byte aligned, as frameworks allocate
         buf = np.zeros(1024 + 16, np.float32)
         off = (-buf.ctypes.data % 64) // 4
-        x = buf[off:off + 1024]
+        x = buf[off : off + 1024]
     plan = tb.explain(x, to=tgt)
     y = tb.convert(x, to=tgt)
     if plan.copies:
@@ -134,9 +134,14 @@ def _copy_cases():
             if src == "tensorflow" and dtype.startswith("float8"):
                 continue  # TF has no way to write into (or even locate) float8 memory
             if dtype in SUPPORTS[src] and dtype in SUPPORTS[tgt]:
-                for read_only in ((False, True) if src == "numpy" else (False,)):
-                    yield pytest.param(src, tgt, dtype, read_only,
-                                       id=f"{src}-{tgt}-{dtype}{'-read-only' if read_only else ''}")
+                for read_only in (False, True) if src == "numpy" else (False,):
+                    yield pytest.param(
+                        src,
+                        tgt,
+                        dtype,
+                        read_only,
+                        id=f"{src}-{tgt}-{dtype}{'-read-only' if read_only else ''}",
+                    )
 
 
 @pytest.mark.parametrize("src,tgt,dtype,read_only", list(_copy_cases()))
@@ -149,7 +154,7 @@ def test_a_claimed_copy_is_independent(src, tgt, dtype, read_only):
     off = -buf.ctypes.data % 64
     raw = np.zeros(1024 * np.dtype(D.numpy_dtype(dtype)).itemsize, np.uint8)
     if src == "numpy":
-        x = buf[off:off + raw.size].view(D.numpy_dtype(dtype))
+        x = buf[off : off + raw.size].view(D.numpy_dtype(dtype))
         if read_only:
             x.flags.writeable = False
     else:

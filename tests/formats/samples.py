@@ -29,8 +29,13 @@ def sample(name: str, shape: tuple[int, ...] = (3, 5), seed: int = 0) -> np.ndar
     if kind in ("float", "complex"):
         width = dt.itemsize if kind == "float" else dt.itemsize // 2
         bits = 8 * width
-        patterns = [1, 1 << (bits - 1), (1 << bits) - 1, ((1 << bits) - 1) ^ (1 << (bits - 1)),
-                    ((1 << bits) - 1) ^ 2]  # subnormal, -0.0, NaNs with payloads
+        patterns = [
+            1,
+            1 << (bits - 1),
+            (1 << bits) - 1,
+            ((1 << bits) - 1) ^ (1 << (bits - 1)),
+            ((1 << bits) - 1) ^ 2,
+        ]  # subnormal, -0.0, NaNs with payloads
         words = raw.view(f"<u{width}")
         words[: len(patterns)] = patterns[: len(words)]
     return raw.view(dt).reshape(shape).copy()
@@ -41,8 +46,9 @@ def same(a: np.ndarray, b: np.ndarray) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
-def write_with(fmt, path, arrays: dict[str, np.ndarray],
-               metadata: Mapping[str, str] | None = None, **options) -> None:
+def write_with(
+    fmt, path, arrays: dict[str, np.ndarray], metadata: Mapping[str, str] | None = None, **options
+) -> None:
     """Write ``arrays`` with ``fmt``, each under its own name and dtype."""
     infos = [TensorInfo(k, canonical_name(v.dtype), v.shape) for k, v in arrays.items()]
     fmt.write(str(path), infos, arrays.__getitem__, metadata, **options)

@@ -19,8 +19,12 @@ from tensorbridge.formats.atomic import atomic_path, atomic_write, remove_stale,
 
 def dead_pid() -> int:
     """A PID with no process behind it here, as a writer in another container looks."""
-    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return int(proc.stdout)
 
 
@@ -38,8 +42,12 @@ def holder():
     procs = []
 
     def hold(path) -> None:
-        p = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
+        p = subprocess.Popen(
+            [sys.executable, "-c", _HOLDER, str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert p.stdout.readline().strip() == "locked"
         procs.append(p)
 

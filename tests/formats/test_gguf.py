@@ -22,8 +22,15 @@ from gguf.constants import GGML_QUANT_SIZES, GGUFEndian  # noqa: E402 - after im
 from gguf.constants import GGMLQuantizationType as Q  # noqa: E402
 
 RNG = np.random.default_rng(12)
-PLAIN = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8,
-         "I16": np.int16, "I32": np.int32, "I64": np.int64}
+PLAIN = {
+    "F32": np.float32,
+    "F16": np.float16,
+    "F64": np.float64,
+    "I8": np.int8,
+    "I16": np.int16,
+    "I32": np.int32,
+    "I64": np.int64,
+}
 #: types gguf-py dequantises (its _type_traits), besides the plain ones
 REF_DEQUANTIZED = sorted(t.name for t in gguf.quants._type_traits)
 
@@ -85,12 +92,15 @@ def test_every_type_reads_without_gguf_py(tmp_path):
         if name != "BF16":  # read as stored (bfloat16), checked elsewhere
             w.add_tensor(name, _blocks(name, 2, 1), raw_dtype=Q[name])
     _finish(w)
-    expected = {t.name: _bits(_ref_dequantize(t.data, t.name))
-                for t in gguf.GGUFReader(str(p)).tensors}
-    code = ("import sys; sys.modules['gguf'] = None\n"
-            "import tensorbridge as tb\n"
-            "RESULT = {k: v.tobytes().hex() for k, v in tb.load(ARGS[0]).items()}\n"
-            "assert 'gguf' not in sys.modules or sys.modules['gguf'] is None")
+    expected = {
+        t.name: _bits(_ref_dequantize(t.data, t.name)) for t in gguf.GGUFReader(str(p)).tensors
+    }
+    code = (
+        "import sys; sys.modules['gguf'] = None\n"
+        "import tensorbridge as tb\n"
+        "RESULT = {k: v.tobytes().hex() for k, v in tb.load(ARGS[0]).items()}\n"
+        "assert 'gguf' not in sys.modules or sys.modules['gguf'] is None"
+    )
     r = run_bounded(code, [str(p)], timeout=120, mem_limit=0)
     assert r.outcome == "ok", r.detail
     assert {k: bytes.fromhex(v) for k, v in r.result.items()} == expected
@@ -144,7 +154,9 @@ def test_read_slice_reads_rows(tmp_path):
     full = _ref_dequantize(q, "Q4_K")
     with tbf.open(p) as r:
         assert _bits(r.read_slice("q", slice(1, 4))) == _bits(full[1:4])
-        assert _bits(r.read_slice("q", -1)) == _bits(full[-1]) and r.read_slice("q", 2).shape == (512,)
+        assert _bits(r.read_slice("q", -1)) == _bits(full[-1]) and r.read_slice("q", 2).shape == (
+            512,
+        )
         assert _bits(r.read_slice("x", slice(2, None))) == _bits(x[2:])
         assert _bits(r.read_slice("x", 0)) == _bits(x[0]) and r.read_slice("x", 0).shape == (3, 2)
         assert r.read_slice("q", slice(3, 3)).shape == (0, 512)
@@ -158,9 +170,11 @@ def test_big_endian_file_reads_as_gguf_py_does(tmp_path):
     w.add_uint32("n", 7)
     w.add_array("v", [1.5, -2.0])
     w.add_array("s", ["a", "bé"])
-    xs = {"f32": RNG.standard_normal((2, 3)).astype(np.float32),
-          "f16": RNG.standard_normal((4,)).astype(np.float16),
-          "i64": np.arange(6, dtype=np.int64).reshape(3, 2)}
+    xs = {
+        "f32": RNG.standard_normal((2, 3)).astype(np.float32),
+        "f16": RNG.standard_normal((4,)).astype(np.float16),
+        "i64": np.arange(6, dtype=np.int64).reshape(3, 2),
+    }
     for k, x in xs.items():
         w.add_tensor(k, x)
     q8 = gguf.quants.quantize(RNG.standard_normal((2, 64)).astype(np.float32), Q.Q8_0)
@@ -170,8 +184,11 @@ def test_big_endian_file_reads_as_gguf_py_does(tmp_path):
     assert ref.endianess == GGUFEndian.BIG
     with tbf.open(p) as r:
         assert r.byteorder == "big"
-        assert (r.metadata["n"].value, json.loads(r.metadata["v"]), json.loads(r.metadata["s"])) \
-            == (7, [1.5, -2.0], ["a", "bé"])
+        assert (
+            r.metadata["n"].value,
+            json.loads(r.metadata["v"]),
+            json.loads(r.metadata["s"]),
+        ) == (7, [1.5, -2.0], ["a", "bé"])
         for k, x in xs.items():
             got = r.read(k)
             assert got.dtype == x.dtype.newbyteorder("=") and _bits(got) == _bits(x)
@@ -191,8 +208,8 @@ def test_metadata_every_value_type(tmp_path):
     w.add_float32("f32", 1e-5)
     w.add_bool("b", True)
     w.add_string("s", "héllo\x1b[31m")
-    w.add_uint64("u64", 2 ** 64 - 1)
-    w.add_int64("i64", -(2 ** 63))
+    w.add_uint64("u64", 2**64 - 1)
+    w.add_int64("i64", -(2**63))
     w.add_float64("f64", 0.1)
     tokens = [f"tok{i}" for i in range(5000)]
     w.add_array("tokens", tokens)
@@ -205,12 +222,27 @@ def test_metadata_every_value_type(tmp_path):
     with tbf.open(p) as r:
         m = r.metadata
     assert m["general.architecture"] == "test"
-    assert (m["u8"], m["i8"], m["u16"], m["i16"], m["u32"], m["i32"]) == \
-        ("255", "-128", "65535", "-3", "4000000000", "-5")
-    assert (m["f32"], m["b"], m["s"], m["u64"], m["i64"], m["f64"]) == \
-        ("1e-05", "true", "héllo\x1b[31m", str(2 ** 64 - 1), str(-(2 ** 63)), "0.1")
-    assert {k: v.gguf_type for k, v in m.items() if k in ("u8", "f32", "tokens")} == \
-        {"u8": "UINT8", "f32": "FLOAT32", "tokens": "ARRAY"}
+    assert (m["u8"], m["i8"], m["u16"], m["i16"], m["u32"], m["i32"]) == (
+        "255",
+        "-128",
+        "65535",
+        "-3",
+        "4000000000",
+        "-5",
+    )
+    assert (m["f32"], m["b"], m["s"], m["u64"], m["i64"], m["f64"]) == (
+        "1e-05",
+        "true",
+        "héllo\x1b[31m",
+        str(2**64 - 1),
+        str(-(2**63)),
+        "0.1",
+    )
+    assert {k: v.gguf_type for k, v in m.items() if k in ("u8", "f32", "tokens")} == {
+        "u8": "UINT8",
+        "f32": "FLOAT32",
+        "tokens": "ARRAY",
+    }
     assert json.loads(m["tokens"]) == tokens == ref.fields["tokens"].contents()
     assert json.loads(m["scores"]) == [0.5, -1.25] and json.loads(m["flags"]) == [True, False]
     assert json.loads(m["nested"]) == [[1, 2], [3]]
@@ -222,15 +254,21 @@ def test_metadata_every_value_type(tmp_path):
 
 def test_our_files_read_by_gguf_py(tmp_path):
     p = tmp_path / "ours.gguf"
-    tree = {name: (RNG.standard_normal((3, 4)) * 50).astype(np_type)
-            for name, np_type in PLAIN.items()}
+    tree = {
+        name: (RNG.standard_normal((3, 4)) * 50).astype(np_type) for name, np_type in PLAIN.items()
+    }
     tree["BF16"] = RNG.standard_normal((2, 3)).astype(ml_dtypes.bfloat16)
     tree["vec"] = np.arange(5, dtype=np.float32)
     tree["scalar"] = np.float32(3.5)
-    meta = {"general.architecture": "llama", "general.name": "x\ny",
-            "ctx": tbg.value(4096, "uint32"), "eps": tbg.value(1e-5, "float32"),
-            "toks": tbg.value(["a", "b"], "array", "string"),
-            "ids": tbg.value([1, -2], "array", "int32"), "yes": tbg.value(True, "bool")}
+    meta = {
+        "general.architecture": "llama",
+        "general.name": "x\ny",
+        "ctx": tbg.value(4096, "uint32"),
+        "eps": tbg.value(1e-5, "float32"),
+        "toks": tbg.value(["a", "b"], "array", "string"),
+        "ids": tbg.value([1, -2], "array", "int32"),
+        "yes": tbg.value(True, "bool"),
+    }
     tbf.save(tree, p, metadata=meta)
     ref = gguf.GGUFReader(str(p))
     by = {t.name: t for t in ref.tensors}
@@ -240,8 +278,10 @@ def test_our_files_read_by_gguf_py(tmp_path):
         want = np.asarray(x).reshape(-1) if np.ndim(x) else np.asarray(x).reshape(1)
         got = t.data.view(np.uint8) if name == "BF16" else t.data
         assert _bits(got) == _bits(want)
-        assert tuple(int(d) for d in reversed(t.shape.tolist())) == (np.shape(x) or (1,)) \
+        assert (
+            tuple(int(d) for d in reversed(t.shape.tolist())) == (np.shape(x) or (1,))
             or np.ndim(x) == 0
+        )
     f = ref.fields
     assert f["general.name"].contents() == "x\ny" and f["ctx"].contents() == 4096
     assert f["ctx"].types == [gguf.GGUFValueType.UINT32]
@@ -256,7 +296,7 @@ def test_our_files_read_by_gguf_py(tmp_path):
 def test_quantise_bit_exact_to_gguf_py(tmp_path, qname):
     t = TYPES_BY_NAME[qname]
     x = RNG.standard_normal((4, 2 * t.block_size)).astype(np.float32)
-    x[0, :t.block_size] = 0  # an all-zero block
+    x[0, : t.block_size] = 0  # an all-zero block
     p = tmp_path / "q.gguf"
     tbf.save({"w": x, "norm": np.ones(8, np.float32)}, p, quantize=qname.lower())
     ref = {r.name: r for r in gguf.GGUFReader(str(p)).tensors}
@@ -288,8 +328,11 @@ def test_refusals_when_writing(tmp_path):
     with pytest.raises(ConversionError, match="cannot quantise to 'q4_k'"):
         tbf.save({"u": np.zeros((2, 32), np.float32)}, p, quantize="q4_k")
     with pytest.raises(ConversionError, match="power of two"):
-        tbf.save({"u": np.zeros(2, np.float32)}, p,
-                 metadata={"general.alignment": tbg.value(48, "uint32")})
+        tbf.save(
+            {"u": np.zeros(2, np.float32)},
+            p,
+            metadata={"general.alignment": tbg.value(48, "uint32")},
+        )
     assert not p.exists()
     with pytest.raises(ConversionError, match="UINT32"):
         tbg.value(-1, "uint32")
@@ -297,8 +340,11 @@ def test_refusals_when_writing(tmp_path):
 
 def test_alignment_from_metadata_is_used(tmp_path):
     p = tmp_path / "a.gguf"
-    tbf.save({"a": np.ones(3, np.float32), "b": np.ones(5, np.int16)}, p,
-             metadata={"general.alignment": "64"})
+    tbf.save(
+        {"a": np.ones(3, np.float32), "b": np.ones(5, np.int16)},
+        p,
+        metadata={"general.alignment": "64"},
+    )
     ref = gguf.GGUFReader(str(p))
     assert ref.alignment == 64 and all(t.data_offset % 64 == 0 for t in ref.tensors)
     assert tbf.open(p).metadata["general.alignment"].gguf_type == "UINT32"
@@ -327,8 +373,11 @@ def test_gguf_to_gguf_copies_blocks_and_keeps_metadata(tmp_path):
     assert s["count"] == 3 and s["verified"] == 3
     a = {t.name: t for t in gguf.GGUFReader(str(src)).tensors}
     b = gguf.GGUFReader(str(dst))
-    assert [t.name for t in b.tensors] == ["blk.0.attn_q.weight", "blk.0.ffn.weight",
-                                           "blk.0.norm.weight"]
+    assert [t.name for t in b.tensors] == [
+        "blk.0.attn_q.weight",
+        "blk.0.ffn.weight",
+        "blk.0.norm.weight",
+    ]
     for t in b.tensors:
         assert t.tensor_type == a[t.name].tensor_type and _bits(t.data) == _bits(a[t.name].data)
     assert b.fields["tokenizer.ggml.tokens"].contents() == ["<s>", "</s>", "hi"]
@@ -373,10 +422,16 @@ def test_inspect_and_diff(tmp_path, capsys):
     assert main(["inspect", "--json", "--stats", str(model)]) == 0
     doc = json.loads(capsys.readouterr().out)["files"][0]
     t = {e["name"]: e for e in doc["tensors"]}["blk.0.attn_q.weight"]
-    assert (t["stored_type"], t["shape"], t["stored_nbytes"], t["bits_per_weight"]) == \
-        ("Q4_K", [2, 256], 288, 4.5)
-    assert t["dtype"] == "float32" and t["stats"]["finite"] + t["stats"]["nan"] \
-        + t["stats"]["inf"] == 512
+    assert (t["stored_type"], t["shape"], t["stored_nbytes"], t["bits_per_weight"]) == (
+        "Q4_K",
+        [2, 256],
+        288,
+        4.5,
+    )
+    assert (
+        t["dtype"] == "float32"
+        and t["stats"]["finite"] + t["stats"]["nan"] + t["stats"]["inf"] == 512
+    )
     assert json.loads(doc["metadata"]["tokenizer.ggml.tokens"]) == ["<s>", "</s>", "hi"]
     assert main(["inspect", str(model)]) == 0
     text = capsys.readouterr().out

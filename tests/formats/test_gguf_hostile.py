@@ -26,23 +26,37 @@ def kv_u32(key: str, v: int) -> bytes:
 
 
 def tinfo(name: str, ne: list[int], tid: int = 0, offset: int = 0) -> bytes:
-    return s(name) + struct.pack("<I", len(ne)) + b"".join(struct.pack("<Q", d) for d in ne) \
+    return (
+        s(name)
+        + struct.pack("<I", len(ne))
+        + b"".join(struct.pack("<Q", d) for d in ne)
         + struct.pack("<IQ", tid, offset)
+    )
 
 
-def gguf_bytes(kvs: list[bytes], tensors: list[bytes], data: bytes = b"", version: int = 3,
-               n_kv: int | None = None, n_t: int | None = None, align: int = 32) -> bytes:
-    head = b"GGUF" + struct.pack("<IQQ", version, len(tensors) if n_t is None else n_t,
-                                 len(kvs) if n_kv is None else n_kv)
+def gguf_bytes(
+    kvs: list[bytes],
+    tensors: list[bytes],
+    data: bytes = b"",
+    version: int = 3,
+    n_kv: int | None = None,
+    n_t: int | None = None,
+    align: int = 32,
+) -> bytes:
+    head = b"GGUF" + struct.pack(
+        "<IQQ", version, len(tensors) if n_t is None else n_t, len(kvs) if n_kv is None else n_kv
+    )
     head += b"".join(kvs) + b"".join(tensors)
     head += bytes(-len(head) % align)
     return head + data
 
 
 def valid() -> bytes:
-    return gguf_bytes([kv_u32("n", 1)], [tinfo("a", [4]), tinfo("b", [2, 2], 0, 32)],
-                      np.arange(4, dtype="<f4").tobytes() + bytes(16)
-                      + np.ones(4, "<f4").tobytes() + bytes(16))
+    return gguf_bytes(
+        [kv_u32("n", 1)],
+        [tinfo("a", [4]), tinfo("b", [2, 2], 0, 32)],
+        np.arange(4, dtype="<f4").tobytes() + bytes(16) + np.ones(4, "<f4").tobytes() + bytes(16),
+    )
 
 
 def _write(tmp_path, data: bytes, name: str = "x.gguf"):
@@ -60,50 +74,114 @@ CASES = {
     "bad magic": (b"GGML" + valid()[4:], FileFormatError, "not b'GGUF'"),
     "version 1": (gguf_bytes([], [], version=1), FileFormatError, "version 1 is not supported"),
     "truncated header": (valid()[:30], FileFormatError, "truncated"),
-    "huge kv count": (gguf_bytes([], [], n_kv=2 ** 62), FileFormatError, "needs"),
-    "huge tensor count": (gguf_bytes([], [], n_t=2 ** 60), FileFormatError, "needs"),
-    "huge string length": (gguf_bytes([s("k") + struct.pack("<IQ", 8, 2 ** 63)], []),
-                           FileFormatError, "needs"),
-    "long key": (gguf_bytes([s("k" * 70000) + struct.pack("<II", 4, 1)], []),
-                 FileFormatError, "65535-byte limit"),
-    "huge array": (gguf_bytes([s("a") + struct.pack("<IIQ", 9, 0, 2 ** 61)], []),
-                   FileFormatError, "items"),
-    "huge string array": (gguf_bytes([s("a") + struct.pack("<IIQ", 9, 8, 2 ** 40)], []),
-                          FileFormatError, "items"),
-    "unknown value type": (gguf_bytes([s("a") + struct.pack("<I", 13)], []),
-                           FileFormatError, "unknown value type 13"),
-    "deep arrays": (gguf_bytes([s("a") + struct.pack("<I", 9)
-                                + struct.pack("<IQ", 9, 1) * 12 + struct.pack("<IQ", 4, 0)], []),
-                    FileFormatError, "nests arrays"),
-    "many nested arrays": (gguf_bytes([s("a") + struct.pack("<IIQ", 9, 9, 100_000)
-                                       + struct.pack("<IQ", 4, 0) * 100_000], []),
-                           FileFormatError, "inner arrays"),
-    "duplicate key": (gguf_bytes([kv_u32("k", 1), kv_u32("k", 2)], []),
-                      UnsafeContentError, "more than once"),
-    "duplicate tensor": (gguf_bytes([], [tinfo("a", [1]), tinfo("a", [1], 0, 32)], bytes(64)),
-                         UnsafeContentError, "more than once"),
-    "unknown tensor type": (gguf_bytes([], [tinfo("a", [1], 99)], bytes(32)),
-                            FileFormatError, "unknown ggml type 99"),
-    "five dims": (gguf_bytes([], [tinfo("a", [1] * 5)], bytes(32)), FileFormatError,
-                  "at most 4"),
-    "dims overflow": (gguf_bytes([], [tinfo("a", [2 ** 32, 2 ** 32, 2 ** 32])]),
-                      FileFormatError, "2\\*\\*62"),
-    "empty but huge dims": (gguf_bytes([], [tinfo("a", [0, 2 ** 40, 2 ** 40])]),
-                            FileFormatError, "2\\*\\*62"),
-    "block misfit": (gguf_bytes([], [tinfo("a", [33, 1], 8)], bytes(64)), FileFormatError,
-                     "block size"),
-    "misaligned": (gguf_bytes([], [tinfo("a", [1], 0, 4)], bytes(32)), FileFormatError,
-                   "not a multiple of the alignment"),
-    "past the end": (gguf_bytes([], [tinfo("a", [1000])], bytes(32)), FileFormatError,
-                     "ends past the end"),
-    "overlap": (gguf_bytes([], [tinfo("a", [16]), tinfo("b", [16], 0, 32)], bytes(128)),
-                UnsafeContentError, "overlap"),
-    "bad alignment": (gguf_bytes([kv_u32("general.alignment", 3)], []), FileFormatError,
-                      "power of two"),
-    "string alignment": (gguf_bytes([s("general.alignment") + struct.pack("<I", 8) + s("32")],
-                                    []), FileFormatError, "UINT32"),
-    "name not utf-8": (gguf_bytes([], [tinfo(b"\xff\xfe".decode("latin-1"), [1])], bytes(32)),
-                       None, None),
+    "huge kv count": (gguf_bytes([], [], n_kv=2**62), FileFormatError, "needs"),
+    "huge tensor count": (gguf_bytes([], [], n_t=2**60), FileFormatError, "needs"),
+    "huge string length": (
+        gguf_bytes([s("k") + struct.pack("<IQ", 8, 2**63)], []),
+        FileFormatError,
+        "needs",
+    ),
+    "long key": (
+        gguf_bytes([s("k" * 70000) + struct.pack("<II", 4, 1)], []),
+        FileFormatError,
+        "65535-byte limit",
+    ),
+    "huge array": (
+        gguf_bytes([s("a") + struct.pack("<IIQ", 9, 0, 2**61)], []),
+        FileFormatError,
+        "items",
+    ),
+    "huge string array": (
+        gguf_bytes([s("a") + struct.pack("<IIQ", 9, 8, 2**40)], []),
+        FileFormatError,
+        "items",
+    ),
+    "unknown value type": (
+        gguf_bytes([s("a") + struct.pack("<I", 13)], []),
+        FileFormatError,
+        "unknown value type 13",
+    ),
+    "deep arrays": (
+        gguf_bytes(
+            [
+                s("a")
+                + struct.pack("<I", 9)
+                + struct.pack("<IQ", 9, 1) * 12
+                + struct.pack("<IQ", 4, 0)
+            ],
+            [],
+        ),
+        FileFormatError,
+        "nests arrays",
+    ),
+    "many nested arrays": (
+        gguf_bytes(
+            [s("a") + struct.pack("<IIQ", 9, 9, 100_000) + struct.pack("<IQ", 4, 0) * 100_000], []
+        ),
+        FileFormatError,
+        "inner arrays",
+    ),
+    "duplicate key": (
+        gguf_bytes([kv_u32("k", 1), kv_u32("k", 2)], []),
+        UnsafeContentError,
+        "more than once",
+    ),
+    "duplicate tensor": (
+        gguf_bytes([], [tinfo("a", [1]), tinfo("a", [1], 0, 32)], bytes(64)),
+        UnsafeContentError,
+        "more than once",
+    ),
+    "unknown tensor type": (
+        gguf_bytes([], [tinfo("a", [1], 99)], bytes(32)),
+        FileFormatError,
+        "unknown ggml type 99",
+    ),
+    "five dims": (gguf_bytes([], [tinfo("a", [1] * 5)], bytes(32)), FileFormatError, "at most 4"),
+    "dims overflow": (
+        gguf_bytes([], [tinfo("a", [2**32, 2**32, 2**32])]),
+        FileFormatError,
+        "2\\*\\*62",
+    ),
+    "empty but huge dims": (
+        gguf_bytes([], [tinfo("a", [0, 2**40, 2**40])]),
+        FileFormatError,
+        "2\\*\\*62",
+    ),
+    "block misfit": (
+        gguf_bytes([], [tinfo("a", [33, 1], 8)], bytes(64)),
+        FileFormatError,
+        "block size",
+    ),
+    "misaligned": (
+        gguf_bytes([], [tinfo("a", [1], 0, 4)], bytes(32)),
+        FileFormatError,
+        "not a multiple of the alignment",
+    ),
+    "past the end": (
+        gguf_bytes([], [tinfo("a", [1000])], bytes(32)),
+        FileFormatError,
+        "ends past the end",
+    ),
+    "overlap": (
+        gguf_bytes([], [tinfo("a", [16]), tinfo("b", [16], 0, 32)], bytes(128)),
+        UnsafeContentError,
+        "overlap",
+    ),
+    "bad alignment": (
+        gguf_bytes([kv_u32("general.alignment", 3)], []),
+        FileFormatError,
+        "power of two",
+    ),
+    "string alignment": (
+        gguf_bytes([s("general.alignment") + struct.pack("<I", 8) + s("32")], []),
+        FileFormatError,
+        "UINT32",
+    ),
+    "name not utf-8": (
+        gguf_bytes([], [tinfo(b"\xff\xfe".decode("latin-1"), [1])], bytes(32)),
+        None,
+        None,
+    ),
     "bad name": (gguf_bytes([], [tinfo("../x", [1])], bytes(32)), UnsafeContentError, "'..'"),
 }
 
@@ -120,21 +198,29 @@ def test_refused(tmp_path, case):
     assert str(p) in str(exc.value)
 
 
-@pytest.mark.parametrize("case", ["huge kv count", "huge string length", "huge array",
-                                  "many nested arrays",
-                                  "huge string array", "dims overflow"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "huge kv count",
+        "huge string length",
+        "huge array",
+        "many nested arrays",
+        "huge string array",
+        "dims overflow",
+    ],
+)
 def test_refused_within_bounds(tmp_path, case):
     p = _write(tmp_path, CASES[case][0])
     # the clock limit is run_bounded's timeout (a hang would be outcome "timeout")
-    r = run_bounded("import tensorbridge as tb; tb.load(ARGS[0])", [str(p)], timeout=60,
-                    mem_limit=1 << 30)
+    r = run_bounded(
+        "import tensorbridge as tb; tb.load(ARGS[0])", [str(p)], timeout=60, mem_limit=1 << 30
+    )
     assert r.outcome == "refused", r.detail
     assert r.peak_rss < 400 * MIB
 
 
 def test_invalid_utf8_name_refused(tmp_path):
-    p = _write(tmp_path, gguf_bytes([], [s(b"\xff") + struct.pack("<IQIQ", 1, 1, 0, 0)],
-                                    bytes(32)))
+    p = _write(tmp_path, gguf_bytes([], [s(b"\xff") + struct.pack("<IQIQ", 1, 1, 0, 0)], bytes(32)))
     with pytest.raises(FileFormatError, match="not valid UTF-8"):
         tbf.open(p)
 
@@ -152,11 +238,16 @@ def test_non_utf8_string_value_round_trips(tmp_path):
 def test_big_tokenizer_loads_in_proportion(tmp_path):
     """150k strings of metadata: loads, and memory stays a small multiple of the file."""
     tokens = b"".join(s(f"tok{i}") for i in range(150_000))
-    p = _write(tmp_path, gguf_bytes([s("tokens") + struct.pack("<IIQ", 9, 8, 150_000) + tokens],
-                                    []))
-    r = run_bounded("import tensorbridge as tb\nwith tb.open(ARGS[0]) as r:\n"
-                    "    RESULT = [len(r.metadata['tokens']), len(repr(r.metadata))]",
-                    [str(p)], timeout=60, mem_limit=1 << 30)
+    p = _write(
+        tmp_path, gguf_bytes([s("tokens") + struct.pack("<IIQ", 9, 8, 150_000) + tokens], [])
+    )
+    r = run_bounded(
+        "import tensorbridge as tb\nwith tb.open(ARGS[0]) as r:\n"
+        "    RESULT = [len(r.metadata['tokens']), len(repr(r.metadata))]",
+        [str(p)],
+        timeout=60,
+        mem_limit=1 << 30,
+    )
     assert r.outcome == "ok", r.detail
     assert r.result[1] < 1000 and r.peak_rss < 300 * MIB
 
@@ -169,14 +260,21 @@ def test_truncated_after_open_is_an_error(tmp_path):
             r.read("b")
 
 
-FUZZ = settings(max_examples=150, deadline=None, database=None, derandomize=True,
-                suppress_health_check=list(HealthCheck))
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=list(HealthCheck),
+)
 _BASE = valid()
 
 
 @FUZZ
-@given(st.lists(st.tuples(st.integers(0, len(_BASE) - 1), st.integers(0, 255)), max_size=8),
-       st.integers(0, len(_BASE)))
+@given(
+    st.lists(st.tuples(st.integers(0, len(_BASE) - 1), st.integers(0, 255)), max_size=8),
+    st.integers(0, len(_BASE)),
+)
 def test_fuzz_bytes(tmp_path_factory, edits, cut):
     data = bytearray(_BASE)
     for at, byte in edits:
@@ -191,11 +289,19 @@ def test_fuzz_bytes(tmp_path_factory, edits, cut):
 
 
 @FUZZ
-@given(st.lists(st.integers(0, 2 ** 64 - 1), min_size=1, max_size=4), st.integers(0, 45),
-       st.integers(0, 2 ** 64 - 1), st.integers(0, 2 ** 32 - 1))
+@given(
+    st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=4),
+    st.integers(0, 45),
+    st.integers(0, 2**64 - 1),
+    st.integers(0, 2**32 - 1),
+)
 def test_fuzz_tensor_info(tmp_path_factory, ne, tid, offset, ndim):
-    head = s("t") + struct.pack("<I", ndim if ndim > 4 else len(ne)) \
-        + b"".join(struct.pack("<Q", d) for d in ne) + struct.pack("<IQ", tid, offset)
+    head = (
+        s("t")
+        + struct.pack("<I", ndim if ndim > 4 else len(ne))
+        + b"".join(struct.pack("<Q", d) for d in ne)
+        + struct.pack("<IQ", tid, offset)
+    )
     p = tmp_path_factory.mktemp("fz") / "f.gguf"
     p.write_bytes(gguf_bytes([], [head], bytes(256)))
     try:

@@ -41,6 +41,7 @@ def read_all(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 
 # --- interoperability -----------------------------------------------------------------
 
+
 def test_reads_h5py_files_with_groups_as_dotted_names(tmp_path):
     p = tmp_path / "keras.h5"
     arrays = {f"layers/l{i}/{name}": sample(name, (2, 3), seed=i) for i, name in enumerate(NATIVE)}
@@ -91,6 +92,7 @@ def test_h5py_reads_what_we_write(tmp_path):
 
 # --- round trips ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", list(DTYPES))
 @pytest.mark.parametrize("shape", [(), (0,), (2, 0), (7,), (2, 3, 4)])
 def test_round_trip_every_dtype_bit_exact(tmp_path, name, shape):
@@ -105,8 +107,12 @@ def test_round_trip_every_dtype_bit_exact(tmp_path, name, shape):
 
 def test_non_contiguous_and_big_endian_inputs(tmp_path):
     base = sample("float64", (4, 6))
-    arrays = {"t": base.T, "s": base[::-1, ::2], "be": base.astype(">f8"),
-              "bf": sample("bfloat16", (4, 6))[:, ::2]}
+    arrays = {
+        "t": base.T,
+        "s": base[::-1, ::2],
+        "be": base.astype(">f8"),
+        "bf": sample("bfloat16", (4, 6))[:, ::2],
+    }
     write(tmp_path / "nc.h5", arrays)
     got, _ = read_all(tmp_path / "nc.h5")
     for k, v in arrays.items():
@@ -146,8 +152,9 @@ def _refused(path, error, text):
 
 
 def _external_storage(f, d):
-    f.create_dataset("x", shape=(len(SECRET),), dtype="u1",
-                     external=[(str(d / "sentinel.bin"), 0, len(SECRET))])
+    f.create_dataset(
+        "x", shape=(len(SECRET),), dtype="u1", external=[(str(d / "sentinel.bin"), 0, len(SECRET))]
+    )
 
 
 def _external_link(f, d):
@@ -184,25 +191,50 @@ UNREADABLE = {
     "external storage": (_external_storage, "its data lives in external files", UnsafeContentError),
     "external link": (_external_link, "an external link to", UnsafeContentError),
     "virtual dataset": (_virtual, "a virtual dataset", UnsafeContentError),
-    "dangling soft link": (lambda f, d: f.__setitem__("x", h5py.SoftLink("/gone")),
-                           "a soft link to '/gone'", FileFormatError),
-    "vlen str": (lambda f, d: f.create_dataset("x", data=["a", "bc"], dtype=h5py.string_dtype()),
-                 "not numbers", FileFormatError),
-    "fixed bytes": (lambda f, d: f.create_dataset("x", data=np.array([b"ab", b"c"])),
-                    "not numbers", FileFormatError),
-    "compound": (lambda f, d: f.create_dataset("x", data=np.zeros(2, [("a", "f4"), ("b", "i4")])),
-                 "not numbers", FileFormatError),
-    "object ref": (lambda f, d: f.create_dataset("x", data=[f.ref], dtype=h5py.ref_dtype),
-                   "not numbers", FileFormatError),
+    "dangling soft link": (
+        lambda f, d: f.__setitem__("x", h5py.SoftLink("/gone")),
+        "a soft link to '/gone'",
+        FileFormatError,
+    ),
+    "vlen str": (
+        lambda f, d: f.create_dataset("x", data=["a", "bc"], dtype=h5py.string_dtype()),
+        "not numbers",
+        FileFormatError,
+    ),
+    "fixed bytes": (
+        lambda f, d: f.create_dataset("x", data=np.array([b"ab", b"c"])),
+        "not numbers",
+        FileFormatError,
+    ),
+    "compound": (
+        lambda f, d: f.create_dataset("x", data=np.zeros(2, [("a", "f4"), ("b", "i4")])),
+        "not numbers",
+        FileFormatError,
+    ),
+    "object ref": (
+        lambda f, d: f.create_dataset("x", data=[f.ref], dtype=h5py.ref_dtype),
+        "not numbers",
+        FileFormatError,
+    ),
     "vlen int": (_vlen_int, "not numbers", FileFormatError),
-    "null dataspace": (lambda f, d: f.create_dataset("x", data=h5py.Empty("f4")),
-                       "null dataspace", FileFormatError),
-    "never written": (lambda f, d: f.create_dataset("x", shape=(2**40,), dtype="u1"),
-                      "never written", FileFormatError),
+    "null dataspace": (
+        lambda f, d: f.create_dataset("x", data=h5py.Empty("f4")),
+        "null dataspace",
+        FileFormatError,
+    ),
+    "never written": (
+        lambda f, d: f.create_dataset("x", shape=(2**40,), dtype="u1"),
+        "never written",
+        FileFormatError,
+    ),
     "partly written chunks": (_partly_chunked, "partly written: 1 of 4 chunks", FileFormatError),
-    "huge chunks": (lambda f, d: f.create_dataset("x", shape=(1,), maxshape=(None,),
-                                                  chunks=(2**27,), dtype="f4", data=[1]),
-                    "chunks hold 536870912 bytes each, for a tensor of 4 bytes", FileFormatError),
+    "huge chunks": (
+        lambda f, d: f.create_dataset(
+            "x", shape=(1,), maxshape=(None,), chunks=(2**27,), dtype="f4", data=[1]
+        ),
+        "chunks hold 536870912 bytes each, for a tensor of 4 bytes",
+        FileFormatError,
+    ),
     "named datatype": (_named_type, "a named datatype", FileFormatError),
 }
 
@@ -246,16 +278,20 @@ def test_hard_links_are_read_once_under_their_first_name(tmp_path):
         assert r.skipped == {
             "g.again": "another name (hard link) of 'g', which is read once, under that name",
             "s": "a soft link to '/g/x'; links are not followed (read the target's own name)",
-            **{f"z{i}": "another name (hard link) of 'g.x', which is read once, under that name"
-               for i in range(3)}}
+            **{
+                f"z{i}": "another name (hard link) of 'g.x', which is read once, under that name"
+                for i in range(3)
+            },
+        }
 
 
 def test_compressed_bomb_is_refused(tmp_path):
     p = tmp_path / "bomb.h5"
     with h5py.File(p, "w") as f:
         f.create_dataset("ok", data=np.zeros(10_000_000, np.uint8), compression="gzip")
-        bomb = f.create_dataset("bomb", shape=(2**34,), dtype="u1", compression="gzip",
-                                chunks=(2**24,))
+        bomb = f.create_dataset(
+            "bomb", shape=(2**34,), dtype="u1", compression="gzip", chunks=(2**24,)
+        )
         for i in range(1024):  # every chunk stored, each a deflate stream of 5 bytes
             bomb.id.write_direct_chunk((i * 2**24,), zlib.compress(b"", 9))
     assert os.path.getsize(p) < 500_000
@@ -275,11 +311,14 @@ def test_dotted_and_grouped_names_that_collide_are_refused(tmp_path):
     _refused(p, UnsafeContentError, "'a.b' appears more than once")
 
 
-@pytest.mark.parametrize("value, dtype, text", [
-    ("float128", "u2", "not one of"),
-    ("bfloat16", "u1", "holds uint8, not uint16"),
-    ("bfloat16", "f2", "holds float16, not uint16"),
-])
+@pytest.mark.parametrize(
+    "value, dtype, text",
+    [
+        ("float128", "u2", "not one of"),
+        ("bfloat16", "u1", "holds uint8, not uint16"),
+        ("bfloat16", "f2", "holds float16, not uint16"),
+    ],
+)
 def test_bad_dtype_markers_are_refused(tmp_path, value, dtype, text):
     p = tmp_path / "marker.h5"
     with h5py.File(p, "w") as f:
@@ -287,7 +326,9 @@ def test_bad_dtype_markers_are_refused(tmp_path, value, dtype, text):
     _refused(p, FileFormatError, text)
 
 
-@pytest.mark.parametrize("content", [b"", b"not an hdf5 file at all" * 10, b"\x89HDF\r\n\x1a\n" + b"\0" * 64])
+@pytest.mark.parametrize(
+    "content", [b"", b"not an hdf5 file at all" * 10, b"\x89HDF\r\n\x1a\n" + b"\0" * 64]
+)
 def test_garbage_is_a_file_format_error(tmp_path, content):
     p = tmp_path / "junk.h5"
     p.write_bytes(content)
@@ -313,13 +354,17 @@ def test_unknown_name_and_closed_reader(tmp_path):
 
 # --- write refusals and atomicity ---------------------------------------------------------
 
-@pytest.mark.parametrize("bad, error, text", [
-    ("a/b", ConversionError, "'a.b'"),
-    (".", ConversionError, "root itself"),
-    ("../x", UnsafeContentError, "'..'"),
-    ("", UnsafeContentError, "empty"),
-    ("a\x00", UnsafeContentError, "NUL"),
-])
+
+@pytest.mark.parametrize(
+    "bad, error, text",
+    [
+        ("a/b", ConversionError, "'a.b'"),
+        (".", ConversionError, "root itself"),
+        ("../x", UnsafeContentError, "'..'"),
+        ("", UnsafeContentError, "empty"),
+        ("a\x00", UnsafeContentError, "NUL"),
+    ],
+)
 def test_bad_names_are_refused_on_write(tmp_path, bad, error, text):
     with pytest.raises(error) as info:
         write(tmp_path / "n.h5", {bad: np.zeros(1)})
@@ -352,8 +397,11 @@ def test_fetch_failure_leaves_old_file_byte_identical(tmp_path):
 
 def test_wrong_fetched_array_is_refused(tmp_path):
     with pytest.raises(ConversionError, match="announced as float32"):
-        FORMAT.write(str(tmp_path / "w.h5"), [TensorInfo("a", "float32", (2,))],
-                     lambda n: np.zeros(3, np.float32))
+        FORMAT.write(
+            str(tmp_path / "w.h5"),
+            [TensorInfo("a", "float32", (2,))],
+            lambda n: np.zeros(3, np.float32),
+        )
     assert os.listdir(tmp_path) == []
 
 
@@ -364,6 +412,7 @@ def test_destination_directory_is_refused(tmp_path):
 
 # --- h5py stays optional ---------------------------------------------------------------------
 
+
 def test_missing_h5py_gives_an_install_hint(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "h5py", None)
     with pytest.raises(FrameworkNotInstalledError, match=r"tensorbridge\[h5\]"):
@@ -373,25 +422,34 @@ def test_missing_h5py_gives_an_install_hint(tmp_path, monkeypatch):
 
 
 def test_importing_the_module_does_not_import_h5py():
-    code = ("import sys, tensorbridge.formats.h5, tensorbridge.formats; "
-            "tensorbridge.formats.get_format('h5'); assert 'h5py' not in sys.modules")
+    code = (
+        "import sys, tensorbridge.formats.h5, tensorbridge.formats; "
+        "tensorbridge.formats.get_format('h5'); assert 'h5py' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # --- fuzzing: byte mutations give a clean result or a TensorBridgeError -----------------------
 
+
 @pytest.fixture(scope="module")
 def valid_h5(tmp_path_factory) -> bytes:
     p = tmp_path_factory.mktemp("fuzz") / "v.h5"
-    write(p, {"a": sample("float32", (2, 3)), "b": sample("bfloat16", (4,)), "c": np.zeros(2, bool)},
-          {"m": "x"})
+    write(
+        p,
+        {"a": sample("float32", (2, 3)), "b": sample("bfloat16", (4,)), "c": np.zeros(2, bool)},
+        {"m": "x"},
+    )
     return p.read_bytes()
 
 
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(edits=st.lists(st.tuples(st.integers(0, 4095), st.integers(0, 255)), min_size=1, max_size=4),
-       cut=st.one_of(st.none(), st.integers(0, 8192)))
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    edits=st.lists(st.tuples(st.integers(0, 4095), st.integers(0, 255)), min_size=1, max_size=4),
+    cut=st.one_of(st.none(), st.integers(0, 8192)),
+)
 def test_fuzzed_files_never_crash_the_reader(tmp_path, valid_h5, edits, cut):
     data = bytearray(valid_h5)
     for pos, value in edits:
@@ -406,11 +464,20 @@ def test_fuzzed_files_never_crash_the_reader(tmp_path, valid_h5, edits, cut):
         pass
 
 
-@pytest.mark.parametrize("meta, text", [
-    ({"": "e"}, "metadata key '' is refused: an HDF5 attribute name cannot be empty"),
-    ({"k": "a\x00b"}, "metadata key 'k' is refused: an HDF5 string attribute cannot hold a NUL"),
-    ({"k\x00z": "v"}, "metadata key 'k\\x00z' is refused: an HDF5 attribute name cannot hold a NUL"),
-])
+@pytest.mark.parametrize(
+    "meta, text",
+    [
+        ({"": "e"}, "metadata key '' is refused: an HDF5 attribute name cannot be empty"),
+        (
+            {"k": "a\x00b"},
+            "metadata key 'k' is refused: an HDF5 string attribute cannot hold a NUL",
+        ),
+        (
+            {"k\x00z": "v"},
+            "metadata key 'k\\x00z' is refused: an HDF5 attribute name cannot hold a NUL",
+        ),
+    ],
+)
 def test_unstorable_metadata_is_refused_before_writing(tmp_path, meta, text):
     p = tmp_path / "m.h5"
     write(p, {"old": np.arange(3)})
@@ -447,8 +514,13 @@ def test_string_attributes_of_every_kind_become_metadata(tmp_path):
         f.attrs["n"] = 3
         f.attrs["bad_utf8"] = np.bytes_(b"\xff\xfe")
     _, metadata = read_all(p)
-    assert metadata == {"vlen": "ünï", "vlen_bytes": "raw", "fixed": "abc", "fixed_utf8": "é",
-                        "one": "only"}
+    assert metadata == {
+        "vlen": "ünï",
+        "vlen_bytes": "raw",
+        "fixed": "abc",
+        "fixed_utf8": "é",
+        "one": "only",
+    }
 
 
 def test_rank_over_32_is_refused_before_writing(tmp_path):
@@ -462,14 +534,18 @@ def test_rank_over_32_is_refused_before_writing(tmp_path):
 
 # --- chunks decoded here, with a bound ---------------------------------------------------
 
-@pytest.mark.parametrize("opts", [
-    {"compression": "gzip"},
-    {"compression": "gzip", "shuffle": True},
-    {"compression": "gzip", "shuffle": True, "fletcher32": True},
-    {"fletcher32": True},
-    {"shuffle": True},
-    {"compression": "lzf"},  # left to libhdf5
-])
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"compression": "gzip"},
+        {"compression": "gzip", "shuffle": True},
+        {"compression": "gzip", "shuffle": True, "fletcher32": True},
+        {"fletcher32": True},
+        {"shuffle": True},
+        {"compression": "lzf"},  # left to libhdf5
+    ],
+)
 @pytest.mark.parametrize("name", ["float32", ">float64", "int16", "bool", "complex64", "uint8"])
 def test_filtered_chunks_read_as_h5py_reads_them(tmp_path, opts, name):
     a = sample(name.lstrip(">"), (37, 5), seed=3)
@@ -486,10 +562,13 @@ def test_filtered_chunks_read_as_h5py_reads_them(tmp_path, opts, name):
         assert same(got[k], v.astype(v.dtype.newbyteorder("="))), (k, opts)
 
 
-@pytest.mark.parametrize("inflated, text", [
-    (4 << 20, "inflates to more than its 4096 bytes"),  # a 4 KB stream: stopped at 4 KiB
-    (64 << 20, "stores 65238 bytes for 4096 bytes of data"),  # refused before inflating
-])
+@pytest.mark.parametrize(
+    "inflated, text",
+    [
+        (4 << 20, "inflates to more than its 4096 bytes"),  # a 4 KB stream: stopped at 4 KiB
+        (64 << 20, "stores 65238 bytes for 4096 bytes of data"),  # refused before inflating
+    ],
+)
 def test_a_chunk_that_inflates_past_its_size_is_stopped(tmp_path, inflated, text):
     p = tmp_path / "bomb.h5"
     with h5py.File(p, "w") as f:
@@ -509,12 +588,23 @@ def test_a_corrupt_fletcher32_chunk_is_an_error(tmp_path):
         r.read("x")
 
 
-@pytest.mark.parametrize("index", [
-    np.s_[3], np.s_[-1], np.s_[2:9], np.s_[:, 4], np.s_[1:30:7, ::3], np.s_[5, 2:3],
-    np.s_[..., -2], np.s_[36], np.s_[0:0],
-])
-def test_parts_of_decoded_chunks_match_h5py_and_touch_only_their_chunks(tmp_path, monkeypatch,
-                                                                        index):
+@pytest.mark.parametrize(
+    "index",
+    [
+        np.s_[3],
+        np.s_[-1],
+        np.s_[2:9],
+        np.s_[:, 4],
+        np.s_[1:30:7, ::3],
+        np.s_[5, 2:3],
+        np.s_[..., -2],
+        np.s_[36],
+        np.s_[0:0],
+    ],
+)
+def test_parts_of_decoded_chunks_match_h5py_and_touch_only_their_chunks(
+    tmp_path, monkeypatch, index
+):
     import tensorbridge.formats.h5 as tbh5
 
     a = sample("float64", (37, 11), seed=5)
@@ -523,13 +613,17 @@ def test_parts_of_decoded_chunks_match_h5py_and_touch_only_their_chunks(tmp_path
         f.create_dataset("x", data=a, chunks=(8, 4), compression="gzip", shuffle=True)
     decoded = []
     real = tbh5._Chunks._decode
-    monkeypatch.setattr(tbh5._Chunks, "_decode",
-                        lambda self, *args: decoded.append(1) or real(self, *args))
+    monkeypatch.setattr(
+        tbh5._Chunks, "_decode", lambda self, *args: decoded.append(1) or real(self, *args)
+    )
     mask = np.zeros(a.shape, bool)
     mask[index] = True
     rows, cols = np.nonzero(mask)
-    box_chunks = 0 if not rows.size else (
-        (rows.max() // 8 - rows.min() // 8 + 1) * (cols.max() // 4 - cols.min() // 4 + 1))
+    box_chunks = (
+        0
+        if not rows.size
+        else ((rows.max() // 8 - rows.min() // 8 + 1) * (cols.max() // 4 - cols.min() // 4 + 1))
+    )
     with FORMAT.open(str(p)) as r:
         assert same(np.asarray(r.array("x")[index]), a[index])
         assert len(decoded) == box_chunks  # the chunks of the bounding box, no others

@@ -48,9 +48,13 @@ def _random_index(rng, shape):
         if rng.random() < 0.3:
             parts.append(rng.randint(-size, size - 1))
         else:
-            parts.append(slice(rng.choice([None, rng.randint(-size - 2, size + 2)]),
-                               rng.choice([None, rng.randint(-size - 2, size + 2)]),
-                               rng.choice([None, 1, 2, 3, -1, -2, -5])))
+            parts.append(
+                slice(
+                    rng.choice([None, rng.randint(-size - 2, size + 2)]),
+                    rng.choice([None, rng.randint(-size - 2, size + 2)]),
+                    rng.choice([None, 1, 2, 3, -1, -2, -5]),
+                )
+            )
     if rng.random() < 0.2:
         parts.insert(rng.randint(0, len(parts)), None)
     if rng.random() < 0.2:
@@ -69,9 +73,18 @@ def test_every_basic_index_matches_numpy(tmp_path, fmt, dtype):
     with tb.open(path) as f:
         a = f.array(name)
         assert (a.shape, a.dtype, a.ndim, len(a)) == (arr.shape, arr.dtype, 3, 6)
-        for index in [(), 0, -1, Ellipsis, (Ellipsis, -1), (slice(None, None, -1),),
-                      (None, 2, Ellipsis, None), (slice(4, 4),), (1, 2, 3),
-                      (slice(5, 0, -2), slice(None), slice(1, 7, 3))]:
+        for index in [
+            (),
+            0,
+            -1,
+            Ellipsis,
+            (Ellipsis, -1),
+            (slice(None, None, -1),),
+            (None, 2, Ellipsis, None),
+            (slice(4, 4),),
+            (1, 2, 3),
+            (slice(5, 0, -2), slice(None), slice(1, 7, 3)),
+        ]:
             _same(a[index], arr[index])
         for _ in range(60):
             index = _random_index(r, arr.shape)
@@ -126,8 +139,12 @@ def test_reads_only_the_bytes_the_index_needs(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "preadv", counting)
     with tb.open(path) as f:
         a = f.array(name)
-        for index, most in [((7,), 4096), ((slice(100, 103), slice(0, 8)), 3 * 4096),
-                            ((slice(None, None, 64), 5), 8 * 8192), ((-1, -1), 4)]:
+        for index, most in [
+            ((7,), 4096),
+            ((slice(100, 103), slice(0, 8)), 3 * 4096),
+            ((slice(None, None, 64), 5), 8 * 8192),
+            ((-1, -1), 4),
+        ]:
             fetched.clear()
             _same(a[index], arr[index])
             assert sum(fetched) <= most, (index, sum(fetched))
@@ -159,8 +176,9 @@ def test_pickles_as_path_and_reopens(tmp_path):
 
 
 def _sparse_safetensors(path, rows, cols):
-    header = json.dumps({"big": {"dtype": "F32", "shape": [rows, cols],
-                                 "data_offsets": [0, rows * cols * 4]}}).encode()
+    header = json.dumps(
+        {"big": {"dtype": "F32", "shape": [rows, cols], "data_offsets": [0, rows * cols * 4]}}
+    ).encode()
     header += b" " * (-len(header) % 8)
     with open(path, "wb") as fh:
         fh.write(struct.pack("<Q", len(header)) + header)
@@ -173,7 +191,8 @@ def test_a_few_rows_of_a_16_gib_tensor_are_quick_and_small(tmp_path):
     path = tmp_path / "huge.safetensors"
     _sparse_safetensors(path, 1 << 22, 1024)  # 16 GiB, almost all holes
     assert os.path.getsize(path) > 16 << 30
-    r = run_bounded("""
+    r = run_bounded(
+        """
         import time, tensorbridge as tb
         t0 = time.perf_counter()
         arrays = tb.to_dask(ARGS[0])
@@ -181,7 +200,11 @@ def test_a_few_rows_of_a_16_gib_tensor_are_quick_and_small(tmp_path):
         with tb.open(ARGS[0]) as f:
             one = f.array("big")[5, 10]
         RESULT = [rows.shape, float(rows[1].sum()), float(one), time.perf_counter() - t0]
-    """, [str(path)], timeout=60, mem_limit=0)
+    """,
+        [str(path)],
+        timeout=60,
+        mem_limit=0,
+    )
     assert r.outcome == "ok", r.detail
     shape, total, one, seconds = r.result
     assert shape == [3, 512] and one == 10.0
@@ -194,9 +217,11 @@ def test_a_few_rows_of_a_16_gib_tensor_are_quick_and_small(tmp_path):
 def test_to_dask_every_format_in_file_order(tmp_path, fmt):
     pytest.importorskip("dask")
     rng = np.random.default_rng(2)
-    tree = {"b": rng.standard_normal((9, 4)).astype(np.float32),
-            "a": rng.integers(0, 9, (5,), dtype=np.int64),
-            "c": rng.standard_normal((3, 3)).astype(ml_dtypes.bfloat16)}
+    tree = {
+        "b": rng.standard_normal((9, 4)).astype(np.float32),
+        "a": rng.integers(0, 9, (5,), dtype=np.int64),
+        "c": rng.standard_normal((3, 3)).astype(ml_dtypes.bfloat16),
+    }
     if fmt == "npy":
         tree = {"array": tree["b"]}
         tb.save(tree["array"], tmp_path / "m.npy")
@@ -216,6 +241,7 @@ def test_to_dask_every_format_in_file_order(tmp_path, fmt):
 
 def test_to_dask_chunks_follow_h5_chunks_and_whole_rows(tmp_path):
     import h5py
+
     pytest.importorskip("dask")
     p = tmp_path / "c.h5"
     with h5py.File(p, "w") as f:

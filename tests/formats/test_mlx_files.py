@@ -13,8 +13,22 @@ import tensorbridge as tb
 
 mx = pytest.importorskip("mlx.core")
 
-DTYPES = ["bool_", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-          "float16", "bfloat16", "float32", "float64", "complex64"]
+DTYPES = [
+    "bool_",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float16",
+    "bfloat16",
+    "float32",
+    "float64",
+    "complex64",
+]
 
 
 def _bits(x) -> bytes:
@@ -96,9 +110,12 @@ def test_npz_and_npy_both_ways(tmp_path):
         _check({k: mx.load(q)}, {k: x})
 
 
-@pytest.mark.xfail(strict=True, reason="mx.savez (like np.save of ml_dtypes) writes bfloat16 as "
-                   "descr '<V2', which the npy reader refuses; tensorbridge writes its own "
-                   "[('bfloat16', '<u2')] marker, which mx.load refuses")
+@pytest.mark.xfail(
+    strict=True,
+    reason="mx.savez (like np.save of ml_dtypes) writes bfloat16 as "
+    "descr '<V2', which the npy reader refuses; tensorbridge writes its own "
+    "[('bfloat16', '<u2')] marker, which mx.load refuses",
+)
 def test_bfloat16_npz_both_ways(tmp_path):
     x = {"w": mx.array([1.0, -2.5, 3.0], dtype=mx.bfloat16)}
     theirs, ours = os.fspath(tmp_path / "mx.npz"), os.fspath(tmp_path / "tb.npz")

@@ -22,7 +22,7 @@ from tensorbridge.formats.npy import (
     encode_dtype,
 )
 
-from .samples import sample, same
+from .samples import same, sample
 
 NUMPY_KNOWN = [n for n in DTYPES if n not in MARKED_DTYPES]
 
@@ -34,8 +34,9 @@ def read(path) -> np.ndarray:
 
 
 def write(path, arr: np.ndarray) -> None:
-    FORMAT.write(str(path), [TensorInfo("array", canonical_name(arr.dtype), arr.shape)],
-                 lambda name: arr)
+    FORMAT.write(
+        str(path), [TensorInfo("array", canonical_name(arr.dtype), arr.shape)], lambda name: arr
+    )
 
 
 def raw_npy(header: str | bytes, data: bytes = b"", version=(1, 0), hlen=None) -> bytes:
@@ -46,6 +47,7 @@ def raw_npy(header: str | bytes, data: bytes = b"", version=(1, 0), hlen=None) -
 
 
 # --- reading what NumPy writes -------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", NUMPY_KNOWN)
 @pytest.mark.parametrize("order", ["<", ">"])
@@ -91,6 +93,7 @@ def test_reads_every_format_version(tmp_path, version):
 
 # --- what we write, NumPy reads ----------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", list(DTYPES))
 def test_np_load_reads_what_we_write(tmp_path, name):
     a = sample(name, (4, 3))
@@ -124,7 +127,7 @@ def test_header_is_aligned_to_64_bytes(tmp_path):
     write(tmp_path / "h.npy", np.zeros((2, 3), np.float32))
     data = (tmp_path / "h.npy").read_bytes()
     (hlen,) = struct.unpack("<H", data[8:10])
-    assert (10 + hlen) % 64 == 0 and data[10 + hlen - 1:10 + hlen] == b"\n"
+    assert (10 + hlen) % 64 == 0 and data[10 + hlen - 1 : 10 + hlen] == b"\n"
 
 
 def test_marker_layout_helpers():
@@ -155,11 +158,11 @@ def test_writer_refuses_several_tensors_and_writes_nothing(tmp_path):
 def test_writer_refuses_metadata_and_unknown_options(tmp_path):
     infos = [TensorInfo("array", "float32", (1,))]
     with pytest.raises(ConversionError, match="metadata"):
-        FORMAT.write(str(tmp_path / "m.npy"), infos, lambda n: np.zeros(1, np.float32),
-                     {"k": "v"})
+        FORMAT.write(str(tmp_path / "m.npy"), infos, lambda n: np.zeros(1, np.float32), {"k": "v"})
     with pytest.raises(ConversionError, match=r"unknown option\(s\) \['compress'\]"):
-        FORMAT.write(str(tmp_path / "m.npy"), infos, lambda n: np.zeros(1, np.float32),
-                     compress=True)
+        FORMAT.write(
+            str(tmp_path / "m.npy"), infos, lambda n: np.zeros(1, np.float32), compress=True
+        )
     assert os.listdir(tmp_path) == []
 
 
@@ -197,54 +200,116 @@ HOSTILE = {
     "empty file": (b"", FileFormatError, "ended inside the magic"),
     "bad magic": (b"\x93NUMPX\x01\x00" + b"\x00" * 60, FileFormatError, "magic string"),
     "bad version": (raw_npy(GOOD, F4x2, version=(4, 0)), FileFormatError, "version 4.0"),
-    "header too large": (raw_npy(GOOD, F4x2, version=(2, 0), hlen=MAX_HEADER_SIZE + 1),
-                         FileFormatError, "over the 10000-byte limit"),
-    "header cut short": (raw_npy(GOOD, version=(1, 0), hlen=len(GOOD) + 50)[:80],
-                         FileFormatError, "ended inside the header"),
-    "header not a literal": (raw_npy("{'descr': __import__('os')}"), FileFormatError,
-                             "not a Python literal"),
+    "header too large": (
+        raw_npy(GOOD, F4x2, version=(2, 0), hlen=MAX_HEADER_SIZE + 1),
+        FileFormatError,
+        "over the 10000-byte limit",
+    ),
+    "header cut short": (
+        raw_npy(GOOD, version=(1, 0), hlen=len(GOOD) + 50)[:80],
+        FileFormatError,
+        "ended inside the header",
+    ),
+    "header not a literal": (
+        raw_npy("{'descr': __import__('os')}"),
+        FileFormatError,
+        "not a Python literal",
+    ),
     "header not a dict": (raw_npy("[1, 2, 3]"), FileFormatError, "not a dict"),
-    "extra key": (raw_npy("{'descr': '<f4', 'fortran_order': False, 'shape': (2,), 'x': 1}",
-                          F4x2), FileFormatError, "exactly 'descr'"),
-    "missing key": (raw_npy("{'descr': '<f4', 'shape': (2,)}", F4x2), FileFormatError,
-                    "exactly 'descr'"),
-    "fortran_order not bool": (raw_npy("{'descr': '<f4', 'fortran_order': 1, 'shape': (2,)}",
-                                       F4x2), FileFormatError, "fortran_order 1"),
-    "negative shape": (raw_npy("{'descr': '<f4', 'fortran_order': False, 'shape': (-1,)}"),
-                       FileFormatError, "non-negative"),
-    "shape as list": (raw_npy("{'descr': '<f4', 'fortran_order': False, 'shape': [2]}", F4x2),
-                      FileFormatError, "not a tuple"),
-    "shape overflows int64": (raw_npy("{'descr': '<f4', 'fortran_order': False, "
-                                      "'shape': (1099511627776, 1099511627776)}"),
-                              FileFormatError, "overflows int64"),
+    "extra key": (
+        raw_npy("{'descr': '<f4', 'fortran_order': False, 'shape': (2,), 'x': 1}", F4x2),
+        FileFormatError,
+        "exactly 'descr'",
+    ),
+    "missing key": (
+        raw_npy("{'descr': '<f4', 'shape': (2,)}", F4x2),
+        FileFormatError,
+        "exactly 'descr'",
+    ),
+    "fortran_order not bool": (
+        raw_npy("{'descr': '<f4', 'fortran_order': 1, 'shape': (2,)}", F4x2),
+        FileFormatError,
+        "fortran_order 1",
+    ),
+    "negative shape": (
+        raw_npy("{'descr': '<f4', 'fortran_order': False, 'shape': (-1,)}"),
+        FileFormatError,
+        "non-negative",
+    ),
+    "shape as list": (
+        raw_npy("{'descr': '<f4', 'fortran_order': False, 'shape': [2]}", F4x2),
+        FileFormatError,
+        "not a tuple",
+    ),
+    "shape overflows int64": (
+        raw_npy(
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (1099511627776, 1099511627776)}"
+        ),
+        FileFormatError,
+        "overflows int64",
+    ),
     "declared size > data": (raw_npy(GOOD, b"\x00" * 7), FileFormatError, "truncated"),
     "trailing garbage": (raw_npy(GOOD, F4x2 + b"junk"), FileFormatError, "4 trailing bytes"),
-    "object dtype": (raw_npy("{'descr': '|O', 'fortran_order': False, 'shape': (1,)}",
-                             b"\x00" * 8), UnsafeContentError, "object array"),
-    "string dtype": (raw_npy("{'descr': '<U2', 'fortran_order': False, 'shape': (1,)}",
-                             b"\x00" * 8), FileFormatError, "not a numeric tensor dtype"),
-    "bytes dtype": (raw_npy("{'descr': '|S4', 'fortran_order': False, 'shape': (1,)}",
-                            b"\x00" * 4), FileFormatError, "not a numeric tensor dtype"),
-    "datetime dtype": (raw_npy("{'descr': '<M8[ns]', 'fortran_order': False, 'shape': (1,)}",
-                               b"\x00" * 8), FileFormatError, "not a numeric tensor dtype"),
-    "structured dtype": (raw_npy("{'descr': [('a', '<f4'), ('b', '<i4')], "
-                                 "'fortran_order': False, 'shape': (1,)}", b"\x00" * 8),
-                         UnsafeContentError, "structured dtype"),
-    "structured with object field": (raw_npy("{'descr': [('bfloat16', '|O')], "
-                                             "'fortran_order': False, 'shape': (1,)}",
-                                             b"\x00" * 8), UnsafeContentError, "structured"),
-    "subarray dtype": (raw_npy("{'descr': '(2,)<f4', 'fortran_order': False, 'shape': (1,)}",
-                               F4x2), FileFormatError, "not a numeric tensor dtype"),
-    "unknown dtype string": (raw_npy("{'descr': 'nonsense', 'fortran_order': False, "
-                                     "'shape': (1,)}", F4x2), FileFormatError,
-                             "not a dtype NumPy understands"),
-    "descr not a string": (raw_npy("{'descr': 5, 'fortran_order': False, 'shape': (1,)}",
-                                   F4x2), FileFormatError, "not a dtype string"),
-    "v3 header not utf-8": (raw_npy(b"{'descr': '\xff'}", version=(3, 0)), FileFormatError,
-                            "not valid UTF-8"),
-    "bool bytes other than 0/1": (raw_npy("{'descr': '|b1', 'fortran_order': False, "
-                                          "'shape': (2,)}", b"\x01\x02"), FileFormatError,
-                                  "bytes other than 0 and 1"),
+    "object dtype": (
+        raw_npy("{'descr': '|O', 'fortran_order': False, 'shape': (1,)}", b"\x00" * 8),
+        UnsafeContentError,
+        "object array",
+    ),
+    "string dtype": (
+        raw_npy("{'descr': '<U2', 'fortran_order': False, 'shape': (1,)}", b"\x00" * 8),
+        FileFormatError,
+        "not a numeric tensor dtype",
+    ),
+    "bytes dtype": (
+        raw_npy("{'descr': '|S4', 'fortran_order': False, 'shape': (1,)}", b"\x00" * 4),
+        FileFormatError,
+        "not a numeric tensor dtype",
+    ),
+    "datetime dtype": (
+        raw_npy("{'descr': '<M8[ns]', 'fortran_order': False, 'shape': (1,)}", b"\x00" * 8),
+        FileFormatError,
+        "not a numeric tensor dtype",
+    ),
+    "structured dtype": (
+        raw_npy(
+            "{'descr': [('a', '<f4'), ('b', '<i4')], 'fortran_order': False, 'shape': (1,)}",
+            b"\x00" * 8,
+        ),
+        UnsafeContentError,
+        "structured dtype",
+    ),
+    "structured with object field": (
+        raw_npy(
+            "{'descr': [('bfloat16', '|O')], 'fortran_order': False, 'shape': (1,)}", b"\x00" * 8
+        ),
+        UnsafeContentError,
+        "structured",
+    ),
+    "subarray dtype": (
+        raw_npy("{'descr': '(2,)<f4', 'fortran_order': False, 'shape': (1,)}", F4x2),
+        FileFormatError,
+        "not a numeric tensor dtype",
+    ),
+    "unknown dtype string": (
+        raw_npy("{'descr': 'nonsense', 'fortran_order': False, 'shape': (1,)}", F4x2),
+        FileFormatError,
+        "not a dtype NumPy understands",
+    ),
+    "descr not a string": (
+        raw_npy("{'descr': 5, 'fortran_order': False, 'shape': (1,)}", F4x2),
+        FileFormatError,
+        "not a dtype string",
+    ),
+    "v3 header not utf-8": (
+        raw_npy(b"{'descr': '\xff'}", version=(3, 0)),
+        FileFormatError,
+        "not valid UTF-8",
+    ),
+    "bool bytes other than 0/1": (
+        raw_npy("{'descr': '|b1', 'fortran_order': False, 'shape': (2,)}", b"\x01\x02"),
+        FileFormatError,
+        "bytes other than 0 and 1",
+    ),
 }
 
 
@@ -272,6 +337,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from tensorbridge.errors import TensorBridgeError  # noqa: E402
 
+
 @pytest.fixture(scope="module")
 def valid_npy(tmp_path_factory) -> bytes:
     p = tmp_path_factory.mktemp("seed") / "s.npy"
@@ -279,8 +345,9 @@ def valid_npy(tmp_path_factory) -> bytes:
     return p.read_bytes()
 
 
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=st.data())
 def test_fuzz_mutated_files_raise_only_tensorbridge_errors(tmp_path_factory, valid_npy, data):
     raw = bytearray(valid_npy)
@@ -298,13 +365,17 @@ def test_fuzz_mutated_files_raise_only_tensorbridge_errors(tmp_path_factory, val
 
 # --- raw exceptions that escaped, and np.save's ml_dtypes files ---------------------------
 
-@pytest.mark.parametrize("shape, text", [
-    ("(0, 18446744073709551616)", "a dimension of 2**63 or more"),
-    ("(18446744073709551616, 0)", "a dimension of 2**63 or more"),
-    ("(0x" + "f" * 5000 + ",)", "(<int of 20000 bits>,)"),
-    ("(" + "9" * 5000 + ",)", "is not a Python literal"),
-    ("(2, 0x" + "1" * 3000 + ")", "(2, <int of 11997 bits>)"),
-])
+
+@pytest.mark.parametrize(
+    "shape, text",
+    [
+        ("(0, 18446744073709551616)", "a dimension of 2**63 or more"),
+        ("(18446744073709551616, 0)", "a dimension of 2**63 or more"),
+        ("(0x" + "f" * 5000 + ",)", "(<int of 20000 bits>,)"),
+        ("(" + "9" * 5000 + ",)", "is not a Python literal"),
+        ("(2, 0x" + "1" * 3000 + ")", "(2, <int of 11997 bits>)"),
+    ],
+)
 def test_absurd_shapes_are_file_format_errors(tmp_path, shape, text):
     p = tmp_path / "s.npy"
     p.write_bytes(raw_npy(f"{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}\n"))
@@ -339,11 +410,14 @@ def test_np_save_raw_void_ml_dtypes_get_an_honest_message(tmp_path, name):
     assert "corrupt" not in str(info.value)
 
 
-@pytest.mark.parametrize("header, nbytes", [
-    ("{'descr': '<f4', 'fortran_order': False, 'shape': (), }", 4),
-    ("{'descr': '>i8', 'fortran_order': True, 'shape': (3,), }", 24),
-    ("{'descr': '|b1', 'fortran_order': False, 'shape': (2, 0, 5), }", 0),
-])
+@pytest.mark.parametrize(
+    "header, nbytes",
+    [
+        ("{'descr': '<f4', 'fortran_order': False, 'shape': (), }", 4),
+        ("{'descr': '>i8', 'fortran_order': True, 'shape': (3,), }", 24),
+        ("{'descr': '|b1', 'fortran_order': False, 'shape': (2, 0, 5), }", 0),
+    ],
+)
 def test_fast_header_path_agrees_with_literal_eval(tmp_path, header, nbytes):
     fast = tmp_path / "fast.npy"
     slow = tmp_path / "slow.npy"
@@ -351,4 +425,5 @@ def test_fast_header_path_agrees_with_literal_eval(tmp_path, header, nbytes):
     slow.write_bytes(raw_npy(header.replace(": ", ":  ") + "  \n", bytes(nbytes)))
     with FORMAT.open(str(fast)) as a, FORMAT.open(str(slow)) as b:
         assert dataclasses.replace(a._header, header_size=0) == dataclasses.replace(
-            b._header, header_size=0)
+            b._header, header_size=0
+        )

@@ -19,7 +19,7 @@ from tensorbridge.formats.base import TensorInfo
 from tensorbridge.formats.npy import MARKED_DTYPES, build_header
 from tensorbridge.formats.npz import BOMB_MIN_SIZE, FORMAT, MAX_DEFLATE_RATIO
 
-from .samples import sample, same
+from .samples import same, sample
 
 
 def read_all(path) -> dict[str, np.ndarray]:
@@ -51,11 +51,18 @@ NUMPY_KNOWN = [n for n in DTYPES if n not in MARKED_DTYPES]
 
 # --- reading what NumPy writes ---------------------------------------------------------
 
+
 @pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
 def test_reads_np_savez_bit_exact(tmp_path, save):
-    arrays = {f"{n}_{o}": (sample(n).astype(sample(n).dtype.newbyteorder(o))
-                           if DTYPES[n].itemsize > 1 else sample(n))
-              for n in NUMPY_KNOWN for o in "<>"}
+    arrays = {
+        f"{n}_{o}": (
+            sample(n).astype(sample(n).dtype.newbyteorder(o))
+            if DTYPES[n].itemsize > 1
+            else sample(n)
+        )
+        for n in NUMPY_KNOWN
+        for o in "<>"
+    }
     arrays["fortran"] = np.asfortranarray(sample("float32", (3, 4, 2)))
     arrays["zero_d"] = sample("float64", ())
     arrays["empty"] = np.zeros((0, 3), np.int32)
@@ -78,6 +85,7 @@ def test_infos_in_member_order(tmp_path):
 
 
 # --- what we write, NumPy reads ----------------------------------------------------------
+
 
 @pytest.mark.parametrize("compress", [False, True])
 def test_np_load_reads_what_we_write_every_dtype(tmp_path, compress):
@@ -142,8 +150,11 @@ def test_open_reads_headers_only(tmp_path):
 
 # --- writer refusals --------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, text", [("../x", "'..' path component"), ("/abs", "absolute"),
-                                        ("a\x00b", "NUL"), ("", "empty")])
+
+@pytest.mark.parametrize(
+    "name, text",
+    [("../x", "'..' path component"), ("/abs", "absolute"), ("a\x00b", "NUL"), ("", "empty")],
+)
 def test_writer_refuses_unsafe_names_and_writes_nothing(tmp_path, name, text):
     with pytest.raises(UnsafeContentError, match=text):
         write(tmp_path / "n.npz", {name: np.zeros(1)})
@@ -182,12 +193,16 @@ def test_fetch_failure_midway_keeps_existing_file(tmp_path):
 
 def test_fetch_returning_wrong_shape_is_refused(tmp_path):
     with pytest.raises(ConversionError, match="announced as float32"):
-        FORMAT.write(str(tmp_path / "s.npz"), [TensorInfo("a", "float32", (2,))],
-                     lambda n: np.zeros(3, np.float32))
+        FORMAT.write(
+            str(tmp_path / "s.npz"),
+            [TensorInfo("a", "float32", (2,))],
+            lambda n: np.zeros(3, np.float32),
+        )
     assert os.listdir(tmp_path) == []
 
 
 # --- hostile archives: one per rule ----------------------------------------------------------
+
 
 def _nul_name(path):
     make_zip(path, [("aXb.npy", npy_bytes(np.zeros(2)))])
@@ -202,7 +217,7 @@ def _bomb(path):
     data = bytearray(path.read_bytes())
     for sig, at in ((b"PK\x01\x02", 24), (b"PK\x03\x04", 22)):  # central dir, local header
         i = data.index(sig)
-        data[i + at:i + at + 4] = struct.pack("<I", 2 ** 31)
+        data[i + at : i + at + 4] = struct.pack("<I", 2**31)
     path.write_bytes(bytes(data))
 
 
@@ -210,7 +225,7 @@ def _stored_size_lie(path):
     make_zip(path, [("x.npy", npy_bytes(np.zeros(100, np.uint8)))])
     data = bytearray(path.read_bytes())
     i = data.index(b"PK\x01\x02")
-    data[i + 24:i + 28] = struct.pack("<I", 5000)
+    data[i + 24 : i + 28] = struct.pack("<I", 5000)
     path.write_bytes(bytes(data))
 
 
@@ -240,20 +255,35 @@ def _truncated_archive(path):
 
 
 HOSTILE = {
-    "not a zip": (lambda p: p.write_bytes(b"hello, not a zip" * 10), FileFormatError,
-                  "not a valid .npz"),
+    "not a zip": (
+        lambda p: p.write_bytes(b"hello, not a zip" * 10),
+        FileFormatError,
+        "not a valid .npz",
+    ),
     "empty file": (lambda p: p.write_bytes(b""), FileFormatError, "not a valid .npz"),
     "truncated archive": (_truncated_archive, FileFormatError, "not a valid .npz"),
-    "non-.npy member": (lambda p: make_zip(p, [("a.npy", npy_bytes(np.zeros(1))),
-                                               ("evil.txt", b"x")]),
-                        FileFormatError, "npz members that are not .npy arrays"),
-    "duplicate members": (lambda p: make_zip(p, [("a.npy", npy_bytes(np.zeros(1))),
-                                                 ("a.npy", npy_bytes(np.ones(1)))]),
-                          UnsafeContentError, "'a' appears more than once"),
-    "parent dir member": (lambda p: make_zip(p, [("../x.npy", npy_bytes(np.zeros(1)))]),
-                          UnsafeContentError, "'..' path component"),
-    "absolute member": (lambda p: make_zip(p, [("/abs.npy", npy_bytes(np.zeros(1)))]),
-                        UnsafeContentError, "absolute path"),
+    "non-.npy member": (
+        lambda p: make_zip(p, [("a.npy", npy_bytes(np.zeros(1))), ("evil.txt", b"x")]),
+        FileFormatError,
+        "npz members that are not .npy arrays",
+    ),
+    "duplicate members": (
+        lambda p: make_zip(
+            p, [("a.npy", npy_bytes(np.zeros(1))), ("a.npy", npy_bytes(np.ones(1)))]
+        ),
+        UnsafeContentError,
+        "'a' appears more than once",
+    ),
+    "parent dir member": (
+        lambda p: make_zip(p, [("../x.npy", npy_bytes(np.zeros(1)))]),
+        UnsafeContentError,
+        "'..' path component",
+    ),
+    "absolute member": (
+        lambda p: make_zip(p, [("/abs.npy", npy_bytes(np.zeros(1)))]),
+        UnsafeContentError,
+        "absolute path",
+    ),
     "NUL in member name": (_nul_name, UnsafeContentError, "NUL"),
     "decompression bomb": (_bomb, UnsafeContentError, "decompression bomb"),
     "stored size lie": (_stored_size_lie, FileFormatError, r"stored \(not compressed\)"),
@@ -300,7 +330,7 @@ def test_header_builder_matches_numpy():
     a = np.zeros((2, 3), np.float32)
     f = io.BytesIO()
     np.lib.format.write_array(f, a)
-    assert build_header("float32", (2, 3)) == f.getvalue()[:-a.nbytes]
+    assert build_header("float32", (2, 3)) == f.getvalue()[: -a.nbytes]
 
 
 # --- fuzz: byte mutations of a valid archive raise only TensorBridgeError -------------------
@@ -318,8 +348,9 @@ def valid_npz(tmp_path_factory) -> bytes:
     return p.read_bytes()
 
 
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=st.data())
 def test_fuzz_mutated_archives_raise_only_tensorbridge_errors(tmp_path_factory, valid_npz, data):
     raw = bytearray(valid_npz)
@@ -327,7 +358,7 @@ def test_fuzz_mutated_archives_raise_only_tensorbridge_errors(tmp_path_factory, 
         i = data.draw(st.integers(0, len(raw) - 1))
         raw[i] = data.draw(st.integers(0, 255))
     if data.draw(st.booleans()):
-        raw = raw[:data.draw(st.integers(0, len(raw)))]
+        raw = raw[: data.draw(st.integers(0, len(raw)))]
     p = tmp_path_factory.mktemp("fuzz") / "f.npz"
     p.write_bytes(bytes(raw))
     try:

@@ -51,7 +51,7 @@ def sample(name: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     if base in SPECIALS and count >= 2:
         width = lookup(base).itemsize
         pats = b"".join(p.to_bytes(width, "little") for p in SPECIALS[base])
-        raw[:len(pats)] = np.frombuffer(pats, np.uint8)[: raw.size]
+        raw[: len(pats)] = np.frombuffer(pats, np.uint8)[: raw.size]
     return raw.view(dt).reshape(shape)
 
 
@@ -83,8 +83,12 @@ def write(path: object, arrays: dict[str, np.ndarray], metadata: dict | None = N
     FORMAT.write(str(path), infos, arrays.__getitem__, metadata)
 
 
-def make_zip(path: object, pkl: bytes, records: dict[str, bytes] | None = None,
-             compression: int = zipfile.ZIP_STORED) -> None:
+def make_zip(
+    path: object,
+    pkl: bytes,
+    records: dict[str, bytes] | None = None,
+    compression: int = zipfile.ZIP_STORED,
+) -> None:
     """A checkpoint-shaped zip with ``pkl`` as its data.pkl."""
     with zipfile.ZipFile(path, "w", compression) as z:
         z.writestr("archive/data.pkl", pkl)
@@ -94,8 +98,9 @@ def make_zip(path: object, pkl: bytes, records: dict[str, bytes] | None = None,
         z.writestr("archive/version", "3\n")
 
 
-def rezip(src: object, dst: object, change=lambda name, raw: raw,
-          compression: int = zipfile.ZIP_STORED) -> None:
+def rezip(
+    src: object, dst: object, change=lambda name, raw: raw, compression: int = zipfile.ZIP_STORED
+) -> None:
     """Copy a zip, passing each member's bytes through ``change`` (None drops it)."""
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", compression) as zout:
         for info in zin.infolist():
@@ -104,16 +109,31 @@ def rezip(src: object, dst: object, change=lambda name, raw: raw,
                 zout.writestr(info.filename, raw)
 
 
-def tensor_pickle(shape: bytes, stride: bytes, offset: bytes = b"K\x00", numel: bytes = b"K\x01",
-                  storage: bytes = b"ctorch\nFloatStorage\n") -> bytes:
+def tensor_pickle(
+    shape: bytes,
+    stride: bytes,
+    offset: bytes = b"K\x00",
+    numel: bytes = b"K\x01",
+    storage: bytes = b"ctorch\nFloatStorage\n",
+) -> bytes:
     """A hand-written protocol-2 ``{'w': _rebuild_tensor_v2(...)}`` with raw opcode args."""
-    return (b"\x80\x02}(X\x01\x00\x00\x00w" + b"ctorch._utils\n_rebuild_tensor_v2\n("
-            + b"(X\x07\x00\x00\x00storage" + storage + b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpu"
-            + numel + b"tQ" + offset + shape + stride
-            + b"\x89ccollections\nOrderedDict\n)RtRu.")
+    return (
+        b"\x80\x02}(X\x01\x00\x00\x00w"
+        + b"ctorch._utils\n_rebuild_tensor_v2\n("
+        + b"(X\x07\x00\x00\x00storage"
+        + storage
+        + b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpu"
+        + numel
+        + b"tQ"
+        + offset
+        + shape
+        + stride
+        + b"\x89ccollections\nOrderedDict\n)RtRu."
+    )
 
 
 # --- torch.save -> tensorbridge ------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", DTYPES)
 def test_reads_torch_save_of_every_dtype_and_layout(tmp_path, name):
@@ -164,16 +184,28 @@ def test_nested_checkpoint_flattens_with_dotted_names_and_scalar_metadata(tmp_pa
     p = tmp_path / "ckpt.pt"
     torch.save(ckpt, p)
     arrays, meta = read_all(p)
-    assert list(arrays) == ["model.weight", "model.bias", "opt.state.0.step", "layers.0",
-                            "layers.1.0", "param"]
+    assert list(arrays) == [
+        "model.weight",
+        "model.bias",
+        "opt.state.0.step",
+        "layers.0",
+        "layers.1.0",
+        "param",
+    ]
     assert_same(arrays["model.weight"], model.weight)
     assert_same(arrays["opt.state.0.step"], step)
     assert_same(arrays["layers.1.0"], t2)
     assert_same(arrays["param"], ckpt["param"])
     assert meta == {
-        "epoch": "3", "opt.param_groups.0.lr": "0.1", "opt.param_groups.0.params.0": "0",
-        "opt.param_groups.0.params.1": "1", "layers.1.1": "x", "dtype": "torch.float16",
-        "blob": "b'\\x00\\xff'", "big": "1099511627776", "none": "None",
+        "epoch": "3",
+        "opt.param_groups.0.lr": "0.1",
+        "opt.param_groups.0.params.0": "0",
+        "opt.param_groups.0.params.1": "1",
+        "layers.1.1": "x",
+        "dtype": "torch.float16",
+        "blob": "b'\\x00\\xff'",
+        "big": "1099511627776",
+        "none": "None",
     }
 
 
@@ -209,9 +241,16 @@ def test_big_endian_checkpoint_is_byteswapped(tmp_path):
 def test_compressed_members_and_missing_byteorder_are_read(tmp_path):
     saved = {"a": to_torch(sample("float64", (5, 7))), "b": to_torch(sample("int8", (9,)))}
     torch.save(saved, tmp_path / "m.pt")
-    rezip(tmp_path / "m.pt", tmp_path / "z.pt",
-          lambda n, raw: None if n.endswith("/byteorder") else raw, zipfile.ZIP_DEFLATED)
-    assert all(i.compress_type == zipfile.ZIP_DEFLATED for i in zipfile.ZipFile(tmp_path / "z.pt").infolist())
+    rezip(
+        tmp_path / "m.pt",
+        tmp_path / "z.pt",
+        lambda n, raw: None if n.endswith("/byteorder") else raw,
+        zipfile.ZIP_DEFLATED,
+    )
+    assert all(
+        i.compress_type == zipfile.ZIP_DEFLATED
+        for i in zipfile.ZipFile(tmp_path / "z.pt").infolist()
+    )
     arrays, _ = read_all(tmp_path / "z.pt")
     for key, t in saved.items():
         assert_same(arrays[key], t)
@@ -225,11 +264,14 @@ def test_registered_under_pt_with_torch_suffixes():
 def test_reading_never_imports_torch_or_unpickles(tmp_path, monkeypatch):
     p = tmp_path / "m.pt"
     write(p, {"w": sample("float8_e4m3fn", (3, 2)), "b": sample("float32", (2,))})
-    code = ("import sys, tensorbridge.formats.pt as p; r = p.FORMAT.open(sys.argv[1]); "
-            "x = r.read(r.keys()[0]); assert x.shape == (3, 2), x.shape; "
-            "assert 'torch' not in sys.modules, 'torch was imported'; print('ok')")
-    done = subprocess.run([sys.executable, "-c", code, str(p)], capture_output=True, text=True,
-                          timeout=60)
+    code = (
+        "import sys, tensorbridge.formats.pt as p; r = p.FORMAT.open(sys.argv[1]); "
+        "x = r.read(r.keys()[0]); assert x.shape == (3, 2), x.shape; "
+        "assert 'torch' not in sys.modules, 'torch was imported'; print('ok')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(p)], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
     def boom(*args, **kwargs):
@@ -243,6 +285,7 @@ def test_reading_never_imports_torch_or_unpickles(tmp_path, monkeypatch):
 
 
 # --- tensorbridge -> torch.load ------------------------------------------------------
+
 
 def every_dtype_arrays() -> dict[str, np.ndarray]:
     arrays = {n: sample(n, (4, 3), seed=i) for i, n in enumerate(DTYPES)}
@@ -271,7 +314,7 @@ def test_written_records_are_64_byte_aligned_like_torch(tmp_path):
         names = z.namelist()
         for info in z.infolist():
             h = info.header_offset
-            name_len, extra_len = struct.unpack("<HH", raw[h + 26:h + 30])
+            name_len, extra_len = struct.unpack("<HH", raw[h + 26 : h + 30])
             assert (h + 30 + name_len + extra_len) % 64 == 0, info.filename
             assert info.compress_type == zipfile.ZIP_STORED
         assert z.read("archive/byteorder") == sys.byteorder.encode()
@@ -290,8 +333,8 @@ def test_zip64_records_stay_aligned_and_load(tmp_path, monkeypatch):
     with zipfile.ZipFile(p) as z:
         info = z.getinfo("archive/data/1")
         h = info.header_offset
-        name_len, extra_len = struct.unpack("<HH", raw[h + 26:h + 30])
-        assert struct.unpack("<I", raw[h + 22:h + 26])[0] == 0xFFFFFFFF  # zip64 local header
+        name_len, extra_len = struct.unpack("<HH", raw[h + 26 : h + 30])
+        assert struct.unpack("<I", raw[h + 22 : h + 26])[0] == 0xFFFFFFFF  # zip64 local header
         assert (h + 30 + name_len + extra_len) % 64 == 0
     loaded = torch.load(p, weights_only=True, mmap=True)
     for key, a in arrays.items():
@@ -346,6 +389,7 @@ def test_writer_refuses_unsafe_and_duplicate_names(tmp_path):
 
 # --- refusals ------------------------------------------------------------------------
 
+
 class _RunsShell:
     def __init__(self, command: str) -> None:
         self.command = command
@@ -383,11 +427,14 @@ def test_arbitrary_class_instance_is_refused_naming_it(tmp_path):
         FORMAT.open(str(p))
 
 
-@pytest.mark.parametrize("pkl, op", [
-    (b"\x80\x02\x82\x01.", "EXT1"),  # the copyreg extension registry: a global by number
-    (b"\x80\x02(ccollections\nOrderedDict\no.", "OBJ"),  # builds an instance
-    (b"(i__main__\nX\n.", "INST"),
-])
+@pytest.mark.parametrize(
+    "pkl, op",
+    [
+        (b"\x80\x02\x82\x01.", "EXT1"),  # the copyreg extension registry: a global by number
+        (b"\x80\x02(ccollections\nOrderedDict\no.", "OBJ"),  # builds an instance
+        (b"(i__main__\nX\n.", "INST"),
+    ],
+)
 def test_code_building_opcodes_are_refused_naming_them(tmp_path, pkl, op):
     p = tmp_path / "op.pt"
     make_zip(p, pkl)
@@ -402,7 +449,13 @@ def test_protocol_0_and_1_data_opcodes_are_read(tmp_path):
         make_zip(p, pickle.dumps({"a": 1, "b": [2.5, "s", None, True], "c": 2**70}, protocol))
         with FORMAT.open(str(p)) as r:
             assert r.keys() == [] and r.metadata == {
-                "a": "1", "b.0": "2.5", "b.1": "s", "b.2": "None", "b.3": "True", "c": str(2**70)}
+                "a": "1",
+                "b.0": "2.5",
+                "b.1": "s",
+                "b.2": "None",
+                "b.3": "True",
+                "c": str(2**70),
+            }
 
 
 def test_protocol_0_storage_references_are_refused_as_torch_does(tmp_path):
@@ -423,11 +476,14 @@ def test_torchscript_archive_is_refused(tmp_path):
         FORMAT.open(str(p))
 
 
-@pytest.mark.parametrize("content, match", [
-    (b"", "empty"),
-    (b"hello, I am not a checkpoint", "not a zip signature"),
-    (b"PK\x03\x04" + bytes(range(200)), "reading the zip directory failed"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"", "empty"),
+        (b"hello, I am not a checkpoint", "not a zip signature"),
+        (b"PK\x03\x04" + bytes(range(200)), "reading the zip directory failed"),
+    ],
+)
 def test_empty_and_garbage_files_are_refused(tmp_path, content, match):
     p = tmp_path / "bad.pt"
     p.write_bytes(content)
@@ -477,15 +533,22 @@ def test_mutated_files_fail_only_with_tensorbridge_errors(tmp_path):
 
 def test_storage_record_shorter_than_declared_is_refused(tmp_path):
     torch.save({"w": torch.ones(4, 4)}, tmp_path / "m.pt")
-    rezip(tmp_path / "m.pt", tmp_path / "short.pt",
-          lambda n, raw: raw[:-4] if "/data/" in n and "serialization_id" not in n else raw)
+    rezip(
+        tmp_path / "m.pt",
+        tmp_path / "short.pt",
+        lambda n, raw: raw[:-4] if "/data/" in n and "serialization_id" not in n else raw,
+    )
     with pytest.raises(FileFormatError, match="data/0 holds 60 bytes but the pickle declares 64"):
         FORMAT.open(str(tmp_path / "short.pt"))
 
 
 def test_missing_storage_record_is_refused(tmp_path):
     torch.save({"w": torch.ones(2)}, tmp_path / "m.pt")
-    rezip(tmp_path / "m.pt", tmp_path / "gone.pt", lambda n, raw: None if n.endswith("/data/0") else raw)
+    rezip(
+        tmp_path / "m.pt",
+        tmp_path / "gone.pt",
+        lambda n, raw: None if n.endswith("/data/0") else raw,
+    )
     with pytest.raises(FileFormatError, match="no record data/0"):
         FORMAT.open(str(tmp_path / "gone.pt"))
 
@@ -496,7 +559,9 @@ def test_shape_larger_than_storage_is_refused(tmp_path):
     def grow_shape(name: str, raw: bytes) -> bytes:
         if not name.endswith("data.pkl"):
             return raw
-        sixes = [pos for op, arg, pos in pickletools.genops(raw) if op.name == "BININT1" and arg == 6]
+        sixes = [
+            pos for op, arg, pos in pickletools.genops(raw) if op.name == "BININT1" and arg == 6
+        ]
         assert len(sixes) == 2  # the storage numel, then the shape
         patched = bytearray(raw)
         patched[sixes[1] + 1] = 7
@@ -507,14 +572,21 @@ def test_shape_larger_than_storage_is_refused(tmp_path):
         FORMAT.open(str(tmp_path / "big.pt"))
 
 
-@pytest.mark.parametrize("shape, stride, offset, match", [
-    (b"J\xff\xff\xff\xff\x85", b"K\x01\x85", b"K\x00", "non-negative"),  # shape (-1,)
-    (b"K\x02\x85", b"J\xff\xff\xff\xff\x85", b"K\x00", "non-negative"),  # stride (-1,)
-    (b"K\x01\x85", b"K\x01\x85", b"K\x01", "needs 8 bytes"),  # offset past the end
-    (b"\x8a\x06" + (2**40).to_bytes(6, "little") + b"\x85", b"K\x00\x85", b"K\x00",
-     "would allocate what the file merely claims"),  # stride 0, 4 TiB
-    (b"K\x01K\x01\x86", b"K\x01\x85", b"K\x00", "shape \\[1, 1\\] but stride \\[1\\]"),
-])
+@pytest.mark.parametrize(
+    "shape, stride, offset, match",
+    [
+        (b"J\xff\xff\xff\xff\x85", b"K\x01\x85", b"K\x00", "non-negative"),  # shape (-1,)
+        (b"K\x02\x85", b"J\xff\xff\xff\xff\x85", b"K\x00", "non-negative"),  # stride (-1,)
+        (b"K\x01\x85", b"K\x01\x85", b"K\x01", "needs 8 bytes"),  # offset past the end
+        (
+            b"\x8a\x06" + (2**40).to_bytes(6, "little") + b"\x85",
+            b"K\x00\x85",
+            b"K\x00",
+            "would allocate what the file merely claims",
+        ),  # stride 0, 4 TiB
+        (b"K\x01K\x01\x86", b"K\x01\x85", b"K\x00", "shape \\[1, 1\\] but stride \\[1\\]"),
+    ],
+)
 def test_bad_geometry_is_refused_before_allocating(tmp_path, shape, stride, offset, match):
     p = tmp_path / "geo.pt"
     make_zip(p, tensor_pickle(shape, stride, offset), {"0": b"\0" * 4})
@@ -524,22 +596,32 @@ def test_bad_geometry_is_refused_before_allocating(tmp_path, shape, stride, offs
 
 def test_hand_written_pickle_is_read(tmp_path):
     p = tmp_path / "ok.pt"
-    make_zip(p, tensor_pickle(b"K\x02K\x02\x86", b"K\x00K\x01\x86", numel=b"K\x02"),
-             {"0": np.array([1.5, -0.0], np.float32).tobytes()})
+    make_zip(
+        p,
+        tensor_pickle(b"K\x02K\x02\x86", b"K\x00K\x01\x86", numel=b"K\x02"),
+        {"0": np.array([1.5, -0.0], np.float32).tobytes()},
+    )
     arrays, _ = read_all(p)
     assert arrays["w"].tobytes() == np.array([[1.5, -0.0], [1.5, -0.0]], np.float32).tobytes()
 
 
 def test_unknown_storage_type_is_refused(tmp_path):
     p = tmp_path / "q.pt"
-    make_zip(p, tensor_pickle(b"K\x01\x85", b"K\x01\x85", storage=b"ctorch\nFooStorage\n"),
-             {"0": b"\0"})
+    make_zip(
+        p, tensor_pickle(b"K\x01\x85", b"K\x01\x85", storage=b"ctorch\nFooStorage\n"), {"0": b"\0"}
+    )
     with pytest.raises(UnsafeContentError, match="'torch.FooStorage'"):
         FORMAT.open(str(p))
-    make_zip(p, tensor_pickle(b"K\x01\x85", b"K\x01\x85", storage=b"ctorch\nQInt8Storage\n"),
-             {"0": b"\0"})
-    with pytest.raises(FileFormatError, match="'w' is a tensor of dtype torch.qint8, which "
-                       "tensorbridge does not support.*Fix: save it dequantized") as err:
+    make_zip(
+        p,
+        tensor_pickle(b"K\x01\x85", b"K\x01\x85", storage=b"ctorch\nQInt8Storage\n"),
+        {"0": b"\0"},
+    )
+    with pytest.raises(
+        FileFormatError,
+        match="'w' is a tensor of dtype torch.qint8, which "
+        "tensorbridge does not support.*Fix: save it dequantized",
+    ) as err:
         FORMAT.open(str(p))
     assert not isinstance(err.value, UnsafeContentError)
 
@@ -565,17 +647,20 @@ def test_duplicate_zip_members_are_refused(tmp_path):
         FORMAT.open(str(p))
 
 
-@pytest.mark.parametrize("pkl, match", [
-    (b"\x80\x02]q\x00h\x00a.", "contains itself"),  # a list holding itself
-    (b"\x80\x02" + b"]" * 150 + b"a" * 149 + b".", "nested more than"),
-    (b"\x80\x02}K\x01", "before seeing STOP"),
-    (b"\x80\x02h\x05.", "memo entry 5"),
-    (b"\x80\x02K\x01K\x02.", "left on the stack"),
-    (b"\x80\x02}](K\x01K\x02u.", "SETITEMS applies to a list"),
-    (b"\x80\x02}]K\x01s.", "dict key is a list"),
-    (b"\x80\x02ccollections\nOrderedDict\n.", "is a _Global"),
-    (b"\x80\x02\xff", "parsing data.pkl failed"),
-])
+@pytest.mark.parametrize(
+    "pkl, match",
+    [
+        (b"\x80\x02]q\x00h\x00a.", "contains itself"),  # a list holding itself
+        (b"\x80\x02" + b"]" * 150 + b"a" * 149 + b".", "nested more than"),
+        (b"\x80\x02}K\x01", "before seeing STOP"),
+        (b"\x80\x02h\x05.", "memo entry 5"),
+        (b"\x80\x02K\x01K\x02.", "left on the stack"),
+        (b"\x80\x02}](K\x01K\x02u.", "SETITEMS applies to a list"),
+        (b"\x80\x02}]K\x01s.", "dict key is a list"),
+        (b"\x80\x02ccollections\nOrderedDict\n.", "is a _Global"),
+        (b"\x80\x02\xff", "parsing data.pkl failed"),
+    ],
+)
 def test_malformed_pickles_are_refused(tmp_path, pkl, match):
     p = tmp_path / "bad.pt"
     make_zip(p, pkl)
@@ -618,12 +703,13 @@ def test_build_sets_no_state_on_tensors(tmp_path):
 
 # --- review fixes: BOOL bytes, reading only the checked descriptor ---------------------
 
+
 def _poke_first_record(path, value: int) -> None:
     """Overwrite the first byte of the first storage record (archive/data/0)."""
     with zipfile.ZipFile(path) as z:
         member = z.getinfo("archive/data/0")
     raw = bytearray(path.read_bytes())
-    n, e = struct.unpack("<HH", raw[member.header_offset + 26:member.header_offset + 30])
+    n, e = struct.unpack("<HH", raw[member.header_offset + 26 : member.header_offset + 30])
     raw[member.header_offset + 30 + n + e] = value
     path.write_bytes(bytes(raw))
 

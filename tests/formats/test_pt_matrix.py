@@ -24,11 +24,34 @@ from tensorbridge.formats.pt import FORMAT, TORCH_DTYPES
 from .test_pt import read_all, sample, to_torch, torch_bytes, write
 
 DTYPES = sorted(set(TORCH_DTYPES.values()))
-LEGACY_DTYPES = ["bool", "int8", "int16", "int32", "int64", "uint8", "float16", "float32",
-                 "float64", "bfloat16", "complex64", "complex128"]
+LEGACY_DTYPES = [
+    "bool",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "float16",
+    "float32",
+    "float64",
+    "bfloat16",
+    "complex64",
+    "complex128",
+]
 #: torch implements negation (needed to resolve a neg bit) for these only
-NEGATABLE = {"int8", "int16", "int32", "int64", "uint8", "float16", "float32", "float64",
-             "bfloat16", "complex64", "complex128"}
+NEGATABLE = {
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "float16",
+    "float32",
+    "float64",
+    "bfloat16",
+    "complex64",
+    "complex128",
+}
 
 
 class _Weights(torch.nn.Parameter):
@@ -78,11 +101,13 @@ def grid(dtypes: list[str]) -> dict[str, torch.Tensor]:
 
 def lookup_dtype(name: str) -> np.dtype:
     from tensorbridge.dtypes import lookup
+
     return lookup(name).numpy
 
 
 def lookup_kind(name: str) -> str:
     from tensorbridge.dtypes import lookup
+
     return lookup(name).kind
 
 
@@ -123,15 +148,20 @@ def assert_same_or_both_nan(a, t: torch.Tensor, key: str) -> None:
     if a.dtype.kind not in "fcV" and lookup_kind(a.dtype.name) not in ("float", "complex"):
         assert a.tobytes() == ref.tobytes(), key
         return
-    parts = (lambda x: x.view(f"f{a.dtype.itemsize // 2}")) if a.dtype.kind == "c" \
-        else (lambda x: x) if a.dtype.kind == "f" else (lambda x: x.astype(np.float32))
+    parts = (
+        (lambda x: x.view(f"f{a.dtype.itemsize // 2}"))
+        if a.dtype.kind == "c"
+        else (lambda x: x)
+        if a.dtype.kind == "f"
+        else (lambda x: x.astype(np.float32))
+    )
     with np.errstate(all="ignore"):
         mine, theirs = parts(a), parts(ref)
         nan = np.isnan(mine)
         assert (nan == np.isnan(theirs)).all(), key
     width = mine.dtype.itemsize if a.dtype.kind == "c" else a.dtype.itemsize
-    mine_bits = (a.view(f"u{width}") if a.dtype.kind != "c" else mine.view(f"u{width}"))
-    theirs_bits = (ref.view(f"u{width}") if a.dtype.kind != "c" else theirs.view(f"u{width}"))
+    mine_bits = a.view(f"u{width}") if a.dtype.kind != "c" else mine.view(f"u{width}")
+    theirs_bits = ref.view(f"u{width}") if a.dtype.kind != "c" else theirs.view(f"u{width}")
     assert (mine_bits[~nan] == theirs_bits[~nan]).all(), key
 
 
@@ -185,9 +215,12 @@ def test_nested_containers_parameters_and_ordered_dict_state(tmp_path):
     torch.save({"model": sd, "opt": {"lr": 0.1, "steps": [1, 2]}}, p)
     loaded = torch.load(p, weights_only=True)
     assert loaded["model"]._metadata == sd._metadata  # torch keeps it; tensorbridge drops it
-    check_against(p, {"model.a": w, "model.b": w.t().conj()},
-                  {"model.a": loaded["model"]["a"], "model.b": loaded["model"]["b"]},
-                  {"opt.lr": "0.1", "opt.steps.0": "1", "opt.steps.1": "2"})
+    check_against(
+        p,
+        {"model.a": w, "model.b": w.t().conj()},
+        {"model.a": loaded["model"]["a"], "model.b": loaded["model"]["b"]},
+        {"opt.lr": "0.1", "opt.steps.0": "1", "opt.steps.1": "2"},
+    )
 
 
 def test_tensors_and_parameters_with_python_attributes(tmp_path):
@@ -208,18 +241,24 @@ def test_devices_in_metadata_and_the_first_rebuild_function(tmp_path):
     from .test_pt import make_zip
 
     p = tmp_path / "dev.pt"
-    torch.save({"w": torch.ones(2), "where": torch.device("cuda", 1), "cpu": torch.device("cpu")},
-               p)
+    torch.save(
+        {"w": torch.ones(2), "where": torch.device("cuda", 1), "cpu": torch.device("cpu")}, p
+    )
     assert torch.load(p, weights_only=True)["where"] == torch.device("cuda:1")
     arrays, meta = read_all(p)
     assert list(arrays) == ["w"] and meta == {"where": "cuda:1", "cpu": "cpu"}
     # torch._utils._rebuild_tensor (no requires_grad/hooks), which weights_only allows
-    pkl = (b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor\n((X\x07\x00\x00\x00"
-           b"storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x02tQK\x01"
-           b"K\x01\x85K\x01\x85tRs.")
+    pkl = (
+        b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor\n((X\x07\x00\x00\x00"
+        b"storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x02tQK\x01"
+        b"K\x01\x85K\x01\x85tRs."
+    )
     make_zip(p, pkl, {"0": np.array([1, 2], np.float32).tobytes()})
-    assert torch_bytes(torch.load(p, weights_only=True)["w"]) == read_all(p)[0]["w"].tobytes() \
+    assert (
+        torch_bytes(torch.load(p, weights_only=True)["w"])
+        == read_all(p)[0]["w"].tobytes()
         == np.array([2], np.float32).tobytes()
+    )
 
 
 def test_conj_checkpoint_converts_to_safetensors_with_the_right_signs(tmp_path):
@@ -230,8 +269,9 @@ def test_conj_checkpoint_converts_to_safetensors_with_the_right_signs(tmp_path):
 
     z = torch.tensor([1 + 2j, -3 - 4j], dtype=torch.complex64)
     src, dst = tmp_path / "c.pt", tmp_path / "c.safetensors"
-    torch.save({"c": z.conj(), "n": torch._neg_view(z.clone().real),
-                "i": z.clone().conj().imag}, src)
+    torch.save(
+        {"c": z.conj(), "n": torch._neg_view(z.clone().real), "i": z.clone().conj().imag}, src
+    )
     convert_file(str(src), str(dst))
     out = load_file(str(dst))
     assert torch_bytes(out["c"]) == torch_bytes(z.conj().resolve_conj())
@@ -240,25 +280,38 @@ def test_conj_checkpoint_converts_to_safetensors_with_the_right_signs(tmp_path):
 
 # --- what torch.save writes that tensorbridge refuses, with the reason and a fix ----------
 
+
 def _f4() -> torch.Tensor:
     return torch.zeros(2, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
 
 
 REFUSED = {
-    "complex32": (lambda: torch.ones(2, dtype=torch.complex32),
-                  (r"a tensor of dtype torch.complex32, which tensorbridge does not support.*"
-                   r"t.to\(torch.complex64\), which keeps both parts")),
+    "complex32": (
+        lambda: torch.ones(2, dtype=torch.complex32),
+        (
+            r"a tensor of dtype torch.complex32, which tensorbridge does not support.*"
+            r"t.to\(torch.complex64\), which keeps both parts"
+        ),
+    ),
     "float4": (_f4, r"a tensor of dtype torch.float4_e2m1fn_x2.*t.view\(torch.uint8\)"),
-    "bits8": (lambda: torch.zeros(2, dtype=torch.uint8).view(torch.bits8),
-              r"a tensor of dtype torch.bits8.*t.view\(torch.uint8\)"),
-    "quantized": (lambda: torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.quint8),
-                  r"a quantized tensor.*t.dequantize\(\)"),
+    "bits8": (
+        lambda: torch.zeros(2, dtype=torch.uint8).view(torch.bits8),
+        r"a tensor of dtype torch.bits8.*t.view\(torch.uint8\)",
+    ),
+    "quantized": (
+        lambda: torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.quint8),
+        r"a quantized tensor.*t.dequantize\(\)",
+    ),
     "sparse_coo": (lambda: torch.eye(3).to_sparse(), r"a sparse tensor.*t.to_dense\(\)"),
     "sparse_csr": (lambda: torch.eye(3).to_sparse_csr(), r"a sparse tensor.*t.to_dense\(\)"),
-    "nested": (lambda: torch.nested.nested_tensor([torch.ones(2), torch.ones(3)]),
-               r"a nested tensor.*unbind"),
-    "meta": (lambda: torch.empty(2, device="meta"),
-             r"a meta tensor, which has a shape but no data.*to_empty"),
+    "nested": (
+        lambda: torch.nested.nested_tensor([torch.ones(2), torch.ones(3)]),
+        r"a nested tensor.*unbind",
+    ),
+    "meta": (
+        lambda: torch.empty(2, device="meta"),
+        r"a meta tensor, which has a shape but no data.*to_empty",
+    ),
 }
 
 
@@ -285,8 +338,11 @@ def test_tensor_subclass_is_refused_naming_its_class(tmp_path):
     torch.save({"x": torch.ones(2).as_subclass(Mine), "y": _Weights(torch.ones(1))}, p)
     with pytest.raises(Exception, match="Unsupported global"):
         torch.load(p, weights_only=True)
-    with pytest.raises(UnsafeContentError, match=r"tensor subclass '.*Mine'.*"
-                       r"t.as_subclass\(torch.Tensor\)"):
+    with pytest.raises(
+        UnsafeContentError,
+        match=r"tensor subclass '.*Mine'.*"
+        r"t.as_subclass\(torch.Tensor\)",
+    ):
         FORMAT.open(str(p))
 
 
@@ -310,6 +366,7 @@ def test_unknown_math_state_and_backward_hooks_are_refused(tmp_path):
 
 
 # --- tensorbridge writes, torch.load(weights_only=True) reads --------------------------
+
 
 @pytest.mark.parametrize("mmap", [False, True])
 def test_tensorbridge_files_of_every_dtype_load_in_torch_bit_exactly(tmp_path, mmap):
@@ -341,6 +398,7 @@ def test_the_matrix_covers_every_dtype_torch_can_save_or_refuses_it():
 
 
 # --- load(mmap=True): which .pt tensors are mapped, and that the others stay right ---------
+
 
 def _mapped(a) -> bool:
     import mmap

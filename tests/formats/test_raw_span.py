@@ -30,8 +30,17 @@ from tensorbridge.formats.safetensors import SafetensorsReader  # noqa: E402
 SAFETENSORS = get_format("safetensors")
 PT = get_format("pt")
 
-TORCH_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
-                torch.int32, torch.int8, torch.uint8, torch.complex64]
+TORCH_DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.int8,
+    torch.uint8,
+    torch.complex64,
+]
 
 
 def _tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -99,11 +108,14 @@ def _same_tensors(path, sd):
     for k, t in sd.items():
         want = t.contiguous()
         assert back[k].dtype == want.dtype and back[k].shape == want.shape, k
-        assert back[k].view(-1).view(torch.uint8).numpy().tobytes() == \
-            want.reshape(-1).view(torch.uint8).numpy().tobytes(), k
+        assert (
+            back[k].view(-1).view(torch.uint8).numpy().tobytes()
+            == want.reshape(-1).view(torch.uint8).numpy().tobytes()
+        ), k
 
 
 # --- the readers' spans ---------------------------------------------------------------
+
 
 def test_pt_raw_spans_only_for_contiguous_little_endian_stored_bytes(pt_file):
     path, sd = pt_file
@@ -162,10 +174,12 @@ def test_safetensors_raw_spans(st_file):
 
 # --- conversions: raw path == normal path -----------------------------------------------
 
+
 @pytest.mark.parametrize("which", ["pt", "safetensors"])
 @pytest.mark.parametrize("check", [True, False])
-def test_raw_conversion_is_byte_identical_to_normal_path(which, check, pt_file, st_file,
-                                                         tmp_path, monkeypatch):
+def test_raw_conversion_is_byte_identical_to_normal_path(
+    which, check, pt_file, st_file, tmp_path, monkeypatch
+):
     src, sd = pt_file if which == "pt" else st_file
     fast, slow = tmp_path / "fast.safetensors", tmp_path / "slow.safetensors"
     taken = _spans_taken(monkeypatch)
@@ -203,8 +217,9 @@ def test_cast_does_not_take_the_raw_path(pt_file, tmp_path, monkeypatch):
         copied = {by_offset[s.offset] for s in taken}
         # only tensors left as they are (integers, bool, complex, float16 itself) are copied
         kinds = {n: r.info(n).dtype for n in copied}
-        assert copied and all(d in ("float16", "bool", "complex64") or "int" in d
-                              for d in kinds.values()), kinds
+        assert copied and all(
+            d in ("float16", "bool", "complex64") or "int" in d for d in kinds.values()
+        ), kinds
     back = st_torch.load_file(str(out))
     assert back["w.0"].dtype == torch.float16 and back["w.3"].dtype == torch.float16
 
@@ -221,8 +236,12 @@ def test_mixed_spans_and_arrays_in_one_file(tmp_path):
     src = tmp_path / "src.safetensors"
     SAFETENSORS.write(src, [TensorInfo("a", "float32", (3, 4))], lambda n: a)
     b = np.arange(5, dtype=">i4")  # big-endian: goes through the chunked path
-    infos = [TensorInfo("x", "int32", (5,)), TensorInfo("a", "float32", (3, 4)),
-             TensorInfo("y", "int32", (5,)), TensorInfo("a2", "float32", (3, 4))]
+    infos = [
+        TensorInfo("x", "int32", (5,)),
+        TensorInfo("a", "float32", (3, 4)),
+        TensorInfo("y", "int32", (5,)),
+        TensorInfo("a2", "float32", (3, 4)),
+    ]
     with SAFETENSORS.open(src) as r:
         span = r.raw_span("a")
         out = tmp_path / "mixed.safetensors"
@@ -233,6 +252,7 @@ def test_mixed_spans_and_arrays_in_one_file(tmp_path):
 
 
 # --- copy fallbacks --------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("mode", ["sendfile", "loop", "zero"])
 def test_copy_fallbacks(pt_file, tmp_path, monkeypatch, mode):
@@ -255,17 +275,24 @@ def test_copy_fallbacks(pt_file, tmp_path, monkeypatch, mode):
 
 # --- broken sources, atomicity ----------------------------------------------------------
 
+
 @pytest.mark.parametrize("mode", ["copy_file_range", "sendfile", "loop"])
 def test_truncated_source_raises_and_leaves_destination(st_file, tmp_path, monkeypatch, mode):
     src, sd = st_file
     if mode != "copy_file_range":
-        monkeypatch.setattr(os, "copy_file_range",
-                            lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSYS, "no")),
-                            raising=False)
+        monkeypatch.setattr(
+            os,
+            "copy_file_range",
+            lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSYS, "no")),
+            raising=False,
+        )
     if mode == "loop":
-        monkeypatch.setattr(os, "sendfile",
-                            lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSYS, "no")),
-                            raising=False)
+        monkeypatch.setattr(
+            os,
+            "sendfile",
+            lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSYS, "no")),
+            raising=False,
+        )
     dst = tmp_path / "out.safetensors"
     dst.write_bytes(b"old contents")
     with SAFETENSORS.open(src) as r:
@@ -330,11 +357,15 @@ def test_span_of_the_wrong_size_is_refused(st_file, tmp_path):
         infos = r.infos()
         span = r.raw_span("t.0")
         with pytest.raises(ConversionError, match="byte span"):
-            SAFETENSORS.write(tmp_path / "o.safetensors", infos[:1],
-                              lambda n: RawSpan(span.path, span.offset, span.nbytes - 1))
+            SAFETENSORS.write(
+                tmp_path / "o.safetensors",
+                infos[:1],
+                lambda n: RawSpan(span.path, span.offset, span.nbytes - 1),
+            )
 
 
 # --- verification of copied tensors ----------------------------------------------------
+
 
 def test_verification_of_copied_tensors_catches_a_corrupt_byte(pt_file, tmp_path):
     src, sd = pt_file
@@ -362,6 +393,7 @@ def test_verification_of_copied_tensors_catches_a_corrupt_byte(pt_file, tmp_path
 
 
 # --- checking copies as they land ------------------------------------------------------
+
 
 def test_landed_reports_where_each_copied_tensor_lies(st_file, tmp_path):
     src, sd = st_file
@@ -402,9 +434,12 @@ def test_landed_reaches_every_shard(pt_file, tmp_path):
     files = set()
     with PT.open(src) as r:
         get_format("sharded").write(
-            tmp_path / "out/", r.infos(), lambda n: r.raw_span(n) or r.read(n),
+            tmp_path / "out/",
+            r.infos(),
+            lambda n: r.raw_span(n) or r.read(n),
             landed=lambda name, fd, off, n: files.add(os.fstat(fd).st_ino),
-            max_shard_size="600B")
+            max_shard_size="600B",
+        )
     assert len(files) > 2
 
 
@@ -425,13 +460,14 @@ def test_checker_records_equal_copies_and_raises_on_a_mismatch(st_file, tmp_path
                 checker.landed(name, fd, spans[name].offset, spans[name].nbytes)
             checker.drain()
             st = os.fstat(fd)
-            assert checker.checked == {n: ((st.st_dev, st.st_ino), spans[n].offset,
-                                           spans[n].nbytes) for n in ("t.0", "t.1")}
+            assert checker.checked == {
+                n: ((st.st_dev, st.st_ino), spans[n].offset, spans[n].nbytes)
+                for n in ("t.0", "t.1")
+            }
             bad = spans["t.2"].offset + 5
             os.pwrite(fd, bytes([data[bad] ^ 1]), bad)
             checker.landed("t.2", fd, spans["t.2"].offset, spans["t.2"].nbytes)
-            with pytest.raises(FileFormatError,
-                               match="tensor 't.2' differs.*left unchanged.*Fix:"):
+            with pytest.raises(FileFormatError, match="tensor 't.2' differs.*left unchanged.*Fix:"):
                 checker.drain()
             assert "t.2" not in checker.checked
         finally:
@@ -471,6 +507,7 @@ def test_checker_that_cannot_compare_raises_instead_of_waiting(how, st_file, mon
     fd = os.open(src, os.O_RDONLY)
     checker = convert_cmd._LandedChecker({"t.0": span}, str(src))
     if how == "comparer":  # its buffers cannot be made: reported, the queue still drains
+
         def broken():
             raise MemoryError("no buffers")
 
@@ -526,16 +563,17 @@ def test_verified_sharded_convert_holds_few_descriptors(tmp_path):
     assert len(list((tmp_path / "shards").glob("*.safetensors"))) == 120
 
 
-def test_read_back_compares_again_where_the_checked_place_is_not_where_it_lies(
-        pt_file, tmp_path):
+def test_read_back_compares_again_where_the_checked_place_is_not_where_it_lies(pt_file, tmp_path):
     src, _ = pt_file
     dst = tmp_path / "o.safetensors"
     convert_file(str(src), str(dst), include=["w.0", "w.2"])
     with PT.open(src) as r, SAFETENSORS.open(dst) as out:
         planned = [r.info(n) for n in ("w.0", "w.2")]
         spans = {i.name: r.raw_span(i.name) for i in planned}
-        places = {n: (out.raw_span(n).file_id, out.raw_span(n).offset, out.raw_span(n).nbytes)
-                  for n in ("w.0", "w.2")}
+        places = {
+            n: (out.raw_span(n).file_id, out.raw_span(n).offset, out.raw_span(n).nbytes)
+            for n in ("w.0", "w.2")
+        }
     where = places["w.2"][1] + 3
     data = bytearray(dst.read_bytes())
     data[where] ^= 0x01

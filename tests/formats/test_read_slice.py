@@ -15,8 +15,11 @@ FILES = ["m.npy", "m.npz", "m.safetensors", "m.pt", "m.h5", "shards/"]
 def written(request, tmp_path):
     rng = np.random.default_rng(0)
     w = rng.integers(0, 2**16, (7, 3), dtype=np.uint16).view(ml_dtypes.bfloat16)
-    tree = {"w": w} if request.param == "m.npy" else {
-        "w": w, "b": np.arange(5, dtype=np.float32), "s": np.array(2.5)}
+    tree = (
+        {"w": w}
+        if request.param == "m.npy"
+        else {"w": w, "b": np.arange(5, dtype=np.float32), "s": np.array(2.5)}
+    )
     path = str(tmp_path / request.param) + ("/" if request.param.endswith("/") else "")
     if request.param.endswith("/"):
         tb.save(tree, path, max_shard_size="40B")
@@ -26,8 +29,9 @@ def written(request, tmp_path):
     return path, name, w, tree
 
 
-@pytest.mark.parametrize("index", [0, 3, -1, slice(2, 5), slice(None), slice(5, 2),
-                                   slice(-3, None), np.int64(4)])
+@pytest.mark.parametrize(
+    "index", [0, 3, -1, slice(2, 5), slice(None), slice(5, 2), slice(-3, None), np.int64(4)]
+)
 def test_rows_are_the_same_bytes_as_indexing_the_whole_tensor(written, index):
     path, name, w, _ = written
     with tb.open(path) as r:
@@ -38,9 +42,17 @@ def test_rows_are_the_same_bytes_as_indexing_the_whole_tensor(written, index):
     assert got.flags.writeable
 
 
-@pytest.mark.parametrize("index, match", [(7, "out of range"), (-8, "out of range"),
-                                          (slice(0, 4, 2), "step of 1"), (True, "int or a slice"),
-                                          ("1", "int or a slice"), (2.0, "int or a slice")])
+@pytest.mark.parametrize(
+    "index, match",
+    [
+        (7, "out of range"),
+        (-8, "out of range"),
+        (slice(0, 4, 2), "step of 1"),
+        (True, "int or a slice"),
+        ("1", "int or a slice"),
+        (2.0, "int or a slice"),
+    ],
+)
 def test_bad_indexes_are_refused_with_a_fix(written, index, match):
     path, name, _, _ = written
     with tb.open(path) as r:

@@ -38,18 +38,37 @@ def tbytes(t: torch.Tensor) -> bytes:
 def tiny(kind: str, dtype: torch.dtype = torch.float32):
     torch.manual_seed(0)
     if kind == "gpt2":  # tied lm_head: save_pretrained stores one of the two names
-        config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64,
-                                         n_positions=8, bos_token_id=0, eos_token_id=0)
+        config = transformers.GPT2Config(
+            n_layer=2,
+            n_embd=16,
+            n_head=2,
+            vocab_size=64,
+            n_positions=8,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
         model = transformers.GPT2LMHeadModel(config)
     elif kind == "llama":
-        config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=2,
-                                          num_key_value_heads=1, intermediate_size=32, vocab_size=64,
-                                          max_position_embeddings=16, tie_word_embeddings=False)
+        config = transformers.LlamaConfig(
+            num_hidden_layers=2,
+            hidden_size=16,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=32,
+            vocab_size=64,
+            max_position_embeddings=16,
+            tie_word_embeddings=False,
+        )
         model = transformers.LlamaForCausalLM(config)
     else:
-        config = transformers.BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2,
-                                         intermediate_size=32, vocab_size=64,
-                                         max_position_embeddings=16)
+        config = transformers.BertConfig(
+            num_hidden_layers=1,
+            hidden_size=16,
+            num_attention_heads=2,
+            intermediate_size=32,
+            vocab_size=64,
+            max_position_embeddings=16,
+        )
         model = transformers.BertModel(config)
     return model.to(dtype).eval()
 
@@ -107,10 +126,13 @@ def test_from_pretrained_loads_what_tensorbridge_writes(tmp_path, variant):
     target = tmp_path if variant is None else tmp_path / "model.safetensors.index.fp16.json"
     tb.save(dict(sd), str(target) + ("/" if variant is None else ""), max_shard_size="10KB")
     model.config.save_pretrained(tmp_path)
-    index = "model.safetensors.index.json" if variant is None else "model.safetensors.index.fp16.json"
+    index = (
+        "model.safetensors.index.json" if variant is None else "model.safetensors.index.fp16.json"
+    )
     assert len(set(json.loads((tmp_path / index).read_text())["weight_map"].values())) > 1
     again = transformers.LlamaForCausalLM.from_pretrained(
-        tmp_path, variant=variant, torch_dtype=model.dtype)
+        tmp_path, variant=variant, torch_dtype=model.dtype
+    )
     got = again.state_dict()
     assert set(got) == set(sd)
     for name, t in sd.items():
@@ -118,6 +140,7 @@ def test_from_pretrained_loads_what_tensorbridge_writes(tmp_path, variant):
 
 
 # --- safetensors ---------------------------------------------------------------------
+
 
 def _torch_dtype(name: str):
     return getattr(torch, name, None)
@@ -166,14 +189,19 @@ def test_safe_open_reads_tensorbridge_files_every_dtype_and_shape(tmp_path):
 
 
 def test_safetensors_numpy_files_read_exactly(tmp_path):
-    arrays = {f"{d.name}.{i}": sample(d.name, s, i) for d in DTYPES.values()
-              if d.safetensors and d.numpy.isbuiltin != 2 for i, s in enumerate(SHAPES)}
+    arrays = {
+        f"{d.name}.{i}": sample(d.name, s, i)
+        for d in DTYPES.values()
+        if d.safetensors and d.numpy.isbuiltin != 2
+        for i, s in enumerate(SHAPES)
+    }
     p = tmp_path / "np.safetensors"
     safetensors.numpy.save_file(arrays, str(p))
     got = tb.load(p)
     for k, a in arrays.items():
-        assert got[k].dtype == a.dtype and got[k].tobytes() == a.tobytes() \
-            and got[k].shape == a.shape, k
+        assert (
+            got[k].dtype == a.dtype and got[k].tobytes() == a.tobytes() and got[k].shape == a.shape
+        ), k
 
 
 def test_sharded_tensorbridge_checkpoint_shards_are_plain_safetensors(tmp_path):

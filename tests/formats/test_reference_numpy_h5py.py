@@ -15,7 +15,7 @@ from tensorbridge.formats.npy import FORMAT as NPY
 from tensorbridge.formats.npy import MARKED_DTYPES
 from tensorbridge.formats.npz import FORMAT as NPZ
 
-from .samples import read_all_with, sample, same, write_with
+from .samples import read_all_with, same, sample, write_with
 
 PLAIN = [n for n in DTYPES if n not in MARKED_DTYPES]
 LAYOUTS = ["c", "fortran", "big-endian", "0-d", "empty", "empty-inner", "strided"]
@@ -45,6 +45,7 @@ def native(a: np.ndarray) -> np.ndarray:
 
 # --- NumPy writes, tensorbridge reads ---------------------------------------------------------
 
+
 @pytest.mark.parametrize("how", LAYOUTS)
 @pytest.mark.parametrize("name", PLAIN)
 def test_np_save_read_bit_exact(tmp_path, name, how):
@@ -69,6 +70,7 @@ def test_np_savez_read_bit_exact(tmp_path, save):
 
 # --- tensorbridge writes, NumPy reads -----------------------------------------------------------
 
+
 def _ours(name: str, how: str) -> np.ndarray:
     return layout(name, how) if name in PLAIN else sample(name, (4, 6) if how == "c" else (0,))
 
@@ -87,8 +89,11 @@ def test_np_load_reads_our_npy_bit_exact(tmp_path, name, how):
 
 @pytest.mark.parametrize("compress", [False, True])
 def test_np_load_reads_our_npz_bit_exact(tmp_path, compress):
-    arrays = {f"{name}.{how}": (_ours(name, how) if how != "0-d" else sample(name, ()))
-              for name in DTYPES for how in ("c", "0-d", "empty")}
+    arrays = {
+        f"{name}.{how}": (_ours(name, how) if how != "0-d" else sample(name, ()))
+        for name in DTYPES
+        for how in ("c", "0-d", "empty")
+    }
     p = tmp_path / "a.npz"
     write_with(NPZ, p, arrays, compress=compress)
     with np.load(p, allow_pickle=False) as ref:
@@ -105,8 +110,12 @@ STORAGE = {
     "compact": {"compact": True},
     "chunked": {"chunks": (3, 4)},
     "gzip": {"chunks": (3, 4), "compression": "gzip"},
-    "gzip+shuffle+fletcher32": {"chunks": (2, 5), "compression": "gzip", "shuffle": True,
-                                "fletcher32": True},
+    "gzip+shuffle+fletcher32": {
+        "chunks": (2, 5),
+        "compression": "gzip",
+        "shuffle": True,
+        "fletcher32": True,
+    },
     "lzf": {"chunks": (4, 6), "compression": "lzf"},
 }
 
@@ -126,8 +135,7 @@ def test_h5py_files_read_bit_exact(tmp_path, storage):
                     space = h5py.h5s.create_simple(a.shape)
                     tid = h5py.h5t.py_create(a.dtype, logical=True)
                     f.require_group(f"g/{how}")
-                    dsid = h5py.h5d.create(f.id, f"g/{how}/{name}".encode(), tid, space,
-                                           dcpl=dcpl)
+                    dsid = h5py.h5d.create(f.id, f"g/{how}/{name}".encode(), tid, space, dcpl=dcpl)
                     dsid.write(h5py.h5s.ALL, h5py.h5s.ALL, a)
                 else:
                     f.create_dataset(f"g/{how}/{name}", data=a, **kw)
@@ -135,8 +143,13 @@ def test_h5py_files_read_bit_exact(tmp_path, storage):
         f.create_dataset("empty", data=np.zeros((0, 3), np.int16))
     with h5py.File(p, "r") as f:
         want = {}
-        f.visititems(lambda k, v: want.__setitem__(k.replace("/", "."), v[()])
-                     if isinstance(v, h5py.Dataset) else None)
+        f.visititems(
+            lambda k, v: (
+                want.__setitem__(k.replace("/", "."), v[()])
+                if isinstance(v, h5py.Dataset)
+                else None
+            )
+        )
     got, _ = read_all_with(H5, p)
     assert sorted(got) == sorted(want)
     for k, v in want.items():

@@ -28,12 +28,25 @@ from tensorbridge.errors import (
 from tensorbridge.formats.base import TensorInfo
 from tensorbridge.formats.safetensors import FORMAT, MAX_HEADER_SIZE
 
-from .samples import read_all_with, sample, same, write_with
+from .samples import read_all_with, same, sample, write_with
 
 ST_DTYPES = [d.name for d in DTYPES.values() if d.safetensors]
 NO_CODE = [d.name for d in DTYPES.values() if not d.safetensors]
-NUMPY_BINDING = {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
-                 "uint64", "float16", "float32", "float64", "complex64"}
+NUMPY_BINDING = {
+    "bool",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float16",
+    "float32",
+    "float64",
+    "complex64",
+}
 
 
 def write(path, arrays: dict[str, np.ndarray], metadata=None) -> None:
@@ -49,6 +62,7 @@ def torch_bytes(t: torch.Tensor) -> bytes:
 
 
 # --- interoperability ---------------------------------------------------------------
+
 
 def test_reads_numpy_binding_files_exactly(tmp_path):
     arrays = {f"t.{name}": sample(name, seed=i) for i, name in enumerate(sorted(NUMPY_BINDING))}
@@ -110,6 +124,7 @@ def test_numpy_binding_reads_what_we_write(tmp_path, name):
 
 # --- round trips ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ST_DTYPES)
 @pytest.mark.parametrize("shape", [(), (0,), (2, 0, 3), (7,), (3, 4, 5)])
 def test_round_trip_every_dtype_bit_exact(tmp_path, name, shape):
@@ -162,8 +177,8 @@ def test_header_is_padded_to_8_bytes_with_spaces(tmp_path):
     raw = p.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     assert n % 8 == 0
-    assert raw[8:8 + n].rstrip(b" ").endswith(b"}")
-    assert raw[8:8 + n].decode().strip() == raw[8:8 + n].decode().rstrip(" ")
+    assert raw[8 : 8 + n].rstrip(b" ").endswith(b"}")
+    assert raw[8 : 8 + n].decode().strip() == raw[8 : 8 + n].decode().rstrip(" ")
 
 
 def test_keys_in_file_order_and_infos(tmp_path):
@@ -203,6 +218,7 @@ def test_closed_reader_refuses_reads(tmp_path):
 
 # --- hostile files: one per rule -------------------------------------------------
 
+
 def raw_file(tmp_path, header: object, data: bytes = b"", n: int | None = None) -> str:
     text = header if isinstance(header, bytes) else json.dumps(header).encode()
     p = tmp_path / "hostile.safetensors"
@@ -216,46 +232,156 @@ def entry(dtype="F32", shape=(1,), offsets=(0, 4)):
 
 HOSTILE = [
     # (id, header, data, header-length override, error type, message substring)
-    ("header_too_big", {}, b"", MAX_HEADER_SIZE + 1, FileFormatError, "over the 100000000-byte limit"),
+    (
+        "header_too_big",
+        {},
+        b"",
+        MAX_HEADER_SIZE + 1,
+        FileFormatError,
+        "over the 100000000-byte limit",
+    ),
     ("header_past_eof", {}, b"", 10_000, FileFormatError, "larger than the rest of the file"),
     ("bad_utf8", b'{"a\xff": 1}', b"", None, FileFormatError, "not valid UTF-8"),
     ("bad_json", b'{"a": ', b"", None, FileFormatError, "not valid JSON"),
     ("deep_json", b"[" * 100_000, b"", None, FileFormatError, "JSON arrays and objects"),
     ("not_object", [1, 2], b"", None, FileFormatError, "JSON list, not an object"),
-    ("unknown_dtype", {"a": entry(dtype="F128")}, b"\0" * 4, None, FileFormatError, "unknown dtype 'F128'"),
-    ("lowercase_dtype", {"a": entry(dtype="f32")}, b"\0" * 4, None, FileFormatError, "unknown dtype 'f32'"),
-    ("negative_shape", {"a": entry(shape=(-1,))}, b"\0" * 4, None, FileFormatError, "non-negative integers"),
-    ("float_shape", {"a": entry(shape=(1.0,))}, b"\0" * 4, None, FileFormatError, "non-negative integers"),
-    ("bool_shape", {"a": entry(shape=(True,))}, b"\0" * 4, None, FileFormatError, "non-negative integers"),
-    ("too_many_dims", {"a": entry(shape=(1,) * 65)}, b"\0" * 4, None, FileFormatError, "at most 64"),
-    ("overflow_product", {"a": entry(shape=(2**32, 2**32, 0), offsets=(0, 0))}, b"", None,
-     FileFormatError, "overflows"),
-    ("size_mismatch", {"a": entry(shape=(2,), offsets=(0, 4))}, b"\0" * 4, None, FileFormatError,
-     "span 4 bytes, but shape [2] of float32 needs 8"),
-    ("reversed_offsets", {"a": entry(offsets=(4, 0))}, b"\0" * 4, None, FileFormatError, "0 <= begin <= end"),
-    ("overlap", {"a": entry(offsets=(0, 4)), "b": entry(offsets=(2, 6))}, b"\0" * 6, None,
-     FileFormatError, "overlap"),
-    ("hole", {"a": entry(offsets=(0, 4)), "b": entry(offsets=(6, 10))}, b"\0" * 10, None,
-     FileFormatError, "hole of 2"),
+    (
+        "unknown_dtype",
+        {"a": entry(dtype="F128")},
+        b"\0" * 4,
+        None,
+        FileFormatError,
+        "unknown dtype 'F128'",
+    ),
+    (
+        "lowercase_dtype",
+        {"a": entry(dtype="f32")},
+        b"\0" * 4,
+        None,
+        FileFormatError,
+        "unknown dtype 'f32'",
+    ),
+    (
+        "negative_shape",
+        {"a": entry(shape=(-1,))},
+        b"\0" * 4,
+        None,
+        FileFormatError,
+        "non-negative integers",
+    ),
+    (
+        "float_shape",
+        {"a": entry(shape=(1.0,))},
+        b"\0" * 4,
+        None,
+        FileFormatError,
+        "non-negative integers",
+    ),
+    (
+        "bool_shape",
+        {"a": entry(shape=(True,))},
+        b"\0" * 4,
+        None,
+        FileFormatError,
+        "non-negative integers",
+    ),
+    (
+        "too_many_dims",
+        {"a": entry(shape=(1,) * 65)},
+        b"\0" * 4,
+        None,
+        FileFormatError,
+        "at most 64",
+    ),
+    (
+        "overflow_product",
+        {"a": entry(shape=(2**32, 2**32, 0), offsets=(0, 0))},
+        b"",
+        None,
+        FileFormatError,
+        "overflows",
+    ),
+    (
+        "size_mismatch",
+        {"a": entry(shape=(2,), offsets=(0, 4))},
+        b"\0" * 4,
+        None,
+        FileFormatError,
+        "span 4 bytes, but shape [2] of float32 needs 8",
+    ),
+    (
+        "reversed_offsets",
+        {"a": entry(offsets=(4, 0))},
+        b"\0" * 4,
+        None,
+        FileFormatError,
+        "0 <= begin <= end",
+    ),
+    (
+        "overlap",
+        {"a": entry(offsets=(0, 4)), "b": entry(offsets=(2, 6))},
+        b"\0" * 6,
+        None,
+        FileFormatError,
+        "overlap",
+    ),
+    (
+        "hole",
+        {"a": entry(offsets=(0, 4)), "b": entry(offsets=(6, 10))},
+        b"\0" * 10,
+        None,
+        FileFormatError,
+        "hole of 2",
+    ),
     ("hole_at_start", {"a": entry(offsets=(4, 8))}, b"\0" * 8, None, FileFormatError, "hole of 4"),
     ("trailing_bytes", {"a": entry()}, b"\0" * 5, None, FileFormatError, "1 trailing bytes"),
-    ("truncated_data", {"a": entry(shape=(2,), offsets=(0, 8))}, b"\0" * 5, None, FileFormatError,
-     "truncated"),
-    ("duplicate_keys", b'{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}, '
-                       b'"a": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]}}',
-     b"\0\0", None, UnsafeContentError, "'a' more than once"),
-    ("duplicate_metadata_keys", b'{"__metadata__": {"k": "1", "k": "2"}}', b"", None,
-     UnsafeContentError, "'k' more than once"),
+    (
+        "truncated_data",
+        {"a": entry(shape=(2,), offsets=(0, 8))},
+        b"\0" * 5,
+        None,
+        FileFormatError,
+        "truncated",
+    ),
+    (
+        "duplicate_keys",
+        b'{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}, '
+        b'"a": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]}}',
+        b"\0\0",
+        None,
+        UnsafeContentError,
+        "'a' more than once",
+    ),
+    (
+        "duplicate_metadata_keys",
+        b'{"__metadata__": {"k": "1", "k": "2"}}',
+        b"",
+        None,
+        UnsafeContentError,
+        "'k' more than once",
+    ),
     ("metadata_not_str", {"__metadata__": {"k": 1}}, b"", None, UnsafeContentError, "{'k': 1}"),
     ("metadata_not_dict", {"__metadata__": ["k"]}, b"", None, UnsafeContentError, "['k']"),
     ("nul_name", {"a\x00b": entry()}, b"\0" * 4, None, UnsafeContentError, "NUL"),
     ("dotdot_name", {"../../etc/x": entry()}, b"\0" * 4, None, UnsafeContentError, "'..'"),
     ("absolute_name", {"/etc/passwd": entry()}, b"\0" * 4, None, UnsafeContentError, "absolute"),
     ("empty_name", {"": entry()}, b"\0" * 4, None, UnsafeContentError, "empty"),
-    ("extra_entry_key", {"a": {**entry(), "offsets": [0, 4]}}, b"\0" * 4, None, FileFormatError,
-     "exactly the keys"),
-    ("missing_entry_key", {"a": {"dtype": "F32", "shape": [1]}}, b"\0" * 4, None, FileFormatError,
-     "exactly the keys"),
+    (
+        "extra_entry_key",
+        {"a": {**entry(), "offsets": [0, 4]}},
+        b"\0" * 4,
+        None,
+        FileFormatError,
+        "exactly the keys",
+    ),
+    (
+        "missing_entry_key",
+        {"a": {"dtype": "F32", "shape": [1]}},
+        b"\0" * 4,
+        None,
+        FileFormatError,
+        "exactly the keys",
+    ),
     ("entry_not_object", {"a": [1]}, b"", None, FileFormatError, "exactly the keys"),
 ]
 
@@ -273,8 +399,10 @@ def test_hostile_header_is_refused(tmp_path, case):
 
 def test_reference_implementation_also_refuses_tiling_errors(tmp_path):
     """Our rules are at least as strict as the Rust core's."""
-    for header, data in [({"a": entry(offsets=(0, 4)), "b": entry(offsets=(6, 10))}, b"\0" * 10),
-                         ({"a": entry()}, b"\0" * 5)]:
+    for header, data in [
+        ({"a": entry(offsets=(0, 4)), "b": entry(offsets=(6, 10))}, b"\0" * 10),
+        ({"a": entry()}, b"\0" * 5),
+    ]:
         p = raw_file(tmp_path, header, data)
         with pytest.raises(safetensors.SafetensorError):
             safetensors.numpy.load_file(p)
@@ -283,8 +411,12 @@ def test_reference_implementation_also_refuses_tiling_errors(tmp_path):
 
 
 def test_reference_accepts_duplicates_we_refuse(tmp_path):
-    p = raw_file(tmp_path, b'{"a": {"dtype": "I8", "shape": [1], "data_offsets": [0, 1]}, '
-                           b'"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}', b"\xff")
+    p = raw_file(
+        tmp_path,
+        b'{"a": {"dtype": "I8", "shape": [1], "data_offsets": [0, 1]}, '
+        b'"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}',
+        b"\xff",
+    )
     assert safetensors.numpy.load_file(p)["a"].dtype == np.uint8  # last one silently wins
     with pytest.raises(UnsafeContentError, match="more than once"):
         FORMAT.open(p)
@@ -330,6 +462,7 @@ def test_empty_file_with_only_metadata(tmp_path):
 
 # --- write refusals and atomicity --------------------------------------------------
 
+
 @pytest.mark.parametrize("name", NO_CODE)
 def test_dtypes_without_a_code_are_refused_with_a_fix(tmp_path, name):
     p = tmp_path / "x.safetensors"
@@ -360,7 +493,9 @@ def test_duplicate_infos_are_refused_on_write(tmp_path):
         FORMAT.write(str(tmp_path / "d.safetensors"), infos, lambda n: np.zeros(1, np.float32))
 
 
-@pytest.mark.parametrize("wrong", [np.zeros((2,), np.float64), np.zeros((3,), np.float32), [0.0, 0.0]])
+@pytest.mark.parametrize(
+    "wrong", [np.zeros((2,), np.float64), np.zeros((3,), np.float32), [0.0, 0.0]]
+)
 def test_fetch_returning_the_wrong_array_is_refused(tmp_path, wrong):
     p = tmp_path / "w.safetensors"
     with pytest.raises(ConversionError, match="fetch"):
@@ -400,11 +535,19 @@ def test_fetch_is_called_once_per_tensor_in_order(tmp_path):
 
 # --- fuzzing: any byte mutation gives a clean result or a TensorBridgeError ------------
 
+
 def _valid_file_bytes() -> bytes:
     with tempfile.TemporaryDirectory() as d:
         p = os.path.join(d, "v.safetensors")
-        write(p, {"a": sample("float32", (2, 3)), "b": sample("bfloat16", (4,)),
-                  "c": np.array([True, False])}, {"m": "x"})
+        write(
+            p,
+            {
+                "a": sample("float32", (2, 3)),
+                "b": sample("bfloat16", (4,)),
+                "c": np.array([True, False]),
+            },
+            {"m": "x"},
+        )
         with open(p, "rb") as f:
             return f.read()
 
@@ -412,9 +555,13 @@ def _valid_file_bytes() -> bytes:
 VALID = _valid_file_bytes()
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(edits=st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), max_size=4),
-       cut=st.one_of(st.just(len(VALID)), st.integers(0, len(VALID))))
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    edits=st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), max_size=4),
+    cut=st.one_of(st.just(len(VALID)), st.integers(0, len(VALID))),
+)
 def test_fuzzed_files_never_crash_the_reader(tmp_path, edits, cut):
     data = bytearray(VALID)
     for pos, value in edits:

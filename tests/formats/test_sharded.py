@@ -55,11 +55,23 @@ def snapshot(directory) -> dict[str, bytes]:
 
 # --- parse_size and planning ------------------------------------------------------------
 
-@pytest.mark.parametrize("text, value", [
-    ("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("10KiB", 10240), ("2GiB", 2 * 2**30),
-    ("1.5GiB", 3 * 2**29), ("42", 42), (42, 42), (" 7 kb ", 7000), ("3M", 3 * 10**6),
-    ("100B", 100), ("1TB", 10**12),
-])
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("5GB", 5 * 10**9),
+        ("500MB", 500 * 10**6),
+        ("10KiB", 10240),
+        ("2GiB", 2 * 2**30),
+        ("1.5GiB", 3 * 2**29),
+        ("42", 42),
+        (42, 42),
+        (" 7 kb ", 7000),
+        ("3M", 3 * 10**6),
+        ("100B", 100),
+        ("1TB", 10**12),
+    ],
+)
 def test_parse_size(text, value):
     assert parse_size(text) == value
 
@@ -74,11 +86,16 @@ def test_plan_is_greedy_in_order_and_big_tensors_go_alone():
     infos = [TensorInfo(k, canonical_name(v.dtype), v.shape) for k, v in make_arrays().items()]
     plan = plan_shards(infos, 1000)
     assert [[i.name for i in g] for g in plan] == [
-        ["embed.weight", "layer.0.w"], ["layer.0.b", "layer.1.w"], ["big"], ["tail"]]
+        ["embed.weight", "layer.0.w"],
+        ["layer.0.b", "layer.1.w"],
+        ["big"],
+        ["tail"],
+    ]
     assert plan_shards([], 10) == [[]]
 
 
 # --- writing -----------------------------------------------------------------------------
+
 
 def test_write_makes_hf_layout_readable_by_safetensors(tmp_path):
     arrays = make_arrays()
@@ -88,7 +105,10 @@ def test_write_makes_hf_layout_readable_by_safetensors(tmp_path):
     shards = [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
     assert names == sorted(shards + ["model.safetensors.index.json"])
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert index["metadata"] == {"source": "test", "total_size": sum(a.nbytes for a in arrays.values())}
+    assert index["metadata"] == {
+        "source": "test",
+        "total_size": sum(a.nbytes for a in arrays.values()),
+    }
     assert index["weight_map"]["big"] == shards[2]
     assert list(index["weight_map"]) == list(arrays)
     for shard in shards:  # each shard within the limit, unless it is one big tensor
@@ -124,7 +144,9 @@ def test_format_table_routes_directories_and_indexes_here(tmp_path):
 def test_custom_index_name_sets_the_shard_prefix(tmp_path):
     write(tmp_path / "x" / "adapter.safetensors.index.json", {"a": np.zeros(3)})
     assert sorted(os.listdir(tmp_path / "x")) == [
-        "adapter-00001-of-00001.safetensors", "adapter.safetensors.index.json"]
+        "adapter-00001-of-00001.safetensors",
+        "adapter.safetensors.index.json",
+    ]
 
 
 def test_bad_index_name_and_unknown_options_are_refused(tmp_path):
@@ -167,22 +189,31 @@ def test_rewrite_with_fewer_shards_removes_the_old_ones(tmp_path):
     (out / "README.md").write_text("keep me")
     write(out, {"only": np.ones(4, np.int32)})
     assert sorted(os.listdir(out)) == [
-        "README.md", "model-00001-of-00001.safetensors", "model.safetensors.index.json"]
+        "README.md",
+        "model-00001-of-00001.safetensors",
+        "model.safetensors.index.json",
+    ]
     got, _ = read_all(out)
     assert same(got["only"], np.ones(4, np.int32))
 
 
 # --- reading what others wrote -------------------------------------------------------------
 
-def hf_checkpoint(directory, tensors_by_shard: dict[str, dict[str, torch.Tensor]],
-                  weight_map: dict[str, str] | None = None, index_name="model.safetensors.index.json"):
+
+def hf_checkpoint(
+    directory,
+    tensors_by_shard: dict[str, dict[str, torch.Tensor]],
+    weight_map: dict[str, str] | None = None,
+    index_name="model.safetensors.index.json",
+):
     directory.mkdir(exist_ok=True)
     for shard, tensors in tensors_by_shard.items():
         safetensors.torch.save_file(tensors, str(directory / shard), metadata={"format": "pt"})
     if weight_map is None:
         weight_map = {n: s for s, ts in tensors_by_shard.items() for n in ts}
-    (directory / index_name).write_text(json.dumps(
-        {"metadata": {"total_size": 123}, "weight_map": weight_map}))
+    (directory / index_name).write_text(
+        json.dumps({"metadata": {"total_size": 123}, "weight_map": weight_map})
+    )
     return directory
 
 
@@ -190,8 +221,13 @@ def test_reads_a_torch_written_hf_checkpoint(tmp_path):
     a = torch.randn(4, 4).to(torch.bfloat16)
     b = torch.arange(6, dtype=torch.int32)
     c = torch.randn(3).to(torch.float8_e4m3fn)
-    d = hf_checkpoint(tmp_path / "hf", {"model-00001-of-00002.safetensors": {"a": a, "b": b},
-                                       "model-00002-of-00002.safetensors": {"c": c}})
+    d = hf_checkpoint(
+        tmp_path / "hf",
+        {
+            "model-00001-of-00002.safetensors": {"a": a, "b": b},
+            "model-00002-of-00002.safetensors": {"c": c},
+        },
+    )
     with FORMAT.open(str(d)) as r:
         assert r.metadata == {} and r.total_size == 123 and r.notes == []
         assert r.info("a") == TensorInfo("a", "bfloat16", (4, 4))
@@ -210,7 +246,9 @@ def test_single_file_directory(tmp_path):
     assert same(got["x"], arrays["x"]) and metadata == {"format": "np"}
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd to count open files")
+@pytest.mark.skipif(
+    not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd to count open files"
+)
 def test_at_most_one_shard_is_open(tmp_path):
     arrays = {f"t{i}": np.full(10, i, np.int64) for i in range(6)}
     write(tmp_path / "d", arrays, max_shard_size=80)
@@ -226,9 +264,13 @@ def test_at_most_one_shard_is_open(tmp_path):
 
 # --- hostile or broken checkpoints ---------------------------------------------------------
 
+
 def simple(tmp_path, weight_map=None, index_text=None):
-    d = hf_checkpoint(tmp_path / "ck", {"s1.safetensors": {"a": torch.zeros(2)},
-                                       "s2.safetensors": {"b": torch.ones(2)}}, weight_map)
+    d = hf_checkpoint(
+        tmp_path / "ck",
+        {"s1.safetensors": {"a": torch.zeros(2)}, "s2.safetensors": {"b": torch.ones(2)}},
+        weight_map,
+    )
     if index_text is not None:
         (d / "model.safetensors.index.json").write_text(index_text)
     return d
@@ -242,15 +284,18 @@ def refused(path, error, text):
     return info.value
 
 
-@pytest.mark.parametrize("shard, text", [
-    ("../x.safetensors", "not a plain file name"),
-    ("sub/s1.safetensors", "not a plain file name"),
-    ("/etc/passwd", "not a plain file name"),
-    ("s1.safetensors\x00", "NUL"),
-    ("..", "not a file name"),
-    ("", "not a file name"),
-    (7, "it is a int"),
-])
+@pytest.mark.parametrize(
+    "shard, text",
+    [
+        ("../x.safetensors", "not a plain file name"),
+        ("sub/s1.safetensors", "not a plain file name"),
+        ("/etc/passwd", "not a plain file name"),
+        ("s1.safetensors\x00", "NUL"),
+        ("..", "not a file name"),
+        ("", "not a file name"),
+        (7, "it is a int"),
+    ],
+)
 def test_shard_names_that_leave_the_directory_are_refused(tmp_path, shard, text):
     (tmp_path / "x.safetensors").write_bytes(b"")
     d = simple(tmp_path, {"a": "s1.safetensors", "b": shard})
@@ -270,8 +315,9 @@ def test_symlinked_shard_escaping_the_directory_is_refused(tmp_path):
 def _hf_snapshot(tmp_path, repo_name="models--org--name"):
     """A Hugging Face hub cache: REPO/snapshots/REV/* are relative links into REPO/blobs/."""
     src = tmp_path / "src"
-    write(src, {"a": np.arange(4, dtype=np.float32), "b": np.ones(3, np.int64)},
-          max_shard_size="20B")
+    write(
+        src, {"a": np.arange(4, dtype=np.float32), "b": np.ones(3, np.int64)}, max_shard_size="20B"
+    )
     repo = tmp_path / repo_name
     (repo / "blobs").mkdir(parents=True)
     snap = repo / "snapshots" / "0123abcd"
@@ -287,13 +333,16 @@ def test_hf_cache_snapshot_of_shards_reads_through_its_links(tmp_path):
     assert len(os.listdir(snap)) == 3  # an index and two shards, all links
     for where in (snap, snap / "model.safetensors.index.json"):
         got, _ = read_all(where)
-        assert same(got["a"], np.arange(4, dtype=np.float32)) and same(got["b"], np.ones(3, np.int64))
+        assert same(got["a"], np.arange(4, dtype=np.float32)) and same(
+            got["b"], np.ones(3, np.int64)
+        )
 
 
 @pytest.mark.parametrize("layout", ["outside-blobs", "not-a-hub-repo"])
 def test_hf_like_links_elsewhere_are_still_refused(tmp_path, layout):
-    repo, snap = _hf_snapshot(tmp_path, "models--org--name" if layout == "outside-blobs"
-                              else "my-checkpoints")
+    repo, snap = _hf_snapshot(
+        tmp_path, "models--org--name" if layout == "outside-blobs" else "my-checkpoints"
+    )
     shard = next(n for n in sorted(os.listdir(snap)) if n.endswith(".safetensors"))
     if layout == "outside-blobs":  # a link to the repo's other folder, not to blobs/
         (repo / "elsewhere").mkdir()
@@ -318,8 +367,11 @@ def test_name_in_shard_but_not_in_map_is_refused(tmp_path):
     d = simple(tmp_path, {"a": "s1.safetensors"})
     (d / "s2.safetensors").unlink()  # no longer referenced: fine
     assert read_all(d)[0].keys() == {"a"}
-    d2 = hf_checkpoint(tmp_path / "ck2", {"s1.safetensors": {"a": torch.zeros(2), "hidden": torch.ones(1)}},
-                       {"a": "s1.safetensors"})
+    d2 = hf_checkpoint(
+        tmp_path / "ck2",
+        {"s1.safetensors": {"a": torch.zeros(2), "hidden": torch.ones(1)}},
+        {"a": "s1.safetensors"},
+    )
     refused(d2, FileFormatError, "holds ['hidden'], which the index's weight_map does not list")
 
 
@@ -328,20 +380,36 @@ def test_name_mapped_to_the_wrong_shard_is_refused(tmp_path):
     refused(d, FileFormatError, "does not hold them")
 
 
-@pytest.mark.parametrize("text, error, message", [
-    ("{", FileFormatError, "the index is not valid JSON"),
-    ("[1]", FileFormatError, "must be a JSON object with a 'weight_map'"),
-    ('{"metadata": {}}', FileFormatError, "must be a JSON object with a 'weight_map'"),
-    ('{"weight_map": []}', FileFormatError, "must be a JSON object with a 'weight_map'"),
-    ('{"weight_map": {"a": "s1.safetensors", "a": "s2.safetensors"}}', UnsafeContentError,
-     "'a' more than once"),
-    ('{"weight_map": {"../a": "s1.safetensors"}}', UnsafeContentError, "'..'"),
-    ('{"metadata": {"total_size": "lots"}, "weight_map": {"a": "s1.safetensors"}}',
-     FileFormatError, "total_size 'lots'"),
-    ('{"metadata": {"x": [1]}, "weight_map": {"a": "s1.safetensors"}}', FileFormatError,
-     "only strings and numbers"),
-    ('{"metadata": 5, "weight_map": {"a": "s1.safetensors"}}', FileFormatError, "not an object"),
-])
+@pytest.mark.parametrize(
+    "text, error, message",
+    [
+        ("{", FileFormatError, "the index is not valid JSON"),
+        ("[1]", FileFormatError, "must be a JSON object with a 'weight_map'"),
+        ('{"metadata": {}}', FileFormatError, "must be a JSON object with a 'weight_map'"),
+        ('{"weight_map": []}', FileFormatError, "must be a JSON object with a 'weight_map'"),
+        (
+            '{"weight_map": {"a": "s1.safetensors", "a": "s2.safetensors"}}',
+            UnsafeContentError,
+            "'a' more than once",
+        ),
+        ('{"weight_map": {"../a": "s1.safetensors"}}', UnsafeContentError, "'..'"),
+        (
+            '{"metadata": {"total_size": "lots"}, "weight_map": {"a": "s1.safetensors"}}',
+            FileFormatError,
+            "total_size 'lots'",
+        ),
+        (
+            '{"metadata": {"x": [1]}, "weight_map": {"a": "s1.safetensors"}}',
+            FileFormatError,
+            "only strings and numbers",
+        ),
+        (
+            '{"metadata": 5, "weight_map": {"a": "s1.safetensors"}}',
+            FileFormatError,
+            "not an object",
+        ),
+    ],
+)
 def test_broken_indexes_are_refused(tmp_path, text, error, message):
     refused(simple(tmp_path, index_text=text), error, message)
 
@@ -355,8 +423,9 @@ def test_bad_utf8_index_is_refused(tmp_path):
 def test_nested_index_as_shard_is_refused(tmp_path):
     d = simple(tmp_path)
     (d / "inner.index.json").write_text("{}")
-    (d / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"a": "inner.index.json"}}))
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "inner.index.json"}})
+    )
     refused(d / "model.safetensors.index.json", UnsafeContentError, "nested indexes")
 
 
@@ -384,8 +453,17 @@ def test_reads_pytorch_bin_shards(tmp_path):
     b = torch.arange(4, dtype=torch.int16)
     torch.save({"a": a}, d / "pytorch_model-00001-of-00002.bin")
     torch.save({"b": b}, d / "pytorch_model-00002-of-00002.bin")
-    (d / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {"total_size": 20}, "weight_map": {
-        "a": "pytorch_model-00001-of-00002.bin", "b": "pytorch_model-00002-of-00002.bin"}}))
+    (d / "pytorch_model.bin.index.json").write_text(
+        json.dumps(
+            {
+                "metadata": {"total_size": 20},
+                "weight_map": {
+                    "a": "pytorch_model-00001-of-00002.bin",
+                    "b": "pytorch_model-00002-of-00002.bin",
+                },
+            }
+        )
+    )
     got, _ = read_all(d)
     assert got["a"].dtype == ml_dtypes.bfloat16
     assert got["a"].tobytes() == a.view(torch.uint8).numpy().tobytes()
@@ -393,6 +471,7 @@ def test_reads_pytorch_bin_shards(tmp_path):
 
 
 # --- crash safety of rewrites ---------------------------------------------------------
+
 
 def _files(directory) -> list[str]:
     return sorted(os.listdir(directory))
@@ -415,8 +494,9 @@ def test_failed_index_write_leaves_old_checkpoint_and_no_new_shards(tmp_path, mo
 
     monkeypatch.setattr(sharded_mod, "atomic_write", full_disk)
     with pytest.raises(FileFormatError, match="disk is full"):
-        write(out, {"x": np.ones(100, np.float32), "y": np.ones(100, np.float32)},
-              max_shard_size=400)
+        write(
+            out, {"x": np.ones(100, np.float32), "y": np.ones(100, np.float32)}, max_shard_size=400
+        )
     assert snapshot(out) == before  # byte-identical, nothing new left behind
     got, _ = read_all(out)
     assert {k: v.tobytes() for k, v in got.items()} == {k: v.tobytes() for k, v in old.items()}
@@ -424,8 +504,7 @@ def test_failed_index_write_leaves_old_checkpoint_and_no_new_shards(tmp_path, mo
 
 def test_rewrite_with_the_same_shard_count_replaces_everything(tmp_path):
     out = tmp_path / "d"
-    write(out, {"a": np.zeros(100, np.float32), "b": np.zeros(100, np.float32)},
-          max_shard_size=400)
+    write(out, {"a": np.zeros(100, np.float32), "b": np.zeros(100, np.float32)}, max_shard_size=400)
     new = {"x": np.ones(100, np.float32), "y": np.full(100, 2, np.float32)}
     write(out, new, max_shard_size=400)
     names = _files(out)
@@ -433,8 +512,11 @@ def test_rewrite_with_the_same_shard_count_replaces_everything(tmp_path):
     got, _ = read_all(out)
     assert {k: v.tobytes() for k, v in got.items()} == {k: v.tobytes() for k, v in new.items()}
     write(out, new, max_shard_size=400)  # the standard names are free again
-    assert _files(out) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-                           "model.safetensors.index.json"]
+    assert _files(out) == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ]
 
 
 _KILL_CHILD = """
@@ -460,8 +542,9 @@ def test_sigkill_during_second_shard_leaves_nothing_after_next_save(tmp_path):
     out = tmp_path / "d"
     write(out, {"old": np.arange(10, dtype=np.int32)})
     before = snapshot(out)
-    proc = subprocess.Popen([sys.executable, "-c", _KILL_CHILD, str(out)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILL_CHILD, str(out)], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
@@ -556,22 +639,34 @@ def test_reading_after_close_is_refused_and_opens_nothing(tmp_path):
 
 # --- layouts: variants, safetensors beside .bin, the link policy on every path ------------
 
+
 def bin_checkpoint(directory, tensors_by_shard, index_name="pytorch_model.bin.index.json"):
     """A sharded .bin checkpoint in the layout transformers 4 wrote."""
     directory.mkdir(parents=True, exist_ok=True)
     for shard, tensors in tensors_by_shard.items():
         torch.save(tensors, directory / shard)
-    (directory / index_name).write_text(json.dumps({"metadata": {"total_size": 1}, "weight_map": {
-        n: s for s, ts in tensors_by_shard.items() for n in ts}}))
+    (directory / index_name).write_text(
+        json.dumps(
+            {
+                "metadata": {"total_size": 1},
+                "weight_map": {n: s for s, ts in tensors_by_shard.items() for n in ts},
+            }
+        )
+    )
     return directory
 
 
 def test_variant_checkpoints_read_and_are_chosen_by_name(tmp_path):
     d = tmp_path / "m"
     hf_checkpoint(d, {"model-00001-of-00001.safetensors": {"w": torch.zeros(2)}})
-    hf_checkpoint(d, {"model.fp16-00001-of-00002.safetensors": {"w": torch.ones(2).half()},
-                      "model.fp16-00002-of-00002.safetensors": {"b": torch.ones(1).half()}},
-                  index_name="model.safetensors.index.fp16.json")
+    hf_checkpoint(
+        d,
+        {
+            "model.fp16-00001-of-00002.safetensors": {"w": torch.ones(2).half()},
+            "model.fp16-00002-of-00002.safetensors": {"b": torch.ones(1).half()},
+        },
+        index_name="model.safetensors.index.fp16.json",
+    )
     with FORMAT.open(str(d)) as r:  # the plain files by default, as transformers
         assert r.keys() == ["w"] and r.read("w").dtype == np.float32 and r.notes == []
     with FORMAT.open(str(d), variant="fp16") as r:
@@ -591,12 +686,16 @@ def test_variant_checkpoints_read_and_are_chosen_by_name(tmp_path):
 
 def test_only_variant_present_is_read_and_said_several_refused(tmp_path):
     d = tmp_path / "m"
-    hf_checkpoint(d, {"model.fp16-00001-of-00001.safetensors": {"w": torch.ones(2).half()}},
-                  index_name="model.safetensors.index.fp16.json")
+    hf_checkpoint(
+        d,
+        {"model.fp16-00001-of-00001.safetensors": {"w": torch.ones(2).half()}},
+        index_name="model.safetensors.index.fp16.json",
+    )
     with FORMAT.open(str(d)) as r:
         assert r.keys() == ["w"] and "only the 'fp16' variant" in r.notes[0]
     d.joinpath("model.bf16.safetensors").write_bytes(
-        safetensors.torch.save({"w": torch.ones(2).bfloat16()}))
+        safetensors.torch.save({"w": torch.ones(2).bfloat16()})
+    )
     refused(d, FileFormatError, "several variants ['bf16', 'fp16']")
     with FORMAT.open(str(d), variant="bf16") as r:  # a single-file variant
         assert r.read("w").dtype.name == "bfloat16"
@@ -618,7 +717,9 @@ def test_write_a_variant_by_its_index_name(tmp_path):
     index = tmp_path / "v" / "model.safetensors.index.fp16.json"
     write(index, {"a": np.zeros(3, np.float16)})
     assert sorted(os.listdir(tmp_path / "v")) == [
-        "model.fp16-00001-of-00001.safetensors", "model.safetensors.index.fp16.json"]
+        "model.fp16-00001-of-00001.safetensors",
+        "model.safetensors.index.fp16.json",
+    ]
     with FORMAT.open(str(tmp_path / "v"), variant="fp16") as r:
         assert r.keys() == ["a"]
 
@@ -641,13 +742,20 @@ def test_index_link_outside_is_refused_and_not_quoted(tmp_path):
     d.mkdir()
     os.symlink(secret, d / "model.safetensors.index.json")
     for path in (d, d / "model.safetensors.index.json"):
-        err = refused(path, UnsafeContentError, "the index 'model.safetensors.index.json' is a symlink")
+        err = refused(
+            path, UnsafeContentError, "the index 'model.safetensors.index.json' is a symlink"
+        )
         assert "TOPSECRET" not in str(err)
 
 
 def test_many_names_resolve_each_shard_once(tmp_path, monkeypatch):
-    d = hf_checkpoint(tmp_path / "ck", {"s1.safetensors": {f"t{i}": torch.zeros(1) for i in range(300)},
-                                        "s2.safetensors": {"u": torch.zeros(1)}})
+    d = hf_checkpoint(
+        tmp_path / "ck",
+        {
+            "s1.safetensors": {f"t{i}": torch.zeros(1) for i in range(300)},
+            "s2.safetensors": {"u": torch.zeros(1)},
+        },
+    )
     calls = []
     real = os.path.realpath
     monkeypatch.setattr(os.path, "realpath", lambda p, *a, **k: calls.append(p) or real(p, *a, **k))
@@ -660,8 +768,11 @@ def test_cli_reads_variants_and_says_what_it_chose(tmp_path, capsys):
     from tensorbridge import cli
 
     d = hf_checkpoint(tmp_path / "m", {"model-00001-of-00001.safetensors": {"w": torch.zeros(2)}})
-    hf_checkpoint(d, {"model.fp16-00001-of-00001.safetensors": {"h": torch.ones(2).half()}},
-                  index_name="model.safetensors.index.fp16.json")
+    hf_checkpoint(
+        d,
+        {"model.fp16-00001-of-00001.safetensors": {"h": torch.ones(2).half()}},
+        index_name="model.safetensors.index.fp16.json",
+    )
     bin_checkpoint(d, {"pytorch_model-00001-of-00001.bin": {"w": torch.zeros(2)}})
     assert cli.main(["inspect", "--json", "--variant", "fp16", str(d)]) == 0
     out = capsys.readouterr()

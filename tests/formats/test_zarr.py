@@ -19,9 +19,25 @@ from ..hostile.bounded import MIB, run_bounded
 
 zarr = pytest.importorskip("zarr")
 
-DTYPES = ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-          "float16", "float32", "float64", "complex64", "complex128", "bfloat16",
-          "float8_e4m3fn", "float8_e5m2"]
+DTYPES = [
+    "bool",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float16",
+    "float32",
+    "float64",
+    "complex64",
+    "complex128",
+    "bfloat16",
+    "float8_e4m3fn",
+    "float8_e5m2",
+]
 
 
 def _array(dtype, shape=(5, 3), seed=0):
@@ -54,8 +70,11 @@ def test_every_dtype_round_trips_and_zarr_python_reads_the_same_bytes(tmp_path):
     z = zarr.open_group(p, mode="r")
     for name, arr in tree.items():
         stored = z[name][...]
-        raw = arr.view(np.uint16 if arr.dtype == ml_dtypes.bfloat16 else np.uint8) \
-            if arr.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2") else arr
+        raw = (
+            arr.view(np.uint16 if arr.dtype == ml_dtypes.bfloat16 else np.uint8)
+            if arr.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+            else arr
+        )
         assert _bytes(stored) == _bytes(raw), name
     assert z.attrs["note"] == "ünïcode"
     with tb.open(p) as f:
@@ -67,12 +86,19 @@ def test_stores_written_by_zarr_python_are_read_exactly(tmp_path):
     g = zarr.open_group(p, mode="w")
     g.attrs["source"] = "zarr"
     want = {}
-    for i, (dtype, chunks, comp) in enumerate([
-            ("float32", (4, 7), "auto"), ("int64", (3, 3), None), ("float64", (10, 10), "auto"),
-            ("uint8", (1, 5), None), ("complex64", (2, 2), "auto")]):
+    for i, (dtype, chunks, comp) in enumerate(
+        [
+            ("float32", (4, 7), "auto"),
+            ("int64", (3, 3), None),
+            ("float64", (10, 10), "auto"),
+            ("uint8", (1, 5), None),
+            ("complex64", (2, 2), "auto"),
+        ]
+    ):
         arr = _array(dtype, (9, 7), seed=i)
-        a = g.create_array(f"x{i}", shape=arr.shape, dtype=arr.dtype, chunks=chunks,
-                           compressors=comp)
+        a = g.create_array(
+            f"x{i}", shape=arr.shape, dtype=arr.dtype, chunks=chunks, compressors=comp
+        )
         a[...] = arr
         want[f"x{i}"] = arr
     sub = g.create_group("enc")
@@ -85,7 +111,7 @@ def test_stores_written_by_zarr_python_are_read_exactly(tmp_path):
     with tb.open(p) as f:
         assert f.metadata == {"source": "zarr"}
         assert f.native_chunks("x0") == (4, 7)
-        _, = [d for d in [tb.to_dask(p)["x0"]]]
+        (_,) = [d for d in [tb.to_dask(p)["x0"]]]
         assert f.array("x0")[2:8:3, ::-2].tobytes() == want["x0"][2:8:3, ::-2].tobytes()
 
 
@@ -97,7 +123,9 @@ def test_dask_and_xarray_read_what_tensorbridge_writes(tmp_path):
     tb.save(tree, p)
     assert _bytes(da.from_zarr(str(p), component="w").compute()) == _bytes(tree["w"])
     ds = xr.open_zarr(p, consolidated=False)
-    assert _bytes(ds["w"].values) == _bytes(tree["w"]) and _bytes(ds["b"].values) == _bytes(tree["b"])
+    assert _bytes(ds["w"].values) == _bytes(tree["w"]) and _bytes(ds["b"].values) == _bytes(
+        tree["b"]
+    )
     chunks = tb.to_dask(p)["w"].chunks
     assert chunks[0] == (40,)
 
@@ -122,8 +150,8 @@ def test_replacing_a_store_is_atomic_and_keeps_the_old_one_on_failure(tmp_path):
     def bad_tree():  # the second tensor fails while it is fetched
         return {"a": np.zeros(3), "b": np.zeros(2)}
 
-    from tensorbridge.formats.zarr import FORMAT
     from tensorbridge.formats.base import TensorInfo
+    from tensorbridge.formats.zarr import FORMAT
 
     def fetch(name):
         if name == "b":
@@ -131,8 +159,9 @@ def test_replacing_a_store_is_atomic_and_keeps_the_old_one_on_failure(tmp_path):
         return np.zeros(3)
 
     with pytest.raises(RuntimeError, match="disk gone"):
-        FORMAT.write(str(p), [TensorInfo("a", "float64", (3,)), TensorInfo("b", "float64", (2,))],
-                     fetch)
+        FORMAT.write(
+            str(p), [TensorInfo("a", "float64", (3,)), TensorInfo("b", "float64", (2,))], fetch
+        )
     assert tb.load(p)["a"].tolist() == [1, 1, 1]
     assert os.listdir(tmp_path) == ["m.zarr"]  # no temporary store left behind
     tb.save(bad_tree(), p)
@@ -154,9 +183,15 @@ def test_cli_inspect_convert_diff(tmp_path):
     src = tmp_path / "m.safetensors"
     tb.save({"w": _array("bfloat16", (4, 4)), "b": _array("float32", (4,))}, src)
     z = tmp_path / "m.zarr"
+
     def run(*a):
-        return subprocess.run([sys.executable, "-m", "tensorbridge", *map(str, a)],
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "tensorbridge", *map(str, a)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
     r = run("convert", src, z)
     assert r.returncode == 0, r.stderr
     r = run("diff", src, z)
@@ -174,6 +209,7 @@ def test_cli_inspect_convert_diff(tmp_path):
 
 
 # --- hostile stores -----------------------------------------------------------------
+
 
 def _store(tmp_path, name="h.zarr", arr=None):
     p = tmp_path / name
@@ -199,14 +235,17 @@ def test_links_anywhere_in_the_store_are_refused(tmp_path):
         tb.open(p)
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda m: m["codecs"].append({"name": "numcodecs.pickle"}), "does not decode"),
-    (lambda m: m.update(data_type="variable_length_utf8"), None),
-    (lambda m: m["chunk_grid"]["configuration"].update(chunk_shape=[1 << 20, 1 << 20]), "cap"),
-    (lambda m: m.update(shape=[-1, 4]), "non-negative"),
-    (lambda m: m.update(shape=[3]), "matching the shape"),
-    (lambda m: m["attributes"].update(tensorbridge_dtype="bfloat16"), "does not match"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda m: m["codecs"].append({"name": "numcodecs.pickle"}), "does not decode"),
+        (lambda m: m.update(data_type="variable_length_utf8"), None),
+        (lambda m: m["chunk_grid"]["configuration"].update(chunk_shape=[1 << 20, 1 << 20]), "cap"),
+        (lambda m: m.update(shape=[-1, 4]), "non-negative"),
+        (lambda m: m.update(shape=[3]), "matching the shape"),
+        (lambda m: m["attributes"].update(tensorbridge_dtype="bfloat16"), "does not match"),
+    ],
+)
 def test_bad_array_metadata_is_refused_or_skipped(tmp_path, edit, match):
     p = _store(tmp_path)
     _edit_meta(p, "w", lambda m: (m.setdefault("attributes", {}), edit(m)))
@@ -224,8 +263,12 @@ def test_v2_stores_deep_and_huge_metadata_are_refused(tmp_path):
     with pytest.raises(FileFormatError, match="zarr v2"):
         tb.open(v2)
     p = _store(tmp_path, "deep.zarr")
-    (p / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {"x": '
-                                 + "[" * 100_000 + "]" * 100_000 + "}}")
+    (p / "zarr.json").write_text(
+        '{"zarr_format": 3, "node_type": "group", "attributes": {"x": '
+        + "[" * 100_000
+        + "]" * 100_000
+        + "}}"
+    )
     r = run_bounded("import tensorbridge as tb; tb.open(ARGS[0])", [str(p)], timeout=60)
     assert r.outcome == "refused" and "nests deeper" in r.detail, r
     assert r.peak_rss < 300 * MIB
@@ -242,7 +285,8 @@ def test_a_mostly_fill_value_array_is_refused_whole_but_indexable(tmp_path):
     g = zarr.open_group(p, mode="w")
     a = g.create_array("big", shape=(1 << 20, 1 << 12), dtype="float32", chunks=(64, 1 << 12))
     a[5, :3] = [1, 2, 3]  # one chunk written; 16 GiB declared
-    r = run_bounded("""
+    r = run_bounded(
+        """
         import tensorbridge as tb
         from tensorbridge.errors import FileFormatError
         try:
@@ -251,7 +295,11 @@ def test_a_mostly_fill_value_array_is_refused_whole_but_indexable(tmp_path):
             refused = "mostly fill value" in str(e)
         with tb.open(ARGS[0]) as f:
             RESULT = [refused, f.array("big")[5, :4].tolist()]
-    """, [str(p)], timeout=60, mem_limit=2 << 30)
+    """,
+        [str(p)],
+        timeout=60,
+        mem_limit=2 << 30,
+    )
     assert r.outcome == "ok", r.detail
     assert r.result == [True, [1.0, 2.0, 3.0, 0.0]]
     assert r.peak_rss < 400 * MIB
@@ -292,8 +340,14 @@ def _fuzz_store():
 
         _FUZZ_ROOT = tempfile.mkdtemp(prefix="tb-zarr-fuzz-")
         p = os.path.join(_FUZZ_ROOT, "seed.zarr")
-        tb.save({"w": np.arange(24, dtype=np.float32).reshape(6, 4),
-                 "h": np.ones((3, 2), ml_dtypes.bfloat16), "b": np.array([True, False])}, p)
+        tb.save(
+            {
+                "w": np.arange(24, dtype=np.float32).reshape(6, 4),
+                "h": np.ones((3, 2), ml_dtypes.bfloat16),
+                "b": np.array([True, False]),
+            },
+            p,
+        )
     return os.path.join(_FUZZ_ROOT, "seed.zarr")
 
 
@@ -308,10 +362,26 @@ def _read_all(p):
 
 
 @FUZZ
-@given(node=st.sampled_from(["", "w", "h", "b"]), key=st.sampled_from(
-    ["shape", "data_type", "chunk_grid", "codecs", "fill_value", "attributes",
-     "chunk_key_encoding", "zarr_format", "node_type", "dimension_names"]),
-    value=_JSON_VALUE, ops=MUTATIONS, structural=st.booleans())
+@given(
+    node=st.sampled_from(["", "w", "h", "b"]),
+    key=st.sampled_from(
+        [
+            "shape",
+            "data_type",
+            "chunk_grid",
+            "codecs",
+            "fill_value",
+            "attributes",
+            "chunk_key_encoding",
+            "zarr_format",
+            "node_type",
+            "dimension_names",
+        ]
+    ),
+    value=_JSON_VALUE,
+    ops=MUTATIONS,
+    structural=st.booleans(),
+)
 def test_fuzz_zarr_metadata_and_chunks(tmp_path, node, key, value, ops, structural):
     import shutil
 

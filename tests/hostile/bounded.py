@@ -51,7 +51,9 @@ print("\n@@BOUNDED@@" + json.dumps({"outcome": outcome, "detail": detail, "error
 
 @dataclasses.dataclass
 class Bounded:
-    outcome: str  # "ok", "refused" (a TensorBridgeError), "crash" (anything else), "timeout", "died"
+    outcome: (
+        str  # "ok", "refused" (a TensorBridgeError), "crash" (anything else), "timeout", "died"
+    )
     detail: str  # the refusal message, the traceback, or stderr
     error_type: str | None
     wall: float  # seconds inside the code (imports included if the code imports)
@@ -59,8 +61,14 @@ class Bounded:
     result: Any
 
 
-def run_bounded(code: str, args: list | None = None, *, timeout: float = 60,
-                mem_limit: int = 3 << 30, env: dict | None = None) -> Bounded:
+def run_bounded(
+    code: str,
+    args: list | None = None,
+    *,
+    timeout: float = 60,
+    mem_limit: int = 3 << 30,
+    env: dict | None = None,
+) -> Bounded:
     """Run ``code`` in a subprocess limited to ``timeout`` seconds and ``mem_limit`` bytes of
     address space (0: no limit). A process killed by the clock is ``outcome == "timeout"``;
     one that died otherwise (a signal, MemoryError outside the code) is ``"died"``."""
@@ -68,13 +76,23 @@ def run_bounded(code: str, args: list | None = None, *, timeout: float = 60,
     full_env.update(env or {})
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", _WRAPPER, str(mem_limit), json.dumps(args or []),
-             textwrap.dedent(code)],
-            capture_output=True, text=True, timeout=timeout, env=full_env)
+            [
+                sys.executable,
+                "-c",
+                _WRAPPER,
+                str(mem_limit),
+                json.dumps(args or []),
+                textwrap.dedent(code),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=full_env,
+        )
     except subprocess.TimeoutExpired:
         return Bounded("timeout", f"no answer within {timeout} s", None, timeout, 0, None)
     marker = proc.stdout.rfind("@@BOUNDED@@")
     if marker < 0:
         return Bounded("died", f"exit {proc.returncode}: {proc.stderr[-4000:]}", None, 0.0, 0, None)
-    data = json.loads(proc.stdout[marker + len("@@BOUNDED@@"):])
+    data = json.loads(proc.stdout[marker + len("@@BOUNDED@@") :])
     return Bounded(**data)

@@ -22,8 +22,8 @@ import struct
 import sys
 import warnings
 import zipfile
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -39,6 +39,7 @@ def case(name: str) -> Callable:
         assert name not in CASES, name
         CASES[name] = fn
         return fn
+
     return deco
 
 
@@ -64,17 +65,26 @@ class _RunsCode:
             return (os.system, (f"touch {self.target}",))
         if self.how == "open":
             import builtins
+
             return (builtins.open, (self.target, "w"))
         if self.how == "eval":
             import builtins
+
             return (builtins.eval, (f"open({self.target!r}, 'w')",))
         raise ValueError(self.how)
 
 
 # --- safetensors ----------------------------------------------------------------
 
-def _st_bytes(header: object, data: bytes = b"", *, raw: bytes | None = None,
-              length: int | None = None, pad: bool = True) -> bytes:
+
+def _st_bytes(
+    header: object,
+    data: bytes = b"",
+    *,
+    raw: bytes | None = None,
+    length: int | None = None,
+    pad: bool = True,
+) -> bytes:
     text = raw if raw is not None else json.dumps(header).encode()
     if pad:
         text += b" " * (-len(text) % 8)
@@ -91,11 +101,13 @@ def _st(d: Path, name: str, *args, **kw) -> Path:
 _F32x2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
 _8B = b"\x00" * 8
 
+
 def _raw_case(name: str, suffix: str, blob: bytes) -> None:
     def build(d: Path) -> Path:
         p = d / f"{name.split('/')[1]}{suffix}"
         p.write_bytes(blob)
         return p
+
     case(name)(build)
 
 
@@ -106,7 +118,7 @@ _raw_case("safetensors/garbage", ".safetensors", bytes(range(256)) * 4)
 
 @case("safetensors/header-length-huge")
 def _(d):  # u64 max: must not allocate it
-    return _st(d, "hl-huge", {"a": _F32x2}, _8B, length=2 ** 64 - 1)
+    return _st(d, "hl-huge", {"a": _F32x2}, _8B, length=2**64 - 1)
 
 
 @case("safetensors/header-length-past-eof")
@@ -166,7 +178,7 @@ def _(d):
 
 @case("safetensors/overflow-shape")
 def _(d):  # product 2**64 wraps to 0 in int64 arithmetic
-    return _st(d, "ovf", {"a": {"dtype": "F32", "shape": [2 ** 32, 2 ** 32], "data_offsets": [0, 0]}})
+    return _st(d, "ovf", {"a": {"dtype": "F32", "shape": [2**32, 2**32], "data_offsets": [0, 0]}})
 
 
 @case("safetensors/float-shape")
@@ -176,7 +188,9 @@ def _(d):
 
 @case("safetensors/too-many-dims")
 def _(d):
-    return _st(d, "ndim", {"a": {"dtype": "F32", "shape": [1] * 100, "data_offsets": [0, 4]}}, b"\0" * 4)
+    return _st(
+        d, "ndim", {"a": {"dtype": "F32", "shape": [1] * 100, "data_offsets": [0, 4]}}, b"\0" * 4
+    )
 
 
 @case("safetensors/size-offset-mismatch")
@@ -196,20 +210,28 @@ def _(d):
 
 @case("safetensors/offsets-past-eof")
 def _(d):  # declares 4 GB of data in a tiny file
-    n = 2 ** 30
+    n = 2**30
     return _st(d, "past", {"a": {"dtype": "F32", "shape": [n], "data_offsets": [0, 4 * n]}}, _8B)
 
 
 @case("safetensors/overlap")
 def _(d):
-    return _st(d, "overlap", {"a": _F32x2, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
-               b"\0" * 12)
+    return _st(
+        d,
+        "overlap",
+        {"a": _F32x2, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
+        b"\0" * 12,
+    )
 
 
 @case("safetensors/hole")
 def _(d):
-    return _st(d, "hole", {"a": _F32x2, "b": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]}},
-               b"\0" * 24)
+    return _st(
+        d,
+        "hole",
+        {"a": _F32x2, "b": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]}},
+        b"\0" * 24,
+    )
 
 
 @case("safetensors/trailing-bytes")
@@ -261,7 +283,9 @@ def _(d):
 
 @case("safetensors/bool-not-0-1")
 def _(d):
-    return _st(d, "bool", {"a": {"dtype": "BOOL", "shape": [2], "data_offsets": [0, 2]}}, b"\x07\x09")
+    return _st(
+        d, "bool", {"a": {"dtype": "BOOL", "shape": [2], "data_offsets": [0, 2]}}, b"\x07\x09"
+    )
 
 
 @case("safetensors/is-a-fifo")
@@ -273,8 +297,15 @@ def _(d):
 
 # --- npy ----------------------------------------------------------------------------
 
-def _npy_bytes(header: str, data: bytes = b"", *, magic: bytes = b"\x93NUMPY",
-               version: tuple[int, int] = (1, 0), hlen: int | None = None) -> bytes:
+
+def _npy_bytes(
+    header: str,
+    data: bytes = b"",
+    *,
+    magic: bytes = b"\x93NUMPY",
+    version: tuple[int, int] = (1, 0),
+    hlen: int | None = None,
+) -> bytes:
     text = header.encode("latin1")
     text += b" " * (-(len(text) + 11) % 64) + b"\n"
     code = "<H" if version == (1, 0) else "<I"
@@ -309,7 +340,7 @@ def _(d):
 
 @case("npy/header-size-huge")
 def _(d):
-    return _npy(d, "hsize", _H, _8B, version=(2, 0), hlen=2 ** 32 - 1)
+    return _npy(d, "hsize", _H, _8B, version=(2, 0), hlen=2**32 - 1)
 
 
 @case("npy/header-size-past-eof")
@@ -329,7 +360,9 @@ def _(d):
 
 @case("npy/header-extra-key")
 def _(d):
-    return _npy(d, "extrakey", "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), 'x': 1}", _8B)
+    return _npy(
+        d, "extrakey", "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), 'x': 1}", _8B
+    )
 
 
 @case("npy/negative-shape")
@@ -339,7 +372,9 @@ def _(d):
 
 @case("npy/wrapped-shape-product")
 def _(d):  # 2**32 * 2**32 wraps to 0 in int64
-    return _npy(d, "wrap", "{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296), }")
+    return _npy(
+        d, "wrap", "{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296), }"
+    )
 
 
 @case("npy/declared-size-larger-than-data")
@@ -357,7 +392,9 @@ def _(d):
 
 @case("npy/structured-object-field")
 def _(d):
-    return _npy(d, "structobj", "{'descr': [('a', '|O')], 'fortran_order': False, 'shape': (1,), }", _8B)
+    return _npy(
+        d, "structobj", "{'descr': [('a', '|O')], 'fortran_order': False, 'shape': (1,), }", _8B
+    )
 
 
 @case("npy/unknown-descr")
@@ -384,13 +421,16 @@ def _(d):
 
 # --- npz ----------------------------------------------------------------------------
 
+
 def _member(a: np.ndarray | None = None) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.arange(2, dtype=np.float32) if a is None else a)
     return buf.getvalue()
 
 
-def _npz(d: Path, name: str, members: list[tuple[str, bytes]], compression=zipfile.ZIP_STORED) -> Path:
+def _npz(
+    d: Path, name: str, members: list[tuple[str, bytes]], compression=zipfile.ZIP_STORED
+) -> Path:
     p = d / f"{name}.npz"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zipfile warns on duplicate names
@@ -462,14 +502,34 @@ def _(d):
 
 @case("npz/member-declared-larger")
 def _(d):
-    return _npz(d, "larger", [("a.npy", _npy_bytes(
-        "{'descr': '<f8', 'fortran_order': False, 'shape': (5000000000,), }", _8B))])
+    return _npz(
+        d,
+        "larger",
+        [
+            (
+                "a.npy",
+                _npy_bytes(
+                    "{'descr': '<f8', 'fortran_order': False, 'shape': (5000000000,), }", _8B
+                ),
+            )
+        ],
+    )
 
 
 @case("npz/member-wrapped-shape")
 def _(d):
-    return _npz(d, "wrap", [("a.npy", _npy_bytes(
-        "{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296), }"))])
+    return _npz(
+        d,
+        "wrap",
+        [
+            (
+                "a.npy",
+                _npy_bytes(
+                    "{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296), }"
+                ),
+            )
+        ],
+    )
 
 
 @case("npz/member-trailing-garbage")
@@ -485,14 +545,14 @@ def _patch_sizes(p: Path, member: str, file_size: int) -> None:
     i = data.find(b"PK\x03\x04")
     while i >= 0:
         nlen = struct.unpack_from("<H", data, i + 26)[0]
-        if bytes(data[i + 30:i + 30 + nlen]) == name:
+        if bytes(data[i + 30 : i + 30 + nlen]) == name:
             struct.pack_into("<I", data, i + 22, file_size)
         i = data.find(b"PK\x03\x04", i + 4)
     # central header: ... usize at +24, nlen at +28, name at +46
     i = data.find(b"PK\x01\x02")
     while i >= 0:
         nlen = struct.unpack_from("<H", data, i + 28)[0]
-        if bytes(data[i + 46:i + 46 + nlen]) == name:
+        if bytes(data[i + 46 : i + 46 + nlen]) == name:
             struct.pack_into("<I", data, i + 24, file_size)
         i = data.find(b"PK\x01\x02", i + 4)
     p.write_bytes(bytes(data))
@@ -556,6 +616,7 @@ def _(d):
 
 # --- pt -------------------------------------------------------------------------------
 
+
 def _torch_save(obj: object, p: Path, **kw) -> Path:
     import torch
 
@@ -563,7 +624,9 @@ def _torch_save(obj: object, p: Path, **kw) -> Path:
     return p
 
 
-def _zip_replace(src: Path, dst: Path, replace: dict[str, bytes | None], add: dict[str, bytes] | None = None) -> Path:
+def _zip_replace(
+    src: Path, dst: Path, replace: dict[str, bytes | None], add: dict[str, bytes] | None = None
+) -> Path:
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
         for zi in zin.infolist():
             suffix = zi.filename.split("/", 1)[1]
@@ -618,9 +681,12 @@ def _(d):  # protocol-0 INST opcode calls a class by name
 @case("pt/zip-pickle-rebuild-with-evil-storage")
 def _(d):  # an allowed rebuild global whose storage argument is an os.system call
     cmd = f"touch {_sentinel(d)}".encode()
-    payload = (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n(cposix\nsystem\nX"
-               + struct.pack("<I", len(cmd)) + cmd
-               + b"\x85RK\x00K\x04\x85K\x01\x85\x89ccollections\nOrderedDict\n)RtR.")
+    payload = (
+        b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n(cposix\nsystem\nX"
+        + struct.pack("<I", len(cmd))
+        + cmd
+        + b"\x85RK\x00K\x04\x85K\x01\x85\x89ccollections\nOrderedDict\n)RtR."
+    )
     return _pt_with_pickle(d, "rebuild", payload)
 
 
@@ -692,7 +758,7 @@ def _(d):  # stride/offset point past the storage (numel patched in the pickle)
     # the view's storage offset 1 is "K\x01"; make it 1_000_000 (BININT)
     i = pkl.find(b"K\x01K\x03\x85")
     assert i >= 0, pkl
-    pkl2 = pkl[:i] + b"J" + struct.pack("<i", 1_000_000) + pkl[i + 2:]
+    pkl2 = pkl[:i] + b"J" + struct.pack("<i", 1_000_000) + pkl[i + 2 :]
     out = _zip_replace(src, d / "view2.pt", {"data.pkl": pkl2})
     p.unlink()
     return out
@@ -719,8 +785,9 @@ def _(d):
 def _(d):
     import argparse
 
-    return _torch_save({"w": __import__("torch").ones(2), "args": argparse.Namespace(lr=0.1)},
-                       d / "obj.pt")
+    return _torch_save(
+        {"w": __import__("torch").ones(2), "args": argparse.Namespace(lr=0.1)}, d / "obj.pt"
+    )
 
 
 @case("pt/numpy-array-inside")
@@ -739,8 +806,10 @@ def _(d):
 @case("pt/pickle-getattr-gadget")
 def _(d):  # builtins.getattr(os, "system") -- a classic gadget chain
     cmd = f"touch {_sentinel(d)}".encode()
-    payload = (b"\x80\x02cbuiltins\ngetattr\n(cbuiltins\n__import__\n(X\x02\x00\x00\x00ostRX"
-               b"\x06\x00\x00\x00systemtR(X" + struct.pack("<I", len(cmd)) + cmd + b"tR.")
+    payload = (
+        b"\x80\x02cbuiltins\ngetattr\n(cbuiltins\n__import__\n(X\x02\x00\x00\x00ostRX"
+        b"\x06\x00\x00\x00systemtR(X" + struct.pack("<I", len(cmd)) + cmd + b"tR."
+    )
     return _pt_with_pickle(d, "getattr", payload)
 
 
@@ -765,6 +834,7 @@ def _(d):  # lists nested 5000 deep, far past MAX_DEPTH (flattening recurses)
 
 # --- h5 ---------------------------------------------------------------------------------
 
+
 def _h5py():
     import h5py
 
@@ -777,7 +847,9 @@ def _(d):
     secret = _secret(d)
     p = d / "ext.h5"
     with h5py.File(p, "w") as f:
-        f.create_dataset("leak", shape=(len(SECRET),), dtype="u1", external=[(str(secret), 0, len(SECRET))])
+        f.create_dataset(
+            "leak", shape=(len(SECRET),), dtype="u1", external=[(str(secret), 0, len(SECRET))]
+        )
     return p
 
 
@@ -839,7 +911,7 @@ def _(d):  # a chunked, compressed, never-written dataset claiming 8 TB
     h5py = _h5py()
     p = d / "huge.h5"
     with h5py.File(p, "w") as f:
-        f.create_dataset("huge", shape=(2 ** 40,), dtype="f8", chunks=(2 ** 20,), compression="gzip")
+        f.create_dataset("huge", shape=(2**40,), dtype="f8", chunks=(2**20,), compression="gzip")
     return p
 
 
@@ -848,7 +920,7 @@ def _(d):  # a contiguous dataset whose space was never allocated
     h5py = _h5py()
     p = d / "huge2.h5"
     with h5py.File(p, "w") as f:
-        f.create_dataset("huge", shape=(2 ** 33,), dtype="f8")
+        f.create_dataset("huge", shape=(2**33,), dtype="f8")
     return p
 
 
@@ -881,6 +953,7 @@ def _(d):  # /a.b and /a/b both map to tensor name 'a.b'
 
 # --- sharded -------------------------------------------------------------------------------
 
+
 def _shard(path: Path) -> None:
     path.write_bytes(_st_bytes({"w": _F32x2}, _8B))
 
@@ -890,7 +963,9 @@ def _index(d: Path, name: str, weight_map: object, *, raw: bytes | None = None) 
     root.mkdir()
     _shard(root / "model-00001-of-00001.safetensors")
     p = root / "model.safetensors.index.json"
-    p.write_bytes(raw if raw is not None else json.dumps({"metadata": {}, "weight_map": weight_map}).encode())
+    p.write_bytes(
+        raw if raw is not None else json.dumps({"metadata": {}, "weight_map": weight_map}).encode()
+    )
     return p
 
 
@@ -953,8 +1028,11 @@ def _(d):
 
 @case("sharded/name-not-in-shard")
 def _(d):
-    return _index(d, "notinshard", {"w": "model-00001-of-00001.safetensors",
-                                     "ghost": "model-00001-of-00001.safetensors"})
+    return _index(
+        d,
+        "notinshard",
+        {"w": "model-00001-of-00001.safetensors", "ghost": "model-00001-of-00001.safetensors"},
+    )
 
 
 @case("sharded/nested-index")
@@ -976,8 +1054,11 @@ def _(d):
     root = d / "ptshard"
     root.mkdir()
     src = _valid_pt(d)
-    _zip_replace(src, root / "pytorch_model-00001-of-00001.bin",
-                 {"data.pkl": pickle.dumps({"w": _RunsCode(_sentinel(d))}, protocol=2)})
+    _zip_replace(
+        src,
+        root / "pytorch_model-00001-of-00001.bin",
+        {"data.pkl": pickle.dumps({"w": _RunsCode(_sentinel(d))}, protocol=2)},
+    )
     src.unlink()
     p = root / "pytorch_model.bin.index.json"
     p.write_text(json.dumps({"weight_map": {"w": "pytorch_model-00001-of-00001.bin"}}))

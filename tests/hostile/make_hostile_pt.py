@@ -14,8 +14,8 @@ import bz2
 import struct
 import zipfile
 import zlib
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 MIB = 1 << 20
 
@@ -26,10 +26,12 @@ def generator(name: str) -> Callable:
     def deco(fn: Callable[[Path], Path]) -> Callable[[Path], Path]:
         GENERATORS[name] = fn
         return fn
+
     return deco
 
 
 # --- pickle building blocks (protocol 2) ----------------------------------------------
+
 
 def s(text: str) -> bytes:
     raw = text.encode()
@@ -44,20 +46,49 @@ def get(i: int) -> bytes:
     return b"j" + struct.pack("<I", i)
 
 
-def tensor(key: str, numel: int, shape: tuple, stride: tuple, offset: int = 0,
-           storage: str = "FloatStorage") -> bytes:
+def tensor(
+    key: str,
+    numel: int,
+    shape: tuple,
+    stride: tuple,
+    offset: int = 0,
+    storage: str = "FloatStorage",
+) -> bytes:
     """``_rebuild_tensor_v2`` of storage record ``key`` (``numel`` elements)."""
+
     def ints(xs: tuple) -> bytes:
-        return b"(" + b"".join(b"\x8a\x09" + x.to_bytes(9, "little", signed=True) for x in xs) + b"t"
-    pid = b"(" + s("storage") + f"ctorch\n{storage}\n".encode() + s(key) + s("cpu") \
-        + b"\x8a\x09" + numel.to_bytes(9, "little", signed=True) + b"tQ"
-    return (b"ctorch._utils\n_rebuild_tensor_v2\n(" + pid + b"\x8a\x09"
-            + offset.to_bytes(9, "little", signed=True) + ints(shape) + ints(stride)
-            + b"\x89ccollections\nOrderedDict\n)RtR")
+        return (
+            b"(" + b"".join(b"\x8a\x09" + x.to_bytes(9, "little", signed=True) for x in xs) + b"t"
+        )
+
+    pid = (
+        b"("
+        + s("storage")
+        + f"ctorch\n{storage}\n".encode()
+        + s(key)
+        + s("cpu")
+        + b"\x8a\x09"
+        + numel.to_bytes(9, "little", signed=True)
+        + b"tQ"
+    )
+    return (
+        b"ctorch._utils\n_rebuild_tensor_v2\n("
+        + pid
+        + b"\x8a\x09"
+        + offset.to_bytes(9, "little", signed=True)
+        + ints(shape)
+        + ints(stride)
+        + b"\x89ccollections\nOrderedDict\n)RtR"
+    )
 
 
-def checkpoint(path: Path, pkl: bytes, records: dict[str, bytes] | None = None,
-               method: int = zipfile.ZIP_STORED, extra: dict[str, bytes] | None = None) -> Path:
+def checkpoint(
+    path: Path,
+    pkl: bytes,
+    records: dict[str, bytes] | None = None,
+    method: int = zipfile.ZIP_STORED,
+    extra: dict[str, bytes] | None = None,
+) -> Path:
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("archive/data.pkl", pkl, compress_type=method)
         z.writestr("archive/byteorder", "little")
@@ -87,13 +118,14 @@ def set_declared_size(path: Path, member: str, size: int) -> None:
     pos = raw.find(b"PK\x01\x02")
     while pos >= 0:
         name_len = struct.unpack_from("<H", raw, pos + 28)[0]
-        if raw[pos + 46:pos + 46 + name_len] == member.encode():
+        if raw[pos + 46 : pos + 46 + name_len] == member.encode():
             struct.pack_into("<I", raw, pos + 24, size)
         pos = raw.find(b"PK\x01\x02", pos + 4)
     path.write_bytes(bytes(raw))
 
 
 # --- the generators ---------------------------------------------------------------------
+
 
 @generator("memo-billion-laughs")
 def _(d: Path) -> Path:  # 10**30 paths to names of ints; a few hundred bytes
@@ -103,14 +135,13 @@ def _(d: Path) -> Path:  # 10**30 paths to names of ints; a few hundred bytes
 
 @generator("memo-billion-laughs-of-tensors")
 def _(d: Path) -> Path:  # the same, every leaf one tensor
-    pkl = (b"\x80\x02}" + s("x") + laughs(30, 10, tensor("0", 1, (1,), (1,))) + b"s.")
+    pkl = b"\x80\x02}" + s("x") + laughs(30, 10, tensor("0", 1, (1,), (1,))) + b"s."
     return checkpoint(d / "laughs_t.pt", pkl, {"0": b"\0" * 4})
 
 
 @generator("repr-of-laughs-in-refusal")
 def _(d: Path) -> Path:  # the huge list is the state BUILD refuses, and a dict key
-    pkl = (b"\x80\x02}" + s("w") + tensor("0", 1, (1,), (1,)) + laughs(30, 10, b"K\x01")
-           + b"bs.")
+    pkl = b"\x80\x02}" + s("w") + tensor("0", 1, (1,), (1,)) + laughs(30, 10, b"K\x01") + b"bs."
     return checkpoint(d / "repr.pt", pkl, {"0": b"\0" * 4})
 
 
@@ -121,8 +152,9 @@ def _(d: Path) -> Path:
 
 @generator("data-pkl-deflate-bomb")
 def _(d: Path) -> Path:  # 64 MiB of EMPTY_LIST opcodes deflate to ~64 KB
-    return checkpoint(d / "pklbomb.pt", b"\x80\x02" + b"]" * (64 * MIB) + b".",
-                      method=zipfile.ZIP_DEFLATED)
+    return checkpoint(
+        d / "pklbomb.pt", b"\x80\x02" + b"]" * (64 * MIB) + b".", method=zipfile.ZIP_DEFLATED
+    )
 
 
 @generator("data-pkl-many-tiny-objects")
@@ -133,15 +165,20 @@ def _(d: Path) -> Path:  # 2 MiB stored: 2 million empty lists on the stack
 @generator("metadata-json-bomb")
 def _(d: Path) -> Path:  # 8 MiB of empty lists, deflated to 8 KB
     body = b'{"a": ' + b"[]," * (8 * MIB // 3) + b"[]}"
-    return checkpoint(d / "jsonbomb.pt", b"\x80\x02}.", method=zipfile.ZIP_DEFLATED,
-                      extra={"extra/tensorbridge_metadata.json": body})
+    return checkpoint(
+        d / "jsonbomb.pt",
+        b"\x80\x02}.",
+        method=zipfile.ZIP_DEFLATED,
+        extra={"extra/tensorbridge_metadata.json": body},
+    )
 
 
 @generator("metadata-json-nesting-stored")
 def _(d: Path) -> Path:  # 8 MiB stored: {"a": [[[[...]]]]}
     body = b'{"a": ' + b"[" * (4 * MIB) + b"]" * (4 * MIB) + b"}"
-    return checkpoint(d / "jsonnest.pt", b"\x80\x02}.", extra={
-        "extra/tensorbridge_metadata.json": body})
+    return checkpoint(
+        d / "jsonnest.pt", b"\x80\x02}.", extra={"extra/tensorbridge_metadata.json": body}
+    )
 
 
 def _compressed_record_bomb(d: Path, name: str, method: int, raw_size: int) -> Path:
@@ -171,11 +208,11 @@ def _compressed_record_bomb(d: Path, name: str, method: int, raw_size: int) -> P
     raw = bytearray(p.read_bytes())
     name_len, extra_len = struct.unpack_from("<HH", raw, info.header_offset + 26)
     start = info.header_offset + 30 + name_len + extra_len
-    head = raw[start:start + info.compress_size]
+    head = raw[start : start + info.compress_size]
     if method == zipfile.ZIP_LZMA:  # keep zip's 4-byte lzma header + properties
         psize = struct.unpack_from("<H", head, 2)[0]
-        blob = bytes(head[:4 + psize]) + blob[4 + psize:]
-    tail = raw[start + info.compress_size:]
+        blob = bytes(head[: 4 + psize]) + blob[4 + psize :]
+    tail = raw[start + info.compress_size :]
     delta = len(blob) - info.compress_size
     out = raw[:start] + blob + tail
     struct.pack_into("<I", out, info.header_offset + 18, len(blob))
@@ -183,7 +220,7 @@ def _compressed_record_bomb(d: Path, name: str, method: int, raw_size: int) -> P
     pos = out.find(b"PK\x01\x02", start + len(blob))
     while pos >= 0:
         n = struct.unpack_from("<H", out, pos + 28)[0]
-        fname = bytes(out[pos + 46:pos + 46 + n])
+        fname = bytes(out[pos + 46 : pos + 46 + n])
         if fname == b"archive/data/0":
             struct.pack_into("<I", out, pos + 20, len(blob))
         else:
@@ -224,8 +261,9 @@ def _(d: Path) -> Path:  # honest stream, but the header declares 1 GiB
 @generator("corrupt-deflate-record")
 def _(d: Path) -> Path:
     pkl = b"\x80\x02}" + s("w") + tensor("0", 1024, (1024,), (1,)) + b"s."
-    p = checkpoint(d / "corrupt_z.pt", pkl, {"0": bytes(range(256)) * 16},
-                   method=zipfile.ZIP_DEFLATED)
+    p = checkpoint(
+        d / "corrupt_z.pt", pkl, {"0": bytes(range(256)) * 16}, method=zipfile.ZIP_DEFLATED
+    )
     _scribble(p, "archive/data/0")
     return p
 
@@ -233,8 +271,7 @@ def _(d: Path) -> Path:
 @generator("corrupt-lzma-record")
 def _(d: Path) -> Path:
     pkl = b"\x80\x02}" + s("w") + tensor("0", 1024, (1024,), (1,)) + b"s."
-    p = checkpoint(d / "corrupt_x.pt", pkl, {"0": bytes(range(256)) * 16},
-                   method=zipfile.ZIP_LZMA)
+    p = checkpoint(d / "corrupt_x.pt", pkl, {"0": bytes(range(256)) * 16}, method=zipfile.ZIP_LZMA)
     _scribble(p, "archive/data/0")
     return p
 
@@ -247,15 +284,17 @@ def _scribble(p: Path, member: str) -> None:
     name_len, extra_len = struct.unpack_from("<HH", raw, info.header_offset + 26)
     start = info.header_offset + 30 + name_len + extra_len
     mid = start + info.compress_size // 2
-    raw[mid:mid + 8] = b"\xff" * 8
+    raw[mid : mid + 8] = b"\xff" * 8
     p.write_bytes(bytes(raw))
 
 
 @generator("names-sharing-one-storage")
 def _(d: Path) -> Path:  # 1,000 names over one 1 MiB storage: 1 GiB if each is copied
     n = MIB // 4
-    items = b"".join(s(f"w{i}") + (tensor("0", n, (n,), (1,)) + put(1) if i == 0 else get(1))
-                     for i in range(1000))
+    items = b"".join(
+        s(f"w{i}") + (tensor("0", n, (n,), (1,)) + put(1) if i == 0 else get(1))
+        for i in range(1000)
+    )
     return checkpoint(d / "shared.pt", b"\x80\x02}(" + items + b"u.", {"0": bytes(MIB)})
 
 
@@ -268,14 +307,25 @@ def _(d: Path) -> Path:  # 16 names of 64 MiB each over a 4-byte storage
 
 @generator("stride-2-62")
 def _(d: Path) -> Path:  # a size-1 axis with stride 2**62 (legal), next to a real one
-    pkl = (b"\x80\x02}(" + s("ok") + tensor("0", 4, (1, 4), (1 << 62, 1))
-           + s("big") + tensor("0", 4, (2, 2), (1 << 62, 1)) + b"u.")
+    pkl = (
+        b"\x80\x02}("
+        + s("ok")
+        + tensor("0", 4, (1, 4), (1 << 62, 1))
+        + s("big")
+        + tensor("0", 4, (2, 2), (1 << 62, 1))
+        + b"u."
+    )
     return checkpoint(d / "stride.pt", pkl, {"0": b"\0" * 16})
 
 
 @generator("long-name-repeated")
 def _(d: Path) -> Path:  # a 1 MiB key above 40,000 names through the memo: 40 GiB of names
     leaf = b"}(" + b"".join(b"M" + struct.pack("<H", i) + b"K\x01" for i in range(200)) + b"u"
-    middle = b"}(" + b"".join(b"M" + struct.pack("<H", i) + (leaf + put(0) if i == 0 else get(0))
-                              for i in range(200)) + b"u"
+    middle = (
+        b"}("
+        + b"".join(
+            b"M" + struct.pack("<H", i) + (leaf + put(0) if i == 0 else get(0)) for i in range(200)
+        )
+        + b"u"
+    )
     return checkpoint(d / "longname.pt", b"\x80\x02}" + s("k" * MIB) + middle + b"s.")

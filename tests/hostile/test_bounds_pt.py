@@ -32,11 +32,22 @@ RESULT = [len(out), sum(a.nbytes for a in out.values())]
 CASES: dict[str, tuple[str, object, int]] = {
     "memo-billion-laughs": ("refused", "reuses its containers so often", 96 * MIB),
     "memo-billion-laughs-of-tensors": ("refused", "reuses its containers so often", 96 * MIB),
-    "repr-of-laughs-in-refusal": ("refused", r"sets state \[\[\[.{0,80}\.\.\. on a _Tensor", 32 * MIB),
-    "repr-of-laughs-as-dict-key": ("refused", r"a dict key is a list \(\[\[\[.{0,60}\.\.\.\)", 32 * MIB),
+    "repr-of-laughs-in-refusal": (
+        "refused",
+        r"sets state \[\[\[.{0,80}\.\.\. on a _Tensor",
+        32 * MIB,
+    ),
+    "repr-of-laughs-as-dict-key": (
+        "refused",
+        r"a dict key is a list \(\[\[\[.{0,60}\.\.\.\)",
+        32 * MIB,
+    ),
     "data-pkl-deflate-bomb": ("refused", "inflates 65.* more than 64:1", 32 * MIB),
-    "metadata-json-bomb": ("refused", "tensorbridge_metadata.json' inflates .* more than 64:1",
-                           32 * MIB),
+    "metadata-json-bomb": (
+        "refused",
+        "tensorbridge_metadata.json' inflates .* more than 64:1",
+        32 * MIB,
+    ),
     "metadata-json-nesting-stored": ("refused", "is not a JSON object of strings", 48 * MIB),
     "record-bzip2-bomb": ("ok", [1, 4096], 16 * MIB),
     "record-lzma-bomb": ("ok", [1, 4096], 16 * MIB),
@@ -44,10 +55,13 @@ CASES: dict[str, tuple[str, object, int]] = {
     "record-declared-ratio-over-1032": ("refused", "a ratio over 1032:1", 32 * MIB),
     "corrupt-deflate-record": ("refused", "fails its CRC check|decompressing .* failed", 32 * MIB),
     "corrupt-lzma-record": ("refused", r"decompressing .* failed \(LZMAError", 32 * MIB),
-    "names-sharing-one-storage": ("refused", r"more than 4x its size \+ 67108864 bytes",
-                                  192 * MIB),
+    "names-sharing-one-storage": ("refused", r"more than 4x its size \+ 67108864 bytes", 192 * MIB),
     "zero-stride-views": ("refused", r"more than 4x its size", 192 * MIB),
-    "stride-2-62": ("refused", r"shape \[2, 2\], stride \[4611686018427387904, 1\].*needs", 32 * MIB),
+    "stride-2-62": (
+        "refused",
+        r"shape \[2, 2\], stride \[4611686018427387904, 1\].*needs",
+        32 * MIB,
+    ),
     "long-name-repeated": ("refused", "reuses its containers so often", 96 * MIB),
     # refused at the work budget (32 units per pickle byte)
     "data-pkl-many-tiny-objects": ("refused", "units of work and memory", 160 * MIB),
@@ -58,8 +72,11 @@ CASES: dict[str, tuple[str, object, int]] = {
 def baseline(tmp_path_factory) -> int:
     """Peak RSS of the same subprocess loading a small real checkpoint."""
     d = tmp_path_factory.mktemp("baseline")
-    p = checkpoint(d / "ok.pt", b"\x80\x02}" + s("w") + tensor("0", 4, (4,), (1,)) + b"s.",
-                   {"0": np.arange(4, dtype=np.float32).tobytes()})
+    p = checkpoint(
+        d / "ok.pt",
+        b"\x80\x02}" + s("w") + tensor("0", 4, (4,), (1,)) + b"s.",
+        {"0": np.arange(4, dtype=np.float32).tobytes()},
+    )
     r = run_bounded(LOAD, [str(p)])
     assert r.outcome == "ok" and r.result == [1, 16], r.detail
     return r.peak_rss
@@ -79,6 +96,7 @@ def test_hostile_pt_ends_within_bounds(tmp_path, baseline, name):
         assert r.error_type in ("FileFormatError", "UnsafeContentError")
         assert str(p) in r.detail
         import re
+
         assert re.search(expect, r.detail), r.detail
         assert len(r.detail) < 1500  # no huge repr in the message
     else:
@@ -98,8 +116,12 @@ def test_reads_race_close_with_typed_errors_only(tmp_path):
     a = np.arange(1 << 16, dtype=np.float32)
     items = b"".join(s(f"w{i}") + tensor("0", a.size, (a.size,), (1,)) for i in range(4))
     for method in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-        p = checkpoint(tmp_path / f"race{method}.pt", b"\x80\x02}(" + items + b"u.",
-                       {"0": a.tobytes()}, method=method)
+        p = checkpoint(
+            tmp_path / f"race{method}.pt",
+            b"\x80\x02}(" + items + b"u.",
+            {"0": a.tobytes()},
+            method=method,
+        )
         for _ in range(20):
             r = FORMAT.open(str(p))
             errors: list[BaseException] = []
@@ -216,11 +238,13 @@ RESULT = count
 """
 
 
-@pytest.mark.parametrize("campaign, examples", [(FUZZ_MEMO, 250), (FUZZ_RECORDS, 200)],
-                         ids=["pickle-memo", "compressed-records"])
+@pytest.mark.parametrize(
+    "campaign, examples",
+    [(FUZZ_MEMO, 250), (FUZZ_RECORDS, 200)],
+    ids=["pickle-memo", "compressed-records"],
+)
 def test_fuzz_campaign_ends_typed_and_bounded(tmp_path, baseline, campaign, examples):
-    r = run_bounded(campaign, [str(tmp_path / "f.pt"), examples], timeout=240,
-                    mem_limit=3 << 30)
+    r = run_bounded(campaign, [str(tmp_path / "f.pt"), examples], timeout=240, mem_limit=3 << 30)
     assert r.outcome == "ok", r.detail
     ok, refused = r.result
     assert ok + refused >= examples and ok > 0 and refused > 0, r.result

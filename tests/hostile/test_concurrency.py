@@ -23,13 +23,22 @@ ROUNDS = 40
 
 def _inputs() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    bits = rng.integers(0, 2 ** 63, size=4096, dtype=np.uint64).view(np.uint8)
+    bits = rng.integers(0, 2**63, size=4096, dtype=np.uint64).view(np.uint8)
     out = {}
-    for name, dt in [("f32", np.float32), ("f64", np.float64), ("f16", np.float16),
-                     ("bf16", ml_dtypes.bfloat16), ("i64", np.int64), ("u8", np.uint8),
-                     ("i8", np.int8), ("c64", np.complex64)]:
+    for name, dt in [
+        ("f32", np.float32),
+        ("f64", np.float64),
+        ("f16", np.float16),
+        ("bf16", ml_dtypes.bfloat16),
+        ("i64", np.int64),
+        ("u8", np.uint8),
+        ("i8", np.int8),
+        ("c64", np.complex64),
+    ]:
         n = bits.size // np.dtype(dt).itemsize
-        out[name] = bits[: n * np.dtype(dt).itemsize].view(dt).reshape(4, -1)  # NaN payloads included
+        out[name] = (
+            bits[: n * np.dtype(dt).itemsize].view(dt).reshape(4, -1)
+        )  # NaN payloads included
     out["bool"] = (bits[:512] & 1).astype(bool)
     return out
 
@@ -85,8 +94,12 @@ def files(tmp_path_factory):
         tbf.save(tree, p)
         out[fmt] = p
     sharded = d / "sharded"
-    tbf.save({k: v for k, v in tree.items() if k != "c64"}, sharded, format="sharded",
-             max_shard_size=10_000)
+    tbf.save(
+        {k: v for k, v in tree.items() if k != "c64"},
+        sharded,
+        format="sharded",
+        max_shard_size=10_000,
+    )
     out["sharded"] = sharded
     return out, {k: v.tobytes() for k, v in tree.items()}
 
@@ -102,12 +115,13 @@ def test_threads_reading_one_file(fmt, shared, files):
     names = sorted(expected)
     reader = tbf.open(path) if shared else None
     try:
+
         def work(i):
             bad = []
             for r in range(ROUNDS // 4):
                 ctx = reader if shared else tbf.open(path)
                 try:
-                    order = names[i % len(names):] + names[: i % len(names)]
+                    order = names[i % len(names) :] + names[: i % len(names)]
                     for name in order:
                         if ctx.read(name).tobytes() != expected[name]:
                             bad.append((i, r, name))
@@ -139,7 +153,9 @@ def test_threads_saving_and_loading(fmt, tmp_path):
         return []
 
     assert [b for r in _run(work) for b in r] == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"t{i}{FORMATS[fmt]}" for i in range(THREADS))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"t{i}{FORMATS[fmt]}" for i in range(THREADS)
+    )
 
 
 @pytest.mark.timeout(240)
@@ -169,8 +185,7 @@ def test_register_container_while_converting():
     """Registrations (of fresh classes and re-registrations) race with conversions."""
     inputs = _inputs()
     expected = {k: v.tobytes() for k, v in inputs.items()}
-    tb.register_container(Pair, lambda p: ((p.a, p.b), ("a", "b"), None),
-                          lambda aux, ch: Pair(*ch))
+    tb.register_container(Pair, lambda p: ((p.a, p.b), ("a", "b"), None), lambda aux, ch: Pair(*ch))
     stop = threading.Event()
     errors = []
 
@@ -178,9 +193,12 @@ def test_register_container_while_converting():
         n = 0
         while not stop.is_set():
             cls = type(f"Box{n}", (), {"__init__": lambda self, v: setattr(self, "v", v)})
-            tb.register_container(cls, lambda b: ((b.v,), ("v",), None), lambda aux, ch, c=cls: c(*ch))
-            tb.register_container(Pair, lambda p: ((p.a, p.b), ("a", "b"), None),
-                                  lambda aux, ch: Pair(*ch))
+            tb.register_container(
+                cls, lambda b: ((b.v,), ("v",), None), lambda aux, ch, c=cls: c(*ch)
+            )
+            tb.register_container(
+                Pair, lambda p: ((p.a, p.b), ("a", "b"), None), lambda aux, ch: Pair(*ch)
+            )
             box = cls(inputs["f32"])
             try:
                 out = tb.to_numpy(box)
@@ -199,10 +217,12 @@ def test_register_container_while_converting():
                 bad.append((i, r, "type"))
                 continue
             got = tb.to_numpy(out)
-            if (got["p"].a.tobytes() != expected["f64"]
-                    or got["p"].b[0].tobytes() != expected["i64"]
-                    or got["p"].b[1].a.tobytes() != expected["bf16"]
-                    or got["p"].b[1].b.tobytes() != expected["u8"]):
+            if (
+                got["p"].a.tobytes() != expected["f64"]
+                or got["p"].b[0].tobytes() != expected["i64"]
+                or got["p"].b[1].a.tobytes() != expected["bf16"]
+                or got["p"].b[1].b.tobytes() != expected["u8"]
+            ):
                 bad.append((i, r, "bytes"))
         return bad
 

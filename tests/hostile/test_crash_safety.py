@@ -106,12 +106,19 @@ _CHILD = {
 def _spawn(kind: str, fmt: str, dst: Path, *extra: str) -> subprocess.Popen:
     repo = Path(__file__).resolve().parents[2]
     code = textwrap.dedent(_CHILD[kind])
-    return subprocess.Popen([sys.executable, "-c", code, fmt, str(dst), *extra], cwd=repo,
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, fmt, str(dst), *extra],
+        cwd=repo,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
-def _kill_when_tmp_grows(proc: subprocess.Popen, directory: Path, base: str, min_size: int,
-                         timeout: float = 60) -> int:
+def _kill_when_tmp_grows(
+    proc: subprocess.Popen, directory: Path, base: str, min_size: int, timeout: float = 60
+) -> int:
     """SIGKILL ``proc`` once its temporary file for ``base`` exists with >= ``min_size`` bytes."""
     prefix = f".{base}{TMP_MARKER}"
     deadline = time.monotonic() + timeout
@@ -215,6 +222,7 @@ def test_sigkill_during_writer_close_leaves_no_spool_after_next_write(tmp_path):
 
 # --- exceptions mid-write ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("fmt", FORMATS + ["sharded"])
 def test_exception_mid_write_leaves_destination(fmt, tmp_path, monkeypatch):
     dst = tmp_path / ("ckpt" if fmt == "sharded" else f"m{SUFFIX[fmt]}")
@@ -262,8 +270,14 @@ def test_full_disk_rlimit_fsize(fmt, tmp_path):
     tbf.save(_old_tree(fmt), dst)
     before = dst.read_bytes()
     repo = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, "-c", _FSIZE_CHILD, fmt, str(dst), str(1 << 20)],
-                          capture_output=True, text=True, cwd=repo, env=ENV, timeout=50)
+    proc = subprocess.run(
+        [sys.executable, "-c", _FSIZE_CHILD, fmt, str(dst), str(1 << 20)],
+        capture_output=True,
+        text=True,
+        cwd=repo,
+        env=ENV,
+        timeout=50,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.splitlines()[-1])
     assert res["result"] == "error", res
@@ -280,8 +294,11 @@ def mount_tmpfs(tmp_path):
     def mount(name: str, options: str) -> Path:
         point = tmp_path / name
         point.mkdir()
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
+            capture_output=True,
+            text=True,
+        )
         if r.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
         mounted.append(point)
@@ -307,6 +324,7 @@ def test_full_disk_real_tmpfs(fmt, mount_tmpfs):
 
 
 # --- read-only directories -----------------------------------------------------------
+
 
 def test_parent_is_a_regular_file(tmp_path):
     """Always available, even as root: creating the temporary file fails (ENOTDIR)."""
@@ -352,6 +370,7 @@ def test_read_only_mount(fmt, mount_tmpfs):
 
 
 # --- symlinks and writing over the input ------------------------------------------------
+
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_symlinked_destination_updates_target(fmt, tmp_path):
@@ -405,8 +424,13 @@ def test_cli_convert_onto_itself(fmt, tmp_path):
     tree = _new_tree(fmt, n=3, size=1000)
     tbf.save(tree, p)
     before = p.read_bytes()
-    proc = subprocess.run([sys.executable, "-m", "tensorbridge", "convert", str(p), str(p)],
-                          capture_output=True, text=True, env=ENV, timeout=100)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tensorbridge", "convert", str(p), str(p)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=100,
+    )
     assert "Traceback" not in proc.stderr
     if proc.returncode == 0:  # converted in place: the same tensors, bit-exact
         assert _bytes_of(tbf.load(p)) == _bytes_of(tree)

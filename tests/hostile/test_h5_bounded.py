@@ -39,16 +39,17 @@ def corrupt_heap(path, *, attr_on="root") -> None:
     data = bytearray(path.read_bytes())
     heap = data.find(b"GCOL")
     free = heap + 16 + 16 + 16  # collection header, object 1's header, its padded data
-    assert data[free:free + 2] == b"\0\0" and data[free + 8:free + 16] != bytes(8)
-    data[free + 8:free + 16] = bytes(8)
+    assert data[free : free + 2] == b"\0\0" and data[free + 8 : free + 16] != bytes(8)
+    data[free + 8 : free + 16] = bytes(8)
     path.write_bytes(bytes(data))
 
 
 def test_plain_h5py_hangs_on_the_corrupt_heap(tmp_path):
     p = tmp_path / "hang.h5"
     corrupt_heap(p)
-    r = run_bounded("import h5py\nRESULT = str(h5py.File(ARGS[0], 'r').attrs['note'])",
-                    [str(p)], timeout=3)
+    r = run_bounded(
+        "import h5py\nRESULT = str(h5py.File(ARGS[0], 'r').attrs['note'])", [str(p)], timeout=3
+    )
     assert r.outcome == "timeout", r
 
 
@@ -73,11 +74,16 @@ def test_intact_heap_is_read(tmp_path):
         f.attrs["epochs"] = 3
     r = run_bounded(LOAD, [str(p)], timeout=30)
     assert r.outcome == "ok", r
-    assert r.result == {"keys": ["x"], "skipped": {}, "nbytes": 40,
-                        "metadata": {"note": "hello world", "fixed": "abc"}}
+    assert r.result == {
+        "keys": ["x"],
+        "skipped": {},
+        "nbytes": 40,
+        "metadata": {"note": "hello world", "fixed": "abc"},
+    }
 
 
 # --- amplification: each must end in bounded time and memory ------------------------------
+
 
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory) -> int:
@@ -120,7 +126,8 @@ def test_2000_unallocated_datasets_materialise_nothing(tmp_path, baseline):
     r = _bounded(p, baseline, 80)
     assert r.outcome == "ok" and r.result["keys"] == ["real"]
     assert set(r.result["skipped"].values()) == {
-        "never written: no storage is allocated for its 500000 bytes"}
+        "never written: no storage is allocated for its 500000 bytes"
+    }
 
 
 @pytest.fixture(scope="module")
@@ -136,16 +143,16 @@ def test_a_4_byte_dataset_with_a_256_mib_chunk_is_not_inflated(tmp_path, baselin
     p = tmp_path / "bigchunk.h5"
     with h5py.File(p, "w") as f:
         f.create_dataset("ok", data=np.arange(3.0))
-        d = f.create_dataset("x", shape=(1,), maxshape=(None,), chunks=(1 << 26,), dtype="f4",
-                             compression="gzip")
+        d = f.create_dataset(
+            "x", shape=(1,), maxshape=(None,), chunks=(1 << 26,), dtype="f4", compression="gzip"
+        )
         d.id.write_direct_chunk((0,), zeros_256mib)
     r = _bounded(p, baseline, 24)
     assert r.outcome == "ok" and r.result["keys"] == ["ok"]
     assert "chunks hold 268435456 bytes each, for a tensor of 4 bytes" in r.result["skipped"]["x"]
 
 
-def test_a_small_chunk_with_a_huge_deflate_stream_is_not_inflated(tmp_path, baseline,
-                                                                  zeros_256mib):
+def test_a_small_chunk_with_a_huge_deflate_stream_is_not_inflated(tmp_path, baseline, zeros_256mib):
     p = tmp_path / "inflate.h5"
     with h5py.File(p, "w") as f:  # plain h5py allocates the whole 256 MiB to read 4 KiB
         d = f.create_dataset("x", shape=(1024,), chunks=(1024,), dtype="f4", compression="gzip")
@@ -166,25 +173,39 @@ def test_4000_groups_open_in_linear_time(tmp_path, baseline):
 
 # --- fuzz: link and chunk geometry (in process: small files, every outcome checked) -----------
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(shape=st.lists(st.integers(0, 9), min_size=1, max_size=3),
-       chunk=st.lists(st.integers(1, 12), min_size=3, max_size=3),
-       written=st.sampled_from(["all", "part", "none"]),
-       gzip=st.booleans(), hard=st.integers(0, 4), soft=st.integers(0, 2),
-       group_alias=st.booleans())
-def test_fuzzed_link_and_chunk_geometry(tmp_path, shape, chunk, written, gzip, hard, soft,
-                                         group_alias):
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    shape=st.lists(st.integers(0, 9), min_size=1, max_size=3),
+    chunk=st.lists(st.integers(1, 12), min_size=3, max_size=3),
+    written=st.sampled_from(["all", "part", "none"]),
+    gzip=st.booleans(),
+    hard=st.integers(0, 4),
+    soft=st.integers(0, 2),
+    group_alias=st.booleans(),
+)
+def test_fuzzed_link_and_chunk_geometry(
+    tmp_path, shape, chunk, written, gzip, hard, soft, group_alias
+):
     import tensorbridge.formats.h5 as tbh5
     from tensorbridge.errors import TensorBridgeError
 
     shape = tuple(shape)
-    chunk = tuple(chunk[:len(shape)])
+    chunk = tuple(chunk[: len(shape)])
     p = tmp_path / "geo.h5"
     a = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape)
     with h5py.File(p, "w") as f:
         g = f.create_group("g")
-        d = g.create_dataset("d", shape=shape, dtype="f4", chunks=chunk if a.size else None,
-                             maxshape=(None,) * len(shape), compression="gzip" if gzip else None)
+        d = g.create_dataset(
+            "d",
+            shape=shape,
+            dtype="f4",
+            chunks=chunk if a.size else None,
+            maxshape=(None,) * len(shape),
+            compression="gzip" if gzip else None,
+        )
         if written == "all" and a.size:
             d[...] = a
         elif written == "part" and a.size:
@@ -221,17 +242,18 @@ def corrupt_big_heap(path) -> None:
         f.attrs["note"] = "x" * 10_000
     data = bytearray(path.read_bytes())
     heap = data.find(b"GCOL")
-    assert int.from_bytes(data[heap + 8:heap + 16], "little") > 8192
-    data[heap + 24:heap + 32] = (5000).to_bytes(8, "little")  # object 1 now ends at 5032
-    data[heap + 5032:heap + 5048] = bytes(16)  # where a free-space object of size 0 begins
+    assert int.from_bytes(data[heap + 8 : heap + 16], "little") > 8192
+    data[heap + 24 : heap + 32] = (5000).to_bytes(8, "little")  # object 1 now ends at 5032
+    data[heap + 5032 : heap + 5048] = bytes(16)  # where a free-space object of size 0 begins
     path.write_bytes(bytes(data))
 
 
 def test_a_corrupt_heap_past_its_first_4096_bytes_is_refused_too(tmp_path):
     p = tmp_path / "bighang.h5"
     corrupt_big_heap(p)
-    plain = run_bounded("import h5py\nRESULT = str(h5py.File(ARGS[0], 'r').attrs['note'])[:9]",
-                        [str(p)], timeout=3)
+    plain = run_bounded(
+        "import h5py\nRESULT = str(h5py.File(ARGS[0], 'r').attrs['note'])[:9]", [str(p)], timeout=3
+    )
     assert plain.outcome == "timeout", plain
     r = run_bounded(LOAD, [str(p)], timeout=30, mem_limit=2 << 30)
     assert r.outcome == "refused" and "free space) but size 0" in r.detail, r
@@ -252,9 +274,14 @@ def heap_file(tmp_path_factory) -> tuple[bytes, int]:
 
 # in process: a hang would stop the whole run (pytest-timeout's thread method), not pass
 @pytest.mark.timeout(300, method="thread")
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(edits=st.lists(st.tuples(st.integers(0, 9000), st.sampled_from([0, 255, 1, 8, 16])),
-                      min_size=1, max_size=3))
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    edits=st.lists(
+        st.tuples(st.integers(0, 9000), st.sampled_from([0, 255, 1, 8, 16])), min_size=1, max_size=3
+    )
+)
 def test_fuzzed_global_heaps_never_hang(tmp_path, heap_file, edits):
     import tensorbridge.formats.h5 as tbh5
     from tensorbridge.errors import TensorBridgeError

@@ -104,8 +104,13 @@ def test_all_hostile_files_under_a_2gib_address_space_limit(hostile_files, tmp_p
     listing = tmp_path / "paths.json"
     listing.write_text(json.dumps({k: str(v) for k, v in hostile_files.items()}))
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", _BOUNDED, str(listing), str(2 << 30)],
-                          capture_output=True, text=True, env=env, timeout=110)
+    proc = subprocess.run(
+        [sys.executable, "-c", _BOUNDED, str(listing), str(2 << 30)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=110,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.splitlines()[-1])
     bad = {k: v for k, v in results.items() if v != "ok"}
@@ -124,11 +129,18 @@ def _one_per_format(hostile_files):
 def test_cli_inspect_and_convert_refuse_hostile_files(hostile_files, tmp_path):
     """Through the CLI: exit status 2, a one-line error, no traceback, nothing written."""
     picks = list(_one_per_format(hostile_files).values()) + [
-        hostile_files["h5/external-storage"], hostile_files["pt/zip-pickle-os-system"]]
+        hostile_files["h5/external-storage"],
+        hostile_files["pt/zip-pickle-os-system"],
+    ]
     for path in picks:
         for args in (["inspect", str(path)], ["convert", str(path), str(tmp_path / "out.npz")]):
-            proc = subprocess.run([sys.executable, "-m", "tensorbridge", *args],
-                                  capture_output=True, text=True, timeout=60, cwd=tmp_path)
+            proc = subprocess.run(
+                [sys.executable, "-m", "tensorbridge", *args],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=tmp_path,
+            )
             assert proc.returncode == 2, (args, proc.returncode, proc.stdout, proc.stderr)
             assert "Traceback" not in proc.stderr, proc.stderr
             assert SECRET.decode() not in proc.stdout + proc.stderr

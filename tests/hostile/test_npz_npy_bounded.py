@@ -56,11 +56,14 @@ def test_50k_members_open_and_read_in_bounded_time(tmp_path, baseline):
     assert r.peak_rss < baseline + 200 * MIB
 
 
-@pytest.mark.parametrize("header", [
-    "{'descr': '<f4', 'fortran_order': False, 'shape': (0, 18446744073709551616), }",
-    "{'descr': '<f4', 'fortran_order': False, 'shape': (0x" + "f" * 9000 + ",), }",
-    "{'descr': '|a5', 'fortran_order': False, 'shape': (1,), }",
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (0, 18446744073709551616), }",
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (0x" + "f" * 9000 + ",), }",
+        "{'descr': '|a5', 'fortran_order': False, 'shape': (1,), }",
+    ],
+)
 def test_absurd_npy_headers_are_refused_quickly(tmp_path, baseline, header):
     body = header.encode() + b"\n"
     p = tmp_path / "h.npy"
@@ -71,6 +74,7 @@ def test_absurd_npy_headers_are_refused_quickly(tmp_path, baseline, header):
 
 
 # --- fuzz: zip geometry ---------------------------------------------------------------------
+
 
 def _central_entries(data: bytes) -> list[int]:
     """Offsets of the central directory entries of ``data``."""
@@ -97,10 +101,21 @@ def seeds() -> list[bytes]:
     return out
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(seed=st.integers(0, 2), edits=st.lists(
-    st.tuples(st.integers(0, 7), st.sampled_from(["offset", "csize", "usize"]),
-              st.integers(-4000, 4000)), min_size=1, max_size=4))
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    seed=st.integers(0, 2),
+    edits=st.lists(
+        st.tuples(
+            st.integers(0, 7),
+            st.sampled_from(["offset", "csize", "usize"]),
+            st.integers(-4000, 4000),
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+)
 def test_fuzzed_zip_geometry_is_read_within_the_file_or_refused(tmp_path, seeds, seed, edits):
     data = bytearray(seeds[seed])
     entries = _central_entries(bytes(data))
@@ -112,8 +127,10 @@ def test_fuzzed_zip_geometry_is_read_within_the_file_or_refused(tmp_path, seeds,
     p.write_bytes(bytes(data))
     try:
         with NPZ.open(str(p)) as r:
-            spans = sorted((zi.header_offset, zi.header_offset + zi.compress_size)
-                           for zi in r._members.values())
+            spans = sorted(
+                (zi.header_offset, zi.header_offset + zi.compress_size)
+                for zi in r._members.values()
+            )
             total = sum(r.read(k).nbytes for k in r.keys())
     except TensorBridgeError:
         return

@@ -25,8 +25,13 @@ from tensorbridge.formats.safetensors import FORMAT as ST
 
 from .bounded import MIB, run_bounded
 
-BOUNDED = settings(max_examples=60, deadline=None, database=None, derandomize=True,
-                   suppress_health_check=list(HealthCheck))
+BOUNDED = settings(
+    max_examples=60,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=list(HealthCheck),
+)
 OPEN_ALL = "import tensorbridge as tb\nwith tb.open(ARGS[0]) as r:\n    RESULT = [r.read(k).size for k in r.keys()]"
 
 
@@ -55,21 +60,29 @@ AMPLIFIERS = {
 @pytest.mark.parametrize("where", ["header", "index"])
 def test_json_amplifiers_are_refused_in_bounds(tmp_path, kind, where):
     raw = AMPLIFIERS[kind]
-    path = st_file(tmp_path / "h.safetensors", raw) if where == "header" \
+    path = (
+        st_file(tmp_path / "h.safetensors", raw)
+        if where == "header"
         else sharded_dir(tmp_path / "d", raw)
+    )
     r = run_bounded(OPEN_ALL, [path], timeout=60, mem_limit=2 << 30)
     assert r.outcome == "refused", r.detail
     assert "JSON arrays and objects" in r.detail or "levels deep" in r.detail
     assert len(r.detail) < 1000  # the message quotes nothing of the 32 MiB
-    assert r.wall < 10 and r.peak_rss < 400 * MIB, (r.wall, r.peak_rss / MIB)  # before: 6-14 s, 1.7 GB
+    assert r.wall < 10 and r.peak_rss < 400 * MIB, (
+        r.wall,
+        r.peak_rss / MIB,
+    )  # before: 6-14 s, 1.7 GB
 
 
 def zero_d_file(path, n: int) -> list[str]:
     """A safetensors file of ``n`` 0-d uint8 tensors (the densest valid header), built
     directly: saving 100k tensors one by one would take most of this test's time."""
     names = [f"layers.{i}.w" for i in range(n)]
-    header = {name: {"dtype": "U8", "shape": [], "data_offsets": [i, i + 1]}
-              for i, name in enumerate(names)}
+    header = {
+        name: {"dtype": "U8", "shape": [], "data_offsets": [i, i + 1]}
+        for i, name in enumerate(names)
+    }
     text = json.dumps(header, separators=(",", ":")).encode()
     st_file(path, text + b" " * (-len(text) % 8), bytes(n))
     return names
@@ -81,18 +94,25 @@ def test_index_of_100k_names_opens_in_bounds(tmp_path):
     d = tmp_path / "d"
     d.mkdir()
     names = zero_d_file(d / "s1.safetensors", 100_000)
-    (d / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {n: "s1.safetensors" for n in names}}))
-    r = run_bounded("import tensorbridge as tb\nwith tb.open(ARGS[0]) as r:\n    RESULT = len(r.keys())",
-                    [str(d)], timeout=120, mem_limit=2 << 30)
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {n: "s1.safetensors" for n in names}})
+    )
+    r = run_bounded(
+        "import tensorbridge as tb\nwith tb.open(ARGS[0]) as r:\n    RESULT = len(r.keys())",
+        [str(d)],
+        timeout=120,
+        mem_limit=2 << 30,
+    )
     assert r.outcome == "ok" and r.result == 100_000, r.detail
     assert r.wall < 30 and r.peak_rss < 500 * MIB, (r.wall, r.peak_rss / MIB)
 
 
 @pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
 def test_nan_and_infinity_are_not_json(tmp_path, constant):
-    d = sharded_dir(tmp_path / "d", b'{"metadata": {"total_size": ' + constant
-                    + b'}, "weight_map": {"a": "s.safetensors"}}')
+    d = sharded_dir(
+        tmp_path / "d",
+        b'{"metadata": {"total_size": ' + constant + b'}, "weight_map": {"a": "s.safetensors"}}',
+    )
     with pytest.raises(FileFormatError, match=f"holds {constant.decode()}, which is not JSON"):
         tb.open(d)
     header = b'{"a":{"dtype":"F32","shape":[' + constant + b'],"data_offsets":[0,4]}}'
@@ -129,26 +149,38 @@ def test_lone_surrogates_in_files_are_read_but_never_written(tmp_path, where):
     and writing it anywhere is a clean refusal, not a UnicodeEncodeError."""
     esc = "w\\ud800"
     if where == "shard":
-        d = sharded_dir(tmp_path / "d", ('{"weight_map": {"a": "' + esc + '.safetensors"}}').encode())
+        d = sharded_dir(
+            tmp_path / "d", ('{"weight_map": {"a": "' + esc + '.safetensors"}}').encode()
+        )
         with pytest.raises(UnsafeContentError, match="lone surrogate"):
             tb.open(d)
         return
-    header = ('{"' + esc + '":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}' if where == "name"
-              else '{"__metadata__":{"k":"' + esc + '"},"a":{"dtype":"F32","shape":[1],'
-              '"data_offsets":[0,4]}}').encode()
+    header = (
+        '{"' + esc + '":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+        if where == "name"
+        else '{"__metadata__":{"k":"' + esc + '"},"a":{"dtype":"F32","shape":[1],'
+        '"data_offsets":[0,4]}}'
+    ).encode()
     src = st_file(tmp_path / "s.safetensors", header, b"\0" * 4)
     with tb.open(src) as r:
         assert (r.keys() == [SURROGATE]) if where == "name" else (r.metadata == {"k": SURROGATE})
         tree, meta = {k: r.read(k) for k in r.keys()}, r.metadata
-    dsts = ["out.safetensors", "out.h5", "out.pt", "shards/"] + (["out.npz"] if where == "name" else [])
+    dsts = ["out.safetensors", "out.h5", "out.pt", "shards/"] + (
+        ["out.npz"] if where == "name" else []
+    )
     for dst in dsts:  # (.npz holds no metadata)
         with pytest.raises((UnsafeContentError, ConversionError), match="lone surrogate"):
             tb.save(tree, f"{tmp_path}/{dst}", metadata=meta or None)
     assert sorted(os.listdir(tmp_path)) == ["s.safetensors"]
 
 
-@given(st.text(alphabet=st.sampled_from(["a", ".", "\ud800", "\udfff", "\udc80", "é", "\x00"]),
-               min_size=1, max_size=12))
+@given(
+    st.text(
+        alphabet=st.sampled_from(["a", ".", "\ud800", "\udfff", "\udc80", "é", "\x00"]),
+        min_size=1,
+        max_size=12,
+    )
+)
 @BOUNDED
 def test_fuzzed_surrogate_names_save_or_refuse(name):
     import tempfile
@@ -189,8 +221,11 @@ def test_bad_paths_are_refused_or_accepted_cleanly(tmp_path):
         assert r.keys() == ["a"]
 
 
-@pytest.mark.parametrize("size", ["9" * 400 + ".5", "9" * 5000, 10**5000, 2**63, "x" * 10**6],
-                         ids=["inf-float", "5000-digits", "int-5000-digits", "2**63", "1M-text"])
+@pytest.mark.parametrize(
+    "size",
+    ["9" * 400 + ".5", "9" * 5000, 10**5000, 2**63, "x" * 10**6],
+    ids=["inf-float", "5000-digits", "int-5000-digits", "2**63", "1M-text"],
+)
 def test_oversized_max_shard_size_is_refused(tmp_path, size):
     with pytest.raises(ConversionError, match="size"):
         tb.save({"a": np.zeros(1)}, str(tmp_path / "d") + "/", max_shard_size=size)
@@ -198,6 +233,7 @@ def test_oversized_max_shard_size_is_refused(tmp_path, size):
 
 
 # --- what a save may delete, where it may write --------------------------------------------
+
 
 def test_hostile_index_cannot_get_other_files_deleted(tmp_path):
     d = tmp_path / "d"
@@ -207,8 +243,11 @@ def test_hostile_index_cannot_get_other_files_deleted(tmp_path):
     for v in victims:
         (d / v).write_bytes(b"keep me")
     (tmp_path / "outside.safetensors").write_bytes(b"keep me too")
-    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-        str(i): v for i, v in enumerate(victims + ["../outside.safetensors"])}}))
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {"weight_map": {str(i): v for i, v in enumerate(victims + ["../outside.safetensors"])}}
+        )
+    )
     tb.save({"a": np.zeros(2)}, str(d) + "/")
     for v in victims:
         assert (d / v).read_bytes() == b"keep me", v
@@ -219,8 +258,10 @@ def test_hostile_index_cannot_get_other_files_deleted(tmp_path):
 def test_previous_shards_of_our_own_are_still_removed(tmp_path):
     tb.save({f"t{i}": np.zeros(100) for i in range(4)}, str(tmp_path) + "/", max_shard_size=800)
     tb.save({"a": np.zeros(1)}, str(tmp_path) + "/")
-    assert sorted(os.listdir(tmp_path)) == ["model-00001-of-00001.safetensors",
-                                            "model.safetensors.index.json"]
+    assert sorted(os.listdir(tmp_path)) == [
+        "model-00001-of-00001.safetensors",
+        "model.safetensors.index.json",
+    ]
 
 
 @pytest.mark.parametrize("name", ["x.npz", "m.safetensors", "w.pt", "a.h5"])
@@ -234,6 +275,7 @@ def test_directory_named_like_a_file_is_not_written_into(tmp_path, name):
 
 
 # --- locks -----------------------------------------------------------------------------------
+
 
 def test_close_during_reads_never_reads_another_file(tmp_path):
     """close() from another thread waits for reads under way, so a descriptor number reused
@@ -278,9 +320,14 @@ def test_safejson_short_is_bounded_for_every_kind():
     assert len(safejson.short(b"\xff" * 10**6)) < 300
 
 
-@given(st.recursive(st.just("[]") | st.just("{}") | st.just("1") | st.just('"a"'),
-                    lambda kids: st.lists(kids, max_size=4).map(lambda k: "[" + ",".join(k) + "]"),
-                    max_leaves=60), st.integers(0, 40))
+@given(
+    st.recursive(
+        st.just("[]") | st.just("{}") | st.just("1") | st.just('"a"'),
+        lambda kids: st.lists(kids, max_size=4).map(lambda k: "[" + ",".join(k) + "]"),
+        max_leaves=60,
+    ),
+    st.integers(0, 40),
+)
 @BOUNDED
 def test_fuzzed_json_nesting_parses_or_refuses_cleanly(doc, extra_depth):
     raw = ("[" * extra_depth + doc + "]" * extra_depth).encode()

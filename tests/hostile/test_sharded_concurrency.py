@@ -35,11 +35,21 @@ def versions(tree: dict) -> set[int]:
 
 def test_reads_during_concurrent_sharded_saves_never_mix_versions(tmp_path):
     d = str(tmp_path / "ck")
-    tb.save({**{f"t{i}": np.full(64, 0, np.int64) for i in range(TENSORS)},
-             "s": np.zeros((1, 8), np.int64)}, d + "/", max_shard_size=1100)
+    tb.save(
+        {
+            **{f"t{i}": np.full(64, 0, np.int64) for i in range(TENSORS)},
+            "s": np.zeros((1, 8), np.int64),
+        },
+        d + "/",
+        max_shard_size=1100,
+    )
     until = time.time() + 4.0
-    writers = [subprocess.Popen([sys.executable, "-c", WRITER, d, str(first), "2", str(until)],
-                                env=dict(os.environ)) for first in (1, 2)]  # two writers
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, d, str(first), "2", str(until)], env=dict(os.environ)
+        )
+        for first in (1, 2)
+    ]  # two writers
     loads = changed = lazy_ok = lazy_changed = 0
     try:
         while time.time() < until:
@@ -83,7 +93,9 @@ def test_lazy_reader_refuses_a_shard_of_a_later_save(tmp_path):
         try:
             got = r.read("a")
         except CheckpointChangedError as exc:
-            assert "changed while it was being read" in str(exc) and "open or load it again" in str(exc)
+            assert "changed while it was being read" in str(exc) and "open or load it again" in str(
+                exc
+            )
         else:
             raise AssertionError(f"read v3 data {got} through a v1 reader")
     assert tb.load(d)["a"].tolist() == [3.0] * 9

@@ -16,8 +16,23 @@ def _npy(nbytes: int) -> bytes:
 
 
 def _local(name: bytes, data: bytes) -> bytes:
-    return struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, 0, 0, 0, 0x21,
-                       zlib.crc32(data), len(data), len(data), len(name), 0) + name
+    return (
+        struct.pack(
+            "<4s5H3L2H",
+            b"PK\x03\x04",
+            20,
+            0,
+            0,
+            0,
+            0x21,
+            zlib.crc32(data),
+            len(data),
+            len(data),
+            len(name),
+            0,
+        )
+        + name
+    )
 
 
 def nested_npz(copies: int, payload: bytes) -> bytes:
@@ -38,11 +53,30 @@ def nested_npz(copies: int, payload: bytes) -> bytes:
         offsets.append(offsets[i] + 30 + len(names[i]) + len(datas[i]) - inner)
     central = b""
     for name, data, offset in zip(names, datas, offsets, strict=True):
-        central += struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, 0, 0, 0x21,
-                               zlib.crc32(data), len(data), len(data), len(name), 0, 0, 0, 0,
-                               0, offset) + name
-    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, copies, copies, len(central),
-                      len(body), 0)
+        central += (
+            struct.pack(
+                "<4s6H3L5H2L",
+                b"PK\x01\x02",
+                20,
+                20,
+                0,
+                0,
+                0,
+                0x21,
+                zlib.crc32(data),
+                len(data),
+                len(data),
+                len(name),
+                0,
+                0,
+                0,
+                0,
+                0,
+                offset,
+            )
+            + name
+        )
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, copies, copies, len(central), len(body), 0)
     return body + central + end
 
 

@@ -63,12 +63,12 @@ def _hint(path: str, chosen: str | None, flag: str) -> str:
     found = sniff(path)
     if found is None or found == chosen or found not in FORMAT_MODULES:
         return ""
-    return (f" Hint: its first bytes are those of a {found} file; if it is one, pass "
-            f"{flag} {found}.")
+    return f" Hint: its first bytes are those of a {found} file; if it is one, pass {flag} {found}."
 
 
-def open_file(path: str, format: str | None = None, variant: str | None = None, *,
-              flag: str = "--format") -> tuple[Reader, str]:
+def open_file(
+    path: str, format: str | None = None, variant: str | None = None, *, flag: str = "--format"
+) -> tuple[Reader, str]:
     """Open a tensor file (or sharded directory) for reading: ``(reader, format name)``.
     ``variant`` picks a Hugging Face variant in a directory; what the reader chose over
     what (safetensors over .bin, the only variant) is said on stderr.
@@ -106,8 +106,11 @@ def json_safe(x: Any) -> Any:
         return None
     if isinstance(x, dict):
         out = {k: json_safe(v) for k, v in x.items()}
-        odd = {k: _nonfinite_name(v) for k, v in x.items()
-               if isinstance(v, float) and not math.isfinite(v)}
+        odd = {
+            k: _nonfinite_name(v)
+            for k, v in x.items()
+            if isinstance(v, float) and not math.isfinite(v)
+        }
         if odd:
             out["nonfinite"] = odd
         return out
@@ -150,8 +153,9 @@ def matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def select(names: Iterable[str], include: Sequence[str] | None,
-           exclude: Sequence[str] | None) -> list[str]:
+def select(
+    names: Iterable[str], include: Sequence[str] | None, exclude: Sequence[str] | None
+) -> list[str]:
     """Names kept by ``--include`` (any match; all when none given) minus ``--exclude``."""
     out = []
     for n in names:

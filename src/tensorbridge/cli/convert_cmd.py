@@ -70,15 +70,22 @@ def _cast_target(dtype: str | None) -> str | None:
         return None
     name = lookup(dtype).name
     if not is_floating(name):
-        raise ConversionError(message(
-            f"--dtype {dtype}", "convert only casts floating tensors, to a floating dtype",
-            "pass a floating dtype such as bfloat16, float16 or float32"))
+        raise ConversionError(
+            message(
+                f"--dtype {dtype}",
+                "convert only casts floating tensors, to a floating dtype",
+                "pass a floating dtype such as bfloat16, float16 or float32",
+            )
+        )
     return name
 
 
 def _target_info(info: TensorInfo, cast: str | None) -> TensorInfo:
-    if cast is not None and is_floating(info.dtype) and (info.dtype != cast
-                                                         or type(info) is not TensorInfo):
+    if (
+        cast is not None
+        and is_floating(info.dtype)
+        and (info.dtype != cast or type(info) is not TensorInfo)
+    ):
         return TensorInfo(info.name, cast, info.shape)
     return info
 
@@ -183,8 +190,9 @@ class _LandedChecker:
         if file_id not in self._fds:
             self._fds[file_id] = os.dup(fd)
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="tensorbridge-verify",
-                                            daemon=True)
+            self._thread = threading.Thread(
+                target=self._run, name="tensorbridge-verify", daemon=True
+            )
             self._thread.start()
         with self._idle:
             self._pending += 1
@@ -196,8 +204,8 @@ class _LandedChecker:
             while self._pending:
                 if self._thread is None or not self._thread.is_alive():
                     self.failure = self.failure or (
-                        "the verification thread stopped before it had checked every copied "
-                        "tensor")
+                        "the verification thread stopped before it had checked every copied tensor"
+                    )
                     break
                 self._idle.wait(timeout=0.5)
         self._raise_failure()
@@ -222,20 +230,26 @@ class _LandedChecker:
             raise FileFormatError(
                 f"verification failed: {self.failure}, so the write was abandoned and the "
                 "destination was left unchanged. Fix: retry; if it happens again, check the "
-                "disk and report it as a bug, with the source file's format.", self._dst)
+                "disk and report it as a bug, with the source file's format.",
+                self._dst,
+            )
 
-    def _check(self, comparer: _Comparer, name: str, file_id: Any, offset: int,
-               nbytes: int) -> None:
+    def _check(
+        self, comparer: _Comparer, name: str, file_id: Any, offset: int, nbytes: int
+    ) -> None:
         from ..formats.safetensors import read_exact_into
 
         fd = self._fds[file_id]
         src = self._spans[name]
         if src.nbytes == nbytes and comparer.same(
-                src, lambda pos, view: read_exact_into(fd, view, offset + pos, self._dst)):
+            src, lambda pos, view: read_exact_into(fd, view, offset + pos, self._dst)
+        ):
             self.checked[name] = (file_id, offset, nbytes)
         elif self.failure is None:
-            self.failure = (f"tensor {name!r} differs from the source's bytes right after "
-                            "it was copied into the new file")
+            self.failure = (
+                f"tensor {name!r} differs from the source's bytes right after "
+                "it was copied into the new file"
+            )
 
     def _run(self) -> None:
         try:
@@ -243,7 +257,8 @@ class _LandedChecker:
         except Exception as exc:
             comparer = None
             self.failure = self.failure or (
-                f"the comparison could not start ({type(exc).__name__}: {exc})")
+                f"the comparison could not start ({type(exc).__name__}: {exc})"
+            )
         current = None  # the file being checked; an earlier one is never written again
         try:
             while (item := self._queue.get()) is not None:
@@ -259,8 +274,10 @@ class _LandedChecker:
                     self._check(comparer, name, file_id, offset, nbytes)
                 except Exception as exc:
                     if self.failure is None:
-                        self.failure = (f"tensor {name!r} could not be read back to compare "
-                                        f"it ({type(exc).__name__}: {exc})")
+                        self.failure = (
+                            f"tensor {name!r} could not be read back to compare "
+                            f"it ({type(exc).__name__}: {exc})"
+                        )
                 finally:
                     with self._idle:
                         self._pending -= 1
@@ -279,12 +296,17 @@ def _span_fill(span: RawSpan, comparer: _Comparer) -> Any:
 
 def _array_fill(arr: np.ndarray) -> Any:
     flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data
-    return lambda pos, view: view.__setitem__(slice(None), flat[pos:pos + len(view)])
+    return lambda pos, view: view.__setitem__(slice(None), flat[pos : pos + len(view)])
 
 
-def verify(dst_path: str, dst_format: Format, planned: list[TensorInfo],
-           digests: dict[str, bytes], spans: dict[str, RawSpan] | None = None,
-           checked: dict[str, Place] | None = None) -> int:
+def verify(
+    dst_path: str,
+    dst_format: Format,
+    planned: list[TensorInfo],
+    digests: dict[str, bytes],
+    spans: dict[str, RawSpan] | None = None,
+    checked: dict[str, Place] | None = None,
+) -> int:
     """Reopen ``dst_path`` and check every tensor's dtype and shape, and its bytes:
     against ``spans[name]`` (SRC's bytes, compared directly) for tensors that were
     copied, else against the digest taken as it was written. A copied tensor whose
@@ -295,8 +317,16 @@ def verify(dst_path: str, dst_format: Format, planned: list[TensorInfo],
     comparer = _Comparer() if spans else None
     try:
         with dst_format.open(dst_path) as out:
-            return _verify_open(out, dst_path, planned, digests, spans, comparer,
-                                dst_format.name == "npy", checked or {})
+            return _verify_open(
+                out,
+                dst_path,
+                planned,
+                digests,
+                spans,
+                comparer,
+                dst_format.name == "npy",
+                checked or {},
+            )
     finally:
         if comparer is not None:
             comparer.close()
@@ -304,23 +334,32 @@ def verify(dst_path: str, dst_format: Format, planned: list[TensorInfo],
 
 #: What a failed verification means and what to do: the destination was already
 #: replaced by the new file when it is checked.
-_VERIFY_FIX = (" The destination was written and does not read back equal to what was "
-               "written (the source file is untouched). Fix: delete the destination, it is "
-               "not a faithful copy, and report this as a bug; re-running with --no-verify "
-               "would keep such a file unchecked.")
+_VERIFY_FIX = (
+    " The destination was written and does not read back equal to what was "
+    "written (the source file is untouched). Fix: delete the destination, it is "
+    "not a faithful copy, and report this as a bug; re-running with --no-verify "
+    "would keep such a file unchecked."
+)
 
 
 def _failed(info: TensorInfo, got: str, dst_path: str) -> FileFormatError:
     return FileFormatError(
         f"verification failed: tensor {info.name!r} reads back as {got} with "
         f"different bytes than the {info.dtype}{list(info.shape)} written." + _VERIFY_FIX,
-        dst_path)
+        dst_path,
+    )
 
 
-def _verify_open(out: Reader, dst_path: str, planned: list[TensorInfo],
-                 digests: dict[str, bytes], spans: dict[str, RawSpan],
-                 comparer: _Comparer | None, unnamed: bool = False,
-                 checked: dict[str, Place] | None = None) -> int:
+def _verify_open(
+    out: Reader,
+    dst_path: str,
+    planned: list[TensorInfo],
+    digests: dict[str, bytes],
+    spans: dict[str, RawSpan],
+    comparer: _Comparer | None,
+    unnamed: bool = False,
+    checked: dict[str, Place] | None = None,
+) -> int:
     checked = checked or {}
     names = out.keys()
     by_name = {i.name: i for i in planned}
@@ -332,7 +371,9 @@ def _verify_open(out: Reader, dst_path: str, planned: list[TensorInfo],
         if missing or extra:
             raise FileFormatError(
                 f"verification failed: the written file lacks {missing[:5]} and has extra "
-                f"{extra[:5]}." + _VERIFY_FIX, dst_path)
+                f"{extra[:5]}." + _VERIFY_FIX,
+                dst_path,
+            )
         pairs = [(i, i.name) for i in planned]
     for info, name in pairs:
         src = spans.get(info.name)
@@ -343,7 +384,10 @@ def _verify_open(out: Reader, dst_path: str, planned: list[TensorInfo],
                 raise _failed(info, got, dst_path)
             dst_span = out.raw_span(name)
             if dst_span is not None and checked.get(info.name) == (
-                    dst_span.file_id, dst_span.offset, dst_span.nbytes):
+                dst_span.file_id,
+                dst_span.offset,
+                dst_span.nbytes,
+            ):
                 continue  # these very bytes compared equal as they landed
             if dst_span is not None:
                 fill = _span_fill(dst_span, comparer)
@@ -355,8 +399,7 @@ def _verify_open(out: Reader, dst_path: str, planned: list[TensorInfo],
             continue
         written = out.read(name)
         got = f"{canonical_name(written.dtype)}{list(written.shape)}"
-        if (got != f"{info.dtype}{list(info.shape)}"
-                or digest(written) != digests.get(info.name)):
+        if got != f"{info.dtype}{list(info.shape)}" or digest(written) != digests.get(info.name):
             raise _failed(info, got, dst_path)
         del written
     return len(pairs)
@@ -400,23 +443,32 @@ def _check_sharded_destination(dst: str, reader: Reader, src: str, in_format: st
             raise FileFormatError(
                 f"the source file {path!r} lies in the destination directory, where writing "
                 "the shards and the index would overwrite or delete it. Fix: write to a new "
-                "directory.", dst)
+                "directory.",
+                dst,
+            )
     try:
-        others = sorted(n for n in os.listdir(directory)
-                        if n.endswith(INDEX_SUFFIX) and n != os.path.basename(index_path))
+        others = sorted(
+            n
+            for n in os.listdir(directory)
+            if n.endswith(INDEX_SUFFIX) and n != os.path.basename(index_path)
+        )
     except OSError as exc:
-        raise FileFormatError(f"cannot list the directory ({exc.strerror}). Fix: check its "
-                              "permissions.", directory) from exc
+        raise FileFormatError(
+            f"cannot list the directory ({exc.strerror}). Fix: check its permissions.", directory
+        ) from exc
     if others:
         raise FileFormatError(
             f"the destination directory already holds another index {others!r}, so the "
             "directory would no longer be one checkpoint; nothing was written. Fix: write to "
-            "a new directory, or remove the other checkpoint first.", dst)
+            "a new directory, or remove the other checkpoint first.",
+            dst,
+        )
     return index_path
 
 
-def _storable_metadata(out_format: Format, metadata: dict[str, str]) -> tuple[dict[str, str],
-                                                                           list[str]]:
+def _storable_metadata(
+    out_format: Format, metadata: dict[str, str]
+) -> tuple[dict[str, str], list[str]]:
     """``metadata`` less the entries ``out_format`` cannot store, and those keys."""
     if not metadata:
         return metadata, []
@@ -430,13 +482,22 @@ def _storable_metadata(out_format: Format, metadata: dict[str, str]) -> tuple[di
     return metadata, []
 
 
-def convert_file(src: str, dst: str, *, src_format: str | None = None,
-                 dst_format: str | None = None, dtype: str | None = None,
-                 include: list[str] | None = None, exclude: list[str] | None = None,
-                 max_shard_size: Any = None, check: bool = True,
-                 quiet: bool = True, workers: int = 1,
-                 scheduler: str | None = None,
-                 src_variant: str | None = None) -> dict[str, Any]:
+def convert_file(
+    src: str,
+    dst: str,
+    *,
+    src_format: str | None = None,
+    dst_format: str | None = None,
+    dtype: str | None = None,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    max_shard_size: Any = None,
+    check: bool = True,
+    quiet: bool = True,
+    workers: int = 1,
+    scheduler: str | None = None,
+    src_variant: str | None = None,
+) -> dict[str, Any]:
     """Convert ``src`` to ``dst``; returns the summary ``convert --json`` prints.
 
     ``workers > 1`` reads and casts tensors in that many worker processes, and
@@ -444,24 +505,37 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
     writer streams their results in order (see :mod:`tensorbridge.parallel`): the output
     is byte-identical to a one-process run."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ConversionError(message(f"--workers {workers!r}", "it is not a positive number",
-                                      "pass 1 or more, e.g. --workers 4"))
+        raise ConversionError(
+            message(
+                f"--workers {workers!r}",
+                "it is not a positive number",
+                "pass 1 or more, e.g. --workers 4",
+            )
+        )
     out_format = destination_format(dst, dst_format, max_shard_size)
     # --dtype q8_0 (and the others the format lists) quantises instead of casting
     quant = dtype if dtype and dtype.lower() in out_format.quantizations else None
     if dtype and not quant and out_format.quantizations and dtype not in DTYPES:
-        raise ConversionError(message(
-            f"--dtype {dtype} for {dst!r}", "it is neither a dtype nor a quantisation "
-            f".{out_format.name} files can be written in here",
-            f"use a float dtype, or one of {', '.join(out_format.quantizations)}"))
+        raise ConversionError(
+            message(
+                f"--dtype {dtype} for {dst!r}",
+                "it is neither a dtype nor a quantisation "
+                f".{out_format.name} files can be written in here",
+                f"use a float dtype, or one of {', '.join(out_format.quantizations)}",
+            )
+        )
     cast = None if quant else _cast_target(dtype)
     options: dict[str, Any] = {}
     if max_shard_size is not None:
         if out_format.name != "sharded":
-            raise ConversionError(message(
-                f"--max-shard-size for {dst!r}", f"it is written as {out_format.name}, "
-                "which is a single file", "write to a directory (e.g. out/) or a "
-                "*.safetensors.index.json path, or drop --max-shard-size"))
+            raise ConversionError(
+                message(
+                    f"--max-shard-size for {dst!r}",
+                    f"it is written as {out_format.name}, which is a single file",
+                    "write to a directory (e.g. out/) or a "
+                    "*.safetensors.index.json path, or drop --max-shard-size",
+                )
+            )
         from ..formats.sharded import parse_size
 
         options["max_shard_size"] = parse_size(max_shard_size)
@@ -480,12 +554,19 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
         if quant:
             planned = [out_format.quantized_info(i, quant) for i in planned]
         if not planned:
-            raise ConversionError(message(
-                f"{src!r} with the given --include/--exclude", "no tensor is left to write",
-                "check the patterns with `tensorbridge inspect --filter GLOB`"))
+            raise ConversionError(
+                message(
+                    f"{src!r} with the given --include/--exclude",
+                    "no tensor is left to write",
+                    "check the patterns with `tensorbridge inspect --filter GLOB`",
+                )
+            )
         total = sum(i.nbytes for i in planned)
-        casts = sum(1 for i, p in zip((i for i in infos if i.name in kept), planned, strict=True)
-                    if i.dtype != p.dtype or (quant and p is not i))  # quantised too
+        casts = sum(
+            1
+            for i, p in zip((i for i in infos if i.name in kept), planned, strict=True)
+            if i.dtype != p.dtype or (quant and p is not i)
+        )  # quantised too
         by_name = {i.name: i for i in planned}
         digests: dict[str, bytes] = {}
         spans: dict[str, RawSpan] = {}
@@ -495,15 +576,31 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
         checker = _LandedChecker(spans, dst) if check and raw_ok else None
         last = planned[-1].name
         if checker is not None:
+
             def landed(name: str, fd: int, offset: int, nbytes: int) -> None:
                 checker.landed(name, fd, offset, nbytes)
                 if name == last:
                     checker.drain()  # every copy compared before the file is committed
 
             options["landed"] = landed
-        spooler = (None if quant else  # quantising happens in the writer, in this process
-                   _start_spooler(reader, src, in_format, dst, out_format, planned,
-                                  source_dtype, raw_ok, check, workers, scheduler))
+        spooler = (
+            None
+            if quant
+            # quantising happens in the writer, in this process
+            else _start_spooler(
+                reader,
+                src,
+                in_format,
+                dst,
+                out_format,
+                planned,
+                source_dtype,
+                raw_ok,
+                check,
+                workers,
+                scheduler,
+            )
+        )
         with contextlib.ExitStack() as stack, progress(total, "converting", quiet=quiet) as bar:
             if spooler is not None:
                 stack.callback(spooler.close)  # after verification, which reads the spools
@@ -549,21 +646,48 @@ def convert_file(src: str, dst: str, *, src_format: str | None = None,
             finally:
                 if checker is not None:
                     checker.close()
-            verified = (verify(written, out_format, planned, digests, spans,
-                               checker.checked if checker is not None else None)
-                        if check else None)
+            verified = (
+                verify(
+                    written,
+                    out_format,
+                    planned,
+                    digests,
+                    spans,
+                    checker.checked if checker is not None else None,
+                )
+                if check
+                else None
+            )
     return {
-        "src": src, "dst": dst, "src_format": in_format, "dst_format": out_format.name,
-        "count": len(planned), "skipped": len(infos) - len(planned), "cast": casts,
-        "dtype": quant or cast, "total_nbytes": total, "verified": verified,
-        "metadata_dropped": dropped, "workers": workers if scheduler is None else None,
+        "src": src,
+        "dst": dst,
+        "src_format": in_format,
+        "dst_format": out_format.name,
+        "count": len(planned),
+        "skipped": len(infos) - len(planned),
+        "cast": casts,
+        "dtype": quant or cast,
+        "total_nbytes": total,
+        "verified": verified,
+        "metadata_dropped": dropped,
+        "workers": workers if scheduler is None else None,
         "scheduler": scheduler,
     }
 
 
-def _start_spooler(reader: Reader, src: str, in_format: str, dst: str, out_format: Format,
-                   planned: list[TensorInfo], source_dtype: dict[str, str], raw_ok: bool,
-                   check: bool, workers: int, scheduler: str | None) -> Any:
+def _start_spooler(
+    reader: Reader,
+    src: str,
+    in_format: str,
+    dst: str,
+    out_format: Format,
+    planned: list[TensorInfo],
+    source_dtype: dict[str, str],
+    raw_ok: bool,
+    check: bool,
+    workers: int,
+    scheduler: str | None,
+) -> Any:
     """A :class:`~tensorbridge.parallel.Spooler` for the tensors that need work (a cast, or
     bytes the writer cannot copy as they are), or None for a one-process run."""
     if workers == 1 and scheduler is None:
@@ -585,38 +709,67 @@ def _start_spooler(reader: Reader, src: str, in_format: str, dst: str, out_forma
     else:
         spool_dir = os.path.dirname(os.path.abspath(dst))
         base = os.path.basename(dst)
-    return Spooler(src, in_format, work, [i.name for i in planned], spool_dir, base,
-                   workers=workers, scheduler=scheduler, want_digest=check and not raw_ok)
+    return Spooler(
+        src,
+        in_format,
+        work,
+        [i.name for i in planned],
+        spool_dir,
+        base,
+        workers=workers,
+        scheduler=scheduler,
+        want_digest=check and not raw_ok,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     summary = convert_file(
-        args.src, args.dst, src_format=args.src_format, dst_format=args.format,
-        dtype=args.dtype, include=args.include, exclude=args.exclude,
-        max_shard_size=args.max_shard_size, check=args.verify, quiet=args.quiet,
-        workers=args.workers, scheduler=args.scheduler, src_variant=args.variant)
+        args.src,
+        args.dst,
+        src_format=args.src_format,
+        dst_format=args.format,
+        dtype=args.dtype,
+        include=args.include,
+        exclude=args.exclude,
+        max_shard_size=args.max_shard_size,
+        check=args.verify,
+        quiet=args.quiet,
+        workers=args.workers,
+        scheduler=args.scheduler,
+        src_variant=args.variant,
+    )
     if args.json:
         emit_json(summary)
     elif not args.quiet:
         s = summary
         plural = "s" if s["count"] != 1 else ""
-        line = (f"converted {s['count']} tensor{plural} ({human_bytes(s['total_nbytes'])}) "
-                f"from {s['src']} ({s['src_format']}) to {s['dst']} ({s['dst_format']})")
+        line = (
+            f"converted {s['count']} tensor{plural} ({human_bytes(s['total_nbytes'])}) "
+            f"from {s['src']} ({s['src_format']}) to {s['dst']} ({s['dst_format']})"
+        )
         if s["skipped"]:
             line += f", {s['skipped']} left out by --include/--exclude"
         if s["dtype"]:
             line += f", {s['cast']} cast to {s['dtype']}"
         echo(line)
         if s["metadata_dropped"] and s["dst_format"] == "h5":
-            echo("note: h5 files cannot hold metadata keys that are empty or hold NUL, or "
-                 "values that hold NUL; left out: "
-                 f"{', '.join(map(repr, s['metadata_dropped']))}", sys.stderr)
+            echo(
+                "note: h5 files cannot hold metadata keys that are empty or hold NUL, or "
+                "values that hold NUL; left out: "
+                f"{', '.join(map(repr, s['metadata_dropped']))}",
+                sys.stderr,
+            )
         elif s["metadata_dropped"]:
-            echo(f"note: {s['dst_format']} files hold no metadata; left out: "
-                 f"{', '.join(s['metadata_dropped'])}", sys.stderr)
+            echo(
+                f"note: {s['dst_format']} files hold no metadata; left out: "
+                f"{', '.join(s['metadata_dropped'])}",
+                sys.stderr,
+            )
         if s["verified"] is None:
             echo("not verified (--no-verify)")
         else:
-            echo(f"verified {s['verified']} tensor{'s' if s['verified'] != 1 else ''}: "
-                 "the output reads back bit-exact")
+            echo(
+                f"verified {s['verified']} tensor{'s' if s['verified'] != 1 else ''}: "
+                "the output reads back bit-exact"
+            )
     return 0

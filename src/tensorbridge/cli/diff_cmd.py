@@ -89,8 +89,9 @@ def _huge_int_diffs(ca: np.ndarray, cb: np.ndarray) -> dict[int, float]:
     return out
 
 
-def compare_arrays(a: np.ndarray, b: np.ndarray, *, rtol: float = 0.0,
-                   atol: float = 0.0) -> dict[str, Any]:
+def compare_arrays(
+    a: np.ndarray, b: np.ndarray, *, rtol: float = 0.0, atol: float = 0.0
+) -> dict[str, Any]:
     """Max abs/rel difference and mismatch count of two same-shape arrays.
 
     Streams in chunks. ``max_abs_diff`` treats NaN vs NaN and equal infinities
@@ -111,7 +112,7 @@ def compare_arrays(a: np.ndarray, b: np.ndarray, *, rtol: float = 0.0,
     mismatches, max_abs, max_rel = 0, (0 if ints else 0.0), 0.0
     with np.errstate(all="ignore"):
         for start in range(0, fa.size, CHUNK):
-            ca, cb = fa[start:start + CHUNK], fb[start:start + CHUNK]
+            ca, cb = fa[start : start + CHUNK], fb[start : start + CHUNK]
             if ints:
                 exact_d = _int_abs_diff(ca, cb)
                 fd = exact_d.astype(np.float64)
@@ -150,10 +151,18 @@ def compare_arrays(a: np.ndarray, b: np.ndarray, *, rtol: float = 0.0,
     return {"mismatches": mismatches, "max_abs_diff": max_abs, "max_rel_diff": max_rel}
 
 
-def diff_files(path_a: str, path_b: str, *, rtol: float = 0.0, atol: float = 0.0,
-               include: list[str] | None = None, exclude: list[str] | None = None,
-               ignore_dtype: bool = False, format_a: str | None = None,
-               format_b: str | None = None) -> dict[str, Any]:
+def diff_files(
+    path_a: str,
+    path_b: str,
+    *,
+    rtol: float = 0.0,
+    atol: float = 0.0,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    ignore_dtype: bool = False,
+    format_a: str | None = None,
+    format_b: str | None = None,
+) -> dict[str, Any]:
     """The document ``diff --json`` prints; ``"same"`` decides the exit status.
 
     ``ignore_dtype``: a tensor whose dtype changed counts as the same when its
@@ -182,8 +191,11 @@ def diff_files(path_a: str, path_b: str, *, rtol: float = 0.0, atol: float = 0.0
                 name_b = renamed.get(name, name)
                 ia, ib = reader_a.info(name), reader_b.info(name_b)
                 entry: dict[str, Any] = {
-                    "name": name, "dtype_a": ia.dtype, "dtype_b": ib.dtype,
-                    "shape_a": list(ia.shape), "shape_b": list(ib.shape),
+                    "name": name,
+                    "dtype_a": ia.dtype,
+                    "dtype_b": ib.dtype,
+                    "shape_a": list(ia.shape),
+                    "shape_b": list(ib.shape),
                 }
                 if ia.shape != ib.shape:
                     entry["status"] = "shape changed"
@@ -199,10 +211,18 @@ def diff_files(path_a: str, path_b: str, *, rtol: float = 0.0, atol: float = 0.0
             meta_a, meta_b = dict(reader_a.metadata or {}), dict(reader_b.metadata or {})
     changed = [t for t in tensors if t["status"] != "same"]
     return {
-        "a": path_a, "b": path_b, "format_a": fmt_a, "format_b": fmt_b,
-        "rtol": rtol, "atol": atol, "exact": rtol == 0 and atol == 0,
-        "only_in_a": only_a, "only_in_b": only_b, "tensors": tensors,
-        "compared": len(tensors), "different": len(changed),
+        "a": path_a,
+        "b": path_b,
+        "format_a": fmt_a,
+        "format_b": fmt_b,
+        "rtol": rtol,
+        "atol": atol,
+        "exact": rtol == 0 and atol == 0,
+        "only_in_a": only_a,
+        "only_in_b": only_b,
+        "tensors": tensors,
+        "compared": len(tensors),
+        "different": len(changed),
         "metadata_differs": meta_a != meta_b,
         "same": not (only_a or only_b or changed),
     }
@@ -224,12 +244,24 @@ def _render(doc: dict[str, Any]) -> None:
         for t in changed:
             da = f"{t['dtype_a']}{t['shape_a']}".replace(" ", "")
             db = f"{t['dtype_b']}{t['shape_b']}".replace(" ", "")
-            rows.append([t["name"], t["status"], da, db,
-                         format_number(t.get("max_abs_diff")), format_number(t.get("max_rel_diff")),
-                         format_number(t.get("mismatches"))])
+            rows.append(
+                [
+                    t["name"],
+                    t["status"],
+                    da,
+                    db,
+                    format_number(t.get("max_abs_diff")),
+                    format_number(t.get("max_rel_diff")),
+                    format_number(t.get("mismatches")),
+                ]
+            )
         out.flush()
-        print_table(["name", "status", "a", "b", "max abs", "max rel", "mismatches"],
-                    rows, out, align="llllrrr")
+        print_table(
+            ["name", "status", "a", "b", "max abs", "max rel", "mismatches"],
+            rows,
+            out,
+            align="llllrrr",
+        )
     if doc["metadata_differs"]:
         echo("note: the files' metadata differ (not counted as a difference)", out)
     mode = "bit-exact" if doc["exact"] else f"rtol={doc['rtol']:g}, atol={doc['atol']:g}"
@@ -237,21 +269,36 @@ def _render(doc: dict[str, Any]) -> None:
         word = "tensor matches" if doc["compared"] == 1 else "tensors match"
         echo(f"same: {doc['compared']} {word} ({mode})", out)
     else:
-        echo(f"different: {doc['different']} of {doc['compared']} common tensors differ "
-             f"({mode}), {len(doc['only_in_a'])} only in A, "
-             f"{len(doc['only_in_b'])} only in B", out)
+        echo(
+            f"different: {doc['different']} of {doc['compared']} common tensors differ "
+            f"({mode}), {len(doc['only_in_a'])} only in A, "
+            f"{len(doc['only_in_b'])} only in B",
+            out,
+        )
 
 
 def run(args: argparse.Namespace) -> int:
-    if not (args.rtol >= 0 and args.atol >= 0 and np.isfinite(args.rtol)
-            and np.isfinite(args.atol)):  # NaN fails every comparison: refuse it too
-        echo(f"tensorbridge: error: --rtol {args.rtol:g} --atol {args.atol:g}: tolerances must "
-             "be finite numbers >= 0. Fix: pass e.g. --atol 1e-6 --rtol 1e-5, or leave them "
-             "out for a bit-exact comparison.", sys.stderr)
+    if not (
+        args.rtol >= 0 and args.atol >= 0 and np.isfinite(args.rtol) and np.isfinite(args.atol)
+    ):  # NaN fails every comparison: refuse it too
+        echo(
+            f"tensorbridge: error: --rtol {args.rtol:g} --atol {args.atol:g}: tolerances must "
+            "be finite numbers >= 0. Fix: pass e.g. --atol 1e-6 --rtol 1e-5, or leave them "
+            "out for a bit-exact comparison.",
+            sys.stderr,
+        )
         return 2
-    doc = diff_files(args.a, args.b, rtol=args.rtol, atol=args.atol,
-                     ignore_dtype=args.ignore_dtype, include=args.include,
-                     exclude=args.exclude, format_a=args.format_a, format_b=args.format_b)
+    doc = diff_files(
+        args.a,
+        args.b,
+        rtol=args.rtol,
+        atol=args.atol,
+        ignore_dtype=args.ignore_dtype,
+        include=args.include,
+        exclude=args.exclude,
+        format_a=args.format_a,
+        format_b=args.format_b,
+    )
     if args.json:
         emit_json(doc)
     elif not args.quiet:

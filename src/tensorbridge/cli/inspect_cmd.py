@@ -66,7 +66,7 @@ def _scan(flat: np.ndarray, kind: str, scale: float) -> dict[str, Any]:
     cmin: float
     cmax: float
     for start in range(0, flat.size, CHUNK):
-        c = flat[start:start + CHUNK]
+        c = flat[start : start + CHUNK]
         if kind in ("bool", "int", "uint"):
             if kind == "bool":
                 c = c.astype(np.uint8)
@@ -101,10 +101,13 @@ def _scan(flat: np.ndarray, kind: str, scale: float) -> dict[str, Any]:
         lo = cmin if lo is None else min(lo, cmin)
         hi = cmax if hi is None else max(hi, cmax)
     return {
-        "min": lo, "max": hi,
+        "min": lo,
+        "max": hi,
         "mean": mean if n else None,
         "std": math.sqrt(m2 / n) if n else None,
-        "nan": nan, "inf": inf, "finite": n,
+        "nan": nan,
+        "inf": inf,
+        "finite": n,
     }
 
 
@@ -118,9 +121,15 @@ def _sort(infos: list[TensorInfo], key: str) -> list[TensorInfo]:
     return sorted(infos, key=lambda i: natural_key(i.name))
 
 
-def inspect_file(path: str, *, format: str | None = None, stats: bool = False,
-                 filters: list[str] | None = None, sort: str = "name",
-                 variant: str | None = None) -> dict[str, Any]:
+def inspect_file(
+    path: str,
+    *,
+    format: str | None = None,
+    stats: bool = False,
+    filters: list[str] | None = None,
+    sort: str = "name",
+    variant: str | None = None,
+) -> dict[str, Any]:
     """The JSON document ``inspect --json`` prints for one file."""
     reader, fmt = open_file(path, format, variant)
     with reader:
@@ -138,8 +147,13 @@ def inspect_file(path: str, *, format: str | None = None, stats: bool = False,
         metadata = dict(reader.metadata or {})
         skipped = dict(getattr(reader, "skipped", {}))
     return {
-        "path": path, "format": fmt, "metadata": metadata, "tensors": tensors, "skipped": skipped,
-        "total_nbytes": sum(t["nbytes"] for t in tensors), "count": len(tensors),
+        "path": path,
+        "format": fmt,
+        "metadata": metadata,
+        "tensors": tensors,
+        "skipped": skipped,
+        "total_nbytes": sum(t["nbytes"] for t in tensors),
+        "count": len(tensors),
     }
 
 
@@ -170,8 +184,10 @@ def render_text(doc: dict[str, Any], stream: TextIO) -> None:
     for t in doc["tensors"]:
         row = [t["name"], t["dtype"], _shape(t["shape"]), human_bytes(t["nbytes"])]
         if t.get("stored_nbytes", t["nbytes"]) != t["nbytes"]:  # GGUF blocks: as stored
-            row[1:4:2] = [f"{t['stored_type']} ({t['bits_per_weight']:g} bpw)",
-                          human_bytes(t["stored_nbytes"])]
+            row[1:4:2] = [
+                f"{t['stored_type']} ({t['bits_per_weight']:g} bpw)",
+                human_bytes(t["stored_nbytes"]),
+            ]
         if with_stats:
             s = t["stats"]
             row += [format_number(s[c]) for c in _STAT_COLUMNS]
@@ -182,16 +198,25 @@ def render_text(doc: dict[str, Any], stream: TextIO) -> None:
     for name, why in doc.get("skipped", {}).items():
         stream.write(f"skipped: {_clip(name, 60)}: {_clip(why)}\n")
     word = "tensor" if doc["count"] == 1 else "tensors"
-    echo(f"total: {doc['count']} {word}, {human_bytes(doc['total_nbytes'])} "
-         f"({doc['total_nbytes']} bytes)", stream)
+    echo(
+        f"total: {doc['count']} {word}, {human_bytes(doc['total_nbytes'])} "
+        f"({doc['total_nbytes']} bytes)",
+        stream,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     docs, errors, status = [], [], 0
     for i, path in enumerate(args.files):
         try:
-            doc = inspect_file(path, format=args.format, stats=args.stats,
-                               filters=args.filter, sort=args.sort, variant=args.variant)
+            doc = inspect_file(
+                path,
+                format=args.format,
+                stats=args.stats,
+                filters=args.filter,
+                sort=args.sort,
+                variant=args.variant,
+            )
         except TensorBridgeError as exc:
             echo(f"tensorbridge: error: {exc}", sys.stderr)
             errors.append({"path": path, "error": str(exc)})
@@ -199,8 +224,10 @@ def run(args: argparse.Namespace) -> int:
             continue
         docs.append(doc)
         if args.filter and not doc["count"]:  # a typo in a pattern should not look like "empty"
-            echo(f"tensorbridge: note: no tensor in {path} matches --filter "
-                 f"{' '.join(args.filter)}", sys.stderr)
+            echo(
+                f"tensorbridge: note: no tensor in {path} matches --filter {' '.join(args.filter)}",
+                sys.stderr,
+            )
         if not args.json:
             if i:
                 sys.stdout.write("\n")

@@ -59,8 +59,11 @@ def format_for_path(path: str | os.PathLike[str], format: str | None = None) -> 
     p = os.fspath(path)
     if p.rstrip("/" + os.sep).lower().endswith(".zarr"):  # a directory store, not a checkpoint
         return get_format("zarr")
-    if os.path.isdir(p) or p.endswith((".index.json", "/", os.sep)) \
-            or re.search(r"\.index\.[^./\\]+\.json$", p):
+    if (
+        os.path.isdir(p)
+        or p.endswith((".index.json", "/", os.sep))
+        or re.search(r"\.index\.[^./\\]+\.json$", p)
+    ):
         return get_format("sharded")
     suffix = os.path.splitext(p)[1].lower()
     table = _suffix_table()

@@ -35,13 +35,23 @@ import secrets
 import stat
 import struct
 import sys
-from typing import BinaryIO
 from collections.abc import Iterator
+from typing import BinaryIO
 
 from ..errors import FileFormatError, TensorBridgeError
 
-__all__ = ["atomic_write", "atomic_path", "temp_name", "remove_stale", "remove_stale_in",
-           "fsync_dir", "lock_new_file", "lock_directory", "TMP_MARKER", "SPOOL_MARKER"]
+__all__ = [
+    "atomic_write",
+    "atomic_path",
+    "temp_name",
+    "remove_stale",
+    "remove_stale_in",
+    "fsync_dir",
+    "lock_new_file",
+    "lock_directory",
+    "TMP_MARKER",
+    "SPOOL_MARKER",
+]
 
 TMP_MARKER = ".tb-tmp-"
 #: The marker of :class:`tensorbridge.writer.Writer`'s spool files (kept equal to writer.SPOOL_MARKER).
@@ -54,8 +64,9 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 # Open-file-description locks (Linux >= 3.15): owned by the open file, not the process, and
 # independent of flock() on local file systems. struct flock is {short, short, off_t, off_t,
 # pid_t} padded to 32 bytes on 64-bit Linux.
-_OFD = (sys.platform.startswith("linux") and hasattr(fcntl, "F_OFD_SETLK")
-        and struct.calcsize("P") == 8)
+_OFD = (
+    sys.platform.startswith("linux") and hasattr(fcntl, "F_OFD_SETLK") and struct.calcsize("P") == 8
+)
 _FLOCK_STRUCT = "@hhqqi4x"
 
 
@@ -169,8 +180,9 @@ def remove_stale(directory: str, base: str, marker: str = TMP_MARKER) -> None:
     """Remove temporary files of ``base`` whose writer is gone (no one holds their lock)."""
     prefix = f".{base}{marker}"
     for name in _listdir(directory):
-        if name.startswith(prefix) and not _owner_alive_here(name[len(prefix) - len(marker):],
-                                                             marker):
+        if name.startswith(prefix) and not _owner_alive_here(
+            name[len(prefix) - len(marker) :], marker
+        ):
             _remove_if_dead(os.path.join(directory, name))
 
 
@@ -187,12 +199,15 @@ def lock_directory(directory: str) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``directory`` (through a read-only descriptor of the
     directory itself, so no lock file is left behind) for the block."""
     try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
-                     | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(
+            directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+        )
     except OSError as exc:
         raise FileFormatError(
             f"cannot open the directory ({exc.strerror}). Fix: check that it exists and is "
-            "readable.", directory) from exc
+            "readable.",
+            directory,
+        ) from exc
     try:
         with contextlib.suppress(OSError):  # a file system without locks: go on unlocked
             _flock(fd, wait=True)
@@ -222,15 +237,20 @@ def _default_mode() -> int:
 
 
 def _kind(mode: int) -> str:
-    for test, what in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+    for test, what in (
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
         if test(mode):
             return what
     return "not a regular file"
 
 
-def _check_target(path: str | os.PathLike[str], target: str, follow_symlinks: bool,
-                  example: str) -> int:
+def _check_target(
+    path: str | os.PathLike[str], target: str, follow_symlinks: bool, example: str
+) -> int:
     """Refuse a destination that is a directory or another non-regular file; return the
     mode the new file gets (the destination's, or what a plain ``open()`` would give)."""
     try:
@@ -263,8 +283,9 @@ def _check_target(path: str | os.PathLike[str], target: str, follow_symlinks: bo
 
 
 @contextlib.contextmanager
-def _replacing(path: str | os.PathLike[str], example: str, follow_symlinks: bool,
-               ofd: bool) -> Iterator[tuple[str, int]]:
+def _replacing(
+    path: str | os.PathLike[str], example: str, follow_symlinks: bool, ofd: bool
+) -> Iterator[tuple[str, int]]:
     """Create a temporary sibling of ``path``; on success move it over ``path``.
 
     Yields the temporary file's path and a read-write descriptor (a verifier may
@@ -279,8 +300,10 @@ def _replacing(path: str | os.PathLike[str], example: str, follow_symlinks: bool
     if follow_symlinks:
         target = os.path.realpath(raw)  # a symlink's target gets the update
     else:  # the directory is resolved, the last component (maybe a link) is replaced
-        target = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(raw))),
-                              os.path.basename(os.path.abspath(raw)))
+        target = os.path.join(
+            os.path.realpath(os.path.dirname(os.path.abspath(raw))),
+            os.path.basename(os.path.abspath(raw)),
+        )
     directory = os.path.dirname(target) or "."
     base = os.path.basename(target)
     mode = _check_target(path, target, follow_symlinks, example)
@@ -288,8 +311,9 @@ def _replacing(path: str | os.PathLike[str], example: str, follow_symlinks: bool
     while True:
         tmp = temp_name(directory, base)
         try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
-                         0o600)
+            fd = os.open(
+                tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600
+            )
         except OSError as exc:
             raise FileFormatError(
                 f"cannot create a file in {directory!r} ({exc.strerror}). Fix: check that the "
@@ -315,12 +339,16 @@ def _replacing(path: str | os.PathLike[str], example: str, follow_symlinks: bool
                 why, fix = "the disk is full", "free space or choose another destination"
             elif exc.errno == errno.EFBIG:
                 why = "the file would exceed the largest file this process may write"
-                fix = ("raise the file-size limit (`ulimit -f unlimited`), or write to a file "
-                       "system that holds larger files, or write a sharded checkpoint")
+                fix = (
+                    "raise the file-size limit (`ulimit -f unlimited`), or write to a file "
+                    "system that holds larger files, or write a sharded checkpoint"
+                )
             else:
                 why = exc.strerror or str(exc)
-                fix = ("check that the destination's directory exists and is writable, or "
-                       "choose another destination")
+                fix = (
+                    "check that the destination's directory exists and is writable, or "
+                    "choose another destination"
+                )
             raise FileFormatError(
                 f"writing failed ({why}); the destination was left unchanged. Fix: {fix}, "
                 "then retry.",
@@ -332,7 +360,9 @@ def _replacing(path: str | os.PathLike[str], example: str, follow_symlinks: bool
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike[str], *, follow_symlinks: bool = True) -> Iterator[BinaryIO]:
+def atomic_write(
+    path: str | os.PathLike[str], *, follow_symlinks: bool = True
+) -> Iterator[BinaryIO]:
     """Open a temporary file that replaces ``path`` when the block succeeds.
 
     ``follow_symlinks=False`` replaces a symlink at ``path`` itself rather than its target.

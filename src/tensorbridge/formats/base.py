@@ -57,7 +57,12 @@ class TensorInfo:
         return self.size * lookup(self.dtype).itemsize
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "nbytes": self.nbytes}
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "nbytes": self.nbytes,
+        }
 
 
 @dataclass(frozen=True)
@@ -147,7 +152,10 @@ class Reader:
         names = self.keys()
         return FileFormatError(
             f"no tensor named {name!r}. Fix: use one of {names[:20]!r}"
-            + (" ..." if len(names) > 20 else "") + ".", self.path)
+            + (" ..." if len(names) > 20 else "")
+            + ".",
+            self.path,
+        )
 
     def infos(self) -> list[TensorInfo]:
         return [self.info(k) for k in self.keys()]
@@ -203,9 +211,13 @@ class Format:
         except where the format quantises."""
         return arr
 
-    def check_write(self, path: str, infos: Sequence[TensorInfo],
-                    metadata: Mapping[str, str] | None = None,
-                    options: Mapping[str, Any] | None = None) -> dict[str, str]:
+    def check_write(
+        self,
+        path: str,
+        infos: Sequence[TensorInfo],
+        metadata: Mapping[str, str] | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> dict[str, str]:
         """Refuse what :meth:`write` would refuse, before a byte is written: unknown
         options, metadata the format has no place for, names and dtypes it cannot
         store, duplicate names. ``write`` calls it first; :class:`~tensorbridge.Writer`
@@ -218,7 +230,8 @@ class Format:
             raise ConversionError(
                 f"{path}: metadata {dict(metadata)!r:.100} cannot be stored: .{self.name} files "
                 "have no place for it, and dropping it silently would lose it. Fix: save as "
-                ".safetensors or .h5, or pass metadata=None.")
+                ".safetensors or .h5, or pass metadata=None."
+            )
         meta = check_metadata(metadata, path)
         for info in infos:
             self.check_info(info, path)
@@ -243,27 +256,38 @@ def first_axis_rows(info: TensorInfo, index: Any, file: object) -> tuple[int, in
 
     if not info.shape:
         raise ConversionError(
-            f"{file}: tensor {info.name!r} is 0-d and cannot be sliced. Fix: use read().")
+            f"{file}: tensor {info.name!r} is 0-d and cannot be sliced. Fix: use read()."
+        )
     rows = info.shape[0]
-    if isinstance(index, bool) or not isinstance(index, (int, np.integer, slice)) or (
-            isinstance(index, slice) and not all(
+    if (
+        isinstance(index, bool)
+        or not isinstance(index, (int, np.integer, slice))
+        or (
+            isinstance(index, slice)
+            and not all(
                 b is None or (isinstance(b, (int, np.integer)) and not isinstance(b, bool))
-                for b in (index.start, index.stop, index.step))):
+                for b in (index.start, index.stop, index.step)
+            )
+        )
+    ):
         raise ConversionError(
             f"{file}: read_slice({info.name!r}, {index!r:.80}) takes an int or a slice of ints "
             f"(rows of the first axis), not {type(index).__name__} or slice bounds of other "
-            "types. Fix: pass int(i), or slice(int(a), int(b)).")
+            "types. Fix: pass int(i), or slice(int(a), int(b))."
+        )
     if isinstance(index, slice):
         start, stop, step = index.indices(rows)
         if step != 1:
             raise ConversionError(
                 f"{file}: read_slice({info.name!r}, {index!r}) needs a step of 1. Fix: read the "
-                "block, then index it with the step.")
+                "block, then index it with the step."
+            )
         return start, max(start, stop), False
     if not -rows <= index < rows:
         raise ConversionError(
             f"{file}: index {index!r} is out of range for tensor {info.name!r} with {rows} "
-            f"rows. Fix: use an int in [-{rows}, {rows}) or a slice.")
+            f"rows. Fix: use an int in [-{rows}, {rows}) or a slice."
+        )
     i = int(index) % rows
     return i, i + 1, True
 
@@ -276,23 +300,27 @@ def check_metadata(metadata: Any, file: object = "") -> dict[str, str]:
     if metadata is None:
         return {}
     if not isinstance(metadata, Mapping):
-        raise ConversionError(f"{file}: metadata {metadata!r:.200} is not a mapping. "
-                              "Fix: pass a dict of str to str.")
+        raise ConversionError(
+            f"{file}: metadata {metadata!r:.200} is not a mapping. Fix: pass a dict of str to str."
+        )
     for key, value in metadata.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise ConversionError(
                 f"{file}: metadata entry {key!r:.100}: {value!r:.100} is refused: file metadata "
-                "maps strings to strings. Fix: convert keys and values with str() or json.dumps().")
+                "maps strings to strings. Fix: convert keys and values with str() or json.dumps()."
+            )
         if not (text_is_utf8(key) and text_is_utf8(value)):
             raise ConversionError(
                 f"{file}: metadata entry {key!r:.100}: {value!r:.100} is refused: it holds a lone "
                 "surrogate, which no file can store as UTF-8. Fix: encode the text with "
-                "errors='surrogateescape' and store it as hex, or remove it.")
+                "errors='surrogateescape' and store it as hex, or remove it."
+            )
     return dict(metadata)
 
 
-def check_options(options: Mapping[str, Any], allowed: Sequence[str], fmt: str,
-                  file: object) -> None:
+def check_options(
+    options: Mapping[str, Any], allowed: Sequence[str], fmt: str, file: object
+) -> None:
     """Refuse write options a format does not take."""
     from ..errors import ConversionError
 
@@ -300,4 +328,5 @@ def check_options(options: Mapping[str, Any], allowed: Sequence[str], fmt: str,
     if unknown:
         raise ConversionError(
             f"{file}: unknown option(s) {unknown!r} for {fmt} files. Fix: "
-            + (f"the options are {list(allowed)!r}." if allowed else "it takes no options."))
+            + (f"the options are {list(allowed)!r}." if allowed else "it takes no options.")
+        )

@@ -117,8 +117,8 @@ _SWAPPED = {"float16", "float32", "float64", "int16", "int32", "int64"}
 QUANT_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "TQ1_0", "TQ2_0", "MXFP4")
 
 
-
 # --- tensor infos ----------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class GGUFTensorInfo(TensorInfo):
@@ -139,8 +139,11 @@ class GGUFTensorInfo(TensorInfo):
     def to_json(self) -> dict:
         out = super().to_json()
         t = TYPES_BY_NAME[self.ggml_type]
-        out.update(stored_type=t.name, stored_nbytes=self.stored_nbytes,
-                   bits_per_weight=round(t.bits_per_weight, 4))
+        out.update(
+            stored_type=t.name,
+            stored_nbytes=self.stored_nbytes,
+            bits_per_weight=round(t.bits_per_weight, 4),
+        )
         return out
 
 
@@ -150,8 +153,13 @@ def quantized_info(info: TensorInfo, type_name: str) -> TensorInfo:
     (as llama.cpp does, vectors such as norms and biases stay unquantised); else
     ``info`` unchanged."""
     t = _quant_type(type_name)
-    if (lookup(info.dtype).kind != "float" or len(info.shape) < 2 or not info.shape[-1]
-            or info.shape[-1] % t.block_size or info.size == 0):
+    if (
+        lookup(info.dtype).kind != "float"
+        or len(info.shape) < 2
+        or not info.shape[-1]
+        or info.shape[-1] % t.block_size
+        or info.size == 0
+    ):
         return info
     return GGUFTensorInfo(info.name, "float32", tuple(info.shape), ggml_type=t.name)
 
@@ -172,11 +180,13 @@ def _quant_type(type_name: str) -> GGMLType:
         raise ConversionError(
             f"cannot quantise to {type_name!r}. Fix: use one of "
             f"{', '.join(q.lower() for q in QUANT_TYPES)} (K- and IQ-quants are made by "
-            "llama.cpp's llama-quantize).")
+            "llama.cpp's llama-quantize)."
+        )
     return t
 
 
 # --- the header parser -------------------------------------------------------------------
+
 
 @dataclass
 class _Entry:
@@ -192,7 +202,9 @@ def _tensor_entry(cur: Cursor, index: int) -> _Entry:
     if ndim > MAX_DIMS:
         raise FileFormatError(
             f"tensor {name!r} has {ndim} dimensions; ggml tensors have at most {MAX_DIMS}. Fix: "
-            "the file is corrupt or hostile.", cur.path)
+            "the file is corrupt or hostile.",
+            cur.path,
+        )
     ne = [cur.unpack("Q", f"tensor {name!r}: dims") for _ in range(ndim)]
     tid = cur.unpack("I", f"tensor {name!r}: type")
     offset = cur.unpack("Q", f"tensor {name!r}: offset")
@@ -201,16 +213,22 @@ def _tensor_entry(cur: Cursor, index: int) -> _Entry:
         raise FileFormatError(
             f"tensor {name!r} has the unknown ggml type {tid} (known: "
             f"{', '.join(f'{k}={v.name}' for k, v in sorted(TYPES.items()))}). Fix: the file "
-            "is corrupt, or from a newer llama.cpp than tensorbridge knows.", cur.path)
+            "is corrupt, or from a newer llama.cpp than tensorbridge knows.",
+            cur.path,
+        )
     size = math.prod(ne)
-    if math.prod(max(d, 1) for d in ne) >= 2 ** 62:  # NumPy refuses such shapes even when empty
+    if math.prod(max(d, 1) for d in ne) >= 2**62:  # NumPy refuses such shapes even when empty
         raise FileFormatError(
             f"tensor {name!r}: dims {ne} have more than 2**62 elements. Fix: the file is "
-            "corrupt or hostile.", cur.path)
+            "corrupt or hostile.",
+            cur.path,
+        )
     if ne and ne[0] % t.block_size:
         raise FileFormatError(
             f"tensor {name!r} is {t.name} with ne[0]={ne[0]}, not a multiple of its block size "
-            f"{t.block_size}. Fix: the file is corrupt.", cur.path)
+            f"{t.block_size}. Fix: the file is corrupt.",
+            cur.path,
+        )
     shape = tuple(reversed(ne))
     dtype = t.dtype or "float32"
     nbytes = size // t.block_size * t.type_size
@@ -220,12 +238,18 @@ def _tensor_entry(cur: Cursor, index: int) -> _Entry:
 def _parse(fd: int, size: int, path: str) -> dict[str, Any]:
     cur = Cursor(fd, size, path)
     if size < 24:
-        raise FileFormatError(f"the file is {size} bytes, shorter than a GGUF header (24). Fix: "
-                              "this is not a GGUF file, or it is truncated.", path)
+        raise FileFormatError(
+            f"the file is {size} bytes, shorter than a GGUF header (24). Fix: "
+            "this is not a GGUF file, or it is truncated.",
+            path,
+        )
     magic = cur.take(4, "the magic")
     if magic != MAGIC:
-        raise FileFormatError(f"the file starts with {magic!r}, not b'GGUF'. Fix: this is not a "
-                              "GGUF file (or pass the right --format).", path)
+        raise FileFormatError(
+            f"the file starts with {magic!r}, not b'GGUF'. Fix: this is not a "
+            "GGUF file (or pass the right --format).",
+            path,
+        )
     raw_version = cur.take(4, "the version")
     version = struct.unpack("<I", raw_version)[0]
     if version & 0xFFFF == 0:  # written on a machine of the other byte order
@@ -234,7 +258,9 @@ def _parse(fd: int, size: int, path: str) -> dict[str, Any]:
     if version not in (2, 3):
         raise FileFormatError(
             f"GGUF version {version} is not supported (versions 2 and 3 are; version 1 used "
-            "32-bit counts). Fix: re-convert the model with a current llama.cpp.", path)
+            "32-bit counts). Fix: re-convert the model with a current llama.cpp.",
+            path,
+        )
     n_tensors = cur.unpack("Q", "the tensor count")
     n_kv = cur.unpack("Q", "the metadata count")
     # every key/value takes at least 13 bytes, every tensor info at least 24
@@ -245,7 +271,9 @@ def _parse(fd: int, size: int, path: str) -> dict[str, Any]:
         if key in metadata:
             raise UnsafeContentError(
                 f"metadata key {key!r} appears more than once; other readers keep one of them "
-                "silently. Fix: re-save the file with unique keys.", path)
+                "silently. Fix: re-save the file with unique keys.",
+                path,
+            )
         metadata[key] = read_value(cur, read_value_type(cur, f"metadata {key!r:.80}"), key)
     alignment = DEFAULT_ALIGNMENT
     if "general.alignment" in metadata:
@@ -253,7 +281,9 @@ def _parse(fd: int, size: int, path: str) -> dict[str, Any]:
         if a.gguf_type != "UINT32" or not 0 < a.value <= MAX_ALIGNMENT or a.value & (a.value - 1):
             raise FileFormatError(
                 f"general.alignment is {a.gguf_type} {a!s:.40}; it must be a UINT32 power of "
-                f"two up to {MAX_ALIGNMENT}. Fix: the file is corrupt.", path)
+                f"two up to {MAX_ALIGNMENT}. Fix: the file is corrupt.",
+                path,
+            )
         alignment = a.value
     entries = [_tensor_entry(cur, i) for i in range(n_tensors)]
     check_unique([e.info.name for e in entries], path)
@@ -264,12 +294,16 @@ def _parse(fd: int, size: int, path: str) -> dict[str, Any]:
         if e.offset % alignment:
             raise FileFormatError(
                 f"tensor {e.info.name!r} starts at offset {e.offset}, not a multiple of the "
-                f"alignment {alignment}. Fix: the file is corrupt.", path)
+                f"alignment {alignment}. Fix: the file is corrupt.",
+                path,
+            )
         if e.offset + e.nbytes > data_len:
             raise FileFormatError(
                 f"tensor {e.info.name!r} ({e.type.name}, {e.nbytes} bytes at offset "
                 f"{e.offset}) ends past the end of the file's data ({data_len} bytes). Fix: the "
-                "file is truncated or corrupt; download it again.", path)
+                "file is truncated or corrupt; download it again.",
+                path,
+            )
         if e.nbytes:
             spans.append((e.offset, e.offset + e.nbytes, e.info.name))
     spans.sort()
@@ -278,12 +312,21 @@ def _parse(fd: int, size: int, path: str) -> dict[str, Any]:
             raise UnsafeContentError(
                 f"tensors {n0!r} and {n1!r} overlap in the file (bytes {b1}..{e0}); reading "
                 "one region many times would make a small file expand. Fix: the file is "
-                "corrupt or hostile; re-save it.", path)
-    return {"version": version, "order": cur.order, "metadata": metadata,
-            "alignment": alignment, "entries": entries, "data_start": data_start}
+                "corrupt or hostile; re-save it.",
+                path,
+            )
+    return {
+        "version": version,
+        "order": cur.order,
+        "metadata": metadata,
+        "alignment": alignment,
+        "entries": entries,
+        "data_start": data_start,
+    }
 
 
 # --- the reader ----------------------------------------------------------------------------
+
 
 class GGUFReader(Reader):
     """An open ``.gguf`` file whose header has been fully validated.
@@ -313,8 +356,9 @@ class GGUFReader(Reader):
         self._entries: dict[str, _Entry] = {}
         for e in parsed["entries"]:
             span = RawSpan(path, self._data_start + e.offset, e.nbytes, self._file_id)
-            e.info = GGUFTensorInfo(e.info.name, e.info.dtype, e.info.shape,
-                                    ggml_type=e.type.name, source=span)
+            e.info = GGUFTensorInfo(
+                e.info.name, e.info.dtype, e.info.shape, ggml_type=e.type.name, source=span
+            )
             self._entries[e.info.name] = e
 
     def keys(self) -> list[str]:
@@ -344,7 +388,9 @@ class GGUFReader(Reader):
         except (MemoryError, ValueError) as exc:  # ValueError: "array is too big"
             raise FileFormatError(
                 f"tensor {e.info.name!r} ({e.info.dtype}{list(shape)}) does not fit in memory. "
-                "Fix: use a machine with more memory, or read_raw() the blocks.", self.path) from exc
+                "Fix: use a machine with more memory, or read_raw() the blocks.",
+                self.path,
+            ) from exc
 
     def read_raw(self, name: str) -> np.ndarray:
         """The stored bytes as uint8, shaped ``(*shape[:-1], bytes per row)``."""
@@ -353,8 +399,9 @@ class GGUFReader(Reader):
         row = (shape[-1] // e.type.block_size * e.type.type_size) if shape else e.type.type_size
         out = self._alloc(e, (*shape[:-1], row), np.uint8)
         if out.nbytes:
-            read_exact_into(self._fd_open(), out.reshape(-1).data,
-                            self._data_start + e.offset, self.path)
+            read_exact_into(
+                self._fd_open(), out.reshape(-1).data, self._data_start + e.offset, self.path
+            )
         return out
 
     def read(self, name: str) -> np.ndarray:
@@ -387,7 +434,8 @@ class GGUFReader(Reader):
             raise ConversionError(
                 f"{self.path}: tensor {e.info.name!r} is {t.name}, which has no known "
                 "dequantisation (gguf-py has none either). Fix: read its blocks with "
-                "reader.read_raw(name), or leave it out (--exclude).")
+                "reader.read_raw(name), or leave it out (--exclude)."
+            )
         out = self._alloc(e, shape, np.float32)
         flat = out.reshape(-1)
         nblocks = flat.size // t.block_size
@@ -395,17 +443,24 @@ class GGUFReader(Reader):
         buf = np.empty(min(per, nblocks) * t.type_size, np.uint8)
         for b0 in range(0, nblocks, per):
             k = min(per, nblocks - b0)
-            piece = buf[:k * t.type_size]
+            piece = buf[: k * t.type_size]
             read_exact_into(fd, piece.data, start + b0 * t.type_size, self.path)
-            dequantize_into(piece.reshape(k, t.type_size), t.name,
-                            flat[b0 * t.block_size:(b0 + k) * t.block_size])
+            dequantize_into(
+                piece.reshape(k, t.type_size),
+                t.name,
+                flat[b0 * t.block_size : (b0 + k) * t.block_size],
+            )
         return out
 
     def raw_span(self, name: str) -> RawSpan | None:
         """The bytes of an unquantised little-endian tensor; ``None`` otherwise."""
         e = self._entry(name)
-        if (e.type.quantized or not e.nbytes or self._fd is None
-                or (self.byteorder == "big" and e.info.dtype in _SWAPPED)):
+        if (
+            e.type.quantized
+            or not e.nbytes
+            or self._fd is None
+            or (self.byteorder == "big" and e.info.dtype in _SWAPPED)
+        ):
             return None
         return e.info.source
 
@@ -418,6 +473,7 @@ class GGUFReader(Reader):
 
 # --- the writer ------------------------------------------------------------------------------
 
+
 def _stored_type(info: TensorInfo, path: str) -> GGMLType:
     if isinstance(info, GGUFTensorInfo) and TYPES_BY_NAME[info.ggml_type].quantized:
         return TYPES_BY_NAME[info.ggml_type]
@@ -426,7 +482,9 @@ def _stored_type(info: TensorInfo, path: str) -> GGMLType:
         raise ConversionError(
             f"{path}: tensor {info.name!r} has dtype {info.dtype!r}, which GGUF cannot store. "
             "Fix: cast it first (--dtype float16/float32, or an int type: GGUF holds "
-            + ", ".join(PLAIN_DTYPES) + "), or save as .safetensors or .npz.")
+            + ", ".join(PLAIN_DTYPES)
+            + "), or save as .safetensors or .npz."
+        )
     return t
 
 
@@ -435,9 +493,14 @@ class GGUFFormat(Format):
 
     name = "gguf"
     suffixes = (".gguf",)
-    description = ("llama.cpp GGUF; reads every ggml type (quantised ones dequantised to "
-                   "float32), writes " + ", ".join(PLAIN_DTYPES) + " and quantises to "
-                   + ", ".join(q.lower() for q in QUANT_TYPES) + ".")
+    description = (
+        "llama.cpp GGUF; reads every ggml type (quantised ones dequantised to "
+        "float32), writes "
+        + ", ".join(PLAIN_DTYPES)
+        + " and quantises to "
+        + ", ".join(q.lower() for q in QUANT_TYPES)
+        + "."
+    )
     options = ("quantize",)
     #: the --dtype values that mean "store quantised"
     quantizations = tuple(q.lower() for q in QUANT_TYPES)
@@ -450,11 +513,16 @@ class GGUFFormat(Format):
         if len(info.shape) > MAX_DIMS:
             raise ConversionError(
                 f"{path}: tensor {info.name!r} has {len(info.shape)} dimensions; GGUF (ggml) "
-                f"holds at most {MAX_DIMS}. Fix: reshape it, or save as .safetensors.")
+                f"holds at most {MAX_DIMS}. Fix: reshape it, or save as .safetensors."
+            )
 
-    def check_write(self, path: str, infos: Sequence[TensorInfo],
-                    metadata: Mapping[str, str] | None = None,
-                    options: Mapping[str, Any] | None = None) -> dict[str, str]:
+    def check_write(
+        self,
+        path: str,
+        infos: Sequence[TensorInfo],
+        metadata: Mapping[str, str] | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> dict[str, str]:
         meta = super().check_write(path, infos, metadata, options)
         if options and options.get("quantize") is not None:
             _quant_type(options["quantize"])
@@ -476,9 +544,15 @@ class GGUFFormat(Format):
         dequantize_into(blocks, t.name, out)
         return out
 
-    def write(self, path: str, infos: Sequence[TensorInfo],
-              fetch: Callable[[str], np.ndarray], metadata: Mapping[str, str] | None = None,
-              *, quantize: str | None = None) -> None:
+    def write(
+        self,
+        path: str,
+        infos: Sequence[TensorInfo],
+        fetch: Callable[[str], np.ndarray],
+        metadata: Mapping[str, str] | None = None,
+        *,
+        quantize: str | None = None,
+    ) -> None:
         """Write atomically, one fetched tensor at a time.
 
         A :class:`GGUFTensorInfo` of a quantised type is stored in blocks: copied from
@@ -503,9 +577,11 @@ class GGUFFormat(Format):
         for info, t in zip(infos, types, strict=True):
             nbytes = info.size // t.block_size * t.type_size
             if t.quantized and (not info.shape or info.shape[-1] % t.block_size):
-                raise ConversionError(f"{path}: tensor {info.name!r} of shape {list(info.shape)} "
-                                      f"cannot be {t.name}: its last axis is not a multiple of "
-                                      f"{t.block_size}. Fix: keep it unquantised.")
+                raise ConversionError(
+                    f"{path}: tensor {info.name!r} of shape {list(info.shape)} "
+                    f"cannot be {t.name}: its last axis is not a multiple of "
+                    f"{t.block_size}. Fix: keep it unquantised."
+                )
             head += pack_string(info.name) + struct.pack("<I", len(info.shape))
             head += b"".join(struct.pack("<Q", d) for d in reversed(info.shape))
             head += struct.pack("<IQ", t.id, offset)
@@ -520,8 +596,9 @@ class GGUFFormat(Format):
                     got = fetch(info.name)
                     src = info.source if isinstance(info, GGUFTensorInfo) else None
                     if t.quantized:
-                        arr = check_fetched(got, TensorInfo(info.name, _float_of(got),
-                                                            info.shape), path)
+                        arr = check_fetched(
+                            got, TensorInfo(info.name, _float_of(got), info.shape), path
+                        )
                         if src is not None and src.nbytes == nbytes:
                             f.flush()
                             at = f.tell()
@@ -530,8 +607,9 @@ class GGUFFormat(Format):
                         else:
                             f.write(quantize_array(arr, t.name).reshape(-1).data)
                     else:
-                        arr = check_fetched(got, TensorInfo(info.name, info.dtype, info.shape),
-                                            path)
+                        arr = check_fetched(
+                            got, TensorInfo(info.name, info.dtype, info.shape), path
+                        )
                         for piece in iter_le_bytes(arr):
                             f.write(piece)
                     del got

@@ -24,9 +24,23 @@ from ..errors import ConversionError, FileFormatError
 from .gguf_types import VALUE_TYPE_IDS, VALUE_TYPES
 from .safetensors import read_exact_into
 
-__all__ = ["GGUFValue", "value", "Cursor", "read_name", "read_value_type", "read_value",
-           "pack_string", "pack_value", "metadata_entries", "alignment_of", "DEFAULT_ALIGNMENT",
-           "MAX_NAME", "MAX_ARRAY_DEPTH", "MAX_NESTED_ARRAYS", "MAX_ALIGNMENT"]
+__all__ = [
+    "GGUFValue",
+    "value",
+    "Cursor",
+    "read_name",
+    "read_value_type",
+    "read_value",
+    "pack_string",
+    "pack_value",
+    "metadata_entries",
+    "alignment_of",
+    "DEFAULT_ALIGNMENT",
+    "MAX_NAME",
+    "MAX_ARRAY_DEPTH",
+    "MAX_NESTED_ARRAYS",
+    "MAX_ALIGNMENT",
+]
 
 DEFAULT_ALIGNMENT = 32
 #: longest key or tensor name (the spec: keys are at most 65535 bytes)
@@ -39,11 +53,22 @@ MAX_NESTED_ARRAYS = 1 << 16
 MAX_ALIGNMENT = 1 << 30
 #: bytes read at a time while parsing the header
 _HEADER_CHUNK = 1 << 20
-_NP_CODES = {"UINT8": "u1", "INT8": "i1", "UINT16": "u2", "INT16": "i2", "UINT32": "u4",
-             "INT32": "i4", "FLOAT32": "f4", "BOOL": "u1", "UINT64": "u8", "INT64": "i8",
-             "FLOAT64": "f8"}
+_NP_CODES = {
+    "UINT8": "u1",
+    "INT8": "i1",
+    "UINT16": "u2",
+    "INT16": "i2",
+    "UINT32": "u4",
+    "INT32": "i4",
+    "FLOAT32": "f4",
+    "BOOL": "u1",
+    "UINT64": "u8",
+    "INT64": "i8",
+    "FLOAT64": "f8",
+}
 
 # --- metadata values -----------------------------------------------------------------
+
 
 class GGUFValue(str):
     """A GGUF metadata value: the ``str`` is its text (JSON for numbers and arrays),
@@ -55,8 +80,9 @@ class GGUFValue(str):
     item_type: str | None
     value: Any
 
-    def __new__(cls, text: str, gguf_type: str, value: Any,
-                item_type: str | None = None) -> GGUFValue:
+    def __new__(
+        cls, text: str, gguf_type: str, value: Any, item_type: str | None = None
+    ) -> GGUFValue:
         self = super().__new__(cls, text)
         self.gguf_type, self.value, self.item_type = gguf_type, value, item_type
         return self
@@ -74,8 +100,11 @@ def _f32_text(x: float) -> Any:
     """A float32 as its shortest text (1e-05, not 9.999999747378752e-06), JSON-safe."""
     if not math.isfinite(x):
         return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    return float(np.format_float_positional(np.float32(x), unique=True, trim="-")) \
-        if abs(x) >= 1e-4 or x == 0 else float(np.format_float_scientific(np.float32(x), unique=True))
+    return (
+        float(np.format_float_positional(np.float32(x), unique=True, trim="-"))
+        if abs(x) >= 1e-4 or x == 0
+        else float(np.format_float_scientific(np.float32(x), unique=True))
+    )
 
 
 def _plain(x: Any, t: str) -> Any:
@@ -129,21 +158,26 @@ def value(v: Any, gguf_type: str, item_type: str | None = None) -> GGUFValue:
     """
     t = gguf_type.upper()
     if t not in VALUE_TYPE_IDS:
-        raise ConversionError(f"unknown GGUF value type {gguf_type!r}. Fix: use one of "
-                              f"{', '.join(VALUE_TYPE_IDS)}.")
+        raise ConversionError(
+            f"unknown GGUF value type {gguf_type!r}. Fix: use one of {', '.join(VALUE_TYPE_IDS)}."
+        )
     if t == "ARRAY":
         item = (item_type or "").upper()
         if item == "STRING":
             return _make(t, [str(s) for s in v], item)
         if item not in _NP_CODES:
-            raise ConversionError(f"array item type {item_type!r} is not a GGUF scalar or "
-                                  "string type. Fix: pass item_type= like 'int32' or 'string'.")
+            raise ConversionError(
+                f"array item type {item_type!r} is not a GGUF scalar or "
+                "string type. Fix: pass item_type= like 'int32' or 'string'."
+            )
         try:
             with np.errstate(over="raise"):
                 arr = np.asarray(v, dtype=np.dtype(_NP_CODES[item]).newbyteorder("<"))
         except (ValueError, TypeError, OverflowError, FloatingPointError) as exc:
-            raise ConversionError(f"the items cannot be stored as GGUF {item} ({exc}). Fix: "
-                                  "pass numbers in that type's range.") from exc
+            raise ConversionError(
+                f"the items cannot be stored as GGUF {item} ({exc}). Fix: "
+                "pass numbers in that type's range."
+            ) from exc
         return _make(t, arr.reshape(-1), item)
     if t == "STRING":
         return _make(t, str(v))
@@ -151,12 +185,14 @@ def value(v: Any, gguf_type: str, item_type: str | None = None) -> GGUFValue:
     try:
         packed = struct.unpack("<" + code, struct.pack("<" + code, v))[0]  # type: ignore[operator]
     except (struct.error, TypeError, OverflowError) as exc:
-        raise ConversionError(f"{v!r} cannot be stored as GGUF {t} ({exc}). Fix: pass a value "
-                              "in that type's range.") from exc
+        raise ConversionError(
+            f"{v!r} cannot be stored as GGUF {t} ({exc}). Fix: pass a value in that type's range."
+        ) from exc
     return _make(t, packed)
 
 
 # --- reading ---------------------------------------------------------------------------
+
 
 class Cursor:
     """Reads the header through a bounded buffer; never past the file's real size."""
@@ -179,7 +215,9 @@ class Cursor:
             raise FileFormatError(
                 f"{what} needs {n} bytes at byte {self.pos}, but the file has only "
                 f"{self.size - self.pos} more (it is truncated or corrupt). Fix: download or "
-                "copy the file again.", self.path)
+                "copy the file again.",
+                self.path,
+            )
 
     def take(self, n: int, what: str) -> bytes:
         self.need(n, what)
@@ -190,7 +228,7 @@ class Cursor:
             read_exact_into(self.fd, memoryview(buf), self.pos, self.path)
             self._buf, self._start, off = bytes(buf), self.pos, 0
         self.pos += n
-        return self._buf[off:off + n]
+        return self._buf[off : off + n]
 
     def unpack(self, code: str, what: str) -> Any:
         size = struct.calcsize(code)
@@ -207,7 +245,7 @@ class Cursor:
             if off >= 0 and off + 8 <= len(buf):
                 n = unpack(buf, off)[0]
                 if off + 8 + n <= len(buf):
-                    out.append(buf[off + 8:off + 8 + n].decode("utf-8", "surrogateescape"))
+                    out.append(buf[off + 8 : off + 8 + n].decode("utf-8", "surrogateescape"))
                     self.pos += 8 + n
                     continue
             out.append(self.string(what))
@@ -218,7 +256,9 @@ class Cursor:
         if limit is not None and n > limit:
             raise FileFormatError(
                 f"{what} is {n} bytes long, over the {limit}-byte limit. Fix: the file is "
-                "corrupt or hostile.", self.path)
+                "corrupt or hostile.",
+                self.path,
+            )
         raw = self.take(n, what)
         return raw.decode("utf-8", "surrogateescape")
 
@@ -229,8 +269,11 @@ def read_name(cur: Cursor, what: str) -> str:
     try:
         s.encode("utf-8")
     except UnicodeEncodeError:
-        raise FileFormatError(f"{what} at byte {start} is not valid UTF-8 ({s!r:.80}). Fix: the "
-                              "file is corrupt; re-save it.", cur.path) from None
+        raise FileFormatError(
+            f"{what} at byte {start} is not valid UTF-8 ({s!r:.80}). Fix: the "
+            "file is corrupt; re-save it.",
+            cur.path,
+        ) from None
     return s
 
 
@@ -239,7 +282,9 @@ def read_value_type(cur: Cursor, what: str) -> str:
     if tid not in VALUE_TYPES:
         raise FileFormatError(
             f"{what} has the unknown value type {tid} (known: 0..12). Fix: the file is corrupt, "
-            "or from a newer GGUF version.", cur.path)
+            "or from a newer GGUF version.",
+            cur.path,
+        )
     return VALUE_TYPES[tid][0]
 
 
@@ -251,15 +296,19 @@ def read_value(cur: Cursor, t: str, key: str, depth: int = 0) -> GGUFValue:
         raw = cur.unpack(VALUE_TYPES[VALUE_TYPE_IDS[t]][1] or "", what)
         return _make(t, raw)
     if depth >= MAX_ARRAY_DEPTH:
-        raise FileFormatError(f"{what} nests arrays more than {MAX_ARRAY_DEPTH} deep. Fix: the "
-                              "file is corrupt or hostile.", cur.path)
+        raise FileFormatError(
+            f"{what} nests arrays more than {MAX_ARRAY_DEPTH} deep. Fix: the "
+            "file is corrupt or hostile.",
+            cur.path,
+        )
     item = read_value_type(cur, what + " (array item type)")
     count = cur.unpack("Q", what + " (array length)")
     if item in _NP_CODES:
         size = VALUE_TYPES[VALUE_TYPE_IDS[item]][2] or 1
         cur.need(count * size, f"{what} ({count} items)")
-        arr = np.frombuffer(cur.take(count * size, what),
-                            np.dtype(_NP_CODES[item]).newbyteorder(cur.order))
+        arr = np.frombuffer(
+            cur.take(count * size, what), np.dtype(_NP_CODES[item]).newbyteorder(cur.order)
+        )
         arr = arr.astype(arr.dtype.newbyteorder("<"))
         if item == "BOOL":
             arr = arr != 0
@@ -272,11 +321,14 @@ def read_value(cur: Cursor, t: str, key: str, depth: int = 0) -> GGUFValue:
     if cur.nested_left < 0:
         raise FileFormatError(
             f"{what} holds arrays of arrays with more than {MAX_NESTED_ARRAYS} inner arrays in "
-            "all (GGUF models use flat arrays). Fix: the file is corrupt or hostile.", cur.path)
+            "all (GGUF models use flat arrays). Fix: the file is corrupt or hostile.",
+            cur.path,
+        )
     return _make(t, [read_value(cur, "ARRAY", key, depth + 1) for _ in range(count)], item)
 
 
 # --- writing ---------------------------------------------------------------------------
+
 
 def pack_string(s: str) -> bytes:
     raw = s.encode("utf-8", "surrogateescape")
@@ -305,8 +357,9 @@ def metadata_entries(metadata: Mapping[str, str], path: str) -> list[tuple[str, 
     out = []
     for key, v in metadata.items():
         if not key or len(key.encode("utf-8", "surrogateescape")) > MAX_NAME:
-            raise ConversionError(f"{path}: metadata key {key!r:.80} must be 1 to {MAX_NAME} "
-                                  "bytes. Fix: rename it.")
+            raise ConversionError(
+                f"{path}: metadata key {key!r:.80} must be 1 to {MAX_NAME} bytes. Fix: rename it."
+            )
         gv = v if isinstance(v, GGUFValue) else _make("STRING", str(v))
         if key == "general.alignment" and gv.gguf_type != "UINT32":
             try:
@@ -314,7 +367,8 @@ def metadata_entries(metadata: Mapping[str, str], path: str) -> list[tuple[str, 
             except (ValueError, ConversionError):
                 raise ConversionError(
                     f"{path}: general.alignment {str(v)!r:.40} is not an integer. Fix: pass a "
-                    "power of two, e.g. value(32, 'uint32').") from None
+                    "power of two, e.g. value(32, 'uint32')."
+                ) from None
         out.append((key, gv))
     return out
 
@@ -324,8 +378,9 @@ def alignment_of(entries: list[tuple[str, GGUFValue]], path: str) -> int:
         if key == "general.alignment":
             a = int(v.value)
             if not 0 < a <= MAX_ALIGNMENT or a & (a - 1):
-                raise ConversionError(f"{path}: general.alignment {a} is not a power of two up "
-                                      f"to {MAX_ALIGNMENT}. Fix: pass e.g. 32.")
+                raise ConversionError(
+                    f"{path}: general.alignment {a} is not a power of two up "
+                    f"to {MAX_ALIGNMENT}. Fix: pass e.g. 32."
+                )
             return a
     return DEFAULT_ALIGNMENT
-

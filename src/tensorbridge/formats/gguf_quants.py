@@ -72,8 +72,7 @@ _U64 = np.uint64
 #: byte -> 8 bytes: bit i, shifted to 0x10 (the 5th bit of Q5_K)
 _BIT4 = _spread(lambda v, i: ((v >> _U64(i)) & _U64(1)) << _U64(4), 8, np.uint64)
 #: byte -> 8 bytes: 4 where bit i is clear, else 0 (Q3_K's "minus 4 unless the high bit")
-_NOT_BIT_4 = _spread(lambda v, i: (((v >> _U64(i)) & _U64(1)) ^ _U64(1)) << _U64(2), 8,
-                     np.uint64)
+_NOT_BIT_4 = _spread(lambda v, i: (((v >> _U64(i)) & _U64(1)) ^ _U64(1)) << _U64(2), 8, np.uint64)
 #: byte -> 4 bytes: its 2-bit fields, lowest first
 _CRUMBS = _spread(lambda v, i: (v >> _U64(2 * i)) & _U64(3), 4, np.uint32)
 
@@ -86,10 +85,11 @@ def _bytes_of(table: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
 def _half(blocks: np.ndarray, start: int) -> np.ndarray:
     """The little-endian float16 at byte ``start`` of each block, as a (n, 1) float32."""
-    return blocks[:, start:start + 2].view(np.float16).astype(_F32)
+    return blocks[:, start : start + 2].view(np.float16).astype(_F32)
 
 
 # --- the legacy 32-element types ------------------------------------------------------
+
 
 def _q8_0(b: np.ndarray, out: np.ndarray) -> None:
     d = _half(b, 0)
@@ -106,6 +106,7 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
 
 # The integers are unpacked in uint8/int8, then one mixed-type multiply converts them to
 # float32 (exactly) and scales them: the same float operation gguf-py does, in one pass.
+
 
 def _q4_0(b: np.ndarray, out: np.ndarray) -> None:
     n = b.shape[0]
@@ -146,10 +147,11 @@ def _q5_1(b: np.ndarray, out: np.ndarray) -> None:
 def _q8_k(b: np.ndarray, out: np.ndarray) -> None:
     # ggml's dequantize_row_q8_K: y = d * q, d a float32 (gguf-py has no Q8_K)
     d = b[:, :4].view("<f4").astype(_F32)
-    np.multiply(b[:, 4:4 + QK_K].view(np.int8), d, out=out)
+    np.multiply(b[:, 4 : 4 + QK_K].view(np.int8), d, out=out)
 
 
 # --- K-quants ---------------------------------------------------------------------------
+
 
 def _q2_k(b: np.ndarray, out: np.ndarray) -> None:
     n = b.shape[0]
@@ -236,6 +238,7 @@ def _q6_k(b: np.ndarray, out: np.ndarray) -> None:
 
 # --- ternary, microscaling and non-linear 4-bit types --------------------------------
 
+
 def _tq1_0(b: np.ndarray, out: np.ndarray) -> None:
     n = b.shape[0]
     qs, qh = b[:, :48], b[:, 48:52]
@@ -265,8 +268,11 @@ def _mxfp4(b: np.ndarray, out: np.ndarray) -> None:
     n = b.shape[0]
     e = b[:, :1]
     # ggml_e8m0_to_fp32_half
-    bits = np.where(e < 2, np.uint32(0x00200000) << e.astype(np.uint32),
-                    (e.astype(np.uint32) - np.uint32(1)) << np.uint32(23))
+    bits = np.where(
+        e < 2,
+        np.uint32(0x00200000) << e.astype(np.uint32),
+        (e.astype(np.uint32) - np.uint32(1)) << np.uint32(23),
+    )
     d = bits.view(_F32)
     qs = b[:, 1:]
     o = out.reshape(n, 2, 16)
@@ -275,8 +281,7 @@ def _mxfp4(b: np.ndarray, out: np.ndarray) -> None:
     np.multiply(d[:, :, None], o, out=o)
 
 
-_IQ4_NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
-                   _F32)
+_IQ4_NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], _F32)
 
 
 def _iq4_nl(b: np.ndarray, out: np.ndarray) -> None:
@@ -311,11 +316,26 @@ def _bf16(b: np.ndarray, out: np.ndarray) -> None:
 
 #: type name -> its dequantiser, ``f(blocks, out)``
 DEQUANTIZERS: dict[str, Callable[[np.ndarray, np.ndarray], None]] = {
-    "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0,
-    "Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k, "Q8_K": _q8_k,
-    "TQ1_0": _tq1_0, "TQ2_0": _tq2_0, "MXFP4": _mxfp4, "IQ4_NL": _iq4_nl, "IQ4_XS": _iq4_xs,
+    "Q4_0": _q4_0,
+    "Q4_1": _q4_1,
+    "Q5_0": _q5_0,
+    "Q5_1": _q5_1,
+    "Q8_0": _q8_0,
+    "Q2_K": _q2_k,
+    "Q3_K": _q3_k,
+    "Q4_K": _q4_k,
+    "Q5_K": _q5_k,
+    "Q6_K": _q6_k,
+    "Q8_K": _q8_k,
+    "TQ1_0": _tq1_0,
+    "TQ2_0": _tq2_0,
+    "MXFP4": _mxfp4,
+    "IQ4_NL": _iq4_nl,
+    "IQ4_XS": _iq4_xs,
     "BF16": _bf16,
 }
+
+
 def _codebook(type_name: str) -> Callable[[np.ndarray, np.ndarray], None]:
     from .gguf_iq import IQ_TYPES
 
@@ -329,8 +349,9 @@ def _codebook(type_name: str) -> Callable[[np.ndarray, np.ndarray], None]:
 
 
 #: types with codebooks, dequantised by the port of gguf-py's code in :mod:`.gguf_iq`
-CODEBOOK_TYPES = frozenset({"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S",
-                            "IQ1_M", "NVFP4"})
+CODEBOOK_TYPES = frozenset(
+    {"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "NVFP4"}
+)
 
 
 def can_dequantize(type_name: str) -> bool:
@@ -352,9 +373,13 @@ def _dequantizer(type_name: str) -> Callable[[np.ndarray, np.ndarray], None]:
         return f
     if type_name in CODEBOOK_TYPES:
         return _codebook(type_name)
-    raise ConversionError(message(
-        f"a {type_name} tensor", f"no dequantisation of {type_name} is known (gguf-py has "
-        "none either)", "read its blocks undecoded with reader.read_raw(name)"))
+    raise ConversionError(
+        message(
+            f"a {type_name} tensor",
+            f"no dequantisation of {type_name} is known (gguf-py has none either)",
+            "read its blocks undecoded with reader.read_raw(name)",
+        )
+    )
 
 
 def dequantize_into(blocks: np.ndarray, type_name: str, out: np.ndarray) -> None:
@@ -366,7 +391,7 @@ def dequantize_into(blocks: np.ndarray, type_name: str, out: np.ndarray) -> None
     step = max(1, CHUNK_ELEMENTS // t.block_size)
     with np.errstate(all="ignore"):  # inf or NaN scales in a file are values, not errors
         for start in range(0, blocks.shape[0], step):
-            f(blocks[start:start + step], flat[start:start + step])
+            f(blocks[start : start + step], flat[start : start + step])
 
 
 def dequantize(data: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -379,6 +404,7 @@ def dequantize(data: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.n
 
 
 # --- quantising -----------------------------------------------------------------------
+
 
 def _roundf(n: np.ndarray) -> np.ndarray:
     """Round half away from zero, as gguf-py's np_roundf (and C's roundf)."""
@@ -393,8 +419,9 @@ def _quant_q8_0(blocks: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore"):
         inv = np.where(d == 0, 0, 1 / d)
     qs = _roundf(blocks * inv)
-    return np.concatenate([d.astype(np.float16).view(np.uint8),
-                           qs.astype(np.int8).view(np.uint8)], axis=1)
+    return np.concatenate(
+        [d.astype(np.float16).view(np.uint8), qs.astype(np.int8).view(np.uint8)], axis=1
+    )
 
 
 def _quant_q4_0(blocks: np.ndarray) -> np.ndarray:
@@ -417,11 +444,16 @@ def _quant_q4_1(blocks: np.ndarray) -> np.ndarray:
     d = (mx - mn) / 15
     with np.errstate(divide="ignore"):
         inv = np.where(d == 0, 0, 1 / d)
-    qs = np.trunc((blocks - mn) * inv + np.float32(0.5), dtype=np.float32).astype(np.uint8).clip(0, 15)
+    qs = (
+        np.trunc((blocks - mn) * inv + np.float32(0.5), dtype=np.float32)
+        .astype(np.uint8)
+        .clip(0, 15)
+    )
     qs = qs.reshape((n, 2, 16))
     qs = qs[..., 0, :] | (qs[..., 1, :] << np.uint8(4))
-    return np.concatenate([d.astype(np.float16).view(np.uint8),
-                           mn.astype(np.float16).view(np.uint8), qs], axis=-1)
+    return np.concatenate(
+        [d.astype(np.float16).view(np.uint8), mn.astype(np.float16).view(np.uint8), qs], axis=-1
+    )
 
 
 def _quant_q5_0(blocks: np.ndarray) -> np.ndarray:
@@ -445,18 +477,26 @@ def _quant_q5_1(blocks: np.ndarray) -> np.ndarray:
     d = (mx - mn) / 31
     with np.errstate(divide="ignore"):
         inv = np.where(d == 0, 0, 1 / d)
-    q = np.trunc((blocks - mn) * inv + np.float32(0.5), dtype=np.float32).astype(np.uint8).clip(0, 31)
+    q = (
+        np.trunc((blocks - mn) * inv + np.float32(0.5), dtype=np.float32)
+        .astype(np.uint8)
+        .clip(0, 31)
+    )
     qs = q.reshape((n, 2, 16))
     qs = (qs[..., 0, :] & np.uint8(0x0F)) | (qs[..., 1, :] << np.uint8(4))
     qh = np.packbits(q.reshape((n, 1, 32)) >> np.uint8(4), axis=-1, bitorder="little").reshape(n, 4)
-    return np.concatenate([d.astype(np.float16).view(np.uint8),
-                           mn.astype(np.float16).view(np.uint8), qh, qs], axis=-1)
+    return np.concatenate(
+        [d.astype(np.float16).view(np.uint8), mn.astype(np.float16).view(np.uint8), qh, qs], axis=-1
+    )
 
 
 #: type name -> its quantiser, ``f(float32 blocks) -> uint8 blocks`` (ports of gguf-py's)
 QUANTIZERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "Q8_0": _quant_q8_0, "Q4_0": _quant_q4_0, "Q4_1": _quant_q4_1,
-    "Q5_0": _quant_q5_0, "Q5_1": _quant_q5_1,
+    "Q8_0": _quant_q8_0,
+    "Q4_0": _quant_q4_0,
+    "Q4_1": _quant_q4_1,
+    "Q5_0": _quant_q5_0,
+    "Q5_1": _quant_q5_1,
 }
 #: types gguf-py quantises (TQ1_0, TQ2_0, MXFP4): through gguf-py, when installed
 _GGUF_PY_QUANTIZED = frozenset({"TQ1_0", "TQ2_0", "MXFP4"})
@@ -477,16 +517,23 @@ def quantize_blocks(blocks: np.ndarray, type_name: str) -> np.ndarray:
             from gguf.constants import GGMLQuantizationType
             from gguf.quants import quantize as ref
         except ImportError as exc:
-            raise FrameworkNotInstalledError(message(
-                f"quantising to {type_name}", "tensorbridge quantises it with gguf-py, which "
-                "is not installed", "pip install 'tensorbridge[gguf]', or use q8_0, q4_0, "
-                "q4_1, q5_0 or q5_1")) from exc
+            raise FrameworkNotInstalledError(
+                message(
+                    f"quantising to {type_name}",
+                    "tensorbridge quantises it with gguf-py, which is not installed",
+                    "pip install 'tensorbridge[gguf]', or use q8_0, q4_0, q4_1, q5_0 or q5_1",
+                )
+            ) from exc
         with np.errstate(all="ignore"):
             return ref(np.ascontiguousarray(blocks), GGMLQuantizationType[type_name])
-    raise ConversionError(message(
-        f"quantising to {type_name}", "tensorbridge (like gguf-py) cannot quantise to it",
-        "use one of q8_0, q4_0, q4_1, q5_0, q5_1, tq1_0, tq2_0, mxfp4 (llama.cpp's "
-        "llama-quantize makes the K- and IQ-quants)"))
+    raise ConversionError(
+        message(
+            f"quantising to {type_name}",
+            "tensorbridge (like gguf-py) cannot quantise to it",
+            "use one of q8_0, q4_0, q4_1, q5_0, q5_1, tq1_0, tq2_0, mxfp4 (llama.cpp's "
+            "llama-quantize makes the K- and IQ-quants)",
+        )
+    )
 
 
 def quantize(data: np.ndarray, type_name: str) -> np.ndarray:
@@ -495,15 +542,17 @@ def quantize(data: np.ndarray, type_name: str) -> np.ndarray:
     t = TYPES_BY_NAME[type_name]
     arr = np.asarray(data).astype(np.float32, copy=False)
     if arr.ndim == 0 or arr.shape[-1] % t.block_size:
-        raise ConversionError(message(
-            f"an array of shape {list(arr.shape)} for {type_name}", f"its last axis must be a "
-            f"multiple of {t.block_size}, {type_name}'s block size", "keep such tensors in "
-            "float (tensorbridge does so on convert)"))
+        raise ConversionError(
+            message(
+                f"an array of shape {list(arr.shape)} for {type_name}",
+                f"its last axis must be a multiple of {t.block_size}, {type_name}'s block size",
+                "keep such tensors in float (tensorbridge does so on convert)",
+            )
+        )
     rows = arr.reshape(-1, arr.shape[-1])
     out = np.empty((rows.shape[0], rows.shape[1] // t.block_size * t.type_size), np.uint8)
     step = max(1, CHUNK_ELEMENTS // max(1, rows.shape[1]))
     for start in range(0, rows.shape[0], step):
-        piece = np.ascontiguousarray(rows[start:start + step]).reshape(-1, t.block_size)
-        out[start:start + step] = quantize_blocks(piece, type_name).reshape(
-            -1, out.shape[1])
+        piece = np.ascontiguousarray(rows[start : start + step]).reshape(-1, t.block_size)
+        out[start : start + step] = quantize_blocks(piece, type_name).reshape(-1, out.shape[1])
     return out.reshape(*arr.shape[:-1], out.shape[1])

@@ -93,7 +93,8 @@ def _h5py() -> Any:
     except ImportError as exc:
         raise FrameworkNotInstalledError(
             "Cannot handle .h5 files: h5py is not installed. Fix: pip install "
-            "'tensorbridge[h5]' (or pip install h5py).") from exc
+            "'tensorbridge[h5]' (or pip install h5py)."
+        ) from exc
     return h5py
 
 
@@ -107,10 +108,13 @@ def _h5_errors(path: str, doing: str) -> Iterator[None]:
     except Exception as exc:  # h5py raises many unrelated types
         raise FileFormatError(
             f"{doing} failed ({type(exc).__name__}: {exc}). Fix: check that this is an "
-            "HDF5 file and that it is not corrupt or truncated.", path) from exc
+            "HDF5 file and that it is not corrupt or truncated.",
+            path,
+        ) from exc
 
 
 # --- the global heap guard ------------------------------------------------------------
+
 
 class _HeapGuard:
     """A read-only file for h5py's ``fileobj`` driver that checks every global heap
@@ -130,8 +134,9 @@ class _HeapGuard:
         self._pos = 0
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        self._pos = offset if whence == 0 else (self._pos + offset if whence == 1
-                                                else self._size + offset)
+        self._pos = (
+            offset if whence == 0 else (self._pos + offset if whence == 1 else self._size + offset)
+        )
         return self._pos
 
     def tell(self) -> int:
@@ -148,24 +153,28 @@ class _HeapGuard:
         got = os.preadv(self._fd, [view], at)
         problem = None
         if got < want:
-            problem = (f"the file ended at byte {at + got} while libhdf5 read {want} bytes at "
-                       f"{at} (it is truncated, or shrank while open)")
+            problem = (
+                f"the file ended at byte {at + got} while libhdf5 read {want} bytes at "
+                f"{at} (it is truncated, or shrank while open)"
+            )
         elif view[:4] == _HEAP_MAGIC:
-            problem = heap_problem(bytes(view[:min(want, self._size - at)]), self._length,
-                                   self._size - at)
-            size = int.from_bytes(view[8:8 + self._length], "little") if want >= 16 else 0
+            problem = heap_problem(
+                bytes(view[: min(want, self._size - at)]), self._length, self._size - at
+            )
+            size = int.from_bytes(view[8 : 8 + self._length], "little") if want >= 16 else 0
             if problem is None and size > want:
                 # libhdf5 read the first 4096 bytes and will read the rest on its own, never
                 # starting at the magic again: check the whole collection now
-                problem = heap_problem(os.pread(self._fd, size, at), self._length,
-                                       self._size - at)
+                problem = heap_problem(os.pread(self._fd, size, at), self._length, self._size - at)
         view.release()
         if problem is not None:
             del buf  # never keep libhdf5's buffer alive in a traceback
             raise FileFormatError(
                 f"the global heap collection at byte {at} (where HDF5 keeps variable-length "
                 f"strings) is corrupt: {problem}. It was not parsed: libhdf5 can loop forever "
-                "on such a heap. Fix: the file is corrupt or hostile; re-create it.", self._path)
+                "on such a heap. Fix: the file is corrupt or hostile; re-create it.",
+                self._path,
+            )
         self._pos = at + got
         return got
 
@@ -204,19 +213,22 @@ def heap_problem(block: bytes, length_size: int, room: int) -> str | None:
     while p < size:
         if p + obj_head > size:
             break  # a tail too small for an object header is free space
-        index = int.from_bytes(block[p:p + 2], "little")
-        length = int.from_bytes(block[p + 8:p + obj_head], "little")
+        index = int.from_bytes(block[p : p + 2], "little")
+        length = int.from_bytes(block[p + 8 : p + obj_head], "little")
         need = obj_head + (-(-length // 8) * 8) if index else length
         if index == 0 and length == 0:
             return f"its object at offset {p} has index 0 (free space) but size 0, which never ends"
         if need < obj_head or p + need > size:
-            return (f"its object at offset {p} (index {index}) declares {length} bytes, which "
-                    f"do not fit in the {size}-byte collection")
+            return (
+                f"its object at offset {p} (index {index}) declares {length} bytes, which "
+                f"do not fit in the {size}-byte collection"
+            )
         p += need
     return None
 
 
 # --- reading ------------------------------------------------------------------------
+
 
 class _Skip(Exception):
     """A dataset or link that is not read; its message is the reason. ``unsafe``: reading
@@ -286,7 +298,7 @@ def fletcher32(data: bytes) -> int:
     words = np.frombuffer(data[: len(data) // 2 * 2], ">u2")
     s1 = s2 = 0
     for start in range(0, len(words), 1 << 20):  # bounded temporaries
-        block = words[start:start + (1 << 20)].astype(np.uint64)
+        block = words[start : start + (1 << 20)].astype(np.uint64)
         weights = (n_words - np.arange(start, start + len(block), dtype=np.uint64)) % 65535
         s1 += int(block.sum())
         s2 += int((block * weights).sum())
@@ -313,8 +325,11 @@ class _Chunks:
 
         filters = [dcpl.get_filter(i)[:3] for i in range(dcpl.get_nfilters())]
         codes = [f[0] for f in filters]
-        if (not set(codes) <= {_DEFLATE, _SHUFFLE, _FLETCHER32} or codes.count(_DEFLATE) > 1
-                or not hasattr(dsid, "chunk_iter")):
+        if (
+            not set(codes) <= {_DEFLATE, _SHUFFLE, _FLETCHER32}
+            or codes.count(_DEFLATE) > 1
+            or not hasattr(dsid, "chunk_iter")
+        ):
             return None  # others (lzf, szip, plugins) are left to libhdf5
         dt = dsid.dtype
         if not dsid.get_type().equal(h5t.py_create(dt, logical=True)):
@@ -322,11 +337,18 @@ class _Chunks:
         return cls(tuple(chunk), chunk_bytes, filters, dt)
 
     def _decode(self, data: bytes, mask: int, name: str, path: str) -> bytes:
-        sizes: list[int | None] = [self.chunk_bytes]  # each stage's input size on the way in (None: unknown)
+        sizes: list[int | None] = [
+            self.chunk_bytes
+        ]  # each stage's input size on the way in (None: unknown)
         for code, _flags, _values in self.filters:
             last = sizes[-1]
-            sizes.append(None if code == _DEFLATE or last is None
-                         else last + 4 if code == _FLETCHER32 else last)
+            sizes.append(
+                None
+                if code == _DEFLATE or last is None
+                else last + 4
+                if code == _FLETCHER32
+                else last
+            )
         for i in range(len(self.filters) - 1, -1, -1):
             if mask & (1 << i):
                 continue
@@ -339,7 +361,9 @@ class _Chunks:
                 if len(data) < 4 or stored not in (mine, swapped):
                     raise FileFormatError(
                         f"a chunk of dataset {name!r} fails its Fletcher-32 checksum. Fix: "
-                        "the file is corrupt; copy or download it again.", path)
+                        "the file is corrupt; copy or download it again.",
+                        path,
+                    )
                 data = body
             elif code == _DEFLATE:
                 known = sizes[i]
@@ -350,27 +374,34 @@ class _Chunks:
                 except zlib.error as exc:
                     raise FileFormatError(
                         f"a chunk of dataset {name!r} is not a valid deflate stream ({exc}). "
-                        "Fix: the file is corrupt; copy or download it again.", path) from exc
+                        "Fix: the file is corrupt; copy or download it again.",
+                        path,
+                    ) from exc
                 if len(out) > want or inflate.unconsumed_tail:
                     raise UnsafeContentError(
                         f"a chunk of dataset {name!r} inflates to more than its {want} bytes (a "
                         "decompression bomb); it was stopped there. Fix: do not use this "
-                        "file.", path)
+                        "file.",
+                        path,
+                    )
                 data = out
             else:
                 size = values[0] if values else self.dtype.itemsize
                 count = len(data) // size if size else 0
                 if size > 1 and count:
                     planes = np.frombuffer(data, np.uint8, count * size).reshape(size, count)
-                    data = planes.T.tobytes() + data[count * size:]
+                    data = planes.T.tobytes() + data[count * size :]
         if len(data) != self.chunk_bytes:
             raise FileFormatError(
                 f"a chunk of dataset {name!r} decodes to {len(data)} bytes, not "
-                f"{self.chunk_bytes}. Fix: the file is corrupt; copy or download it again.", path)
+                f"{self.chunk_bytes}. Fix: the file is corrupt; copy or download it again.",
+                path,
+            )
         return data
 
-    def read(self, dsid: Any, out: np.ndarray, name: str, path: str,
-             lo: tuple[int, ...] | None = None) -> None:
+    def read(
+        self, dsid: Any, out: np.ndarray, name: str, path: str, lo: tuple[int, ...] | None = None
+    ) -> None:
         """Fill ``out`` with the box of the dataset that starts at ``lo`` (default: the
         origin) and has ``out``'s shape, decoding only the chunks it touches."""
         lo = lo if lo is not None else (0,) * out.ndim
@@ -378,15 +409,19 @@ class _Chunks:
         stored: list[tuple[tuple[int, ...], int]] = []
         dsid.chunk_iter(lambda info: stored.append((info.chunk_offset, info.size)))
         for offset, size in stored:
-            box = [(max(o, a), min(o + c, b))
-                   for o, c, a, b in zip(offset, self.chunk, lo, hi, strict=True)]
+            box = [
+                (max(o, a), min(o + c, b))
+                for o, c, a, b in zip(offset, self.chunk, lo, hi, strict=True)
+            ]
             if any(a >= b for a, b in box):
                 continue  # outside the box (or left beyond the extent by a shrink)
             if size > 2 * self.chunk_bytes + 4096:
                 raise UnsafeContentError(
                     f"a chunk of dataset {name!r} stores {size} bytes for {self.chunk_bytes} "
                     "bytes of data, more than any of its filters produce. Fix: do not use this "
-                    "file.", path)
+                    "file.",
+                    path,
+                )
             mask, raw = dsid.read_direct_chunk(offset)
             data = self._decode(raw, mask, name, path)
             block = np.frombuffer(data, self.dtype).reshape(self.chunk)
@@ -394,8 +429,11 @@ class _Chunks:
             part = tuple(slice(a - o, b - o) for (a, b), o in zip(box, offset, strict=True))
             out[into] = block[part]
         if out.dtype == np.bool_ and out.size and out.view(np.uint8).max() > 1:
-            raise FileFormatError(f"bool dataset {name!r} holds bytes other than 0 and 1. "
-                                  "Fix: the file is corrupt; re-create it.", path)
+            raise FileFormatError(
+                f"bool dataset {name!r} holds bytes other than 0 and 1. "
+                "Fix: the file is corrupt; re-create it.",
+                path,
+            )
 
 
 class H5Reader(Reader):
@@ -426,7 +464,9 @@ class H5Reader(Reader):
                     "no dataset can be read as a tensor: "
                     + "; ".join(f"{k!r}: {v}" for k, v in list(self.skipped.items())[:10])
                     + (" ..." if len(self.skipped) > 10 else "")
-                    + ". Fix: store numeric arrays as plain datasets in this file.", path)
+                    + ". Fix: store numeric arrays as plain datasets in this file.",
+                    path,
+                )
         except BaseException:
             self.close()
             raise
@@ -438,8 +478,11 @@ class H5Reader(Reader):
         mine = os.fstat(self._fd)
         theirs = os.fstat(self._file.id.get_vfd_handle())
         if (mine.st_dev, mine.st_ino) != (theirs.st_dev, theirs.st_ino):
-            raise FileFormatError("the file was replaced while it was being opened. Fix: open "
-                                  "it again when nothing is writing it.", self.path)
+            raise FileFormatError(
+                "the file was replaced while it was being opened. Fix: open "
+                "it again when nothing is writing it.",
+                self.path,
+            )
 
     def _walk(self) -> None:
         """Every link once (H5Lvisit; it does not enter a group twice), every object once."""
@@ -448,31 +491,42 @@ class H5Reader(Reader):
         links: list[tuple[bytes, int, Any]] = []
         self._file.id.links.visit(
             lambda name, info: links.append(
-                (name, info.type, info.u if info.type == h5l.TYPE_HARD else None)), info=True)
+                (name, info.type, info.u if info.type == h5l.TYPE_HARD else None)
+            ),
+            info=True,
+        )
         first: dict[int, str] = {}  # object address -> the tensor name it was first seen as
         for raw, kind, addr in links:
             try:
                 name = raw.decode("utf-8")
             except UnicodeDecodeError:
                 self.skipped[raw.decode("utf-8", "backslashreplace").replace("/", ".")] = (
-                    "its HDF5 name is not valid UTF-8")
+                    "its HDF5 name is not valid UTF-8"
+                )
                 continue
             tname = name.replace("/", ".")
             try:
                 if kind == h5l.TYPE_SOFT:
                     target = self._file.id.links.get_val(raw)
-                    raise _Skip(f"a soft link to {target.decode('utf-8', 'replace')!r}; links "
-                                "are not followed (read the target's own name)")
+                    raise _Skip(
+                        f"a soft link to {target.decode('utf-8', 'replace')!r}; links "
+                        "are not followed (read the target's own name)"
+                    )
                 if kind == h5l.TYPE_EXTERNAL:
                     other, where = self._file.id.links.get_val(raw)
-                    raise _Skip(f"an external link to {other.decode('utf-8', 'replace')!r}:"
-                                f"{where.decode('utf-8', 'replace')!r}; other files are never "
-                                "read", unsafe=True)
+                    raise _Skip(
+                        f"an external link to {other.decode('utf-8', 'replace')!r}:"
+                        f"{where.decode('utf-8', 'replace')!r}; other files are never "
+                        "read",
+                        unsafe=True,
+                    )
                 if kind != h5l.TYPE_HARD:
                     raise _Skip(f"a user-defined link (type {kind}); links are not followed")
                 if addr in first:
-                    raise _Skip(f"another name (hard link) of {first[addr]!r}, which is read "
-                                "once, under that name")
+                    raise _Skip(
+                        f"another name (hard link) of {first[addr]!r}, which is read "
+                        "once, under that name"
+                    )
                 first[addr] = tname
                 entry = self._object(raw, tname)
             except _Skip as why:
@@ -486,8 +540,9 @@ class H5Reader(Reader):
             check_unique([tname], self.path)
             self._entries[tname] = entry
 
-    def _object(self, raw: bytes, tname: str) -> tuple[TensorInfo, bytes, np.dtype,
-                                                       _Chunks | None, Any] | None:
+    def _object(
+        self, raw: bytes, tname: str
+    ) -> tuple[TensorInfo, bytes, np.dtype, _Chunks | None, Any] | None:
         from h5py import h5d, h5g, h5o
 
         obj = h5o.open(self._file.id, raw)
@@ -497,18 +552,22 @@ class H5Reader(Reader):
             raise _Skip("a named datatype, not a tensor")
         return self._dataset(obj, raw, tname)
 
-    def _dataset(self, dsid: Any, raw: bytes,
-                 tname: str) -> tuple[TensorInfo, bytes, np.dtype, _Chunks | None, Any]:
+    def _dataset(
+        self, dsid: Any, raw: bytes, tname: str
+    ) -> tuple[TensorInfo, bytes, np.dtype, _Chunks | None, Any]:
         from h5py import h5a, h5d, h5s
 
         dcpl = dsid.get_create_plist()
         layout = dcpl.get_layout()
         if layout == h5d.VIRTUAL:
-            raise _Skip("a virtual dataset, whose data lives in other files (never read)",
-                        unsafe=True)
+            raise _Skip(
+                "a virtual dataset, whose data lives in other files (never read)", unsafe=True
+            )
         if layout == h5d.CONTIGUOUS and dcpl.get_external_count():
-            files = [dcpl.get_external(i)[0].decode("utf-8", "replace")
-                     for i in range(min(dcpl.get_external_count(), 3))]
+            files = [
+                dcpl.get_external(i)[0].decode("utf-8", "replace")
+                for i in range(min(dcpl.get_external_count(), 3))
+            ]
             raise _Skip(f"its data lives in external files {files!r} (never read)", unsafe=True)
         dt = dsid.dtype
         if dt.kind in "OSUVMm" or dt.fields is not None:  # vlen and references are "O"
@@ -525,15 +584,14 @@ class H5Reader(Reader):
                 dtype_name = canonical_name(dt)
             except ConversionError:
                 raise _Skip(f"its dtype {dt} is not a tensor dtype") from None
-        if any(d >= 2 ** 63 for d in shape):
+        if any(d >= 2**63 for d in shape):
             raise _Skip(f"its shape {shape} has a dimension of 2**63 or more")
         info = TensorInfo(tname, dtype_name, shape)
         plan = self._check_storage(dsid, dcpl, layout, info)
         keep = dsid if len(self._entries) < _KEEP_OPEN else None  # saves reopening by name
         return info, raw, dt.newbyteorder("="), plan, keep
 
-    def _check_storage(self, dsid: Any, dcpl: Any, layout: int,
-                       info: TensorInfo) -> _Chunks | None:
+    def _check_storage(self, dsid: Any, dcpl: Any, layout: int, info: TensorInfo) -> _Chunks | None:
         """Read only what the file really holds: no fill values for data never written, no
         chunk much bigger than its tensor, no data past the end of the file, no bombs.
         Returns how to decode the chunks here (bounded), or None to let libhdf5 read."""
@@ -548,26 +606,34 @@ class H5Reader(Reader):
             itemsize = nbytes // info.size
             chunk_bytes = _prod(chunk) * itemsize
             if chunk_bytes > max(nbytes, MAX_CHUNK_BYTES):
-                raise _Skip(f"its chunks hold {chunk_bytes} bytes each, for a tensor of {nbytes} "
-                            f"bytes: libhdf5 would decompress whole chunks (over the "
-                            f"{MAX_CHUNK_BYTES}-byte cap)")
+                raise _Skip(
+                    f"its chunks hold {chunk_bytes} bytes each, for a tensor of {nbytes} "
+                    f"bytes: libhdf5 would decompress whole chunks (over the "
+                    f"{MAX_CHUNK_BYTES}-byte cap)"
+                )
             grid = _prod(-(-s // c) for s, c in zip(info.shape, chunk, strict=True))
             have = dsid.get_num_chunks()
             if have < grid:
-                raise _Skip(f"partly written: {have} of {grid} chunks are stored; the rest "
-                            "would read as the fill value, not as data from the file")
+                raise _Skip(
+                    f"partly written: {have} of {grid} chunks are stored; the rest "
+                    "would read as the fill value, not as data from the file"
+                )
             if dcpl.get_nfilters():
                 if nbytes > MAX_EXPANSION * stored + (1 << 20):
                     raise UnsafeContentError(
                         f"dataset {info.name!r} declares {nbytes} bytes but stores only {stored} "
                         f"compressed bytes, an expansion over {MAX_EXPANSION}x (a decompression "
                         "bomb). Fix: do not load it, or rewrite it uncompressed if you trust "
-                        "it.", self.path)
+                        "it.",
+                        self.path,
+                    )
                 return _Chunks.plan(dsid, dcpl, chunk, chunk_bytes)
             if stored > self._size:
                 raise FileFormatError(
                     f"dataset {info.name!r} stores {stored} bytes, more than the whole file "
-                    f"({self._size} bytes). Fix: the file is corrupt; re-create it.", self.path)
+                    f"({self._size} bytes). Fix: the file is corrupt; re-create it.",
+                    self.path,
+                )
         elif layout == h5d.CONTIGUOUS:
             offset = dsid.get_offset()
             if offset is None or stored == 0:
@@ -576,7 +642,9 @@ class H5Reader(Reader):
                 raise FileFormatError(
                     f"dataset {info.name!r} lies at bytes {offset}..{offset + nbytes}, past the "
                     f"end of the file ({self._size} bytes): it is truncated. Fix: copy or "
-                    "download the file again.", self.path)
+                    "download the file again.",
+                    self.path,
+                )
         return None
 
     def _marker(self, dsid: Any, raw: bytes, tname: str) -> str:
@@ -585,13 +653,17 @@ class H5Reader(Reader):
             raise FileFormatError(
                 f"dataset {tname!r} has {DTYPE_ATTR}={value!r}, which is not one of "
                 f"{sorted(_RAW_BITS)}. Fix: remove the attribute or set it to a raw-bits "
-                "dtype.", self.path)
+                "dtype.",
+                self.path,
+            )
         dt = dsid.dtype
         want = np.dtype(f"u{lookup(value).itemsize}")
         if dt.kind != "u" or dt.itemsize != want.itemsize:
             raise FileFormatError(
                 f"dataset {tname!r} is marked {DTYPE_ATTR}={value!r} but holds {dt}, not "
-                f"{want}. Fix: store the raw bits as {want}.", self.path)
+                f"{want}. Fix: store the raw bits as {want}.",
+                self.path,
+            )
         return value
 
     def _string_attr(self, oid: Any, aname: bytes, obj_path: bytes) -> str | None:
@@ -655,7 +727,9 @@ class H5Reader(Reader):
             raise FileFormatError(
                 f"the file shrank from {self._size} to {size} bytes while it was open; what "
                 "libhdf5 reads past the new end would be zeros, not data. Fix: open it again "
-                "when nothing is writing it.", self.path)
+                "when nothing is writing it.",
+                self.path,
+            )
 
     def _dataset_id(self, name: str) -> tuple[TensorInfo, Any, np.dtype, _Chunks | None]:
         info = self.info(name)
@@ -676,7 +750,8 @@ class H5Reader(Reader):
             raise FileFormatError(
                 f"tensor {name!r} ({info.dtype}{list(info.shape)}) does not fit in memory. "
                 "Fix: use a machine with more memory, or read it with h5py in slices.",
-                self.path) from exc
+                self.path,
+            ) from exc
         if out.size:
             from h5py import h5s
 
@@ -721,14 +796,20 @@ class H5Reader(Reader):
             out = np.empty(shape, dtype=native)
         elif plan is not None:  # decode the chunks of the key's bounding box, then index it
             lo = tuple(k if isinstance(k, int) else k.start for k in key)
-            hi = tuple(k + 1 if isinstance(k, int) else k.start + (len(range(k.start, k.stop,
-                       k.step)) - 1) * k.step + 1 for k in key)
+            hi = tuple(
+                k + 1
+                if isinstance(k, int)
+                else k.start + (len(range(k.start, k.stop, k.step)) - 1) * k.step + 1
+                for k in key
+            )
             box = np.empty(tuple(b - a for a, b in zip(lo, hi, strict=True)), dtype=native)
             with _h5_errors(self.path, f"reading dataset {name!r}"):
                 plan.read(dsid, box, name, self.path, lo)
             self._check_size()
-            inner = tuple(k - a if isinstance(k, int) else slice(0, None, k.step)
-                          for k, a in zip(key, lo, strict=True))
+            inner = tuple(
+                k - a if isinstance(k, int) else slice(0, None, k.step)
+                for k, a in zip(key, lo, strict=True)
+            )
             out = np.array(box[inner], order="C")  # 0-d stays 0-d
         else:
             with _h5_errors(self.path, f"reading dataset {name!r}"):
@@ -763,6 +844,7 @@ class H5Reader(Reader):
 
 # --- writing ----------------------------------------------------------------------
 
+
 def _check_write_names(infos: Sequence[TensorInfo], path: str) -> None:
     check_unique([i.name for i in infos], path)
     for info in infos:
@@ -770,7 +852,8 @@ def _check_write_names(infos: Sequence[TensorInfo], path: str) -> None:
             raise ConversionError(
                 f"{path}: tensor name {info.name!r} cannot be an HDF5 dataset name at the root "
                 "('/' would create groups, and '.' is the root itself). Fix: rename it, e.g. "
-                f"{info.name.replace('/', '.')!r}.")
+                f"{info.name.replace('/', '.')!r}."
+            )
 
 
 def metadata_problem(key: str, value: str) -> str | None:
@@ -796,7 +879,8 @@ def _check_metadata(metadata: Mapping[str, str] | None, path: str) -> dict[str, 
             fix = "give it a non-empty key" if key == "" else "remove the NUL character"
             raise ConversionError(
                 f"{path}: metadata key {key!r} is refused: {why}; nothing was written. "
-                f"Fix: {fix}, or leave the entry out.")
+                f"Fix: {fix}, or leave the entry out."
+            )
     return metadata
 
 
@@ -825,12 +909,18 @@ class H5Format(Format):
 
     name = "h5"
     suffixes = (".h5", ".hdf5")
-    description = ("HDF5 via h5py. Holds every tensorbridge dtype; bfloat16/float8 are stored "
-                   f"as same-width uint with attribute {DTYPE_ATTR}.")
+    description = (
+        "HDF5 via h5py. Holds every tensorbridge dtype; bfloat16/float8 are stored "
+        f"as same-width uint with attribute {DTYPE_ATTR}."
+    )
 
-    def check_write(self, path: str, infos: Sequence[TensorInfo],
-                    metadata: Mapping[str, str] | None = None,
-                    options: Mapping[str, Any] | None = None) -> dict[str, str]:
+    def check_write(
+        self,
+        path: str,
+        infos: Sequence[TensorInfo],
+        metadata: Mapping[str, str] | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> dict[str, str]:
         super().check_write(path, infos, metadata, options)
         _check_write_names(infos, path)
         return _check_metadata(metadata, path)
@@ -841,7 +931,8 @@ class H5Format(Format):
             raise ConversionError(
                 f"{path}: tensor {info.name!r} has {len(info.shape)} dimensions, but HDF5 "
                 f"datasets have at most {MAX_RANK}. Fix: reshape it (e.g. merge axes), or save "
-                "to .npy/.npz/.safetensors, which allow more.")
+                "to .npy/.npz/.safetensors, which allow more."
+            )
 
     def open(self, path: str) -> H5Reader:
         return H5Reader(os.fspath(path))
@@ -869,7 +960,8 @@ class H5Format(Format):
                     dsid = _create_dataset(f.id, info, arr)
                     if info.dtype in _RAW_BITS:  # fixed-length: no global heap to read back
                         h5py.Dataset(dsid).attrs.create(
-                            DTYPE_ATTR, np.bytes_(info.dtype.encode("ascii")))
+                            DTYPE_ATTR, np.bytes_(info.dtype.encode("ascii"))
+                        )
                     del arr, dsid
             except BaseException:
                 # closing a file whose write failed (e.g. a full disk) raises again, as a
@@ -883,7 +975,9 @@ class H5Format(Format):
                 raise FileFormatError(
                     f"writing failed while finishing the HDF5 file ({exc}); the disk may be "
                     "full. The destination was left unchanged. Fix: free space or choose "
-                    "another destination, then retry.", path) from exc
+                    "another destination, then retry.",
+                    path,
+                ) from exc
 
 
 FORMAT = H5Format()

@@ -51,8 +51,9 @@ COALESCE_BYTES = 1 << 20
 Key = tuple  # of ints and step>0 slices, one per axis
 
 
-def normalize_index(index: Any, shape: tuple[int, ...], file: object = "",
-                    name: str = "") -> tuple[Key, tuple[Any, ...]]:
+def normalize_index(
+    index: Any, shape: tuple[int, ...], file: object = "", name: str = ""
+) -> tuple[Key, tuple[Any, ...]]:
     """Split a basic index into ``(key, post)``.
 
     ``key`` has one entry per axis: an int in range, or a slice with a positive step
@@ -64,13 +65,15 @@ def normalize_index(index: Any, shape: tuple[int, ...], file: object = "",
         index = (index,)
     n_ellipsis = sum(1 for i in index if i is Ellipsis)
     if n_ellipsis > 1:
-        raise ConversionError(f"{file}: index {index!r} of {name!r} has more than one '...'. "
-                              "Fix: use at most one.")
+        raise ConversionError(
+            f"{file}: index {index!r} of {name!r} has more than one '...'. Fix: use at most one."
+        )
     used = sum(1 for i in index if i is not None and i is not Ellipsis)
     if used > len(shape):
         raise ConversionError(
             f"{file}: index {index!r} has {used} entries for tensor {name!r} with "
-            f"{len(shape)} axes. Fix: index at most {len(shape)} axes.")
+            f"{len(shape)} axes. Fix: index at most {len(shape)} axes."
+        )
     expanded: list[Any] = []
     for i in index:
         if i is Ellipsis:
@@ -104,18 +107,21 @@ def normalize_index(index: Any, shape: tuple[int, ...], file: object = "",
             if isinstance(i, (bool, np.bool_)):
                 raise ConversionError(
                     f"{file}: index {index!r} of {name!r} holds a bool, which is a mask, not "
-                    "a position. Fix: read the array and index it with the mask.")
+                    "a position. Fix: read the array and index it with the mask."
+                )
             try:
                 pos = operator.index(i)
             except TypeError:
                 raise ConversionError(
                     f"{file}: index entry {i!r} of {name!r} is not an int, a slice, '...' or "
                     "None (lazy arrays take basic indexes only). Fix: read the part you need, "
-                    "then index it with arrays or masks.") from None
+                    "then index it with arrays or masks."
+                ) from None
             if not -size <= pos < size:
                 raise ConversionError(
                     f"{file}: index {pos} is out of range for axis {axis} of tensor {name!r} "
-                    f"with size {size}. Fix: use an int in [-{size}, {size}).")
+                    f"with size {size}. Fix: use an int in [-{size}, {size})."
+                )
             key.append(pos % size)
         axis += 1
     return tuple(key), tuple(post)
@@ -148,12 +154,15 @@ def _pread_exact(fd: int, n: int, offset: int, file: str) -> bytearray:
         try:
             chunk = os.preadv(fd, [view[got:]], offset + got)
         except OSError as exc:
-            raise FileFormatError(f"reading failed ({exc.strerror}). Fix: check the disk and "
-                                  "the file.", file) from exc
+            raise FileFormatError(
+                f"reading failed ({exc.strerror}). Fix: check the disk and the file.", file
+            ) from exc
         if chunk == 0:
             raise FileFormatError(
                 f"the file ended {n - got} bytes early while reading a tensor (it was truncated "
-                "after it was opened). Fix: copy or download the file again.", file)
+                "after it was opened). Fix: copy or download the file again.",
+                file,
+            )
         got += chunk
     return buf
 
@@ -166,21 +175,26 @@ class _SpanFile:
         try:
             self.fd = os.open(span.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
-            raise FileFormatError(f"cannot open the file again ({exc.strerror}). Fix: check "
-                                  "that it still exists.", span.path) from exc
+            raise FileFormatError(
+                f"cannot open the file again ({exc.strerror}). Fix: check that it still exists.",
+                span.path,
+            ) from exc
         st = os.fstat(self.fd)
         if span.file_id is not None and (st.st_dev, st.st_ino) != tuple(span.file_id):
             os.close(self.fd)
             raise FileFormatError(
                 "the file was replaced after it was opened, so its tensors cannot be read "
-                "from the old header. Fix: open it again.", span.path)
+                "from the old header. Fix: open it again.",
+                span.path,
+            )
 
     def close(self) -> None:
         os.close(self.fd)
 
 
-def _read_key_from_span(span: RawSpan, key: Key, shape: tuple[int, ...],
-                        dtype: np.dtype) -> np.ndarray:
+def _read_key_from_span(
+    span: RawSpan, key: Key, shape: tuple[int, ...], dtype: np.dtype
+) -> np.ndarray:
     """The elements ``key`` selects, read from the C-order bytes at ``span``."""
     itemsize = dtype.itemsize
     out_shape = tuple(len(range(k.start, k.stop, k.step)) for k in key if isinstance(k, slice))
@@ -202,8 +216,15 @@ def _c_strides(shape: tuple[int, ...], itemsize: int) -> list[int]:
     return strides
 
 
-def _read_dense(f: _SpanFile, span: RawSpan, key: Key, shape: tuple[int, ...], itemsize: int,
-                out: np.ndarray, base: int) -> None:
+def _read_dense(
+    f: _SpanFile,
+    span: RawSpan,
+    key: Key,
+    shape: tuple[int, ...],
+    itemsize: int,
+    out: np.ndarray,
+    base: int,
+) -> None:
     """One positioned read covering every element ``key`` selects, then a strided copy."""
     lo, hi, _ = _runs(key, shape, itemsize)
     raw = _pread_exact(f.fd, hi - lo, span.offset + base + lo, span.path)
@@ -214,8 +235,9 @@ def _read_dense(f: _SpanFile, span: RawSpan, key: Key, shape: tuple[int, ...], i
         if isinstance(k, slice):
             sel_shape.append(len(range(k.start, k.stop, k.step)))
             sel_strides.append(st * k.step)
-    view = np.lib.stride_tricks.as_strided(flat, tuple(sel_shape), tuple(sel_strides),
-                                           writeable=False)
+    view = np.lib.stride_tricks.as_strided(
+        flat, tuple(sel_shape), tuple(sel_strides), writeable=False
+    )
     out.view(unit)[...] = view
 
 
@@ -223,8 +245,15 @@ def _dense(lo: int, hi: int, kept: int) -> bool:
     return hi - lo <= max(COALESCE_BYTES, 2 * kept)
 
 
-def _fill(f: _SpanFile, span: RawSpan, key: Key, shape: tuple[int, ...], itemsize: int,
-          out: np.ndarray, base: int = 0) -> None:
+def _fill(
+    f: _SpanFile,
+    span: RawSpan,
+    key: Key,
+    shape: tuple[int, ...],
+    itemsize: int,
+    out: np.ndarray,
+    base: int = 0,
+) -> None:
     """Read ``key`` of the C-order block at byte ``base`` of the span into ``out``."""
     if not shape or _dense(*_runs(key, shape, itemsize)):
         _read_dense(f, span, key, shape, itemsize, out, base)
@@ -245,9 +274,9 @@ def _fill(f: _SpanFile, span: RawSpan, key: Key, shape: tuple[int, ...], itemsiz
         return
     group = max(1, COALESCE_BYTES // max(1, k0.step * row))
     for j in range(0, len(positions), group):
-        ps = positions[j:j + group]
+        ps = positions[j : j + group]
         sub = (slice(ps.start, ps.start + (len(ps) - 1) * ps.step + 1, ps.step), *rest)
-        _read_dense(f, span, sub, shape, itemsize, out[j:j + len(ps)], base)
+        _read_dense(f, span, sub, shape, itemsize, out[j : j + len(ps)], base)
 
 
 def read_index(reader: Reader, name: str, key: Key) -> np.ndarray:
@@ -295,8 +324,9 @@ class LazyArray:
 
     __array_priority__ = 0
 
-    def __init__(self, reader: Reader, name: str, format: str,
-                 owner: ReaderOwner | None = None) -> None:
+    def __init__(
+        self, reader: Reader, name: str, format: str, owner: ReaderOwner | None = None
+    ) -> None:
         info = reader.info(name)
         self._reader = reader
         self._owner = owner  # closes the reader once no array needs it
@@ -351,5 +381,7 @@ class LazyArray:
         return (_reopen, (self._reader.path, self.format_name, self.name))
 
     def __repr__(self) -> str:
-        return (f"LazyArray({self.name!r}, shape={self.shape}, dtype={self.canonical_dtype}, "
-                f"file={self._reader.path!r})")
+        return (
+            f"LazyArray({self.name!r}, shape={self.shape}, dtype={self.canonical_dtype}, "
+            f"file={self._reader.path!r})"
+        )

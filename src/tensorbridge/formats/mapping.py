@@ -84,7 +84,9 @@ class FileMaps:
 
             raise FileFormatError(
                 f"the file ends before tensor {name!r} does (it was truncated after it was "
-                "opened). Fix: copy or download the file again.", span.path)
+                "opened). Fix: copy or download the file again.",
+                span.path,
+            )
         arr = np.frombuffer(mapped, dtype=dtype, count=info.size, offset=span.offset)
         return arr.reshape(info.shape)
 
@@ -115,7 +117,7 @@ class Arena:
             total += -(-span.nbytes // self.ALIGN) * self.ALIGN
         raw = np.empty(total + self.ALIGN, np.uint8)
         skip = -raw.ctypes.data % self.ALIGN
-        self._buffer = raw[skip:skip + total]
+        self._buffer = raw[skip : skip + total]
         self._slots = slots
 
     def array(self, reader: Reader, name: str) -> np.ndarray | None:
@@ -128,7 +130,7 @@ class Arena:
             return None
         span, start = slot
         info = reader.info(name)
-        piece = self._buffer[start:start + span.nbytes]
+        piece = self._buffer[start : start + span.nbytes]
         read_exact_into(self._files.fd(span), piece.data, span.offset, span.path)
         return piece.view(lookup(info.dtype).numpy).reshape(info.shape)
 

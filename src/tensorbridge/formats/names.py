@@ -39,7 +39,9 @@ def check_name(name: object, file: object = "", *, writing: bool = False) -> Non
     if not isinstance(name, str):
         raise UnsafeContentError(
             f"tensor name {short(name)} is a {type(name).__name__}, not a string. "
-            "Fix: use string names only.", file)
+            "Fix: use string names only.",
+            file,
+        )
     why = None
     if name == "":
         why = "it is empty"
@@ -50,12 +52,16 @@ def check_name(name: object, file: object = "", *, writing: bool = False) -> Non
     elif ".." in name.replace("\\", "/").split("/"):
         why = "it has a '..' path component"
     elif writing and not text_is_utf8(name):
-        why = "it is not valid Unicode (it holds a lone surrogate), so it cannot be written as UTF-8"
+        why = (
+            "it is not valid Unicode (it holds a lone surrogate), so it cannot be written as UTF-8"
+        )
     if why:
         raise UnsafeContentError(
             f"tensor name {short(name)} is refused: {why}. Fix: rename the tensor "
             "(e.g. 'encoder.weight'); names must be non-empty relative names "
-            "without NUL or '..'.", file)
+            "without NUL or '..'.",
+            file,
+        )
 
 
 def check_unique(names: Iterable[str], file: object = "", *, writing: bool = False) -> None:
@@ -66,5 +72,7 @@ def check_unique(names: Iterable[str], file: object = "", *, writing: bool = Fal
         if name in seen:
             raise UnsafeContentError(
                 f"tensor name {short(name)} appears more than once; a reader would silently "
-                "keep only one of them. Fix: give every tensor a unique name.", file)
+                "keep only one of them. Fix: give every tensor a unique name.",
+                file,
+            )
         seen.add(name)

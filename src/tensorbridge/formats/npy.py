@@ -57,9 +57,9 @@ import re
 import struct
 import sys
 import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -104,10 +104,12 @@ _ALIGN = 64
 
 #: Canonical dtypes NumPy does not know (ml_dtypes), stored with the marker layout.
 MARKED_DTYPES: frozenset[str] = frozenset(
-    name for name, row in DTYPES.items() if row.numpy.type.__module__.split(".")[0] != "numpy")
+    name for name, row in DTYPES.items() if row.numpy.type.__module__.split(".")[0] != "numpy"
+)
 
 
 # --- the bfloat16/float8 marker layout ---------------------------------------
+
 
 def encode_dtype(dtype: Any, /) -> np.dtype:
     """The dtype a ``.npy`` file stores for a tensor of ``dtype``.
@@ -143,8 +145,13 @@ def decode_dtype(dtype: Any, /) -> str | None:
     if name not in MARKED_DTYPES:
         return None
     field, offset = dt.fields[name][:2]
-    if (offset != 0 or dt.itemsize != field.itemsize or field.kind != "u"
-            or field.itemsize != lookup(name).itemsize or field.shape != ()):
+    if (
+        offset != 0
+        or dt.itemsize != field.itemsize
+        or field.kind != "u"
+        or field.itemsize != lookup(name).itemsize
+        or field.shape != ()
+    ):
         return None
     return name
 
@@ -152,13 +159,17 @@ def decode_dtype(dtype: Any, /) -> str | None:
 #: descrs that np.save writes for exactly one ml_dtypes type (float8_e5m2's '<f1'; the
 #: others are written as raw '<V1'/'<V2', which could be any of several)
 _SAVED_ML_DTYPES: dict[str, str] = {
-    d: names[0] for d, names in (
+    d: names[0]
+    for d, names in (
         (d, [n for n in MARKED_DTYPES if DTYPES[n].numpy.str == d])
-        for d in {DTYPES[n].numpy.str for n in MARKED_DTYPES})
-    if len(names) == 1 and d.lstrip("<>|=")[:1] != "V"}
+        for d in {DTYPES[n].numpy.str for n in MARKED_DTYPES}
+    )
+    if len(names) == 1 and d.lstrip("<>|=")[:1] != "V"
+}
 
 
 # --- the header ---------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class NpyHeader:
@@ -186,8 +197,11 @@ def _read_exactly(read: Callable[[int], bytes], n: int, what: str, file: object)
         chunk = read(left)
         if not chunk:
             got = n - left
-            raise _fail(f"the file ended inside the {what} ({got} of {n} bytes). Fix: it is "
-                        "truncated or not a .npy file; copy or download it again.", file)
+            raise _fail(
+                f"the file ended inside the {what} ({got} of {n} bytes). Fix: it is "
+                "truncated or not a .npy file; copy or download it again.",
+                file,
+            )
         chunks.append(chunk)
         left -= len(chunk)
     return b"".join(chunks)
@@ -195,30 +209,42 @@ def _read_exactly(read: Callable[[int], bytes], n: int, what: str, file: object)
 
 def _descr_dtype(descr: object, file: object) -> tuple[str, bool]:
     """(canonical name, needs byte swap) for a header's ``descr``; refuse the rest."""
-    fix = ("Fix: convert the array to a numeric dtype before saving, e.g. "
-           "a.astype(np.float32); tensorbridge reads only numeric tensors.")
+    fix = (
+        "Fix: convert the array to a numeric dtype before saving, e.g. "
+        "a.astype(np.float32); tensorbridge reads only numeric tensors."
+    )
     if isinstance(descr, list):
         try:
-            if not (len(descr) == 1 and isinstance(descr[0], tuple) and len(descr[0]) == 2
-                    and all(isinstance(p, str) for p in descr[0])):
+            if not (
+                len(descr) == 1
+                and isinstance(descr[0], tuple)
+                and len(descr[0]) == 2
+                and all(isinstance(p, str) for p in descr[0])
+            ):
                 raise ValueError
             dt = np.dtype([descr[0]])
         except (TypeError, ValueError, KeyError, SyntaxError, IndexError) as exc:
             raise UnsafeContentError(
                 f"descr {short_repr(descr)} is a structured dtype, which holds records, not a "
-                "tensor. "
-                + fix, file) from exc
+                "tensor. " + fix,
+                file,
+            ) from exc
         name = decode_dtype(dt)
         if name is None:
             raise UnsafeContentError(
                 f"descr {short_repr(descr)} is a structured dtype, which holds records, not a tensor "
                 "(the only structured layout read is tensorbridge's bfloat16/float8 marker, "
-                "e.g. [('bfloat16', '<u2')]). " + fix, file)
+                "e.g. [('bfloat16', '<u2')]). " + fix,
+                file,
+            )
         field = dt[name]
         return name, field.itemsize > 1 and not field.isnative
     if not isinstance(descr, str):
-        raise _fail(f"descr {short_repr(descr)} is a {type(descr).__name__}, not a dtype "
-                    "string. Fix: the header is corrupt; re-save the file.", file)
+        raise _fail(
+            f"descr {short_repr(descr)} is a {type(descr).__name__}, not a dtype "
+            "string. Fix: the header is corrupt; re-save the file.",
+            file,
+        )
     if descr in _SAVED_ML_DTYPES:  # what np.save writes for that ml_dtypes type, and no other
         return _SAVED_ML_DTYPES[descr], False
     code = descr.lstrip("<>|=")[:1]
@@ -229,16 +255,23 @@ def _descr_dtype(descr: object, file: object) -> tuple[str, bool]:
             f"descr {descr!r} is raw bytes with no dtype. np.save writes ml_dtypes arrays "
             "(bfloat16, most float8s) this way, without saying which one they were. Fix: "
             "np.load the file, .view() it as the right ml_dtypes dtype (e.g. "
-            "ml_dtypes.bfloat16), and save it with tensorbridge, which records the dtype.", file)
+            "ml_dtypes.bfloat16), and save it with tensorbridge, which records the dtype.",
+            file,
+        )
     try:
         dt = np.dtype(descr)
     except (TypeError, ValueError, KeyError, SyntaxError, OverflowError, MemoryError) as exc:
-        raise _fail(f"descr {descr!r} is not a dtype NumPy understands. Fix: the header is "
-                    "corrupt; re-save the file.", file) from exc
+        raise _fail(
+            f"descr {descr!r} is not a dtype NumPy understands. Fix: the header is "
+            "corrupt; re-save the file.",
+            file,
+        ) from exc
     if dt.kind == "O" or dt.hasobject:
         raise UnsafeContentError(
             f"descr {descr!r} is an object array: it holds pickled Python objects, and "
-            "unpickling runs code. " + fix, file)
+            "unpickling runs code. " + fix,
+            file,
+        )
     name = None
     if dt.names is None and dt.subdtype is None:
         try:
@@ -246,8 +279,11 @@ def _descr_dtype(descr: object, file: object) -> tuple[str, bool]:
         except ConversionError:
             pass
     if name is None:
-        raise _fail(f"descr {descr!r} ({dt}) is not a numeric tensor dtype (strings, bytes, "
-                    "datetimes and records are not tensors). " + fix, file)
+        raise _fail(
+            f"descr {descr!r} ({dt}) is not a numeric tensor dtype (strings, bytes, "
+            "datetimes and records are not tensors). " + fix,
+            file,
+        )
     return name, dt.itemsize > 1 and not dt.isnative
 
 
@@ -258,6 +294,7 @@ def short_repr(value: object, limit: int = 200) -> str:
     >>> short_repr((2, 1 << 20000))
     '(2, <int of 20001 bits>)'
     """
+
     def one(v: object) -> str:
         if isinstance(v, int) and v.bit_length() > 64:
             return f"<int of {v.bit_length()} bits>"
@@ -270,27 +307,40 @@ def short_repr(value: object, limit: int = 200) -> str:
             return repr(v)[:limit]
         except ValueError:  # a huge int inside something else
             return f"<{type(v).__name__}>"
+
     text = one(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_shape(shape: object, file: object) -> tuple[int, ...]:
-    if (not isinstance(shape, tuple) or len(shape) > MAX_NDIM
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise _fail(f"shape {short_repr(shape)} is not a tuple of at most {MAX_NDIM} "
-                    "non-negative integers. Fix: the header is corrupt or hostile; re-save the "
-                    "file.", file)
-    if any(d >= 2 ** 63 for d in shape):
-        raise _fail(f"shape {short_repr(shape)} has a dimension of 2**63 or more, which no "
-                    "array can have (even beside a zero-length one). Fix: the header is corrupt "
-                    "or hostile; re-save the file.", file)
+    if (
+        not isinstance(shape, tuple)
+        or len(shape) > MAX_NDIM
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
+        raise _fail(
+            f"shape {short_repr(shape)} is not a tuple of at most {MAX_NDIM} "
+            "non-negative integers. Fix: the header is corrupt or hostile; re-save the "
+            "file.",
+            file,
+        )
+    if any(d >= 2**63 for d in shape):
+        raise _fail(
+            f"shape {short_repr(shape)} has a dimension of 2**63 or more, which no "
+            "array can have (even beside a zero-length one). Fix: the header is corrupt "
+            "or hostile; re-save the file.",
+            file,
+        )
     size = 1
     for d in shape:
         size *= d
-    if size >= 2 ** 63:
-        raise _fail(f"shape {short_repr(shape)} has 2**{size.bit_length() - 1} elements or more, "
-                    "over 2**63 (the product overflows int64). Fix: the header is corrupt or "
-                    "hostile; re-save the file.", file)
+    if size >= 2**63:
+        raise _fail(
+            f"shape {short_repr(shape)} has 2**{size.bit_length() - 1} elements or more, "
+            "over 2**63 (the product overflows int64). Fix: the header is corrupt or "
+            "hostile; re-save the file.",
+            file,
+        )
     return shape
 
 
@@ -301,22 +351,29 @@ def parse_header(read: Callable[[int], bytes], file: object = "") -> NpyHeader:
     ``read`` may return fewer bytes than asked (a stream); an early end is an error.
     """
     start = _read_exactly(read, len(MAGIC) + 2, "magic string", file)
-    if start[:len(MAGIC)] != MAGIC:
-        raise _fail(f"the file starts with {start[:len(MAGIC)]!r}, not the .npy magic string "
-                    f"{MAGIC!r}. Fix: this is not a .npy file; pass the right path or format=.",
-                    file)
+    if start[: len(MAGIC)] != MAGIC:
+        raise _fail(
+            f"the file starts with {start[: len(MAGIC)]!r}, not the .npy magic string "
+            f"{MAGIC!r}. Fix: this is not a .npy file; pass the right path or format=.",
+            file,
+        )
     version = (start[6], start[7])
     if version not in _VERSIONS:
-        raise _fail(f".npy format version {version[0]}.{version[1]} is not one of 1.0, 2.0, "
-                    "3.0. Fix: re-save the file with NumPy's np.save.", file)
+        raise _fail(
+            f".npy format version {version[0]}.{version[1]} is not one of 1.0, 2.0, "
+            "3.0. Fix: re-save the file with NumPy's np.save.",
+            file,
+        )
     code = _VERSIONS[version]
-    (hlen,) = struct.unpack(code, _read_exactly(read, struct.calcsize(code), "header length",
-                                                 file))
+    (hlen,) = struct.unpack(code, _read_exactly(read, struct.calcsize(code), "header length", file))
     if hlen > MAX_HEADER_SIZE:
-        raise _fail(f"the header is {hlen} bytes, over the {MAX_HEADER_SIZE}-byte limit "
-                    "(NumPy's own; parsing longer headers is unsafe). Fix: the file is corrupt "
-                    "or hostile; if you trust it, load it with "
-                    "np.load(f, max_header_size=...) and re-save it.", file)
+        raise _fail(
+            f"the header is {hlen} bytes, over the {MAX_HEADER_SIZE}-byte limit "
+            "(NumPy's own; parsing longer headers is unsafe). Fix: the file is corrupt "
+            "or hostile; if you trust it, load it with "
+            "np.load(f, max_header_size=...) and re-save it.",
+            file,
+        )
     raw = _read_exactly(read, hlen, "header", file)
     return _parse_text(raw, version, code, hlen, file)
 
@@ -327,57 +384,81 @@ def parse_header_bytes(data: bytes, file: object = "") -> NpyHeader:
     if len(data) >= 10 and data[:6] == MAGIC and (data[6], data[7]) == (1, 0):
         (hlen,) = struct.unpack_from("<H", data, 8)
         if len(data) >= 10 + hlen:
-            return _parse_text(data[10:10 + hlen], (1, 0), "<H", hlen, file)
+            return _parse_text(data[10 : 10 + hlen], (1, 0), "<H", hlen, file)
     return parse_header(io.BytesIO(data).read, file)
 
 
-def _parse_text(raw: bytes, version: tuple[int, int], code: str, hlen: int,
-                file: object) -> NpyHeader:
+def _parse_text(
+    raw: bytes, version: tuple[int, int], code: str, hlen: int, file: object
+) -> NpyHeader:
     try:
         text = raw.decode("utf-8" if version == (3, 0) else "latin1")
     except UnicodeDecodeError as exc:
-        raise _fail(f"the header is not valid UTF-8 ({exc.reason}). Fix: the file is corrupt; "
-                    "re-save it.", file) from exc
+        raise _fail(
+            f"the header is not valid UTF-8 ({exc.reason}). Fix: the file is corrupt; re-save it.",
+            file,
+        ) from exc
     fast = _NP_SAVE_HEADER.fullmatch(text)
     if fast is not None:  # what np.save writes: no need to parse a literal
         dims = fast["shape"].replace(",", " ").split()
-        d: Any = {"descr": fast["descr"], "fortran_order": fast["fortran"] == "True",
-                  "shape": tuple(int(x) for x in dims)}
+        d: Any = {
+            "descr": fast["descr"],
+            "fortran_order": fast["fortran"] == "True",
+            "shape": tuple(int(x) for x in dims),
+        }
         return _header(d, version, code, hlen, file)
     try:
         d = ast.literal_eval(text)
     except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError) as exc:
-        raise _fail(f"the header {text[:80]!r} is not a Python literal ({type(exc).__name__}). "
-                    "Fix: the file is corrupt; re-save it with np.save.", file) from exc
+        raise _fail(
+            f"the header {text[:80]!r} is not a Python literal ({type(exc).__name__}). "
+            "Fix: the file is corrupt; re-save it with np.save.",
+            file,
+        ) from exc
     if not isinstance(d, dict):
-        raise _fail(f"the header is a {type(d).__name__} ({text[:80]!r}), not a dict. Fix: "
-                    "the file is corrupt; re-save it with np.save.", file)
+        raise _fail(
+            f"the header is a {type(d).__name__} ({text[:80]!r}), not a dict. Fix: "
+            "the file is corrupt; re-save it with np.save.",
+            file,
+        )
     return _header(d, version, code, hlen, file)
 
 
 #: The header np.save writes for a plain dtype: parsed without literal_eval (10x faster)
 _NP_SAVE_HEADER = re.compile(
     r"\{'descr': '(?P<descr>[<>|=]?[a-zA-Z]\d{0,3})', 'fortran_order': (?P<fortran>True|False), "
-    r"'shape': \((?P<shape>|\d{1,19},|\d{1,19}(?:, \d{1,19}){1,63})\), \} *\n")
+    r"'shape': \((?P<shape>|\d{1,19},|\d{1,19}(?:, \d{1,19}){1,63})\), \} *\n"
+)
 
 
 def _header(d: Any, version: tuple[int, int], code: str, hlen: int, file: object) -> NpyHeader:
     if set(d) != _KEYS:
         keys = ", ".join(sorted(short_repr(k, 60) for k in list(d)[:20]))
-        raise _fail(f"the header has the keys [{keys}], but a .npy header has exactly "
-                    "'descr', 'fortran_order' and 'shape'. Fix: the file is corrupt or "
-                    "hostile; re-save it with np.save.", file)
+        raise _fail(
+            f"the header has the keys [{keys}], but a .npy header has exactly "
+            "'descr', 'fortran_order' and 'shape'. Fix: the file is corrupt or "
+            "hostile; re-save it with np.save.",
+            file,
+        )
     if not isinstance(d["fortran_order"], bool):
-        raise _fail(f"fortran_order {short_repr(d['fortran_order'])} is not True or False. "
-                    "Fix: the file is corrupt; re-save it.", file)
+        raise _fail(
+            f"fortran_order {short_repr(d['fortran_order'])} is not True or False. "
+            "Fix: the file is corrupt; re-save it.",
+            file,
+        )
     shape = _check_shape(d["shape"], file)
     name, swap = _descr_dtype(d["descr"], file)
     size = 1
     for dim in shape:
         size *= dim
-    return NpyHeader(name, shape, d["fortran_order"], swap,
-                     len(MAGIC) + 2 + struct.calcsize(code) + hlen,
-                     size * lookup(name).itemsize)
+    return NpyHeader(
+        name,
+        shape,
+        d["fortran_order"],
+        swap,
+        len(MAGIC) + 2 + struct.calcsize(code) + hlen,
+        size * lookup(name).itemsize,
+    )
 
 
 def build_header(dtype: str, shape: Sequence[int]) -> bytes:
@@ -399,12 +480,13 @@ def build_header(dtype: str, shape: Sequence[int]) -> bytes:
         if version == (1, 0) and total >= 65536:
             continue
         code = _VERSIONS[version]
-        return (MAGIC + bytes(version) + struct.pack(code, total) + body + b" " * pad + b"\n")
+        return MAGIC + bytes(version) + struct.pack(code, total) + body + b" " * pad + b"\n"
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def read_into(fill: Callable[[memoryview], None], header: NpyHeader,
-              file: object = "") -> np.ndarray:
+def read_into(
+    fill: Callable[[memoryview], None], header: NpyHeader, file: object = ""
+) -> np.ndarray:
     """A fresh array for ``header``; ``fill(bytes_view)`` writes the raw data into it.
 
     Byte-swaps foreign-order data to native (values kept) and applies Fortran order.
@@ -416,7 +498,9 @@ def read_into(fill: Callable[[memoryview], None], header: NpyHeader,
     except (MemoryError, ValueError) as exc:
         raise FileFormatError(
             f"cannot allocate {header.nbytes} bytes for a {header.dtype}{list(header.shape)} "
-            "array. Fix: free memory, or read the file on a machine with more.", file) from exc
+            "array. Fix: free memory, or read the file on a machine with more.",
+            file,
+        ) from exc
     if count:
         fill(out.view(np.uint8).data)
     if header.swap and row.itemsize > 1:
@@ -432,10 +516,13 @@ def check_bool(arr: np.ndarray, name: str, file: object) -> None:
     if arr.dtype == np.bool_ and arr.size and arr.view(np.uint8).max() > 1:
         raise FileFormatError(
             f"tensor {name!r} is bool but holds bytes other than 0 and 1. Fix: the file is "
-            "corrupt; re-save it.", file)
+            "corrupt; re-save it.",
+            file,
+        )
 
 
 # --- the reader -----------------------------------------------------------------
+
 
 class NpyReader(Reader):
     """An open ``.npy`` file whose header and size have been validated.
@@ -457,8 +544,9 @@ class NpyReader(Reader):
                 try:
                     data = os.pread(fd, n, position)
                 except OSError as exc:
-                    raise FileFormatError(f"reading failed ({exc.strerror}). Fix: check the "
-                                          "disk and the file.", path) from exc
+                    raise FileFormatError(
+                        f"reading failed ({exc.strerror}). Fix: check the disk and the file.", path
+                    ) from exc
                 position += len(data)
                 return data
 
@@ -469,12 +557,16 @@ class NpyReader(Reader):
                     f"the header declares {self._header.nbytes} bytes of data "
                     f"({self._header.dtype}{list(self._header.shape)}), but the file holds only "
                     f"{data_len} after the header (it is truncated). Fix: copy or download the "
-                    "file again.", path)
+                    "file again.",
+                    path,
+                )
             if data_len > self._header.nbytes:
                 raise FileFormatError(
                     f"the file has {data_len - self._header.nbytes} trailing bytes after the "
                     f"{self._header.nbytes} bytes of data the header declares. Fix: the file "
-                    "is corrupt or has something appended; re-save it.", path)
+                    "is corrupt or has something appended; re-save it.",
+                    path,
+                )
         except BaseException:
             os.close(fd)
             raise
@@ -489,7 +581,9 @@ class NpyReader(Reader):
         if name != ARRAY_NAME:
             raise FileFormatError(
                 f"no tensor named {name!r}. Fix: a .npy file holds one tensor, named "
-                f"{ARRAY_NAME!r}.", self.path)
+                f"{ARRAY_NAME!r}.",
+                self.path,
+            )
         return self._header.info(ARRAY_NAME)
 
     def read(self, name: str) -> np.ndarray:
@@ -500,7 +594,9 @@ class NpyReader(Reader):
                 raise FileFormatError("the file is closed. Fix: open it again.", self.path)
             out = read_into(
                 lambda view: read_exact_into(fd, view, self._header.header_size, self.path),
-                self._header, self.path)
+                self._header,
+                self.path,
+            )
         check_bool(out, name, self.path)
         return out
 
@@ -509,8 +605,14 @@ class NpyReader(Reader):
         machine's byte order (little-endian), not bool (whose bytes are checked), not empty."""
         info = self.info(name)
         h = self._header
-        if (self._fd is None or h.fortran_order or h.swap or sys.byteorder != "little"
-                or info.dtype == "bool" or h.nbytes == 0):
+        if (
+            self._fd is None
+            or h.fortran_order
+            or h.swap
+            or sys.byteorder != "little"
+            or info.dtype == "bool"
+            or h.nbytes == 0
+        ):
             return None
         return RawSpan(self.path, h.header_size, h.nbytes, self._file_id)
 
@@ -523,25 +625,33 @@ class NpyReader(Reader):
 
 # --- the format -------------------------------------------------------------------
 
+
 class NpyFormat(Format):
     """NumPy ``.npy``: one array, strict header, no pickles."""
 
     name = "npy"
     suffixes = (".npy",)
     holds_metadata = False
-    description = ("NumPy .npy: one tensor, named 'array'. Holds every tensorbridge dtype; "
-                   "bfloat16/float8 as a one-field structured dtype of raw bits, e.g. "
-                   "[('bfloat16', '<u2')].")
+    description = (
+        "NumPy .npy: one tensor, named 'array'. Holds every tensorbridge dtype; "
+        "bfloat16/float8 as a one-field structured dtype of raw bits, e.g. "
+        "[('bfloat16', '<u2')]."
+    )
 
-    def check_write(self, path: str, infos: Sequence[TensorInfo],
-                    metadata: Mapping[str, str] | None = None,
-                    options: Mapping[str, Any] | None = None) -> dict[str, str]:
+    def check_write(
+        self,
+        path: str,
+        infos: Sequence[TensorInfo],
+        metadata: Mapping[str, str] | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> dict[str, str]:
         if len(infos) > 1:
             names = [i.name for i in infos]
             raise ConversionError(
                 f"{path}: a .npy file holds exactly one array, but {len(infos)} tensors were "
                 f"given ({names[:10]!r}{' ...' if len(names) > 10 else ''}). Fix: save to .npz, "
-                ".safetensors or .h5 for several tensors, or pass a single array.")
+                ".safetensors or .h5 for several tensors, or pass a single array."
+            )
         return super().check_write(path, infos, metadata, options)
 
     def check_info(self, info: TensorInfo, path: str) -> None:
@@ -565,7 +675,8 @@ class NpyFormat(Format):
         if not infos:
             raise ConversionError(
                 f"{path}: a .npy file holds exactly one array, but no tensor was given. Fix: "
-                "pass a single array.")
+                "pass a single array."
+            )
         info = infos[0]
         header = build_header(info.dtype, info.shape)
         with atomic_write(path) as f:

@@ -52,8 +52,8 @@ import struct
 import threading
 import zipfile
 import zlib
-from typing import Any
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -74,8 +74,7 @@ from .npy import (
 )
 from .safetensors import check_fetched, iter_le_bytes, open_regular_file
 
-__all__ = ["FORMAT", "NpzFormat", "NpzReader", "MAX_DEFLATE_RATIO", "BOMB_MIN_SIZE",
-           "CHUNK_BYTES"]
+__all__ = ["FORMAT", "NpzFormat", "NpzReader", "MAX_DEFLATE_RATIO", "BOMB_MIN_SIZE", "CHUNK_BYTES"]
 
 #: Deflate cannot expand data by more than 1032:1; larger declared ratios are lies.
 MAX_DEFLATE_RATIO = 1032
@@ -86,9 +85,22 @@ CHUNK_BYTES = 16 * 1024 * 1024
 _SUFFIX = ".npy"
 _LOCAL_SIZE = 30  # a zip local file header before its name and extra field
 _DATE = (1980, 1, 1, 0, 0, 0)
-_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError,
-               NotImplementedError, RuntimeError, zlib.error, struct.error, KeyError,
-               IndexError, MemoryError, OverflowError, UnicodeDecodeError)
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    EOFError,
+    OSError,
+    ValueError,
+    NotImplementedError,
+    RuntimeError,
+    zlib.error,
+    struct.error,
+    KeyError,
+    IndexError,
+    MemoryError,
+    OverflowError,
+    UnicodeDecodeError,
+)
 
 
 @contextlib.contextmanager
@@ -102,7 +114,8 @@ def _zip_errors(path: str, doing: str) -> Iterator[None]:
         raise FileFormatError(
             f"{doing} failed: {type(exc).__name__}: {exc}. Fix: the file is not a valid .npz "
             "(zip) archive, or it is truncated or corrupt; copy or download it again.",
-            path) from exc
+            path,
+        ) from exc
 
 
 def _in_member(exc: FileFormatError, member: str, path: str) -> FileFormatError:
@@ -130,12 +143,15 @@ class NpzReader(Reader):
             if os.pread(fd, 4, 0) not in (b"PK\x03\x04", b"PK\x05\x06"):
                 raise FileFormatError(
                     "the file does not start with a zip member (something is prepended to "
-                    "the archive; np.load refuses it too). Fix: re-save it with np.savez.", path)
+                    "the archive; np.load refuses it too). Fix: re-save it with np.savez.",
+                    path,
+                )
             with _zip_errors(path, "reading the member headers"):
                 firsts = {name: self._data_start(zi) for name, zi in self._members.items()}
             self._check_no_overlap({name: start for name, (start, _) in firsts.items()})
             self._headers: dict[str, NpyHeader] = {
-                name: self._read_header(zi, *firsts[name]) for name, zi in self._members.items()}
+                name: self._read_header(zi, *firsts[name]) for name, zi in self._members.items()
+            }
         except BaseException:
             self.close()
             raise
@@ -149,17 +165,23 @@ class NpzReader(Reader):
             raise FileFormatError(
                 f"member {name!r} does not end in '.npy'; tensorbridge refuses npz members "
                 "that are not .npy arrays (they could hold anything). Fix: rebuild the archive "
-                "with np.savez, keeping only arrays.", self.path)
+                "with np.savez, keeping only arrays.",
+                self.path,
+            )
         if zi.flag_bits & 0x1:
             raise FileFormatError(
                 f"member {name!r} is encrypted. Fix: decrypt the archive and re-save it with "
-                "np.savez.", self.path)
+                "np.savez.",
+                self.path,
+            )
         if zi.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
             raise FileFormatError(
                 f"member {name!r} uses zip compression method {zi.compress_type}, but .npz "
                 "members are stored or deflated. Fix: re-save with np.savez or "
-                "np.savez_compressed.", self.path)
-        return name[:-len(_SUFFIX)]
+                "np.savez_compressed.",
+                self.path,
+            )
+        return name[: -len(_SUFFIX)]
 
     def _check_sizes(self, zi: zipfile.ZipInfo) -> None:
         name = zi.filename
@@ -167,14 +189,19 @@ class NpzReader(Reader):
             raise FileFormatError(
                 f"member {name!r} is stored (not compressed), yet declares {zi.file_size} bytes "
                 f"from {zi.compress_size} stored bytes. Fix: the archive is corrupt or hostile; "
-                "re-save it.", self.path)
-        if (zi.file_size > BOMB_MIN_SIZE
-                and zi.file_size > MAX_DEFLATE_RATIO * max(zi.compress_size, 1)):
+                "re-save it.",
+                self.path,
+            )
+        if zi.file_size > BOMB_MIN_SIZE and zi.file_size > MAX_DEFLATE_RATIO * max(
+            zi.compress_size, 1
+        ):
             raise UnsafeContentError(
                 f"member {name!r} declares {zi.file_size} bytes from {zi.compress_size} "
                 f"compressed bytes, a ratio over {MAX_DEFLATE_RATIO}:1 that deflate cannot "
                 "produce (a decompression bomb: the sizes are lies meant to exhaust memory). "
-                "Fix: do not use this file; re-create it from a trusted source.", self.path)
+                "Fix: do not use this file; re-create it from a trusted source.",
+                self.path,
+            )
 
     def _data_start(self, zi: zipfile.ZipInfo) -> tuple[int, bytes]:
         """Where member ``zi``'s (compressed) data starts, after its local header, whose
@@ -185,16 +212,20 @@ class NpzReader(Reader):
         if len(block) < _LOCAL_SIZE or block[:4] != b"PK\x03\x04":
             raise FileFormatError(
                 f"member {zi.filename!r} has no local file header at byte {at}. Fix: the "
-                "archive is corrupt; re-save it.", self.path)
+                "archive is corrupt; re-save it.",
+                self.path,
+            )
         name_len, extra_len = struct.unpack_from("<HH", block, 26)
-        raw = block[_LOCAL_SIZE:_LOCAL_SIZE + name_len]
+        raw = block[_LOCAL_SIZE : _LOCAL_SIZE + name_len]
         if len(raw) < name_len:
             raw = os.pread(self._file.fileno(), name_len, at + _LOCAL_SIZE)
         name = raw.decode("utf-8" if zi.flag_bits & 0x800 else "cp437", "replace")
         if name != zi.orig_filename:
             raise FileFormatError(
                 f"member {zi.orig_filename!r} is named {name!r} in its local header. Fix: the "
-                "archive is corrupt or crafted; re-save it.", self.path)
+                "archive is corrupt or crafted; re-save it.",
+                self.path,
+            )
         skip = _LOCAL_SIZE + name_len + extra_len
         return at + skip, block[skip:]
 
@@ -204,20 +235,24 @@ class NpzReader(Reader):
         Python 3.11's zipfile does not check this; overlapping members let a small file
         declare the same compressed bytes many times (a 40 KB file inflating to 1 GB)."""
         assert self._zf is not None
-        spans = sorted((zi.header_offset, starts[name] + zi.compress_size, zi.filename)
-                       for name, zi in self._members.items())
+        spans = sorted(
+            (zi.header_offset, starts[name] + zi.compress_size, zi.filename)
+            for name, zi in self._members.items()
+        )
         end_of_data = self._zf.start_dir
         if not spans:  # np.savez() with no arrays
             return
-        for (start, end, member), nxt in zip(spans, [*spans[1:], (end_of_data, 0, None)],
-                                                 strict=True):
+        for (start, end, member), nxt in zip(
+            spans, [*spans[1:], (end_of_data, 0, None)], strict=True
+        ):
             if end > nxt[0]:
                 other = f"member {nxt[2]!r}" if nxt[2] is not None else "the central directory"
                 raise UnsafeContentError(
                     f"member {member!r} (bytes {start}..{end}) overlaps {other} (from byte "
                     f"{nxt[0]}): the same bytes would be read twice, which only a crafted "
                     "archive does. Fix: do not use this file; re-create it with np.savez.",
-                    self.path)
+                    self.path,
+                )
 
     def _header_bytes(self, zi: zipfile.ZipInfo, start: int, first: bytes) -> bytes | None:
         """The first bytes of member ``zi``'s data (enough for any .npy header), read
@@ -225,7 +260,7 @@ class NpzReader(Reader):
         want = PREFIX_MAX + MAX_HEADER_SIZE
         if zi.compress_type == zipfile.ZIP_STORED:
             if len(first) >= 10 and len(first) >= 10 + int.from_bytes(first[8:10], "little"):
-                return first[:zi.compress_size]  # np.save's header came with the local one
+                return first[: zi.compress_size]  # np.save's header came with the local one
             return os.pread(self._file.fileno(), min(want, zi.compress_size), start)
         window = min(zi.compress_size, 2 * want + 1024)
         raw = os.pread(self._file.fileno(), window, start)
@@ -254,7 +289,9 @@ class NpzReader(Reader):
             raise FileFormatError(
                 f"member {zi.filename!r}: the header declares {header.nbytes} bytes of data "
                 f"({header.dtype}{list(header.shape)}) but the member holds {data_len} after "
-                f"the header ({what}). Fix: the archive is corrupt; re-save it.", self.path)
+                f"the header ({what}). Fix: the archive is corrupt; re-save it.",
+                self.path,
+            )
         return header
 
     def keys(self) -> list[str]:
@@ -279,24 +316,30 @@ class NpzReader(Reader):
                     if len(skip) != header.header_size:
                         raise FileFormatError(
                             f"member {zi.filename!r} ended inside its header. Fix: the "
-                            "archive is corrupt; re-save it.", self.path)
+                            "archive is corrupt; re-save it.",
+                            self.path,
+                        )
 
                     def fill(view: memoryview) -> None:
                         done = 0
                         while done < len(view):
-                            n = stream.readinto(view[done:done + CHUNK_BYTES])  # type: ignore[attr-defined]
+                            n = stream.readinto(view[done : done + CHUNK_BYTES])  # type: ignore[attr-defined]
                             if not n:
                                 raise FileFormatError(
                                     f"member {zi.filename!r} ended after {done} of "
                                     f"{len(view)} data bytes (it is truncated). Fix: copy or "
-                                    "download the archive again.", self.path)
+                                    "download the archive again.",
+                                    self.path,
+                                )
                             done += n
 
                     out = read_into(fill, header, self.path)
                     if stream.read(1):
                         raise FileFormatError(
                             f"member {zi.filename!r} holds more data than its header "
-                            "declares. Fix: the archive is corrupt; re-save it.", self.path)
+                            "declares. Fix: the archive is corrupt; re-save it.",
+                            self.path,
+                        )
         check_bool(out, name, self.path)
         return out
 
@@ -317,19 +360,26 @@ class NpzFormat(Format):
     name = "npz"
     suffixes = (".npz",)
     holds_metadata = False
-    description = ("NumPy .npz (zip of .npy). Holds every tensorbridge dtype; bfloat16/float8 "
-                   "as a one-field structured dtype of raw bits. Option compress=True deflates.")
+    description = (
+        "NumPy .npz (zip of .npy). Holds every tensorbridge dtype; bfloat16/float8 "
+        "as a one-field structured dtype of raw bits. Option compress=True deflates."
+    )
 
     options = ("compress",)
 
-    def check_write(self, path: str, infos: Sequence[TensorInfo],
-                    metadata: Mapping[str, str] | None = None,
-                    options: Mapping[str, Any] | None = None) -> dict[str, str]:
+    def check_write(
+        self,
+        path: str,
+        infos: Sequence[TensorInfo],
+        metadata: Mapping[str, str] | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> dict[str, str]:
         meta = super().check_write(path, infos, metadata, options)
         compress = (options or {}).get("compress", False)
         if not isinstance(compress, bool):
             raise ConversionError(
-                f"{path}: compress={compress!r} is not True or False. Fix: pass a bool.")
+                f"{path}: compress={compress!r} is not True or False. Fix: pass a bool."
+            )
         return meta
 
     def check_info(self, info: TensorInfo, path: str) -> None:
@@ -367,7 +417,7 @@ class NpzFormat(Format):
                         member.write(header)
                         for piece in iter_le_bytes(arr, CHUNK_BYTES):
                             for start in range(0, len(piece), CHUNK_BYTES):
-                                member.write(piece[start:start + CHUNK_BYTES])
+                                member.write(piece[start : start + CHUNK_BYTES])
                     del arr
 
 

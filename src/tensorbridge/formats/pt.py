@@ -71,9 +71,9 @@ import os
 import sys
 import threading
 import zipfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -141,6 +141,7 @@ _SIGN = {2: np.uint16(0x8000), 4: np.uint32(0x8000_0000), 8: np.uint64(1 << 63)}
 
 # --- the reader --------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class _Record:
     """A storage's bytes: ``nbytes`` at file offset ``start``, or compressed ``member``."""
@@ -169,7 +170,9 @@ def _json_strings(raw: bytes, what: str, path: str) -> dict[str, str]:
     def bad() -> FileFormatError:
         return FileFormatError(
             f"{what} is not a JSON object of strings. Fix: the checkpoint is corrupt; "
-            "save it again.", path)
+            "save it again.",
+            path,
+        )
 
     def skip(i: int) -> int:
         while i < len(text) and text[i] in ws:
@@ -267,11 +270,13 @@ class PtReader(Reader):
         for m in members:
             check_record(m, path)
         self._set_byteorder(self._byteorder(by_name.get(prefix + "byteorder")))
-        members_of = {n[len(prefix) + 5:]: m for n, m in by_name.items()
-                      if n.startswith(prefix + "data/")}
+        members_of = {
+            n[len(prefix) + 5 :]: m for n, m in by_name.items() if n.startswith(prefix + "data/")
+        }
         data = self._text_record(by_name[prefix + "data.pkl"], MAX_PICKLE_BYTES)
-        tree, ops, _ = run_pickle(io.BytesIO(data), len(data),
-                                  {k: m.file_size for k, m in members_of.items()}, path)
+        tree, ops, _ = run_pickle(
+            io.BytesIO(data), len(data), {k: m.file_size for k, m in members_of.items()}, path
+        )
         tensors, self.metadata = flatten(tree, path, ops, len(data))
         del data, tree
         extra = by_name.get(prefix + METADATA_RECORD)
@@ -307,14 +312,19 @@ class PtReader(Reader):
         if member.file_size > limit:
             raise FileFormatError(
                 f"the entry {member.filename!r} is {member.file_size} bytes, over the {limit}-"
-                "byte limit. Fix: this is not a normal checkpoint; re-save it.", self.path)
-        if member.compress_type != zipfile.ZIP_STORED and member.file_size > \
-                MAX_TEXT_RATIO * member.compress_size + TEXT_RATIO_SLACK:
+                "byte limit. Fix: this is not a normal checkpoint; re-save it.",
+                self.path,
+            )
+        if (
+            member.compress_type != zipfile.ZIP_STORED
+            and member.file_size > MAX_TEXT_RATIO * member.compress_size + TEXT_RATIO_SLACK
+        ):
             raise FileFormatError(
                 f"the entry {member.filename!r} inflates {member.compress_size} compressed "
                 f"bytes to {member.file_size}, more than {MAX_TEXT_RATIO}:1 (a decompression "
                 "bomb, or a corrupt zip). Fix: save the checkpoint again with torch.save.",
-                self.path)
+                self.path,
+            )
         return self._record_bytes(member)
 
     def _byteorder(self, member: zipfile.ZipInfo | None) -> bool:
@@ -325,7 +335,9 @@ class PtReader(Reader):
         if text not in (b"little", b"big"):
             raise FileFormatError(
                 f"the byteorder record says {text!r}, not 'little' or 'big'. Fix: the "
-                "checkpoint is corrupt; save it again.", self.path)
+                "checkpoint is corrupt; save it again.",
+                self.path,
+            )
         return text == b"little"
 
     # -- the legacy format ---------------------------------------------------------------
@@ -346,7 +358,9 @@ class PtReader(Reader):
         def bad(what: str) -> FileFormatError:
             return FileFormatError(
                 f"this legacy (non-zip) PyTorch checkpoint has {what}. Fix: the file is corrupt "
-                "or not a checkpoint; save it again with torch.save (zip format).", path)
+                "or not a checkpoint; save it again with torch.save (zip format).",
+                path,
+            )
 
         if next_pickle()[0] != LEGACY_MAGIC:
             raise bad("no torch magic number")
@@ -360,8 +374,12 @@ class PtReader(Reader):
         tensors, self.metadata = flatten(tree, path, ops, nbytes)
         del tree
         keys = next_pickle()[0]
-        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) \
-                or len(set(keys)) != len(keys) or set(keys) != set(storages):
+        if (
+            not isinstance(keys, list)
+            or not all(isinstance(k, str) for k in keys)
+            or len(set(keys)) != len(keys)
+            or set(keys) != set(storages)
+        ):
             raise bad("a storage key list that does not match its storages")
         pos = f.tell()
         records = {}
@@ -374,8 +392,10 @@ class PtReader(Reader):
                 raise bad(f"storage {key!r} cut off by the end of the file")
             read_exact_into(self._fd, memoryview(head), pos, path)
             count = int.from_bytes(head, "little" if self._little else "big")
-            if count * lookup(storage.dtype).itemsize != storage.nbytes \
-                    or pos + 8 + storage.nbytes > size:
+            if (
+                count * lookup(storage.dtype).itemsize != storage.nbytes
+                or pos + 8 + storage.nbytes > size
+            ):
                 raise bad(f"storage {key!r} of a size other than the pickle declares, or cut off")
             records[key] = _Record(key, storage.nbytes, pos + 8)
             pos += 8 + storage.nbytes
@@ -407,7 +427,9 @@ class PtReader(Reader):
                 f"file to more than {MAX_AMPLIFICATION}x its size + {AMPLIFY_SLACK} bytes: "
                 "many names view the same storage, or views repeat it (zero strides). This is "
                 "how a small file makes a reader allocate gigabytes. Fix: save each tensor "
-                "once (t.clone() for views), or read only the names you need.", self.path)
+                "once (t.clone() for views), or read only the names you need.",
+                self.path,
+            )
         self._allowance -= work
         self._charged.add(name)
 
@@ -421,8 +443,7 @@ class PtReader(Reader):
                 read_exact_into(self._fd, buf.data, record.start + lo, self.path)
                 return buf
             with wrapped(self.path, f"decompressing {record.member.filename!r}"):
-                inflate_into(self._fd, record.start, record.member, lo, buf.data,
-                             self.path)
+                inflate_into(self._fd, record.start, record.member, lo, buf.data, self.path)
         return buf
 
     def read(self, name: str) -> np.ndarray:
@@ -438,14 +459,17 @@ class PtReader(Reader):
         self._charge(entry, entry.info.nbytes + (hi if entry.record.member is not None else 0))
         buf = self._read_bytes(entry, lo, hi).view(dtype)
         contiguous = buf.size == entry.info.size and all(
-            s == int(np.prod(t.shape[i + 1:], dtype=np.int64)) for i, s in enumerate(t.stride)
-            if t.shape[i] > 1)
+            s == int(np.prod(t.shape[i + 1 :], dtype=np.int64))
+            for i, s in enumerate(t.stride)
+            if t.shape[i] > 1
+        )
         if contiguous:
             out = buf.reshape(t.shape)
         else:  # as_strided needs a builtin dtype: use raw units of the same width
             unit = np.dtype(f"u{itemsize}" if itemsize <= 8 else f"V{itemsize}")
             view = np.lib.stride_tricks.as_strided(
-                buf.view(unit), t.shape, tuple(s * itemsize for s in t.stride), writeable=False)
+                buf.view(unit), t.shape, tuple(s * itemsize for s in t.stride), writeable=False
+            )
             out = view.copy(order="C").view(dtype)
         kind = lookup(t.dtype).kind
         if self._swap and itemsize > 1:
@@ -456,7 +480,9 @@ class PtReader(Reader):
         if t.dtype == "bool" and out.size and out.view(np.uint8).max() > 1:
             raise FileFormatError(
                 f"tensor {name!r} is BOOL but holds bytes other than 0 and 1. Fix: the "
-                "file is corrupt; re-save it.", self.path)
+                "file is corrupt; re-save it.",
+                self.path,
+            )
         return out
 
     def raw_span(self, name: str) -> RawSpan | None:
@@ -470,8 +496,15 @@ class PtReader(Reader):
         """
         entry = self._entry(name)
         t = entry.tensor
-        if (self._fd is None or entry.record.member is not None or not self._little
-                or entry.info.size == 0 or t.dtype == "bool" or t.neg or t.conj):
+        if (
+            self._fd is None
+            or entry.record.member is not None
+            or not self._little
+            or entry.info.size == 0
+            or t.dtype == "bool"
+            or t.neg
+            or t.conj
+        ):
             return None
         expected = 1
         for d, s in zip(reversed(t.shape), reversed(t.stride), strict=True):
@@ -524,16 +557,20 @@ def _apply_math_bits(out: np.ndarray, t: _Tensor, kind: str) -> None:
 
 # --- the writer --------------------------------------------------------------------
 
+
 def _check_writable(info: TensorInfo, path: str) -> None:
     if info.dtype not in _WRITABLE:
         raise ConversionError(
             f"{path}: tensor {info.name!r} has dtype {info.dtype!r}, which PyTorch does not "
             "have. Fix: save as .npz or .h5, or convert it first (e.g. --dtype float32); "
-            "PyTorch holds: " + ", ".join(sorted(_WRITABLE)) + ".")
+            "PyTorch holds: " + ", ".join(sorted(_WRITABLE)) + "."
+        )
     lookup(info.dtype)
     if any(type(d) is not int or d < 0 for d in info.shape):
-        raise ConversionError(f"{path}: tensor {info.name!r} has shape {info.shape!r}. Fix: use "
-                              "non-negative integer dimensions.")
+        raise ConversionError(
+            f"{path}: tensor {info.name!r} has shape {info.shape!r}. Fix: use "
+            "non-negative integer dimensions."
+        )
 
 
 def _native_bytes(arr: np.ndarray) -> memoryview:
@@ -548,9 +585,11 @@ class PtFormat(Format):
 
     name = "pt"
     suffixes = (".pt", ".pth", ".bin")
-    description = ("PyTorch checkpoint (torch.save zip); read with a safe pickle-opcode "
-                   "interpreter, written as a flat state dict that torch.load(weights_only=True) "
-                   "loads. Holds: " + ", ".join(sorted(_WRITABLE)) + ".")
+    description = (
+        "PyTorch checkpoint (torch.save zip); read with a safe pickle-opcode "
+        "interpreter, written as a flat state dict that torch.load(weights_only=True) "
+        "loads. Holds: " + ", ".join(sorted(_WRITABLE)) + "."
+    )
 
     def check_info(self, info: TensorInfo, path: str) -> None:
         _check_writable(info, path)
@@ -570,9 +609,12 @@ class PtFormat(Format):
         infos = list(infos)
         meta = self.check_write(path, infos, metadata)
         pickle_bytes = state_dict_pickle(infos)
-        small = [("data.pkl", pickle_bytes), (".format_version", b"1"),
-                 (".storage_alignment", str(ALIGNMENT).encode()),
-                 ("byteorder", sys.byteorder.encode())]
+        small = [
+            ("data.pkl", pickle_bytes),
+            (".format_version", b"1"),
+            (".storage_alignment", str(ALIGNMENT).encode()),
+            ("byteorder", sys.byteorder.encode()),
+        ]
         with atomic_write(path) as f:
             with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
                 for name, raw in small:

@@ -20,9 +20,23 @@ from ..errors import FileFormatError, TensorBridgeError
 __all__ = ["RAW_ERRORS", "wrapped"]
 
 #: Errors the standard library raises on malformed zips and pickles.
-RAW_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError,
-               struct.error, KeyError, IndexError, NotImplementedError, RuntimeError,
-               OverflowError, MemoryError, UnicodeDecodeError, zlib.error, lzma.LZMAError)
+RAW_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    OSError,
+    EOFError,
+    ValueError,
+    struct.error,
+    KeyError,
+    IndexError,
+    NotImplementedError,
+    RuntimeError,
+    OverflowError,
+    MemoryError,
+    UnicodeDecodeError,
+    zlib.error,
+    lzma.LZMAError,
+)
 
 
 @contextlib.contextmanager
@@ -38,4 +52,6 @@ def wrapped(path: str, doing: str) -> Iterator[None]:
         raise FileFormatError(
             f"{doing} failed ({type(exc).__name__}: {detail}); the file is corrupt, truncated "
             "or not a PyTorch checkpoint. Fix: download or save it again (torch.save writes "
-            "a zip archive).", path) from exc
+            "a zip archive).",
+            path,
+        ) from exc

@@ -35,8 +35,12 @@ MAX_DEPTH = 100
 _SCALARS = (str, int, float, complex, bool, bytes, type(None))
 
 
-def flatten(obj: Any, path: str, ops: int = 0, nbytes: int = 0,
-            ) -> tuple[list[tuple[str, _Tensor]], dict[str, str]]:
+def flatten(
+    obj: Any,
+    path: str,
+    ops: int = 0,
+    nbytes: int = 0,
+) -> tuple[list[tuple[str, _Tensor]], dict[str, str]]:
     """Split the saved tree into ``(name, tensor)`` pairs and scalar metadata.
 
     ``ops`` and ``nbytes`` (the pickle's opcode count and size) set the budget: at most
@@ -54,7 +58,9 @@ def flatten(obj: Any, path: str, ops: int = 0, nbytes: int = 0,
             "the saved object reuses its containers so often (through the pickle memo) that "
             "listing it would build far more than the file holds (an amplification attack, "
             "or a very unusual checkpoint). Fix: save a plain dict of tensors, each container "
-            "once.", path)
+            "once.",
+            path,
+        )
 
     def walk(node: Any, name: str, depth: int) -> None:
         nonlocal visits, text
@@ -67,7 +73,8 @@ def flatten(obj: Any, path: str, ops: int = 0, nbytes: int = 0,
             return
         if isinstance(node, _Refused):
             raise FileFormatError(
-                f"the entry {brief(name or 'tensor')} is {node.what}. Fix: {node.fix}.", path)
+                f"the entry {brief(name or 'tensor')} is {node.what}. Fix: {node.fix}.", path
+            )
         if isinstance(node, _DType):
             node = f"torch.{node.name}"
         if isinstance(node, _SCALARS):
@@ -76,7 +83,8 @@ def flatten(obj: Any, path: str, ops: int = 0, nbytes: int = 0,
             if name in scalars:
                 raise UnsafeContentError(
                     f"the value name {brief(name)} appears more than once. Fix: use unique keys.",
-                    path)
+                    path,
+                )
             value = node if isinstance(node, str) else repr(node)
             text -= len(value)
             if text < 0:
@@ -86,11 +94,15 @@ def flatten(obj: Any, path: str, ops: int = 0, nbytes: int = 0,
         if not isinstance(node, (dict, list, tuple)):
             raise FileFormatError(
                 f"the entry {brief(name or '(top level)')} is a {type(node).__name__}, not a "
-                "tensor, container or plain value. Fix: save a (nested) dict of tensors.", path)
+                "tensor, container or plain value. Fix: save a (nested) dict of tensors.",
+                path,
+            )
         if depth > MAX_DEPTH or id(node) in active:
             raise FileFormatError(
                 f"the entry {brief(name)} is nested more than {MAX_DEPTH} deep or contains "
-                "itself. Fix: save a flat or shallow dict of tensors.", path)
+                "itself. Fix: save a flat or shallow dict of tensors.",
+                path,
+            )
         active.add(id(node))
         items = node.items() if isinstance(node, dict) else enumerate(node)
         for key, value in items:

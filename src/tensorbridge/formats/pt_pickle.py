@@ -34,9 +34,9 @@ import io
 import pickletools
 import threading
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
-from collections.abc import Callable, Mapping
 
 from ..dtypes import lookup
 from ..errors import FileFormatError, UnsafeContentError
@@ -81,17 +81,45 @@ STORAGE_TYPES: dict[str, str] = {
 
 #: ``torch.<name>`` dtype attribute -> canonical dtype (aliases included).
 TORCH_DTYPES: dict[str, str] = {
-    **{n: n for n in (
-        "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-        "float16", "float32", "float64", "bfloat16", "complex64", "complex128",
-        "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
-    )},
-    "half": "float16", "float": "float32", "double": "float64", "short": "int16",
-    "int": "int32", "long": "int64", "cfloat": "complex64", "cdouble": "complex128",
+    **{
+        n: n
+        for n in (
+            "bool",
+            "int8",
+            "int16",
+            "int32",
+            "int64",
+            "uint8",
+            "uint16",
+            "uint32",
+            "uint64",
+            "float16",
+            "float32",
+            "float64",
+            "bfloat16",
+            "complex64",
+            "complex128",
+            "float8_e4m3fn",
+            "float8_e5m2",
+            "float8_e4m3fnuz",
+            "float8_e5m2fnuz",
+            "float8_e8m0fnu",
+        )
+    },
+    "half": "float16",
+    "float": "float32",
+    "double": "float64",
+    "short": "int16",
+    "int": "int32",
+    "long": "int64",
+    "cfloat": "complex64",
+    "cdouble": "complex128",
 }
 
-_QUANTIZED_FIX = ("save it dequantized, t.dequantize(), or its integers t.int_repr() with "
-                  "t.q_scale()/t.q_zero_point() as separate values")
+_QUANTIZED_FIX = (
+    "save it dequantized, t.dequantize(), or its integers t.int_repr() with "
+    "t.q_scale()/t.q_zero_point() as separate values"
+)
 _PACKED_FIX = "save its packed bytes, t.view(torch.uint8), or a float copy"
 #: torch dtypes tensorbridge knows but does not read -> (itemsize, how to save instead).
 OPAQUE_DTYPES: dict[str, tuple[int, str]] = {
@@ -112,35 +140,59 @@ OPAQUE_DTYPES: dict[str, tuple[int, str]] = {
     **{f"{s}int{n}": (1, "save it unpacked as int8/uint8") for s in ("", "u") for n in range(1, 8)},
 }
 #: storage types of quantized tensors -> their opaque dtype
-_OPAQUE_STORAGES = {"QUInt8Storage": "quint8", "QInt8Storage": "qint8", "QInt32Storage": "qint32",
-                    "QUInt4x2Storage": "quint4x2", "QUInt2x4Storage": "quint2x4"}
+_OPAQUE_STORAGES = {
+    "QUInt8Storage": "quint8",
+    "QInt8Storage": "qint8",
+    "QInt32Storage": "qint32",
+    "QUInt4x2Storage": "quint4x2",
+    "QUInt2x4Storage": "quint2x4",
+}
 
-_NO_CODE = ("no code was run: tensorbridge reads checkpoints without unpickling. Fix: if you "
-            "trust the file, load it with torch and re-save only the tensors, e.g. "
-            "safetensors.torch.save_file(model.state_dict(), 'model.safetensors') or "
-            "torch.save(model.state_dict(), path)")
+_NO_CODE = (
+    "no code was run: tensorbridge reads checkpoints without unpickling. Fix: if you "
+    "trust the file, load it with torch and re-save only the tensors, e.g. "
+    "safetensors.torch.save_file(model.state_dict(), 'model.safetensors') or "
+    "torch.save(model.state_dict(), path)"
+)
 
 #: torch rebuild functions of tensors tensorbridge does not read -> (what it is, fix).
 _UNSUPPORTED_REBUILDS: dict[str, tuple[str, str]] = {
     "_rebuild_sparse_tensor": (
-        "a sparse tensor", ("save it dense, t.to_dense(), or its parts (for COO: "
-                            "t.coalesce().indices() and .values()) as separate tensors")),
+        "a sparse tensor",
+        (
+            "save it dense, t.to_dense(), or its parts (for COO: "
+            "t.coalesce().indices() and .values()) as separate tensors"
+        ),
+    ),
     "_rebuild_sparse_csr_tensor": ("a sparse tensor", "save it dense, t.to_dense()"),
     "_rebuild_qtensor": ("a quantized tensor", _QUANTIZED_FIX),
     "_rebuild_nested_tensor": (
-        "a nested tensor", "save its parts, list(t.unbind()), or t.to_padded_tensor(0)"),
+        "a nested tensor",
+        "save its parts, list(t.unbind()), or t.to_padded_tensor(0)",
+    ),
     "_rebuild_meta_tensor_no_storage": (
         "a meta tensor, which has a shape but no data",
-        ("materialise the weights before saving (load real weights, or "
-         "module.to_empty(device='cpu') and initialise them)")),
+        (
+            "materialise the weights before saving (load real weights, or "
+            "module.to_empty(device='cpu') and initialise them)"
+        ),
+    ),
     "_rebuild_wrapper_subclass": (
-        "a tensor subclass without a storage", "save plain tensors, t.as_subclass(torch.Tensor)"),
+        "a tensor subclass without a storage",
+        "save plain tensors, t.as_subclass(torch.Tensor)",
+    ),
     "_rebuild_device_tensor_from_numpy": (
-        "a tensor of a non-CPU backend saved through NumPy", "move it to the CPU first, t.cpu()"),
+        "a tensor of a non-CPU backend saved through NumPy",
+        "move it to the CPU first, t.cpu()",
+    ),
     "_rebuild_xla_tensor": (
-        "a tensor of a non-CPU backend saved through NumPy", "move it to the CPU first, t.cpu()"),
+        "a tensor of a non-CPU backend saved through NumPy",
+        "move it to the CPU first, t.cpu()",
+    ),
     "_rebuild_device_tensor_from_cpu_tensor": (
-        "a tensor of a non-CPU backend", "move it to the CPU first, t.cpu()"),
+        "a tensor of a non-CPU backend",
+        "move it to the CPU first, t.cpu()",
+    ),
     "_rebuild_mkldnn_tensor": ("an MKL-DNN tensor", "save t.to_dense()"),
 }
 
@@ -164,7 +216,7 @@ def brief(obj: object, limit: int = 80) -> str:
 
     def walk(o: object) -> None:
         if isinstance(o, (str, bytes, bytearray)):
-            emit(repr(o[:limit + 1]))
+            emit(repr(o[: limit + 1]))
         elif type(o) is int:
             emit(repr(o) if o.bit_length() <= 256 else f"<int of {o.bit_length()} bits>")
         elif isinstance(o, (float, complex, bool, type(None), int)):
@@ -196,6 +248,7 @@ def brief(obj: object, limit: int = 80) -> str:
 
 
 # --- the values the interpreter builds -------------------------------------------
+
 
 @dataclass(frozen=True)
 class _StorageType:
@@ -267,7 +320,9 @@ def _int(x: object, what: str, path: str) -> int:
     if type(x) is not int or x < 0:
         raise FileFormatError(
             f"{what} is {brief(x)}; a non-negative integer is required. Fix: the checkpoint "
-            "is corrupt or hand-made; re-save it with torch.save.", path)
+            "is corrupt or hand-made; re-save it with torch.save.",
+            path,
+        )
     return x
 
 
@@ -275,7 +330,9 @@ def _int_tuple(x: object, what: str, path: str) -> tuple[int, ...]:
     if not isinstance(x, tuple) or len(x) > MAX_NDIM:
         raise FileFormatError(
             f"{what} is {brief(x)}; a tuple of at most {MAX_NDIM} non-negative integers is "
-            "required. Fix: the checkpoint is corrupt or hand-made; re-save it.", path)
+            "required. Fix: the checkpoint is corrupt or hand-made; re-save it.",
+            path,
+        )
     return tuple(_int(v, what, path) for v in x)
 
 
@@ -284,63 +341,94 @@ def _math_bits(metadata: object, dtype: str, path: str) -> tuple[bool, bool]:
     if metadata is None:
         return False, False
     if not isinstance(metadata, dict) or not all(
-            isinstance(k, str) and type(v) is bool for k, v in metadata.items()):
+        isinstance(k, str) and type(v) is bool for k, v in metadata.items()
+    ):
         raise FileFormatError(
             f"a tensor's metadata is {brief(metadata)}, not a dict of flags. Fix: the "
-            "checkpoint is corrupt or hand-made; re-save it with torch.save.", path)
+            "checkpoint is corrupt or hand-made; re-save it with torch.save.",
+            path,
+        )
     unknown = sorted(k for k, v in metadata.items() if v and k not in ("neg", "conj"))
     if unknown:
         raise FileFormatError(
             f"a tensor carries the state {brief(unknown)}, which tensorbridge does not know "
-            "and which may change its values. Fix: save t.clone() (a plain tensor).", path)
+            "and which may change its values. Fix: save t.clone() (a plain tensor).",
+            path,
+        )
     neg, conj = bool(metadata.get("neg")), bool(metadata.get("conj"))
     kind = lookup(dtype).kind
     if conj and kind != "complex":
         raise FileFormatError(
             f"a {dtype} tensor has the conjugate bit, which only complex tensors have. Fix: "
-            "the checkpoint is corrupt or hand-made; re-save it with torch.save.", path)
+            "the checkpoint is corrupt or hand-made; re-save it with torch.save.",
+            path,
+        )
     if neg and (kind in ("bool", "uint") and dtype != "uint8" or dtype.startswith("float8")):
         raise FileFormatError(
             f"a {dtype} tensor has the negative bit, which torch itself cannot apply to "
-            f"{dtype}. Fix: save t.resolve_neg() or t.clone() from where it was made.", path)
+            f"{dtype}. Fix: save t.resolve_neg() or t.clone() from where it was made.",
+            path,
+        )
     return neg, conj
 
 
-def _rebuild(storage: object, offset: object, size: object, stride: object,
-             dtype: str | None, path: str, rest: tuple = ()) -> _Tensor | _Refused:
+def _rebuild(
+    storage: object,
+    offset: object,
+    size: object,
+    stride: object,
+    dtype: str | None,
+    path: str,
+    rest: tuple = (),
+) -> _Tensor | _Refused:
     """``_rebuild_tensor_v2/_v3``; ``rest`` is (requires_grad, backward_hooks[, metadata])."""
     if not isinstance(storage, _Storage):
         raise FileFormatError(
             f"a tensor is rebuilt from {type(storage).__name__}, not from a storage record. "
-            "Fix: the checkpoint is corrupt or hand-made; re-save it with torch.save.", path)
+            "Fix: the checkpoint is corrupt or hand-made; re-save it with torch.save.",
+            path,
+        )
     dtype = dtype or storage.dtype
     if dtype is None:
         raise FileFormatError(
             f"storage {brief(storage.key)} is untyped and no dtype was given. Fix: re-save the "
-            "checkpoint with torch.save.", path)
+            "checkpoint with torch.save.",
+            path,
+        )
     if storage.dtype is not None and storage.dtype != dtype:
         raise FileFormatError(
             f"storage {brief(storage.key)} holds {storage.dtype} but a tensor reads it as "
-            f"{dtype}. Fix: re-save the checkpoint with torch.save.", path)
+            f"{dtype}. Fix: re-save the checkpoint with torch.save.",
+            path,
+        )
     if rest:
         if type(rest[0]) is not bool:
-            raise FileFormatError(f"a tensor's requires_grad is {brief(rest[0])}, not a bool. "
-                                  "Fix: re-save the checkpoint with torch.save.", path)
+            raise FileFormatError(
+                f"a tensor's requires_grad is {brief(rest[0])}, not a bool. "
+                "Fix: re-save the checkpoint with torch.save.",
+                path,
+            )
         _no_hooks(rest[1], path)
     if dtype in OPAQUE_DTYPES:
-        return _Refused(f"a tensor of dtype torch.{dtype}, which tensorbridge does not support "
-                        "(no NumPy or file format here holds it)", OPAQUE_DTYPES[dtype][1])
+        return _Refused(
+            f"a tensor of dtype torch.{dtype}, which tensorbridge does not support "
+            "(no NumPy or file format here holds it)",
+            OPAQUE_DTYPES[dtype][1],
+        )
     neg, conj = _math_bits(rest[2] if len(rest) > 2 else None, dtype, path)
     shape = _int_tuple(size, "a tensor shape", path)
     strides = _int_tuple(stride, "a tensor stride", path)
     if len(strides) != len(shape):
         raise FileFormatError(
             f"a tensor has shape {list(shape)} but stride {brief(list(strides))}. Fix: the "
-            "checkpoint is corrupt; re-save it.", path)
+            "checkpoint is corrupt; re-save it.",
+            path,
+        )
     # a stride along an axis of length <= 1 is never used: normalise it (2**62 there is legal)
     strides = tuple(s if d > 1 else 0 for d, s in zip(shape, strides, strict=True))
-    tensor = _Tensor(storage, dtype, _int(offset, "a storage offset", path), shape, strides,
-                     neg, conj)
+    tensor = _Tensor(
+        storage, dtype, _int(offset, "a storage offset", path), shape, strides, neg, conj
+    )
     _check_extent(tensor, path)
     return tensor
 
@@ -349,7 +437,9 @@ def _no_hooks(hooks: object, path: str) -> None:
     if hooks is not None and not (isinstance(hooks, dict) and not hooks):
         raise UnsafeContentError(
             f"a tensor carries backward hooks {brief(hooks)}; torch.save never stores hooks "
-            f"(they are code). {_NO_CODE}.", path)
+            f"(they are code). {_NO_CODE}.",
+            path,
+        )
 
 
 def _check_extent(t: _Tensor, path: str) -> None:
@@ -367,13 +457,16 @@ def _check_extent(t: _Tensor, path: str) -> None:
             f"a {t.dtype} tensor of shape {brief(list(t.shape))}, stride {brief(list(t.stride))}, "
             f"offset {brief(t.offset)} needs {brief(need)} bytes of storage {brief(t.storage.key)}, "
             f"which holds only {t.storage.nbytes}. Fix: the checkpoint is corrupt or truncated; save it again.",
-            path)
+            path,
+        )
     if count * itemsize > max(t.storage.nbytes, MAX_BROADCAST_BYTES):
         raise FileFormatError(
             f"a {t.dtype} tensor of shape {brief(list(t.shape))} would take "
             f"{brief(count * itemsize)} bytes but its storage {brief(t.storage.key)} holds only {t.storage.nbytes} (zero "
             "strides); reading it would allocate what the file merely claims. Fix: save the "
-            "tensor materialised, e.g. t.contiguous().", path)
+            "tensor materialised, e.g. t.contiguous().",
+            path,
+        )
 
 
 def _globals(path: str) -> dict[str, Any]:
@@ -392,10 +485,16 @@ def _globals(path: str) -> dict[str, Any]:
 
     def device(args: tuple) -> str:
         # torch.device('cuda', 0) in a checkpoint's metadata: kept as its text
-        if not 1 <= len(args) <= 2 or not isinstance(args[0], str) \
-                or (len(args) == 2 and type(args[1]) is not int):
-            raise FileFormatError(f"torch.device is called with {brief(args)}. Fix: re-save "
-                                  "the checkpoint with torch.save.", path)
+        if (
+            not 1 <= len(args) <= 2
+            or not isinstance(args[0], str)
+            or (len(args) == 2 and type(args[1]) is not int)
+        ):
+            raise FileFormatError(
+                f"torch.device is called with {brief(args)}. Fix: re-save "
+                "the checkpoint with torch.save.",
+                path,
+            )
         return args[0] if len(args) == 1 else f"{args[0]}:{args[1]}"
 
     def v2(args: tuple) -> _Tensor | _Refused:
@@ -406,14 +505,18 @@ def _globals(path: str) -> dict[str, Any]:
     def v3(args: tuple) -> _Tensor | _Refused:
         if len(args) not in (7, 8) or not isinstance(args[6], _DType):
             raise FileFormatError("_rebuild_tensor_v3 gets malformed arguments.", path)
-        return _rebuild(args[0], args[1], args[2], args[3], args[6].name, path,
-                        args[4:6] + args[7:])
+        return _rebuild(
+            args[0], args[1], args[2], args[3], args[6].name, path, args[4:6] + args[7:]
+        )
 
     def parameter(args: tuple) -> _Tensor | _Refused:
         # (data, requires_grad, backward_hooks[, state]): state is Python attributes
         # set on the Parameter; it changes no value and is dropped like OrderedDict's
-        if len(args) not in (3, 4) or not isinstance(args[0], (_Tensor, _Refused)) \
-                or type(args[1]) is not bool:
+        if (
+            len(args) not in (3, 4)
+            or not isinstance(args[0], (_Tensor, _Refused))
+            or type(args[1]) is not bool
+        ):
             raise FileFormatError("_rebuild_parameter gets malformed arguments.", path)
         _no_hooks(args[2], path)
         return args[0]
@@ -421,21 +524,30 @@ def _globals(path: str) -> dict[str, Any]:
     def from_type(args: tuple) -> Any:
         # torch._tensor._rebuild_from_type_v2(func, new_type, args, state): a subclass
         # whose class is an allowed global (torch.Tensor, Parameter) only
-        if len(args) != 4 or not isinstance(args[0], _Global) or not isinstance(args[2], tuple) \
-                or args[1] not in (_Marker("torch.Tensor"), _Marker("torch.nn.Parameter")):
+        if (
+            len(args) != 4
+            or not isinstance(args[0], _Global)
+            or not isinstance(args[2], tuple)
+            or args[1] not in (_Marker("torch.Tensor"), _Marker("torch.nn.Parameter"))
+        ):
             raise FileFormatError("_rebuild_from_type_v2 gets malformed arguments.", path)
         return args[0].fn(args[2])
 
     def unsupported(name: str) -> _Global:
         what, fix = _UNSUPPORTED_REBUILDS[name]
-        return _Global(name, lambda args: _Refused(
-            f"{what}, which tensorbridge does not read (it reads dense, strided tensors)", fix))
+        return _Global(
+            name,
+            lambda args: _Refused(
+                f"{what}, which tensorbridge does not read (it reads dense, strided tensors)", fix
+            ),
+        )
 
     def size(args: tuple) -> tuple[int, ...]:
         if len(args) != 1:
             raise FileFormatError("torch.Size gets malformed arguments.", path)
-        return _int_tuple(tuple(args[0]) if isinstance(args[0], list) else args[0],
-                          "a torch.Size", path)
+        return _int_tuple(
+            tuple(args[0]) if isinstance(args[0], list) else args[0], "a torch.Size", path
+        )
 
     def layout(args: tuple) -> str:
         if len(args) != 1 or not isinstance(args[0], str):
@@ -446,22 +558,33 @@ def _globals(path: str) -> dict[str, Any]:
         if len(args) != 2 or not isinstance(args[0], str) or args[1] != "latin1":
             raise UnsafeContentError(
                 f"_codecs.encode is called with {brief(args)}, not (str, 'latin1') as pickle "
-                f"writes bytes. {_NO_CODE}.", path)
+                f"writes bytes. {_NO_CODE}.",
+                path,
+            )
         try:
             return args[0].encode("latin1")
         except UnicodeEncodeError as exc:
-            raise FileFormatError("malformed bytes object in the pickle (a character beyond "
-                                  "latin-1). Fix: re-save the checkpoint.", path) from exc
+            raise FileFormatError(
+                "malformed bytes object in the pickle (a character beyond "
+                "latin-1). Fix: re-save the checkpoint.",
+                path,
+            ) from exc
 
     def complex_number(args: tuple) -> complex:
         if len(args) != 2 or not all(type(a) in (int, float) for a in args):
-            raise FileFormatError(f"complex() is called with {brief(args)}, not two numbers. "
-                                  "Fix: re-save the checkpoint with torch.save.", path)
+            raise FileFormatError(
+                f"complex() is called with {brief(args)}, not two numbers. "
+                "Fix: re-save the checkpoint with torch.save.",
+                path,
+            )
         try:
             return complex(*args)
         except OverflowError as exc:
-            raise FileFormatError("complex() is called with a number too large for a float. "
-                                  "Fix: re-save the checkpoint.", path) from exc
+            raise FileFormatError(
+                "complex() is called with a number too large for a float. "
+                "Fix: re-save the checkpoint.",
+                path,
+            ) from exc
 
     table: dict[str, Any] = {
         # torch's weights_only loader allows complex; protocol 2 spells it __builtin__
@@ -489,9 +612,18 @@ def _globals(path: str) -> dict[str, Any]:
     table.update({f"torch.{k}": _StorageType(v) for k, v in _OPAQUE_STORAGES.items()})
     table.update({f"torch.{k}": _DType(v) for k, v in TORCH_DTYPES.items()})
     table.update({f"torch.{k}": _DType(k) for k in OPAQUE_DTYPES})
-    table.update({f"torch.{q}": _Marker(f"torch.{q}") for q in (
-        "per_tensor_affine", "per_tensor_symmetric", "per_channel_affine",
-        "per_channel_symmetric", "per_channel_affine_float_qparams")})
+    table.update(
+        {
+            f"torch.{q}": _Marker(f"torch.{q}")
+            for q in (
+                "per_tensor_affine",
+                "per_tensor_symmetric",
+                "per_channel_affine",
+                "per_channel_symmetric",
+                "per_channel_affine_float_qparams",
+            )
+        }
+    )
     return table
 
 
@@ -499,8 +631,11 @@ def _empty_state(state: object) -> bool:
     """None, or a dict / a (dict, dict) pair of slots with nothing in it (bounded: no walk)."""
     if state is None or (isinstance(state, dict) and not state):
         return True
-    return (isinstance(state, tuple) and len(state) == 2
-            and all(s is None or (isinstance(s, dict) and not s) for s in state))
+    return (
+        isinstance(state, tuple)
+        and len(state) == 2
+        and all(s is None or (isinstance(s, dict) and not s) for s in state)
+    )
 
 
 _STR_LIKE = (str, bytes, bytearray)
@@ -525,7 +660,9 @@ class _Machine:
     def fail(self, why: str) -> FileFormatError:
         return FileFormatError(
             f"data.pkl is malformed: {why}. Fix: the checkpoint is corrupt or hand-made; "
-            "re-save it with torch.save.", self.path)
+            "re-save it with torch.save.",
+            self.path,
+        )
 
     def charge(self, units: int) -> None:
         self.work += units
@@ -534,7 +671,9 @@ class _Machine:
                 f"data.pkl would take more than {self.budget} units of work and memory to "
                 "evaluate, far more than a pickle of its size needs (memo reuse or many "
                 "tiny objects: an amplification attack or a corrupt file). Fix: re-save the "
-                "checkpoint with torch.save, or as safetensors.", self.path)
+                "checkpoint with torch.save, or as safetensors.",
+                self.path,
+            )
 
     def pop(self) -> Any:
         if not self.stack:
@@ -555,14 +694,17 @@ class _Machine:
 
     def setitem(self, d: dict, key: object, value: object) -> None:
         if type(key) not in (str, int):
-            raise self.fail(f"a dict key is a {type(key).__name__} ({brief(key, 60)}); only str "
-                            "and int keys are supported")
+            raise self.fail(
+                f"a dict key is a {type(key).__name__} ({brief(key, 60)}); only str "
+                "and int keys are supported"
+            )
         d[key] = value
 
     def in_subclass(self) -> bool:
         for frame in [self.stack] + self.marks[-2:]:
-            if any(isinstance(v, _Global) and v.qualname == "_rebuild_from_type_v2"
-                   for v in frame[-3:]):
+            if any(
+                isinstance(v, _Global) and v.qualname == "_rebuild_from_type_v2" for v in frame[-3:]
+            ):
                 return True
         return False
 
@@ -576,36 +718,52 @@ class _Machine:
                 raise UnsafeContentError(
                     f"the checkpoint holds a tensor subclass {brief(qualname)}; its class would "
                     "have to be imported, which could run code. Fix: save plain tensors, "
-                    "t.as_subclass(torch.Tensor) (no code was run).", self.path)
+                    "t.as_subclass(torch.Tensor) (no code was run).",
+                    self.path,
+                )
             raise UnsafeContentError(
                 f"the checkpoint references the global {brief(qualname)}, which is not a "
                 f"tensor or plain container; loading it with pickle could run code. {_NO_CODE}.",
-                self.path)
+                self.path,
+            )
         return value
 
     def persistent(self, pid: object) -> _Storage:
-        if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)):
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) in (5, 6)
+            and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType)
+            and isinstance(pid[2], str)
+        ):
             raise self.fail(f"persistent id {brief(pid, 100)} is not a storage reference")
         if len(pid) == 6 and pid[5] is not None:  # legacy format: a view of another storage
-            raise self.fail("a storage is a view of another storage (pre-1.0 torch); re-save "
-                            "the checkpoint with a modern torch")
+            raise self.fail(
+                "a storage is a view of another storage (pre-1.0 torch); re-save "
+                "the checkpoint with a modern torch"
+            )
         stype, key, numel = pid[1], pid[2], pid[4]
         dtype = stype.dtype
-        itemsize = 1 if dtype is None else (
-            OPAQUE_DTYPES[dtype][0] if dtype in OPAQUE_DTYPES else lookup(dtype).itemsize)
+        itemsize = (
+            1
+            if dtype is None
+            else (OPAQUE_DTYPES[dtype][0] if dtype in OPAQUE_DTYPES else lookup(dtype).itemsize)
+        )
         nbytes = _int(numel, "the size of a storage", self.path) * itemsize
         if self.sizes is not None:
             have = self.sizes.get(key)
             if have is None:
                 raise FileFormatError(
                     f"storage {brief(key)} has no record data/{key[:80]} in the archive. Fix: "
-                    "the checkpoint is incomplete; save it again.", self.path)
+                    "the checkpoint is incomplete; save it again.",
+                    self.path,
+                )
             if have != nbytes:
                 raise FileFormatError(
                     f"storage record data/{key[:80]} holds {have} bytes but the pickle declares "
                     f"{nbytes}. Fix: the checkpoint is corrupt or truncated; save it again.",
-                    self.path)
+                    self.path,
+                )
         storage = _Storage(key, dtype, nbytes)
         old = self.storages.setdefault(key, storage)
         if old != storage:
@@ -628,7 +786,9 @@ class _Machine:
                 raise UnsafeContentError(
                     f"data.pkl uses the pickle opcode {name!r} at byte {pos}, which builds "
                     f"objects other than plain data and which state dicts never need. "
-                    f"{_NO_CODE}.", self.path)
+                    f"{_NO_CODE}.",
+                    self.path,
+                )
             if name == "STOP":
                 result = self.pop()
                 if self.stack or self.marks:
@@ -791,7 +951,9 @@ class _Machine:
         if not isinstance(func, _Global):
             raise UnsafeContentError(
                 f"data.pkl calls a {type(func).__name__} ({brief(func)}), which is not an allowed "
-                f"function. {_NO_CODE}.", self.path)
+                f"function. {_NO_CODE}.",
+                self.path,
+            )
         if not isinstance(args, tuple):
             raise self.fail(f"{func.qualname} is called with a {type(args).__name__}")
         self.charge(256)
@@ -805,7 +967,9 @@ class _Machine:
         raise FileFormatError(
             "data.pkl was written with pickle protocol 0, which stores storage references as "
             "text that torch.load cannot read either. Fix: save it again with the default "
-            "protocol, torch.save(obj, path).", self.path)
+            "protocol, torch.save(obj, path).",
+            self.path,
+        )
 
     def op_BUILD(self, arg: None) -> None:
         state = self.pop()
@@ -816,14 +980,17 @@ class _Machine:
             return
         raise UnsafeContentError(
             f"data.pkl sets state {brief(state)} on a {type(target).__name__}; only empty "
-            f"tensor state and OrderedDict attributes are allowed. {_NO_CODE}.", self.path)
+            f"tensor state and OrderedDict attributes are allowed. {_NO_CODE}.",
+            self.path,
+        )
 
 
 _GENOPS_LOCK = threading.Lock()
 
 
-def run_pickle(stream: IO[bytes], nbytes: int, storage_sizes: Mapping[str, int] | None,
-               path: str = "") -> tuple[Any, int, dict[str, _Storage]]:
+def run_pickle(
+    stream: IO[bytes], nbytes: int, storage_sizes: Mapping[str, int] | None, path: str = ""
+) -> tuple[Any, int, dict[str, _Storage]]:
     """Evaluate one pickle from ``stream`` (``nbytes`` long at most, which sets the work
     budget). Returns (the object, the number of opcodes, the storages it declared).
 
@@ -837,12 +1004,13 @@ def run_pickle(stream: IO[bytes], nbytes: int, storage_sizes: Mapping[str, int] 
         try:
             obj = machine.run(pickletools.genops(stream))
         except DeprecationWarning as exc:
-            raise FileFormatError(f"data.pkl holds malformed text ({exc}). Fix: re-save the "
-                                  "checkpoint with torch.save, or obtain an intact copy.",
-                                  path) from exc
+            raise FileFormatError(
+                f"data.pkl holds malformed text ({exc}). Fix: re-save the "
+                "checkpoint with torch.save, or obtain an intact copy.",
+                path,
+            ) from exc
         except RecursionError as exc:
-            raise FileFormatError("data.pkl is nested too deeply. Fix: re-save it.",
-                                  path) from exc
+            raise FileFormatError("data.pkl is nested too deeply. Fix: re-save it.", path) from exc
     return obj, machine.ops, machine.storages
 
 

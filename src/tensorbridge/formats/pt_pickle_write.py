@@ -44,7 +44,7 @@ def _op_tuple(items: Sequence[bytes]) -> bytes:
     if len(items) == 0:
         return b")"
     if len(items) <= 3:
-        return body + b"\x85\x86\x87"[len(items) - 1:len(items)]
+        return body + b"\x85\x86\x87"[len(items) - 1 : len(items)]
     return b"(" + body + b"t"
 
 
@@ -65,11 +65,15 @@ def _tensor_pickle(info: TensorInfo, key: str) -> bytes:
         stype, numel = _op_global("torch", legacy), count
     else:
         stype, numel = _op_global("torch.storage", "UntypedStorage"), info.nbytes
-    pid = b"(" + _op_str("storage") + stype + _op_str(key) + _op_str("cpu") + _op_int(numel) \
-        + b"tQ"
-    args = [pid, _op_int(0), _op_tuple([_op_int(d) for d in info.shape]),
-            _op_tuple([_op_int(s) for s in strides]), b"\x89",
-            _op_global("collections", "OrderedDict") + b")R"]
+    pid = b"(" + _op_str("storage") + stype + _op_str(key) + _op_str("cpu") + _op_int(numel) + b"tQ"
+    args = [
+        pid,
+        _op_int(0),
+        _op_tuple([_op_int(d) for d in info.shape]),
+        _op_tuple([_op_int(s) for s in strides]),
+        b"\x89",
+        _op_global("collections", "OrderedDict") + b")R",
+    ]
     if not legacy:
         args.append(_op_global("torch", info.dtype))
     fn = "_rebuild_tensor_v2" if legacy else "_rebuild_tensor_v3"

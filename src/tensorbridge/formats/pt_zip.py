@@ -20,8 +20,8 @@ import os
 import struct
 import zipfile
 import zlib
-from typing import Any
 from collections.abc import Sequence
+from typing import Any
 
 from ..errors import FileFormatError, UnsafeContentError
 from .safetensors import read_exact_into
@@ -48,25 +48,34 @@ ARCHIVE = "archive"
 #: A compressed record may declare at most this many bytes per compressed byte (the most
 #: deflate can ever expand; bzip2 and lzma could claim far more, so it applies to all).
 MAX_RATIO = 1032
-_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate",
-            zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "lzma"}
+_METHODS = {
+    zipfile.ZIP_STORED: "stored",
+    zipfile.ZIP_DEFLATED: "deflate",
+    zipfile.ZIP_BZIP2: "bzip2",
+    zipfile.ZIP_LZMA: "lzma",
+}
 _STEP = 1 << 16
 
 
 # --- reading -----------------------------------------------------------------------
+
 
 def check_magic(head: bytes, size: int, path: str) -> bool:
     """Check the first bytes; True for torch's legacy (pre-1.6, non-zip) pickle format."""
     if size == 0:
         raise FileFormatError(
             "the file is empty. Fix: save the checkpoint again; it was never written or "
-            "was truncated to nothing.", path)
+            "was truncated to nothing.",
+            path,
+        )
     if head[:1] == b"\x80":
         return True
     if head[:4] not in (b"PK\x03\x04", b"PK\x05\x06"):
         raise FileFormatError(
             f"the file starts with {head[:8]!r}, not a zip signature, so it is not a PyTorch "
-            "checkpoint (torch.save writes a zip archive). Fix: check the file type.", path)
+            "checkpoint (torch.save writes a zip archive). Fix: check the file type.",
+            path,
+        )
     return False
 
 
@@ -75,18 +84,23 @@ def find_prefix(names: list[str], path: str) -> str:
     if "/" not in first:
         raise FileFormatError(
             f"the zip has no top-level folder (first entry {first!r}); this is a zip, but not a "
-            "PyTorch checkpoint. Fix: pass a file written by torch.save.", path)
+            "PyTorch checkpoint. Fix: pass a file written by torch.save.",
+            path,
+        )
     prefix = first.split("/", 1)[0] + "/"
     if prefix + "constants.pkl" in names or any(n.startswith(prefix + "code/") for n in names):
         raise UnsafeContentError(
             "this is a TorchScript archive (torch.jit.save): a compiled program, not a "
             "checkpoint of tensors. Fix: in a trusted environment, load it with torch.jit.load "
             "and save its tensors with torch.save(module.state_dict(), path) or safetensors.",
-            path)
+            path,
+        )
     if prefix + "data.pkl" not in names:
         raise FileFormatError(
             f"the zip has no {prefix + 'data.pkl'!r} entry, so it is not a PyTorch checkpoint. "
-            "Fix: pass a file written by torch.save.", path)
+            "Fix: pass a file written by torch.save.",
+            path,
+        )
     return prefix
 
 
@@ -97,7 +111,9 @@ def check_unique_members(names: list[str], path: str) -> None:
         if n in seen:
             raise UnsafeContentError(
                 f"the zip holds the entry {n!r} twice; different readers would pick different "
-                "copies. Fix: save the checkpoint again with torch.save.", path)
+                "copies. Fix: save the checkpoint again with torch.save.",
+                path,
+            )
         seen.add(n)
 
 
@@ -106,19 +122,26 @@ def check_record(member: zipfile.ZipInfo, path: str) -> None:
     if member.flag_bits & 0x1:
         raise FileFormatError(
             f"the entry {member.filename!r} is encrypted. Fix: save the checkpoint "
-            "again without encryption.", path)
+            "again without encryption.",
+            path,
+        )
     if member.compress_type not in _METHODS:
         raise FileFormatError(
             f"the entry {member.filename!r} uses zip compression method {member.compress_type}, "
             "which is not supported (stored, deflate, bzip2 and lzma are). Fix: save the "
-            "checkpoint again with torch.save, which stores records uncompressed.", path)
-    if member.compress_type != zipfile.ZIP_STORED \
-            and member.file_size > MAX_RATIO * max(member.compress_size, 1):
+            "checkpoint again with torch.save, which stores records uncompressed.",
+            path,
+        )
+    if member.compress_type != zipfile.ZIP_STORED and member.file_size > MAX_RATIO * max(
+        member.compress_size, 1
+    ):
         raise FileFormatError(
             f"the entry {member.filename!r} declares {member.file_size} bytes from "
             f"{member.compress_size} compressed bytes, a ratio over {MAX_RATIO}:1 (a "
             "decompression bomb, or a corrupt zip). Fix: save the checkpoint again with "
-            "torch.save, which stores records uncompressed.", path)
+            "torch.save, which stores records uncompressed.",
+            path,
+        )
 
 
 def record_start(fd: int, member: zipfile.ZipInfo, size: int, path: str) -> int:
@@ -146,12 +169,13 @@ def _decompressor(member: zipfile.ZipInfo, head: bytes, path: str) -> tuple[Any,
     psize = struct.unpack("<H", head[2:4])[0]
     if len(head) < 4 + psize:
         raise truncated(member, path)
-    props = lzma._decode_filter_properties(lzma.FILTER_LZMA1, head[4:4 + psize])  # type: ignore[attr-defined]
+    props = lzma._decode_filter_properties(lzma.FILTER_LZMA1, head[4 : 4 + psize])  # type: ignore[attr-defined]
     return lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=[props]), 4 + psize
 
 
-def inflate_into(fd: int, start: int, member: zipfile.ZipInfo, lo: int, out: memoryview,
-                 path: str) -> None:
+def inflate_into(
+    fd: int, start: int, member: zipfile.ZipInfo, lo: int, out: memoryview, path: str
+) -> None:
     """Decompress ``member`` (data at ``start`` in ``fd``) and fill ``out`` with its bytes
     ``lo .. lo + len(out)``. No step produces more than 64 KiB, nothing beyond the last
     byte asked for is produced, and the CRC is checked when the whole record is read."""
@@ -188,12 +212,14 @@ def inflate_into(fd: int, start: int, member: zipfile.ZipInfo, lo: int, out: mem
         crc = zlib.crc32(chunk, crc)
         a, b = max(lo - produced, 0), min(hi - produced, len(chunk))
         if a < b:
-            out[produced + a - lo:produced + b - lo] = chunk[a:b]
+            out[produced + a - lo : produced + b - lo] = chunk[a:b]
         produced += len(chunk)
     if hi == member.file_size and crc != member.CRC:
         raise FileFormatError(
             f"the entry {member.filename!r} fails its CRC check. Fix: the checkpoint is "
-            "corrupt; download or save it again.", path)
+            "corrupt; download or save it again.",
+            path,
+        )
 
 
 def stored_data_offset(fd: int, member: zipfile.ZipInfo, size: int, path: str) -> int:
@@ -205,7 +231,9 @@ def stored_data_offset(fd: int, member: zipfile.ZipInfo, size: int, path: str) -
     if member.flag_bits & 0x1:
         raise FileFormatError(
             f"the entry {member.filename!r} is encrypted. Fix: save the checkpoint "
-            "again without encryption.", path)
+            "again without encryption.",
+            path,
+        )
     if member.compress_type != zipfile.ZIP_STORED:
         return -1  # read through zipfile, which checks sizes and CRC
     header = bytearray(30)
@@ -214,8 +242,11 @@ def stored_data_offset(fd: int, member: zipfile.ZipInfo, size: int, path: str) -
     read_exact_into(fd, memoryview(header), member.header_offset, path)
     sig, *_, name_len, extra_len = struct.unpack("<4s5H3I2H", header)
     start = member.header_offset + 30 + name_len + extra_len
-    if sig != b"PK\x03\x04" or start + member.file_size > size \
-            or member.compress_size != member.file_size:
+    if (
+        sig != b"PK\x03\x04"
+        or start + member.file_size > size
+        or member.compress_size != member.file_size
+    ):
         raise truncated(member, path)
     return start
 
@@ -225,10 +256,12 @@ def truncated(member: zipfile.ZipInfo, path: str) -> FileFormatError:
     return FileFormatError(
         f"the entry {member.filename!r} has a bad local header or runs past the end of the "
         "file. Fix: the checkpoint is truncated or corrupt; download or save it again.",
-        path)
+        path,
+    )
 
 
 # --- writing -----------------------------------------------------------------------
+
 
 def _aligned_info(name: str, size: int, offset: int) -> zipfile.ZipInfo:
     """A stored ZipInfo whose data will start at a multiple of :data:`ALIGNMENT`.

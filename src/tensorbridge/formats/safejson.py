@@ -32,8 +32,8 @@ from __future__ import annotations
 import json
 import re
 import reprlib
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -68,7 +68,7 @@ def short(value: object, limit: int = 120) -> str:
     if isinstance(value, str) and len(value) > limit:
         return repr(value[:limit])[:-1] + f"...' ({len(value)} characters)"
     text = _REPR.repr(value)
-    return text if len(text) <= 2 * limit else text[:2 * limit] + "..."
+    return text if len(text) <= 2 * limit else text[: 2 * limit] + "..."
 
 
 def _max_depth(brackets: bytes | bytearray) -> int:
@@ -101,26 +101,34 @@ def _check_budget(raw: bytes | bytearray, path: str, what: str) -> None:
         raise FileFormatError(
             f"{what} has {containers} JSON arrays and objects in {len(raw)} bytes, more than "
             f"one per {BYTES_PER_CONTAINER} bytes (a valid one has far fewer; parsing it could "
-            "take gigabytes). Fix: this is not a valid file, or it is corrupt or hostile.", path)
+            "take gigabytes). Fix: this is not a valid file, or it is corrupt or hostile.",
+            path,
+        )
     if brackets:
         depth = _max_depth(brackets)
         if depth > MAX_DEPTH:
             raise FileFormatError(
                 f"{what} nests at least {depth} levels deep, over the limit of {MAX_DEPTH} (a valid one "
-                "needs 3). Fix: this is not a valid file, or it is corrupt or hostile.", path)
+                "needs 3). Fix: this is not a valid file, or it is corrupt or hostile.",
+                path,
+            )
 
 
 def _within_budget(brackets: bytes | bytearray, size: int) -> bool:
     containers = brackets.count(b"[") + brackets.count(b"{")
     return containers <= size // BYTES_PER_CONTAINER + 8 and (
-        not brackets or _max_depth(brackets) <= MAX_DEPTH)
+        not brackets or _max_depth(brackets) <= MAX_DEPTH
+    )
 
 
 def _refuse_constant(path: str, what: str) -> Callable[[str], Any]:
     def hook(name: str) -> Any:
         raise FileFormatError(
             f"{what} holds {name}, which is not JSON (strict readers such as the safetensors "
-            "library refuse it). Fix: write a number, or re-save the file.", path)
+            "library refuse it). Fix: write a number, or re-save the file.",
+            path,
+        )
+
     return hook
 
 
@@ -134,9 +142,11 @@ def _unique(path: str, what: str) -> Callable[[list[tuple[str, Any]]], dict]:
                     raise UnsafeContentError(
                         f"{what} has the key {short(key)} more than once; other readers would "
                         "silently keep only the last one. Fix: re-save it with unique keys.",
-                        path)
+                        path,
+                    )
                 seen.add(key)
         return out
+
     return hook
 
 
@@ -150,13 +160,18 @@ def loads(raw: bytes | bytearray, path: str, what: str, *, offset: int = 0) -> A
     except UnicodeDecodeError as exc:
         raise FileFormatError(
             f"{what} is not valid UTF-8 ({exc.reason} at byte {offset + exc.start}). Fix: "
-            "this is not a valid file, or it is corrupt.", path) from exc
+            "this is not a valid file, or it is corrupt.",
+            path,
+        ) from exc
     try:
-        return json.loads(text, object_pairs_hook=_unique(path, what),
-                          parse_constant=_refuse_constant(path, what))
+        return json.loads(
+            text, object_pairs_hook=_unique(path, what), parse_constant=_refuse_constant(path, what)
+        )
     except (FileFormatError, UnsafeContentError):
         raise
     except (ValueError, RecursionError) as exc:
         raise FileFormatError(
             f"{what} is not valid JSON ({short(str(exc), 200)}). Fix: this is not a valid "
-            "file, or it is corrupt.", path) from exc
+            "file, or it is corrupt.",
+            path,
+        ) from exc

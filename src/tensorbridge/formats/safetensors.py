@@ -47,16 +47,16 @@ import stat
 import struct
 import sys
 import threading
-from typing import Any
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from ..dtypes import DTYPES, canonical_name, lookup
 from ..errors import CheckpointChangedError, ConversionError, FileFormatError, UnsafeContentError
+from . import safejson
 from .atomic import atomic_write
 from .base import Format, RawSpan, Reader, TensorInfo, check_metadata, first_axis_rows
-from . import safejson
 from .names import check_unique
 from .safejson import short
 
@@ -92,6 +92,7 @@ CODE_TO_DTYPE: dict[str, str] = {d.safetensors: d.name for d in DTYPES.values() 
 
 # --- shared low-level helpers (also used by other format modules) ------------
 
+
 def open_regular_file(path: str) -> tuple[int, int]:
     """Open ``path`` read-only and return ``(fd, size)``; refuse non-regular files.
 
@@ -105,16 +106,19 @@ def open_regular_file(path: str) -> tuple[int, int]:
             raise FileFormatError(
                 f"cannot open the file: too many open files ({exc.strerror}). Fix: raise the "
                 "open-file limit (e.g. `ulimit -n 4096`) or close other open files.",
-                path) from exc
+                path,
+            ) from exc
         raise FileFormatError(
-            f"cannot open the file ({exc.strerror}). Fix: check the path and its permissions.",
-            path) from exc
+            f"cannot open the file ({exc.strerror}). Fix: check the path and its permissions.", path
+        ) from exc
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise FileFormatError(
                 "it is not a regular file (a directory, FIFO or device cannot hold a "
-                "tensor file). Fix: pass the path of a file.", path)
+                "tensor file). Fix: pass the path of a file.",
+                path,
+            )
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
         return fd, st.st_size
@@ -134,16 +138,20 @@ def read_exact_into(fd: int, buffer: memoryview, offset: int, path: str) -> None
             else:  # pragma: no cover - Windows
                 data = os.pread(fd, min(total - done, 1 << 30), offset + done)
                 n = len(data)
-                buffer[done:done + n] = data
+                buffer[done : done + n] = data
         except OSError as exc:
             raise FileFormatError(
                 f"reading failed at byte {offset + done} ({exc.strerror}). Fix: check the "
-                "disk and the file, or copy the file locally and retry.", path) from exc
+                "disk and the file, or copy the file locally and retry.",
+                path,
+            ) from exc
         if n == 0:
             raise FileFormatError(
                 f"the file ended at byte {offset + done}, but {total - done} more bytes were "
                 "expected (it was truncated or changed while being read). Fix: download or "
-                "copy the file again.", path)
+                "copy the file again.",
+                path,
+            )
         done += n
 
 
@@ -176,7 +184,7 @@ def iter_le_bytes(arr: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> Iterator[m
     step = max(1, chunk_bytes // max(row_bytes, 1))
     le = arr.dtype.newbyteorder("<")
     for start in range(0, arr.shape[0], step):
-        block = np.ascontiguousarray(arr[start:start + step])
+        block = np.ascontiguousarray(arr[start : start + step])
         if big:
             block = block.astype(le)
         yield _byte_view(block)
@@ -187,7 +195,8 @@ def check_fetched(arr: object, info: TensorInfo, file: object = "") -> np.ndarra
     if not isinstance(arr, np.ndarray):
         raise ConversionError(
             f"{file}: fetch({info.name!r}) returned a {type(arr).__name__}, not a numpy "
-            "array. Fix: return host NumPy arrays from fetch().")
+            "array. Fix: return host NumPy arrays from fetch()."
+        )
     try:
         got = canonical_name(arr.dtype)
     except ConversionError as exc:
@@ -196,7 +205,8 @@ def check_fetched(arr: object, info: TensorInfo, file: object = "") -> np.ndarra
         raise ConversionError(
             f"{file}: tensor {info.name!r} was announced as {info.dtype}{list(info.shape)} but "
             f"fetch() returned {got}{list(arr.shape)}; the header is already written. Fix: "
-            "pass TensorInfo values that match the arrays fetch() returns.")
+            "pass TensorInfo values that match the arrays fetch() returns."
+        )
     return arr
 
 
@@ -207,7 +217,8 @@ def check_span(span: RawSpan, info: TensorInfo, file: object = "") -> RawSpan:
             f"{file}: tensor {info.name!r} was announced as {info.dtype}{list(info.shape)} "
             f"({info.nbytes} bytes) but fetch() returned a byte span of {span.nbytes} bytes at "
             f"offset {span.offset}; the header is already written. Fix: pass TensorInfo values "
-            "that match the spans fetch() returns.")
+            "that match the spans fetch() returns."
+        )
     return span
 
 
@@ -222,7 +233,9 @@ def open_span(span: RawSpan) -> int:
         if span.file_id is not None and isinstance(exc.__cause__, FileNotFoundError):
             raise CheckpointChangedError(
                 "the file was removed after it was opened and checked (a save replaced it). "
-                "Fix: open or load it again.", span.path) from exc
+                "Fix: open or load it again.",
+                span.path,
+            ) from exc
         raise
     if span.file_id is not None:
         st = os.fstat(fd)
@@ -231,7 +244,9 @@ def open_span(span: RawSpan) -> int:
             raise CheckpointChangedError(
                 "the file was replaced while it was being read (it is no longer the file "
                 "that was opened and checked). Fix: wait until it is written, then open or "
-                "load it again.", span.path)
+                "load it again.",
+                span.path,
+            )
     return fd
 
 
@@ -239,7 +254,9 @@ def _short_source(span: RawSpan, done: int) -> FileFormatError:
     return FileFormatError(
         f"the file ended at byte {span.offset + done}, but {span.nbytes - done} more bytes "
         "were expected (it was truncated or changed while being read). Fix: download or "
-        "copy the file again.", span.path)
+        "copy the file again.",
+        span.path,
+    )
 
 
 class SpanFiles:
@@ -287,8 +304,13 @@ def copy_span(src_fd: int, span: RawSpan, dst_fd: int, dst_offset: int) -> None:
     if hasattr(os, "copy_file_range"):
         while done < total:
             try:
-                n = os.copy_file_range(src_fd, dst_fd, min(total - done, _COPY_CALL_BYTES),
-                                       span.offset + done, dst_offset + done)
+                n = os.copy_file_range(
+                    src_fd,
+                    dst_fd,
+                    min(total - done, _COPY_CALL_BYTES),
+                    span.offset + done,
+                    dst_offset + done,
+                )
             except OSError as exc:
                 if exc.errno in _FALLBACK_ERRNOS:
                     break
@@ -303,8 +325,9 @@ def copy_span(src_fd: int, span: RawSpan, dst_fd: int, dst_offset: int) -> None:
         os.lseek(dst_fd, dst_offset + done, os.SEEK_SET)
         while done < total:
             try:
-                n = os.sendfile(dst_fd, src_fd, span.offset + done,
-                                min(total - done, _COPY_CALL_BYTES))
+                n = os.sendfile(
+                    dst_fd, src_fd, span.offset + done, min(total - done, _COPY_CALL_BYTES)
+                )
             except OSError as exc:
                 if exc.errno in _FALLBACK_ERRNOS:
                     break
@@ -358,8 +381,17 @@ def _start_writeback(f: Any, kicked: int) -> int:
 def _fallback_errnos() -> frozenset[int]:
     import errno
 
-    names = ("EXDEV", "ENOSYS", "EINVAL", "EOPNOTSUPP", "ENOTSUP", "EBADF", "ETXTBSY",
-             "EPERM", "EOVERFLOW")
+    names = (
+        "EXDEV",
+        "ENOSYS",
+        "EINVAL",
+        "EOPNOTSUPP",
+        "ENOTSUP",
+        "EBADF",
+        "ETXTBSY",
+        "EPERM",
+        "EOVERFLOW",
+    )
     return frozenset(getattr(errno, n) for n in names if hasattr(errno, n))
 
 
@@ -374,12 +406,15 @@ def _safetensors_code(info: TensorInfo, file: object) -> str:
             f"{file}: tensor {info.name!r} has dtype {info.dtype!r}, which safetensors cannot "
             "store (it has no header code for it). Fix: save as .npz or .h5, or convert it "
             "first with --dtype (e.g. --dtype float32); safetensors holds: "
-            + ", ".join(CODE_TO_DTYPE.values()) + ".")
+            + ", ".join(CODE_TO_DTYPE.values())
+            + "."
+        )
     return row.safetensors
 
 
-def build_header(infos: Sequence[TensorInfo], metadata: Mapping[str, str] | None,
-                 file: object = "") -> bytes:
+def build_header(
+    infos: Sequence[TensorInfo], metadata: Mapping[str, str] | None, file: object = ""
+) -> bytes:
     """The 8-byte length plus the space-padded JSON header for ``infos``, in order."""
     check_unique([i.name for i in infos], file, writing=True)
     header: dict[str, Any] = {}
@@ -391,11 +426,16 @@ def build_header(infos: Sequence[TensorInfo], metadata: Mapping[str, str] | None
         if info.name == _METADATA_KEY:
             raise UnsafeContentError(
                 f"tensor name {info.name!r} is reserved for the file's metadata. Fix: rename the "
-                "tensor.", file)
+                "tensor.",
+                file,
+            )
         code = _safetensors_code(info, file)
         end = offset + info.nbytes
-        header[info.name] = {"dtype": code, "shape": [int(d) for d in info.shape],
-                             "data_offsets": [offset, end]}
+        header[info.name] = {
+            "dtype": code,
+            "shape": [int(d) for d in info.shape],
+            "data_offsets": [offset, end],
+        }
         offset = end
     text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)  # the reference pads so the data starts 8-byte aligned
@@ -403,11 +443,13 @@ def build_header(infos: Sequence[TensorInfo], metadata: Mapping[str, str] | None
         raise ConversionError(
             f"{file}: the safetensors header would be {len(text)} bytes, over the "
             f"{MAX_HEADER_SIZE}-byte limit readers enforce. Fix: use fewer tensors or shorter "
-            "metadata, or write a sharded checkpoint.")
+            "metadata, or write a sharded checkpoint."
+        )
     return struct.pack("<Q", len(text)) + text
 
 
 # --- header validation --------------------------------------------------------
+
 
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
@@ -418,42 +460,61 @@ def _parse_entry(name: str, entry: object, path: str) -> tuple[TensorInfo, int, 
         keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
         raise FileFormatError(
             f"tensor {short(name)}: header entry must have exactly the keys 'dtype', 'shape' "
-            f"and 'data_offsets', got {short(keys)}. Fix: re-save the file with a safetensors writer.", path)
+            f"and 'data_offsets', got {short(keys)}. Fix: re-save the file with a safetensors writer.",
+            path,
+        )
     code = entry["dtype"]
     if not isinstance(code, str) or code not in CODE_TO_DTYPE:
         raise FileFormatError(
             f"tensor {short(name)}: unknown dtype {short(code)}. Fix: use a known dtype code ("
-            + ", ".join(CODE_TO_DTYPE) + "), or convert the tensor with the tool that wrote it.",
-            path)
+            + ", ".join(CODE_TO_DTYPE)
+            + "), or convert the tensor with the tool that wrote it.",
+            path,
+        )
     dtype = CODE_TO_DTYPE[code]
     shape = entry["shape"]
-    if (not isinstance(shape, list) or len(shape) > MAX_NDIM
-            or not all(_is_int(d) and d >= 0 for d in shape)):
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_NDIM
+        or not all(_is_int(d) and d >= 0 for d in shape)
+    ):
         raise FileFormatError(
             f"tensor {short(name)}: shape {short(shape)} is not a list of at most {MAX_NDIM} "
-            "non-negative integers. Fix: the file is corrupt; re-save it.", path)
+            "non-negative integers. Fix: the file is corrupt; re-save it.",
+            path,
+        )
     size = 1
     span = lookup(dtype).itemsize  # NumPy refuses a shape whose non-zero dims overflow
     for d in shape:
         size *= d
         span *= max(d, 1)
-        if size >= 2 ** 63 or span >= 2 ** 63:
+        if size >= 2**63 or span >= 2**63:
             raise FileFormatError(
                 f"tensor {short(name)}: shape {short(shape)} has more than 2**63 elements or bytes (NumPy "
                 "cannot hold that shape, even empty; the product "
-                "overflows). Fix: the file is corrupt or hostile; re-save it.", path)
+                "overflows). Fix: the file is corrupt or hostile; re-save it.",
+                path,
+            )
     offsets = entry["data_offsets"]
-    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1]):
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_int(o) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
         raise FileFormatError(
             f"tensor {short(name)}: data_offsets {short(offsets)} is not [begin, end] with "
-            "0 <= begin <= end. Fix: the file is corrupt; re-save it.", path)
+            "0 <= begin <= end. Fix: the file is corrupt; re-save it.",
+            path,
+        )
     begin, end = offsets
     expected = size * lookup(dtype).itemsize
     if end - begin != expected:
         raise FileFormatError(
             f"tensor {short(name)}: data_offsets {short(offsets)} span {end - begin} bytes, but "
-            f"shape {short(shape)} of {dtype} needs {expected}. Fix: the file is corrupt; re-save it.", path)
+            f"shape {short(shape)} of {dtype} needs {expected}. Fix: the file is corrupt; re-save it.",
+            path,
+        )
     return TensorInfo(name, dtype, tuple(shape)), begin, end
 
 
@@ -465,41 +526,59 @@ def _check_tiling(spans: list[tuple[int, int, str]], data_len: int, path: str) -
             raise FileFormatError(
                 f"tensor {short(name)}: data_offsets [{begin}, {end}] overlap the previous tensor "
                 f"(which ends at {position}). Fix: the file is corrupt or hostile; re-save it.",
-                path)
+                path,
+            )
         if begin > position:
             raise FileFormatError(
                 f"tensor {short(name)}: data_offsets start at {begin}, leaving a hole of "
                 f"{begin - position} unused bytes after byte {position}. Fix: the file is "
-                "corrupt; re-save it.", path)
+                "corrupt; re-save it.",
+                path,
+            )
         position = end
     if position < data_len:
         raise FileFormatError(
             f"the data region has {data_len - position} trailing bytes after the last tensor "
             f"(tensors end at {position}, the data region is {data_len} bytes). Fix: the file "
-            "is corrupt or has something appended; re-save it.", path)
+            "is corrupt or has something appended; re-save it.",
+            path,
+        )
     if position > data_len:
         raise FileFormatError(
             f"the header says the data region is {position} bytes, but the file holds only "
-            f"{data_len} (it is truncated). Fix: download or copy the file again.", path)
+            f"{data_len} (it is truncated). Fix: download or copy the file again.",
+            path,
+        )
 
 
-def _parse_header(raw: bytes | bytearray, data_len: int, path: str,
-                  ) -> tuple[dict[str, str], list[tuple[TensorInfo, int]]]:
+def _parse_header(
+    raw: bytes | bytearray,
+    data_len: int,
+    path: str,
+) -> tuple[dict[str, str], list[tuple[TensorInfo, int]]]:
     header = safejson.loads(raw, path, "the header", offset=8)
     if not isinstance(header, dict):
         raise FileFormatError(
             f"the header is a JSON {type(header).__name__}, not an object. Fix: this is not a "
-            "safetensors file, or it is corrupt.", path)
+            "safetensors file, or it is corrupt.",
+            path,
+        )
     metadata = header.pop(_METADATA_KEY, None)
     if metadata is None:
         metadata = {}
     if not isinstance(metadata, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        bad = metadata if not isinstance(metadata, dict) else next(
-            {k: v} for k, v in metadata.items() if not isinstance(v, str))
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        bad = (
+            metadata
+            if not isinstance(metadata, dict)
+            else next({k: v} for k, v in metadata.items() if not isinstance(v, str))
+        )
         raise UnsafeContentError(
             f"__metadata__ must map strings to strings, got {short(bad)}. Fix: re-save the file "
-            "with string metadata values.", path)
+            "with string metadata values.",
+            path,
+        )
     check_unique(header, path)
     entries = []
     spans = []
@@ -513,6 +592,7 @@ def _parse_header(raw: bytes | bytearray, data_len: int, path: str,
 
 
 # --- the reader ----------------------------------------------------------------
+
 
 class SafetensorsReader(Reader):
     """An open ``.safetensors`` file whose header has been fully validated."""
@@ -528,19 +608,24 @@ class SafetensorsReader(Reader):
             if size < 8:
                 raise FileFormatError(
                     f"the file is {size} bytes, shorter than the 8-byte header length. Fix: "
-                    "this is not a safetensors file, or it is truncated.", path)
+                    "this is not a safetensors file, or it is truncated.",
+                    path,
+                )
             head = bytearray(8)
             read_exact_into(fd, memoryview(head), 0, path)
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER_SIZE:
                 raise FileFormatError(
                     f"the header length {n} is over the {MAX_HEADER_SIZE}-byte limit. Fix: "
-                    "this is not a safetensors file, or it is corrupt or hostile.", path)
+                    "this is not a safetensors file, or it is corrupt or hostile.",
+                    path,
+                )
             if n > size - 8:
                 raise FileFormatError(
                     f"the header length {n} is larger than the rest of the file "
                     f"({size - 8} bytes). Fix: this is not a safetensors file, or it is truncated.",
-                    path)
+                    path,
+                )
             raw = bytearray(n)
             read_exact_into(fd, memoryview(raw), 8, path)
             self.metadata, entries = _parse_header(raw, size - 8 - n, path)
@@ -588,24 +673,32 @@ class SafetensorsReader(Reader):
         with self._descriptor() as fd:
             return self._read_rows_from(fd, info, shape, byte_offset)
 
-    def _read_rows_from(self, fd: int, info: TensorInfo, shape: tuple[int, ...],
-                        byte_offset: int) -> np.ndarray:
+    def _read_rows_from(
+        self, fd: int, info: TensorInfo, shape: tuple[int, ...], byte_offset: int
+    ) -> np.ndarray:
         try:
             out = np.empty(shape, dtype=lookup(info.dtype).numpy)
         except MemoryError as exc:
             raise FileFormatError(
                 f"tensor {info.name!r} ({info.dtype}{list(shape)}) does not fit in memory. Fix: "
                 "read it in parts with read_slice(), or use a machine with more memory.",
-                self.path) from exc
+                self.path,
+            ) from exc
         if out.nbytes:
-            read_exact_into(fd, _byte_view(out),
-                            self._data_start + self._begin[info.name] + byte_offset, self.path)
+            read_exact_into(
+                fd,
+                _byte_view(out),
+                self._data_start + self._begin[info.name] + byte_offset,
+                self.path,
+            )
         if sys.byteorder == "big" and out.dtype.itemsize > 1:  # pragma: no cover
             out.byteswap(inplace=True)
         if info.dtype == "bool" and out.size and out.view(np.uint8).max() > 1:
             raise FileFormatError(
                 f"tensor {info.name!r} is BOOL but holds bytes other than 0 and 1. Fix: the "
-                "file is corrupt; re-save it.", self.path)
+                "file is corrupt; re-save it.",
+                self.path,
+            )
         return out
 
     def read(self, name: str) -> np.ndarray:
@@ -641,25 +734,37 @@ class SafetensorsReader(Reader):
 
 # --- the format ------------------------------------------------------------------
 
+
 class SafetensorsFormat(Format):
     """Hugging Face safetensors: a JSON header, then raw little-endian tensor bytes."""
 
     name = "safetensors"
     suffixes = (".safetensors",)
-    description = ("Hugging Face safetensors; no code runs on load. Holds: "
-                   + ", ".join(CODE_TO_DTYPE.values()) + ".")
+    description = (
+        "Hugging Face safetensors; no code runs on load. Holds: "
+        + ", ".join(CODE_TO_DTYPE.values())
+        + "."
+    )
 
     def check_info(self, info: TensorInfo, path: str) -> None:
         _safetensors_code(info, path)
 
-    def check_write(self, path: str, infos: Sequence[TensorInfo],
-                    metadata: Mapping[str, str] | None = None,
-                    options: Mapping[str, Any] | None = None) -> dict[str, str]:
+    def check_write(
+        self,
+        path: str,
+        infos: Sequence[TensorInfo],
+        metadata: Mapping[str, str] | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> dict[str, str]:
         return self._preflight(path, infos, metadata, options)[0]
 
-    def _preflight(self, path: str, infos: Sequence[TensorInfo],
-                   metadata: Mapping[str, str] | None,
-                   options: Mapping[str, Any] | None) -> tuple[dict[str, str], bytes]:
+    def _preflight(
+        self,
+        path: str,
+        infos: Sequence[TensorInfo],
+        metadata: Mapping[str, str] | None,
+        options: Mapping[str, Any] | None,
+    ) -> tuple[dict[str, str], bytes]:
         """The checked metadata and the header (which checks the reserved name and the
         header size limit)."""
         meta = super().check_write(path, infos, metadata, options)  # names: check_unique

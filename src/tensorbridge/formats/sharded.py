@@ -77,8 +77,8 @@ import re
 import secrets
 import stat
 import threading
-from typing import Any
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -96,8 +96,18 @@ from .names import check_unique, text_is_utf8
 from .safetensors import FORMAT as SAFETENSORS
 from .safetensors import build_header, open_regular_file, read_exact_into
 
-__all__ = ["FORMAT", "ShardedFormat", "ShardedReader", "parse_size", "plan_shards", "destination",
-           "DEFAULT_MAX_SHARD_SIZE", "INDEX_SUFFIX", "GENERATION_KEY", "is_index_name"]
+__all__ = [
+    "FORMAT",
+    "ShardedFormat",
+    "ShardedReader",
+    "parse_size",
+    "plan_shards",
+    "destination",
+    "DEFAULT_MAX_SHARD_SIZE",
+    "INDEX_SUFFIX",
+    "GENERATION_KEY",
+    "is_index_name",
+]
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
 #: The index key (beside ``metadata`` and ``weight_map``) and the shard metadata key that
@@ -112,8 +122,18 @@ MAX_SHARD_SIZE = 2**63 - 1
 #: An index larger than this is refused before it is read into memory.
 MAX_INDEX_SIZE = 100_000_000
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?(b)?\s*", re.IGNORECASE)
 
 
@@ -128,22 +148,36 @@ def parse_size(text: str | int) -> int:
     else:
         match = _SIZE_RE.fullmatch(text) if isinstance(text, str) and len(text) <= 64 else None
         if match is None:
-            raise ConversionError(message(
-                f"the size {safejson.short(text)}", "it is not a number of bytes with an "
-                "optional unit", "write it like 5GB, 500MB, 10KiB, 2GiB or 1048576"))
+            raise ConversionError(
+                message(
+                    f"the size {safejson.short(text)}",
+                    "it is not a number of bytes with an optional unit",
+                    "write it like 5GB, 500MB, 10KiB, 2GiB or 1048576",
+                )
+            )
         unit = (match.group(2) or "").lower()
         try:
-            value = int(float(match.group(1)) * _UNITS[unit]) if "." in match.group(1) \
+            value = (
+                int(float(match.group(1)) * _UNITS[unit])
+                if "." in match.group(1)
                 else int(match.group(1)) * _UNITS[unit]
+            )
         except (OverflowError, ValueError):  # inf, or past the int-to-str digit limit
             value = MAX_SHARD_SIZE + 1
     if value <= 0:
-        raise ConversionError(message(
-            f"the size {safejson.short(text)}", "a shard size must be positive", "give e.g. 5GB"))
+        raise ConversionError(
+            message(
+                f"the size {safejson.short(text)}", "a shard size must be positive", "give e.g. 5GB"
+            )
+        )
     if value > MAX_SHARD_SIZE:
-        raise ConversionError(message(
-            f"the size {safejson.short(text)}", f"it is over {MAX_SHARD_SIZE} bytes (8 EiB), "
-            "more than any file can hold", "give e.g. 5GB"))
+        raise ConversionError(
+            message(
+                f"the size {safejson.short(text)}",
+                f"it is over {MAX_SHARD_SIZE} bytes (8 EiB), more than any file can hold",
+                "give e.g. 5GB",
+            )
+        )
     return value
 
 
@@ -170,8 +204,10 @@ def plan_shards(infos: Sequence[TensorInfo], max_shard_size: int) -> list[list[T
 _INDEX_RE = re.compile(r"(?P<base>.+)\.index(?:\.(?P<variant>[^./\\\x00]+))?\.json")
 _VARIANT_RE = re.compile(r"[A-Za-z0-9_+-]+")
 #: A single-file checkpoint, plain or of a variant (not a shard: ``model.fp16-00001-of-00002``).
-_SINGLE_RE = re.compile(r"(?P<stem>model|pytorch_model)(?:\.(?P<variant>[^./\\\x00]+))?"
-                        r"\.(?P<ext>safetensors|bin)")
+_SINGLE_RE = re.compile(
+    r"(?P<stem>model|pytorch_model)(?:\.(?P<variant>[^./\\\x00]+))?"
+    r"\.(?P<ext>safetensors|bin)"
+)
 _SHARD_SUFFIX_RE = re.compile(r".*-\d{5}-of-\d{5}")
 
 
@@ -191,7 +227,9 @@ def _load_json(path: str) -> tuple[Any, tuple[int, ...]]:
         if size > MAX_INDEX_SIZE:
             raise FileFormatError(
                 f"the index is {size} bytes, over the {MAX_INDEX_SIZE}-byte limit. Fix: this "
-                "is not a checkpoint index, or it is corrupt.", path)
+                "is not a checkpoint index, or it is corrupt.",
+                path,
+            )
         raw = bytearray(size)
         read_exact_into(fd, memoryview(raw), 0, path)
         stamp = _stamp(os.fstat(fd))
@@ -209,10 +247,14 @@ def _check_variant(variant: object) -> str | None:
     if variant is None:
         return None
     if not isinstance(variant, str) or not _VARIANT_RE.fullmatch(variant):
-        raise ConversionError(message(
-            f"variant={safejson.short(variant)}", "a variant is a plain word such as 'fp16' "
-            "(the VARIANT of model.safetensors.index.VARIANT.json)",
-            "pass the variant's name, e.g. variant='fp16'"))
+        raise ConversionError(
+            message(
+                f"variant={safejson.short(variant)}",
+                "a variant is a plain word such as 'fp16' "
+                "(the VARIANT of model.safetensors.index.VARIANT.json)",
+                "pass the variant's name, e.g. variant='fp16'",
+            )
+        )
     return variant
 
 
@@ -229,8 +271,11 @@ class _Layout:
                 self.indexes.setdefault((kind, m["variant"]), []).append(n)
                 continue
             m = _SINGLE_RE.fullmatch(n)
-            if m and not (m["variant"] and _SHARD_SUFFIX_RE.fullmatch(m["variant"])) \
-                    and (m["stem"], m["ext"]) in (("model", "safetensors"), ("pytorch_model", "bin")):
+            if (
+                m
+                and not (m["variant"] and _SHARD_SUFFIX_RE.fullmatch(m["variant"]))
+                and (m["stem"], m["ext"]) in (("model", "safetensors"), ("pytorch_model", "bin"))
+            ):
                 kind = "safetensors" if m["ext"] == "safetensors" else "bin"
                 self.singles.setdefault((kind, m["variant"]), []).append(n)
 
@@ -246,7 +291,9 @@ class _Layout:
                 raise FileFormatError(
                     f"the directory holds several indexes {safejson.short(sorted(found))}. Fix: "
                     "pass the path of the one to read, e.g. "
-                    f"{safejson.short(os.path.join(path, sorted(found)[0]))}.", path)
+                    f"{safejson.short(os.path.join(path, sorted(found)[0]))}.",
+                    path,
+                )
             if found:
                 return found[0], True, kind
             single = self.singles.get((kind, variant))
@@ -256,11 +303,12 @@ class _Layout:
 
     def other_kind(self, variant: str | None) -> list[str]:
         """The .bin files of ``variant`` that the safetensors choice leaves unread."""
-        return sorted(self.indexes.get(("bin", variant), []) + self.singles.get(("bin", variant), []))
+        return sorted(
+            self.indexes.get(("bin", variant), []) + self.singles.get(("bin", variant), [])
+        )
 
 
-def _locate(path: str, variant: str | None
-            ) -> tuple[str | None, str, str | None, list[str]]:
+def _locate(path: str, variant: str | None) -> tuple[str | None, str, str | None, list[str]]:
     """Return ``(index_path, directory, single_file, notes)``; one of the two paths is set.
     ``notes`` says what was chosen over what (see :attr:`ShardedReader.notes`)."""
     if os.path.isdir(path):
@@ -268,16 +316,18 @@ def _locate(path: str, variant: str | None
             names = sorted(os.listdir(path))
         except OSError as exc:
             raise FileFormatError(
-                f"cannot list the directory ({exc.strerror}). Fix: check its permissions.",
-                path) from exc
+                f"cannot list the directory ({exc.strerror}). Fix: check its permissions.", path
+            ) from exc
         layout = _Layout(names)
         notes: list[str] = []
         chosen = layout.pick(variant, path)
         if chosen is None and variant is None and len(layout.variants()) == 1:
             only = layout.variants()[0]
             chosen = layout.pick(only, path)
-            notes.append(f"the directory holds only the {only!r} variant; it was read "
-                         f"(pass variant={only!r} to say so)")
+            notes.append(
+                f"the directory holds only the {only!r} variant; it was read "
+                f"(pass variant={only!r} to say so)"
+            )
             variant = only
         if chosen is None:
             if variant is not None:
@@ -285,37 +335,49 @@ def _locate(path: str, variant: str | None
                     f"the directory holds no variant {variant!r} (no "
                     f"*.index.{variant}.json, model.{variant}.safetensors or "
                     f"pytorch_model.{variant}.bin). Fix: pass one of its variants "
-                    f"{layout.variants()!r}, or variant=None for the plain files.", path)
+                    f"{layout.variants()!r}, or variant=None for the plain files.",
+                    path,
+                )
             if layout.variants():
                 raise FileFormatError(
                     f"the directory holds several variants {layout.variants()!r} and no plain "
                     "checkpoint. Fix: choose one, e.g. tb.load(path, variant="
-                    f"{layout.variants()[0]!r}), or pass the path of its index.", path)
+                    f"{layout.variants()[0]!r}), or pass the path of its index.",
+                    path,
+                )
             raise FileFormatError(
                 "the directory holds no *.index.json, model.safetensors or pytorch_model.bin. "
                 "Fix: pass the path of a checkpoint file or a sharded checkpoint directory.",
-                path)
+                path,
+            )
         name, is_index, kind = chosen
         if kind == "safetensors":
             unread = layout.other_kind(variant)
             if unread:
-                notes.append(f"read the safetensors files ({name}); the .bin files "
-                             f"{unread!r} hold the same model and were not read, as "
-                             "transformers prefers safetensors")
+                notes.append(
+                    f"read the safetensors files ({name}); the .bin files "
+                    f"{unread!r} hold the same model and were not read, as "
+                    "transformers prefers safetensors"
+                )
         full = os.path.join(path, name)
         return (full, path, None, notes) if is_index else (None, path, full, notes)
     if is_index_name(path):
         m = _INDEX_RE.fullmatch(os.path.basename(path))
         assert m is not None
         if variant is not None and m["variant"] != variant:
-            raise ConversionError(message(
-                f"variant={variant!r} with the index {safejson.short(path)}",
-                f"that index is of {'no variant' if m['variant'] is None else repr(m['variant'])}",
-                "pass the checkpoint's directory with variant=, or the index alone"))
+            raise ConversionError(
+                message(
+                    f"variant={variant!r} with the index {safejson.short(path)}",
+                    f"that index is of {'no variant' if m['variant'] is None else repr(m['variant'])}",
+                    "pass the checkpoint's directory with variant=, or the index alone",
+                )
+            )
         return path, os.path.dirname(path) or ".", None, []
     raise FileFormatError(
         "it is neither a directory nor a *.index.json file. Fix: pass a sharded checkpoint's "
-        "directory or its index.", path)
+        "directory or its index.",
+        path,
+    )
 
 
 _HF_REPO = re.compile(r"(models|datasets|spaces)--.+")
@@ -356,20 +418,25 @@ class _Place:
                 f"{what} is a symlink that resolves to {safejson.short(real)}, outside "
                 f"{safejson.short(self.root)}; links may only point into a Hugging Face cache's "
                 "blobs/. Fix: copy the file into the checkpoint directory instead of linking "
-                "to it.", where)
+                "to it.",
+                where,
+            )
         try:
             mode = os.stat(real).st_mode
         except FileNotFoundError:
             raise FileFormatError(
                 f"{what} does not exist. Fix: download the missing file, or restore the "
-                "complete checkpoint.", where) from None
+                "complete checkpoint.",
+                where,
+            ) from None
         except OSError as exc:
             raise FileFormatError(
-                f"{what} cannot be read ({exc.strerror}). Fix: check its permissions.",
-                where) from exc
+                f"{what} cannot be read ({exc.strerror}). Fix: check its permissions.", where
+            ) from exc
         if not stat.S_ISREG(mode):
             raise FileFormatError(
-                f"{what} is not a regular file. Fix: replace it with the file.", where)
+                f"{what} is not a regular file. Fix: replace it with the file.", where
+            )
         return full
 
 
@@ -394,7 +461,8 @@ def _shard_path(place: _Place, shard: object, index_path: str) -> str:
         raise UnsafeContentError(
             f"shard {safejson.short(shard)} is refused: {why}. Fix: shards must be plain "
             "file names next to the index, e.g. 'model-00001-of-00002.safetensors'.",
-            index_path)
+            index_path,
+        )
     assert isinstance(shard, str)
     return place.check(shard, f"shard {safejson.short(shard)}", index_path)
 
@@ -410,7 +478,9 @@ def _open_shard(path: str) -> Reader:
     if fmt.name == "sharded":
         raise UnsafeContentError(
             f"shard {safejson.short(os.path.basename(path))} is itself an index; nested "
-            "indexes are not supported. Fix: list the shard files in a single index.", path)
+            "indexes are not supported. Fix: list the shard files in a single index.",
+            path,
+        )
     return fmt.open(path)
 
 
@@ -426,7 +496,9 @@ def _stringify_metadata(raw: object, index_path: str) -> tuple[dict[str, str], i
     if not isinstance(raw, dict):
         raise FileFormatError(
             f"the index's 'metadata' is a {type(raw).__name__}, not an object. Fix: make it "
-            'an object such as {"total_size": 123}.', index_path)
+            'an object such as {"total_size": 123}.',
+            index_path,
+        )
     out = {}
     for key, value in raw.items():
         if isinstance(value, str):
@@ -436,13 +508,18 @@ def _stringify_metadata(raw: object, index_path: str) -> tuple[dict[str, str], i
         else:
             raise FileFormatError(
                 f"the index's metadata {safejson.short(key)} is {safejson.short(value)}; only "
-                "strings and numbers are supported. Fix: store it as a string.", index_path)
+                "strings and numbers are supported. Fix: store it as a string.",
+                index_path,
+            )
     total = raw.get("total_size")
-    if total is not None and (not isinstance(total, (int, float)) or isinstance(total, bool)
-                              or total < 0):
+    if total is not None and (
+        not isinstance(total, (int, float)) or isinstance(total, bool) or total < 0
+    ):
         raise FileFormatError(
             f"the index's total_size {safejson.short(total)} is not a non-negative number. "
-            "Fix: set it to the sum of the tensors' bytes.", index_path)
+            "Fix: set it to the sum of the tensors' bytes.",
+            index_path,
+        )
     out.pop("total_size", None)
     return out, (None if total is None else int(total))
 
@@ -451,7 +528,9 @@ def _changed(what: str, path: str) -> CheckpointChangedError:
     return CheckpointChangedError(
         f"the checkpoint changed while it was being read ({what}); nothing read from it "
         "mixes two versions. Fix: open or load it again (a save into this directory was "
-        "under way).", path)
+        "under way).",
+        path,
+    )
 
 
 class ShardedReader(Reader):
@@ -479,8 +558,9 @@ class ShardedReader(Reader):
         index_path, directory, single, self.notes = _locate(path, _check_variant(variant))
         place = _Place(directory)
         if single is not None:
-            single = place.check(os.path.basename(single),
-                                 safejson.short(os.path.basename(single)), path)
+            single = place.check(
+                os.path.basename(single), safejson.short(os.path.basename(single)), path
+            )
             with _open_shard(single) as r:
                 self._infos = {i.name: i for i in r.infos()}
                 self.metadata = dict(r.metadata)
@@ -488,8 +568,11 @@ class ShardedReader(Reader):
             self._where = {name: single for name in self._infos}
             return
         assert index_path is not None
-        place.check(os.path.basename(index_path),
-                    f"the index {safejson.short(os.path.basename(index_path))}", index_path)
+        place.check(
+            os.path.basename(index_path),
+            f"the index {safejson.short(os.path.basename(index_path))}",
+            index_path,
+        )
         self.path = index_path
         index, index_stamp = _load_json(index_path)
         try:
@@ -502,8 +585,9 @@ class ShardedReader(Reader):
             except OSError:
                 now = ()
             if now != index_stamp:
-                raise _changed("its index was replaced while the shards were checked",
-                               index_path) from exc
+                raise _changed(
+                    "its index was replaced while the shards were checked", index_path
+                ) from exc
             raise
 
     def _validate(self, index: Any, index_path: str, place: _Place) -> None:
@@ -512,7 +596,9 @@ class ShardedReader(Reader):
             raise FileFormatError(
                 f"the index must be a JSON object with a 'weight_map' object, got "
                 f"{safejson.short(got)}. Fix: restore the *.index.json from the original "
-                "checkpoint.", index_path)
+                "checkpoint.",
+                index_path,
+            )
         weight_map: dict[str, Any] = index["weight_map"]
         check_unique(weight_map, index_path)
         self.metadata, self.total_size = _stringify_metadata(index.get("metadata"), index_path)
@@ -539,12 +625,16 @@ class ShardedReader(Reader):
                     raise FileFormatError(
                         f"the index puts {safejson.short(missing[:10])} in shard "
                         f"{safejson.short(os.path.basename(shard_path))}, which does not hold "
-                        "them. Fix: restore the matching index and shards.", index_path)
+                        "them. Fix: restore the matching index and shards.",
+                        index_path,
+                    )
                 if extra:
                     raise FileFormatError(
                         f"shard {safejson.short(os.path.basename(shard_path))} holds "
                         f"{safejson.short(extra[:10])}, which the index's weight_map does not "
-                        "list there. Fix: restore the matching index and shards.", index_path)
+                        "list there. Fix: restore the matching index and shards.",
+                        index_path,
+                    )
                 for name in listed:
                     found[name] = r.info(name)
                 self._stamps[shard_path] = _reader_stamp(r, shard_path)
@@ -554,10 +644,12 @@ class ShardedReader(Reader):
     def _check_version(self, reader: Reader, shard_path: str) -> None:
         """A shard written by tensorbridge carries its save's generation: it must be the
         index's."""
-        if self._generation is not None \
-                and reader.metadata.get(GENERATION_KEY) != self._generation:
-            raise _changed(f"shard {safejson.short(os.path.basename(shard_path))} belongs to "
-                           "another save than the index", self.path)
+        if self._generation is not None and reader.metadata.get(GENERATION_KEY) != self._generation:
+            raise _changed(
+                f"shard {safejson.short(os.path.basename(shard_path))} belongs to "
+                "another save than the index",
+                self.path,
+            )
 
     def keys(self) -> list[str]:
         return list(self._infos)
@@ -585,12 +677,17 @@ class ShardedReader(Reader):
             except FileFormatError as exc:
                 if isinstance(exc, CheckpointChangedError):
                     raise
-                raise _changed(f"shard {safejson.short(os.path.basename(shard))} cannot be "
-                               "opened again", self.path) from exc
+                raise _changed(
+                    f"shard {safejson.short(os.path.basename(shard))} cannot be opened again",
+                    self.path,
+                ) from exc
             try:
                 if _reader_stamp(reader, shard) != self._stamps[shard]:
-                    raise _changed(f"shard {safejson.short(os.path.basename(shard))} was "
-                                   "replaced or modified since it was opened", self.path)
+                    raise _changed(
+                        f"shard {safejson.short(os.path.basename(shard))} was "
+                        "replaced or modified since it was opened",
+                        self.path,
+                    )
                 self._check_version(reader, shard)
             except BaseException:
                 reader.close()
@@ -626,6 +723,7 @@ class ShardedReader(Reader):
 
 # --- writing --------------------------------------------------------------------
 
+
 def destination(path: str) -> tuple[str, str, str]:
     """``(directory, index_name, shard_prefix)`` for a directory or index path; an index
     of a variant (``model.safetensors.index.fp16.json``) gets ``model.fp16-0000K-of-0000N``
@@ -640,7 +738,9 @@ def destination(path: str) -> tuple[str, str, str]:
                 "tensorbridge writes safetensors shards, so the index must be named "
                 "'NAME.safetensors.index.json' (or 'NAME.safetensors.index.VARIANT.json'). Fix: "
                 f"use e.g. {os.path.join(os.path.dirname(path), _DEFAULT_INDEX)!r}, or pass a "
-                "directory.", path)
+                "directory.",
+                path,
+            )
         prefix = base[: -len(".safetensors")]
         if m["variant"]:
             prefix += "." + m["variant"]
@@ -680,9 +780,12 @@ def new_generation(previous: str | None, infos: Sequence[TensorInfo], prefix: st
     index being replaced) and of what is written. Every save into a directory differs from
     the one it replaces, and the same tree saved into a fresh directory gives the same
     bytes every time (a parallel convert is byte-identical to one process)."""
-    digest = hashlib.sha256(json.dumps(
-        [previous or "", prefix, [[i.name, i.dtype, list(i.shape)] for i in infos]],
-        ensure_ascii=True).encode())
+    digest = hashlib.sha256(
+        json.dumps(
+            [previous or "", prefix, [[i.name, i.dtype, list(i.shape)] for i in infos]],
+            ensure_ascii=True,
+        ).encode()
+    )
     return digest.hexdigest()[:16]
 
 
@@ -709,7 +812,9 @@ def _refuse_file_named_directory(directory: str) -> None:
                 f"the destination is a directory named like a .{name} file ({suffix}); a "
                 "sharded checkpoint would be written inside it. Fix: to write one "
                 f"{suffix} file, remove or rename that directory; for a sharded checkpoint, "
-                "choose a directory name without a file suffix.", directory)
+                "choose a directory name without a file suffix.",
+                directory,
+            )
 
 
 def _unlink_all(paths: list[str]) -> None:
@@ -723,17 +828,23 @@ class ShardedFormat(Format):
 
     name = "sharded"
     suffixes = (INDEX_SUFFIX,)
-    description = ("Hugging Face sharded checkpoint: model.safetensors.index.json plus "
-                   "model-0000K-of-0000N.safetensors shards (reads .bin shards too).")
+    description = (
+        "Hugging Face sharded checkpoint: model.safetensors.index.json plus "
+        "model-0000K-of-0000N.safetensors shards (reads .bin shards too)."
+    )
 
     options = ("max_shard_size",)
 
     def check_info(self, info: TensorInfo, path: str) -> None:
         SAFETENSORS.check_info(info, path)  # every shard is a safetensors file
 
-    def check_write(self, path: str, infos: Sequence[TensorInfo],
-                    metadata: Mapping[str, str] | None = None,
-                    options: Mapping[str, Any] | None = None) -> dict[str, str]:
+    def check_write(
+        self,
+        path: str,
+        infos: Sequence[TensorInfo],
+        metadata: Mapping[str, str] | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> dict[str, str]:
         meta = super().check_write(path, infos, metadata, options)
         parse_size((options or {}).get("max_shard_size", DEFAULT_MAX_SHARD_SIZE))
         if "total_size" in meta:
@@ -741,7 +852,8 @@ class ShardedFormat(Format):
                 f"{path}: metadata key 'total_size' is refused: in a sharded checkpoint it is "
                 "the index's own field (the sum of the tensors' bytes), which tensorbridge "
                 "writes itself. Fix: rename the key (e.g. 'source_total_size'), or leave it "
-                "out; nothing was written.")
+                "out; nothing was written."
+            )
         build_header(infos, None, path)  # the reserved name and the header size limit
         return meta
 
@@ -773,7 +885,8 @@ class ShardedFormat(Format):
         except OSError as exc:
             raise FileFormatError(
                 f"cannot create the directory ({exc.strerror}). Fix: choose a writable place.",
-                directory) from exc
+                directory,
+            ) from exc
         groups = plan_shards(infos, max_shard_size)
         index_path = os.path.join(directory, index_name)
         # One sharded write per directory at a time: another's cleanup must not meet our
@@ -791,21 +904,30 @@ class ShardedFormat(Format):
                 for shard, group in zip(names, groups, strict=True):
                     final = os.path.join(directory, shard)
                     written.append(final)  # safetensors' atomic write removes its own temp
-                    SAFETENSORS.write(final, group, fetch,
-                                      {"format": "pt", GENERATION_KEY: generation}, landed=landed,
-                                      checked=True)
+                    SAFETENSORS.write(
+                        final,
+                        group,
+                        fetch,
+                        {"format": "pt", GENERATION_KEY: generation},
+                        landed=landed,
+                        checked=True,
+                    )
                 atomic.fsync_dir(directory)
                 index = {
                     "metadata": {**user_metadata, "total_size": sum(i.nbytes for i in infos)},
-                    "weight_map": {i.name: shard for shard, group in zip(names, groups, strict=True)
-                                   for i in group},
+                    "weight_map": {
+                        i.name: shard
+                        for shard, group in zip(names, groups, strict=True)
+                        for i in group
+                    },
                     GENERATION_KEY: generation,
                 }
                 # the link itself is replaced, as the shards are (a Hugging Face cache
                 # snapshot links into content-addressed blobs that must not change)
                 with atomic_write(index_path, follow_symlinks=False) as f:
-                    f.write((json.dumps(index, indent=2, ensure_ascii=False) + "\n")
-                            .encode("utf-8"))
+                    f.write(
+                        (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+                    )
             except BaseException:
                 _unlink_all(written)  # the old index and its shards were never touched
                 atomic.fsync_dir(directory)

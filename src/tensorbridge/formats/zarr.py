@@ -39,8 +39,8 @@ import json
 import os
 import shutil
 import threading
-from typing import Any
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -64,22 +64,46 @@ MAX_EXPANSION = 4096
 SPARSE_FLOOR = 64 << 20
 MAX_NODES = 100_000
 
-_DATA_TYPES = {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
-               "uint64", "float16", "float32", "float64", "complex64", "complex128"}
+_DATA_TYPES = {
+    "bool",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float16",
+    "float32",
+    "float64",
+    "complex64",
+    "complex128",
+}
 _CODECS = {"bytes", "transpose", "zstd", "gzip", "blosc", "crc32c", "sharding_indexed"}
 #: canonical dtypes zarr lacks -> the raw-bits dtype they are stored as
-_RAW_BITS = {"bfloat16": "uint16", "float8_e4m3fn": "uint8", "float8_e5m2": "uint8",
-             "float8_e4m3fnuz": "uint8", "float8_e5m2fnuz": "uint8", "float8_e4m3b11fnuz": "uint8",
-             "float8_e8m0fnu": "uint8", "float8_e3m4": "uint8", "float8_e4m3": "uint8"}
+_RAW_BITS = {
+    "bfloat16": "uint16",
+    "float8_e4m3fn": "uint8",
+    "float8_e5m2": "uint8",
+    "float8_e4m3fnuz": "uint8",
+    "float8_e5m2fnuz": "uint8",
+    "float8_e4m3b11fnuz": "uint8",
+    "float8_e8m0fnu": "uint8",
+    "float8_e3m4": "uint8",
+    "float8_e4m3": "uint8",
+}
 
 
 def _zarr() -> Any:
     try:
         import zarr
     except ImportError as exc:
-        raise FrameworkNotInstalledError(message(
-            ".zarr stores", "zarr-python is not installed", "pip install 'tensorbridge[zarr]'"
-        )) from exc
+        raise FrameworkNotInstalledError(
+            message(
+                ".zarr stores", "zarr-python is not installed", "pip install 'tensorbridge[zarr]'"
+            )
+        ) from exc
     return zarr
 
 
@@ -106,20 +130,28 @@ def _json_depth(text: str) -> int:
 
 def _codec_names(codecs: Any, where: str, path: str) -> None:
     if not isinstance(codecs, list):
-        raise FileFormatError(f"array {where!r}: codecs {codecs!r:.80} is not a list. Fix: the "
-                              "store is corrupt; re-save it.", path)
+        raise FileFormatError(
+            f"array {where!r}: codecs {codecs!r:.80} is not a list. Fix: the "
+            "store is corrupt; re-save it.",
+            path,
+        )
     for c in codecs:
         name = c.get("name") if isinstance(c, dict) else c
         if not isinstance(name, str) or name not in _CODECS:
             raise FileFormatError(
                 f"array {where!r} uses codec {name!r:.80}, which tensorbridge does not decode "
                 f"(it decodes {sorted(_CODECS)}). Fix: re-save the store with one of those "
-                "codecs using zarr-python, if you trust it.", path)
+                "codecs using zarr-python, if you trust it.",
+                path,
+            )
         if name == "sharding_indexed":
             conf = c.get("configuration") if isinstance(c, dict) else None
             if not isinstance(conf, dict):
-                raise FileFormatError(f"array {where!r}: the sharding codec has no configuration. "
-                                      "Fix: the store is corrupt.", path)
+                raise FileFormatError(
+                    f"array {where!r}: the sharding codec has no configuration. "
+                    "Fix: the store is corrupt.",
+                    path,
+                )
             _codec_names(conf.get("codecs", []), where, path)
             _codec_names(conf.get("index_codecs", []), where, path)
 
@@ -128,30 +160,41 @@ def _load_meta(file: str, where: str, path: str) -> dict:
     try:
         size = os.lstat(file).st_size
     except OSError as exc:
-        raise FileFormatError(f"cannot read {where!r} metadata ({exc.strerror}). Fix: check the "
-                              "store.", path) from exc
+        raise FileFormatError(
+            f"cannot read {where!r} metadata ({exc.strerror}). Fix: check the store.", path
+        ) from exc
     if size > MAX_METADATA_BYTES:
-        raise FileFormatError(f"{where!r} metadata is {size} bytes, over the "
-                              f"{MAX_METADATA_BYTES}-byte cap. Fix: the store is corrupt or "
-                              "hostile.", path)
+        raise FileFormatError(
+            f"{where!r} metadata is {size} bytes, over the "
+            f"{MAX_METADATA_BYTES}-byte cap. Fix: the store is corrupt or "
+            "hostile.",
+            path,
+        )
     with open(file, "rb") as f:
         raw = f.read(MAX_METADATA_BYTES + 1)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise FileFormatError(f"{where!r} metadata is not UTF-8. Fix: the store is corrupt.",
-                              path) from None
+        raise FileFormatError(
+            f"{where!r} metadata is not UTF-8. Fix: the store is corrupt.", path
+        ) from None
     if _json_depth(text) > MAX_JSON_DEPTH:
-        raise FileFormatError(f"{where!r} metadata nests deeper than {MAX_JSON_DEPTH} levels. "
-                              "Fix: the store is corrupt or hostile.", path)
+        raise FileFormatError(
+            f"{where!r} metadata nests deeper than {MAX_JSON_DEPTH} levels. "
+            "Fix: the store is corrupt or hostile.",
+            path,
+        )
     try:
         meta = json.loads(text)
     except ValueError as exc:
-        raise FileFormatError(f"{where!r} metadata is not valid JSON ({str(exc):.100}). Fix: the "
-                              "store is corrupt.", path) from None
+        raise FileFormatError(
+            f"{where!r} metadata is not valid JSON ({str(exc):.100}). Fix: the store is corrupt.",
+            path,
+        ) from None
     if not isinstance(meta, dict):
-        raise FileFormatError(f"{where!r} metadata is not a JSON object. Fix: the store is "
-                              "corrupt.", path)
+        raise FileFormatError(
+            f"{where!r} metadata is not a JSON object. Fix: the store is corrupt.", path
+        )
     return meta
 
 
@@ -169,26 +212,39 @@ def _walk(path: str) -> tuple[dict[str, dict], dict[str, int], dict]:
             with os.scandir(directory) as it:
                 entries = list(it)
         except OSError as exc:
-            raise FileFormatError(f"cannot list {rel or '/'!r} ({exc.strerror}). Fix: check the "
-                                  "store's permissions.", path) from exc
+            raise FileFormatError(
+                f"cannot list {rel or '/'!r} ({exc.strerror}). Fix: check the store's permissions.",
+                path,
+            ) from exc
         nodes += len(entries)
         if nodes > MAX_NODES * 64:
-            raise FileFormatError(f"the store has more than {MAX_NODES * 64} files. Fix: the "
-                                  "store is hostile or not a tensor store.", path)
+            raise FileFormatError(
+                f"the store has more than {MAX_NODES * 64} files. Fix: the "
+                "store is hostile or not a tensor store.",
+                path,
+            )
         names = {e.name for e in entries}
         if ".zarray" in names or ".zgroup" in names:
             raise FileFormatError(
                 "this is a zarr v2 store; tensorbridge reads zarr v3. Fix: convert it with "
-                "zarr-python (zarr.open(...) and write a v3 copy), if you trust it.", path)
+                "zarr-python (zarr.open(...) and write a v3 copy), if you trust it.",
+                path,
+            )
         meta = None
         if "zarr.json" in names:
             meta = _load_meta(os.path.join(directory, "zarr.json"), rel or "/", path)
             if meta.get("zarr_format") != 3:
-                raise FileFormatError(f"{rel or '/'!r}: zarr_format {meta.get('zarr_format')!r:.20} "
-                                      "is not 3. Fix: the store is corrupt.", path)
+                raise FileFormatError(
+                    f"{rel or '/'!r}: zarr_format {meta.get('zarr_format')!r:.20} "
+                    "is not 3. Fix: the store is corrupt.",
+                    path,
+                )
         elif not rel:
-            raise FileFormatError("the directory has no zarr.json, so it is not a zarr v3 store. "
-                                  "Fix: check the path.", path)
+            raise FileFormatError(
+                "the directory has no zarr.json, so it is not a zarr v3 store. "
+                "Fix: check the path.",
+                path,
+            )
         if rel == "":
             root_meta = meta or {}
         kind = (meta or {}).get("node_type")
@@ -197,7 +253,8 @@ def _walk(path: str) -> tuple[dict[str, dict], dict[str, int], dict]:
                 raise FileFormatError(
                     f"{os.path.join(rel, e.name)!r} is a symbolic link; a store from a stranger "
                     "could point it at any file. Fix: replace links with the files themselves.",
-                    path)
+                    path,
+                )
         if kind == "array":
             arrays[rel] = meta  # type: ignore[assignment]
             total = 0
@@ -211,7 +268,9 @@ def _walk(path: str) -> tuple[dict[str, dict], dict[str, int], dict]:
                         raise FileFormatError(
                             f"{os.path.relpath(e.path, path)!r} is a symbolic link; a store from "
                             "a stranger could point it at any file. Fix: replace links with the "
-                            "files themselves.", path)
+                            "files themselves.",
+                            path,
+                        )
                     if e.is_dir(follow_symlinks=False):
                         inner.append(e.path)
                     elif e.name != "zarr.json":
@@ -219,8 +278,9 @@ def _walk(path: str) -> tuple[dict[str, dict], dict[str, int], dict]:
             stored[rel] = total
             continue
         if len(arrays) > MAX_NODES:
-            raise FileFormatError(f"the store has more than {MAX_NODES} arrays. Fix: the store "
-                                  "is hostile.", path)
+            raise FileFormatError(
+                f"the store has more than {MAX_NODES} arrays. Fix: the store is hostile.", path
+            )
         for e in entries:
             if e.is_dir(follow_symlinks=False):
                 stack.append((f"{rel}/{e.name}" if rel else e.name, e.path))
@@ -230,10 +290,16 @@ def _walk(path: str) -> tuple[dict[str, dict], dict[str, int], dict]:
 def _check_array(rel: str, meta: dict, path: str) -> tuple[str | None, str, tuple[int, ...]]:
     """``(canonical dtype or None when skipped, reason, shape)`` for one array's metadata."""
     shape = meta.get("shape")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape) \
-            or len(shape) > 64:
-        raise FileFormatError(f"array {rel!r}: shape {shape!r:.80} is not a list of at most 64 "
-                              "non-negative ints. Fix: the store is corrupt.", path)
+    if (
+        not isinstance(shape, list)
+        or not all(type(d) is int and d >= 0 for d in shape)
+        or len(shape) > 64
+    ):
+        raise FileFormatError(
+            f"array {rel!r}: shape {shape!r:.80} is not a list of at most 64 "
+            "non-negative ints. Fix: the store is corrupt.",
+            path,
+        )
     data_type = meta.get("data_type")
     if not isinstance(data_type, str) or data_type not in _DATA_TYPES:
         return None, f"zarr data type {data_type!r:.60} is not a numeric tensor dtype", tuple(shape)
@@ -244,16 +310,25 @@ def _check_array(rel: str, meta: dict, path: str) -> tuple[str | None, str, tupl
         if not isinstance(declared, str) or _RAW_BITS.get(declared) != data_type:
             raise FileFormatError(
                 f"array {rel!r}: attribute {DTYPE_ATTR}={declared!r:.60} does not match its "
-                f"stored type {data_type!r}. Fix: the store is corrupt.", path)
+                f"stored type {data_type!r}. Fix: the store is corrupt.",
+                path,
+            )
         dtype = declared
     grid = meta.get("chunk_grid")
     conf = grid.get("configuration") if isinstance(grid, dict) else None
     chunk = conf.get("chunk_shape") if isinstance(conf, dict) else None
-    if not isinstance(grid, dict) or grid.get("name") != "regular" \
-            or not isinstance(chunk, list) or len(chunk) != len(shape) \
-            or not all(type(c) is int and c > 0 for c in chunk):
-        raise FileFormatError(f"array {rel!r}: chunk grid {grid!r:.100} is not a regular grid "
-                              "matching the shape. Fix: the store is corrupt.", path)
+    if (
+        not isinstance(grid, dict)
+        or grid.get("name") != "regular"
+        or not isinstance(chunk, list)
+        or len(chunk) != len(shape)
+        or not all(type(c) is int and c > 0 for c in chunk)
+    ):
+        raise FileFormatError(
+            f"array {rel!r}: chunk grid {grid!r:.100} is not a regular grid "
+            "matching the shape. Fix: the store is corrupt.",
+            path,
+        )
     nbytes = lookup(dtype).itemsize
     for c in chunk:
         nbytes *= c
@@ -261,7 +336,9 @@ def _check_array(rel: str, meta: dict, path: str) -> tuple[str | None, str, tupl
         raise FileFormatError(
             f"array {rel!r}: one chunk {chunk} holds {nbytes} bytes decoded, over the "
             f"{MAX_CHUNK_BYTES}-byte cap (reading any element would allocate it). Fix: re-chunk "
-            "the store with zarr-python, if you trust it.", path)
+            "the store with zarr-python, if you trust it.",
+            path,
+        )
     _codec_names(meta.get("codecs"), rel, path)
     return dtype, "", tuple(shape)
 
@@ -274,8 +351,9 @@ class ZarrReader(Reader):
         self._lock = threading.Lock()
         self._group: Any = None
         if not os.path.isdir(path):
-            raise FileFormatError("not a directory: a .zarr store is a directory. Fix: check the "
-                                  "path.", path)
+            raise FileFormatError(
+                "not a directory: a .zarr store is a directory. Fix: check the path.", path
+            )
         arrays, stored, root = _walk(path)
         self.skipped: dict[str, str] = {}
         entries: dict[str, tuple[TensorInfo, str, int]] = {}
@@ -294,12 +372,18 @@ class ZarrReader(Reader):
         attrs = root.get("attributes") or {}
         attrs = attrs if isinstance(attrs, dict) else {}
         order = attrs.get(ORDER_ATTR)
-        if isinstance(order, list) and all(isinstance(k, str) for k in order) \
-                and sorted(order) == sorted(entries):
+        if (
+            isinstance(order, list)
+            and all(isinstance(k, str) for k in order)
+            and sorted(order) == sorted(entries)
+        ):
             entries = {k: entries[k] for k in order}
         self._entries = entries
-        self.metadata = {k: v for k, v in attrs.items()
-                         if isinstance(k, str) and isinstance(v, str) and k != ORDER_ATTR}
+        self.metadata = {
+            k: v
+            for k, v in attrs.items()
+            if isinstance(k, str) and isinstance(v, str) and k != ORDER_ATTR
+        }
         with _zarr_errors(path, "opening the store"):
             if "" in arrays:  # the root is the array (its attributes are the array's)
                 self.metadata = {}
@@ -339,7 +423,8 @@ class ZarrReader(Reader):
                 f"tensor {name!r} declares {info.nbytes} bytes but its chunks hold {stored} on "
                 f"disk (more than {MAX_EXPANSION}x: it is mostly fill value). Fix: read the part "
                 f"you need lazily: tb.open(path).array({name!r})[...], or tb.to_dask(path).",
-                self.path)
+                self.path,
+            )
         return self.read_index(name, tuple(slice(0, d, 1) for d in info.shape))
 
     def read_index(self, name: str, key: tuple) -> np.ndarray:
@@ -363,11 +448,15 @@ def _zarr_errors(path: str, doing: str) -> Iterator[None]:
     except FileFormatError:
         raise
     except MemoryError as exc:
-        raise FileFormatError(f"{doing} ran out of memory. Fix: read it in parts "
-                              "(open(p).array(name)[...]).", path) from exc
+        raise FileFormatError(
+            f"{doing} ran out of memory. Fix: read it in parts (open(p).array(name)[...]).", path
+        ) from exc
     except Exception as exc:  # zarr, numcodecs and json raise many kinds
-        raise FileFormatError(f"{doing} failed ({type(exc).__name__}: {str(exc):.200}). Fix: the "
-                              "store is corrupt or incomplete; re-save it.", path) from exc
+        raise FileFormatError(
+            f"{doing} failed ({type(exc).__name__}: {str(exc):.200}). Fix: the "
+            "store is corrupt or incomplete; re-save it.",
+            path,
+        ) from exc
 
 
 # --- writing ----------------------------------------------------------------------
@@ -433,32 +522,47 @@ class ZarrFormat(Format):
 
     name = "zarr"
     suffixes = (".zarr",)
-    description = ("zarr v3 directory store (NAME.zarr/). Holds every tensorbridge dtype; "
-                   "bfloat16/float8 as raw bits with a tensorbridge_dtype attribute.")
+    description = (
+        "zarr v3 directory store (NAME.zarr/). Holds every tensorbridge dtype; "
+        "bfloat16/float8 as raw bits with a tensorbridge_dtype attribute."
+    )
     holds_metadata = True
 
-    def check_write(self, path: str, infos: Sequence[TensorInfo],
-                    metadata: Mapping[str, str] | None = None,
-                    options: Mapping[str, Any] | None = None) -> dict[str, str]:
+    def check_write(
+        self,
+        path: str,
+        infos: Sequence[TensorInfo],
+        metadata: Mapping[str, str] | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> dict[str, str]:
         meta = super().check_write(path, infos, metadata, options)
         if ORDER_ATTR in meta:
-            raise ConversionError(f"{path}: metadata key {ORDER_ATTR!r} is where tensorbridge "
-                                  "keeps the tensor order. Fix: rename that key.")
+            raise ConversionError(
+                f"{path}: metadata key {ORDER_ATTR!r} is where tensorbridge "
+                "keeps the tensor order. Fix: rename that key."
+            )
         for info in infos:
             n = info.name
             if not n or "/" in n or n in (".", "..") or n.startswith("__") or n == "zarr.json":
                 raise ConversionError(
                     f"{path}: tensor name {n!r} cannot be a zarr array name ('/' makes groups; "
                     "'', '.', '..', names starting with '__' and 'zarr.json' are reserved). "
-                    f"Fix: rename it, e.g. {n.replace('/', '.').lstrip('_') or 'x'!r}.")
+                    f"Fix: rename it, e.g. {n.replace('/', '.').lstrip('_') or 'x'!r}."
+                )
         return meta
 
     def open(self, path: str) -> ZarrReader:
         _zarr()
         return ZarrReader(os.fspath(path).rstrip("/") or "/")
 
-    def write(self, path: str, infos: Sequence[TensorInfo], fetch: Callable[[str], np.ndarray],
-              metadata: Mapping[str, str] | None = None, **options: Any) -> None:
+    def write(
+        self,
+        path: str,
+        infos: Sequence[TensorInfo],
+        fetch: Callable[[str], np.ndarray],
+        metadata: Mapping[str, str] | None = None,
+        **options: Any,
+    ) -> None:
         """Write a new store beside ``path``, then swap it in whole."""
         zarr = _zarr()
         path = os.fspath(path).rstrip("/")
@@ -468,7 +572,9 @@ class ZarrFormat(Format):
         if os.path.exists(target) and (not os.path.isdir(target) or not _is_zarr_store(target)):
             raise FileFormatError(
                 "the destination exists and is not a zarr store; replacing it would lose it. "
-                "Fix: choose another path, or remove it first.", path)
+                "Fix: choose another path, or remove it first.",
+                path,
+            )
         directory = os.path.dirname(target) or "."
         tmp = temp_name(directory, os.path.basename(target))
         try:
@@ -478,16 +584,20 @@ class ZarrFormat(Format):
                 row = lookup(info.dtype)
                 stored = np.dtype(_RAW_BITS.get(info.dtype, row.numpy))
                 arr = group.create_array(
-                    info.name, shape=info.shape, dtype=stored,
+                    info.name,
+                    shape=info.shape,
+                    dtype=stored,
                     chunks=_row_chunks(info, row.itemsize),
                     dimension_names=[f"{info.name}.dim{i}" for i in range(len(info.shape))],
-                    attributes={DTYPE_ATTR: info.dtype} if info.dtype in _RAW_BITS else None)
+                    attributes={DTYPE_ATTR: info.dtype} if info.dtype in _RAW_BITS else None,
+                )
                 data = fetch(info.name)
                 if tuple(data.shape) != info.shape or data.dtype != row.numpy:
                     raise ConversionError(
                         f"{path}: tensor {info.name!r} came as {data.dtype}{list(data.shape)}, "
                         f"not the declared {info.dtype}{list(info.shape)}. Fix: this is a bug in "
-                        "the caller; report it.")
+                        "the caller; report it."
+                    )
                 if data.size:
                     arr[...] = data.view(stored) if info.dtype in _RAW_BITS else data
                 del data
@@ -503,9 +613,11 @@ class ZarrFormat(Format):
                 tmp = ""
             fsync_dir(directory)
         except OSError as exc:
-            raise FileFormatError(f"writing failed ({exc.strerror}); the destination was left "
-                                  "unchanged. Fix: check free space and permissions.",
-                                  path) from exc
+            raise FileFormatError(
+                f"writing failed ({exc.strerror}); the destination was left "
+                "unchanged. Fix: check free space and permissions.",
+                path,
+            ) from exc
         finally:
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -14,7 +14,16 @@ from typing import Any
 from ..errors import ConversionError, message
 from .base import Backend, Facts, Step
 
-__all__ = ["FRAMEWORK_MODULES", "TARGETS", "ALIASES", "get_backend", "backend_of", "Backend", "Facts", "Step"]
+__all__ = [
+    "FRAMEWORK_MODULES",
+    "TARGETS",
+    "ALIASES",
+    "get_backend",
+    "backend_of",
+    "Backend",
+    "Facts",
+    "Step",
+]
 
 #: public framework name -> (module under tensorbridge.frameworks, top-level module it serves).
 #: "protocol" serves no module: any object that speaks DLPack or an array interface, consulted
@@ -43,9 +52,13 @@ def get_backend(name: str) -> Backend:
     if backend is None:
         row = FRAMEWORK_MODULES.get(key)
         if row is None:
-            raise ConversionError(message(
-                f"to={name!r}", "it is not a framework tensorbridge knows",
-                "use one of " + ", ".join(TARGETS)))
+            raise ConversionError(
+                message(
+                    f"to={name!r}",
+                    "it is not a framework tensorbridge knows",
+                    "use one of " + ", ".join(TARGETS),
+                )
+            )
         backend = importlib.import_module(f"{__name__}.{row[0]}").BACKEND
         _BACKENDS[key] = backend
     return backend

@@ -14,17 +14,24 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
-from collections.abc import Callable
 
 import numpy as np
 
 from ..errors import FrameworkNotInstalledError, message
 
-__all__ = ["Step", "Facts", "Backend", "host_facts", "normalize_device", "parse_device",
-           "SHARE_MIN_BYTES"]
+__all__ = [
+    "Step",
+    "Facts",
+    "Backend",
+    "host_facts",
+    "normalize_device",
+    "parse_device",
+    "SHARE_MIN_BYTES",
+]
 
 #: Below this many bytes, a route that would share memory through a DLPack hand-over
 #: (JAX: ~30 µs, torch: ~3 µs per call) copies instead when copy=None allows it: copying
@@ -89,10 +96,14 @@ def parse_device(device: Any) -> str:
 def _bad_device(device: Any) -> Exception:
     from ..errors import DeviceError
 
-    return DeviceError(message(
-        f"device={device!r}", "it is not a device tensorbridge can name",
-        "pass 'cpu', 'cpu:N', 'cuda', 'cuda:N', 'mps' or 'tpu:N', a torch.device, a JAX device "
-        "(jax.devices()[0]), a TF device name ('/GPU:0'), or a CUDA index (0)"))
+    return DeviceError(
+        message(
+            f"device={device!r}",
+            "it is not a device tensorbridge can name",
+            "pass 'cpu', 'cpu:N', 'cuda', 'cuda:N', 'mps' or 'tpu:N', a torch.device, a JAX device "
+            "(jax.devices()[0]), a TF device name ('/GPU:0'), or a CUDA index (0)",
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -186,11 +197,13 @@ class Backend:
             try:
                 self._mod = importlib.import_module(self.module)
             except ImportError as exc:
-                raise FrameworkNotInstalledError(message(
-                    f"target {self.name!r}",
-                    f"{self.module} is not installed ({exc})",
-                    f"pip install 'tensorbridge[{self.extra}]'",
-                )) from exc
+                raise FrameworkNotInstalledError(
+                    message(
+                        f"target {self.name!r}",
+                        f"{self.module} is not installed ({exc})",
+                        f"pip install 'tensorbridge[{self.extra}]'",
+                    )
+                ) from exc
         return self._mod
 
     def native_dtype(self, canonical: str) -> Any | None:

@@ -15,7 +15,6 @@ from .base import Backend, Facts, Step
 __all__ = ["CupyBackend", "BACKEND"]
 
 
-
 class CupyBackend(Backend):
     name = "cupy"
     module = "cupy"
@@ -34,8 +33,14 @@ class CupyBackend(Backend):
         return f
 
     def to_host_steps(self, x: Any, facts: Facts) -> list[Step]:
-        return [Step(f"copy {facts.device} -> host", True, lambda a: a.get(),
-                     "device memory is not addressable from NumPy")]
+        return [
+            Step(
+                f"copy {facts.device} -> host",
+                True,
+                lambda a: a.get(),
+                "device memory is not addressable from NumPy",
+            )
+        ]
 
     def from_host_steps(self, facts: Facts, *, device: str | None, copy: bool | None) -> list[Step]:
         cp = self.load()
@@ -43,19 +48,31 @@ class CupyBackend(Backend):
         if device is not None:
             kind, _, idx = device.partition(":")
             if kind not in ("cuda", "gpu"):
-                raise DeviceError(message(f"device={device!r} for CuPy", "CuPy arrays live on CUDA devices only",
-                                          "use device='cuda' or 'cuda:N', or pick to='numpy' for host memory"))
+                raise DeviceError(
+                    message(
+                        f"device={device!r} for CuPy",
+                        "CuPy arrays live on CUDA devices only",
+                        "use device='cuda' or 'cuda:N', or pick to='numpy' for host memory",
+                    )
+                )
             index = int(idx or 0)
         steps: list[Step] = []
         if facts.dtype in NUMPY_NATIVE:
+
             def put(a: np.ndarray) -> Any:
                 with cp.cuda.Device(index):
                     return cp.asarray(a)
         else:
-            raise ConversionError(message(
-                f"an array of dtype {facts.dtype}", "CuPy has no bfloat16 or float8 dtypes",
-                "pass dtype='float32' to cast, or keep the data in torch or jax"))
-        steps.append(Step(f"copy host -> cuda:{index}", True, put, "CuPy arrays live in GPU memory"))
+            raise ConversionError(
+                message(
+                    f"an array of dtype {facts.dtype}",
+                    "CuPy has no bfloat16 or float8 dtypes",
+                    "pass dtype='float32' to cast, or keep the data in torch or jax",
+                )
+            )
+        steps.append(
+            Step(f"copy host -> cuda:{index}", True, put, "CuPy arrays live in GPU memory")
+        )
         return steps
 
     def dlpack_import(self, facts: Facts) -> str | None:
@@ -73,8 +90,13 @@ class CupyBackend(Backend):
 
     def cast_steps(self, facts: Facts, dtype: str) -> list[Step]:
         if dtype not in NUMPY_NATIVE:
-            raise ConversionError(message(f"dtype={dtype!r}", "CuPy has no such dtype",
-                                          "pick one of " + ", ".join(sorted(NUMPY_NATIVE))))
+            raise ConversionError(
+                message(
+                    f"dtype={dtype!r}",
+                    "CuPy has no such dtype",
+                    "pick one of " + ", ".join(sorted(NUMPY_NATIVE)),
+                )
+            )
         target = lookup(dtype).numpy
         return [Step(f"cast {facts.dtype} -> {dtype}", True, lambda a: a.astype(target))]
 

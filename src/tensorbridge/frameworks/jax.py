@@ -9,8 +9,8 @@ import numpy as np
 
 from ..dtypes import canonical_name, lookup
 from ..errors import ConversionError, DeviceError, message
-from .base import SHARE_MIN_BYTES, Backend, Facts, Step, normalize_device
 from . import foreign_cuda
+from .base import SHARE_MIN_BYTES, Backend, Facts, Step, normalize_device
 
 __all__ = ["JaxBackend", "BACKEND"]
 
@@ -25,7 +25,14 @@ _TRANSFORMS = {
 }
 _WIDE = {"float64", "int64", "uint64", "complex128"}
 # jax platform name -> tensorbridge device type
-_PLATFORM = {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda", "rocm": "rocm", "tpu": "tpu", "METAL": "mps"}
+_PLATFORM = {
+    "cpu": "cpu",
+    "gpu": "cuda",
+    "cuda": "cuda",
+    "rocm": "rocm",
+    "tpu": "tpu",
+    "METAL": "mps",
+}
 
 
 class JaxBackend(Backend):
@@ -33,11 +40,34 @@ class JaxBackend(Backend):
     module = "jax"
     extra = "jax"
     # JAX dtypes are NumPy/ml_dtypes dtypes: the table is the identity on what jax.numpy has.
-    DTYPES = {n: f"numpy.{n}" for n in (
-        "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-        "float16", "bfloat16", "float32", "float64", "complex64", "complex128",
-        "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
-        "float8_e4m3", "float8_e3m4", "float8_e4m3b11fnuz")}
+    DTYPES = {
+        n: f"numpy.{n}"
+        for n in (
+            "bool",
+            "int8",
+            "int16",
+            "int32",
+            "int64",
+            "uint8",
+            "uint16",
+            "uint32",
+            "uint64",
+            "float16",
+            "bfloat16",
+            "float32",
+            "float64",
+            "complex64",
+            "complex128",
+            "float8_e4m3fn",
+            "float8_e5m2",
+            "float8_e4m3fnuz",
+            "float8_e5m2fnuz",
+            "float8_e8m0fnu",
+            "float8_e4m3",
+            "float8_e3m4",
+            "float8_e4m3b11fnuz",
+        )
+    }
 
     copy_small = True  # jax.dlpack.from_dlpack costs ~30 µs; jnp.array of a small copy less
 
@@ -52,16 +82,21 @@ class JaxBackend(Backend):
         concrete = self._arrays.get(tp)
         if concrete is None:
             jax = self.load()
-            concrete = self._arrays[tp] = issubclass(tp, jax.Array) and not issubclass(tp, jax.core.Tracer)
+            concrete = self._arrays[tp] = issubclass(tp, jax.Array) and not issubclass(
+                tp, jax.core.Tracer
+            )
         if not concrete or x.is_deleted():
             return None  # tracers and deleted arrays are refused by the planner
         sharding = x.sharding  # says the devices, and whether it is sharded
         key = (tp, x.dtype, sharding)
         if target == "numpy":
             return key
-        return key + ((x.unsafe_buffer_pointer() % 64 == 0 if x.size else True)
-                      if len(sharding.device_set) == 1 else None,
-                      x.size * x.dtype.itemsize < SHARE_MIN_BYTES)
+        return key + (
+            (x.unsafe_buffer_pointer() % 64 == 0 if x.size else True)
+            if len(sharding.device_set) == 1
+            else None,
+            x.size * x.dtype.itemsize < SHARE_MIN_BYTES,
+        )
 
     def owns(self, tp: type) -> bool:
         jax = sys.modules.get("jax")
@@ -72,35 +107,47 @@ class JaxBackend(Backend):
     def _check_x64(self, dtype: str) -> None:
         jax = self.load()
         if dtype in _WIDE and not jax.config.jax_enable_x64:
-            raise ConversionError(message(
-                f"a {dtype} array for JAX",
-                "JAX runs with 64-bit types disabled and would silently narrow it to 32 bits",
-                "call jax.config.update('jax_enable_x64', True) first, or pass dtype= to cast explicitly",
-            ))
+            raise ConversionError(
+                message(
+                    f"a {dtype} array for JAX",
+                    "JAX runs with 64-bit types disabled and would silently narrow it to 32 bits",
+                    "call jax.config.update('jax_enable_x64', True) first, or pass dtype= to cast explicitly",
+                )
+            )
 
     def facts(self, x: Any) -> Facts:
         jax = self.load()
         if isinstance(x, jax.core.Tracer):
             name = type(x).__name__
             transform = _TRANSFORMS.get(name, "a JAX transform")
-            raise ConversionError(message(
-                f"a JAX tracer ({name}) inside {transform}",
-                "it is a placeholder for values that only exist when the compiled function runs",
-                "convert outside the transformed function (return the value, then convert), "
-                "or use jax.debug.callback / jax.pure_callback to get concrete values inside it",
-            ))
+            raise ConversionError(
+                message(
+                    f"a JAX tracer ({name}) inside {transform}",
+                    "it is a placeholder for values that only exist when the compiled function runs",
+                    "convert outside the transformed function (return the value, then convert), "
+                    "or use jax.debug.callback / jax.pure_callback to get concrete values inside it",
+                )
+            )
         if x.is_deleted():
-            raise ConversionError(message(
-                f"a deleted JAX array ({x.dtype}{list(x.shape)})",
-                "its buffer was freed (x.delete(), or donated to a jit-compiled function)",
-                "convert it before deleting or donating it, or keep a copy (jnp.copy(x))",
-            ))
+            raise ConversionError(
+                message(
+                    f"a deleted JAX array ({x.dtype}{list(x.shape)})",
+                    "its buffer was freed (x.delete(), or donated to a jit-compiled function)",
+                    "convert it before deleting or donating it, or keep a copy (jnp.copy(x))",
+                )
+            )
         devices = x.devices()
         dev = next(iter(devices))
         kind = _PLATFORM.get(dev.platform, dev.platform)
         device = "cpu" if kind == "cpu" and dev.id == 0 else f"{kind}:{dev.id}"
-        f = Facts("jax", canonical_name(x.dtype), tuple(x.shape), device=device, writable=False,
-                  nbytes=x.size * x.dtype.itemsize)
+        f = Facts(
+            "jax",
+            canonical_name(x.dtype),
+            tuple(x.shape),
+            device=device,
+            writable=False,
+            nbytes=x.size * x.dtype.itemsize,
+        )
         if len(devices) > 1 or not x.is_fully_addressable:
             f.notes.append("sharded")
             f.dlpack = False
@@ -110,17 +157,33 @@ class JaxBackend(Backend):
 
     def to_host_steps(self, x: Any, facts: Facts) -> list[Step]:
         if "sharded" in facts.notes:
-            return [Step(f"gather {len(x.devices())} shards to host", True, np.asarray,
-                         "a sharded array is spread over several devices", fresh=False)]
+            return [
+                Step(
+                    f"gather {len(x.devices())} shards to host",
+                    True,
+                    np.asarray,
+                    "a sharded array is spread over several devices",
+                    fresh=False,
+                )
+            ]
         if facts.device_type != "cpu":
-            return [Step(f"copy {facts.device} -> host", True, _device_get,
-                         "device memory is not addressable from NumPy", fresh=False)]
+            return [
+                Step(
+                    f"copy {facts.device} -> host",
+                    True,
+                    _device_get,
+                    "device memory is not addressable from NumPy",
+                    fresh=False,
+                )
+            ]
         return [Step("np.asarray view (read-only: JAX arrays are immutable)", False, np.asarray)]
 
     def fresh_host_step(self, facts: Facts) -> Step | None:
         if facts.device_type != "cpu" or "sharded" in facts.notes:
             return None  # the route already copies
-        return Step("np.array copy (copy=True)", True, _array_copy, "an independent result was asked for")
+        return Step(
+            "np.array copy (copy=True)", True, _array_copy, "an independent result was asked for"
+        )
 
     def from_host_steps(self, facts: Facts, *, device: str | None, copy: bool | None) -> list[Step]:
         self._check_x64(facts.dtype)
@@ -132,16 +195,25 @@ class JaxBackend(Backend):
         if not facts.writable:
             why = why or "NumPy cannot export read-only arrays over DLPack"
         if copy is not False:
-            why = why or ("a later write to the NumPy array would change the JAX array, which JAX "
-                          "users take to be immutable (jnp.asarray copies too); copy=False shares")
+            why = why or (
+                "a later write to the NumPy array would change the JAX array, which JAX "
+                "users take to be immutable (jnp.asarray copies too); copy=False shares"
+            )
         if why is None:
-            steps.append(Step("jax.dlpack.from_dlpack (shares the NumPy buffer; do not mutate it "
-                              "while JAX uses it)", False, jax.dlpack.from_dlpack))
+            steps.append(
+                Step(
+                    "jax.dlpack.from_dlpack (shares the NumPy buffer; do not mutate it "
+                    "while JAX uses it)",
+                    False,
+                    jax.dlpack.from_dlpack,
+                )
+            )
         else:
             # Not jax.device_put: on the CPU it aliases aligned read-only and ml_dtypes
             # buffers, even with may_alias=False. jnp.array(copy=True) always copies.
-            steps.append(Step("jnp.array(copy=True)", True,
-                              lambda a: jax.numpy.array(a, copy=True), why))
+            steps.append(
+                Step("jnp.array(copy=True)", True, lambda a: jax.numpy.array(a, copy=True), why)
+            )
         if device is not None and normalize_device(device) != "cpu":  # cpu:N too
             steps.extend(self.to_device_steps(facts, device))
         return steps
@@ -177,11 +249,21 @@ class JaxBackend(Backend):
         try:
             target = jax.devices(platform)[int(index or 0)]
         except (RuntimeError, IndexError, ValueError) as exc:
-            raise DeviceError(message(
-                f"device={device!r} for JAX", f"JAX has no such device ({exc})",
-                f"use one of {[str(d) for d in jax.devices()]}, or leave device unset")) from exc
-        return [Step(f"jax.device_put -> {target}", True, lambda a: jax.device_put(a, target),
-                     "the data must live in the target device's memory")]
+            raise DeviceError(
+                message(
+                    f"device={device!r} for JAX",
+                    f"JAX has no such device ({exc})",
+                    f"use one of {[str(d) for d in jax.devices()]}, or leave device unset",
+                )
+            ) from exc
+        return [
+            Step(
+                f"jax.device_put -> {target}",
+                True,
+                lambda a: jax.device_put(a, target),
+                "the data must live in the target device's memory",
+            )
+        ]
 
     def host_view(self, x: Any) -> np.ndarray | None:
         jax = self.load()

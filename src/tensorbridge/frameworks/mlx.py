@@ -41,9 +41,19 @@ class MlxBackend(Backend):
     module = "mlx.core"
     extra = "mlx"
     DTYPES = {
-        "bool": "bool_", "int8": "int8", "int16": "int16", "int32": "int32", "int64": "int64",
-        "uint8": "uint8", "uint16": "uint16", "uint32": "uint32", "uint64": "uint64",
-        "float16": "float16", "bfloat16": "bfloat16", "float32": "float32", "float64": "float64",
+        "bool": "bool_",
+        "int8": "int8",
+        "int16": "int16",
+        "int32": "int32",
+        "int64": "int64",
+        "uint8": "uint8",
+        "uint16": "uint16",
+        "uint32": "uint32",
+        "uint64": "uint64",
+        "float16": "float16",
+        "bfloat16": "bfloat16",
+        "float32": "float32",
+        "float64": "float64",
         "complex64": "complex64",
     }
 
@@ -63,17 +73,29 @@ class MlxBackend(Backend):
             f = self.facts(x)  # the layout exists once computed; facts copy nothing
         except ConversionError:
             return None  # refused: a fresh plan words the error
-        return (type(x), dtype, f.device, f.contiguous, f.negative_strides, f.unit_flip,
-                f.aligned, f.small)
+        return (
+            type(x),
+            dtype,
+            f.device,
+            f.contiguous,
+            f.negative_strides,
+            f.unit_flip,
+            f.aligned,
+            f.small,
+        )
 
     def canonical(self, dtype: Any) -> str:
         if self._canonical is None:
             self._canonical = {self.native_dtype(n): n for n in self.DTYPES}
         name = self._canonical.get(dtype)
         if name is None:
-            raise ConversionError(message(
-                f"an MLX array of dtype {dtype}", "no other framework or file format has this dtype",
-                "cast it first, e.g. x.astype(mx.float32)"))
+            raise ConversionError(
+                message(
+                    f"an MLX array of dtype {dtype}",
+                    "no other framework or file format has this dtype",
+                    "cast it first, e.g. x.astype(mx.float32)",
+                )
+            )
         return name
 
     def _device(self, x: Any) -> str:
@@ -106,24 +128,41 @@ class MlxBackend(Backend):
         return f
 
     def prepare_steps(self, facts: Facts) -> list[Step]:
-        return [Step("mx.eval (MLX is lazy: pending operations are computed now)", False, _evaluate)]
+        return [
+            Step("mx.eval (MLX is lazy: pending operations are computed now)", False, _evaluate)
+        ]
 
     def to_host_steps(self, x: Any, facts: Facts) -> list[Step]:
         steps = self.prepare_steps(facts)
         if facts.device_type != "cpu":
-            steps.append(Step(f"copy {facts.device} -> host (np.array)", True,
-                              lambda a: np.array(_bits(a, facts.dtype)).view(numpy_dtype(facts.dtype)),
-                              "device memory is not addressable from NumPy"))
+            steps.append(
+                Step(
+                    f"copy {facts.device} -> host (np.array)",
+                    True,
+                    lambda a: np.array(_bits(a, facts.dtype)).view(numpy_dtype(facts.dtype)),
+                    "device memory is not addressable from NumPy",
+                )
+            )
         elif facts.dtype in NUMPY_NATIVE:
             # NumPy's DLPack import: read-only, and uint64 as np.uint64 (the buffer protocol
             # says np.ulonglong, which torch refuses)
-            steps.append(Step("np.from_dlpack view, read-only (MLX arrays are immutable)", False,
-                              np.from_dlpack))
+            steps.append(
+                Step(
+                    "np.from_dlpack view, read-only (MLX arrays are immutable)",
+                    False,
+                    np.from_dlpack,
+                )
+            )
         else:
-            steps.append(Step(f"view the {facts.dtype} bits as uint16, then as ml_dtypes.{facts.dtype}, "
-                              "read-only (MLX arrays are immutable)", False,
-                              lambda a: _host_array(a, facts.dtype),
-                              f"NumPy has no native {facts.dtype}"))
+            steps.append(
+                Step(
+                    f"view the {facts.dtype} bits as uint16, then as ml_dtypes.{facts.dtype}, "
+                    "read-only (MLX arrays are immutable)",
+                    False,
+                    lambda a: _host_array(a, facts.dtype),
+                    f"NumPy has no native {facts.dtype}",
+                )
+            )
         return steps
 
     def from_host_steps(self, facts: Facts, *, device: str | None, copy: bool | None) -> list[Step]:
@@ -131,34 +170,54 @@ class MlxBackend(Backend):
         self._check_device(device)
         target = self.native_dtype(facts.dtype) if facts.dtype in self.DTYPES else None
         if target is None:
-            raise ConversionError(message(
-                f"an array of dtype {facts.dtype}", f"MLX has no {facts.dtype}",
-                "pass dtype='complex64' to cast" if facts.dtype == "complex128" else
-                "pass dtype='bfloat16' or 'float16' to cast, or keep the raw bits "
-                "(dtype-preserving: a.view(np.uint8), and mx.from_fp8 in MLX)"))
+            raise ConversionError(
+                message(
+                    f"an array of dtype {facts.dtype}",
+                    f"MLX has no {facts.dtype}",
+                    "pass dtype='complex64' to cast"
+                    if facts.dtype == "complex128"
+                    else "pass dtype='bfloat16' or 'float16' to cast, or keep the raw bits "
+                    "(dtype-preserving: a.view(np.uint8), and mx.from_fp8 in MLX)",
+                )
+            )
         steps: list[Step] = []
         if facts.negative_strides or facts.unit_flip:
-            steps.append(Step("copy to positive strides", True, lambda a: np.array(a, order="C"),
-                              "MLX refuses negative strides"))
+            steps.append(
+                Step(
+                    "copy to positive strides",
+                    True,
+                    lambda a: np.array(a, order="C"),
+                    "MLX refuses negative strides",
+                )
+            )
         why = "MLX copies host memory on import (it never shares a CPU buffer)"
         if facts.dtype in NUMPY_NATIVE:
             # dtype= always: without it, MLX narrows float64 to float32 and complex128 silently
             steps.append(Step("mx.array", True, lambda a: mx.array(a, dtype=target), why))
         else:
             bits = np.dtype(f"u{numpy_dtype(facts.dtype).itemsize}")
-            steps.append(Step(f"mx.array of the raw bits, viewed as mx.{facts.dtype}", True,
-                              lambda a: mx.array(a.view(bits)).view(target), why))
+            steps.append(
+                Step(
+                    f"mx.array of the raw bits, viewed as mx.{facts.dtype}",
+                    True,
+                    lambda a: mx.array(a.view(bits)).view(target),
+                    why,
+                )
+            )
         return steps
 
     def _check_device(self, device: str | None) -> None:
         if device is None or normalize_device(device) == "cpu":
             return
-        raise DeviceError(message(
-            f"device={device!r} for MLX",
-            "MLX arrays have no device of their own (the memory is unified; each operation "
-            "runs on the default device or the stream it is given)",
-            "leave device unset (or 'cpu'), and choose where MLX computes with "
-            "mx.set_default_device(mx.gpu) or stream=mx.gpu"))
+        raise DeviceError(
+            message(
+                f"device={device!r} for MLX",
+                "MLX arrays have no device of their own (the memory is unified; each operation "
+                "runs on the default device or the stream it is given)",
+                "leave device unset (or 'cpu'), and choose where MLX computes with "
+                "mx.set_default_device(mx.gpu) or stream=mx.gpu",
+            )
+        )
 
     def dlpack_import(self, facts: Facts) -> str | None:
         return "MLX copies every CPU import (mx.from_dlpack(copy=False) refuses)"
@@ -172,8 +231,13 @@ class MlxBackend(Backend):
     def cast_steps(self, facts: Facts, dtype: str) -> list[Step]:
         target = self.native_dtype(dtype)
         if target is None:
-            raise ConversionError(message(f"dtype={dtype!r}", "MLX has no such dtype",
-                                          "pick one of " + ", ".join(self.DTYPES)))
+            raise ConversionError(
+                message(
+                    f"dtype={dtype!r}",
+                    "MLX has no such dtype",
+                    "pick one of " + ", ".join(self.DTYPES),
+                )
+            )
         return [Step(f"cast {facts.dtype} -> {dtype} (x.astype)", True, lambda x: x.astype(target))]
 
     def to_device_steps(self, facts: Facts, device: str) -> list[Step]:
@@ -198,11 +262,13 @@ def _evaluate(x: Any) -> Any:
     except ValueError as exc:
         if "transformation" not in str(exc):
             raise
-        raise ConversionError(message(
-            f"an MLX array {x.dtype}{list(x.shape)} inside mx.compile or mx.vmap",
-            "inside a function transformation arrays are placeholders without values",
-            "convert the array the transformed function returns, outside it",
-        )) from exc
+        raise ConversionError(
+            message(
+                f"an MLX array {x.dtype}{list(x.shape)} inside mx.compile or mx.vmap",
+                "inside a function transformation arrays are placeholders without values",
+                "convert the array the transformed function returns, outside it",
+            )
+        ) from exc
     return x
 
 

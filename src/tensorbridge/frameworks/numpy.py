@@ -25,10 +25,14 @@ def refuse_masked(x: Any, what: str, why: str) -> None:
     """Raise :class:`ConversionError` when ``x`` is a masked array headed where masks do
     not exist (``why`` says where): the missing values would silently become data."""
     if _is_masked(x):
-        raise ConversionError(message(
-            what, f"{why}, so which values are missing would be lost",
-            "fill the gaps (a.filled(0)), or pass a.data to drop the mask knowingly; keep the "
-            "mask as a bool tensor too if you need it (np.ma.getmaskarray(a))"))
+        raise ConversionError(
+            message(
+                what,
+                f"{why}, so which values are missing would be lost",
+                "fill the gaps (a.filled(0)), or pass a.data to drop the mask knowingly; keep the "
+                "mask as a bool tensor too if you need it (np.ma.getmaskarray(a))",
+            )
+        )
 
 
 def _cast(a: np.ndarray, target: np.dtype) -> np.ndarray:
@@ -88,22 +92,32 @@ class NumpyBackend(Backend):
     def to_host_steps(self, x: Any, facts: Facts) -> list[Step]:
         from ..dtypes import numpy_dtype
 
-        steps = [] if isinstance(x, np.ndarray) else [
-            Step("numpy scalar -> 0-d array", False, np.asarray)]
+        steps = (
+            []
+            if isinstance(x, np.ndarray)
+            else [Step("numpy scalar -> 0-d array", False, np.asarray)]
+        )
         canonical = numpy_dtype(facts.dtype)
         if np.asarray(x).dtype.type is not canonical.type:  # np.longlong, np.ulonglong
-            steps.append(Step(f"view as {facts.dtype} ({np.asarray(x).dtype.type.__name__} is the "
-                              "same integer under another name, which frameworks refuse)", False,
-                              lambda a: a.view(canonical.newbyteorder(a.dtype.byteorder))))
+            steps.append(
+                Step(
+                    f"view as {facts.dtype} ({np.asarray(x).dtype.type.__name__} is the "
+                    "same integer under another name, which frameworks refuse)",
+                    False,
+                    lambda a: a.view(canonical.newbyteorder(a.dtype.byteorder)),
+                )
+            )
         return steps
 
     def from_host_steps(self, facts: Facts, *, device: str | None, copy: bool | None) -> list[Step]:
         if device is not None and normalize_device(device) != "cpu":
-            raise DeviceError(message(
-                f"device={device!r} for a NumPy result",
-                "NumPy arrays live in host memory only",
-                "leave device unset, or pick a framework that has devices (to='torch', 'jax', 'cupy')",
-            ))
+            raise DeviceError(
+                message(
+                    f"device={device!r} for a NumPy result",
+                    "NumPy arrays live in host memory only",
+                    "leave device unset, or pick a framework that has devices (to='torch', 'jax', 'cupy')",
+                )
+            )
         return []
 
     def dlpack_import(self, facts: Facts) -> str | None:
@@ -131,4 +145,3 @@ class NumpyBackend(Backend):
 
 
 BACKEND = NumpyBackend()
-

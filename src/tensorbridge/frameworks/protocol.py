@@ -64,10 +64,13 @@ def _cuda_framework() -> Backend:
     for name in ("torch", "cupy"):
         if importlib.util.find_spec(name) is not None:
             return get_backend(name)
-    raise ConversionError(message(
-        "an object with CUDA memory from a framework tensorbridge does not know",
-        "reading CUDA memory needs torch or CuPy, and neither is installed",
-        "pip install 'tensorbridge[torch]' (or [cupy]), or copy it to the host in its own framework"))
+    raise ConversionError(
+        message(
+            "an object with CUDA memory from a framework tensorbridge does not know",
+            "reading CUDA memory needs torch or CuPy, and neither is installed",
+            "pip install 'tensorbridge[torch]' (or [cupy]), or copy it to the host in its own framework",
+        )
+    )
 
 
 class ProtocolBackend(Backend):
@@ -114,9 +117,13 @@ class ProtocolBackend(Backend):
         if kind in ("interface", "array"):
             a = np.asarray(x)
             if a.dtype == object:
-                raise ConversionError(message(
-                    self._what(x), "its array holds Python objects, not numbers",
-                    "convert its values to a numeric dtype first"))
+                raise ConversionError(
+                    message(
+                        self._what(x),
+                        "its array holds Python objects, not numbers",
+                        "convert its values to a numeric dtype first",
+                    )
+                )
             return a
         backend = _cuda_framework()
         if kind == "cuda_dlpack":
@@ -148,8 +155,9 @@ class ProtocolBackend(Backend):
     def _wrap_step(self, facts: Facts) -> Step:
         kind = next(n for n in facts.notes if n.startswith("protocol:")).partition(":")[2]
         if kind == "array":
-            return Step(_HOW[kind], True, self._host, "the object decides whether it copies",
-                        fresh=False)
+            return Step(
+                _HOW[kind], True, self._host, "the object decides whether it copies", fresh=False
+            )
         return Step(_HOW[kind], False, self._host if facts.framework == "numpy" else self.carry)
 
     def _host(self, x: Any) -> np.ndarray:
@@ -171,9 +179,13 @@ class ProtocolBackend(Backend):
         return x  # the carrier (a torch/CuPy tensor, which export DLPack) after the first step
 
     def from_host_steps(self, facts: Facts, *, device: str | None, copy: bool | None) -> list[Step]:
-        raise ConversionError(message(
-            "to='protocol'", "array-protocol objects are a source, not a target",
-            "pick a framework to convert to"))
+        raise ConversionError(
+            message(
+                "to='protocol'",
+                "array-protocol objects are a source, not a target",
+                "pick a framework to convert to",
+            )
+        )
 
     def host_view(self, x: Any) -> np.ndarray | None:
         try:

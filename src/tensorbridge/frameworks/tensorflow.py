@@ -41,10 +41,21 @@ class TensorFlowBackend(Backend):
     module = "tensorflow"
     extra = "tensorflow"
     DTYPES = {
-        "bool": "bool", "int8": "int8", "int16": "int16", "int32": "int32", "int64": "int64",
-        "uint8": "uint8", "uint16": "uint16", "uint32": "uint32", "uint64": "uint64",
-        "float16": "float16", "bfloat16": "bfloat16", "float32": "float32", "float64": "float64",
-        "complex64": "complex64", "complex128": "complex128",
+        "bool": "bool",
+        "int8": "int8",
+        "int16": "int16",
+        "int32": "int32",
+        "int64": "int64",
+        "uint8": "uint8",
+        "uint16": "uint16",
+        "uint32": "uint32",
+        "uint64": "uint64",
+        "float16": "float16",
+        "bfloat16": "bfloat16",
+        "float32": "float32",
+        "float64": "float64",
+        "complex64": "complex64",
+        "complex128": "complex128",
         "float8_e4m3fn": "dtypes.experimental.float8_e4m3fn",
         "float8_e5m2": "dtypes.experimental.float8_e5m2",
         "float8_e4m3fnuz": "dtypes.experimental.float8_e4m3fnuz",
@@ -82,26 +93,32 @@ class TensorFlowBackend(Backend):
     def facts(self, x: Any) -> Facts:
         tf = self.load()
         if isinstance(x, tf.RaggedTensor):
-            raise ConversionError(message(
-                f"a tf.RaggedTensor of shape {x.shape}",
-                "its rows have different lengths, so it is not a rectangular array",
-                "pass ragged='list' to get nested Python lists, or x.to_tensor(default_value=0) to pad",
-            ))
+            raise ConversionError(
+                message(
+                    f"a tf.RaggedTensor of shape {x.shape}",
+                    "its rows have different lengths, so it is not a rectangular array",
+                    "pass ragged='list' to get nested Python lists, or x.to_tensor(default_value=0) to pad",
+                )
+            )
         sparse = isinstance(x, tf.SparseTensor)
         if not sparse and not isinstance(x, tf.Variable) and not hasattr(x, "_numpy"):
-            raise ConversionError(message(
-                f"a symbolic tf.Tensor {getattr(x, 'name', '')!r}",
-                "inside tf.function (graph mode) tensors have no values yet",
-                "convert the tensor returned by the tf.function call, outside it, or use "
-                "tf.py_function / tf.numpy_function to run Python on values inside it",
-            ))
+            raise ConversionError(
+                message(
+                    f"a symbolic tf.Tensor {getattr(x, 'name', '')!r}",
+                    "inside tf.function (graph mode) tensors have no values yet",
+                    "convert the tensor returned by the tf.function call, outside it, or use "
+                    "tf.py_function / tf.numpy_function to run Python on values inside it",
+                )
+            )
         dtype = x.dtype
         if dtype in (tf.resource, tf.variant):
-            raise ConversionError(message(
-                f"a TensorFlow tensor of dtype {dtype.name}",
-                "it is a handle to a variable or a container, not data",
-                "convert the variable itself (v, or v.read_value()) instead of v.handle",
-            ))
+            raise ConversionError(
+                message(
+                    f"a TensorFlow tensor of dtype {dtype.name}",
+                    "it is a handle to a variable or a container, not data",
+                    "convert the variable itself (v, or v.read_value()) instead of v.handle",
+                )
+            )
         name = "string" if dtype == tf.string else canonical_name(dtype.as_numpy_dtype)
         device = _device_name(x.device if not sparse else x.values.device)
         f = Facts("tensorflow", name, tuple(x.shape), device=device, writable=False)
@@ -122,43 +139,85 @@ class TensorFlowBackend(Backend):
         tf = self.load()
         steps: list[Step] = []
         if "sparse" in facts.notes:
-            steps.append(Step("densify the tf.SparseTensor", True, tf.sparse.to_dense,
-                              "sparse tensors have no dense memory to share"))
+            steps.append(
+                Step(
+                    "densify the tf.SparseTensor",
+                    True,
+                    tf.sparse.to_dense,
+                    "sparse tensors have no dense memory to share",
+                )
+            )
         if "variable" in facts.notes:
-            steps.append(Step("read the variable's current value", False, lambda v: v.read_value(),
-                              "a snapshot: later assign() calls are not seen by the result"))
+            steps.append(
+                Step(
+                    "read the variable's current value",
+                    False,
+                    lambda v: v.read_value(),
+                    "a snapshot: later assign() calls are not seen by the result",
+                )
+            )
         if facts.dtype == "string":
-            steps.append(Step("Tensor.numpy() -> array of bytes objects", True,
-                              lambda t: np.asarray(t.numpy(), dtype=object),
-                              "TF strings are variable-length bytes"))
-        elif facts.device_type == "cpu" and facts.dtype in _DLPACK_DTYPES and "sparse" not in facts.notes:
-            steps.append(Step("view of the host buffer (read-only: TF tensors are immutable)",
-                              False, _host_view))
+            steps.append(
+                Step(
+                    "Tensor.numpy() -> array of bytes objects",
+                    True,
+                    lambda t: np.asarray(t.numpy(), dtype=object),
+                    "TF strings are variable-length bytes",
+                )
+            )
+        elif (
+            facts.device_type == "cpu"
+            and facts.dtype in _DLPACK_DTYPES
+            and "sparse" not in facts.notes
+        ):
+            steps.append(
+                Step(
+                    "view of the host buffer (read-only: TF tensors are immutable)",
+                    False,
+                    _host_view,
+                )
+            )
         else:
-            why = "device memory is not addressable from NumPy" if facts.device_type != "cpu" \
+            why = (
+                "device memory is not addressable from NumPy"
+                if facts.device_type != "cpu"
                 else f"NumPy cannot import {facts.dtype} over DLPack"
+            )
             steps.append(Step("Tensor.numpy()", True, lambda t: t.numpy(), why))
         return steps
 
     def fresh_host_step(self, facts: Facts) -> Step | None:
-        if facts.device_type != "cpu" or facts.dtype not in _DLPACK_DTYPES or "sparse" in facts.notes:
+        if (
+            facts.device_type != "cpu"
+            or facts.dtype not in _DLPACK_DTYPES
+            or "sparse" in facts.notes
+        ):
             return None  # the route already copies, or has no view to replace
-        return Step("Tensor.numpy() (copy=True)", True, _numpy_copy, "an independent result was asked for")
+        return Step(
+            "Tensor.numpy() (copy=True)", True, _numpy_copy, "an independent result was asked for"
+        )
 
     def from_host_steps(self, facts: Facts, *, device: str | None, copy: bool | None) -> list[Step]:
         tf = self.load()
         if self.native_dtype(facts.dtype) is None:
-            raise ConversionError(message(
-                f"an array of dtype {facts.dtype}", f"TensorFlow {tf.__version__} has no {facts.dtype}",
-                "pass dtype= to cast to a dtype TensorFlow has, e.g. dtype='float32'"))
+            raise ConversionError(
+                message(
+                    f"an array of dtype {facts.dtype}",
+                    f"TensorFlow {tf.__version__} has no {facts.dtype}",
+                    "pass dtype= to cast to a dtype TensorFlow has, e.g. dtype='float32'",
+                )
+            )
         why = self.dlpack_import(facts)
         if why is None and not facts.writable:
             why = "NumPy cannot export read-only arrays over DLPack"
         if why is None and copy is not False:
-            why = ("a later write to the NumPy array would change the TensorFlow tensor, which TF "
-                   "users take to be immutable (tf.convert_to_tensor copies too); copy=False shares")
+            why = (
+                "a later write to the NumPy array would change the TensorFlow tensor, which TF "
+                "users take to be immutable (tf.convert_to_tensor copies too); copy=False shares"
+            )
         steps: list[Step] = []
         if why is None:
+
             def share(a: Any) -> Any:
                 # TF aborts the process on memory it cannot import: the facts of a fresh
                 # host copy are planned, so check the real array before handing it over
@@ -166,8 +225,14 @@ class TensorFlowBackend(Backend):
                     return tf.experimental.dlpack.from_dlpack(a.__dlpack__())
                 return tf.convert_to_tensor(a)
 
-            steps.append(Step("tf.experimental.dlpack.from_dlpack (shares the NumPy buffer; do not "
-                              "mutate it while TF uses it)", False, share))
+            steps.append(
+                Step(
+                    "tf.experimental.dlpack.from_dlpack (shares the NumPy buffer; do not "
+                    "mutate it while TF uses it)",
+                    False,
+                    share,
+                )
+            )
         else:
             steps.append(Step("tf.convert_to_tensor", True, tf.convert_to_tensor, why))
         if device is not None and normalize_device(device) != "cpu":
@@ -208,8 +273,13 @@ class TensorFlowBackend(Backend):
         tf = self.load()
         target = self.native_dtype(dtype)
         if target is None:
-            raise ConversionError(message(f"dtype={dtype!r}", "TensorFlow has no such dtype",
-                                          "pick one of " + ", ".join(self.DTYPES)))
+            raise ConversionError(
+                message(
+                    f"dtype={dtype!r}",
+                    "TensorFlow has no such dtype",
+                    "pick one of " + ", ".join(self.DTYPES),
+                )
+            )
         return [Step(f"cast {facts.dtype} -> {dtype}", True, lambda t: tf.cast(t, target))]
 
     def to_device_steps(self, facts: Facts, device: str) -> list[Step]:
@@ -217,16 +287,22 @@ class TensorFlowBackend(Backend):
         kind, _, index = device.partition(":")
         tf_name = {"cuda": "GPU", "gpu": "GPU", "cpu": "CPU"}.get(kind)
         if tf_name is None or int(index or 0) >= len(tf.config.list_logical_devices(tf_name)):
-            raise DeviceError(message(f"device={device!r} for TensorFlow",
-                                      "TensorFlow sees no such device on this machine",
-                                      f"use one of {[d.name for d in tf.config.list_logical_devices()]}"))
+            raise DeviceError(
+                message(
+                    f"device={device!r} for TensorFlow",
+                    "TensorFlow sees no such device on this machine",
+                    f"use one of {[d.name for d in tf.config.list_logical_devices()]}",
+                )
+            )
         name = f"/{tf_name}:{index or 0}"
 
         def move(t: Any) -> Any:
             with tf.device(name):
                 return tf.identity(t)
 
-        return [Step(f"copy -> {name}", True, move, "the data must live in the target device's memory")]
+        return [
+            Step(f"copy -> {name}", True, move, "the data must live in the target device's memory")
+        ]
 
     def host_view(self, x: Any) -> np.ndarray | None:
         tf = self.load()

@@ -20,12 +20,25 @@ class TorchBackend(Backend):
     module = "torch"
     extra = "torch"
     DTYPES = {
-        "bool": "bool", "int8": "int8", "int16": "int16", "int32": "int32", "int64": "int64",
-        "uint8": "uint8", "uint16": "uint16", "uint32": "uint32", "uint64": "uint64",
-        "float16": "float16", "bfloat16": "bfloat16", "float32": "float32", "float64": "float64",
-        "complex64": "complex64", "complex128": "complex128",
-        "float8_e4m3fn": "float8_e4m3fn", "float8_e5m2": "float8_e5m2",
-        "float8_e4m3fnuz": "float8_e4m3fnuz", "float8_e5m2fnuz": "float8_e5m2fnuz",
+        "bool": "bool",
+        "int8": "int8",
+        "int16": "int16",
+        "int32": "int32",
+        "int64": "int64",
+        "uint8": "uint8",
+        "uint16": "uint16",
+        "uint32": "uint32",
+        "uint64": "uint64",
+        "float16": "float16",
+        "bfloat16": "bfloat16",
+        "float32": "float32",
+        "float64": "float64",
+        "complex64": "complex64",
+        "complex128": "complex128",
+        "float8_e4m3fn": "float8_e4m3fn",
+        "float8_e5m2": "float8_e5m2",
+        "float8_e4m3fnuz": "float8_e4m3fnuz",
+        "float8_e5m2fnuz": "float8_e5m2fnuz",
         "float8_e8m0fnu": "float8_e8m0fnu",
     }
 
@@ -49,13 +62,16 @@ class TorchBackend(Backend):
         name = self._canonical.get(dtype)
         if name is None:
             quantized = "q" in str(dtype).rpartition(".")[2][:2]  # torch.qint8, quint8, ...
-            raise ConversionError(message(
-                f"a torch tensor of dtype {dtype}",
-                "no other framework or file format has this dtype",
-                "dequantize it first (t.dequantize()), or keep its integer representation "
-                "(t.int_repr()) with its scale and zero point" if quantized
-                else _cast_hint(dtype),
-            ))
+            raise ConversionError(
+                message(
+                    f"a torch tensor of dtype {dtype}",
+                    "no other framework or file format has this dtype",
+                    "dequantize it first (t.dequantize()), or keep its integer representation "
+                    "(t.int_repr()) with its scale and zero point"
+                    if quantized
+                    else _cast_hint(dtype),
+                )
+            )
         return name
 
     def kind(self, x: Any, target: str) -> tuple | None:
@@ -75,17 +91,21 @@ class TorchBackend(Backend):
     def facts(self, x: Any) -> Facts:
         dev = x.device
         if dev.type == "meta":
-            raise ConversionError(message(
-                "a torch tensor on the 'meta' device",
-                "meta tensors carry a shape and dtype but no data",
-                "materialise it first (e.g. module.to_empty(device='cpu') and load weights)",
-            ))
+            raise ConversionError(
+                message(
+                    "a torch tensor on the 'meta' device",
+                    "meta tensors carry a shape and dtype but no data",
+                    "materialise it first (e.g. module.to_empty(device='cpu') and load weights)",
+                )
+            )
         if x.is_nested:
-            raise ConversionError(message(
-                "a torch nested tensor",
-                "its components have different shapes, so it is not one rectangular array",
-                "pad it (x.to_padded_tensor(0.0)), or convert its parts (list(x.unbind()))",
-            ))
+            raise ConversionError(
+                message(
+                    "a torch nested tensor",
+                    "its components have different shapes, so it is not one rectangular array",
+                    "pad it (x.to_padded_tensor(0.0)), or convert its parts (list(x.unbind()))",
+                )
+            )
         device = "cpu" if dev.type == "cpu" else f"{dev.type}:{dev.index or 0}"
         f = Facts("torch", self.canonical(x.dtype), tuple(x.shape), device=device)
         sparse = x.layout != self.load().strided
@@ -108,52 +128,106 @@ class TorchBackend(Backend):
         """Detach, densify, resolve bits: what every route out of torch needs first."""
         steps = []
         if "requires_grad" in facts.notes:
-            steps.append(Step("detach from the autograd graph", False, self.load().Tensor.detach,
-                              "the values are shared; gradients are not"))
+            steps.append(
+                Step(
+                    "detach from the autograd graph",
+                    False,
+                    self.load().Tensor.detach,
+                    "the values are shared; gradients are not",
+                )
+            )
         if "sparse" in facts.notes:
-            steps.append(Step("densify the sparse tensor", True, lambda t: t.to_dense(),
-                              "sparse layouts have no dense memory to share"))
+            steps.append(
+                Step(
+                    "densify the sparse tensor",
+                    True,
+                    lambda t: t.to_dense(),
+                    "sparse layouts have no dense memory to share",
+                )
+            )
         if "conj" in facts.notes:
-            steps.append(Step("resolve the lazy conjugate bit", True, lambda t: t.resolve_conj(),
-                              "the stored values are not yet conjugated"))
+            steps.append(
+                Step(
+                    "resolve the lazy conjugate bit",
+                    True,
+                    lambda t: t.resolve_conj(),
+                    "the stored values are not yet conjugated",
+                )
+            )
         if "neg" in facts.notes:
-            steps.append(Step("resolve the lazy negation bit", True, lambda t: t.resolve_neg(),
-                              "the stored values are not yet negated"))
+            steps.append(
+                Step(
+                    "resolve the lazy negation bit",
+                    True,
+                    lambda t: t.resolve_neg(),
+                    "the stored values are not yet negated",
+                )
+            )
         return steps
 
     def to_host_steps(self, x: Any, facts: Facts) -> list[Step]:
         steps = self.prepare_steps(facts)
         if facts.device_type != "cpu":
-            steps.append(Step(f"copy {facts.device} -> host", True, _to_host,
-                              "device memory is not addressable from NumPy"))
+            steps.append(
+                Step(
+                    f"copy {facts.device} -> host",
+                    True,
+                    _to_host,
+                    "device memory is not addressable from NumPy",
+                )
+            )
         if facts.dtype in NUMPY_NATIVE:
             steps.append(Step("Tensor.numpy() view", False, self.load().Tensor.numpy))
         else:
             torch = self.load()
             bits = getattr(torch, BITS[lookup(facts.dtype).itemsize])
             np_dtype = numpy_dtype(facts.dtype)
-            steps.append(Step(f"reinterpret {facts.dtype} bits as ml_dtypes.{facts.dtype}", False,
-                              lambda t: t.view(bits).numpy().view(np_dtype),
-                              "NumPy has no native bfloat16/float8"))
+            steps.append(
+                Step(
+                    f"reinterpret {facts.dtype} bits as ml_dtypes.{facts.dtype}",
+                    False,
+                    lambda t: t.view(bits).numpy().view(np_dtype),
+                    "NumPy has no native bfloat16/float8",
+                )
+            )
         return steps
 
     def from_host_steps(self, facts: Facts, *, device: str | None, copy: bool | None) -> list[Step]:
         torch = self.load()
         steps: list[Step] = []
         if facts.negative_strides:
-            steps.append(Step("copy to positive strides", True, np.ascontiguousarray,
-                              "torch has no negative strides"))
+            steps.append(
+                Step(
+                    "copy to positive strides",
+                    True,
+                    np.ascontiguousarray,
+                    "torch has no negative strides",
+                )
+            )
         elif facts.unit_flip:
-            steps.append(Step("rewrite the strides of flipped size-1 dims", False, _positive_unit_strides))
+            steps.append(
+                Step("rewrite the strides of flipped size-1 dims", False, _positive_unit_strides)
+            )
         if not facts.native_order:
-            steps.append(Step("byte-swap to native order", True,
-                              lambda a: a.astype(a.dtype.newbyteorder("=")),
-                              "torch only holds native byte order"))
+            steps.append(
+                Step(
+                    "byte-swap to native order",
+                    True,
+                    lambda a: a.astype(a.dtype.newbyteorder("=")),
+                    "torch only holds native byte order",
+                )
+            )
         if not facts.writable and not any(s.copies for s in steps):
-            steps.append(Step("copy the read-only array", True, lambda a: np.array(a, copy=True),
-                              "torch tensors are always writable, and a write into read-only memory "
-                              "(a read-only memmap, bytes, an immutable framework's buffer) would "
-                              "crash the process or change data that must not change"))
+            steps.append(
+                Step(
+                    "copy the read-only array",
+                    True,
+                    lambda a: np.array(a, copy=True),
+                    "torch tensors are always writable, and a write into read-only memory "
+                    "(a read-only memmap, bytes, an immutable framework's buffer) would "
+                    "crash the process or change data that must not change",
+                )
+            )
         make = torch.from_numpy
         how = "torch.from_numpy"
         if facts.dtype in NUMPY_NATIVE:
@@ -161,15 +235,22 @@ class TorchBackend(Backend):
         else:
             target = self.native_dtype(facts.dtype)
             if target is None:
-                raise ConversionError(message(
-                    f"an array of dtype {facts.dtype}",
-                    f"torch {torch.__version__} has no {facts.dtype}",
-                    "pass dtype='float32' (or another dtype torch has) to cast",
-                ))
+                raise ConversionError(
+                    message(
+                        f"an array of dtype {facts.dtype}",
+                        f"torch {torch.__version__} has no {facts.dtype}",
+                        "pass dtype='float32' (or another dtype torch has) to cast",
+                    )
+                )
             bits = BITS[lookup(facts.dtype).itemsize]
             np_bits = np.dtype(bits)
-            steps.append(Step(f"{how} of the raw bits, viewed as torch.{facts.dtype}", False,
-                              lambda a: make(a.view(np_bits)).view(target)))
+            steps.append(
+                Step(
+                    f"{how} of the raw bits, viewed as torch.{facts.dtype}",
+                    False,
+                    lambda a: make(a.view(np_bits)).view(target),
+                )
+            )
         if device not in (None, "cpu"):
             steps.extend(self.to_device_steps(facts, device))
         return steps
@@ -191,13 +272,19 @@ class TorchBackend(Backend):
             torch = self.load()
             storage = x.untyped_storage().clone()
             return torch.empty((0,), dtype=x.dtype, device=x.device).set_(
-                storage, x.storage_offset(), x.size(), x.stride())
+                storage, x.storage_offset(), x.size(), x.stride()
+            )
 
     def cast_steps(self, facts: Facts, dtype: str) -> list[Step]:
         target = self.native_dtype(dtype)
         if target is None:
-            raise ConversionError(message(f"dtype={dtype!r}", "torch has no such dtype",
-                                          "pick one of " + ", ".join(self.DTYPES)))
+            raise ConversionError(
+                message(
+                    f"dtype={dtype!r}",
+                    "torch has no such dtype",
+                    "pick one of " + ", ".join(self.DTYPES),
+                )
+            )
         return [Step(f"cast {facts.dtype} -> {dtype}", True, lambda t: t.to(target))]
 
     def to_device_steps(self, facts: Facts, device: str) -> list[Step]:
@@ -205,35 +292,67 @@ class TorchBackend(Backend):
         try:
             dev = torch.device(device)
         except (RuntimeError, TypeError) as exc:
-            raise DeviceError(message(f"device={device!r}", str(exc),
-                                      "use 'cpu', 'cuda', 'cuda:1' or 'mps'")) from exc
+            raise DeviceError(
+                message(f"device={device!r}", str(exc), "use 'cpu', 'cuda', 'cuda:1' or 'mps'")
+            ) from exc
         if dev.type == "cpu" and dev.index not in (None, 0):
-            raise DeviceError(message(f"device={device!r} for torch", "torch has one CPU device",
-                                      "use device='cpu'"))
+            raise DeviceError(
+                message(
+                    f"device={device!r} for torch", "torch has one CPU device", "use device='cpu'"
+                )
+            )
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise DeviceError(message(f"device={device!r}", "this machine has no CUDA device torch can use",
-                                      "leave device unset (the result stays on the CPU)"))
+            raise DeviceError(
+                message(
+                    f"device={device!r}",
+                    "this machine has no CUDA device torch can use",
+                    "leave device unset (the result stays on the CPU)",
+                )
+            )
         if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
             n = torch.cuda.device_count()
-            raise DeviceError(message(f"device={device!r}", f"this machine has {n} CUDA device(s)",
-                                      f"use 'cuda:0' to 'cuda:{n - 1}'"))
+            raise DeviceError(
+                message(
+                    f"device={device!r}",
+                    f"this machine has {n} CUDA device(s)",
+                    f"use 'cuda:0' to 'cuda:{n - 1}'",
+                )
+            )
         mps = getattr(torch.backends, "mps", None)
         if dev.type == "mps" and not (mps is not None and mps.is_available()):
-            raise DeviceError(message(f"device={device!r}", "this machine has no MPS (Apple GPU) "
-                                      "device torch can use",
-                                      "leave device unset (the result stays on the CPU)"))
+            raise DeviceError(
+                message(
+                    f"device={device!r}",
+                    "this machine has no MPS (Apple GPU) device torch can use",
+                    "leave device unset (the result stays on the CPU)",
+                )
+            )
         if dev.type == "mps" and facts.dtype in ("float64", "complex128"):
-            raise ConversionError(message(
-                f"a {facts.dtype} tensor for device 'mps'", "Apple's MPS backend has no 64-bit floats",
-                "pass dtype='float32' to cast first"))
-        return [Step(f"copy -> {device}", True, lambda t: t.to(dev),
-                     "the data must live in the target device's memory")]
+            raise ConversionError(
+                message(
+                    f"a {facts.dtype} tensor for device 'mps'",
+                    "Apple's MPS backend has no 64-bit floats",
+                    "pass dtype='float32' to cast first",
+                )
+            )
+        return [
+            Step(
+                f"copy -> {device}",
+                True,
+                lambda t: t.to(dev),
+                "the data must live in the target device's memory",
+            )
+        ]
 
     def host_view(self, x: Any) -> np.ndarray | None:
         if x.device.type != "cpu" or x.layout != self.load().strided or x.is_nested:
             return None
-        if x.is_quantized or x.element_size() not in BITS or x.dtype.is_complex and \
-                x.element_size() == 4:  # complex32: view_as_real has no kernel for it
+        if (
+            x.is_quantized
+            or x.element_size() not in BITS
+            or x.dtype.is_complex
+            and x.element_size() == 4
+        ):  # complex32: view_as_real has no kernel for it
             return _storage_view(x)
         t = x.detach()
         if t.is_conj():
@@ -271,8 +390,10 @@ def _cast_hint(dtype: Any) -> str:
     if dtype.is_floating_point:
         return "cast it first, e.g. t.to(torch.float32) (holds every value of smaller float types)"
     if str(dtype).rpartition(".")[2].startswith(("int", "uint", "bits")):  # int4, uint4, bits8...
-        return ("torch cannot cast these packed types either: convert their bytes "
-                "(t.view(torch.uint8)) and unpack them where they are used")
+        return (
+            "torch cannot cast these packed types either: convert their bytes "
+            "(t.view(torch.uint8)) and unpack them where they are used"
+        )
     return "cast it first, e.g. t.to(torch.float32)"
 
 
@@ -288,8 +409,9 @@ def _positive_unit_strides(a: np.ndarray) -> np.ndarray:
     return np.lib.stride_tricks.as_strided(a, a.shape, strides, writeable=a.flags.writeable)
 
 
-def gather_device_leaves(tree: Any, *, copy: bool | None, dtype: str | None,
-                         pinned: bool = False) -> dict[int, np.ndarray]:
+def gather_device_leaves(
+    tree: Any, *, copy: bool | None, dtype: str | None, pinned: bool = False
+) -> dict[int, np.ndarray]:
     """Copy every CUDA tensor in ``tree`` to the host in one coalesced transfer.
 
     Returns ``{id(leaf): host array}``; the arrays are fresh host memory in
@@ -359,12 +481,14 @@ def _torch_only(found: list[Any], pinned: bool) -> dict[int, np.ndarray]:
 
 def _refused(found: list[Any], exc: Exception) -> ConversionError:
     nbytes = sum(t.numel() * t.element_size() for t in found)
-    return ConversionError(message(
-        f"{len(found)} CUDA tensor(s) ({nbytes / (1 << 20):.1f} MiB) copied to the host",
-        f"CUDA refused the copy: {type(exc).__name__}: {exc}",
-        "free GPU memory (e.g. torch.cuda.empty_cache()) or convert fewer tensors at a time; "
-        "in a forked child process use the 'spawn' start method",
-    ))
+    return ConversionError(
+        message(
+            f"{len(found)} CUDA tensor(s) ({nbytes / (1 << 20):.1f} MiB) copied to the host",
+            f"CUDA refused the copy: {type(exc).__name__}: {exc}",
+            "free GPU memory (e.g. torch.cuda.empty_cache()) or convert fewer tensors at a time; "
+            "in a forked child process use the 'spawn' start method",
+        )
+    )
 
 
 def batch_to_host(tensors: list[Any], *, pinned: bool = False) -> list[np.ndarray]:

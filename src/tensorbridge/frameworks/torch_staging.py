@@ -46,10 +46,10 @@ import os
 import sys
 import threading
 from collections import deque
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
-from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
 
@@ -57,9 +57,21 @@ from ..dtypes import canonical_name, numpy_dtype
 from ..errors import ConversionError
 
 __all__ = [
-    "ALIGN", "BLOCK_BYTES", "NUM_BLOCKS", "SMALL_BYTES",
-    "Piece", "Chunk", "Pack", "plan_chunks", "plan_packs", "split_jobs",
-    "batch_to_host", "batch_to_device", "scatter_host_leaves", "stats", "quiesce",
+    "ALIGN",
+    "BLOCK_BYTES",
+    "NUM_BLOCKS",
+    "SMALL_BYTES",
+    "Piece",
+    "Chunk",
+    "Pack",
+    "plan_chunks",
+    "plan_packs",
+    "split_jobs",
+    "batch_to_host",
+    "batch_to_device",
+    "scatter_host_leaves",
+    "stats",
+    "quiesce",
 ]
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -72,6 +84,7 @@ THREADS = max(1, min(8, os.cpu_count() or 1))
 
 
 # ------------------------------------------------------------------ planning (pure Python)
+
 
 def align_up(n: int, align: int = ALIGN) -> int:
     return -(-n // align) * align
@@ -102,9 +115,14 @@ class Chunk:
         return max((p.stage_off + p.nbytes for p in self.pieces), default=0)
 
 
-def plan_chunks(sizes: Sequence[int], *, keys: Sequence[Hashable] | None = None,
-                block_bytes: int = BLOCK_BYTES, num_blocks: int = NUM_BLOCKS,
-                align: int = ALIGN) -> list[Chunk]:
+def plan_chunks(
+    sizes: Sequence[int],
+    *,
+    keys: Sequence[Hashable] | None = None,
+    block_bytes: int = BLOCK_BYTES,
+    num_blocks: int = NUM_BLOCKS,
+    align: int = ALIGN,
+) -> list[Chunk]:
     """Lay items of ``sizes`` bytes into block-sized chunks, in order.
 
     Every byte of every item lands in exactly one piece. Pieces start at
@@ -165,8 +183,13 @@ class Pack:
     nbytes: int
 
 
-def plan_packs(sizes: Sequence[int], keys: Sequence[Hashable], *, small_bytes: int = SMALL_BYTES,
-               pack_bytes: int = BLOCK_BYTES) -> tuple[list[Pack], list[int]]:
+def plan_packs(
+    sizes: Sequence[int],
+    keys: Sequence[Hashable],
+    *,
+    small_bytes: int = SMALL_BYTES,
+    pack_bytes: int = BLOCK_BYTES,
+) -> tuple[list[Pack], list[int]]:
     """Group the small items of each key into packs of at most ``pack_bytes``.
 
     Returns ``(packs, direct)``: ``direct`` lists the items copied on their
@@ -202,8 +225,13 @@ def plan_packs(sizes: Sequence[int], keys: Sequence[Hashable], *, small_bytes: i
     return packs, direct
 
 
-def split_jobs(pieces: Sequence[Piece], *, threads: int = THREADS, min_bytes: int = JOB_BYTES,
-               align: int = ALIGN) -> list[list[Piece]]:
+def split_jobs(
+    pieces: Sequence[Piece],
+    *,
+    threads: int = THREADS,
+    min_bytes: int = JOB_BYTES,
+    align: int = ALIGN,
+) -> list[list[Piece]]:
     """Cut a chunk's pieces into at most about ``threads`` memcpy jobs of similar size.
 
     Jobs are at least ``min_bytes`` (small chunks are one job). A piece may be
@@ -236,8 +264,16 @@ def split_jobs(pieces: Sequence[Piece], *, threads: int = THREADS, min_bytes: in
 
 # fallbacks: page-locked memory refused (plain copies instead); contended: the ring was
 # busy with another thread's transfer (plain copies instead of waiting for it).
-_STATS = {"d2h_calls": 0, "h2d_calls": 0, "chunks": 0, "host_waits": 0, "bytes": 0,
-          "pinned_calls": 0, "fallbacks": 0, "contended": 0}
+_STATS = {
+    "d2h_calls": 0,
+    "h2d_calls": 0,
+    "chunks": 0,
+    "host_waits": 0,
+    "bytes": 0,
+    "pinned_calls": 0,
+    "fallbacks": 0,
+    "contended": 0,
+}
 _STATS_LOCK = threading.Lock()
 
 
@@ -272,13 +308,27 @@ class _Block:
 class _Ring:
     """``num_blocks`` staging blocks, allocated on first use, one user at a time."""
 
-    def __init__(self, *, pin: bool, block_bytes: int = BLOCK_BYTES, num_blocks: int = NUM_BLOCKS,
-                 align: int = ALIGN, job_bytes: int = JOB_BYTES) -> None:
+    def __init__(
+        self,
+        *,
+        pin: bool,
+        block_bytes: int = BLOCK_BYTES,
+        num_blocks: int = NUM_BLOCKS,
+        align: int = ALIGN,
+        job_bytes: int = JOB_BYTES,
+    ) -> None:
         if num_blocks < 2:
             raise ValueError("a ring needs at least two blocks to overlap copies")
         if block_bytes <= 0 or block_bytes % align:
-            raise ValueError(f"block_bytes={block_bytes} must be a positive multiple of align={align}")
-        self.pin, self.block_bytes, self.num_blocks, self.align = pin, block_bytes, num_blocks, align
+            raise ValueError(
+                f"block_bytes={block_bytes} must be a positive multiple of align={align}"
+            )
+        self.pin, self.block_bytes, self.num_blocks, self.align = (
+            pin,
+            block_bytes,
+            num_blocks,
+            align,
+        )
         self.job_bytes = job_bytes
         self.blocks: list[_Block | None] = [None] * num_blocks
         self.lock = threading.Lock()
@@ -287,8 +337,9 @@ class _Ring:
         b = self.blocks[i]
         if b is None:
             torch = sys.modules["torch"]
-            b = self.blocks[i] = _Block(torch.empty(self.block_bytes, dtype=torch.uint8,
-                                                    pin_memory=self.pin))
+            b = self.blocks[i] = _Block(
+                torch.empty(self.block_bytes, dtype=torch.uint8, pin_memory=self.pin)
+            )
         return b
 
 
@@ -414,6 +465,7 @@ _CUDA = _Hooks()
 
 # ------------------------------------------------------------------ device -> host
 
+
 def _prepare(t: Any, torch: Any) -> Any:
     """Detach, densify, resolve conj/neg bits, make contiguous (all on the device)."""
     if t.requires_grad:
@@ -451,8 +503,9 @@ def _numpy_dtype(dtype: Any) -> np.dtype:
     return got
 
 
-def batch_to_host(tensors: list[Any], *, pinned: bool = False, ring: _Ring | None = None,
-                  hooks: _Hooks = _CUDA) -> list[np.ndarray]:
+def batch_to_host(
+    tensors: list[Any], *, pinned: bool = False, ring: _Ring | None = None, hooks: _Hooks = _CUDA
+) -> list[np.ndarray]:
     """CUDA tensors -> host arrays, bit-exact, in each tensor's own dtype.
 
     Fresh pageable NumPy arrays through the pinned ring by default; with
@@ -502,7 +555,7 @@ def batch_to_host(tensors: list[Any], *, pinned: bool = False, ring: _Ring | Non
             out.append(np.empty(tuple(t.shape), dts[i]))
             continue
         j, off = where[i]
-        out.append(hosts[j][off:off + n].view(dts[i]).reshape(tuple(t.shape)))
+        out.append(hosts[j][off : off + n].view(dts[i]).reshape(tuple(t.shape)))
     _count(d2h_calls=1, bytes=sum(sizes), pinned_calls=int(pinned))
     return out
 
@@ -512,8 +565,9 @@ def _plain_to_host(item_sizes: list[int], source: Callable[[int], Any]) -> list[
     return [source(j).cpu().numpy() for j in range(len(item_sizes))]
 
 
-def _to_pinned(items: list[Any], item_sizes: list[int], source: Callable[[int], Any], hooks: _Hooks,
-               torch: Any) -> list[np.ndarray]:
+def _to_pinned(
+    items: list[Any], item_sizes: list[int], source: Callable[[int], Any], hooks: _Hooks, torch: Any
+) -> list[np.ndarray]:
     """One page-locked buffer per item, one copy each, one wait per device.
 
     Where page-locking is refused (e.g. a memlock limit), that item is copied
@@ -537,10 +591,20 @@ def _to_pinned(items: list[Any], item_sizes: list[int], source: Callable[[int], 
     return hosts
 
 
-def _through_ring(items: list[Any], item_sizes: list[int], source: Callable[[int], Any], ring: _Ring,
-                  hooks: _Hooks) -> list[np.ndarray]:
-    chunks = plan_chunks(item_sizes, keys=[str(d) for d, _ in items], block_bytes=ring.block_bytes,
-                         num_blocks=ring.num_blocks, align=ring.align)
+def _through_ring(
+    items: list[Any],
+    item_sizes: list[int],
+    source: Callable[[int], Any],
+    ring: _Ring,
+    hooks: _Hooks,
+) -> list[np.ndarray]:
+    chunks = plan_chunks(
+        item_sizes,
+        keys=[str(d) for d, _ in items],
+        block_bytes=ring.block_bytes,
+        num_blocks=ring.num_blocks,
+        align=ring.align,
+    )
     if not ring.lock.acquire(blocking=False):  # another thread's transfer: never wait for it
         _count(contended=1)
         return _plain_to_host(item_sizes, source)
@@ -566,10 +630,14 @@ def _through_ring(items: list[Any], item_sizes: list[int], source: Callable[[int
 
             def copy(job: list[Piece], arr: np.ndarray = blk.array) -> None:
                 for p in job:
-                    np.copyto(hosts[p.item][p.src_off:p.src_off + p.nbytes],
-                              arr[p.stage_off:p.stage_off + p.nbytes])
+                    np.copyto(
+                        hosts[p.item][p.src_off : p.src_off + p.nbytes],
+                        arr[p.stage_off : p.stage_off + p.nbytes],
+                    )
 
-            reading[c.block] = _submit(copy, split_jobs(c.pieces, align=ring.align, min_bytes=ring.job_bytes))
+            reading[c.block] = _submit(
+                copy, split_jobs(c.pieces, align=ring.align, min_bytes=ring.job_bytes)
+            )
 
         try:
             for c in chunks:
@@ -582,8 +650,9 @@ def _through_ring(items: list[Any], item_sizes: list[int], source: Callable[[int
                         src = live.get(p.item)
                         if src is None:
                             src = live[p.item] = source(p.item)  # prepared now, not before
-                        blk.tensor[p.stage_off:p.stage_off + p.nbytes].copy_(
-                            src[p.src_off:p.src_off + p.nbytes], non_blocking=True)
+                        blk.tensor[p.stage_off : p.stage_off + p.nbytes].copy_(
+                            src[p.src_off : p.src_off + p.nbytes], non_blocking=True
+                        )
                         issued = True
                         if last_chunk[p.item] == c.index:
                             del live[p.item]  # stream-ordered: the allocator may reuse it safely
@@ -609,6 +678,7 @@ def _through_ring(items: list[Any], item_sizes: list[int], source: Callable[[int
 
 # ------------------------------------------------------------------ host -> device
 
+
 def _host_source(leaf: Any, torch: Any) -> tuple[np.ndarray, Any, tuple[int, ...]] | None:
     """``(flat uint8 bytes, torch dtype, shape)`` for a leaf the ring can take, else None."""
     from .torch import BACKEND
@@ -627,8 +697,14 @@ def _host_source(leaf: Any, torch: Any) -> tuple[np.ndarray, Any, tuple[int, ...
             return None
         return np.asarray(leaf).reshape(-1).view(np.uint8), tdt, leaf.shape
     if tp is torch.Tensor:
-        if (leaf.device.type != "cpu" or leaf.layout != torch.strided or leaf.requires_grad
-                or leaf.is_conj() or leaf.is_neg() or not leaf.is_contiguous()):
+        if (
+            leaf.device.type != "cpu"
+            or leaf.layout != torch.strided
+            or leaf.requires_grad
+            or leaf.is_conj()
+            or leaf.is_neg()
+            or not leaf.is_contiguous()
+        ):
             return None
         try:
             BACKEND.canonical(leaf.dtype)
@@ -638,8 +714,9 @@ def _host_source(leaf: Any, torch: Any) -> tuple[np.ndarray, Any, tuple[int, ...
     return None
 
 
-def scatter_host_leaves(tree: Any, device: Any, *, ring: _Ring | None = None,
-                        hooks: _Hooks = _CUDA) -> dict[int, Any]:
+def scatter_host_leaves(
+    tree: Any, device: Any, *, ring: _Ring | None = None, hooks: _Hooks = _CUDA
+) -> dict[int, Any]:
     """Copy the host leaves of ``tree`` to CUDA ``device`` through the pinned ring.
 
     Takes C-contiguous native-order NumPy arrays, and CPU tensors without grad
@@ -689,8 +766,9 @@ def _plain_to_device(srcs: list[np.ndarray], flats: list[Any], torch: Any) -> No
             f.copy_(torch.from_numpy(a if a.flags.writeable else a.copy()))
 
 
-def batch_to_device(srcs: list[np.ndarray], dsts: list[Any], *, ring: _Ring | None = None,
-                    hooks: _Hooks = _CUDA) -> None:
+def batch_to_device(
+    srcs: list[np.ndarray], dsts: list[Any], *, ring: _Ring | None = None, hooks: _Hooks = _CUDA
+) -> None:
     """Copy flat uint8 host arrays into same-sized device tensors of one device.
 
     The pool packs chunk ``k + 1`` into its block while chunk ``k`` is copied
@@ -702,8 +780,9 @@ def batch_to_device(srcs: list[np.ndarray], dsts: list[Any], *, ring: _Ring | No
     ring = ring or _ring()
     sizes = [a.nbytes for a in srcs]
     flats = [d.reshape(-1).view(torch.uint8) for d in dsts]
-    chunks = plan_chunks(sizes, block_bytes=ring.block_bytes, num_blocks=ring.num_blocks,
-                         align=ring.align)
+    chunks = plan_chunks(
+        sizes, block_bytes=ring.block_bytes, num_blocks=ring.num_blocks, align=ring.align
+    )
     device = hooks.device(dsts[0]) if dsts else None
     if not ring.lock.acquire(blocking=False):  # another thread's transfer: never wait for it
         _count(contended=1)
@@ -726,10 +805,14 @@ def batch_to_device(srcs: list[np.ndarray], dsts: list[Any], *, ring: _Ring | No
 
             def copy(job: list[Piece], arr: np.ndarray = blk.array) -> None:
                 for p in job:
-                    np.copyto(arr[p.stage_off:p.stage_off + p.nbytes],
-                              srcs[p.item][p.src_off:p.src_off + p.nbytes])
+                    np.copyto(
+                        arr[p.stage_off : p.stage_off + p.nbytes],
+                        srcs[p.item][p.src_off : p.src_off + p.nbytes],
+                    )
 
-            packing[c.index] = _submit(copy, split_jobs(c.pieces, align=ring.align, min_bytes=ring.job_bytes))
+            packing[c.index] = _submit(
+                copy, split_jobs(c.pieces, align=ring.align, min_bytes=ring.job_bytes)
+            )
 
         try:
             if chunks:
@@ -742,11 +825,14 @@ def batch_to_device(srcs: list[np.ndarray], dsts: list[Any], *, ring: _Ring | No
                 issued = False
                 try:
                     for p in c.pieces:
-                        flats[p.item][p.src_off:p.src_off + p.nbytes].copy_(
-                            blk.tensor[p.stage_off:p.stage_off + p.nbytes], non_blocking=True)
+                        flats[p.item][p.src_off : p.src_off + p.nbytes].copy_(
+                            blk.tensor[p.stage_off : p.stage_off + p.nbytes], non_blocking=True
+                        )
                         issued = True
                 finally:
-                    if issued:  # also after an error part-way: copies from the block may be in flight
+                    if (
+                        issued
+                    ):  # also after an error part-way: copies from the block may be in flight
                         blk.event = hooks.record(device)
         finally:
             _drain(packing)  # after an error: never leave a thread writing a block we give up
