@@ -104,3 +104,20 @@ def test_writer_quantize_from_bfloat16_batches(tmp_path):
     (t,) = gguf.GGUFReader(p).tensors
     want = quantize(np.concatenate(batches).astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
     assert t.data.tobytes() == want.tobytes()
+
+
+def test_a_key_gguf_py_uses_for_the_header_is_refused_on_write(tmp_path):
+    import numpy as np
+    import pytest
+
+    import tensorbridge as tb
+    from tensorbridge.errors import ConversionError
+
+    for key in ("GGUF.version", "GGUF.kv_count"):
+        with pytest.raises(ConversionError, match="rename the key"):
+            tb.save({"w": np.ones(4, np.float32)}, tmp_path / "x.gguf", metadata={key: "1"})
+    assert not (tmp_path / "x.gguf").exists()
+    tb.save({"w": np.ones(4, np.float32)}, tmp_path / "x.gguf", metadata={"GGUF.note": "ok"})
+    import gguf
+
+    assert "GGUF.note" in gguf.GGUFReader(tmp_path / "x.gguf").fields

@@ -209,16 +209,22 @@ class Spooler:
             name = self._queue.popleft()
             spool = temp_name(self._dir, self._base, SPOOL_MARKER)
             self.spools.append(spool)
-            future = self._exec.submit(
-                spool_one,
-                self._src,
-                self._fmt,
-                name,
-                self._work[name],
-                spool,
-                self._want_digest,
-                self._token,
-            )
+            try:
+                future = self._exec.submit(
+                    spool_one,
+                    self._src,
+                    self._fmt,
+                    name,
+                    self._work[name],
+                    spool,
+                    self._want_digest,
+                    self._token,
+                )
+            except Exception as exc:  # a pool broken by a dead worker: take() reports it
+                from concurrent.futures import Future
+
+                future = Future()
+                future.set_exception(exc)
             self._futures[name] = (future, spool)
 
     def take(self, name: str) -> tuple[RawSpan, bytes | None]:

@@ -488,6 +488,10 @@ def _stored_type(info: TensorInfo, path: str) -> GGMLType:
     return t
 
 
+#: Names gguf-py's GGUFReader gives the header's fields (a key/value of the same name breaks it).
+_READER_HEADER_KEYS = frozenset({"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"})
+
+
 class GGUFFormat(Format):
     """llama.cpp's GGUF: typed metadata, then tensors, plain or quantised in blocks."""
 
@@ -524,6 +528,13 @@ class GGUFFormat(Format):
         options: Mapping[str, Any] | None = None,
     ) -> dict[str, str]:
         meta = super().check_write(path, infos, metadata, options)
+        for key in meta:
+            if key in _READER_HEADER_KEYS:
+                raise ConversionError(
+                    f"{path}: metadata key {key!r} is the name gguf-py's GGUFReader gives a field "
+                    "of the file header, so it could not read a file holding it too. Fix: "
+                    "rename the key (the header's version and counts are written anyway)."
+                )
         if options and options.get("quantize") is not None:
             _quant_type(options["quantize"])
         alignment_of(metadata_entries(meta, path), path)
