@@ -129,12 +129,9 @@ def normalize_index(
 
 def _runs(key: Key, shape: tuple[int, ...], itemsize: int) -> tuple[int, int, int]:
     """``(first byte, last byte + 1, bytes kept)`` of the elements ``key`` selects."""
-    strides = [itemsize] * len(shape)
-    for ax in range(len(shape) - 2, -1, -1):
-        strides[ax] = strides[ax + 1] * shape[ax + 1]
     lo = hi = 0
     kept = itemsize
-    for k, st in zip(key, strides, strict=True):
+    for k, st in zip(key, _c_strides(shape, itemsize), strict=True):
         if isinstance(k, slice):
             n = len(range(k.start, k.stop, k.step))
             lo += k.start * st
@@ -328,6 +325,7 @@ class LazyArray:
         self, reader: Reader, name: str, format: str, owner: ReaderOwner | None = None
     ) -> None:
         info = reader.info(name)
+        self._info = info
         self._reader = reader
         self._owner = owner  # closes the reader once no array needs it
         self.format_name = format
@@ -342,14 +340,11 @@ class LazyArray:
 
     @property
     def size(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return self._info.size
 
     @property
     def nbytes(self) -> int:
-        return self.size * self.dtype.itemsize
+        return self._info.nbytes
 
     @property
     def path(self) -> str:

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from ..dtypes import lookup
+from ..dtypes import DTYPES, NUMPY_NATIVE, lookup
 from ..errors import ConversionError, FileFormatError, FrameworkNotInstalledError, message
 from .atomic import fsync_dir, temp_name
 from .base import Format, Reader, TensorInfo
@@ -64,35 +64,11 @@ MAX_EXPANSION = 4096
 SPARSE_FLOOR = 64 << 20
 MAX_NODES = 100_000
 
-_DATA_TYPES = {
-    "bool",
-    "int8",
-    "int16",
-    "int32",
-    "int64",
-    "uint8",
-    "uint16",
-    "uint32",
-    "uint64",
-    "float16",
-    "float32",
-    "float64",
-    "complex64",
-    "complex128",
-}
+#: zarr data types read as tensors: the dtypes NumPy has, named as zarr v3 names them
+_DATA_TYPES = NUMPY_NATIVE
 _CODECS = {"bytes", "transpose", "zstd", "gzip", "blosc", "crc32c", "sharding_indexed"}
 #: canonical dtypes zarr lacks -> the raw-bits dtype they are stored as
-_RAW_BITS = {
-    "bfloat16": "uint16",
-    "float8_e4m3fn": "uint8",
-    "float8_e5m2": "uint8",
-    "float8_e4m3fnuz": "uint8",
-    "float8_e5m2fnuz": "uint8",
-    "float8_e4m3b11fnuz": "uint8",
-    "float8_e8m0fnu": "uint8",
-    "float8_e3m4": "uint8",
-    "float8_e4m3": "uint8",
-}
+_RAW_BITS = {d.name: f"uint{8 * d.itemsize}" for d in DTYPES.values() if d.name not in NUMPY_NATIVE}
 
 
 def _zarr() -> Any:
