@@ -69,6 +69,17 @@ _CHILD = {
             time.sleep(0.15)
             return orig(*a, **k)
         tbf.to_host = slow
+        import tensorbridge.formats.npy as npy
+        orig_pieces = npy.iter_le_bytes
+        def slow_pieces(arr):
+            # a .npy holds one tensor: slow its data down too, 1 MiB at a time, so the
+            # temporary file is seen half-written however fast the disk is
+            for piece in orig_pieces(arr):
+                view = memoryview(piece).cast("B")
+                for start in range(0, len(view), 1 << 20):
+                    time.sleep(0.1)
+                    yield view[start : start + (1 << 20)]
+        npy.iter_le_bytes = slow_pieces
         fmt, dst = sys.argv[1], sys.argv[2]
         tbf.save(_new_tree(fmt), dst)
         print("FINISHED")
