@@ -250,12 +250,16 @@ def open(
     *,
     format: str | None = None,  # noqa: A001
     variant: str | None = None,
+    void_as: str | None = None,
 ) -> Reader:
     """Open a tensor file lazily: ``keys()``, ``info(name)``, ``r[name]``.
 
     Use it as a context manager. Only headers are read until a tensor is asked for.
     ``variant`` picks a Hugging Face variant in a checkpoint directory
     (``save_pretrained(variant="fp16")``: ``model.safetensors.index.fp16.json``).
+    ``void_as`` (``.npy``/``.npz``) says what raw-bytes arrays hold, e.g.
+    ``void_as="bfloat16"`` for ``np.save`` of an ``ml_dtypes.bfloat16`` array (descr
+    ``'<V2'``, which names no dtype); files MLX wrote need no option.
 
     >>> import numpy as np, tempfile, os
     >>> p = os.path.join(tempfile.mkdtemp(), "m.npz")
@@ -265,14 +269,13 @@ def open(
     (['w'], (2, 3))
     """
     path = file_path(path)
-    return open_reader(format_for_path(path, format), path, variant)
+    return open_reader(format_for_path(path, format), path, variant, void_as)
 
 
-def open_reader(fmt: Format, path: str, variant: str | None) -> Reader:
-    """``fmt.open(path)``, with ``variant`` for a sharded checkpoint (refused for others)."""
-    if variant is None:
-        return fmt.open(path)
-    if fmt.name != "sharded":
+def open_reader(fmt: Format, path: str, variant: str | None, void_as: str | None = None) -> Reader:
+    """``fmt.open(path)``, with ``variant`` for a sharded checkpoint and ``void_as`` for
+    ``.npy``/``.npz`` files (each refused for the others)."""
+    if variant is not None and fmt.name != "sharded":
         raise ConversionError(
             message(
                 f"variant={variant!r} for the .{fmt.name} file {path!r}",
@@ -281,7 +284,20 @@ def open_reader(fmt: Format, path: str, variant: str | None) -> Reader:
                 "pass the checkpoint's directory, or leave variant out",
             )
         )
-    return fmt.open(path, variant=variant)  # type: ignore[call-arg]
+    if void_as is not None and fmt.name not in ("npy", "npz"):
+        raise ConversionError(
+            message(
+                f"void_as={void_as!r:.80} for the .{fmt.name} file {path!r}",
+                "void_as says what raw-bytes arrays ('<V2') of .npy/.npz files hold, and "
+                f".{fmt.name} files record their dtypes",
+                "leave void_as out",
+            )
+        )
+    if void_as is not None:
+        return fmt.open(path, void_as=void_as)  # type: ignore[call-arg]
+    if variant is not None:
+        return fmt.open(path, variant=variant)  # type: ignore[call-arg]
+    return fmt.open(path)
 
 
 def file_path(path: Any) -> str:
@@ -369,6 +385,7 @@ def load(
     names: Iterable[str] | None = None,
     variant: str | None = None,
     mmap: bool | None = None,
+    void_as: str | None = None,
 ) -> Any:
     """Load a tensor file as a flat ``{name: tensor}`` dict (a ``.npy`` file: the array).
 
@@ -376,7 +393,8 @@ def load(
     ``device`` the device; tensors are converted one at a time. ``names``
     loads only those tensors. ``nested=True`` rebuilds the tree from dotted
     names, with lists where the keys are ``0..n-1``. ``variant`` picks a
-    Hugging Face variant in a checkpoint directory (see :func:`open`).
+    Hugging Face variant in a checkpoint directory (see :func:`open`), ``void_as``
+    what raw-bytes arrays of a ``.npy``/``.npz`` file hold (see :func:`open`).
 
     ``mmap=True`` maps the file's bytes instead of copying them (safetensors,
     sharded checkpoints, stored ``.pt`` records, ``.npy``): a load then costs
@@ -425,7 +443,7 @@ def load(
             return reader.read(name) if arr is None else arr
 
         try:
-            with open_reader(fmt, path, variant) as reader:
+            with open_reader(fmt, path, variant, void_as) as reader:
                 if fmt.name == "npy" and names is None:
                     return out(read(reader, reader.keys()[0]))
                 flat = {name: out(arr, name) for name, arr in iter_tensors(reader, names, read)}

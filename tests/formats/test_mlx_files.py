@@ -4,7 +4,9 @@ saved; load(..., to="mlx")."""
 
 from __future__ import annotations
 
+import io
 import os
+import zipfile
 
 import numpy as np
 import pytest
@@ -92,37 +94,100 @@ def test_saving_mlx_writes_the_same_bytes_as_saving_numpy(tmp_path):
         assert a.read_bytes() == b.read_bytes(), suffix
 
 
-NPZ_DTYPES = [d for d in DTYPES if d != "bfloat16"]
-
-
 def test_npz_and_npy_both_ways(tmp_path):
-    tree = {k: v for k, v in _tree().items() if k in NPZ_DTYPES}
+    tree = {k: v for k, v in _tree().items() if k != "float64"}  # MLX's npy has no f8
     theirs, ours = os.fspath(tmp_path / "mx.npz"), os.fspath(tmp_path / "tb.npz")
     mx.savez(theirs, **tree)
-    tb.save(tree, ours)
+    tb.save(tree, ours, void=True)
     _check(tb.load(theirs, to="mlx"), tree)
     _check(mx.load(ours), tree)
     for k, x in tree.items():
         p, q = os.fspath(tmp_path / f"mx_{k}.npy"), os.fspath(tmp_path / f"tb_{k}.npy")
         mx.save(p, x)
-        tb.save(x, q)
+        tb.save(x, q, void=True)
         _check({k: tb.load(p, to="mlx")}, {k: x})
         _check({k: mx.load(q)}, {k: x})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mx.savez (like np.save of ml_dtypes) writes bfloat16 as "
-    "descr '<V2', which the npy reader refuses; tensorbridge writes its own "
-    "[('bfloat16', '<u2')] marker, which mx.load refuses",
-)
-def test_bfloat16_npz_both_ways(tmp_path):
-    x = {"w": mx.array([1.0, -2.5, 3.0], dtype=mx.bfloat16)}
-    theirs, ours = os.fspath(tmp_path / "mx.npz"), os.fspath(tmp_path / "tb.npz")
-    mx.savez(theirs, **x)
-    tb.save(x, ours)
-    _check(tb.load(theirs, to="mlx"), x)
-    _check(mx.load(ours), x)
+def _bf16(shape) -> mx.array:
+    """A bfloat16 MLX array of random bits (NaN payloads, -0.0, subnormals included)."""
+    n = int(np.prod(shape))
+    bits = np.random.default_rng(3).integers(0, 1 << 16, n, dtype=np.uint16).reshape(shape)
+    return mx.array(bits).view(mx.bfloat16)
+
+
+def _data(raw: bytes) -> bytes:
+    """The data of a .npy file's bytes (after its header)."""
+    hlen = int.from_bytes(raw[8:10], "little")
+    return raw[10 + hlen :]
+
+
+def test_bfloat16_from_mlx_files(tmp_path):
+    """mx.save/mx.savez write bfloat16 as descr '<V2' in MLX's own header layout:
+    tensorbridge reads it as bfloat16, bit-exactly, with no option."""
+    tree = {"v": _bf16((5,)), "m": _bf16((3, 4)), "t": _bf16((3, 4)).T, "s": _bf16(())}
+    for save in (mx.savez, mx.savez_compressed):
+        p = os.fspath(tmp_path / f"{save.__name__}.npz")
+        save(p, **tree)
+        _check(tb.load(p, to="mlx"), tree)
+        host = tb.load(p)
+        for k, x in tree.items():
+            assert host[k].dtype == "bfloat16"
+            assert np.ascontiguousarray(host[k]).tobytes() == _bits(x), k
+    for k, x in tree.items():
+        p = os.fspath(tmp_path / f"{k}.npy")
+        mx.save(p, x)
+        with open(p, "rb") as f:
+            assert b"'descr': '<V2'" in f.read(64)
+        _check({k: tb.load(p, to="mlx")}, {k: x})
+        with tb.open(p) as r:
+            assert r.info("array").dtype == "bfloat16"
+
+
+def test_bfloat16_written_for_mlx(tmp_path):
+    """void=True writes what np.save writes for an ml_dtypes.bfloat16 array, byte for
+    byte, and mx.load reads it as bfloat16; the default marker layout mx.load refuses."""
+    tree = {"v": _bf16((5,)), "m": _bf16((3, 4)), "t": _bf16((3, 4)).T, "s": _bf16(())}
+    ours = os.fspath(tmp_path / "tb.npz")
+    tb.save(tree, ours, void=True)
+    _check(mx.load(ours), tree)
+    with zipfile.ZipFile(ours) as z:
+        for k, x in tree.items():
+            buf = io.BytesIO()
+            np.save(buf, tb.to_numpy(x).copy(order="C"))  # tensorbridge writes C order
+            assert z.read(f"{k}.npy") == buf.getvalue(), k
+    theirs = os.fspath(tmp_path / "mx.npz")
+    mx.savez(theirs, **tree)
+    with zipfile.ZipFile(ours) as a, zipfile.ZipFile(theirs) as b:
+        for k in ("v", "m", "s"):  # C order in both: the same data bytes as MLX's
+            assert _data(a.read(f"{k}.npy")) == _data(b.read(f"{k}.npy")), k
+    for k, x in tree.items():
+        p = os.fspath(tmp_path / f"{k}.npy")
+        tb.save(x, p, void=True)
+        _check({k: mx.load(p)}, {k: x})
+    # the file no longer says which dtype it holds: reading it back needs void_as
+    with pytest.raises(tb.FileFormatError, match="void_as='bfloat16'"):
+        tb.load(ours)
+    _check(tb.load(ours, to="mlx", void_as="bfloat16"), tree)
+    # tensorbridge's default layout (the dtype recorded) is refused by mx.load, as found
+    tb.save(tree, ours)
+    with pytest.raises(ValueError, match="array protocol type-string"):
+        mx.load(ours)
+    _check(tb.load(ours, to="mlx"), tree)
+
+
+def test_big_endian_mlx_bfloat16_agrees_with_mx_load(tmp_path):
+    """MLX on a big-endian machine writes '>V2'; mx.load swaps it, so does tensorbridge."""
+    x = _bf16((2, 3))
+    p = tmp_path / "be.npy"
+    mx.save(os.fspath(p), x)
+    raw = p.read_bytes()
+    hlen = int.from_bytes(raw[8:10], "little")
+    head = raw[10 : 10 + hlen].replace(b"'<V2'", b"'>V2'")
+    swapped = np.frombuffer(_data(raw), np.uint16).byteswap().tobytes()
+    p.write_bytes(raw[:10] + head + swapped)
+    _check({"x": tb.load(os.fspath(p), to="mlx")}, {"x": mx.load(os.fspath(p))})
+    _check({"x": tb.load(os.fspath(p), to="mlx")}, {"x": x})
 
 
 def test_load_to_mlx_gives_mlx_arrays(tmp_path):

@@ -406,8 +406,84 @@ def test_np_save_raw_void_ml_dtypes_get_an_honest_message(tmp_path, name):
     np.save(p, sample(name, (3,)))  # descr '<V2' / '<V1': which dtype is lost
     with pytest.raises(FileFormatError) as info:
         FORMAT.open(str(p))
-    assert "is raw bytes with no dtype. np.save writes ml_dtypes arrays" in str(info.value)
-    assert "corrupt" not in str(info.value)
+    text = str(info.value)
+    assert "-byte values with no dtype: np.save writes ml_dtypes arrays" in text
+    assert "void_as=" in text and "corrupt" not in text
+
+
+@pytest.mark.parametrize("name", sorted(MARKED_DTYPES))
+def test_np_save_of_ml_dtypes_is_read_with_void_as(tmp_path, name):
+    a = sample(name, (4, 3))
+    p = tmp_path / "v.npy"
+    np.save(p, a)
+    with FORMAT.open(str(p), void_as=name) as r:
+        assert r.info("array").dtype == name
+        assert same(r.read("array"), a)
+
+
+@pytest.mark.parametrize("name", sorted(MARKED_DTYPES))
+def test_void_option_writes_what_np_save_writes(tmp_path, name):
+    a = sample(name, (4, 3))
+    ours, theirs = tmp_path / "tb.npy", tmp_path / "np.npy"
+    FORMAT.write(str(ours), [TensorInfo("array", name, a.shape)], lambda n: a, void=True)
+    np.save(theirs, a)
+    assert ours.read_bytes() == theirs.read_bytes()
+    with FORMAT.open(str(ours), void_as=name) as r:
+        assert same(r.read("array"), a)
+
+
+def test_a_numpy_void_array_is_never_read_as_bfloat16(tmp_path):
+    p = tmp_path / "void.npy"
+    np.save(p, np.frombuffer(bytes(range(8)), "V2"))  # genuine records: descr '|V2'
+    assert b"'descr': '|V2'" in p.read_bytes()[:64]
+    with pytest.raises(FileFormatError, match=r"'\|V2' is raw 2-byte values .* NumPy void"):
+        FORMAT.open(str(p))
+    # MLX's header layout with '|V2' is not MLX's bfloat16 (MLX writes '<V2')
+    p.write_bytes(raw_npy("{'descr': '|V2', 'fortran_order': False, 'shape': (2, )}\n", bytes(4)))
+    with pytest.raises(FileFormatError, match="void_as='bfloat16'"):
+        FORMAT.open(str(p))
+    with FORMAT.open(str(p), void_as="bfloat16") as r:  # unless the caller says so
+        assert r.read("array").dtype == ml_dtypes.bfloat16
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+@pytest.mark.parametrize("shape, fortran", [((), "True"), ((3,), "True"), ((2, 3), "False")])
+def test_mlx_header_layout_with_v2_is_bfloat16(tmp_path, order, shape, fortran):
+    """mx.save's own header text (mlx/io/load.cpp): 'shape': (2, 3, )} with no ', }'."""
+    a = sample("bfloat16", shape)
+    dims = "".join(f"{d}, " for d in shape)
+    header = f"{{'descr': '{order}V2', 'fortran_order': {fortran}, 'shape': ({dims})}}  \n"
+    data = a.view(np.uint16).astype(order + "u2").tobytes()
+    p = tmp_path / "mx.npy"
+    p.write_bytes(raw_npy(header, data))
+    assert same(read(p), a)
+
+
+@pytest.mark.parametrize(
+    "void_as, match",
+    [
+        ("float32", "is not a dtype raw bytes are read as"),
+        (2, "is not a dtype raw bytes are read as"),
+        ("float8_e4m3fn", "but void_as='float8_e4m3fn' is a 1-byte dtype. Fix: pass void_as= "),
+    ],
+)
+def test_void_as_refusals(tmp_path, void_as, match):
+    p = tmp_path / "v.npy"
+    np.save(p, sample("bfloat16", (3,)))
+    with pytest.raises((ConversionError, FileFormatError), match=match):
+        FORMAT.open(str(p), void_as=void_as)
+
+
+def test_void_write_option_must_be_a_bool(tmp_path):
+    a = sample("bfloat16", (3,))
+    with pytest.raises(ConversionError, match=r"void='yes' is not True or False"):
+        FORMAT.write(
+            str(tmp_path / "v.npy"),
+            [TensorInfo("array", "bfloat16", (3,))],
+            lambda n: a,
+            void="yes",
+        )
+    assert not (tmp_path / "v.npy").exists()
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,23 @@ reads such files back as the ``ml_dtypes`` dtype, bit-exactly. Any other
 structured dtype is refused. :func:`encode_dtype` and :func:`decode_dtype`
 implement this layout; ``npz.py`` reuses them.
 
+**Raw-bytes descrs ('<V2', '<V1').** ``np.save`` of an ``ml_dtypes`` array writes
+bfloat16 as ``'<V2'`` and most float8s as ``'<V1'``, which says the width but not
+the dtype; ``mx.save``/``mx.savez`` write MLX's bfloat16 as ``'<V2'`` too, and
+``mx.load`` reads any ``'V2'`` as bfloat16 (and refuses the marker layout). So:
+
+* a header in the exact layout MLX's writer uses (``'shape': (3, )}``, no
+  trailing ``, }``: ``np.save`` never writes it) with ``'<V2'``/``'>V2'`` is read
+  as bfloat16. A genuine ``np.void`` dtype is always ``'|V2'``, never ``'<V2'``,
+  so a void array saved by NumPy is never taken for bfloat16;
+* any other raw-bytes descr is refused, unless the reader is told what the bytes
+  are: ``void_as="bfloat16"`` (or a float8 name) reads every raw-bytes descr of
+  that width as that dtype (:func:`check_void_as`);
+* the write option ``void=True`` stores bfloat16/float8 as ``np.save`` stores
+  ``ml_dtypes`` arrays (the same header bytes), which ``mx.load`` reads as
+  bfloat16; reading such a file back then needs ``void_as``, as the dtype is not
+  in the file.
+
 >>> import numpy as np, tempfile, os
 >>> p = os.path.join(tempfile.mkdtemp(), "a.npy")
 >>> a = np.arange(6, dtype=np.float32).reshape(2, 3)
@@ -79,6 +96,8 @@ __all__ = [
     "MAX_HEADER_SIZE",
     "MAX_NDIM",
     "MARKED_DTYPES",
+    "check_void_as",
+    "check_void_option",
     "encode_dtype",
     "decode_dtype",
     "parse_header",
@@ -207,8 +226,57 @@ def _read_exactly(read: Callable[[int], bytes], n: int, what: str, file: object)
     return b"".join(chunks)
 
 
-def _descr_dtype(descr: object, file: object) -> tuple[str, bool]:
-    """(canonical name, needs byte swap) for a header's ``descr``; refuse the rest."""
+def check_void_as(void_as: object, file: object = "") -> str | None:
+    """``void_as`` checked: None, or the ``ml_dtypes`` dtype (bfloat16, a float8) that
+    raw-bytes descrs (``'<V2'``, ``'|V1'``...) of its width are read as.
+
+    >>> check_void_as("bfloat16")
+    'bfloat16'
+    """
+    if void_as is None or (isinstance(void_as, str) and void_as in MARKED_DTYPES):
+        return void_as
+    raise ConversionError(
+        f"{file}: void_as={void_as!r:.80} is not a dtype raw bytes are read as. Fix: pass "
+        "the dtype the raw-bytes values hold, one of " + ", ".join(sorted(MARKED_DTYPES)) + " "
+        "(e.g. void_as='bfloat16' for np.save of an ml_dtypes.bfloat16 array), or leave it out."
+    )
+
+
+def _void_dtype(
+    descr: str, width: int, void_as: str | None, mlx: bool, file: object
+) -> tuple[str, bool]:
+    """(canonical name, needs byte swap) for the raw-bytes descr ``descr`` (``'<V2'``)."""
+    order = descr[0] if descr[0] in "<>|=" else "|"
+    swap = order in "<>" and order != ("<" if sys.byteorder == "little" else ">")
+    if void_as is not None and lookup(void_as).itemsize == width:
+        return void_as, swap
+    if mlx and width == 2 and order in "<>":  # mx.save's bfloat16
+        return "bfloat16", swap
+    known = sorted(n for n in MARKED_DTYPES if lookup(n).itemsize == width)
+    if void_as is not None:
+        raise _fail(
+            f"descr {descr!r} is raw {width}-byte values, but void_as={void_as!r} is a "
+            f"{lookup(void_as).itemsize}-byte dtype. Fix: "
+            + (f"pass void_as= one of {', '.join(known)}." if known else "leave void_as out.")
+            + " (void_as applies to the raw-bytes arrays of its own width.)",
+            file,
+        )
+    if not known:
+        raise _fail(
+            f"descr {descr!r} is raw {width}-byte records (np.void), not a numeric tensor "
+            "dtype. Fix: convert the array to a numeric dtype before saving.",
+            file,
+        )
+    return "", swap  # refused by the caller, who words the fix
+
+
+def _descr_dtype(
+    descr: object, file: object, void_as: str | None = None, mlx: bool = False
+) -> tuple[str, bool]:
+    """(canonical name, needs byte swap) for a header's ``descr``; refuse the rest.
+
+    ``void_as`` names the dtype raw-bytes descrs of its width hold; ``mlx`` says the
+    header is in MLX's own layout, where ``'<V2'`` is bfloat16."""
     fix = (
         "Fix: convert the array to a numeric dtype before saving, e.g. "
         "a.astype(np.float32); tensorbridge reads only numeric tensors."
@@ -250,12 +318,25 @@ def _descr_dtype(descr: object, file: object) -> tuple[str, bool]:
     code = descr.lstrip("<>|=")[:1]
     if code == "a":  # NumPy's deprecated alias of 'S' (np.dtype would warn)
         raise _fail(f"descr {descr!r} is a bytes string, not a numeric tensor dtype. " + fix, file)
-    if code == "V" and descr.lstrip("<>|=")[1:].isdigit():
+    digits = descr.lstrip("<>|=")[1:]
+    if code == "V" and digits.isdigit() and len(digits) < 6:
+        width = int(digits)
+        name, swap = _void_dtype(descr, width, void_as, mlx, file)
+        if name:
+            return name, swap
+        example = "bfloat16" if width == 2 else "float8_e4m3fn"
+        who = (
+            "np.save writes a NumPy void (raw records) array this way; ml_dtypes arrays "
+            "are saved with '<'"
+            if descr[0] in "|="
+            else "np.save writes ml_dtypes arrays (bfloat16 as '<V2', most float8s as "
+            "'<V1') this way without saying which dtype they were"
+        )
         raise _fail(
-            f"descr {descr!r} is raw bytes with no dtype. np.save writes ml_dtypes arrays "
-            "(bfloat16, most float8s) this way, without saying which one they were. Fix: "
-            "np.load the file, .view() it as the right ml_dtypes dtype (e.g. "
-            "ml_dtypes.bfloat16), and save it with tensorbridge, which records the dtype.",
+            f"descr {descr!r} is raw {width}-byte values with no dtype: {who}. Fix: if you "
+            f"know what the values are, say so: tb.load(path, void_as={example!r}) (or "
+            f"tb.open(path, void_as={example!r})); .npy/.npz files MLX wrote are "
+            "recognised and need no option.",
             file,
         )
     try:
@@ -344,11 +425,14 @@ def _check_shape(shape: object, file: object) -> tuple[int, ...]:
     return shape
 
 
-def parse_header(read: Callable[[int], bytes], file: object = "") -> NpyHeader:
+def parse_header(
+    read: Callable[[int], bytes], file: object = "", *, void_as: str | None = None
+) -> NpyHeader:
     """Read and validate a ``.npy`` header through ``read(n) -> bytes``.
 
     Reads at most ``PREFIX_MAX + MAX_HEADER_SIZE`` bytes, and only the header.
     ``read`` may return fewer bytes than asked (a stream); an early end is an error.
+    ``void_as`` is the dtype raw-bytes descrs hold (see :func:`check_void_as`).
     """
     start = _read_exactly(read, len(MAGIC) + 2, "magic string", file)
     if start[: len(MAGIC)] != MAGIC:
@@ -375,21 +459,26 @@ def parse_header(read: Callable[[int], bytes], file: object = "") -> NpyHeader:
             file,
         )
     raw = _read_exactly(read, hlen, "header", file)
-    return _parse_text(raw, version, code, hlen, file)
+    return _parse_text(raw, version, code, hlen, file, void_as)
 
 
-def parse_header_bytes(data: bytes, file: object = "") -> NpyHeader:
+def parse_header_bytes(data: bytes, file: object = "", *, void_as: str | None = None) -> NpyHeader:
     """:func:`parse_header` of a header already in memory (``data`` may run on into the
     array data); the same checks and messages, without a read per field."""
     if len(data) >= 10 and data[:6] == MAGIC and (data[6], data[7]) == (1, 0):
         (hlen,) = struct.unpack_from("<H", data, 8)
         if len(data) >= 10 + hlen:
-            return _parse_text(data[10 : 10 + hlen], (1, 0), "<H", hlen, file)
-    return parse_header(io.BytesIO(data).read, file)
+            return _parse_text(data[10 : 10 + hlen], (1, 0), "<H", hlen, file, void_as)
+    return parse_header(io.BytesIO(data).read, file, void_as=void_as)
 
 
 def _parse_text(
-    raw: bytes, version: tuple[int, int], code: str, hlen: int, file: object
+    raw: bytes,
+    version: tuple[int, int],
+    code: str,
+    hlen: int,
+    file: object,
+    void_as: str | None = None,
 ) -> NpyHeader:
     try:
         text = raw.decode("utf-8" if version == (3, 0) else "latin1")
@@ -406,7 +495,8 @@ def _parse_text(
             "fortran_order": fast["fortran"] == "True",
             "shape": tuple(int(x) for x in dims),
         }
-        return _header(d, version, code, hlen, file)
+        return _header(d, version, code, hlen, file, void_as)
+    mlx = _MLX_SAVE_HEADER.fullmatch(text) is not None
     try:
         d = ast.literal_eval(text)
     except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError) as exc:
@@ -421,7 +511,7 @@ def _parse_text(
             "the file is corrupt; re-save it with np.save.",
             file,
         )
-    return _header(d, version, code, hlen, file)
+    return _header(d, version, code, hlen, file, void_as, mlx)
 
 
 #: The header np.save writes for a plain dtype: parsed without literal_eval (10x faster)
@@ -431,7 +521,23 @@ _NP_SAVE_HEADER = re.compile(
 )
 
 
-def _header(d: Any, version: tuple[int, int], code: str, hlen: int, file: object) -> NpyHeader:
+#: The header MLX's mx.save/mx.savez write (mlx/io/load.cpp): a shape of "N, " items and
+#: no trailing ", }", which np.save never writes. With '<V2' it marks MLX's bfloat16.
+_MLX_SAVE_HEADER = re.compile(
+    r"\{'descr': '[<>|][a-zA-Z]\d{1,2}', 'fortran_order': (?:True|False), "
+    r"'shape': \((?:\d{1,19}, ){0,64}\)\} *\n"
+)
+
+
+def _header(
+    d: Any,
+    version: tuple[int, int],
+    code: str,
+    hlen: int,
+    file: object,
+    void_as: str | None = None,
+    mlx: bool = False,
+) -> NpyHeader:
     if set(d) != _KEYS:
         keys = ", ".join(sorted(short_repr(k, 60) for k in list(d)[:20]))
         raise _fail(
@@ -447,7 +553,7 @@ def _header(d: Any, version: tuple[int, int], code: str, hlen: int, file: object
             file,
         )
     shape = _check_shape(d["shape"], file)
-    name, swap = _descr_dtype(d["descr"], file)
+    name, swap = _descr_dtype(d["descr"], file, void_as, mlx)
     size = 1
     for dim in shape:
         size *= dim
@@ -461,16 +567,23 @@ def _header(d: Any, version: tuple[int, int], code: str, hlen: int, file: object
     )
 
 
-def build_header(dtype: str, shape: Sequence[int]) -> bytes:
+def build_header(dtype: str, shape: Sequence[int], *, void: bool = False) -> bytes:
     """The bytes of a C-order ``.npy`` header for canonical ``dtype`` and ``shape``.
 
     Version 1.0 where the header fits a u16 length, else 2.0; padded so the
-    data starts 64-byte aligned, as NumPy does.
+    data starts 64-byte aligned, as NumPy does. ``void=True`` writes bfloat16/float8
+    as ``np.save`` writes ``ml_dtypes`` arrays (``'<V2'``, which ``mx.load`` reads as
+    bfloat16) instead of the marker layout.
 
     >>> build_header("float32", (2,))[:10]
     b'\\x93NUMPY\\x01\\x00v\\x00'
+    >>> build_header("bfloat16", (2,), void=True)[10:25]
+    b"{'descr': '<V2'"
     """
-    descr = np.lib.format.dtype_to_descr(encode_dtype(lookup(dtype).numpy))
+    if void and dtype in MARKED_DTYPES:  # np.save's descr on a little-endian machine
+        descr: Any = "<" + lookup(dtype).numpy.str[1:]
+    else:
+        descr = np.lib.format.dtype_to_descr(encode_dtype(lookup(dtype).numpy))
     shape = tuple(int(d) for d in shape)
     text = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {shape!r}, }}"
     body = text.encode("latin1")
@@ -511,6 +624,17 @@ def read_into(
     return out.reshape(header.shape)
 
 
+def check_void_option(options: Mapping[str, Any] | None, file: object) -> None:
+    """Refuse a write option ``void`` that is not True or False."""
+    void = (options or {}).get("void", False)
+    if not isinstance(void, bool):
+        raise ConversionError(
+            f"{file}: void={void!r:.80} is not True or False. Fix: pass void=True to write "
+            "bfloat16/float8 as np.save writes ml_dtypes arrays (what mx.load reads), or "
+            "leave it out."
+        )
+
+
 def check_bool(arr: np.ndarray, name: str, file: object) -> None:
     """Refuse bool tensors holding bytes other than 0 and 1."""
     if arr.dtype == np.bool_ and arr.size and arr.view(np.uint8).max() > 1:
@@ -530,11 +654,12 @@ class NpyReader(Reader):
     It holds one tensor, named ``"array"``.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, void_as: str | None = None) -> None:
         self.path = path
         self.metadata = {}
         self._lock = threading.Lock()
         self._fd: int | None = None
+        void_as = check_void_as(void_as, path)
         fd, size = open_regular_file(path)
         try:
             position = 0
@@ -550,7 +675,7 @@ class NpyReader(Reader):
                 position += len(data)
                 return data
 
-            self._header = parse_header(read, path)
+            self._header = parse_header(read, path, void_as=void_as)
             data_len = size - self._header.header_size
             if data_len < self._header.nbytes:
                 raise FileFormatError(
@@ -635,8 +760,10 @@ class NpyFormat(Format):
     description = (
         "NumPy .npy: one tensor, named 'array'. Holds every tensorbridge dtype; "
         "bfloat16/float8 as a one-field structured dtype of raw bits, e.g. "
-        "[('bfloat16', '<u2')]."
+        "[('bfloat16', '<u2')]; option void=True writes them as np.save writes ml_dtypes "
+        "arrays ('<V2', what mx.load reads as bfloat16)."
     )
+    options = ("void",)
 
     def check_write(
         self,
@@ -652,13 +779,17 @@ class NpyFormat(Format):
                 f"given ({names[:10]!r}{' ...' if len(names) > 10 else ''}). Fix: save to .npz, "
                 ".safetensors or .h5 for several tensors, or pass a single array."
             )
-        return super().check_write(path, infos, metadata, options)
+        meta = super().check_write(path, infos, metadata, options)
+        check_void_option(options, path)
+        return meta
 
     def check_info(self, info: TensorInfo, path: str) -> None:
         encode_dtype(lookup(info.dtype).numpy)  # a dtype .npy cannot hold fails here
 
-    def open(self, path: str) -> NpyReader:
-        return NpyReader(os.fspath(path))
+    def open(self, path: str, *, void_as: str | None = None) -> NpyReader:
+        """Open ``path``; ``void_as`` is the dtype its raw-bytes descr holds
+        (:func:`check_void_as`)."""
+        return NpyReader(os.fspath(path), void_as=void_as)
 
     def write(
         self,
@@ -678,7 +809,7 @@ class NpyFormat(Format):
                 "pass a single array."
             )
         info = infos[0]
-        header = build_header(info.dtype, info.shape)
+        header = build_header(info.dtype, info.shape, void=options.get("void", False))
         with atomic_write(path) as f:
             f.write(header)
             arr = check_fetched(fetch(info.name), info, path)

@@ -3,7 +3,9 @@
 An ``.npz`` file (``np.savez``, ``np.savez_compressed``) is a zip archive whose
 members are ``NAME.npy`` files; the tensor names are the member names without
 ``.npy``. bfloat16/float8 members use the marker layout of :mod:`.npy`
-(``descr = [('bfloat16', '<u2')]``), so plain ``np.load`` still opens them.
+(``descr = [('bfloat16', '<u2')]``), so plain ``np.load`` still opens them; raw-bytes
+members (``'<V2'``: ``mx.savez``, ``np.savez`` of ``ml_dtypes`` arrays) are read as
+:mod:`.npy` says (``void_as=``), and ``void=True`` writes them.
 
 Reading (``NpzReader``) never calls ``np.load`` and never unpickles:
 
@@ -68,6 +70,8 @@ from .npy import (
     NpyHeader,
     build_header,
     check_bool,
+    check_void_as,
+    check_void_option,
     parse_header,
     parse_header_bytes,
     read_into,
@@ -126,11 +130,12 @@ def _in_member(exc: FileFormatError, member: str, path: str) -> FileFormatError:
 class NpzReader(Reader):
     """An open ``.npz`` archive whose member names, sizes and headers are validated."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, void_as: str | None = None) -> None:
         self.path = path
         self.metadata = {}
         self._lock = threading.Lock()
         self._zf: zipfile.ZipFile | None = None
+        self._void_as = check_void_as(void_as, path)
         fd, self._size = open_regular_file(path)
         self._file = os.fdopen(fd, "rb")
         try:
@@ -277,10 +282,10 @@ class NpzReader(Reader):
             head = self._header_bytes(zi, start, first)
             try:
                 if head is not None:
-                    header = parse_header_bytes(head)
+                    header = parse_header_bytes(head, void_as=self._void_as)
                 else:
                     with self._zf.open(zi) as stream:
-                        header = parse_header(stream.read)
+                        header = parse_header(stream.read, void_as=self._void_as)
             except FileFormatError as exc:
                 raise _in_member(exc, zi.filename, self.path) from exc
         data_len = zi.file_size - header.header_size
@@ -362,10 +367,12 @@ class NpzFormat(Format):
     holds_metadata = False
     description = (
         "NumPy .npz (zip of .npy). Holds every tensorbridge dtype; bfloat16/float8 "
-        "as a one-field structured dtype of raw bits. Option compress=True deflates."
+        "as a one-field structured dtype of raw bits. Option compress=True deflates; "
+        "void=True writes bfloat16/float8 as np.save writes ml_dtypes arrays ('<V2', what "
+        "mx.load reads as bfloat16)."
     )
 
-    options = ("compress",)
+    options = ("compress", "void")
 
     def check_write(
         self,
@@ -380,13 +387,16 @@ class NpzFormat(Format):
             raise ConversionError(
                 f"{path}: compress={compress!r} is not True or False. Fix: pass a bool."
             )
+        check_void_option(options, path)
         return meta
 
     def check_info(self, info: TensorInfo, path: str) -> None:
         NPY.check_info(info, path)  # every member is a .npy file
 
-    def open(self, path: str) -> NpzReader:
-        return NpzReader(os.fspath(path))
+    def open(self, path: str, *, void_as: str | None = None) -> NpzReader:
+        """Open ``path``; ``void_as`` is the dtype raw-bytes members hold
+        (:func:`~.npy.check_void_as`)."""
+        return NpzReader(os.fspath(path), void_as=void_as)
 
     def write(
         self,
@@ -404,7 +414,8 @@ class NpzFormat(Format):
         infos = list(infos)
         self.check_write(path, infos, metadata, options)
         compress = options.get("compress", False)
-        headers = [build_header(i.dtype, i.shape) for i in infos]
+        void = options.get("void", False)
+        headers = [build_header(i.dtype, i.shape, void=void) for i in infos]
         method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
         with atomic_write(path) as f:
             with zipfile.ZipFile(f, "w", method, allowZip64=True) as zf:
