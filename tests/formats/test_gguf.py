@@ -81,6 +81,25 @@ def test_blocks_bit_exact_on_random_bytes(name):
     assert got.dtype == np.float32 and _bits(got) == _bits(ref)
 
 
+@pytest.mark.parametrize("name", sorted(tbq._WHOLE))
+def test_piecewise_kernels_bit_exact_across_pieces(name, monkeypatch):
+    """The K-quant and Q8_0 kernels work per block on the whole input, then per element in
+    pieces: many random blocks (NaN, inf and subnormal scales among them) spanning several
+    pieces, from an unaligned buffer, give gguf-py's bytes."""
+    t = TYPES_BY_NAME[name]
+    monkeypatch.setattr(tbq, "PIECE_ELEMENTS", 8 * t.block_size)
+    raw = RNG.integers(0, 256, (3, 29 * t.type_size), dtype=np.uint8)
+    ref = _ref_dequantize(raw, name)
+    buf = np.empty(raw.size + 1, np.uint8)
+    buf[1:] = raw.reshape(-1)
+    unaligned = buf[1:].reshape(raw.shape)
+    with np.errstate(all="raise"):  # no NumPy warnings escape for NaN/inf scales
+        got = tbq.dequantize(unaligned, name, ref.shape)
+    assert _bits(got) == _bits(ref)
+    monkeypatch.undo()
+    assert _bits(tbq.dequantize(raw, name, ref.shape)) == _bits(ref)
+
+
 def test_every_type_reads_without_gguf_py(tmp_path):
     """Reading needs no gguf-py: every type it dequantises, in a process where importing
     gguf fails."""
@@ -162,6 +181,32 @@ def test_read_slice_reads_rows(tmp_path):
         assert r.read_slice("q", slice(3, 3)).shape == (0, 512)
         with pytest.raises(ConversionError, match="out of range"):
             r.read_slice("q", 5)
+
+
+def test_concurrent_reads_of_one_reader(tmp_path, monkeypatch):
+    """The reader lends its read buffer and work arrays to one read at a time; reads in
+    other threads meanwhile use their own (several pieces per tensor, so they overlap)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(tbg, "_READ_CHUNK", 4 * 144)
+    p = tmp_path / "c.gguf"
+    w = _writer(p)
+    raws = {n: _blocks(n, 8, 6) for n in ("Q4_K", "Q6_K", "Q8_0")}
+    for n, raw in raws.items():
+        w.add_tensor(n, raw, raw_dtype=Q[n])
+    _finish(w)
+    expected = {n: _bits(_ref_dequantize(raw, n)) for n, raw in raws.items()}
+    barrier = threading.Barrier(3)
+    with tbf.open(p) as r:
+
+        def read(n):
+            barrier.wait()
+            return [_bits(r.read(n)) for _ in range(20)]
+
+        with ThreadPoolExecutor(3) as pool:
+            got = dict(zip(raws, pool.map(read, raws), strict=True))
+    assert all(v == [expected[n]] * 20 for n, v in got.items())
 
 
 def test_big_endian_file_reads_as_gguf_py_does(tmp_path):

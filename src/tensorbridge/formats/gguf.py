@@ -74,7 +74,7 @@ from .gguf_meta import (
     read_value_type,
     value,
 )
-from .gguf_quants import can_dequantize, can_quantize, dequantize_into
+from .gguf_quants import Scratch, can_dequantize, can_quantize, dequantize_into
 from .gguf_quants import quantize as quantize_array
 from .gguf_types import (
     PLAIN_DTYPES,
@@ -109,8 +109,8 @@ __all__ = [
 MAGIC = b"GGUF"
 #: ggml tensors have at most 4 dimensions (GGML_MAX_DIMS)
 MAX_DIMS = 4
-#: raw bytes read at a time while dequantising
-_READ_CHUNK = 1 << 20
+#: raw bytes read at a time while dequantising (kept in cache for the kernels)
+_READ_CHUNK = 1 << 18
 #: dtypes that byte-swap in a big-endian file (as gguf-py: BF16 and blocks do not)
 _SWAPPED = {"float16", "float32", "float64", "int16", "int32", "int64"}
 #: types --dtype / quantize= can make (gguf-py's quantisers)
@@ -339,6 +339,7 @@ class GGUFReader(Reader):
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._scratch: Scratch | None = None
         fd, size = open_regular_file(path)
         try:
             parsed = _parse(fd, size, path)
@@ -440,16 +441,25 @@ class GGUFReader(Reader):
         flat = out.reshape(-1)
         nblocks = flat.size // t.block_size
         per = max(1, _READ_CHUNK // t.type_size)  # blocks per read
-        buf = np.empty(min(per, nblocks) * t.type_size, np.uint8)
-        for b0 in range(0, nblocks, per):
-            k = min(per, nblocks - b0)
-            piece = buf[: k * t.type_size]
-            read_exact_into(fd, piece.data, start + b0 * t.type_size, self.path)
-            dequantize_into(
-                piece.reshape(k, t.type_size),
-                t.name,
-                flat[b0 * t.block_size : (b0 + k) * t.block_size],
-            )
+        # the read buffer and the kernels' work arrays, reused for every piece and every
+        # tensor (fresh ones each time cost page faults); a concurrent read makes its own
+        with self._lock:
+            scratch, self._scratch = self._scratch or Scratch(), None
+        try:
+            buf = scratch.get("read", (min(per, nblocks) * t.type_size,))
+            for b0 in range(0, nblocks, per):
+                k = min(per, nblocks - b0)
+                piece = buf[: k * t.type_size]
+                read_exact_into(fd, piece.data, start + b0 * t.type_size, self.path)
+                dequantize_into(
+                    piece.reshape(k, t.type_size),
+                    t.name,
+                    flat[b0 * t.block_size : (b0 + k) * t.block_size],
+                    scratch,
+                )
+        finally:
+            with self._lock:
+                self._scratch = scratch
         return out
 
     def raw_span(self, name: str) -> RawSpan | None:
@@ -466,6 +476,7 @@ class GGUFReader(Reader):
 
     def close(self) -> None:
         with self._lock:
+            self._scratch = None
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None

@@ -4,11 +4,14 @@ Every function here works on whole blocks: ``blocks`` is a ``(n, type_size)``
 uint8 array, the result ``(n, block_size)`` float32. Each float operation is
 the one gguf-py's ``gguf.quants`` does, in the same order and precision (the
 reference is llama.cpp's ``ggml-quants.c``), so results match bit for bit; what
-differs is that the integers stay uint8/int8 (unpacked with shifts on whole rows,
-or with 256-entry byte-spreading tables) until one mixed-type multiply turns them
-into float32 (exactly) and scales them in the same pass, and that results are
-written straight into the caller's output, a cache-sized piece at a time
-(:func:`dequantize_into`).
+differs is that the integers stay uint8/int8 until they are turned into float32
+(exactly) and scaled, and that results are written straight into the caller's
+output, a cache-sized piece at a time (:func:`dequantize_into`). For the K-quants
+and Q8_0 the per-block scales are computed once per input, and the bit fields are
+unpacked eight bytes at a time (shifts and masks on uint64 words, plane by plane)
+and put in element order by copies of whole 32-byte runs, so NumPy runs long
+loops instead of one short loop per sub-block; their work arrays are reused
+(:class:`Scratch`).
 
 The codebook IQ types (IQ1_S, IQ1_M, IQ2_*, IQ3_*) and NVFP4 use a port of
 gguf-py's own code and grids (:mod:`.gguf_iq`), so no type needs gguf-py to be
@@ -27,6 +30,8 @@ True
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +42,8 @@ from .gguf_types import QK_K, TYPES_BY_NAME
 
 __all__ = [
     "CHUNK_ELEMENTS",
+    "PIECE_ELEMENTS",
+    "Scratch",
     "DEQUANTIZERS",
     "CODEBOOK_TYPES",
     "QUANTIZERS",
@@ -57,43 +64,12 @@ _F32 = np.float32
 _SHIFT2 = np.array([0, 2, 4, 6], np.uint8)[None, None, :, None]
 
 
-def _spread(f: Callable[[np.ndarray, int], np.ndarray], fields: int, dtype: Any) -> np.ndarray:
-    """A 256-entry table: byte v -> one integer whose i-th byte is ``f(v, i)``, so that
-    gathering it spreads each byte's bit fields over ``fields`` bytes in one pass (a
-    broadcast shift runs NumPy's inner loop 32 elements at a time; this does not)."""
-    v = np.arange(256, dtype=np.uint64)
-    word = np.zeros(256, np.uint64)
-    for i in range(fields):
-        word |= f(v, i).astype(np.uint64) << np.uint64(8 * i)
-    return word.astype(dtype)
-
-
-_U64 = np.uint64
-#: byte -> 8 bytes: bit i, shifted to 0x10 (the 5th bit of Q5_K)
-_BIT4 = _spread(lambda v, i: ((v >> _U64(i)) & _U64(1)) << _U64(4), 8, np.uint64)
-#: byte -> 8 bytes: 4 where bit i is clear, else 0 (Q3_K's "minus 4 unless the high bit")
-_NOT_BIT_4 = _spread(lambda v, i: (((v >> _U64(i)) & _U64(1)) ^ _U64(1)) << _U64(2), 8, np.uint64)
-#: byte -> 4 bytes: its 2-bit fields, lowest first
-_CRUMBS = _spread(lambda v, i: (v >> _U64(2 * i)) & _U64(3), 4, np.uint32)
-
-
-def _bytes_of(table: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """``table[idx]`` as bytes with the fields first: ``(n, fields, k)`` from ``(n, k)``."""
-    n, k = idx.shape
-    return table[idx].view(np.uint8).reshape(n, k, -1).transpose(0, 2, 1)
-
-
-def _half(blocks: np.ndarray, start: int) -> np.ndarray:
-    """The little-endian float16 at byte ``start`` of each block, as a (n, 1) float32."""
-    return blocks[:, start : start + 2].view(np.float16).astype(_F32)
+def _halves(b: np.ndarray, at: int, count: int = 1) -> np.ndarray:
+    """``count`` little-endian float16 from byte ``at`` of each block, as (n, count) float32."""
+    return b[:, at : at + 2 * count].view("<f2").astype(_F32)
 
 
 # --- the legacy 32-element types ------------------------------------------------------
-
-
-def _q8_0(b: np.ndarray, out: np.ndarray) -> None:
-    d = _half(b, 0)
-    np.multiply(b[:, 2:].view(np.int8), d, out=out)  # int8 -> float32 is exact: x * d
 
 
 def _nibbles(qs: np.ndarray) -> np.ndarray:
@@ -112,13 +88,13 @@ def _q4_0(b: np.ndarray, out: np.ndarray) -> None:
     n = b.shape[0]
     q = _nibbles(b[:, 2:]).view(np.int8)
     q -= np.int8(8)
-    np.multiply(_half(b, 0), q.reshape(n, 32), out=out)  # d * (q - 8)
+    np.multiply(_halves(b, 0), q.reshape(n, 32), out=out)  # d * (q - 8)
 
 
 def _q4_1(b: np.ndarray, out: np.ndarray) -> None:
     n = b.shape[0]
-    np.multiply(_half(b, 0), _nibbles(b[:, 4:]).reshape(n, 32), out=out)  # (d * q) + m
-    np.add(out, _half(b, 2), out=out)
+    np.multiply(_halves(b, 0), _nibbles(b[:, 4:]).reshape(n, 32), out=out)  # (d * q) + m
+    np.add(out, _halves(b, 2), out=out)
 
 
 def _q5_index(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
@@ -135,13 +111,13 @@ def _q5_index(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
 def _q5_0(b: np.ndarray, out: np.ndarray) -> None:
     q = _q5_index(b[:, 2:6], b[:, 6:]).view(np.int8)
     q -= np.int8(16)
-    np.multiply(_half(b, 0), q, out=out)
+    np.multiply(_halves(b, 0), q, out=out)
 
 
 def _q5_1(b: np.ndarray, out: np.ndarray) -> None:
     q = _q5_index(b[:, 4:8], b[:, 8:])
-    np.multiply(_half(b, 0), q, out=out)
-    np.add(out, _half(b, 2), out=out)
+    np.multiply(_halves(b, 0), q, out=out)
+    np.add(out, _halves(b, 2), out=out)
 
 
 def _q8_k(b: np.ndarray, out: np.ndarray) -> None:
@@ -150,90 +126,224 @@ def _q8_k(b: np.ndarray, out: np.ndarray) -> None:
     np.multiply(b[:, 4 : 4 + QK_K].view(np.int8), d, out=out)
 
 
-# --- K-quants ---------------------------------------------------------------------------
+# --- K-quants and Q8_0: whole pieces, integers unpacked as uint64 words --------------
+
+#: outputs per piece of element work in the kernels below (1 MiB of float32: bigger pieces
+#: pay NumPy's per-call overhead less often; the temporaries stay within L2/L3)
+PIECE_ELEMENTS = 1 << 18
+_U8 = np.uint8
+_U64 = np.uint64
+# Masks that keep, in every byte of a uint64 word, bits of that byte only, so a shift right
+# by less than 8 and a mask unpack 8 bytes at once, in either host byte order.
+_M01 = 0x0101010101010101
+_M03 = 0x0303030303030303
+_M0F = 0x0F0F0F0F0F0F0F0F
+_SH_NIBBLE = np.array([0, 4], _U64)[:, None]
+_SH_CRUMB = np.array([0, 2, 4, 6], _U64)[:, None]
+_SH_BIT = np.arange(8, dtype=_U64)[:, None]
 
 
-def _q2_k(b: np.ndarray, out: np.ndarray) -> None:
-    n = b.shape[0]
+class Scratch:
+    """Work arrays kept between pieces (and between calls, when passed on): fresh large
+    temporaries per piece would cost page faults each time."""
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def get(self, key: str, shape: tuple[int, ...], dtype: Any = _U8) -> np.ndarray:
+        size = math.prod(shape) * np.dtype(dtype).itemsize
+        a = self._arrays.get(key)
+        if a is None or a.size < size:
+            a = self._arrays[key] = np.empty(size, _U8)
+        return a[:size].view(dtype).reshape(shape)
+
+
+def _void(a: np.ndarray, width: int) -> np.ndarray:
+    """``a``'s last axis (contiguous bytes) as items of ``width`` bytes: a copy of such runs
+    is one long loop (NumPy merges the axes), where a uint8 copy loops once per run."""
+    return a.view(np.dtype((np.void, width)))
+
+
+def _field(b: np.ndarray, lo: int, hi: int, out: np.ndarray) -> np.ndarray:
+    """Bytes ``lo:hi`` of every block, copied into ``out``'s first ``hi - lo`` columns
+    (``(n, width)`` uint8, contiguous: its rows can be viewed as aligned words)."""
+    _void(out[:, : hi - lo], hi - lo)[...] = _void(b[:, lo:hi], hi - lo)
+    return out
+
+
+def _planes(words: np.ndarray, shifts: np.ndarray, mask: int, out: np.ndarray) -> np.ndarray:
+    """``(words >> s) & mask`` for each ``s`` in ``shifts``, plane-major (one long loop per
+    operation) into ``out``, ``(len(shifts), words.size)`` uint64."""
+    np.right_shift(words.reshape(1, -1), shifts, out=out)
+    out &= _U64(mask)
+    return out
+
+
+def _place(dest: np.ndarray, planes: np.ndarray, width: int) -> None:
+    """``dest[..., i, :] = planes[i]`` in runs of ``width`` bytes: ``dest`` is
+    ``(m, *g, k, width)`` uint8, ``planes`` ``(k, words)`` uint64, each plane holding
+    ``m * prod(g) * width`` bytes in order."""
+    dv = _void(dest, width)[..., 0]
+    pv = _void(planes.view(_U8), width).reshape(planes.shape[0], *dv.shape[:-1])
+    for i in range(planes.shape[0]):
+        dv[..., i] = pv[i]
+
+
+def _affine(q: np.ndarray, out: np.ndarray, d: np.ndarray, k: int, m: Any = None) -> None:
+    """``out = d * q`` (then ``- m``), ``d`` and ``m`` one float32 per ``k`` consecutive
+    elements: gguf-py's float operations (the products are exact, so the integers are
+    converted first; no temporaries)."""
+    o = out.reshape(-1, k)
+    np.copyto(o, q.reshape(-1, k), casting="unsafe")  # small integers -> float32: exact
+    np.multiply(o, d.reshape(-1, 1), out=o)
+    if m is not None:
+        np.subtract(o, m.reshape(-1, 1), out=o)
+
+
+def _pieces(n: int, block_size: int) -> list[slice]:
+    """Slices of ``n`` blocks with :data:`PIECE_ELEMENTS` outputs each."""
+    step = max(1, PIECE_ELEMENTS // block_size)
+    return [slice(s, s + step) for s in range(0, n, step)]
+
+
+def _q8_0(b: np.ndarray, out: np.ndarray, scr: Scratch) -> None:
+    d = _halves(b, 0)
+    for p in _pieces(b.shape[0], 32):
+        bb = b[p]
+        q = _field(bb, 2, 34, scr.get("q", (bb.shape[0], 32)))
+        _affine(q.view(np.int8), out[p], d[p], 32)  # x * d
+
+
+def _q2_k(b: np.ndarray, out: np.ndarray, scr: Scratch) -> None:
     sc = b[:, :16]
-    qs = b[:, 16:80]
-    dl = _half(b, 80) * (sc & 0xF).astype(_F32)
-    ml = _half(b, 82) * (sc >> 4).astype(_F32)
-    q = _bytes_of(_CRUMBS, qs.reshape(n * 2, 32)).reshape(n, 2, 4, 32)
-    o16 = out.reshape(n, 16, 16)
-    np.multiply(dl[:, :, None], q.reshape(n, 16, 16), out=o16)  # dl * q - ml
-    np.subtract(o16, ml[:, :, None], out=o16)
+    dl = _halves(b, 80) * (sc & 15).astype(_F32)
+    ml = _halves(b, 82) * (sc >> 4).astype(_F32)
+    for p in _pieces(b.shape[0], QK_K):
+        bb = b[p]
+        m = bb.shape[0]
+        w = _field(bb, 16, 80, scr.get("qs", (m, 64))).view(_U64)
+        q = scr.get("q", (m, 2, 4, 32))  # [half][shift][32] = 16 sub-blocks of 16
+        _place(q, _planes(w, _SH_CRUMB, _M03, scr.get("p", (4, m * 8), _U64)), 32)
+        _affine(q, out[p], dl[p], 16, ml[p])  # dl * q - ml
 
 
-def _q3_k(b: np.ndarray, out: np.ndarray) -> None:
+def _k3_scales(b: np.ndarray) -> np.ndarray:
+    """Q3_K's 16 signed 6-bit scales per block, as float32 (n, 16)."""
     n = b.shape[0]
-    hmask = b[:, :32]
-    qs = b[:, 32:96]
-    scales = b[:, 96:108]
-    d = _half(b, 108)
-    lsc = (scales[:, None, :8] >> np.array([0, 4], np.uint8)[None, :, None]).reshape(n, 16)
-    hsc = (scales[:, None, 8:] >> np.array([0, 2, 4, 6], np.uint8)[None, :, None]).reshape(n, 16)
-    sc = ((lsc & 0x0F) | ((hsc & 0x03) << 4)).astype(np.int8) - np.int8(32)
-    dl = d * sc.astype(_F32)
-    # index = 2-bit low part | (high bit << 2); value = low - 4 * (1 - high bit)
-    # the low 2 bits, minus 4 unless the high bit is set
-    q = _bytes_of(_CRUMBS, qs.reshape(n * 2, 32)).reshape(n, 8, 32)
-    q -= _bytes_of(_NOT_BIT_4, hmask)
-    np.multiply(dl[:, :, None], q.view(np.int8).reshape(n, 16, 16), out=out.reshape(n, 16, 16))
+    raw = _field(b, 96, 108, np.empty((n, 16), _U8))
+    lo = raw[:, :8].view(_U64)[:, 0]
+    hi = raw[:, 8:12].view(np.uint32)[:, 0]
+    low = np.empty((n, 2), _U64)  # scales 0-7: low nibbles of bytes 0-7; 8-15: high ones
+    np.bitwise_and(lo, _U64(_M0F), out=low[:, 0])
+    np.bitwise_and(lo >> _U64(4), _U64(_M0F), out=low[:, 1])
+    high = np.empty((n, 4), np.uint32)  # scale 4i+j: bits 2i..2i+1 of byte 8+j
+    for i in range(4):
+        np.bitwise_and(hi >> np.uint32(2 * i), np.uint32(0x03030303), out=high[:, i])
+    sc = low.view(_U8) | (high.view(_U8) << _U8(4))
+    return (sc.view(np.int8) - np.int8(32)).astype(_F32)
 
 
-def _scale_min_k4(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The 6-bit scales and mins of Q4_K/Q5_K, (n, 8) each."""
-    n = scales.shape[0]
-    s = scales.reshape(n, 3, 4)
+def _q3_k(b: np.ndarray, out: np.ndarray, scr: Scratch) -> None:
+    dl = _halves(b, 108) * _k3_scales(b)
+    for p in _pieces(b.shape[0], QK_K):
+        bb = b[p]
+        m = bb.shape[0]
+        w = _field(bb, 32, 96, scr.get("qs", (m, 64))).view(_U64)
+        q = scr.get("q", (m, 2, 4, 32))  # the low 2 bits
+        _place(q, _planes(w, _SH_CRUMB, _M03, scr.get("p", (4, m * 8), _U64)), 32)
+        hw = _field(bb, 0, 32, scr.get("qh", (m, 32))).view(_U64)
+        np.invert(hw, out=hw)
+        hp = _planes(hw, _SH_BIT, _M01, scr.get("hp", (8, m * 4), _U64))
+        hp *= _U64(0xFC)  # 0xFC where the high bit is clear: q | 0xFC is q - 4 as int8
+        h = scr.get("h", (m, 8, 32))
+        _place(h, hp, 32)
+        qw = q.reshape(m, -1).view(_U64)
+        qw |= h.reshape(m, -1).view(_U64)
+        _affine(q.view(np.int8), out[p], dl[p], 16)  # dl * q
+
+
+def _k4_scales(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 6-bit scales and mins of Q4_K/Q5_K, (n, 8) uint8 each, four per uint32."""
+    n = b.shape[0]
+    s = _field(b, 4, 16, np.empty((n, 12), _U8)).view(np.uint32)
     d, m, md = s[:, 0], s[:, 1], s[:, 2]
-    sc = np.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
-    mn = np.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=-1)
-    return sc, mn
+    low6, low4, two = np.uint32(0x3F3F3F3F), np.uint32(0x0F0F0F0F), np.uint32(0x30303030)
+    sc = np.empty((n, 2), np.uint32)
+    mn = np.empty((n, 2), np.uint32)
+    np.bitwise_and(d, low6, out=sc[:, 0])
+    np.bitwise_and(m, low6, out=mn[:, 0])
+    np.bitwise_or(md & low4, (d >> np.uint32(2)) & two, out=sc[:, 1])
+    np.bitwise_or((md >> np.uint32(4)) & low4, (m >> np.uint32(2)) & two, out=mn[:, 1])
+    return sc.view(_U8), mn.view(_U8)
 
 
-def _q4_k(b: np.ndarray, out: np.ndarray) -> None:
-    n = b.shape[0]
-    sc, mn = _scale_min_k4(b[:, 4:16])
-    d = _half(b, 0) * sc.astype(_F32)
-    dm = _half(b, 2) * mn.astype(_F32)
-    q = _nibbles(b[:, 16:].reshape(n * 4, 32))  # (4n, 2, 32): sub-blocks in order
-    o8 = out.reshape(n, 8, 32)
-    np.multiply(d[:, :, None], q.reshape(n, 8, 32), out=o8)  # d * q - dm
-    np.subtract(o8, dm[:, :, None], out=o8)
+def _k4_factors(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    sc, mn = _k4_scales(b)
+    h = _halves(b, 0, 2)
+    return h[:, :1] * sc.astype(_F32), h[:, 1:] * mn.astype(_F32)
 
 
-def _q5_k(b: np.ndarray, out: np.ndarray) -> None:
-    n = b.shape[0]
-    sc, mn = _scale_min_k4(b[:, 4:16])
-    d = _half(b, 0) * sc.astype(_F32)
-    dm = _half(b, 2) * mn.astype(_F32)
-    qh = b[:, 16:48]
-    qs = b[:, 48:].reshape(n, 4, 32)
-    q = np.empty((n, 4, 2, 32), np.uint8)
-    np.bitwise_and(qs, 15, out=q[:, :, 0])
-    np.right_shift(qs, 4, out=q[:, :, 1])
-    q8 = q.reshape(n, 8, 32)
-    q8 |= _bytes_of(_BIT4, qh)
-    o8 = out.reshape(n, 8, 32)
-    np.multiply(d[:, :, None], q8, out=o8)
-    np.subtract(o8, dm[:, :, None], out=o8)
+def _k4_nibbles(bb: np.ndarray, at: int, scr: Scratch) -> np.ndarray:
+    """The 128 bytes at ``at`` of each block -> (m, 4, 2, 32) uint8: per 32 bytes, the low
+    nibbles then the high ones (sub-blocks 0..7 in order)."""
+    m = bb.shape[0]
+    w = _field(bb, at, at + 128, scr.get("qs", (m, 128))).view(_U64)
+    q = scr.get("q", (m, 4, 2, 32))
+    _place(q, _planes(w, _SH_NIBBLE, _M0F, scr.get("p", (2, m * 16), _U64)), 32)
+    return q
 
 
-def _q6_k(b: np.ndarray, out: np.ndarray) -> None:
-    n = b.shape[0]
-    ql = b[:, :128].reshape(n, 2, 64)
-    qh = b[:, 128:192].reshape(n, 2, 1, 32)
-    scales = b[:, 192:208].view(np.int8).astype(_F32)
-    d = _half(b, 208) * scales  # (n, 16)
-    q = np.empty((n, 2, 2, 64), np.uint8)  # [half][nibble][64] -> (n, 8, 32) in gguf-py's order
-    np.bitwise_and(ql, 15, out=q[:, :, 0])
-    np.right_shift(ql, 4, out=q[:, :, 1])
-    q8 = q.reshape(n, 8, 32)
-    q8 |= ((qh >> np.array([0, 2, 4, 6], np.uint8)[None, None, :, None]) & 3).reshape(n, 8, 32) << 4
-    qi = q.view(np.int8)
-    qi -= np.int8(32)
-    np.multiply(d[:, :, None], qi.reshape(n, 16, 16), out=out.reshape(n, 16, 16))
+def _q4_k(b: np.ndarray, out: np.ndarray, scr: Scratch) -> None:
+    d, dm = _k4_factors(b)
+    for p in _pieces(b.shape[0], QK_K):
+        _affine(_k4_nibbles(b[p], 16, scr), out[p], d[p], 32, dm[p])  # d * q - dm
+
+
+def _q5_k(b: np.ndarray, out: np.ndarray, scr: Scratch) -> None:
+    d, dm = _k4_factors(b)
+    for p in _pieces(b.shape[0], QK_K):
+        bb = b[p]
+        m = bb.shape[0]
+        q = _k4_nibbles(bb, 48, scr)
+        hw = _field(bb, 16, 48, scr.get("qh", (m, 32))).view(_U64)
+        hp = _planes(hw, _SH_BIT, _M01, scr.get("hp", (8, m * 4), _U64))
+        hp <<= _U64(4)  # bit j of qh byte k: the 5th bit of element 32j + k
+        h = scr.get("h", (m, 8, 32))
+        _place(h, hp, 32)
+        qw = q.reshape(m, -1).view(_U64)
+        qw |= h.reshape(m, -1).view(_U64)
+        _affine(q, out[p], d[p], 32, dm[p])  # d * q - dm
+
+
+def _q6_k(b: np.ndarray, out: np.ndarray, scr: Scratch) -> None:
+    d = _halves(b, 208) * b[:, 192:208].view(np.int8).astype(_F32)
+    for p in _pieces(b.shape[0], QK_K):
+        bb = b[p]
+        m = bb.shape[0]
+        w = _field(bb, 0, 128, scr.get("qs", (m, 128))).view(_U64)
+        q = scr.get("q", (m, 2, 2, 64))  # [half][nibble][64]: the low 4 bits
+        _place(q, _planes(w, _SH_NIBBLE, _M0F, scr.get("p", (2, m * 16), _U64)), 64)
+        hw = _field(bb, 128, 192, scr.get("qh", (m, 64))).view(_U64)
+        hp = _planes(hw, _SH_CRUMB, _M03, scr.get("hp", (4, m * 8), _U64))
+        hp <<= _U64(4)
+        h = scr.get("h", (m, 2, 4, 32))  # [half][shift][32]: the high 2 bits
+        _place(h, hp, 32)
+        qw = q.reshape(m, -1).view(_U64)
+        qw |= h.reshape(m, -1).view(_U64)
+        q -= _U8(32)  # wraps: as int8, q - 32
+        _affine(q.view(np.int8), out[p], d[p], 16)  # d * q
+
+
+#: kernels that take any number of blocks and a :class:`Scratch` (per element, they
+#: work in pieces of :data:`PIECE_ELEMENTS`)
+_WHOLE: dict[str, Callable[[np.ndarray, np.ndarray, Scratch], None]] = {
+    "Q8_0": _q8_0,
+    "Q2_K": _q2_k,
+    "Q3_K": _q3_k,
+    "Q4_K": _q4_k,
+    "Q5_K": _q5_k,
+    "Q6_K": _q6_k,
+}
 
 
 # --- ternary, microscaling and non-linear 4-bit types --------------------------------
@@ -242,7 +352,7 @@ def _q6_k(b: np.ndarray, out: np.ndarray) -> None:
 def _tq1_0(b: np.ndarray, out: np.ndarray) -> None:
     n = b.shape[0]
     qs, qh = b[:, :48], b[:, 48:52]
-    d = _half(b, 52)
+    d = _halves(b, 52)
     pow3 = np.array([1, 3, 9, 27, 81], dtype=np.uint8)
     q0 = (qs[:, None, :32] * pow3[None, :, None]).reshape(n, -1)
     q1 = (qs[:, None, 32:] * pow3[None, :, None]).reshape(n, -1)
@@ -255,7 +365,7 @@ def _tq1_0(b: np.ndarray, out: np.ndarray) -> None:
 def _tq2_0(b: np.ndarray, out: np.ndarray) -> None:
     n = b.shape[0]
     qs = b[:, :64].reshape(n, 2, 1, 32)
-    d = _half(b, 64)
+    d = _halves(b, 64)
     q = ((qs >> _SHIFT2) & 3).view(np.int8)
     q -= np.int8(1)
     np.multiply(d, q.reshape(n, QK_K), out=out)
@@ -290,12 +400,12 @@ def _iq4_nl(b: np.ndarray, out: np.ndarray) -> None:
     o = out.reshape(n, 2, 16)
     np.take(_IQ4_NL, qs & 15, out=o[:, 0], mode="clip")
     np.take(_IQ4_NL, qs >> 4, out=o[:, 1], mode="clip")
-    np.multiply(_half(b, 0)[:, :, None], o, out=o)
+    np.multiply(_halves(b, 0)[:, :, None], o, out=o)
 
 
 def _iq4_xs(b: np.ndarray, out: np.ndarray) -> None:
     n = b.shape[0]
-    d = _half(b, 0)
+    d = _halves(b, 0)
     sh = b[:, 2:4].view("<u2").reshape(n, 1)
     sl = b[:, 4:8]
     qs = b[:, 8:].reshape(n, 8, 16)
@@ -320,12 +430,6 @@ DEQUANTIZERS: dict[str, Callable[[np.ndarray, np.ndarray], None]] = {
     "Q4_1": _q4_1,
     "Q5_0": _q5_0,
     "Q5_1": _q5_1,
-    "Q8_0": _q8_0,
-    "Q2_K": _q2_k,
-    "Q3_K": _q3_k,
-    "Q4_K": _q4_k,
-    "Q5_K": _q5_k,
-    "Q6_K": _q6_k,
     "Q8_K": _q8_k,
     "TQ1_0": _tq1_0,
     "TQ2_0": _tq2_0,
@@ -334,6 +438,8 @@ DEQUANTIZERS: dict[str, Callable[[np.ndarray, np.ndarray], None]] = {
     "IQ4_XS": _iq4_xs,
     "BF16": _bf16,
 }
+for _name, _kernel in _WHOLE.items():
+    DEQUANTIZERS[_name] = functools.partial(lambda k, b, out: k(b, out, Scratch()), _kernel)
 
 
 def _codebook(type_name: str) -> Callable[[np.ndarray, np.ndarray], None]:
@@ -382,12 +488,21 @@ def _dequantizer(type_name: str) -> Callable[[np.ndarray, np.ndarray], None]:
     )
 
 
-def dequantize_into(blocks: np.ndarray, type_name: str, out: np.ndarray) -> None:
+def dequantize_into(
+    blocks: np.ndarray, type_name: str, out: np.ndarray, scratch: Scratch | None = None
+) -> None:
     """Dequantise ``(n, type_size)`` uint8 ``blocks`` into the float32 ``out`` of
-    ``n * block_size`` elements, :data:`CHUNK_ELEMENTS` at a time."""
+    ``n * block_size`` elements, :data:`CHUNK_ELEMENTS` at a time (the K-quants and
+    Q8_0 take all at once: they work per block once, then in pieces per element, in
+    ``scratch``'s arrays: pass one :class:`Scratch` to calls in a row)."""
     t = TYPES_BY_NAME[type_name]
-    f = _dequantizer(type_name)
     flat = out.reshape(-1, t.block_size)
+    whole = _WHOLE.get(type_name)
+    if whole is not None:
+        with np.errstate(all="ignore"):  # inf or NaN scales in a file are values, not errors
+            whole(blocks, flat, scratch or Scratch())
+        return
+    f = _dequantizer(type_name)
     step = max(1, CHUNK_ELEMENTS // t.block_size)
     with np.errstate(all="ignore"):  # inf or NaN scales in a file are values, not errors
         for start in range(0, blocks.shape[0], step):
