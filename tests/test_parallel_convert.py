@@ -160,3 +160,214 @@ def test_workers_are_forked_only_where_it_is_safe():
         RESULT = [before, start_method()]
     """)
     assert r.outcome == "ok" and r.result == ["fork", "spawn"], r
+
+
+# --- direct writes: workers fill the output in place ----------------------------------
+
+
+@pytest.mark.parametrize("dst", ["out.safetensors", "shards/"])
+def test_split_tensors_and_copies_write_the_same_bytes(tmp_path, monkeypatch, dst):
+    """Tensors split into row pieces (cast or copied as they are), bool and empty tensors,
+    0-d tensors: the workers' in-place writes give the one-process bytes."""
+    import tensorbridge.parallel as par
+
+    rng = np.random.default_rng(1)
+    tree = {
+        "big": rng.standard_normal((301, 17)).astype(np.float32),
+        "copied": rng.integers(-9, 9, (257, 3)).astype(np.int16),
+        "mask": rng.integers(0, 2, (40,)).astype(bool),
+        "empty": np.zeros((0, 4), np.float32),
+        "scalar": np.float64(2.5),
+        "half": rng.standard_normal((64, 8)).astype(np.float16),
+    }
+    src = tmp_path / "src.safetensors"
+    tb.save(tree, src)
+    monkeypatch.setattr(par, "PIECE_BYTES", 1000)  # planned in this process: many pieces
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}" / dst
+        out.parent.mkdir()
+        opts = {"max_shard_size": "1KB"} if dst.endswith("/") else {}
+        summary = convert_file(str(src), str(out), dtype="bfloat16", workers=workers, **opts)
+        assert summary["verified"] == 6 and summary["cast"] == 4
+        outs.append(out)
+    assert _digest(outs[0]) == _digest(outs[1])
+    if dst.endswith("/"):
+        assert len(os.listdir(outs[1])) > 3  # several shards, written at once
+    back = tb.load(str(outs[1]))
+    assert back["copied"].tobytes() == tree["copied"].tobytes()
+    assert back["mask"].tobytes() == tree["mask"].tobytes()
+    assert not _leftovers(outs[1].parent if not dst.endswith("/") else outs[1])
+
+
+def test_the_workers_compare_what_they_wrote(tmp_path, monkeypatch):
+    """A worker whose bytes do not read back as written fails the command: the
+    destination stays as it was and no temporary file is left."""
+    import tensorbridge.parallel as par
+
+    src = tmp_path / "src.safetensors"
+    tb.save({"a": np.ones((64, 4), np.float32), "b": np.ones(3, np.float32)}, src)
+    dst = tmp_path / "out.safetensors"
+    tb.save({"old": np.arange(3)}, dst)
+    before = _digest(dst)
+    real = par._write_at
+
+    def flipped(fd, data, offset):  # a bit flipped on its way to the disk
+        bad = bytearray(data)
+        bad[0] ^= 1
+        real(fd, memoryview(bad), offset)
+
+    monkeypatch.setattr(par, "_write_at", flipped)
+    monkeypatch.setattr(par, "start_method", lambda: "fork")  # the patch reaches the workers
+    with pytest.raises(FileFormatError, match="reads back different"):
+        convert_file(str(src), str(dst), dtype="float16", workers=2)
+    assert _digest(dst) == before
+    assert not _leftovers(tmp_path)
+
+
+# A worker that writes half of its first piece, then reports its PID and waits to be killed
+# (pid file written atomically; it never goes on by itself). With "always" every worker
+# kills itself there instead. The retry pools fork the same patched module.
+_DYING = """
+import os, signal, sys
+import tensorbridge.parallel as par
+from tensorbridge.cli import main
+
+mode, marker, pidfile, *argv = sys.argv[1:]
+real = par._write_at
+
+def dying(fd, data, offset):
+    real(fd, data[: len(data) // 2], offset)  # half of the piece lands in the output
+    if mode == "always":
+        os.kill(os.getpid(), signal.SIGKILL)
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:  # not the first piece: write normally
+        return real(fd, data, offset)
+    with open(pidfile + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(pidfile + ".tmp", pidfile)
+    while True:
+        signal.pause()  # until the test kills this process
+
+par._write_at = dying
+assert par.start_method() == "fork", par.start_method()
+sys.exit(main(argv))
+"""
+
+
+def _dying_convert(tmp_path, mode, src, dst):
+    import subprocess
+    import sys
+    import time
+
+    marker, pidfile = tmp_path / "marker", tmp_path / "worker.pid"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _DYING, mode, str(marker), str(pidfile)]
+        + ["convert", str(src), str(dst), "--dtype", "bfloat16", "--workers", "2", "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    killed = None
+    try:
+        if mode == "once":  # the worker waits in pause() until this kill: no race
+            deadline = time.monotonic() + 120
+            while not pidfile.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert pidfile.exists(), proc.communicate(timeout=5)
+            killed = int(pidfile.read_text())
+            os.kill(killed, 9)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, err, killed
+
+
+@pytest.fixture(scope="module")
+def cast_source(tmp_path_factory):
+    d = tmp_path_factory.mktemp("kill")
+    rng = np.random.default_rng(2)
+    tree = {f"w{i}": rng.standard_normal((256, 256)).astype(np.float32) for i in range(6)}
+    src = d / "src"
+    tb.save(tree, f"{src}/", max_shard_size="300KB")
+    return src
+
+
+def test_a_killed_local_worker_is_retried_and_the_output_is_the_same(tmp_path, cast_source):
+    one = tmp_path / "one"
+    convert_file(f"{cast_source}/", f"{one}/", dtype="bfloat16")
+    dst = tmp_path / "out"
+    rc, err, killed = _dying_convert(tmp_path, "once", cast_source, f"{dst}/")
+    assert rc == 0, err
+    assert killed is not None and err == ""
+    with pytest.raises(ProcessLookupError):  # the killed worker is gone for good
+        os.kill(killed, 0)
+    assert _digest(one) == _digest(dst)
+    assert not _leftovers(dst) and not _leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("dst", ["out.safetensors", "out/"])
+def test_workers_killed_every_time_fail_cleanly(tmp_path, cast_source, dst):
+    out = tmp_path / dst
+    target = f"{out}/" if dst.endswith("/") else str(out)
+    tb.save({"old": np.arange(3)}, target)
+    before = _digest(out)
+    rc, err, _ = _dying_convert(tmp_path, "always", cast_source, target)
+    assert rc == 2
+    assert "tensorbridge: error:" in err and "died 3 times" in err and "Traceback" not in err
+    assert _digest(out) == before  # untouched: no new shard, no new index
+    assert not _leftovers(tmp_path) and not _leftovers(out if dst.endswith("/") else tmp_path)
+
+
+def test_a_killed_cluster_worker_is_retried_and_the_output_is_the_same(
+    tmp_path, cast_source, cluster
+):
+    """A LocalCluster worker process SIGKILLs itself halfway through writing its first
+    piece (once: a marker file); Dask reschedules the task on a live worker, the nanny
+    restarts the dead one, and the output is the one-process bytes."""
+    distributed = pytest.importorskip("distributed")
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class DieOnce(WorkerPlugin):
+        name = "tb-die-once"
+
+        def __init__(self, marker):
+            self.marker = marker
+
+        def setup(self, worker):
+            import os
+            import signal
+
+            import tensorbridge.parallel as par
+
+            real, marker = par._write_at, self.marker
+
+            def dying(fd, data, offset):
+                real(fd, data[: len(data) // 2], offset)
+                try:
+                    os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    return real(fd, data, offset)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            par._write_at = dying
+
+    one = tmp_path / "one"
+    convert_file(f"{cast_source}/", f"{one}/", dtype="bfloat16")
+    marker = tmp_path / "marker"
+    out = tmp_path / "out"
+    with distributed.Client(cluster.scheduler_address, set_as_default=False) as client:
+        client.register_plugin(DieOnce(str(marker)))
+        try:
+            summary = convert_file(
+                f"{cast_source}/", f"{out}/", dtype="bfloat16", scheduler=cluster.scheduler_address
+            )
+        finally:
+            client.unregister_worker_plugin(DieOnce.name)
+    assert marker.exists()  # a worker died halfway through a piece
+    assert summary["verified"] == 6
+    assert _digest(one) == _digest(out)
+    assert not _leftovers(out) and not _leftovers(tmp_path)

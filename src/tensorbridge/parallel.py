@@ -1,8 +1,26 @@
-"""Parallel conversion: tensors that need work (a cast, or bytes that cannot be copied as
-they are) are read and converted by worker processes, or by the workers of a
-``dask.distributed`` cluster, while the writer streams the results into the output in order.
+"""Parallel conversion on worker processes, or on the workers of a ``dask.distributed`` cluster.
 
-Each task reads one tensor from the source file (the worker opens it itself, by path),
+**Safetensors and sharded outputs are written in place by the workers.** Their layout is
+known before a byte is written: the command plans it (each file's header and every
+tensor's offset), creates each output file's temporary file with its header written and its
+data region sized (:meth:`~tensorbridge.formats.safetensors.SafetensorsFormat.placed`), and
+hands the workers :class:`Piece` tasks: rows ``[lo, hi)`` of one tensor (a tensor larger than
+:data:`PIECE_BYTES` whose source rows can be read alone is split, so memory per worker stays
+bounded whatever the tensor's size), to be read, cast, and written at their planned offset
+with ``pwrite`` (or copied kernel-side, when no cast is needed). Each worker then reads its
+bytes back and compares them with what it meant to write (as the one-process writer checks
+a copy right after it lands), so the command itself only writes headers and the index,
+fsyncs and renames: every byte-heavy step runs in parallel. The bytes are those the
+one-process writer writes (the same header, the same offsets): the output is
+byte-identical. A failed task fails the command; a lost local worker (killed, out of
+memory) is retried on a fresh pool, twice, as a lost cluster worker is retried by Dask;
+every task is idempotent (the same bytes at the same offsets). On any failure the temporary
+files are removed, a sharded output's renamed shards too, and the destination is untouched.
+Workers open the temporary files without creating them, so a task still running on a
+cluster after the command gave up cannot leave a file behind.
+
+**Other outputs** (npz, h5, pt, zarr), whose writers lay out the file themselves, get the
+tensors that need work through spool files (:class:`Spooler`): each task reads one tensor from the source file (the worker opens it itself, by path),
 converts it, and writes its little-endian bytes to a spool file beside the destination.
 The writer then takes each result in file order: a span of the spool file (copied
 kernel-side into safetensors and sharded outputs) or a read-only map of it (other
@@ -13,26 +31,39 @@ removed. At most ``2 × workers`` results wait on disk at a time, so memory per 
 one tensor, and the spool space is a few tensors.
 
 With a cluster, every worker must see the same paths as the command (a shared file
-system): the source, and the destination's directory, where the spool files are written.
-A task whose worker is lost is retried (twice) on another worker; if it still fails, the
-command fails and nothing is written.
+system): the source, and the destination's directory, where the temporary output files (or
+the spool files) are written. A task whose worker is lost is retried (twice) on another
+worker; if it still fails, the command fails and nothing is written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import sys
+import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from .errors import ConversionError, TensorBridgeError, message
+from .errors import (
+    CheckpointChangedError,
+    ConversionError,
+    FileFormatError,
+    TensorBridgeError,
+    message,
+)
 from .formats.atomic import temp_name
-from .formats.base import RawSpan
+from .formats.base import RawSpan, TensorInfo
 
-__all__ = ["Spooler", "spool_one", "SPOOL_MARKER"]
+if TYPE_CHECKING:
+    from .formats.base import Reader
+    from .formats.safetensors import Placed
+
+__all__ = ["Spooler", "spool_one", "SPOOL_MARKER", "Piece", "write_piece", "write_placed"]
 
 SPOOL_MARKER = ".tb-spool-"
 #: Open readers in this worker process, by (source, format, conversion), least recently
@@ -264,3 +295,322 @@ def spool_array(span: RawSpan, dtype: np.dtype, shape: tuple[int, ...]) -> np.nd
         return np.empty(shape, dtype)
     le = dtype.newbyteorder("<") if dtype.itemsize > 1 and dtype.kind in "iufcb" else dtype
     return np.memmap(span.path, dtype=le, mode="r", shape=shape)
+
+
+# --- direct writes: workers fill the planned output files -----------------------------
+
+#: The most bytes (read or written) one task handles, for a tensor whose source rows can be
+#: read alone (its bytes are stored plain: safetensors, sharded, .npy, stored .pt records):
+#: a bigger tensor is split by rows. It bounds a worker's memory and balances the work.
+PIECE_BYTES = 64 * 1024 * 1024
+#: Fresh local pools started after a worker process was lost (Dask retries cluster tasks).
+LOCAL_RETRIES = 2
+
+#: ``(file identity, offset, nbytes)`` of a tensor's bytes in the written file.
+Place = tuple[tuple[int, int], int, int]
+
+
+class Piece(NamedTuple):
+    """One task of a direct write: rows ``[lo, hi)`` of tensor ``name`` (all of it when
+    ``lo`` is None) as ``dtype``, that is ``nbytes`` little-endian bytes at ``offset`` of the
+    existing file ``path``. ``copy``: the source stores exactly those bytes, copied as they
+    are. ``source``: the tensor's dtype and shape when the command planned the write."""
+
+    name: str
+    dtype: str
+    source: tuple[str, tuple[int, ...]]
+    lo: int | None
+    hi: int | None
+    path: str
+    offset: int
+    nbytes: int
+    copy: bool
+
+
+def plan_pieces(reader: Reader, placed: Placed, infos: Sequence[TensorInfo]) -> Iterator[Piece]:
+    """The tasks that fill ``placed`` with ``infos`` read from ``reader``."""
+    for info in infos:
+        offset, nbytes = placed.offsets[info.name]
+        if nbytes == 0:
+            continue
+        src = reader.info(info.name)
+        span = reader.raw_span(info.name)
+        copy = span is not None and src.dtype == info.dtype and span.nbytes == nbytes
+        source = (src.dtype, tuple(src.shape))
+        rows = info.shape[0] if info.shape else 0
+        biggest = max(nbytes, src.nbytes)
+        if span is None or rows < 2 or biggest <= PIECE_BYTES:
+            yield Piece(
+                info.name, info.dtype, source, None, None, placed.path, offset, nbytes, copy
+            )
+            continue
+        step = max(1, rows * PIECE_BYTES // biggest)
+        row_bytes = nbytes // rows
+        for lo in range(0, rows, step):
+            hi = min(rows, lo + step)
+            yield Piece(
+                info.name,
+                info.dtype,
+                source,
+                lo,
+                hi,
+                placed.path,
+                offset + lo * row_bytes,
+                (hi - lo) * row_bytes,
+                copy,
+            )
+
+
+def _write_at(fd: int, data: memoryview, offset: int) -> None:
+    """``pwrite`` all of ``data`` at ``offset``."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+def _little_endian(arr: np.ndarray) -> np.ndarray:
+    """``arr`` as a C-contiguous array of its little-endian bytes (the stored layout)."""
+    dt = arr.dtype
+    if dt.itemsize > 1 and (
+        dt.byteorder == ">" or (dt.byteorder == "=" and sys.byteorder == "big")
+    ):
+        arr = arr.astype(dt.newbyteorder("<"))
+    return np.ascontiguousarray(arr)
+
+
+_LOCAL = threading.local()  # each worker thread's reused buffers (see _buffer)
+
+
+def _buffer(which: str, nbytes: int) -> memoryview:
+    """``nbytes`` of this thread's buffer ``which``, reused from task to task: a worker's
+    memory stays about two pieces, and the pages are not faulted in afresh for each one."""
+    buf: bytearray | None = getattr(_LOCAL, which, None)
+    if buf is None or len(buf) < nbytes:
+        buf = bytearray(nbytes)
+        setattr(_LOCAL, which, buf)
+    return memoryview(buf)[:nbytes]
+
+
+def _read_cast(span: RawSpan, info: TensorInfo, piece: Piece) -> np.ndarray:
+    """Rows ``[lo, hi)`` of a tensor stored plain at ``span``, cast to ``piece.dtype``: read
+    with ``pread`` and cast into reused buffers (the result is valid until the next call)."""
+    from .dtypes import numpy_dtype
+    from .formats.safetensors import open_span, read_exact_into
+
+    shape = tuple(info.shape)
+    rows = shape[0] if shape else 1
+    lo, hi = (0, rows) if piece.lo is None or piece.hi is None else (piece.lo, piece.hi)
+    part = ((hi - lo), *shape[1:]) if shape else ()
+    row_bytes = span.nbytes // max(1, rows)
+    src_bytes = _buffer("read", (hi - lo) * row_bytes)
+    fd = open_span(span)
+    try:
+        read_exact_into(fd, src_bytes, span.offset + lo * row_bytes, span.path)
+    finally:
+        os.close(fd)
+    src = np.frombuffer(src_bytes, numpy_dtype(info.dtype)).reshape(part)
+    if info.dtype == piece.dtype:
+        return src
+    target = numpy_dtype(piece.dtype)
+    out = np.frombuffer(_buffer("cast", src.size * target.itemsize), target).reshape(part)
+    np.copyto(out, src, casting="unsafe")
+    return out
+
+
+def write_piece(src: str, fmt: str, token: str, piece: Piece, check: bool) -> bytes | None:
+    """Write ``piece`` into its file; with ``check``, read the bytes back and compare them
+    with what was meant. Returns the tensor's digest for a whole-tensor piece of a cast (with
+    ``check``), else None. Runs in a worker; idempotent (a retry writes the same bytes)."""
+    from .cli.convert_cmd import _array_fill, _Comparer, _fetch_as, _span_fill, digest
+    from .dtypes import canonical_name, numpy_dtype
+    from .formats.safetensors import copy_span
+
+    reader = _reader(src, fmt, token)
+    info = reader.info(piece.name)
+    if (info.dtype, tuple(info.shape)) != piece.source:
+        raise CheckpointChangedError(
+            f"tensor {piece.name!r} is {info.dtype}{list(info.shape)} in this worker's view "
+            f"of the source, but was {piece.source[0]}{list(piece.source[1])} when the "
+            "conversion was planned (the source was replaced meanwhile). Fix: run again "
+            "once it is written; with --scheduler, check that every worker sees the same "
+            "files at the same paths.",
+            src,
+        )
+    comparer = _Comparer()
+    # never O_CREAT: a temporary file removed after a failure must stay removed
+    fd = os.open(piece.path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+    try:
+        out = RawSpan(piece.path, piece.offset, piece.nbytes)
+        dg = None
+        if piece.copy:
+            span = reader.raw_span(piece.name)
+            if span is None or span.nbytes != info.nbytes:
+                raise CheckpointChangedError(
+                    f"tensor {piece.name!r} is no longer stored as it was planned. Fix: run again.",
+                    src,
+                )
+            skip = (piece.lo or 0) * (span.nbytes // max(1, info.shape[0] if info.shape else 1))
+            part = RawSpan(span.path, span.offset + skip, piece.nbytes, span.file_id)
+            copy_span(comparer.fd(part), part, fd, piece.offset)
+            fill = _span_fill(part, comparer)
+        else:
+            span = reader.raw_span(piece.name) if sys.byteorder == "little" else None
+            if span is not None:  # stored plain: read and cast into this thread's buffers
+                arr = _read_cast(span, info, piece)
+            elif piece.lo is None:
+                arr = _fetch_as(reader, TensorInfo(piece.name, piece.dtype, info.shape))
+            else:
+                arr = np.asarray(reader.array(piece.name)[piece.lo : piece.hi])
+                if canonical_name(arr.dtype) != piece.dtype:
+                    arr = arr.astype(numpy_dtype(piece.dtype))
+            le = _little_endian(arr)
+            if le.nbytes != piece.nbytes:
+                raise ConversionError(
+                    f"tensor {piece.name!r}: rows {piece.lo}:{piece.hi} gave {le.nbytes} bytes, "
+                    f"{piece.nbytes} were planned. Fix: report this as a bug."
+                )
+            _write_at(fd, le.reshape(-1).view(np.uint8).data, piece.offset)
+            fill = _array_fill(le)
+            if check and piece.lo is None:
+                dg = digest(arr)
+        if check and not comparer.same(out, fill):
+            raise FileFormatError(
+                f"verification failed: tensor {piece.name!r} reads back different from what "
+                "was written right after it was written, so the write was abandoned and the "
+                "destination was left unchanged. Fix: retry; if it happens again, check the "
+                "disk and report it as a bug.",
+                piece.path,
+            )
+        return dg
+    finally:
+        os.close(fd)
+        comparer.close()
+
+
+def _worker_failed(piece: Piece, exc: BaseException) -> ConversionError:
+    return ConversionError(
+        message(
+            f"tensor {piece.name!r}",
+            f"its worker failed ({type(exc).__name__}: {exc})",
+            "run again; with --scheduler, check that every worker sees the source and "
+            "the destination's directory at the same paths",
+        )
+    )
+
+
+def run_pieces(
+    src: str,
+    fmt: str,
+    pieces: Sequence[Piece],
+    done: Callable[[Piece, bytes | None], None],
+    *,
+    workers: int,
+    scheduler: str | None,
+    check: bool,
+) -> None:
+    """Run :func:`write_piece` for every piece on local workers or a cluster; ``done``
+    is called in this process as each finishes. Raises on the first failure (after the
+    local workers stopped)."""
+    args = (os.path.abspath(src), fmt, os.urandom(8).hex())
+    if scheduler is not None:
+        cluster = _Cluster(scheduler)
+        try:
+            submitted = [(cluster.submit(write_piece, *args, p, check), p) for p in pieces]
+            for future, piece in submitted:  # in order: a failure stops the command
+                try:
+                    dg = cluster.result(future)
+                except TensorBridgeError:
+                    raise
+                except Exception as exc:  # KilledWorker after Dask's own retries, ...
+                    raise _worker_failed(piece, exc) from exc
+                done(piece, dg)
+        finally:
+            cluster.close()
+        return
+    from concurrent.futures import as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    pending = list(pieces)
+    lost: BaseException | None = None
+    for _attempt in range(1 + LOCAL_RETRIES):
+        pool = _Local(workers)
+        finished: set[Piece] = set()
+        try:
+            futures: dict[Any, Piece] = {}
+            for p in pending:
+                try:
+                    futures[pool.submit(write_piece, *args, p, check)] = p
+                except BrokenProcessPool as exc:  # a worker died already: resubmit the rest
+                    lost = exc
+                    break
+            for future in as_completed(futures):
+                piece = futures[future]
+                try:
+                    dg = future.result()
+                except BrokenProcessPool as exc:
+                    lost = exc
+                    break
+                except TensorBridgeError:
+                    raise
+                except Exception as exc:
+                    raise _worker_failed(piece, exc) from exc
+                finished.add(piece)
+                done(piece, dg)
+        finally:
+            pool.close()  # every worker has stopped: none writes after this
+        pending = [p for p in pending if p not in finished]
+        if not pending:
+            return
+    raise ConversionError(
+        message(
+            f"{len(pending)} of the conversion's tasks",
+            f"a worker process died {1 + LOCAL_RETRIES} times while running them ({lost}); "
+            "killed from outside, or by the kernel for lack of memory",
+            "check free memory (`dmesg` names an out-of-memory kill) and run again, with "
+            "fewer --workers",
+        )
+    ) from lost
+
+
+def write_placed(
+    reader: Reader,
+    src: str,
+    fmt: str,
+    jobs: Sequence[tuple[str, Sequence[TensorInfo], dict[str, str] | None]],
+    *,
+    checked: bool,
+    workers: int,
+    scheduler: str | None,
+    check: bool,
+    advance: Callable[[str, int], None] | None = None,
+) -> tuple[dict[str, Place], dict[str, bytes]]:
+    """Write each ``(path, infos, metadata)`` job as a safetensors file whose tensors the
+    workers write in place (see the module docstring); every file replaces its path once
+    all are filled, or none does. ``checked``: the jobs' checks ran already (a sharded
+    write). Returns where each tensor's bytes lie (compared by a worker right after they
+    were written, with ``check``) and the digests of whole tensors that were cast."""
+    from .formats.safetensors import FORMAT as SAFETENSORS
+
+    places: dict[str, Place] = {}
+    digests: dict[str, bytes] = {}
+    with contextlib.ExitStack() as stack:
+        planned: list[list[Piece]] = []
+        for path, infos, meta in jobs:
+            placed = stack.enter_context(SAFETENSORS.placed(path, infos, meta, checked=checked))
+            planned.append(list(plan_pieces(reader, placed, infos)))
+            for i in infos:
+                offset, nbytes = placed.offsets[i.name]
+                places[i.name] = (placed.file_id, offset, nbytes)
+
+        # one file after another, round robin: workers running at once write different
+        # files (writes into one file take its lock in turn)
+        pieces = [p for row in itertools.zip_longest(*planned) for p in row if p is not None]
+
+        def done(piece: Piece, dg: bytes | None) -> None:
+            if dg is not None:
+                digests[piece.name] = dg
+            if advance is not None:
+                advance(piece.name, piece.nbytes)
+
+        run_pieces(src, fmt, pieces, done, workers=workers, scheduler=scheduler, check=check)
+    return places, digests

@@ -397,6 +397,20 @@ def _verify_open(
                 raise _failed(info, got, dst_path)
             del fill
             continue
+        place = checked.get(info.name)
+        if place is not None:  # written in place by a worker, which compared it there
+            back = out.info(name)
+            got = f"{back.dtype}{list(back.shape)}"
+            if got != f"{info.dtype}{list(info.shape)}":
+                raise _failed(info, got, dst_path)
+            dst_span = out.raw_span(name)
+            if info.nbytes == 0 or (
+                dst_span is not None
+                and place == (dst_span.file_id, dst_span.offset, dst_span.nbytes)
+            ):
+                continue
+            if info.name not in digests:  # found elsewhere than where it was compared
+                raise _failed(info, got, dst_path)
         written = out.read(name)
         got = f"{canonical_name(written.dtype)}{list(written.shape)}"
         if got != f"{info.dtype}{list(info.shape)}" or digest(written) != digests.get(info.name):
@@ -573,7 +587,9 @@ def convert_file(
         dropped: list[str] = []
         source_dtype = {i.name: i.dtype for i in infos}
         raw_ok = out_format.name in _SPAN_WRITERS and not in_place
-        checker = _LandedChecker(spans, dst) if check and raw_ok else None
+        # workers write safetensors and sharded outputs in place (see tensorbridge.parallel)
+        direct = (workers > 1 or scheduler is not None) and out_format.name in _SPAN_WRITERS
+        checker = _LandedChecker(spans, dst) if check and raw_ok and not direct else None
         last = planned[-1].name
         if checker is not None:
 
@@ -585,7 +601,7 @@ def convert_file(
             options["landed"] = landed
         spooler = (
             None
-            if quant
+            if quant or direct
             # quantising happens in the writer, in this process
             else _start_spooler(
                 reader,
@@ -636,9 +652,17 @@ def convert_file(
             if in_format == "sharded":
                 metadata.pop("total_size", None)  # the index's own bookkeeping
             metadata, dropped = _storable_metadata(out_format, metadata)
+            places = checker.checked if checker is not None else None
             try:
-                # (fetch returns a RawSpan only to formats that copy spans: see raw_spans)
-                out_format.write(dst, planned, fetch, metadata, **options)  # type: ignore[arg-type]
+                if direct:
+                    places = _write_direct(
+                        reader, src, in_format, dst, out_format, planned, metadata, options,
+                        digests, check=check, workers=workers, scheduler=scheduler,
+                        advance=lambda name, n: bar.advance(n, description=name[-30:]),
+                    )  # fmt: skip
+                else:
+                    # (fetch returns a RawSpan only to formats that copy spans: see raw_spans)
+                    out_format.write(dst, planned, fetch, metadata, **options)  # type: ignore[arg-type]
             except BaseException:
                 if checker is not None:
                     checker.cancel()  # the write failed: its checks need not finish
@@ -647,16 +671,7 @@ def convert_file(
                 if checker is not None:
                     checker.close()
             verified = (
-                verify(
-                    written,
-                    out_format,
-                    planned,
-                    digests,
-                    spans,
-                    checker.checked if checker is not None else None,
-                )
-                if check
-                else None
+                verify(written, out_format, planned, digests, spans, places) if check else None
             )
     return {
         "src": src,
@@ -673,6 +688,50 @@ def convert_file(
         "workers": workers if scheduler is None else None,
         "scheduler": scheduler,
     }
+
+
+def _write_direct(
+    reader: Reader,
+    src: str,
+    in_format: str,
+    dst: str,
+    out_format: Format,
+    planned: list[TensorInfo],
+    metadata: dict[str, str],
+    options: dict[str, Any],
+    digests: dict[str, bytes],
+    *,
+    check: bool,
+    workers: int,
+    scheduler: str | None,
+    advance: Any,
+) -> dict[str, Place]:
+    """Write a safetensors or sharded ``dst`` whose tensor bytes the workers write in place
+    (:func:`tensorbridge.parallel.write_placed`); returns where each tensor lies (compared
+    by its worker, with ``check``) and adds the digests of cast tensors to ``digests``."""
+    from ..parallel import write_placed
+
+    places: dict[str, Place] = {}
+
+    def fill(jobs: Any, checked: bool) -> None:
+        got, dgs = write_placed(
+            reader, src, in_format, jobs, checked=checked, workers=workers,
+            scheduler=scheduler, check=check, advance=advance,
+        )  # fmt: skip
+        places.update(got)
+        digests.update(dgs)
+
+    if out_format.name == "sharded":
+        out_format.write(  # type: ignore[call-arg]
+            dst, planned, _no_fetch, metadata, write_shards=lambda jobs: fill(jobs, True), **options
+        )
+    else:
+        fill([(dst, planned, metadata)], False)
+    return places
+
+
+def _no_fetch(name: str) -> np.ndarray:
+    raise AssertionError(f"tensor {name!r} is written by the workers, not fetched")
 
 
 def _start_spooler(

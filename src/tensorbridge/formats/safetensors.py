@@ -48,14 +48,14 @@ import struct
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from ..dtypes import DTYPES, canonical_name, lookup
 from ..errors import CheckpointChangedError, ConversionError, FileFormatError, UnsafeContentError
 from . import safejson
-from .atomic import atomic_write
+from .atomic import atomic_path, atomic_write
 from .base import Format, RawSpan, Reader, TensorInfo, check_metadata, first_axis_rows
 from .names import check_unique
 from .safejson import short
@@ -74,6 +74,7 @@ __all__ = [
     "check_span",
     "copy_span",
     "open_span",
+    "Placed",
 ]
 
 #: The Rust reference refuses longer headers; so do we (a header is parsed in memory).
@@ -825,6 +826,51 @@ class SafetensorsFormat(Format):
                     kicked = _start_writeback(f, kicked)
         finally:
             sources.close()
+
+    @contextlib.contextmanager
+    def placed(
+        self,
+        path: str,
+        infos: Sequence[TensorInfo],
+        metadata: Mapping[str, str] | None = None,
+        *,
+        checked: bool = False,
+    ) -> Iterator[Placed]:
+        """A new ``path`` whose tensor bytes others write: yields a :class:`Placed` (the
+        temporary file, its header written and its data region sized, and where each
+        tensor goes). Whoever fills it (worker processes, see :mod:`tensorbridge.parallel`)
+        opens ``placed.path`` without creating it and writes each tensor's little-endian
+        bytes at its offset. When the block ends, the file is fsynced and replaces
+        ``path`` atomically; on an exception it is removed and ``path`` is untouched.
+        The bytes are those :meth:`write` writes."""
+        path = os.fspath(path)
+        if checked:
+            header = build_header(infos, metadata, path)
+        else:
+            header = self._preflight(path, infos, metadata, None)[1]
+        with atomic_path(path) as tmp:
+            fd = os.open(tmp, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                done = 0
+                while done < len(header):
+                    done += os.pwrite(fd, header[done:], done)
+                offsets, end = {}, len(header)
+                for info in infos:
+                    offsets[info.name] = (end, info.nbytes)
+                    end += info.nbytes
+                os.ftruncate(fd, end)
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+            yield Placed(tmp, (st.st_dev, st.st_ino), offsets)
+
+
+class Placed(NamedTuple):
+    """A file being written by others (see :meth:`SafetensorsFormat.placed`)."""
+
+    path: str  #: the temporary file, renamed over the destination at the end
+    file_id: tuple[int, int]  #: its ``(st_dev, st_ino)`` here
+    offsets: dict[str, tuple[int, int]]  #: tensor name -> (byte offset, nbytes)
 
 
 FORMAT = SafetensorsFormat()

@@ -870,11 +870,16 @@ class ShardedFormat(Format):
         metadata: Mapping[str, str] | None = None,
         *,
         landed: Callable[[str, int, int, int], None] | None = None,
+        write_shards: Callable[[list[tuple[str, list[TensorInfo], dict[str, str]]]], None]
+        | None = None,
         **options: Any,
     ) -> None:
         """Write shards of at most ``max_shard_size`` bytes (option; default 5GB), then the index.
 
-        ``landed`` is handed to each shard's safetensors writer (see its ``write``)."""
+        ``landed`` is handed to each shard's safetensors writer (see its ``write``).
+        ``write_shards(jobs)``, when given, writes the shards instead (all at once, e.g.
+        with :meth:`SafetensorsFormat.placed`; ``fetch`` is not called): each job is
+        ``(path, infos, metadata)`` for a checked ``SAFETENSORS.write`` call."""
         path = os.fspath(path)
         user_metadata = self.check_write(path, infos, metadata, options)
         max_shard_size = parse_size(options.get("max_shard_size", DEFAULT_MAX_SHARD_SIZE))
@@ -900,18 +905,22 @@ class ShardedFormat(Format):
             while any(os.path.lexists(os.path.join(directory, n)) for n in names):
                 names = _shard_names(prefix, len(groups), secrets.token_hex(4))
             written: list[str] = []
+            shard_meta = {"format": "pt", GENERATION_KEY: generation}
             try:
-                for shard, group in zip(names, groups, strict=True):
-                    final = os.path.join(directory, shard)
-                    written.append(final)  # safetensors' atomic write removes its own temp
-                    SAFETENSORS.write(
-                        final,
-                        group,
-                        fetch,
-                        {"format": "pt", GENERATION_KEY: generation},
-                        landed=landed,
-                        checked=True,
-                    )
+                if write_shards is not None:  # the names are new: removing them is safe
+                    jobs = [
+                        (os.path.join(directory, n), g, shard_meta)
+                        for n, g in zip(names, groups, strict=True)
+                    ]
+                    written.extend(job[0] for job in jobs)
+                    write_shards(jobs)
+                else:
+                    for shard, group in zip(names, groups, strict=True):
+                        final = os.path.join(directory, shard)
+                        written.append(final)  # safetensors' atomic write removes its own temp
+                        SAFETENSORS.write(
+                            final, group, fetch, shard_meta, landed=landed, checked=True
+                        )
                 atomic.fsync_dir(directory)
                 index = {
                     "metadata": {**user_metadata, "total_size": sum(i.nbytes for i in infos)},
