@@ -200,34 +200,10 @@ def test_split_tensors_and_copies_write_the_same_bytes(tmp_path, monkeypatch, ds
     assert not _leftovers(outs[1].parent if not dst.endswith("/") else outs[1])
 
 
-def test_the_workers_compare_what_they_wrote(tmp_path, monkeypatch):
-    """A worker whose bytes do not read back as written fails the command: the
-    destination stays as it was and no temporary file is left."""
-    import tensorbridge.parallel as par
-
-    src = tmp_path / "src.safetensors"
-    tb.save({"a": np.ones((64, 4), np.float32), "b": np.ones(3, np.float32)}, src)
-    dst = tmp_path / "out.safetensors"
-    tb.save({"old": np.arange(3)}, dst)
-    before = _digest(dst)
-    real = par._write_at
-
-    def flipped(fd, data, offset):  # a bit flipped on its way to the disk
-        bad = bytearray(data)
-        bad[0] ^= 1
-        real(fd, memoryview(bad), offset)
-
-    monkeypatch.setattr(par, "_write_at", flipped)
-    monkeypatch.setattr(par, "start_method", lambda: "fork")  # the patch reaches the workers
-    with pytest.raises(FileFormatError, match="reads back different"):
-        convert_file(str(src), str(dst), dtype="float16", workers=2)
-    assert _digest(dst) == before
-    assert not _leftovers(tmp_path)
-
-
 # A worker that writes half of its first piece, then reports its PID and waits to be killed
 # (pid file written atomically; it never goes on by itself). With "always" every worker
-# kills itself there instead. The retry pools fork the same patched module.
+# kills itself there instead; with "flip" its bytes land with one bit changed. A fresh
+# interpreter forks its workers (and the retry pools), so they run the patched module.
 _DYING = """
 import os, signal, sys
 import tensorbridge.parallel as par
@@ -237,6 +213,10 @@ mode, marker, pidfile, *argv = sys.argv[1:]
 real = par._write_at
 
 def dying(fd, data, offset):
+    if mode == "flip":  # a bit flipped on its way to the disk
+        bad = bytearray(data)
+        bad[0] ^= 1
+        return real(fd, memoryview(bad), offset)
     real(fd, data[: len(data) // 2], offset)  # half of the piece lands in the output
     if mode == "always":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -256,7 +236,7 @@ sys.exit(main(argv))
 """
 
 
-def _dying_convert(tmp_path, mode, src, dst):
+def _dying_convert(tmp_path, mode, src, dst, dtype="bfloat16"):
     import subprocess
     import sys
     import time
@@ -264,7 +244,7 @@ def _dying_convert(tmp_path, mode, src, dst):
     marker, pidfile = tmp_path / "marker", tmp_path / "worker.pid"
     proc = subprocess.Popen(
         [sys.executable, "-c", _DYING, mode, str(marker), str(pidfile)]
-        + ["convert", str(src), str(dst), "--dtype", "bfloat16", "--workers", "2", "--quiet"],
+        + ["convert", str(src), str(dst), "--dtype", dtype, "--workers", "2", "--quiet"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -371,3 +351,17 @@ def test_a_killed_cluster_worker_is_retried_and_the_output_is_the_same(
     assert summary["verified"] == 6
     assert _digest(one) == _digest(out)
     assert not _leftovers(out) and not _leftovers(tmp_path)
+
+
+def test_the_workers_compare_what_they_wrote(tmp_path):
+    """A worker whose bytes do not read back as written fails the command: the
+    destination stays as it was and no temporary file is left."""
+    src = tmp_path / "src.safetensors"
+    tb.save({"a": np.ones((64, 4), np.float32), "b": np.ones(3, np.float32)}, src)
+    dst = tmp_path / "out.safetensors"
+    tb.save({"old": np.arange(3)}, dst)
+    before = _digest(dst)
+    rc, err, _ = _dying_convert(tmp_path, "flip", src, dst, dtype="float16")
+    assert rc == 2 and "reads back different from what was written" in err, err
+    assert _digest(dst) == before
+    assert not _leftovers(tmp_path)
