@@ -462,6 +462,16 @@ def test_doctor_json():
         assert doc["frameworks"]["torch"]["version"]
         assert routes["numpy -> torch"]["status"] == "ok"
         assert "zero-copy" in routes["numpy -> torch"]["detail"]
+    listed = doc["frameworks"]["mlx"]
+    assert listed["installed"] == (importlib.util.find_spec("mlx") is not None)
+    if listed["installed"]:  # MLX listed with its version and devices, and what it can do
+        from importlib.metadata import version
+
+        assert listed["version"] == version("mlx") and "cpu" in listed["devices"]
+        assert routes["mlx -> numpy"]["status"] == "ok"
+        assert "zero-copy" in routes["mlx -> numpy"]["detail"]
+        assert routes["numpy -> mlx"]["status"] == "ok"
+        assert "copies" in routes["numpy -> mlx"]["detail"]
 
 
 def test_console_helpers(monkeypatch):
