@@ -17,6 +17,7 @@ import numpy as np
 from .errors import ConversionError, TensorBridgeError, message
 from .frameworks import _BY_TYPE, ALIASES, TARGETS, backend_of, foreign_cuda, get_backend
 from .frameworks.base import Backend, Step, normalize_device, parse_device
+from .frameworks.protocol import stand_in
 from .plan import _PLANS, Plan, cached_plan, plan_key_x64, plan_leaf
 from .tree import format_path, tree_leaves_with_path, tree_map
 
@@ -37,29 +38,13 @@ __all__ = [
 _SCALARS = frozenset((bool, int, float, complex))
 
 
-def _refuse_instance_protocol(x: Any) -> None:
-    """Array protocols are found on the type; one set on the instance only (``self.__array_interface__
-    = ...``, or ``shape``/``dtype`` beside a class's ``__array__``) would leave the array
-    unconverted, silently: refuse it instead."""
-    state = getattr(x, "__dict__", None)
-    if not isinstance(state, dict) or not state:
-        return
-    names = [
-        n
-        for n in ("__dlpack__", "__cuda_array_interface__", "__array_interface__", "__array__")
-        if n in state
-    ]
-    if not names and hasattr(type(x), "__array__") and "shape" in state and "dtype" in state:
-        names = ["shape", "dtype"]
-    if names:
-        raise ConversionError(
-            message(
-                f"a {type(x).__module__}.{type(x).__qualname__}",
-                f"it sets {', '.join(names)} on the instance, and tensorbridge finds array protocols "
-                "on the type only, so it would be left unconverted",
-                "pass np.asarray(x), or define the protocol on the class (a method or property)",
-            )
-        )
+def _refuse_instance_protocol(x: Any) -> Any:
+    """``x`` itself, or, when ``x`` speaks an array protocol on the instance (as NumPy
+    finds ``__array_interface__``/``__array__`` there), a stand-in whose type speaks it;
+    an incomplete protocol set on the instance is refused with a fix. See
+    :func:`~tensorbridge.frameworks.protocol.stand_in`."""
+    y = stand_in(x)
+    return x if y is None else y
 
 
 _TARGETS = {**{n: n for n in TARGETS}, **ALIASES}
@@ -176,8 +161,8 @@ def _leaf_fn(
         tp = type(x)
         src = by_type[tp] if tp in by_type else backend_of(tp)
         if src is None:
-            _refuse_instance_protocol(x)
-            return x
+            y = _refuse_instance_protocol(x)
+            return x if y is x else leaf(y)
         if done and id(x) in done:
             return done[id(x)]
         if (
@@ -489,6 +474,12 @@ def explain(
     plans = TreePlan()
     for path, leaf in tree_leaves_with_path(x):
         b = backend_of(type(leaf))
+        if b is None:  # an array protocol on the instance
+            try:
+                leaf = _refuse_instance_protocol(leaf)
+            except TensorBridgeError as exc:
+                raise exc.at(format_path(path)) from exc.__cause__
+            b = backend_of(type(leaf))
         if b is not None:
             try:
                 plans.append(

@@ -42,6 +42,7 @@ from .formats.mapping import Arena, FileMaps, should_map
 from .formats.names import check_unique
 from .frameworks import backend_of, describe, get_backend
 from .frameworks.numpy import refuse_masked
+from .frameworks.protocol import stand_in
 from .tree import format_path, tree_leaves_with_path
 
 __all__ = [
@@ -158,6 +159,13 @@ def tensor_info(name: str, leaf: Any, keys: tuple[Any, ...] = ()) -> tuple[Tenso
         leaf = np.asarray(leaf)
     backend = backend_of(type(leaf))
     where = format_path(keys) or "(root)"
+    if backend is None:  # an array protocol on the instance (as NumPy finds it)
+        try:
+            found = stand_in(leaf)
+        except TensorBridgeError as exc:
+            raise exc.at(where) from exc.__cause__
+        if found is not None:
+            leaf, backend = found, backend_of(type(found))
     refuse_masked(
         leaf,
         f"a NumPy masked array at {where} (tensor name {name!r})",

@@ -121,13 +121,26 @@ class _Holder:
 def _capsule(x: Any) -> Any:
     try:
         return x.__dlpack__(max_version=(1, 0))
-    except TypeError:  # a producer from before DLPack 1.0 takes no max_version
+    except TypeError as exc:  # a producer from before DLPack 1.0 takes no max_version
+        if "max_version" not in str(exc):  # a refusal (pyarrow's ArrowTypeError is one)
+            raise
         return x.__dlpack__()
 
 
 def host_view(x: Any, what: str) -> np.ndarray:
     """A NumPy view of the host memory that ``x.__dlpack__()`` describes (no copy)."""
-    capsule = _capsule(x)
+    try:
+        capsule = _capsule(x)
+    except Exception as exc:  # the producer's own refusal: say whose, and why
+        raise ConversionError(
+            message(
+                what,
+                f"its __dlpack__ refused to export its memory ({type(exc).__name__}: {exc})",
+                "make it exportable in its own library first (no missing values, a numeric "
+                "dtype; pyarrow: x.fill_null(...) or x.to_numpy(zero_copy_only=False)), or "
+                "pass np.asarray(x), which copies",
+            )
+        ) from exc
     name = _api.PyCapsule_GetName(capsule)
     if name not in (b"dltensor", b"dltensor_versioned"):
         raise ConversionError(

@@ -15,6 +15,19 @@ Checked after every framework in the table, for any type that speaks one of:
 Each object becomes the same memory as a tensor of a framework tensorbridge knows (the
 "carrier": a NumPy view, or a torch/CuPy tensor for CUDA memory), and that framework's
 route follows. The protocol backend is a source only, never a target.
+
+**Protocols on the instance.** NumPy looks ``__array__``, ``__array_interface__`` and
+``__array_struct__`` up on the *instance* (``np.asarray`` of an object with
+``self.__array_interface__ = ...`` is a view), ``np.from_dlpack`` calls the instance's
+``__dlpack__``, and numba/CuPy read ``__cuda_array_interface__`` from the instance too; a
+wrapper whose ``__getattr__`` forwards to an array (numba's simulated CUDA arrays) speaks
+them the same way. So does tensorbridge, with :func:`stand_in`: an object whose type no
+framework owns, and that is not a basic Python value (NumPy's own exemption list), is
+asked for the same protocols, in the same order, with the same "clearly an array" rule;
+if it speaks one, a stand-in whose type speaks it (named after the object's type) takes
+its route. An incomplete protocol set on the instance (``__dlpack__`` without
+``__dlpack_device__``, ``__array__`` without ``shape`` and ``dtype``) is refused with a fix
+rather than left unconverted.
 """
 
 from __future__ import annotations
@@ -30,7 +43,7 @@ from ..errors import ConversionError, message
 from .base import Backend, Facts, Step, host_facts
 from .dlpack_reader import DEVICE_TYPES, host_view
 
-__all__ = ["ProtocolBackend", "BACKEND"]
+__all__ = ["ProtocolBackend", "BACKEND", "StandIn", "stand_in"]
 
 #: protocol kind -> what the first step of the route says
 _HOW = {
@@ -52,6 +65,164 @@ def _kind_of(tp: type) -> str | None:
     if hasattr(tp, "__array__") and hasattr(tp, "shape") and hasattr(tp, "dtype"):
         return "array"
     return None
+
+
+#: Types whose instances NumPy never asks for array protocols (its
+#: ``_is_basic_python_type``): a lookup on them could only fail, at a cost per leaf.
+_BASIC_TYPES = frozenset(
+    {
+        type(None),
+        bool,
+        int,
+        float,
+        complex,
+        str,
+        bytes,
+        bytearray,
+        list,
+        tuple,
+        dict,
+        set,
+        frozenset,
+        slice,
+        type(Ellipsis),
+        type(NotImplemented),
+    }
+)
+
+
+class StandIn:
+    """An object whose array protocol is found on the instance (set on it, or served by
+    its ``__getattr__``), behind a type that speaks that protocol. ``obj`` is the object;
+    its memory is kept alive by whatever view is taken through the stand-in."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+
+class _DLPack(StandIn):
+    __slots__ = ()
+
+    def __dlpack__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.obj.__dlpack__(*args, **kwargs)
+
+    def __dlpack_device__(self) -> Any:
+        return self.obj.__dlpack_device__()
+
+
+class _Cuda(StandIn):
+    __slots__ = ()
+
+    @property
+    def __cuda_array_interface__(self) -> Any:
+        return self.obj.__cuda_array_interface__
+
+
+class _Interface(StandIn):
+    __slots__ = ()
+
+    @property
+    def __array_interface__(self) -> Any:
+        return self.obj.__array_interface__
+
+
+class _Array(StandIn):
+    __slots__ = ()
+
+    def __array__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.obj.__array__(*args, **kwargs)
+
+    @property
+    def shape(self) -> Any:
+        return self.obj.shape
+
+    @property
+    def dtype(self) -> Any:
+        return self.obj.dtype
+
+
+_STAND_INS: dict[tuple[type, type], type] = {}
+
+
+def _on_instance(x: Any, name: str) -> Any:
+    """``getattr(x, name)``, None when absent (as NumPy: only AttributeError means absent)."""
+    try:
+        return getattr(x, name, None)
+    except Exception as exc:
+        raise ConversionError(
+            message(
+                f"a {type(x).__module__}.{type(x).__qualname__}",
+                f"asking it for {name} (an array protocol) raised {type(exc).__name__}: {exc}",
+                "fix its attribute lookup, or pass np.asarray(x)",
+            )
+        ) from exc
+
+
+def stand_in(x: Any) -> StandIn | None:
+    """A stand-in for ``x`` if ``x`` speaks an array protocol on the instance, as NumPy
+    finds it (see the module docstring); None if it speaks none. Called only for objects
+    whose type no backend owns."""
+    tp = type(x)
+    if tp in _BASIC_TYPES:
+        return None
+    has = {n: _on_instance(x, n) is not None for n in _PROTOCOL_NAMES}
+    if has["__dlpack__"] and has["__dlpack_device__"]:
+        kind: type = _DLPack
+    elif has["__cuda_array_interface__"]:
+        kind = _Cuda
+    elif has["__array_interface__"]:
+        kind = _Interface
+    elif has["__array__"] and has["shape"] and has["dtype"]:
+        kind = _Array
+    else:
+        _refuse_incomplete(x, has)
+        return None
+    cls = _STAND_INS.get((tp, kind))
+    if cls is None:  # named after the object's type, so plans and messages name it
+        cls = _STAND_INS[(tp, kind)] = type(tp.__name__, (kind,), {"__slots__": ()})
+        cls.__qualname__ = tp.__qualname__
+        cls.__module__ = tp.__module__
+    out: StandIn = cls(x)
+    return out
+
+
+_PROTOCOL_NAMES = (
+    "__dlpack__",
+    "__dlpack_device__",
+    "__cuda_array_interface__",
+    "__array_interface__",
+    "__array__",
+    "shape",
+    "dtype",
+)
+
+
+def _refuse_incomplete(x: Any, has: dict[str, bool]) -> None:
+    """Refuse a protocol set on the instance that is incomplete, which would otherwise
+    leave the object unconverted without a word."""
+    state = getattr(x, "__dict__", None)
+    if not isinstance(state, dict):
+        return
+    if "__dlpack__" in state or "__dlpack_device__" in state:
+        missing = "__dlpack_device__" if has["__dlpack__"] else "__dlpack__"
+        why = f"it sets a DLPack method on the instance but has no {missing}"
+    elif "__array__" in state or (has["__array__"] and ("shape" in state or "dtype" in state)):
+        why = (
+            "it has __array__ but not both shape and dtype, so it is not clearly an array "
+            "(a table or a list-like object also has __array__)"
+        )
+    else:
+        return
+    raise ConversionError(
+        message(
+            f"a {type(x).__module__}.{type(x).__qualname__}",
+            why,
+            "pass np.asarray(x), or give it the whole protocol (__dlpack__ with "
+            "__dlpack_device__, or __array__ with shape and dtype)",
+        )
+    )
 
 
 def _cuda_framework() -> Backend:
@@ -99,6 +270,8 @@ class ProtocolBackend(Backend):
             return kind
 
     def _what(self, x: Any) -> str:
+        if isinstance(x, StandIn):
+            x = x.obj
         return f"a {type(x).__module__}.{type(x).__qualname__}"
 
     def _route_kind(self, x: Any) -> str:
