@@ -37,6 +37,84 @@ __all__ = [
 
 _SCALARS = frozenset((bool, int, float, complex))
 
+#: Express routes: for each ``to=`` spelling, two tables (copy=None, copy=True) from an
+#: exact type to its backend's express function (Backend.express), or None where there is
+#: none. Only calls without device= (and default ragged/pinned) take them; a tensor the
+#: function declines (None) goes down the ordinary path. Casts (``dtype=`` a string)
+#: have their own tables, by (``to``, copy, dtype).
+_EXPRESS: dict[str, tuple[dict[type, Any], dict[type, Any]]] = {}
+_EXPRESS_CAST: dict[tuple[str, bool | None, str], dict[type, Any]] = {}
+_UNSEEN = object()
+
+
+def _cast_table(to: str, copy: bool | None, dtype: str) -> dict[type, Any] | None:
+    """The express table for a cast, or None (an unknown ``to``: the ordinary path says so)."""
+    key = (to, copy, dtype)
+    table = _EXPRESS_CAST.get(key)
+    if table is None and to in _TARGETS:
+        if len(_EXPRESS_CAST) >= 256:
+            _EXPRESS_CAST.clear()
+        table = _EXPRESS_CAST[key] = {}
+    return table
+
+
+def _express_tables(to: str) -> tuple[dict[type, Any], dict[type, Any]]:
+    target = _TARGETS[to]
+    tables = _EXPRESS.get(target)
+    if tables is None:
+        tables = _EXPRESS[target] = ({}, {})
+    _EXPRESS[to] = tables
+    return tables
+
+
+#: Routes from an immutable framework into torch on the host: the planner's route is
+#: the source's own copy to NumPy (its route with copy=True), then NumPy's route to torch
+#: for that fresh, writable array (plan._host_route).
+_IMMUTABLE = frozenset(("tensorflow", "jax", "mlx"))
+_BOUNCED = frozenset(("torch",))
+
+
+def _bounce(src: Backend, tp: type, target: str) -> Callable[[Any], Any] | None:
+    """The express route ``tp`` -> NumPy -> ``target`` (copy=None), or None."""
+    host = _learn_express({}, tp, "numpy", True)
+    if host is None:
+        return None
+    into = _learn_express({}, np.ndarray, target, None)
+    if into is None:
+        return None
+
+    def run(x: Any) -> Any:
+        a = host(x)
+        return None if a is None or type(a) is not np.ndarray else into(a)
+
+    return run
+
+
+def _learn_express(
+    table: dict[type, Any], tp: type, target: str, copy: bool | None, dtype: str | None = None
+) -> Any:
+    """The express function of ``tp`` for ``target`` (or None), kept in ``table``."""
+    src = _BY_TYPE[tp] if tp in _BY_TYPE else backend_of(tp)
+    fn = None
+    if src is not None:
+
+        def learn(x: Any) -> Callable[[Any], Any]:
+            return cached_plan(x, src, target, None, dtype, copy).fn
+
+        fn = src.express(tp, target, learn)
+        if (
+            fn is None
+            and copy is None
+            and dtype is None
+            and target in _BOUNCED
+            and src.name in _IMMUTABLE
+        ):
+            fn = _bounce(src, tp, target)
+    if len(table) >= 256:
+        table.clear()
+    table[tp] = fn
+    return fn
+
 
 def _refuse_instance_protocol(x: Any) -> Any:
     """``x`` itself, or, when ``x`` speaks an array protocol on the instance (as NumPy
@@ -48,6 +126,27 @@ def _refuse_instance_protocol(x: Any) -> Any:
 
 
 _TARGETS = {**{n: n for n in TARGETS}, **ALIASES}
+_X_NUMPY = _express_tables("numpy")
+_X_TORCH = _express_tables("torch")
+_X_MLX = _express_tables("mlx")[0]
+_X_NUMPY_PLAIN = _X_NUMPY[0]
+_X_TORCH_PLAIN = _X_TORCH[0]
+#: every ``to=`` spelling -> its copy=None table: the commonest call, looked up at once
+_X_PLAIN = {to: _express_tables(to)[0] for to in _TARGETS}
+
+
+def _express_table(to: str, copy: Any, dtype: Any) -> dict[type, Any] | None:
+    """The express table for these options, or None (options express routes do not take,
+    or an unknown ``to``: the ordinary path deals with those)."""
+    if dtype is None and copy is True:
+        tables = _EXPRESS.get(to)
+        if tables is not None:
+            return tables[1]
+    if not (copy is None or copy is True) or to not in _TARGETS:
+        return None
+    if dtype is None:
+        return _express_tables(to)[copy is True]
+    return _cast_table(to, copy, dtype) if type(dtype) is str else None
 
 
 def _target(to: str) -> str:
@@ -156,9 +255,23 @@ def _leaf_fn(
     Within one call the options are fixed, so the plans met are also kept by kind alone."""
     by_type = _BY_TYPE
     local: dict[tuple, Any] = {}  # kind -> the function of its cached plan, for this call
+    express = _express_table(target, copy, dtype) if device is None and ragged == "error" else None
 
     def leaf(x: Any) -> Any:
         tp = type(x)
+        if express is not None and not done:
+            e = express.get(tp, _UNSEEN)
+            if e is _UNSEEN:
+                e = _learn_express(express, tp, target, copy, dtype)
+            if e is not None:
+                try:
+                    y = e(x)
+                except TensorBridgeError:
+                    raise
+                except Exception:
+                    y = None  # the ordinary path runs the same plan and words the error
+                if y is not None:
+                    return y
         src = by_type[tp] if tp in by_type else backend_of(tp)
         if src is None:
             y = _refuse_instance_protocol(x)
@@ -259,6 +372,23 @@ def convert(
     >>> tb.convert(np.ones(2, np.float32), to="numpy", copy=True)
     array([1., 1.], dtype=float32)
     """
+    if device is None and not pinned and ragged == "error" and type(to) is str:
+        table = (
+            _X_PLAIN.get(to) if copy is None and dtype is None else _express_table(to, copy, dtype)
+        )
+        if table is not None:
+            e = table.get(type(x), _UNSEEN)
+            if e is _UNSEEN:
+                e = _learn_express(table, type(x), _TARGETS[to], copy, dtype)
+            if e is not None:
+                try:
+                    y = e(x)
+                except TensorBridgeError:
+                    raise
+                except Exception:
+                    y = None  # the ordinary path runs the same plan and words the error
+                if y is not None:
+                    return y
     target = _TARGETS.get(to) if type(to) is str else None
     if target is None:
         target = _target(to)
@@ -354,6 +484,25 @@ def to_numpy(
     >>> tb.to_numpy(1.5)
     array(1.5)
     """
+    if not pinned and ragged == "error":
+        if copy is None and dtype is None:
+            e = _X_NUMPY_PLAIN.get(type(x), _UNSEEN)
+            if e is _UNSEEN:
+                e = _learn_express(_X_NUMPY_PLAIN, type(x), "numpy", None)
+        else:
+            table = _express_table("numpy", copy, dtype)
+            e = table.get(type(x), _UNSEEN) if table is not None else None
+            if e is _UNSEEN:
+                e = _learn_express(table, type(x), "numpy", copy, dtype)  # type: ignore[arg-type]
+        if e is not None:
+            try:
+                y = e(x)
+            except TensorBridgeError:
+                raise
+            except Exception:
+                y = None  # the ordinary path runs the same plan and words the error
+            if y is not None:
+                return y
     src = _BY_TYPE.get(type(x))
     if (
         src is not None
@@ -373,6 +522,25 @@ def to_torch(x: Any, /, *, device: Any = None, dtype: Any = None, copy: bool | N
     >>> tb.to_torch(np.arange(3)[::-1]).tolist()   # negative strides are fine
     [2, 1, 0]
     """
+    if device is None:
+        if copy is None and dtype is None:
+            e = _X_TORCH_PLAIN.get(type(x), _UNSEEN)
+            if e is _UNSEEN:
+                e = _learn_express(_X_TORCH_PLAIN, type(x), "torch", None)
+        else:
+            table = _express_table("torch", copy, dtype)
+            e = table.get(type(x), _UNSEEN) if table is not None else None
+            if e is _UNSEEN:
+                e = _learn_express(table, type(x), "torch", copy, dtype)  # type: ignore[arg-type]
+        if e is not None:
+            try:
+                y = e(x)
+            except TensorBridgeError:
+                raise
+            except Exception:
+                y = None  # the ordinary path runs the same plan and words the error
+            if y is not None:
+                return y
     src = _BY_TYPE.get(type(x))
     if src is not None and device is None and (copy is None or copy is True or copy is False):
         return _run(x, src, "torch", None, dtype, copy)  # what convert() does for one tensor
@@ -402,6 +570,19 @@ def to_mlx(x: Any, /, *, device: Any = None, dtype: Any = None, copy: bool | Non
     >>> tb.to_mlx(np.arange(3.0)).dtype   # float64 stays float64 (mx.array would narrow it)
     mlx.core.float64
     """
+    if copy is None and dtype is None and device is None:
+        e = _X_MLX.get(type(x), _UNSEEN)
+        if e is _UNSEEN:
+            e = _learn_express(_X_MLX, type(x), "mlx", None)
+        if e is not None:
+            try:
+                y = e(x)
+            except TensorBridgeError:
+                raise
+            except Exception:
+                y = None  # the ordinary path runs the same plan and words the error
+            if y is not None:
+                return y
     return convert(x, to="mlx", device=device, dtype=dtype, copy=copy)
 
 

@@ -325,6 +325,25 @@ def _host_route(
 ) -> list[Step]:
     steps = src.to_host_steps(x, facts)
     host = _after_host(facts, steps)
+    if (
+        dtype is None
+        and not host.writable
+        and tgt.name in _MUTABLE
+        and tgt.name != "numpy"
+        and steps
+        and not any(s.copies for s in steps)
+    ):
+        # a view of immutable memory headed for a writable tensor: the source framework's
+        # own copy instead of the view (one copy, not a view and then a copy of it)
+        own = src.fresh_host_step(facts)
+        if own is not None:
+            steps[-1] = replace(
+                own,
+                text=own.text.removesuffix(" (copy=True)"),
+                why=f"{tgt.name} tensors are always writable, and the memory belongs to an "
+                f"immutable {src.name} array",
+            )
+            host = _after_host(facts, steps)
     if dtype is not None:
         numpy = get_backend("numpy")
         steps += numpy.cast_steps(host, dtype)

@@ -198,7 +198,7 @@ def test_shares_memory_between_mlx_arrays():
 def test_lazy_arrays_are_evaluated_and_explain_says_so():
     x = mx.arange(4, dtype=mx.float32) * 2  # not yet computed
     plan = tb.explain(x, to="numpy")
-    assert "mx.eval" in str(plan) and "lazy" in str(plan)
+    assert "computes pending MLX operations" in str(plan)
     assert tb.to_numpy(mx.arange(3) + 1).tolist() == [1, 2, 3]
     assert tb.to_torch(mx.arange(3) + 1).tolist() == [1, 2, 3]
     assert tb.to_numpy({"a": [mx.ones(2) * 3]})["a"][0].tolist() == [3.0, 3.0]

@@ -241,6 +241,18 @@ class Backend:
         reads for that target. None: plan this object afresh (rare kinds, errors)."""
         return None
 
+    def express(
+        self, tp: type, target: str, learn: Callable[[Any], Callable[[Any], Any]]
+    ) -> Callable[[Any], Any] | None:
+        """A faster way to find the cached plan of the commonest kinds of ``tp`` (called
+        with no dtype/device option), or None. The function it returns takes a tensor of
+        type ``tp`` and returns the converted result, or None to send the tensor down the
+        ordinary path (kind, plan cache). It reads a few attributes that fix the kind, and
+        runs the plan it learnt for that kind with ``learn(x)`` (the cached plan's
+        function, exactly what the ordinary path runs), so ``explain`` stays true. It must
+        never return None after running a plan, nor raise for a tensor it declines."""
+        return None
+
     def prepare_steps(self, facts: Facts) -> list[Step]:
         """Steps every route out of this framework needs first (detach, resolve bits...)."""
         return []

@@ -22,6 +22,7 @@ What MLX does, measured with mlx 0.32 on a Linux CPU (tests/core/test_mlx.py):
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -64,6 +65,40 @@ class MlxBackend(Backend):
     def owns(self, tp: type) -> bool:
         mx = sys.modules.get("mlx.core")
         return mx is not None and issubclass(tp, mx.array)
+
+    def express(
+        self, tp: type, target: str, learn: Callable[[Any], Callable[[Any], Any]]
+    ) -> Callable[[Any], Any] | None:
+        mx = self.load()
+        if tp is not mx.array or target != "numpy":
+            return None
+        # kind() for NumPy: (type, dtype, device). Tables by dtype; by device first when
+        # this MLX build has a GPU (a CPU-only build has host memory only)
+        table: dict[Any, Any] = {}
+        self._device(mx.zeros(0))  # learns whether there is a GPU
+        if not self._gpu:
+
+            def host(x: Any) -> Any:
+                fn = table.get(x.dtype)
+                if fn is None:
+                    fn = table[x.dtype] = learn(x)
+                return fn(x)
+
+            return host
+        tables: dict[str, dict[Any, Any]] = {}
+        device = self._device
+
+        def run(x: Any) -> Any:
+            dev = device(x)
+            by_dtype = tables.get(dev)
+            if by_dtype is None:
+                by_dtype = tables[dev] = {}
+            fn = by_dtype.get(x.dtype)
+            if fn is None:
+                fn = by_dtype[x.dtype] = learn(x)
+            return fn(x)
+
+        return run
 
     def kind(self, x: Any, target: str) -> tuple | None:
         dtype = x.dtype
@@ -144,15 +179,15 @@ class MlxBackend(Backend):
                 )
             )
         elif facts.dtype in NUMPY_NATIVE:
-            # NumPy's DLPack import: read-only, and uint64 as np.uint64 (the buffer protocol
-            # says np.ulonglong, which torch refuses)
-            steps.append(
+            # the buffer protocol evaluates pending operations itself (no mx.eval step)
+            return [
                 Step(
-                    "np.from_dlpack view, read-only (MLX arrays are immutable)",
+                    "np.asarray view of the buffer, read-only (reading it computes pending "
+                    "MLX operations; MLX arrays are immutable)",
                     False,
-                    np.from_dlpack,
+                    _host_view if facts.dtype not in ("int64", "uint64") else _host_view_long,
                 )
-            )
+            ]
         else:
             steps.append(
                 Step(
@@ -164,6 +199,16 @@ class MlxBackend(Backend):
                 )
             )
         return steps
+
+    def fresh_host_step(self, facts: Facts) -> Step | None:
+        if facts.device_type != "cpu" or facts.dtype not in NUMPY_NATIVE:
+            return None  # the route already copies, or views bits through another step
+        return Step(
+            "np.array copy, computing pending MLX operations (copy=True)",
+            True,
+            _host_copy,
+            "an independent result was asked for",
+        )
 
     def from_host_steps(self, facts: Facts, *, device: str | None, copy: bool | None) -> list[Step]:
         mx = self.load()
@@ -280,13 +325,45 @@ def _bits(x: Any, dtype: str) -> Any:
     return x.view(getattr(mx, f"uint{numpy_dtype(dtype).itemsize * 8}"))
 
 
+#: the buffer protocol's 64-bit integer codes ('q', 'Q': long long) -> NumPy's own
+#: int64/uint64 ('l', 'L'), which np.from_dlpack gives and torch takes
+_LONG = {"q": np.dtype(np.int64), "Q": np.dtype(np.uint64)}
+
+
+def _host_view(x: Any) -> np.ndarray:
+    """A read-only NumPy view of a host MLX array of a NumPy-native dtype (no copy; the
+    buffer protocol evaluates the array first, and keeps it alive)."""
+    try:
+        return np.asarray(memoryview(x).toreadonly())  # (cheaper than a.setflags afterwards)
+    except ValueError:
+        _evaluate(x)  # says a refusal inside mx.compile/mx.vmap as ours
+        raise
+
+
+def _host_view_long(x: Any) -> np.ndarray:
+    """:func:`_host_view` of int64/uint64, with NumPy's own dtype for them."""
+    a = _host_view(x)
+    return a.view(_LONG.get(a.dtype.char, a.dtype))
+
+
+def _host_copy(x: Any) -> np.ndarray:
+    """A writable NumPy copy of a host MLX array of a NumPy-native dtype."""
+    try:
+        a = np.array(x)
+    except ValueError:
+        _evaluate(x)  # says a refusal inside mx.compile/mx.vmap as ours
+        raise
+    wide = _LONG.get(a.dtype.char)
+    return a if wide is None else a.view(wide)
+
+
 def _host_array(x: Any, dtype: str) -> np.ndarray:
     """A read-only NumPy view of an evaluated host MLX array (no copy)."""
     a = np.asarray(_bits(x, dtype))
     want = numpy_dtype(dtype)
     if a.dtype.type is not want.type:  # bfloat16 bits, np.ulonglong for uint64
         a = a.view(want)
-    a.flags.writeable = False
+    a.setflags(write=False)
     return a
 
 

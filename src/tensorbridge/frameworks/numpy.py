@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -68,6 +69,34 @@ class NumpyBackend(Backend):
 
     def unstaged(self, x: Any) -> bool:
         return True
+
+    def express(
+        self, tp: type, target: str, learn: Callable[[Any], Callable[[Any], Any]]
+    ) -> Callable[[Any], Any] | None:
+        if tp is not np.ndarray or target not in ("torch", "mlx"):
+            return None  # other targets' kinds read layout, address and size
+        # kind() for these targets: (type, dtype, dtype char, writeable, flipped strides).
+        # The type is fixed; one table per writeable flag, keyed by dtype (equal dtypes of
+        # another char, such as 'l' and 'q', have the same canonical name, so the same
+        # route). An array that owns its memory (base None) was laid out by NumPy, with no
+        # negative stride; a view is asked. (A foreign C array with negative strides and
+        # no base makes the plan raise: the ordinary path then plans it.)
+        tables: tuple[dict[Any, Any], dict[Any, Any]] = ({}, {})
+
+        def run(a: np.ndarray) -> Any:
+            if a.base is not None:
+                s = a.strides
+                if (s[0] < 0 or s[1] < 0) if len(s) == 2 else (s and min(s) < 0):
+                    return None  # flipped: the kind says which dims, leave it to the planner
+            table = tables[a.flags.writeable]
+            fn = table.get(a.dtype)
+            if fn is None:
+                if len(table) >= 256:
+                    table.clear()
+                fn = table[a.dtype] = learn(a)
+            return fn(a)
+
+        return run
 
     def kind(self, x: Any, target: str) -> tuple | None:
         if type(x) is not np.ndarray and (not isinstance(x, np.ndarray) or _is_masked(x)):

@@ -4,6 +4,7 @@ reinterpret bfloat16/float8 bits so NumPy (ml_dtypes) can share them."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -73,6 +74,36 @@ class TorchBackend(Backend):
                 )
             )
         return name
+
+    def express(
+        self, tp: type, target: str, learn: Callable[[Any], Callable[[Any], Any]]
+    ) -> Callable[[Any], Any] | None:
+        torch = self.load()
+        if tp not in (torch.Tensor, torch.nn.Parameter) or target != "numpy":
+            return None
+        strided = torch.strided
+        # kind() for NumPy: (type, dtype, is_cpu, requires_grad, conj bit, neg bit) of a
+        # strided, non-nested tensor. Host tensors only, without either bit (a real tensor
+        # cannot carry the conj bit, so only complex ones are asked); keyed by dtype (torch
+        # dtypes are singletons): [plan without grad, plan with grad, complex?]
+        table: dict[Any, list[Any]] = {}
+
+        def run(t: Any) -> Any:
+            if not t.is_cpu or t.layout is not strided or t.is_nested or t.is_neg():
+                return None
+            dt = t.dtype
+            e = table.get(dt)
+            if e is None:
+                e = table[dt] = [None, None, dt.is_complex]
+            if e[2] and t.is_conj():
+                return None
+            grad = t.requires_grad
+            fn = e[grad]
+            if fn is None:
+                fn = e[grad] = learn(t)
+            return fn(t)
+
+        return run
 
     def kind(self, x: Any, target: str) -> tuple | None:
         strided = self._strided

@@ -1,0 +1,348 @@
+"""Express routes (Backend.express) give exactly what the planned route gives.
+
+A call without dtype=/device= finds the cached plan of the commonest kinds by reading a
+few attributes instead of the whole kind. These tests convert many kinds of tensors of
+each type in one process, interleaved (so a table learnt for one kind is offered the
+others), and compare every result with the plan explain() shows, run by hand: same type,
+dtype, shape and bytes, the same sharing with the input (proven by mutation where the
+source is mutable), the same writeable flag. They also prove the express route was the
+one taken, and that tensors it must not take (flipped strides, neg/conj bits, deleted
+arrays, variables) are declined.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import tensorbridge as tb
+
+torch = pytest.importorskip("torch")
+
+CONVERT = sys.modules["tensorbridge.convert"]
+
+
+def _bits(x) -> tuple:
+    a = tb.to_numpy(x, copy=True)
+    data = a.tolist() if a.dtype == object else a.tobytes()  # TF strings: bytes objects
+    return a.dtype.str, a.dtype.name, a.shape, data
+
+
+def _express(x, to: str, copy, dtype=None):
+    """The express function the call took for ``x`` (None: the ordinary path)."""
+    if dtype is not None:
+        return CONVERT._EXPRESS_CAST[(to, copy, dtype)].get(type(x))
+    tables = CONVERT._EXPRESS[CONVERT._TARGETS[to]]
+    return tables[copy is True].get(type(x))
+
+
+def _check(objs, to: str, copy, *, expect_express=None, dtype=None) -> None:
+    """Convert all (filling the tables in this order), then check each result."""
+    outs = [tb.convert(x, to=to, copy=copy, dtype=dtype) for x in objs]
+    for x, out in zip(objs, outs, strict=True):
+        plan = tb.explain(x, to=to, copy=copy, dtype=dtype)
+        ref = plan.run(x)
+        assert type(out) is type(ref), (str(plan), type(out))
+        assert _bits(out) == _bits(ref), str(plan)
+        assert tb.shares_memory(out, x) == tb.shares_memory(ref, x), str(plan)
+        if not isinstance(x, np.generic):  # a scalar is a value: nothing to share
+            assert tb.shares_memory(out, x) == (not plan.copies), str(plan)
+        if isinstance(ref, np.ndarray):
+            assert out.flags.writeable == ref.flags.writeable, str(plan)
+        if expect_express is not None:
+            fn = _express(x, to, copy, dtype)
+            took = fn is not None and fn(x) is not None
+            assert took == expect_express(x), (str(plan), took)
+
+
+DTYPES = [
+    np.bool_,
+    np.int8,
+    np.uint8,
+    np.int16,
+    np.uint16,
+    np.int32,
+    np.uint32,
+    np.int64,
+    np.uint64,
+    np.float16,
+    np.float32,
+    np.float64,
+    np.complex64,
+    np.complex128,
+    ml_dtypes.bfloat16,
+    ml_dtypes.float8_e4m3fn,
+]
+
+
+def _numpy_kinds():
+    out = []
+    for dt in DTYPES:
+        a = (np.arange(24) % 7).astype(dt).reshape(4, 6)
+        ro = a.copy()
+        ro.flags.writeable = False
+        out += [a, ro, a.T, a[::-1], a[:, ::2], np.array(a[0, 0]), a[0, 0], ro.T]
+    out.append(np.arange(6, dtype=">f4"))  # big-endian: byte-swapped, never shared
+    out.append(np.arange(6, dtype=np.dtype("q")))
+    out.append(np.arange(6, dtype=np.dtype("l")))
+    out.append(np.ones((3, 1), np.float32)[:, ::-1])  # negative stride in a size-1 dim
+    out.append(np.ones(1, np.float32)[::-1])
+    return out
+
+
+def _flipped(a: np.ndarray) -> bool:
+    return any(s < 0 for s in a.strides)
+
+
+@pytest.mark.parametrize("copy", [None, True])
+def test_numpy_to_torch(copy):
+    _check(
+        _numpy_kinds(),
+        "torch",
+        copy,
+        expect_express=lambda a: type(a) is np.ndarray and not _flipped(a),  # not scalars
+    )
+
+
+def test_numpy_to_torch_shares_by_mutation():
+    a = np.arange(8, dtype=np.float32)
+    t = tb.to_torch(a)
+    assert _express(a, "torch", None) is not None
+    a[3] = 99.0
+    assert t[3].item() == 99.0
+    ro = np.arange(8, dtype=np.float32)
+    ro.flags.writeable = False
+    t2 = tb.to_torch(ro)  # read-only: copied, so a write to the tensor cannot reach it
+    t2[0] = 5.0
+    assert ro[0] == 0.0
+
+
+def test_a_subclass_is_not_taken_for_an_ndarray(tmp_path):
+    m = np.memmap(tmp_path / "m.bin", dtype=np.float32, mode="w+", shape=(4,))
+    _check([m], "torch", None)
+    assert _express(m, "torch", None) is None
+    masked = np.ma.masked_array([1.0, 2.0], mask=[0, 1])
+    with pytest.raises(tb.ConversionError, match="masked"):
+        tb.to_torch(masked)
+    assert _express(masked, "torch", None) is None
+
+
+def _torch_kinds():
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    out = []
+    for dt in [
+        torch.bool,
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.uint16,
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+        torch.complex64,
+        torch.float8_e4m3fn,
+    ]:
+        t = base.to(dt)
+        out += [t, t.T, t[:, ::2], t[1, 2].clone()]
+        if dt.is_floating_point or dt.is_complex:
+            out += [t.clone().requires_grad_(), torch.nn.Parameter(t.clone())]
+    out.append(torch._neg_view(base))  # the neg bit on a real tensor
+    out.append(torch.arange(4.0).to(torch.complex64).conj())  # the conj bit
+    out.append(torch._neg_view(torch.arange(4.0).to(torch.complex64)))
+    return out
+
+
+def _plain_torch(t) -> bool:
+    return not t.is_neg() and not t.is_conj()
+
+
+@pytest.mark.parametrize("copy", [None, True])
+def test_torch_to_numpy(copy):
+    _check(_torch_kinds(), "numpy", copy, expect_express=_plain_torch)
+
+
+def test_torch_to_numpy_shares_by_mutation():
+    t = torch.zeros(5, requires_grad=True)
+    a = tb.to_numpy(t)
+    assert _express(t, "numpy", None) is not None
+    with torch.no_grad():
+        t[2] = 7.0
+    assert a[2] == 7.0
+    c = tb.to_numpy(t, copy=True)
+    with torch.no_grad():
+        t[1] = 3.0
+    assert c[1] == 0.0
+
+
+def test_to_numpy_and_to_torch_take_the_same_routes():
+    a = np.arange(6, dtype=np.float32)
+    t = torch.arange(6.0, requires_grad=True)
+    assert tb.to_torch(a).data_ptr() == a.ctypes.data
+    assert tb.to_numpy(t).ctypes.data == t.data_ptr()
+    assert tb.to_numpy(t, copy=True).ctypes.data != t.data_ptr()
+    # a cast takes its own express table; copy=False never does
+    assert tb.to_torch(a, dtype="float16").dtype == torch.float16
+    with pytest.raises(tb.CopyError):
+        tb.to_numpy(torch._neg_view(t.detach()), copy=False)
+
+
+def _tf():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    return pytest.importorskip("tensorflow")
+
+
+def _tf_kinds(tf):
+    base = np.arange(24, dtype=np.float32).reshape(4, 6)
+    out = [
+        tf.constant(base.astype(dt))
+        for dt in [np.float32, np.float64, np.float16, np.int32, np.int64, np.uint8, np.bool_]
+    ]
+    out += [
+        tf.constant(base.astype(np.complex64)),
+        tf.cast(tf.constant(base), tf.bfloat16),
+        tf.constant(3.5),  # 0-d
+        tf.constant([b"a", b"bc"]),  # strings
+        tf.Variable(base),
+    ]
+    return out
+
+
+@pytest.mark.parametrize("to,copy", [("numpy", None), ("numpy", True), ("torch", None)])
+def test_tensorflow(to, copy):
+    tf = _tf()
+    kinds = _tf_kinds(tf)
+    if to == "torch":
+        kinds = [k for k in kinds if k.dtype != tf.string]
+    _check(
+        kinds,
+        to,
+        copy,
+        expect_express=lambda t: not isinstance(t, tf.Variable),
+    )
+
+
+def test_tensorflow_view_is_read_only_and_shared():
+    tf = _tf()
+    x = tf.constant(np.arange(6, dtype=np.float32))
+    a = tb.to_numpy(x)
+    assert _express(x, "numpy", None) is not None
+    assert not a.flags.writeable and tb.shares_memory(a, x)
+
+
+def _jax():
+    return pytest.importorskip("jax")
+
+
+@pytest.mark.parametrize("to,copy", [("numpy", None), ("numpy", True), ("torch", None)])
+def test_jax(to, copy):
+    jax = _jax()
+    jnp = jax.numpy
+    base = np.arange(24, dtype=np.float32).reshape(4, 6)
+    kinds = [
+        jnp.asarray(base.astype(dt))
+        for dt in [np.float32, np.int32, np.int8, np.uint8, np.bool_, np.float16, np.complex64]
+    ]
+    kinds += [
+        jnp.asarray(base.astype(ml_dtypes.bfloat16)),
+        jnp.asarray(base.astype(ml_dtypes.float8_e4m3fn)),
+        jnp.float32(2.5),
+        jnp.asarray(base).T,
+    ]
+    _check(kinds, to, copy, expect_express=lambda x: True)
+
+
+def test_a_deleted_jax_array_is_declined_and_refused():
+    jax = _jax()
+    x = jax.numpy.arange(4.0)
+    tb.to_numpy(x)
+    x.delete()
+    assert _express(x, "numpy", None)(x) is None
+    with pytest.raises(tb.ConversionError, match="deleted"):
+        tb.to_numpy(x)
+
+
+def test_trees_take_the_express_route_per_leaf():
+    a = np.arange(4, dtype=np.float32)
+    ro = a.copy()
+    ro.flags.writeable = False
+    t = torch.arange(3.0, requires_grad=True)
+    tree = {"a": a, "ro": ro, "flip": a[::-1], "t": t, "n": 3, "s": "text"}
+    out = tb.convert(tree, to="torch")
+    assert out["a"].data_ptr() == a.ctypes.data  # shared
+    assert out["ro"].data_ptr() != ro.ctypes.data  # copied
+    assert out["flip"].tolist() == [3.0, 2.0, 1.0, 0.0]
+    assert out["t"] is t and out["n"] == 3 and out["s"] == "text"
+    back = tb.to_numpy(out)
+    assert back["t"].ctypes.data == t.data_ptr() and back["a"].ctypes.data == a.ctypes.data
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "int32"])
+@pytest.mark.parametrize("copy", [None, True])
+def test_casts(dtype, copy):
+    torch_kinds = [t for t in _torch_kinds() if not t.dtype.is_complex]
+    _check(torch_kinds, "numpy", copy, dtype=dtype, expect_express=_plain_torch)
+    numpy_kinds = [a for a in _numpy_kinds() if a.dtype.kind != "c"]
+    _check(
+        numpy_kinds,
+        "torch",
+        copy,
+        dtype=dtype,
+        expect_express=lambda a: type(a) is np.ndarray and not _flipped(a),
+    )
+    for a in numpy_kinds[:3]:  # the same calls through to_torch/to_numpy
+        assert _bits(tb.to_torch(a, dtype=dtype, copy=copy)) == _bits(
+            tb.explain(a, to="torch", dtype=dtype, copy=copy).run(a)
+        )
+
+
+def _mlx():
+    return pytest.importorskip("mlx.core")
+
+
+def _mlx_kinds(mx):
+    base = np.arange(24, dtype=np.float32).reshape(4, 6)
+    out = [
+        mx.array(base.astype(dt))
+        for dt in [np.float32, np.float16, np.int32, np.int64, np.uint64, np.uint8, np.bool_]
+    ]
+    out += [
+        mx.array(base).astype(mx.bfloat16),
+        mx.array(base).astype(mx.complex64),
+        mx.array(base).T,  # a transposed view
+        mx.array(base) * 2 + 1,  # pending: not computed yet
+        mx.array(2.5),  # 0-d
+    ]
+    return out
+
+
+@pytest.mark.parametrize("to,copy", [("numpy", None), ("numpy", True), ("torch", None)])
+def test_mlx(to, copy):
+    mx = _mlx()
+    _check(_mlx_kinds(mx), to, copy, expect_express=lambda x: True)
+
+
+def test_mlx_int64_keeps_numpys_own_dtype():
+    mx = _mlx()
+    for dt, want in [(mx.int64, np.int64), (mx.uint64, np.uint64)]:
+        a = tb.to_numpy(mx.arange(3, dtype=dt))
+        assert a.dtype.char == np.dtype(want).char and not a.flags.writeable
+        assert tb.to_torch(mx.arange(3, dtype=dt)).tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("copy", [None, True])
+def test_numpy_to_mlx(copy):
+    _mlx()
+    kinds = [a for a in _numpy_kinds() if a.dtype not in (np.complex128, ml_dtypes.float8_e4m3fn)]
+    _check(
+        kinds,
+        "mlx",
+        copy,
+        expect_express=lambda a: type(a) is np.ndarray and not _flipped(a),
+    )
