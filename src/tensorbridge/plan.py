@@ -133,7 +133,8 @@ def _cast_facts(facts: Facts, dtype: str) -> Facts:
 
 
 def _host_copy(a: Any) -> Any:
-    return np.array(a, copy=True, order="K")  # positive strides, the source's axis order
+    # positive strides, the source's axis order (ndarray.copy is the cheaper spelling)
+    return a.copy(order="K") if type(a) is np.ndarray else np.array(a, copy=True, order="K")
 
 
 def _to_native(a: Any) -> Any:
