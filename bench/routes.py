@@ -568,7 +568,11 @@ def case_files_io(args: argparse.Namespace) -> list[dict]:
     rows = []
 
     def pair(
-        label: str, ftb: Callable[[], Any], text: str, fplain: Callable[[], Any], target: float
+        label: str,
+        ftb: Callable[[], Any],
+        text: str,
+        fplain: Callable[[], Any],
+        target: float | None,
     ) -> None:
         try:
             ftb()
@@ -606,6 +610,39 @@ def case_files_io(args: argparse.Namespace) -> list[dict]:
         lambda: np.save(p("b.npy"), sd["layers.0.weight"]),
         1.3,
     )
+
+    # what durability costs: the same tb.save with os.fsync made a no-op, beside the real
+    # one (ratio = the share of the time that is not fsync), and beside the reference
+    def no_fsync(fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            real = os.fsync
+            os.fsync = lambda fd: None
+            try:
+                return fn()
+            finally:
+                os.fsync = real
+
+        return run
+
+    for suffix, ref_text, ref in [
+        (
+            ".safetensors",
+            "safetensors.torch.save_file",
+            lambda: stt.save_file(tsd, p("b.safetensors")),
+        ),
+        (".pt", "torch.save", lambda: torch.save(tsd, p("b.pt"))),
+        (".npy", "np.save", lambda: np.save(p("b.npy"), sd["layers.0.weight"])),
+    ]:
+        tree = sd["layers.0.weight"] if suffix == ".npy" else tsd
+        save = lambda tree=tree, suffix=suffix: tb.save(tree, p("a" + suffix))  # noqa: E731
+        pair(
+            f"tb.save {suffix} without fsync",
+            no_fsync(save),
+            f"tb.save {suffix} (with fsync)",
+            save,
+            None,  # measured only: 1 - ratio is fsync's share
+        )
+        pair(f"tb.save {suffix} without fsync", no_fsync(save), ref_text, ref, 1.3)
 
     def h5_write() -> None:
         with h5py.File(p("b.h5"), "w") as f:
