@@ -492,3 +492,43 @@ def test_format_row_and_errors(tmp_path):
     p.write_bytes(b"GGUF" + bytes(20))
     with pytest.raises(FileFormatError, match="version 0"):
         tbf.open(p)
+
+
+def test_long_numeric_arrays_are_summarised_and_kept_whole(tmp_path, monkeypatch):
+    """Arrays of numbers stay NumPy arrays; past INLINE_ITEMS items (or the per-file
+    budget) their text is a bounded summary, the whole JSON made only by full_text();
+    GGUF -> GGUF keeps every item, as gguf-py reads it."""
+    from tensorbridge.formats import gguf_meta
+
+    monkeypatch.setattr(gguf_meta, "INLINE_ITEMS", 100)
+    monkeypatch.setattr(gguf_meta, "INLINE_BUDGET", 150)
+    p = tmp_path / "a.gguf"
+    w = _writer(p)
+    scores = (np.arange(300, dtype=np.float32) - 7.25) / 3
+    A, F32, I32 = gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.FLOAT32, gguf.GGUFValueType.INT32
+    w.add_key_value("scores", scores.tolist(), A, F32)
+    w.add_key_value("small1", list(range(80)), A, I32)  # inline: 80 of the 150
+    w.add_key_value("small2", list(range(80)), A, I32)  # past the budget: a summary
+    w.add_key_value("nested", [[1, 2], list(range(120))], A, A)
+    w.add_tensor("w", np.zeros((2, 2), np.float32))
+    _finish(w)
+    ref = gguf.GGUFReader(str(p))
+    with tbf.open(p) as r:
+        m = r.metadata
+    s = m["scores"]
+    assert not s.complete and len(s) < 300 and s.endswith("(300 FLOAT32 items)")
+    assert s.startswith("[-2.4166667461395264, ")  # the first items, as exact float64 text
+    assert s.value.dtype == np.dtype("<f4") and _bits(s.value) == _bits(scores)
+    assert json.loads(s.full_text()) == ref.fields["scores"].contents()
+    assert m["small1"].complete and json.loads(m["small1"]) == list(range(80))
+    assert not m["small2"].complete and json.loads(m["small2"].full_text()) == list(range(80))
+    assert not m["nested"].complete and m["nested"].endswith("(2 arrays)")
+    assert json.loads(m["nested"].full_text()) == [[1, 2], list(range(120))]
+    with pytest.raises(json.JSONDecodeError):  # a summary never parses as the value
+        json.loads(s)
+    q = tmp_path / "b.gguf"
+    tbf.save({"w": np.zeros((2, 2), np.float32)}, q, metadata=m)
+    got = gguf.GGUFReader(str(q)).fields
+    for key in ("scores", "small1", "small2", "nested"):
+        assert got[key].contents() == ref.fields[key].contents(), key
+        assert got[key].types == ref.fields[key].types, key

@@ -309,3 +309,32 @@ def test_fuzz_tensor_info(tmp_path_factory, ne, tid, offset, ndim):
     except TensorBridgeError:
         return
     assert out["t"].nbytes <= 256 * 8
+
+
+def test_long_numeric_array_costs_its_bytes_not_16_times(tmp_path):
+    """A 10M-item FLOAT32 metadata array (40 MB): opening the file, printing and listing
+    its metadata cost about the array's bytes once more (it was ~16x: a Python float and
+    its text per item), in bounded time."""
+    n = 10_000_000
+    data = np.arange(n, dtype="<f4")
+    kv = s("big") + struct.pack("<IIQ", 9, 6, n) + data.tobytes()
+    p = _write(tmp_path, gguf_bytes([kv, kv_u32("n", 1)], [tinfo("a", [4])], bytes(16)))
+    r = run_bounded(
+        "import tensorbridge as tb, numpy as np\n"
+        "rss = lambda: int([l for l in open('/proc/self/status') if l.startswith('VmRSS:')]"
+        "[0].split()[1]) * 1024\n"
+        "base = rss()\n"
+        "with tb.open(ARGS[0]) as r:\n"
+        "    m = dict(r.metadata)\n"
+        "    text = str(m['big']) + repr(m) + ' '.join(m.values())\n"
+        "    v = m['big'].value\n"
+        "    RESULT = [base, len(text), v.size, float(v[-1]), v.dtype.str, m['big'].complete]",
+        [str(p)],
+        timeout=60,
+        mem_limit=1 << 30,
+    )
+    assert r.outcome == "ok", r.detail
+    base, text_len, size, last, dtype, complete = r.result
+    assert (size, last, dtype, complete) == (n, n - 1, "<f4", False)
+    assert text_len < 2000
+    assert r.peak_rss - base < 2.5 * data.nbytes, (r.peak_rss - base) / data.nbytes

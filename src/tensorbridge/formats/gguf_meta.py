@@ -2,9 +2,14 @@
 
 A value is a :class:`GGUFValue`: a ``str`` holding its text (strings as they are;
 numbers, booleans and arrays as JSON) that also carries its GGUF type and value,
-so a GGUF written from it keeps them. The header reader (:class:`Cursor`) reads
-through a bounded buffer and checks every length and count against the bytes
-the file really has before anything is allocated.
+so a GGUF written from it keeps them. Arrays of numbers are kept as NumPy arrays;
+their text is bounded: an array of more than :data:`INLINE_ITEMS` items (or past
+:data:`INLINE_BUDGET` items in all of a file's metadata) reads as a short summary,
+``[0.0, 1.0, ... 9.0] (10000000 FLOAT32 items)``, and its whole JSON is made only
+when asked for (:meth:`GGUFValue.full_text`); each item as a Python object would
+cost some 16 times its bytes. The header reader (:class:`Cursor`) reads through a
+bounded buffer and checks every length and count against the bytes the file
+really has before anything is allocated.
 
 >>> value(4096, "uint32").gguf_type, value(["a", "b"], "array", "string")
 ('UINT32', '["a", "b"]')
@@ -40,6 +45,8 @@ __all__ = [
     "MAX_ARRAY_DEPTH",
     "MAX_NESTED_ARRAYS",
     "MAX_ALIGNMENT",
+    "INLINE_ITEMS",
+    "INLINE_BUDGET",
 ]
 
 DEFAULT_ALIGNMENT = 32
@@ -53,6 +60,13 @@ MAX_NESTED_ARRAYS = 1 << 16
 MAX_ALIGNMENT = 1 << 30
 #: bytes read at a time while parsing the header
 _HEADER_CHUNK = 1 << 20
+#: the most items of one numeric array written out as JSON text (a 256k vocabulary's
+#: scores); longer arrays read as a summary (their values stay in ``.value``)
+INLINE_ITEMS = 1 << 18
+#: the most numeric array items written out as text in all of one file's metadata
+INLINE_BUDGET = 1 << 20
+#: items shown at each end of a summary
+_SUMMARY_ITEMS = 8
 _NP_CODES = {
     "UINT8": "u1",
     "INT8": "i1",
@@ -74,18 +88,40 @@ class GGUFValue(str):
     """A GGUF metadata value: the ``str`` is its text (JSON for numbers and arrays),
     ``gguf_type`` its GGUF type name (``"UINT32"``, ``"ARRAY"``...), ``item_type``
     the type of an array's items, and ``value`` the value itself (a NumPy array for
-    arrays of numbers, a list for strings and nested arrays)."""
+    arrays of numbers, a list for strings and nested arrays). ``complete`` is False
+    when the text is a bounded summary of a long array (see :meth:`full_text`)."""
 
     gguf_type: str
     item_type: str | None
     value: Any
+    complete: bool
 
     def __new__(
-        cls, text: str, gguf_type: str, value: Any, item_type: str | None = None
+        cls,
+        text: str,
+        gguf_type: str,
+        value: Any,
+        item_type: str | None = None,
+        complete: bool = True,
     ) -> GGUFValue:
         self = super().__new__(cls, text)
         self.gguf_type, self.value, self.item_type = gguf_type, value, item_type
+        self.complete = complete
         return self
+
+    def full_text(self) -> str:
+        """The whole value as text (JSON for arrays), made now if the ``str`` is a summary:
+        for a long array that is some 5-20 bytes of text per item.
+
+        >>> v = value(range(300_000), "array", "int32")
+        >>> print(v)
+        [0, 1, 2, 3, 4, 5, 6, 7, ... 299992, 299993, 299994, 299995, 299996, 299997, 299998, 299999] (300000 INT32 items)
+        >>> v.complete, len(v.full_text()), v.value.nbytes
+        (False, 2288890, 1200000)
+        """
+        if self.complete:
+            return str.__str__(self)
+        return json.dumps(_json_of(self.gguf_type, self.value, self.item_type), ensure_ascii=False)
 
     def __repr__(self) -> str:
         if len(self) <= 200:
@@ -93,7 +129,10 @@ class GGUFValue(str):
         return f"{str.__repr__(self[:120])}... <{self.gguf_type}, {len(self)} chars>"
 
     def __reduce__(self) -> Any:
-        return (GGUFValue, (str(self), self.gguf_type, self.value, self.item_type))
+        return (
+            GGUFValue,
+            (str.__str__(self), self.gguf_type, self.value, self.item_type, self.complete),
+        )
 
 
 def _f32_text(x: float) -> Any:
@@ -132,7 +171,7 @@ def _display(s: str) -> str:
 def _json_of(t: str, v: Any, item: str | None) -> Any:
     if t == "ARRAY":
         if item == "ARRAY":
-            return [json.loads(x) for x in v]
+            return [json.loads(x.full_text()) for x in v]
         if item == "STRING":
             return [_display(s) for s in v]
         if item in ("FLOAT32", "FLOAT64"):
@@ -143,10 +182,31 @@ def _json_of(t: str, v: Any, item: str | None) -> Any:
     return _plain(v, t)
 
 
-def _make(t: str, v: Any, item: str | None = None) -> GGUFValue:
+def _make(t: str, v: Any, item: str | None = None, inline: int = INLINE_ITEMS) -> GGUFValue:
+    """The value with its text; an array of numbers (or of arrays) holding more than
+    ``inline`` items, or an inner array that is a summary, gets a summary text."""
     if t == "STRING":
         return GGUFValue(_display(v), t, v)
+    if t == "ARRAY" and item != "STRING":
+        summarise = len(v) > inline
+        if item == "ARRAY":
+            summarise = summarise or not all(x.complete for x in v)
+        if summarise:
+            return GGUFValue(_summary(v, item or ""), t, v, item, complete=False)
     return GGUFValue(json.dumps(_json_of(t, v, item), ensure_ascii=False), t, v, item)
+
+
+def _summary(v: Any, item: str) -> str:
+    """A long array as bounded text: its first and last items, then how many."""
+    k = _SUMMARY_ITEMS
+    if item == "ARRAY":
+        head = ", ".join(f"{str.__str__(x):.40}" for x in v[: k // 2])
+        return f"[{head}, ...] ({len(v)} arrays)"
+    if len(v) <= 2 * k:  # an array of arrays, some of them summaries
+        return json.dumps(_json_of("ARRAY", v, item))
+    first = json.dumps(_json_of("ARRAY", v[:k], item))[1:-1]
+    last = json.dumps(_json_of("ARRAY", v[-k:], item))[1:-1]
+    return f"[{first}, ... {last}] ({len(v)} {item} items)"
 
 
 def value(v: Any, gguf_type: str, item_type: str | None = None) -> GGUFValue:
@@ -206,6 +266,8 @@ class Cursor:
         #: arrays inside arrays still allowed: each costs a Python object of some 300
         #: bytes for 12 bytes of file, so their number is capped, not only their bytes
         self.nested_left = MAX_NESTED_ARRAYS
+        #: numeric array items that may still be written out as text (see INLINE_BUDGET)
+        self.inline_left = INLINE_BUDGET
 
     def remaining(self) -> int:
         return self.size - self.pos
@@ -229,6 +291,17 @@ class Cursor:
             self._buf, self._start, off = bytes(buf), self.pos, 0
         self.pos += n
         return self._buf[off : off + n]
+
+    def take_array(self, n: int, what: str) -> np.ndarray:
+        """``n`` bytes as a new uint8 array, read straight from the file when they are
+        many (no second copy through the buffer)."""
+        if n <= _HEADER_CHUNK:
+            return np.frombuffer(self.take(n, what), np.uint8)
+        self.need(n, what)
+        out = np.empty(n, np.uint8)
+        read_exact_into(self.fd, out.data, self.pos, self.path)
+        self.pos += n
+        return out
 
     def unpack(self, code: str, what: str) -> Any:
         size = struct.calcsize(code)
@@ -306,13 +379,20 @@ def read_value(cur: Cursor, t: str, key: str, depth: int = 0) -> GGUFValue:
     if item in _NP_CODES:
         size = VALUE_TYPES[VALUE_TYPE_IDS[item]][2] or 1
         cur.need(count * size, f"{what} ({count} items)")
-        arr = np.frombuffer(
-            cur.take(count * size, what), np.dtype(_NP_CODES[item]).newbyteorder(cur.order)
-        )
-        arr = arr.astype(arr.dtype.newbyteorder("<"))
+        raw = cur.take_array(count * size, what)
+        dtype = np.dtype(_NP_CODES[item]).newbyteorder("<")
+        if raw.flags.writeable:  # read straight into its own array: swap in place
+            arr = raw.view(dtype)
+            if cur.order == ">" and size > 1:
+                arr.byteswap(inplace=True)
+        else:
+            arr = raw.view(dtype.newbyteorder(cur.order)).astype(dtype)
         if item == "BOOL":
             arr = arr != 0
-        return _make(t, arr, item)
+        inline = min(INLINE_ITEMS, cur.inline_left)
+        if count <= inline:
+            cur.inline_left -= count
+        return _make(t, arr, item, inline)
     least = 8 if item == "STRING" else 12  # a string's length; an array's type and length
     cur.need(count * least, f"{what} ({count} items)")
     if item == "STRING":
