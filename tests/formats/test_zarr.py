@@ -262,21 +262,40 @@ def test_v2_stores_deep_and_huge_metadata_are_refused(tmp_path):
     zarr.open_group(v2, mode="w", zarr_format=2).create_array("a", shape=(2,), dtype="f4")
     with pytest.raises(FileFormatError, match="zarr v2"):
         tb.open(v2)
-    p = _store(tmp_path, "deep.zarr")
-    (p / "zarr.json").write_text(
-        '{"zarr_format": 3, "node_type": "group", "attributes": {"x": '
-        + "[" * 100_000
-        + "]" * 100_000
-        + "}}"
-    )
-    r = run_bounded("import tensorbridge as tb; tb.open(ARGS[0])", [str(p)], timeout=60)
-    assert r.outcome == "refused" and "nests deeper" in r.detail, r
-    assert r.peak_rss < 300 * MIB
+    for name, text, refusal in [  # dense: 100k nested lists; deep: 40 levels, spaced out
+        ("dense.zarr", "[" * 100_000 + "]" * 100_000, "JSON arrays and objects in"),
+        ("deep.zarr", "[" * 40 + " " * 4000 + "]" * 40, "over the limit of 32"),
+    ]:
+        p = _store(tmp_path, name)
+        (p / "zarr.json").write_text(
+            '{"zarr_format": 3, "node_type": "group", "attributes": {"x": ' + text + "}}"
+        )
+        r = run_bounded("import tensorbridge as tb; tb.open(ARGS[0])", [str(p)], timeout=60)
+        assert r.outcome == "refused" and refusal in r.detail, r
+        assert r.peak_rss < 300 * MIB
     p = _store(tmp_path, "huge.zarr")
     with open(p / "zarr.json", "r+b") as f:
         f.seek(32 << 20)
         f.write(b" ")
     with pytest.raises(FileFormatError, match="cap"):
+        tb.open(p)
+
+
+def test_metadata_zarr_python_writes_is_read(tmp_path):
+    """zarr metadata goes through the same JSON budget as safetensors headers, with its own
+    depth (32, not 16) and NaN/Infinity allowed: zarr-python writes NaN in attributes."""
+    p = tmp_path / "attrs.zarr"
+    g = zarr.open_group(p, mode="w")
+    deep: list = [1]
+    for _ in range(20):
+        deep = [deep]
+    g.attrs.update(fill=float("nan"), top=float("inf"), deep=deep)
+    g.create_array("a", shape=(3,), dtype="float32")[:] = [1, 2, 3]
+    assert b"NaN" in (p / "zarr.json").read_bytes()
+    with tb.open(p) as f:
+        assert f.read("a").tolist() == [1, 2, 3]
+    (p / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "node_type": "x"}')
+    with pytest.raises(FileFormatError, match="more than once"):
         tb.open(p)
 
 

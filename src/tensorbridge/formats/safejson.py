@@ -71,8 +71,9 @@ def short(value: object, limit: int = 120) -> str:
     return text if len(text) <= 2 * limit else text[: 2 * limit] + "..."
 
 
-def _max_depth(brackets: bytes | bytearray) -> int:
-    """The deepest nesting of a string holding only ``[]{}`` (NumPy, in chunks)."""
+def _max_depth(brackets: bytes | bytearray, limit: int = MAX_DEPTH) -> int:
+    """The deepest nesting of a string holding only ``[]{}`` (NumPy, in chunks); stops
+    measuring once it is over ``limit``."""
     depth = 0
     deepest = 0
     for start in range(0, len(brackets), _CHUNK):
@@ -81,16 +82,16 @@ def _max_depth(brackets: bytes | bytearray) -> int:
         running = np.cumsum(steps, dtype=np.int64) + depth
         deepest = max(deepest, int(running.max()))
         depth = int(running[-1])
-        if deepest > MAX_DEPTH:
+        if deepest > limit:
             break  # refused anyway: no need to measure the rest
     return deepest
 
 
-def _check_budget(raw: bytes | bytearray, path: str, what: str) -> None:
+def _check_budget(raw: bytes | bytearray, path: str, what: str, max_depth: int = MAX_DEPTH) -> None:
     """Refuse ``raw`` over the budget. The first pass counts brackets inside strings too
     (an upper bound, one C pass); only if that is over does the exact pass, which first
     removes the strings, decide."""
-    if _within_budget(raw.translate(None, _NON_BRACKETS), len(raw)):
+    if _within_budget(raw.translate(None, _NON_BRACKETS), len(raw), max_depth):
         return
     bare = _STRING.sub(b"", raw)
     brackets = bare.translate(None, _NON_BRACKETS)
@@ -105,19 +106,20 @@ def _check_budget(raw: bytes | bytearray, path: str, what: str) -> None:
             path,
         )
     if brackets:
-        depth = _max_depth(brackets)
-        if depth > MAX_DEPTH:
+        depth = _max_depth(brackets, max_depth)
+        if depth > max_depth:
+            needs = " (a valid one needs 3)" if max_depth == MAX_DEPTH else ""
             raise FileFormatError(
-                f"{what} nests at least {depth} levels deep, over the limit of {MAX_DEPTH} (a valid one "
-                "needs 3). Fix: this is not a valid file, or it is corrupt or hostile.",
+                f"{what} nests at least {depth} levels deep, over the limit of {max_depth}{needs}. "
+                "Fix: this is not a valid file, or it is corrupt or hostile.",
                 path,
             )
 
 
-def _within_budget(brackets: bytes | bytearray, size: int) -> bool:
+def _within_budget(brackets: bytes | bytearray, size: int, max_depth: int) -> bool:
     containers = brackets.count(b"[") + brackets.count(b"{")
     return containers <= size // BYTES_PER_CONTAINER + 8 and (
-        not brackets or _max_depth(brackets) <= MAX_DEPTH
+        not brackets or _max_depth(brackets, max_depth) <= max_depth
     )
 
 
@@ -150,11 +152,20 @@ def _unique(path: str, what: str) -> Callable[[list[tuple[str, Any]]], dict]:
     return hook
 
 
-def loads(raw: bytes | bytearray, path: str, what: str, *, offset: int = 0) -> Any:
+def loads(
+    raw: bytes | bytearray,
+    path: str,
+    what: str,
+    *,
+    offset: int = 0,
+    max_depth: int = MAX_DEPTH,
+    nonfinite: bool = False,
+) -> Any:
     """Parse the UTF-8 JSON ``raw`` (from ``path``, where it starts at byte ``offset``;
-    ``what`` names it in messages) within the budget above; refuse duplicate keys and
-    NaN/Infinity. The budget is checked before the text is decoded or parsed."""
-    _check_budget(raw, path, what)
+    ``what`` names it in messages) within the budget above, nesting at most ``max_depth``
+    deep; refuse duplicate keys, and NaN/Infinity unless ``nonfinite`` (zarr metadata:
+    zarr-python writes them). The budget is checked before the text is decoded or parsed."""
+    _check_budget(raw, path, what, max_depth)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -165,7 +176,9 @@ def loads(raw: bytes | bytearray, path: str, what: str, *, offset: int = 0) -> A
         ) from exc
     try:
         return json.loads(
-            text, object_pairs_hook=_unique(path, what), parse_constant=_refuse_constant(path, what)
+            text,
+            object_pairs_hook=_unique(path, what),
+            parse_constant=None if nonfinite else _refuse_constant(path, what),
         )
     except (FileFormatError, UnsafeContentError):
         raise

@@ -14,8 +14,10 @@ reader lists them in ``skipped`` with the reason.
 
 Files from strangers. Before zarr-python sees the store, tensorbridge walks it once:
 - symbolic links anywhere in the store are refused (a chunk could name any file);
-- every ``zarr.json`` is at most :data:`MAX_METADATA_BYTES`, nests at most
-  :data:`MAX_JSON_DEPTH` deep, and is ``zarr_format`` 3;
+- every ``zarr.json`` is at most :data:`MAX_METADATA_BYTES`, is parsed under the budget
+  of :func:`~tensorbridge.formats.safejson.loads` (as safetensors headers are: at most
+  :data:`MAX_JSON_DEPTH` deep, a bounded density of arrays and objects, no duplicate
+  keys; NaN and Infinity allowed, since zarr-python writes them), and is ``zarr_format`` 3;
 - data types and codecs must be on the allow-lists below (no codec that can unpickle);
 - a chunk holds at most :data:`MAX_CHUNK_BYTES` decoded, so touching one element
   cannot allocate more;
@@ -35,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import json
 import os
 import shutil
 import threading
@@ -46,6 +47,7 @@ import numpy as np
 
 from ..dtypes import DTYPES, NUMPY_NATIVE, lookup
 from ..errors import ConversionError, FileFormatError, FrameworkNotInstalledError, message
+from . import safejson
 from .atomic import fsync_dir, temp_name
 from .base import Format, Reader, TensorInfo
 from .names import check_unique
@@ -81,27 +83,6 @@ def _zarr() -> Any:
             )
         ) from exc
     return zarr
-
-
-def _json_depth(text: str) -> int:
-    depth = deepest = 0
-    in_str = escape = False
-    for ch in text:
-        if in_str:
-            if escape:
-                escape = False
-            elif ch == "\\":
-                escape = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch in "]}":
-            depth -= 1
-    return deepest
 
 
 def _codec_names(codecs: Any, where: str, path: str) -> None:
@@ -148,25 +129,11 @@ def _load_meta(file: str, where: str, path: str) -> dict:
         )
     with open(file, "rb") as f:
         raw = f.read(MAX_METADATA_BYTES + 1)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise FileFormatError(
-            f"{where!r} metadata is not UTF-8. Fix: the store is corrupt.", path
-        ) from None
-    if _json_depth(text) > MAX_JSON_DEPTH:
-        raise FileFormatError(
-            f"{where!r} metadata nests deeper than {MAX_JSON_DEPTH} levels. "
-            "Fix: the store is corrupt or hostile.",
-            path,
-        )
-    try:
-        meta = json.loads(text)
-    except ValueError as exc:
-        raise FileFormatError(
-            f"{where!r} metadata is not valid JSON ({str(exc):.100}). Fix: the store is corrupt.",
-            path,
-        ) from None
+    # nesting, container density, UTF-8 and duplicate keys checked as for safetensors
+    # headers; NaN/Infinity allowed (zarr-python writes them in attributes)
+    meta = safejson.loads(
+        raw, path, f"{where!r} metadata", max_depth=MAX_JSON_DEPTH, nonfinite=True
+    )
     if not isinstance(meta, dict):
         raise FileFormatError(
             f"{where!r} metadata is not a JSON object. Fix: the store is corrupt.", path
