@@ -346,3 +346,22 @@ def test_numpy_to_mlx(copy):
         copy,
         expect_express=lambda a: type(a) is np.ndarray and not _flipped(a),
     )
+
+
+def test_a_cast_is_quiet_and_leaves_numpys_error_state_as_it_was():
+    import warnings
+
+    big = torch.tensor([1e10, float("nan"), -3.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with np.errstate(over="warn", invalid="warn"):
+            before = np.geterr()
+            assert tb.to_numpy(big, dtype="float16").tolist()[0] == float("inf")
+            assert tb.to_numpy(big, dtype="int32")[2] == -3
+            assert np.geterr() == before
+            with pytest.raises(RuntimeWarning, match="overflow"):
+                np.array([1e10], np.float32).astype(np.float16)  # the caller's own cast warns
+        with np.errstate(over="raise"):
+            tb.to_numpy(big, dtype="float16")
+            with pytest.raises(FloatingPointError):
+                np.array([1e10], np.float32).astype(np.float16)

@@ -36,11 +36,33 @@ def refuse_masked(x: Any, what: str, why: str) -> None:
         )
 
 
+def _quiet_errstate() -> tuple[Any, Any] | None:
+    """NumPy's floating-point error state as ``np.errstate(all="ignore")`` sets it, and the
+    context variable that holds it: entering ``np.errstate`` costs about 0.8 µs, setting
+    the variable 0.1 µs (a small cast costs 0.5 µs). None where NumPy keeps it elsewhere."""
+    try:
+        from numpy._core import _ufunc_config as config
+
+        return config._extobj_contextvar, config._make_extobj(all="ignore")
+    except (ImportError, AttributeError, TypeError):
+        return None
+
+
+_QUIET = _quiet_errstate()
+
+
 def _cast(a: np.ndarray, target: np.dtype) -> np.ndarray:
     """``a.astype(target)`` without NumPy's warnings for NaN or out-of-range values: what
     such values become is documented (convert's docstring), not an accident to warn about."""
-    with np.errstate(all="ignore"):
+    if _QUIET is None:
+        with np.errstate(all="ignore"):
+            return a.astype(target, order="C")
+    var, quiet = _QUIET
+    token = var.set(quiet)
+    try:
         return a.astype(target, order="C")
+    finally:
+        var.reset(token)
 
 
 def _copy(a: Any) -> np.ndarray:
