@@ -43,7 +43,9 @@ def _quiet_errstate() -> tuple[Any, Any] | None:
     try:
         from numpy._core import _ufunc_config as config
 
-        return config._extobj_contextvar, config._make_extobj(all="ignore")
+        var: Any = getattr(config, "_extobj_contextvar")  # noqa: B009 - private: no stubs
+        make: Any = getattr(config, "_make_extobj")  # noqa: B009
+        return var, make(all="ignore")
     except (ImportError, AttributeError, TypeError):
         return None
 
