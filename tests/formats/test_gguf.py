@@ -4,6 +4,7 @@ write read by its GGUFReader, every tensor type, both byte orders, every metadat
 from __future__ import annotations
 
 import json
+import os
 import warnings
 
 import ml_dtypes
@@ -427,6 +428,35 @@ def test_gguf_to_gguf_copies_blocks_and_keeps_metadata(tmp_path):
         assert t.tensor_type == a[t.name].tensor_type and _bits(t.data) == _bits(a[t.name].data)
     assert b.fields["tokenizer.ggml.tokens"].contents() == ["<s>", "</s>", "hi"]
     assert b.fields["general.name"].contents() == "tiny"
+
+
+def test_gguf_to_gguf_verifies_blocks_without_dequantising(tmp_path, monkeypatch):
+    """Copied blocks are checked by their bytes (a CRC of the source's blocks against the
+    written ones), never dequantised: a flipped byte in a copy is still caught."""
+    from tensorbridge.cli.convert_cmd import convert_file
+
+    src = _model(tmp_path)
+    calls = []
+    real = tbq.dequantize_into
+    monkeypatch.setattr(tbg, "dequantize_into", lambda *a, **k: calls.append(a[1]) or real(*a))
+    dst = tmp_path / "copy.gguf"
+    s = convert_file(str(src), str(dst), workers=1)
+    assert s["verified"] == s["count"] == 4 and calls == []
+    pairs = zip(gguf.GGUFReader(str(src)).tensors, gguf.GGUFReader(str(dst)).tensors, strict=True)
+    for t, u in pairs:
+        assert (t.name, t.tensor_type, _bits(t.data)) == (u.name, u.tensor_type, _bits(u.data))
+
+    real_copy = tbg.copy_span
+
+    def corrupting_copy(src_fd, span, dst_fd, at):
+        real_copy(src_fd, span, dst_fd, at)
+        byte = os.pread(dst_fd, 1, at + span.nbytes // 2)
+        os.pwrite(dst_fd, bytes([byte[0] ^ 0x10]), at + span.nbytes // 2)
+
+    monkeypatch.setattr(tbg, "copy_span", corrupting_copy)
+    with pytest.raises(FileFormatError, match="verification failed"):
+        convert_file(str(src), str(tmp_path / "bad.gguf"))
+    assert calls == []
 
 
 def test_convert_to_q8_0_and_to_other_formats(tmp_path):

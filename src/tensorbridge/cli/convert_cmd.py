@@ -97,6 +97,19 @@ def _fetch_as(reader: Reader, info: TensorInfo) -> np.ndarray:
     return arr
 
 
+def _span_bytes(span: RawSpan) -> np.ndarray:
+    """The bytes of ``span`` (its file checked to be the one the reader validated)."""
+    from ..formats.safetensors import SpanFiles, read_exact_into
+
+    files = SpanFiles()
+    try:
+        out = np.empty(span.nbytes, np.uint8)
+        read_exact_into(files.fd(span), out.data, span.offset, span.path)
+        return out
+    finally:
+        files.close()
+
+
 def digest(a: np.ndarray) -> bytes:
     """A CRC-32 and length of ``a``'s bytes in native order (NaN payloads, -0.0 count).
 
@@ -306,10 +319,13 @@ def verify(
     digests: dict[str, bytes],
     spans: dict[str, RawSpan] | None = None,
     checked: dict[str, Place] | None = None,
+    stored: set[str] | None = None,
 ) -> int:
     """Reopen ``dst_path`` and check every tensor's dtype and shape, and its bytes:
     against ``spans[name]`` (SRC's bytes, compared directly) for tensors that were
-    copied, else against the digest taken as it was written. A copied tensor whose
+    copied, else against the digest taken as it was written (of the bytes stored,
+    ``dst_format.read_blocks``, for names in ``stored``: GGUF blocks copied as they are,
+    never dequantised). A copied tensor whose
     bytes already compared equal at ``checked[name]`` (file identity, offset,
     nbytes), the place the reader finds it now, is not read again. Holds one
     tensor (or 16 MiB) at a time. Returns the count."""
@@ -326,6 +342,8 @@ def verify(
                 comparer,
                 dst_format.name == "npy",
                 checked or {},
+                stored or set(),
+                dst_format,
             )
     finally:
         if comparer is not None:
@@ -359,6 +377,8 @@ def _verify_open(
     comparer: _Comparer | None,
     unnamed: bool = False,
     checked: dict[str, Place] | None = None,
+    stored: set[str] | None = None,
+    dst_format: Format | None = None,
 ) -> int:
     checked = checked or {}
     names = out.keys()
@@ -411,6 +431,13 @@ def _verify_open(
                 continue
             if info.name not in digests:  # found elsewhere than where it was compared
                 raise _failed(info, got, dst_path)
+        if stored and info.name in stored and dst_format is not None:
+            back = out.info(name)  # for GGUF, the stored type too
+            blocks = dst_format.read_blocks(out, name)
+            if back != info or digest(blocks) != digests.get(info.name):
+                raise _failed(info, f"{back.dtype}{list(back.shape)}", dst_path)
+            del blocks
+            continue
         written = out.read(name)
         got = f"{canonical_name(written.dtype)}{list(written.shape)}"
         if got != f"{info.dtype}{list(info.shape)}" or digest(written) != digests.get(info.name):
@@ -584,6 +611,7 @@ def convert_file(
         by_name = {i.name: i for i in planned}
         digests: dict[str, bytes] = {}
         spans: dict[str, RawSpan] = {}
+        stored: set[str] = set()  # verified by the bytes stored (blocks), not by values
         dropped: list[str] = []
         source_dtype = {i.name: i.dtype for i in infos}
         raw_ok = out_format.name in _SPAN_WRITERS and not in_place
@@ -623,6 +651,13 @@ def convert_file(
 
             def fetch(name: str) -> np.ndarray | RawSpan:
                 info = by_name[name]
+                blocks = out_format.stored_blocks(info)
+                if blocks is not None:  # stored as they are (GGUF blocks): check the bytes
+                    if check:
+                        digests[name] = digest(_span_bytes(blocks))
+                        stored.add(name)
+                    bar.advance(info.nbytes, description=name[-30:])
+                    return blocks
                 if spooler is not None and name in spooler:
                     span, dg = spooler.take(name)
                     bar.advance(info.nbytes, description=name[-30:])
@@ -671,7 +706,9 @@ def convert_file(
                 if checker is not None:
                     checker.close()
             verified = (
-                verify(written, out_format, planned, digests, spans, places) if check else None
+                verify(written, out_format, planned, digests, spans, places, stored)
+                if check
+                else None
             )
     return {
         "src": src,
@@ -755,6 +792,8 @@ def _start_spooler(
 
     work = {}
     for info in planned:
+        if out_format.stored_blocks(info) is not None:
+            continue  # blocks the writer copies as they are (GGUF)
         copyable = raw_ok and source_dtype[info.name] == info.dtype
         span = reader.raw_span(info.name) if copyable else None
         if span is None or span.nbytes != info.nbytes:

@@ -211,6 +211,18 @@ class Format:
         except where the format quantises."""
         return arr
 
+    def stored_blocks(self, info: TensorInfo) -> RawSpan | None:
+        """Where the source holds the bytes this format stores for ``info`` as they are
+        (GGUF's quantised blocks, copied GGUF -> GGUF): ``fetch`` may hand the writer this
+        span instead of values, and the copy is verified by those bytes (see
+        :meth:`read_blocks`). None, the default: fetch the values."""
+        return None
+
+    def read_blocks(self, reader: Reader, name: str) -> np.ndarray:
+        """The bytes a file of this format stores for ``name``, for a tensor whose info
+        had :meth:`stored_blocks`."""
+        raise NotImplementedError
+
     def check_write(
         self,
         path: str,

@@ -566,6 +566,18 @@ class GGUFFormat(Format):
         dequantize_into(blocks, t.name, out)
         return out
 
+    def stored_blocks(self, info: TensorInfo) -> RawSpan | None:
+        """A GGUF source's quantised blocks, which :meth:`write` copies as they are."""
+        if not isinstance(info, GGUFTensorInfo) or info.source is None:
+            return None
+        t = TYPES_BY_NAME[info.ggml_type]
+        return info.source if t.quantized and info.source.nbytes == info.stored_nbytes else None
+
+    def read_blocks(self, reader: Reader, name: str) -> np.ndarray:
+        if not isinstance(reader, GGUFReader):
+            raise ConversionError(f"{reader.path}: not a GGUF reader; it holds no blocks.")
+        return reader.read_raw(name)
+
     def write(
         self,
         path: str,
@@ -579,7 +591,9 @@ class GGUFFormat(Format):
 
         A :class:`GGUFTensorInfo` of a quantised type is stored in blocks: copied from
         its ``source`` (a GGUF file's blocks) when it has one, else quantised from the
-        fetched float values. ``fetch`` is called for every tensor, in order.
+        fetched float values. ``fetch`` is called for every tensor, in order; for blocks
+        copied from a source it may return that source's :class:`RawSpan`
+        (:meth:`stored_blocks`) instead of the values, which are then never computed.
         ``quantize="q8_0"`` quantises every eligible float tensor
         (see :func:`quantized_info`).
         """
@@ -618,15 +632,20 @@ class GGUFFormat(Format):
                     got = fetch(info.name)
                     src = info.source if isinstance(info, GGUFTensorInfo) else None
                     if t.quantized:
-                        arr = check_fetched(
-                            got, TensorInfo(info.name, _float_of(got), info.shape), path
-                        )
+                        blocks = self.stored_blocks(info)
+                        if isinstance(got, RawSpan) and got == blocks:
+                            arr = None  # the blocks as they are: no values needed
+                        else:
+                            arr = check_fetched(
+                                got, TensorInfo(info.name, _float_of(got), info.shape), path
+                            )
                         if src is not None and src.nbytes == nbytes:
                             f.flush()
                             at = f.tell()
                             copy_span(sources.fd(src), src, f.fileno(), at)
                             f.seek(at + nbytes)
                         else:
+                            assert arr is not None  # a span is only taken for its blocks
                             f.write(quantize_array(arr, t.name).reshape(-1).data)
                     else:
                         arr = check_fetched(
