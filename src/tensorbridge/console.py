@@ -22,7 +22,9 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import sys
+import unicodedata
 from collections.abc import Sequence
 from typing import Any, TextIO
 
@@ -30,6 +32,9 @@ __all__ = [
     "escape",
     "echo",
     "is_tty",
+    "terminal_width",
+    "clip",
+    "cell_width",
     "use_color",
     "rich_available",
     "print_table",
@@ -90,6 +95,51 @@ def is_tty(stream: Any = None) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError, io.UnsupportedOperation):
         return False
+
+
+def terminal_width(stream: Any = None) -> int | None:
+    """The width in columns of the terminal ``stream`` (default stdout) is, ``COLUMNS``
+    first (as rich reads it); None when it is not a terminal (piped or a file)."""
+    if not is_tty(stream):
+        return None
+    return max(20, shutil.get_terminal_size().columns)
+
+
+def _cells(c: str) -> int:
+    if unicodedata.combining(c):
+        return 0
+    return 2 if unicodedata.east_asian_width(c) in "WF" else 1
+
+
+def cell_width(text: str) -> int:
+    """Terminal cells ``text`` (already escaped) takes: wide characters count two."""
+    return len(text) if text.isascii() else sum(map(_cells, text))
+
+
+def clip(text: object, width: int | None, limit: int = 1 << 16) -> str:
+    r"""``text`` escaped (see :func:`escape`) and cut to fit ``width`` terminal cells
+    (wide characters count two), ending in ``...``; with ``width`` None (a pipe), whole
+    up to ``limit`` characters, then ``... (N characters)`` with the full length.
+
+    >>> clip("abc\x1bdefgh", 10), clip("x" * 8, None, limit=5)
+    ('abc\\x1b...', 'xxxxx... (8 characters)')
+    """
+    s = text if isinstance(text, str) else str(text)
+    if width is None:
+        if len(s) <= limit:
+            return escape(s)
+        return escape(s[:limit]) + f"... ({len(s)} characters)"
+    out = escape(s[: width + 1])  # escaping never shortens: enough to fill the width
+    if len(out) <= width and len(s) <= width and cell_width(out) <= width:
+        return out
+    room, used, end = max(0, width - 3), 0, 0
+    for end, c in enumerate(out):  # noqa: B007 - end is used after the loop
+        used += _cells(c)
+        if used > room:
+            break
+    else:
+        end = len(out)
+    return out[:end] + "..."
 
 
 def use_color() -> bool:

@@ -562,3 +562,28 @@ def test_long_numeric_arrays_are_summarised_and_kept_whole(tmp_path, monkeypatch
     for key in ("scores", "small1", "small2", "nested"):
         assert got[key].contents() == ref.fields[key].contents(), key
         assert got[key].types == ref.fields[key].types, key
+
+
+def test_inspect_metadata_fits_the_terminal_and_is_whole_in_a_pipe(tmp_path, monkeypatch):
+    """Metadata lines use the terminal's width (not a fixed 120 characters), escaped; piped,
+    a value is printed whole up to 64k characters, then bounded."""
+    from tests.test_cli_output import run_cli
+
+    p = tmp_path / "m.gguf"
+    w = _writer(p)
+    template = "{% for m in messages %}\x1b[31m" + "x" * 400 + "\n{% endfor %}"
+    w.add_string("tokenizer.chat_template", template)
+    w.add_string("huge", "y" * 70_000)
+    w.add_tensor("w", np.zeros((2, 2), np.float32))
+    _finish(w)
+    escaped = template.replace("\x1b", "\\x1b").replace("\n", "\\n")
+    for columns in (200, 60):
+        _, out, _ = run_cli(monkeypatch, ["inspect", p], mode="nocolor", columns=columns)
+        line = next(x for x in out.splitlines() if "chat_template" in x)
+        assert len(line) == columns and line.endswith("...") and "\x1b" not in line, line
+        assert line[len("  tokenizer.chat_template: ") : -3] in escaped
+    _, out, _ = run_cli(monkeypatch, ["inspect", p], mode="plain")
+    lines = out.splitlines()
+    assert f"  tokenizer.chat_template: {escaped}" in lines
+    huge = next(x for x in lines if x.startswith("  huge: "))
+    assert huge == "  huge: " + "y" * 65536 + "... (70000 characters)"

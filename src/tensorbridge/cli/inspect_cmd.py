@@ -13,7 +13,17 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from ..console import echo, escape, format_number, human_bytes, natural_key, print_table
+from ..console import (
+    cell_width,
+    clip,
+    echo,
+    escape,
+    format_number,
+    human_bytes,
+    natural_key,
+    print_table,
+    terminal_width,
+)
 from ..dtypes import canonical_name, lookup
 from ..errors import TensorBridgeError
 from ..formats import TensorInfo
@@ -172,8 +182,12 @@ def render_text(doc: dict[str, Any], stream: TextIO) -> None:
     echo(f"{doc['path']}  ({doc['format']})", stream)
     if doc["metadata"]:
         echo("metadata:", stream)
+        # a line per entry, cut to the terminal's width; whole (up to 64k) in a pipe
+        width = terminal_width(stream)
         for k, v in doc["metadata"].items():
-            echo(f"  {_clip(str(k))}: {_clip(str(v))}", stream)
+            key = clip(k, None if width is None else max(10, width // 2))
+            room = None if width is None else max(10, width - 4 - cell_width(key))
+            echo(f"  {key}: {clip(v, room)}", stream)
     with_stats = any("stats" in t for t in doc["tensors"])
     headers = ["name", "dtype", "shape", "size"]
     align = "lllr"
