@@ -334,7 +334,8 @@ def plan_pieces(reader: Reader, placed: Placed, infos: Sequence[TensorInfo]) -> 
         if nbytes == 0:
             continue
         src = reader.info(info.name)
-        span = reader.raw_span(info.name)
+        # bool: read whole (its bytes are checked on read), verified by digest: see write_piece
+        span = reader.raw_span(info.name) if info.dtype != "bool" else None
         copy = span is not None and src.dtype == info.dtype and span.nbytes == nbytes
         source = (src.dtype, tuple(src.shape))
         rows = info.shape[0] if info.shape else 0
@@ -419,8 +420,8 @@ def _read_cast(span: RawSpan, info: TensorInfo, piece: Piece) -> np.ndarray:
 
 def write_piece(src: str, fmt: str, token: str, piece: Piece, check: bool) -> bytes | None:
     """Write ``piece`` into its file; with ``check``, read the bytes back and compare them
-    with what was meant. Returns the tensor's digest for a whole-tensor piece of a cast (with
-    ``check``), else None. Runs in a worker; idempotent (a retry writes the same bytes)."""
+    with what was meant. Returns the digest of a bool tensor (with ``check``), else None.
+    Runs in a worker; idempotent (a retry writes the same bytes)."""
     from .cli.convert_cmd import _array_fill, _Comparer, _fetch_as, _span_fill, digest
     from .dtypes import canonical_name, numpy_dtype
     from .formats.safetensors import copy_span
@@ -471,8 +472,8 @@ def write_piece(src: str, fmt: str, token: str, piece: Piece, check: bool) -> by
                 )
             _write_at(fd, le.reshape(-1).view(np.uint8).data, piece.offset)
             fill = _array_fill(le)
-            if check and piece.lo is None:
-                dg = digest(arr)
+            if check and piece.dtype == "bool":  # the reader has no byte range for bool
+                dg = digest(arr)  # tensors (it checks their bytes): verified by digest
         if check and not comparer.same(out, fill):
             raise FileFormatError(
                 f"verification failed: tensor {piece.name!r} reads back different from what "
@@ -588,7 +589,7 @@ def write_placed(
     workers write in place (see the module docstring); every file replaces its path once
     all are filled, or none does. ``checked``: the jobs' checks ran already (a sharded
     write). Returns where each tensor's bytes lie (compared by a worker right after they
-    were written, with ``check``) and the digests of whole tensors that were cast."""
+    were written, with ``check``) and the digests of bool tensors."""
     from .formats.safetensors import FORMAT as SAFETENSORS
 
     places: dict[str, Place] = {}

@@ -745,7 +745,7 @@ def _write_direct(
 ) -> dict[str, Place]:
     """Write a safetensors or sharded ``dst`` whose tensor bytes the workers write in place
     (:func:`tensorbridge.parallel.write_placed`); returns where each tensor lies (compared
-    by its worker, with ``check``) and adds the digests of cast tensors to ``digests``."""
+    by its worker, with ``check``) and adds the digests of bool tensors to ``digests``."""
     from ..parallel import write_placed
 
     places: dict[str, Place] = {}
