@@ -418,6 +418,16 @@ def _read_cast(span: RawSpan, info: TensorInfo, piece: Piece) -> np.ndarray:
     return out
 
 
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Start writing the piece's pages to disk now, without waiting (as the one-process
+    writer does every 16 MiB), so the command's fsync at the end has little left to wait
+    for: on Linux ``POSIX_FADV_DONTNEED`` starts the writeback of dirty pages (and leaves
+    those in the cache). Purely advisory."""
+    if hasattr(os, "posix_fadvise"):
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+
+
 def write_piece(src: str, fmt: str, token: str, piece: Piece, check: bool) -> bytes | None:
     """Write ``piece`` into its file; with ``check``, read the bytes back and compare them
     with what was meant. Returns the digest of a bool tensor (with ``check``), else None.
@@ -482,6 +492,7 @@ def write_piece(src: str, fmt: str, token: str, piece: Piece, check: bool) -> by
                 "disk and report it as a bug.",
                 piece.path,
             )
+        _start_writeback(fd, piece.offset, piece.nbytes)
         return dg
     finally:
         os.close(fd)
