@@ -310,7 +310,18 @@ def _mlx_kinds(mx):
     base = np.arange(24, dtype=np.float32).reshape(4, 6)
     out = [
         mx.array(base.astype(dt))
-        for dt in [np.float32, np.float16, np.int32, np.int64, np.uint64, np.uint8, np.bool_]
+        for dt in [
+            np.float32,
+            np.float16,
+            np.int32,
+            np.uint32,
+            np.int64,
+            np.uint64,
+            np.int8,
+            np.uint8,
+            np.int16,
+            np.bool_,
+        ]
     ]
     out += [
         mx.array(base).astype(mx.bfloat16),

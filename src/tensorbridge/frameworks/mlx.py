@@ -77,16 +77,30 @@ class MlxBackend(Backend):
         table: dict[Any, Any] = {}
         self._device(mx.zeros(0))  # learns whether there is a GPU
         if not self._gpu:
+            # Item sizes whose every MLX dtype is viewed by _host_view (1: bool, int8,
+            # uint8; 4: int32, uint32, float32; not 2, which holds bfloat16, nor 8, which
+            # holds int64/uint64): once the planner has given _host_view for one dtype of
+            # such a size, arrays of that size skip the dtype lookup (reading and hashing
+            # an MLX dtype costs as much as the view). A dtype MLX adds later counts too.
+            sizes: dict[int, bool] = {}
+            for d in vars(mx).values():
+                if isinstance(d, mx.Dtype):
+                    name = self._canonical_or_none(d)
+                    plain = name in NUMPY_NATIVE and name not in ("int64", "uint64")
+                    sizes[d.size] = sizes.get(d.size, True) and plain
+            fast: set[int] = set()
 
             def host(x: Any) -> Any:
-                fn = table.get(x.dtype)
-                if fn is _host_view:  # the commonest plan's one step, inlined (a call less)
+                if x.itemsize in fast:
                     try:
-                        return np.asarray(memoryview(x).toreadonly())
+                        return np.asarray(memoryview(x).toreadonly())  # _host_view, inlined
                     except ValueError:
                         return None  # the ordinary path words it
+                fn = table.get(x.dtype)
                 if fn is None:
                     fn = table[x.dtype] = learn(x)
+                    if fn is _host_view and sizes.get(x.itemsize):
+                        fast.add(x.itemsize)
                 return fn(x)
 
             return host
@@ -123,6 +137,12 @@ class MlxBackend(Backend):
             f.aligned,
             f.small,
         )
+
+    def _canonical_or_none(self, dtype: Any) -> str | None:
+        try:
+            return self.canonical(dtype)
+        except ConversionError:
+            return None
 
     def canonical(self, dtype: Any) -> str:
         if self._canonical is None:
