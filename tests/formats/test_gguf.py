@@ -587,3 +587,28 @@ def test_inspect_metadata_fits_the_terminal_and_is_whole_in_a_pipe(tmp_path, mon
     assert f"  tokenizer.chat_template: {escaped}" in lines
     huge = next(x for x in lines if x.startswith("  huge: "))
     assert huge == "  huge: " + "y" * 65536 + "... (70000 characters)"
+
+
+def test_summarised_arrays_compare_by_value(tmp_path, monkeypatch):
+    """Two long arrays with the same first and last items (the same summary text) but a
+    different middle are different metadata, for ``==`` and for ``diff``."""
+    from tensorbridge.cli.diff_cmd import diff_files
+    from tensorbridge.formats import gguf_meta
+
+    monkeypatch.setattr(gguf_meta, "INLINE_ITEMS", 20)
+    paths = []
+    for i, middle in enumerate((5, 5, 6)):
+        p = tmp_path / f"{i}.gguf"
+        w = _writer(p)
+        items = [1] * 20 + [middle] + [1] * 20
+        w.add_key_value("a", items, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32)
+        w.add_key_value("n", [items, [2]], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.ARRAY)
+        w.add_tensor("w", np.zeros((2, 2), np.float32))
+        _finish(w)
+        paths.append(str(p))
+    m = [tbf.open(p).metadata for p in paths]
+    assert str(m[0]["a"]) == str(m[2]["a"]) and not m[0]["a"].complete  # one summary text
+    assert m[0]["a"] == m[1]["a"] and m[0]["a"] != m[2]["a"] and m[0]["n"] != m[2]["n"]
+    assert len({m[0]["a"], m[1]["a"]}) == 1  # hashable, equal values hash alike
+    assert not diff_files(paths[0], paths[1])["metadata_differs"]
+    assert diff_files(paths[0], paths[2])["metadata_differs"]

@@ -128,11 +128,31 @@ class GGUFValue(str):
             return super().__repr__()
         return f"{str.__repr__(self[:120])}... <{self.gguf_type}, {len(self)} chars>"
 
+    def __eq__(self, other: object) -> bool:
+        """As ``str``, except that a summary compares by value: two long arrays are equal
+        when their types and items are (not only their first and last items)."""
+        if isinstance(other, GGUFValue) and not (self.complete and other.complete):
+            return (self.gguf_type, self.item_type) == (other.gguf_type, other.item_type) and (
+                _same_items(self.value, other.value)
+            )
+        return str.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = str.__hash__  # equal values have equal texts
+
     def __reduce__(self) -> Any:
         return (
             GGUFValue,
             (str.__str__(self), self.gguf_type, self.value, self.item_type, self.complete),
         )
+
+
+def _same_items(a: Any, b: Any) -> bool:
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+    return isinstance(a, list) and isinstance(b, list) and a == b
 
 
 def _f32_text(x: float) -> Any:
