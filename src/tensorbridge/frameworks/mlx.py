@@ -261,9 +261,11 @@ class MlxBackend(Backend):
                 )
             )
         why = "MLX copies host memory on import (it never shares a CPU buffer)"
-        if facts.dtype in NUMPY_NATIVE:
-            # dtype= always: without it, MLX narrows float64 to float32 and complex128 silently
+        if facts.dtype in _NARROWED:
+            # dtype= for these: without it, MLX narrows float64 to float32 silently
             steps.append(Step("mx.array", True, lambda a: mx.array(a, dtype=target), why))
+        elif facts.dtype in NUMPY_NATIVE:
+            steps.append(Step("mx.array", True, mx.array, why))  # infers the same dtype
         else:
             bits = np.dtype(f"u{numpy_dtype(facts.dtype).itemsize}")
             steps.append(
@@ -349,6 +351,9 @@ def _bits(x: Any, dtype: str) -> Any:
     mx = sys.modules["mlx.core"]
     return x.view(getattr(mx, f"uint{numpy_dtype(dtype).itemsize * 8}"))
 
+
+#: NumPy dtypes that mx.array(a) does not keep unless told (it infers float32)
+_NARROWED = frozenset(("float64",))
 
 #: the buffer protocol's 64-bit integer codes ('q', 'Q': long long) -> NumPy's own
 #: int64/uint64 ('l', 'L'), which np.from_dlpack gives and torch takes
