@@ -183,6 +183,7 @@ def test_split_tensors_and_copies_write_the_same_bytes(tmp_path, monkeypatch, ds
     src = tmp_path / "src.safetensors"
     tb.save(tree, src)
     monkeypatch.setattr(par, "PIECE_BYTES", 1000)  # planned in this process: many pieces
+    monkeypatch.setattr(par, "FILES_AT_ONCE", 3)  # the 4 shards: a group of 3, then 1
     outs = []
     for workers in (1, 2):
         out = tmp_path / f"w{workers}" / dst
@@ -351,6 +352,35 @@ def test_a_killed_cluster_worker_is_retried_and_the_output_is_the_same(
     assert summary["verified"] == 6
     assert _digest(one) == _digest(out)
     assert not _leftovers(out) and not _leftovers(tmp_path)
+
+
+def test_a_failure_in_a_later_group_of_shards_leaves_the_destination_untouched(
+    tmp_path, cast_source, monkeypatch
+):
+    """Shards are filled FILES_AT_ONCE at a time; the groups renamed before a failure are
+    removed again, the old checkpoint stays whole and no temporary file is left."""
+    import tensorbridge.parallel as par
+
+    out = tmp_path / "out"
+    tb.save({"old": np.arange(3)}, f"{out}/")
+    before = _digest(out)
+    monkeypatch.setattr(par, "FILES_AT_ONCE", 2)
+    real, calls = par.run_pieces, []
+
+    def second_group_fails(*args, **kwargs):
+        calls.append(len(os.listdir(out)))
+        if len(calls) == 2:  # the first group's shards are in place by now
+            raise ConversionError("the second group failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(par, "run_pieces", second_group_fails)
+    with pytest.raises(ConversionError, match="second group"):
+        convert_file(
+            f"{cast_source}/", f"{out}/", dtype="bfloat16", workers=2, max_shard_size="300KB"
+        )  # 3 shards: a group of 2, then 1
+    assert calls[1] > calls[0]  # renamed shards (and temporary files) were there
+    assert _digest(out) == before
+    assert not _leftovers(out)
 
 
 def test_the_workers_compare_what_they_wrote(tmp_path):

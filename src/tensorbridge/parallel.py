@@ -306,6 +306,10 @@ PIECE_BYTES = 64 * 1024 * 1024
 #: Fresh local pools started after a worker process was lost (Dask retries cluster tasks).
 LOCAL_RETRIES = 2
 
+#: Output files being filled at once (each holds a locked descriptor until it is renamed):
+#: a checkpoint of thousands of shards stays well inside the usual 1024 open files.
+FILES_AT_ONCE = 128
+
 #: ``(file identity, offset, nbytes)`` of a tensor's bytes in the written file.
 Place = tuple[tuple[int, int], int, int]
 
@@ -597,32 +601,33 @@ def write_placed(
     advance: Callable[[str, int], None] | None = None,
 ) -> tuple[dict[str, Place], dict[str, bytes]]:
     """Write each ``(path, infos, metadata)`` job as a safetensors file whose tensors the
-    workers write in place (see the module docstring); every file replaces its path once
-    all are filled, or none does. ``checked``: the jobs' checks ran already (a sharded
+    workers write in place (see the module docstring), :data:`FILES_AT_ONCE` files at a
+    time: each such group replaces its paths once all its files are filled, or none does
+    (the sharded writer removes the groups renamed before a failure; its index comes last). ``checked``: the jobs' checks ran already (a sharded
     write). Returns where each tensor's bytes lie (compared by a worker right after they
     were written, with ``check``) and the digests of bool tensors."""
     from .formats.safetensors import FORMAT as SAFETENSORS
 
     places: dict[str, Place] = {}
     digests: dict[str, bytes] = {}
-    with contextlib.ExitStack() as stack:
-        planned: list[list[Piece]] = []
-        for path, infos, meta in jobs:
-            placed = stack.enter_context(SAFETENSORS.placed(path, infos, meta, checked=checked))
-            planned.append(list(plan_pieces(reader, placed, infos)))
-            for i in infos:
-                offset, nbytes = placed.offsets[i.name]
-                places[i.name] = (placed.file_id, offset, nbytes)
 
-        # one file after another, round robin: workers running at once write different
-        # files (writes into one file take its lock in turn)
-        pieces = [p for row in itertools.zip_longest(*planned) for p in row if p is not None]
+    def done(piece: Piece, dg: bytes | None) -> None:
+        if dg is not None:
+            digests[piece.name] = dg
+        if advance is not None:
+            advance(piece.name, piece.nbytes)
 
-        def done(piece: Piece, dg: bytes | None) -> None:
-            if dg is not None:
-                digests[piece.name] = dg
-            if advance is not None:
-                advance(piece.name, piece.nbytes)
-
-        run_pieces(src, fmt, pieces, done, workers=workers, scheduler=scheduler, check=check)
+    for start in range(0, len(jobs), FILES_AT_ONCE):
+        with contextlib.ExitStack() as stack:
+            planned: list[list[Piece]] = []
+            for path, infos, meta in jobs[start : start + FILES_AT_ONCE]:
+                placed = stack.enter_context(SAFETENSORS.placed(path, infos, meta, checked=checked))
+                planned.append(list(plan_pieces(reader, placed, infos)))
+                for i in infos:
+                    offset, nbytes = placed.offsets[i.name]
+                    places[i.name] = (placed.file_id, offset, nbytes)
+            # one file after another, round robin: workers running at once write different
+            # files (writes into one file take its lock in turn)
+            pieces = [p for row in itertools.zip_longest(*planned) for p in row if p is not None]
+            run_pieces(src, fmt, pieces, done, workers=workers, scheduler=scheduler, check=check)
     return places, digests
