@@ -250,7 +250,8 @@ class Backend:
         ordinary path (kind, plan cache). It reads a few attributes that fix the kind, and
         runs the plan it learnt for that kind with ``learn(x)`` (the cached plan's
         function, exactly what the ordinary path runs), so ``explain`` stays true. It must
-        never return None after running a plan, nor raise for a tensor it declines."""
+        never return None after running a plan. If it raises (other than a
+        TensorBridgeError), the caller takes the ordinary path, which words the error."""
         return None
 
     def prepare_steps(self, facts: Facts) -> list[Step]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -93,8 +94,7 @@ class JaxBackend(Backend):
         table: dict[Any, tuple[Any, Any]] = {}
 
         def run(x: Any) -> Any:
-            if x.is_deleted():
-                return None
+            # (a deleted array makes the view raise: the ordinary path then refuses it)
             sharding = x.sharding
             e = table.get(x.dtype)
             if e is None:
@@ -317,8 +317,8 @@ class JaxBackend(Backend):
 
 # Both host copies above are JAX's own: it caches the host value on the array and hands
 # the same read-only buffer to every np.asarray / jax.device_get that follows (fresh=False).
-def _array_copy(x: Any) -> np.ndarray:
-    return np.array(x, copy=True)
+#: ``np.array(x, copy=True)`` as a C-level callable (a Python frame less than a function)
+_array_copy = functools.partial(np.array, copy=True)
 
 
 def _device_get(x: Any) -> np.ndarray:
