@@ -1,11 +1,12 @@
 """Parallel convert: --workers 1 against --workers N on a CPU-bound conversion, whole processes.
 
-    python bench/parallel_convert.py [--shards 8] [--mib 128] [--runs 5] [--workers 2]
+    python bench/parallel_convert.py [--shards 8] [--mib 128] [--runs 5] [--workers 2] [--single]
 
 Makes a sharded float32 checkpoint (SHARDS shards of MIB MiB), then times
 ``tensorbridge convert SRC/ OUT/ --dtype bfloat16 --workers W`` (a fresh process each time,
 interpreter start included) for W = 1 and N, alternating, and prints the medians and the
-speedup, with the load average before each run. Each run also reports CPU seconds: the
+speedup, with the load average before each run (``--single``: one ``.safetensors`` output
+file, which every worker writes into, instead of shards). Each run also reports CPU seconds: the
 command's own process and its workers apart, and the peak RSS of each, so the serial part
 (what the command does itself) can be read off whatever the load.
 
@@ -19,6 +20,7 @@ read of a few rows (to_dask) of the first tensor.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -52,6 +54,9 @@ tb.save(tree, src, max_shard_size=f"{mib}MiB")
 
 def digest(path: str) -> str:
     h = hashlib.sha256()
+    if not os.path.isdir(path):
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
     for name in sorted(os.listdir(path)):
         with open(os.path.join(path, name), "rb") as f:
             h.update(name.encode())
@@ -61,6 +66,8 @@ def digest(path: str) -> str:
 
 def convert(src: str, out: str, workers: int) -> dict[str, float]:
     shutil.rmtree(out, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(out)
     args = ["convert", src, out, "--dtype", "bfloat16", "--workers", str(workers), "--quiet"]
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -108,6 +115,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--dir", default=None)
+    ap.add_argument("--single", action="store_true", help="write one .safetensors file")
     opts = ap.parse_args()
     import tensorbridge as tb
 
@@ -121,14 +129,18 @@ def main() -> None:
             check=True,
         )
     n = opts.workers
+
+    def out_path(w: int) -> str:
+        return os.path.join(root, f"out-{w}" + (".safetensors" if opts.single else "/"))
+
     runs: dict[int, list[dict[str, float]]] = {1: [], n: []}
     calibration = []
     try:
         for _ in range(opts.runs):
             calibration.append(calibrate(n))
             for w in runs:
-                runs[w].append(convert(src, os.path.join(root, f"out-{w}") + "/", w))
-        identical = digest(os.path.join(root, "out-1")) == digest(os.path.join(root, f"out-{n}"))
+                runs[w].append(convert(src, out_path(w), w))
+        identical = digest(out_path(1)) == digest(out_path(n))
         t0 = time.perf_counter()
         rows_read = tb.to_dask(src)["layer.0.weight"][100:104].compute()
         lazy = time.perf_counter() - t0
@@ -142,7 +154,8 @@ def main() -> None:
     speedups = [round(a["wall_s"] / b["wall_s"], 2) for a, b in zip(runs[1], runs[n], strict=True)]
     result = {
         "machine": f"{os.cpu_count()} cores",
-        "checkpoint": f"{opts.shards} shards x {opts.mib} MiB float32 -> bfloat16",
+        "checkpoint": f"{opts.shards} shards x {opts.mib} MiB float32 -> bfloat16"
+        + (", one .safetensors out" if opts.single else ", sharded out"),
         "median_wall_s": {w: med(w, "wall_s") for w in runs},
         "speedup_of_medians": round(med(1, "wall_s") / med(n, "wall_s"), 2),
         "speedup_per_round": speedups,
