@@ -395,3 +395,47 @@ def test_the_workers_compare_what_they_wrote(tmp_path):
     assert rc == 2 and "reads back different from what was written" in err, err
     assert _digest(dst) == before
     assert not _leftovers(tmp_path)
+
+
+def test_memory_per_worker_is_one_piece_not_the_tensor(tmp_path):
+    """A 256 MiB float32 tensor (a sparse file) cast to bfloat16 by two workers: each
+    worker's peak RSS (VmHWM, measured in the worker after each piece) stays near one
+    64 MiB piece and its cast, far below the tensor and its cast (384 MiB), and the command
+    itself never holds tensor bytes."""
+    from tests.formats.test_lazy import _sparse_safetensors
+    from tests.hostile.bounded import MIB, run_bounded
+
+    src = tmp_path / "big.safetensors"
+    _sparse_safetensors(src, 1 << 16, 1024)
+    r = run_bounded(
+        """
+        import tensorbridge.parallel as par
+        from tensorbridge.cli import main
+        real = par.write_piece
+        def measured(*args):
+            out = real(*args)
+            hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+            with open(ARGS[2], "a") as f:
+                f.write(hwm.split()[1] + "\\n")
+            return out
+        par.write_piece = measured
+        assert par.start_method() == "fork"
+        rc = main(["convert", ARGS[0], ARGS[1], "--dtype", "bfloat16", "--workers", "2", "-q"])
+        RESULT = [rc, [int(k) * 1024 for k in open(ARGS[2]).read().split()]]
+        """,
+        [str(src), str(tmp_path / "out.safetensors"), str(tmp_path / "hwm")],
+        timeout=120,
+        mem_limit=0,
+    )
+    assert r.outcome == "ok", r
+    rc, peaks = r.result
+    assert rc == 0 and len(peaks) == 4  # four pieces of 16384 rows
+    assert max(peaks) < 240 * MIB, [p // MIB for p in peaks]
+    assert r.peak_rss < 150 * MIB
+    from tensorbridge.dtypes import numpy_dtype
+
+    with tb.open(tmp_path / "out.safetensors") as f:  # row 5 holds 0..1023, the rest 0
+        rows = f.read_slice("big", slice(4, 7))
+    want = np.zeros((3, 1024), np.float32)
+    want[1] = np.arange(1024)
+    assert rows.tobytes() == want.astype(numpy_dtype("bfloat16")).tobytes()
