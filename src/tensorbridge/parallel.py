@@ -165,6 +165,28 @@ class _Local:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _refused_at_once(address: str) -> None:
+    """Raise ``ConnectionRefusedError`` at once for a ``tcp://HOST:PORT`` where nothing
+    listens (Dask's client would retry for its whole timeout); anything else is left to
+    the client."""
+    import socket
+    from urllib.parse import urlsplit
+
+    try:
+        url = urlsplit(address)
+        host, port = url.hostname, url.port
+    except ValueError:
+        return
+    if url.scheme != "tcp" or not host or port is None:
+        return
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except ConnectionRefusedError:
+        raise
+    except OSError:
+        return  # unreachable, slow, ...: the client reports it after its timeout
+
+
 class _Cluster:
     """The workers of a running ``dask.distributed`` scheduler."""
 
@@ -180,6 +202,7 @@ class _Cluster:
                 )
             ) from exc
         try:
+            _refused_at_once(address)
             self._client = Client(address, timeout="10s", set_as_default=False)
         except Exception as exc:  # OSError, TimeoutError, ...
             raise ConversionError(
