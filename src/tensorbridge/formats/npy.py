@@ -517,7 +517,8 @@ def _parse_text(
 #: The header np.save writes for a plain dtype: parsed without literal_eval (10x faster)
 _NP_SAVE_HEADER = re.compile(
     r"\{'descr': '(?P<descr>[<>|=]?[a-zA-Z]\d{0,3})', 'fortran_order': (?P<fortran>True|False), "
-    r"'shape': \((?P<shape>|\d{1,19},|\d{1,19}(?:, \d{1,19}){1,63})\), \} *\n"
+    r"'shape': \((?P<shape>|\d{1,19},|\d{1,19}(?:, \d{1,19}){1,63})\), \} *\n",
+    re.ASCII,  # \d is 0-9 only: int() takes other scripts' digits, which NumPy refuses
 )
 
 
@@ -525,7 +526,8 @@ _NP_SAVE_HEADER = re.compile(
 #: no trailing ", }", which np.save never writes. With '<V2' it marks MLX's bfloat16.
 _MLX_SAVE_HEADER = re.compile(
     r"\{'descr': '[<>|][a-zA-Z]\d{1,2}', 'fortran_order': (?:True|False), "
-    r"'shape': \((?:\d{1,19}, ){0,64}\)\} *\n"
+    r"'shape': \((?:\d{1,19}, ){0,64}\)\} *\n",
+    re.ASCII,
 )
 
 
