@@ -686,6 +686,7 @@ def shares_memory(a: Any, b: Any, /) -> bool:
     >>> tb.shares_memory(a, a[2:]), tb.shares_memory(a, a.copy())
     (True, False)
     """
+    a, b = _speaking(a), _speaking(b)
     ba, bb = backend_of(type(a)), backend_of(type(b))
     if ba is None or bb is None:
         return False
@@ -696,6 +697,18 @@ def shares_memory(a: Any, b: Any, /) -> bool:
     if sa is None or sb is None:
         return False
     return normalize_device(sa[0]) == normalize_device(sb[0]) and sa[1] < sb[2] and sb[1] < sa[2]
+
+
+def _speaking(x: Any) -> Any:
+    """``x``, or the stand-in of an object that speaks an array protocol on the instance
+    (its memory is compared like any other); an object that speaks none stays itself."""
+    if backend_of(type(x)) is not None:
+        return x
+    try:
+        y = stand_in(x)
+    except TensorBridgeError:
+        return x  # a half-set protocol: no memory to compare
+    return x if y is None else y
 
 
 def _same(x: Any) -> Any:

@@ -141,6 +141,14 @@ def host_view(x: Any, what: str) -> np.ndarray:
                 "pass np.asarray(x), which copies",
             )
         ) from exc
+    if type(capsule).__name__ != "PyCapsule":
+        raise ConversionError(
+            message(
+                what,
+                f"its __dlpack__ returned a {type(capsule).__qualname__}, not a DLPack capsule",
+                "fix the producer's __dlpack__, or pass np.asarray(x)",
+            )
+        )
     name = _api.PyCapsule_GetName(capsule)
     if name not in (b"dltensor", b"dltensor_versioned"):
         raise ConversionError(

@@ -49,7 +49,7 @@ __all__ = ["ProtocolBackend", "BACKEND", "StandIn", "stand_in"]
 #: protocol kind -> what the first step of the route says
 _HOW = {
     "dlpack": "view the object's memory through its __dlpack__",
-    "interface": "np.asarray view through the object's __array_interface__",
+    "interface": "np.asarray view through the object's __array_interface__ (or __array_struct__)",
     "array": "np.asarray(x) through the object's __array__ (it may copy or share)",
     "cuda_dlpack": "take over the object's CUDA memory through its __dlpack__",
     "cuda": "take over the object's CUDA memory through its __cuda_array_interface__",
@@ -61,7 +61,7 @@ def _kind_of(tp: type) -> str | None:
         return "dlpack"
     if hasattr(tp, "__cuda_array_interface__"):
         return "cuda"
-    if hasattr(tp, "__array_interface__"):
+    if hasattr(tp, "__array_interface__") or hasattr(tp, "__array_struct__"):
         return "interface"
     if hasattr(tp, "__array__") and hasattr(tp, "shape") and hasattr(tp, "dtype"):
         return "array"
@@ -129,6 +129,14 @@ class _Interface(StandIn):
         return self.obj.__array_interface__
 
 
+class _Struct(StandIn):
+    __slots__ = ()
+
+    @property
+    def __array_struct__(self) -> Any:
+        return self.obj.__array_struct__
+
+
 class _Array(StandIn):
     __slots__ = ()
 
@@ -176,6 +184,8 @@ def stand_in(x: Any) -> StandIn | None:
         kind = _Cuda
     elif get(x, "__array_interface__") is not None:
         kind = _Interface
+    elif get(x, "__array_struct__") is not None:
+        kind = _Struct
     elif (
         get(x, "__array__") is not None
         and get(x, "shape") is not None
@@ -219,6 +229,20 @@ def _refuse_incomplete(x: Any) -> None:
             "__dlpack_device__, or __array__ with shape and dtype)",
         )
     )
+
+
+def _said(exc: BaseException) -> str:
+    """A failed protocol call's error, short (a framework's error can be pages long)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text[:160]}{'...' if len(text) > 160 else ''}"
+
+
+def _has_cuda(backend: Backend) -> bool:
+    """Whether ``backend`` (torch or CuPy) can use a CUDA device here."""
+    try:
+        return bool(backend.load().cuda.is_available())
+    except Exception:
+        return False
 
 
 def _cuda_framework() -> Backend:
@@ -273,7 +297,17 @@ class ProtocolBackend(Backend):
     def _route_kind(self, x: Any) -> str:
         kind = self.protocol_of(type(x))
         if kind == "dlpack":
-            code = int(x.__dlpack_device__()[0])
+            try:
+                code = int(x.__dlpack_device__()[0])
+            except Exception as exc:
+                raise ConversionError(
+                    message(
+                        self._what(x),
+                        "its __dlpack_device__() did not give a (device type, device id) "
+                        f"pair ({_said(exc)})",
+                        "fix the producer's __dlpack_device__, or pass np.asarray(x)",
+                    )
+                ) from exc
             if DEVICE_TYPES.get(code) == "cuda":
                 return "cuda_dlpack"
         return kind or ""
@@ -284,7 +318,18 @@ class ProtocolBackend(Backend):
         if kind == "dlpack":
             return host_view(x, self._what(x))
         if kind in ("interface", "array"):
-            a = np.asarray(x)
+            try:
+                a = np.asarray(x)
+            except Exception as exc:  # the object's own protocol failed: say whose, and how
+                how = "__array__" if kind == "array" else "__array_interface__/__array_struct__"
+                raise ConversionError(
+                    message(
+                        self._what(x),
+                        f"NumPy could not read it through its {how} ({_said(exc)})",
+                        "fix the object's array protocol, or convert it in its own library "
+                        "to a NumPy array first",
+                    )
+                ) from exc
             if a.dtype == object:
                 raise ConversionError(
                     message(
@@ -295,10 +340,31 @@ class ProtocolBackend(Backend):
                 )
             return a
         backend = _cuda_framework()
-        if kind == "cuda_dlpack":
-            return backend.from_dlpack(x)
-        mod = backend.load()  # __cuda_array_interface__: both take it over without a copy
-        return mod.asarray(x) if backend.name == "cupy" else mod.as_tensor(x, device="cuda")
+        how = "__dlpack__" if kind == "cuda_dlpack" else "__cuda_array_interface__"
+        if not _has_cuda(backend):
+            raise ConversionError(
+                message(
+                    self._what(x),
+                    f"its memory is on a CUDA device ({how}), and {backend.name} here has no "
+                    "CUDA to take it over",
+                    "copy it to the host in its own library first (numba: x.copy_to_host(), "
+                    "CuPy: x.get()), or run where torch or CuPy has CUDA",
+                )
+            )
+        try:
+            if kind == "cuda_dlpack":
+                return backend.from_dlpack(x)
+            mod = backend.load()  # __cuda_array_interface__: both take it over without a copy
+            return mod.asarray(x) if backend.name == "cupy" else mod.as_tensor(x, device="cuda")
+        except Exception as exc:
+            raise ConversionError(
+                message(
+                    self._what(x),
+                    f"{backend.name} could not take over its CUDA memory through its {how} "
+                    f"({_said(exc)})",
+                    "fix the object's protocol, or copy it to the host in its own library first",
+                )
+            ) from exc
 
     def carrier(self, facts: Facts) -> Backend:
         from . import get_backend
