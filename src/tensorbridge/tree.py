@@ -37,6 +37,7 @@ import collections
 import collections.abc as abc
 import copy
 import dataclasses
+import sys
 import threading
 import types
 from collections.abc import Callable, Hashable, Iterator, Sequence
@@ -364,11 +365,49 @@ def _is_tensor_type(tp: type) -> bool:
     return backend_of(tp) is not None
 
 
+def _is_mlx_module(tp: type) -> bool:
+    nn = sys.modules.get("mlx.nn")
+    module = getattr(nn, "Module", None)
+    return isinstance(module, type) and issubclass(tp, module)
+
+
+def _foreign_to_mlx(x: Any) -> bool:
+    """True when a tensor that is not an MLX array is somewhere inside ``x`` (a model's
+    items: arrays, modules, and the dicts, lists and tuples that hold them)."""
+    if isinstance(x, dict):
+        return any(_foreign_to_mlx(v) for v in dict.values(x))
+    if isinstance(x, (list, tuple)):
+        return any(_foreign_to_mlx(v) for v in x)
+    tp = type(x)
+    return _is_tensor_type(tp) and not tp.__module__.startswith("mlx.")
+
+
+def _mlx_module_unflatten(aux: Any, kids: list) -> Any:
+    """An ``mlx.nn.Module`` (a dict of its parameters and submodules) rebuilt with MLX
+    arrays; with another framework's tensors it would be a model that cannot run."""
+    if any(_foreign_to_mlx(k) for k in kids):
+        cls = type(aux[0])
+        raise ConversionError(
+            message(
+                f"an MLX model ({_name(cls)})",
+                "its parameters would become other tensors inside an mlx.nn.Module, which "
+                "could then not run",
+                "convert its parameters: model.parameters() (nested dicts and lists; "
+                "model.update() takes them back), or dict(mlx.utils.tree_flatten("
+                "model.parameters())) for flat names such as 'layers.0.weight'; "
+                "tb.save(model, path) saves it as it is",
+            )
+        )
+    return _dict_unflatten(aux, kids)
+
+
 def _resolve(tp: type) -> _Node | None:
     if tp in _REGISTRY:
         return _REGISTRY[tp]
     if issubclass(tp, _ATOMS) or _is_tensor_type(tp):
         return None
+    if _is_mlx_module(tp):
+        return _Node(tp, _dict_flatten, _mlx_module_unflatten)
     for base, flatten, unflatten in _KNOWN:
         if issubclass(tp, base):
             return _Node(tp, flatten, unflatten)
