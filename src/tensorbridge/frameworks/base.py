@@ -13,6 +13,7 @@ target imports. No module knows about any other framework.
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -90,6 +91,22 @@ def parse_device(device: Any) -> str:
     platform = getattr(device, "platform", None)  # a JAX Device
     if isinstance(platform, str) and isinstance(getattr(device, "id", None), int):
         return parse_device(f"{platform}:{device.id}")
+    if type(device).__module__ == "mlx.core":  # mx.cpu, mx.gpu, mx.Device(mx.gpu, 1)
+        return _mlx_device(device)
+    raise _bad_device(device)
+
+
+def _mlx_device(device: Any) -> str:
+    """An MLX device type (``mx.cpu``) or device (``mx.default_device()``): its GPU is
+    Metal (``"mps:N"``, as torch calls it) or, in a CUDA build, ``"cuda:N"``."""
+    kind = getattr(device, "name", None) or getattr(getattr(device, "type", None), "name", None)
+    found = re.fullmatch(r"Device\((\w+), (\d+)\)", repr(device))  # Device has no .index
+    index = int(found[2]) if found else 0
+    if kind == "cpu":
+        return "cpu" if index == 0 else f"cpu:{index}"
+    if kind == "gpu":
+        metal = getattr(sys.modules.get("mlx.core"), "metal", None)
+        return f"mps:{index}" if metal is not None and metal.is_available() else f"cuda:{index}"
     raise _bad_device(device)
 
 
@@ -101,7 +118,8 @@ def _bad_device(device: Any) -> Exception:
             f"device={device!r}",
             "it is not a device tensorbridge can name",
             "pass 'cpu', 'cpu:N', 'cuda', 'cuda:N', 'mps' or 'tpu:N', a torch.device, a JAX device "
-            "(jax.devices()[0]), a TF device name ('/GPU:0'), or a CUDA index (0)",
+            "(jax.devices()[0]), an MLX device (mx.cpu), a TF device name ('/GPU:0'), or a CUDA "
+            "index (0)",
         )
     )
 
