@@ -416,6 +416,13 @@ class GGUFReader(Reader):
         start, stop, single = first_axis_rows(e.info, index, self.path)
         rest = e.info.shape[1:]
         shape = rest if single else (stop - start, *rest)
+        bs = e.type.block_size
+        if not rest and bs > 1 and (start % bs or stop % bs):
+            # a quantised vector: its "rows" are elements, so the range can start or end
+            # inside a block; dequantise the whole blocks around it and cut it out
+            b0, b1 = start // bs * bs, -(-stop // bs) * bs
+            whole = self._read_rows(e, b0, (b1 - b0,))
+            return whole[start - b0 : stop - b0].reshape(shape).copy()
         return self._read_rows(e, start * math.prod(rest), shape)
 
     def _read_rows(self, e: _Entry, first: int, shape: tuple[int, ...]) -> np.ndarray:
