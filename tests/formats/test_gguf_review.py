@@ -64,3 +64,81 @@ def test_slices_of_a_quantised_vector_start_inside_a_block(tmp_path, type_name):
         assert _bits(a[..., 3]) == _bits(full[..., 3])
         assert _bits(a[::-1]) == _bits(full[::-1])
         assert a[7:7].shape == (0,)
+
+
+def _two_quantisations(tmp_path):
+    """One model three ways: Q8_0 + a Q8_1 tensor (which nothing dequantises), the same
+    file again, and the same weights as Q4_0 with the Q8_1 tensor's blocks changed."""
+    w = RNG.standard_normal((4, 64)).astype(np.float32)
+    q81 = RNG.integers(0, 256, (2, 2 * 40), dtype=np.uint8)
+    q81_changed = q81.copy()
+    q81_changed[1, 5] ^= 1
+    norm = RNG.standard_normal(64).astype(np.float32)
+    paths = []
+    for name, wq, wt, raw in (
+        ("a", gguf.quants.quantize(w, Q.Q8_0), Q.Q8_0, q81),
+        ("b", gguf.quants.quantize(w, Q.Q8_0), Q.Q8_0, q81),
+        ("c", gguf.quants.quantize(w, Q.Q4_0), Q.Q4_0, q81_changed),
+    ):
+        p = tmp_path / f"{name}.gguf"
+        _write(p, {"w": (wq, wt), "raw": (raw, Q.Q8_1), "norm": (norm, None)})
+        paths.append(str(p))
+    return paths
+
+
+def test_diff_gguf_quantisations_compares_blocks_and_names_stored_types(tmp_path, capsys):
+    """diff of two GGUFs: identical blocks are the same without dequantising (a Q8_1 tensor,
+    which nothing dequantises, made diff fail with status 2 even on a file and its copy);
+    changed blocks of such a type are "different" without numbers; the table names the
+    stored types (Q8_0 vs Q4_0), not float32 twice."""
+    import json
+
+    from tensorbridge.cli import main
+
+    a, b, c = _two_quantisations(tmp_path)
+    with tbf.open(a) as r, pytest.raises(Exception, match="no known dequantisation"):
+        r.read("raw")
+    assert main(["diff", a, b]) == 0
+    assert "same: 3 tensors match" in capsys.readouterr().out
+    assert main(["diff", "--json", a, c]) == 1
+    doc = {t["name"]: t for t in json.loads(capsys.readouterr().out)["tensors"]}
+    assert doc["raw"]["status"] == "different" and doc["raw"]["mismatches"] is None
+    assert (doc["raw"]["stored_type_a"], doc["raw"]["stored_type_b"]) == ("Q8_1", "Q8_1")
+    assert doc["w"]["status"] == "different" and doc["w"]["mismatches"] > 0
+    assert (doc["w"]["stored_type_a"], doc["w"]["stored_type_b"]) == ("Q8_0", "Q4_0")
+    assert doc["norm"]["status"] == "same" and "stored_type_a" not in doc["norm"]
+    assert main(["diff", a, c]) == 1
+    text = capsys.readouterr().out
+    row = next(line for line in text.splitlines() if line.startswith("w "))
+    assert "Q8_0[4,64]" in row and "Q4_0[4,64]" in row
+    # against a dequantised export: values compared as before, the GGUF side named
+    out = tmp_path / "a.safetensors"
+    assert main(["convert", "--exclude", "raw", a, str(out)]) == 0
+    capsys.readouterr()
+    assert main(["diff", "--exclude", "raw", a, str(out)]) == 0
+
+
+def test_inspect_stats_of_a_type_nothing_dequantises(tmp_path, capsys):
+    """inspect --stats of a GGUF holding one Q8_1 tensor failed as a whole (status 2); now
+    that tensor's stats are '-' with the reason, the others computed; the total line gives
+    the stored size (what the file holds) besides the size as read (float32)."""
+    import json
+
+    from tensorbridge.cli import main
+
+    a = _two_quantisations(tmp_path)[0]
+    assert main(["inspect", "--stats", a]) == 0
+    text = capsys.readouterr().out
+    row = next(line for line in text.splitlines() if line.startswith("raw "))
+    assert row.split()[-6:] == ["-"] * 6
+    assert "no stats: raw:" in text and "no known dequantisation" in text
+    stored = 4 * 2 * 34 + 2 * 2 * 40 + 64 * 4
+    read = 4 * 64 * 4 + 2 * 64 * 4 + 64 * 4
+    assert (stored, read) == (688, 1792)
+    assert "total: 3 tensors, 688 B stored (688 bytes), 1.8 KiB as read" in text
+    assert main(["inspect", "--json", "--stats", a]) == 0
+    doc = json.loads(capsys.readouterr().out)["files"][0]
+    t = {e["name"]: e for e in doc["tensors"]}
+    assert t["raw"]["stats"] is None and "Q8_1" in t["raw"]["stats_error"]
+    assert t["w"]["stats"]["finite"] == 256
+    assert (doc["total_stored_nbytes"], doc["total_nbytes"]) == (stored, read)

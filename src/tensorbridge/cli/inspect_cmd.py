@@ -25,7 +25,7 @@ from ..console import (
     terminal_width,
 )
 from ..dtypes import canonical_name, lookup
-from ..errors import TensorBridgeError
+from ..errors import ConversionError, TensorBridgeError
 from ..formats import TensorInfo
 from .common import CHUNK, emit_json, matches, open_file
 
@@ -150,13 +150,17 @@ def inspect_file(
         for info in _sort(infos, sort):
             entry = info.to_json()
             if stats:
-                arr = reader.read(info.name)
-                entry["stats"] = tensor_stats(arr)
-                del arr
+                try:
+                    arr = reader.read(info.name)
+                except ConversionError as exc:  # a GGUF type nothing dequantises (Q8_1)
+                    entry["stats"], entry["stats_error"] = None, str(exc)
+                else:
+                    entry["stats"] = tensor_stats(arr)
+                    del arr
             tensors.append(entry)
         metadata = dict(reader.metadata or {})
         skipped = dict(getattr(reader, "skipped", {}))
-    return {
+    doc = {
         "path": path,
         "format": fmt,
         "metadata": metadata,
@@ -165,6 +169,10 @@ def inspect_file(
         "total_nbytes": sum(t["nbytes"] for t in tensors),
         "count": len(tensors),
     }
+    stored = sum(t.get("stored_nbytes", t["nbytes"]) for t in tensors)
+    if stored != doc["total_nbytes"]:  # GGUF blocks: what the file holds, besides as read
+        doc["total_stored_nbytes"] = stored
+    return doc
 
 
 def _shape(shape: list[int]) -> str:
@@ -203,18 +211,27 @@ def render_text(doc: dict[str, Any], stream: TextIO) -> None:
                 human_bytes(t["stored_nbytes"]),
             ]
         if with_stats:
-            s = t["stats"]
-            row += [format_number(s[c]) for c in _STAT_COLUMNS]
+            s = t["stats"] or {}
+            row += [format_number(s.get(c)) for c in _STAT_COLUMNS]
         rows.append(row)
     if rows:
         stream.flush()
         print_table(headers, rows, stream, align=align)
     for name, why in doc.get("skipped", {}).items():
         stream.write(f"skipped: {_clip(name, 60)}: {_clip(why)}\n")
+    for t in doc["tensors"]:
+        if t.get("stats_error"):
+            stream.write(f"no stats: {_clip(t['name'], 60)}: {_clip(t['stats_error'], 200)}\n")
     word = "tensor" if doc["count"] == 1 else "tensors"
+    stored = doc.get("total_stored_nbytes")
     echo(
-        f"total: {doc['count']} {word}, {human_bytes(doc['total_nbytes'])} "
-        f"({doc['total_nbytes']} bytes)",
+        f"total: {doc['count']} {word}, "
+        + (
+            f"{human_bytes(stored)} stored ({stored} bytes), {human_bytes(doc['total_nbytes'])}"
+            " as read"
+            if stored is not None
+            else f"{human_bytes(doc['total_nbytes'])} ({doc['total_nbytes']} bytes)"
+        ),
         stream,
     )
 
