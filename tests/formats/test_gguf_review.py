@@ -142,3 +142,19 @@ def test_inspect_stats_of_a_type_nothing_dequantises(tmp_path, capsys):
     assert t["raw"]["stats"] is None and "Q8_1" in t["raw"]["stats_error"]
     assert t["w"]["stats"]["finite"] == 256
     assert (doc["total_stored_nbytes"], doc["total_nbytes"]) == (stored, read)
+
+
+def test_a_tensor_name_too_long_to_read_back_is_refused_on_write(tmp_path):
+    """tb.save wrote a 70,000-byte tensor name that its own reader (names up to 65535
+    bytes, as keys) then refused: the writer refuses it first, and leaves no file."""
+    from tensorbridge.errors import ConversionError
+
+    p = tmp_path / "x.gguf"
+    ok = "é" * 32767  # 65534 bytes: still written and read back
+    tbf.save({ok: np.ones(2, np.float32)}, p)
+    assert list(tbf.load(p)) == [ok]
+    assert [t.name for t in gguf.GGUFReader(str(p)).tensors] == [ok]
+    p.unlink()
+    with pytest.raises(ConversionError, match="70000 bytes; GGUF readers take at most 65535"):
+        tbf.save({"x" * 70000: np.ones(2, np.float32)}, p)
+    assert not p.exists() and not list(tmp_path.iterdir())

@@ -63,6 +63,7 @@ from .base import Format, RawSpan, Reader, TensorInfo, first_axis_rows
 from .gguf_meta import (
     DEFAULT_ALIGNMENT,
     MAX_ALIGNMENT,
+    MAX_NAME,
     Cursor,
     GGUFValue,
     alignment_of,
@@ -532,6 +533,12 @@ class GGUFFormat(Format):
 
     def check_info(self, info: TensorInfo, path: str) -> None:
         _stored_type(info, path)
+        if len(info.name.encode("utf-8", "surrogateescape")) > MAX_NAME:
+            raise ConversionError(
+                f"{path}: tensor name {info.name!r:.80} is "
+                f"{len(info.name.encode('utf-8', 'surrogateescape'))} bytes; GGUF readers take "
+                f"at most {MAX_NAME} (llama.cpp: 63). Fix: rename the tensor."
+            )
         if len(info.shape) > MAX_DIMS:
             raise ConversionError(
                 f"{path}: tensor {info.name!r} has {len(info.shape)} dimensions; GGUF (ggml) "
