@@ -158,3 +158,19 @@ def test_a_tensor_name_too_long_to_read_back_is_refused_on_write(tmp_path):
     with pytest.raises(ConversionError, match="70000 bytes; GGUF readers take at most 65535"):
         tbf.save({"x" * 70000: np.ones(2, np.float32)}, p)
     assert not p.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("tid", "name"), [(31, "Q4_0_4_4"), (36, "IQ4_NL_4_4"), (4, "Q4_2")])
+def test_removed_repacked_types_are_named(tmp_path, tid, name):
+    """Q4_0_4_4 & co. (ARM repacks llama.cpp wrote in 2024, then removed) were reported as
+    "unknown ggml type 31 ... from a newer llama.cpp", the opposite of the truth."""
+    import struct
+
+    from tensorbridge.errors import FileFormatError
+
+    head = b"GGUF" + struct.pack("<IQQ", 3, 1, 0)
+    head += struct.pack("<Q", 1) + b"w" + struct.pack("<IQIQ", 1, 32, tid, 0)
+    p = tmp_path / "old.gguf"
+    p.write_bytes(head + bytes(-len(head) % 32) + bytes(64))
+    with pytest.raises(FileFormatError, match=f"is {name} \\(ggml type {tid}\\).*removed"):
+        tbf.open(p)

@@ -118,6 +118,19 @@ _SWAPPED = {"float16", "float32", "float64", "int16", "int32", "int64"}
 QUANT_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "TQ1_0", "TQ2_0", "MXFP4")
 
 
+#: ggml type ids llama.cpp once wrote and has since removed (ggml.h keeps them reserved)
+_REMOVED_TYPES = {
+    4: "Q4_2",
+    5: "Q4_3",
+    31: "Q4_0_4_4",
+    32: "Q4_0_4_8",
+    33: "Q4_0_8_8",
+    36: "IQ4_NL_4_4",
+    37: "IQ4_NL_4_8",
+    38: "IQ4_NL_8_8",
+}
+
+
 # --- tensor infos ----------------------------------------------------------------------
 
 
@@ -210,6 +223,14 @@ def _tensor_entry(cur: Cursor, index: int) -> _Entry:
     tid = cur.unpack("I", f"tensor {name!r}: type")
     offset = cur.unpack("Q", f"tensor {name!r}: offset")
     t = TYPES.get(tid)
+    if t is None and tid in _REMOVED_TYPES:
+        raise FileFormatError(
+            f"tensor {name!r} is {_REMOVED_TYPES[tid]} (ggml type {tid}), a repacked layout "
+            "llama.cpp has removed from files (it repacks when loading now); no reader "
+            "(gguf-py included) dequantises it. Fix: download or make the model's plain "
+            "quantisation (e.g. Q4_0) instead.",
+            cur.path,
+        )
     if t is None:
         raise FileFormatError(
             f"tensor {name!r} has the unknown ggml type {tid} (known: "
