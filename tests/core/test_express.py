@@ -380,3 +380,40 @@ def test_a_cast_is_quiet_and_leaves_numpys_error_state_as_it_was():
             tb.to_numpy(big, dtype="float16")
             with pytest.raises(FloatingPointError):
                 np.array([1e10], np.float32).astype(np.float16)
+
+
+@pytest.mark.parametrize(
+    "dtype,first,other",
+    [
+        ("float32", "float32", "int32"),
+        ("int32", "int32", "float32"),
+        ("uint32", "uint32", "int32"),
+        ("uint8", "uint8", "bool_"),
+        ("int8", "int8", "uint8"),
+    ],
+)
+def test_mlx_cast_tables_never_skip_the_cast(dtype, first, other):
+    # A cast whose source already has the dtype is a bare view; the view must not be
+    # taken for every MLX dtype of that item size (an int32 array came back as int32
+    # from to_numpy(x, dtype="float32") after a float32 array had been converted so)
+    mx = _mlx()
+    x = mx.zeros(3, dtype=getattr(mx, first))
+    y = mx.array([1, 0, 1], dtype=getattr(mx, other))
+    for copy in (None, True):
+        assert tb.to_numpy(x, dtype=dtype, copy=copy).dtype == np.dtype(dtype)
+        for out in (tb.to_numpy(y, dtype=dtype, copy=copy), tb.to_numpy([y], dtype=dtype)[0]):
+            assert out.dtype == np.dtype(dtype)
+            assert out.tolist() == [1, 0, 1]
+            assert not tb.shares_memory(out, y)
+        _check([x, y, x], "numpy", copy, dtype=dtype)
+
+
+def test_mlx_plain_table_still_views_each_item_size_once_planned():
+    mx = _mlx()
+    ys = [mx.array([1, 0], dtype=d) for d in (mx.float32, mx.int32, mx.uint32, mx.uint8, mx.int8)]
+    ys.append(mx.array([True, False]))
+    _check(ys, "numpy", None, expect_express=lambda x: True)
+    fn = _express(ys[0], "numpy", None)
+    fast = dict(zip(fn.__code__.co_freevars, fn.__closure__, strict=True))["fast"].cell_contents
+    assert fast == {1, 4}
+

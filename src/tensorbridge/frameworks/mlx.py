@@ -77,18 +77,28 @@ class MlxBackend(Backend):
         table: dict[Any, Any] = {}
         self._device(mx.zeros(0))  # learns whether there is a GPU
         if not self._gpu:
-            # Item sizes whose every MLX dtype is viewed by _host_view (1: bool, int8,
-            # uint8; 4: int32, uint32, float32; not 2, which holds bfloat16, nor 8, which
-            # holds int64/uint64): once the planner has given _host_view for one dtype of
-            # such a size, arrays of that size skip the dtype lookup (reading and hashing
-            # an MLX dtype costs as much as the view). A dtype MLX adds later counts too.
-            sizes: dict[int, bool] = {}
+            # Item sizes whose every MLX dtype this table's plan views with _host_view
+            # (without dtype=/copy=True: 1 and 4 bytes, not 2, which holds bfloat16, nor 8,
+            # which holds int64/uint64): once the planner has given _host_view for every
+            # dtype of such a size, arrays of that size skip the dtype lookup (reading and
+            # hashing an MLX dtype costs as much as the view). The plans are asked, not
+            # assumed: with dtype= (a cast table) or copy=True they are other steps for
+            # some dtypes, and a dtype MLX adds later is asked too.
+            by_size: dict[int, list[Any]] = {}
             for d in vars(mx).values():
-                if isinstance(d, mx.Dtype):
-                    name = self._canonical_or_none(d)
-                    plain = name in NUMPY_NATIVE and name not in ("int64", "uint64")
-                    sizes[d.size] = sizes.get(d.size, True) and plain
+                if isinstance(d, mx.Dtype) and d not in by_size.setdefault(d.size, []):
+                    by_size[d.size].append(d)
             fast: set[int] = set()
+
+            def viewed(d: Any) -> bool:
+                """True when this table's plan for MLX dtype ``d`` is _host_view."""
+                fn = table.get(d)
+                if fn is None:
+                    try:
+                        fn = table[d] = learn(mx.zeros((0,), dtype=d))  # a kind: type, dtype
+                    except Exception:  # noqa: BLE001 - refused: the ordinary path words it
+                        return False
+                return fn is _host_view
 
             def host(x: Any) -> Any:
                 if x.itemsize in fast:
@@ -99,7 +109,7 @@ class MlxBackend(Backend):
                 fn = table.get(x.dtype)
                 if fn is None:
                     fn = table[x.dtype] = learn(x)
-                    if fn is _host_view and sizes.get(x.itemsize):
+                    if fn is _host_view and all(map(viewed, by_size.get(x.itemsize, ()))):
                         fast.add(x.itemsize)
                 return fn(x)
 
