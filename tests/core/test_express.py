@@ -417,3 +417,15 @@ def test_mlx_plain_table_still_views_each_item_size_once_planned():
     fast = dict(zip(fn.__code__.co_freevars, fn.__closure__, strict=True))["fast"].cell_contents
     assert fast == {1, 4}
 
+
+def test_a_refusal_inside_the_bounce_is_worded_for_the_source():
+    # TF/JAX/MLX -> torch composes the source's own copy to NumPy with NumPy's route to
+    # torch: a refusal of the NumPy half spoke of NumPy object arrays for a TF string
+    tf = _tf()
+    x = tf.constant([b"a", b"bc"])
+    for _ in range(2):
+        with pytest.raises(tb.ConversionError, match="tensorflow string tensor for torch"):
+            tb.to_torch(x)
+        with pytest.raises(tb.ConversionError, match="tensorflow string tensor for torch"):
+            tb.convert({"s": x}, to="torch")
+    assert tb.to_torch(tf.constant([1.5])).tolist() == [1.5]  # the bounce still runs
