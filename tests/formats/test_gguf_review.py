@@ -174,3 +174,21 @@ def test_removed_repacked_types_are_named(tmp_path, tid, name):
     p.write_bytes(head + bytes(-len(head) % 32) + bytes(64))
     with pytest.raises(FileFormatError, match=f"is {name} \\(ggml type {tid}\\).*removed"):
         tbf.open(p)
+
+
+def test_unsigned_tensor_refusal_gives_a_fix_that_works(tmp_path, capsys):
+    """convert of a uint8 tensor to GGUF said "cast it first (--dtype ...)", but --dtype
+    leaves ints alone; the fix now names --exclude (which works) or a cast in Python."""
+    from safetensors.numpy import save_file
+
+    from tensorbridge.cli import main
+
+    src = tmp_path / "u.safetensors"
+    save_file({"u": np.arange(64, dtype=np.uint8).reshape(2, 32), "w": np.ones((2, 32))}, src)
+    dst = tmp_path / "u.gguf"
+    assert main(["convert", "--dtype", "q8_0", str(src), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert "'uint8', which GGUF cannot store" in err and "--exclude NAME" in err
+    assert "--dtype" not in err.split("Fix:")[1] and not dst.exists()
+    assert main(["convert", "--dtype", "q8_0", "--exclude", "u", str(src), str(dst)]) == 0
+    assert [t.tensor_type.name for t in gguf.GGUFReader(str(dst)).tensors] == ["Q8_0"]

@@ -519,13 +519,26 @@ def _stored_type(info: TensorInfo, path: str) -> GGMLType:
         return TYPES_BY_NAME[info.ggml_type]
     t = PLAIN_DTYPES.get(info.dtype)
     if t is None:
+        row = _dtype_row(info.dtype)
+        if row is not None and row.kind == "float":  # float8 and the like: --dtype casts them
+            how = "cast it first (--dtype float16, float32 or bfloat16)"
+        else:  # --dtype leaves ints and bools alone, so it cannot help here
+            how = (
+                "leave it out (--exclude NAME), or cast it in Python before tb.save (e.g. "
+                "arr.astype(np.int16) holds every uint8 and bool value; int32 every uint16)"
+            )
         raise ConversionError(
-            f"{path}: tensor {info.name!r} has dtype {info.dtype!r}, which GGUF cannot store. "
-            "Fix: cast it first (--dtype float16/float32, or an int type: GGUF holds "
-            + ", ".join(PLAIN_DTYPES)
-            + "), or save as .safetensors or .npz."
+            f"{path}: tensor {info.name!r} has dtype {info.dtype!r}, which GGUF cannot store "
+            f"(it holds {', '.join(PLAIN_DTYPES)}). Fix: {how}, or save as .safetensors or .npz."
         )
     return t
+
+
+def _dtype_row(dtype: str) -> Any:
+    try:
+        return lookup(dtype)
+    except ConversionError:
+        return None
 
 
 #: Names gguf-py's GGUFReader gives the header's fields (a key/value of the same name breaks it).
