@@ -192,3 +192,41 @@ def test_unsigned_tensor_refusal_gives_a_fix_that_works(tmp_path, capsys):
     assert "--dtype" not in err.split("Fix:")[1] and not dst.exists()
     assert main(["convert", "--dtype", "q8_0", "--exclude", "u", str(src), str(dst)]) == 0
     assert [t.tensor_type.name for t in gguf.GGUFReader(str(dst)).tensors] == ["Q8_0"]
+
+
+def test_a_huge_alignment_is_not_written(tmp_path, capsys):
+    """A 90-byte GGUF declaring general.alignment 2**30 (valid to read: nothing is
+    allocated) converted to GGUF made a 1 GiB file, padding the header to the alignment
+    (and tb.save with it, 1 GiB of memory): writing refuses alignments over 2**20."""
+    import struct
+
+    from tensorbridge.cli import main
+    from tensorbridge.errors import ConversionError
+    from tensorbridge.formats.gguf import value
+
+    def s(text: str) -> bytes:
+        return struct.pack("<Q", len(text)) + text.encode()
+
+    src = tmp_path / "a.gguf"
+    kv = s("general.alignment") + struct.pack("<II", 4, 2**30)
+    src.write_bytes(
+        b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + kv + s("z") + struct.pack("<IQIQ", 1, 0, 0, 0)
+    )
+    with tbf.open(src) as r:
+        assert r.alignment == 2**30 and r.read("z").shape == (0,)
+    dst = tmp_path / "b.gguf"
+    assert main(["convert", str(src), str(dst)]) == 2
+    assert "general.alignment 1073741824 is not a power of two up to 1048576" in (
+        capsys.readouterr().err
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf"]
+    with pytest.raises(ConversionError, match="up to 1048576"):
+        tbf.save(
+            {"a": np.ones(3, np.float32)},
+            dst,
+            metadata={"general.alignment": value(2**21, "uint32")},
+        )
+    tbf.save(
+        {"a": np.ones(3, np.float32)}, dst, metadata={"general.alignment": value(2**20, "uint32")}
+    )
+    assert dst.stat().st_size == 2 * 2**20 and tbf.load(dst)["a"].tolist() == [1.0] * 3

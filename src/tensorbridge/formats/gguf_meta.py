@@ -45,6 +45,7 @@ __all__ = [
     "MAX_ARRAY_DEPTH",
     "MAX_NESTED_ARRAYS",
     "MAX_ALIGNMENT",
+    "MAX_WRITE_ALIGNMENT",
     "INLINE_ITEMS",
     "INLINE_BUDGET",
 ]
@@ -58,6 +59,9 @@ MAX_ARRAY_DEPTH = 8
 MAX_NESTED_ARRAYS = 1 << 16
 #: the largest general.alignment accepted
 MAX_ALIGNMENT = 1 << 30
+#: largest alignment written: the header's padding is up to this many bytes, whatever the
+#: tensors (a 90-byte file declaring 2**30 converted to a 1 GiB GGUF)
+MAX_WRITE_ALIGNMENT = 1 << 20
 #: bytes read at a time while parsing the header
 _HEADER_CHUNK = 1 << 20
 #: the most items of one numeric array written out as JSON text (a 256k vocabulary's
@@ -477,10 +481,11 @@ def alignment_of(entries: list[tuple[str, GGUFValue]], path: str) -> int:
     for key, v in entries:
         if key == "general.alignment":
             a = int(v.value)
-            if not 0 < a <= MAX_ALIGNMENT or a & (a - 1):
+            if not 0 < a <= MAX_WRITE_ALIGNMENT or a & (a - 1):
                 raise ConversionError(
-                    f"{path}: general.alignment {a} is not a power of two up "
-                    f"to {MAX_ALIGNMENT}. Fix: pass e.g. 32."
+                    f"{path}: general.alignment {a} is not a power of two up to "
+                    f"{MAX_WRITE_ALIGNMENT} (the padding before the data would be up to that "
+                    "many bytes; files use 32). Fix: pass e.g. 32 (value(32, 'uint32'))."
                 )
             return a
     return DEFAULT_ALIGNMENT
