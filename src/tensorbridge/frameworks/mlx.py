@@ -7,8 +7,9 @@ What MLX does, measured with mlx 0.32 on a Linux CPU (tests/core/test_mlx.py):
   tensorbridge marks its NumPy views read-only, as for JAX. ``torch.from_dlpack(x)``
   shares the buffer too, writable, so torch gets a copy (the rule for immutable
   frameworks, :mod:`tensorbridge.plan`). bfloat16 has no buffer-protocol format and
-  NumPy's DLPack import refuses it, so its bits are viewed as uint16
-  (``x.view(mx.uint16)``, same buffer) and then as ``ml_dtypes.bfloat16``. uint64 comes
+  NumPy's DLPack import refuses it, so its DLPack capsule is read by
+  :mod:`.dlpack_reader` (the same buffer, as ``ml_dtypes.bfloat16``; where MLX has a
+  GPU, its bits are viewed as uint16 instead, ``x.view(mx.uint16)``). uint64 comes
   out as ``np.ulonglong``, which torch refuses: it is viewed as ``np.uint64``.
 - Import always copies: ``mx.array(a)`` and ``mx.from_dlpack`` copy CPU memory, and
   ``mx.from_dlpack(a, copy=False)`` refuses. Both narrow float64 to float32 and
@@ -30,6 +31,7 @@ import numpy as np
 from ..dtypes import NUMPY_NATIVE, numpy_dtype
 from ..errors import ConversionError, DeviceError, message
 from .base import Backend, Facts, Step, normalize_device
+from .dlpack_reader import host_view
 
 __all__ = ["MlxBackend", "BACKEND"]
 
@@ -224,15 +226,26 @@ class MlxBackend(Backend):
                 )
             ]
         else:
-            steps.append(
-                Step(
-                    f"view the {facts.dtype} bits as uint16, then as ml_dtypes.{facts.dtype}, "
-                    "read-only (MLX arrays are immutable)",
-                    False,
-                    lambda a: _host_array(a, facts.dtype),
-                    f"NumPy has no native {facts.dtype}",
+            if self._gpu is False:  # a CPU-only build: its DLPack capsules are host memory
+                steps.append(
+                    Step(
+                        f"view the buffer through DLPack as ml_dtypes.{facts.dtype}, read-only "
+                        "(MLX arrays are immutable)",
+                        False,
+                        _dlpack_view,
+                        f"NumPy has no native {facts.dtype}, and its own DLPack import refuses it",
+                    )
                 )
-            )
+            else:  # Metal's capsules name the GPU, although its memory is unified
+                steps.append(
+                    Step(
+                        f"view the {facts.dtype} bits as uint16, then as "
+                        f"ml_dtypes.{facts.dtype}, read-only (MLX arrays are immutable)",
+                        False,
+                        lambda a: _host_array(a, facts.dtype),
+                        f"NumPy has no native {facts.dtype}",
+                    )
+                )
         return steps
 
     def fresh_host_step(self, facts: Facts) -> Step | None:
@@ -395,6 +408,15 @@ def _host_copy(x: Any) -> np.ndarray:
         raise
     wide = _LONG.get(a.dtype.char)
     return a if wide is None else a.view(wide)
+
+
+def _dlpack_view(x: Any) -> np.ndarray:
+    """A read-only NumPy view of an evaluated host MLX array of a dtype NumPy lacks
+    (bfloat16), read from its DLPack capsule: 3x cheaper than viewing it as uint16 first,
+    which makes a new MLX array (measured 4.6 us against 13.9 us for 256 items)."""
+    a = host_view(x, f"an MLX array {x.dtype}{list(x.shape)}")
+    a.setflags(write=False)
+    return a
 
 
 def _host_array(x: Any, dtype: str) -> np.ndarray:
