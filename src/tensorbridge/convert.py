@@ -45,10 +45,17 @@ _SCALARS = frozenset((bool, int, float, complex))
 _EXPRESS: dict[str, tuple[dict[type, Any], dict[type, Any]]] = {}
 _EXPRESS_CAST: dict[tuple[str, bool | None, str], dict[type, Any]] = {}
 _UNSEEN = object()
+
 # The lookup and the call (with its try: a failure other than ours sends the tensor down the
 # ordinary path, which words the error) are written out in each entry point (convert,
 # to_numpy, to_torch, to_mlx, _leaf_fn) instead of a shared helper: one more Python call
 # costs about 0.05 µs, a tenth of torch.from_numpy, which these routes are measured against.
+
+
+class _NotByKind(Exception):  # noqa: N818 - a signal to the express callers, never seen
+    """Raised by an express route's ``learn`` for a tensor whose route holds for it
+    alone (Plan.by_kind): the caller takes the ordinary path, and the table stays as it
+    was."""
 
 
 def _cast_table(to: str, copy: bool | None, dtype: str) -> dict[type, Any] | None:
@@ -108,7 +115,10 @@ def _learn_express(
     if src is not None:
 
         def learn(x: Any) -> Callable[[Any], Any]:
-            return cached_plan(x, src, target, None, dtype, copy).fn
+            plan = cached_plan(x, src, target, None, dtype, copy)
+            if not plan.by_kind:  # a route for this tensor only: not one for its kind
+                raise _NotByKind
+            return plan.fn
 
         fn = src.express(tp, target, learn)
         if (
@@ -197,23 +207,32 @@ def _run(
     except TensorBridgeError:
         raise
     except Exception as exc:
-        raise _step_failed(x, src, target, device, dtype, copy, exc) from exc
+        return _step_failed(x, src, target, device, dtype, copy, exc)
 
 
 def _step_failed(
     x: Any, src: Backend, target: str, device: Any, dtype: Any, copy: bool | None, exc: Exception
-) -> TensorBridgeError:
-    """A framework refused a step we planned: say which one. The error is worded from a
-    fresh plan of ``x`` (a cached plan describes the first tensor of its kind), which
-    also raises the planner's own refusal where ``x`` should never have reached the step."""
+) -> Any:
+    """A framework refused a step of the cached plan of ``x``'s kind. A fresh plan of
+    ``x`` either is one for ``x`` alone (it reads a fact no kind reads: Plan.by_kind),
+    whose result is returned, or words the error: which step failed (a cached plan
+    describes the first tensor of its kind), or the planner's own refusal where ``x``
+    should never have reached the step."""
     plan = plan_leaf(x, src, target, device=device, dtype=dtype, copy=copy)
-    return ConversionError(
+    if not plan.by_kind:
+        try:
+            return plan.run(x)
+        except TensorBridgeError:
+            raise
+        except Exception as again:  # noqa: BLE001 - worded below
+            exc = again
+    raise ConversionError(
         message(
             plan.source,
             f"{type(exc).__name__}: {exc}",
             f"check the route with tb.explain(x, to={target!r}); pass dtype= or device= to change it",
         )
-    )
+    ) from exc
 
 
 def _scalar_input(x: Any, target: str, dtype: str | None) -> Any:
@@ -306,7 +325,7 @@ def _leaf_fn(
         except TensorBridgeError:
             raise
         except Exception as exc:
-            raise _step_failed(x, src, target, device, dtype, copy, exc) from exc
+            return _step_failed(x, src, target, device, dtype, copy, exc)
 
     return leaf
 

@@ -57,6 +57,9 @@ class Plan:
         return x
 
     _fn: Callable[[Any], Any] | None = field(default=None, repr=False, compare=False)
+    #: False: the route depends on a fact no kind reads (strides of part of an item), so
+    #: the plan holds for this tensor only and is never cached
+    by_kind: bool = field(default=True, repr=False, compare=False)
 
     @property
     def fn(self) -> Callable[[Any], Any]:
@@ -145,6 +148,10 @@ def _describe(src: Backend, facts: Facts, x: Any) -> str:
     return f"{src.name} {type(x).__name__} {facts.dtype}{list(facts.shape)} on {facts.device}"
 
 
+#: targets whose import from the host reads Facts.whole_items (no kind reads it)
+_WHOLE_ITEMS = frozenset(("torch", "mlx"))
+
+
 def plan_leaf(
     x: Any,
     src: Backend,
@@ -195,6 +202,7 @@ def plan_leaf(
             dlpack if dlpack is not None else _host_route(x, src, facts, tgt, device, dtype, copy)
         )
     plan = Plan(_describe(src, facts, x), tgt.name, steps)
+    plan.by_kind = facts.whole_items or tgt.name not in _WHOLE_ITEMS
     if copy is False and plan.copies:
         reasons = "; ".join(f"{s.text} ({s.why})" if s.why else s.text for s in steps if s.copies)
         raise CopyError(
@@ -431,6 +439,8 @@ def cached_plan(
     if plan is None:
         plan = plan_leaf(x, src, target, device=device, dtype=dtype, copy=copy)
         _ = plan.fn  # compiled now: callers run plan._fn
+        if not plan.by_kind:
+            return plan  # for this tensor only
         if len(_PLANS) >= _PLANS_MAX:
             _PLANS.clear()
         _PLANS[key] = plan

@@ -429,3 +429,49 @@ def test_a_refusal_inside_the_bounce_is_worded_for_the_source():
         with pytest.raises(tb.ConversionError, match="tensorflow string tensor for torch"):
             tb.convert({"s": x}, to="torch")
     assert tb.to_torch(tf.constant([1.5])).tolist() == [1.5]  # the bounce still runs
+
+
+def _record_fields():
+    """Views of one field of a packed record array: strides of part of an item (13 bytes
+    for float64 and int32), which torch.from_numpy and mx.array refuse."""
+    rec = np.zeros(4, [("a", "u1"), ("x", "<f8"), ("y", "<i4")])
+    rec["x"] = [1.5, 2.5, 3.5, 4.5]
+    rec["y"] = [5, 6, 7, 8]
+    # rec[:1]["x"]: NumPy calls a size-1 view C-contiguous whatever its stride
+    return [rec["x"], rec["y"], rec[:1]["x"], rec[::-1]["y"]]
+
+
+@pytest.mark.parametrize("first", ["whole", "part"])
+@pytest.mark.parametrize("to", ["torch", "mlx"])
+def test_strides_of_part_of_an_item_are_copied_and_never_taught(to, first):
+    if to == "mlx":
+        _mlx()
+    CONVERT._EXPRESS[to][0].clear()
+    CONVERT._EXPRESS[to][1].clear()
+    sys.modules["tensorbridge.plan"]._PLANS.clear()
+    whole = [np.arange(4.0), np.arange(4, dtype=np.int32), np.arange(8.0)[::2]]
+    part = _record_fields()
+    objs = whole + part if first == "whole" else part + whole
+    for copy in (None, True):
+        # explain says copy, the result is that copy; the arrays of whole items that
+        # come after (same dtype, same writeable flag) still share, on the express route
+        _check(objs, to, copy)
+        for a in whole[:2]:
+            assert _express(a, to, copy)(a) is not None
+        for a in part:
+            plan = tb.explain(a, to=to, copy=copy)
+            assert plan.copies
+            if copy is None:
+                assert "strides of whole items" in str(plan) or "positive strides" in str(plan)
+            out = tb.convert(a, to=to, copy=copy)
+            assert tb.to_numpy(out).tolist() == a.tolist()
+    for a in part[:2]:
+        with pytest.raises(tb.CopyError, match="part of one"):
+            tb.convert(a, to=to, copy=False)
+    out = tb.convert({"x": part[0], "ys": [part[1]]}, to=to)
+    assert tb.to_numpy(out["x"]).tolist() == [1.5, 2.5, 3.5, 4.5]
+    assert tb.to_numpy(out["ys"][0]).tolist() == [5, 6, 7, 8]
+    if to == "torch":
+        t = tb.to_torch(whole[0])
+        t[0] = 9.0
+        assert whole[0][0] == 9.0  # still shared after the record fields

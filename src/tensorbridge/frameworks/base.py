@@ -156,6 +156,10 @@ class Facts:
     writable: bool = True
     aligned: bool = True  # data pointer 64-byte aligned (JAX copies otherwise)
     dlpack: bool = True  # can export over DLPack as it is
+    # every stride a whole number of items (torch and MLX count strides in items; a view
+    # of one field of a packed record array steps by part of one). No kind reads it: a
+    # plan made from such an array is never cached (Plan.by_kind)
+    whole_items: bool = True
     notes: list[str] = field(default_factory=list)
     nbytes: int = -1  # size of the data; -1: unknown (never "small")
 
@@ -167,6 +171,12 @@ class Facts:
     @property
     def device_type(self) -> str:
         return self.device.split(":", 1)[0]
+
+
+def whole_items(a: np.ndarray) -> bool:
+    """True when every stride of ``a`` is a whole number of items."""
+    n = a.itemsize
+    return n <= 1 or all(s % n == 0 for s in a.strides)
 
 
 def host_facts(a: np.ndarray, framework: str = "numpy") -> Facts:
@@ -182,6 +192,7 @@ def host_facts(a: np.ndarray, framework: str = "numpy") -> Facts:
         unit_flip=any(s < 0 and n <= 1 for s, n in zip(a.strides, a.shape, strict=True)),
         native_order=a.dtype.isnative,
         writable=a.flags.writeable,
+        whole_items=whole_items(a),
         aligned=a.ctypes.data % 64 == 0,
         nbytes=a.nbytes,
     )

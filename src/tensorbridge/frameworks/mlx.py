@@ -283,6 +283,16 @@ class MlxBackend(Backend):
                     "MLX refuses negative strides",
                 )
             )
+        elif not facts.whole_items:
+            steps.append(
+                Step(
+                    "copy to strides of whole items",
+                    True,
+                    lambda a: np.array(a, order="C"),
+                    "MLX counts strides in items, and this view steps by part of one "
+                    "(a field of a packed record array)",
+                )
+            )
         why = "MLX copies host memory on import (it never shares a CPU buffer)"
         if facts.dtype in _NARROWED:
             # dtype= for these: without it, MLX narrows float64 to float32 silently

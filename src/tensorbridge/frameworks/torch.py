@@ -235,6 +235,16 @@ class TorchBackend(Backend):
                     "torch has no negative strides",
                 )
             )
+        elif not facts.whole_items:
+            steps.append(
+                Step(
+                    "copy to strides of whole items",
+                    True,
+                    _whole_copy,
+                    "torch counts strides in items, and this view steps by part of one "
+                    "(a field of a packed record array)",
+                )
+            )
         elif facts.unit_flip:
             steps.append(
                 Step("rewrite the strides of flipped size-1 dims", False, _positive_unit_strides)
@@ -430,6 +440,12 @@ def _cast_hint(dtype: Any) -> str:
 
 def _to_host(t: Any) -> Any:
     return t.cpu()
+
+
+def _whole_copy(a: np.ndarray) -> np.ndarray:
+    # always a copy: np.ascontiguousarray returns a size-1 view as it is (NumPy calls it
+    # C-contiguous, whatever the stride of its size-1 dims)
+    return np.array(a, order="C")
 
 
 def _positive_unit_strides(a: np.ndarray) -> np.ndarray:
