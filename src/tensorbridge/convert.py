@@ -318,7 +318,7 @@ def _leaf_fn(
         if fn is None:
             plan = cached_plan(x, src, target, device, dtype, copy)
             fn = plan._fn or plan.fn
-            if kind is not None:
+            if kind is not None and plan.by_kind:
                 local[kind] = fn
         try:
             return fn(x)

@@ -468,6 +468,16 @@ def test_strides_of_part_of_an_item_are_copied_and_never_taught(to, first):
     for a in part[:2]:
         with pytest.raises(tb.CopyError, match="part of one"):
             tb.convert(a, to=to, copy=False)
+    # one call's own table of plans by kind (device= takes no express route) too
+    tree = [part[0], whole[0], part[1], whole[1]]
+    for out in (tb.convert(tree, to=to, device="cpu"), tb.convert(tree, to=to)):
+        assert [tb.shares_memory(o, a) for o, a in zip(out, tree, strict=True)] == [
+            False,
+            to == "torch",
+            False,
+            to == "torch",
+        ]
+        assert [tb.to_numpy(o).tolist() for o in out] == [a.tolist() for a in tree]
     out = tb.convert({"x": part[0], "ys": [part[1]]}, to=to)
     assert tb.to_numpy(out["x"]).tolist() == [1.5, 2.5, 3.5, 4.5]
     assert tb.to_numpy(out["ys"][0]).tolist() == [5, 6, 7, 8]
