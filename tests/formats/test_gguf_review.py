@@ -230,3 +230,18 @@ def test_a_huge_alignment_is_not_written(tmp_path, capsys):
         {"a": np.ones(3, np.float32)}, dst, metadata={"general.alignment": value(2**20, "uint32")}
     )
     assert dst.stat().st_size == 2 * 2**20 and tbf.load(dst)["a"].tolist() == [1.0] * 3
+
+
+def test_a_quantised_tensor_without_dimensions_is_refused(tmp_path):
+    """A Q8_0 tensor with n_dims 0 was taken as one element stored in 0 bytes: read()
+    returned an uninitialised float and read_raw() read 34 bytes it does not own."""
+    import struct
+
+    from tensorbridge.errors import FileFormatError
+
+    head = b"GGUF" + struct.pack("<IQQ", 3, 1, 0)
+    head += struct.pack("<Q", 1) + b"q" + struct.pack("<IIQ", 0, 8, 0)
+    p = tmp_path / "q.gguf"
+    p.write_bytes(head + bytes(-len(head) % 32) + b"\x11" * 64)
+    with pytest.raises(FileFormatError, match="Q8_0 with no dimensions"):
+        tbf.open(p)

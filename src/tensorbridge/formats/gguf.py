@@ -245,6 +245,12 @@ def _tensor_entry(cur: Cursor, index: int) -> _Entry:
             "corrupt or hostile.",
             cur.path,
         )
+    if not ne and t.block_size > 1:  # no blocks to hold it: it would read as 0 bytes
+        raise FileFormatError(
+            f"tensor {name!r} is {t.name} with no dimensions; a quantised tensor has at least "
+            f"one, a multiple of its block size {t.block_size}. Fix: the file is corrupt.",
+            cur.path,
+        )
     if ne and ne[0] % t.block_size:
         raise FileFormatError(
             f"tensor {name!r} is {t.name} with ne[0]={ne[0]}, not a multiple of its block size "
