@@ -274,12 +274,16 @@ class Backend:
         self, tp: type, target: str, learn: Callable[[Any], Callable[[Any], Any]]
     ) -> Callable[[Any], Any] | None:
         """A faster way to find the cached plan of the commonest kinds of ``tp`` (called
-        with no dtype/device option), or None. The function it returns takes a tensor of
-        type ``tp`` and returns the converted result, or None to send the tensor down the
-        ordinary path (kind, plan cache). It reads a few attributes that fix the kind, and
-        runs the plan it learnt for that kind with ``learn(x)`` (the cached plan's
-        function, exactly what the ordinary path runs), so ``explain`` stays true. It must
-        never return None after running a plan. If it raises (other than a
+        without device=; once per table: copy=None, copy=True, each dtype= string), or
+        None. The function it returns takes a tensor of type ``tp`` and returns the
+        converted result, or None to send the tensor down the ordinary path (kind, plan
+        cache). It reads a few attributes that fix the kind, and runs the plan it learnt
+        for that kind with ``learn(x)`` (the cached plan's function for this table's
+        options, exactly what the ordinary path runs), so ``explain`` stays true. A plan
+        learnt for one kind holds for that kind only, under these options: never assume
+        it for another (a cast's plan is a bare view only where the dtype is already the
+        one asked for). ``learn`` raises for a tensor whose plan holds for it alone. The
+        function must never return None after running a plan. If it raises (other than a
         TensorBridgeError), the caller takes the ordinary path, which words the error."""
         return None
 
