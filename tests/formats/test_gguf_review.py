@@ -245,3 +245,25 @@ def test_a_quantised_tensor_without_dimensions_is_refused(tmp_path):
     p.write_bytes(head + bytes(-len(head) % 32) + b"\x11" * 64)
     with pytest.raises(FileFormatError, match="Q8_0 with no dimensions"):
         tbf.open(p)
+
+
+def test_key_and_tensor_counts_are_capped_before_anything_is_read(tmp_path):
+    """Each key or tensor costs hundreds of bytes of memory for a few bytes of file: the
+    header's counts are refused past the caps, before the entries are parsed."""
+    import struct
+
+    from tensorbridge.errors import ConversionError, UnsafeContentError
+    from tensorbridge.formats.gguf_meta import MAX_KEYS, MAX_TENSORS
+
+    def header(n_tensors: int, n_kv: int) -> bytes:
+        return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv)
+
+    for n_tensors, n_kv in [(0, MAX_KEYS + 1), (MAX_TENSORS + 1, 0)]:
+        p = tmp_path / f"many-{n_tensors}-{n_kv}.gguf"
+        p.write_bytes(header(n_tensors, n_kv) + bytes(n_kv * 13 + n_tensors * 24))
+        with pytest.raises(UnsafeContentError, match="at most"):
+            tbf.open(p)
+    many = {f"k{i}": "v" for i in range(MAX_KEYS + 1)}
+    with pytest.raises(ConversionError, match="at most"):
+        tbf.save({"w": np.zeros(2, np.float32)}, tmp_path / "w.gguf", metadata=many)
+    assert not (tmp_path / "w.gguf").exists()

@@ -63,7 +63,9 @@ from .base import Format, RawSpan, Reader, TensorInfo, first_axis_rows
 from .gguf_meta import (
     DEFAULT_ALIGNMENT,
     MAX_ALIGNMENT,
+    MAX_KEYS,
     MAX_NAME,
+    MAX_TENSORS,
     Cursor,
     GGUFValue,
     alignment_of,
@@ -293,6 +295,15 @@ def _parse(fd: int, size: int, path: str) -> dict[str, Any]:
     n_kv = cur.unpack("Q", "the metadata count")
     # every key/value takes at least 13 bytes, every tensor info at least 24
     cur.need(n_kv * 13 + n_tensors * 24, f"{n_kv} metadata entries and {n_tensors} tensors")
+    if n_kv > MAX_KEYS or n_tensors > MAX_TENSORS:
+        raise UnsafeContentError(
+            f"the header declares {n_kv} metadata keys and {n_tensors} tensors; tensorbridge "
+            f"reads at most {MAX_KEYS} keys and {MAX_TENSORS} tensors per file (each costs "
+            "hundreds of bytes of memory for a few bytes of file; llama.cpp's models carry "
+            "tens of keys and a few thousand tensors). Fix: the file is corrupt or hostile; a "
+            "model this large is split into several GGUF files.",
+            path,
+        )
     metadata: dict[str, GGUFValue] = {}
     for i in range(n_kv):
         key = read_name(cur, f"metadata key #{i}")
@@ -602,7 +613,15 @@ class GGUFFormat(Format):
                 )
         if options and options.get("quantize") is not None:
             _quant_type(options["quantize"])
-        alignment_of(metadata_entries(meta, path), path)
+        entries = metadata_entries(meta, path)
+        if len(entries) > MAX_KEYS or len(infos) > MAX_TENSORS:
+            raise ConversionError(
+                f"{path}: {len(entries)} metadata keys and {len(infos)} tensors; a GGUF file "
+                f"that tensorbridge reads back holds at most {MAX_KEYS} keys and {MAX_TENSORS} "
+                "tensors. Fix: fewer keys (put a table in one array value), or save the "
+                "tensors in several files."
+            )
+        alignment_of(entries, path)
         return meta
 
     def quantized_info(self, info: TensorInfo, type_name: str) -> TensorInfo:

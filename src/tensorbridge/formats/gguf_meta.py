@@ -44,6 +44,8 @@ __all__ = [
     "MAX_NAME",
     "MAX_ARRAY_DEPTH",
     "MAX_NESTED_ARRAYS",
+    "MAX_KEYS",
+    "MAX_TENSORS",
     "MAX_ALIGNMENT",
     "MAX_WRITE_ALIGNMENT",
     "INLINE_ITEMS",
@@ -57,6 +59,12 @@ MAX_NAME = 65535
 MAX_ARRAY_DEPTH = 8
 #: most arrays nested inside arrays, in all of a file's metadata
 MAX_NESTED_ARRAYS = 1 << 16
+#: most metadata keys in one file: each costs some 600 bytes of Python objects for as
+#: little as 13 bytes of file (llama.cpp's models carry tens; vocabularies are one key)
+MAX_KEYS = 1 << 16
+#: most tensors in one file: each costs some 800 bytes for as little as 24 bytes of file
+#: (the largest models carry a few thousand per file)
+MAX_TENSORS = 1 << 18
 #: the largest general.alignment accepted
 MAX_ALIGNMENT = 1 << 30
 #: largest alignment written: the header's padding is up to this many bytes, whatever the
