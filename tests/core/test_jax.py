@@ -224,3 +224,34 @@ def test_explain_plans_a_python_scalar_as_convert_converts_it():
         "Python float 1.5 as jax ArrayImpl float32[] on cpu",
         "REFUSED True",
     ]
+
+
+def _aligned(shape):
+    n = int(np.prod(shape))
+    buf = np.empty(n + 16, np.float32)
+    off = (-buf.ctypes.data % 64) // 4  # JAX shares only 64-byte aligned host memory
+    a = buf[off : off + n].reshape(shape)
+    a[...] = np.arange(n).reshape(shape)
+    return a
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        lambda a: a[None],  # stride 0 on the new size-1 dim
+        lambda a: a[:1][::-1],  # a negative stride on a size-1 dim
+        lambda a: a.reshape(1, 1, -1)[:, ::-1],
+        lambda a: a[:1],
+    ],
+)
+def test_copy_false_into_jax_stays_shared_all_the_way_back(view):
+    # JAX shares a DLPack buffer whatever the strides of its size-1 dims, but copies an
+    # array imported with strides other than row-major there on every np.asarray: so
+    # to_numpy(copy=False) of it copied and shares_memory said False
+    x = view(_aligned((4, 6)))
+    j = tb.to_jax(x, copy=False)
+    assert tb.shares_memory(j, x)
+    back = tb.to_numpy(j, copy=False)
+    assert back.ctypes.data == j.unsafe_buffer_pointer() == x.ctypes.data
+    x.flat[0] = 100.0  # proven by mutation, through both
+    assert float(j.ravel()[0]) == 100.0 and back.flat[0] == 100.0

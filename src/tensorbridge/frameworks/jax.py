@@ -237,7 +237,7 @@ class JaxBackend(Backend):
                     "jax.dlpack.from_dlpack (shares the NumPy buffer; do not mutate it "
                     "while JAX uses it)",
                     False,
-                    jax.dlpack.from_dlpack,
+                    functools.partial(_import_host, jax.dlpack.from_dlpack),
                 )
             )
         else:
@@ -319,6 +319,24 @@ class JaxBackend(Backend):
 # the same read-only buffer to every np.asarray / jax.device_get that follows (fresh=False).
 #: ``np.array(x, copy=True)`` as a C-level callable (a Python frame less than a function)
 _array_copy = functools.partial(np.array, copy=True)
+
+
+def _import_host(from_dlpack: Callable[[Any], Any], a: np.ndarray) -> Any:
+    """``from_dlpack(a)`` of a row-major array (NumPy-native dtype), with the strides of
+    its size-1 dims rewritten to row-major ones (no copy: NumPy keeps whatever a slice
+    or ``a[None]`` gave them, 0 or negative). JAX shares the buffer either way, but
+    copies an array imported with other strides there on every later ``np.asarray``:
+    to_numpy(copy=False) of it would copy, and shares_memory would miss the sharing."""
+    shape = a.shape
+    want = []
+    step = a.itemsize
+    for n in reversed(shape):
+        want.append(step)
+        step *= n
+    want.reverse()
+    if tuple(want) != a.strides:
+        a = np.lib.stride_tricks.as_strided(a, shape, want, writeable=a.flags.writeable)
+    return from_dlpack(a)
 
 
 def _device_get(x: Any) -> np.ndarray:
