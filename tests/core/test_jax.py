@@ -255,3 +255,24 @@ def test_copy_false_into_jax_stays_shared_all_the_way_back(view):
     assert back.ctypes.data == j.unsafe_buffer_pointer() == x.ctypes.data
     x.flat[0] = 100.0  # proven by mutation, through both
     assert float(j.ravel()[0]) == 100.0 and back.flat[0] == 100.0
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda torch: (
+            torch.arange(2000.0).reshape(40, 1, 50).permute(1, 0, 2)
+        ),  # stride 50 on dim 0
+        lambda torch: torch.arange(2000.0).as_strided((1, 40, 50), (7, 50, 1)),
+    ],
+)
+def test_copy_false_from_torch_into_jax_stays_shared_all_the_way_back(make):
+    torch = pytest.importorskip("torch")
+    t = make(torch)
+    j = tb.to_jax(t, copy=False)
+    assert tb.shares_memory(j, t)
+    back = tb.to_numpy(j, copy=False)
+    assert back.ctypes.data == j.unsafe_buffer_pointer() == t.data_ptr()
+    with torch.no_grad():
+        t.view(-1)[0] = 100.0
+    assert float(j.ravel()[0]) == 100.0 and back.flat[0] == 100.0

@@ -119,6 +119,18 @@ class TorchBackend(Backend):
     def unstaged(self, x: Any) -> bool:
         return x.is_cpu
 
+    def to_dlpack_source(self, x: Any) -> Any:
+        """``x``, with the strides of its size-1 dims rewritten to row-major ones (a view:
+        torch keeps whatever ``permute``/``as_strided`` gave them). JAX shares such memory,
+        but copies it on every later ``np.asarray``, so a route back to NumPy that
+        explain calls a view would copy."""
+        shape, strides = x.shape, x.stride()
+        want = list(strides)
+        for i in range(len(shape) - 1, -1, -1):
+            if shape[i] == 1:
+                want[i] = want[i + 1] * shape[i + 1] if i + 1 < len(shape) else 1
+        return x if tuple(want) == strides else x.as_strided(shape, want)
+
     def facts(self, x: Any) -> Facts:
         dev = x.device
         if dev.type == "meta":
