@@ -439,3 +439,35 @@ def test_memory_per_worker_is_one_piece_not_the_tensor(tmp_path):
     want = np.zeros((3, 1024), np.float32)
     want[1] = np.arange(1024)
     assert rows.tobytes() == want.astype(numpy_dtype("bfloat16")).tobytes()
+
+
+def test_workers_beyond_the_machine_are_refused(tmp_path):
+    """--workers 100000 forked 100000 processes at once (a forked pool starts them all)."""
+    import tensorbridge.parallel as par
+
+    tb.save({"a": np.ones(2, np.float32)}, tmp_path / "a.safetensors")
+    too_many = par.max_local_workers() + 1
+    with pytest.raises(ConversionError, match=rf"--workers {too_many}.*pass at most"):
+        convert_file(str(tmp_path / "a.safetensors"), str(tmp_path / "b.npz"), workers=too_many)
+    assert not os.path.exists(tmp_path / "b.npz")
+
+
+@pytest.mark.parametrize("dst", ["out.safetensors", "out.npz"])
+def test_a_pool_has_no_more_processes_than_tasks(tmp_path, monkeypatch, dst):
+    """Into safetensors (direct writes) and npz (spooled): 2 tensors to cast, 16 workers
+    asked for, 2 processes started."""
+    import tensorbridge.parallel as par
+
+    sizes = []
+    real = par._Local.__init__
+
+    def counting(self, workers, tasks):
+        real(self, workers, tasks)
+        sizes.append(self._pool._max_workers)
+
+    monkeypatch.setattr(par._Local, "__init__", counting)
+    src = tmp_path / "a.safetensors"
+    tb.save({"a": np.ones((3, 2), np.float32), "b": np.zeros(4, np.float32)}, src)
+    convert_file(str(src), str(tmp_path / dst), dtype="float16", workers=16)
+    assert sizes == [2]
+    assert tb.load(tmp_path / dst)["a"].dtype == np.float16

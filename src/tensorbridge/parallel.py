@@ -144,15 +144,23 @@ def start_method() -> str:
     return "spawn"
 
 
-class _Local:
-    """A pool of worker processes, started with :func:`start_method`."""
+def max_local_workers() -> int:
+    """The most local worker processes a conversion starts: 4 per CPU, at least 32 (more
+    only compete for the CPUs and memory; a forked pool starts them all at once)."""
+    return max(32, 4 * (os.cpu_count() or 1))
 
-    def __init__(self, workers: int) -> None:
+
+class _Local:
+    """A pool of worker processes, started with :func:`start_method`: no more than
+    ``tasks`` (a forked pool starts every process at once, needed or not)."""
+
+    def __init__(self, workers: int, tasks: int) -> None:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         self._pool = ProcessPoolExecutor(
-            max_workers=workers, mp_context=multiprocessing.get_context(start_method())
+            max_workers=max(1, min(workers, tasks, max_local_workers())),
+            mp_context=multiprocessing.get_context(start_method()),
         )
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -252,7 +260,9 @@ class Spooler:
         self._token = os.urandom(8).hex()  # this conversion's readers, on every worker
         self._futures: dict[str, tuple[Any, str]] = {}
         self.spools: list[str] = []
-        self._exec: _Local | _Cluster = _Cluster(scheduler) if scheduler else _Local(workers)
+        self._exec: _Local | _Cluster = (
+            _Cluster(scheduler) if scheduler else _Local(workers, len(self._queue))
+        )
         self._fill()
 
     def __contains__(self, name: object) -> bool:
@@ -572,7 +582,7 @@ def run_pieces(
     pending = list(pieces)
     lost: BaseException | None = None
     for _attempt in range(1 + LOCAL_RETRIES):
-        pool = _Local(workers)
+        pool = _Local(workers, len(pending))
         finished: set[Piece] = set()
         try:
             futures: dict[Any, Piece] = {}

@@ -553,6 +553,18 @@ def convert_file(
                 "pass 1 or more, e.g. --workers 4",
             )
         )
+    from ..parallel import max_local_workers
+
+    if scheduler is None and workers > max_local_workers():
+        raise ConversionError(
+            message(
+                f"--workers {workers}",
+                f"this machine has {os.cpu_count() or 1} CPUs, and that many worker processes "
+                "would only compete for them (and for memory)",
+                f"pass at most {max_local_workers()}, e.g. --workers {os.cpu_count() or 1}; "
+                "for more, use a cluster with --scheduler",
+            )
+        )
     out_format = destination_format(dst, dst_format, max_shard_size)
     # --dtype q8_0 (and the others the format lists) quantises instead of casting
     quant = dtype if dtype and dtype.lower() in out_format.quantizations else None
