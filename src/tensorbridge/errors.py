@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 __all__ = [
     "TensorBridgeError",
     "ConversionError",
+    "LazyIndexError",
     "CopyError",
     "DeviceError",
     "FrameworkNotInstalledError",
@@ -60,6 +61,12 @@ class TensorBridgeError(Exception):
 
 class ConversionError(TensorBridgeError, TypeError):
     """The value cannot be represented in the requested framework or dtype."""
+
+
+class LazyIndexError(ConversionError, IndexError):
+    """An index of a lazy array (``reader.array(name)``) is out of range, or has more
+    entries than the tensor has axes: an ``IndexError`` too, as NumPy raises, so that
+    iterating over the array stops at its end."""
 
 
 class CopyError(TensorBridgeError, ValueError):

@@ -105,6 +105,39 @@ def test_zero_d_and_empty_tensors(tmp_path, fmt):
                 _same(a[:, 1:3], arr[:, 1:3])
 
 
+@pytest.mark.parametrize("fmt", FORMATS + ["zarr"])
+def test_iterating_stops_at_the_end_like_numpy(tmp_path, fmt):
+    """for row in a / list(a): an index past the end is an IndexError (as NumPy's), so
+    iteration stops there (it raised a plain ConversionError after the last row)."""
+    arr = np.arange(12, dtype=np.float32).reshape(3, 4)
+    path, name = _save(tmp_path, fmt, arr) if fmt != "zarr" else (tmp_path / "m.zarr", "w")
+    if fmt == "zarr":
+        tb.save({"w": arr}, path)
+    with tb.open(path) as f:
+        a = f.array(name)
+        rows = list(a)
+        assert [r.tobytes() for r in rows] == [r.tobytes() for r in arr]
+        with pytest.raises(IndexError, match="out of range for axis 0"):
+            a[3]
+        with pytest.raises(IndexError, match="3 entries"):
+            a[0, 0, 0]
+
+
+def test_asarray_copy_false_is_refused(tmp_path):
+    """NumPy 2's protocol: copy=False must raise when a copy cannot be avoided (a file's
+    bytes always are a copy); it returned a copy silently."""
+    path, name = _save(tmp_path, "safetensors", np.zeros((3, 4), np.float32))
+    with tb.open(path) as f:
+        a = f.array(name)
+        with pytest.raises(ValueError, match="copy=False"):
+            np.asarray(a, copy=False)
+        assert np.asarray(a).shape == (3, 4) and np.asarray(a, dtype=np.float64).dtype == "f8"
+    (tmp_path / "z").mkdir()
+    path, name = _save(tmp_path / "z", "safetensors", np.float32(1).reshape(()))
+    with tb.open(path) as f, pytest.raises(TypeError, match="0-d"):
+        iter(f.array(name))
+
+
 def test_refusals_name_the_problem(tmp_path):
     path, name = _save(tmp_path, "safetensors", np.zeros((3, 4), np.float32))
     with tb.open(path) as f:

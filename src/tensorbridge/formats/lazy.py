@@ -34,12 +34,13 @@ import operator
 import os
 import sys
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from ..dtypes import lookup
-from ..errors import ConversionError, FileFormatError
+from ..errors import ConversionError, FileFormatError, LazyIndexError
 from .base import RawSpan, Reader
 
 __all__ = ["LazyArray", "normalize_index", "COALESCE_BYTES"]
@@ -70,7 +71,7 @@ def normalize_index(
         )
     used = sum(1 for i in index if i is not None and i is not Ellipsis)
     if used > len(shape):
-        raise ConversionError(
+        raise LazyIndexError(
             f"{file}: index {index!r} has {used} entries for tensor {name!r} with "
             f"{len(shape)} axes. Fix: index at most {len(shape)} axes."
         )
@@ -118,7 +119,7 @@ def normalize_index(
                     "then index it with arrays or masks."
                 ) from None
             if not -size <= pos < size:
-                raise ConversionError(
+                raise LazyIndexError(
                     f"{file}: index {pos} is out of range for axis {axis} of tensor {name!r} "
                     f"with size {size}. Fix: use an int in [-{size}, {size})."
                 )
@@ -364,11 +365,22 @@ class LazyArray:
                 out = out.copy()
         return out
 
+    def __iter__(self) -> Iterator[np.ndarray]:
+        """The rows of the first axis, each read when it is reached."""
+        if not self.shape:
+            raise TypeError("iteration over a 0-d lazy array")
+        return (self[i] for i in range(self.shape[0]))
+
     def read(self) -> np.ndarray:
         """The whole tensor (a fresh array)."""
         return self._reader.read(self.name)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        if copy is False:
+            raise ValueError(
+                f"np.asarray(..., copy=False) of lazy array {self.name!r}: its bytes are in a "
+                "file, so reading them is a copy. Fix: drop copy=False."
+            )
         out = self.read()
         return out if dtype is None else out.astype(dtype, copy=False)
 
