@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -471,3 +472,70 @@ def test_a_pool_has_no_more_processes_than_tasks(tmp_path, monkeypatch, dst):
     convert_file(str(src), str(tmp_path / dst), dtype="float16", workers=16)
     assert sizes == [2]
     assert tb.load(tmp_path / dst)["a"].dtype == np.float16
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_killing_the_command_ends_its_workers(tmp_path, cast_source):
+    """SIGKILL of the command: its workers end too (they waited for tasks forever, holding
+    the command's stdout and stderr open), and the next run removes the stale temporary
+    file and writes the same output."""
+    import subprocess
+    import sys
+    import time
+
+    marker, pidfile = tmp_path / "marker", tmp_path / "worker.pid"
+    out = tmp_path / "out.safetensors"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _DYING, "once", str(marker), str(pidfile)]
+        + ["convert", f"{cast_source}/", str(out), "--dtype", "bfloat16", "--workers", "2"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:  # the worker waits in pause() until it is killed: no race
+        deadline = time.monotonic() + 120
+        while not pidfile.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert pidfile.exists(), proc.poll()
+        worker = int(pidfile.read_text())
+        proc.kill()
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 60  # the kernel signals it at once; a margin for CI
+        while time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{worker}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        break  # a zombie (reaped by init): it ran no further
+            except FileNotFoundError:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(worker, 9)
+            raise AssertionError(f"worker {worker} outlived the killed command")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not out.exists() and _leftovers(tmp_path)  # the killed command's temporary file
+    one = tmp_path / "one.safetensors"
+    convert_file(f"{cast_source}/", str(one), dtype="bfloat16")
+    convert_file(f"{cast_source}/", str(out), dtype="bfloat16", workers=2)
+    assert _digest(one) == _digest(out) and not _leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("dst", ["out.npz", "out.h5"])
+def test_spool_files_of_a_killed_convert_are_removed_by_the_next(tmp_path, dst):
+    """Spool files (into npz, h5, pt, zarr) of a convert killed with SIGKILL stayed forever:
+    the next convert to the same destination removes those whose process is gone."""
+    import subprocess
+    import sys
+
+    from tensorbridge.parallel import SPOOL_MARKER
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a PID no live process has (reused only after a wrap-around)
+    stale = tmp_path / f".{dst}{SPOOL_MARKER}{gone.pid}-0123abcd"
+    stale.write_bytes(b"half a tensor")
+    src = tmp_path / "a.safetensors"
+    tb.save({"a": np.ones((3, 2), np.float32), "b": np.zeros(4, np.float32)}, src)
+    convert_file(str(src), str(tmp_path / dst), dtype="float16", workers=2)
+    assert not stale.exists() and not _leftovers(tmp_path)

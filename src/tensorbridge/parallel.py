@@ -56,7 +56,7 @@ from .errors import (
     TensorBridgeError,
     message,
 )
-from .formats.atomic import temp_name
+from .formats.atomic import remove_stale, temp_name
 from .formats.base import RawSpan, TensorInfo
 
 if TYPE_CHECKING:
@@ -144,6 +144,32 @@ def start_method() -> str:
     return "spawn"
 
 
+def _die_with_parent(parent: int) -> None:
+    """A local worker's initializer: the worker ends when the command that started it
+    dies. Killed with SIGKILL, the command cannot stop its pool, and a forked worker
+    holds the pool's pipes open itself, so it would wait for tasks forever (an orphan
+    holding the command's stdout and stderr). On Linux the kernel sends it SIGKILL
+    (``PR_SET_PDEATHSIG``); elsewhere a thread checks the parent every second."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # it died before the prctl
+                os._exit(1)
+            return
+
+    def watch() -> None:
+        import time
+
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="tensorbridge-parent-watch", daemon=True).start()
+
+
 def max_local_workers() -> int:
     """The most local worker processes a conversion starts: 4 per CPU, at least 32 (more
     only compete for the CPUs and memory; a forked pool starts them all at once)."""
@@ -161,6 +187,8 @@ class _Local:
         self._pool = ProcessPoolExecutor(
             max_workers=max(1, min(workers, tasks, max_local_workers())),
             mp_context=multiprocessing.get_context(start_method()),
+            initializer=_die_with_parent,
+            initargs=(os.getpid(),),
         )
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -260,6 +288,9 @@ class Spooler:
         self._token = os.urandom(8).hex()  # this conversion's readers, on every worker
         self._futures: dict[str, tuple[Any, str]] = {}
         self.spools: list[str] = []
+        # spool files a killed conversion to the same destination left (its PID is gone
+        # and no one holds a lock on them)
+        remove_stale(spool_dir, base, SPOOL_MARKER)
         self._exec: _Local | _Cluster = (
             _Cluster(scheduler) if scheduler else _Local(workers, len(self._queue))
         )
