@@ -539,3 +539,28 @@ def test_spool_files_of_a_killed_convert_are_removed_by_the_next(tmp_path, dst):
     tb.save({"a": np.ones((3, 2), np.float32), "b": np.zeros(4, np.float32)}, src)
     convert_file(str(src), str(tmp_path / dst), dtype="float16", workers=2)
     assert not stale.exists() and not _leftovers(tmp_path)
+
+
+def test_a_scheduler_address_of_no_known_kind_is_refused_cleanly(tmp_path):
+    """--scheduler nonsense://x gave the error, then Dask's half-made Client hung 20 s at
+    exit and printed a traceback; an address without a scheme (tcp, as Dask reads it)
+    where nothing listens is refused at once, as tcp://... is."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("distributed")
+    tb.save({"a": np.ones(2, np.float32)}, tmp_path / "a.safetensors")
+    for address, why in [
+        ("nonsense://x", "not a scheduler address (unknown address scheme 'nonsense'"),
+        ("127.0.0.1:1", "ConnectionRefusedError"),
+    ]:
+        r = subprocess.run(
+            [sys.executable, "-m", "tensorbridge", "convert", "-q", "--scheduler", address]
+            + [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 2 and why in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr
+    assert not (tmp_path / "b.safetensors").exists()

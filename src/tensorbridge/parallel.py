@@ -237,8 +237,22 @@ class _Cluster:
                     "pip install 'tensorbridge[dask]'",
                 )
             ) from exc
+        from distributed.comm.addressing import parse_address
+        from distributed.comm.registry import get_backend
+
         try:
-            _refused_at_once(address)
+            scheme, location = parse_address(address)  # no scheme: tcp
+            get_backend(scheme)
+        except ValueError as exc:  # checked first: a Client made of it hangs at exit
+            raise ConversionError(
+                message(
+                    f"--scheduler {address}",
+                    f"it is not a scheduler address ({exc})",
+                    "pass the address `dask scheduler` prints, e.g. tcp://host:8786",
+                )
+            ) from exc
+        try:
+            _refused_at_once(f"{scheme}://{location}")
             self._client = Client(address, timeout="10s", set_as_default=False)
         except Exception as exc:  # OSError, TimeoutError, ...
             raise ConversionError(
