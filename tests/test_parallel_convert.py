@@ -564,3 +564,31 @@ def test_a_scheduler_address_of_no_known_kind_is_refused_cleanly(tmp_path):
         assert r.returncode == 2 and why in r.stderr, r.stderr
         assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr
     assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_a_full_disk_in_a_worker_says_so(tmp_path):
+    """A spool worker's EFBIG (RLIMIT_FSIZE, as a full disk) told the user to check that
+    workers see the same paths; it now says to free space."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "a.safetensors"
+    tb.save({f"w{i}": np.ones((128, 128), np.float32) for i in range(3)}, src)
+    dst = tmp_path / "out.npz"
+    tb.save({"old": np.arange(3)}, dst)
+    before = _digest(dst)
+    code = (
+        "import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)); "
+        "from tensorbridge.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, "convert", "-q", "--workers", "2", "--dtype", "float16"]
+        + [str(src), str(dst)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2, r.stderr
+    assert "File too large" in r.stderr and "free space" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert _digest(dst) == before and not _leftovers(tmp_path)

@@ -344,14 +344,7 @@ class Spooler:
         except TensorBridgeError:
             raise
         except Exception as exc:
-            raise ConversionError(
-                message(
-                    f"tensor {name!r}",
-                    f"its worker failed ({type(exc).__name__}: {exc})",
-                    "run again; with --scheduler, check that every worker sees the source and "
-                    "the destination's directory at the same paths",
-                )
-            ) from exc
+            raise _failed(name, exc) from exc
         self._fill()  # not after a failure: a broken pool would raise over its message
         st = os.stat(spool)
         return RawSpan(spool, 0, nbytes, (st.st_dev, st.st_ino)), dg
@@ -581,15 +574,27 @@ def write_piece(src: str, fmt: str, token: str, piece: Piece, check: bool) -> by
         comparer.close()
 
 
-def _worker_failed(piece: Piece, exc: BaseException) -> ConversionError:
-    return ConversionError(
-        message(
-            f"tensor {piece.name!r}",
-            f"its worker failed ({type(exc).__name__}: {exc})",
-            "run again; with --scheduler, check that every worker sees the source and "
-            "the destination's directory at the same paths",
+def _failed(name: str, exc: BaseException) -> ConversionError:
+    """The error for a task that raised ``exc`` on its worker; the fix depends on why."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        fix = (
+            "free space where the destination is written (or raise the file-size limit, "
+            "`ulimit -f`), then run again"
         )
+    else:
+        fix = (
+            "run again; with --scheduler, check that every worker sees the source and "
+            "the destination's directory at the same paths"
+        )
+    return ConversionError(
+        message(f"tensor {name!r}", f"its worker failed ({type(exc).__name__}: {exc})", fix)
     )
+
+
+def _worker_failed(piece: Piece, exc: BaseException) -> ConversionError:
+    return _failed(piece.name, exc)
 
 
 def run_pieces(
