@@ -37,11 +37,11 @@ __all__ = [
 
 _SCALARS = frozenset((bool, int, float, complex))
 
-#: Express routes: for each ``to=`` spelling, two tables (copy=None, copy=True) from an
-#: exact type to its backend's express function (Backend.express), or None where there is
-#: none. Only calls without device= (and default ragged/pinned) take them; a tensor the
-#: function declines (None) goes down the ordinary path. Casts (``dtype=`` a string)
-#: have their own tables, by (``to``, copy, dtype).
+#: Express routes: for each ``to=`` spelling (filled below), two tables (copy=None,
+#: copy=True) from an exact type to its backend's express function (Backend.express), or
+#: None where there is none. Only calls without device= (and default ragged/pinned) take
+#: them; a tensor the function declines (None) goes down the ordinary path. Casts
+#: (``dtype=`` a string) have their own tables, by (``to``, copy, dtype).
 _EXPRESS: dict[str, tuple[dict[type, Any], dict[type, Any]]] = {}
 _EXPRESS_CAST: dict[tuple[str, bool | None, str], dict[type, Any]] = {}
 _UNSEEN = object()
@@ -58,24 +58,15 @@ class _NotByKind(Exception):  # noqa: N818 - a signal to the express callers, ne
     was."""
 
 
-def _cast_table(to: str, copy: bool | None, dtype: str) -> dict[type, Any] | None:
-    """The express table for a cast, or None (an unknown ``to``: the ordinary path says so)."""
+def _cast_table(to: str, copy: bool | None, dtype: str) -> dict[type, Any]:
+    """The express table for a cast to ``dtype`` (``to`` is a known spelling)."""
     key = (to, copy, dtype)
     table = _EXPRESS_CAST.get(key)
-    if table is None and to in _TARGETS:
+    if table is None:
         if len(_EXPRESS_CAST) >= 256:
             _EXPRESS_CAST.clear()
         table = _EXPRESS_CAST[key] = {}
     return table
-
-
-def _express_tables(to: str) -> tuple[dict[type, Any], dict[type, Any]]:
-    target = _TARGETS[to]
-    tables = _EXPRESS.get(target)
-    if tables is None:
-        tables = _EXPRESS[target] = ({}, {})
-    _EXPRESS[to] = tables
-    return tables
 
 
 #: Routes from an immutable framework into torch on the host: the planner's route is
@@ -145,26 +136,23 @@ def _refuse_instance_protocol(x: Any) -> Any:
 
 
 _TARGETS = {**{n: n for n in TARGETS}, **ALIASES}
-_X_NUMPY = _express_tables("numpy")
-_X_TORCH = _express_tables("torch")
-_X_MLX = _express_tables("mlx")[0]
-_X_NUMPY_PLAIN = _X_NUMPY[0]
-_X_TORCH_PLAIN = _X_TORCH[0]
+_EXPRESS.update({to: ({}, {}) for to in TARGETS})
+_EXPRESS.update({alias: _EXPRESS[to] for alias, to in ALIASES.items()})  # shared tables
 #: every ``to=`` spelling -> its copy=None table: the commonest call, looked up at once
-_X_PLAIN = {to: _express_tables(to)[0] for to in _TARGETS}
+_X_PLAIN = {to: tables[0] for to, tables in _EXPRESS.items()}
+_X_NUMPY_PLAIN = _X_PLAIN["numpy"]
+_X_TORCH_PLAIN = _X_PLAIN["torch"]
+_X_MLX = _X_PLAIN["mlx"]
 
 
 def _express_table(to: str, copy: Any, dtype: Any) -> dict[type, Any] | None:
     """The express table for these options, or None (options express routes do not take,
     or an unknown ``to``: the ordinary path deals with those)."""
-    if dtype is None and copy is True:
-        tables = _EXPRESS.get(to)
-        if tables is not None:
-            return tables[1]
-    if not (copy is None or copy is True) or to not in _TARGETS:
+    tables = _EXPRESS.get(to)
+    if tables is None or not (copy is None or copy is True):
         return None
     if dtype is None:
-        return _express_tables(to)[copy is True]
+        return tables[copy is True]
     return _cast_table(to, copy, dtype) if type(dtype) is str else None
 
 
