@@ -150,12 +150,6 @@ class MlxBackend(Backend):
             f.small,
         )
 
-    def _canonical_or_none(self, dtype: Any) -> str | None:
-        try:
-            return self.canonical(dtype)
-        except ConversionError:
-            return None
-
     def canonical(self, dtype: Any) -> str:
         if self._canonical is None:
             self._canonical = {self.native_dtype(n): n for n in self.DTYPES}
@@ -403,10 +397,15 @@ def _host_view(x: Any) -> np.ndarray:
         raise
 
 
+def _numpy_long(a: np.ndarray) -> np.ndarray:
+    """``a`` with NumPy's own int64/uint64 dtype where the buffer protocol said long long."""
+    wide = _LONG.get(a.dtype.char)
+    return a if wide is None else a.view(wide)
+
+
 def _host_view_long(x: Any) -> np.ndarray:
     """:func:`_host_view` of int64/uint64, with NumPy's own dtype for them."""
-    a = _host_view(x)
-    return a.view(_LONG.get(a.dtype.char, a.dtype))
+    return _numpy_long(_host_view(x))
 
 
 def _host_copy(x: Any) -> np.ndarray:
@@ -416,8 +415,7 @@ def _host_copy(x: Any) -> np.ndarray:
     except ValueError:
         _evaluate(x)  # says a refusal inside mx.compile/mx.vmap as ours
         raise
-    wide = _LONG.get(a.dtype.char)
-    return a if wide is None else a.view(wide)
+    return _numpy_long(a)
 
 
 def _dlpack_view(x: Any) -> np.ndarray:
