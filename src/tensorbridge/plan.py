@@ -219,7 +219,9 @@ def plan_leaf(
             else None
         )
         if own is not None:  # the framework's own copy instead of its view, then a second copy
-            plan.steps[-1] = own
+            plan.steps[-1] = replace(
+                own, text=f"{own.text} (copy=True)", why="an independent result was asked for"
+            )
         else:
             plan.steps.append(
                 Step("copy (copy=True)", True, tgt.clone, "an independent result was asked for")
@@ -348,7 +350,6 @@ def _host_route(
         if own is not None:
             steps[-1] = replace(
                 own,
-                text=own.text.removesuffix(" (copy=True)"),
                 why=f"{tgt.name} tensors are always writable, and the memory belongs to an "
                 f"immutable {src.name} array",
             )

@@ -296,9 +296,10 @@ class Backend:
         raise NotImplementedError
 
     def fresh_host_step(self, facts: Facts) -> Step | None:
-        """For copy=True to NumPy: a copying step that replaces the last (zero-copy view)
-        step of :meth:`to_host_steps` with the framework's own copy to fresh host memory,
-        or None (then the view is copied afterwards)."""
+        """The framework's own copy to fresh host memory, a step that can replace the last
+        (zero-copy view) step of :meth:`to_host_steps`, or None (then the view is copied
+        afterwards). The planner says why it copies: copy=True to NumPy, or a writable
+        target for immutable memory."""
         return None
 
     def from_host_steps(self, facts: Facts, *, device: str | None, copy: bool | None) -> list[Step]:

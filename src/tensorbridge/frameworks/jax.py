@@ -213,9 +213,7 @@ class JaxBackend(Backend):
     def fresh_host_step(self, facts: Facts) -> Step | None:
         if facts.device_type != "cpu" or "sharded" in facts.notes:
             return None  # the route already copies
-        return Step(
-            "np.array copy (copy=True)", True, _array_copy, "an independent result was asked for"
-        )
+        return Step("np.array copy", True, _array_copy)
 
     def from_host_steps(self, facts: Facts, *, device: str | None, copy: bool | None) -> list[Step]:
         self._check_x64(facts.dtype)

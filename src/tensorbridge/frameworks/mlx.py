@@ -245,12 +245,7 @@ class MlxBackend(Backend):
     def fresh_host_step(self, facts: Facts) -> Step | None:
         if facts.device_type != "cpu" or facts.dtype not in NUMPY_NATIVE:
             return None  # the route already copies, or views bits through another step
-        return Step(
-            "np.array copy, computing pending MLX operations (copy=True)",
-            True,
-            _host_copy,
-            "an independent result was asked for",
-        )
+        return Step("np.array copy, computing pending MLX operations", True, _host_copy)
 
     def from_host_steps(self, facts: Facts, *, device: str | None, copy: bool | None) -> list[Step]:
         mx = self.load()

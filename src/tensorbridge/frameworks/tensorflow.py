@@ -230,9 +230,7 @@ class TensorFlowBackend(Backend):
             or "sparse" in facts.notes
         ):
             return None  # the route already copies, or has no view to replace
-        return Step(
-            "Tensor.numpy() (copy=True)", True, _numpy_copy, "an independent result was asked for"
-        )
+        return Step("Tensor.numpy()", True, _numpy_copy)
 
     def from_host_steps(self, facts: Facts, *, device: str | None, copy: bool | None) -> list[Step]:
         tf = self.load()
