@@ -13,6 +13,15 @@ to before.
 (h5py) that must open the file themselves: it yields the temporary file's
 *path* (an empty file already exists there) instead of an open file object.
 
+While :func:`atomic_write`'s file is written, every :data:`WRITEBACK_CHUNK` bytes are
+handed to the kernel's writeback (:func:`start_writeback`, Linux ``sync_file_range``
+with ``SYNC_FILE_RANGE_WRITE``, which starts writing and does not wait), so the disk
+works while the next bytes are produced and the final ``fsync`` waits only for the
+tail. It is a hint: where the call is missing (not Linux, no libc symbol) or refused
+(``ENOSYS``, ``EINVAL``, ...), nothing changes, and the ``fsync`` stays what makes the
+data durable either way (it also reports any write-back error, which starting
+writeback does not consume).
+
 A SIGKILL can leave the temporary file behind; its name is recognisable
 (``.NAME.tb-tmp-PID-RANDOM``). The writer holds a lock on its temporary file
 for the whole write: ``flock(LOCK_EX)`` for :func:`atomic_write` (and for the
@@ -30,13 +39,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import io
 import os
 import secrets
 import stat
 import struct
 import sys
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ..errors import FileFormatError, TensorBridgeError
 
@@ -47,6 +57,8 @@ __all__ = [
     "remove_stale",
     "remove_stale_in",
     "fsync_dir",
+    "start_writeback",
+    "WRITEBACK_CHUNK",
     "lock_new_file",
     "lock_directory",
     "TMP_MARKER",
@@ -216,6 +228,84 @@ def lock_directory(directory: str) -> Iterator[None]:
         os.close(fd)
 
 
+#: Bytes written between two calls of :func:`start_writeback` in :func:`atomic_write`.
+WRITEBACK_CHUNK = 2 * 1024 * 1024
+_PAGE = 4096
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages, do not wait
+_UNSET: Any = object()
+_sync_file_range: Any = _UNSET  # the libc function, None where missing; looked up once
+
+
+def _lookup_sync_file_range() -> Any:
+    """libc's ``sync_file_range`` as a ctypes function, or None (not Linux, no symbol)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (ImportError, OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def start_writeback(fd: int, end: int = 0) -> bool:
+    """Start writing ``fd``'s dirty pages in ``[0, end)`` to disk without waiting for
+    them (``end`` 0: the whole file); True if the kernel took the request.
+
+    Advisory only: durability still comes from ``fsync``, which waits for these
+    pages too and reports their errors (``SYNC_FILE_RANGE_WRITE`` alone does not
+    consume a write-back error). ``end`` is rounded down to a page, so a partly
+    written last page is not written twice. Without ``sync_file_range`` (not Linux,
+    or refused with ``ENOSYS``/``EINVAL``/... by the file system) it does nothing and
+    returns False.
+    """
+    global _sync_file_range
+    fn = _sync_file_range
+    if fn is _UNSET:
+        fn = _sync_file_range = _lookup_sync_file_range()
+    if fn is None:
+        return False
+    if end:
+        end -= end % _PAGE
+        if end <= 0:
+            return False
+    if fn(fd, 0, end, _SYNC_FILE_RANGE_WRITE) == 0:
+        return True
+    import ctypes
+
+    if ctypes.get_errno() == errno.ENOSYS:  # the kernel lacks it: stop asking
+        _sync_file_range = None
+    return False  # any other error: fsync decides (and reports real I/O errors)
+
+
+class _WritebackFile(io.FileIO):
+    """A raw file that calls :func:`start_writeback` after each :data:`WRITEBACK_CHUNK`
+    bytes written (a large write is split into chunks for that), so that writeback
+    overlaps with producing the rest of the file."""
+
+    _pending = 0  # bytes written since the last start_writeback
+    _high = 0  # the largest end of a write seen so far
+
+    def write(self, b: Any, /) -> int:
+        view = memoryview(b).cast("B")
+        n = len(view)
+        done = 0
+        while done < n:
+            got = super().write(view[done : done + WRITEBACK_CHUNK])
+            if not got:  # nothing written (never for a regular file): report what was
+                return done
+            done += got
+            self._pending += got
+            if self._pending >= WRITEBACK_CHUNK:
+                self._pending = 0
+                self._high = max(self._high, self.tell())
+                start_writeback(self.fileno(), self._high)
+        return done
+
+
 def _fsync_path(path: str) -> None:
     """Flush a file (or a directory's entries) that is not open here to disk."""
     fd = os.open(path, os.O_RDONLY)
@@ -368,7 +458,7 @@ def atomic_write(
     ``follow_symlinks=False`` replaces a symlink at ``path`` itself rather than its target.
     """
     with _replacing(path, "model.safetensors", follow_symlinks, ofd=False) as (_tmp, fd):
-        with os.fdopen(fd, "wb") as f:
+        with io.BufferedWriter(_WritebackFile(fd, "wb")) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

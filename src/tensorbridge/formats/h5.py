@@ -40,7 +40,9 @@ Writing. h5py needs a real, readable file, so the writer creates the file as a
 temporary sibling of the destination (named like :mod:`.atomic`'s temporaries,
 so leftovers of a killed writer are cleaned up the same way), fsyncs it, and
 ``os.replace``\\ s it over the destination: the same guarantees as
-:func:`.atomic.atomic_write`.
+:func:`.atomic.atomic_write`. As there, the written datasets are handed to the
+kernel's writeback as they go (:func:`.atomic.start_writeback`), so the final
+``fsync`` waits only for the tail.
 
 >>> import numpy as np, tempfile, os
 >>> p = os.path.join(tempfile.mkdtemp(), "m.h5")
@@ -69,7 +71,7 @@ from ..errors import (
     TensorBridgeError,
     UnsafeContentError,
 )
-from .atomic import atomic_path
+from .atomic import WRITEBACK_CHUNK, atomic_path, start_writeback
 from .base import Format, Reader, TensorInfo, check_metadata, first_axis_rows
 from .names import check_unique
 from .safetensors import check_fetched, open_regular_file
@@ -949,35 +951,57 @@ class H5Format(Format):
         h5py = _h5py()
         attrs = self.check_write(path, infos, metadata)
         with atomic_path(path) as tmp:
-            f = h5py.File(tmp, "w")
+            # a descriptor of the same file, to start writeback of what libhdf5 writes
+            kick = os.open(tmp, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             try:
-                for key, value in attrs.items():
-                    f.attrs[key] = str(value)  # a str subclass (GGUF's typed values) as text
-                for info in infos:
-                    arr = check_fetched(fetch(info.name), info, path)
-                    if info.dtype in _RAW_BITS:
-                        arr = arr.view(f"u{arr.dtype.itemsize}")
-                    dsid = _create_dataset(f.id, info, arr)
-                    if info.dtype in _RAW_BITS:  # fixed-length: no global heap to read back
-                        h5py.Dataset(dsid).attrs.create(
-                            DTYPE_ATTR, np.bytes_(info.dtype.encode("ascii"))
-                        )
-                    del arr, dsid
-            except BaseException:
-                # closing a file whose write failed (e.g. a full disk) raises again, as a
-                # RuntimeError that would hide the real error; the file is discarded anyway
-                with contextlib.suppress(Exception):
-                    f.close()
-                raise
-            try:
-                f.close()  # flushes the metadata: a full disk can fail here too
-            except Exception as exc:
-                raise FileFormatError(
-                    f"writing failed while finishing the HDF5 file ({exc}); the disk may be "
-                    "full. The destination was left unchanged. Fix: free space or choose "
-                    "another destination, then retry.",
-                    path,
-                ) from exc
+                self._write_into(h5py, tmp, kick, infos, fetch, attrs, path)
+            finally:
+                os.close(kick)
+
+    @staticmethod
+    def _write_into(
+        h5py: Any,
+        tmp: str,
+        kick: int,
+        infos: Sequence[TensorInfo],
+        fetch: Callable[[str], np.ndarray],
+        attrs: Mapping[str, str],
+        path: str,
+    ) -> None:
+        f = h5py.File(tmp, "w")
+        pending = 0  # dataset bytes written since writeback was last started
+        try:
+            for key, value in attrs.items():
+                f.attrs[key] = str(value)  # a str subclass (GGUF's typed values) as text
+            for info in infos:
+                arr = check_fetched(fetch(info.name), info, path)
+                if info.dtype in _RAW_BITS:
+                    arr = arr.view(f"u{arr.dtype.itemsize}")
+                dsid = _create_dataset(f.id, info, arr)
+                if info.dtype in _RAW_BITS:  # fixed-length: no global heap to read back
+                    h5py.Dataset(dsid).attrs.create(
+                        DTYPE_ATTR, np.bytes_(info.dtype.encode("ascii"))
+                    )
+                pending += arr.nbytes
+                if pending >= WRITEBACK_CHUNK:
+                    pending = 0
+                    start_writeback(kick)
+                del arr, dsid
+        except BaseException:
+            # closing a file whose write failed (e.g. a full disk) raises again, as a
+            # RuntimeError that would hide the real error; the file is discarded anyway
+            with contextlib.suppress(Exception):
+                f.close()
+            raise
+        try:
+            f.close()  # flushes the metadata: a full disk can fail here too
+        except Exception as exc:
+            raise FileFormatError(
+                f"writing failed while finishing the HDF5 file ({exc}); the disk may be "
+                "full. The destination was left unchanged. Fix: free space or choose "
+                "another destination, then retry.",
+                path,
+            ) from exc
 
 
 FORMAT = H5Format()

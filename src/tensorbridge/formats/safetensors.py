@@ -55,7 +55,7 @@ import numpy as np
 from ..dtypes import DTYPES, canonical_name, lookup
 from ..errors import CheckpointChangedError, ConversionError, FileFormatError, UnsafeContentError
 from . import safejson
-from .atomic import atomic_path, atomic_write
+from .atomic import atomic_path, atomic_write, start_writeback
 from .base import Format, RawSpan, Reader, TensorInfo, check_metadata, first_axis_rows
 from .names import check_unique
 from .safejson import short
@@ -359,23 +359,19 @@ WRITEBACK_BYTES = 16 * 1024 * 1024
 
 
 def _start_writeback(f: Any, kicked: int) -> int:
-    """Start writing back ``f``'s dirty pages since byte ``kicked`` once there are
-    :data:`WRITEBACK_BYTES` of them; returns the new mark.
+    """Start writing back ``f``'s dirty pages up to its position once
+    :data:`WRITEBACK_BYTES` were added since byte ``kicked``; returns the new mark.
 
-    The atomic write ends with ``fsync``, which would otherwise wait for the whole
-    file's writeback at once; started early, it overlaps with the copying. On Linux
-    ``POSIX_FADV_DONTNEED`` starts writeback of dirty pages without waiting (and
-    leaves pages that are dirty or under writeback in the cache). Purely advisory:
-    errors are ignored, and nothing changes where the call is missing.
+    Bytes written through ``f`` are handed to writeback by :func:`.atomic.atomic_write`
+    already; this covers the kernel-side copies (:func:`copy_span`), which bypass it,
+    so that the final ``fsync`` does not wait for the whole file at once. Advisory:
+    nothing changes where :func:`.atomic.start_writeback` cannot start it.
     """
     end = f.tell()
-    if end - kicked < WRITEBACK_BYTES or not hasattr(os, "posix_fadvise"):
+    if end - kicked < WRITEBACK_BYTES:
         return kicked
-    try:
-        f.flush()
-        os.posix_fadvise(f.fileno(), kicked, end - kicked, os.POSIX_FADV_DONTNEED)
-    except (OSError, AttributeError, ValueError):
-        pass
+    f.flush()
+    start_writeback(f.fileno(), end)
     return end
 
 

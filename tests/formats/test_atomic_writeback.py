@@ -1,0 +1,218 @@
+"""Durable writes hand their data to the kernel's writeback as they go (atomic.start_writeback).
+
+What must hold: the bytes are exactly what the reference writers produce (read back by the
+reference readers), the file and its directory are still fsynced with the file's fsync before
+the rename, writeback is started in page-aligned, growing ranges while the file is written,
+and everything works the same where ``sync_file_range`` is missing or refused.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+import sys
+
+import numpy as np
+import pytest
+
+import tensorbridge.files as tbf
+from tensorbridge.formats import atomic
+from tensorbridge.formats.atomic import WRITEBACK_CHUNK, atomic_write, start_writeback
+
+#: a bit over two writeback chunks, and not a whole number of pages
+N = (2 * WRITEBACK_CHUNK + 12345) // 4
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Record every sync_file_range call, passing each on to the real one where it exists."""
+    real = atomic._lookup_sync_file_range()
+    seen: list[tuple[int, int, int, int]] = []
+
+    def fake(fd, offset, nbytes, flags):
+        seen.append((fd, offset, nbytes, flags))
+        return real(fd, offset, nbytes, flags) if real is not None else 0
+
+    monkeypatch.setattr(atomic, "_sync_file_range", fake)
+    return seen
+
+
+@pytest.fixture
+def no_sync_file_range(monkeypatch):
+    """The lookup finds nothing (not Linux, or a libc without the symbol)."""
+    monkeypatch.setattr(atomic, "_lookup_sync_file_range", lambda: None)
+    monkeypatch.setattr(atomic, "_sync_file_range", atomic._UNSET)
+
+
+def _tree(n=N):
+    rng = np.random.default_rng(7)
+    return {
+        "a": rng.standard_normal(n, dtype=np.float32),
+        "b": rng.integers(-100, 100, size=(n // 3, 3), dtype=np.int16),
+    }
+
+
+def _read_with_reference(path, fmt):
+    if fmt == "npy":
+        return {"a": np.load(path)}
+    if fmt == "safetensors":
+        from safetensors.numpy import load_file
+
+        return load_file(str(path))
+    if fmt == "pt":
+        torch = pytest.importorskip("torch")
+        return {k: v.numpy() for k, v in torch.load(path, weights_only=True).items()}
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(path, "r") as f:
+        return {k: f[k][()] for k in f}
+
+
+FORMATS = ["npy", "safetensors", "pt", "h5"]
+
+
+def _save_and_check(tmp_path, fmt):
+    tree = _tree()
+    if fmt == "npy":
+        tree = {"a": tree["a"]}
+    path = tmp_path / f"out.{fmt}"
+    tbf.save(tree["a"] if fmt == "npy" else tree, path)
+    back = _read_with_reference(path, fmt)
+    assert sorted(back) == sorted(tree)
+    for k, v in tree.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape
+        assert back[k].tobytes() == v.tobytes()
+    if fmt == "npy":  # byte for byte what np.save writes
+        np.save(tmp_path / "ref.npy", tree["a"])
+        assert path.read_bytes() == (tmp_path / "ref.npy").read_bytes()
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["out." + fmt] + (["ref.npy"] if fmt == "npy" else [])
+    )
+    return path
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_writeback_is_started_while_writing_and_the_bytes_are_the_references(tmp_path, calls, fmt):
+    path = _save_and_check(tmp_path, fmt)
+    size = path.stat().st_size
+    assert calls, "a file of several writeback chunks started no writeback"
+    assert {flags for _, _, _, flags in calls} == {2}  # SYNC_FILE_RANGE_WRITE only: no waiting
+    assert all(offset == 0 for _, offset, _, _ in calls)
+    ends = [n for _, _, n, _ in calls]
+    assert all(n % 4096 == 0 for n in ends)  # whole pages: no page is written twice
+    assert all(0 <= n <= size for n in ends)
+    nonzero = [n for n in ends if n]
+    assert nonzero == sorted(nonzero)  # growing ranges (0 means "the whole file")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_without_sync_file_range_writes_are_the_same(tmp_path, no_sync_file_range, fmt):
+    _save_and_check(tmp_path, fmt)
+    fd = os.open(tmp_path / f"out.{fmt}", os.O_RDONLY)
+    try:
+        assert start_writeback(fd) is False
+    finally:
+        os.close(fd)
+    assert atomic._sync_file_range is None  # looked up once, remembered as missing
+
+
+@pytest.mark.parametrize("err", [errno.ENOSYS, errno.EINVAL, errno.EIO])
+def test_a_refused_sync_file_range_is_ignored_and_fsync_still_runs(tmp_path, monkeypatch, err):
+    """ENOSYS (old kernel) stops further calls; any other error leaves the decision to
+    fsync, which is still called on the file before the rename, and on the directory."""
+    tried = []
+
+    def refuse(fd, offset, nbytes, flags):
+        tried.append(nbytes)
+        ctypes.set_errno(err)
+        return -1
+
+    monkeypatch.setattr(atomic, "_sync_file_range", refuse)
+    synced = _record_fsyncs(monkeypatch)
+    path = _save_and_check(tmp_path, "safetensors")
+    if err == errno.ENOSYS:
+        assert len(tried) == 1 and atomic._sync_file_range is None
+    else:
+        assert len(tried) >= 2 and atomic._sync_file_range is refuse
+    _check_fsyncs(synced, path)
+
+
+def _record_fsyncs(monkeypatch):
+    """os.fsync, recording for each call whether it is a directory, and the inode and
+    size it had then; the real fsync still runs."""
+    real = os.fsync
+    synced: list[tuple[str, int, bool]] = []
+
+    def spy(fd):
+        st = os.fstat(fd)
+        kind = "dir" if stat.S_ISDIR(st.st_mode) else "file"
+        synced.append((kind, st.st_ino, st.st_size))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    return synced
+
+
+def _check_fsyncs(synced, path):
+    """The new file was fsynced whole (its final inode and size), then the directory."""
+    st = path.stat()
+    files = [(ino, size) for kind, ino, size in synced if kind == "file"]
+    dirs = [ino for kind, ino, _ in synced if kind == "dir"]
+    assert (st.st_ino, st.st_size) in files
+    assert path.parent.stat().st_ino in dirs
+    last_file = max(i for i, s in enumerate(synced) if s[:2] == ("file", st.st_ino))
+    first_dir = min(i for i, s in enumerate(synced) if s[0] == "dir")
+    assert last_file < first_dir  # data durable before the rename is made durable
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_file_and_directory_are_still_fsynced(tmp_path, monkeypatch, calls, fmt):
+    synced = _record_fsyncs(monkeypatch)
+    path = _save_and_check(tmp_path, fmt)
+    _check_fsyncs(synced, path)
+    assert calls  # with writeback started as well
+
+
+def test_large_single_write_is_split_and_short_files_start_none(tmp_path, calls):
+    data = np.arange(N, dtype=np.float32)
+    with atomic_write(tmp_path / "big.bin") as f:
+        f.write(memoryview(data))  # one call, several chunks: writeback after each
+    assert (tmp_path / "big.bin").read_bytes() == data.tobytes()
+    assert [n for _, _, n, _ in calls] == [WRITEBACK_CHUNK, 2 * WRITEBACK_CHUNK]
+    calls.clear()
+    with atomic_write(tmp_path / "small.bin") as f:
+        f.write(b"x" * 1000)
+    assert calls == []  # under a chunk: the final fsync alone
+    assert (tmp_path / "small.bin").read_bytes() == b"x" * 1000
+
+
+def test_seeking_back_never_shrinks_the_started_range(tmp_path, calls):
+    """Writers that rewrite a header (zip records) seek back; the range only grows."""
+    with atomic_write(tmp_path / "x.bin") as f:
+        f.write(b"\0" * (WRITEBACK_CHUNK + 10))
+        f.seek(0)
+        f.write(b"\1" * WRITEBACK_CHUNK)
+    ends = [n for _, _, n, _ in calls]
+    assert ends == [WRITEBACK_CHUNK, WRITEBACK_CHUNK]
+    raw = (tmp_path / "x.bin").read_bytes()
+    assert raw == b"\1" * WRITEBACK_CHUNK + b"\0" * 10
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_linux_libc_has_sync_file_range(tmp_path):
+    fn = atomic._lookup_sync_file_range()
+    assert fn is not None
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"y" * 3 * 4096)
+        assert start_writeback(fd, 100) is False  # under one page: nothing to ask
+        got = fn(fd, 0, 0, 2)
+        assert got == 0 or ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+    finally:
+        os.close(fd)
+
+
+def test_not_linux_looks_up_nothing(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert atomic._lookup_sync_file_range() is None
