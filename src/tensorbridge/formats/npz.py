@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+import sys
 import threading
 import zipfile
 import zlib
@@ -61,7 +62,7 @@ import numpy as np
 
 from ..errors import ConversionError, FileFormatError, TensorBridgeError, UnsafeContentError
 from .atomic import atomic_write
-from .base import Format, Reader, TensorInfo
+from .base import Format, RawSpan, Reader, TensorInfo
 from .names import check_name, check_unique
 from .npy import FORMAT as NPY
 from .npy import (
@@ -122,6 +123,24 @@ def _zip_errors(path: str, doing: str) -> Iterator[None]:
         ) from exc
 
 
+def _zip64_sizes(extra: bytes) -> tuple[int, int] | None:
+    """(uncompressed, compressed) size from a local header's zip64 extra field, or None
+    when it has none or the extra field is malformed."""
+    pos = 0
+    while pos + 4 <= len(extra):
+        tag, size = struct.unpack_from("<HH", extra, pos)
+        pos += 4
+        if pos + size > len(extra):
+            return None
+        if tag == 1:
+            if size < 16:
+                return None
+            usize, csize = struct.unpack_from("<QQ", extra, pos)
+            return usize, csize
+        pos += size
+    return None
+
+
 def _in_member(exc: FileFormatError, member: str, path: str) -> FileFormatError:
     """The same error type, prefixed with the member it is about."""
     return type(exc)(f"member {member!r}: {exc}", path)
@@ -153,10 +172,19 @@ class NpzReader(Reader):
                 )
             with _zip_errors(path, "reading the member headers"):
                 firsts = {name: self._data_start(zi) for name, zi in self._members.items()}
-            self._check_no_overlap({name: start for name, (start, _) in firsts.items()})
+            self._check_no_overlap({name: start for name, (start, _, _) in firsts.items()})
             self._headers: dict[str, NpyHeader] = {
-                name: self._read_header(zi, *firsts[name]) for name, zi in self._members.items()
+                name: self._read_header(zi, *firsts[name][:2])
+                for name, zi in self._members.items()
             }
+            # where each stored member's data starts, if its local header agrees with the
+            # central directory (what raw_span may hand out); see _local_agrees
+            self._stored: dict[str, int] = {
+                name: start for name, (start, _, agrees) in firsts.items() if agrees
+            }
+            self._end_of_data: int = self._zf.start_dir  # where the central directory starts
+            st = os.fstat(fd)
+            self._file_id = (st.st_dev, st.st_ino)
         except BaseException:
             self.close()
             raise
@@ -208,10 +236,11 @@ class NpzReader(Reader):
                 self.path,
             )
 
-    def _data_start(self, zi: zipfile.ZipInfo) -> tuple[int, bytes]:
+    def _data_start(self, zi: zipfile.ZipInfo) -> tuple[int, bytes, bool]:
         """Where member ``zi``'s (compressed) data starts, after its local header, whose
-        signature and name must match the central directory (as zipfile checks); and the
-        first data bytes that came with the same read."""
+        signature and name must match the central directory (as zipfile checks); the
+        first data bytes that came with the same read; and whether the member is stored
+        and its local header agrees with the central directory (:meth:`_local_agrees`)."""
         at = zi.header_offset
         block = os.pread(self._file.fileno(), _LOCAL_SIZE + 2 * len(zi.orig_filename) + 512, at)
         if len(block) < _LOCAL_SIZE or block[:4] != b"PK\x03\x04":
@@ -232,7 +261,32 @@ class NpzReader(Reader):
                 self.path,
             )
         skip = _LOCAL_SIZE + name_len + extra_len
-        return at + skip, block[skip:]
+        agrees = zi.compress_type == zipfile.ZIP_STORED and self._local_agrees(
+            zi, block, at, name_len, extra_len
+        )
+        return at + skip, block[skip:], agrees
+
+    def _local_agrees(
+        self, zi: zipfile.ZipInfo, block: bytes, at: int, name_len: int, extra_len: int
+    ) -> bool:
+        """Whether stored member ``zi``'s local header says what the central directory says:
+        no data descriptor, no encryption, stored, the same CRC and sizes (zip64 sizes from
+        the local zip64 extra field). zipfile reads by the central directory alone; a member
+        whose two headers disagree is read through it, never handed out as a byte range."""
+        flags, method = struct.unpack_from("<HH", block, 6)
+        crc, csize, usize = struct.unpack_from("<III", block, 14)
+        if (flags | zi.flag_bits) & 0x9 or method != zipfile.ZIP_STORED or crc != zi.CRC:
+            return False
+        if 0xFFFFFFFF in (csize, usize):  # zip64 (np.savez always writes it): sizes in extra
+            begin = _LOCAL_SIZE + name_len
+            extra = block[begin : begin + extra_len]
+            if len(extra) < extra_len:
+                extra = os.pread(self._file.fileno(), extra_len, at + begin)
+            sizes = _zip64_sizes(extra)
+            if sizes is None:
+                return False
+            usize, csize = sizes
+        return (usize, csize) == (zi.file_size, zi.compress_size)
 
     def _check_no_overlap(self, starts: dict[str, int]) -> None:
         """Each member's bytes belong to it alone, before the central directory.
@@ -347,6 +401,37 @@ class NpzReader(Reader):
                         )
         check_bool(out, name, self.path)
         return out
+
+    def raw_span(self, name: str) -> RawSpan | None:
+        """Where member ``name``'s array data lies in the archive, when :meth:`read` returns
+        those bytes unchanged: the member is stored (not deflated, no data descriptor, its
+        local header agreeing with the central directory), its ``.npy`` header is C order
+        (or Fortran order of at most one axis longer than 1, the same bytes), this
+        machine's byte order (little-endian), not bool (whose bytes are checked), not
+        empty. Otherwise ``None``: read it.
+
+        The bytes are handed out as they are, so a stored member's CRC is not checked
+        (as for ``.pt`` records); :meth:`read` checks it.
+        """
+        info = self.info(name)
+        h = self._headers[name]
+        start = self._stored.get(name)
+        if (
+            start is None
+            or self._file is None
+            or h.swap
+            or sys.byteorder != "little"
+            or info.dtype == "bool"
+            or h.nbytes == 0
+            or (h.fortran_order and sum(d != 1 for d in h.shape) > 1)
+        ):
+            return None
+        zi = self._members[name]
+        offset = start + h.header_size
+        end = offset + h.nbytes
+        if end != start + zi.compress_size or end > self._end_of_data or end > self._size:
+            return None  # (checked at open; never hand out bytes outside the member)
+        return RawSpan(self.path, offset, h.nbytes, self._file_id)
 
     def close(self) -> None:
         with self._lock:
