@@ -623,9 +623,9 @@ def test_a_corrupt_write_found_on_read_back_says_the_destination_was_replaced(
     from tensorbridge.files import save
     from tensorbridge.formats import safetensors as st
 
-    src = tmp_path / "s.npz"  # no byte ranges to copy: tensors pass through arrays
+    src = tmp_path / "s.npz"  # deflated: no byte ranges to copy, tensors pass through arrays
     a = np.arange(1 << 12, dtype=np.float32)
-    save({"w": a, "z": a[:10].copy()}, src)
+    save({"w": a, "z": a[:10].copy()}, src, compress=True)
     real = st.iter_le_bytes
 
     def corrupting(arr, *args):

@@ -29,6 +29,11 @@ Reading (``NpzReader``) never calls ``np.load`` and never unpickles:
   allocation failure is reported as a :class:`FileFormatError`.
 * data is streamed in bounded chunks into a fresh array; a member that
   decompresses to fewer or more bytes than declared is refused.
+* a stored member whose local header agrees with the central directory (no data
+  descriptor; the same CRC and sizes, zip64 ones included) and whose array is C order,
+  little-endian, not bool and not empty has a byte range (:meth:`NpzReader.raw_span`):
+  ``load`` maps it or reads it with one ``pread``, and ``convert`` copies it
+  kernel-side, without the CRC check :meth:`NpzReader.read` makes.
 
 Writing streams one member at a time through a bounded buffer into an
 :func:`~.atomic.atomic_write` file, as zip64 members with a fixed timestamp
@@ -174,8 +179,7 @@ class NpzReader(Reader):
                 firsts = {name: self._data_start(zi) for name, zi in self._members.items()}
             self._check_no_overlap({name: start for name, (start, _, _) in firsts.items()})
             self._headers: dict[str, NpyHeader] = {
-                name: self._read_header(zi, *firsts[name][:2])
-                for name, zi in self._members.items()
+                name: self._read_header(zi, *firsts[name][:2]) for name, zi in self._members.items()
             }
             # where each stored member's data starts, if its local header agrees with the
             # central directory (what raw_span may hand out); see _local_agrees
