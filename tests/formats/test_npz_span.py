@@ -172,8 +172,51 @@ def test_mmap_true_maps_stored_members_and_copies_the_rest(tmp_path, which, requ
     if aligned:
         k = sorted(aligned)[0]
         mapped[k].reshape(-1)[:1] = 0  # copy-on-write: the file keeps its bytes
-        again = tb.load(p, mmap=True, names=[k], void_as="bfloat16")[k]  # (poked: bad CRCs)
-        assert _tb_bytes(again) != _tb_bytes(mapped[k])
+        with NPZ.open(p, void_as="bfloat16") as r:
+            offset = r._stored[k] + r._headers[k].header_size
+        assert _file_bytes(p, offset, 1) != _tb_bytes(mapped[k])[:1]
+
+
+def test_a_stored_member_failing_its_crc_is_refused_by_every_path(tmp_path, monkeypatch):
+    p = tmp_path / "c.npz"
+    np.savez(p, ww=W, vv=V)
+    with NPZ.open(str(p)) as r:
+        span = r.raw_span("ww")
+    assert span is not None
+    data = bytearray(p.read_bytes())
+    data[span.offset + 5] ^= 0x01  # one bit of the array data
+    p.write_bytes(bytes(data))
+    with NPZ.open(str(p)) as r:
+        assert r.raw_span("vv") is not None  # its neighbour is fine
+        for call in (r.read, r.raw_span):
+            with pytest.raises(FileFormatError, match="CRC") as info:
+                call("ww")
+            assert str(p) in str(info.value) and "Fix:" in str(info.value)
+    for mode in (True, False):
+        with pytest.raises(FileFormatError, match="CRC"):
+            tb.load(p, mmap=mode)
+    with pytest.raises(FileFormatError, match="CRC"):
+        convert_file(str(p), str(tmp_path / "o.safetensors"))
+    assert sorted(os.listdir(tmp_path)) == ["c.npz"]
+
+
+def test_the_crc_is_read_once_per_member(tmp_path, monkeypatch):
+    from tensorbridge.formats import npz
+
+    p = tmp_path / "c.npz"
+    np.savez(p, ww=W, vv=V)
+    seen: list[str] = []
+    real = npz.NpzReader._check_crc
+
+    def spy(self, zi, start):
+        seen.append(zi.filename)
+        return real(self, zi, start)
+
+    monkeypatch.setattr(npz.NpzReader, "_check_crc", spy)
+    with NPZ.open(str(p)) as r:
+        for _ in range(3):
+            assert r.raw_span("ww") is not None and r.raw_span("vv") is not None
+    assert seen == ["ww.npy", "vv.npy"]
 
 
 def test_torch_tensors_share_the_mapping_of_a_stored_member(tmp_path):
@@ -509,12 +552,16 @@ def test_fuzzed_zip_headers_never_yield_a_span_outside_the_member(tmp_path, fuzz
         return
     with r:
         for k in r.keys():
+            try:
+                want = r.read(k).tobytes()
+            except TensorBridgeError:  # a bad CRC: no span is handed out either
+                try:
+                    assert r.raw_span(k) is None
+                except FileFormatError as exc:
+                    assert "CRC" in str(exc)
+                continue
             span = r.raw_span(k)
             if span is None:
                 continue
             assert span.offset >= 0 and span.offset + span.nbytes <= len(buf)
-            try:
-                want = r.read(k).tobytes()
-            except TensorBridgeError:  # a bad CRC: read refuses, the span is the bytes as they are
-                continue
             assert bytes(buf[span.offset : span.offset + span.nbytes]) == want

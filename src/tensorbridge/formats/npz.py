@@ -33,7 +33,8 @@ Reading (``NpzReader``) never calls ``np.load`` and never unpickles:
   descriptor; the same CRC and sizes, zip64 ones included) and whose array is C order,
   little-endian, not bool and not empty has a byte range (:meth:`NpzReader.raw_span`):
   ``load`` maps it or reads it with one ``pread``, and ``convert`` copies it
-  kernel-side, without the CRC check :meth:`NpzReader.read` makes.
+  kernel-side. Its CRC-32 is checked first (one read of the member), as
+  :meth:`NpzReader.read` checks it.
 
 Writing streams one member at a time through a bounded buffer into an
 :func:`~.atomic.atomic_write` file, as zip64 members with a fixed timestamp
@@ -186,6 +187,7 @@ class NpzReader(Reader):
             self._stored: dict[str, int] = {
                 name: start for name, (start, _, agrees) in firsts.items() if agrees
             }
+            self._crc_checked: set[str] = set()  # stored members whose CRC raw_span checked
             self._end_of_data: int = self._zf.start_dir  # where the central directory starts
             st = os.fstat(fd)
             self._file_id = (st.st_dev, st.st_ino)
@@ -414,8 +416,9 @@ class NpzReader(Reader):
         machine's byte order (little-endian), not bool (whose bytes are checked), not
         empty. Otherwise ``None``: read it.
 
-        The bytes are handed out as they are, so a stored member's CRC is not checked
-        (as for ``.pt`` records); :meth:`read` checks it.
+        The first call for a member reads it once to check its CRC-32, as :meth:`read`
+        does (a mismatch raises :class:`FileFormatError`); the span is handed out only
+        for bytes that passed it.
         """
         info = self.info(name)
         h = self._headers[name]
@@ -435,7 +438,40 @@ class NpzReader(Reader):
         end = offset + h.nbytes
         if end != start + zi.compress_size or end > self._end_of_data or end > self._size:
             return None  # (checked at open; never hand out bytes outside the member)
+        if name not in self._crc_checked:
+            self._check_crc(zi, start)
+            self._crc_checked.add(name)
         return RawSpan(self.path, offset, h.nbytes, self._file_id)
+
+    def _check_crc(self, zi: zipfile.ZipInfo, start: int) -> None:
+        """Read stored member ``zi`` (data at ``start``) in bounded chunks and compare its
+        CRC-32 with the central directory's, as zipfile does on a whole read."""
+        size = zi.compress_size
+        buf = bytearray(min(size, CHUNK_BYTES))
+        crc = done = 0
+        with self._lock:
+            if self._file is None:
+                raise FileFormatError("the file is closed. Fix: open it again.", self.path)
+            fd = self._file.fileno()
+            while done < size:
+                view = memoryview(buf)[: min(len(buf), size - done)]
+                with _zip_errors(self.path, f"reading member {zi.filename!r}"):
+                    n = os.preadv(fd, [view], start + done)
+                if not n:
+                    raise FileFormatError(
+                        f"member {zi.filename!r} ended after {done} of {size} bytes (the file "
+                        "was truncated after it was opened). Fix: copy or download it again.",
+                        self.path,
+                    )
+                crc = zlib.crc32(view[:n], crc)
+                done += n
+        if crc != zi.CRC:
+            raise FileFormatError(
+                f"member {zi.filename!r} fails its CRC-32 check (the central directory says "
+                f"{zi.CRC:#010x}, its bytes give {crc:#010x}). Fix: the archive is corrupt; "
+                "copy or download it again.",
+                self.path,
+            )
 
     def close(self) -> None:
         with self._lock:
