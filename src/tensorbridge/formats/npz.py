@@ -375,6 +375,11 @@ class NpzReader(Reader):
         with self._lock:
             if self._zf is None:
                 raise FileFormatError("the file is closed. Fix: open it again.", self.path)
+            start = self._stored.get(name)
+            if start is not None:
+                out = self._read_stored(name, zi, header, start)
+                check_bool(out, name, self.path)
+                return out
             with _zip_errors(self.path, f"reading member {zi.filename!r}"):
                 with self._zf.open(zi) as stream:
                     skip = stream.read(header.header_size)
@@ -447,24 +452,64 @@ class NpzReader(Reader):
         """Read stored member ``zi`` (data at ``start``) in bounded chunks and compare its
         CRC-32 with the central directory's, as zipfile does on a whole read."""
         size = zi.compress_size
-        buf = bytearray(min(size, CHUNK_BYTES))
+        buf = memoryview(bytearray(min(size, CHUNK_BYTES)))
         crc = done = 0
         with self._lock:
             if self._file is None:
                 raise FileFormatError("the file is closed. Fix: open it again.", self.path)
             fd = self._file.fileno()
             while done < size:
-                view = memoryview(buf)[: min(len(buf), size - done)]
-                with _zip_errors(self.path, f"reading member {zi.filename!r}"):
-                    n = os.preadv(fd, [view], start + done)
-                if not n:
-                    raise FileFormatError(
-                        f"member {zi.filename!r} ended after {done} of {size} bytes (the file "
-                        "was truncated after it was opened). Fix: copy or download it again.",
-                        self.path,
-                    )
-                crc = zlib.crc32(view[:n], crc)
-                done += n
+                view = buf[: min(len(buf), size - done)]
+                self._pread(fd, zi, start + done, view)
+                crc = zlib.crc32(view, crc)
+                done += len(view)
+        self._compare_crc(zi, crc)
+
+    def _read_stored(
+        self, name: str, zi: zipfile.ZipInfo, header: NpyHeader, start: int
+    ) -> np.ndarray:
+        """Member ``name`` read with ``pread`` straight into a fresh array (stored, its local
+        header agreeing: see :meth:`_local_agrees`), its CRC-32 taken on the way unless
+        :meth:`raw_span` already checked it. The caller holds the lock."""
+        assert self._file is not None
+        fd = self._file.fileno()
+        todo = name not in self._crc_checked
+        crc = 0
+        if todo:
+            head = memoryview(bytearray(header.header_size))
+            self._pread(fd, zi, start, head)
+            crc = zlib.crc32(head)
+        at = start + header.header_size
+
+        def fill(view: memoryview) -> None:
+            nonlocal crc
+            for lo in range(0, len(view), CHUNK_BYTES):
+                part = view[lo : lo + CHUNK_BYTES]
+                self._pread(fd, zi, at + lo, part)
+                if todo:
+                    crc = zlib.crc32(part, crc)
+
+        out = read_into(fill, header, self.path)
+        if todo:
+            self._compare_crc(zi, crc)
+            self._crc_checked.add(name)
+        return out
+
+    def _pread(self, fd: int, zi: zipfile.ZipInfo, at: int, view: memoryview) -> None:
+        """Fill ``view`` from byte ``at`` of the file (member ``zi``'s bytes)."""
+        done = 0
+        while done < len(view):
+            with _zip_errors(self.path, f"reading member {zi.filename!r}"):
+                n = os.preadv(fd, [view[done:]], at + done)
+            if not n:
+                raise FileFormatError(
+                    f"member {zi.filename!r} ended early (the file was truncated after it was "
+                    "opened). Fix: copy or download it again.",
+                    self.path,
+                )
+            done += n
+
+    def _compare_crc(self, zi: zipfile.ZipInfo, crc: int) -> None:
         if crc != zi.CRC:
             raise FileFormatError(
                 f"member {zi.filename!r} fails its CRC-32 check (the central directory says "
