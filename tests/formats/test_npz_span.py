@@ -110,14 +110,34 @@ def test_compressed_members_have_no_span(savez_compressed):
         assert all(r.raw_span(k) is None for k in r.keys())
 
 
-def test_tensorbridge_npz_spans(tmp_path):
+def test_tensorbridge_npz_members_are_aligned_and_mapped(tmp_path):
     p = str(tmp_path / "tb.npz")
-    tree = {"w": _values("float32", (10, 3)), "b": ARRAYS["bf"], "i": ARRAYS["uu"]}
+    tree = {
+        "w": _values("float32", (10, 3)),
+        "b": ARRAYS["bf"],
+        "i": ARRAYS["uu"],
+        "odd name ü" * 7: _values("complex128", (3,)),  # a long UTF-8 name
+        "x": _values("int8", (5,)),  # odd size: the next member is padded
+        "y": _values("float64", (3,)),
+    }
     tb.save(tree, p)  # stored; bfloat16 in the marker layout
+    ref = np.load(p)
+    with zipfile.ZipFile(p) as zf:
+        assert zf.testzip() is None
+    mapped = tb.load(p, mmap=True)
+    offsets = {}
     with NPZ.open(p) as r:
         for k, v in tree.items():
             span = r.raw_span(k)
-            assert span is not None and _file_bytes(p, span.offset, span.nbytes) == v.tobytes()
+            assert span is not None and span.offset % 64 == 0, k
+            assert _file_bytes(p, span.offset, span.nbytes) == v.tobytes()
+            assert ref[k].tobytes() == v.tobytes() and mapped[k].tobytes() == v.tobytes()
+            offsets[k] = span.offset
+    with open(p, "r+b") as f:  # every member is mapped: rewrite the file in place
+        for at in offsets.values():
+            f.seek(at)
+            f.write(b"\x7f")
+    assert all(mapped[k].tobytes()[:1] == b"\x7f" for k in tree)
     tb.save(tree, p, compress=True)
     with NPZ.open(p) as r:
         assert all(r.raw_span(k) is None for k in r.keys())

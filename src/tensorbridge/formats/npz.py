@@ -39,7 +39,9 @@ Reading (``NpzReader``) never calls ``np.load`` and never unpickles:
 Writing streams one member at a time through a bounded buffer into an
 :func:`~.atomic.atomic_write` file, as zip64 members with a fixed timestamp
 (reproducible output). Option ``compress=True`` deflates (like
-``np.savez_compressed``); the default stores (like ``np.savez``).
+``np.savez_compressed``); the default stores (like ``np.savez``), each member's array
+data starting at a multiple of :data:`ALIGNMENT` bytes (padding in its extra field), so
+that loads can map it.
 
 >>> import numpy as np, tempfile, os
 >>> p = os.path.join(tempfile.mkdtemp(), "m.npz")
@@ -95,6 +97,9 @@ BOMB_MIN_SIZE = 1 << 20
 CHUNK_BYTES = 16 * 1024 * 1024
 _SUFFIX = ".npy"
 _LOCAL_SIZE = 30  # a zip local file header before its name and extra field
+#: Stored members' data start at multiples of this (as torch's writer aligns its records).
+ALIGNMENT = 64
+_ALIGN_TAG = 0xD935  # the extra field record apksigner pads with
 _DATE = (1980, 1, 1, 0, 0, 0)
 _ZIP_ERRORS = (
     zipfile.BadZipFile,
@@ -145,6 +150,17 @@ def _zip64_sizes(extra: bytes) -> tuple[int, int] | None:
             return usize, csize
         pos += size
     return None
+
+
+def _align_extra(offset: int, name_len: int) -> bytes:
+    """A local extra field that makes the data of a member whose header starts at ``offset``
+    start at a multiple of :data:`ALIGNMENT` (after zipfile's 20-byte zip64 field): the
+    alignment padding record of Android's apksigner (tag 0xD935). Every ``.npy`` header
+    is a multiple of 64 bytes, so the array data is aligned too, and ``load`` can map it."""
+    fixed = offset + _LOCAL_SIZE + name_len + 20 + 6
+    return struct.pack("<HHH", _ALIGN_TAG, 2 + -fixed % ALIGNMENT, ALIGNMENT) + bytes(
+        -fixed % ALIGNMENT
+    )
 
 
 def _in_member(exc: FileFormatError, member: str, path: str) -> FileFormatError:
@@ -594,6 +610,8 @@ class NpzFormat(Format):
                     zi = zipfile.ZipInfo(info.name + _SUFFIX, date_time=_DATE)
                     zi.compress_type = method
                     zi.external_attr = 0o644 << 16
+                    if not compress:
+                        zi.extra = _align_extra(f.tell(), len(zi.filename.encode("utf-8")))
                     with zf.open(zi, "w", force_zip64=True) as member:
                         member.write(header)
                         for piece in iter_le_bytes(arr, CHUNK_BYTES):
