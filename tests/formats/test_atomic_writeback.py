@@ -13,6 +13,7 @@ import errno
 import os
 import stat
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -216,3 +217,69 @@ def test_linux_libc_has_sync_file_range(tmp_path):
 def test_not_linux_looks_up_nothing(monkeypatch):
     monkeypatch.setattr(sys, "platform", "darwin")
     assert atomic._lookup_sync_file_range() is None
+
+
+@pytest.fixture
+def gated_release(monkeypatch):
+    """The release thread waits for the test before it closes the replaced file, and
+    records that file's inode: the order of events is the test's, not the scheduler's."""
+    gate = threading.Event()
+    freed: list[int] = []
+    real = atomic._close_quietly
+
+    def close(fd):
+        if threading.current_thread().name == "tensorbridge-release":
+            assert gate.wait(30)
+            freed.append(os.fstat(fd).st_ino)
+        real(fd)
+
+    monkeypatch.setattr(atomic, "_close_quietly", close)
+    yield gate, freed
+    gate.set()
+    atomic.wait_released(30)
+
+
+@pytest.mark.skipif(not hasattr(os, "O_PATH"), reason="O_PATH is Linux's")
+def test_a_large_replaced_file_is_freed_after_the_write_returns(tmp_path, gated_release):
+    gate, freed = gated_release
+    path = tmp_path / "big.bin"
+    old = b"o" * atomic.RELEASE_LATER_BYTES
+    with atomic_write(path) as f:
+        f.write(old)
+    old_ino = path.stat().st_ino
+    with atomic_write(path) as f:
+        f.write(b"n" * 10)
+    assert path.read_bytes() == b"n" * 10  # replaced and durable before the release
+    assert freed == []
+    gate.set()
+    atomic.wait_released(30)
+    assert freed == [old_ino]
+    assert os.listdir(tmp_path) == ["big.bin"]
+
+
+def test_small_or_failed_replacements_are_freed_at_once(tmp_path, gated_release, monkeypatch):
+    gate, freed = gated_release
+    path = tmp_path / "x.bin"
+    for _ in range(2):
+        with atomic_write(path) as f:
+            f.write(b"s" * (atomic.RELEASE_LATER_BYTES - 1))
+    assert not atomic._releasing or not any(t.is_alive() for t in atomic._releasing)
+    with atomic_write(path) as f:
+        f.write(b"b" * atomic.RELEASE_LATER_BYTES)
+    gate.set()
+    atomic.wait_released(30)
+    freed.clear()
+    gate.clear()
+    fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+
+    def fail(src, dst):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(atomic.FileFormatError, match="Input/output error"):
+        with atomic_write(path) as f:
+            f.write(b"c" * 10)
+    assert path.read_bytes() == b"b" * atomic.RELEASE_LATER_BYTES
+    assert freed == [] and not any(t.is_alive() for t in atomic._releasing)
+    if fds is not None:  # the held descriptor was closed on the spot
+        assert len(os.listdir("/proc/self/fd")) == fds

@@ -22,6 +22,12 @@ tail. It is a hint: where the call is missing (not Linux, no libc symbol) or ref
 data durable either way (it also reports any write-back error, which starting
 writeback does not consume).
 
+Replacing a large file frees it, which costs (its cached pages and blocks: ~15 ms for
+64 MiB); that freeing happens on a daemon thread after the write has returned, the
+replaced file held open until then (``O_PATH``, Linux; :func:`wait_released` waits
+for it). Nothing about durability changes: the new file, its name and the directory
+are on disk before the write returns, whoever frees the old one.
+
 A SIGKILL can leave the temporary file behind; its name is recognisable
 (``.NAME.tb-tmp-PID-RANDOM``). The writer holds a lock on its temporary file
 for the whole write: ``flock(LOCK_EX)`` for :func:`atomic_write` (and for the
@@ -45,6 +51,7 @@ import secrets
 import stat
 import struct
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
@@ -58,6 +65,7 @@ __all__ = [
     "remove_stale_in",
     "fsync_dir",
     "start_writeback",
+    "wait_released",
     "WRITEBACK_CHUNK",
     "lock_new_file",
     "lock_directory",
@@ -306,6 +314,61 @@ class _WritebackFile(io.FileIO):
         return done
 
 
+#: A replaced destination at least this large is freed after the write returns.
+RELEASE_LATER_BYTES = 8 * 1024 * 1024
+_releasing: list[threading.Thread] = []  # threads still closing a replaced file
+
+
+def _hold_replaced(target: str) -> int | None:
+    """An ``O_PATH`` descriptor of the large regular file ``target`` is about to replace.
+
+    Renaming over a file frees it (its cached pages and its blocks: ~15 ms for 64 MiB
+    here) inside ``os.replace``, unless someone still holds it open. Held here, it is
+    freed when :func:`_release_later` closes the descriptor on another thread, after
+    the write (data, rename and directory all durable) has returned. None for small
+    files, non-regular ones, or where ``O_PATH`` is missing (not Linux).
+    """
+    o_path = getattr(os, "O_PATH", 0)
+    if not o_path:
+        return None
+    try:
+        st = os.lstat(target)
+        if not stat.S_ISREG(st.st_mode) or st.st_size < RELEASE_LATER_BYTES:
+            return None
+        return os.open(target, o_path | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+
+
+def _close_quietly(fd: int | None) -> None:
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _release_later(fd: int | None) -> None:
+    """Close ``fd`` (the replaced file) on a daemon thread, so that freeing it overlaps
+    with whatever the caller does next; closed here where no thread can start."""
+    if fd is None:
+        return
+    _releasing[:] = [t for t in _releasing if t.is_alive()]
+    thread = threading.Thread(
+        target=_close_quietly, args=(fd,), name="tensorbridge-release", daemon=True
+    )
+    try:
+        thread.start()
+    except RuntimeError:  # no new threads (interpreter shutting down)
+        _close_quietly(fd)
+        return
+    _releasing.append(thread)
+
+
+def wait_released(timeout: float | None = None) -> None:
+    """Wait until the files replaced by earlier writes are freed (their space returned)."""
+    for thread in list(_releasing):
+        thread.join(timeout)
+
+
 def _fsync_path(path: str) -> None:
     """Flush a file (or a directory's entries) that is not open here to disk."""
     fd = os.open(path, os.O_RDONLY)
@@ -416,11 +479,14 @@ def _replacing(
     # The lock belongs to the open file: a duplicate descriptor keeps it until the
     # temporary file is renamed or removed, whenever the caller closes ``fd``.
     lock_fd = os.dup(fd)
+    replaced = None
     try:
         yield tmp, fd
         os.chmod(tmp, mode)
+        replaced = _hold_replaced(target)
         os.replace(tmp, target)
     except BaseException as exc:
+        _close_quietly(replaced)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         os.close(lock_fd)
@@ -447,6 +513,7 @@ def _replacing(
         raise
     os.close(lock_fd)
     fsync_dir(directory)
+    _release_later(replaced)
 
 
 @contextlib.contextmanager
