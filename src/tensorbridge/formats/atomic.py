@@ -315,7 +315,7 @@ class _WritebackFile(io.FileIO):
 
 
 #: A replaced destination at least this large is freed after the write returns.
-RELEASE_LATER_BYTES = 8 * 1024 * 1024
+RELEASE_LATER_BYTES = 1024 * 1024
 _releasing: list[threading.Thread] = []  # threads still closing a replaced file
 
 
