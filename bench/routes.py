@@ -542,11 +542,18 @@ def case_routes_large(args: argparse.Namespace) -> list[dict]:
 
 
 def case_files_io(args: argparse.Namespace) -> list[dict]:
-    """tb.save / tb.load of a 64 MiB state dict (16 tensors) beside each format's reference
-    writer and reader, in one process, page cache warm. Durable writes (fsync + rename)
-    are tensorbridge's; the references do not fsync."""
+    """tb.save / tb.load of a 64 MiB state dict (16 tensors of 4 MiB), and tb.save of one
+    array of 1, 4 and 64 MiB to .npy, beside each format's reference writer and reader, in
+    one process, page cache warm. Durable writes (fsync + rename) are tensorbridge's; the
+    references do not fsync. Each timed write starts with the disk idle (``os.sync()``
+    before it, untimed). For each write, the share of its time spent inside ``os.fsync``
+    (file and directory), and for .npy the disk's own floor: one ``os.write`` of the same
+    bytes into a new file plus ``fsync``."""
+    import contextlib
     import os
+    import statistics
     import tempfile
+    import time
 
     import h5py
     import numpy as np
@@ -562,6 +569,7 @@ def case_files_io(args: argparse.Namespace) -> list[dict]:
         f"layers.{i}.weight": rng.standard_normal((1024, 1024), dtype=np.float32) for i in range(16)
     }
     tsd = {k: torch.from_numpy(v) for k, v in sd.items()}
+    arrays = {m: rng.standard_normal(m * MiB // 4, dtype=np.float32) for m in (1, 4, 64)}
     work = tempfile.mkdtemp(
         prefix="tb-bench-io-", dir=args.workdir if os.path.isdir(args.workdir) else None
     )
@@ -573,11 +581,12 @@ def case_files_io(args: argparse.Namespace) -> list[dict]:
         text: str,
         fplain: Callable[[], Any],
         target: float | None,
+        repeats: int = 5,
     ) -> None:
         try:
             ftb()
             fplain()
-            t = time_pair(ftb, fplain, repeats=5, batch_s=0.05, warmup_s=0.1)
+            t = time_pair(ftb, fplain, repeats=repeats, batch_s=0.05, warmup_s=0.1)
         except Exception as exc:
             rows.append(
                 {"case": "files_io", "label": label, "error": f"{type(exc).__name__}: {exc}"[:300]}
@@ -588,74 +597,152 @@ def case_files_io(args: argparse.Namespace) -> list[dict]:
     def p(name: str) -> str:
         return os.path.join(work, name)
 
-    # writes
-    pair(
-        "tb.save .safetensors",
-        lambda: tb.save(tsd, p("a.safetensors")),
-        "safetensors.torch.save_file",
-        lambda: stt.save_file(tsd, p("b.safetensors")),
-        1.3,
-    )
-    pair(
-        "tb.save .pt",
-        lambda: tb.save(tsd, p("a.pt")),
-        "torch.save",
-        lambda: torch.save(tsd, p("b.pt")),
-        1.3,
-    )
-    pair(
-        "tb.save .npy (one tensor)",
-        lambda: tb.save(sd["layers.0.weight"], p("a.npy")),
-        "np.save",
-        lambda: np.save(p("b.npy"), sd["layers.0.weight"]),
-        1.3,
-    )
+    def write_pair(
+        label: str,
+        ftb: Callable[[], Any],
+        text: str,
+        fplain: Callable[[], Any],
+        target: float | None,
+        repeats: int = 9,
+    ) -> None:
+        """One call of each per repeat, in alternating order, each started with the disk
+        idle: ``os.sync()`` (untimed) first, so that neither pays for the other's
+        writeback (the references leave their bytes dirty in the page cache, and the
+        kernel writes them out while the next call runs)."""
+        ta: list[int] = []
+        tp: list[int] = []
+        try:
+            ftb()
+            fplain()
+            for r in range(repeats):
+                for fn, out in ((ftb, ta), (fplain, tp)) if r % 2 else ((fplain, tp), (ftb, ta)):
+                    os.sync()
+                    t0 = time.perf_counter_ns()
+                    fn()
+                    out.append(time.perf_counter_ns() - t0)
+        except Exception as exc:
+            rows.append(
+                {"case": "files_io", "label": label, "error": f"{type(exc).__name__}: {exc}"[:300]}
+            )
+            return
+        t = {
+            "a_ns": statistics.median(ta),
+            "b_ns": statistics.median(tp),
+            "ratio": statistics.median(a / b for a, b in zip(ta, tp, strict=True)),
+            "number": 1,
+            "repeats": repeats,
+        }
+        rows.append(row("files_io", label, text, t, target=target, unit="ms"))
 
-    # what durability costs: the same tb.save with os.fsync made a no-op, beside the real
-    # one (ratio = the share of the time that is not fsync), and beside the reference
-    def no_fsync(fn: Callable[[], Any]) -> Callable[[], Any]:
-        def run() -> Any:
-            real = os.fsync
-            os.fsync = lambda fd: None
+    def fsync_share(label: str, save: Callable[[], Any], runs: int = 9) -> None:
+        """Time inside os.fsync against the whole save, per run (median of ``runs``)."""
+        real = os.fsync
+        spent: list[int] = []
+
+        def timed(fd: int) -> None:
+            t0 = time.perf_counter_ns()
             try:
-                return fn()
+                real(fd)
             finally:
-                os.fsync = real
+                spent.append(time.perf_counter_ns() - t0)
+
+        fs, whole, share = [], [], []
+        os.fsync = timed
+        try:
+            for _ in range(runs):
+                os.sync()  # the disk idle at the start, as in write_pair
+                spent.clear()
+                t0 = time.perf_counter_ns()
+                save()
+                dt = time.perf_counter_ns() - t0
+                fs.append(sum(spent))
+                whole.append(dt)
+                share.append(sum(spent) / dt)
+        finally:
+            os.fsync = real
+        t = {
+            "a_ns": statistics.median(fs),
+            "b_ns": statistics.median(whole),
+            "ratio": statistics.median(share),
+            "number": 1,
+            "repeats": runs,
+        }
+        rows.append(row("files_io", f"fsync inside {label}", label, t, target=None, unit="ms"))
+
+    def durable_floor(name: str, a: np.ndarray) -> Callable[[], None]:
+        """What ``dd conv=fsync`` does: one write of the bytes into a new file, one fsync."""
+        view = memoryview(a).cast("B")
+
+        def run() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p(name))
+            fd = os.open(p(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                done = 0
+                while done < len(view):
+                    done += os.write(fd, view[done:])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
         return run
 
-    for suffix, ref_text, ref in [
+    # writes: tb.save (durable) against the reference writer, then fsync's share of it
+    writes: list[tuple[str, Callable[[], Any], str, Callable[[], Any], float]] = [
         (
-            ".safetensors",
+            "tb.save .safetensors",
+            lambda: tb.save(tsd, p("a.safetensors")),
             "safetensors.torch.save_file",
             lambda: stt.save_file(tsd, p("b.safetensors")),
+            1.3,
         ),
-        (".pt", "torch.save", lambda: torch.save(tsd, p("b.pt"))),
-        (".npy", "np.save", lambda: np.save(p("b.npy"), sd["layers.0.weight"])),
-    ]:
-        tree = sd["layers.0.weight"] if suffix == ".npy" else tsd
-        save = lambda tree=tree, suffix=suffix: tb.save(tree, p("a" + suffix))  # noqa: E731
-        pair(
-            f"tb.save {suffix} without fsync",
-            no_fsync(save),
-            f"tb.save {suffix} (with fsync)",
-            save,
-            None,  # measured only: 1 - ratio is fsync's share
-        )
-        pair(f"tb.save {suffix} without fsync", no_fsync(save), ref_text, ref, 1.3)
+        (
+            "tb.save .pt",
+            lambda: tb.save(tsd, p("a.pt")),
+            "torch.save",
+            lambda: torch.save(tsd, p("b.pt")),
+            1.3,
+        ),
+    ]
 
     def h5_write() -> None:
         with h5py.File(p("b.h5"), "w") as f:
             for k, v in sd.items():
                 f.create_dataset(k, data=v)
 
-    pair(
-        "tb.save .h5",
-        lambda: tb.save(sd, p("a.h5")),
-        "h5py create_dataset per tensor",
-        h5_write,
-        1.2,
+    writes.append(
+        (
+            "tb.save .h5",
+            lambda: tb.save(sd, p("a.h5")),
+            "h5py create_dataset per tensor",
+            h5_write,
+            1.2,
+        )
     )
+    for m, a in arrays.items():
+        writes.append(
+            (
+                f"tb.save .npy {m} MiB",
+                lambda a=a, m=m: tb.save(a, p(f"a{m}.npy")),
+                "np.save",
+                lambda a=a, m=m: np.save(p(f"b{m}.npy"), a),
+                1.3,
+            )
+        )
+    for label, ftb, text, fplain, target in writes:
+        write_pair(label, ftb, text, fplain, target)
+        fsync_share(label, ftb)
+    for m, a in arrays.items():
+        write_pair(
+            f"os.write + fsync {m} MiB (the disk's floor)",
+            durable_floor(f"c{m}.bin", a),
+            "np.save",
+            lambda a=a, m=m: np.save(p(f"b{m}.npy"), a),
+            None,
+        )
+    np.save(p("b.npy"), sd["layers.0.weight"])  # what the reads below read (4 MiB)
+    h5_write()
+
     # reads
     pair(
         "tb.load .safetensors to=torch",
