@@ -105,6 +105,39 @@ def test_spans_of_np_savez_are_exactly_the_members_array_bytes(savez):
             assert raw == _np_bytes(ref[k]) == r.read(k).tobytes(), k
 
 
+def _fortran_npy(a: np.ndarray) -> bytes:
+    """``a`` as a .npy member whose header says fortran_order (np.save writes that only for
+    arrays that are not C-contiguous, so this is crafted), data in Fortran order."""
+    text = f"{{'descr': '{a.dtype.str}', 'fortran_order': True, 'shape': {a.shape!r}, }}"
+    text += " " * (-(10 + len(text) + 1) % 64) + "\n"
+    head = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode()
+    return head + a.tobytes(order="F")
+
+
+def test_fortran_order_members_have_a_span_only_where_it_is_the_c_order_bytes(tmp_path):
+    arrays = {
+        "row": _values("<f4", (1, 6)),
+        "col": _values("<f4", (5, 1)),
+        "vec": _values("<f8", (4,)),
+        "one": np.array(1.5, np.float32),
+        "mat": _values("<f4", (2, 3)),
+    }
+    p = tmp_path / "f.npz"
+    p.write_bytes(_zip([{"name": k + ".npy", "data": _fortran_npy(v)} for k, v in arrays.items()]))
+    ref = np.load(p)
+    with NPZ.open(str(p)) as r:
+        for k, v in arrays.items():
+            assert ref[k].tobytes() == v.tobytes()  # (np.load agrees on the values)
+            span = r.raw_span(k)
+            assert (span is None) == (k == "mat"), k
+            if span is not None:
+                assert _file_bytes(str(p), span.offset, span.nbytes) == v.tobytes()
+            assert r.read(k).tobytes() == v.tobytes()
+    for mode in (True, False):
+        got = tb.load(p, mmap=mode)
+        assert all(got[k].tobytes() == v.tobytes() for k, v in arrays.items())
+
+
 def test_compressed_members_have_no_span(savez_compressed):
     with NPZ.open(savez_compressed, void_as="bfloat16") as r:
         assert all(r.raw_span(k) is None for k in r.keys())
