@@ -87,22 +87,30 @@ class JaxBackend(Backend):
         jax = self.load()
         if not issubclass(tp, jax.Array) or issubclass(tp, jax.core.Tracer):
             return None
+        if not (hasattr(tp, "aval") and hasattr(tp, "_sharding")):
+            return None  # a JAX without the attributes read below: the ordinary path
         # kind() for NumPy: (type, dtype, sharding), and the plan key adds JAX's x64 flag,
         # which routes out of JAX do not read (only imports into JAX check it). The type
         # is fixed; by dtype: (sharding, plan) for the first sharding met (one device, in
-        # practice), compared by equality (the objects differ between arrays)
+        # practice), compared by equality (the objects differ between arrays).
+        # x.dtype and x.sharding are Python properties returning x.aval.dtype and
+        # x._sharding; those are read directly (half the cost), and checked against the
+        # properties once per dtype, when the route is learnt.
         table: dict[Any, tuple[Any, Any]] = {}
 
         def run(x: Any) -> Any:
             # (a deleted array makes the view raise: the ordinary path then refuses it)
-            sharding = x.sharding
-            e = table.get(x.dtype)
+            sharding = x._sharding
+            dtype = x.aval.dtype
+            e = table.get(dtype)
             if e is None:
                 if not self.unstaged(x):
                     return None  # CUDA arrays may be about: to_numpy stages them
+                if x.dtype is not dtype or x.sharding is not sharding:
+                    return None  # not what the properties say: leave it to the planner
                 if len(table) >= 256:
                     table.clear()
-                e = table[x.dtype] = (sharding, learn(x))
+                e = table[dtype] = (sharding, learn(x))
             elif e[0] is not sharding and e[0] != sharding:
                 return None
             return e[1](x)
@@ -213,7 +221,7 @@ class JaxBackend(Backend):
     def fresh_host_step(self, facts: Facts) -> Step | None:
         if facts.device_type != "cpu" or "sharded" in facts.notes:
             return None  # the route already copies
-        return Step("np.array copy", True, _array_copy)
+        return Step("np.array copy", True, np.array)  # copy=True is np.array's default
 
     def from_host_steps(self, facts: Facts, *, device: str | None, copy: bool | None) -> list[Step]:
         self._check_x64(facts.dtype)
@@ -315,8 +323,6 @@ class JaxBackend(Backend):
 
 # Both host copies above are JAX's own: it caches the host value on the array and hands
 # the same read-only buffer to every np.asarray / jax.device_get that follows (fresh=False).
-#: ``np.array(x, copy=True)`` as a C-level callable (a Python frame less than a function)
-_array_copy = functools.partial(np.array, copy=True)
 
 
 def _import_host(from_dlpack: Callable[[Any], Any], a: np.ndarray) -> Any:
