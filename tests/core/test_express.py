@@ -208,6 +208,7 @@ def _tf_kinds(tf):
         tf.constant(base.astype(np.complex64)),
         tf.cast(tf.constant(base), tf.bfloat16),
         tf.constant(3.5),  # 0-d
+        tf.cast(tf.constant(3.5), tf.bfloat16),  # 0-d, copied by Tensor.numpy(): a scalar
         tf.constant([b"a", b"bc"]),  # strings
         tf.Variable(base),
     ]
@@ -234,6 +235,45 @@ def test_tensorflow_view_is_read_only_and_shared():
     a = tb.to_numpy(x)
     assert _express(x, "numpy", None) is not None
     assert not a.flags.writeable and tb.shares_memory(a, x)
+
+
+def test_tensorflow_bfloat16_is_copied_as_tensor_numpy_copies():
+    tf = _tf()
+    x = tf.cast(tf.constant(np.arange(6, dtype=np.float32)), tf.bfloat16)
+    a = tb.to_numpy(x)
+    assert _express(x, "numpy", None) is not None
+    assert "Tensor.numpy() [copy]" in str(tb.explain(x, to="numpy"))
+    assert a.dtype == ml_dtypes.bfloat16 and a.flags.writeable
+    assert a.tobytes() == x.numpy().tobytes()
+    a[0] = 7  # a copy of its own: the tensor, and the next conversion, keep their values
+    assert x.numpy()[0] == 0 and tb.to_numpy(x)[0] == 0
+
+
+def test_tensorflow_express_keeps_a_plan_per_device():
+    """The first device met per dtype is compared by value; others have plans of their own."""
+    tf = _tf()
+    from tensorbridge.frameworks.tensorflow import BACKEND
+
+    t = tf.constant(np.arange(3, dtype=np.float32))
+    learnt = []
+
+    def learn(x):
+        learnt.append(x.device)
+        return lambda y, dev=x.device: ("plan of", dev)
+
+    run = BACKEND.express(type(t), "numpy", learn)
+
+    class OnAnotherDevice:  # what the express route reads of an eager tensor
+        device = "/job:localhost/replica:0/task:0/device:GPU:0"
+
+        def _datatype_enum(self):
+            return t._datatype_enum()
+
+    other = OnAnotherDevice()
+    for _ in range(2):
+        assert run(t) == ("plan of", t.device)
+        assert run(other) == ("plan of", other.device)
+    assert learnt == [t.device, other.device]  # each learnt once
 
 
 def _jax():
@@ -270,6 +310,32 @@ def test_a_deleted_jax_array_is_declined_and_refused():
         tb.to_numpy(x)
     with pytest.raises(tb.ConversionError, match="deleted"):
         tb.to_torch(x)
+
+
+def test_jax_express_reads_what_the_properties_say_or_declines():
+    """x.aval.dtype and x._sharding are read for x.dtype and x.sharding; an array whose
+    properties say otherwise is left to the planner, and nothing is learnt from it."""
+    jax = _jax()
+    from tensorbridge.frameworks.jax import BACKEND
+
+    x = jax.numpy.arange(4.0)
+    assert x.aval.dtype is x.dtype and x._sharding is x.sharding
+    learnt = []
+
+    def learn(y):
+        learnt.append(y)
+        return np.asarray
+
+    run = BACKEND.express(type(x), "numpy", learn)
+
+    class Odd:  # the attributes read agree with x, the properties do not
+        aval = x.aval
+        _sharding = x._sharding
+        dtype = np.dtype(np.int8)
+        sharding = x.sharding
+
+    assert run(Odd()) is None and learnt == []
+    assert run(x).tobytes() == np.asarray(x).tobytes() and learnt == [x]
 
 
 def test_trees_take_the_express_route_per_leaf():

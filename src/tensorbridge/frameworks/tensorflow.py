@@ -8,7 +8,6 @@ DLPack memory that is not 64-byte aligned, so such memory is always copied.
 
 from __future__ import annotations
 
-import operator
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -76,27 +75,40 @@ class TensorFlowBackend(Backend):
     ) -> Callable[[Any], Any] | None:
         if target != "numpy" or not hasattr(tp, "_datatype_enum") or not self.kind_of(tp):
             return None
-        # kind() for NumPy: (type, dtype, device). The type is fixed (an eager tensor);
-        # tables by device name, then by dtype enum (reading .dtype costs 3x as much)
-        tables: dict[str, dict[int, Any]] = {}
+        # kind() for NumPy: (type, dtype, device). The type is fixed (an eager tensor); by
+        # dtype enum (reading .dtype costs 3x as much): (device, plan) for the first device
+        # met, compared by value (t.device is a new string each call: comparing it costs
+        # less than hashing it); plans for other devices by (device, enum).
+        first: dict[int, tuple[str, Any]] = {}
+        others: dict[tuple[str, int], Any] = {}
 
         def run(t: Any) -> Any:
-            dev = t.device
-            table = tables.get(dev)
-            if table is None:
-                if len(tables) >= 64:
-                    tables.clear()
-                table = tables[dev] = {}
             enum = t._datatype_enum()
-            fn = table.get(enum)
+            dev = t.device
+            e = first.get(enum)
+            if e is not None and e[0] == dev:
+                fn = e[1]
+            else:
+                fn = others.get((dev, enum))
+                if fn is None:
+                    fn = learn(t)
+                    if e is None:
+                        if len(first) >= 64:
+                            first.clear()
+                        first[enum] = (dev, fn)
+                    else:
+                        if len(others) >= 256:
+                            others.clear()
+                        others[dev, enum] = fn
             if fn is _host_view:  # the commonest plan's one step, inlined (a call less)
                 a = t._numpy()
                 if type(a) is np.ndarray:
                     a.setflags(write=False)
                     return a
                 return fn(t)  # a 0-d tensor (a NumPy scalar): the step views it over DLPack
-            if fn is None:
-                fn = table[enum] = learn(t)
+            if fn is _tensor_numpy:  # the step, with TF's Tensor.numpy() inlined: a copy
+                a = t._numpy()
+                return a.copy() if isinstance(a, np.ndarray) else np.asarray(a)
             return fn(t)
 
         return run
@@ -367,7 +379,11 @@ def _device_name(tf_device: str) -> str:
 
 
 #: ``t.numpy()`` as a C-level callable (a Python frame less per call than a lambda)
-_tensor_numpy = operator.methodcaller("numpy")
+def _tensor_numpy(t: Any) -> np.ndarray:
+    """``t.numpy()``, as an array (a 0-d tensor gives a NumPy scalar). A Python function,
+    not ``operator.methodcaller``, which calls the Python method from C: slower than one
+    Python function calling another."""
+    return np.asarray(t.numpy())
 
 
 def _numpy_copy(t: Any) -> np.ndarray:
