@@ -404,14 +404,17 @@ def load(
     Hugging Face variant in a checkpoint directory (see :func:`open`), ``void_as``
     what raw-bytes arrays of a ``.npy``/``.npz`` file hold (see :func:`open`).
 
-    ``mmap=True`` maps the file's bytes instead of copying them (safetensors,
-    sharded checkpoints, stored ``.pt`` records, ``.npy``): a load then costs
-    what the headers cost. The arrays are writable copy-on-write; a file
-    replaced afterwards leaves them unchanged, but a file rewritten in place
-    shows through, and a truncated one kills the process (SIGBUS) when a lost
-    page is touched. ``mmap=False`` copies (the arrays never change);
-    ``mmap=None``, the default, maps only files on a read-only file system and
-    copies the rest. See :mod:`tensorbridge.formats.mapping`.
+    By default (``mmap=None``) loads to NumPy and to torch on the CPU map the
+    file's bytes instead of copying them (safetensors, sharded checkpoints,
+    stored ``.pt`` records, ``.npy``), so a load costs what the headers cost,
+    and the arrays still never change: a file replaced afterwards leaves them
+    as they were, and on Linux a read lease turns a rewrite in place into a
+    copy of the mapped bytes before the writer may go on. Where no lease can be
+    held (another OS, a file open for writing, NFS) the default copies.
+    ``mmap=True`` maps without a lease: a file rewritten in place shows through,
+    and a truncated one kills the process (SIGBUS) when a lost page is touched.
+    ``mmap=False`` always copies. The arrays are writable; writes stay in
+    memory. See :mod:`tensorbridge.formats.mapping`.
 
     A sharded checkpoint that another process re-saves while it is being
     loaded is read again (up to three times): the result is one version, or
@@ -444,10 +447,23 @@ def load(
     # a target that copies would hold the whole arena until the last tensor is converted.
     arena = plain or (to == "torch" and device is None)
     for attempt in range(3):
-        source: FileMaps | Arena | None = FileMaps() if mapping else Arena(names) if arena else None
+        # The default ("lease") maps under a lease where the arrays are kept as they are,
+        # and copies what it cannot lease; a target that copies anyway reads.
+        maps = (
+            FileMaps()
+            if mapping == "map"
+            else FileMaps(leased=True)
+            if mapping == "lease" and arena
+            else None
+        )
+        copies = Arena(names) if arena and mapping != "map" else None
 
-        def read(reader: Reader, name: str, source: FileMaps | Arena | None = source) -> np.ndarray:
-            arr = None if source is None else source.array(reader, name)
+        def read(
+            reader: Reader, name: str, maps: FileMaps | None = maps, copies: Arena | None = copies
+        ) -> np.ndarray:
+            arr = None if maps is None else maps.array(reader, name)
+            if arr is None and copies is not None:
+                arr = copies.array(reader, name)
             return reader.read(name) if arr is None else arr
 
         try:
@@ -460,6 +476,6 @@ def load(
             if attempt == 2:
                 raise
         finally:
-            if isinstance(source, Arena):
-                source.close()
+            if copies is not None:
+                copies.close()
     return unflatten_names(flat) if nested else flat

@@ -39,12 +39,20 @@ def get_format(name: str) -> Format:
     return importlib.import_module(f"{__name__}.{module}").FORMAT
 
 
+_SUFFIXES: tuple[tuple[tuple[str, str], ...], dict[str, str]] = ((), {})
+
+
 def _suffix_table() -> dict[str, str]:
-    table = {}
-    for name in FORMAT_MODULES:
-        for suffix in get_format(name).suffixes:
-            table[suffix] = name
-    return table
+    """suffix -> format name, made once per state of :data:`FORMAT_MODULES`."""
+    global _SUFFIXES
+    rows = tuple(FORMAT_MODULES.items())
+    if rows != _SUFFIXES[0]:
+        table = {}
+        for name in FORMAT_MODULES:
+            for suffix in get_format(name).suffixes:
+                table[suffix] = name
+        _SUFFIXES = (rows, table)
+    return _SUFFIXES[1]
 
 
 def format_for_path(path: str | os.PathLike[str], format: str | None = None) -> Format:

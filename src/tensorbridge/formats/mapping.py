@@ -6,7 +6,7 @@ can hand out a NumPy array over a private mapping of those bytes (``MAP_PRIVATE`
 ``safetensors.torch.load_file`` maps through ``torch.UntypedStorage.from_file``). Nothing
 is read until a page is touched, so a load costs what the headers cost.
 
-What a mapping means, and why ``load`` does not map every file by default:
+What a mapping means:
 
 - the array is writable; writes are copy-on-write and never reach the file;
 - a file **replaced** after loading (``os.replace``, as tensorbridge, ``huggingface_hub``
@@ -16,12 +16,14 @@ What a mapping means, and why ``load`` does not map every file by default:
   array has not written, and a page past the new end of a **truncated** file kills the
   process with SIGBUS on access.
 
-So ``mmap=None`` (the default) maps only files no one can rewrite under the array: those
-on a read-only file system (a read-only mount, squashfs, a container layer). Elsewhere it
-copies, with one ``pread`` per tensor into fresh memory, and the arrays never change.
-``mmap=True`` maps wherever the bytes allow it (the caller accepts the above);
-``mmap=False`` always copies. Tensors whose bytes are not stored as they are returned
-(bool, which is checked; empty; byte-swapped; strided; compressed) are always copied.
+So ``mmap=None`` (the default) maps only where the last point cannot happen: files on a
+read-only file system (a read-only mount, squashfs, a container layer), and files it can
+hold a read lease on (Linux: :mod:`.file_lease`), which turns a rewrite into a copy of the
+mapped bytes before the writer may go on. Elsewhere it copies, with one ``pread`` per
+tensor into one fresh allocation, and the arrays never change. ``mmap=True`` maps wherever
+the bytes allow it (the caller accepts the above); ``mmap=False`` always copies. Tensors
+whose bytes are not stored as they are returned (bool, which is checked; empty;
+byte-swapped; strided; compressed) are always copied.
 """
 
 from __future__ import annotations
@@ -40,23 +42,30 @@ from .safetensors import SpanFiles, open_span, read_exact_into
 __all__ = ["Arena", "FileMaps", "should_map"]
 
 
-def should_map(path: str, mode: bool | None) -> bool:
-    """Whether ``load(path, mmap=mode)`` maps: ``mode`` if given, else whether ``path`` lies
-    on a read-only file system (where nothing can rewrite the file in place)."""
+def should_map(path: str, mode: bool | None) -> str:
+    """How ``load(path, mmap=mode)`` reads spans: ``"map"`` (``mmap=True``, or ``path`` on a
+    read-only file system, where nothing can rewrite the file in place), ``"lease"`` (the
+    default elsewhere: map under a read lease, else copy) or ``"copy"`` (``mmap=False``)."""
     if mode is not None:
-        return bool(mode)
+        return "map" if mode else "copy"
     try:
-        return bool(os.statvfs(path).f_flag & getattr(os, "ST_RDONLY", 1))
+        if os.statvfs(path).f_flag & getattr(os, "ST_RDONLY", 1):
+            return "map"
     except (OSError, ValueError):
-        return False
+        pass
+    return "lease" if sys.platform == "linux" else "copy"
 
 
 class FileMaps:
     """One private mapping per file, shared by the arrays of that file (each array keeps
-    its mapping alive; the descriptor is closed at once)."""
+    its mapping alive). ``leased``: map only files a read lease can be held on
+    (:func:`.file_lease.guarded_map`; the lease's descriptor lives as long as the mapping),
+    and say ``None`` for the tensors of the others (the caller copies them); otherwise map
+    every file and close its descriptor at once."""
 
-    def __init__(self) -> None:
-        self._maps: dict[tuple[str, Any], mmap.mmap] = {}
+    def __init__(self, leased: bool = False) -> None:
+        self._leased = leased
+        self._maps: dict[tuple[str, Any], mmap.mmap | None] = {}
 
     def array(self, reader: Reader, name: str) -> np.ndarray | None:
         """Tensor ``name`` of ``reader`` over a mapping of its file, or ``None`` when its
@@ -71,14 +80,22 @@ class FileMaps:
         if span.nbytes != info.nbytes or span.offset % max(dtype.alignment, 1):
             return None  # a misaligned tensor is copied (torch refuses unaligned memory)
         key = (span.path, span.file_id)
-        mapped = self._maps.get(key)
-        if mapped is None:
+        if key in self._maps:
+            mapped = self._maps[key]
+        else:
             fd = open_span(span)  # refuses a file replaced since the reader checked it
-            try:
-                mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
-            finally:
-                os.close(fd)
+            if self._leased:
+                from .file_lease import guarded_map  # (Linux only: fcntl)
+
+                mapped = guarded_map(fd)  # (takes the descriptor)
+            else:
+                try:
+                    mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+                finally:
+                    os.close(fd)
             self._maps[key] = mapped
+        if mapped is None:
+            return None
         if span.offset + span.nbytes > len(mapped):  # the file shrank since it was checked
             from ..errors import FileFormatError
 

@@ -1,0 +1,273 @@
+"""Private mappings that stay snapshots: a read lease turns a rewrite of the file into a
+copy of the mapped bytes first (Linux).
+
+A private mapping (``MAP_PRIVATE``) costs nothing to make, but it is not a snapshot: a file
+rewritten in place (``np.save``, ``torch.save`` and ``save_file`` open the same inode with
+``O_TRUNC``) shows through on every page not yet written, and touching a page past the end
+of a truncated file kills the process with SIGBUS. A **read lease** (``fcntl(F_SETLEASE,
+F_RDLCK)``) closes that gap: the kernel holds back any ``open`` for writing and any
+``truncate`` of the file, and signals the lease holder, until the holder gives the lease up
+or ``/proc/sys/fs/lease-break-time`` (45 s by default) has passed. On that signal the
+handler here copies each mapping of the file into fresh anonymous memory at the same
+address (``mremap`` moves the copy over the mapping, so arrays and tensors over it keep
+their pointers and their bytes), then gives the lease up, and the writer goes on.
+
+So a load that maps costs what the headers cost, the arrays never change, and the copy is
+paid only by the rare load whose file is rewritten while its arrays are alive.
+:func:`guarded_map` returns ``None`` wherever that cannot be promised, and the caller copies:
+
+- not Linux, or no ``libc`` to call ``mmap``/``mremap`` through;
+- a file under :data:`MIN_BYTES` (copying it costs less than a lease's system calls), or
+  :func:`leases_left` is 0 (each lease holds two descriptors; at most a quarter of the
+  open-file limit goes to leases);
+- a lease is refused: the file is open for writing somewhere (``EAGAIN``), the process
+  neither owns the file nor has ``CAP_LEASE`` (``EACCES``), the file system has no leases
+  (``EINVAL``: NFS, FUSE), ``fs.leases-enable`` is 0;
+- the signal handler is not installed yet and this is not the main thread (Python installs
+  handlers from the main thread only), or every candidate real-time signal already has a
+  handler of someone else's.
+
+What it costs others, and its limits: a writer of a leased file waits until the main
+thread runs the handler (microseconds; a copy of the mapped bytes for a large file). A
+main thread held in one C call, or a stopped process, holds writers up to the lease-break
+time; after it the kernel lets them go on, and the arrays then behave as ``mmap=True``
+arrays do (a rewrite shows through; a truncation makes lost pages SIGBUS), as they do when
+no memory can be had for the copy. ``os.truncate(path)`` of a leased file from this very
+process raises ``InterruptedError`` once (Python does not retry that call; writers that
+open the file are retried and unaffected). A child made by ``fork`` takes its own leases
+for the mappings it inherits (copying any it cannot lease at once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import functools
+import itertools
+import mmap
+import os
+import resource
+import signal
+import sys
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["MAX_LEASES", "MIN_BYTES", "guarded_map", "guards", "leases_left"]
+
+_F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
+_F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
+_F_GETLEASE = getattr(fcntl, "F_GETLEASE", 1025)
+_MREMAP_MAYMOVE = 1
+_MREMAP_FIXED = 2
+
+
+@dataclass
+class _Guard:
+    fd: int  # the leased descriptor (its own open file description)
+    #: the mapping (a weak reference whose callback gives the lease up); None until mapped
+    mapping: weakref.ref[mmap.mmap] | None = None
+
+
+#: files smaller than this are copied: a copy of them costs less than a lease's syscalls
+MIN_BYTES = 1 << 20
+#: mappings leased at once at most (fewer under a low open-file limit: see leases_left)
+MAX_LEASES = 1024
+
+_GUARDS: dict[int, _Guard] = {}  # by token, not descriptor: numbers are reused
+_TOKENS = itertools.count()
+_SIGNAL: int | None = None
+_LIBC: Any = None
+
+
+def guards() -> int:
+    """How many mappings are guarded by a lease now."""
+    return len(_GUARDS)
+
+
+def _libc() -> Any:
+    global _LIBC
+    if _LIBC is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_long,
+        ]
+        libc.mremap.restype = ctypes.c_void_p
+        libc.mremap.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_void_p,
+        ]
+        libc.munmap.restype = ctypes.c_int
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        _LIBC = libc
+    return _LIBC
+
+
+def _install() -> bool:
+    """Install the lease-break handler once (main thread only); whether it is installed."""
+    global _SIGNAL
+    if _SIGNAL is not None:
+        return True
+    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
+        return False
+    try:
+        _libc()
+    except (OSError, AttributeError):
+        return False
+    # From the top of the real-time range down: libraries that use one take the lowest.
+    for sig in range(signal.SIGRTMAX - 2, signal.SIGRTMAX - 8, -1):
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            signal.signal(sig, _on_break)
+            _SIGNAL = sig
+            break
+    else:
+        return False
+    # The kernel falls back to SIGIO, whose default action ends the process, when it
+    # cannot queue the real-time signal: take SIGIO too, unless someone else has it.
+    if signal.getsignal(signal.SIGIO) == signal.SIG_DFL:
+        signal.signal(signal.SIGIO, _on_break)
+    os.register_at_fork(after_in_child=_after_fork)
+    return True
+
+
+def guarded_map(fd: int) -> mmap.mmap | None:
+    """A private, writable mapping of ``fd``'s whole file, kept a snapshot by a read lease
+    on ``fd``, or ``None``: the file is smaller than :data:`MIN_BYTES` (a copy costs less
+    than a lease), :func:`leases_left` is 0, or a lease cannot be held (then the caller
+    copies). ``fd`` must be open read-only in its own open file description, and belongs
+    to this function: it is closed at once, or when the mapping dies or the lease breaks."""
+    if not _install() or leases_left() <= 0 or os.fstat(fd).st_size < MIN_BYTES:
+        os.close(fd)
+        return None
+    assert _SIGNAL is not None
+    token = next(_TOKENS)
+    guard = _Guard(fd)
+    _GUARDS[token] = guard  # before the lease: a break that comes at once finds it
+    try:
+        fcntl.fcntl(fd, _F_SETSIG, _SIGNAL)
+        fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_RDLCK)
+        mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError):  # refused (EAGAIN, EACCES, EINVAL); ValueError: empty
+        _release(token)  # (unless a break came first and did it)
+        return None
+    guard.mapping = weakref.ref(mapped, functools.partial(_released, token))
+    if token not in _GUARDS:  # the lease broke before the mapping was there: a rewrite is
+        mapped.close()  # under way, and what was mapped may be part old, part new
+        return None
+    return mapped
+
+
+def leases_left() -> int:
+    """How many more mappings may be leased: each holds two descriptors (the lease's and
+    the mapping's own), and leases take at most a quarter of the open-file limit."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    budget = soft // 8 if soft != resource.RLIM_INFINITY and soft > 0 else 4096
+    return min(budget, MAX_LEASES) - len(_GUARDS)
+
+
+def _unlease(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_UNLCK)
+
+
+def _released(token: int, _ref: object) -> None:
+    _release(token)
+
+
+def _release(token: int) -> None:
+    """The mapping died: give the lease up."""
+    guard = _GUARDS.pop(token, None)
+    if guard is not None:
+        _unlease(guard.fd)
+        os.close(guard.fd)
+
+
+def _snapshot(mapped: mmap.mmap) -> bool:
+    """Replace ``mapped``'s pages by anonymous memory holding the same bytes, in place."""
+    view = ctypes.c_char.from_buffer(mapped)
+    address = ctypes.addressof(view)
+    del view  # (an export would keep the mapping from closing)
+    length = len(mapped)
+    libc = _libc()
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    copy = libc.mmap(None, length, prot, flags, -1, 0)
+    if copy is None or copy == ctypes.c_void_p(-1).value:
+        return False
+    ctypes.memmove(copy, address, length)
+    moved = libc.mremap(copy, length, length, _MREMAP_MAYMOVE | _MREMAP_FIXED, address)
+    if moved != address:
+        libc.munmap(copy, length)
+        return False
+    return True
+
+
+def _settle(token: int) -> None:
+    """A lease of ``token``'s file is breaking: copy its mapping, then let the writer on."""
+    guard = _GUARDS.pop(token, None)
+    if guard is None:
+        return
+    mapped = guard.mapping() if guard.mapping is not None else None
+    if mapped is not None and not mapped.closed:  # (held while copying: never unmapped)
+        _snapshot(mapped)
+    del mapped
+    _unlease(guard.fd)
+    os.close(guard.fd)
+
+
+def _on_break(signum: int, frame: object) -> None:
+    for token, guard in list(_GUARDS.items()):
+        try:
+            lease = fcntl.fcntl(guard.fd, _F_GETLEASE)
+        except OSError:
+            lease = fcntl.F_UNLCK
+        if lease != fcntl.F_RDLCK:  # breaking (or broken): the target type shows
+            _settle(token)
+
+
+def _after_fork() -> None:
+    """In a child: the leases are the parent's. Lease a new descriptor of each mapped file
+    (copy the mapping where that is refused); close the inherited descriptors."""
+    inherited = list(_GUARDS.items())
+    _GUARDS.clear()
+    for _token, guard in inherited:
+        mapping = guard.mapping
+        fd = -1
+        try:
+            fd = os.open(f"/proc/self/fd/{guard.fd}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            pass
+        os.close(guard.fd)  # the parent's lease lives on in the parent's descriptor
+        if mapping is None:
+            if fd >= 0:
+                os.close(fd)
+            continue
+        mapped = mapping()
+        if mapped is None or mapped.closed:
+            if fd >= 0:
+                os.close(fd)
+            continue
+        token = next(_TOKENS)
+        _GUARDS[token] = _Guard(fd, weakref.ref(mapped, functools.partial(_released, token)))
+        try:
+            if fd < 0:
+                raise OSError("no descriptor")
+            assert _SIGNAL is not None
+            fcntl.fcntl(fd, _F_SETSIG, _SIGNAL)
+            fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_RDLCK)
+        except OSError:
+            _GUARDS.pop(token, None)
+            _snapshot(mapped)
+            if fd >= 0:
+                os.close(fd)
