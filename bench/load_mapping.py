@@ -1,14 +1,14 @@
 """tb.load against the reference loaders, for the same file, side by side in one process.
 
-Each row is the median of REPEATS runs (the file is in the page cache: each is read once
-before timing). Two measures per loader:
+Each row is the median of REPEATS runs, the reference's and tensorbridge's alternating (the
+file is in the page cache: each is read once before timing). Two measures per loader:
 - ``load``: the call alone (a mapping reads nothing yet);
 - ``load+touch``: the call, then one pass over every byte (``arr.sum()`` of a uint8 view),
   which is what using the weights costs: page faults for a mapping, nothing more for a copy.
 
 Usage::
 
-    PYTHONPATH=src python bench/load_mapping.py [--mib 256] [--tensors 64] [--repeats 7]
+    PYTHONPATH=src python bench/load_mapping.py [--mib 256] [--tensors 64] [--repeats 7] [--clock process]
 
 Prints a table of medians and of ratios tensorbridge / reference.
 """
@@ -32,16 +32,25 @@ def touch(tree) -> int:
     return total
 
 
-def median_time(fn, repeats: int, then_touch: bool) -> float:
-    times = []
+def once(fn, then_touch: bool, clock) -> float:
+    t = clock()
+    out = fn()
+    if then_touch:
+        touch(out)
+    took = clock() - t
+    del out
+    return took
+
+
+def paired(ref, ours, repeats: int, clock) -> list[float]:
+    """Medians of [ref load, ref load+touch, ours load, ours load+touch], alternating."""
+    runs: list[list[float]] = [[], [], [], []]
     for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        if then_touch:
-            touch(out)
-        times.append(time.perf_counter() - t)
-        del out
-    return statistics.median(times)
+        runs[0].append(once(ref, False, clock))
+        runs[2].append(once(ours, False, clock))
+        runs[1].append(once(ref, True, clock))
+        runs[3].append(once(ours, True, clock))
+    return [statistics.median(r) for r in runs]
 
 
 def main() -> None:
@@ -49,6 +58,12 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=256)
     ap.add_argument("--tensors", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument(
+        "--clock",
+        choices=["wall", "process"],
+        default="wall",
+        help="process: CPU time of this process (user + system), steadier on a shared machine",
+    )
     args = ap.parse_args()
 
     import safetensors.numpy
@@ -74,31 +89,42 @@ def main() -> None:
             "safetensors -> torch",
             lambda: safetensors.torch.load_file(st),
             {
+                "default (leased map)": lambda: tb.load(st, to="torch"),
                 "mmap=True": lambda: tb.load(st, to="torch", mmap=True),
-                "default (copy)": lambda: tb.load(st, to="torch"),
+                "mmap=False (copy)": lambda: tb.load(st, to="torch", mmap=False),
             },
         ),
         (
             "safetensors -> numpy",
             lambda: safetensors.numpy.load_file(st),
-            {"mmap=True": lambda: tb.load(st, mmap=True), "default (copy)": lambda: tb.load(st)},
+            {
+                "default (leased map)": lambda: tb.load(st),
+                "mmap=True": lambda: tb.load(st, mmap=True),
+                "mmap=False (copy)": lambda: tb.load(st, mmap=False),
+            },
         ),
         (
             ".npy -> numpy (np.load mmap_mode='r')",
             lambda: np.load(npy, mmap_mode="r"),
-            {"mmap=True": lambda: tb.load(npy, mmap=True), "default (copy)": lambda: tb.load(npy)},
+            {
+                "default (leased map)": lambda: tb.load(npy),
+                "mmap=True": lambda: tb.load(npy, mmap=True),
+                "mmap=False (copy)": lambda: tb.load(npy, mmap=False),
+            },
         ),
         (
             ".pt -> torch (torch.load mmap=True)",
             lambda: torch.load(pt, mmap=True, weights_only=True),
             {
+                "default (leased map)": lambda: tb.load(pt, to="torch"),
                 "mmap=True": lambda: tb.load(pt, to="torch", mmap=True),
-                "default (copy)": lambda: tb.load(pt, to="torch"),
+                "mmap=False (copy)": lambda: tb.load(pt, to="torch", mmap=False),
             },
         ),
     ]
     print(
-        f"# {args.mib} MiB in {args.tensors} float32 tensors, median of {args.repeats}, "
+        f"# {args.mib} MiB in {args.tensors} float32 tensors, median of {args.repeats} "
+        f"alternating runs, {args.clock} clock, "
         f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {os.cpu_count()} CPUs"
     )
     print(
@@ -106,14 +132,12 @@ def main() -> None:
         "load / load+touch (ms) | ratio load | ratio load+touch |"
     )
     print("|---|---|---|---|---|---|")
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     for title, ref, ours in cases:
         ref()  # warm the page cache and the imports
-        r_load = median_time(ref, args.repeats, False)
-        r_touch = median_time(ref, args.repeats, True)
         for label, fn in ours.items():
             fn()
-            o_load = median_time(fn, args.repeats, False)
-            o_touch = median_time(fn, args.repeats, True)
+            r_load, r_touch, o_load, o_touch = paired(ref, fn, args.repeats, clock)
             print(
                 f"| {title} | {r_load * 1e3:.2f} / {r_touch * 1e3:.1f} | {label} | "
                 f"{o_load * 1e3:.2f} / {o_touch * 1e3:.1f} | {o_load / r_load:.2f} | "
