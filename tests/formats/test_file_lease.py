@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="read leases are
 
 A = np.arange(1 << 18, dtype=np.float32)  # 1 MiB: file_lease.MIN_BYTES
 B = np.arange(12, dtype=np.int64).reshape(3, 4)
-KINDS = ["safetensors", "sharded", "pt", "npy"]
+KINDS = ["safetensors", "sharded", "pt", "npy", "npz"]
 
 
 def write(kind: str, d) -> str:
@@ -36,6 +36,9 @@ def write(kind: str, d) -> str:
     elif kind == "sharded":
         p = str(d / "ck") + "/"
         tb.save(tree, p, max_shard_size=64 << 10)  # (a alone in a shard)
+    elif kind == "npz":
+        p = str(d / "m.npz")
+        tb.save(tree, p)  # stored members, data 64-byte aligned (np.savez's are not aligned)
     elif kind == "pt":
         p = str(d / "m.pt")
         torch.save({k: torch.from_numpy(v) for k, v in tree.items()}, p)
