@@ -406,7 +406,8 @@ def load(
 
     By default (``mmap=None``) loads to NumPy and to torch on the CPU map the
     file's bytes instead of copying them (safetensors, sharded checkpoints,
-    stored ``.pt`` records, ``.npy``), so a load costs what the headers cost,
+    stored ``.pt`` records, ``.npy``, stored ``.npz`` members), so a load costs
+    what the headers cost (for ``.npz``, a pass over each member for its CRC),
     and the arrays still never change: a file replaced afterwards leaves them
     as they were, and on Linux a read lease turns a rewrite in place into a
     copy of the mapped bytes before the writer may go on. Where no lease can be

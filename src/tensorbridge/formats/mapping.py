@@ -1,10 +1,11 @@
 """Arrays that map a file's bytes instead of copying them (``load(..., mmap=...)``).
 
 Any reader that says where a tensor's exact bytes lie (:meth:`~.base.Reader.raw_span`:
-safetensors, sharded checkpoints, stored ``.pt`` records, C-order little-endian ``.npy``)
-can hand out a NumPy array over a private mapping of those bytes (``MAP_PRIVATE``, as
+safetensors, sharded checkpoints, stored ``.pt`` records, C-order little-endian ``.npy``,
+stored ``.npz`` members) can hand out a NumPy array over a private mapping of those bytes (``MAP_PRIVATE``, as
 ``safetensors.torch.load_file`` maps through ``torch.UntypedStorage.from_file``). Nothing
-is read until a page is touched, so a load costs what the headers cost.
+is read until a page is touched, so a load costs what the headers cost (and, for
+``.npz``, one pass that checks each member's CRC-32).
 
 What a mapping means:
 
