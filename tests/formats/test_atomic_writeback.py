@@ -283,3 +283,23 @@ def test_small_or_failed_replacements_are_freed_at_once(tmp_path, gated_release,
     assert freed == [] and not any(t.is_alive() for t in atomic._releasing)
     if fds is not None:  # the held descriptor was closed on the spot
         assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_any_buffer_is_written_as_plain_files_write_it(tmp_path, calls):
+    import array
+
+    block = np.arange(WRITEBACK_CHUNK // 4 + 3, dtype=np.float32).reshape(-1, 1)
+    with atomic_write(tmp_path / "x.bin") as f:
+        f.write(array.array("d", [1.5, 2.5]))
+        f.write(block)  # a 2-D float buffer: its bytes, in C order
+    assert (tmp_path / "x.bin").read_bytes() == array.array("d", [1.5, 2.5]).tobytes() + (
+        block.tobytes()
+    )
+    strided = np.arange(12, dtype=np.float32).reshape(3, 4).T
+    with open(os.devnull, "wb", buffering=0) as plain:
+        with pytest.raises(Exception) as expected:
+            plain.write(strided)
+    with pytest.raises(type(expected.value)):
+        with atomic_write(tmp_path / "x.bin") as f:
+            f.write(strided)
+    assert (tmp_path / "x.bin").read_bytes()[:16] == array.array("d", [1.5, 2.5]).tobytes()

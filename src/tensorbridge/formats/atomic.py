@@ -298,7 +298,10 @@ class _WritebackFile(io.FileIO):
     _high = 0  # the largest end of a write seen so far
 
     def write(self, b: Any, /) -> int:
-        view = memoryview(b).cast("B")
+        try:
+            view = memoryview(b).cast("B")
+        except TypeError:  # not C-contiguous: FileIO's own write refuses it as before
+            return super().write(b)
         n = len(view)
         done = 0
         while done < n:
