@@ -615,6 +615,9 @@ CASES: dict[str, Callable[[argparse.Namespace], list[dict]]] = {
 from routes import CASES as _ROUTE_CASES  # noqa: E402  (every route beside its plain call)
 
 CASES.update(_ROUTE_CASES)
+from formats_io import CASES as _FORMAT_CASES  # noqa: E402  (npz, sharded, gguf, zarr I/O)
+
+CASES.update(_FORMAT_CASES)
 
 
 # --------------------------------------------------------------------------- machine
