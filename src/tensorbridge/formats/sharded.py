@@ -94,7 +94,7 @@ from .atomic import atomic_write
 from .base import Format, RawSpan, Reader, TensorInfo
 from .names import check_unique, text_is_utf8
 from .safetensors import FORMAT as SAFETENSORS
-from .safetensors import build_header, open_regular_file, read_exact_into
+from .safetensors import SafetensorsReader, build_header, open_regular_file, read_exact_into
 
 __all__ = [
     "FORMAT",
@@ -412,6 +412,20 @@ class _Place:
         """``os.path.join(directory, name)`` once its target is known to be allowed and to
         be a regular file; ``what`` names the file in messages, ``where`` is the file blamed."""
         full = os.path.join(self.directory, name)
+        if name not in ("", ".", "..") and "/" not in name and os.sep not in name:
+            # A plain name that is not a link resolves to root/name: one lstat instead
+            # of realpath's one per component of the path.
+            try:
+                st = os.lstat(full)
+            except FileNotFoundError:
+                raise self._missing(what, where) from None
+            except OSError:
+                pass  # said below, as realpath and stat find it
+            else:
+                if not stat.S_ISLNK(st.st_mode):
+                    if not stat.S_ISREG(st.st_mode):
+                        raise self._not_regular(what, where)
+                    return full
         real = os.path.realpath(full)
         if os.path.dirname(real) not in (self.root, self.blobs):
             raise UnsafeContentError(
@@ -424,20 +438,28 @@ class _Place:
         try:
             mode = os.stat(real).st_mode
         except FileNotFoundError:
-            raise FileFormatError(
-                f"{what} does not exist. Fix: download the missing file, or restore the "
-                "complete checkpoint.",
-                where,
-            ) from None
+            raise self._missing(what, where) from None
         except OSError as exc:
             raise FileFormatError(
                 f"{what} cannot be read ({exc.strerror}). Fix: check its permissions.", where
             ) from exc
         if not stat.S_ISREG(mode):
-            raise FileFormatError(
-                f"{what} is not a regular file. Fix: replace it with the file.", where
-            )
+            raise self._not_regular(what, where)
         return full
+
+    @staticmethod
+    def _missing(what: str, where: str) -> FileFormatError:
+        return FileFormatError(
+            f"{what} does not exist. Fix: download the missing file, or restore the "
+            "complete checkpoint.",
+            where,
+        )
+
+    @staticmethod
+    def _not_regular(what: str, where: str) -> FileFormatError:
+        return FileFormatError(
+            f"{what} is not a regular file. Fix: replace it with the file.", where
+        )
 
 
 def _shard_name_problem(shard: object) -> str | None:
@@ -555,6 +577,11 @@ class ShardedReader(Reader):
         self.total_size: int | None = None
         self._generation: str | None = None
         self._stamps: dict[str, tuple[int, ...]] = {}
+        #: safetensors shards' spans, taken while each shard was open to be checked, so
+        #: that asking for them opens no shard again (its header would be parsed again)
+        self._spans: dict[str, RawSpan | None] = {}
+        #: the shard whose identity was last checked against its stamp for a span
+        self._span_shard: str | None = None
         index_path, directory, single, self.notes = _locate(path, _check_variant(variant))
         place = _Place(directory)
         if single is not None:
@@ -565,6 +592,7 @@ class ShardedReader(Reader):
                 self._infos = {i.name: i for i in r.infos()}
                 self.metadata = dict(r.metadata)
                 self._stamps[single] = _reader_stamp(r, single)
+                self._keep_spans(r, list(self._infos))
             self._where = {name: single for name in self._infos}
             return
         assert index_path is not None
@@ -638,8 +666,14 @@ class ShardedReader(Reader):
                 for name in listed:
                     found[name] = r.info(name)
                 self._stamps[shard_path] = _reader_stamp(r, shard_path)
+                self._keep_spans(r, listed)
         self._infos = {name: found[name] for name in weight_map}
         self._where = where
+
+    def _keep_spans(self, reader: Reader, names: list[str]) -> None:
+        if type(reader) is SafetensorsReader:  # a span there is an offset in a parsed header
+            for name in names:
+                self._spans[name] = reader.raw_span(name)
 
     def _check_version(self, reader: Reader, shard_path: str) -> None:
         """A shard written by tensorbridge carries its save's generation: it must be the
@@ -696,6 +730,7 @@ class ShardedReader(Reader):
         return self._current[1]
 
     def _drop_current(self) -> None:
+        self._span_shard = None  # the next span of any shard checks its identity again
         if self._current is not None:
             reader = self._current[1]
             self._current = None
@@ -711,9 +746,29 @@ class ShardedReader(Reader):
 
     def raw_span(self, name: str) -> RawSpan | None:
         """The byte range in its shard, as the shard's reader gives it (checked again,
-        by file identity, whenever it is opened)."""
+        by file identity, whenever it is opened).
+
+        A safetensors shard's spans were taken when it was checked at open: instead of
+        opening and parsing the shard again, its identity (device, inode, size, change
+        times) is compared with the one recorded then, whenever the spans asked for move
+        to another shard, as opening it again would compare them."""
         with self._lock:
-            return self._shard_reader(name).raw_span(name)
+            shard = self.shard_of(name)
+            if name not in self._spans or self._closed:
+                return self._shard_reader(name).raw_span(name)
+            if self._span_shard != shard:
+                try:
+                    now = _stamp(os.stat(shard))
+                except OSError:
+                    now = ()
+                if now != self._stamps[shard]:
+                    raise _changed(
+                        f"shard {safejson.short(os.path.basename(shard))} was "
+                        "replaced or modified since it was opened",
+                        self.path,
+                    )
+                self._span_shard = shard
+            return self._spans[name]
 
     def close(self) -> None:
         with self._lock:
