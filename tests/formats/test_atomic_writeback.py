@@ -303,3 +303,31 @@ def test_any_buffer_is_written_as_plain_files_write_it(tmp_path, calls):
         with atomic_write(tmp_path / "x.bin") as f:
             f.write(strided)
     assert (tmp_path / "x.bin").read_bytes()[:16] == array.array("d", [1.5, 2.5]).tobytes()
+
+
+def test_h5_datasets_of_many_dtypes_in_one_file_read_back_by_h5py(tmp_path):
+    """The writer makes its property lists and HDF5 types once per file: every dataset
+    still gets its own dtype, shape and bytes, as h5py's create_dataset would store them."""
+    h5py = pytest.importorskip("h5py")
+    rng = np.random.default_rng(3)
+    tree = {
+        "f32": rng.standard_normal((3, 5), dtype=np.float32),
+        "f32b": rng.standard_normal(7, dtype=np.float32),
+        "f64_big_endian": rng.standard_normal(4).astype(">f8"),
+        "i8": np.arange(-3, 3, dtype=np.int8),
+        "u16": np.arange(6, dtype=np.uint16).reshape(2, 3),
+        "scalar": np.array(2.5, np.float64),
+        "empty": np.zeros((0, 3), np.int32),
+        "bool": np.array([True, False, True]),
+    }
+    tbf.save(tree, tmp_path / "m.h5")
+    with h5py.File(tmp_path / "ref.h5", "w") as f:
+        for k, v in tree.items():
+            f.create_dataset(k, data=v)
+    with h5py.File(tmp_path / "m.h5", "r") as ours, h5py.File(tmp_path / "ref.h5", "r") as ref:
+        assert sorted(ours) == sorted(ref) == sorted(tree)
+        for k, v in tree.items():
+            got = ours[k][()]
+            assert got.shape == v.shape and got.dtype == v.dtype.newbyteorder("=")
+            assert ours[k].dtype == ref[k].dtype.newbyteorder("=")
+            assert np.asarray(got).tobytes() == v.astype(v.dtype.newbyteorder("=")).tobytes()
