@@ -710,12 +710,28 @@ def case_files_io(args: argparse.Namespace) -> list[dict]:
             for k, v in sd.items():
                 f.create_dataset(k, data=v)
 
+    small = {f"layers.{i}.bias": rng.standard_normal(16, dtype=np.float32) for i in range(1000)}
+
+    def h5_write_small() -> None:
+        with h5py.File(p("b-small.h5"), "w") as f:
+            for k, v in small.items():
+                f.create_dataset(k, data=v)
+
     writes.append(
         (
             "tb.save .h5",
             lambda: tb.save(sd, p("a.h5")),
             "h5py create_dataset per tensor",
             h5_write,
+            1.2,
+        )
+    )
+    writes.append(
+        (
+            "tb.save .h5, 1000 datasets of 16 floats",
+            lambda: tb.save(small, p("a-small.h5")),
+            "h5py create_dataset per tensor",
+            h5_write_small,
             1.2,
         )
     )
