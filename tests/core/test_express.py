@@ -108,6 +108,38 @@ def test_numpy_to_torch(copy):
     )
 
 
+def test_a_call_like_the_last_one_takes_its_route_and_options_still_count():
+    """convert() keeps the express route of its last plain call (no options) and takes it
+    for the next call of the same type and ``to``; anything else looks up its own."""
+    CONVERT.forget_express()
+    a = np.arange(4, dtype=np.float32)
+    ro = a.copy()
+    ro.flags.writeable = False
+    for _ in range(2):
+        t = tb.convert(a, to="torch")
+        assert ("torch", np.ndarray, _express(a, "torch", None)) == CONVERT._LAST
+        assert t.data_ptr() == a.ctypes.data  # shared
+        c = tb.convert(a, to="torch", copy=True)
+        assert c.data_ptr() != a.ctypes.data and c.tolist() == a.tolist()
+        h = tb.convert(a, to="torch", dtype="float16")
+        assert h.dtype == torch.float16 and h.tolist() == a.tolist()
+        r = tb.convert(ro, to="torch")  # the same type: read-only is asked per call
+        assert r.data_ptr() != ro.ctypes.data
+        f = tb.convert(a[::-1], to="torch")  # and flipped strides
+        assert f.tolist() == a[::-1].tolist()
+        back = tb.convert(t, to="numpy")  # another type and target
+        assert back.ctypes.data == a.ctypes.data
+        assert CONVERT._LAST[:2] == ("numpy", torch.Tensor)
+        assert tb.convert([a], to="torch")[0].data_ptr() == a.ctypes.data  # a tree
+        assert tb.convert(a, to="numpy") is a  # no express route: the memo stays
+        assert CONVERT._LAST[:2] == ("numpy", torch.Tensor)
+    a[0] = 9  # zero-copy proven by mutation
+    assert t[0].item() == 9 and back[0] == 9 and c[0].item() == 0
+    CONVERT.forget_express()
+    assert CONVERT._LAST == (None, None, None)
+    assert _express(a, "torch", None) is None
+
+
 def test_numpy_to_torch_shares_by_mutation():
     a = np.arange(8, dtype=np.float32)
     t = tb.to_torch(a)
@@ -512,8 +544,7 @@ def _record_fields():
 def test_strides_of_part_of_an_item_are_copied_and_never_taught(to, first):
     if to == "mlx":
         _mlx()
-    CONVERT._EXPRESS[to][0].clear()
-    CONVERT._EXPRESS[to][1].clear()
+    CONVERT.forget_express()
     sys.modules["tensorbridge.plan"]._PLANS.clear()
     whole = [np.arange(4.0), np.arange(4, dtype=np.int32), np.arange(8.0)[::2]]
     part = _record_fields()

@@ -51,9 +51,7 @@ def staged(monkeypatch):
 
 
 def _forget_express():
-    for tables in sys.modules["tensorbridge.convert"]._EXPRESS.values():
-        for table in tables:
-            table.clear()
+    sys.modules["tensorbridge.convert"].forget_express()
 
 
 def _bits(x) -> bytes:

@@ -105,14 +105,17 @@ class NumpyBackend(Backend):
         # route). An array that owns its memory (base None) was laid out by NumPy, with no
         # negative stride; a view is asked. (A foreign C array with negative strides and
         # no base makes the plan raise: the ordinary path then plans it.)
-        tables: tuple[dict[Any, Any], dict[Any, Any]] = ({}, {})
+        # (The table is picked by a conditional, not by indexing a pair with the flag: a
+        # bool index takes the tuple's slow path, ~0.02 µs in a 0.45 µs route.)
+        writable: dict[Any, Any] = {}
+        readonly: dict[Any, Any] = {}
 
         def run(a: np.ndarray) -> Any:
             if a.base is not None:
                 s = a.strides
                 if (s[0] < 0 or s[1] < 0) if len(s) == 2 else (s and min(s) < 0):
                     return None  # flipped: the kind says which dims, leave it to the planner
-            table = tables[a.flags.writeable]
+            table = writable if a.flags.writeable else readonly
             fn = table.get(a.dtype)
             if fn is None:
                 if len(table) >= 256:
