@@ -242,7 +242,7 @@ class TensorFlowBackend(Backend):
             or "sparse" in facts.notes
         ):
             return None  # the route already copies, or has no view to replace
-        return Step("Tensor.numpy()", True, _numpy_copy)
+        return Step("Tensor.numpy()", True, _tensor_numpy)
 
     def from_host_steps(self, facts: Facts, *, device: str | None, copy: bool | None) -> list[Step]:
         tf = self.load()
@@ -380,14 +380,11 @@ def _device_name(tf_device: str) -> str:
 
 #: ``t.numpy()`` as a C-level callable (a Python frame less per call than a lambda)
 def _tensor_numpy(t: Any) -> np.ndarray:
-    """``t.numpy()``, as an array (a 0-d tensor gives a NumPy scalar). A Python function,
+    """``t.numpy()``, TF's own copy (writable), as an array (a 0-d tensor gives a NumPy
+    scalar). The step of every route that copies with TF. A Python function,
     not ``operator.methodcaller``, which calls the Python method from C: slower than one
     Python function calling another."""
     return np.asarray(t.numpy())
-
-
-def _numpy_copy(t: Any) -> np.ndarray:
-    return np.asarray(t.numpy())  # TF's own copy, writable (a 0-d tensor gives a scalar)
 
 
 def _host_view(t: Any) -> np.ndarray:
