@@ -136,8 +136,9 @@ def _cast_facts(facts: Facts, dtype: str) -> Facts:
 
 
 def _host_copy(a: Any) -> Any:
-    # positive strides, the source's axis order (ndarray.copy is the cheaper spelling)
-    return a.copy(order="K") if type(a) is np.ndarray else np.array(a, copy=True, order="K")
+    # positive strides, the source's axis order (ndarray.copy is the cheaper spelling, and
+    # its order given by position cheaper than by keyword)
+    return a.copy("K") if type(a) is np.ndarray else np.array(a, copy=True, order="K")
 
 
 def _to_native(a: Any) -> Any:

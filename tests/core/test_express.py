@@ -219,6 +219,15 @@ def test_to_numpy_and_to_torch_take_the_same_routes():
     assert tb.to_torch(a).data_ptr() == a.ctypes.data
     assert tb.to_numpy(t).ctypes.data == t.data_ptr()
     assert tb.to_numpy(t, copy=True).ctypes.data != t.data_ptr()
+    # copy=True: the copy=True table, the same one convert() uses; copies proven by mutation
+    c = tb.to_torch(a, copy=True)
+    n = tb.to_numpy(t, copy=True)
+    assert _express(a, "torch", True) is not None and _express(t, "numpy", True) is not None
+    a[0] = 5
+    with torch.no_grad():
+        t[0] = 5
+    assert c[0].item() == 0 and n[0] == 0 and c.tolist()[1:] == a.tolist()[1:]
+    assert tb.to_torch(a, copy=True)[0].item() == 5 and tb.to_numpy(t, copy=True)[0] == 5
     # a cast takes its own express table; copy=False never does
     assert tb.to_torch(a, dtype="float16").dtype == torch.float16
     with pytest.raises(tb.CopyError):
