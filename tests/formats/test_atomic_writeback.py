@@ -12,7 +12,9 @@ import ctypes
 import errno
 import os
 import stat
+import subprocess
 import sys
+import textwrap
 import threading
 
 import numpy as np
@@ -331,3 +333,56 @@ def test_h5_datasets_of_many_dtypes_in_one_file_read_back_by_h5py(tmp_path):
             assert got.shape == v.shape and got.dtype == v.dtype.newbyteorder("=")
             assert ours[k].dtype == ref[k].dtype.newbyteorder("=")
             assert np.asarray(got).tobytes() == v.astype(v.dtype.newbyteorder("=")).tobytes()
+
+
+_FORK_CHILD = textwrap.dedent("""
+    import os, sys, threading, warnings
+    warnings.simplefilter("ignore")  # fork() with a thread running (the held release)
+    from tensorbridge.formats import atomic
+    gate = threading.Event()
+    real = atomic._release
+    def release(fd):  # the release thread waits until the fork is done
+        gate.wait(30)
+        real(fd)
+    atomic._release = release
+    path = sys.argv[1]
+    with atomic.atomic_write(path) as f:
+        f.write(b"o" * atomic.RELEASE_LATER_BYTES)
+    old = os.stat(path).st_ino
+    with atomic.atomic_write(path) as f:
+        f.write(b"n")
+    assert len(atomic._held) == 1  # the release thread waits: the old file is held
+
+    def holders():
+        found = []
+        for n in os.listdir("/proc/self/fd"):
+            try:
+                if os.stat(f"/proc/self/fd/{n}").st_ino == old:
+                    found.append(n)
+            except OSError:
+                pass
+        return found
+
+    assert holders(), "the parent should still hold the old file here"
+    pid = os.fork()
+    if pid == 0:
+        os._exit(3 if holders() else 0)
+    _, status = os.waitpid(pid, 0)
+    gate.set()
+    atomic.wait_released(30)
+    print("child", os.waitstatus_to_exitcode(status), "parent", len(holders()), flush=True)
+""")
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "O_PATH") or not hasattr(os, "fork"), reason="O_PATH and fork are Linux's"
+)
+def test_a_child_forked_before_the_release_does_not_keep_the_old_file(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", _FORK_CHILD, str(tmp_path / "big.bin")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["child", "0", "parent", "0"]

@@ -25,8 +25,10 @@ writeback does not consume).
 Replacing a large file frees it, which costs (its cached pages and blocks: ~15 ms for
 64 MiB); that freeing happens on a daemon thread after the write has returned, the
 replaced file held open until then (``O_PATH``, Linux; :func:`wait_released` waits
-for it). Nothing about durability changes: the new file, its name and the directory
-are on disk before the write returns, whoever frees the old one.
+for it; a process forked meanwhile closes its inherited copy at once, so a long-lived
+child does not keep the old file alive). Nothing about durability changes: the new
+file, its name and the directory are on disk before the write returns, whoever frees
+the old one.
 
 A SIGKILL can leave the temporary file behind; its name is recognisable
 (``.NAME.tb-tmp-PID-RANDOM``). The writer holds a lock on its temporary file
@@ -320,6 +322,26 @@ class _WritebackFile(io.FileIO):
 #: A replaced destination at least this large is freed after the write returns.
 RELEASE_LATER_BYTES = 1024 * 1024
 _releasing: list[threading.Thread] = []  # threads still closing a replaced file
+_held: set[int] = set()  # descriptors of replaced files not yet handed to os.close
+_held_lock = threading.Lock()
+
+
+def _forget_held_in_child() -> None:
+    """In a forked child: close the inherited descriptors of replaced files at once (no
+    release thread runs there), so that a long-lived child (a DataLoader worker forked
+    right after a save) does not keep the old file, and its disk space, alive."""
+    for fd in _held:
+        _close_quietly(fd)
+    _held.clear()
+    _held_lock.release()  # taken in the parent by the before-fork hook
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_held_lock.acquire,
+        after_in_parent=_held_lock.release,
+        after_in_child=_forget_held_in_child,
+    )
 
 
 def _hold_replaced(target: str) -> int | None:
@@ -349,19 +371,28 @@ def _close_quietly(fd: int | None) -> None:
             os.close(fd)
 
 
+def _release(fd: int) -> None:
+    """The release thread: close ``fd``, which frees the replaced file."""
+    with _held_lock:  # a fork in between sees it either held (and closes it) or gone
+        if fd not in _held:
+            return
+        _held.discard(fd)
+    _close_quietly(fd)
+
+
 def _release_later(fd: int | None) -> None:
     """Close ``fd`` (the replaced file) on a daemon thread, so that freeing it overlaps
     with whatever the caller does next; closed here where no thread can start."""
     if fd is None:
         return
     _releasing[:] = [t for t in _releasing if t.is_alive()]
-    thread = threading.Thread(
-        target=_close_quietly, args=(fd,), name="tensorbridge-release", daemon=True
-    )
+    with _held_lock:
+        _held.add(fd)
+    thread = threading.Thread(target=_release, args=(fd,), name="tensorbridge-release", daemon=True)
     try:
         thread.start()
     except RuntimeError:  # no new threads (interpreter shutting down)
-        _close_quietly(fd)
+        _release(fd)
         return
     _releasing.append(thread)
 
