@@ -140,6 +140,24 @@ def test_a_call_like_the_last_one_takes_its_route_and_options_still_count():
     assert _express(a, "torch", None) is None
 
 
+def test_strides_set_by_hand_on_an_owning_array_go_the_planned_way():
+    """An array that owns its memory is not asked for its strides; NumPy still lets a
+    size-1 dim's stride be set negative by hand (deprecated). The express route's plan
+    then refuses it, and the ordinary path converts it as explain says."""
+    a = np.zeros((1, 3), np.float32)
+    a[0] = [1, 2, 3]
+    with pytest.warns(DeprecationWarning):
+        a.strides = (-12, 4)
+    assert a.flags.owndata and a.base is None
+    tb.to_torch(np.zeros(2, np.float32))  # the express route has learnt float32
+    plan = tb.explain(a, to="torch")
+    assert "rewrite the strides" in str(plan)
+    t = tb.convert(a, to="torch")
+    assert t.tolist() == [[1.0, 2.0, 3.0]] and t.data_ptr() == a.ctypes.data
+    a[0, 0] = 9  # shared, as the plan says
+    assert t[0, 0].item() == 9
+
+
 def test_numpy_to_torch_shares_by_mutation():
     a = np.arange(8, dtype=np.float32)
     t = tb.to_torch(a)
