@@ -28,18 +28,34 @@ paid only by the rare load whose file is rewritten while its arrays are alive.
   handler of someone else's.
 
 What it costs others, and its limits: a writer of a leased file waits until the main
-thread runs the handler (microseconds; a copy of the mapped bytes for a large file). A
-main thread held in one C call, or a stopped process, holds writers up to the lease-break
-time; after it the kernel lets them go on, and the arrays then behave as ``mmap=True``
-arrays do (a rewrite shows through; a truncation makes lost pages SIGBUS), as they do when
-no memory can be had for the copy. ``os.truncate(path)`` of a leased file from this very
-process raises ``InterruptedError`` once (Python does not retry that call; writers that
-open the file are retried and unaffected). A child made by ``fork`` takes its own leases
-for the mappings it inherits (copying any it cannot lease at once).
+thread runs the handler (the break signal is directed at the main thread; the copies are
+made in a thread of their own, so a KeyboardInterrupt cannot stop one half way). That is
+milliseconds, plus the copy of a large file. A main thread held in one C call, or a
+stopped process, holds writers up to the lease-break time; after it the kernel lets them
+go on, and the arrays then behave as ``mmap=True`` arrays do (a rewrite shows through; a
+truncation makes lost pages SIGBUS), as they do when no memory can be had for the copy.
+Also:
+
+- the copy is of the whole mapped file, even where one small tensor of it is still
+  alive, and each process holding the mapping (a ``fork``\ ed child too) makes its own;
+- a write into the arrays by another thread while the copy is made is kept if it runs
+  Python code (the copy keeps the GIL), but may be lost if it runs without the GIL (a
+  torch op in another thread);
+- a writer that opens the file with ``O_NONBLOCK`` (coreutils ``truncate``) gets
+  ``EAGAIN`` instead of waiting; ``os.truncate(path)`` of a leased file from this very
+  process raises ``InterruptedError`` once (Python does not retry that call);
+- ``open(path, O_RDONLY | O_TRUNC)`` truncates without breaking a read lease (a kernel
+  gap): arrays over a file truncated that way fault (SIGBUS) on lost pages.
+
+A child made by ``fork`` takes its own leases for the mappings it inherits (copying any it
+cannot lease at once). At exit, the lease signal is ignored (Python restores default
+handlers after ``atexit``, and the default would end the process).
 """
 
 from __future__ import annotations
 
+import _thread
+import atexit
 import contextlib
 import ctypes
 import fcntl
@@ -49,6 +65,7 @@ import mmap
 import os
 import resource
 import signal
+import struct
 import sys
 import threading
 import weakref
@@ -80,6 +97,9 @@ _GUARDS: dict[int, _Guard] = {}  # by token, not descriptor: numbers are reused
 _TOKENS = itertools.count()
 _SIGNAL: int | None = None
 _LIBC: Any = None
+_MAIN_TID = 0  # the thread the break signal is sent to (Python runs handlers there)
+_F_SETOWN_EX = getattr(fcntl, "F_SETOWN_EX", 15)
+_F_OWNER_TID = 0
 
 
 def guards() -> int:
@@ -90,7 +110,9 @@ def guards() -> int:
 def _libc() -> Any:
     global _LIBC
     if _LIBC is None:
-        libc = ctypes.CDLL(None, use_errno=True)
+        # PyDLL: the calls keep the GIL, so no Python thread writes into a mapping while
+        # it is copied and moved
+        libc = ctypes.PyDLL(None, use_errno=True)
         libc.mmap.restype = ctypes.c_void_p
         libc.mmap.argtypes = [
             ctypes.c_void_p,
@@ -110,6 +132,8 @@ def _libc() -> Any:
         ]
         libc.munmap.restype = ctypes.c_int
         libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.memmove.restype = ctypes.c_void_p
+        libc.memmove.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
         _LIBC = libc
     return _LIBC
 
@@ -137,8 +161,31 @@ def _install() -> bool:
     # cannot queue the real-time signal: take SIGIO too, unless someone else has it.
     if signal.getsignal(signal.SIGIO) == signal.SIG_DFL:
         signal.signal(signal.SIGIO, _on_break)
+    global _MAIN_TID
+    _MAIN_TID = threading.get_native_id()
     os.register_at_fork(after_in_child=_after_fork)
+    atexit.register(_at_exit)
     return True
+
+
+def _at_exit() -> None:
+    """Python puts its handlers back to the defaults after ``atexit``, and the default action
+    of the lease signal ends the process: ignore it instead (a writer then waits until this
+    process has exited, when the kernel drops its leases)."""
+    if _SIGNAL is not None:
+        signal.signal(_SIGNAL, signal.SIG_IGN)
+    if signal.getsignal(signal.SIGIO) is _on_break:
+        signal.signal(signal.SIGIO, signal.SIG_IGN)
+
+
+def _lease(fd: int) -> None:
+    """Take a read lease on ``fd`` whose break signal goes to the main thread. (The kernel
+    sends it to the thread that took the lease: one that has ended gets nothing, and
+    another one may leave the main thread uninterrupted.)"""
+    assert _SIGNAL is not None
+    fcntl.fcntl(fd, _F_SETSIG, _SIGNAL)
+    fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_RDLCK)
+    fcntl.fcntl(fd, _F_SETOWN_EX, struct.pack("ii", _F_OWNER_TID, _MAIN_TID))
 
 
 def guarded_map(fd: int) -> mmap.mmap | None:
@@ -155,8 +202,7 @@ def guarded_map(fd: int) -> mmap.mmap | None:
     guard = _Guard(fd)
     _GUARDS[token] = guard  # before the lease: a break that comes at once finds it
     try:
-        fcntl.fcntl(fd, _F_SETSIG, _SIGNAL)
-        fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_RDLCK)
+        _lease(fd)
         mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
     except (OSError, ValueError):  # refused (EAGAIN, EACCES, EINVAL); ValueError: empty
         _release(token)  # (unless a break came first and did it)
@@ -205,40 +251,71 @@ def _snapshot(mapped: mmap.mmap) -> bool:
     copy = libc.mmap(None, length, prot, flags, -1, 0)
     if copy is None or copy == ctypes.c_void_p(-1).value:
         return False
-    ctypes.memmove(copy, address, length)
-    moved = libc.mremap(copy, length, length, _MREMAP_MAYMOVE | _MREMAP_FIXED, address)
+    # No thread switch between the copy and the move (a write in between would be lost):
+    # the calls keep the GIL, and the switch interval outlasts both.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(60.0)
+    try:
+        libc.memmove(copy, address, length)
+        moved = libc.mremap(copy, length, length, _MREMAP_MAYMOVE | _MREMAP_FIXED, address)
+    finally:
+        sys.setswitchinterval(interval)
     if moved != address:
         libc.munmap(copy, length)
         return False
     return True
 
 
-def _settle(token: int) -> None:
-    """A lease of ``token``'s file is breaking: copy its mapping, then let the writer on."""
-    guard = _GUARDS.pop(token, None)
-    if guard is None:
-        return
-    mapped = guard.mapping() if guard.mapping is not None else None
-    if mapped is not None and not mapped.closed:  # (held while copying: never unmapped)
-        _snapshot(mapped)
-    del mapped
-    _unlease(guard.fd)
-    os.close(guard.fd)
+def _settle(guards: list[_Guard]) -> None:
+    """Leases of these files are breaking: copy their mappings, then let the writers on."""
+    for guard in guards:
+        try:
+            mapped = guard.mapping() if guard.mapping is not None else None
+            if mapped is not None and not mapped.closed:  # (held while copied: never unmapped)
+                _snapshot(mapped)
+            del mapped
+        finally:
+            _unlease(guard.fd)
+            os.close(guard.fd)
 
 
 def _on_break(signum: int, frame: object) -> None:
+    breaking = []
     for token, guard in list(_GUARDS.items()):
         try:
             lease = fcntl.fcntl(guard.fd, _F_GETLEASE)
         except OSError:
             lease = fcntl.F_UNLCK
-        if lease != fcntl.F_RDLCK:  # breaking (or broken): the target type shows
-            _settle(token)
+        if lease != fcntl.F_RDLCK and _GUARDS.pop(token, None) is not None:  # breaking
+            breaking.append(guard)
+    if not breaking:
+        return
+    # The copies are made in a thread of their own: Python runs signal handlers (a
+    # KeyboardInterrupt) in the main thread only, so none can stop a copy half way. This
+    # thread waits for it (a KeyboardInterrupt may end the wait; the copies go on). A bare
+    # _thread: threading's own locks may be held by the code this handler interrupted.
+    done = _thread.allocate_lock()
+    done.acquire()
+
+    def work() -> None:
+        try:
+            _settle(breaking)
+        finally:
+            done.release()
+
+    try:
+        _thread.start_new_thread(work, ())
+    except RuntimeError:  # no new threads (interpreter shutdown): copy here
+        _settle(breaking)
+        return
+    done.acquire()
 
 
 def _after_fork() -> None:
     """In a child: the leases are the parent's. Lease a new descriptor of each mapped file
     (copy the mapping where that is refused); close the inherited descriptors."""
+    global _MAIN_TID
+    _MAIN_TID = threading.get_native_id()  # (the forking thread is the child's main thread)
     inherited = list(_GUARDS.items())
     _GUARDS.clear()
     for _token, guard in inherited:
@@ -263,9 +340,7 @@ def _after_fork() -> None:
         try:
             if fd < 0:
                 raise OSError("no descriptor")
-            assert _SIGNAL is not None
-            fcntl.fcntl(fd, _F_SETSIG, _SIGNAL)
-            fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_RDLCK)
+            _lease(fd)
         except OSError:
             _GUARDS.pop(token, None)
             _snapshot(mapped)
