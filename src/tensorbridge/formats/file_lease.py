@@ -37,7 +37,7 @@ truncation makes lost pages SIGBUS), as they do when no memory can be had for th
 Also:
 
 - the copy is of the whole mapped file, even where one small tensor of it is still
-  alive, and each process holding the mapping (a ``fork``\ ed child too) makes its own;
+  alive, and each process holding the mapping (a child made by ``fork`` too) makes its own;
 - a write into the arrays by another thread while the copy is made is kept if it runs
   Python code (the copy keeps the GIL), but may be lost if it runs without the GIL (a
   torch op in another thread);
