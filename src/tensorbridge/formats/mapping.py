@@ -57,6 +57,9 @@ def should_map(path: str, mode: bool | None) -> str:
     return "lease" if sys.platform == "linux" else "copy"
 
 
+_UNSEEN: Any = object()
+
+
 class FileMaps:
     """One private mapping per file, shared by the arrays of that file (each array keeps
     its mapping alive). ``leased``: map only files a read lease can be held on
@@ -66,7 +69,7 @@ class FileMaps:
 
     def __init__(self, leased: bool = False) -> None:
         self._leased = leased
-        self._maps: dict[tuple[str, Any], mmap.mmap | None] = {}
+        self._maps: dict[tuple[str, Any], Any] = {}  # an mmap.mmap, or None: not mapped
 
     def array(self, reader: Reader, name: str) -> np.ndarray | None:
         """Tensor ``name`` of ``reader`` over a mapping of its file, or ``None`` when its
@@ -76,14 +79,15 @@ class FileMaps:
         span = reader.raw_span(name)
         if span is None:
             return None
+        key = (span.path, span.file_id)
+        mapped = self._maps.get(key, _UNSEEN)
+        if mapped is None:  # a file that is not mapped (leased: small, or no lease)
+            return None
         info = reader.info(name)
         dtype = lookup(info.dtype).numpy
         if span.nbytes != info.nbytes or span.offset % max(dtype.alignment, 1):
             return None  # a misaligned tensor is copied (torch refuses unaligned memory)
-        key = (span.path, span.file_id)
-        if key in self._maps:
-            mapped = self._maps[key]
-        else:
+        if mapped is _UNSEEN:
             fd = open_span(span)  # refuses a file replaced since the reader checked it
             if self._leased:
                 from .file_lease import guarded_map  # (Linux only: fcntl)
