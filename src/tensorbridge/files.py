@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from .convert import convert
+from .dtypes import canonical_name
 from .errors import CheckpointChangedError, ConversionError, TensorBridgeError, message
 from .formats import Reader, TensorInfo, format_for_path
 from .formats.base import Format, check_metadata
@@ -155,6 +156,11 @@ def tensor_info(name: str, leaf: Any, keys: tuple[Any, ...] = ()) -> tuple[Tenso
     Python scalars become 0-d NumPy arrays; anything else that is not a tensor
     is refused with :class:`ConversionError` naming its path.
     """
+    if type(leaf) is np.ndarray:  # the common leaf: only its dtype and shape are asked for
+        try:
+            return TensorInfo(name, canonical_name(leaf.dtype), leaf.shape), leaf
+        except TensorBridgeError as exc:
+            raise exc.at(format_path(keys) or "(root)") from exc.__cause__
     if type(leaf) in _SCALARS:
         leaf = np.asarray(leaf)
     backend = backend_of(type(leaf))
