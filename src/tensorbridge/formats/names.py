@@ -8,6 +8,7 @@ extracted, confuse tools that split on ``/``, or fail half-way through a write.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from ..errors import UnsafeContentError
@@ -30,12 +31,17 @@ def text_is_utf8(text: str) -> bool:
     return True
 
 
+_PLAIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:\-]*").fullmatch
+
+
 def check_name(name: object, file: object = "", *, writing: bool = False) -> None:
     """Raise :class:`UnsafeContentError` unless ``name`` is a safe tensor name.
 
     ``writing``: also refuse a lone surrogate. A file may hold one (a JSON ``\\ud800``
     escape) and it is read, so that ``inspect`` can show it (escaped); no file can be
     written with it, as UTF-8 cannot encode it."""
+    if type(name) is str and _PLAIN(name) and ".." not in name:
+        return  # ASCII letters, digits, _ . - : with no slash: none of the refusals below apply
     if not isinstance(name, str):
         raise UnsafeContentError(
             f"tensor name {short(name)} is a {type(name).__name__}, not a string. "
