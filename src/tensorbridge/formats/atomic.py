@@ -55,7 +55,7 @@ import struct
 import sys
 import threading
 from collections.abc import Iterator
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from ..errors import FileFormatError, TensorBridgeError
 
@@ -71,6 +71,7 @@ __all__ = [
     "WRITEBACK_CHUNK",
     "lock_new_file",
     "lock_directory",
+    "Commit",
     "TMP_MARKER",
     "SPOOL_MARKER",
 ]
@@ -471,7 +472,11 @@ def _check_target(
 
 @contextlib.contextmanager
 def _replacing(
-    path: str | os.PathLike[str], example: str, follow_symlinks: bool, ofd: bool
+    path: str | os.PathLike[str],
+    example: str,
+    follow_symlinks: bool,
+    ofd: bool,
+    commit: Commit | None = None,
 ) -> Iterator[tuple[str, int]]:
     """Create a temporary sibling of ``path``; on success move it over ``path``.
 
@@ -516,64 +521,195 @@ def _replacing(
     replaced = None
     try:
         yield tmp, fd
-        os.chmod(tmp, mode)
-        replaced = _hold_replaced(target)
-        os.replace(tmp, target)
+        if commit is None:
+            os.chmod(tmp, mode)
+            replaced = _hold_replaced(target)
+            os.replace(tmp, target)
     except BaseException as exc:
         _close_quietly(replaced)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         os.close(lock_fd)
         if isinstance(exc, OSError) and not isinstance(exc, TensorBridgeError):
-            if exc.errno in _DISK_FULL:
-                why, fix = "the disk is full", "free space or choose another destination"
-            elif exc.errno == errno.EFBIG:
-                why = "the file would exceed the largest file this process may write"
-                fix = (
-                    "raise the file-size limit (`ulimit -f unlimited`), or write to a file "
-                    "system that holds larger files, or write a sharded checkpoint"
-                )
-            else:
-                why = exc.strerror or str(exc)
-                fix = (
-                    "check that the destination's directory exists and is writable, or "
-                    "choose another destination"
-                )
-            raise FileFormatError(
-                f"writing failed ({why}); the destination was left unchanged. Fix: {fix}, "
-                "then retry.",
-                path,
-            ) from exc
+            raise _write_failed(exc, path) from exc
         raise
+    if commit is not None:  # fsynced and renamed later, with the others (see Commit)
+        commit._pending.append(_Pending(tmp, lock_fd, target, mode, path))
+        return
     os.close(lock_fd)
     fsync_dir(directory)
     _release_later(replaced)
 
 
+def _write_failed(exc: OSError, path: str | os.PathLike[str]) -> FileFormatError:
+    """The error reported for an ``OSError`` while a replacement was written."""
+    if exc.errno in _DISK_FULL:
+        why, fix = "the disk is full", "free space or choose another destination"
+    elif exc.errno == errno.EFBIG:
+        why = "the file would exceed the largest file this process may write"
+        fix = (
+            "raise the file-size limit (`ulimit -f unlimited`), or write to a file "
+            "system that holds larger files, or write a sharded checkpoint"
+        )
+    else:
+        why = exc.strerror or str(exc)
+        fix = (
+            "check that the destination's directory exists and is writable, or "
+            "choose another destination"
+        )
+    return FileFormatError(
+        f"writing failed ({why}); the destination was left unchanged. Fix: {fix}, then retry.",
+        path,
+    )
+
+
+def _fsync_outcome(fd: int) -> OSError | None:
+    """fsync ``fd``; the error instead of raising it (so every flush runs to its end)."""
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        return exc
+    return None
+
+
+class _Pending(NamedTuple):
+    tmp: str  #: the temporary file, complete but neither fsynced nor renamed
+    lock_fd: int  #: holds its lock; fsynced through
+    target: str  #: what it replaces
+    mode: int  #: the mode it gets
+    path: str | os.PathLike[str]  #: as the caller named it (for messages)
+
+
+#: threads that flush a :class:`Commit`'s files together
+FSYNC_THREADS = 16
+
+
+class Commit:
+    """Atomic replacements that pay their fsyncs together instead of one after another.
+
+    A write opened with ``atomic_write(path, commit=c)`` (or ``atomic_path``) is written
+    into its temporary file as usual, but when its block ends the file is neither
+    fsynced nor renamed: it waits in ``c``. :meth:`flush` fsyncs every waiting file at
+    once, from several threads, so the file system commits them in one journal
+    transaction instead of one each; :meth:`publish` then renames the first waiting
+    files over their destinations, in the order they were written, and fsyncs their
+    directories once. Nothing is renamed before it was fsynced, and a publish returns
+    only once its names are durable, so a caller orders what a crash may leave by
+    calling :meth:`publish` in steps (a sharded save: every shard, then the index).
+
+    Leaving a ``with c:`` block (by an exception, or with files never published)
+    removes every temporary file not yet renamed; what was renamed stays (the caller
+    owns it). Errors are :class:`~tensorbridge.errors.FileFormatError`, as for one write.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[_Pending] = []
+        self._flushed = 0  # the first this many pending files are fsynced
+
+    def __len__(self) -> int:
+        """How many written files wait to be published."""
+        return len(self._pending)
+
+    def __enter__(self) -> Commit:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()
+
+    def flush(self) -> None:
+        """fsync every waiting file's data, all at once; the first error is raised once
+        every flush has ended."""
+        todo = self._pending[self._flushed :]
+        if len(todo) <= 1:
+            outcomes = [_fsync_outcome(p.lock_fd) for p in todo]
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(
+                min(FSYNC_THREADS, len(todo)), thread_name_prefix="tensorbridge-fsync"
+            ) as pool:
+                outcomes = list(pool.map(_fsync_outcome, [p.lock_fd for p in todo]))
+        for p, exc in zip(todo, outcomes, strict=True):
+            if exc is not None:  # the first error, once every flush has ended
+                raise _write_failed(exc, p.path) from exc
+        self._flushed = len(self._pending)
+
+    def publish(self, count: int | None = None) -> None:
+        """Rename the first ``count`` waiting files (all: ``None``) over their
+        destinations, in order, then fsync their directories; they are flushed first
+        if :meth:`flush` was not called since they were written."""
+        if self._flushed < len(self._pending):
+            self.flush()
+        n = len(self._pending) if count is None else count
+        batch, self._pending = self._pending[:n], self._pending[n:]
+        self._flushed -= len(batch)
+        directories: list[str] = []
+        try:
+            while batch:
+                p = batch[0]
+                try:
+                    os.chmod(p.tmp, p.mode)
+                    replaced = _hold_replaced(p.target)
+                    try:
+                        os.replace(p.tmp, p.target)
+                    except BaseException:
+                        _close_quietly(replaced)
+                        raise
+                except OSError as exc:
+                    raise _write_failed(exc, p.path) from exc
+                batch.pop(0)
+                os.close(p.lock_fd)
+                _release_later(replaced)
+                d = os.path.dirname(p.target) or "."
+                if d not in directories:
+                    directories.append(d)
+        finally:
+            self._pending[:0] = batch  # not renamed (an error): abort removes them
+            self._flushed += len(batch)
+            for d in directories:  # what was renamed is durable either way
+                fsync_dir(d)
+
+    def abort(self) -> None:
+        """Remove every temporary file not yet renamed."""
+        pending, self._pending, self._flushed = self._pending, [], 0
+        for p in pending:
+            with contextlib.suppress(OSError):
+                os.unlink(p.tmp)
+            _close_quietly(p.lock_fd)
+
+
 @contextlib.contextmanager
 def atomic_write(
-    path: str | os.PathLike[str], *, follow_symlinks: bool = True
+    path: str | os.PathLike[str], *, follow_symlinks: bool = True, commit: Commit | None = None
 ) -> Iterator[BinaryIO]:
     """Open a temporary file that replaces ``path`` when the block succeeds.
 
     ``follow_symlinks=False`` replaces a symlink at ``path`` itself rather than its target.
+    With ``commit``, the complete file waits there to be fsynced and renamed with
+    others (see :class:`Commit`).
     """
-    with _replacing(path, "model.safetensors", follow_symlinks, ofd=False) as (_tmp, fd):
+    with _replacing(path, "model.safetensors", follow_symlinks, False, commit) as (_tmp, fd):
         with io.BufferedWriter(_WritebackFile(fd, "wb")) as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if commit is None:
+                os.fsync(f.fileno())
+            else:  # the disk starts on it while the next file is written
+                start_writeback(f.fileno())
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str], *, follow_symlinks: bool = True) -> Iterator[str]:
+def atomic_path(
+    path: str | os.PathLike[str], *, follow_symlinks: bool = True, commit: Commit | None = None
+) -> Iterator[str]:
     """Like :func:`atomic_write`, but yields a temporary *path* for libraries
     (h5py) that must open the file themselves. It replaces ``path`` on success.
 
     The temporary file stays locked (an OFD lock, which does not block HDF5's own
     ``flock``) through a descriptor held here until it is renamed or removed.
     """
-    with _replacing(path, "model.h5", follow_symlinks, ofd=True) as (tmp, fd):
+    with _replacing(path, "model.h5", follow_symlinks, True, commit) as (tmp, fd):
         os.close(fd)
         yield tmp
-        _fsync_path(tmp)
+        if commit is None:
+            _fsync_path(tmp)

@@ -55,7 +55,7 @@ import numpy as np
 from ..dtypes import DTYPES, canonical_name, lookup
 from ..errors import CheckpointChangedError, ConversionError, FileFormatError, UnsafeContentError
 from . import safejson
-from .atomic import atomic_path, atomic_write, start_writeback
+from .atomic import Commit, atomic_path, atomic_write, start_writeback
 from .base import Format, RawSpan, Reader, TensorInfo, check_metadata, first_axis_rows
 from .names import check_unique
 from .safejson import short
@@ -779,10 +779,13 @@ class SafetensorsFormat(Format):
         *,
         landed: Callable[[str, int, int, int], None] | None = None,
         checked: bool = False,
+        commit: Commit | None = None,
     ) -> None:
         """Stream ``infos`` into ``path`` atomically, one fetched tensor at a time.
 
         ``checked=True`` skips the checks of :meth:`check_write` (the caller ran them).
+        With ``commit``, the written file waits there to be fsynced and renamed together
+        with others (:class:`.atomic.Commit`; a sharded save's shards).
 
         ``fetch(name)`` returns an array, or a :class:`RawSpan` whose bytes are
         copied kernel-side from the source file. After each such copy,
@@ -799,7 +802,7 @@ class SafetensorsFormat(Format):
             header = self._preflight(path, infos, metadata, None)[1]
         sources = SpanFiles()
         try:
-            with atomic_write(path) as f:
+            with atomic_write(path, commit=commit) as f:
                 f.write(header)
                 kicked = 0  # bytes before this were handed to writeback already
                 for info in infos:

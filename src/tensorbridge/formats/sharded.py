@@ -55,7 +55,13 @@ directory (so concurrent saves take turns), first removes temporary files of
 killed writers, then writes each shard atomically under a name that does not
 exist yet (the standard names, or, if any is taken, ``{prefix}-<8 hex>-0000K-of-0000N``
 for every shard), then the index atomically (a symlinked index, as in a Hugging
-Face cache snapshot, is replaced as a link, never written through), and only then
+Face cache snapshot, is replaced as a link, never written through). The files are
+written as temporary files and flushed together (:class:`.atomic.Commit`: one ``fsync``
+per file, all at once, from several threads, so the file system commits them together
+rather than one journal commit after another); then the shards' names land and the
+directory is fsynced, and only then the index's name, and the directory again (a save
+of more than :data:`PENDING_SHARDS` shards lands them in groups of that many, all
+before the index). Every shard and the index are durable before the save returns. Last, it
 removes the files named ``{prefix}[-<8 hex>]-NNNNN-of-MMMMM.safetensors`` that the new index
 does not list (the previous save's shards, a killed save's), and the single file
 ``{prefix}.safetensors`` the index supersedes (``from_pretrained`` reads it before the index,
@@ -119,6 +125,26 @@ _DEFAULT_INDEX = "model.safetensors.index.json"
 _SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 #: The largest max_shard_size (2**63 - 1: a file offset's limit).
 MAX_SHARD_SIZE = 2**63 - 1
+#: Written shards that wait (each holding a descriptor) to be flushed together; past
+#: this many (or a sixteenth of the open-file limit, if less) they land, and the next
+#: ones form another group, all before the index.
+PENDING_SHARDS = 64
+
+
+def _pending_limit() -> int:
+    """How many written shards may wait for their flush: :data:`PENDING_SHARDS`, or less
+    under a low open-file limit (each waiting shard holds a descriptor)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return PENDING_SHARDS
+    if soft == resource.RLIM_INFINITY:
+        return PENDING_SHARDS
+    return max(1, min(PENDING_SHARDS, soft // 16))
+
+
 #: An index larger than this is refused before it is read into memory.
 MAX_INDEX_SIZE = 100_000_000
 
@@ -962,36 +988,55 @@ class ShardedFormat(Format):
             written: list[str] = []
             shard_meta = {"format": "pt", GENERATION_KEY: generation}
             try:
-                if write_shards is not None:  # the names are new: removing them is safe
-                    jobs = [
-                        (os.path.join(directory, n), g, shard_meta)
-                        for n, g in zip(names, groups, strict=True)
-                    ]
-                    written.extend(job[0] for job in jobs)
-                    write_shards(jobs)
-                else:
-                    for shard, group in zip(names, groups, strict=True):
-                        final = os.path.join(directory, shard)
-                        written.append(final)  # safetensors' atomic write removes its own temp
-                        SAFETENSORS.write(
-                            final, group, fetch, shard_meta, landed=landed, checked=True
+                # Every file is written first and flushed together (one journal commit for
+                # all, not one each); then the shards' names land and are made durable, and
+                # only then the index's: a crash leaves the old index (whose shards were
+                # never touched) or the new one with every shard it names.
+                with atomic.Commit() as commit:
+                    pending = _pending_limit()
+                    if write_shards is not None:  # the names are new: removing them is safe
+                        jobs = [
+                            (os.path.join(directory, n), g, shard_meta)
+                            for n, g in zip(names, groups, strict=True)
+                        ]
+                        written.extend(job[0] for job in jobs)
+                        write_shards(jobs)  # each shard fsynced and renamed, its directory too
+                    else:
+                        for shard, group in zip(names, groups, strict=True):
+                            final = os.path.join(directory, shard)
+                            written.append(final)  # the commit removes its temporary file
+                            SAFETENSORS.write(
+                                final,
+                                group,
+                                fetch,
+                                shard_meta,
+                                landed=landed,
+                                checked=True,
+                                commit=commit,
+                            )
+                            if len(commit) >= pending:  # bounded open files
+                                commit.publish()  # new names: the old index never sees them
+                    shards = len(commit)
+                    index = {
+                        "metadata": {**user_metadata, "total_size": sum(i.nbytes for i in infos)},
+                        "weight_map": {
+                            i.name: shard
+                            for shard, group in zip(names, groups, strict=True)
+                            for i in group
+                        },
+                        GENERATION_KEY: generation,
+                    }
+                    # the link itself is replaced, as the shards are (a Hugging Face cache
+                    # snapshot links into content-addressed blobs that must not change)
+                    with atomic_write(index_path, follow_symlinks=False, commit=commit) as f:
+                        f.write(
+                            (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
                         )
-                atomic.fsync_dir(directory)
-                index = {
-                    "metadata": {**user_metadata, "total_size": sum(i.nbytes for i in infos)},
-                    "weight_map": {
-                        i.name: shard
-                        for shard, group in zip(names, groups, strict=True)
-                        for i in group
-                    },
-                    GENERATION_KEY: generation,
-                }
-                # the link itself is replaced, as the shards are (a Hugging Face cache
-                # snapshot links into content-addressed blobs that must not change)
-                with atomic_write(index_path, follow_symlinks=False) as f:
-                    f.write(
-                        (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-                    )
+                    commit.flush()  # every shard's bytes and the index's, all at once
+                    commit.publish(shards)  # the shards' names, then the directory
+                    if write_shards is not None:
+                        atomic.fsync_dir(directory)
+                    commit.publish()  # the index, then the directory
             except BaseException:
                 _unlink_all(written)  # the old index and its shards were never touched
                 atomic.fsync_dir(directory)
