@@ -34,13 +34,19 @@ milliseconds, plus the copy of a large file. A main thread held in one C call, o
 stopped process, holds writers up to the lease-break time; after it the kernel lets them
 go on, and the arrays then behave as ``mmap=True`` arrays do (a rewrite shows through; a
 truncation makes lost pages SIGBUS), as they do when no memory can be had for the copy.
+The same holds for a main thread that waits in ``signal.sigwait`` (glibc retries it when
+interrupted, so the handler never runs): a daemon that blocks SIGTERM and sigwaits for it
+in the main thread should load with ``mmap=False``.
 Also:
 
 - the copy is of the whole mapped file, even where one small tensor of it is still
   alive, and each process holding the mapping (a child made by ``fork`` too) makes its own;
 - a write into the arrays by another thread while the copy is made is kept if it runs
-  Python code (the copy keeps the GIL), but may be lost if it runs without the GIL (a
-  torch op in another thread);
+  Python code (the copy and the move are made back to back from C, keeping the GIL), but
+  may be lost if it runs without the GIL (a torch op in another thread);
+- the mapping is made through an open file description of its own, so closing the
+  lease's descriptor gives the lease up even where ``F_UNLCK`` is refused (privileges
+  dropped since the load);
 - a writer that opens the file with ``O_NONBLOCK`` (coreutils ``truncate``) gets
   ``EAGAIN`` instead of waiting; ``os.truncate(path)`` of a leased file from this very
   process raises ``InterruptedError`` once (Python does not retry that call);
@@ -60,8 +66,10 @@ import contextlib
 import ctypes
 import fcntl
 import functools
+import gc
 import itertools
 import mmap
+import operator
 import os
 import resource
 import signal
@@ -203,7 +211,13 @@ def guarded_map(fd: int) -> mmap.mmap | None:
     _GUARDS[token] = guard  # before the lease: a break that comes at once finds it
     try:
         _lease(fd)
-        mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+        # mapped through an open file description of its own: closing ``fd`` then gives the
+        # lease up even where F_UNLCK is refused (privileges dropped since: EACCES)
+        own = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            mapped = mmap.mmap(own, 0, access=mmap.ACCESS_COPY)
+        finally:
+            os.close(own)
     except (OSError, ValueError):  # refused (EAGAIN, EACCES, EINVAL); ValueError: empty
         _release(token)  # (unless a break came first and did it)
         return None
@@ -252,14 +266,21 @@ def _snapshot(mapped: mmap.mmap) -> bool:
     if copy is None or copy == ctypes.c_void_p(-1).value:
         return False
     # No thread switch between the copy and the move (a write in between would be lost):
-    # the calls keep the GIL, and the switch interval outlasts both.
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(60.0)
+    # the calls keep the GIL, and are made one after the other from C (map), where the
+    # interpreter never offers the GIL to another thread; no collection runs in between.
+    steps = (
+        functools.partial(libc.memmove, copy, address, length),
+        functools.partial(
+            libc.mremap, copy, length, length, _MREMAP_MAYMOVE | _MREMAP_FIXED, address
+        ),
+    )
+    collecting = gc.isenabled()
+    gc.disable()
     try:
-        libc.memmove(copy, address, length)
-        moved = libc.mremap(copy, length, length, _MREMAP_MAYMOVE | _MREMAP_FIXED, address)
+        moved = list(map(operator.methodcaller("__call__"), steps))[1]  # (3.10: no operator.call)
     finally:
-        sys.setswitchinterval(interval)
+        if collecting:
+            gc.enable()
     if moved != address:
         libc.munmap(copy, length)
         return False
