@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..dtypes import lookup
 from .names import check_unique, text_is_utf8
 
 if TYPE_CHECKING:
@@ -52,9 +53,10 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        from ..dtypes import lookup
-
-        return self.size * lookup(self.dtype).itemsize
+        n = lookup(self.dtype).itemsize
+        for d in self.shape:
+            n *= d
+        return n
 
     def to_json(self) -> dict[str, Any]:
         return {

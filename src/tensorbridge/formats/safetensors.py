@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import operator
 import os
 import stat
 import struct
@@ -89,6 +90,10 @@ _METADATA_KEY = "__metadata__"
 
 #: safetensors header dtype code -> canonical dtype name (from the dtypes table).
 CODE_TO_DTYPE: dict[str, str] = {d.safetensors: d.name for d in DTYPES.values() if d.safetensors}
+#: safetensors header dtype code -> (canonical dtype name, itemsize), for the header parse.
+_CODE_ROWS: dict[str, tuple[str, int]] = {
+    d.safetensors: (d.name, d.itemsize) for d in DTYPES.values() if d.safetensors
+}
 
 
 # --- shared low-level helpers (also used by other format modules) ------------
@@ -452,7 +457,48 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+_LIMIT = 2**63
+
+
 def _parse_entry(name: str, entry: object, path: str) -> tuple[TensorInfo, int, int]:
+    """``(info, begin, end)`` of one header entry, checked (see :func:`_check_entry`).
+
+    The common entry (a dict of exactly the three keys, a known dtype code, a list of at
+    most :data:`MAX_NDIM` plain non-negative ints whose element and byte counts stay
+    under 2**63, offsets ``[begin, end]`` of plain ints spanning exactly those bytes)
+    is accepted here in one pass; anything else goes through :func:`_check_entry`, which
+    accepts the same entries and names what is wrong with the others."""
+    if type(entry) is dict and entry.keys() == _ENTRY_KEYS:
+        code = entry["dtype"]
+        shape = entry["shape"]
+        offsets = entry["data_offsets"]
+        row = _CODE_ROWS.get(code) if type(code) is str else None
+        if (
+            row is not None
+            and type(shape) is list
+            and len(shape) <= MAX_NDIM
+            and type(offsets) is list
+            and len(offsets) == 2
+        ):
+            begin, end = offsets
+            if type(begin) is int and type(end) is int and 0 <= begin <= end:
+                size = 1
+                span = itemsize = row[1]
+                for d in shape:
+                    if type(d) is not int or d < 0:
+                        break
+                    size *= d
+                    span *= d or 1
+                    if span >= _LIMIT:  # size <= span: both stay under 2**63
+                        break
+                else:
+                    if end - begin == size * itemsize:
+                        return TensorInfo(name, row[0], tuple(shape)), begin, end
+    return _check_entry(name, entry, path)
+
+
+def _check_entry(name: str, entry: object, path: str) -> tuple[TensorInfo, int, int]:
+    """Every check of one header entry, one at a time, each with its own message."""
     if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
         keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
         raise FileFormatError(
@@ -515,10 +561,14 @@ def _parse_entry(name: str, entry: object, path: str) -> tuple[TensorInfo, int, 
     return TensorInfo(name, dtype, tuple(shape)), begin, end
 
 
+_BEGIN_END = operator.itemgetter(0, 1)
+_BEGIN = operator.itemgetter(1)
+
+
 def _check_tiling(spans: list[tuple[int, int, str]], data_len: int, path: str) -> None:
     """The sorted spans must cover ``[0, data_len)`` exactly once."""
     position = 0
-    for begin, end, name in sorted(spans, key=lambda s: (s[0], s[1])):
+    for begin, end, name in sorted(spans, key=_BEGIN_END):
         if begin < position:
             raise FileFormatError(
                 f"tensor {short(name)}: data_offsets [{begin}, {end}] overlap the previous tensor "
@@ -584,7 +634,7 @@ def _parse_header(
         entries.append((info, begin))
         spans.append((begin, end, name))
     _check_tiling(spans, data_len, path)
-    entries.sort(key=lambda e: e[1])  # file order; stable for empty tensors
+    entries.sort(key=_BEGIN)  # file order; stable for empty tensors
     return dict(metadata), entries
 
 
