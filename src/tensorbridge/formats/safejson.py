@@ -119,7 +119,8 @@ def _check_budget(raw: bytes | bytearray, path: str, what: str, max_depth: int =
 def _within_budget(brackets: bytes | bytearray, size: int, max_depth: int) -> bool:
     containers = brackets.count(b"[") + brackets.count(b"{")
     return containers <= size // BYTES_PER_CONTAINER + 8 and (
-        not brackets or _max_depth(brackets, max_depth) <= max_depth
+        containers <= max_depth  # each level opens one: no deeper than that (a small file)
+        or _max_depth(brackets, max_depth) <= max_depth
     )
 
 
