@@ -517,7 +517,13 @@ def _replacing(
         os.close(fd)  # a cleaner took it before our lock existed: use another name
     # The lock belongs to the open file: a duplicate descriptor keeps it until the
     # temporary file is renamed or removed, whenever the caller closes ``fd``.
-    lock_fd = os.dup(fd)
+    try:
+        lock_fd = os.dup(fd)
+    except OSError as exc:  # (too many open files): nothing may be left behind
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        os.close(fd)
+        raise _write_failed(exc, path) from exc
     replaced = None
     try:
         yield tmp, fd
@@ -623,12 +629,15 @@ class Commit:
         if len(todo) <= 1:
             outcomes = [_fsync_outcome(p.lock_fd) for p in todo]
         else:
-            from concurrent.futures import ThreadPoolExecutor
+            try:
+                from concurrent.futures import ThreadPoolExecutor  # (at shutdown: refused)
 
-            with ThreadPoolExecutor(
-                min(FSYNC_THREADS, len(todo)), thread_name_prefix="tensorbridge-fsync"
-            ) as pool:
-                outcomes = list(pool.map(_fsync_outcome, [p.lock_fd for p in todo]))
+                with ThreadPoolExecutor(
+                    min(FSYNC_THREADS, len(todo)), thread_name_prefix="tensorbridge-fsync"
+                ) as pool:
+                    outcomes = list(pool.map(_fsync_outcome, [p.lock_fd for p in todo]))
+            except RuntimeError:  # no new threads (interpreter shutdown): one by one
+                outcomes = [_fsync_outcome(p.lock_fd) for p in todo]
         for p, exc in zip(todo, outcomes, strict=True):
             if exc is not None:  # the first error, once every flush has ended
                 raise _write_failed(exc, p.path) from exc

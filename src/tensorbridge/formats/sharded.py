@@ -1038,7 +1038,11 @@ class ShardedFormat(Format):
                         atomic.fsync_dir(directory)
                     commit.publish()  # the index, then the directory
             except BaseException:
-                _unlink_all(written)  # the old index and its shards were never touched
+                # Before the new index landed, the old index and its shards were never
+                # touched: remove what this save wrote. After (a signal during the last
+                # directory fsync), the new checkpoint is complete: keep it.
+                if _previous_generation(index_path) != generation:
+                    _unlink_all(written)
                 atomic.fsync_dir(directory)
                 raise
             _remove_old_shards(directory, prefix, set(names) | {index_name})

@@ -453,12 +453,17 @@ def _fsync_tree(root: str) -> None:
         for f in files:
             _fsync_file(f)
     else:
-        from concurrent.futures import ThreadPoolExecutor
+        try:
+            from concurrent.futures import ThreadPoolExecutor  # (at shutdown: refused)
 
-        with ThreadPoolExecutor(min(FSYNC_THREADS, len(files))) as pool:
-            done = [pool.submit(_fsync_file, f) for f in files]
-        for future in done:
-            future.result()  # the first error, once every flush has ended
+            with ThreadPoolExecutor(min(FSYNC_THREADS, len(files))) as pool:
+                done = [pool.submit(_fsync_file, f) for f in files]
+        except RuntimeError:  # no new threads (interpreter shutdown): one by one
+            for f in files:
+                _fsync_file(f)
+        else:
+            for future in done:
+                future.result()  # the first error, once every flush has ended
     for directory in directories:
         fsync_dir(directory)
 
