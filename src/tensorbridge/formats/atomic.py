@@ -54,10 +54,12 @@ import stat
 import struct
 import sys
 import threading
-from collections.abc import Iterator
-from typing import Any, BinaryIO, NamedTuple
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, BinaryIO, NamedTuple, TypeVar
 
 from ..errors import FileFormatError, TensorBridgeError
+
+T = TypeVar("T")
 
 __all__ = [
     "atomic_write",
@@ -66,6 +68,7 @@ __all__ = [
     "remove_stale",
     "remove_stale_in",
     "fsync_dir",
+    "fsync_together",
     "start_writeback",
     "wait_released",
     "WRITEBACK_CHUNK",
@@ -569,13 +572,37 @@ def _write_failed(exc: OSError, path: str | os.PathLike[str]) -> FileFormatError
     )
 
 
-def _fsync_outcome(fd: int) -> OSError | None:
-    """fsync ``fd``; the error instead of raising it (so every flush runs to its end)."""
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        return exc
-    return None
+#: threads that flush files together (:func:`fsync_together`)
+FSYNC_THREADS = 16
+
+
+def fsync_together(
+    jobs: Sequence[T], flush: Callable[[T], None], serial: int = 1
+) -> list[OSError | None]:
+    """``flush(job)`` for every job (an ``fsync``), all at once from up to
+    :data:`FSYNC_THREADS` threads, so the file system commits them in one journal
+    transaction instead of one each; one after another, in this thread, for up to
+    ``serial`` jobs or where no thread can start (interpreter shutdown). Each job's
+    ``OSError`` is returned, not raised, so that every flush runs to its end."""
+
+    def outcome(job: T) -> OSError | None:
+        try:
+            flush(job)
+        except OSError as exc:
+            return exc
+        return None
+
+    if len(jobs) > serial:
+        try:
+            from concurrent.futures import ThreadPoolExecutor  # (at shutdown: refused)
+
+            with ThreadPoolExecutor(
+                min(FSYNC_THREADS, len(jobs)), thread_name_prefix="tensorbridge-fsync"
+            ) as pool:
+                return list(pool.map(outcome, jobs))
+        except RuntimeError:
+            pass
+    return [outcome(job) for job in jobs]
 
 
 class _Pending(NamedTuple):
@@ -584,10 +611,6 @@ class _Pending(NamedTuple):
     target: str  #: what it replaces
     mode: int  #: the mode it gets
     path: str | os.PathLike[str]  #: as the caller named it (for messages)
-
-
-#: threads that flush a :class:`Commit`'s files together
-FSYNC_THREADS = 16
 
 
 class Commit:
@@ -626,18 +649,7 @@ class Commit:
         """fsync every waiting file's data, all at once; the first error is raised once
         every flush has ended."""
         todo = self._pending[self._flushed :]
-        if len(todo) <= 1:
-            outcomes = [_fsync_outcome(p.lock_fd) for p in todo]
-        else:
-            try:
-                from concurrent.futures import ThreadPoolExecutor  # (at shutdown: refused)
-
-                with ThreadPoolExecutor(
-                    min(FSYNC_THREADS, len(todo)), thread_name_prefix="tensorbridge-fsync"
-                ) as pool:
-                    outcomes = list(pool.map(_fsync_outcome, [p.lock_fd for p in todo]))
-            except RuntimeError:  # no new threads (interpreter shutdown): one by one
-                outcomes = [_fsync_outcome(p.lock_fd) for p in todo]
+        outcomes = fsync_together([p.lock_fd for p in todo], os.fsync)
         for p, exc in zip(todo, outcomes, strict=True):
             if exc is not None:  # the first error, once every flush has ended
                 raise _write_failed(exc, p.path) from exc

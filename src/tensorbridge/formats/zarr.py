@@ -48,7 +48,7 @@ import numpy as np
 from ..dtypes import DTYPES, NUMPY_NATIVE, lookup
 from ..errors import ConversionError, FileFormatError, FrameworkNotInstalledError, message
 from . import safejson
-from .atomic import fsync_dir, temp_name
+from .atomic import fsync_dir, fsync_together, temp_name
 from .base import Format, Reader, TensorInfo
 from .names import check_unique
 
@@ -424,10 +424,6 @@ def _exchange(a: str, b: str) -> bool:
     raise OSError(err, os.strerror(err), b)
 
 
-#: threads that flush a new store's files together (see :func:`_fsync_tree`)
-FSYNC_THREADS = 16
-
-
 def _fsync_file(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -449,21 +445,9 @@ def _fsync_tree(root: str) -> None:
     for directory, _dirs, names in os.walk(root):
         directories.append(directory)
         files.extend(os.path.join(directory, f) for f in names)
-    if len(files) <= 2:
-        for f in files:
-            _fsync_file(f)
-    else:
-        try:
-            from concurrent.futures import ThreadPoolExecutor  # (at shutdown: refused)
-
-            with ThreadPoolExecutor(min(FSYNC_THREADS, len(files))) as pool:
-                done = [pool.submit(_fsync_file, f) for f in files]
-        except RuntimeError:  # no new threads (interpreter shutdown): one by one
-            for f in files:
-                _fsync_file(f)
-        else:
-            for future in done:
-                future.result()  # the first error, once every flush has ended
+    for exc in fsync_together(files, _fsync_file, serial=2):
+        if exc is not None:
+            raise exc  # the first error, once every flush has ended
     for directory in directories:
         fsync_dir(directory)
 
