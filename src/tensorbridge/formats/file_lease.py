@@ -205,7 +205,6 @@ def guarded_map(fd: int) -> mmap.mmap | None:
     if not _install() or leases_left() <= 0 or os.fstat(fd).st_size < MIN_BYTES:
         os.close(fd)
         return None
-    assert _SIGNAL is not None
     token = next(_TOKENS)
     guard = _Guard(fd)
     _GUARDS[token] = guard  # before the lease: a break that comes at once finds it
@@ -236,9 +235,12 @@ def leases_left() -> int:
     return min(budget, MAX_LEASES) - len(_GUARDS)
 
 
-def _unlease(fd: int) -> None:
+def _give_up(fd: int) -> None:
+    """Give the lease of ``fd`` up and close it (closing gives it up where ``F_UNLCK`` is
+    refused: the mapping holds an open file description of its own)."""
     with contextlib.suppress(OSError):
         fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_UNLCK)
+    os.close(fd)
 
 
 def _released(token: int, _ref: object) -> None:
@@ -249,8 +251,7 @@ def _release(token: int) -> None:
     """The mapping died: give the lease up."""
     guard = _GUARDS.pop(token, None)
     if guard is not None:
-        _unlease(guard.fd)
-        os.close(guard.fd)
+        _give_up(guard.fd)
 
 
 def _snapshot(mapped: mmap.mmap) -> bool:
@@ -296,8 +297,7 @@ def _settle(guards: list[_Guard]) -> None:
                 _snapshot(mapped)
             del mapped
         finally:
-            _unlease(guard.fd)
-            os.close(guard.fd)
+            _give_up(guard.fd)
 
 
 def _on_break(signum: int, frame: object) -> None:
@@ -337,33 +337,25 @@ def _after_fork() -> None:
     (copy the mapping where that is refused); close the inherited descriptors."""
     global _MAIN_TID
     _MAIN_TID = threading.get_native_id()  # (the forking thread is the child's main thread)
-    inherited = list(_GUARDS.items())
+    inherited = list(_GUARDS.values())
     _GUARDS.clear()
-    for _token, guard in inherited:
-        mapping = guard.mapping
-        fd = -1
+    for guard in inherited:
+        mapped = guard.mapping() if guard.mapping is not None else None
         try:
-            fd = os.open(f"/proc/self/fd/{guard.fd}", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            pass
-        os.close(guard.fd)  # the parent's lease lives on in the parent's descriptor
-        if mapping is None:
-            if fd >= 0:
-                os.close(fd)
-            continue
-        mapped = mapping()
-        if mapped is None or mapped.closed:
-            if fd >= 0:
-                os.close(fd)
-            continue
+            if mapped is None or mapped.closed:
+                continue
+            try:
+                fd = os.open(f"/proc/self/fd/{guard.fd}", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                _snapshot(mapped)
+                continue
+        finally:
+            os.close(guard.fd)  # the parent's lease lives on in the parent's descriptor
         token = next(_TOKENS)
         _GUARDS[token] = _Guard(fd, weakref.ref(mapped, functools.partial(_released, token)))
         try:
-            if fd < 0:
-                raise OSError("no descriptor")
             _lease(fd)
         except OSError:
             _GUARDS.pop(token, None)
             _snapshot(mapped)
-            if fd >= 0:
-                os.close(fd)
+            os.close(fd)
