@@ -456,13 +456,8 @@ def load(
     for attempt in range(3):
         # The default ("lease") maps under a lease where the arrays are kept as they are,
         # and copies what it cannot lease; a target that copies anyway reads.
-        maps = (
-            FileMaps()
-            if mapping == "map"
-            else FileMaps(leased=True)
-            if mapping == "lease" and arena
-            else None
-        )
+        mapped = mapping == "map" or (mapping == "lease" and arena)
+        maps = FileMaps(leased=mapping == "lease") if mapped else None
         copies = Arena(names) if arena and mapping != "map" else None
 
         def read(

@@ -2,8 +2,9 @@
 
 Any reader that says where a tensor's exact bytes lie (:meth:`~.base.Reader.raw_span`:
 safetensors, sharded checkpoints, stored ``.pt`` records, C-order little-endian ``.npy``,
-stored ``.npz`` members) can hand out a NumPy array over a private mapping of those bytes (``MAP_PRIVATE``, as
-``safetensors.torch.load_file`` maps through ``torch.UntypedStorage.from_file``). Nothing
+stored ``.npz`` members) can hand out a NumPy array over a private mapping of those bytes
+(``MAP_PRIVATE``, as ``safetensors.torch.load_file`` maps through
+``torch.UntypedStorage.from_file``). Nothing
 is read until a page is touched, so a load costs what the headers cost (and, for
 ``.npz``, one pass that checks each member's CRC-32).
 
