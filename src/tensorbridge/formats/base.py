@@ -53,10 +53,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        n = lookup(self.dtype).itemsize
-        for d in self.shape:
-            n *= d
-        return n
+        return self.size * lookup(self.dtype).itemsize
 
     def to_json(self) -> dict[str, Any]:
         return {
