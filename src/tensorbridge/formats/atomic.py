@@ -596,12 +596,19 @@ def fsync_together(
         try:
             from concurrent.futures import ThreadPoolExecutor  # (at shutdown: refused)
 
-            with ThreadPoolExecutor(
+            pool = ThreadPoolExecutor(
                 min(FSYNC_THREADS, len(jobs)), thread_name_prefix="tensorbridge-fsync"
-            ) as pool:
-                return list(pool.map(outcome, jobs))
-        except RuntimeError:
-            pass
+            )
+        except RuntimeError:  # no new threads (interpreter shutdown): one by one
+            pool = None
+        if pool is not None:
+            with pool:
+                try:
+                    futures = [pool.submit(outcome, job) for job in jobs]
+                except RuntimeError:  # refused at shutdown (a job run twice is harmless)
+                    futures = None
+            if futures is not None:
+                return [f.result() for f in futures]  # (a flush's own errors propagate)
     return [outcome(job) for job in jobs]
 
 
