@@ -41,9 +41,13 @@ def _express(x, to: str, copy, dtype=None):
 
 
 def _check(objs, to: str, copy, *, expect_express=None, dtype=None) -> None:
-    """Convert all (filling the tables in this order), then check each result."""
+    """Convert all (filling the tables in this order), then check each result; without
+    options, both spelt out (``copy=None``) and left out (convert's plain call)."""
     outs = [tb.convert(x, to=to, copy=copy, dtype=dtype) for x in objs]
-    for x, out in zip(objs, outs, strict=True):
+    pairs = list(zip(objs, outs, strict=True))
+    if copy is None and dtype is None:
+        pairs += [(x, tb.convert(x, to=to)) for x in objs]
+    for x, out in pairs:
         plan = tb.explain(x, to=to, copy=copy, dtype=dtype)
         ref = plan.run(x)
         assert type(out) is type(ref), (str(plan), type(out))
@@ -138,6 +142,82 @@ def test_a_call_like_the_last_one_takes_its_route_and_options_still_count():
     CONVERT.forget_express()
     assert CONVERT._LAST == (None, None, None)
     assert _express(a, "torch", None) is None
+
+
+@pytest.mark.parametrize("to", ["torch", "mlx"])
+def test_the_last_dtype_seen_is_never_applied_to_another(to):
+    """NumPy's express route remembers the route of the last writable dtype and takes it
+    when the next array's dtype is the same object; any other dtype (an equal one of
+    another identity, another byte order, a read-only array of the same dtype) looks its
+    own up. Interleaved, and from threads, every result is what its own plan gives (for
+    MLX the routes differ by dtype: float64 and int64 keep their width, which mx.array
+    alone would narrow)."""
+    import threading
+
+    if to == "mlx":
+        _mlx()
+    CONVERT.forget_express()
+    f32 = np.arange(6, dtype=np.float32)
+    same = np.arange(6, dtype=np.dtype("float32").newbyteorder("<"))
+    assert same.dtype is not f32.dtype and same.dtype == f32.dtype
+    big = np.arange(6, dtype=">f4")
+    ro = f32.copy()
+    ro.flags.writeable = False
+    f64 = np.arange(6, dtype=np.float64)
+    i64 = np.arange(6, dtype=np.int64)
+    bf = np.arange(6).astype(ml_dtypes.bfloat16)
+    kinds = [f32, same, big, ro, f64, i64, bf, f32.reshape(2, 3).T, f32[::-1], f32, f64, bf]
+    for _ in range(3):
+        for a in kinds:
+            got = tb.convert(a, to=to)
+            plan = tb.explain(a, to=to)
+            ref = plan.run(a)
+            assert got.dtype == ref.dtype and _bits(got) == _bits(ref), str(plan)
+            if to == "torch":
+                assert tb.shares_memory(got, a) == (not plan.copies), str(plan)
+
+    errors: list[str] = []
+
+    def hammer(a: np.ndarray) -> None:
+        want = tb.explain(a, to=to).run(a).dtype
+        for _ in range(2000):
+            got = tb.convert(a, to=to)
+            if got.dtype != want:
+                errors.append(f"{a.dtype}: {got.dtype}")
+                return
+
+    threads = [threading.Thread(target=hammer, args=(a,)) for a in (f32, f64, i64, bf)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_convert_takes_exactly_its_options():
+    """convert's options are keyword-only, each once, and nothing else: as its signature
+    (the one help() and inspect show) says."""
+    import inspect
+
+    a = np.arange(3, dtype=np.float32)
+    params = inspect.signature(tb.convert).parameters
+    assert list(params) == ["x", "to", "device", "dtype", "copy", "ragged", "pinned"]
+    assert params["device"].kind is inspect.Parameter.KEYWORD_ONLY
+    with pytest.raises(TypeError, match=r"convert\(\) got an unexpected keyword argument 'cpoy'"):
+        tb.convert(a, to="torch", cpoy=True)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'x'"):
+        tb.convert(a, to="torch", x=a)
+    with pytest.raises(TypeError, match=r"takes 2 positional arguments but 3 were given"):
+        tb.convert(a, "torch", None)  # type: ignore[misc]
+    with pytest.raises(TypeError, match=r"multiple values for argument 'to'"):
+        tb.convert(a, "torch", to="numpy")  # type: ignore[misc]
+    with pytest.raises(TypeError, match=r"missing 1 required positional argument: 'to'"):
+        tb.convert(a)  # type: ignore[call-arg]
+    every = {"device": "cpu", "dtype": "float64", "copy": True, "ragged": "error", "pinned": False}
+    out = tb.convert(a, to="numpy", **every)
+    assert out.dtype == np.float64 and out.tolist() == [0.0, 1.0, 2.0]
+    with pytest.raises(tb.ConversionError, match="copy takes None, True or False"):
+        tb.convert(a, to="torch", copy="yes")
 
 
 def test_strides_set_by_hand_on_an_owning_array_go_the_planned_way():

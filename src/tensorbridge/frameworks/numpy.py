@@ -108,21 +108,37 @@ class NumpyBackend(Backend):
         # raise: the ordinary path then plans the array.)
         # (The table is picked by a conditional, not by indexing a pair with the flag: a
         # bool index takes the tuple's slow path, ~0.02 µs in a 0.45 µs route.)
+        # A writable array of the dtype of the last one is looked up by identity first:
+        # hashing a dtype costs as much as the rest of the lookup (dtypes of one kind are
+        # one object in practice; an equal dtype of another identity takes the table).
+        # The pair is replaced whole, so threads never see one dtype with another's route.
         writable: dict[Any, Any] = {}
         readonly: dict[Any, Any] = {}
+        last: tuple[Any, Any] = (None, None)
 
         def run(a: np.ndarray) -> Any:
+            nonlocal last
             flags = a.flags
             if not flags.owndata:
                 s = a.strides
                 if (s[0] < 0 or s[1] < 0) if len(s) == 2 else (s and min(s) < 0):
                     return None  # flipped: the kind says which dims, leave it to the planner
-            table = writable if flags.writeable else readonly
-            fn = table.get(a.dtype)
+            if flags.writeable:
+                dt = a.dtype
+                seen = last
+                if seen[0] is dt:
+                    return seen[1](a)
+                table = writable
+            else:
+                dt = a.dtype
+                table = readonly
+            fn = table.get(dt)
             if fn is None:
                 if len(table) >= 256:
                     table.clear()
-                fn = table[a.dtype] = learn(a)
+                fn = table[dt] = learn(a)
+            if table is writable:
+                last = (dt, fn)
             return fn(a)
 
         return run
