@@ -286,9 +286,12 @@ def open(
     return open_reader(format_for_path(path, format), path, variant, void_as)
 
 
-def open_reader(fmt: Format, path: str, variant: str | None, void_as: str | None = None) -> Reader:
+def open_reader(
+    fmt: Format, path: str, variant: str | None, void_as: str | None = None, hold: bool = False
+) -> Reader:
     """``fmt.open(path)``, with ``variant`` for a sharded checkpoint and ``void_as`` for
-    ``.npy``/``.npz`` files (each refused for the others)."""
+    ``.npy``/``.npz`` files (each refused for the others); ``hold``: a sharded reader
+    keeps its shards' checked descriptors for mappings (see :class:`.ShardedReader`)."""
     if variant is not None and fmt.name != "sharded":
         raise ConversionError(
             message(
@@ -309,6 +312,8 @@ def open_reader(fmt: Format, path: str, variant: str | None, void_as: str | None
         )
     if void_as is not None:
         return fmt.open(path, void_as=void_as)  # type: ignore[call-arg]
+    if fmt.name == "sharded":
+        return fmt.open(path, variant=variant, hold=hold)  # type: ignore[call-arg]
     if variant is not None:
         return fmt.open(path, variant=variant)  # type: ignore[call-arg]
     return fmt.open(path)
@@ -469,7 +474,9 @@ def load(
             return reader.read(name) if arr is None else arr
 
         try:
-            with open_reader(fmt, path, variant, void_as) as reader:
+            # a sharded reader keeps the descriptors its shards were checked through,
+            # for the mappings (see FileMaps)
+            with open_reader(fmt, path, variant, void_as, hold=maps is not None) as reader:
                 if fmt.name == "npy" and names is None:
                     return out(read(reader, reader.keys()[0]))
                 flat = {name: out(arr, name) for name, arr in iter_tensors(reader, names, read)}

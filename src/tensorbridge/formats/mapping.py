@@ -89,7 +89,12 @@ class FileMaps:
         if span.nbytes != info.nbytes or span.offset % max(dtype.alignment, 1):
             return None  # a misaligned tensor is copied (torch refuses unaligned memory)
         if mapped is _UNSEEN:
-            fd = open_span(span)  # refuses a file replaced since the reader checked it
+            # the descriptor the reader checked the file through (a sharded reader opened
+            # with hold=True), else the file opened again, refused if replaced since
+            take = getattr(reader, "take_descriptor", None)
+            fd = take(span) if take is not None else None
+            if fd is None:
+                fd = open_span(span)
             if self._leased:
                 from .file_lease import guarded_map  # (Linux only: fcntl)
 

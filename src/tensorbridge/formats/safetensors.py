@@ -104,6 +104,12 @@ def open_regular_file(path: str) -> tuple[int, int]:
 
     ``O_NONBLOCK`` keeps a FIFO from hanging the open; it has no effect on files.
     """
+    fd, st = _open_regular_stat(path)
+    return fd, st.st_size
+
+
+def _open_regular_stat(path: str) -> tuple[int, os.stat_result]:
+    """:func:`open_regular_file`, with the descriptor's ``fstat`` instead of its size."""
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     try:
         fd = os.open(path, flags)
@@ -127,7 +133,7 @@ def open_regular_file(path: str) -> tuple[int, int]:
             )
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
-        return fd, st.st_size
+        return fd, st
     except BaseException:
         os.close(fd)
         raise
@@ -650,7 +656,10 @@ class SafetensorsReader(Reader):
         self._fd: int | None = None
         self._users = 0  # reads under way: close() leaves the descriptor to the last one
         self._closing = False
-        fd, size = open_regular_file(path)
+        # one fstat: its times are taken before the header is read, so a change made
+        # while it is read shows in any later comparison with self.stamp
+        fd, st = _open_regular_stat(path)
+        size = st.st_size
         try:
             if size < 8:
                 raise FileFormatError(
@@ -681,7 +690,6 @@ class SafetensorsReader(Reader):
             os.close(fd)
             raise
         self._fd = fd
-        st = os.fstat(fd)
         self._file_id = (st.st_dev, st.st_ino)
         #: what identifies this version of the file (see the sharded reader)
         self.stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
@@ -770,6 +778,18 @@ class SafetensorsReader(Reader):
         row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
         shape = info.shape[1:] if single else (stop - start, *info.shape[1:])
         return self._read_rows(info, shape, start * row_bytes)
+
+    def detach(self) -> int | None:
+        """Close the reader, handing its open descriptor (of the file whose header was
+        checked, :attr:`stamp`) to the caller, who closes it; ``None`` when it is closed
+        or a read is under way (the descriptor is then closed as :meth:`close` does)."""
+        with self._lock:
+            self._closing = True
+            fd = self._fd
+            if fd is None or self._users:
+                return None
+            self._fd = None
+            return fd
 
     def close(self) -> None:
         with self._lock:

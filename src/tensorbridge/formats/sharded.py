@@ -26,9 +26,11 @@ into the ``blobs/`` of a Hugging Face cache snapshot, and no other link is follo
 shard is resolved once, however many names it holds); every shard is a regular file and
 holds exactly the names the map gives it. Shards are opened through
 :func:`tensorbridge.formats.format_for_path` (safetensors or ``.bin``/``.pt`` shards). At
-most one shard is open at a time. The index's ``metadata`` values are returned as strings
-in ``reader.metadata``, except ``total_size``, the index's own bookkeeping, which is
-``reader.total_size`` (an int; negative numbers, NaN and Infinity are refused).
+most one shard is open for reading at a time (a load that maps the shards keeps the
+descriptors they were checked through, and maps those: ``ShardedReader(hold=True)``).
+The index's ``metadata`` values are returned as strings in ``reader.metadata``, except
+``total_size``, the index's own bookkeeping, which is ``reader.total_size`` (an int;
+negative numbers, NaN and Infinity are refused).
 
 One version at a time: the identity of each shard (device, inode, size, modification and
 change times) is recorded when the checkpoint is opened and checked whenever a shard is
@@ -143,6 +145,26 @@ def _pending_limit() -> int:
     if soft == resource.RLIM_INFINITY:
         return PENDING_SHARDS
     return max(1, min(PENDING_SHARDS, soft // 16))
+
+
+#: Shards whose checked descriptors a reader opened with ``hold=True`` keeps for the
+#: mappings of a load (or a sixteenth of the open-file limit, if less); the others are
+#: opened again by path.
+HELD_SHARDS = 64
+
+
+def _held_limit() -> int:
+    """How many shard descriptors a reader may hold: :data:`HELD_SHARDS`, or less under a
+    low open-file limit."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return HELD_SHARDS
+    if soft == resource.RLIM_INFINITY:
+        return HELD_SHARDS
+    return max(0, min(HELD_SHARDS, soft // 16))
 
 
 #: An index larger than this is refused before it is read into memory.
@@ -423,6 +445,10 @@ def _hf_blobs(root: str) -> str | None:
     return None
 
 
+def _said(what: str | Callable[[], str]) -> str:
+    return what if isinstance(what, str) else what()
+
+
 class _Place:
     """The link policy of one checkpoint directory: a file it names must resolve inside
     the directory itself or, in a Hugging Face cache snapshot, inside the repo's
@@ -434,9 +460,10 @@ class _Place:
         self.root = os.path.realpath(directory)
         self.blobs = _hf_blobs(self.root)
 
-    def check(self, name: str, what: str, where: str) -> str:
+    def check(self, name: str, what: str | Callable[[], str], where: str) -> str:
         """``os.path.join(directory, name)`` once its target is known to be allowed and to
-        be a regular file; ``what`` names the file in messages, ``where`` is the file blamed."""
+        be a regular file; ``what`` names the file in messages (or makes that name, only
+        when a message needs it), ``where`` is the file blamed."""
         full = os.path.join(self.directory, name)
         if name not in ("", ".", "..") and "/" not in name and os.sep not in name:
             # A plain name that is not a link resolves to root/name: one lstat instead
@@ -444,18 +471,18 @@ class _Place:
             try:
                 st = os.lstat(full)
             except FileNotFoundError:
-                raise self._missing(what, where) from None
+                raise self._missing(_said(what), where) from None
             except OSError:
                 pass  # said below, as realpath and stat find it
             else:
                 if not stat.S_ISLNK(st.st_mode):
                     if not stat.S_ISREG(st.st_mode):
-                        raise self._not_regular(what, where)
+                        raise self._not_regular(_said(what), where)
                     return full
         real = os.path.realpath(full)
         if os.path.dirname(real) not in (self.root, self.blobs):
             raise UnsafeContentError(
-                f"{what} is a symlink that resolves to {safejson.short(real)}, outside "
+                f"{_said(what)} is a symlink that resolves to {safejson.short(real)}, outside "
                 f"{safejson.short(self.root)}; links may only point into a Hugging Face cache's "
                 "blobs/. Fix: copy the file into the checkpoint directory instead of linking "
                 "to it.",
@@ -464,13 +491,13 @@ class _Place:
         try:
             mode = os.stat(real).st_mode
         except FileNotFoundError:
-            raise self._missing(what, where) from None
+            raise self._missing(_said(what), where) from None
         except OSError as exc:
             raise FileFormatError(
-                f"{what} cannot be read ({exc.strerror}). Fix: check its permissions.", where
+                f"{_said(what)} cannot be read ({exc.strerror}). Fix: check its permissions.", where
             ) from exc
         if not stat.S_ISREG(mode):
-            raise self._not_regular(what, where)
+            raise self._not_regular(_said(what), where)
         return full
 
     @staticmethod
@@ -512,7 +539,7 @@ def _shard_path(place: _Place, shard: object, index_path: str) -> str:
             index_path,
         )
     assert isinstance(shard, str)
-    return place.check(shard, f"shard {safejson.short(shard)}", index_path)
+    return place.check(shard, lambda: f"shard {safejson.short(shard)}", index_path)
 
 
 def _open_shard(path: str) -> Reader:
@@ -593,9 +620,24 @@ class ShardedReader(Reader):
     checks the shard's generation against the index's when tensorbridge wrote them: a
     shard replaced by a later save raises :class:`~tensorbridge.errors.CheckpointChangedError`
     instead of returning data of another version.
+
+    ``hold=True`` (what ``load`` asks for when it maps): the descriptor each safetensors
+    shard was checked through at open stays open (for at most :data:`HELD_SHARDS` shards),
+    until :meth:`take_descriptor` hands it over or :meth:`close` closes it, so that a
+    mapping of the shard maps the very file that was checked, without opening it again.
     """
 
-    def __init__(self, path: str, variant: str | None = None) -> None:
+    def __init__(self, path: str, variant: str | None = None, *, hold: bool = False) -> None:
+        #: shard path -> the descriptor it was checked through (hold=True)
+        self._held: dict[str, int] = {}
+        self._hold = _held_limit() if hold else 0
+        try:
+            self._open(path, variant)
+        except BaseException:
+            self._close_held()
+            raise
+
+    def _open(self, path: str, variant: str | None) -> None:
         self.path = path
         self._lock = threading.RLock()
         self._current: tuple[str, Reader] | None = None
@@ -619,12 +661,16 @@ class ShardedReader(Reader):
                 self.metadata = dict(r.metadata)
                 self._stamps[single] = _reader_stamp(r, single)
                 self._keep_spans(r, list(self._infos))
+                if self._hold and type(r) is SafetensorsReader:
+                    fd = r.detach()
+                    if fd is not None:
+                        self._held[single] = fd
             self._where = {name: single for name in self._infos}
             return
         assert index_path is not None
         place.check(
             os.path.basename(index_path),
-            f"the index {safejson.short(os.path.basename(index_path))}",
+            lambda: f"the index {safejson.short(os.path.basename(index_path))}",
             index_path,
         )
         self.path = index_path
@@ -693,6 +739,10 @@ class ShardedReader(Reader):
                     found[name] = r.info(name)
                 self._stamps[shard_path] = _reader_stamp(r, shard_path)
                 self._keep_spans(r, listed)
+                if len(self._held) < self._hold and type(r) is SafetensorsReader:
+                    fd = r.detach()  # (the file whose header and stamp were just taken)
+                    if fd is not None:
+                        self._held[shard_path] = fd
         self._infos = {name: found[name] for name in weight_map}
         self._where = where
 
@@ -783,8 +833,9 @@ class ShardedReader(Reader):
             if name not in self._spans or self._closed:
                 return self._shard_reader(name).raw_span(name)
             if self._span_shard != shard:
-                try:
-                    now = _stamp(os.stat(shard))
+                held = self._held.get(shard)
+                try:  # a held descriptor is of the file checked: it cannot have been replaced
+                    now = _stamp(os.stat(shard) if held is None else os.fstat(held))
                 except OSError:
                     now = ()
                 if now != self._stamps[shard]:
@@ -796,10 +847,39 @@ class ShardedReader(Reader):
                 self._span_shard = shard
             return self._spans[name]
 
+    def take_descriptor(self, span: RawSpan) -> int | None:
+        """The descriptor ``span``'s shard was checked through at open (``hold=True``), for
+        the caller to map and close; ``None`` when none is held (open it by path:
+        :func:`.safetensors.open_span`). A shard modified since it was checked (size or
+        change times) raises :class:`~tensorbridge.errors.CheckpointChangedError`."""
+        with self._lock:
+            fd = self._held.pop(span.path, None)
+            if fd is None:
+                return None
+            try:  # (when raw_span has just compared them, not again)
+                if (
+                    self._span_shard != span.path
+                    and _stamp(os.fstat(fd)) != self._stamps[span.path]
+                ):
+                    raise _changed(
+                        f"shard {safejson.short(os.path.basename(span.path))} was "
+                        "modified since it was opened",
+                        self.path,
+                    )
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+
+    def _close_held(self) -> None:
+        while self._held:
+            os.close(self._held.popitem()[1])
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
             self._drop_current()
+            self._close_held()
 
 
 # --- writing --------------------------------------------------------------------
@@ -938,10 +1018,11 @@ class ShardedFormat(Format):
         build_header(infos, None, path)  # the reserved name and the header size limit
         return meta
 
-    def open(self, path: str, *, variant: str | None = None) -> ShardedReader:
+    def open(self, path: str, *, variant: str | None = None, hold: bool = False) -> ShardedReader:
         """Open a sharded checkpoint (see the module docstring); ``variant`` picks the
-        files of ``save_pretrained(variant=...)`` in a directory."""
-        return ShardedReader(os.fspath(path), variant)
+        files of ``save_pretrained(variant=...)`` in a directory; ``hold``: see
+        :class:`ShardedReader`."""
+        return ShardedReader(os.fspath(path), variant, hold=hold)
 
     def write(
         self,
