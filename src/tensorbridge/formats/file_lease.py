@@ -108,6 +108,13 @@ _LIBC: Any = None
 _MAIN_TID = 0  # the thread the break signal is sent to (Python runs handlers there)
 _F_SETOWN_EX = getattr(fcntl, "F_SETOWN_EX", 15)
 _F_OWNER_TID = 0
+_OWNER = b""  # F_SETOWN_EX's argument for _MAIN_TID (struct f_owner_ex)
+
+
+def _set_main(tid: int) -> None:
+    global _MAIN_TID, _OWNER
+    _MAIN_TID = tid
+    _OWNER = struct.pack("ii", _F_OWNER_TID, tid)
 
 
 def guards() -> int:
@@ -169,8 +176,7 @@ def _install() -> bool:
     # cannot queue the real-time signal: take SIGIO too, unless someone else has it.
     if signal.getsignal(signal.SIGIO) == signal.SIG_DFL:
         signal.signal(signal.SIGIO, _on_break)
-    global _MAIN_TID
-    _MAIN_TID = threading.get_native_id()
+    _set_main(threading.get_native_id())
     os.register_at_fork(after_in_child=_after_fork)
     atexit.register(_at_exit)
     return True
@@ -193,16 +199,19 @@ def _lease(fd: int) -> None:
     assert _SIGNAL is not None
     fcntl.fcntl(fd, _F_SETSIG, _SIGNAL)
     fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_RDLCK)
-    fcntl.fcntl(fd, _F_SETOWN_EX, struct.pack("ii", _F_OWNER_TID, _MAIN_TID))
+    fcntl.fcntl(fd, _F_SETOWN_EX, _OWNER)
 
 
-def guarded_map(fd: int) -> mmap.mmap | None:
+def guarded_map(fd: int, size: int | None = None) -> mmap.mmap | None:
     """A private, writable mapping of ``fd``'s whole file, kept a snapshot by a read lease
     on ``fd``, or ``None``: the file is smaller than :data:`MIN_BYTES` (a copy costs less
     than a lease), :func:`leases_left` is 0, or a lease cannot be held (then the caller
     copies). ``fd`` must be open read-only in its own open file description, and belongs
-    to this function: it is closed at once, or when the mapping dies or the lease breaks."""
-    if not _install() or leases_left() <= 0 or os.fstat(fd).st_size < MIN_BYTES:
+    to this function: it is closed at once, or when the mapping dies or the lease breaks.
+    ``size``: the file's size, where the caller has just read it from ``fd``'s ``fstat``."""
+    if size is None:
+        size = os.fstat(fd).st_size
+    if not _install() or size < MIN_BYTES or leases_left() <= 0:
         os.close(fd)
         return None
     token = next(_TOKENS)
@@ -335,8 +344,7 @@ def _on_break(signum: int, frame: object) -> None:
 def _after_fork() -> None:
     """In a child: the leases are the parent's. Lease a new descriptor of each mapped file
     (copy the mapping where that is refused); close the inherited descriptors."""
-    global _MAIN_TID
-    _MAIN_TID = threading.get_native_id()  # (the forking thread is the child's main thread)
+    _set_main(threading.get_native_id())  # (the forking thread is the child's main thread)
     inherited = list(_GUARDS.values())
     _GUARDS.clear()
     for guard in inherited:

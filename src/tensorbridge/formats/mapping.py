@@ -92,13 +92,12 @@ class FileMaps:
             # the descriptor the reader checked the file through (a sharded reader opened
             # with hold=True), else the file opened again, refused if replaced since
             take = getattr(reader, "take_descriptor", None)
-            fd = take(span) if take is not None else None
-            if fd is None:
-                fd = open_span(span)
+            held = take(span) if take is not None else None
+            fd, size = held if held is not None else (open_span(span), None)
             if self._leased:
                 from .file_lease import guarded_map  # (Linux only: fcntl)
 
-                mapped = guarded_map(fd)  # (takes the descriptor)
+                mapped = guarded_map(fd, size)  # (takes the descriptor)
             else:
                 try:
                     mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
@@ -115,8 +114,7 @@ class FileMaps:
                 "opened). Fix: copy or download the file again.",
                 span.path,
             )
-        arr = np.frombuffer(mapped, dtype=dtype, count=info.size, offset=span.offset)
-        return arr.reshape(info.shape)
+        return np.ndarray(info.shape, dtype, mapped, span.offset)
 
 
 class Arena:

@@ -69,6 +69,7 @@ __all__ = [
     "CODE_TO_DTYPE",
     "build_header",
     "open_regular_file",
+    "open_regular_stat",
     "read_exact_into",
     "iter_le_bytes",
     "check_fetched",
@@ -104,11 +105,11 @@ def open_regular_file(path: str) -> tuple[int, int]:
 
     ``O_NONBLOCK`` keeps a FIFO from hanging the open; it has no effect on files.
     """
-    fd, st = _open_regular_stat(path)
+    fd, st = open_regular_stat(path)
     return fd, st.st_size
 
 
-def _open_regular_stat(path: str) -> tuple[int, os.stat_result]:
+def open_regular_stat(path: str) -> tuple[int, os.stat_result]:
     """:func:`open_regular_file`, with the descriptor's ``fstat`` instead of its size."""
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     try:
@@ -658,7 +659,7 @@ class SafetensorsReader(Reader):
         self._closing = False
         # one fstat: its times are taken before the header is read, so a change made
         # while it is read shows in any later comparison with self.stamp
-        fd, st = _open_regular_stat(path)
+        fd, st = open_regular_stat(path)
         size = st.st_size
         try:
             if size < 8:

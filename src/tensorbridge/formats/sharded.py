@@ -102,7 +102,7 @@ from .atomic import atomic_write
 from .base import Format, RawSpan, Reader, TensorInfo
 from .names import check_unique, text_is_utf8
 from .safetensors import FORMAT as SAFETENSORS
-from .safetensors import SafetensorsReader, build_header, open_regular_file, read_exact_into
+from .safetensors import SafetensorsReader, build_header, open_regular_stat, read_exact_into
 
 __all__ = [
     "FORMAT",
@@ -269,8 +269,10 @@ def is_index_name(path: str) -> bool:
 
 
 def _load_json(path: str) -> tuple[Any, tuple[int, ...]]:
-    """The parsed index (under :mod:`.safejson`'s budget) and the stamp of the file read."""
-    fd, size = open_regular_file(path)
+    """The parsed index (under :mod:`.safejson`'s budget) and the stamp of the file read
+    (taken before it is read: a change while it is read shows in a later comparison)."""
+    fd, st = open_regular_stat(path)
+    stamp, size = _stamp(st), st.st_size
     try:
         if size > MAX_INDEX_SIZE:
             raise FileFormatError(
@@ -280,7 +282,6 @@ def _load_json(path: str) -> tuple[Any, tuple[int, ...]]:
             )
         raw = bytearray(size)
         read_exact_into(fd, memoryview(raw), 0, path)
-        stamp = _stamp(os.fstat(fd))
     finally:
         os.close(fd)
     return safejson.loads(raw, path, "the index"), stamp
@@ -847,11 +848,12 @@ class ShardedReader(Reader):
                 self._span_shard = shard
             return self._spans[name]
 
-    def take_descriptor(self, span: RawSpan) -> int | None:
-        """The descriptor ``span``'s shard was checked through at open (``hold=True``), for
-        the caller to map and close; ``None`` when none is held (open it by path:
-        :func:`.safetensors.open_span`). A shard modified since it was checked (size or
-        change times) raises :class:`~tensorbridge.errors.CheckpointChangedError`."""
+    def take_descriptor(self, span: RawSpan) -> tuple[int, int] | None:
+        """``(descriptor, size)``: the descriptor ``span``'s shard was checked through at
+        open (``hold=True``), for the caller to map and close, and the shard's size;
+        ``None`` when none is held (open it by path: :func:`.safetensors.open_span`). A
+        shard modified since it was checked (size or change times) raises
+        :class:`~tensorbridge.errors.CheckpointChangedError`."""
         with self._lock:
             fd = self._held.pop(span.path, None)
             if fd is None:
@@ -869,7 +871,7 @@ class ShardedReader(Reader):
             except BaseException:
                 os.close(fd)
                 raise
-            return fd
+            return fd, self._stamps[span.path][2]
 
     def _close_held(self) -> None:
         while self._held:
