@@ -174,3 +174,17 @@ def test_at_most_held_shards_are_held(tmp_path, monkeypatch):
     assert sorted(opened) == sorted(map(os.path.basename, shards[1:]))  # opened again
     for a, name in zip(arrays, sd, strict=True):
         assert a is not None and a.tobytes() == sd[name].tobytes()
+
+
+def test_arrays_over_held_descriptors_never_change_when_the_shards_are_rewritten(tmp_path):
+    d, sd, shards = checkpoint(tmp_path)
+    got = tb.load(d, to="torch")
+    before = file_lease.guards()
+    assert before >= len(shards)  # every shard mapped under a lease
+    for shard in shards:  # rewritten in place (same inode, O_TRUNC), shorter, other values
+        with open(shard, "wb") as f:
+            f.write(bytes(range(256)) * 16)
+        assert os.path.getsize(shard) == 4096  # the writer went on
+    for k, v in sd.items():
+        assert got[k].numpy().tobytes() == v.tobytes()
+    assert file_lease.guards() == before - len(shards)  # the leases were given up

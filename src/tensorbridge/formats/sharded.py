@@ -78,6 +78,7 @@ lands removes the new shards: the old checkpoint stays byte-identical.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -454,12 +455,19 @@ class _Place:
     """The link policy of one checkpoint directory: a file it names must resolve inside
     the directory itself or, in a Hugging Face cache snapshot, inside the repo's
     ``blobs/``. Applied to the index, to every shard and to a single-file checkpoint.
-    The directory is resolved once (not once per tensor name)."""
+    The directory is resolved once (not once per tensor name), and only when a name is a
+    link (a plain file's name needs one ``lstat``)."""
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
-        self.root = os.path.realpath(directory)
-        self.blobs = _hf_blobs(self.root)
+
+    @functools.cached_property
+    def root(self) -> str:
+        return os.path.realpath(self.directory)
+
+    @functools.cached_property
+    def blobs(self) -> str | None:
+        return _hf_blobs(self.root)
 
     def check(self, name: str, what: str | Callable[[], str], where: str) -> str:
         """``os.path.join(directory, name)`` once its target is known to be allowed and to
