@@ -16,7 +16,10 @@ Reading (``NpzReader``) never calls ``np.load`` and never unpickles:
   absolute names and NUL are refused;
 * each member's ``.npy`` header is parsed by reading only the header bytes
   from the member stream, with the same rules as ``.npy`` files; opening the
-  archive (and so ``inspect``) reads no tensor data;
+  archive (and so ``inspect``) reads no other tensor data, except that a deflated
+  member no longer than a header may be (:data:`~.npy.MAX_HEADER_SIZE` + 10 bytes) is
+  inflated whole and kept for its first read (at most :data:`KEEP_INFLATED` bytes per
+  archive), so that a load inflates each member once, as ``np.load`` does;
 * the array size a header declares must equal the member's zip ``file_size``
   minus the header exactly;
 * **decompression-bomb guard**: a stored member's ``file_size`` must equal its
@@ -74,6 +77,7 @@ from .base import Format, RawSpan, Reader, TensorInfo
 from .names import check_name, check_unique
 from .npy import FORMAT as NPY
 from .npy import (
+    MAGIC,
     MAX_HEADER_SIZE,
     PREFIX_MAX,
     NpyHeader,
@@ -87,7 +91,15 @@ from .npy import (
 )
 from .safetensors import check_fetched, iter_le_bytes, open_regular_file
 
-__all__ = ["FORMAT", "NpzFormat", "NpzReader", "MAX_DEFLATE_RATIO", "BOMB_MIN_SIZE", "CHUNK_BYTES"]
+__all__ = [
+    "FORMAT",
+    "NpzFormat",
+    "NpzReader",
+    "MAX_DEFLATE_RATIO",
+    "BOMB_MIN_SIZE",
+    "CHUNK_BYTES",
+    "KEEP_INFLATED",
+]
 
 #: Deflate cannot expand data by more than 1032:1; larger declared ratios are lies.
 MAX_DEFLATE_RATIO = 1032
@@ -98,6 +110,10 @@ CHUNK_BYTES = 16 * 1024 * 1024
 #: A deflated member is inflated into its array this much at a time: pieces that stay in
 #: the CPU's cache (4 MiB members inflated whole took 1.4x the time, here)
 INFLATE_CHUNK = 256 * 1024
+#: At most this many bytes of small deflated members, inflated whole when their headers
+#: were checked at open, are kept (per open archive) for their first read, which then
+#: inflates nothing again; members past the budget are inflated again when read.
+KEEP_INFLATED = 8 * 1024 * 1024
 _SUFFIX = ".npy"
 _LOCAL_SIZE = 30  # a zip local file header before its name and extra field
 #: Stored members' data start at multiples of this (as torch's writer aligns its records).
@@ -166,6 +182,19 @@ def _align_extra(offset: int, name_len: int) -> bytes:
     )
 
 
+def _header_end(prefix: bytes) -> int:
+    """Where the ``.npy`` header that ``prefix`` (its first :data:`PREFIX_MAX` bytes) starts
+    ends, as its magic, version and length say; past any header when they are not those of
+    a ``.npy`` file (then the parser sees as many bytes as a header may hold)."""
+    if len(prefix) < PREFIX_MAX or prefix[:6] != MAGIC:
+        return PREFIX_MAX + MAX_HEADER_SIZE
+    if (prefix[6], prefix[7]) == (1, 0):
+        return 10 + int.from_bytes(prefix[8:10], "little")
+    if (prefix[6], prefix[7]) in ((2, 0), (3, 0)):
+        return 12 + int.from_bytes(prefix[8:12], "little")
+    return PREFIX_MAX + MAX_HEADER_SIZE
+
+
 def _in_member(exc: FileFormatError, member: str, path: str) -> FileFormatError:
     """The same error type, prefixed with the member it is about."""
     return type(exc)(f"member {member!r}: {exc}", path)
@@ -179,6 +208,10 @@ class NpzReader(Reader):
         self.metadata = {}
         self._lock = threading.Lock()
         self._zf: zipfile.ZipFile | None = None
+        # small deflated members inflated whole at open, for their first read (bounded by
+        # KEEP_INFLATED), by member file name: the bytes zipfile would return, CRC unchecked
+        self._kept: dict[str, bytes] = {}
+        self._kept_bytes = 0
         self._void_as = check_void_as(void_as, path)
         fd, self._size = open_regular_file(path)
         self._file = os.fdopen(fd, "rb")
@@ -197,14 +230,15 @@ class NpzReader(Reader):
                 )
             with _zip_errors(path, "reading the member headers"):
                 firsts = {name: self._data_start(zi) for name, zi in self._members.items()}
-            self._check_no_overlap({name: start for name, (start, _, _) in firsts.items()})
+            self._check_no_overlap({name: start for name, (start, *_) in firsts.items()})
             self._headers: dict[str, NpyHeader] = {
-                name: self._read_header(zi, *firsts[name][:2]) for name, zi in self._members.items()
+                name: self._read_header(zi, *firsts[name][:2], plain=firsts[name][3])
+                for name, zi in self._members.items()
             }
             # where each stored member's data starts, if its local header agrees with the
             # central directory (what raw_span may hand out); see _local_agrees
             self._stored: dict[str, int] = {
-                name: start for name, (start, _, agrees) in firsts.items() if agrees
+                name: start for name, (start, _, agrees, _) in firsts.items() if agrees
             }
             self._crc_checked: set[str] = set()  # stored members whose CRC raw_span checked
             self._end_of_data: int = self._zf.start_dir  # where the central directory starts
@@ -261,11 +295,14 @@ class NpzReader(Reader):
                 self.path,
             )
 
-    def _data_start(self, zi: zipfile.ZipInfo) -> tuple[int, bytes, bool]:
+    def _data_start(self, zi: zipfile.ZipInfo) -> tuple[int, bytes, bool, bool]:
         """Where member ``zi``'s (compressed) data starts, after its local header, whose
         signature and name must match the central directory (as zipfile checks); the
-        first data bytes that came with the same read; and whether the member is stored
-        and its local header agrees with the central directory (:meth:`_local_agrees`)."""
+        first data bytes that came with the same read; whether the member is stored
+        and its local header agrees with the central directory (:meth:`_local_agrees`);
+        and whether ``zipfile.ZipFile.open`` would open the member without an error (its
+        flags, and its local name decoded strictly as zipfile decodes it), so that its bytes
+        may be inflated here instead (:meth:`_read_kept`)."""
         at = zi.header_offset
         block = os.pread(self._file.fileno(), _LOCAL_SIZE + 2 * len(zi.orig_filename) + 512, at)
         if len(block) < _LOCAL_SIZE or block[:4] != b"PK\x03\x04":
@@ -289,7 +326,20 @@ class NpzReader(Reader):
         agrees = zi.compress_type == zipfile.ZIP_STORED and self._local_agrees(
             zi, block, at, name_len, extra_len
         )
-        return at + skip, block[skip:], agrees
+        return at + skip, block[skip:], agrees, self._opens_plainly(zi, block, raw)
+
+    @staticmethod
+    def _opens_plainly(zi: zipfile.ZipInfo, block: bytes, raw: bytes) -> bool:
+        """Whether ``zipfile.ZipFile.open`` of ``zi`` passes its checks of the local header
+        (``block``, name bytes ``raw``): no patched data, strong or plain encryption, and
+        the name decoded by the local header's own UTF-8 flag equals the central one."""
+        if zi.flag_bits & 0x61:
+            return False
+        (flags,) = struct.unpack_from("<H", block, 6)
+        try:
+            return raw.decode("utf-8" if flags & 0x800 else "cp437") == zi.orig_filename
+        except UnicodeDecodeError:
+            return False
 
     def _local_agrees(
         self, zi: zipfile.ZipInfo, block: bytes, at: int, name_len: int, extra_len: int
@@ -338,9 +388,16 @@ class NpzReader(Reader):
                     self.path,
                 )
 
-    def _header_bytes(self, zi: zipfile.ZipInfo, start: int, first: bytes) -> bytes | None:
+    def _header_bytes(
+        self, zi: zipfile.ZipInfo, start: int, first: bytes, plain: bool = False
+    ) -> bytes | None:
         """The first bytes of member ``zi``'s data (enough for any .npy header), read
-        directly; None if a deflate stream needs more than the window (then stream it)."""
+        directly; None if a deflate stream needs more than the window (then stream it).
+
+        A deflated member whose whole stream came in the window (it ended, from all of
+        its compressed bytes) is kept for its first read while :data:`KEEP_INFLATED`
+        allows and zipfile would open it (``plain``), as the bytes zipfile would return:
+        the inflated stream cut at the declared size."""
         want = PREFIX_MAX + MAX_HEADER_SIZE
         if zi.compress_type == zipfile.ZIP_STORED:
             if len(first) >= 10 and len(first) >= 10 + int.from_bytes(first[8:10], "little"):
@@ -349,16 +406,33 @@ class NpzReader(Reader):
         window = min(zi.compress_size, 2 * want + 1024)
         raw = os.pread(self._file.fileno(), window, start)
         inflate = zlib.decompressobj(-15)
-        head = inflate.decompress(raw, want)
+        if zi.file_size <= want:  # (all of it, to keep: a small member is read at once)
+            head = inflate.decompress(raw, want)
+        else:  # the header alone: the rest is inflated when the member is read
+            head = inflate.decompress(raw, PREFIX_MAX)
+            want = min(want, _header_end(head))
+            if want > len(head) and not inflate.eof:  # (output may wait without input)
+                head += inflate.decompress(inflate.unconsumed_tail, want - len(head))
         if len(head) < want and not inflate.eof and window < zi.compress_size:
             return None
+        if (
+            plain
+            and inflate.eof
+            and len(raw) == zi.compress_size
+            and self._kept_bytes + len(head) <= KEEP_INFLATED
+        ):
+            member = head[: zi.file_size] if len(head) > zi.file_size else head
+            self._kept[zi.filename] = member
+            self._kept_bytes += len(member)
         return head
 
-    def _read_header(self, zi: zipfile.ZipInfo, start: int, first: bytes) -> NpyHeader:
+    def _read_header(
+        self, zi: zipfile.ZipInfo, start: int, first: bytes, *, plain: bool = False
+    ) -> NpyHeader:
         self._check_sizes(zi)
         assert self._zf is not None
         with _zip_errors(self.path, f"reading member {zi.filename!r}"):
-            head = self._header_bytes(zi, start, first)
+            head = self._header_bytes(zi, start, first, plain)
             try:
                 if head is not None:
                     header = parse_header_bytes(head, void_as=self._void_as)
@@ -399,6 +473,12 @@ class NpzReader(Reader):
                 out = self._read_stored(name, zi, header, start)
                 check_bool(out, name, self.path)
                 return out
+            kept = self._kept.pop(zi.filename, None)
+            if kept is not None:
+                self._kept_bytes -= len(kept)
+                out = self._read_kept(zi, header, kept)
+                check_bool(out, name, self.path)
+                return out
             with _zip_errors(self.path, f"reading member {zi.filename!r}"):
                 with self._zf.open(zi) as stream:
                     skip = stream.read(header.header_size)
@@ -431,6 +511,46 @@ class NpzReader(Reader):
                         )
         check_bool(out, name, self.path)
         return out
+
+    def _read_kept(self, zi: zipfile.ZipInfo, header: NpyHeader, member: bytes) -> np.ndarray:
+        """Deflated member ``zi`` from ``member``, its bytes inflated at open (what zipfile
+        would return: see :meth:`_header_bytes`), with the checks, in the order and with
+        the messages, of reading it through zipfile: its CRC-32 (checked when the read
+        reaches the end of the member), a member that ends inside its header or before
+        its data does. The caller holds the lock."""
+        size = header.header_size
+        doing = f"reading member {zi.filename!r}"
+
+        def check_crc() -> None:
+            crc = zlib.crc32(member)
+            if crc != zi.CRC:
+                with _zip_errors(self.path, doing):
+                    raise zipfile.BadZipFile(f"Bad CRC-32 for file {zi.filename!r}")
+
+        if len(member) <= size:  # zipfile reaches the end while skipping the header
+            check_crc()
+            if len(member) < size:
+                raise FileFormatError(
+                    f"member {zi.filename!r} ended inside its header. Fix: the "
+                    "archive is corrupt; re-save it.",
+                    self.path,
+                )
+
+        def fill(view: memoryview) -> None:
+            data = memoryview(member)[size:]
+            if len(data):
+                check_crc()  # (the read that reaches the end of the member checks it)
+            n = min(len(data), len(view))
+            view[:n] = data[:n]
+            if n < len(view):
+                raise FileFormatError(
+                    f"member {zi.filename!r} ended after {n} of "
+                    f"{len(view)} data bytes (it is truncated). Fix: copy or "
+                    "download the archive again.",
+                    self.path,
+                )
+
+        return read_into(fill, header, self.path)
 
     def raw_span(self, name: str) -> RawSpan | None:
         """Where member ``name``'s array data lies in the archive, when :meth:`read` returns
@@ -539,6 +659,8 @@ class NpzReader(Reader):
 
     def close(self) -> None:
         with self._lock:
+            self._kept.clear()
+            self._kept_bytes = 0
             if self._zf is not None:
                 with contextlib.suppress(Exception):
                     self._zf.close()
