@@ -687,6 +687,28 @@ def case_files_io(args: argparse.Namespace) -> list[dict]:
 
         return run
 
+    def made_durable(write: Callable[[str], Any], path: str) -> Callable[[], None]:
+        """The reference writer given what a durable, atomic save does: write a temporary
+        file, fsync it, rename it over ``path``, fsync the directory."""
+        stem, ext = os.path.splitext(path)
+        tmp = f"{stem}.tmp{ext}"
+
+        def run() -> None:
+            write(tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            dfd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
+        return run
+
     # writes: tb.save (durable) against the reference writer, then fsync's share of it
     writes: list[tuple[str, Callable[[], Any], str, Callable[[], Any], float]] = [
         (
@@ -748,6 +770,14 @@ def case_files_io(args: argparse.Namespace) -> list[dict]:
     for label, ftb, text, fplain, target in writes:
         write_pair(label, ftb, text, fplain, target)
         fsync_share(label, ftb)
+    for m, a in arrays.items():  # the same work: the reference made as durable
+        write_pair(
+            f"tb.save .npy {m} MiB against a durable np.save",
+            lambda a=a, m=m: tb.save(a, p(f"a{m}.npy")),
+            "np.save + fsync, rename, directory fsync",
+            made_durable(lambda q, a=a: np.save(q, a), p(f"d{m}.npy")),
+            1.3,
+        )
     for m, a in arrays.items():
         write_pair(
             f"os.write + fsync {m} MiB (the disk's floor)",
