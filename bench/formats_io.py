@@ -182,6 +182,31 @@ def case_formats_io(args: argparse.Namespace) -> list[dict]:
         }
         rows.append(row(CASE, f"{label} less its fsync time", text, rest, target=None, unit="ms"))
 
+    def fsynced(write: Callable[[], Any], root: str) -> Callable[[], None]:
+        """The reference writer made durable the plain way: after it writes, fsync every
+        file under ``root``, then every directory, deepest first (tensorbridge's saves
+        are durable before they return; the references only fill the page cache)."""
+
+        def run() -> None:
+            write()
+            dirs = []
+            for here, _, files in os.walk(root):
+                dirs.append(here)
+                for name in files:
+                    fd = os.open(os.path.join(here, name), os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+            for here in reversed(dirs):
+                fd = os.open(here, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+        return run
+
     def read_pair(
         label: str,
         ftb: Callable[[], Any],
@@ -323,6 +348,14 @@ def case_formats_io(args: argparse.Namespace) -> list[dict]:
                     1.3,
                     wreps,
                 )
+                write_pair(
+                    f"{lbl} against a durable reference",
+                    lambda: tb.save(tsd, da, max_shard_size=shard),
+                    "save_torch_state_dict + fsync of every file and the directory",
+                    fsynced(lambda: save_torch_state_dict(tsd, db, max_shard_size=shard), db),
+                    1.3,
+                    wreps,
+                )
                 ref_text = "safetensors.torch.load_file per shard"
                 read_pair(
                     f"tb.load sharded {tag} to=torch",
@@ -437,6 +470,14 @@ def case_formats_io(args: argparse.Namespace) -> list[dict]:
                     lambda: tb.save(sd, za),
                     "zarr.open_group + create_array + arr[...] = v (same chunks, zstd)",
                     lambda: zarr_write(zb),
+                    1.3,
+                    zreps,
+                )
+                write_pair(
+                    f"{lbl} against a durable reference",
+                    lambda: tb.save(sd, za),
+                    "the same zarr writes + fsync of every file and directory",
+                    fsynced(lambda: zarr_write(zb), zb),
                     1.3,
                     zreps,
                 )
