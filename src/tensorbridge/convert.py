@@ -146,18 +146,26 @@ _X_TORCH_PLAIN = _X_PLAIN["torch"]
 _X_MLX = _X_PLAIN["mlx"]
 _X_NUMPY_COPY = _EXPRESS["numpy"][1]  # copy=True without dtype=: a Python call less
 _X_TORCH_COPY = _EXPRESS["torch"][1]
-#: (to, type, express function) of convert's last plain call (no options) that found one:
-#: a call like the one before (a loop) skips both table lookups, about a tenth of a
-#: 0.45 µs route. Replaced whole (one tuple), so threads never see a mixed entry; an
-#: express function stays right for its type, whatever happens to the tables after.
-_LAST: tuple[Any, Any, Any] = (None, None, None)
+#: (to, type, express function, its dtype memo or None) of convert's last plain call (no
+#: options) that found one: a call like the one before (a loop) skips both table lookups,
+#: about a tenth of a 0.45 µs route. Replaced whole (one tuple), so threads never see a
+#: mixed entry; an express function stays right for its type, whatever happens to the
+#: tables after. The memo is NumPy's (frameworks/numpy.py): [(dtype, route)] of the last
+#: writable array its express route took.
+_LAST: tuple[Any, Any, Any, Any] = (None, None, None, None)
+
+
+#: to_torch's (type, express function, its dtype memo or None) of its last plain call, as
+#: convert's _LAST
+_TO_TORCH_LAST: tuple[Any, Any, Any] = (None, None, None)
 
 
 def forget_express() -> None:
     """Forget every express route learnt (the tables and convert's last call): for tests
     that change what the frameworks report, so that routes are learnt afresh."""
-    global _LAST
-    _LAST = (None, None, None)
+    global _LAST, _TO_TORCH_LAST
+    _LAST = (None, None, None, None)
+    _TO_TORCH_LAST = (None, None, None)
     for tables in _EXPRESS.values():
         for table in tables:
             table.clear()
@@ -403,9 +411,26 @@ def convert(x: Any, /, to: str, **options: Any) -> Any:
     # is the call in a hot loop, measured against torch.from_numpy (0.48 µs).
     if not options:
         global _LAST
-        last_to, last_type, e = _LAST
+        last_to, last_type, e, memo = _LAST
         if last_type is type(x) and last_to is to:
-            pass  # the same kind of call as the last one: e is its express function
+            # the same kind of call as the last one: e is its express function
+            if memo is not None:
+                # NumPy's express route (frameworks/numpy.py, run) written out for the
+                # dtype it saw last: the same checks, one Python call less
+                dt, fn = memo[0]
+                if x.dtype is dt:
+                    flags = x.flags
+                    if flags.writeable:
+                        if not flags.owndata:
+                            s = x.strides
+                            if (s[0] < 0 or s[1] < 0) if len(s) == 2 else (s and min(s) < 0):
+                                return _planned(x, to, None, None, None, "error", False)
+                        try:
+                            return fn(x)
+                        except TensorBridgeError:
+                            raise
+                        except Exception:  # the ordinary path runs the same plan and words it
+                            return _planned(x, to, None, None, None, "error", False)
         elif type(to) is str:
             table = _X_PLAIN.get(to)
             e = None
@@ -414,7 +439,7 @@ def convert(x: Any, /, to: str, **options: Any) -> Any:
                 if e is _UNSEEN:
                     e = _learn_express(table, type(x), _TARGETS[to], None)
                 if e is not None:
-                    _LAST = (to, type(x), e)
+                    _LAST = (to, type(x), e, getattr(e, "memo", None))
         else:
             e = None
         if e is not None:
@@ -610,9 +635,31 @@ def to_torch(x: Any, /, *, device: Any = None, dtype: Any = None, copy: bool | N
     """
     if device is None:
         if copy is None and dtype is None:
-            e = _X_TORCH_PLAIN.get(type(x), _UNSEEN)
-            if e is _UNSEEN:
-                e = _learn_express(_X_TORCH_PLAIN, type(x), "torch", None)
+            global _TO_TORCH_LAST
+            last_type, e, memo = _TO_TORCH_LAST
+            if last_type is not type(x):
+                e = _X_TORCH_PLAIN.get(type(x), _UNSEEN)
+                if e is _UNSEEN:
+                    e = _learn_express(_X_TORCH_PLAIN, type(x), "torch", None)
+                memo = getattr(e, "memo", None)
+                if e is not None:
+                    _TO_TORCH_LAST = (type(x), e, memo)
+            if memo is not None:
+                # NumPy's express route written out for its last dtype, as in convert()
+                dt, fn = memo[0]
+                if x.dtype is dt:
+                    flags = x.flags
+                    if flags.writeable:
+                        if not flags.owndata:
+                            s = x.strides
+                            if (s[0] < 0 or s[1] < 0) if len(s) == 2 else (s and min(s) < 0):
+                                return _planned(x, "torch", None, None, None, "error", False)
+                        try:
+                            return fn(x)
+                        except TensorBridgeError:
+                            raise
+                        except Exception:  # the ordinary path runs the same plan and words it
+                            return _planned(x, "torch", None, None, None, "error", False)
         else:
             table = (
                 _X_TORCH_COPY

@@ -121,7 +121,8 @@ def test_a_call_like_the_last_one_takes_its_route_and_options_still_count():
     ro.flags.writeable = False
     for _ in range(2):
         t = tb.convert(a, to="torch")
-        assert ("torch", np.ndarray, _express(a, "torch", None)) == CONVERT._LAST
+        e = _express(a, "torch", None)
+        assert ("torch", np.ndarray, e, e.memo) == CONVERT._LAST
         assert t.data_ptr() == a.ctypes.data  # shared
         c = tb.convert(a, to="torch", copy=True)
         assert c.data_ptr() != a.ctypes.data and c.tolist() == a.tolist()
@@ -140,7 +141,7 @@ def test_a_call_like_the_last_one_takes_its_route_and_options_still_count():
     a[0] = 9  # zero-copy proven by mutation
     assert t[0].item() == 9 and back[0] == 9 and c[0].item() == 0
     CONVERT.forget_express()
-    assert CONVERT._LAST == (None, None, None)
+    assert CONVERT._LAST == (None, None, None, None)
     assert _express(a, "torch", None) is None
 
 
@@ -167,21 +168,24 @@ def test_the_last_dtype_seen_is_never_applied_to_another(to):
     i64 = np.arange(6, dtype=np.int64)
     bf = np.arange(6).astype(ml_dtypes.bfloat16)
     kinds = [f32, same, big, ro, f64, i64, bf, f32.reshape(2, 3).T, f32[::-1], f32, f64, bf]
-    for _ in range(3):
-        for a in kinds:
-            got = tb.convert(a, to=to)
-            plan = tb.explain(a, to=to)
-            ref = plan.run(a)
-            assert got.dtype == ref.dtype and _bits(got) == _bits(ref), str(plan)
-            if to == "torch":
-                assert tb.shares_memory(got, a) == (not plan.copies), str(plan)
+    spellings = [lambda a: tb.convert(a, to=to)]
+    spellings.append(tb.to_torch if to == "torch" else tb.to_mlx)
+    for convert in spellings:
+        for _ in range(3):
+            for a in kinds:
+                got = convert(a)
+                plan = tb.explain(a, to=to)
+                ref = plan.run(a)
+                assert got.dtype == ref.dtype and _bits(got) == _bits(ref), str(plan)
+                if to == "torch":
+                    assert tb.shares_memory(got, a) == (not plan.copies), str(plan)
 
     errors: list[str] = []
 
     def hammer(a: np.ndarray) -> None:
         want = tb.explain(a, to=to).run(a).dtype
-        for _ in range(2000):
-            got = tb.convert(a, to=to)
+        for i in range(2000):
+            got = spellings[i % 2](a)
             if got.dtype != want:
                 errors.append(f"{a.dtype}: {got.dtype}")
                 return
@@ -192,6 +196,41 @@ def test_the_last_dtype_seen_is_never_applied_to_another(to):
     for t in threads:
         t.join()
     assert errors == []
+
+
+@pytest.mark.parametrize("spelling", ["convert", "to_torch"])
+def test_the_dtype_memo_is_asked_only_for_what_it_may_take(spelling):
+    """The route remembered for the last dtype runs only for a writable array of that
+    very dtype with no flipped stride: flipped, read-only and other arrays never reach it
+    (no exception is raised and caught on their way either)."""
+    convert = tb.to_torch if spelling == "to_torch" else (lambda x: tb.convert(x, to="torch"))
+    CONVERT.forget_express()
+    f32 = np.arange(6, dtype=np.float32)
+    convert(f32)
+    convert(f32)
+    memo = _express(f32, "torch", None).memo
+    dt, route = memo[0]
+    assert dt is f32.dtype
+    calls: list[tuple] = []
+
+    def spy(a: np.ndarray):
+        calls.append((a.shape, a.strides))
+        return route(a)
+
+    memo[0] = (dt, spy)
+    view = f32.reshape(2, 3).T
+    for a in (f32[::-1], f32.reshape(2, 3)[:, ::-1], np.ones((1, 3), np.float32)[::-1]):
+        assert convert(a).tolist() == a.tolist()
+    ro = f32.copy()
+    ro.flags.writeable = False
+    assert convert(ro).tolist() == ro.tolist()
+    assert convert(f32.astype(np.float64)).dtype == torch.float64
+    assert calls == []
+    memo[0] = (dt, spy)
+    assert convert(view).data_ptr() == f32.ctypes.data
+    assert convert(f32).data_ptr() == f32.ctypes.data
+    assert calls == [(view.shape, view.strides), (f32.shape, f32.strides)]
+    CONVERT.forget_express()
 
 
 def test_convert_takes_exactly_its_options():
@@ -229,13 +268,16 @@ def test_strides_set_by_hand_on_an_owning_array_go_the_planned_way():
     with pytest.warns(DeprecationWarning):
         a.strides = (-12, 4)
     assert a.flags.owndata and a.base is None
-    tb.to_torch(np.zeros(2, np.float32))  # the express route has learnt float32
     plan = tb.explain(a, to="torch")
     assert "rewrite the strides" in str(plan)
-    t = tb.convert(a, to="torch")
-    assert t.tolist() == [[1.0, 2.0, 3.0]] and t.data_ptr() == a.ctypes.data
-    a[0, 0] = 9  # shared, as the plan says
-    assert t[0, 0].item() == 9
+    for convert in (lambda x: tb.convert(x, to="torch"), tb.to_torch):
+        for _ in range(2):  # the second call finds float32 as the last dtype seen
+            convert(np.zeros(2, np.float32))  # the express route has learnt float32
+            t = convert(a)
+            assert t.tolist() == [[1.0, 2.0, 3.0]] and t.data_ptr() == a.ctypes.data
+            a[0, 0] = 9  # shared, as the plan says
+            assert t[0, 0].item() == 9
+            a[0, 0] = 1
 
 
 def test_numpy_to_torch_shares_by_mutation():

@@ -112,12 +112,13 @@ class NumpyBackend(Backend):
         # hashing a dtype costs as much as the rest of the lookup (dtypes of one kind are
         # one object in practice; an equal dtype of another identity takes the table).
         # The pair is replaced whole, so threads never see one dtype with another's route.
+        # The pair is also ``run.memo[0]``: convert() writes these checks out for it (a
+        # Python call less in the commonest call of all); both read the same pair.
         writable: dict[Any, Any] = {}
         readonly: dict[Any, Any] = {}
-        last: tuple[Any, Any] = (None, None)
+        memo: list[tuple[Any, Any]] = [(None, None)]
 
         def run(a: np.ndarray) -> Any:
-            nonlocal last
             flags = a.flags
             if not flags.owndata:
                 s = a.strides
@@ -125,7 +126,7 @@ class NumpyBackend(Backend):
                     return None  # flipped: the kind says which dims, leave it to the planner
             if flags.writeable:
                 dt = a.dtype
-                seen = last
+                seen = memo[0]
                 if seen[0] is dt:
                     return seen[1](a)
                 table = writable
@@ -138,9 +139,10 @@ class NumpyBackend(Backend):
                     table.clear()
                 fn = table[dt] = learn(a)
             if table is writable:
-                last = (dt, fn)
+                memo[0] = (dt, fn)
             return fn(a)
 
+        run.memo = memo  # type: ignore[attr-defined]
         return run
 
     def kind(self, x: Any, target: str) -> tuple | None:
