@@ -84,7 +84,7 @@ from ..dtypes import DTYPES, canonical_name, lookup
 from ..errors import ConversionError, FileFormatError, UnsafeContentError
 from .atomic import atomic_write
 from .base import Format, RawSpan, Reader, TensorInfo
-from .safetensors import check_fetched, iter_le_bytes, open_regular_file, read_exact_into
+from .safetensors import check_fetched, iter_le_bytes, open_regular_stat, read_exact_into
 
 __all__ = [
     "FORMAT",
@@ -661,8 +661,10 @@ class NpyReader(Reader):
         self.metadata = {}
         self._lock = threading.Lock()
         self._fd: int | None = None
+        self._handed = False  # the descriptor went to a mapping (take_descriptor)
         void_as = check_void_as(void_as, path)
-        fd, size = open_regular_file(path)
+        fd, st = open_regular_stat(path)
+        size = st.st_size
         try:
             position = 0
 
@@ -697,8 +699,8 @@ class NpyReader(Reader):
         except BaseException:
             os.close(fd)
             raise
-        st = os.fstat(fd)
         self._file_id = (st.st_dev, st.st_ino)
+        self._size = size
         self._fd = fd
 
     def keys(self) -> list[str]:
@@ -733,7 +735,7 @@ class NpyReader(Reader):
         info = self.info(name)
         h = self._header
         if (
-            self._fd is None
+            (self._fd is None and not self._handed)
             or h.fortran_order
             or h.swap
             or sys.byteorder != "little"
@@ -742,6 +744,19 @@ class NpyReader(Reader):
         ):
             return None
         return RawSpan(self.path, h.header_size, h.nbytes, self._file_id)
+
+    def take_descriptor(self, span: RawSpan) -> tuple[int, int] | None:
+        """``(descriptor, size)``: the descriptor the header was checked through, handed to
+        the caller (:class:`~.mapping.FileMaps` maps it and closes it), so the file is not
+        opened again; ``None`` when the reader is closed. The reader reads no more after
+        (its span stays, for a copy that opens the file by path and checks it is this one)."""
+        with self._lock:
+            fd = self._fd
+            if fd is None or span.file_id != self._file_id:
+                return None
+            self._fd = None
+            self._handed = True
+            return fd, self._size
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,106 @@
+"""A ``.npy`` load maps the descriptor the header was checked through (the reader hands it
+to the mapping, ``NpyReader.take_descriptor``) instead of opening the file again: the
+array is of the file that was checked, a load that cannot lease still copies, and no
+descriptor is left open."""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import tensorbridge as tb
+from tensorbridge.formats import file_lease
+from tensorbridge.formats.npy import NpyReader
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="read leases are Linux's")
+
+A = np.arange(file_lease.MIN_BYTES // 4, dtype=np.float32)  # leased, not copied
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def paths_opened(monkeypatch) -> list[str]:
+    opened: list[str] = []
+    real = os.open
+
+    def spy(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if isinstance(path, str) and path.endswith(".npy"):
+            opened.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", spy)
+    return opened
+
+
+@pytest.mark.parametrize("mmap", [None, True])
+def test_a_mapping_load_opens_the_file_once(tmp_path, monkeypatch, mmap):
+    p = str(tmp_path / "a.npy")
+    np.save(p, A)
+    before = open_fds()
+    opened = paths_opened(monkeypatch)
+    got = tb.load(p, mmap=mmap)
+    assert opened == [p]
+    assert got.tobytes() == A.tobytes()
+    if mmap is None:
+        assert file_lease.guards() >= 1
+        assert len(open_fds() - before) == 2  # the lease's and the mapping's, while it lives
+    del got
+    gc.collect()
+    assert open_fds() == before
+
+
+def test_a_load_that_cannot_lease_copies_after_the_descriptor_went(tmp_path):
+    """A writer holds the file open: the lease is refused, the handed descriptor is closed,
+    and the copy opens the file by path (checked to be the same file)."""
+    p = str(tmp_path / "a.npy")
+    np.save(p, A)
+    writer = os.open(p, os.O_WRONLY)
+    try:
+        before = open_fds()
+        leased = file_lease.guards()
+        got = tb.load(p)
+        assert got.tobytes() == A.tobytes()
+        assert file_lease.guards() == leased
+        assert open_fds() == before  # a copy: nothing held
+        os.pwrite(writer, b"\xff" * 16, 128)  # the copy does not see later writes
+        assert got.tobytes() == A.tobytes()
+    finally:
+        os.close(writer)
+
+
+def test_a_rewrite_after_the_load_does_not_show(tmp_path):
+    p = str(tmp_path / "a.npy")
+    np.save(p, A)
+    got = tb.load(p)
+    np.save(p, A[::-1].copy())  # np.save rewrites the same inode
+    assert got.tobytes() == A.tobytes()
+    assert tb.load(p).tobytes() == A[::-1].tobytes()
+
+
+def test_the_reader_hands_its_descriptor_once_and_keeps_its_span(tmp_path):
+    p = str(tmp_path / "a.npy")
+    np.save(p, A)
+    with NpyReader(p) as r:
+        span = r.raw_span("array")
+        assert span is not None
+        held = r.take_descriptor(span)
+        assert held is not None
+        fd, size = held
+        try:
+            assert size == os.path.getsize(p)
+            assert os.fstat(fd).st_ino == os.stat(p).st_ino
+        finally:
+            os.close(fd)
+        assert r.take_descriptor(span) is None  # handed once
+        assert r.raw_span("array") == span  # a copy by path still knows where the bytes are
+        with pytest.raises(tb.FileFormatError, match="closed"):
+            r.read("array")
+    r2 = NpyReader(p)
+    r2.close()
+    assert r2.take_descriptor(span) is None and r2.raw_span("array") is None
