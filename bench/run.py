@@ -657,6 +657,10 @@ def machine_info(peers: str | None) -> dict[str, Any]:
             "ml_dtypes",
             "safetensors",
             "h5py",
+            "mlx",
+            "gguf",
+            "zarr",
+            "huggingface_hub",
             "eagerpy",
             "arraybridge",
         )
