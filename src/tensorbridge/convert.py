@@ -300,13 +300,34 @@ def _leaf_fn(
     local: dict[tuple, Any] = {}  # kind -> the function of its cached plan, for this call
     express = _express_table(target, copy, dtype) if device is None and ragged == "error" else None
 
+    memo: Any = None  # NumPy's dtype memo (frameworks/numpy.py, run.memo) once met
+
     def leaf(x: Any) -> Any:
+        nonlocal memo
         tp = type(x)
         if express is not None and not done:
+            if memo is not None and tp is np.ndarray:
+                # NumPy's express route written out for its last dtype, as in convert()
+                dt, fn = memo[0]
+                if x.dtype is dt:
+                    flags = x.flags
+                    if flags.writeable:
+                        s = None if flags.owndata else x.strides
+                        if s is None or not (
+                            (s[0] < 0 or s[1] < 0) if len(s) == 2 else (s and min(s) < 0)
+                        ):
+                            try:
+                                return fn(x)
+                            except TensorBridgeError:
+                                raise
+                            except Exception:
+                                pass  # the express function below declines it or words it
             e = express.get(tp, _UNSEEN)
             if e is _UNSEEN:
                 e = _learn_express(express, tp, target, copy, dtype)
             if e is not None:
+                if memo is None and tp is np.ndarray:
+                    memo = getattr(e, "memo", None)
                 try:
                     y = e(x)
                 except TensorBridgeError:

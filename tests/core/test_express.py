@@ -180,6 +180,15 @@ def test_the_last_dtype_seen_is_never_applied_to_another(to):
                 if to == "torch":
                     assert tb.shares_memory(got, a) == (not plan.copies), str(plan)
 
+    for copy in (None, True):  # a tree: one leaf function meets every kind in turn
+        outs = tb.convert(kinds * 3, to=to, copy=copy)
+        for a, got in zip(kinds * 3, outs, strict=True):
+            plan = tb.explain(a, to=to, copy=copy)
+            ref = plan.run(a)
+            assert got.dtype == ref.dtype and _bits(got) == _bits(ref), str(plan)
+            if to == "torch":
+                assert tb.shares_memory(got, a) == (not plan.copies), str(plan)
+
     errors: list[str] = []
 
     def hammer(a: np.ndarray) -> None:
@@ -198,12 +207,18 @@ def test_the_last_dtype_seen_is_never_applied_to_another(to):
     assert errors == []
 
 
-@pytest.mark.parametrize("spelling", ["convert", "to_torch"])
+@pytest.mark.parametrize("spelling", ["convert", "to_torch", "tree"])
 def test_the_dtype_memo_is_asked_only_for_what_it_may_take(spelling):
     """The route remembered for the last dtype runs only for a writable array of that
     very dtype with no flipped stride: flipped, read-only and other arrays never reach it
     (no exception is raised and caught on their way either)."""
-    convert = tb.to_torch if spelling == "to_torch" else (lambda x: tb.convert(x, to="torch"))
+    convert = {
+        "convert": lambda x: tb.convert(x, to="torch"),
+        "to_torch": tb.to_torch,
+        # the first leaf finds the route (the express function), the second the memo
+        "tree": lambda x: tb.convert({"a": x, "b": x}, to="torch")["b"],
+    }[spelling]
+    twice = 2 if spelling == "tree" else 1
     CONVERT.forget_express()
     f32 = np.arange(6, dtype=np.float32)
     convert(f32)
@@ -229,7 +244,7 @@ def test_the_dtype_memo_is_asked_only_for_what_it_may_take(spelling):
     memo[0] = (dt, spy)
     assert convert(view).data_ptr() == f32.ctypes.data
     assert convert(f32).data_ptr() == f32.ctypes.data
-    assert calls == [(view.shape, view.strides), (f32.shape, f32.strides)]
+    assert calls == [(view.shape, view.strides)] * twice + [(f32.shape, f32.strides)] * twice
     CONVERT.forget_express()
 
 
