@@ -155,6 +155,10 @@ _X_TORCH_COPY = _EXPRESS["torch"][1]
 _LAST: tuple[Any, Any, Any, Any] = (None, None, None, None)
 
 
+#: to_numpy's (copy, dtype, express table) of its last call with options: the same options
+#: (a loop) skip the table's lookup by key; replaced whole. (A dtype given as an equal
+#: object of another identity looks its table up.)
+_TO_NUMPY_OPTIONS: tuple[Any, Any, Any] = (None, None, None)
 #: to_torch's (type, express function, its dtype memo or None) of its last plain call, as
 #: convert's _LAST
 _TO_TORCH_LAST: tuple[Any, Any, Any] = (None, None, None)
@@ -163,9 +167,10 @@ _TO_TORCH_LAST: tuple[Any, Any, Any] = (None, None, None)
 def forget_express() -> None:
     """Forget every express route learnt (the tables and convert's last call): for tests
     that change what the frameworks report, so that routes are learnt afresh."""
-    global _LAST, _TO_TORCH_LAST
+    global _LAST, _TO_TORCH_LAST, _TO_NUMPY_OPTIONS
     _LAST = (None, None, None, None)
     _TO_TORCH_LAST = (None, None, None)
+    _TO_NUMPY_OPTIONS = (None, None, None)
     for tables in _EXPRESS.values():
         for table in tables:
             table.clear()
@@ -618,14 +623,18 @@ def to_numpy(
             if e is _UNSEEN:
                 e = _learn_express(_X_NUMPY_PLAIN, type(x), "numpy", None)
         else:
-            table = (
-                _X_NUMPY_COPY
-                if copy is True and dtype is None
-                else _express_table("numpy", copy, dtype)
-            )
+            global _TO_NUMPY_OPTIONS
+            last_copy, last_dtype, table = _TO_NUMPY_OPTIONS
+            if last_dtype is not dtype or last_copy is not copy:
+                table = (
+                    _X_NUMPY_COPY
+                    if copy is True and dtype is None
+                    else _express_table("numpy", copy, dtype)
+                )
+                _TO_NUMPY_OPTIONS = (copy, dtype, table)
             e = table.get(type(x), _UNSEEN) if table is not None else None
             if e is _UNSEEN:
-                e = _learn_express(table, type(x), "numpy", copy, dtype)  # type: ignore[arg-type]
+                e = _learn_express(table, type(x), "numpy", copy, dtype)
         if e is not None:
             try:
                 y = e(x)

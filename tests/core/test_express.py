@@ -248,6 +248,35 @@ def test_the_dtype_memo_is_asked_only_for_what_it_may_take(spelling):
     CONVERT.forget_express()
 
 
+def test_to_numpy_options_interleaved_take_their_own_tables():
+    """to_numpy keeps the table of its last options; other options (another dtype, an
+    equal dtype name of another identity, copy=True, a dtype object) take their own."""
+    CONVERT.forget_express()
+    t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    g = t.clone().requires_grad_(True)
+    a = np.arange(6, dtype=np.float64)
+    other = "".join(["bfloat", "16"])  # equal to "bfloat16", another object
+    assert other == "bfloat16" and other is not "bfloat16"  # noqa: F632 - identity on purpose
+    options = [
+        {"dtype": "bfloat16"},
+        {"dtype": "float16"},
+        {"dtype": other},
+        {"copy": True},
+        {"copy": True, "dtype": "float16"},
+        {"dtype": np.dtype("int32")},
+        {"dtype": "bfloat16"},
+        {"copy": False},
+    ]
+    for _ in range(2):
+        for opts in options:
+            for x in (t, g, a, t.T):
+                got = tb.to_numpy(x, **opts)
+                plan = tb.explain(x, to="numpy", **opts)
+                ref = plan.run(x)
+                assert got.dtype == ref.dtype and _bits(got) == _bits(ref), (opts, str(plan))
+                assert tb.shares_memory(got, x) == tb.shares_memory(ref, x), (opts, str(plan))
+
+
 def test_convert_takes_exactly_its_options():
     """convert's options are keyword-only, each once, and nothing else: as its signature
     (the one help() and inspect show) says."""

@@ -53,18 +53,27 @@ def _quiet_errstate() -> tuple[Any, Any] | None:
 _QUIET = _quiet_errstate()
 
 
-def _cast(a: np.ndarray, target: np.dtype) -> np.ndarray:
-    """``a.astype(target)`` without NumPy's warnings for NaN or out-of-range values: what
-    such values become is documented (convert's docstring), not an accident to warn about."""
+def _caster(target: np.dtype) -> Callable[[np.ndarray], np.ndarray]:
+    """``a.astype(target)`` without NumPy's warnings for NaN or out-of-range values (what
+    such values become is documented in convert's docstring, not an accident to warn
+    about), as one function: a plan's cast step."""
     if _QUIET is None:
-        with np.errstate(all="ignore"):
-            return a.astype(target, order="C")
+
+        def guarded(a: np.ndarray) -> np.ndarray:
+            with np.errstate(all="ignore"):
+                return a.astype(target, order="C")
+
+        return guarded
     var, quiet = _QUIET
-    token = var.set(quiet)
-    try:
-        return a.astype(target, order="C")
-    finally:
-        var.reset(token)
+
+    def quiet_cast(a: np.ndarray) -> np.ndarray:
+        token = var.set(quiet)
+        try:
+            return a.astype(target, order="C")
+        finally:
+            var.reset(token)
+
+    return quiet_cast
 
 
 def _copy(a: Any) -> np.ndarray:
@@ -211,7 +220,7 @@ class NumpyBackend(Backend):
         from ..dtypes import numpy_dtype
 
         target = numpy_dtype(dtype)
-        return [Step(f"cast {facts.dtype} -> {dtype}", True, lambda a: _cast(a, target))]
+        return [Step(f"cast {facts.dtype} -> {dtype}", True, _caster(target))]
 
     def to_device_steps(self, facts: Facts, device: str) -> list[Step]:
         return self.from_host_steps(facts, device=device, copy=None)
