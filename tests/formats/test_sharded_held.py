@@ -188,3 +188,32 @@ def test_arrays_over_held_descriptors_never_change_when_the_shards_are_rewritten
     for k, v in sd.items():
         assert got[k].numpy().tobytes() == v.tobytes()
     assert file_lease.guards() == before - len(shards)  # the leases were given up
+
+
+def test_readers_share_one_budget_of_held_descriptors(tmp_path, monkeypatch):
+    """Readers in many threads hold at most HELD_SHARDS descriptors between them (each
+    taking its own share would run the open-file limit out under concurrent loads); a
+    descriptor handed over or closed returns to the budget."""
+    d, sd, shards = checkpoint(tmp_path)
+    monkeypatch.setattr(sharded, "HELD_SHARDS", 4)
+    before = open_fds()
+    assert sharded._held_now == 0
+    a = FORMAT.open(d, hold=True)  # holds its 3
+    b = FORMAT.open(d, hold=True)  # holds 1: the budget's last
+    assert sharded._held_now == 4
+    assert len(open_fds() - before) == 4
+    c = FORMAT.open(d, hold=True)  # holds none: opens by path when it maps
+    assert sharded._held_now == 4
+    maps = FileMaps(leased=True)
+    arrays = [maps.array(a, name) for name in a.keys()]  # a's descriptors go to the leases
+    assert sharded._held_now == 1
+    for r in (a, b, c):
+        r.close()
+    assert sharded._held_now == 0
+    for arr, name in zip(arrays, sd, strict=True):
+        assert arr is not None and arr.tobytes() == sd[name].tobytes()
+    del arrays, arr, maps  # (the mappings keep the leases)
+    import gc
+
+    gc.collect()
+    assert open_fds() == before

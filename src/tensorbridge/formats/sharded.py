@@ -154,9 +154,31 @@ def _pending_limit() -> int:
 HELD_SHARDS = 64
 
 
+#: Shard descriptors held now by every reader in this process (one budget for all of
+#: them: readers in many threads must not take the open-file limit between them).
+_held_now = 0
+_HELD_LOCK = threading.Lock()
+
+
+def _reserve_held(limit: int) -> bool:
+    """Count one more held descriptor, unless ``limit`` are held already."""
+    global _held_now
+    with _HELD_LOCK:
+        if _held_now >= limit:
+            return False
+        _held_now += 1
+        return True
+
+
+def _unreserve_held() -> None:
+    global _held_now
+    with _HELD_LOCK:
+        _held_now -= 1
+
+
 def _held_limit() -> int:
-    """How many shard descriptors a reader may hold: :data:`HELD_SHARDS`, or less under a
-    low open-file limit."""
+    """How many shard descriptors readers may hold, all of them together:
+    :data:`HELD_SHARDS`, or less under a low open-file limit."""
     try:
         import resource
 
@@ -631,9 +653,10 @@ class ShardedReader(Reader):
     instead of returning data of another version.
 
     ``hold=True`` (what ``load`` asks for when it maps): the descriptor each safetensors
-    shard was checked through at open stays open (for at most :data:`HELD_SHARDS` shards),
-    until :meth:`take_descriptor` hands it over or :meth:`close` closes it, so that a
-    mapping of the shard maps the very file that was checked, without opening it again.
+    shard was checked through at open stays open (at most :data:`HELD_SHARDS` shards,
+    in all readers of the process together), until :meth:`take_descriptor` hands it over
+    or :meth:`close` closes it, so that a mapping of the shard maps the very file that was
+    checked, without opening it again.
     """
 
     def __init__(self, path: str, variant: str | None = None, *, hold: bool = False) -> None:
@@ -670,10 +693,12 @@ class ShardedReader(Reader):
                 self.metadata = dict(r.metadata)
                 self._stamps[single] = _reader_stamp(r, single)
                 self._keep_spans(r, list(self._infos))
-                if self._hold and type(r) is SafetensorsReader:
+                if self._hold and type(r) is SafetensorsReader and _reserve_held(self._hold):
                     fd = r.detach()
                     if fd is not None:
                         self._held[single] = fd
+                    else:
+                        _unreserve_held()
             self._where = {name: single for name in self._infos}
             return
         assert index_path is not None
@@ -748,10 +773,12 @@ class ShardedReader(Reader):
                     found[name] = r.info(name)
                 self._stamps[shard_path] = _reader_stamp(r, shard_path)
                 self._keep_spans(r, listed)
-                if len(self._held) < self._hold and type(r) is SafetensorsReader:
+                if self._hold and type(r) is SafetensorsReader and _reserve_held(self._hold):
                     fd = r.detach()  # (the file whose header and stamp were just taken)
                     if fd is not None:
                         self._held[shard_path] = fd
+                    else:
+                        _unreserve_held()
         self._infos = {name: found[name] for name in weight_map}
         self._where = where
 
@@ -866,6 +893,7 @@ class ShardedReader(Reader):
             fd = self._held.pop(span.path, None)
             if fd is None:
                 return None
+            _unreserve_held()  # (the caller's now: a lease counts it, or it is closed)
             try:  # (when raw_span has just compared them, not again)
                 if (
                     self._span_shard != span.path
@@ -884,6 +912,7 @@ class ShardedReader(Reader):
     def _close_held(self) -> None:
         while self._held:
             os.close(self._held.popitem()[1])
+            _unreserve_held()
 
     def close(self) -> None:
         with self._lock:
