@@ -287,11 +287,18 @@ def open(
 
 
 def open_reader(
-    fmt: Format, path: str, variant: str | None, void_as: str | None = None, hold: bool = False
+    fmt: Format,
+    path: str,
+    variant: str | None,
+    void_as: str | None = None,
+    hold: bool = False,
+    keep: bool = False,
 ) -> Reader:
     """``fmt.open(path)``, with ``variant`` for a sharded checkpoint and ``void_as`` for
     ``.npy``/``.npz`` files (each refused for the others); ``hold``: a sharded reader
-    keeps its shards' checked descriptors for mappings (see :class:`.ShardedReader`)."""
+    keeps its shards' checked descriptors for mappings (see :class:`.ShardedReader`);
+    ``keep``: every tensor is read once, at once (a ``.npz`` reader keeps small members
+    inflated at open for that read, see :class:`.NpzReader`)."""
     if variant is not None and fmt.name != "sharded":
         raise ConversionError(
             message(
@@ -310,6 +317,8 @@ def open_reader(
                 "leave void_as out",
             )
         )
+    if fmt.name == "npz":
+        return fmt.open(path, void_as=void_as, keep=keep)  # type: ignore[call-arg]
     if void_as is not None:
         return fmt.open(path, void_as=void_as)  # type: ignore[call-arg]
     if fmt.name == "sharded":
@@ -476,7 +485,9 @@ def load(
         try:
             # a sharded reader keeps the descriptors its shards were checked through,
             # for the mappings (see FileMaps)
-            with open_reader(fmt, path, variant, void_as, hold=maps is not None) as reader:
+            with open_reader(
+                fmt, path, variant, void_as, hold=maps is not None, keep=names is None
+            ) as reader:
                 if fmt.name == "npy" and names is None:
                     return out(read(reader, reader.keys()[0]))
                 flat = {name: out(arr, name) for name, arr in iter_tensors(reader, names, read)}

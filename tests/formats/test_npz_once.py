@@ -77,6 +77,36 @@ def npload(path) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
+def keeping(p) -> npz_mod.NpzReader:
+    """A reader as load opens it: small members inflated at open are kept for their read."""
+    return npz_mod.NpzReader(str(p), keep=True)
+
+
+def test_a_reader_opened_by_hand_keeps_nothing(tmp_path, monkeypatch):
+    """tb.open may be kept open and read from rarely (many such readers would each hold
+    up to KEEP_INFLATED bytes): only load, which reads every member at once, keeps them."""
+    sd = {f"b{i}": np.full(64, i, np.float32) for i in range(50)}
+    p = tmp_path / "c.npz"
+    np.savez_compressed(p, **sd)
+    total, _ = sizes(p)
+    count = Inflated(monkeypatch)
+    readers = [tb.open(p) for _ in range(20)]
+    try:
+        assert all(r._kept_bytes == 0 and not r._kept for r in readers)
+        assert count.total == 20 * total  # (each member whole, for its header check)
+        assert all(same(readers[0].read(k), v) for k, v in sd.items())
+    finally:
+        for r in readers:
+            r.close()
+    count.total = 0
+    got = tb.load(p)
+    assert count.total == total and all(same(got[k], v) for k, v in sd.items())
+    count.total = 0
+    tb.load(p, names=["b3"])  # a few members: nothing kept, each read inflates its own
+    with zipfile.ZipFile(p) as z:
+        assert count.total == total + z.getinfo("b3.npy").file_size
+
+
 def test_500_small_members_are_each_inflated_once(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     sd = {f"layers.{i}.bias": rng.standard_normal(1024, dtype=np.float32) for i in range(500)}
@@ -84,7 +114,7 @@ def test_500_small_members_are_each_inflated_once(tmp_path, monkeypatch):
     np.savez_compressed(p, **sd)
     total, _ = sizes(p)
     count = Inflated(monkeypatch)
-    with tb.open(p) as r:
+    with keeping(p) as r:
         at_open = count.total
         assert r.info("layers.400.bias") == TensorInfo("layers.400.bias", "float32", (1024,))
         got = {k: r.read(k) for k in r.keys()}
@@ -105,7 +135,7 @@ def test_larger_members_have_only_their_headers_inflated_at_open(tmp_path, monke
     np.savez_compressed(p, **sd)
     total, headers = sizes(p)
     count = Inflated(monkeypatch)
-    with tb.open(p) as r:
+    with keeping(p) as r:
         assert count.total == headers  # each header alone (before: 10 KiB of each member)
         assert r.info("big").shape == sd["big"].shape and r.info("edge").dtype == "uint8"
     count.total = 0
@@ -150,7 +180,7 @@ def test_np_savez_compressed_reads_bit_exact(tmp_path, monkeypatch, keep):
             want = v.astype(v.dtype.newbyteorder("=")) if v.dtype.byteorder == ">" else v
             assert got[k].dtype == want.dtype and got[k].shape == want.shape, k
             assert got[k].tobytes() == want.tobytes(), k
-    with tb.open(p) as r:
+    with keeping(p) as r:
         assert r._kept_bytes <= npz_mod.KEEP_INFLATED
         kept = set(r._kept)
         assert {r.info(k).shape for k in zoo} == {v.shape for v in zoo.values()}
@@ -177,7 +207,7 @@ def test_reading_a_member_twice_inflates_it_again(tmp_path, monkeypatch):
     p = tmp_path / "c.npz"
     np.savez_compressed(p, a=a)
     count = Inflated(monkeypatch)
-    with tb.open(p) as r:
+    with keeping(p) as r:
         first = r.read("a")
         assert not r._kept and r._kept_bytes == 0  # handed out: nothing kept any more
         calls = count.calls
@@ -191,7 +221,7 @@ def test_the_budget_bounds_what_is_kept(tmp_path, monkeypatch):
     sd = {f"t{i}": np.full(1024, i, np.float32) for i in range(50)}  # 4224 bytes each
     p = tmp_path / "c.npz"
     np.savez_compressed(p, **sd)
-    with tb.open(p) as r:
+    with keeping(p) as r:
         assert len(r._kept) == 4 and r._kept_bytes == 4 * 4224
         got = {k: r.read(k) for k in r.keys()}
         assert r._kept_bytes == 0 and not r._kept
@@ -228,7 +258,7 @@ def one_member(name: str, body: bytes, *, usize: int | None = None, crc: int | N
 def outcome(path) -> tuple[str, object]:
     """("ok", the array's bytes) or (the error type, its message) of reading member ``a``,
     after an open that must succeed."""
-    with tb.open(path) as r:
+    with keeping(path) as r:
         r.info("a")
         try:
             return "ok", r.read("a").tobytes()
@@ -265,7 +295,7 @@ def test_crafted_members_read_as_through_zipfile(tmp_path, monkeypatch, case, wa
     p.write_bytes(blob)
     kept = outcome(p)
     monkeypatch.setattr(npz_mod, "KEEP_INFLATED", 0)
-    with tb.open(p) as r:
+    with keeping(p) as r:
         assert not r._kept
     assert outcome(p) == kept  # the same array, or the same error and message
     if want[0] == "ok":
@@ -309,8 +339,8 @@ def test_a_corrupt_header_in_member_400_is_refused_at_open(tmp_path, monkeypatch
 # --- bounded memory: a file of many small, very compressible members ---------------------------
 
 OPEN = """
-import tensorbridge as tb
-with tb.open(ARGS[0]) as r:
+from tensorbridge.formats.npz import NpzReader
+with NpzReader(ARGS[0], keep=True) as r:
     keys = r.keys()
     RESULT = {"count": len(keys), "kept": r._kept_bytes,
               "nbytes": sum(r.read(k).nbytes for k in keys) if ARGS[1] else 0}

@@ -203,15 +203,18 @@ def _in_member(exc: FileFormatError, member: str, path: str) -> FileFormatError:
 class NpzReader(Reader):
     """An open ``.npz`` archive whose member names, sizes and headers are validated."""
 
-    def __init__(self, path: str, *, void_as: str | None = None) -> None:
+    def __init__(self, path: str, *, void_as: str | None = None, keep: bool = False) -> None:
         self.path = path
         self.metadata = {}
         self._lock = threading.Lock()
         self._zf: zipfile.ZipFile | None = None
         # small deflated members inflated whole at open, for their first read (bounded by
-        # KEEP_INFLATED), by member file name: the bytes zipfile would return, CRC unchecked
+        # KEEP_INFLATED), by member file name: the bytes zipfile would return, CRC unchecked.
+        # Only where every member is read at once (keep: load), not for a reader kept open
+        # that may read few of them: many such readers would each hold their bytes.
         self._kept: dict[str, bytes] = {}
         self._kept_bytes = 0
+        self._keep_limit = KEEP_INFLATED if keep else 0
         self._void_as = check_void_as(void_as, path)
         fd, self._size = open_regular_file(path)
         self._file = os.fdopen(fd, "rb")
@@ -419,7 +422,7 @@ class NpzReader(Reader):
             plain
             and inflate.eof
             and len(raw) == zi.compress_size
-            and self._kept_bytes + len(head) <= KEEP_INFLATED
+            and self._kept_bytes + len(head) <= self._keep_limit
         ):
             member = head[: zi.file_size] if len(head) > zi.file_size else head
             self._kept[zi.filename] = member
@@ -704,10 +707,12 @@ class NpzFormat(Format):
     def check_info(self, info: TensorInfo, path: str) -> None:
         NPY.check_info(info, path)  # every member is a .npy file
 
-    def open(self, path: str, *, void_as: str | None = None) -> NpzReader:
+    def open(self, path: str, *, void_as: str | None = None, keep: bool = False) -> NpzReader:
         """Open ``path``; ``void_as`` is the dtype raw-bytes members hold
-        (:func:`~.npy.check_void_as`)."""
-        return NpzReader(os.fspath(path), void_as=void_as)
+        (:func:`~.npy.check_void_as`); ``keep``: every member is about to be read once
+        (``load``), so small deflated members inflated for their header check are kept
+        for that read (at most :data:`KEEP_INFLATED` bytes)."""
+        return NpzReader(os.fspath(path), void_as=void_as, keep=keep)
 
     def write(
         self,
