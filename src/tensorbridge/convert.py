@@ -192,7 +192,7 @@ def _target(to: str) -> str:
     name = _TARGETS.get(to) if type(to) is str else None
     if name is not None:
         return name
-    name = ALIASES.get(to, to)
+    name = ALIASES.get(to, to) if isinstance(to, str) else None
     if name not in TARGETS:
         raise ConversionError(
             message(
@@ -479,6 +479,10 @@ def convert(x: Any, /, to: str, **options: Any) -> Any:
                 return y
         return _planned(x, to, None, None, None, "error", False)
     if not options.keys() <= _OPTIONS:
+        if "x" in options:  # (as Python words it for a positional-only parameter)
+            raise TypeError(
+                "convert() got some positional-only arguments passed as keyword arguments: 'x'"
+            )
         bad = next(k for k in options if k not in _OPTIONS)
         raise TypeError(f"convert() got an unexpected keyword argument {bad!r}")
     return _convert(x, to, **options)

@@ -104,3 +104,43 @@ def test_the_reader_hands_its_descriptor_once_and_keeps_its_span(tmp_path):
     r2 = NpyReader(p)
     r2.close()
     assert r2.take_descriptor(span) is None and r2.raw_span("array") is None
+
+
+def test_a_file_emptied_before_mmap_true_maps_it_is_refused(tmp_path, monkeypatch):
+    """mmap=True maps without a lease: a file truncated to nothing between its check and
+    the mapping is refused as a truncated file (not a bare ValueError from mmap)."""
+    from tensorbridge.formats.mapping import FileMaps
+
+    p = str(tmp_path / "a.npy")
+    np.save(p, A)
+    real = FileMaps.array
+
+    def emptied(self, reader, name):  # type: ignore[no-untyped-def]
+        os.truncate(p, 0)  # as another process might
+        return real(self, reader, name)
+
+    monkeypatch.setattr(FileMaps, "array", emptied)
+    before = open_fds()
+    with pytest.raises(tb.FileFormatError, match="truncated after it was opened"):
+        tb.load(p, mmap=True)
+    assert open_fds() == before
+
+
+def test_a_mapping_refused_by_the_system_says_how_to_fix_it(tmp_path, monkeypatch):
+    import errno
+
+    from tensorbridge.formats import mapping
+
+    p = str(tmp_path / "a.npy")
+    np.save(p, A)
+
+    def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(mapping.mmap, "mmap", refuse)
+    before = open_fds()
+    with pytest.raises(tb.FileFormatError, match=r"cannot be mapped .*ulimit -n"):
+        tb.load(p, mmap=True)
+    assert open_fds() == before
+    monkeypatch.undo()
+    assert tb.load(p, mmap=True).tobytes() == A.tobytes()

@@ -101,20 +101,43 @@ class FileMaps:
             else:
                 try:
                     mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+                except ValueError:  # the file is empty now: it was truncated since its check
+                    raise _truncated(name, span.path) from None
+                except OSError as exc:
+                    raise _unmappable(exc, span.path) from exc
                 finally:
                     os.close(fd)
             self._maps[key] = mapped
         if mapped is None:
             return None
         if span.offset + span.nbytes > len(mapped):  # the file shrank since it was checked
-            from ..errors import FileFormatError
-
-            raise FileFormatError(
-                f"the file ends before tensor {name!r} does (it was truncated after it was "
-                "opened). Fix: copy or download the file again.",
-                span.path,
-            )
+            raise _truncated(name, span.path)
         return np.ndarray(info.shape, dtype, mapped, span.offset)
+
+
+def _truncated(name: str, path: str) -> Exception:
+    from ..errors import FileFormatError
+
+    return FileFormatError(
+        f"the file ends before tensor {name!r} does (it was truncated after it was "
+        "opened). Fix: copy or download the file again.",
+        path,
+    )
+
+
+def _unmappable(exc: OSError, path: str) -> Exception:
+    import errno
+
+    from ..errors import FileFormatError
+
+    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+        fix = (
+            "raise the open-file limit (e.g. `ulimit -n 4096`) or the memory map count "
+            "(vm.max_map_count), or load with mmap=False to copy instead"
+        )
+    else:
+        fix = "load with mmap=False to copy instead of mapping"
+    return FileFormatError(f"the file cannot be mapped ({exc.strerror}). Fix: {fix}.", path)
 
 
 class Arena:
