@@ -491,6 +491,9 @@ def load(
                 if fmt.name == "npy" and names is None:
                     return out(read(reader, reader.keys()[0]))
                 flat = {name: out(arr, name) for name, arr in iter_tensors(reader, names, read)}
+                verify = getattr(reader, "verify", None)  # (sharded: no shard changed meanwhile)
+                if verify is not None:
+                    verify()
             break
         except CheckpointChangedError:
             if attempt == 2:

@@ -144,3 +144,33 @@ def test_a_mapping_refused_by_the_system_says_how_to_fix_it(tmp_path, monkeypatc
     assert open_fds() == before
     monkeypatch.undo()
     assert tb.load(p, mmap=True).tobytes() == A.tobytes()
+
+
+@pytest.mark.parametrize("mmap", [None, True])
+def test_a_file_rewritten_between_its_check_and_its_mapping_is_read_again(
+    tmp_path, monkeypatch, mmap
+):
+    """The header says float32 when checked; before the mapping another writer rewrites the
+    file in place as int32: the load is of the new file whole, never the new bytes under
+    the old header."""
+    from tensorbridge.formats.mapping import FileMaps
+
+    p = str(tmp_path / "a.npy")
+    np.save(p, A)
+    new = np.arange(A.size, dtype=np.int32) * 3
+    real = FileMaps.array
+    fired: list[bool] = []
+
+    def rewritten(self, reader, name):  # type: ignore[no-untyped-def]
+        if not fired:
+            fired.append(True)
+            ino = os.stat(p).st_ino
+            with open(p, "r+b") as f:  # in place: np.save's own header for int32
+                np.save(f, new)
+            assert os.stat(p).st_ino == ino
+        return real(self, reader, name)
+
+    monkeypatch.setattr(FileMaps, "array", rewritten)
+    got = tb.load(p, mmap=mmap)
+    assert fired == [True]
+    assert got.dtype == np.int32 and got.tobytes() == new.tobytes()

@@ -108,6 +108,10 @@ class FileMaps:
                 finally:
                     os.close(fd)
             self._maps[key] = mapped
+            if mapped is not None:
+                note = getattr(reader, "mapped", None)
+                if note is not None:
+                    note(span)  # (still the version whose header was checked?)
         if mapped is None:
             return None
         if span.offset + span.nbytes > len(mapped):  # the file shrank since it was checked

@@ -81,7 +81,7 @@ from typing import Any
 import numpy as np
 
 from ..dtypes import DTYPES, canonical_name, lookup
-from ..errors import ConversionError, FileFormatError, UnsafeContentError
+from ..errors import CheckpointChangedError, ConversionError, FileFormatError, UnsafeContentError
 from .atomic import atomic_write
 from .base import Format, RawSpan, Reader, TensorInfo
 from .safetensors import check_fetched, iter_le_bytes, open_regular_stat, read_exact_into
@@ -700,6 +700,7 @@ class NpyReader(Reader):
             os.close(fd)
             raise
         self._file_id = (st.st_dev, st.st_ino)
+        self._stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         self._size = size
         self._fd = fd
 
@@ -757,6 +758,29 @@ class NpyReader(Reader):
             self._fd = None
             self._handed = True
             return fd, self._size
+
+    def mapped(self, span: RawSpan) -> None:
+        """The file is mapped now (under a lease nothing can rewrite it any more): it must
+        still be the version whose header was checked, else the mapping holds another
+        version's bytes under this header (:class:`CheckpointChangedError`: ``load``
+        reads again)."""
+        try:
+            st = os.stat(self.path)
+            now: tuple[int, ...] = (
+                st.st_dev,
+                st.st_ino,
+                st.st_size,
+                st.st_mtime_ns,
+                st.st_ctime_ns,
+            )
+        except OSError:
+            now = ()
+        if now != self._stamp:
+            raise CheckpointChangedError(
+                "the file changed between its header check and its mapping (a save was "
+                "under way). Fix: load it again.",
+                self.path,
+            )
 
     def close(self) -> None:
         with self._lock:

@@ -682,6 +682,10 @@ class ShardedReader(Reader):
         self._spans: dict[str, RawSpan | None] = {}
         #: the shard whose identity was last checked against its stamp for a span
         self._span_shard: str | None = None
+        #: shards tensors were read or spans asked from, and those mapped: a shard read
+        #: by copies is compared with its stamp again at the end (verify)
+        self._read_from: set[str] = set()
+        self._mapped: set[str] = set()
         index_path, directory, single, self.notes = _locate(path, _check_variant(variant))
         place = _Place(directory)
         if single is not None:
@@ -814,6 +818,7 @@ class ShardedReader(Reader):
     def _shard_reader(self, name: str) -> Reader:
         """The open reader of ``name``'s shard (call with ``self._lock`` held)."""
         shard = self.shard_of(name)
+        self._read_from.add(shard)
         if self._closed:
             raise FileFormatError("the file is closed. Fix: open it again.", self.path)
         if self._current is None or self._current[0] != shard:
@@ -868,6 +873,7 @@ class ShardedReader(Reader):
             shard = self.shard_of(name)
             if name not in self._spans or self._closed:
                 return self._shard_reader(name).raw_span(name)
+            self._read_from.add(shard)
             if self._span_shard != shard:
                 held = self._held.get(shard)
                 try:  # a held descriptor is of the file checked: it cannot have been replaced
@@ -908,6 +914,33 @@ class ShardedReader(Reader):
                 os.close(fd)
                 raise
             return fd, self._stamps[span.path][2]
+
+    def mapped(self, span: RawSpan) -> None:
+        """``span``'s shard is mapped now (under a lease, nothing can rewrite it any more):
+        it must still be the version checked at open, else the mapping may hold another
+        version's bytes at this version's offsets (:class:`CheckpointChangedError`)."""
+        with self._lock:
+            self._mapped.add(span.path)
+            self._unchanged(span.path)
+
+    def verify(self) -> None:
+        """Every shard read by copies is still the version checked at open: one rewritten
+        in place while its tensors were read (between two of them) would have given
+        tensors of two versions (:class:`CheckpointChangedError`: ``load`` reads again)."""
+        with self._lock:
+            for shard in self._read_from - self._mapped:
+                self._unchanged(shard)
+
+    def _unchanged(self, shard: str) -> None:
+        try:
+            now = _stamp(os.stat(shard))
+        except OSError:
+            now = ()
+        if now != self._stamps[shard]:
+            raise _changed(
+                f"shard {safejson.short(os.path.basename(shard))} was modified while it was read",
+                self.path,
+            )
 
     def _close_held(self) -> None:
         while self._held:
