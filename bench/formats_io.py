@@ -182,6 +182,28 @@ def case_formats_io(args: argparse.Namespace) -> list[dict]:
         }
         rows.append(row(CASE, f"{label} less its fsync time", text, rest, target=None, unit="ms"))
 
+    def made_durable(write: Callable[[str], Any], path: str) -> Callable[[], None]:
+        """The reference writer of one file given what a durable, atomic save does: write
+        a temporary file, fsync it, rename it over ``path``, fsync the directory."""
+        stem, ext = os.path.splitext(path)
+        tmp = f"{stem}.tmp{ext}"
+
+        def run() -> None:
+            write(tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            dfd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
+        return run
+
     def fsynced(write: Callable[[], Any], root: str) -> Callable[[], None]:
         """The reference writer made durable the plain way: after it writes, fsync every
         file under ``root``, then every directory, deepest first (tensorbridge's saves
@@ -255,6 +277,14 @@ def case_formats_io(args: argparse.Namespace) -> list[dict]:
                 lbl = f"tb.save .npz {tag}"
                 write_pair(
                     lbl, lambda: tb.save(sd, a), "np.savez", lambda: np.savez(b, **sd), 1.3, wreps
+                )
+                write_pair(
+                    f"{lbl} against a durable reference",
+                    lambda: tb.save(sd, a),
+                    "np.savez to a temporary file + fsync, rename, directory fsync",
+                    made_durable(lambda q: np.savez(q, **sd), p(f"d{sfx}.npz")),
+                    1.3,
+                    wreps,
                 )
                 lbl = f"tb.save .npz compress=True {tag}"
                 write_pair(
@@ -407,6 +437,14 @@ def case_formats_io(args: argparse.Namespace) -> list[dict]:
                     lambda d=d16, a=a: tb.save(d, a),
                     "gguf.GGUFWriter (add_tensor per tensor)",
                     lambda b=b, f=gguf_write: f(b),
+                    1.3,
+                    wreps,
+                )
+                write_pair(
+                    f"{lbl} against a durable reference",
+                    lambda d=d16, a=a: tb.save(d, a),
+                    "GGUFWriter to a temporary file + fsync, rename, directory fsync",
+                    made_durable(gguf_write, p(f"d{sfx}{dt}.gguf")),
                     1.3,
                     wreps,
                 )
