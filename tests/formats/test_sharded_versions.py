@@ -129,3 +129,35 @@ def test_a_shard_rewritten_after_its_mapping_keeps_the_mapped_version(tmp_path, 
     got = tb.load(d)
     assert asked == ["a", "b"]  # once each: not read again
     assert float(got["a"][0]) == float(got["b"][0]) == 1.0
+
+
+@pytest.mark.parametrize("change", ["chmod", "link"])
+def test_a_metadata_only_change_during_a_load_costs_a_read_not_an_error(tmp_path, monkeypatch, change):
+    """The version includes ctime (a rewrite with its mtime restored is still seen), so a
+    chmod or a new hard link while the shard is read changes it too: the load reads again
+    and returns the same tensors, it does not fail."""
+    n = 1000
+    d, shard, _ = one_shard(tmp_path, n)
+    real = Arena.array
+    fired: list[str] = []
+    reads: list[str] = []
+
+    def between(self, reader, name):  # type: ignore[no-untyped-def]
+        reads.append(name)
+        if name == "b" and not fired:
+            fired.append(name)
+            before = os.stat(shard).st_ctime_ns
+            if change == "chmod":
+                os.chmod(shard, 0o600)
+            else:
+                os.link(shard, str(tmp_path / "second-name"))
+            # (ctime has nanosecond resolution but coarse ticks: make sure it moved)
+            while os.stat(shard).st_ctime_ns == before:
+                os.chmod(shard, os.stat(shard).st_mode ^ 0o004)
+        return real(self, reader, name)
+
+    monkeypatch.setattr(Arena, "array", between)
+    got = tb.load(d, mmap=False)
+    assert fired == ["b"]
+    assert reads == ["a", "b", "a", "b"]  # one more read of the shard, then the same tensors
+    assert got["a"].tobytes() == got["b"].tobytes() == np.full(n, 1, np.float32).tobytes()
