@@ -132,7 +132,9 @@ def test_a_shard_rewritten_after_its_mapping_keeps_the_mapped_version(tmp_path, 
 
 
 @pytest.mark.parametrize("change", ["chmod", "link"])
-def test_a_metadata_only_change_during_a_load_costs_a_read_not_an_error(tmp_path, monkeypatch, change):
+def test_a_metadata_only_change_during_a_load_costs_a_read_not_an_error(
+    tmp_path, monkeypatch, change
+):
     """The version includes ctime (a rewrite with its mtime restored is still seen), so a
     chmod or a new hard link while the shard is read changes it too: the load reads again
     and returns the same tensors, it does not fail."""
