@@ -841,3 +841,29 @@ def test_inspect_escapes_the_names_and_reasons_of_skipped_entries(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "\x1b" not in proc.stdout and "\x07" not in proc.stdout
     assert "skipped: s\\x1b[31m\\nfake: a soft link to '/\\x1b]0;title\\x07'" in proc.stdout
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+@pytest.mark.parametrize("cmd", ["inspect", "diff", "convert"])
+def test_a_fifo_named_like_a_tensor_file_is_refused_not_waited_on(tmp_path, cmd):
+    """The reader refuses a FIFO at once; the hint the CLI adds to that error must not
+    open it blocking (it would wait for a writer forever)."""
+    fifo = tmp_path / "pipe.npy"
+    os.mkfifo(fifo)
+    args = {
+        "inspect": [fifo],
+        "diff": [fifo, fifo],
+        "convert": [fifo, tmp_path / "out.safetensors"],
+    }[cmd]
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "tensorbridge", cmd, *map(str, args)],
+            capture_output=True,
+            text=True,
+            env=ENV,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"tensorbridge {cmd} waited on a FIFO")
+    assert proc.returncode == 2
+    assert "not a regular file" in proc.stderr and "Fix:" in proc.stderr

@@ -36,7 +36,13 @@ import numpy as np
 
 from .convert import convert
 from .dtypes import canonical_name
-from .errors import CheckpointChangedError, ConversionError, TensorBridgeError, message
+from .errors import (
+    CheckpointChangedError,
+    ConversionError,
+    FileFormatError,
+    TensorBridgeError,
+    message,
+)
 from .formats import Reader, TensorInfo, format_for_path
 from .formats.base import Format, check_metadata
 from .formats.mapping import Arena, FileMaps, should_map
@@ -437,8 +443,9 @@ def load(
     ``mmap=False`` always copies. The arrays are writable; writes stay in
     memory. See :mod:`tensorbridge.formats.mapping`.
 
-    A sharded checkpoint that another process re-saves while it is being
-    loaded is read again (up to three times): the result is one version, or
+    A file (or a sharded checkpoint's shard) that another process rewrites in
+    place while it is being loaded is read again (up to three times): the
+    result is one version of each file, or
     :class:`~tensorbridge.errors.CheckpointChangedError`.
 
     >>> import numpy as np, tempfile, os
@@ -474,14 +481,25 @@ def load(
         maps = FileMaps(leased=mapping == "lease") if mapped else None
         copies = Arena(names) if arena and mapping != "map" else None
 
+        copied: list[bool] = []  # (whether a tensor was read by copies: verify() after)
+
         def read(
-            reader: Reader, name: str, maps: FileMaps | None = maps, copies: Arena | None = copies
+            reader: Reader,
+            name: str,
+            maps: FileMaps | None = maps,
+            copies: Arena | None = copies,
+            copied: list[bool] = copied,
         ) -> np.ndarray:
             arr = None if maps is None else maps.array(reader, name)
-            if arr is None and copies is not None:
+            if arr is not None:  # (mapped: Reader.mapped compared the file with its check)
+                return arr
+            if not copied:
+                copied.append(True)
+            if copies is not None:
                 arr = copies.array(reader, name)
             return reader.read(name) if arr is None else arr
 
+        reader: Reader | None = None
         try:
             # a sharded reader keeps the descriptors its shards were checked through,
             # for the mappings (see FileMaps)
@@ -489,15 +507,30 @@ def load(
                 fmt, path, variant, void_as, hold=maps is not None, keep=names is None
             ) as reader:
                 if fmt.name == "npy" and names is None:
-                    return out(read(reader, reader.keys()[0]))
+                    arr = read(reader, reader.keys()[0])
+                    if copied:
+                        reader.verify()
+                    return out(arr)
                 flat = {name: out(arr, name) for name, arr in iter_tensors(reader, names, read)}
-                verify = getattr(reader, "verify", None)  # (sharded: no shard changed meanwhile)
-                if verify is not None:
-                    verify()
+                # a file rewritten in place while it was read by copies (between two
+                # tensors, or within one) is read again, never returned half old, half new
+                if copied:
+                    reader.verify()
             break
         except CheckpointChangedError:
             if attempt == 2:
                 raise
+        except FileFormatError as exc:
+            # a file rewritten in place while it was read may look corrupt (a CRC that
+            # fails, a short read): a file that changed is read again, not called corrupt
+            if reader is None or not reader.changed():
+                raise
+            if attempt == 2:
+                raise CheckpointChangedError(
+                    "the file was modified in place while it was read, three times (a save "
+                    "was under way). Fix: load it again once the save is done.",
+                    path,
+                ) from exc
         finally:
             if copies is not None:
                 copies.close()

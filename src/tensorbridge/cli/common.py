@@ -6,6 +6,7 @@ import fnmatch
 import json
 import math
 import os
+import stat
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -32,9 +33,15 @@ def sniff(path: str) -> str | None:
     'safetensors'
     """
     try:
-        with open(path, "rb") as f:
+        # non-blocking and regular files only: a FIFO or a device named like a tensor file
+        # must not hang the hint (the reader refused it already)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with open(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None
             head = f.read(64)
-            size = os.fstat(f.fileno()).st_size
+            size = st.st_size
             if head[:4] == b"PK\x03\x04" and len(head) >= 30:
                 f.seek(30)
                 name = f.read(min(int.from_bytes(head[26:28], "little"), 256))

@@ -20,6 +20,7 @@ them kernel-side instead of reading them into memory.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -81,6 +82,12 @@ class RawSpan:
     file_id: tuple[int, int] | None = None
 
 
+def file_stamp(st: os.stat_result) -> tuple[int, ...]:
+    """What identifies one version of a file: device, inode, size, modification time and
+    inode change time (which every write sets and nobody can set back)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 class Reader:
     """An open tensor file. Use as a context manager; ``close()`` is idempotent."""
 
@@ -89,6 +96,9 @@ class Reader:
     #: what the file holds that is not read as a tensor: name -> why (h5 lists strings,
     #: links, partly written datasets...); empty for formats that refuse instead
     skipped: Mapping[str, str] = MappingProxyType({})
+    #: the version of the file when it was opened (:func:`file_stamp` of the descriptor's
+    #: ``fstat``, taken before the header was read); ``None`` for readers that do not keep one
+    stamp: tuple[int, ...] | None = None
 
     def keys(self) -> list[str]:
         """Tensor names in file order."""
@@ -142,6 +152,40 @@ class Reader:
 
     def close(self) -> None:
         pass
+
+    def changed(self) -> bool:
+        """Whether the file was modified in place since it was opened (its stamp differs).
+
+        A file replaced by another (``os.replace``, as atomic writers do) is not: this
+        reader reads the inode it opened, whose bytes the replacement does not touch."""
+        if self.stamp is None:
+            return False
+        try:
+            now = file_stamp(os.stat(self.path))
+        except OSError:  # removed: the inode this reader opened is unchanged
+            return False
+        return now[:2] == self.stamp[:2] and now != self.stamp
+
+    def mapped(self, span: RawSpan) -> None:
+        """Called once the file of ``span`` is mapped (under a lease, nothing can rewrite it
+        any more): it must still be the version whose header was checked, else the mapping
+        holds another version's bytes at this version's offsets
+        (:class:`~tensorbridge.errors.CheckpointChangedError`: ``load`` reads again)."""
+        self.verify()
+
+    def verify(self) -> None:
+        """Raise :class:`~tensorbridge.errors.CheckpointChangedError` if the file was
+        modified in place since it was opened: what was read from it may mix two versions
+        (``load`` calls it after its reads, and reads again)."""
+        if self.changed():
+            from ..errors import CheckpointChangedError
+
+            raise CheckpointChangedError(
+                "the file was modified in place while it was read (a save was under way, "
+                "or its permissions or links changed); what was read may mix two versions. "
+                "Fix: load it again.",
+                self.path,
+            )
 
     # --- shared conveniences -------------------------------------------------
     def missing(self, name: object) -> Exception:

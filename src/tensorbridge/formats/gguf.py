@@ -59,7 +59,7 @@ import numpy as np
 from ..dtypes import lookup
 from ..errors import ConversionError, FileFormatError, UnsafeContentError
 from .atomic import atomic_write
-from .base import Format, RawSpan, Reader, TensorInfo, first_axis_rows
+from .base import Format, RawSpan, Reader, TensorInfo, file_stamp, first_axis_rows
 from .gguf_meta import (
     DEFAULT_ALIGNMENT,
     MAX_ALIGNMENT,
@@ -381,13 +381,14 @@ class GGUFReader(Reader):
         self._scratch: Scratch | None = None
         fd, size = open_regular_file(path)
         try:
+            st = os.fstat(fd)  # (before anything is read: a change while it is read shows)
             parsed = _parse(fd, size, path)
-            st = os.fstat(fd)
         except BaseException:
             os.close(fd)
             raise
         self._fd: int | None = fd
         self._file_id = (st.st_dev, st.st_ino)
+        self.stamp = file_stamp(st)
         self.version: int = parsed["version"]
         self.byteorder = "little" if parsed["order"] == "<" else "big"
         self.alignment: int = parsed["alignment"]

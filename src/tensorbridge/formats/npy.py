@@ -83,7 +83,7 @@ import numpy as np
 from ..dtypes import DTYPES, canonical_name, lookup
 from ..errors import CheckpointChangedError, ConversionError, FileFormatError, UnsafeContentError
 from .atomic import atomic_write
-from .base import Format, RawSpan, Reader, TensorInfo
+from .base import Format, RawSpan, Reader, TensorInfo, file_stamp
 from .safetensors import check_fetched, iter_le_bytes, open_regular_stat, read_exact_into
 
 __all__ = [
@@ -681,6 +681,12 @@ class NpyReader(Reader):
 
             self._header = parse_header(read, path, void_as=void_as)
             data_len = size - self._header.header_size
+            if data_len != self._header.nbytes and file_stamp(os.fstat(fd)) != file_stamp(st):
+                raise CheckpointChangedError(
+                    "the file changed while its header was read (a save was under way). "
+                    "Fix: load it again.",
+                    path,
+                )
             if data_len < self._header.nbytes:
                 raise FileFormatError(
                     f"the header declares {self._header.nbytes} bytes of data "
@@ -700,7 +706,7 @@ class NpyReader(Reader):
             os.close(fd)
             raise
         self._file_id = (st.st_dev, st.st_ino)
-        self._stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        self.stamp = file_stamp(st)
         self._size = size
         self._fd = fd
 
@@ -727,6 +733,7 @@ class NpyReader(Reader):
                 self._header,
                 self.path,
             )
+        self.verify()  # (rewritten in place while it was read: not half old, half new)
         check_bool(out, name, self.path)
         return out
 
@@ -765,20 +772,13 @@ class NpyReader(Reader):
         version's bytes under this header (:class:`CheckpointChangedError`: ``load``
         reads again)."""
         try:
-            st = os.stat(self.path)
-            now: tuple[int, ...] = (
-                st.st_dev,
-                st.st_ino,
-                st.st_size,
-                st.st_mtime_ns,
-                st.st_ctime_ns,
-            )
+            now: tuple[int, ...] = file_stamp(os.stat(self.path))
         except OSError:
             now = ()
-        if now != self._stamp:
+        if now != self.stamp:
             raise CheckpointChangedError(
                 "the file changed between its header check and its mapping (a save was "
-                "under way). Fix: load it again.",
+                "under way, or its permissions or links changed). Fix: load it again.",
                 self.path,
             )
 

@@ -73,7 +73,7 @@ import numpy as np
 
 from ..errors import ConversionError, FileFormatError, TensorBridgeError, UnsafeContentError
 from .atomic import atomic_write
-from .base import Format, RawSpan, Reader, TensorInfo
+from .base import Format, RawSpan, Reader, TensorInfo, file_stamp
 from .names import check_name, check_unique
 from .npy import FORMAT as NPY
 from .npy import (
@@ -219,6 +219,9 @@ class NpzReader(Reader):
         fd, self._size = open_regular_file(path)
         self._file = os.fdopen(fd, "rb")
         try:
+            st = os.fstat(fd)  # (before anything is read: a change while it is read shows)
+            self._file_id = (st.st_dev, st.st_ino)
+            self.stamp = file_stamp(st)
             with _zip_errors(path, "opening the zip archive"):
                 self._zf = zipfile.ZipFile(self._file)
             members = self._zf.infolist()
@@ -245,8 +248,6 @@ class NpzReader(Reader):
             }
             self._crc_checked: set[str] = set()  # stored members whose CRC raw_span checked
             self._end_of_data: int = self._zf.start_dir  # where the central directory starts
-            st = os.fstat(fd)
-            self._file_id = (st.st_dev, st.st_ino)
         except BaseException:
             self.close()
             raise

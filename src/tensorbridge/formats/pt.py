@@ -80,7 +80,7 @@ import numpy as np
 from ..dtypes import lookup
 from ..errors import ConversionError, FileFormatError
 from .atomic import atomic_write
-from .base import Format, RawSpan, Reader, TensorInfo
+from .base import Format, RawSpan, Reader, TensorInfo, file_stamp
 from .pt_errors import wrapped
 from .pt_flatten import MAX_DEPTH, flatten  # noqa: F401 (MAX_DEPTH: re-export)
 from .pt_pickle import (  # noqa: F401 (MAX_*: re-exported, as before the split)
@@ -233,6 +233,7 @@ class PtReader(Reader):
         try:
             st = os.fstat(self._fd)
             self._file_id = (st.st_dev, st.st_ino)
+            self.stamp = file_stamp(st)
             head = bytearray(min(size, 8))
             read_exact_into(self._fd, memoryview(head), 0, path)
             if check_magic(bytes(head), size, path):

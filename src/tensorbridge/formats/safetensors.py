@@ -57,7 +57,7 @@ from ..dtypes import DTYPES, canonical_name, lookup
 from ..errors import CheckpointChangedError, ConversionError, FileFormatError, UnsafeContentError
 from . import safejson
 from .atomic import Commit, atomic_path, atomic_write, start_writeback
-from .base import Format, RawSpan, Reader, TensorInfo, check_metadata, first_axis_rows
+from .base import Format, RawSpan, Reader, TensorInfo, check_metadata, file_stamp, first_axis_rows
 from .names import check_unique
 from .safejson import short
 
@@ -693,7 +693,7 @@ class SafetensorsReader(Reader):
         self._fd = fd
         self._file_id = (st.st_dev, st.st_ino)
         #: what identifies this version of the file (see the sharded reader)
-        self.stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        self.stamp = file_stamp(st)
         self._data_start = 8 + n
         self._infos = {info.name: info for info, _ in entries}
         self._begin = {info.name: begin for info, begin in entries}

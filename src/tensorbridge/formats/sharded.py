@@ -100,7 +100,7 @@ from ..errors import (
 )
 from . import atomic, safejson
 from .atomic import atomic_write
-from .base import Format, RawSpan, Reader, TensorInfo
+from .base import Format, RawSpan, Reader, TensorInfo, file_stamp
 from .names import check_unique, text_is_utf8
 from .safetensors import FORMAT as SAFETENSORS
 from .safetensors import SafetensorsReader, build_header, open_regular_stat, read_exact_into
@@ -310,9 +310,7 @@ def _load_json(path: str) -> tuple[Any, tuple[int, ...]]:
     return safejson.loads(raw, path, "the index"), stamp
 
 
-def _stamp(st: os.stat_result) -> tuple[int, ...]:
-    """What identifies one version of a file: device, inode, size and change times."""
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+_stamp = file_stamp
 
 
 def _check_variant(variant: object) -> str | None:
@@ -634,7 +632,7 @@ def _changed(what: str, path: str) -> CheckpointChangedError:
     return CheckpointChangedError(
         f"the checkpoint changed while it was being read ({what}); nothing read from it "
         "mixes two versions. Fix: open or load it again (a save into this directory was "
-        "under way).",
+        "under way, or a shard's permissions or links changed).",
         path,
     )
 
