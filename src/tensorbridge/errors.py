@@ -99,5 +99,6 @@ class UnsafeContentError(FileFormatError):
 
 
 class CheckpointChangedError(FileFormatError):
-    """A checkpoint of several files (a sharded one) was replaced by another save while
-    it was being read. Nothing of two versions was mixed: open or load it again."""
+    """A tensor file, or a file of a sharded checkpoint, was rewritten or replaced by
+    another save while it was being read. Nothing of two versions was mixed: open or load
+    it again (``load`` does, up to three times)."""

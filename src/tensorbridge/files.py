@@ -481,7 +481,7 @@ def load(
         maps = FileMaps(leased=mapping == "lease") if mapped else None
         copies = Arena(names) if arena and mapping != "map" else None
 
-        copied: list[bool] = []  # (whether a tensor was read by copies: verify() after)
+        copied: list[bool] = []  # a tensor was read, not mapped (True: into the arena)
 
         def read(
             reader: Reader,
@@ -493,10 +493,10 @@ def load(
             arr = None if maps is None else maps.array(reader, name)
             if arr is not None:  # (mapped: Reader.mapped compared the file with its check)
                 return arr
-            if not copied:
-                copied.append(True)
             if copies is not None:
                 arr = copies.array(reader, name)
+            if not copied:
+                copied.append(arr is not None)  # (False: read by the reader)
             return reader.read(name) if arr is None else arr
 
         reader: Reader | None = None
@@ -508,7 +508,7 @@ def load(
             ) as reader:
                 if fmt.name == "npy" and names is None:
                     arr = read(reader, reader.keys()[0])
-                    if copied:
+                    if copied and copied[0]:  # (NpyReader.read verifies what it reads)
                         reader.verify()
                     return out(arr)
                 flat = {name: out(arr, name) for name, arr in iter_tensors(reader, names, read)}
@@ -528,7 +528,8 @@ def load(
             if attempt == 2:
                 raise CheckpointChangedError(
                     "the file was modified in place while it was read, three times (a save "
-                    "was under way). Fix: load it again once the save is done.",
+                    "was under way, or its permissions or links kept changing). Fix: load "
+                    "it again once the save is done.",
                     path,
                 ) from exc
         finally:

@@ -131,12 +131,12 @@ def test_load_reads_again_when_a_shard_changes_between_open_and_mapping(tmp_path
     real = ShardedReader.take_descriptor
     calls = [0]
 
-    def take(self, span):  # type: ignore[no-untyped-def]
+    def take(self, span, smallest=0):  # type: ignore[no-untyped-def]
         calls[0] += 1
         if calls[0] == 1:  # once, after the open checked every shard: shard 2 is rewritten
             st = os.stat(shards[1])
             os.utime(shards[1], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-        return real(self, span)
+        return real(self, span, smallest)
 
     monkeypatch.setattr(ShardedReader, "take_descriptor", take)
     got = tb.load(d)

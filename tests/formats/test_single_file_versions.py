@@ -147,31 +147,32 @@ def test_a_corrupt_archive_is_still_called_corrupt(tmp_path):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_a_file_replaced_while_read_is_not_a_change(tmp_path, monkeypatch, fmt):
     """An atomic save (a new file renamed over the path) does not touch the inode being
-    read: the load returns the version it opened, with no second read, where it reads
-    through the descriptor it opened (.npz and .gguf copies open the path again, find
-    another file there, and read that one again: one version too)."""
+    read: the load returns the version it opened (copies read through the descriptor the
+    header was checked through), with no second read."""
     path, data = versions(tmp_path, fmt)
     real = os.preadv
     calls: list[int] = []
+    replace = [False]
 
     def preadv(fd, buffers, offset):  # type: ignore[no-untyped-def]
-        if not calls and len(buffers[0]) >= 4 * N:
-            tmp = path + ".tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
         if len(buffers[0]) >= 4 * N:
+            if replace[0] and not calls:
+                tmp = path + ".tmp"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
             calls.append(offset)
         return real(fd, buffers, offset)
 
     monkeypatch.setattr(os, "preadv", preadv)
+    tb.load(path, mmap=False)
+    unchanged = list(calls)  # the reads of one load of a file nobody touches
+    calls.clear()
+    replace[0] = True
     got = tb.load(path, mmap=False)
-    assert calls
-    if fmt in ("npz", "gguf"):
-        assert values(got) == {2.0}  # the new file, read whole
-    else:
-        assert values(got) == {1.0}  # the version it opened, whole
-        assert len(calls) == (1 if fmt == "npy" else 2)  # each tensor read once: no retry
+    assert unchanged
+    assert values(got) == {1.0}  # the version it opened, whole
+    assert calls == unchanged  # and no second read
 
 
 def test_a_reader_from_open_refuses_a_tensor_read_across_a_rewrite(tmp_path, monkeypatch):
@@ -218,3 +219,36 @@ def test_a_file_rewritten_between_its_check_and_its_mapping_is_read_again(
     assert fired == ["rewritten"]
     assert values(got) == {2.0}
     assert all(a.size == n for a in ([got] if isinstance(got, np.ndarray) else got.values()))
+
+
+@pytest.mark.parametrize("fmt", ["npy", "safetensors"])
+def test_a_file_rewritten_while_its_header_is_read_is_read_again(tmp_path, monkeypatch, fmt):
+    """A save truncates the file just as the load opens it (its header reads as nothing):
+    the file changed since it was opened, so it is read again, not called truncated."""
+    path, data = versions(tmp_path, fmt)
+    name = "pread" if fmt == "npy" else "preadv"  # (what each reads its header with)
+    real = getattr(os, name)
+    fired: list[int] = []
+
+    def read(fd, *args):  # type: ignore[no-untyped-def]
+        if not fired:
+            fired.append(1)
+            os.truncate(path, 0)  # the writer's open(path, "wb")
+            got = real(fd, *args)  # reads nothing
+            with open(path, "r+b") as f:  # and the writer's bytes
+                f.write(data)
+            return got
+        return real(fd, *args)
+
+    monkeypatch.setattr(os, name, read)
+    got = tb.load(path)
+    assert fired
+    assert values(got) == {2.0}
+
+
+def test_an_empty_file_nobody_writes_is_still_called_truncated(tmp_path):
+    path = str(tmp_path / "empty.npy")
+    open(path, "wb").close()
+    with pytest.raises(tb.FileFormatError, match="magic string") as info:
+        tb.load(path)
+    assert not isinstance(info.value, CheckpointChangedError)

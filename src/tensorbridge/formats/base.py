@@ -153,6 +153,12 @@ class Reader:
     def close(self) -> None:
         pass
 
+    def descriptor(self) -> int | None:
+        """The open descriptor this reader checked its file through (borrowed: the reader
+        closes it), or ``None`` (closed, handed on, or a reader of several files). Copies
+        read through it, so a file replaced since (``os.replace``) is not read instead."""
+        return None
+
     def changed(self) -> bool:
         """Whether the file was modified in place since it was opened (its stamp differs).
 
@@ -160,7 +166,13 @@ class Reader:
         reader reads the inode it opened, whose bytes the replacement does not touch."""
         if self.stamp is None:
             return False
+        fd = self.descriptor()
         try:
+            if fd is not None:  # the very file it opened
+                st = os.fstat(fd)
+                if st.st_nlink == 0:  # replaced or removed: unlinking set its ctime
+                    return file_stamp(st)[:4] != self.stamp[:4]
+                return file_stamp(st) != self.stamp
             now = file_stamp(os.stat(self.path))
         except OSError:  # removed: the inode this reader opened is unchanged
             return False
@@ -220,6 +232,29 @@ class Reader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def changed_while_opening(fd: int, st: os.stat_result, path: str, exc: Exception) -> Exception:
+    """The error for a reader that failed while it opened ``fd`` (``fstat`` ``st`` taken
+    before anything was read): :class:`~tensorbridge.errors.CheckpointChangedError` if the
+    file changed since (a save was under way: its header may have been half written, and
+    ``load`` reads again), else ``exc`` itself (the file is what it says)."""
+    from ..errors import CheckpointChangedError, FileFormatError
+
+    if not isinstance(exc, FileFormatError) or isinstance(exc, CheckpointChangedError):
+        return exc
+    try:
+        if file_stamp(os.fstat(fd)) == file_stamp(st):
+            return exc
+    except OSError:
+        return exc
+    new = CheckpointChangedError(
+        "the file changed while its header was read (a save was under way, or its "
+        "permissions or links changed). Fix: load it again.",
+        path,
+    )
+    new.__cause__ = exc
+    return new
 
 
 class Format:

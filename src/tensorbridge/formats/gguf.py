@@ -59,7 +59,15 @@ import numpy as np
 from ..dtypes import lookup
 from ..errors import ConversionError, FileFormatError, UnsafeContentError
 from .atomic import atomic_write
-from .base import Format, RawSpan, Reader, TensorInfo, file_stamp, first_axis_rows
+from .base import (
+    Format,
+    RawSpan,
+    Reader,
+    TensorInfo,
+    changed_while_opening,
+    file_stamp,
+    first_axis_rows,
+)
 from .gguf_meta import (
     DEFAULT_ALIGNMENT,
     MAX_ALIGNMENT,
@@ -380,9 +388,16 @@ class GGUFReader(Reader):
         self._lock = threading.Lock()
         self._scratch: Scratch | None = None
         fd, size = open_regular_file(path)
+        st = None
         try:
             st = os.fstat(fd)  # (before anything is read: a change while it is read shows)
             parsed = _parse(fd, size, path)
+        except Exception as exc:  # (a file changed while it was opened is read again)
+            err = exc if st is None else changed_while_opening(fd, st, path, exc)
+            os.close(fd)
+            if err is exc:
+                raise
+            raise err from exc
         except BaseException:
             os.close(fd)
             raise
@@ -520,6 +535,9 @@ class GGUFReader(Reader):
         ):
             return None
         return e.info.source
+
+    def descriptor(self) -> int | None:
+        return self._fd
 
     def close(self) -> None:
         with self._lock:

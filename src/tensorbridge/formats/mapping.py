@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from ..dtypes import lookup
-from .base import Reader
+from .base import RawSpan, Reader
 from .safetensors import SpanFiles, open_span, read_exact_into
 
 __all__ = ["Arena", "FileMaps", "should_map"]
@@ -89,13 +89,16 @@ class FileMaps:
         if span.nbytes != info.nbytes or span.offset % max(dtype.alignment, 1):
             return None  # a misaligned tensor is copied (torch refuses unaligned memory)
         if mapped is _UNSEEN:
-            # the descriptor the reader checked the file through (a sharded reader opened
-            # with hold=True), else the file opened again, refused if replaced since
-            take = getattr(reader, "take_descriptor", None)
-            held = take(span) if take is not None else None
-            fd, size = held if held is not None else (open_span(span), None)
+            # the descriptor the reader checked the file through (a .npy reader, a sharded
+            # reader opened with hold=True), else that file opened again
+            smallest = 0
             if self._leased:
-                from .file_lease import guarded_map  # (Linux only: fcntl)
+                from .file_lease import MIN_BYTES as smallest  # (Linux only: fcntl)
+            take = getattr(reader, "take_descriptor", None)
+            held = take(span, smallest) if take is not None else None
+            fd, size = held if held is not None else (reopen(reader, span), None)
+            if self._leased:
+                from .file_lease import guarded_map
 
                 mapped = guarded_map(fd, size)  # (takes the descriptor)
             else:
@@ -117,6 +120,21 @@ class FileMaps:
         if span.offset + span.nbytes > len(mapped):  # the file shrank since it was checked
             raise _truncated(name, span.path)
         return np.ndarray(info.shape, dtype, mapped, span.offset)
+
+
+def reopen(reader: Reader, span: RawSpan) -> int:
+    """A new descriptor, in an open file description of its own (a lease needs one), of
+    the very file ``reader`` checked: through ``/proc/self/fd`` where the reader's own
+    descriptor is at hand, so a file replaced since (``os.replace``) is not opened instead;
+    else the path opened again and refused if it names another file now
+    (:func:`.safetensors.open_span`)."""
+    own = reader.descriptor() if span.path == reader.path else None
+    if own is not None and sys.platform == "linux":
+        try:
+            return os.open(f"/proc/self/fd/{own}", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            pass
+    return open_span(span)
 
 
 def _truncated(name: str, path: str) -> Exception:
@@ -184,7 +202,11 @@ class Arena:
         span, start = slot
         info = reader.info(name)
         piece = self._buffer[start : start + span.nbytes]
-        read_exact_into(self._files.fd(span), piece.data, span.offset, span.path)
+        # through the reader's own descriptor where it has one: the file it checked, even
+        # if another was renamed over its path since
+        own = reader.descriptor() if span.path == reader.path else None
+        fd = self._files.fd(span) if own is None else own
+        read_exact_into(fd, piece.data, span.offset, span.path)
         return piece.view(lookup(info.dtype).numpy).reshape(info.shape)
 
     def close(self) -> None:

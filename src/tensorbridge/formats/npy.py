@@ -81,9 +81,9 @@ from typing import Any
 import numpy as np
 
 from ..dtypes import DTYPES, canonical_name, lookup
-from ..errors import CheckpointChangedError, ConversionError, FileFormatError, UnsafeContentError
+from ..errors import ConversionError, FileFormatError, UnsafeContentError
 from .atomic import atomic_write
-from .base import Format, RawSpan, Reader, TensorInfo, file_stamp
+from .base import Format, RawSpan, Reader, TensorInfo, changed_while_opening, file_stamp
 from .safetensors import check_fetched, iter_le_bytes, open_regular_stat, read_exact_into
 
 __all__ = [
@@ -681,12 +681,6 @@ class NpyReader(Reader):
 
             self._header = parse_header(read, path, void_as=void_as)
             data_len = size - self._header.header_size
-            if data_len != self._header.nbytes and file_stamp(os.fstat(fd)) != file_stamp(st):
-                raise CheckpointChangedError(
-                    "the file changed while its header was read (a save was under way). "
-                    "Fix: load it again.",
-                    path,
-                )
             if data_len < self._header.nbytes:
                 raise FileFormatError(
                     f"the header declares {self._header.nbytes} bytes of data "
@@ -702,6 +696,12 @@ class NpyReader(Reader):
                     "is corrupt or has something appended; re-save it.",
                     path,
                 )
+        except Exception as exc:  # (a file changed while it was opened is read again)
+            err = changed_while_opening(fd, st, path, exc)
+            os.close(fd)
+            if err is exc:
+                raise
+            raise err from exc
         except BaseException:
             os.close(fd)
             raise
@@ -753,11 +753,16 @@ class NpyReader(Reader):
             return None
         return RawSpan(self.path, h.header_size, h.nbytes, self._file_id)
 
-    def take_descriptor(self, span: RawSpan) -> tuple[int, int] | None:
+    def descriptor(self) -> int | None:
+        return self._fd
+
+    def take_descriptor(self, span: RawSpan, smallest: int = 0) -> tuple[int, int] | None:
         """``(descriptor, size)``: the descriptor the header was checked through, handed to
         the caller (:class:`~.mapping.FileMaps` maps it and closes it), so the file is not
         opened again; ``None`` when the reader is closed. The reader reads no more after
         (its span stays, for a copy that opens the file by path and checks it is this one)."""
+        if self._size < smallest:  # (not to be mapped: copies read through it)
+            return None
         with self._lock:
             fd = self._fd
             if fd is None or span.file_id != self._file_id:
@@ -765,22 +770,6 @@ class NpyReader(Reader):
             self._fd = None
             self._handed = True
             return fd, self._size
-
-    def mapped(self, span: RawSpan) -> None:
-        """The file is mapped now (under a lease nothing can rewrite it any more): it must
-        still be the version whose header was checked, else the mapping holds another
-        version's bytes under this header (:class:`CheckpointChangedError`: ``load``
-        reads again)."""
-        try:
-            now: tuple[int, ...] = file_stamp(os.stat(self.path))
-        except OSError:
-            now = ()
-        if now != self.stamp:
-            raise CheckpointChangedError(
-                "the file changed between its header check and its mapping (a save was "
-                "under way, or its permissions or links changed). Fix: load it again.",
-                self.path,
-            )
 
     def close(self) -> None:
         with self._lock:

@@ -73,7 +73,7 @@ import numpy as np
 
 from ..errors import ConversionError, FileFormatError, TensorBridgeError, UnsafeContentError
 from .atomic import atomic_write
-from .base import Format, RawSpan, Reader, TensorInfo, file_stamp
+from .base import Format, RawSpan, Reader, TensorInfo, changed_while_opening, file_stamp
 from .names import check_name, check_unique
 from .npy import FORMAT as NPY
 from .npy import (
@@ -218,6 +218,7 @@ class NpzReader(Reader):
         self._void_as = check_void_as(void_as, path)
         fd, self._size = open_regular_file(path)
         self._file = os.fdopen(fd, "rb")
+        self.stamp = None
         try:
             st = os.fstat(fd)  # (before anything is read: a change while it is read shows)
             self._file_id = (st.st_dev, st.st_ino)
@@ -248,6 +249,12 @@ class NpzReader(Reader):
             }
             self._crc_checked: set[str] = set()  # stored members whose CRC raw_span checked
             self._end_of_data: int = self._zf.start_dir  # where the central directory starts
+        except Exception as exc:  # (a file changed while it was opened is read again)
+            err = changed_while_opening(fd, st, path, exc) if self.stamp is not None else exc
+            self.close()
+            if err is exc:
+                raise
+            raise err from exc
         except BaseException:
             self.close()
             raise
@@ -660,6 +667,10 @@ class NpzReader(Reader):
                 "copy or download it again.",
                 self.path,
             )
+
+    def descriptor(self) -> int | None:
+        f = self._file
+        return None if f is None else f.fileno()
 
     def close(self) -> None:
         with self._lock:

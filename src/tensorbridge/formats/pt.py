@@ -80,7 +80,7 @@ import numpy as np
 from ..dtypes import lookup
 from ..errors import ConversionError, FileFormatError
 from .atomic import atomic_write
-from .base import Format, RawSpan, Reader, TensorInfo, file_stamp
+from .base import Format, RawSpan, Reader, TensorInfo, changed_while_opening, file_stamp
 from .pt_errors import wrapped
 from .pt_flatten import MAX_DEPTH, flatten  # noqa: F401 (MAX_DEPTH: re-export)
 from .pt_pickle import (  # noqa: F401 (MAX_*: re-exported, as before the split)
@@ -230,6 +230,7 @@ class PtReader(Reader):
         self._size = size
         self._allowance = MAX_AMPLIFICATION * size + AMPLIFY_SLACK
         self._charged: set[str] = set()
+        st = None
         try:
             st = os.fstat(self._fd)
             self._file_id = (st.st_dev, st.st_ino)
@@ -240,6 +241,12 @@ class PtReader(Reader):
                 self._open_legacy(size)
             else:
                 self._open(size)
+        except Exception as exc:  # (a file changed while it was opened is read again)
+            err = exc if st is None else changed_while_opening(self._fd, st, path, exc)
+            self.close()
+            if err is exc:
+                raise
+            raise err from exc
         except BaseException:
             self.close()
             raise
@@ -519,6 +526,9 @@ class PtReader(Reader):
             return None  # not inside its record: read() reports it
         self._charge(entry, nbytes)
         return RawSpan(self.path, entry.record.start + begin, nbytes, self._file_id)
+
+    def descriptor(self) -> int | None:
+        return self._fd
 
     def close(self) -> None:
         with self._lock:

@@ -57,7 +57,16 @@ from ..dtypes import DTYPES, canonical_name, lookup
 from ..errors import CheckpointChangedError, ConversionError, FileFormatError, UnsafeContentError
 from . import safejson
 from .atomic import Commit, atomic_path, atomic_write, start_writeback
-from .base import Format, RawSpan, Reader, TensorInfo, check_metadata, file_stamp, first_axis_rows
+from .base import (
+    Format,
+    RawSpan,
+    Reader,
+    TensorInfo,
+    changed_while_opening,
+    check_metadata,
+    file_stamp,
+    first_axis_rows,
+)
 from .names import check_unique
 from .safejson import short
 
@@ -687,6 +696,12 @@ class SafetensorsReader(Reader):
             read_exact_into(fd, memoryview(raw), 8, path)
             self.metadata, entries = _parse_header(raw, size - 8 - n, path)
             del raw
+        except Exception as exc:  # (a file changed while it was opened is read again)
+            err = changed_while_opening(fd, st, path, exc)
+            os.close(fd)
+            if err is exc:
+                raise
+            raise err from exc
         except BaseException:
             os.close(fd)
             raise
@@ -706,6 +721,9 @@ class SafetensorsReader(Reader):
             return self._infos[name]
         except KeyError:
             raise self.missing(name) from None
+
+    def descriptor(self) -> int | None:
+        return None if self._closing else self._fd
 
     @contextlib.contextmanager
     def _descriptor(self) -> Iterator[int]:

@@ -887,13 +887,17 @@ class ShardedReader(Reader):
                 self._span_shard = shard
             return self._spans[name]
 
-    def take_descriptor(self, span: RawSpan) -> tuple[int, int] | None:
+    def take_descriptor(self, span: RawSpan, smallest: int = 0) -> tuple[int, int] | None:
         """``(descriptor, size)``: the descriptor ``span``'s shard was checked through at
         open (``hold=True``), for the caller to map and close, and the shard's size;
-        ``None`` when none is held (open it by path: :func:`.safetensors.open_span`). A
-        shard modified since it was checked (size or change times) raises
+        ``None`` when none is held, or the shard is smaller than ``smallest`` bytes (it
+        will not be mapped: open it by path, :func:`.safetensors.open_span`). A shard
+        modified since it was checked (size or change times) raises
         :class:`~tensorbridge.errors.CheckpointChangedError`."""
         with self._lock:
+            stamp = self._stamps.get(span.path)
+            if stamp is not None and stamp[2] < smallest:
+                return None
             fd = self._held.pop(span.path, None)
             if fd is None:
                 return None
