@@ -824,6 +824,35 @@ def case_files_io(args: argparse.Namespace) -> list[dict]:
             return {k: f[k][()] for k in f}
 
     pair("tb.load .h5", lambda: tb.load(p("b.h5")), "h5py f[k][()] per dataset", h5_read, 1.2)
+
+    # small files: what a load costs besides the bytes (a LoRA-sized file, one 4 KiB array)
+    small = {"a": rng.standard_normal(1024, dtype=np.float32), "b": sd["layers.1.weight"][0]}
+    stn.save_file(small, p("s.safetensors"))
+    np.save(p("s.npy"), small["a"])
+    pair(
+        "tb.load small .safetensors (2 tensors, 8 KiB) to=numpy",
+        lambda: tb.load(p("s.safetensors")),
+        "safetensors.numpy.load_file",
+        lambda: stn.load_file(p("s.safetensors")),
+        1.2,
+        repeats=11,
+    )
+    pair(
+        "tb.load small .safetensors (2 tensors, 8 KiB) to=torch",
+        lambda: tb.load(p("s.safetensors"), to="torch"),
+        "safetensors.torch.load_file",
+        lambda: stt.load_file(p("s.safetensors")),
+        1.2,
+        repeats=11,
+    )
+    pair(
+        "tb.load small .npy (4 KiB)",
+        lambda: tb.load(p("s.npy")),
+        "np.load",
+        lambda: np.load(p("s.npy")),
+        1.2,
+        repeats=11,
+    )
     import shutil
 
     shutil.rmtree(work, ignore_errors=True)

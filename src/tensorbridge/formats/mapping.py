@@ -94,6 +94,11 @@ class FileMaps:
             smallest = 0
             if self._leased:
                 from .file_lease import MIN_BYTES as smallest  # (Linux only: fcntl)
+
+                stamp = reader.stamp if span.path == reader.path else None
+                if stamp is not None and stamp[2] < smallest:  # a copy costs less
+                    self._maps[key] = None
+                    return None
             take = getattr(reader, "take_descriptor", None)
             held = take(span, smallest) if take is not None else None
             fd, size = held if held is not None else (reopen(reader, span), None)
