@@ -252,3 +252,31 @@ def test_an_empty_file_nobody_writes_is_still_called_truncated(tmp_path):
     with pytest.raises(tb.FileFormatError, match="magic string") as info:
         tb.load(path)
     assert not isinstance(info.value, CheckpointChangedError)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_reader_whose_descriptor_number_was_reused_is_not_changed(tmp_path, fmt):
+    """Another thread closed the reader and the descriptor's number now names another file:
+    the reader asks its path, which is unchanged, instead of calling the file changed."""
+    path, _ = versions(tmp_path, fmt)
+    other = str(tmp_path / "other-file.bin")
+    with open(other, "wb") as f:
+        f.write(b"x" * 100)
+    r = tb.open(path)
+    try:
+        fd = r.descriptor()
+        assert fd is not None
+        os.close(fd)  # (as a close in another thread would, just before the check)
+        new = os.open(other, os.O_RDONLY)
+        try:
+            assert new == fd  # the lowest free number: the same one
+            assert not r.changed()
+            r.verify()  # no CheckpointChangedError
+        finally:
+            os.close(new)
+    finally:
+        spare = os.open(other, os.O_RDONLY)  # (something at fd for the reader to close)
+        if spare != fd:
+            os.dup2(spare, fd)
+            os.close(spare)
+        r.close()

@@ -170,9 +170,12 @@ class Reader:
         try:
             if fd is not None:  # the very file it opened
                 st = os.fstat(fd)
-                if st.st_nlink == 0:  # replaced or removed: unlinking set its ctime
-                    return file_stamp(st)[:4] != self.stamp[:4]
-                return file_stamp(st) != self.stamp
+                # (unless another thread closed the reader and the number names another
+                # file now: then ask the path, as for a reader without a descriptor)
+                if (st.st_dev, st.st_ino) == self.stamp[:2]:
+                    if st.st_nlink == 0:  # replaced or removed: unlinking set its ctime
+                        return file_stamp(st)[:4] != self.stamp[:4]
+                    return file_stamp(st) != self.stamp
             now = file_stamp(os.stat(self.path))
         except OSError:  # removed: the inode this reader opened is unchanged
             return False

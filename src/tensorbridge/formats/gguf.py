@@ -100,7 +100,7 @@ from .safetensors import (
     check_fetched,
     copy_span,
     iter_le_bytes,
-    open_regular_file,
+    open_regular_stat,
     read_exact_into,
 )
 
@@ -387,13 +387,12 @@ class GGUFReader(Reader):
         self.path = path
         self._lock = threading.Lock()
         self._scratch: Scratch | None = None
-        fd, size = open_regular_file(path)
-        st = None
+        fd, st = open_regular_stat(path)  # (one fstat: its size, and its stamp before reading)
+        size = st.st_size
         try:
-            st = os.fstat(fd)  # (before anything is read: a change while it is read shows)
             parsed = _parse(fd, size, path)
         except Exception as exc:  # (a file changed while it was opened is read again)
-            err = exc if st is None else changed_while_opening(fd, st, path, exc)
+            err = changed_while_opening(fd, st, path, exc)
             os.close(fd)
             if err is exc:
                 raise

@@ -89,7 +89,7 @@ from .npy import (
     parse_header_bytes,
     read_into,
 )
-from .safetensors import check_fetched, iter_le_bytes, open_regular_file
+from .safetensors import check_fetched, iter_le_bytes, open_regular_stat
 
 __all__ = [
     "FORMAT",
@@ -216,11 +216,11 @@ class NpzReader(Reader):
         self._kept_bytes = 0
         self._keep_limit = KEEP_INFLATED if keep else 0
         self._void_as = check_void_as(void_as, path)
-        fd, self._size = open_regular_file(path)
+        fd, st = open_regular_stat(path)  # (one fstat: its size, and its stamp before reading)
+        self._size = st.st_size
         self._file = os.fdopen(fd, "rb")
         self.stamp = None
         try:
-            st = os.fstat(fd)  # (before anything is read: a change while it is read shows)
             self._file_id = (st.st_dev, st.st_ino)
             self.stamp = file_stamp(st)
             with _zip_errors(path, "opening the zip archive"):

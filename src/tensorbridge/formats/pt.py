@@ -105,7 +105,7 @@ from .pt_zip import (
     record_start,
     truncated,
 )
-from .safetensors import check_fetched, open_regular_file, read_exact_into
+from .safetensors import check_fetched, open_regular_stat, read_exact_into
 
 __all__ = [
     "FORMAT",
@@ -224,15 +224,14 @@ class PtReader(Reader):
         self._fd: int | None = None
         self._zip: zipfile.ZipFile | None = None
         self._zfile: object | None = None  # a file object on a dup of self._fd
-        self._fd, size = open_regular_file(path)
+        self._fd, st = open_regular_stat(path)  # (one fstat: its size and its stamp)
+        size = st.st_size
         self._little = True
         self._swap = False
         self._size = size
         self._allowance = MAX_AMPLIFICATION * size + AMPLIFY_SLACK
         self._charged: set[str] = set()
-        st = None
         try:
-            st = os.fstat(self._fd)
             self._file_id = (st.st_dev, st.st_ino)
             self.stamp = file_stamp(st)
             head = bytearray(min(size, 8))
@@ -242,7 +241,7 @@ class PtReader(Reader):
             else:
                 self._open(size)
         except Exception as exc:  # (a file changed while it was opened is read again)
-            err = exc if st is None else changed_while_opening(self._fd, st, path, exc)
+            err = changed_while_opening(self._fd, st, path, exc)
             self.close()
             if err is exc:
                 raise
