@@ -166,6 +166,9 @@ def test_a_keyboard_interrupt_during_a_copy_does_not_stop_it(tmp_path):
     import numpy as np
     import tensorbridge as tb
     from tensorbridge.formats import file_lease
+    # (a shell that starts a job in the background makes it ignore SIGINT; Ctrl-C's
+    # KeyboardInterrupt is what this test is about)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     real = file_lease._snapshot
     def slow(mapped):
         os.kill(os.getpid(), signal.SIGINT)

@@ -70,11 +70,14 @@ def test_signal_during_the_last_directory_fsync_leaves_one_complete_checkpoint(
     monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr(os, "fsync", fsync)
     previous = signal.signal(signal.SIGTERM, on_term)
+    # (a shell that starts a job in the background makes it ignore SIGINT)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises((KeyboardInterrupt, SystemExit)):
             tb.save(new, str(d) + "/", max_shard_size=500)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
         monkeypatch.undo()
     got = complete_checkpoint(d)
     assert same(got, old) or same(got, new)
