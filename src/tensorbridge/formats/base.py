@@ -20,6 +20,7 @@ them kernel-side instead of reading them into memory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -237,7 +238,27 @@ class Reader:
         self.close()
 
 
-def changed_while_opening(fd: int, st: os.stat_result, path: str, exc: Exception) -> Exception:
+@contextlib.contextmanager
+def opening(fd: int, st: os.stat_result, path: str, close: Callable[[], object]) -> Iterator[None]:
+    """Around a reader's work on ``fd`` while it opens it (``fstat`` ``st`` taken before
+    anything was read): on an error, ``close()``, and if the file changed since ``st``
+    (a save was under way: its header may have been half written) raise
+    :class:`~tensorbridge.errors.CheckpointChangedError` instead (``load`` reads again);
+    a file that did not change gets its own error."""
+    try:
+        yield
+    except Exception as exc:
+        err = _changed_while_opening(fd, st, path, exc)
+        close()
+        if err is exc:
+            raise
+        raise err from exc
+    except BaseException:
+        close()
+        raise
+
+
+def _changed_while_opening(fd: int, st: os.stat_result, path: str, exc: Exception) -> Exception:
     """The error for a reader that failed while it opened ``fd`` (``fstat`` ``st`` taken
     before anything was read): :class:`~tensorbridge.errors.CheckpointChangedError` if the
     file changed since (a save was under way: its header may have been half written, and

@@ -64,9 +64,9 @@ from .base import (
     RawSpan,
     Reader,
     TensorInfo,
-    changed_while_opening,
     file_stamp,
     first_axis_rows,
+    opening,
 )
 from .gguf_meta import (
     DEFAULT_ALIGNMENT,
@@ -389,17 +389,9 @@ class GGUFReader(Reader):
         self._scratch: Scratch | None = None
         fd, st = open_regular_stat(path)  # (one fstat: its size, and its stamp before reading)
         size = st.st_size
-        try:
+        # (a file changed while it was opened is read again)
+        with opening(fd, st, path, lambda: os.close(fd)):
             parsed = _parse(fd, size, path)
-        except Exception as exc:  # (a file changed while it was opened is read again)
-            err = changed_while_opening(fd, st, path, exc)
-            os.close(fd)
-            if err is exc:
-                raise
-            raise err from exc
-        except BaseException:
-            os.close(fd)
-            raise
         self._fd: int | None = fd
         self._file_id = (st.st_dev, st.st_ino)
         self.stamp = file_stamp(st)

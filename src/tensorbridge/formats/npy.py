@@ -83,7 +83,7 @@ import numpy as np
 from ..dtypes import DTYPES, canonical_name, lookup
 from ..errors import ConversionError, FileFormatError, UnsafeContentError
 from .atomic import atomic_write
-from .base import Format, RawSpan, Reader, TensorInfo, changed_while_opening, file_stamp
+from .base import Format, RawSpan, Reader, TensorInfo, file_stamp, opening
 from .safetensors import check_fetched, iter_le_bytes, open_regular_stat, read_exact_into
 
 __all__ = [
@@ -665,7 +665,8 @@ class NpyReader(Reader):
         void_as = check_void_as(void_as, path)
         fd, st = open_regular_stat(path)
         size = st.st_size
-        try:
+        # (a file changed while it was opened is read again)
+        with opening(fd, st, path, lambda: os.close(fd)):
             position = 0
 
             def read(n: int) -> bytes:
@@ -696,15 +697,6 @@ class NpyReader(Reader):
                     "is corrupt or has something appended; re-save it.",
                     path,
                 )
-        except Exception as exc:  # (a file changed while it was opened is read again)
-            err = changed_while_opening(fd, st, path, exc)
-            os.close(fd)
-            if err is exc:
-                raise
-            raise err from exc
-        except BaseException:
-            os.close(fd)
-            raise
         self._file_id = (st.st_dev, st.st_ino)
         self.stamp = file_stamp(st)
         self._size = size

@@ -73,7 +73,7 @@ import numpy as np
 
 from ..errors import ConversionError, FileFormatError, TensorBridgeError, UnsafeContentError
 from .atomic import atomic_write
-from .base import Format, RawSpan, Reader, TensorInfo, changed_while_opening, file_stamp
+from .base import Format, RawSpan, Reader, TensorInfo, file_stamp, opening
 from .names import check_name, check_unique
 from .npy import FORMAT as NPY
 from .npy import (
@@ -219,8 +219,8 @@ class NpzReader(Reader):
         fd, st = open_regular_stat(path)  # (one fstat: its size, and its stamp before reading)
         self._size = st.st_size
         self._file = os.fdopen(fd, "rb")
-        self.stamp = None
-        try:
+        # (a file changed while it was opened is read again)
+        with opening(fd, st, path, self.close):
             self._file_id = (st.st_dev, st.st_ino)
             self.stamp = file_stamp(st)
             with _zip_errors(path, "opening the zip archive"):
@@ -249,15 +249,6 @@ class NpzReader(Reader):
             }
             self._crc_checked: set[str] = set()  # stored members whose CRC raw_span checked
             self._end_of_data: int = self._zf.start_dir  # where the central directory starts
-        except Exception as exc:  # (a file changed while it was opened is read again)
-            err = changed_while_opening(fd, st, path, exc) if self.stamp is not None else exc
-            self.close()
-            if err is exc:
-                raise
-            raise err from exc
-        except BaseException:
-            self.close()
-            raise
 
     def _member_name(self, zi: zipfile.ZipInfo) -> str:
         original = zi.orig_filename

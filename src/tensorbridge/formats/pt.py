@@ -80,7 +80,7 @@ import numpy as np
 from ..dtypes import lookup
 from ..errors import ConversionError, FileFormatError
 from .atomic import atomic_write
-from .base import Format, RawSpan, Reader, TensorInfo, changed_while_opening, file_stamp
+from .base import Format, RawSpan, Reader, TensorInfo, file_stamp, opening
 from .pt_errors import wrapped
 from .pt_flatten import MAX_DEPTH, flatten  # noqa: F401 (MAX_DEPTH: re-export)
 from .pt_pickle import (  # noqa: F401 (MAX_*: re-exported, as before the split)
@@ -231,7 +231,8 @@ class PtReader(Reader):
         self._size = size
         self._allowance = MAX_AMPLIFICATION * size + AMPLIFY_SLACK
         self._charged: set[str] = set()
-        try:
+        # (a file changed while it was opened is read again)
+        with opening(self._fd, st, path, self.close):
             self._file_id = (st.st_dev, st.st_ino)
             self.stamp = file_stamp(st)
             head = bytearray(min(size, 8))
@@ -240,15 +241,6 @@ class PtReader(Reader):
                 self._open_legacy(size)
             else:
                 self._open(size)
-        except Exception as exc:  # (a file changed while it was opened is read again)
-            err = changed_while_opening(self._fd, st, path, exc)
-            self.close()
-            if err is exc:
-                raise
-            raise err from exc
-        except BaseException:
-            self.close()
-            raise
 
     def _set_byteorder(self, little: bool) -> None:
         self._little = little

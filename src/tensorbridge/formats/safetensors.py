@@ -62,10 +62,10 @@ from .base import (
     RawSpan,
     Reader,
     TensorInfo,
-    changed_while_opening,
     check_metadata,
     file_stamp,
     first_axis_rows,
+    opening,
 )
 from .names import check_unique
 from .safejson import short
@@ -670,7 +670,8 @@ class SafetensorsReader(Reader):
         # while it is read shows in any later comparison with self.stamp
         fd, st = open_regular_stat(path)
         size = st.st_size
-        try:
+        # (a file changed while it was opened is read again)
+        with opening(fd, st, path, lambda: os.close(fd)):
             if size < 8:
                 raise FileFormatError(
                     f"the file is {size} bytes, shorter than the 8-byte header length. Fix: "
@@ -696,15 +697,6 @@ class SafetensorsReader(Reader):
             read_exact_into(fd, memoryview(raw), 8, path)
             self.metadata, entries = _parse_header(raw, size - 8 - n, path)
             del raw
-        except Exception as exc:  # (a file changed while it was opened is read again)
-            err = changed_while_opening(fd, st, path, exc)
-            os.close(fd)
-            if err is exc:
-                raise
-            raise err from exc
-        except BaseException:
-            os.close(fd)
-            raise
         self._fd = fd
         self._file_id = (st.st_dev, st.st_ino)
         #: what identifies this version of the file (see the sharded reader)
