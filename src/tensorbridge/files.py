@@ -45,7 +45,7 @@ from .errors import (
 )
 from .formats import Reader, TensorInfo, format_for_path
 from .formats.base import Format, check_metadata
-from .formats.mapping import Arena, FileMaps, should_map
+from .formats.mapping import LoadReads, should_map
 from .formats.names import check_unique
 from .frameworks import backend_of, describe, get_backend
 from .frameworks.numpy import refuse_masked
@@ -457,66 +457,94 @@ def load(
     path = file_path(path)
     if names is not None:
         names = _check_names(names)  # before anything is opened
-    fmt = format_for_path(path, format)
+    # a small file is read whole, at once, without a reader (Format.load_whole); until it
+    # is found to be a directory (a sharded checkpoint), its suffix names its format
+    whole = names is None and mmap is not True and variant is None and void_as is None
+    fmt = format_for_path(path, format, look=not whole)
     plain = to in ("numpy", "np") and device is None
     if not plain:
         get_backend(to).load()  # unknown or missing frameworks fail before any reading
+    flat = _load_whole(fmt, path) if whole else None
+    if flat is None:
+        if whole:  # (not a small regular file: a larger one, or a directory)
+            fmt = format_for_path(path, format)
+        flat = _load_by_reader(fmt, path, to, device, names, variant, mmap, void_as)
+        if not isinstance(flat, dict):  # (a .npy file: its array)
+            return flat
+    elif not plain:
+        flat = {name: _loaded(arr, name, to, device) for name, arr in flat.items()}
+    return unflatten_names(flat) if nested else flat
 
-    def out(arr: np.ndarray, name: str = "") -> Any:
-        if plain:
-            return arr
+
+def _loaded(arr: np.ndarray, name: str, to: str, device: Any) -> Any:
+    """Tensor ``name`` of a file, read as ``arr``, converted for ``load(to=...)``."""
+    try:
+        return convert(arr, to=to, device=device)
+    except TensorBridgeError as exc:  # say which tensor of the file
+        raise (exc.at(f"[{name!r}]") if name else exc) from exc.__cause__
+
+
+def _load_whole(fmt: Format, path: str) -> dict[str, np.ndarray] | None:
+    """``fmt.load_whole(path)``, read again (three times in all) while the file is being
+    modified in place; ``None``: load it through a reader."""
+    for attempt in range(3):
         try:
-            return convert(arr, to=to, device=device)
-        except TensorBridgeError as exc:  # say which tensor of the file
-            raise (exc.at(f"[{name!r}]") if name else exc) from exc.__cause__
+            return fmt.load_whole(path)
+        except CheckpointChangedError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
 
-    mapping = should_map(path, mmap)
+
+def _load_by_reader(
+    fmt: Format,
+    path: str,
+    to: str,
+    device: Any,
+    names: list[str] | None,
+    variant: str | None,
+    mmap: bool | None,
+    void_as: str | None,
+) -> Any:
+    """What ``load`` returns before ``nested`` (a dict; a ``.npy`` file: the array), read
+    through ``fmt``'s reader."""
+    plain = to in ("numpy", "np") and device is None
     # One arena only where the arrays are kept as they are (numpy, or torch sharing them):
     # a target that copies would hold the whole arena until the last tensor is converted.
-    arena = plain or (to == "torch" and device is None)
+    keep = plain or (to == "torch" and device is None)
+    # (a sharded reader is told at open whether to keep its shards' descriptors for maps)
+    mode = should_map(path, mmap) if fmt.name == "sharded" else None
     for attempt in range(3):
-        # The default ("lease") maps under a lease where the arrays are kept as they are,
-        # and copies what it cannot lease; a target that copies anyway reads.
-        mapped = mapping == "map" or (mapping == "lease" and arena)
-        maps = FileMaps(leased=mapping == "lease") if mapped else None
-        copies = Arena(names) if arena and mapping != "map" else None
-
-        copied: list[bool] = []  # a tensor was read, not mapped (True: into the arena)
-
-        def read(
-            reader: Reader,
-            name: str,
-            maps: FileMaps | None = maps,
-            copies: Arena | None = copies,
-            copied: list[bool] = copied,
-        ) -> np.ndarray:
-            arr = None if maps is None else maps.array(reader, name)
-            if arr is not None:  # (mapped: Reader.mapped compared the file with its check)
-                return arr
-            if copies is not None:
-                arr = copies.array(reader, name)
-            if not copied:
-                copied.append(arr is not None)  # (False: read by the reader)
-            return reader.read(name) if arr is None else arr
-
+        reads = LoadReads(path, mmap, names, keep, mode)
         reader: Reader | None = None
         try:
             # a sharded reader keeps the descriptors its shards were checked through,
             # for the mappings (see FileMaps)
             with open_reader(
-                fmt, path, variant, void_as, hold=maps is not None, keep=names is None
+                fmt,
+                path,
+                variant,
+                void_as,
+                hold=mode is not None and reads.maps,
+                keep=names is None,
             ) as reader:
                 if fmt.name == "npy" and names is None:
-                    arr = read(reader, reader.keys()[0])
-                    if copied and copied[0]:  # (NpyReader.read verifies what it reads)
+                    arr = reads(reader, reader.keys()[0])
+                    if reads.copied:  # (NpyReader.read verifies what it reads)
                         reader.verify()
-                    return out(arr)
-                flat = {name: out(arr, name) for name, arr in iter_tensors(reader, names, read)}
+                    return arr if plain else _loaded(arr, "", to, device)
+                if names is None and plain:  # (the common case, without a call per tensor)
+                    flat = {name: reads(reader, name) for name in reader.keys()}
+                else:
+                    flat = {
+                        name: arr if plain else _loaded(arr, name, to, device)
+                        for name, arr in iter_tensors(reader, names, reads)
+                    }
                 # a file rewritten in place while it was read by copies (between two
                 # tensors, or within one) is read again, never returned half old, half new
-                if copied:
+                if reads.copied is not None:
                     reader.verify()
-            break
+            return flat
         except CheckpointChangedError:
             if attempt == 2:
                 raise
@@ -533,6 +561,6 @@ def load(
                     path,
                 ) from exc
         finally:
-            if copies is not None:
-                copies.close()
-    return unflatten_names(flat) if nested else flat
+            reads.close()
+            mode = reads.mode
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -12,6 +12,7 @@ import torch
 
 import tensorbridge as tb
 from tensorbridge.formats import mapping
+from tensorbridge.formats.safetensors import WHOLE_FILE_BYTES
 
 A = np.arange(1024, dtype=np.float32)
 B = np.arange(12, dtype=np.int64).reshape(3, 4)
@@ -84,11 +85,23 @@ def test_copies_never_change_with_the_file(tmp_path, kind, mode, monkeypatch):
 
 
 def test_read_only_file_systems_are_mapped_by_default(tmp_path, monkeypatch):
-    p = write("safetensors", tmp_path)
+    p = str(tmp_path / "m.safetensors")
+    big = np.ones(WHOLE_FILE_BYTES // 4, np.float32)  # (a smaller file is read whole)
+    tb.save({"a": A, "big": big}, p)
     monkeypatch.setattr(mapping.os, "statvfs", lambda p: SimpleNamespace(f_flag=os.ST_RDONLY))
     a = tb.load(p)["a"]
     poke(p, A, np.float32(-7).tobytes())  # (a test can still write it; no one else could)
     assert a[0] == -7
+
+
+def test_small_files_are_read_whole_even_on_read_only_file_systems(tmp_path, monkeypatch):
+    p = write("safetensors", tmp_path)
+    assert os.path.getsize(p) <= WHOLE_FILE_BYTES
+    monkeypatch.setattr(mapping.os, "statvfs", lambda p: SimpleNamespace(f_flag=os.ST_RDONLY))
+    got = tb.load(p)
+    poke(p, A, np.float32(-7).tobytes())
+    assert got["a"].tobytes() == A.tobytes()  # a copy: one read costs less than a mapping
+    assert got["b"].tobytes() == B.tobytes() and got["a"].flags.writeable
 
 
 def test_replaced_file_leaves_mapped_arrays_unchanged(tmp_path):
@@ -126,7 +139,11 @@ def test_copies_share_one_allocation_and_hold_the_right_bytes(tmp_path, kind):
     assert got["a"].tobytes() == A.tobytes() and got["b"].tobytes() == B.tobytes()
     assert got["flag"].tolist() == [True, False] and got["empty"].shape == (0, 3)
     assert got["a"].base is not None and got["a"].base is got["b"].base  # one arena
-    assert got["a"].ctypes.data % 64 == 0 and got["b"].ctypes.data % 64 == 0
+    if kind == "safetensors" and os.path.getsize(p) <= WHOLE_FILE_BYTES:
+        # read whole: views of the file's bytes, each aligned for its dtype
+        assert got["a"].flags.aligned and got["b"].flags.aligned
+    else:
+        assert got["a"].ctypes.data % 64 == 0 and got["b"].ctypes.data % 64 == 0
     only = tb.load(p, mmap=False, names=["b"])
     assert list(only) == ["b"] and only["b"].tobytes() == B.tobytes()
     assert only["b"].base.nbytes < A.nbytes  # the arena holds only what was asked for

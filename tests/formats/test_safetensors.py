@@ -26,7 +26,7 @@ from tensorbridge.errors import (
     UnsafeContentError,
 )
 from tensorbridge.formats.base import TensorInfo
-from tensorbridge.formats.safetensors import FORMAT, MAX_HEADER_SIZE
+from tensorbridge.formats.safetensors import FORMAT, MAX_HEADER_SIZE, WHOLE_FILE_BYTES
 
 from .samples import read_all_with, same, sample, write_with
 
@@ -446,11 +446,25 @@ def test_directory_and_missing_paths_are_refused(tmp_path):
 
 def test_file_truncated_after_open_gives_a_clean_error(tmp_path):
     p = tmp_path / "t.safetensors"
-    write(p, {"a": np.zeros(1000, np.float32)})
+    write(p, {"a": np.zeros(WHOLE_FILE_BYTES // 4, np.float32)})  # (not read whole at open)
     with FORMAT.open(str(p)) as r:
         os.truncate(p, 100)
         with pytest.raises(FileFormatError, match="truncated or changed"):
             r.read("a")
+
+
+def test_a_small_file_is_read_whole_at_open_and_read_as_it_was(tmp_path):
+    p = tmp_path / "t.safetensors"
+    a = np.arange(1000, dtype=np.float32)
+    write(p, {"a": a, "b": a[:7].astype(np.float16)})
+    with FORMAT.open(str(p)) as r:
+        os.truncate(p, 100)  # after the open: the version opened is read
+        assert r.read("a").tobytes() == a.tobytes()
+        assert r.read("b").tobytes() == a[:7].astype(np.float16).tobytes()
+        assert r.read("a") is not r.read("a")  # (fresh arrays)
+        first = r.read("a")
+        first[0] = 5
+        assert r.read("a")[0] == 0
 
 
 def test_empty_file_with_only_metadata(tmp_path):

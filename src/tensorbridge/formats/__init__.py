@@ -36,47 +36,75 @@ def get_format(name: str) -> Format:
         raise FileFormatError(
             f"unknown format {name!r}. Fix: use one of {', '.join(FORMAT_MODULES)}."
         )
-    return importlib.import_module(f"{__name__}.{module}").FORMAT
+    found = _LOADED.get(module)
+    if found is None:
+        found = _LOADED[module] = importlib.import_module(f"{__name__}.{module}").FORMAT
+    return found
 
 
-_SUFFIXES: tuple[tuple[tuple[str, str], ...], dict[str, str]] = ((), {})
+#: module name -> its FORMAT, once imported
+_LOADED: dict[str, Format] = {}
+
+
+#: a sharded checkpoint's index: *.index.json or *.index.VARIANT.json
+_INDEX = re.compile(r"\.index(\.[^./\\]+)?\.json$")
+
+_SUFFIXES: tuple[dict[str, str], dict[str, str]] = ({}, {})
 
 
 def _suffix_table() -> dict[str, str]:
     """suffix -> format name, made once per state of :data:`FORMAT_MODULES`."""
     global _SUFFIXES
-    rows = tuple(FORMAT_MODULES.items())
-    if rows != _SUFFIXES[0]:
+    if _SUFFIXES[0] != FORMAT_MODULES:
         table = {}
         for name in FORMAT_MODULES:
             for suffix in get_format(name).suffixes:
                 table[suffix] = name
-        _SUFFIXES = (rows, table)
+        _SUFFIXES = (dict(FORMAT_MODULES), table)
     return _SUFFIXES[1]
 
 
-def format_for_path(path: str | os.PathLike[str], format: str | None = None) -> Format:
+_SEPARATORS = "/" + os.sep + (os.altsep or "")
+
+
+def _suffix(p: str) -> str:
+    """``os.path.splitext(p)[1].lower()``, in a few string operations: the last name's
+    suffix, where a dot follows something other than dots.
+
+    >>> [_suffix(p) for p in ("m.NPY", "d/.npy", "a.b/c", "..npy", ".a.pt", "x.")]
+    ['.npy', '', '', '', '.pt', '.']
+    """
+    dot = p.rfind(".")
+    start = (p.rfind("/") if _SEPARATORS == "//" else max(map(p.rfind, _SEPARATORS))) + 1
+    if dot <= start or not p[start:dot].strip("."):
+        return ""
+    return p[dot:].lower()
+
+
+def format_for_path(
+    path: str | os.PathLike[str], format: str | None = None, *, look: bool = True
+) -> Format:
     """Pick the format from ``format=`` or from the path's suffix.
 
     A directory named ``*.zarr`` is a zarr store; any other directory (or a path ending
     in ``/``), or a file ending in ``.index.json`` (or ``.index.VARIANT.json``), is a
-    sharded checkpoint.
+    sharded checkpoint. ``look=False`` does not ask the file system whether a path with
+    a file format's suffix is a directory (the caller finds out when it opens it).
     """
     if format is not None:
         return get_format(format)
     p = os.fspath(path)
-    if p.rstrip("/" + os.sep).lower().endswith(".zarr"):  # a directory store, not a checkpoint
+    stem = p.rstrip(_SEPARATORS)
+    if stem.lower().endswith(".zarr"):  # a directory store, not a checkpoint
         return get_format("zarr")
-    if (
-        os.path.isdir(p)
-        or p.endswith((".index.json", "/", os.sep))
-        or re.search(r"\.index\.[^./\\]+\.json$", p)
-    ):
+    if len(stem) < len(p) or (p.endswith(".json") and _INDEX.search(p)):  # (ends with a /)
         return get_format("sharded")
-    suffix = os.path.splitext(p)[1].lower()
+    suffix = _suffix(p)
     table = _suffix_table()
-    if suffix in table:
+    if suffix in table and not (look and os.path.isdir(p)):
         return get_format(table[suffix])
+    if os.path.isdir(p):
+        return get_format("sharded")
     raise FileFormatError(
         f"unknown file suffix {suffix or '(none)'!r}. Fix: use one of "
         f"{', '.join(sorted(table))}, or pass format= (one of {', '.join(FORMAT_MODULES)}; "

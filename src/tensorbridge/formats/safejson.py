@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import re
 import reprlib
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -124,33 +123,49 @@ def _within_budget(brackets: bytes | bytearray, size: int, max_depth: int) -> bo
     )
 
 
-def _refuse_constant(path: str, what: str) -> Callable[[str], Any]:
-    def hook(name: str) -> Any:
-        raise FileFormatError(
-            f"{what} holds {name}, which is not JSON (strict readers such as the safetensors "
-            "library refuse it). Fix: write a number, or re-save the file.",
-            path,
+class _Constant(Exception):
+    """``NaN``/``Infinity`` met by a decoder that refuses them (see :func:`loads`)."""
+
+
+class _Duplicate(Exception):
+    """A key met twice in one JSON object (see :func:`loads`)."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _Constant(name)
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Duplicate(key)
+            seen.add(key)
+    return out
+
+
+# Made once: a decoder costs more to make than a small header costs to parse. Its hooks
+# know nothing of the file; loads() words their refusals.
+_STRICT = json.JSONDecoder(object_pairs_hook=_unique, parse_constant=_refuse_constant)
+_NONFINITE = json.JSONDecoder(object_pairs_hook=_unique)
+_JSON_SPACE = " \t\n\r"
+
+
+def _decode(decoder: json.JSONDecoder, text: str) -> Any:
+    """``decoder.decode(text)``: one value between JSON whitespace, with the same errors,
+    without its two regular-expression passes (a third of a small header's parse)."""
+    start = len(text) - len(text.lstrip(_JSON_SPACE))
+    try:
+        value, end = decoder.scan_once(text, start)  # type: ignore[attr-defined]
+    except StopIteration as err:
+        raise json.JSONDecodeError("Expecting value", text, err.value) from None
+    if text[end:].strip(_JSON_SPACE):
+        raise json.JSONDecodeError(
+            "Extra data", text, len(text) - len(text[end:].lstrip(_JSON_SPACE))
         )
-
-    return hook
-
-
-def _unique(path: str, what: str) -> Callable[[list[tuple[str, Any]]], dict]:
-    def hook(pairs: list[tuple[str, Any]]) -> dict:
-        out = dict(pairs)
-        if len(out) != len(pairs):
-            seen: set[str] = set()
-            for key, _ in pairs:
-                if key in seen:
-                    raise UnsafeContentError(
-                        f"{what} has the key {short(key)} more than once; other readers would "
-                        "silently keep only the last one. Fix: re-save it with unique keys.",
-                        path,
-                    )
-                seen.add(key)
-        return out
-
-    return hook
+    return value
 
 
 def loads(
@@ -176,13 +191,19 @@ def loads(
             path,
         ) from exc
     try:
-        return json.loads(
-            text,
-            object_pairs_hook=_unique(path, what),
-            parse_constant=None if nonfinite else _refuse_constant(path, what),
-        )
-    except (FileFormatError, UnsafeContentError):
-        raise
+        return _decode(_NONFINITE if nonfinite else _STRICT, text)
+    except _Constant as exc:
+        raise FileFormatError(
+            f"{what} holds {exc.args[0]}, which is not JSON (strict readers such as the "
+            "safetensors library refuse it). Fix: write a number, or re-save the file.",
+            path,
+        ) from None
+    except _Duplicate as exc:
+        raise UnsafeContentError(
+            f"{what} has the key {short(exc.args[0])} more than once; other readers would "
+            "silently keep only the last one. Fix: re-save it with unique keys.",
+            path,
+        ) from None
     except (ValueError, RecursionError) as exc:
         raise FileFormatError(
             f"{what} is not valid JSON ({short(str(exc), 200)}). Fix: this is not a valid "

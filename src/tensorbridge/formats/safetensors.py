@@ -18,7 +18,9 @@ package in both directions.
 
 Reading never memory-maps the file: a file truncated while mapped kills the
 process with SIGBUS. Tensors are read with ``pread`` into fresh arrays, after the
-header has been checked against the real file size.
+header has been checked against the real file size; a file of at most
+:data:`WHOLE_FILE_BYTES` is read whole, in one ``pread``, when it is opened, and its
+tensors are copied from those bytes (``load`` keeps them as views of that one copy).
 
 Kernel-side copies: ``fetch(name)`` may return a :class:`~.base.RawSpan` instead
 of an array (the source file's byte range holding the tensor's exact
@@ -66,14 +68,17 @@ from .base import (
     file_stamp,
     first_axis_rows,
     opening,
+    stamp_changed,
 )
-from .names import check_unique
+from .names import check_name, check_unique
 from .safejson import short
 
 __all__ = [
     "FORMAT",
     "SafetensorsFormat",
     "SafetensorsReader",
+    "WHOLE_FILE_BYTES",
+    "load_whole",
     "MAX_HEADER_SIZE",
     "CODE_TO_DTYPE",
     "build_header",
@@ -90,6 +95,10 @@ __all__ = [
 
 #: The Rust reference refuses longer headers; so do we (a header is parsed in memory).
 MAX_HEADER_SIZE = 100_000_000
+#: A file up to this size is read whole at open, with one read (so is the first part of
+#: a larger one, which holds its header unless that is long): reading a small file once
+#: costs less than reading its header and then each tensor.
+WHOLE_FILE_BYTES = 1 << 16
 #: NumPy cannot hold more dimensions than this.
 MAX_NDIM = 64
 #: Bytes written per chunk when a tensor must be made contiguous or little-endian.
@@ -118,11 +127,13 @@ def open_regular_file(path: str) -> tuple[int, int]:
     return fd, st.st_size
 
 
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+
+
 def open_regular_stat(path: str) -> tuple[int, os.stat_result]:
     """:func:`open_regular_file`, with the descriptor's ``fstat`` instead of its size."""
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     try:
-        fd = os.open(path, flags)
+        fd = os.open(path, _OPEN_FLAGS)
     except OSError as exc:
         if exc.errno in (errno.EMFILE, errno.ENFILE):
             raise FileFormatError(
@@ -141,18 +152,27 @@ def open_regular_stat(path: str) -> tuple[int, os.stat_result]:
                 "tensor file). Fix: pass the path of a file.",
                 path,
             )
-        if hasattr(os, "set_blocking"):
-            os.set_blocking(fd, True)
-        return fd, st
+        return fd, st  # (O_NONBLOCK left on: reads of a regular file never wait anyway)
     except BaseException:
         os.close(fd)
         raise
 
 
+_PREADV = hasattr(os, "preadv")
+
+
 def read_exact_into(fd: int, buffer: memoryview, offset: int, path: str) -> None:
     """Fill ``buffer`` (a byte memoryview) from ``fd`` at ``offset``, or raise."""
-    done = 0
     total = len(buffer)
+    if _PREADV and total:  # most reads are done by one call
+        try:
+            done = os.preadv(fd, [buffer], offset)
+        except OSError:
+            done = 0  # (the loop below says what failed)
+        if done == total:
+            return
+    else:
+        done = 0
     while done < total:
         try:
             if hasattr(os, "preadv"):
@@ -629,7 +649,7 @@ def _parse_header(
     metadata = header.pop(_METADATA_KEY, None)
     if metadata is None:
         metadata = {}
-    if not isinstance(metadata, dict) or not all(
+    elif not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         bad = (
@@ -642,16 +662,109 @@ def _parse_header(
             "with string metadata values.",
             path,
         )
-    check_unique(header, path)
     entries = []
     spans = []
-    for name, entry in header.items():
+    for name, entry in header.items():  # (the names are unique: safejson refuses repeats)
+        check_name(name, path)
         info, begin, end = _parse_entry(name, entry, path)
         entries.append((info, begin))
         spans.append((begin, end, name))
     _check_tiling(spans, data_len, path)
     entries.sort(key=_BEGIN)  # file order; stable for empty tensors
     return dict(metadata), entries
+
+
+def _read_header(
+    fd: int, first: np.ndarray, size: int, path: str
+) -> tuple[int, dict[str, str], list[tuple[TensorInfo, int]]]:
+    """``(where the data region starts, metadata, [(info, begin)] in file order)`` of the
+    file of ``size`` bytes open as ``fd``, whose first bytes (at least 8, or the whole
+    file) are ``first``; the header is read from ``first`` where it fits, else read."""
+    if size < 8:
+        raise FileFormatError(
+            f"the file is {size} bytes, shorter than the 8-byte header length. Fix: "
+            "this is not a safetensors file, or it is truncated.",
+            path,
+        )
+    (n,) = struct.unpack_from("<Q", first.data)
+    if n > MAX_HEADER_SIZE:
+        raise FileFormatError(
+            f"the header length {n} is over the {MAX_HEADER_SIZE}-byte limit. Fix: "
+            "this is not a safetensors file, or it is corrupt or hostile.",
+            path,
+        )
+    if n > size - 8:
+        raise FileFormatError(
+            f"the header length {n} is larger than the rest of the file "
+            f"({size - 8} bytes). Fix: this is not a safetensors file, or it is truncated.",
+            path,
+        )
+    if 8 + n <= len(first):
+        raw: bytes | bytearray = first[8 : 8 + n].tobytes()
+    else:
+        raw = bytearray(n)
+        read_exact_into(fd, memoryview(raw), 8, path)
+    metadata, entries = _parse_header(raw, size - 8 - n, path)
+    return 8 + n, metadata, entries
+
+
+def _check_bool(arr: np.ndarray, name: str, path: str) -> None:
+    if arr.size and arr.view(np.uint8).max() > 1:
+        raise FileFormatError(
+            f"tensor {name!r} is BOOL but holds bytes other than 0 and 1. Fix: the "
+            "file is corrupt; re-save it.",
+            path,
+        )
+
+
+def load_whole(path: str) -> dict[str, np.ndarray] | None:
+    """Every tensor of the file at ``path`` if it is small (at most
+    :data:`WHOLE_FILE_BYTES`), read with one ``pread``: views of that one fresh buffer
+    (writable; a misaligned tensor is copied, BOOL is checked), the header validated as
+    :class:`SafetensorsReader` does; ``None`` for a larger file. What ``load`` does for
+    small files, without a reader.
+
+    Raises :class:`~tensorbridge.errors.CheckpointChangedError` if the file was modified
+    in place while it was read (``load`` reads it again). ``None`` for a directory too
+    (``load`` gave the format by the suffix alone: it is a sharded checkpoint)."""
+    try:
+        fd, st = open_regular_stat(path)
+    except FileFormatError:
+        if os.path.isdir(path):
+            return None
+        raise
+    try:
+        size = st.st_size
+        if size > WHOLE_FILE_BYTES or sys.byteorder != "little":
+            return None
+        with opening(fd, st, path, _nothing):
+            whole = np.empty(size, np.uint8)
+            read_exact_into(fd, whole.data, 0, path)
+            start, _, entries = _read_header(fd, whole, size, path)
+            out = {}
+            for info, begin in entries:
+                if 0 in info.shape:
+                    out[info.name] = np.empty(info.shape, lookup(info.dtype).numpy)
+                    continue
+                arr = np.ndarray(info.shape, lookup(info.dtype).numpy, whole, start + begin)
+                if not arr.flags.aligned:  # (torch refuses unaligned memory)
+                    arr = arr.copy()
+                if info.dtype == "bool":
+                    _check_bool(arr, info.name, path)
+                out[info.name] = arr
+            if stamp_changed(os.fstat(fd), file_stamp(st)):
+                raise CheckpointChangedError(
+                    "the file was modified in place while it was read (a save was under "
+                    "way, or its permissions or links changed). Fix: load it again.",
+                    path,
+                )
+        return out
+    finally:
+        os.close(fd)
+
+
+def _nothing() -> None:
+    pass
 
 
 # --- the reader ----------------------------------------------------------------
@@ -672,36 +785,16 @@ class SafetensorsReader(Reader):
         size = st.st_size
         # (a file changed while it was opened is read again)
         with opening(fd, st, path, lambda: os.close(fd)):
-            if size < 8:
-                raise FileFormatError(
-                    f"the file is {size} bytes, shorter than the 8-byte header length. Fix: "
-                    "this is not a safetensors file, or it is truncated.",
-                    path,
-                )
-            head = bytearray(8)
-            read_exact_into(fd, memoryview(head), 0, path)
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_SIZE:
-                raise FileFormatError(
-                    f"the header length {n} is over the {MAX_HEADER_SIZE}-byte limit. Fix: "
-                    "this is not a safetensors file, or it is corrupt or hostile.",
-                    path,
-                )
-            if n > size - 8:
-                raise FileFormatError(
-                    f"the header length {n} is larger than the rest of the file "
-                    f"({size - 8} bytes). Fix: this is not a safetensors file, or it is truncated.",
-                    path,
-                )
-            raw = bytearray(n)
-            read_exact_into(fd, memoryview(raw), 8, path)
-            self.metadata, entries = _parse_header(raw, size - 8 - n, path)
-            del raw
+            # one read takes the header of most files, and the whole of a small one
+            first = np.empty(min(size, WHOLE_FILE_BYTES), np.uint8)
+            read_exact_into(fd, first.data, 0, path)
+            self._data_start, self.metadata, entries = _read_header(fd, first, size, path)
+        #: the whole file, read at open (a small one), else None
+        self._whole: np.ndarray | None = first if len(first) == size else None
         self._fd = fd
         self._file_id = (st.st_dev, st.st_ino)
         #: what identifies this version of the file (see the sharded reader)
         self.stamp = file_stamp(st)
-        self._data_start = 8 + n
         self._infos = {info.name: info for info, _ in entries}
         self._begin = {info.name: begin for info, begin in entries}
 
@@ -751,20 +844,15 @@ class SafetensorsReader(Reader):
                 self.path,
             ) from exc
         if out.nbytes:
-            read_exact_into(
-                fd,
-                _byte_view(out),
-                self._data_start + self._begin[info.name] + byte_offset,
-                self.path,
-            )
+            start = self._data_start + self._begin[info.name] + byte_offset
+            if self._whole is not None:  # (the version read at open)
+                _byte_view(out)[:] = self._whole.data[start : start + out.nbytes]
+            else:
+                read_exact_into(fd, _byte_view(out), start, self.path)
         if sys.byteorder == "big" and out.dtype.itemsize > 1:  # pragma: no cover
             out.byteswap(inplace=True)
-        if info.dtype == "bool" and out.size and out.view(np.uint8).max() > 1:
-            raise FileFormatError(
-                f"tensor {info.name!r} is BOOL but holds bytes other than 0 and 1. Fix: the "
-                "file is corrupt; re-save it.",
-                self.path,
-            )
+        if info.dtype == "bool":
+            _check_bool(out, info.name, self.path)
         return out
 
     def read(self, name: str) -> np.ndarray:
@@ -850,6 +938,9 @@ class SafetensorsFormat(Format):
 
     def open(self, path: str) -> SafetensorsReader:
         return SafetensorsReader(os.fspath(path))
+
+    def load_whole(self, path: str) -> dict[str, np.ndarray] | None:
+        return load_whole(path)
 
     def write(
         self,
