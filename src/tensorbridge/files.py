@@ -464,7 +464,14 @@ def load(
     plain = to in ("numpy", "np") and device is None
     if not plain:
         get_backend(to).load()  # unknown or missing frameworks fail before any reading
-    flat = _load_whole(fmt, path) if whole else None
+    flat = None
+    for attempt in range(3 if whole else 0):  # (read again while it is being rewritten)
+        try:
+            flat = fmt.load_whole(path)
+            break
+        except CheckpointChangedError:
+            if attempt == 2:
+                raise
     if flat is None:
         if whole:  # (not a small regular file: a larger one, or a directory)
             fmt = format_for_path(path, format)
@@ -482,18 +489,6 @@ def _loaded(arr: np.ndarray, name: str, to: str, device: Any) -> Any:
         return convert(arr, to=to, device=device)
     except TensorBridgeError as exc:  # say which tensor of the file
         raise (exc.at(f"[{name!r}]") if name else exc) from exc.__cause__
-
-
-def _load_whole(fmt: Format, path: str) -> dict[str, np.ndarray] | None:
-    """``fmt.load_whole(path)``, read again (three times in all) while the file is being
-    modified in place; ``None``: load it through a reader."""
-    for attempt in range(3):
-        try:
-            return fmt.load_whole(path)
-        except CheckpointChangedError:
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _load_by_reader(

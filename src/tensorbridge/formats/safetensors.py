@@ -64,6 +64,7 @@ from .base import (
     RawSpan,
     Reader,
     TensorInfo,
+    _changed_while_opening,
     check_metadata,
     file_stamp,
     first_axis_rows,
@@ -109,6 +110,8 @@ _METADATA_KEY = "__metadata__"
 
 #: safetensors header dtype code -> canonical dtype name (from the dtypes table).
 CODE_TO_DTYPE: dict[str, str] = {d.safetensors: d.name for d in DTYPES.values() if d.safetensors}
+#: canonical dtype name -> NumPy dtype, for the dtypes safetensors holds
+_NUMPY: dict[str, np.dtype] = {d.name: d.numpy for d in DTYPES.values() if d.safetensors}
 #: safetensors header dtype code -> (canonical dtype name, itemsize), for the header parse.
 _CODE_ROWS: dict[str, tuple[str, int]] = {
     d.safetensors: (d.name, d.itemsize) for d in DTYPES.values() if d.safetensors
@@ -737,34 +740,36 @@ def load_whole(path: str) -> dict[str, np.ndarray] | None:
         size = st.st_size
         if size > WHOLE_FILE_BYTES or sys.byteorder != "little":
             return None
-        with opening(fd, st, path, _nothing):
+        try:
             whole = np.empty(size, np.uint8)
             read_exact_into(fd, whole.data, 0, path)
             start, _, entries = _read_header(fd, whole, size, path)
             out = {}
             for info, begin in entries:
+                dtype = _NUMPY[info.dtype]
                 if 0 in info.shape:
-                    out[info.name] = np.empty(info.shape, lookup(info.dtype).numpy)
+                    out[info.name] = np.empty(info.shape, dtype)
                     continue
-                arr = np.ndarray(info.shape, lookup(info.dtype).numpy, whole, start + begin)
+                arr = np.ndarray(info.shape, dtype, whole, start + begin)
                 if not arr.flags.aligned:  # (torch refuses unaligned memory)
                     arr = arr.copy()
                 if info.dtype == "bool":
                     _check_bool(arr, info.name, path)
                 out[info.name] = arr
-            if stamp_changed(os.fstat(fd), file_stamp(st)):
-                raise CheckpointChangedError(
-                    "the file was modified in place while it was read (a save was under "
-                    "way, or its permissions or links changed). Fix: load it again.",
-                    path,
-                )
+        except FileFormatError as exc:  # (a file changed while read is read again)
+            err = _changed_while_opening(fd, st, path, exc)
+            if err is exc:
+                raise
+            raise err from exc
+        if stamp_changed(os.fstat(fd), file_stamp(st)):
+            raise CheckpointChangedError(
+                "the file was modified in place while it was read (a save was under "
+                "way, or its permissions or links changed). Fix: load it again.",
+                path,
+            )
         return out
     finally:
         os.close(fd)
-
-
-def _nothing() -> None:
-    pass
 
 
 # --- the reader ----------------------------------------------------------------
