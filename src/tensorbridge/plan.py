@@ -73,7 +73,12 @@ class Plan:
                 fn = runs[0]
             elif len(runs) == 2:
                 first, second = runs
-                fn = lambda x: second(first(x))  # noqa: E731
+                if first is _host_copy:  # (copy=True's commonest route: the copy inlined)
+                    fn = lambda x: second(  # noqa: E731
+                        x.copy("K") if type(x) is np.ndarray else _host_copy(x)
+                    )
+                else:
+                    fn = lambda x: second(first(x))  # noqa: E731
             elif len(runs) == 3:
                 first, second, third = runs
                 fn = lambda x: third(second(first(x)))  # noqa: E731

@@ -81,6 +81,9 @@ class TensorFlowBackend(Backend):
         # less than hashing it); plans for other devices by (device, enum).
         first: dict[int, tuple[str, Any]] = {}
         others: dict[tuple[str, int], Any] = {}
+        # t._numpy() without its wrapper, which only rewords TF's errors (for those, the
+        # plan's own step runs and says what went wrong)
+        numpy_of = getattr(tp, "_numpy_internal", None) or getattr(tp, "_numpy")  # noqa: B009
 
         def run(t: Any) -> Any:
             enum = t._datatype_enum()
@@ -101,13 +104,19 @@ class TensorFlowBackend(Backend):
                             others.clear()
                         others[dev, enum] = fn
             if fn is _host_view:  # the commonest plan's one step, inlined (a call less)
-                a = t._numpy()
+                try:
+                    a = numpy_of(t)
+                except Exception:
+                    return fn(t)
                 if type(a) is np.ndarray:
                     a.setflags(write=False)
                     return a
                 return fn(t)  # a 0-d tensor (a NumPy scalar): the step views it over DLPack
             if fn is _tensor_numpy:  # the step, with TF's Tensor.numpy() inlined: a copy
-                a = t._numpy()
+                try:
+                    a = numpy_of(t)
+                except Exception:
+                    return fn(t)
                 return a.copy() if isinstance(a, np.ndarray) else np.asarray(a)
             return fn(t)
 
