@@ -13,6 +13,7 @@ import zlib
 import numpy as np
 import pytest
 
+import tensorbridge as tb
 from tensorbridge.dtypes import DTYPES, canonical_name
 from tensorbridge.errors import ConversionError, FileFormatError, UnsafeContentError
 from tensorbridge.formats.base import TensorInfo
@@ -290,7 +291,11 @@ HOSTILE = {
     "unsupported compression": (_bzip2, FileFormatError, "compression method 12"),
     "member data truncated": (_truncated_member, FileFormatError, "it is truncated"),
     "member trailing bytes": (_trailing_member, FileFormatError, "trailing bytes"),
-    "object array member": (_object_member, UnsafeContentError, "member 'x.npy'.*object array"),
+    "object array member": (
+        _object_member,
+        UnsafeContentError,
+        "no member can be read as a tensor: 'x': pickled Python objects",
+    ),
     "header too large in member": (_bad_header_member, FileFormatError, "10000-byte limit"),
 }
 
@@ -365,3 +370,62 @@ def test_fuzz_mutated_archives_raise_only_tensorbridge_errors(tmp_path_factory, 
         read_all(p)
     except TensorBridgeError:
         pass
+
+
+class _Marker:
+    """Unpickling it would create a file: proof that a member was unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (open, (self.path, "w"))
+
+
+def test_members_that_are_not_tensors_are_skipped_and_said_why(tmp_path):
+    marker = tmp_path / "unpickled"
+    p = tmp_path / "mixed.npz"
+    np.savez(
+        p,
+        w=np.arange(3, dtype=np.float32),
+        labels=np.array(["cat", "dog"]),
+        when=np.array(["2020-01-01"], dtype="datetime64[D]"),
+        rec=np.zeros(2, dtype=[("a", "<i4"), ("b", "<f4")]),
+        obj=np.array([_Marker(str(marker))], dtype=object),
+        raw=np.array([b"ab"]),
+        b=np.ones((2, 2), np.int64),
+    )
+    got = tb.load(p)
+    assert list(got) == ["w", "b"] and got["w"].tolist() == [0, 1, 2]
+    assert tb.load(p, names=["b"], to="torch")["b"].sum().item() == 4
+    with tb.open(p) as r:
+        assert r.keys() == ["w", "b"]
+        assert set(r.skipped) == {"labels", "when", "rec", "obj", "raw"}
+        assert "<U3" in r.skipped["labels"] and "datetime64" in r.skipped["when"]
+        assert "records" in r.skipped["rec"] and "never unpickled" in r.skipped["obj"]
+    with pytest.raises(FileFormatError, match="'labels' is not read: it holds <U3 values"):
+        tb.load(p, names=["labels"])
+    assert not marker.exists()
+
+
+def test_an_archive_of_nothing_but_non_tensors_is_refused(tmp_path):
+    p = tmp_path / "strings.npz"
+    np.savez(p, labels=np.array(["a"]), when=np.array([1], dtype="datetime64[s]"))
+    with pytest.raises(FileFormatError, match="no member can be read as a tensor: 'labels': <U1"):
+        tb.load(p)
+
+
+def test_convert_says_which_entries_it_left_out(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    p = tmp_path / "mixed.npz"
+    np.savez(p, w=np.ones(2, np.float32), labels=np.array(["a", "b"]))
+    out = tmp_path / "o.safetensors"
+    cmd = [sys.executable, "-m", "tensorbridge", "convert", str(p), str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    assert "left out 1 entry of the source that is not a tensor: 'labels'" in run.stderr
+    assert tb.load(out)["w"].tolist() == [1, 1]
+    run = subprocess.run([*cmd, "--json"], capture_output=True, text=True, check=True)
+    assert json.loads(run.stdout)["not_tensors"] == {"labels": "<U1 values, not a tensor"}

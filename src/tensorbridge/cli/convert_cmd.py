@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ..console import echo, human_bytes, progress
+from ..console import clip, echo, human_bytes, progress
 from ..dtypes import DTYPES, canonical_name, is_floating, lookup, numpy_dtype
 from ..errors import ConversionError, FileFormatError, message
 from ..formats import Format, Reader, TensorInfo, format_for_path, get_format
@@ -602,6 +602,7 @@ def convert_file(
         if out_format.name == "sharded":  # verify the index written, not the directory
             written = _check_sharded_destination(dst, reader, src, in_format)
         infos = reader.infos()
+        not_tensors = dict(reader.skipped)  # (never read: strings, records, links...)
         kept = set(select([i.name for i in infos], include, exclude))
         planned = [_target_info(i, cast) for i in infos if i.name in kept]
         if quant:
@@ -734,6 +735,7 @@ def convert_file(
         "total_nbytes": total,
         "verified": verified,
         "metadata_dropped": dropped,
+        "not_tensors": not_tensors,
         "workers": workers if scheduler is None else None,
         "scheduler": scheduler,
     }
@@ -862,6 +864,16 @@ def run(args: argparse.Namespace) -> int:
         if s["dtype"]:
             line += f", {s['cast']} cast to {s['dtype']}"
         echo(line)
+        if s["not_tensors"]:
+            left = list(s["not_tensors"])
+            echo(
+                f"note: left out {len(left)} entr{'y' if len(left) == 1 else 'ies'} of the "
+                f"source that {'is' if len(left) == 1 else 'are'} not a tensor: "
+                + ", ".join(clip(repr(k), 60) for k in left[:10])
+                + (" ..." if len(left) > 10 else "")
+                + " (`tensorbridge inspect SRC` says why)",
+                sys.stderr,
+            )
         if s["metadata_dropped"] and s["dst_format"] == "h5":
             echo(
                 "note: h5 files cannot hold metadata keys that are empty or hold NUL, or "

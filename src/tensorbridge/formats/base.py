@@ -214,6 +214,13 @@ class Reader:
         """The error for a name the file does not hold (raise it ``from None``)."""
         from ..errors import FileFormatError
 
+        why = self.skipped.get(name) if isinstance(name, str) else None
+        if why is not None:
+            return FileFormatError(
+                f"{name!r} is not read: it holds {why}. Fix: load the file's tensors "
+                "without it (see reader.skipped, or `tensorbridge inspect`).",
+                self.path,
+            )
         names = self.keys()
         return FileFormatError(
             f"no tensor named {name!r}. Fix: use one of {names[:20]!r}"

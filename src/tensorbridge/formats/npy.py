@@ -209,6 +209,14 @@ def _fail(text: str, file: object) -> FileFormatError:
     return FileFormatError(text, file)
 
 
+def _not_a_tensor(exc: FileFormatError, why: str) -> FileFormatError:
+    """``exc``, marked as the refusal of a well-formed array that is not a tensor
+    (strings, records, objects): an ``.npz`` reader skips such members (``why``, in its
+    ``skipped``) instead of refusing the archive."""
+    exc.not_a_tensor = why  # type: ignore[attr-defined]
+    return exc
+
+
 def _read_exactly(read: Callable[[int], bytes], n: int, what: str, file: object) -> bytes:
     chunks = []
     left = n
@@ -292,18 +300,24 @@ def _descr_dtype(
                 raise ValueError
             dt = np.dtype([descr[0]])
         except (TypeError, ValueError, KeyError, SyntaxError, IndexError) as exc:
-            raise UnsafeContentError(
-                f"descr {short_repr(descr)} is a structured dtype, which holds records, not a "
-                "tensor. " + fix,
-                file,
+            raise _not_a_tensor(
+                UnsafeContentError(
+                    f"descr {short_repr(descr)} is a structured dtype, which holds records, "
+                    "not a tensor. " + fix,
+                    file,
+                ),
+                "records (a structured dtype), not a tensor",
             ) from exc
         name = decode_dtype(dt)
         if name is None:
-            raise UnsafeContentError(
-                f"descr {short_repr(descr)} is a structured dtype, which holds records, not a tensor "
-                "(the only structured layout read is tensorbridge's bfloat16/float8 marker, "
-                "e.g. [('bfloat16', '<u2')]). " + fix,
-                file,
+            raise _not_a_tensor(
+                UnsafeContentError(
+                    f"descr {short_repr(descr)} is a structured dtype, which holds records, not "
+                    "a tensor (the only structured layout read is tensorbridge's bfloat16/float8 "
+                    "marker, e.g. [('bfloat16', '<u2')]). " + fix,
+                    file,
+                ),
+                "records (a structured dtype), not a tensor",
             )
         field = dt[name]
         return name, field.itemsize > 1 and not field.isnative
@@ -317,7 +331,10 @@ def _descr_dtype(
         return _SAVED_ML_DTYPES[descr], False
     code = descr.lstrip("<>|=")[:1]
     if code == "a":  # NumPy's deprecated alias of 'S' (np.dtype would warn)
-        raise _fail(f"descr {descr!r} is a bytes string, not a numeric tensor dtype. " + fix, file)
+        raise _not_a_tensor(
+            _fail(f"descr {descr!r} is a bytes string, not a numeric tensor dtype. " + fix, file),
+            f"bytes strings ({descr}), not a tensor",
+        )
     digits = descr.lstrip("<>|=")[1:]
     if code == "V" and digits.isdigit() and len(digits) < 6:
         width = int(digits)
@@ -348,10 +365,13 @@ def _descr_dtype(
             file,
         ) from exc
     if dt.kind == "O" or dt.hasobject:
-        raise UnsafeContentError(
-            f"descr {descr!r} is an object array: it holds pickled Python objects, and "
-            "unpickling runs code. " + fix,
-            file,
+        raise _not_a_tensor(
+            UnsafeContentError(
+                f"descr {descr!r} is an object array: it holds pickled Python objects, and "
+                "unpickling runs code. " + fix,
+                file,
+            ),
+            "pickled Python objects (never unpickled: that runs code), not a tensor",
         )
     name = None
     if dt.names is None and dt.subdtype is None:
@@ -360,10 +380,13 @@ def _descr_dtype(
         except ConversionError:
             pass
     if name is None:
-        raise _fail(
-            f"descr {descr!r} ({dt}) is not a numeric tensor dtype (strings, bytes, "
-            "datetimes and records are not tensors). " + fix,
-            file,
+        raise _not_a_tensor(
+            _fail(
+                f"descr {descr!r} ({dt}) is not a numeric tensor dtype (strings, bytes, "
+                "datetimes and records are not tensors). " + fix,
+                file,
+            ),
+            f"{dt} values, not a tensor",
         )
     return name, dt.itemsize > 1 and not dt.isnative
 

@@ -196,8 +196,13 @@ def _header_end(prefix: bytes) -> int:
 
 
 def _in_member(exc: FileFormatError, member: str, path: str) -> FileFormatError:
-    """The same error type, prefixed with the member it is about."""
-    return type(exc)(f"member {member!r}: {exc}", path)
+    """The same error type, prefixed with the member it is about (and the same mark of an
+    array that is not a tensor, see :func:`.npy._not_a_tensor`)."""
+    new = type(exc)(f"member {member!r}: {exc}", path)
+    why = getattr(exc, "not_a_tensor", None)
+    if why is not None:
+        new.not_a_tensor = why  # type: ignore[attr-defined]
+    return new
 
 
 class NpzReader(Reader):
@@ -238,10 +243,29 @@ class NpzReader(Reader):
             with _zip_errors(path, "reading the member headers"):
                 firsts = {name: self._data_start(zi) for name, zi in self._members.items()}
             self._check_no_overlap({name: start for name, (start, *_) in firsts.items()})
-            self._headers: dict[str, NpyHeader] = {
-                name: self._read_header(zi, *firsts[name][:2], plain=firsts[name][3])
-                for name, zi in self._members.items()
-            }
+            # members that are not tensors (strings, records, objects) are skipped, never
+            # read, and listed in self.skipped; an archive of nothing else is refused
+            self.skipped: dict[str, str] = {}
+            self._headers: dict[str, NpyHeader] = {}
+            for name, zi in self._members.items():
+                try:
+                    self._headers[name] = self._read_header(
+                        zi, *firsts[name][:2], plain=firsts[name][3]
+                    )
+                except FileFormatError as exc:
+                    why = getattr(exc, "not_a_tensor", None)
+                    if why is None:
+                        raise
+                    self.skipped[name] = why
+                    last = exc
+            if self.skipped and not self._headers:
+                raise type(last)(
+                    "no member can be read as a tensor: "
+                    + "; ".join(f"{k!r}: {v}" for k, v in list(self.skipped.items())[:10])
+                    + (" ..." if len(self.skipped) > 10 else "")
+                    + ". Fix: save numeric arrays in it (e.g. a.astype(np.float32)).",
+                    path,
+                ) from last
             # where each stored member's data starts, if its local header agrees with the
             # central directory (what raw_span may hand out); see _local_agrees
             self._stored: dict[str, int] = {
