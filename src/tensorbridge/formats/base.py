@@ -20,7 +20,9 @@ them kernel-side instead of reading them into memory.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -86,6 +88,63 @@ def file_stamp(st: os.stat_result) -> tuple[int, ...]:
     """What identifies one version of a file: device, inode, size, modification time and
     inode change time (which every write sets and nobody can set back)."""
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class SharedDescriptor:
+    """A reader's open descriptor, shared by its reads in any number of threads:
+    :meth:`close` while a read is under way leaves the descriptor to the last read to
+    close, so its number is never reused by another file under a read (which would then
+    read that file's bytes)."""
+
+    def __init__(self, fd: int, path: str) -> None:
+        self._fd: int | None = fd
+        self._path = path
+        self._lock = threading.Lock()
+        self._users = 0  # reads under way
+        self._closing = False
+
+    @property
+    def fd(self) -> int | None:
+        """The descriptor (borrowed), or ``None`` once closed or closing."""
+        return None if self._closing else self._fd
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[int]:
+        """The descriptor, held open for the ``with`` block (else ``FileFormatError``:
+        the reader is closed)."""
+        with self._lock:
+            if self._fd is None or self._closing:
+                from ..errors import FileFormatError
+
+                raise FileFormatError("the file is closed. Fix: open it again.", self._path)
+            self._users += 1
+            fd = self._fd
+        try:
+            yield fd
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._closing and self._users == 0 and self._fd is not None:
+                    os.close(self._fd)
+                    self._fd = None
+
+    def detach(self) -> int | None:
+        """Close, handing the descriptor to the caller, who closes it; ``None`` when it is
+        closed or a read is under way (the last read then closes it)."""
+        with self._lock:
+            self._closing = True
+            fd = self._fd
+            if fd is None or self._users:
+                return None
+            self._fd = None
+            return fd
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            if self._fd is not None and self._users == 0:
+                os.close(self._fd)
+                self._fd = None
 
 
 def stamp_changed(st: os.stat_result, stamp: tuple[int, ...]) -> bool:

@@ -63,6 +63,7 @@ from .base import (
     Format,
     RawSpan,
     Reader,
+    SharedDescriptor,
     TensorInfo,
     file_stamp,
     first_axis_rows,
@@ -392,7 +393,7 @@ class GGUFReader(Reader):
         # (a file changed while it was opened is read again)
         with opening(fd, st, path, lambda: os.close(fd)):
             parsed = _parse(fd, size, path)
-        self._fd: int | None = fd
+        self._file = SharedDescriptor(fd, path)  # (closed by the last read under way)
         self._file_id = (st.st_dev, st.st_ino)
         self.stamp = file_stamp(st)
         self.version: int = parsed["version"]
@@ -424,11 +425,6 @@ class GGUFReader(Reader):
         """The stored ggml type's name (``"Q4_K"``)."""
         return self._entry(name).type.name
 
-    def _fd_open(self) -> int:
-        if self._fd is None:
-            raise FileFormatError("the file is closed. Fix: open it again.", self.path)
-        return self._fd
-
     def _alloc(self, e: _Entry, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         try:
             return np.empty(shape, dtype=dtype)
@@ -446,9 +442,8 @@ class GGUFReader(Reader):
         row = (shape[-1] // e.type.block_size * e.type.type_size) if shape else e.type.type_size
         out = self._alloc(e, (*shape[:-1], row), np.uint8)
         if out.nbytes:
-            read_exact_into(
-                self._fd_open(), out.reshape(-1).data, self._data_start + e.offset, self.path
-            )
+            with self._file.use() as fd:
+                read_exact_into(fd, out.reshape(-1).data, self._data_start + e.offset, self.path)
         return out
 
     def read(self, name: str) -> np.ndarray:
@@ -474,7 +469,10 @@ class GGUFReader(Reader):
     def _read_rows(self, e: _Entry, first: int, shape: tuple[int, ...]) -> np.ndarray:
         """``shape`` elements of ``e`` from element ``first`` on (a whole number of rows, so
         whole blocks: a quantised row is a multiple of the block size)."""
-        fd = self._fd_open()
+        with self._file.use() as fd:
+            return self._read_rows_from(fd, e, first, shape)
+
+    def _read_rows_from(self, fd: int, e: _Entry, first: int, shape: tuple[int, ...]) -> np.ndarray:
         t = e.type
         start = self._data_start + e.offset + first // t.block_size * t.type_size
         if not t.quantized:
@@ -521,21 +519,19 @@ class GGUFReader(Reader):
         if (
             e.type.quantized
             or not e.nbytes
-            or self._fd is None
+            or self._file.fd is None
             or (self.byteorder == "big" and e.info.dtype in _SWAPPED)
         ):
             return None
         return e.info.source
 
     def descriptor(self) -> int | None:
-        return self._fd
+        return self._file.fd
 
     def close(self) -> None:
         with self._lock:
             self._scratch = None
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+        self._file.close()
 
 
 # --- the writer ------------------------------------------------------------------------------

@@ -49,7 +49,6 @@ import os
 import stat
 import struct
 import sys
-import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -63,6 +62,7 @@ from .base import (
     Format,
     RawSpan,
     Reader,
+    SharedDescriptor,
     TensorInfo,
     _changed_while_opening,
     check_metadata,
@@ -780,10 +780,6 @@ class SafetensorsReader(Reader):
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._lock = threading.Lock()
-        self._fd: int | None = None
-        self._users = 0  # reads under way: close() leaves the descriptor to the last one
-        self._closing = False
         # one fstat: its times are taken before the header is read, so a change made
         # while it is read shows in any later comparison with self.stamp
         fd, st = open_regular_stat(path)
@@ -796,7 +792,7 @@ class SafetensorsReader(Reader):
             self._data_start, self.metadata, entries = _read_header(fd, first, size, path)
         #: the whole file, read at open (a small one), else None
         self._whole: np.ndarray | None = first if len(first) == size else None
-        self._fd = fd
+        self._file = SharedDescriptor(fd, path)
         self._file_id = (st.st_dev, st.st_ino)
         #: what identifies this version of the file (see the sharded reader)
         self.stamp = file_stamp(st)
@@ -813,28 +809,10 @@ class SafetensorsReader(Reader):
             raise self.missing(name) from None
 
     def descriptor(self) -> int | None:
-        return None if self._closing else self._fd
-
-    @contextlib.contextmanager
-    def _descriptor(self) -> Iterator[int]:
-        """The open descriptor, which ``close()`` in another thread cannot close (and so
-        let its number be reused by another file) while a read is using it."""
-        with self._lock:
-            if self._fd is None or self._closing:
-                raise FileFormatError("the file is closed. Fix: open it again.", self.path)
-            self._users += 1
-            fd = self._fd
-        try:
-            yield fd
-        finally:
-            with self._lock:
-                self._users -= 1
-                if self._closing and self._users == 0 and self._fd is not None:
-                    os.close(self._fd)
-                    self._fd = None
+        return self._file.fd
 
     def _read_rows(self, info: TensorInfo, shape: tuple[int, ...], byte_offset: int) -> np.ndarray:
-        with self._descriptor() as fd:
+        with self._file.use() as fd:
             return self._read_rows_from(fd, info, shape, byte_offset)
 
     def _read_rows_from(
@@ -871,7 +849,7 @@ class SafetensorsReader(Reader):
         """
         info = self.info(name)
         nbytes = info.nbytes
-        if nbytes == 0 or info.dtype == "bool" or self._fd is None:
+        if nbytes == 0 or info.dtype == "bool" or self._file.fd is None:
             return None
         return RawSpan(self.path, self._data_start + self._begin[name], nbytes, self._file_id)
 
@@ -887,20 +865,10 @@ class SafetensorsReader(Reader):
         """Close the reader, handing its open descriptor (of the file whose header was
         checked, :attr:`stamp`) to the caller, who closes it; ``None`` when it is closed
         or a read is under way (the descriptor is then closed as :meth:`close` does)."""
-        with self._lock:
-            self._closing = True
-            fd = self._fd
-            if fd is None or self._users:
-                return None
-            self._fd = None
-            return fd
+        return self._file.detach()
 
     def close(self) -> None:
-        with self._lock:
-            self._closing = True
-            if self._fd is not None and self._users == 0:
-                os.close(self._fd)
-                self._fd = None
+        self._file.close()
 
 
 # --- the format ------------------------------------------------------------------
