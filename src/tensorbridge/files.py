@@ -446,7 +446,10 @@ def load(
     A file (or a sharded checkpoint's shard) that another process rewrites in
     place while it is being loaded is read again (up to three times): the
     result is one version of each file, or
-    :class:`~tensorbridge.errors.CheckpointChangedError`.
+    :class:`~tensorbridge.errors.CheckpointChangedError`. (A version is told by the
+    file's size, inode and times: a writer that overwrites the same bytes in place,
+    without truncating, can go unseen; see docs/formats.md, "One version per load".)
+    A ``.safetensors`` file of at most 64 KiB is read whole, with one ``pread``.
 
     >>> import numpy as np, tempfile, os
     >>> p = os.path.join(tempfile.mkdtemp(), "m.npz")
@@ -457,9 +460,18 @@ def load(
     path = file_path(path)
     if names is not None:
         names = _check_names(names)  # before anything is opened
+    if mmap is not None and not isinstance(mmap, (bool, np.bool_)):
+        raise ConversionError(
+            message(
+                f"mmap={mmap!r:.80}",
+                "mmap is None (map where the file cannot change under the arrays), True "
+                "(map) or False (copy)",
+                "pass mmap=True, mmap=False, or leave it out",
+            )
+        )
     # a small file is read whole, at once, without a reader (Format.load_whole); until it
     # is found to be a directory (a sharded checkpoint), its suffix names its format
-    whole = names is None and mmap is not True and variant is None and void_as is None
+    whole = names is None and not mmap and variant is None and void_as is None
     fmt = format_for_path(path, format, look=not whole)
     plain = to in ("numpy", "np") and device is None
     if not plain:

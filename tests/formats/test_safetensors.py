@@ -18,6 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import tensorbridge as tb
 from tensorbridge.dtypes import DTYPES
 from tensorbridge.errors import (
     ConversionError,
@@ -453,18 +454,36 @@ def test_file_truncated_after_open_gives_a_clean_error(tmp_path):
             r.read("a")
 
 
-def test_a_small_file_is_read_whole_at_open_and_read_as_it_was(tmp_path):
-    p = tmp_path / "t.safetensors"
-    a = np.arange(1000, dtype=np.float32)
-    write(p, {"a": a, "b": a[:7].astype(np.float16)})
-    with FORMAT.open(str(p)) as r:
-        os.truncate(p, 100)  # after the open: the version opened is read
-        assert r.read("a").tobytes() == a.tobytes()
-        assert r.read("b").tobytes() == a[:7].astype(np.float16).tobytes()
-        assert r.read("a") is not r.read("a")  # (fresh arrays)
-        first = r.read("a")
-        first[0] = 5
-        assert r.read("a")[0] == 0
+def test_a_small_file_rewritten_after_open_is_converted_as_one_version(tmp_path, monkeypatch):
+    """Every tensor a reader hands on (read, or copied kernel-side from its span) comes
+    from the file as it is, so a convert never mixes the version at open with a later one."""
+    from tensorbridge.cli.convert_cmd import convert_file
+    from tensorbridge.formats import safetensors as st
+
+    src, dst = str(tmp_path / "src.safetensors"), str(tmp_path / "dst.safetensors")
+
+    def save(k: int) -> None:
+        tree = {"f": np.full(8, float(k), np.float32), "q": np.full(8, k == 1)}
+        tb.save(tree, src)
+
+    save(2)
+    with open(src, "rb") as f:
+        v2 = f.read()
+    save(1)
+    real = st.SafetensorsReader.__init__
+    done: list[bool] = []
+
+    def init(self, path):  # type: ignore[no-untyped-def]
+        real(self, path)
+        if path == src and not done:
+            done.append(True)
+            with open(src, "r+b") as f:  # rewritten in place, the same layout
+                f.write(v2)
+
+    monkeypatch.setattr(st.SafetensorsReader, "__init__", init)
+    convert_file(src, dst)
+    got = tb.load(dst)
+    assert done and got["f"].tolist() == [2.0] * 8 and got["q"].tolist() == [False] * 8
 
 
 def test_empty_file_with_only_metadata(tmp_path):

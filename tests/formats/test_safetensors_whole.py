@@ -243,3 +243,34 @@ def test_larger_files_go_through_the_reader(tmp_path, monkeypatch):
 
     monkeypatch.setattr(st.SafetensorsReader, "__init__", init)
     assert tb.load(p, mmap=False)["a"].sum() == WHOLE_FILE_BYTES // 4 and opened == [p]
+
+
+def raw_file(path: str, header: bytes, data: bytes = b"") -> None:
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header + data)
+
+
+def test_mmap_takes_true_false_or_none_only(tmp_path):
+    p = str(tmp_path / "s.safetensors")
+    small(p, 1.0)
+    with pytest.raises(tb.ConversionError, match="mmap='no'.*pass mmap=True, mmap=False"):
+        tb.load(p, mmap="no")
+    with pytest.raises(tb.ConversionError, match="mmap=1"):
+        tb.load(p, mmap=1)
+    mapped = tb.load(p, mmap=np.True_)["a"]  # NumPy's True maps, as True does
+    rewrite_in_place(p, data_of(p).replace(np.float32(1).tobytes(), np.float32(3).tobytes()))
+    assert mapped[0] == 3.0
+
+
+def test_a_header_starting_with_a_bom_is_named(tmp_path):
+    p = str(tmp_path / "bom.safetensors")
+    raw_file(p, "\ufeff{}".encode())
+    with pytest.raises(FileFormatError, match="Unexpected UTF-8 BOM"):
+        tb.load(p)
+
+
+def test_an_unsafe_name_is_refused_before_any_entry_is_checked(tmp_path):
+    p = str(tmp_path / "names.safetensors")
+    raw_file(p, b'{"a":{"dtype":"F32"},"../b":{"dtype":"F32","shape":[],"data_offsets":[0,4]}}')
+    with pytest.raises(tb.UnsafeContentError, match="'../b'"):
+        tb.load(p)

@@ -156,6 +156,8 @@ _JSON_SPACE = " \t\n\r"
 def _decode(decoder: json.JSONDecoder, text: str) -> Any:
     """``decoder.decode(text)``: one value between JSON whitespace, with the same errors,
     without its two regular-expression passes (a third of a small header's parse)."""
+    if text.startswith("\ufeff"):  # (as json.loads words it)
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
     start = len(text) - len(text.lstrip(_JSON_SPACE))
     try:
         value, end = decoder.scan_once(text, start)  # type: ignore[attr-defined]

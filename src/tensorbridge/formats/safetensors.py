@@ -18,9 +18,10 @@ package in both directions.
 
 Reading never memory-maps the file: a file truncated while mapped kills the
 process with SIGBUS. Tensors are read with ``pread`` into fresh arrays, after the
-header has been checked against the real file size; a file of at most
-:data:`WHOLE_FILE_BYTES` is read whole, in one ``pread``, when it is opened, and its
-tensors are copied from those bytes (``load`` keeps them as views of that one copy).
+header has been checked against the real file size (the header in the first
+:data:`WHOLE_FILE_BYTES`, with one ``pread``). ``load`` reads a file of at most that
+size whole, in one ``pread``, without a reader (:func:`load_whole`), and keeps its
+tensors as views of that one copy.
 
 Kernel-side copies: ``fetch(name)`` may return a :class:`~.base.RawSpan` instead
 of an array (the source file's byte range holding the tensor's exact
@@ -96,9 +97,9 @@ __all__ = [
 
 #: The Rust reference refuses longer headers; so do we (a header is parsed in memory).
 MAX_HEADER_SIZE = 100_000_000
-#: A file up to this size is read whole at open, with one read (so is the first part of
-#: a larger one, which holds its header unless that is long): reading a small file once
-#: costs less than reading its header and then each tensor.
+#: ``load`` reads a file up to this size whole, with one read (a reader reads this much
+#: at open, which holds the header unless that is long): reading a small file once costs
+#: less than reading its header and then each tensor.
 WHOLE_FILE_BYTES = 1 << 16
 #: NumPy cannot hold more dimensions than this.
 MAX_NDIM = 64
@@ -665,10 +666,11 @@ def _parse_header(
             "with string metadata values.",
             path,
         )
+    for name in header:  # (unique: safejson refuses repeated keys)
+        check_name(name, path)
     entries = []
     spans = []
-    for name, entry in header.items():  # (the names are unique: safejson refuses repeats)
-        check_name(name, path)
+    for name, entry in header.items():
         info, begin, end = _parse_entry(name, entry, path)
         entries.append((info, begin))
         spans.append((begin, end, name))
@@ -786,12 +788,10 @@ class SafetensorsReader(Reader):
         size = st.st_size
         # (a file changed while it was opened is read again)
         with opening(fd, st, path, lambda: os.close(fd)):
-            # one read takes the header of most files, and the whole of a small one
+            # one read takes the header of most files (tensors are read from the file)
             first = np.empty(min(size, WHOLE_FILE_BYTES), np.uint8)
             read_exact_into(fd, first.data, 0, path)
             self._data_start, self.metadata, entries = _read_header(fd, first, size, path)
-        #: the whole file, read at open (a small one), else None
-        self._whole: np.ndarray | None = first if len(first) == size else None
         self._file = SharedDescriptor(fd, path)
         self._file_id = (st.st_dev, st.st_ino)
         #: what identifies this version of the file (see the sharded reader)
@@ -828,10 +828,7 @@ class SafetensorsReader(Reader):
             ) from exc
         if out.nbytes:
             start = self._data_start + self._begin[info.name] + byte_offset
-            if self._whole is not None:  # (the version read at open)
-                _byte_view(out)[:] = self._whole.data[start : start + out.nbytes]
-            else:
-                read_exact_into(fd, _byte_view(out), start, self.path)
+            read_exact_into(fd, _byte_view(out), start, self.path)
         if sys.byteorder == "big" and out.dtype.itemsize > 1:  # pragma: no cover
             out.byteswap(inplace=True)
         if info.dtype == "bool":
