@@ -290,6 +290,12 @@ def _scalar_array(x: Any) -> np.ndarray:
     return a
 
 
+def _unflipped(strides: tuple[int, ...]) -> bool:
+    """No negative stride (a view NumPy did not lay out: torch.from_numpy refuses those)."""
+    s = strides
+    return not ((s[0] < 0 or s[1] < 0) if len(s) == 2 else (s and min(s) < 0))
+
+
 def _leaf_fn(
     target: str,
     device: str | None,
@@ -306,27 +312,24 @@ def _leaf_fn(
     express = _express_table(target, copy, dtype) if device is None and ragged == "error" else None
 
     memo: Any = None  # NumPy's dtype memo (frameworks/numpy.py, run.memo) once met
+    ndarray = np.ndarray
 
     def leaf(x: Any) -> Any:
         nonlocal memo
         tp = type(x)
+        if tp is ndarray and memo is not None and not done:  # (memo: express is set)
+            # NumPy's express route written out for its last dtype, as in convert()
+            seen = memo[0]
+            if x.dtype is seen[0]:
+                flags = x.flags
+                if flags.writeable and (flags.owndata or _unflipped(x.strides)):
+                    try:
+                        return seen[1](x)
+                    except TensorBridgeError:
+                        raise
+                    except Exception:
+                        pass  # the express function below declines it or words it
         if express is not None and not done:
-            if memo is not None and tp is np.ndarray:
-                # NumPy's express route written out for its last dtype, as in convert()
-                dt, fn = memo[0]
-                if x.dtype is dt:
-                    flags = x.flags
-                    if flags.writeable:
-                        s = None if flags.owndata else x.strides
-                        if s is None or not (
-                            (s[0] < 0 or s[1] < 0) if len(s) == 2 else (s and min(s) < 0)
-                        ):
-                            try:
-                                return fn(x)
-                            except TensorBridgeError:
-                                raise
-                            except Exception:
-                                pass  # the express function below declines it or words it
             e = express.get(tp, _UNSEEN)
             if e is _UNSEEN:
                 e = _learn_express(express, tp, target, copy, dtype)
