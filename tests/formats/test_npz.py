@@ -429,3 +429,45 @@ def test_convert_says_which_entries_it_left_out(tmp_path):
     assert tb.load(out)["w"].tolist() == [1, 1]
     run = subprocess.run([*cmd, "--json"], capture_output=True, text=True, check=True)
     assert json.loads(run.stdout)["not_tensors"] == {"labels": "<U1 values, not a tensor"}
+
+
+def _rewrite_member(src, dst, member: str, change) -> None:  # type: ignore[no-untyped-def]
+    with zipfile.ZipFile(src) as zi, zipfile.ZipFile(dst, "w") as zo:
+        for info in zi.infolist():
+            body = zi.read(info.filename)
+            zo.writestr(info.filename, change(body) if info.filename == member else body)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda b: b.replace(b"'descr': '<f4'", b"'descr': [1, 2]  "), "structured dtype"),
+        (lambda b: b.replace(b"'descr': '<f4'", b"'descr': [('a','<zz')]"), "structured dtype"),
+    ],
+)
+def test_a_corrupt_member_is_refused_not_skipped(tmp_path, change, message):
+    src, bad = tmp_path / "two.npz", tmp_path / "bad.npz"
+    np.savez(src, good=np.arange(4, dtype="f4"), other=np.arange(3, dtype="i4"))
+    _rewrite_member(src, bad, "good.npy", change)
+    with pytest.raises(FileFormatError, match=f"member 'good.npy'.*{message}"):
+        tb.load(bad)
+
+
+@pytest.mark.parametrize(
+    "change, what",
+    [(lambda b: b[:-3], "it is truncated"), (lambda b: b + b"junk", "it has trailing bytes")],
+)
+def test_a_skipped_member_must_still_hold_what_its_header_says(tmp_path, change, what):
+    src, bad = tmp_path / "two.npz", tmp_path / "bad.npz"
+    np.savez(src, w=np.arange(4, dtype="f4"), s=np.array(["abc", "de"]))
+    _rewrite_member(src, bad, "s.npy", change)
+    with pytest.raises(FileFormatError, match=f"member 's.npy': the header declares 24 .*{what}"):
+        tb.load(bad)
+
+
+def test_raw_void_records_are_skipped_like_other_records(tmp_path):
+    p = tmp_path / "v.npz"
+    np.savez(p, good=np.arange(3, dtype="f4"), v=np.zeros(3, dtype="V4"), v3=np.zeros(2, "V3"))
+    assert list(tb.load(p)) == ["good"]
+    with tb.open(p) as r:
+        assert "np.void" in r.skipped["v"] and "np.void" in r.skipped["v3"]

@@ -209,6 +209,33 @@ def _fail(text: str, file: object) -> FileFormatError:
     return FileFormatError(text, file)
 
 
+def _structured(descr: list) -> bool:
+    """Whether the list ``descr`` is a structured dtype NumPy can make (records, not a
+    corrupt header)."""
+    try:
+        np.dtype(descr)
+    except (TypeError, ValueError, KeyError, SyntaxError, IndexError, OverflowError, MemoryError):
+        return False
+    return True
+
+
+def _data_bytes(descr: Any, shape: tuple[int, ...]) -> int | None:
+    """The bytes of data an array of ``descr`` and ``shape`` holds, where that is known
+    (not for object arrays, whose data is a pickle)."""
+    if isinstance(descr, str) and descr.lstrip("<>|=")[:1] == "a":
+        descr = descr.replace("a", "S", 1)  # (NumPy warns of its deprecated alias)
+    try:
+        dt = np.dtype(descr)
+    except (TypeError, ValueError, KeyError, SyntaxError, IndexError, OverflowError, MemoryError):
+        return None
+    if dt.hasobject:
+        return None
+    n = dt.itemsize
+    for dim in shape:
+        n *= dim
+    return n
+
+
 def _not_a_tensor(exc: FileFormatError, why: str) -> FileFormatError:
     """``exc``, marked as the refusal of a well-formed array that is not a tensor
     (strings, records, objects): an ``.npz`` reader skips such members (``why``, in its
@@ -270,10 +297,13 @@ def _void_dtype(
             file,
         )
     if not known:
-        raise _fail(
-            f"descr {descr!r} is raw {width}-byte records (np.void), not a numeric tensor "
-            "dtype. Fix: convert the array to a numeric dtype before saving.",
-            file,
+        raise _not_a_tensor(
+            _fail(
+                f"descr {descr!r} is raw {width}-byte records (np.void), not a numeric tensor "
+                "dtype. Fix: convert the array to a numeric dtype before saving.",
+                file,
+            ),
+            f"raw {width}-byte records (np.void), not a tensor",
         )
     return "", swap  # refused by the caller, who words the fix
 
@@ -300,14 +330,14 @@ def _descr_dtype(
                 raise ValueError
             dt = np.dtype([descr[0]])
         except (TypeError, ValueError, KeyError, SyntaxError, IndexError) as exc:
-            raise _not_a_tensor(
-                UnsafeContentError(
-                    f"descr {short_repr(descr)} is a structured dtype, which holds records, "
-                    "not a tensor. " + fix,
-                    file,
-                ),
-                "records (a structured dtype), not a tensor",
-            ) from exc
+            refusal: FileFormatError = UnsafeContentError(
+                f"descr {short_repr(descr)} is a structured dtype, which holds records, "
+                "not a tensor. " + fix,
+                file,
+            )
+            if _structured(descr):  # records NumPy can hold (an .npz skips the member)
+                refusal = _not_a_tensor(refusal, "records (a structured dtype), not a tensor")
+            raise refusal from exc
         name = decode_dtype(dt)
         if name is None:
             raise _not_a_tensor(
@@ -578,7 +608,13 @@ def _header(
             file,
         )
     shape = _check_shape(d["shape"], file)
-    name, swap = _descr_dtype(d["descr"], file, void_as, mlx)
+    header_size = len(MAGIC) + 2 + struct.calcsize(code) + hlen
+    try:
+        name, swap = _descr_dtype(d["descr"], file, void_as, mlx)
+    except FileFormatError as exc:
+        if getattr(exc, "not_a_tensor", None) is not None:  # (what its member must hold)
+            exc.layout = (header_size, _data_bytes(d["descr"], shape))  # type: ignore[attr-defined]
+        raise
     size = 1
     for dim in shape:
         size *= dim
@@ -587,7 +623,7 @@ def _header(
         shape,
         d["fortran_order"],
         swap,
-        len(MAGIC) + 2 + struct.calcsize(code) + hlen,
+        header_size,
         size * lookup(name).itemsize,
     )
 

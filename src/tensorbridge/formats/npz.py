@@ -199,9 +199,9 @@ def _in_member(exc: FileFormatError, member: str, path: str) -> FileFormatError:
     """The same error type, prefixed with the member it is about (and the same mark of an
     array that is not a tensor, see :func:`.npy._not_a_tensor`)."""
     new = type(exc)(f"member {member!r}: {exc}", path)
-    why = getattr(exc, "not_a_tensor", None)
-    if why is not None:
-        new.not_a_tensor = why  # type: ignore[attr-defined]
+    for mark in ("not_a_tensor", "layout"):
+        if hasattr(exc, mark):
+            setattr(new, mark, getattr(exc, mark))
     return new
 
 
@@ -256,6 +256,7 @@ class NpzReader(Reader):
                     why = getattr(exc, "not_a_tensor", None)
                     if why is None:
                         raise
+                    self._check_skipped_size(zi, getattr(exc, "layout", None))
                     self.skipped[name] = why
                     last = exc
             if self.skipped and not self._headers:
@@ -477,6 +478,25 @@ class NpzReader(Reader):
                 self.path,
             )
         return header
+
+    def _check_skipped_size(
+        self, zi: zipfile.ZipInfo, layout: tuple[int, int | None] | None
+    ) -> None:
+        """A member skipped as not a tensor must still hold what its header declares (a
+        cut or padded member is a corrupt archive, as it is for a tensor)."""
+        nbytes = None if layout is None else layout[1]
+        if layout is None or nbytes is None:
+            return  # (an object array: its pickle is never read, so its length is unknown)
+        header_size = layout[0]
+        data_len = zi.file_size - header_size
+        if data_len != nbytes:
+            what = "it is truncated" if data_len < nbytes else "it has trailing bytes"
+            raise FileFormatError(
+                f"member {zi.filename!r}: the header declares {nbytes} bytes of data but the "
+                f"member holds {data_len} after the header ({what}). Fix: the archive is "
+                "corrupt; re-save it.",
+                self.path,
+            )
 
     def keys(self) -> list[str]:
         return list(self._headers)
