@@ -166,6 +166,16 @@ def test_a_variable_handle_is_refused_naming_the_variable_to_convert():
             tb.to_numpy(x)
 
 
+def test_a_variant_tensor_is_refused_naming_what_it_holds():
+    variant = tf.data.experimental.to_variant(tf.data.Dataset.range(3))
+    for x in (variant, {"d": variant}):
+        with pytest.raises(tb.ConversionError, match="variant.*opaque container.*Fix: convert"):
+            tb.to_numpy(x)
+        with pytest.raises(tb.ConversionError) as info:
+            tb.to_numpy(x)
+        assert "v.handle" not in str(info.value)
+
+
 def test_a_0d_string_tensor_becomes_a_0d_array_of_bytes():
     a = tb.to_numpy(tf.constant("hello"))
     assert isinstance(a, np.ndarray) and a.shape == () and a.dtype == object

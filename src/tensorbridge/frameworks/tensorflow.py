@@ -169,12 +169,22 @@ class TensorFlowBackend(Backend):
                 )
             )
         dtype = x.dtype
-        if dtype in (tf.resource, tf.variant):
+        if dtype == tf.resource:
             raise ConversionError(
                 message(
                     f"a TensorFlow tensor of dtype {dtype.name}",
                     "it is a handle to a variable or a container, not data",
                     "convert the variable itself (v, or v.read_value()) instead of v.handle",
+                )
+            )
+        if dtype == tf.variant:
+            raise ConversionError(
+                message(
+                    f"a TensorFlow tensor of dtype {dtype.name}",
+                    "it is an opaque container (a dataset, a tensor list, an optional), "
+                    "not an array",
+                    "convert the tensors it holds (iterate the dataset; tf.stack a "
+                    "TensorArray's values)",
                 )
             )
         name = "string" if dtype == tf.string else canonical_name(dtype.as_numpy_dtype)
