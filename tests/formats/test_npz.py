@@ -429,6 +429,9 @@ def test_convert_says_which_entries_it_left_out(tmp_path):
     assert tb.load(out)["w"].tolist() == [1, 1]
     run = subprocess.run([*cmd, "--json"], capture_output=True, text=True, check=True)
     assert json.loads(run.stdout)["not_tensors"] == {"labels": "<U1 values, not a tensor"}
+    run = subprocess.run([*cmd, "--include", "lab*"], capture_output=True, text=True)
+    assert run.returncode == 2
+    assert "matches 'labels', which is not a tensor: <U1 values" in run.stderr
 
 
 def _rewrite_member(src, dst, member: str, change) -> None:  # type: ignore[no-untyped-def]

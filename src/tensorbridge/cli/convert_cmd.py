@@ -608,10 +608,18 @@ def convert_file(
         if quant:
             planned = [out_format.quantized_info(i, quant) for i in planned]
         if not planned:
+            matched = select(list(not_tensors), include, exclude) if not_tensors else []
             raise ConversionError(
                 message(
                     f"{src!r} with the given --include/--exclude",
-                    "no tensor is left to write",
+                    "no tensor is left to write"
+                    + (
+                        f" (it matches {', '.join(map(repr, matched[:5]))}, which "
+                        f"{'is' if len(matched) == 1 else 'are'} not a tensor: "
+                        f"{not_tensors[matched[0]]})"
+                        if matched
+                        else ""
+                    ),
                     "check the patterns with `tensorbridge inspect --filter GLOB`",
                 )
             )
