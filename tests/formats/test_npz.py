@@ -474,3 +474,21 @@ def test_raw_void_records_are_skipped_like_other_records(tmp_path):
     assert list(tb.load(p)) == ["good"]
     with tb.open(p) as r:
         assert "np.void" in r.skipped["v"] and "np.void" in r.skipped["v3"]
+
+
+def test_diff_says_which_entries_it_did_not_compare(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    a = tmp_path / "a.npz"
+    np.savez(a, w=np.ones(2, np.float32), labels=np.array(["x"]))
+    b = tmp_path / "b.safetensors"
+    tb.save({"w": np.ones(2, np.float32)}, b)
+    cmd = [sys.executable, "-m", "tensorbridge", "diff", str(a), str(b)]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 0  # (not a difference: the tensors match)
+    assert "note: A holds 1 entry that is not a tensor, not compared: 'labels'" in run.stdout
+    doc = json.loads(subprocess.run([*cmd, "--json"], capture_output=True, text=True).stdout)
+    assert doc["not_tensors_a"] == {"labels": "<U1 values, not a tensor"}
+    assert doc["not_tensors_b"] == {} and doc["same"] is True

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..console import echo, format_number, natural_key, print_table
+from ..console import clip, echo, format_number, natural_key, print_table
 from ..dtypes import canonical_name, lookup
 from ..errors import ConversionError
 from ..formats import get_format
@@ -256,6 +256,8 @@ def diff_files(
                         entry["status"] = "different" if entry["mismatches"] else "same"
                 tensors.append(entry)
             meta_a, meta_b = dict(reader_a.metadata or {}), dict(reader_b.metadata or {})
+            # entries that are not tensors (strings, records, links...): never compared
+            skipped_a, skipped_b = dict(reader_a.skipped), dict(reader_b.skipped)
     changed = [t for t in tensors if t["status"] != "same"]
     return {
         "a": path_a,
@@ -271,6 +273,8 @@ def diff_files(
         "compared": len(tensors),
         "different": len(changed),
         "metadata_differs": meta_a != meta_b,
+        "not_tensors_a": skipped_a,
+        "not_tensors_b": skipped_b,
         "same": not (only_a or only_b or changed),
     }
 
@@ -311,6 +315,17 @@ def _render(doc: dict[str, Any]) -> None:
         )
     if doc["metadata_differs"]:
         echo("note: the files' metadata differ (not counted as a difference)", out)
+    for label, skipped in (("A", doc["not_tensors_a"]), ("B", doc["not_tensors_b"])):
+        if skipped:
+            names = list(skipped)
+            one = len(names) == 1
+            echo(
+                f"note: {label} holds {len(names)} entr{'y' if one else 'ies'} that "
+                f"{'is not a tensor' if one else 'are not tensors'}, not compared: "
+                + ", ".join(clip(repr(n), 60) for n in names[:10])
+                + (" ..." if len(names) > 10 else ""),
+                out,
+            )
     mode = "bit-exact" if doc["exact"] else f"rtol={doc['rtol']:g}, atol={doc['atol']:g}"
     if doc["same"]:
         word = "tensor matches" if doc["compared"] == 1 else "tensors match"
