@@ -519,10 +519,9 @@ def _load_by_reader(
     # One arena only where the arrays are kept as they are (numpy, or torch sharing them):
     # a target that copies would hold the whole arena until the last tensor is converted.
     keep = plain or (to == "torch" and device is None)
-    # (a sharded reader is told at open whether to keep its shards' descriptors for maps)
-    mode = should_map(path, mmap) if fmt.name == "sharded" else None
+    mode = should_map(path, mmap)
     for attempt in range(3):
-        reads = LoadReads(path, mmap, names, keep, mode)
+        reads = LoadReads(mode, names, keep)
         reader: Reader | None = None
         try:
             # a sharded reader keeps the descriptors its shards were checked through,
@@ -532,7 +531,7 @@ def _load_by_reader(
                 path,
                 variant,
                 void_as,
-                hold=mode is not None and reads.maps,
+                hold=reads.maps,
                 keep=names is None,
             ) as reader:
                 if fmt.name == "npy" and names is None:
@@ -569,5 +568,4 @@ def _load_by_reader(
                 ) from exc
         finally:
             reads.close()
-            mode = reads.mode
     raise AssertionError("unreachable")  # pragma: no cover

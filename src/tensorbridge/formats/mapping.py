@@ -219,40 +219,22 @@ class Arena:
 
 
 class LoadReads:
-    """How one attempt of ``load(path, mmap=mmap)`` gets each tensor of a reader: a
-    mapping (:class:`FileMaps`), else a copy in an :class:`Arena`, else the reader's own
-    :meth:`~.base.Reader.read`. ``keep``: the arrays are kept as
-    they are (NumPy, or torch on the CPU sharing them); a target that copies anyway is
-    given copies, not mappings. ``mode``: :func:`should_map`'s answer where known; else
-    it is asked (a ``statvfs``) when a tensor first needs it."""
+    """How one attempt of ``load`` gets each tensor of a reader: a mapping
+    (:class:`FileMaps`), else a copy in an :class:`Arena`, else the reader's own
+    :meth:`~.base.Reader.read`. ``mode`` is :func:`should_map`'s answer; ``keep``: the
+    arrays are kept as they are (NumPy, or torch on the CPU sharing them), so a target
+    that copies anyway is given copies, not mappings."""
 
-    def __init__(
-        self, path: str, mmap: bool | None, names: list[str] | None, keep: bool, mode: str | None
-    ) -> None:
-        self._path = path
-        self._mmap = mmap
-        self._names = names
-        self._keep = keep
-        self.mode = mode
-        self._maps: FileMaps | None = None
-        self._copies: Arena | None = None
-        self._ready = False
+    def __init__(self, mode: str, names: list[str] | None, keep: bool) -> None:
+        #: whether files are mapped
+        self.maps = mode == "map" or (mode == "lease" and keep)
+        self._maps = FileMaps(leased=mode == "lease") if self.maps else None
+        self._copies = Arena(names) if keep and mode != "map" else None
         #: how the first tensor that was not mapped was had: True, copied into the arena;
         #: False, read by the reader's read; None: none was
         self.copied: bool | None = None
 
-    @property
-    def maps(self) -> bool:
-        """Whether files are mapped (``mode`` must be known)."""
-        return self.mode == "map" or (self.mode == "lease" and self._keep)
-
     def __call__(self, reader: Reader, name: str) -> np.ndarray:
-        if not self._ready:
-            if self.mode is None:
-                self.mode = should_map(self._path, self._mmap)
-            self._maps = FileMaps(leased=self.mode == "lease") if self.maps else None
-            self._copies = Arena(self._names) if self._keep and self.mode != "map" else None
-            self._ready = True
         arr = None if self._maps is None else self._maps.array(reader, name)
         if arr is not None:  # (mapped: Reader.mapped compared the file with its check)
             return arr
