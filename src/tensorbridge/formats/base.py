@@ -156,6 +156,19 @@ def stamp_changed(st: os.stat_result, stamp: tuple[int, ...]) -> bool:
     return file_stamp(st) != stamp
 
 
+def modified_while_read(path: str) -> Exception:
+    """The :class:`~tensorbridge.errors.CheckpointChangedError` of a file whose version
+    changed while it was read (``load`` reads it again)."""
+    from ..errors import CheckpointChangedError
+
+    return CheckpointChangedError(
+        "the file was modified in place while it was read (a save was under way, "
+        "or its permissions or links changed); what was read may mix two versions. "
+        "Fix: load it again.",
+        path,
+    )
+
+
 class Reader:
     """An open tensor file. Use as a context manager; ``close()`` is idempotent."""
 
@@ -259,14 +272,7 @@ class Reader:
         modified in place since it was opened: what was read from it may mix two versions
         (``load`` calls it after its reads, and reads again)."""
         if self.changed():
-            from ..errors import CheckpointChangedError
-
-            raise CheckpointChangedError(
-                "the file was modified in place while it was read (a save was under way, "
-                "or its permissions or links changed); what was read may mix two versions. "
-                "Fix: load it again.",
-                self.path,
-            )
+            raise modified_while_read(self.path)
 
     # --- shared conveniences -------------------------------------------------
     def missing(self, name: object) -> Exception:

@@ -69,6 +69,7 @@ from .base import (
     check_metadata,
     file_stamp,
     first_axis_rows,
+    modified_while_read,
     opening,
     stamp_changed,
 )
@@ -179,7 +180,7 @@ def read_exact_into(fd: int, buffer: memoryview, offset: int, path: str) -> None
         done = 0
     while done < total:
         try:
-            if hasattr(os, "preadv"):
+            if _PREADV:
                 n = os.preadv(fd, [buffer[done:]], offset + done)
             else:  # pragma: no cover - Windows
                 data = os.pread(fd, min(total - done, 1 << 30), offset + done)
@@ -764,11 +765,7 @@ def load_whole(path: str) -> dict[str, np.ndarray] | None:
                 raise
             raise err from exc
         if stamp_changed(os.fstat(fd), file_stamp(st)):
-            raise CheckpointChangedError(
-                "the file was modified in place while it was read (a save was under "
-                "way, or its permissions or links changed). Fix: load it again.",
-                path,
-            )
+            raise modified_while_read(path)
         return out
     finally:
         os.close(fd)
