@@ -468,16 +468,22 @@ class NpzReader(Reader):
                         header = parse_header(stream.read, void_as=self._void_as)
             except FileFormatError as exc:
                 raise _in_member(exc, zi.filename, self.path) from exc
-        data_len = zi.file_size - header.header_size
-        if data_len != header.nbytes:
-            what = "it is truncated" if data_len < header.nbytes else "it has trailing bytes"
+        self._check_data_len(
+            zi, header.header_size, header.nbytes, f" ({header.dtype}{list(header.shape)})"
+        )
+        return header
+
+    def _check_data_len(self, zi: zipfile.ZipInfo, header_size: int, nbytes: int, of: str) -> None:
+        """The member must hold the ``nbytes`` of data its header declares (``of``: what)."""
+        data_len = zi.file_size - header_size
+        if data_len != nbytes:
+            what = "it is truncated" if data_len < nbytes else "it has trailing bytes"
             raise FileFormatError(
-                f"member {zi.filename!r}: the header declares {header.nbytes} bytes of data "
-                f"({header.dtype}{list(header.shape)}) but the member holds {data_len} after "
-                f"the header ({what}). Fix: the archive is corrupt; re-save it.",
+                f"member {zi.filename!r}: the header declares {nbytes} bytes of data{of} but "
+                f"the member holds {data_len} after the header ({what}). Fix: the archive "
+                "is corrupt; re-save it.",
                 self.path,
             )
-        return header
 
     def _check_skipped_size(
         self, zi: zipfile.ZipInfo, layout: tuple[int, int | None] | None
@@ -485,18 +491,8 @@ class NpzReader(Reader):
         """A member skipped as not a tensor must still hold what its header declares (a
         cut or padded member is a corrupt archive, as it is for a tensor)."""
         nbytes = None if layout is None else layout[1]
-        if layout is None or nbytes is None:
-            return  # (an object array: its pickle is never read, so its length is unknown)
-        header_size = layout[0]
-        data_len = zi.file_size - header_size
-        if data_len != nbytes:
-            what = "it is truncated" if data_len < nbytes else "it has trailing bytes"
-            raise FileFormatError(
-                f"member {zi.filename!r}: the header declares {nbytes} bytes of data but the "
-                f"member holds {data_len} after the header ({what}). Fix: the archive is "
-                "corrupt; re-save it.",
-                self.path,
-            )
+        if layout is not None and nbytes is not None:  # (an object array's pickle: unread)
+            self._check_data_len(zi, layout[0], nbytes, "")
 
     def keys(self) -> list[str]:
         return list(self._headers)
