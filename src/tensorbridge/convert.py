@@ -18,6 +18,7 @@ import numpy as np
 from .errors import ConversionError, TensorBridgeError, message
 from .frameworks import _BY_TYPE, ALIASES, TARGETS, backend_of, foreign_cuda, get_backend
 from .frameworks.base import Backend, Step, normalize_device, parse_device
+from .frameworks.numpy import flipped
 from .frameworks.protocol import stand_in
 from .plan import _PLANS, Plan, cached_plan, plan_key_x64, plan_leaf
 from .tree import format_path, tree_leaves_with_path, tree_map
@@ -290,12 +291,6 @@ def _scalar_array(x: Any) -> np.ndarray:
     return a
 
 
-def _unflipped(strides: tuple[int, ...]) -> bool:
-    """No negative stride (a view NumPy did not lay out: torch.from_numpy refuses those)."""
-    s = strides
-    return not ((s[0] < 0 or s[1] < 0) if len(s) == 2 else (s and min(s) < 0))
-
-
 def _leaf_fn(
     target: str,
     device: str | None,
@@ -322,7 +317,7 @@ def _leaf_fn(
             seen = memo[0]
             if x.dtype is seen[0]:
                 flags = x.flags
-                if flags.writeable and (flags.owndata or _unflipped(x.strides)):
+                if flags.writeable and (flags.owndata or not flipped(x.strides)):
                     try:
                         return seen[1](x)
                     except TensorBridgeError:
@@ -450,10 +445,8 @@ def convert(x: Any, /, to: str, **options: Any) -> Any:
                 if x.dtype is dt:
                     flags = x.flags
                     if flags.writeable:
-                        if not flags.owndata:
-                            s = x.strides
-                            if (s[0] < 0 or s[1] < 0) if len(s) == 2 else (s and min(s) < 0):
-                                return _planned(x, to, None, None, None, "error", False)
+                        if not flags.owndata and flipped(x.strides):
+                            return _planned(x, to, None, None, None, "error", False)
                         try:
                             return fn(x)
                         except TensorBridgeError:
@@ -687,10 +680,8 @@ def to_torch(x: Any, /, *, device: Any = None, dtype: Any = None, copy: bool | N
                 if x.dtype is dt:
                     flags = x.flags
                     if flags.writeable:
-                        if not flags.owndata:
-                            s = x.strides
-                            if (s[0] < 0 or s[1] < 0) if len(s) == 2 else (s and min(s) < 0):
-                                return _planned(x, "torch", None, None, None, "error", False)
+                        if not flags.owndata and flipped(x.strides):
+                            return _planned(x, "torch", None, None, None, "error", False)
                         try:
                             return fn(x)
                         except TensorBridgeError:

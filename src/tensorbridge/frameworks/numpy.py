@@ -80,6 +80,13 @@ def _copy(a: Any) -> np.ndarray:
     return np.array(a, copy=True, order="K")
 
 
+def flipped(strides: tuple[int, ...]) -> bool:
+    """Whether an array of ``strides`` has a negative one (``torch.from_numpy`` refuses it;
+    an array that owns its memory never has one). Two dims are tested without ``min``."""
+    s = strides
+    return bool((s[0] < 0 or s[1] < 0) if len(s) == 2 else (s and min(s) < 0))
+
+
 class NumpyBackend(Backend):
     name = "numpy"
     module = "numpy"
@@ -129,10 +136,8 @@ class NumpyBackend(Backend):
 
         def run(a: np.ndarray) -> Any:
             flags = a.flags
-            if not flags.owndata:
-                s = a.strides
-                if (s[0] < 0 or s[1] < 0) if len(s) == 2 else (s and min(s) < 0):
-                    return None  # flipped: the kind says which dims, leave it to the planner
+            if not flags.owndata and flipped(a.strides):
+                return None  # flipped: the kind says which dims, leave it to the planner
             if flags.writeable:
                 dt = a.dtype
                 seen = memo[0]
