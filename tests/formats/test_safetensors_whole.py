@@ -17,17 +17,9 @@ from tensorbridge.errors import CheckpointChangedError, FileFormatError
 from tensorbridge.formats import safetensors as st
 from tensorbridge.formats.safetensors import WHOLE_FILE_BYTES
 
-from .test_single_file_versions import rewrite_in_place, values
+from .test_single_file_versions import rewrite_in_place, save_version, values, versions
 
 N = 256  # floats per tensor: a file of about 2 KiB
-
-
-def small(path: str, fill: float, metadata: dict[str, str] | None = None) -> None:
-    tb.save(
-        {"a": np.full(N, fill, np.float32), "b": np.full(N, fill, np.float32)},
-        path,
-        metadata=metadata,
-    )
 
 
 def data_of(path: str) -> bytes:
@@ -50,7 +42,7 @@ def whole_reads(monkeypatch) -> list[int]:
 
 def test_a_small_file_is_read_with_one_read_and_no_reader(tmp_path, monkeypatch):
     p = str(tmp_path / "s.safetensors")
-    small(p, 1.0)
+    save_version(p, "safetensors", 1.0, N)
     seen = whole_reads(monkeypatch)
     opened: list[str] = []
     monkeypatch.setattr(st.SafetensorsReader, "__init__", lambda *a: opened.append("reader"))
@@ -117,11 +109,7 @@ def test_a_bool_byte_other_than_0_or_1_is_refused(tmp_path):
 
 @pytest.mark.parametrize("cut", ["half", "same size"])
 def test_a_file_rewritten_while_read_whole_is_read_again(tmp_path, monkeypatch, cut):
-    p = str(tmp_path / "v.safetensors")
-    small(p, 1.0)
-    other = str(tmp_path / "other.safetensors")
-    small(other, 2.0)
-    data = data_of(other)
+    p, data = versions(tmp_path, "safetensors", N)
     real = os.preadv
     fired: list[int] = []
 
@@ -145,7 +133,7 @@ def test_a_file_rewritten_while_read_whole_is_read_again(tmp_path, monkeypatch, 
 
 def test_a_file_rewritten_at_every_read_gives_up_with_a_clear_error(tmp_path, monkeypatch):
     p = str(tmp_path / "v.safetensors")
-    small(p, 1.0)
+    save_version(p, "safetensors", 1.0, N)
     data = data_of(p)
     real = os.preadv
     reads: list[int] = []
@@ -163,10 +151,8 @@ def test_a_file_rewritten_at_every_read_gives_up_with_a_clear_error(tmp_path, mo
 
 
 def test_a_file_replaced_while_read_whole_is_not_a_change(tmp_path, monkeypatch):
-    p = str(tmp_path / "v.safetensors")
-    small(p, 1.0)
-    other = str(tmp_path / "other.safetensors")
-    small(other, 2.0)
+    p, _ = versions(tmp_path, "safetensors", N)
+    other = str(tmp_path / "other.safetensors")  # (version 2, which versions() wrote)
     real = os.preadv
     reads: list[int] = []
 
@@ -183,11 +169,7 @@ def test_a_file_replaced_while_read_whole_is_not_a_change(tmp_path, monkeypatch)
 
 
 def test_a_header_half_written_is_read_again_not_called_corrupt(tmp_path, monkeypatch):
-    p = str(tmp_path / "v.safetensors")
-    small(p, 1.0, {"pad": "x" * 300})
-    other = str(tmp_path / "other.safetensors")
-    small(other, 2.0)
-    data = data_of(other)
+    p, data = versions(tmp_path, "safetensors", N, shift=True)  # (another header length)
     real = os.preadv
     fired: list[int] = []
 
@@ -252,7 +234,7 @@ def raw_file(path: str, header: bytes, data: bytes = b"") -> None:
 
 def test_mmap_takes_true_false_or_none_only(tmp_path):
     p = str(tmp_path / "s.safetensors")
-    small(p, 1.0)
+    save_version(p, "safetensors", 1.0, N)
     with pytest.raises(tb.ConversionError, match="mmap='no'.*pass mmap=True, mmap=False"):
         tb.load(p, mmap="no")
     with pytest.raises(tb.ConversionError, match="mmap=1"):
