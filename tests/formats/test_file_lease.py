@@ -284,3 +284,98 @@ def test_a_file_the_reader_does_not_own_is_copied():
         shutil.rmtree(d)
     assert r.outcome == "ok", r.detail
     assert r.result == [0, True]
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("where", ["_install", "_lease"])
+def test_an_interrupt_inside_guarded_map_leaves_no_descriptor_or_lease(
+    tmp_path, monkeypatch, where
+):
+    """guarded_map owns the descriptor it is given: a KeyboardInterrupt raised inside it
+    (before the lease, or while taking it) closes the descriptor and leaves no guard."""
+    p = write("npy", tmp_path)
+    tb.load(p)  # (handler installed, imports done)
+    gc.collect()
+    guards, fds = file_lease.guards(), _open_fds()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(file_lease, where, interrupted)
+    fd = os.open(p, os.O_RDONLY)
+    with pytest.raises(KeyboardInterrupt):
+        file_lease.guarded_map(fd)
+    assert _open_fds() == fds and file_lease.guards() == guards
+    with pytest.raises(KeyboardInterrupt):
+        tb.load(p)  # the same through a load: every descriptor it opened is closed
+    gc.collect()
+    assert _open_fds() == fds and file_lease.guards() == guards
+
+
+def test_a_break_after_the_writer_went_on_does_not_copy_a_truncated_file(tmp_path):
+    """When the kernel stops waiting for a lease to be given up (``lease-break-time``: a
+    writer in this process's own main thread, holding the GIL in C, waits that long), the
+    writer truncates the file before the handler runs. The handler then leaves the mapping
+    as it is (as an ``mmap=True`` one) and gives the lease up; before, its copy read past
+    the file's new end and the process died of SIGBUS. Simulated: a truncation that does
+    not break the lease (``O_RDONLY | O_TRUNC``), then the handler's settle step."""
+    p = str(tmp_path / "a.npy")
+    np.save(p, A)
+    code = f"""
+        import os, numpy as np, tensorbridge as tb
+        from tensorbridge.formats import file_lease
+        a = tb.load({p!r})
+        assert file_lease.guards() == 1
+        (token, guard), = file_lease._GUARDS.items()
+        os.close(os.open({p!r}, os.O_RDONLY | os.O_TRUNC))  # (keeps the lease)
+        assert os.path.getsize({p!r}) == 0
+        file_lease._GUARDS.pop(token)
+        file_lease._settle([guard])
+        try:
+            os.fstat(guard.fd)
+        except OSError:
+            print("lease given up")
+        """
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "lease given up"
+
+
+def test_a_break_while_the_writer_waits_still_copies(tmp_path):
+    """The usual break: the writer is held back, the file is as it was mapped, and the
+    handler's settle step copies the mapping before giving the lease up."""
+    p = str(tmp_path / "a.npy")
+    np.save(p, A)
+    before = set(file_lease._GUARDS)
+    a = tb.load(p)
+    assert backing(a.ctypes.data) == p
+    (token,) = set(file_lease._GUARDS) - before
+    guard = file_lease._GUARDS.pop(token)
+    file_lease._settle([guard])
+    assert backing(a.ctypes.data) == ""  # copied into anonymous memory at the same address
+    assert a.tobytes() == A.tobytes()
+
+
+def test_torch_save_over_a_file_this_process_loaded(tmp_path):
+    """As docs/formats.md says: torch.save to the path of a loaded .pt is interrupted once
+    (its C++ open does not retry) and writes nothing; the next call writes; the loaded
+    tensors keep the old values throughout."""
+    p = str(tmp_path / "m.pt")
+    old = torch.from_numpy(A.copy())
+    torch.save({"a": old}, p)
+    got = tb.load(p, to="torch")
+    assert backing(got["a"].data_ptr()) == p  # mapped under a lease
+    new = {"a": old * 2}
+    try:
+        torch.save(new, p)
+    except RuntimeError as exc:
+        assert "Interrupted system call" in str(exc)
+        assert torch.equal(torch.load(p, weights_only=True)["a"], old)  # nothing written
+        torch.save(new, p)
+    assert torch.equal(torch.load(p, weights_only=True)["a"], new["a"])
+    assert torch.equal(got["a"], old) and backing(got["a"].data_ptr()) == ""

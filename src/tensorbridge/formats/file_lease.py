@@ -49,7 +49,11 @@ Also:
   dropped since the load);
 - a writer that opens the file with ``O_NONBLOCK`` (coreutils ``truncate``) gets
   ``EAGAIN`` instead of waiting; ``os.truncate(path)`` of a leased file from this very
-  process raises ``InterruptedError`` once (Python does not retry that call);
+  process raises ``InterruptedError`` once (Python does not retry that call), and so does
+  ``torch.save`` to it (its C++ ``open`` is interrupted; nothing is written, and a second
+  call works); a writer in this very process's main thread that retries the open in C
+  (HDF5) waits for the lease-break time; once the kernel stopped waiting, the handler finds
+  the file changed (size or modification time) and leaves the mapping as it is;
 - ``open(path, O_RDONLY | O_TRUNC)`` truncates without breaking a read lease (a kernel
   gap): arrays over a file truncated that way fault (SIGBUS) on lost pages.
 
@@ -94,6 +98,8 @@ class _Guard:
     fd: int  # the leased descriptor (its own open file description)
     #: the mapping (a weak reference whose callback gives the lease up); None until mapped
     mapping: weakref.ref[mmap.mmap] | None = None
+    #: the file's size and modification time while leased (what the mapping holds)
+    version: tuple[int, int] | None = None
 
 
 #: files smaller than this are copied: a copy of them costs less than a lease's syscalls
@@ -209,9 +215,14 @@ def guarded_map(fd: int, size: int | None = None) -> mmap.mmap | None:
     copies). ``fd`` must be open read-only in its own open file description, and belongs
     to this function: it is closed at once, or when the mapping dies or the lease breaks.
     ``size``: the file's size, where the caller has just read it from ``fd``'s ``fstat``."""
-    if size is None:
-        size = os.fstat(fd).st_size
-    if not _install() or size < MIN_BYTES or leases_left() <= 0:
+    try:
+        if size is None:
+            size = os.fstat(fd).st_size
+        usable = _install() and size >= MIN_BYTES and leases_left() > 0
+    except BaseException:  # (a KeyboardInterrupt too: the descriptor is ours to close)
+        os.close(fd)
+        raise
+    if not usable:
         os.close(fd)
         return None
     token = next(_TOKENS)
@@ -219,6 +230,7 @@ def guarded_map(fd: int, size: int | None = None) -> mmap.mmap | None:
     _GUARDS[token] = guard  # before the lease: a break that comes at once finds it
     try:
         _lease(fd)
+        guard.version = _version(fd)
         # mapped through an open file description of its own: closing ``fd`` then gives the
         # lease up even where F_UNLCK is refused (privileges dropped since: EACCES)
         own = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
@@ -229,6 +241,9 @@ def guarded_map(fd: int, size: int | None = None) -> mmap.mmap | None:
     except (OSError, ValueError):  # refused (EAGAIN, EACCES, EINVAL); ValueError: empty
         _release(token)  # (unless a break came first and did it)
         return None
+    except BaseException:  # interrupted (KeyboardInterrupt): no lease or descriptor is left
+        _release(token)
+        raise
     guard.mapping = weakref.ref(mapped, functools.partial(_released, token))
     if token not in _GUARDS:  # the lease broke before the mapping was there: a rewrite is
         mapped.close()  # under way, and what was mapped may be part old, part new
@@ -297,13 +312,30 @@ def _snapshot(mapped: mmap.mmap) -> bool:
     return True
 
 
+def _version(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_size, st.st_mtime_ns
+
+
+def _unchanged(guard: _Guard) -> bool:
+    """Whether the file still holds what was mapped: its writer is still held back. Not so
+    once the kernel gave up waiting (``lease-break-time``) and the writer went on: then a
+    copy would read the writer's bytes, or fault (SIGBUS) past a truncated end."""
+    try:
+        return guard.version is not None and _version(guard.fd) == guard.version
+    except OSError:
+        return False
+
+
 def _settle(guards: list[_Guard]) -> None:
-    """Leases of these files are breaking: copy their mappings, then let the writers on."""
+    """Leases of these files are breaking: copy their mappings, then let the writers on.
+    A mapping whose file has changed already is left as it is (it then behaves as an
+    ``mmap=True`` one does), never copied half old, half new."""
     for guard in guards:
         try:
             mapped = guard.mapping() if guard.mapping is not None else None
-            if mapped is not None and not mapped.closed:  # (held while copied: never unmapped)
-                _snapshot(mapped)
+            if mapped is not None and not mapped.closed and _unchanged(guard):
+                _snapshot(mapped)  # (held while copied: never unmapped)
             del mapped
         finally:
             _give_up(guard.fd)
@@ -355,15 +387,18 @@ def _after_fork() -> None:
             try:
                 fd = os.open(f"/proc/self/fd/{guard.fd}", os.O_RDONLY | os.O_CLOEXEC)
             except OSError:
-                _snapshot(mapped)
+                if _unchanged(guard):
+                    _snapshot(mapped)
                 continue
         finally:
             os.close(guard.fd)  # the parent's lease lives on in the parent's descriptor
         token = next(_TOKENS)
-        _GUARDS[token] = _Guard(fd, weakref.ref(mapped, functools.partial(_released, token)))
+        child = _Guard(fd, weakref.ref(mapped, functools.partial(_released, token)), guard.version)
+        _GUARDS[token] = child
         try:
             _lease(fd)
         except OSError:
             _GUARDS.pop(token, None)
-            _snapshot(mapped)
+            if _unchanged(child):
+                _snapshot(mapped)
             os.close(fd)
