@@ -805,3 +805,28 @@ def test_generation_is_deterministic_and_differs_from_the_save_it_replaces(tmp_p
     with FORMAT.open(str(tmp_path / "a")) as r:
         for name in r.keys():
             assert same(r.read(name), arrays[name])
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_failed_save_into_a_new_directory_leaves_no_directory(tmp_path, monkeypatch, existed):
+    """The directories a failed save created are removed with its shards; a directory that
+    was there before is kept (empty, as it was)."""
+    import tensorbridge.formats.sharded as sharded_mod
+
+    top = tmp_path / "runs"
+    out = top / "step-1" / "ck"
+    if existed:
+        out.mkdir(parents=True)
+
+    def full_disk(path, **kw):
+        raise FileFormatError("writing failed (the disk is full)", str(path))
+
+    monkeypatch.setattr(sharded_mod, "atomic_write", full_disk)
+    with pytest.raises(FileFormatError, match="disk is full"):
+        write(
+            out, {"x": np.ones(100, np.float32), "y": np.ones(100, np.float32)}, max_shard_size=400
+        )
+    if existed:
+        assert _files(out) == []
+    else:
+        assert not top.exists() and _files(tmp_path) == []

@@ -1121,13 +1121,43 @@ class ShardedFormat(Format):
         max_shard_size = parse_size(options.get("max_shard_size", DEFAULT_MAX_SHARD_SIZE))
         directory, index_name, prefix = destination(path)
         _refuse_file_named_directory(directory)
+        created = _new_directories(directory)
         try:
             os.makedirs(directory, exist_ok=True)
         except OSError as exc:
+            _remove_if_empty(created)
             raise FileFormatError(
                 f"cannot create the directory ({exc.strerror}). Fix: choose a writable place.",
                 directory,
             ) from exc
+        try:
+            self._write_locked(
+                directory,
+                index_name,
+                prefix,
+                infos,
+                fetch,
+                user_metadata,
+                max_shard_size,
+                landed,
+                write_shards,
+            )
+        except BaseException:
+            _remove_if_empty(created)  # a failed save into a new directory leaves none
+            raise
+
+    def _write_locked(
+        self,
+        directory: str,
+        index_name: str,
+        prefix: str,
+        infos: Sequence[TensorInfo],
+        fetch: Callable[[str], np.ndarray],
+        user_metadata: dict[str, str],
+        max_shard_size: int,
+        landed: Callable[[str, int, int, int], None] | None,
+        write_shards: Callable[[list[tuple[str, list[TensorInfo], dict[str, str]]]], None] | None,
+    ) -> None:
         groups = plan_shards(infos, max_shard_size)
         index_path = os.path.join(directory, index_name)
         # One sharded write per directory at a time: another's cleanup must not meet our
@@ -1202,6 +1232,29 @@ class ShardedFormat(Format):
                 raise
             _remove_old_shards(directory, prefix, set(names) | {index_name})
             atomic.fsync_dir(directory)
+
+
+def _new_directories(directory: str) -> list[str]:
+    """The directories ``os.makedirs(directory)`` is about to create, deepest first."""
+    created = []
+    path = os.path.abspath(directory)
+    while not os.path.lexists(path):
+        created.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return created
+
+
+def _remove_if_empty(directories: list[str]) -> None:
+    """Remove these directories (deepest first) where they are still empty: one that holds
+    anything (another save's files) is kept."""
+    for directory in directories:
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return
 
 
 FORMAT = ShardedFormat()
