@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import ml_dtypes
 import numpy as np
@@ -418,3 +419,32 @@ def test_fuzz_zarr_metadata_and_chunks(tmp_path, node, key, value, ops, structur
         target = chunks[len(ops) % len(chunks)]
         target.write_bytes(mutate(target.read_bytes(), ops))
     _read_all(p)  # only a TensorBridgeError may escape
+
+
+@pytest.mark.parametrize("used_before", [False, True])
+def test_zarr_at_interpreter_exit_is_refused_with_a_fix(tmp_path, used_before):
+    """zarr-python cannot start its threads once Python is shutting down (an atexit
+    handler): the save and the load raise FileFormatError saying so, not a bare
+    RuntimeError, and leave nothing behind."""
+    p = str(tmp_path / "x.zarr")
+    code = f"""
+        import atexit, os, numpy as np, tensorbridge as tb
+        from tensorbridge.errors import FileFormatError
+        if {used_before}:
+            tb.save({{"a": np.zeros(3, np.float32)}}, {p!r} + ".first.zarr")
+        def late():
+            for call in (lambda: tb.save({{"a": np.ones(3, np.float32)}}, {p!r}),
+                         lambda: tb.load({p!r} + ".first.zarr" if {used_before} else {p!r})):
+                try:
+                    call()
+                    print("done")
+                except FileFormatError as exc:
+                    print("refused:", "shutting down" in str(exc) and "Fix:" in str(exc))
+            print(sorted(n for n in os.listdir({str(tmp_path)!r}) if not n.endswith(".first.zarr")))
+        atexit.register(late)
+        """
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["refused: True", "refused: True", "[]"], done.stdout

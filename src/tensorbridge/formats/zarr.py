@@ -73,7 +73,7 @@ _CODECS = {"bytes", "transpose", "zstd", "gzip", "blosc", "crc32c", "sharding_in
 _RAW_BITS = {d.name: f"uint{8 * d.itemsize}" for d in DTYPES.values() if d.name not in NUMPY_NATIVE}
 
 
-def _zarr() -> Any:
+def _zarr(path: str = "") -> Any:
     try:
         import zarr
     except ImportError as exc:
@@ -82,6 +82,11 @@ def _zarr() -> Any:
                 ".zarr stores", "zarr-python is not installed", "pip install 'tensorbridge[zarr]'"
             )
         ) from exc
+    except RuntimeError as exc:  # its first import, at exit: it cannot register with atexit
+        late = _at_shutdown(exc, path, "importing zarr-python")
+        if late is None:
+            raise
+        raise late from exc
     return zarr
 
 
@@ -384,12 +389,36 @@ class ZarrReader(Reader):
         self._group = None
 
 
+def _at_shutdown(exc: BaseException, path: str, doing: str) -> FileFormatError | None:
+    """zarr-python runs its work on an event-loop thread that it starts (and registers
+    with ``atexit``) on first use: neither can be done once Python is shutting down."""
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or "shutdown" not in text:
+        return None
+    return FileFormatError(
+        f"{doing}: zarr-python works on threads that it cannot start while Python is "
+        f"shutting down ({text:.100}). Fix: save or load zarr stores before exit (not from "
+        "an atexit handler or a __del__ at exit), or use another format there "
+        "(.safetensors).",
+        path,
+    )
+
+
 @contextlib.contextmanager
 def _zarr_errors(path: str, doing: str) -> Iterator[None]:
     try:
         yield
     except FileFormatError:
         raise
+    except RuntimeError as exc:
+        late = _at_shutdown(exc, path, doing)
+        if late is not None:
+            raise late from exc
+        raise FileFormatError(
+            f"{doing} failed ({type(exc).__name__}: {str(exc):.200}). Fix: the "
+            "store is corrupt or incomplete; re-save it.",
+            path,
+        ) from exc
     except MemoryError as exc:
         raise FileFormatError(
             f"{doing} ran out of memory. Fix: read it in parts (open(p).array(name)[...]).", path
@@ -512,7 +541,7 @@ class ZarrFormat(Format):
         return meta
 
     def open(self, path: str) -> ZarrReader:
-        _zarr()
+        _zarr(os.fspath(path))
         return ZarrReader(os.fspath(path).rstrip("/") or "/")
 
     def write(
@@ -524,7 +553,7 @@ class ZarrFormat(Format):
         **options: Any,
     ) -> None:
         """Write a new store beside ``path``, then swap it in whole."""
-        zarr = _zarr()
+        zarr = _zarr(os.fspath(path))
         path = os.fspath(path).rstrip("/")
         infos = list(infos)
         meta = self.check_write(path, infos, metadata, options)
@@ -578,6 +607,11 @@ class ZarrFormat(Format):
                 "unchanged. Fix: check free space and permissions.",
                 path,
             ) from exc
+        except RuntimeError as exc:
+            late = _at_shutdown(exc, path, "writing the store")
+            if late is None:
+                raise
+            raise late from exc
         finally:
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
