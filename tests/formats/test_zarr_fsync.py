@@ -97,3 +97,40 @@ def test_a_store_of_two_files_is_flushed_without_threads(tmp_path, monkeypatch):
     assert {t for _, _, t in seen} == {me} and threading.active_count() == started
     assert sum(not d for _, d, _ in seen) == 2
     assert tb.load(tmp_path / "one.zarr")["a"].shape == (0, 3)
+
+
+def test_each_array_starts_its_writeback_before_the_next_is_encoded(tmp_path, monkeypatch):
+    """Every chunk file of an array is handed to the disk (sync_file_range) once the array
+    is written, before the next array is written, so the final flush waits only for the
+    rest; the flush still covers every file."""
+    import tensorbridge.formats.zarr as zmod
+
+    started: list[str] = []
+    arrays_then: list[set[str]] = []  # the arrays the store held at each request
+    real_start = zmod.start_writeback
+
+    def start(fd: int, end: int = 0) -> bool:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        started.append(path)
+        store = path.split(".zarr", 1)[0] + ".zarr" + path.split(".zarr", 1)[1].split("/")[0]
+        arrays_then.append({n for n in os.listdir(store) if n != "zarr.json"})
+        return real_start(fd, end)
+
+    monkeypatch.setattr(zmod, "start_writeback", start)
+    seen = record_fsyncs(monkeypatch)
+    p = tmp_path / "m.zarr"
+    tree = {f"w{i}": np.full((300, 2), i + 1, np.float32) for i in range(3)}
+    tb.save(tree, str(p))
+    for i, name in enumerate(tree):  # each array's chunk files and its zarr.json
+        mine = [k for k, s in enumerate(started) if f"/{name}/" in s]
+        assert any("/c/" in started[k] for k in mine)
+        assert any(started[k].endswith("/zarr.json") for k in mine)
+        # requested before the next array was created
+        assert all(arrays_then[k] == {f"w{j}" for j in range(i + 1)} for k in mine)
+    flushed = {os.path.relpath(path, str(p)) for path, is_dir, _ in seen if not is_dir}
+    for s in started:
+        rel = s.split(".zarr", 1)[1]  # (the temporary store's name differs from p's)
+        assert any(f.endswith(rel.split("/", 1)[1]) for f in flushed), s
+    assert {k: v.tobytes() for k, v in tb.load(str(p)).items()} == {
+        k: v.tobytes() for k, v in tree.items()
+    }

@@ -48,7 +48,7 @@ import numpy as np
 from ..dtypes import DTYPES, NUMPY_NATIVE, lookup
 from ..errors import ConversionError, FileFormatError, FrameworkNotInstalledError, message
 from . import safejson
-from .atomic import fsync_dir, fsync_together, temp_name
+from .atomic import fsync_dir, fsync_together, start_writeback, temp_name
 from .base import Format, Reader, TensorInfo
 from .names import check_unique
 
@@ -481,6 +481,23 @@ def _fsync_tree(root: str) -> None:
         fsync_dir(directory)
 
 
+def _start_writeback_tree(root: str) -> None:
+    """Start writing the files under ``root`` (an array just written) to disk, without
+    waiting: the next arrays are encoded meanwhile, and the final flush
+    (:func:`_fsync_tree`) waits only for what is left. Advisory: errors are the flush's."""
+    for directory, _dirs, names in os.walk(root):
+        for name in names:
+            try:
+                fd = os.open(os.path.join(directory, name), os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                if not start_writeback(fd):
+                    return  # (no sync_file_range here)
+            finally:
+                os.close(fd)
+
+
 def _is_zarr_store(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "zarr.json")) or not os.listdir(path)
 
@@ -590,6 +607,7 @@ class ZarrFormat(Format):
                 if data.size:
                     arr[...] = data.view(stored) if info.dtype in _RAW_BITS else data
                 del data
+                _start_writeback_tree(os.path.join(tmp, info.name))
             _fsync_tree(tmp)
             if os.path.exists(target):
                 if not _exchange(tmp, target):
