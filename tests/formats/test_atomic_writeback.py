@@ -386,3 +386,28 @@ def test_a_child_forked_before_the_release_does_not_keep_the_old_file(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["child", "0", "parent", "0"]
+
+
+@pytest.mark.skipif(not hasattr(os, "O_PATH"), reason="O_PATH is Linux's")
+def test_old_shards_lose_their_names_at_once_and_are_freed_after_the_save(tmp_path, gated_release):
+    """A sharded save that supersedes large shards removes their names before it returns
+    (nothing can load them any more) and frees them on the release thread, as a replaced
+    file is."""
+    import numpy as np
+
+    import tensorbridge as tb
+
+    gate, freed = gated_release
+    out = tmp_path / "ck"
+    big = np.zeros(atomic.RELEASE_LATER_BYTES // 4, np.float32)
+    tb.save({"a": big, "b": big + 1}, str(out) + "/", max_shard_size=big.nbytes + 4096)
+    old = {n: (out / n).stat().st_ino for n in os.listdir(out) if n.endswith(".safetensors")}
+    assert len(old) == 2
+    tb.save({"x": np.full(5, 2, np.float32)}, str(out) + "/")
+    assert not set(old) & set(os.listdir(out))  # no old shard is reachable by name
+    assert freed == []  # both still held, to be freed later
+    gate.set()
+    atomic.wait_released(30)
+    assert sorted(freed) == sorted(old.values())
+    got = tb.load(str(out) + "/")
+    assert got["x"].tolist() == [2.0] * 5

@@ -23,7 +23,8 @@ data durable either way (it also reports any write-back error, which starting
 writeback does not consume).
 
 Replacing a large file frees it, which costs (its cached pages and blocks: ~15 ms for
-64 MiB); that freeing happens on a daemon thread after the write has returned, the
+64 MiB); that freeing happens on a daemon thread after the write has returned (as it does
+for the old shards a sharded save removes: :func:`unlink_later`), the
 replaced file held open until then (``O_PATH``, Linux; :func:`wait_released` waits
 for it; a process forked meanwhile closes its inherited copy at once, so a long-lived
 child does not keep the old file alive). Nothing about durability changes: the new
@@ -399,6 +400,19 @@ def _release_later(fd: int | None) -> None:
         _release(fd)
         return
     _releasing.append(thread)
+
+
+def unlink_later(path: str) -> None:
+    """Remove ``path``'s name now; a large regular file behind it is freed (its cached
+    pages and blocks: ~7 ms for 16 MiB here) on a daemon thread, as a replaced file is.
+    ``OSError`` of the unlink propagates."""
+    held = _hold_replaced(path)
+    try:
+        os.unlink(path)
+    except BaseException:
+        _close_quietly(held)
+        raise
+    _release_later(held)
 
 
 def wait_released(timeout: float | None = None) -> None:

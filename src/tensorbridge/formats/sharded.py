@@ -1007,7 +1007,7 @@ def _remove_old_shards(directory: str, prefix: str, keep: set[str]) -> None:
     for name in names:
         if name not in keep and (pattern.fullmatch(name) or name == single):
             with contextlib.suppress(OSError):
-                os.unlink(os.path.join(directory, name))
+                atomic.unlink_later(os.path.join(directory, name))  # (freed after return)
 
 
 def new_generation(previous: str | None, infos: Sequence[TensorInfo], prefix: str) -> str:
