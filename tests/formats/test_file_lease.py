@@ -109,6 +109,22 @@ def test_a_rewrite_in_this_process_does_not_show(tmp_path, kind):
     assert os.path.getsize(p) == 100  # the writer went on
 
 
+@pytest.mark.parametrize("how", ["utime", "touch -d"])
+def test_new_times_before_a_rewrite_keep_the_arrays(tmp_path, how):
+    """``os.utime`` and ``touch`` change a file's times without a lease break holding them
+    back; a rewrite after them must still find the arrays copied, not showing through."""
+    p = write("npy", tmp_path)
+    a = tb.load(p)
+    assert backing(a.ctypes.data)
+    if how == "utime":
+        os.utime(p, ns=(10**9, 10**9))
+    else:
+        subprocess.run(["touch", "-d", "2001-01-01", p], check=False, timeout=60)
+    other_process("import numpy as np, sys; np.save(sys.argv[1], np.full(8, 7.0))", p)
+    assert a.tobytes() == A.tobytes()
+    assert os.path.getsize(p) < A.nbytes  # the writer went on
+
+
 def test_torch_tensors_share_the_leased_mapping(tmp_path):
     p = write("safetensors", tmp_path)
     t = tb.load(p, to="torch")["a"]

@@ -51,9 +51,14 @@ Also:
   ``EAGAIN`` instead of waiting; ``os.truncate(path)`` of a leased file from this very
   process raises ``InterruptedError`` once (Python does not retry that call), and so does
   ``torch.save`` to it (its C++ ``open`` is interrupted; nothing is written, and a second
-  call works); a writer in this very process's main thread that retries the open in C
-  (HDF5) waits for the lease-break time; once the kernel stopped waiting, the handler finds
-  the file changed (size or modification time) and leaves the mapping as it is;
+  call works); a writer in this very process that holds the GIL while its open waits
+  (HDF5 in the main thread, which retries the interrupted open; ``torch.save`` or HDF5 in
+  any other thread) waits for the lease-break time, since the handler cannot run; after
+  it the arrays behave as ``mmap=True`` ones (a handler that then finds the file shorter
+  than its mapping leaves the mapping as it is rather than fault copying it);
+- a KeyboardInterrupt raised just after a system call of this module returns, before
+  its result is stored, can leave one descriptor (and its lease) open: Python runs the
+  handler there, and offers no way to defer it;
 - ``open(path, O_RDONLY | O_TRUNC)`` truncates without breaking a read lease (a kernel
   gap): arrays over a file truncated that way fault (SIGBUS) on lost pages.
 
@@ -98,8 +103,6 @@ class _Guard:
     fd: int  # the leased descriptor (its own open file description)
     #: the mapping (a weak reference whose callback gives the lease up); None until mapped
     mapping: weakref.ref[mmap.mmap] | None = None
-    #: the file's size and modification time while leased (what the mapping holds)
-    version: tuple[int, int] | None = None
 
 
 #: files smaller than this are copied: a copy of them costs less than a lease's syscalls
@@ -230,7 +233,6 @@ def guarded_map(fd: int, size: int | None = None) -> mmap.mmap | None:
     _GUARDS[token] = guard  # before the lease: a break that comes at once finds it
     try:
         _lease(fd)
-        guard.version = _version(fd)
         # mapped through an open file description of its own: closing ``fd`` then gives the
         # lease up even where F_UNLCK is refused (privileges dropped since: EACCES)
         own = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
@@ -312,29 +314,26 @@ def _snapshot(mapped: mmap.mmap) -> bool:
     return True
 
 
-def _version(fd: int) -> tuple[int, int]:
-    st = os.fstat(fd)
-    return st.st_size, st.st_mtime_ns
-
-
-def _unchanged(guard: _Guard) -> bool:
-    """Whether the file still holds what was mapped: its writer is still held back. Not so
-    once the kernel gave up waiting (``lease-break-time``) and the writer went on: then a
-    copy would read the writer's bytes, or fault (SIGBUS) past a truncated end."""
+def _whole(fd: int, mapped: mmap.mmap) -> bool:
+    """Whether the file is still as long as its mapping: a copy of a file truncated since
+    would fault (SIGBUS) past its new end. A writer held back by the lease cannot have
+    truncated it; one the kernel stopped holding back (``lease-break-time``) may have.
+    (Only the size tells: ``touch`` and ``os.utime`` change the times without a lease
+    break holding them back, and the mapping is still the file's bytes then.)"""
     try:
-        return guard.version is not None and _version(guard.fd) == guard.version
+        return os.fstat(fd).st_size >= len(mapped)
     except OSError:
         return False
 
 
 def _settle(guards: list[_Guard]) -> None:
     """Leases of these files are breaking: copy their mappings, then let the writers on.
-    A mapping whose file has changed already is left as it is (it then behaves as an
-    ``mmap=True`` one does), never copied half old, half new."""
+    A mapping whose file is shorter already is left as it is (it then behaves as an
+    ``mmap=True`` one does): its copy would die of SIGBUS."""
     for guard in guards:
         try:
             mapped = guard.mapping() if guard.mapping is not None else None
-            if mapped is not None and not mapped.closed and _unchanged(guard):
+            if mapped is not None and not mapped.closed and _whole(guard.fd, mapped):
                 _snapshot(mapped)  # (held while copied: never unmapped)
             del mapped
         finally:
@@ -387,18 +386,17 @@ def _after_fork() -> None:
             try:
                 fd = os.open(f"/proc/self/fd/{guard.fd}", os.O_RDONLY | os.O_CLOEXEC)
             except OSError:
-                if _unchanged(guard):
+                if _whole(guard.fd, mapped):
                     _snapshot(mapped)
                 continue
         finally:
             os.close(guard.fd)  # the parent's lease lives on in the parent's descriptor
         token = next(_TOKENS)
-        child = _Guard(fd, weakref.ref(mapped, functools.partial(_released, token)), guard.version)
-        _GUARDS[token] = child
+        _GUARDS[token] = _Guard(fd, weakref.ref(mapped, functools.partial(_released, token)))
         try:
             _lease(fd)
         except OSError:
             _GUARDS.pop(token, None)
-            if _unchanged(child):
+            if _whole(fd, mapped):
                 _snapshot(mapped)
             os.close(fd)
