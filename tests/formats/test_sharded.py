@@ -830,3 +830,64 @@ def test_a_failed_save_into_a_new_directory_leaves_no_directory(tmp_path, monkey
         assert _files(out) == []
     else:
         assert not top.exists() and _files(tmp_path) == []
+
+
+@pytest.mark.parametrize("shape", ["dotdot", "link"])
+def test_a_failed_save_undoes_exactly_the_directories_it_made(tmp_path, monkeypatch, shape):
+    """Directories made through ``..`` or a linked parent are removed by the same paths
+    they were made through; nothing that was there before is touched."""
+    import tensorbridge.formats.sharded as sharded_mod
+
+    (tmp_path / "elsewhere" / "deep").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere" / "deep")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    target = tmp_path / ("newA/../ck2" if shape == "dotdot" else "link/../sib")
+
+    def full_disk(path, **kw):
+        raise FileFormatError("writing failed (the disk is full)", str(path))
+
+    monkeypatch.setattr(sharded_mod, "atomic_write", full_disk)
+    with pytest.raises(FileFormatError, match="disk is full"):
+        write(target, {"x": np.ones(4, np.float32)})
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_save_waiting_for_the_lock_of_a_directory_removed_meanwhile_makes_it_again(
+    tmp_path, monkeypatch
+):
+    """A failed save removes the directory it made while it still holds the directory's
+    lock; a save that was waiting for that lock (holding a descriptor of the removed
+    directory) makes the directory again and writes into it."""
+    import threading
+
+    from tensorbridge.formats import atomic
+
+    out = tmp_path / "run" / "ck"
+    out.mkdir(parents=True)
+    waiting = threading.Event()
+    real_flock = atomic._flock
+
+    def flock(fd, wait=True):
+        if threading.current_thread().name == "second-save":
+            waiting.set()  # its descriptor of the directory is open: it waits for the lock
+        return real_flock(fd, wait=wait)
+
+    monkeypatch.setattr(atomic, "_flock", flock)
+    errors: list[BaseException] = []
+
+    def second() -> None:
+        try:
+            write(out, {"b": np.full(3, 2, np.float32)})
+        except BaseException as exc:  # (reported below)
+            errors.append(exc)
+
+    with atomic.lock_directory(str(out)):  # the failing save holds the lock...
+        t = threading.Thread(target=second, name="second-save")
+        t.start()
+        assert waiting.wait(30)
+        os.rmdir(out)  # ...and removes the directory it made, under the lock
+        os.rmdir(out.parent)
+    t.join(60)
+    assert not t.is_alive() and errors == []
+    got, _ = read_all(out)
+    assert got["b"].tolist() == [2.0, 2.0, 2.0]

@@ -222,9 +222,10 @@ def remove_stale_in(directory: str) -> None:
 
 
 @contextlib.contextmanager
-def lock_directory(directory: str) -> Iterator[None]:
+def lock_directory(directory: str) -> Iterator[int]:
     """Hold an exclusive ``flock`` on ``directory`` (through a read-only descriptor of the
-    directory itself, so no lock file is left behind) for the block."""
+    directory itself, so no lock file is left behind) for the block; yields that
+    descriptor."""
     try:
         fd = os.open(
             directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -238,7 +239,7 @@ def lock_directory(directory: str) -> Iterator[None]:
     try:
         with contextlib.suppress(OSError):  # a file system without locks: go on unlocked
             _flock(fd, wait=True)
-        yield
+        yield fd
     finally:
         os.close(fd)
 

@@ -78,6 +78,7 @@ lands removes the new shards: the old checkpoint stays byte-identical.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -86,7 +87,7 @@ import re
 import secrets
 import stat
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -1121,30 +1122,27 @@ class ShardedFormat(Format):
         max_shard_size = parse_size(options.get("max_shard_size", DEFAULT_MAX_SHARD_SIZE))
         directory, index_name, prefix = destination(path)
         _refuse_file_named_directory(directory)
-        created = _new_directories(directory)
-        try:
-            os.makedirs(directory, exist_ok=True)
-        except OSError as exc:
-            _remove_if_empty(created)
-            raise FileFormatError(
-                f"cannot create the directory ({exc.strerror}). Fix: choose a writable place.",
-                directory,
-            ) from exc
-        try:
-            self._write_locked(
-                directory,
-                index_name,
-                prefix,
-                infos,
-                fetch,
-                user_metadata,
-                max_shard_size,
-                landed,
-                write_shards,
-            )
-        except BaseException:
-            _remove_if_empty(created)  # a failed save into a new directory leaves none
-            raise
+        created: list[str] = []  # the directories this save made, to remove if it fails
+        # One sharded write per directory at a time: another's cleanup must not meet our
+        # shards half-way (its old index is read and its old shards removed under the lock).
+        with _locked_directory(directory, created):
+            try:
+                self._write_locked(
+                    directory,
+                    index_name,
+                    prefix,
+                    infos,
+                    fetch,
+                    user_metadata,
+                    max_shard_size,
+                    landed,
+                    write_shards,
+                )
+            except BaseException:
+                # under the lock: a save waiting for it finds the directory gone, and makes
+                # it again (_locked_directory)
+                _remove_if_empty(created)
+                raise
 
     def _write_locked(
         self,
@@ -1160,97 +1158,133 @@ class ShardedFormat(Format):
     ) -> None:
         groups = plan_shards(infos, max_shard_size)
         index_path = os.path.join(directory, index_name)
-        # One sharded write per directory at a time: another's cleanup must not meet our
-        # shards half-way (its old index is read and its old shards removed under the lock).
-        with atomic.lock_directory(directory):
-            atomic.remove_stale_in(directory)  # leftovers of killed writers only (unlocked)
-            generation = new_generation(_previous_generation(index_path), infos, prefix)
-            names = _shard_names(prefix, len(groups))
-            # Never overwrite a file the current index may reference: if any standard name
-            # is taken, every new shard gets a fresh, unique name.
-            while any(os.path.lexists(os.path.join(directory, n)) for n in names):
-                names = _shard_names(prefix, len(groups), secrets.token_hex(4))
-            written: list[str] = []
-            shard_meta = {"format": "pt", GENERATION_KEY: generation}
-            try:
-                # Every file is written first and flushed together (one journal commit for
-                # all, not one each); then the shards' names land and are made durable, and
-                # only then the index's: a crash leaves the old index (whose shards were
-                # never touched) or the new one with every shard it names.
-                with atomic.Commit() as commit:
-                    pending = _pending_limit()
-                    if write_shards is not None:  # the names are new: removing them is safe
-                        jobs = [
-                            (os.path.join(directory, n), g, shard_meta)
-                            for n, g in zip(names, groups, strict=True)
-                        ]
-                        written.extend(job[0] for job in jobs)
-                        write_shards(jobs)  # each shard fsynced and renamed, its directory too
-                    else:
-                        for shard, group in zip(names, groups, strict=True):
-                            final = os.path.join(directory, shard)
-                            written.append(final)  # the commit removes its temporary file
-                            SAFETENSORS.write(
-                                final,
-                                group,
-                                fetch,
-                                shard_meta,
-                                landed=landed,
-                                checked=True,
-                                commit=commit,
-                            )
-                            if len(commit) >= pending:  # bounded open files
-                                commit.publish()  # new names: the old index never sees them
-                    shards = len(commit)
-                    index = {
-                        "metadata": {**user_metadata, "total_size": sum(i.nbytes for i in infos)},
-                        "weight_map": {
-                            i.name: shard
-                            for shard, group in zip(names, groups, strict=True)
-                            for i in group
-                        },
-                        GENERATION_KEY: generation,
-                    }
-                    # the link itself is replaced, as the shards are (a Hugging Face cache
-                    # snapshot links into content-addressed blobs that must not change)
-                    with atomic_write(index_path, follow_symlinks=False, commit=commit) as f:
-                        f.write(
-                            (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        atomic.remove_stale_in(directory)  # leftovers of killed writers only (unlocked)
+        generation = new_generation(_previous_generation(index_path), infos, prefix)
+        names = _shard_names(prefix, len(groups))
+        # Never overwrite a file the current index may reference: if any standard name
+        # is taken, every new shard gets a fresh, unique name.
+        while any(os.path.lexists(os.path.join(directory, n)) for n in names):
+            names = _shard_names(prefix, len(groups), secrets.token_hex(4))
+        written: list[str] = []
+        shard_meta = {"format": "pt", GENERATION_KEY: generation}
+        try:
+            # Every file is written first and flushed together (one journal commit for
+            # all, not one each); then the shards' names land and are made durable, and
+            # only then the index's: a crash leaves the old index (whose shards were
+            # never touched) or the new one with every shard it names.
+            with atomic.Commit() as commit:
+                pending = _pending_limit()
+                if write_shards is not None:  # the names are new: removing them is safe
+                    jobs = [
+                        (os.path.join(directory, n), g, shard_meta)
+                        for n, g in zip(names, groups, strict=True)
+                    ]
+                    written.extend(job[0] for job in jobs)
+                    write_shards(jobs)  # each shard fsynced and renamed, its directory too
+                else:
+                    for shard, group in zip(names, groups, strict=True):
+                        final = os.path.join(directory, shard)
+                        written.append(final)  # the commit removes its temporary file
+                        SAFETENSORS.write(
+                            final,
+                            group,
+                            fetch,
+                            shard_meta,
+                            landed=landed,
+                            checked=True,
+                            commit=commit,
                         )
-                    commit.flush()  # every shard's bytes and the index's, all at once
-                    commit.publish(shards)  # the shards' names, then the directory
-                    if write_shards is not None:
-                        atomic.fsync_dir(directory)
-                    commit.publish()  # the index, then the directory
-            except BaseException:
-                # Before the new index landed, the old index and its shards were never
-                # touched: remove what this save wrote. After (a signal during the last
-                # directory fsync), the new checkpoint is complete: keep it.
-                if _previous_generation(index_path) != generation:
-                    _unlink_all(written)
-                atomic.fsync_dir(directory)
-                raise
-            _remove_old_shards(directory, prefix, set(names) | {index_name})
+                        if len(commit) >= pending:  # bounded open files
+                            commit.publish()  # new names: the old index never sees them
+                shards = len(commit)
+                index = {
+                    "metadata": {**user_metadata, "total_size": sum(i.nbytes for i in infos)},
+                    "weight_map": {
+                        i.name: shard
+                        for shard, group in zip(names, groups, strict=True)
+                        for i in group
+                    },
+                    GENERATION_KEY: generation,
+                }
+                # the link itself is replaced, as the shards are (a Hugging Face cache
+                # snapshot links into content-addressed blobs that must not change)
+                with atomic_write(index_path, follow_symlinks=False, commit=commit) as f:
+                    f.write(
+                        (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+                    )
+                commit.flush()  # every shard's bytes and the index's, all at once
+                commit.publish(shards)  # the shards' names, then the directory
+                if write_shards is not None:
+                    atomic.fsync_dir(directory)
+                commit.publish()  # the index, then the directory
+        except BaseException:
+            # Before the new index landed, the old index and its shards were never
+            # touched: remove what this save wrote. After (a signal during the last
+            # directory fsync), the new checkpoint is complete: keep it.
+            if _previous_generation(index_path) != generation:
+                _unlink_all(written)
             atomic.fsync_dir(directory)
+            raise
+        _remove_old_shards(directory, prefix, set(names) | {index_name})
+        atomic.fsync_dir(directory)
 
 
-def _new_directories(directory: str) -> list[str]:
-    """The directories ``os.makedirs(directory)`` is about to create, deepest first."""
-    created = []
-    path = os.path.abspath(directory)
-    while not os.path.lexists(path):
-        created.append(path)
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    return created
+def _makedirs(name: str, created: list[str]) -> None:
+    """``os.makedirs(name, exist_ok=True)``, noting in ``created`` each directory it made
+    (by the path it made it through, so ``..`` and links are undone exactly)."""
+    head, tail = os.path.split(name)
+    if not tail:
+        head, tail = os.path.split(head)
+    if head and tail and not os.path.exists(head):
+        with contextlib.suppress(FileExistsError):
+            _makedirs(head, created)
+        if tail == os.curdir:
+            return
+    try:
+        os.mkdir(name)
+    except OSError:
+        if not os.path.isdir(name):
+            raise
+        return
+    created.append(name)
+
+
+@contextlib.contextmanager
+def _locked_directory(directory: str, created: list[str]) -> Iterator[None]:
+    """Make ``directory`` (noting what was made in ``created``) and hold its lock. A
+    directory removed while this waited for the lock (a failed save into it removes the
+    directory it made, under the lock) is made again and locked anew."""
+    for attempt in range(8):
+        try:
+            _makedirs(directory, created)
+        except OSError as exc:
+            if attempt < 7 and exc.errno == errno.ENOENT:  # a parent removed meanwhile
+                continue
+            _remove_if_empty(created)
+            raise FileFormatError(
+                f"cannot create the directory ({exc.strerror}). Fix: choose a writable place.",
+                directory,
+            ) from exc
+        with atomic.lock_directory(directory) as fd:
+            try:
+                here = os.stat(directory)
+                locked = os.fstat(fd)
+            except OSError:
+                continue  # removed meanwhile: make it again
+            if (here.st_dev, here.st_ino) == (locked.st_dev, locked.st_ino):
+                yield
+                return
+    raise FileFormatError(
+        "the directory kept being removed while this save waited for it. Fix: stop the "
+        "other program that removes it, then save again.",
+        directory,
+    )
 
 
 def _remove_if_empty(directories: list[str]) -> None:
-    """Remove these directories (deepest first) where they are still empty: one that holds
-    anything (another save's files) is kept."""
-    for directory in directories:
+    """Remove the directories this save made (the deepest last in ``directories``) where
+    they are still empty: one that holds anything (another save's files) is kept."""
+    for directory in reversed(directories):
         try:
             os.rmdir(directory)
         except OSError:
