@@ -448,3 +448,27 @@ def test_zarr_at_interpreter_exit_is_refused_with_a_fix(tmp_path, used_before):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == ["refused: True", "refused: True", "[]"], done.stdout
+
+
+def test_zarr_from_a_thread_left_running_at_exit_says_to_join_it(tmp_path):
+    """A thread that saves after the main thread has returned gets the same refusal, and
+    its fix names that case."""
+    p = str(tmp_path / "t.zarr")
+    code = f"""
+        import threading, time, numpy as np, tensorbridge as tb
+        from tensorbridge.errors import FileFormatError
+        def late():
+            time.sleep(0.5)  # the main thread has returned by now
+            try:
+                tb.save({{"a": np.ones(3, np.float32)}}, {p!r})
+                print("done")
+            except FileFormatError as exc:
+                print("refused:", "join that thread" in str(exc))
+        threading.Thread(target=late).start()
+        """
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["refused: True"], done.stdout
+    assert not os.path.exists(p)

@@ -397,9 +397,10 @@ def _at_shutdown(exc: BaseException, path: str, doing: str) -> FileFormatError |
         return None
     return FileFormatError(
         f"{doing}: zarr-python works on threads that it cannot start while Python is "
-        f"shutting down ({text:.100}). Fix: save or load zarr stores before exit (not from "
-        "an atexit handler or a __del__ at exit), or use another format there "
-        "(.safetensors).",
+        f"shutting down ({text:.100}). Fix: save or load zarr stores before Python exits: "
+        "not from an atexit handler or a __del__ at exit, nor from a thread still running "
+        "once the main thread has returned (join that thread first); or use another "
+        "format there (.safetensors).",
         path,
     )
 
