@@ -891,3 +891,45 @@ def test_a_save_waiting_for_the_lock_of_a_directory_removed_meanwhile_makes_it_a
     assert not t.is_alive() and errors == []
     got, _ = read_all(out)
     assert got["b"].tolist() == [2.0, 2.0, 2.0]
+
+
+def test_a_directory_removed_between_its_making_and_its_lock_is_made_again(tmp_path, monkeypatch):
+    from tensorbridge.formats import atomic
+
+    out = tmp_path / "run" / "ck"
+    real = atomic.lock_directory
+    calls: list[str] = []
+
+    def lock_directory(directory):
+        calls.append(directory)
+        if len(calls) == 1:  # another save's cleanup, just before this one opens it
+            os.rmdir(out)
+            os.rmdir(out.parent)
+        return real(directory)
+
+    monkeypatch.setattr(atomic, "lock_directory", lock_directory)
+    write(out, {"b": np.full(3, 2, np.float32)})
+    assert len(calls) == 2
+    got, _ = read_all(out)
+    assert got["b"].tolist() == [2.0, 2.0, 2.0]
+
+
+def test_a_failed_save_leaves_a_directory_made_again_by_someone_else(tmp_path, monkeypatch):
+    """The directory a failing save made was removed and made again by another program
+    meanwhile: the failing save does not remove the new one (it checks that the path
+    still names the directory it locked)."""
+    import shutil
+
+    import tensorbridge.formats.sharded as sharded_mod
+
+    out = tmp_path / "run" / "ck"
+
+    def full_disk(path, **kw):
+        shutil.rmtree(out)
+        out.mkdir()  # (someone else's, empty for now)
+        raise FileFormatError("writing failed (the disk is full)", str(path))
+
+    monkeypatch.setattr(sharded_mod, "atomic_write", full_disk)
+    with pytest.raises(FileFormatError, match="disk is full"):
+        write(out, {"x": np.ones(4, np.float32)})
+    assert out.is_dir()

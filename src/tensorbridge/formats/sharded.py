@@ -87,6 +87,7 @@ import re
 import secrets
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -1122,27 +1123,22 @@ class ShardedFormat(Format):
         max_shard_size = parse_size(options.get("max_shard_size", DEFAULT_MAX_SHARD_SIZE))
         directory, index_name, prefix = destination(path)
         _refuse_file_named_directory(directory)
-        created: list[str] = []  # the directories this save made, to remove if it fails
         # One sharded write per directory at a time: another's cleanup must not meet our
         # shards half-way (its old index is read and its old shards removed under the lock).
-        with _locked_directory(directory, created):
-            try:
-                self._write_locked(
-                    directory,
-                    index_name,
-                    prefix,
-                    infos,
-                    fetch,
-                    user_metadata,
-                    max_shard_size,
-                    landed,
-                    write_shards,
-                )
-            except BaseException:
-                # under the lock: a save waiting for it finds the directory gone, and makes
-                # it again (_locked_directory)
-                _remove_if_empty(created)
-                raise
+        # A failed save into a directory it made removes it (under the lock; a save waiting
+        # for the lock then makes it again).
+        with _locked_directory(directory):
+            self._write_locked(
+                directory,
+                index_name,
+                prefix,
+                infos,
+                fetch,
+                user_metadata,
+                max_shard_size,
+                landed,
+                write_shards,
+            )
 
     def _write_locked(
         self,
@@ -1242,6 +1238,12 @@ def _makedirs(name: str, created: list[str]) -> None:
             return
     try:
         os.mkdir(name)
+    except FileExistsError:
+        if os.path.isdir(name):
+            return
+        if not os.path.lexists(name):  # there, then removed before it could be checked
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name) from None
+        raise
     except OSError:
         if not os.path.isdir(name):
             raise
@@ -1249,36 +1251,68 @@ def _makedirs(name: str, created: list[str]) -> None:
     created.append(name)
 
 
+#: how long a save keeps making its directory again while others remove it (seconds)
+RECREATE_SECONDS = 30.0
+
+
+def _removed_meanwhile(exc: BaseException) -> bool:
+    """Whether ``exc`` says a directory on the way vanished (another save's cleanup)."""
+    cause = exc.__cause__ if isinstance(exc, FileFormatError) else exc
+    return isinstance(cause, OSError) and cause.errno == errno.ENOENT
+
+
+def _names_locked(directory: str, fd: int) -> bool:
+    """Whether ``directory`` still names the directory that ``fd`` (its lock) is open on."""
+    try:
+        here, locked = os.stat(directory), os.fstat(fd)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (locked.st_dev, locked.st_ino)
+
+
 @contextlib.contextmanager
-def _locked_directory(directory: str, created: list[str]) -> Iterator[None]:
-    """Make ``directory`` (noting what was made in ``created``) and hold its lock. A
-    directory removed while this waited for the lock (a failed save into it removes the
-    directory it made, under the lock) is made again and locked anew."""
-    for attempt in range(8):
-        try:
-            _makedirs(directory, created)
-        except OSError as exc:
-            if attempt < 7 and exc.errno == errno.ENOENT:  # a parent removed meanwhile
-                continue
+def _locked_directory(directory: str) -> Iterator[None]:
+    """Make ``directory`` and hold its lock for the block. A failed block removes the
+    directories made here, under the lock, where they are still empty and still the ones
+    made. A directory removed before or while this waited for the lock (another save's
+    cleanup) is made again and locked anew, for up to :data:`RECREATE_SECONDS`."""
+    created: list[str] = []
+    deadline = time.monotonic() + RECREATE_SECONDS
+    attempt = 0
+    while True:
+        attempt += 1
+        with contextlib.ExitStack() as stack:
+            try:
+                _makedirs(directory, created)
+                fd = stack.enter_context(atomic.lock_directory(directory))
+            except (OSError, FileFormatError) as exc:
+                if not (_removed_meanwhile(exc) and time.monotonic() < deadline):
+                    _remove_if_empty(created)
+                    if isinstance(exc, FileFormatError):
+                        raise
+                    raise FileFormatError(
+                        f"cannot create the directory ({exc.strerror}). Fix: choose a "
+                        "writable place.",
+                        directory,
+                    ) from exc
+            else:
+                if _names_locked(directory, fd):
+                    try:
+                        yield
+                    except BaseException:
+                        if _names_locked(directory, fd):  # (not one made again by another)
+                            _remove_if_empty(created)
+                        raise
+                    return
+        if time.monotonic() >= deadline:
             _remove_if_empty(created)
             raise FileFormatError(
-                f"cannot create the directory ({exc.strerror}). Fix: choose a writable place.",
+                "the directory kept being removed while this save waited for it. Fix: stop "
+                "the other program that removes it, then save again.",
                 directory,
-            ) from exc
-        with atomic.lock_directory(directory) as fd:
-            try:
-                here = os.stat(directory)
-                locked = os.fstat(fd)
-            except OSError:
-                continue  # removed meanwhile: make it again
-            if (here.st_dev, here.st_ino) == (locked.st_dev, locked.st_ino):
-                yield
-                return
-    raise FileFormatError(
-        "the directory kept being removed while this save waited for it. Fix: stop the "
-        "other program that removes it, then save again.",
-        directory,
-    )
+            )
+        if attempt > 2:
+            time.sleep(min(0.001 * attempt, 0.05))  # (others' cleanups to end)
 
 
 def _remove_if_empty(directories: list[str]) -> None:
@@ -1289,6 +1323,7 @@ def _remove_if_empty(directories: list[str]) -> None:
             os.rmdir(directory)
         except OSError:
             return
+    directories.clear()
 
 
 FORMAT = ShardedFormat()
