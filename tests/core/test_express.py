@@ -779,3 +779,85 @@ def test_strides_of_part_of_an_item_are_copied_and_never_taught(to, first):
         t = tb.to_torch(whole[0])
         t[0] = 9.0
         assert whole[0][0] == 9.0  # still shared after the record fields
+
+
+def _routable(objs, to: str, copy, dtype=None) -> list:
+    """The kinds the planned route converts (each framework lacks some dtypes)."""
+    out = []
+    for x in objs:
+        try:
+            tb.explain(x, to=to, copy=copy, dtype=dtype).run(x)
+        except tb.TensorBridgeError:
+            continue
+        out.append(x)
+    return out
+
+
+def _numpy_layouts():
+    """Writable arrays the express route to JAX/TF takes alike: 64-byte aligned or not,
+    C order or not, small or past SHARE_MIN_BYTES."""
+    buf = bytearray(4 * 20000 + 64)
+    base = np.frombuffer(buf, np.uint8)
+    off = (-base.ctypes.data) % 64
+    aligned = base[off : off + 4 * 20000].view(np.float32)
+    unaligned = base[off + 4 : off + 4 + 4 * 256].view(np.float32)
+    aligned[:] = np.arange(20000)
+    unaligned[:] = np.arange(256) * 3
+    return [aligned, aligned[:256], unaligned, aligned[:600].reshape(20, 30).T, aligned[::3]]
+
+
+@pytest.mark.parametrize("to", ["jax", "tensorflow"])
+@pytest.mark.parametrize("copy", [None, True])
+def test_numpy_to_jax_and_tensorflow(to, copy):
+    """A writable array's route to an immutable framework copies whatever its layout,
+    address or size: the express route takes it by dtype alone (read-only and flipped
+    arrays, whose routes may share or depend on the flipped dims, take the planned way)."""
+    pytest.importorskip(to)
+    kinds = _routable(_numpy_kinds() + _numpy_layouts(), to, copy)
+    assert len(kinds) > 60
+    _check(
+        kinds,
+        to,
+        copy,
+        expect_express=lambda a: type(a) is np.ndarray and a.flags.writeable and not _flipped(a),
+    )
+
+
+@pytest.mark.parametrize("to", ["jax", "tensorflow"])
+def test_numpy_casts_to_jax_and_tensorflow(to):
+    pytest.importorskip(to)
+    kinds = [a for a in _numpy_kinds() + _numpy_layouts() if a.dtype.kind != "c"]
+    _check(
+        _routable(kinds, to, None, "float16"),
+        to,
+        None,
+        dtype="float16",
+        expect_express=lambda a: type(a) is np.ndarray and a.flags.writeable and not _flipped(a),
+    )
+
+
+def test_numpy_to_jax_follows_the_64_bit_flag(tmp_path):
+    """The express table of a 64-bit dtype learnt with JAX's x64 flag on is not used once
+    it is off: the call is refused (JAX would narrow it), not narrowed."""
+    import subprocess
+    import textwrap
+
+    code = """
+        import jax, numpy as np, tensorbridge as tb
+        jax.config.update("jax_enable_x64", True)
+        a = np.arange(4.0)
+        print(tb.to_jax(a).dtype, tb.to_jax(a).dtype)
+        jax.config.update("jax_enable_x64", False)
+        try:
+            print(tb.to_jax(a).dtype)
+        except tb.ConversionError as exc:
+            print("refused", "64-bit" in str(exc))
+        jax.config.update("jax_enable_x64", True)
+        print(tb.to_jax(a).dtype)
+        """
+    pytest.importorskip("jax")
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:3] == ["float64 float64", "refused True", "float64"]

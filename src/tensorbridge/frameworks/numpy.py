@@ -113,6 +113,8 @@ class NumpyBackend(Backend):
     def express(
         self, tp: type, target: str, learn: Callable[[Any], Callable[[Any], Any]]
     ) -> Callable[[Any], Any] | None:
+        if tp is np.ndarray and target in ("jax", "tensorflow"):
+            return _express_copied(target, learn)
         if tp is not np.ndarray or target not in ("torch", "mlx"):
             return None  # other targets' kinds read layout, address and size
         # kind() for these targets: (type, dtype, dtype char, writeable, flipped strides).
@@ -235,3 +237,37 @@ class NumpyBackend(Backend):
 
 
 BACKEND = NumpyBackend()
+
+
+def _express_copied(
+    target: str, learn: Callable[[Any], Callable[[Any], Any]]
+) -> Callable[[Any], Any]:
+    """The express route of a writable array to JAX or TensorFlow (the tables of copy=None,
+    copy=True and dtype=; never copy=False). Its route copies whatever the array's layout,
+    address or size (a later write to the array must not change the immutable result;
+    a cast makes fresh memory first), so it depends on the dtype alone, and on JAX's
+    64-bit flag for JAX: one table per flag, keyed by dtype. The planned path reads the
+    address for alignment, which costs more than the rest of the lookup, and makes JAX's
+    own copy slower after it. Read-only and flipped arrays take the planned path (their
+    routes may share memory, or depend on which dims are flipped)."""
+    tables: tuple[dict[Any, Any], dict[Any, Any]] = ({}, {})
+    to_jax = target == "jax"
+
+    def run(a: np.ndarray) -> Any:
+        flags = a.flags
+        if not flags.writeable or (not flags.owndata and flipped(a.strides)):
+            return None
+        if to_jax:
+            jax = sys.modules.get("jax")
+            table = tables[1] if jax is not None and jax.config.jax_enable_x64 else tables[0]
+        else:
+            table = tables[0]
+        dt = a.dtype
+        fn = table.get(dt)
+        if fn is None:
+            if len(table) >= 256:
+                table.clear()
+            fn = table[dt] = learn(a)
+        return fn(a)
+
+    return run
