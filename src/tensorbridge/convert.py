@@ -445,8 +445,10 @@ def convert(x: Any, /, to: str, **options: Any) -> Any:
                 if x.dtype is dt:
                     flags = x.flags
                     if flags.writeable:
-                        if not flags.owndata and flipped(x.strides):
-                            return _planned(x, to, None, None, None, "error", False)
+                        if not flags.owndata:  # a view: flipped() written out for 2 dims
+                            s = x.strides
+                            if (s[0] < 0 or s[1] < 0) if len(s) == 2 else flipped(s):
+                                return _planned(x, to, None, None, None, "error", False)
                         try:
                             return fn(x)
                         except TensorBridgeError:
@@ -680,8 +682,10 @@ def to_torch(x: Any, /, *, device: Any = None, dtype: Any = None, copy: bool | N
                 if x.dtype is dt:
                     flags = x.flags
                     if flags.writeable:
-                        if not flags.owndata and flipped(x.strides):
-                            return _planned(x, "torch", None, None, None, "error", False)
+                        if not flags.owndata:  # a view: flipped() written out for 2 dims
+                            s = x.strides
+                            if (s[0] < 0 or s[1] < 0) if len(s) == 2 else flipped(s):
+                                return _planned(x, "torch", None, None, None, "error", False)
                         try:
                             return fn(x)
                         except TensorBridgeError:
