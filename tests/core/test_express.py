@@ -861,3 +861,43 @@ def test_numpy_to_jax_follows_the_64_bit_flag(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split("\n")[:3] == ["float64 float64", "refused True", "float64"]
+
+
+def test_numpy_to_jax_before_jax_is_imported_keeps_to_the_64_bit_flag():
+    """JAX_ENABLE_X64=1 and a first call before ``import jax``: the route learnt then (x64
+    on) is not kept as the route of x64 off; once the flag is off, 64-bit arrays are
+    refused, not narrowed."""
+    import subprocess
+    import textwrap
+
+    pytest.importorskip("jax")
+    code = """
+        import sys, numpy as np, tensorbridge as tb
+        assert "jax" not in sys.modules
+        a = np.arange(4.0)
+        i = np.arange(4, dtype=np.int32)
+        print(tb.to_jax(a).dtype, tb.convert(i, to="jax", dtype="float64").dtype)
+        import jax
+        with jax.enable_x64(False):
+            for call in (lambda: tb.to_jax(a), lambda: tb.convert(i, to="jax", dtype="float64")):
+                try:
+                    print(call().dtype)
+                except tb.ConversionError as exc:
+                    print("refused", "64-bit" in str(exc))
+        print(tb.to_jax(a).dtype)
+        """
+    env = {**os.environ, "JAX_ENABLE_X64": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:4] == [
+        "float64 float64",
+        "refused True",
+        "refused True",
+        "float64",
+    ], done.stdout

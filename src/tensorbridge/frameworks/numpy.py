@@ -259,7 +259,9 @@ def _express_copied(
             return None
         if to_jax:
             jax = sys.modules.get("jax")
-            table = tables[1] if jax is not None and jax.config.jax_enable_x64 else tables[0]
+            if jax is None:  # the planned path imports JAX; later calls read its flag
+                return None
+            table = tables[1] if jax.config.jax_enable_x64 else tables[0]
         else:
             table = tables[0]
         dt = a.dtype
