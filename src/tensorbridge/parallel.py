@@ -682,13 +682,15 @@ def write_placed(
     scheduler: str | None,
     check: bool,
     advance: Callable[[str, int], None] | None = None,
+    within: int | None = None,
 ) -> tuple[dict[str, Place], dict[str, bytes]]:
     """Write each ``(path, infos, metadata)`` job as a safetensors file whose tensors the
     workers write in place (see the module docstring), :data:`FILES_AT_ONCE` files at a
     time: each such group replaces its paths once all its files are filled, or none does
     (the sharded writer removes the groups renamed before a failure; its index comes last). ``checked``: the jobs' checks ran already (a sharded
     write). Returns where each tensor's bytes lie (compared by a worker right after they
-    were written, with ``check``) and the digests of bool tensors."""
+    were written, with ``check``) and the digests of bool tensors. ``within``: the
+    descriptor of the directory every file must land in (a sharded write's)."""
     from .formats.safetensors import FORMAT as SAFETENSORS
 
     places: dict[str, Place] = {}
@@ -704,7 +706,9 @@ def write_placed(
         with contextlib.ExitStack() as stack:
             planned: list[list[Piece]] = []
             for path, infos, meta in jobs[start : start + FILES_AT_ONCE]:
-                placed = stack.enter_context(SAFETENSORS.placed(path, infos, meta, checked=checked))
+                placed = stack.enter_context(
+                    SAFETENSORS.placed(path, infos, meta, checked=checked, within=within)
+                )
                 planned.append(list(plan_pieces(reader, placed, infos)))
                 for i in infos:
                     offset, nbytes = placed.offsets[i.name]

@@ -48,10 +48,16 @@ def record(monkeypatch, parties: int = 0) -> list[tuple[str, ...]]:
             events.append(("fsync", path, kind))
         real_fsync(fd)
 
-    def replace(src, dst, **kw) -> None:
+    def replace(src, dst, *, src_dir_fd=None, dst_dir_fd=None) -> None:
+        def where(name, dir_fd):  # (a name inside a directory's descriptor, as a path)
+            name = os.fspath(name)
+            if dir_fd is None:
+                return name
+            return os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), name)
+
         with lock:
-            events.append(("replace", os.fspath(src), os.fspath(dst)))
-        real_replace(src, dst, **kw)
+            events.append(("replace", where(src, src_dir_fd), where(dst, dst_dir_fd)))
+        real_replace(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)

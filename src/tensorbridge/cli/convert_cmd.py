@@ -772,17 +772,22 @@ def _write_direct(
 
     places: dict[str, Place] = {}
 
-    def fill(jobs: Any, checked: bool) -> None:
+    def fill(jobs: Any, checked: bool, within: int | None = None) -> None:
         got, dgs = write_placed(
             reader, src, in_format, jobs, checked=checked, workers=workers,
-            scheduler=scheduler, check=check, advance=advance,
+            scheduler=scheduler, check=check, advance=advance, within=within,
         )  # fmt: skip
         places.update(got)
         digests.update(dgs)
 
     if out_format.name == "sharded":
         out_format.write(  # type: ignore[call-arg]
-            dst, planned, _no_fetch, metadata, write_shards=lambda jobs: fill(jobs, True), **options
+            dst,
+            planned,
+            _no_fetch,
+            metadata,
+            write_shards=lambda jobs, within: fill(jobs, True, within),
+            **options,
         )
     else:
         fill([(dst, planned, metadata)], False)

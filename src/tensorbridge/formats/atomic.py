@@ -124,20 +124,21 @@ def _flock(fd: int, wait: bool) -> bool:
     return True
 
 
-def _same_file(fd: int, path: str) -> bool:
+def _same_file(fd: int, path: str, dir_fd: int | None = None) -> bool:
     try:
-        a, b = os.fstat(fd), os.lstat(path)
+        a, b = os.fstat(fd), os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
     except OSError:
         return False
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-def lock_new_file(fd: int, path: str, *, ofd: bool = False) -> bool:
+def lock_new_file(fd: int, path: str, *, ofd: bool = False, dir_fd: int | None = None) -> bool:
     """Lock the just-created ``path`` (open as ``fd``) for as long as ``fd``'s open file lives.
 
     Returns False when a cleaner removed ``path`` between its creation and the lock
     (it judged it stale before the lock existed): the caller closes ``fd`` and makes
-    another file. ``ofd`` uses an OFD byte-range lock instead of ``flock``.
+    another file. ``ofd`` uses an OFD byte-range lock instead of ``flock``. ``dir_fd``:
+    ``path`` is relative to that directory.
     """
     try:
         if ofd:
@@ -147,7 +148,7 @@ def lock_new_file(fd: int, path: str, *, ofd: bool = False) -> bool:
             _flock(fd, wait=True)
     except OSError:
         pass  # no lock at all: a cleaner's own lock attempt then fails too, or succeeds late
-    return _same_file(fd, path)
+    return _same_file(fd, path, dir_fd)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -168,10 +169,11 @@ def _owner_alive_here(name: str, marker: str) -> bool:
     return pid_text.isdigit() and _pid_alive(int(pid_text))
 
 
-def _remove_if_dead(path: str) -> None:
+def _remove_if_dead(path: str, dir_fd: int | None = None) -> None:
     """Unlink the regular file ``path`` if no open file anywhere holds its locks."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, flags, dir_fd=dir_fd)
     except OSError:
         return  # not ours to judge (permissions, a link, gone already)
     try:
@@ -184,9 +186,9 @@ def _remove_if_dead(path: str) -> None:
                 return
         except OSError:
             return  # cannot tell: keep it
-        if _same_file(fd, path):
+        if _same_file(fd, path, dir_fd):
             with contextlib.suppress(OSError):
-                os.unlink(path)
+                os.unlink(path, dir_fd=dir_fd)
     finally:
         os.close(fd)  # releases both locks
 
@@ -196,21 +198,27 @@ def temp_name(directory: str, base: str, marker: str = TMP_MARKER) -> str:
     return os.path.join(directory, f".{base}{marker}{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def _listdir(directory: str) -> list[str]:
+def _listdir(directory: str | int) -> list[str]:
     try:
         return os.listdir(directory)
     except OSError:
         return []
 
 
-def remove_stale(directory: str, base: str, marker: str = TMP_MARKER) -> None:
-    """Remove temporary files of ``base`` whose writer is gone (no one holds their lock)."""
+def remove_stale(
+    directory: str, base: str, marker: str = TMP_MARKER, dir_fd: int | None = None
+) -> None:
+    """Remove temporary files of ``base`` whose writer is gone (no one holds their lock);
+    with ``dir_fd``, in that directory (``directory`` is then unused)."""
     prefix = f".{base}{marker}"
-    for name in _listdir(directory):
+    for name in _listdir(directory if dir_fd is None else dir_fd):
         if name.startswith(prefix) and not _owner_alive_here(
             name[len(prefix) - len(marker) :], marker
         ):
-            _remove_if_dead(os.path.join(directory, name))
+            if dir_fd is None:
+                _remove_if_dead(os.path.join(directory, name))
+            else:
+                _remove_if_dead(name, dir_fd)
 
 
 def remove_stale_in(directory: str) -> None:
@@ -350,23 +358,25 @@ if hasattr(os, "register_at_fork"):
     )
 
 
-def _hold_replaced(target: str) -> int | None:
+def _hold_replaced(target: str, dir_fd: int | None = None) -> int | None:
     """An ``O_PATH`` descriptor of the large regular file ``target`` is about to replace.
 
     Renaming over a file frees it (its cached pages and its blocks: ~15 ms for 64 MiB
     here) inside ``os.replace``, unless someone still holds it open. Held here, it is
     freed when :func:`_release_later` closes the descriptor on another thread, after
     the write (data, rename and directory all durable) has returned. None for small
-    files, non-regular ones, or where ``O_PATH`` is missing (not Linux).
+    files, non-regular ones, or where ``O_PATH`` is missing (not Linux). ``dir_fd``:
+    ``target`` is relative to that directory.
     """
     o_path = getattr(os, "O_PATH", 0)
     if not o_path:
         return None
     try:
-        st = os.lstat(target)
+        st = os.stat(target, dir_fd=dir_fd, follow_symlinks=False)
         if not stat.S_ISREG(st.st_mode) or st.st_size < RELEASE_LATER_BYTES:
             return None
-        return os.open(target, o_path | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        flags = o_path | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        return os.open(target, flags, dir_fd=dir_fd)
     except OSError:
         return None
 
@@ -403,13 +413,14 @@ def _release_later(fd: int | None) -> None:
     _releasing.append(thread)
 
 
-def unlink_later(path: str) -> None:
+def unlink_later(path: str, dir_fd: int | None = None) -> None:
     """Remove ``path``'s name now; a large regular file behind it is freed (its cached
     pages and blocks: ~7 ms for 16 MiB here) on a daemon thread, as a replaced file is.
-    ``OSError`` of the unlink propagates."""
-    held = _hold_replaced(path)
+    ``OSError`` of the unlink propagates. ``dir_fd``: ``path`` is relative to that
+    directory."""
+    held = _hold_replaced(path, dir_fd)
     try:
-        os.unlink(path)
+        os.unlink(path, dir_fd=dir_fd)
     except BaseException:
         _close_quietly(held)
         raise
@@ -495,6 +506,7 @@ def _replacing(
     follow_symlinks: bool,
     ofd: bool,
     commit: Commit | None = None,
+    within: int | None = None,
 ) -> Iterator[tuple[str, int]]:
     """Create a temporary sibling of ``path``; on success move it over ``path``.
 
@@ -505,6 +517,8 @@ def _replacing(
     replaces the destination and fsyncs the directory. On any exception the
     temporary file is removed, and an ``OSError`` is reported as a
     :class:`FileFormatError`. ``example`` names a file for the "is a directory" hint.
+    ``within`` (or ``commit``'s): the descriptor of the directory the file must land in
+    (see :func:`_rename`).
     """
     raw = os.fspath(path)
     if follow_symlinks:
@@ -517,52 +531,97 @@ def _replacing(
     directory = os.path.dirname(target) or "."
     base = os.path.basename(target)
     mode = _check_target(path, target, follow_symlinks, example)
-    remove_stale(directory, base)
-    while True:
-        tmp = temp_name(directory, base)
-        try:
-            fd = os.open(
-                tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600
-            )
-        except OSError as exc:
-            raise FileFormatError(
-                f"cannot create a file in {directory!r} ({exc.strerror}). Fix: check that the "
-                "directory exists and is writable, or choose another destination.",
-                path,
-            ) from exc
-        if lock_new_file(fd, tmp, ofd=ofd):
-            break
-        os.close(fd)  # a cleaner took it before our lock existed: use another name
-    # The lock belongs to the open file: a duplicate descriptor keeps it until the
-    # temporary file is renamed or removed, whenever the caller closes ``fd``.
-    try:
+    if commit is not None:
+        within = commit.within
+    remove_stale(directory, base, dir_fd=within)
+    fd: int | None = None
+    try:  # from the open on: an exception (a Ctrl-C too) removes what was made
+        while True:
+            tmp = temp_name(directory, base)
+            name, at = _at(tmp, within)
+            try:
+                fd = os.open(
+                    name,
+                    os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                    0o600,
+                    dir_fd=at,
+                )
+            except OSError as exc:
+                raise FileFormatError(
+                    f"cannot create a file in {directory!r} ({exc.strerror}). Fix: check that "
+                    "the directory exists and is writable, or choose another destination.",
+                    path,
+                ) from exc
+            if lock_new_file(fd, name, ofd=ofd, dir_fd=at):
+                break
+            taken, fd = fd, None  # a cleaner took it before our lock existed: another name
+            os.close(taken)
+        # The lock belongs to the open file: a duplicate descriptor keeps it until the
+        # temporary file is renamed or removed, whenever the caller closes ``fd``.
         lock_fd = os.dup(fd)
-    except OSError as exc:  # (too many open files): nothing may be left behind
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        os.close(fd)
-        raise _write_failed(exc, path) from exc
+    except BaseException as exc:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=at)
+            _close_quietly(fd)
+        if isinstance(exc, OSError) and not isinstance(exc, TensorBridgeError):
+            raise _write_failed(exc, path) from exc
+        raise
     replaced = None
     try:
         yield tmp, fd
         if commit is None:
-            os.chmod(tmp, mode)
-            replaced = _hold_replaced(target)
-            os.replace(tmp, target)
+            os.chmod(name, mode, dir_fd=at)
+            replaced = _hold_target(raw, target, within)
+            _rename(tmp, raw, target, within)
     except BaseException as exc:
         _close_quietly(replaced)
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(name, dir_fd=at)
         os.close(lock_fd)
         if isinstance(exc, OSError) and not isinstance(exc, TensorBridgeError):
             raise _write_failed(exc, path) from exc
         raise
     if commit is not None:  # fsynced and renamed later, with the others (see Commit)
-        commit._pending.append(_Pending(tmp, lock_fd, target, mode, path))
+        commit._pending.append(_Pending(tmp, lock_fd, target, mode, path, raw))
         return
     os.close(lock_fd)
-    fsync_dir(directory)
+    _fsync_directory(directory, within)
     _release_later(replaced)
+
+
+def _at(path: str, within: int | None) -> tuple[str, int | None]:
+    """``path`` as the ``(path, dir_fd)`` arguments of an ``os`` call: its last component
+    inside ``within`` (a directory's descriptor), or itself when ``within`` is None."""
+    return (path, None) if within is None else (os.path.basename(path), within)
+
+
+def _rename(tmp: str, raw: str, target: str, within: int | None) -> None:
+    """Move ``tmp`` over ``target``; with ``within`` (a directory's descriptor), move it
+    inside that directory only, to the name ``raw`` ends with: a directory renamed or
+    replaced by another meanwhile (another checkpoint, a link) never receives it, and
+    the rename fails instead (``tmp`` is not there)."""
+    if within is None:
+        os.replace(tmp, target)
+    else:
+        name = os.path.basename(os.path.abspath(raw))
+        os.replace(os.path.basename(tmp), name, src_dir_fd=within, dst_dir_fd=within)
+
+
+def _hold_target(raw: str, target: str, within: int | None) -> int | None:
+    """:func:`_hold_replaced` of what :func:`_rename` is about to replace."""
+    if within is None:
+        return _hold_replaced(target)
+    return _hold_replaced(os.path.basename(os.path.abspath(raw)), within)
+
+
+def _fsync_directory(directory: str, within: int | None) -> None:
+    """fsync ``directory``'s entries (through ``within``, its descriptor, when given)."""
+    if within is None:
+        fsync_dir(directory)
+    else:
+        with contextlib.suppress(OSError):  # some filesystems cannot fsync a directory
+            os.fsync(within)
 
 
 def _write_failed(exc: OSError, path: str | os.PathLike[str]) -> FileFormatError:
@@ -633,6 +692,7 @@ class _Pending(NamedTuple):
     target: str  #: what it replaces
     mode: int  #: the mode it gets
     path: str | os.PathLike[str]  #: as the caller named it (for messages)
+    raw: str  #: ``path`` as a string (its last component names the file in ``within``)
 
 
 class Commit:
@@ -653,7 +713,9 @@ class Commit:
     owns it). Errors are :class:`~tensorbridge.errors.FileFormatError`, as for one write.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, within: int | None = None) -> None:
+        #: a directory's descriptor: every file is renamed inside it only (see _rename)
+        self.within = within
         self._pending: list[_Pending] = []
         self._flushed = 0  # the first this many pending files are fsynced
 
@@ -691,10 +753,11 @@ class Commit:
             while batch:
                 p = batch[0]
                 try:
-                    os.chmod(p.tmp, p.mode)
-                    replaced = _hold_replaced(p.target)
+                    name, at = _at(p.tmp, self.within)
+                    os.chmod(name, p.mode, dir_fd=at)
+                    replaced = _hold_target(p.raw, p.target, self.within)
                     try:
-                        os.replace(p.tmp, p.target)
+                        _rename(p.tmp, p.raw, p.target, self.within)
                     except BaseException:
                         _close_quietly(replaced)
                         raise
@@ -710,28 +773,37 @@ class Commit:
             self._pending[:0] = batch  # not renamed (an error): abort removes them
             self._flushed += len(batch)
             for d in directories:  # what was renamed is durable either way
-                fsync_dir(d)
+                _fsync_directory(d, self.within)
 
     def abort(self) -> None:
         """Remove every temporary file not yet renamed."""
         pending, self._pending, self._flushed = self._pending, [], 0
         for p in pending:
+            name, at = _at(p.tmp, self.within)
             with contextlib.suppress(OSError):
-                os.unlink(p.tmp)
+                os.unlink(name, dir_fd=at)
             _close_quietly(p.lock_fd)
 
 
 @contextlib.contextmanager
 def atomic_write(
-    path: str | os.PathLike[str], *, follow_symlinks: bool = True, commit: Commit | None = None
+    path: str | os.PathLike[str],
+    *,
+    follow_symlinks: bool = True,
+    commit: Commit | None = None,
+    within: int | None = None,
 ) -> Iterator[BinaryIO]:
     """Open a temporary file that replaces ``path`` when the block succeeds.
 
     ``follow_symlinks=False`` replaces a symlink at ``path`` itself rather than its target.
     With ``commit``, the complete file waits there to be fsynced and renamed with
-    others (see :class:`Commit`).
+    others (see :class:`Commit`). ``within``: the descriptor of the directory it must land
+    in (the rename fails if ``path``'s directory is no longer that one).
     """
-    with _replacing(path, "model.safetensors", follow_symlinks, False, commit) as (_tmp, fd):
+    with _replacing(path, "model.safetensors", follow_symlinks, False, commit, within) as (
+        _tmp,
+        fd,
+    ):
         with io.BufferedWriter(_WritebackFile(fd, "wb")) as f:
             yield f
             f.flush()
@@ -743,7 +815,11 @@ def atomic_write(
 
 @contextlib.contextmanager
 def atomic_path(
-    path: str | os.PathLike[str], *, follow_symlinks: bool = True, commit: Commit | None = None
+    path: str | os.PathLike[str],
+    *,
+    follow_symlinks: bool = True,
+    commit: Commit | None = None,
+    within: int | None = None,
 ) -> Iterator[str]:
     """Like :func:`atomic_write`, but yields a temporary *path* for libraries
     (h5py) that must open the file themselves. It replaces ``path`` on success.
@@ -751,7 +827,7 @@ def atomic_path(
     The temporary file stays locked (an OFD lock, which does not block HDF5's own
     ``flock``) through a descriptor held here until it is renamed or removed.
     """
-    with _replacing(path, "model.h5", follow_symlinks, True, commit) as (tmp, fd):
+    with _replacing(path, "model.h5", follow_symlinks, True, commit, within) as (tmp, fd):
         os.close(fd)
         yield tmp
         if commit is None:

@@ -135,10 +135,11 @@ def open_regular_file(path: str) -> tuple[int, int]:
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
 
 
-def open_regular_stat(path: str) -> tuple[int, os.stat_result]:
-    """:func:`open_regular_file`, with the descriptor's ``fstat`` instead of its size."""
+def open_regular_stat(path: str, dir_fd: int | None = None) -> tuple[int, os.stat_result]:
+    """:func:`open_regular_file`, with the descriptor's ``fstat`` instead of its size
+    (``path`` relative to the directory ``dir_fd`` when given)."""
     try:
-        fd = os.open(path, _OPEN_FLAGS)
+        fd = os.open(path, _OPEN_FLAGS, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno in (errno.EMFILE, errno.ENFILE):
             raise FileFormatError(
@@ -973,6 +974,7 @@ class SafetensorsFormat(Format):
         metadata: Mapping[str, str] | None = None,
         *,
         checked: bool = False,
+        within: int | None = None,
     ) -> Iterator[Placed]:
         """A new ``path`` whose tensor bytes others write: yields a :class:`Placed` (the
         temporary file, its header written and its data region sized, and where each
@@ -980,13 +982,13 @@ class SafetensorsFormat(Format):
         opens ``placed.path`` without creating it and writes each tensor's little-endian
         bytes at its offset. When the block ends, the file is fsynced and replaces
         ``path`` atomically; on an exception it is removed and ``path`` is untouched.
-        The bytes are those :meth:`write` writes."""
+        The bytes are those :meth:`write` writes. ``within``: see :func:`.atomic.atomic_path`."""
         path = os.fspath(path)
         if checked:
             header = build_header(infos, metadata, path)
         else:
             header = self._preflight(path, infos, metadata, None)[1]
-        with atomic_path(path) as tmp:
+        with atomic_path(path, within=within) as tmp:
             fd = os.open(tmp, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
             try:
                 done = 0

@@ -293,10 +293,11 @@ def is_index_name(path: str) -> bool:
     return _INDEX_RE.fullmatch(os.path.basename(os.fspath(path))) is not None
 
 
-def _load_json(path: str) -> tuple[Any, tuple[int, ...]]:
+def _load_json(path: str, dir_fd: int | None = None) -> tuple[Any, tuple[int, ...]]:
     """The parsed index (under :mod:`.safejson`'s budget) and the stamp of the file read
-    (taken before it is read: a change while it is read shows in a later comparison)."""
-    fd, st = open_regular_stat(path)
+    (taken before it is read: a change while it is read shows in a later comparison).
+    ``dir_fd``: ``path`` is relative to that directory."""
+    fd, st = open_regular_stat(path, dir_fd)
     stamp, size = _stamp(st), st.st_size
     try:
         if size > MAX_INDEX_SIZE:
@@ -995,21 +996,22 @@ def _shard_pattern(prefix: str) -> re.Pattern[str]:
     return re.compile(re.escape(prefix) + r"(?:-[0-9a-f]{8})?-\d{5}-of-\d{5}\.safetensors")
 
 
-def _remove_old_shards(directory: str, prefix: str, keep: set[str]) -> None:
+def _remove_old_shards(within: int, prefix: str, keep: set[str]) -> None:
     """After the new index is in place: remove the shards of ``prefix`` (the standard names
     and tagged ones, which are this writer's own names: those of the previous save, of a
     killed one) that the new index does not list. Nothing else is removed, whatever the
-    old index listed: a hostile index cannot get other files deleted."""
+    old index listed: a hostile index cannot get other files deleted. ``within``: the
+    directory's descriptor (the one this save locked, wherever its path now leads)."""
     pattern = _shard_pattern(prefix)
     single = f"{prefix}.safetensors"  # superseded; from_pretrained would read it first
     try:
-        names = os.listdir(directory)
+        names = os.listdir(within)
     except OSError:
         return
     for name in names:
         if name not in keep and (pattern.fullmatch(name) or name == single):
             with contextlib.suppress(OSError):
-                atomic.unlink_later(os.path.join(directory, name))  # (freed after return)
+                atomic.unlink_later(name, within)  # (freed after return)
 
 
 def new_generation(previous: str | None, infos: Sequence[TensorInfo], prefix: str) -> str:
@@ -1026,10 +1028,11 @@ def new_generation(previous: str | None, infos: Sequence[TensorInfo], prefix: st
     return digest.hexdigest()[:16]
 
 
-def _previous_generation(index_path: str) -> str | None:
-    """The generation of the index about to be replaced (``None`` when there is none)."""
+def _previous_generation(index_name: str, within: int) -> str | None:
+    """The generation of the index ``index_name`` in the directory ``within`` (a
+    descriptor): the one about to be replaced (``None`` when there is none)."""
     try:
-        index, _ = _load_json(index_path)
+        index, _ = _load_json(index_name, within)
     except (FileFormatError, OSError):
         return None
     value = index.get(GENERATION_KEY) if isinstance(index, dict) else None
@@ -1054,10 +1057,11 @@ def _refuse_file_named_directory(directory: str) -> None:
             )
 
 
-def _unlink_all(paths: list[str]) -> None:
-    for p in paths:
+def _unlink_all(names: list[str], within: int) -> None:
+    """Remove the files ``names`` from the directory ``within`` (a descriptor)."""
+    for name in names:
         with contextlib.suppress(OSError):
-            os.unlink(p)
+            os.unlink(name, dir_fd=within)
 
 
 class ShardedFormat(Format):
@@ -1127,9 +1131,10 @@ class ShardedFormat(Format):
         # shards half-way (its old index is read and its old shards removed under the lock).
         # A failed save into a directory it made removes it (under the lock; a save waiting
         # for the lock then makes it again).
-        with _locked_directory(directory):
+        with _locked_directory(directory) as within:
             self._write_locked(
                 directory,
+                within,
                 index_name,
                 prefix,
                 infos,
@@ -1143,6 +1148,7 @@ class ShardedFormat(Format):
     def _write_locked(
         self,
         directory: str,
+        within: int,
         index_name: str,
         prefix: str,
         infos: Sequence[TensorInfo],
@@ -1150,16 +1156,20 @@ class ShardedFormat(Format):
         user_metadata: dict[str, str],
         max_shard_size: int,
         landed: Callable[[str, int, int, int], None] | None,
-        write_shards: Callable[[list[tuple[str, list[TensorInfo], dict[str, str]]]], None] | None,
+        write_shards: Callable[..., None] | None,
     ) -> None:
+        """Write into ``directory``, locked through ``within`` (its descriptor): every name
+        is checked, made, replaced and removed inside that directory only, so a save whose
+        directory was removed or replaced meanwhile (another checkpoint there, a link to
+        one) fails without touching what its path now leads to."""
         groups = plan_shards(infos, max_shard_size)
         index_path = os.path.join(directory, index_name)
         atomic.remove_stale_in(directory)  # leftovers of killed writers only (unlocked)
-        generation = new_generation(_previous_generation(index_path), infos, prefix)
+        generation = new_generation(_previous_generation(index_name, within), infos, prefix)
         names = _shard_names(prefix, len(groups))
         # Never overwrite a file the current index may reference: if any standard name
         # is taken, every new shard gets a fresh, unique name.
-        while any(os.path.lexists(os.path.join(directory, n)) for n in names):
+        while any(_exists_in(n, within) for n in names):
             names = _shard_names(prefix, len(groups), secrets.token_hex(4))
         written: list[str] = []
         shard_meta = {"format": "pt", GENERATION_KEY: generation}
@@ -1168,19 +1178,19 @@ class ShardedFormat(Format):
             # all, not one each); then the shards' names land and are made durable, and
             # only then the index's: a crash leaves the old index (whose shards were
             # never touched) or the new one with every shard it names.
-            with atomic.Commit() as commit:
+            with atomic.Commit(within) as commit:
                 pending = _pending_limit()
                 if write_shards is not None:  # the names are new: removing them is safe
                     jobs = [
                         (os.path.join(directory, n), g, shard_meta)
                         for n, g in zip(names, groups, strict=True)
                     ]
-                    written.extend(job[0] for job in jobs)
-                    write_shards(jobs)  # each shard fsynced and renamed, its directory too
+                    written.extend(names)
+                    write_shards(jobs, within)  # each shard fsynced and renamed, its directory too
                 else:
                     for shard, group in zip(names, groups, strict=True):
                         final = os.path.join(directory, shard)
-                        written.append(final)  # the commit removes its temporary file
+                        written.append(shard)  # the commit removes its temporary file
                         SAFETENSORS.write(
                             final,
                             group,
@@ -1211,18 +1221,35 @@ class ShardedFormat(Format):
                 commit.flush()  # every shard's bytes and the index's, all at once
                 commit.publish(shards)  # the shards' names, then the directory
                 if write_shards is not None:
-                    atomic.fsync_dir(directory)
+                    _fsync_quietly(within)
                 commit.publish()  # the index, then the directory
         except BaseException:
             # Before the new index landed, the old index and its shards were never
             # touched: remove what this save wrote. After (a signal during the last
             # directory fsync), the new checkpoint is complete: keep it.
-            if _previous_generation(index_path) != generation:
-                _unlink_all(written)
-            atomic.fsync_dir(directory)
+            if _previous_generation(index_name, within) != generation:
+                _unlink_all(written, within)
+            _fsync_quietly(within)
             raise
-        _remove_old_shards(directory, prefix, set(names) | {index_name})
-        atomic.fsync_dir(directory)
+        _remove_old_shards(within, prefix, set(names) | {index_name})
+        _fsync_quietly(within)
+
+
+def _exists_in(name: str, within: int) -> bool:
+    """Whether the directory ``within`` (a descriptor) holds an entry ``name`` (a link counts)."""
+    try:
+        os.stat(name, dir_fd=within, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # (cannot tell: a fresh name is safe)
+    return True
+
+
+def _fsync_quietly(within: int) -> None:
+    """fsync a directory's entries through its descriptor (where the file system can)."""
+    with contextlib.suppress(OSError):
+        os.fsync(within)
 
 
 def _makedirs(name: str, created: list[str]) -> None:
@@ -1271,8 +1298,9 @@ def _names_locked(directory: str, fd: int) -> bool:
 
 
 @contextlib.contextmanager
-def _locked_directory(directory: str) -> Iterator[None]:
-    """Make ``directory`` and hold its lock for the block. A failed block removes the
+def _locked_directory(directory: str) -> Iterator[int]:
+    """Make ``directory`` and hold its lock for the block, which gets the locked
+    directory's descriptor. A failed block removes the
     directories made here, under the lock, where they are still empty and still the ones
     made. A directory removed before or while this waited for the lock (another save's
     cleanup) is made again and locked anew, for up to :data:`RECREATE_SECONDS`."""
@@ -1298,7 +1326,7 @@ def _locked_directory(directory: str) -> Iterator[None]:
             else:
                 if _names_locked(directory, fd):
                     try:
-                        yield
+                        yield fd
                     except BaseException:
                         if _names_locked(directory, fd):  # (not one made again by another)
                             _remove_if_empty(created)
