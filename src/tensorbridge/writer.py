@@ -194,10 +194,16 @@ class Writer:
                         fd, tmp = tempfile.mkstemp(
                             prefix=f".{self._base}{SPOOL_MARKER}{os.getpid()}-", dir=self._dir
                         )
-                        if lock_new_file(fd, tmp):
-                            break
+                        try:  # (an interrupt here must not leave the file behind)
+                            if lock_new_file(fd, tmp):
+                                self._paths.append(tmp)  # removed with the others from now
+                                break
+                        except BaseException:
+                            with contextlib.suppress(OSError):
+                                os.unlink(tmp)
+                            os.close(fd)
+                            raise
                         os.close(fd)  # removed by a cleaner before the lock: another name
-                    self._paths.append(tmp)
                     self._spools[name] = tmp
                     f = os.fdopen(fd, "wb")
                 else:

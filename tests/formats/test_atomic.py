@@ -148,3 +148,47 @@ def test_non_space_errors_do_not_blame_free_space(tmp_path):
         with atomic_write(tmp_path / "x.bin") as f:
             raise OSError(28, "No space left on device")
     assert os.listdir(tmp_path) == []
+
+
+def _open_descriptors() -> int:
+    atomic.wait_released()  # (a replaced file is held until its release thread ends)
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+@pytest.mark.parametrize("where", ["lock_new_file", "dup"])
+@pytest.mark.parametrize("fmt", ["safetensors", "sharded", "h5"])
+def test_an_interrupt_just_after_the_temporary_file_is_made_leaves_nothing(
+    tmp_path, monkeypatch, where, fmt
+):
+    """A Ctrl-C (or a signal handler's exception) arriving between the temporary file's
+    creation and the write leaves neither the file nor a descriptor, and the destination
+    as it was (before, the file stayed, and no later save of this process removed it:
+    its PID is alive)."""
+    dest = tmp_path / {"safetensors": "one.safetensors", "sharded": "ck", "h5": "one.h5"}[fmt]
+    tbf.save({"w": np.zeros(4, np.float32)}, str(dest), format=fmt)
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    before = {p: p.read_bytes() for p in files}
+    descriptors = _open_descriptors()
+    if where == "lock_new_file":
+        real_lock = atomic.lock_new_file
+
+        def lock_new_file(*args, **kwargs):
+            real_lock(*args, **kwargs)
+            raise KeyboardInterrupt  # as a SIGINT handler would, once the lock is taken
+
+        monkeypatch.setattr(atomic, "lock_new_file", lock_new_file)
+    else:
+        real_dup = os.dup
+
+        def dup(fd):
+            monkeypatch.setattr(os, "dup", real_dup)  # (once)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(os, "dup", dup)
+    with pytest.raises(KeyboardInterrupt):
+        tbf.save({"w": np.ones(4, np.float32)}, str(dest), format=fmt)
+    monkeypatch.undo()
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == files
+    assert {p: p.read_bytes() for p in files} == before
+    assert _open_descriptors() == descriptors
