@@ -472,3 +472,19 @@ def test_zarr_from_a_thread_left_running_at_exit_says_to_join_it(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == ["refused: True"], done.stdout
     assert not os.path.exists(p)
+
+
+@pytest.mark.parametrize("dtype", [">f4", ">i8", ">c8", ">u2", ">f2"])
+@pytest.mark.parametrize("shape", [(), (3,), (2, 3)])
+def test_byte_swapped_arrays_are_saved_as_their_values(tmp_path, dtype, shape):
+    """A big-endian array is stored (little-endian) with its values, as every other
+    format does; before, the save refused it as a bug in the caller."""
+    a = (np.arange(int(np.prod(shape))) + 1).astype(dtype).reshape(shape)
+    native = a.astype(a.dtype.newbyteorder("="))
+    path = tmp_path / "s.zarr"
+    tb.save({"a": a}, str(path))
+    got = tb.load(str(path))["a"]
+    assert got.dtype == native.dtype and got.shape == shape
+    assert got.tobytes() == native.tobytes()
+    theirs = zarr.open_group(str(path), mode="r")["a"][...]
+    assert np.asarray(theirs).tobytes() == native.tobytes()

@@ -51,6 +51,7 @@ from . import safejson
 from .atomic import fsync_dir, fsync_together, start_writeback, temp_name
 from .base import Format, Reader, TensorInfo
 from .names import check_unique
+from .safetensors import check_fetched
 
 __all__ = ["FORMAT", "ZarrFormat", "ZarrReader"]
 
@@ -598,13 +599,9 @@ class ZarrFormat(Format):
                     dimension_names=[f"{info.name}.dim{i}" for i in range(len(info.shape))],
                     attributes={DTYPE_ATTR: info.dtype} if info.dtype in _RAW_BITS else None,
                 )
-                data = fetch(info.name)
-                if tuple(data.shape) != info.shape or data.dtype != row.numpy:
-                    raise ConversionError(
-                        f"{path}: tensor {info.name!r} came as {data.dtype}{list(data.shape)}, "
-                        f"not the declared {info.dtype}{list(info.shape)}. Fix: this is a bug in "
-                        "the caller; report it."
-                    )
+                data = check_fetched(fetch(info.name), info, path)
+                if not data.dtype.isnative:  # (a byte-swapped array: stored little-endian)
+                    data = data.astype(data.dtype.newbyteorder("="))
                 if data.size:
                     arr[...] = data.view(stored) if info.dtype in _RAW_BITS else data
                 del data
