@@ -488,3 +488,31 @@ def test_byte_swapped_arrays_are_saved_as_their_values(tmp_path, dtype, shape):
     assert got.tobytes() == native.tobytes()
     theirs = zarr.open_group(str(path), mode="r")["a"][...]
     assert np.asarray(theirs).tobytes() == native.tobytes()
+
+
+def test_zarr_load_from_a_del_at_teardown_says_python_is_shutting_down(tmp_path):
+    """A ``__del__`` run while Python tears its modules down can import nothing: the load
+    says that Python is shutting down, with a fix, not that zarr-python is missing."""
+    p = str(tmp_path / "x.zarr")
+    code = f"""
+        import numpy as np, tensorbridge as tb
+        from tensorbridge.errors import FileFormatError
+        tb.save({{"a": np.zeros(3, np.float32)}}, {p!r})
+        class Late:
+            def __del__(self, tb=tb, FileFormatError=FileFormatError, print=print):
+                try:
+                    tb.load({p!r})
+                    print("done", flush=True)
+                except FileFormatError as exc:
+                    text = str(exc)
+                    print("refused:", "shutting down" in text and "Fix:" in text
+                          and "not installed" not in text, flush=True)
+                except BaseException as exc:
+                    print("other:", type(exc).__name__, exc, flush=True)
+        late = Late()  # a module global: collected as __main__ is torn down
+        """
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["refused: True"], done.stdout

@@ -39,6 +39,7 @@ import ctypes
 import errno
 import os
 import shutil
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -78,6 +79,8 @@ def _zarr(path: str = "") -> Any:
     try:
         import zarr
     except ImportError as exc:
+        if sys.meta_path is None:  # a __del__ at exit: nothing can be imported any more
+            raise _shutdown_error(str(exc), path, "importing zarr-python") from exc
         raise FrameworkNotInstalledError(
             message(
                 ".zarr stores", "zarr-python is not installed", "pip install 'tensorbridge[zarr]'"
@@ -396,6 +399,10 @@ def _at_shutdown(exc: BaseException, path: str, doing: str) -> FileFormatError |
     text = str(exc)
     if not isinstance(exc, RuntimeError) or "shutdown" not in text:
         return None
+    return _shutdown_error(text, path, doing)
+
+
+def _shutdown_error(text: str, path: str, doing: str) -> FileFormatError:
     return FileFormatError(
         f"{doing}: zarr-python works on threads that it cannot start while Python is "
         f"shutting down ({text:.100}). Fix: save or load zarr stores before Python exits: "
