@@ -404,7 +404,9 @@ def convert(x: Any, /, to: str, **options: Any) -> Any:
     framework. Every value the new dtype can hold comes out the same whichever
     runs it. Values it cannot hold follow the framework that casts: float8
     out of range (NaN with ml_dtypes, saturation with torch), and subnormals
-    in TensorFlow, whose CPU kernels flush them to zero.
+    in TensorFlow, whose CPU kernels flush them to zero. A complex to real cast
+    keeps the real parts and, as NumPy, torch and JAX do, warns that the
+    imaginary parts are discarded (``ComplexWarning`` or ``UserWarning``).
 
     ``pinned=True`` (``to="numpy"`` only) returns the arrays copied from CUDA
     tensors in page-locked (pinned) host memory, from torch's caching host
