@@ -27,7 +27,6 @@ import contextlib
 import errno
 import os
 import sys
-import tempfile
 import weakref
 from collections.abc import Mapping
 from typing import Any, BinaryIO
@@ -38,7 +37,7 @@ from .dtypes import numpy_dtype
 from .errors import ConversionError, FileFormatError, message
 from .files import check_metadata, file_path, tensor_info, to_host
 from .formats import TensorInfo, format_for_path
-from .formats.atomic import lock_new_file, remove_stale
+from .formats.atomic import lock_new_file, remove_stale, temp_name
 from .formats.names import check_unique
 from .formats.safetensors import iter_le_bytes
 
@@ -181,6 +180,36 @@ class Writer:
                 ) from None
         self._format.check_write(self.path, infos)
 
+    def _new_spool(self) -> int:
+        """Make, lock and open a new spool file (its path last in ``self._paths``). Locked
+        while open: cleaners elsewhere skip it (atomic.py). An interrupt at any point (one
+        that comes as the open returns too) leaves no file: its name, random and so ours
+        alone, is chosen before the open and removed on any exception."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        while True:
+            tmp = temp_name(self._dir, self._base, SPOOL_MARKER)
+            made: str | None = tmp
+            fd: int | None = None
+            try:
+                try:
+                    fd = os.open(tmp, flags, 0o600)
+                except OSError:
+                    made = None  # not made here
+                    raise
+                if lock_new_file(fd, tmp):
+                    self._paths.append(tmp)  # removed with the others from now on
+                    return fd
+            except FileExistsError:
+                continue  # (a name taken: another one)
+            except BaseException:
+                if made is not None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(made)
+                if fd is not None:
+                    os.close(fd)
+                raise
+            os.close(fd)  # removed by a cleaner before the lock: another name
+
     def _spool(self, name: str) -> BinaryIO:
         """The open spool file of ``name``; at most :data:`MAX_OPEN_SPOOLS` stay open."""
         f = self._files.pop(name, None)  # re-inserted below: the dict's order is the LRU
@@ -190,20 +219,8 @@ class Writer:
             tmp = self._spools.get(name)
             try:
                 if tmp is None:
-                    while True:  # locked while open: cleaners elsewhere skip it (atomic.py)
-                        fd, tmp = tempfile.mkstemp(
-                            prefix=f".{self._base}{SPOOL_MARKER}{os.getpid()}-", dir=self._dir
-                        )
-                        try:  # (an interrupt here must not leave the file behind)
-                            if lock_new_file(fd, tmp):
-                                self._paths.append(tmp)  # removed with the others from now
-                                break
-                        except BaseException:
-                            with contextlib.suppress(OSError):
-                                os.unlink(tmp)
-                            os.close(fd)
-                            raise
-                        os.close(fd)  # removed by a cleaner before the lock: another name
+                    fd = self._new_spool()
+                    tmp = self._paths[-1]
                     self._spools[name] = tmp
                     f = os.fdopen(fd, "wb")
                 else:

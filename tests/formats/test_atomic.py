@@ -155,22 +155,51 @@ def _open_descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def _save(dest, value: float, fmt: str) -> None:
+    if fmt == "writer":
+        from tensorbridge import Writer
+
+        with Writer(str(dest)) as w:
+            w.append(w=np.full(4, value, np.float32))
+    else:
+        tbf.save({"w": np.full(4, value, np.float32)}, str(dest), format=fmt)
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
-@pytest.mark.parametrize("where", ["lock_new_file", "dup"])
-@pytest.mark.parametrize("fmt", ["safetensors", "sharded", "h5"])
+@pytest.mark.parametrize(
+    "fmt,where",
+    [
+        (fmt, where)
+        for fmt in ("safetensors", "sharded", "h5", "writer")
+        for where in ("open", "lock_new_file", "dup")
+        if (fmt, where) != ("writer", "dup")  # (spool files are not duplicated)
+    ],
+)
 def test_an_interrupt_just_after_the_temporary_file_is_made_leaves_nothing(
     tmp_path, monkeypatch, where, fmt
 ):
-    """A Ctrl-C (or a signal handler's exception) arriving between the temporary file's
-    creation and the write leaves neither the file nor a descriptor, and the destination
-    as it was (before, the file stayed, and no later save of this process removed it:
-    its PID is alive)."""
-    dest = tmp_path / {"safetensors": "one.safetensors", "sharded": "ck", "h5": "one.h5"}[fmt]
-    tbf.save({"w": np.zeros(4, np.float32)}, str(dest), format=fmt)
+    """A Ctrl-C (or a signal handler's exception) arriving as the temporary file is made,
+    or between then and the write, leaves no file and the destination as it was (before,
+    the file stayed, and no later save of this process removed it: its PID is alive).
+    Only when it comes as the open returns can its descriptor not be closed (Python
+    drops the result): the interrupt is simulated so, and the test closes it."""
+    dest = tmp_path / {"sharded": "ck", "h5": "one.h5"}.get(fmt, "one.safetensors")
+    _save(dest, 0.0, fmt)
     files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
     before = {p: p.read_bytes() for p in files}
     descriptors = _open_descriptors()
-    if where == "lock_new_file":
+    if where == "open":
+        real_open, dropped = os.open, []
+
+        def open_(path, flags, mode=0o777, *, dir_fd=None):
+            fd = real_open(path, flags, mode, dir_fd=dir_fd)
+            if ".tb-tmp-" in os.fspath(path) or ".tb-spool-" in os.fspath(path):
+                dropped.append(fd)  # (closed below: the interpreter would leave it open)
+                raise KeyboardInterrupt  # as a handler run when the call returns would
+            return fd
+
+        monkeypatch.setattr(os, "open", open_)
+    elif where == "lock_new_file":
         real_lock = atomic.lock_new_file
 
         def lock_new_file(*args, **kwargs):
@@ -178,6 +207,10 @@ def test_an_interrupt_just_after_the_temporary_file_is_made_leaves_nothing(
             raise KeyboardInterrupt  # as a SIGINT handler would, once the lock is taken
 
         monkeypatch.setattr(atomic, "lock_new_file", lock_new_file)
+        if fmt == "writer":
+            import tensorbridge.writer as writer_mod
+
+            monkeypatch.setattr(writer_mod, "lock_new_file", lock_new_file)
     else:
         real_dup = os.dup
 
@@ -187,8 +220,11 @@ def test_an_interrupt_just_after_the_temporary_file_is_made_leaves_nothing(
 
         monkeypatch.setattr(os, "dup", dup)
     with pytest.raises(KeyboardInterrupt):
-        tbf.save({"w": np.ones(4, np.float32)}, str(dest), format=fmt)
+        _save(dest, 1.0, fmt)
     monkeypatch.undo()
+    if where == "open":
+        assert len(dropped) == 1
+        os.close(dropped[0])
     assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == files
     assert {p: p.read_bytes() for p in files} == before
     assert _open_descriptors() == descriptors

@@ -466,19 +466,24 @@ def _kind(mode: int) -> str:
 
 
 def _check_target(
-    path: str | os.PathLike[str], target: str, follow_symlinks: bool, example: str
+    path: str | os.PathLike[str],
+    target: str,
+    follow_symlinks: bool,
+    example: str,
+    dir_fd: int | None = None,
 ) -> int:
     """Refuse a destination that is a directory or another non-regular file; return the
-    mode the new file gets (the destination's, or what a plain ``open()`` would give)."""
+    mode the new file gets (the destination's, or what a plain ``open()`` would give).
+    ``dir_fd``: ``target`` is relative to that directory."""
     try:
-        st = os.stat(target) if follow_symlinks else os.lstat(target)
+        st = os.stat(target, dir_fd=dir_fd, follow_symlinks=follow_symlinks)
     except (FileNotFoundError, NotADirectoryError):  # creating the temporary file reports it
         return _default_mode()
     except OSError:
         return _default_mode()
     if not follow_symlinks and stat.S_ISLNK(st.st_mode):  # the link itself is replaced
         try:
-            st = os.stat(target)
+            st = os.stat(target, dir_fd=dir_fd)
         except OSError:
             return _default_mode()
         return st.st_mode & 0o7777 if stat.S_ISREG(st.st_mode) else _default_mode()
@@ -521,25 +526,35 @@ def _replacing(
     (see :func:`_rename`).
     """
     raw = os.fspath(path)
-    if follow_symlinks:
-        target = os.path.realpath(raw)  # a symlink's target gets the update
-    else:  # the directory is resolved, the last component (maybe a link) is replaced
-        target = os.path.join(
-            os.path.realpath(os.path.dirname(os.path.abspath(raw))),
-            os.path.basename(os.path.abspath(raw)),
-        )
-    directory = os.path.dirname(target) or "."
-    base = os.path.basename(target)
-    mode = _check_target(path, target, follow_symlinks, example)
     if commit is not None:
         within = commit.within
+    if within is not None:  # the name itself, inside that directory (see _rename)
+        directory, base = os.path.dirname(raw) or ".", os.path.basename(raw)
+        target = os.path.join(directory, base)
+        mode = _check_target(path, base, False, example, within)
+    else:
+        if follow_symlinks:
+            target = os.path.realpath(raw)  # a symlink's target gets the update
+        else:  # the directory is resolved, the last component (maybe a link) is replaced
+            # (realpath of the directory as given: ``link/..`` is the link's parent, as
+            # for the kernel, not the path's lexical parent)
+            target = os.path.join(
+                os.path.realpath(os.path.dirname(raw) or "."), os.path.basename(raw)
+            )
+        directory, base = os.path.dirname(target) or ".", os.path.basename(target)
+        mode = _check_target(path, target, follow_symlinks, example)
     remove_stale(directory, base, dir_fd=within)
     fd: int | None = None
+    made: str | None = None  # the temporary file's name while it may exist
     try:  # from the open on: an exception (a Ctrl-C too) removes what was made
         while True:
             tmp = temp_name(directory, base)
             name, at = _at(tmp, within)
             try:
+                # An interrupt can come as the open returns, before its descriptor is
+                # kept: the name (ours alone: random) is removed then, the descriptor
+                # stays open until the process ends.
+                made = name
                 fd = os.open(
                     name,
                     os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
@@ -547,6 +562,7 @@ def _replacing(
                     dir_fd=at,
                 )
             except OSError as exc:
+                made = None  # not made here (whatever holds the name is not ours)
                 raise FileFormatError(
                     f"cannot create a file in {directory!r} ({exc.strerror}). Fix: check that "
                     "the directory exists and is writable, or choose another destination.",
@@ -554,16 +570,16 @@ def _replacing(
                 ) from exc
             if lock_new_file(fd, name, ofd=ofd, dir_fd=at):
                 break
-            taken, fd = fd, None  # a cleaner took it before our lock existed: another name
-            os.close(taken)
+            taken, fd, made = fd, None, None  # a cleaner took it before our lock existed
+            os.close(taken)  # (another name)
         # The lock belongs to the open file: a duplicate descriptor keeps it until the
         # temporary file is renamed or removed, whenever the caller closes ``fd``.
         lock_fd = os.dup(fd)
     except BaseException as exc:
-        if fd is not None:
+        if made is not None:
             with contextlib.suppress(OSError):
-                os.unlink(name, dir_fd=at)
-            _close_quietly(fd)
+                os.unlink(made, dir_fd=at)
+        _close_quietly(fd)
         if isinstance(exc, OSError) and not isinstance(exc, TensorBridgeError):
             raise _write_failed(exc, path) from exc
         raise
@@ -604,7 +620,7 @@ def _rename(tmp: str, raw: str, target: str, within: int | None) -> None:
     if within is None:
         os.replace(tmp, target)
     else:
-        name = os.path.basename(os.path.abspath(raw))
+        name = os.path.basename(raw)
         os.replace(os.path.basename(tmp), name, src_dir_fd=within, dst_dir_fd=within)
 
 
@@ -612,7 +628,7 @@ def _hold_target(raw: str, target: str, within: int | None) -> int | None:
     """:func:`_hold_replaced` of what :func:`_rename` is about to replace."""
     if within is None:
         return _hold_replaced(target)
-    return _hold_replaced(os.path.basename(os.path.abspath(raw)), within)
+    return _hold_replaced(os.path.basename(raw), within)
 
 
 def _fsync_directory(directory: str, within: int | None) -> None:
