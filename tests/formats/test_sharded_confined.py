@@ -138,3 +138,51 @@ def test_a_convert_into_a_directory_replaced_by_a_link_leaves_the_linked_checkpo
     assert snapshot(other) == before
     assert snapshot(moved) == old
     assert temp_files(tmp_path) == []
+
+
+def test_a_path_through_a_link_then_dotdot_is_the_kernels_and_keeps_the_index_mode(tmp_path):
+    """``lnk/../ck`` is ``ck`` beside the link's target, as the kernel resolves it, for
+    every file of the save; a re-save keeps the index's mode (before, the mode was read
+    from the path's lexical parent, and a 0600 index became 0644)."""
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "lnk").symlink_to(tmp_path / "real" / "sub")
+    path = tmp_path / "lnk" / ".." / "ck"
+    save(tree(1.0), path)
+    index = tmp_path / "real" / "ck" / "model.safetensors.index.json"
+    os.chmod(index, 0o600)
+    save(tree(2.0, "u"), path)
+    assert os.stat(index).st_mode & 0o777 == 0o600
+    assert same_tree(tb.load(str(tmp_path / "real" / "ck")), tree(2.0, "u"))
+    assert not (tmp_path / "ck").exists()
+
+
+def test_an_interrupt_once_the_new_index_landed_still_removes_the_file_it_supersedes(
+    tmp_path, monkeypatch
+):
+    """A Ctrl-C after the new index landed, as the files it supersedes are removed: the
+    save is complete and kept, and an old ``model.safetensors`` (which from_pretrained
+    would load before any index) is removed all the same."""
+    import tensorbridge.formats.sharded as sharded_mod
+
+    d = tmp_path / "ck"
+    d.mkdir()
+    tb.save(tree(0.0, "old"), str(d / "model.safetensors"))
+    real_remove, calls = sharded_mod._remove_old_shards, []
+
+    def remove_old_shards(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # as the removal starts
+        return real_remove(*args)
+
+    monkeypatch.setattr(sharded_mod, "_remove_old_shards", remove_old_shards)
+    with pytest.raises(KeyboardInterrupt):
+        save(tree(1.0), d)
+    monkeypatch.undo()
+    assert len(calls) == 2
+    assert sorted(os.listdir(d)) == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ]
+    assert same_tree(tb.load(str(d)), tree(1.0))

@@ -1008,6 +1008,7 @@ def _remove_old_shards(within: int, prefix: str, keep: set[str]) -> None:
         names = os.listdir(within)
     except OSError:
         return
+    names.sort(key=lambda n: n != single)  # the one from_pretrained would load first
     for name in names:
         if name not in keep and (pattern.fullmatch(name) or name == single):
             with contextlib.suppress(OSError):
@@ -1112,16 +1113,18 @@ class ShardedFormat(Format):
         metadata: Mapping[str, str] | None = None,
         *,
         landed: Callable[[str, int, int, int], None] | None = None,
-        write_shards: Callable[[list[tuple[str, list[TensorInfo], dict[str, str]]]], None]
+        write_shards: Callable[[list[tuple[str, list[TensorInfo], dict[str, str]]], int], None]
         | None = None,
         **options: Any,
     ) -> None:
         """Write shards of at most ``max_shard_size`` bytes (option; default 5GB), then the index.
 
         ``landed`` is handed to each shard's safetensors writer (see its ``write``).
-        ``write_shards(jobs)``, when given, writes the shards instead (all at once, e.g.
-        with :meth:`SafetensorsFormat.placed`; ``fetch`` is not called): each job is
-        ``(path, infos, metadata)`` for a checked ``SAFETENSORS.write`` call."""
+        ``write_shards(jobs, within)``, when given, writes the shards instead (all at
+        once, e.g. with :meth:`SafetensorsFormat.placed`; ``fetch`` is not called): each
+        job is ``(path, infos, metadata)`` for a checked ``SAFETENSORS.write`` call, and
+        ``within`` is the locked directory's descriptor, that every file must land in
+        (``placed(..., within=within)``)."""
         path = os.fspath(path)
         user_metadata = self.check_write(path, infos, metadata, options)
         max_shard_size = parse_size(options.get("max_shard_size", DEFAULT_MAX_SHARD_SIZE))
@@ -1156,7 +1159,8 @@ class ShardedFormat(Format):
         user_metadata: dict[str, str],
         max_shard_size: int,
         landed: Callable[[str, int, int, int], None] | None,
-        write_shards: Callable[..., None] | None,
+        write_shards: Callable[[list[tuple[str, list[TensorInfo], dict[str, str]]], int], None]
+        | None,
     ) -> None:
         """Write into ``directory``, locked through ``within`` (its descriptor): every name
         is checked, made, replaced and removed inside that directory only, so a save whose
@@ -1223,15 +1227,19 @@ class ShardedFormat(Format):
                 if write_shards is not None:
                     _fsync_quietly(within)
                 commit.publish()  # the index, then the directory
+            _remove_old_shards(within, prefix, set(names) | {index_name})
         except BaseException:
             # Before the new index landed, the old index and its shards were never
             # touched: remove what this save wrote. After (a signal during the last
-            # directory fsync), the new checkpoint is complete: keep it.
+            # directory fsync), the new checkpoint is complete: keep it, and remove what
+            # it supersedes as a finished save does (an old model.safetensors left
+            # beside it would be what from_pretrained loads).
             if _previous_generation(index_name, within) != generation:
                 _unlink_all(written, within)
+            else:
+                _remove_old_shards(within, prefix, set(names) | {index_name})
             _fsync_quietly(within)
             raise
-        _remove_old_shards(within, prefix, set(names) | {index_name})
         _fsync_quietly(within)
 
 
