@@ -991,6 +991,8 @@ class H5Format(Format):
             for info in infos:
                 arr = check_fetched(fetch(info.name), info, path)
                 if info.dtype in _RAW_BITS:
+                    if not arr.dtype.isnative:  # (a byte-swapped bfloat16: its values)
+                        arr = arr.astype(arr.dtype.newbyteorder("="))
                     arr = arr.view(f"u{arr.dtype.itemsize}")
                 dsid = maker.create(info, arr)
                 if info.dtype in _RAW_BITS:  # fixed-length: no global heap to read back
