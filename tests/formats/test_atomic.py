@@ -228,3 +228,38 @@ def test_an_interrupt_just_after_the_temporary_file_is_made_leaves_nothing(
     assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == files
     assert {p: p.read_bytes() for p in files} == before
     assert _open_descriptors() == descriptors
+
+
+@pytest.mark.parametrize("fmt", ["pt", "npz"])
+def test_an_interrupt_as_a_zip_member_opens_comes_out_as_itself(tmp_path, monkeypatch, fmt):
+    """A Ctrl-C as ``zf.open(member, "w")`` returns loses the member's handle; closing
+    the archive then raises ValueError, which hid the interrupt. The interrupt comes out,
+    the destination is as it was, and no temporary file is left."""
+    import gc
+    import zipfile
+
+    dest = tmp_path / f"one.{fmt}"
+    _save(dest, 0.0, fmt)
+    before = dest.read_bytes()
+    real_open, lost = zipfile.ZipFile.open, []
+
+    def open_(self, name, mode="r", *args, **kwargs):
+        handle = real_open(self, name, mode, *args, **kwargs)
+        if mode == "w":
+            lost.append(handle)  # (alive, as in an interrupted frame the traceback keeps)
+            del handle
+            raise KeyboardInterrupt  # as a handler run when the call returns would
+        return handle
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", open_)
+    with pytest.raises(KeyboardInterrupt):
+        _save(dest, 1.0, fmt)
+    monkeypatch.undo()
+    unraisable: list[object] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    lost.clear()  # the handle and the archive are freed: neither says anything
+    gc.collect()
+    monkeypatch.undo()
+    assert unraisable == []
+    assert dest.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == [dest.name]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -459,6 +460,23 @@ class Format:
     ) -> None:
         """Write atomically: the destination is replaced only when complete."""
         raise NotImplementedError
+
+
+@contextlib.contextmanager
+def writing_zip(file: Any, compression: int) -> Iterator[zipfile.ZipFile]:
+    """``zipfile.ZipFile(file, "w", compression, allowZip64=True)``, closed when the block
+    ends. A block that fails closes it quietly: an archive whose member handle was lost
+    (an interrupt as ``zf.open(..., "w")`` returned) raises ``ValueError`` on close,
+    which would replace the real error; the half-written file is discarded anyway."""
+    zf = zipfile.ZipFile(file, "w", compression, allowZip64=True)
+    try:
+        yield zf
+    except BaseException:
+        with contextlib.suppress(Exception):
+            zf.close()
+        zf.fp = None  # closed, or past saving: its __del__ must not raise the same again
+        raise
+    zf.close()
 
 
 def first_axis_rows(info: TensorInfo, index: Any, file: object) -> tuple[int, int, bool]:

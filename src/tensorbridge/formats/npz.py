@@ -73,7 +73,7 @@ import numpy as np
 
 from ..errors import ConversionError, FileFormatError, TensorBridgeError, UnsafeContentError
 from .atomic import atomic_write
-from .base import Format, RawSpan, Reader, TensorInfo, file_stamp, opening
+from .base import Format, RawSpan, Reader, TensorInfo, file_stamp, opening, writing_zip
 from .names import check_name, check_unique
 from .npy import FORMAT as NPY
 from .npy import (
@@ -777,7 +777,7 @@ class NpzFormat(Format):
         headers = [build_header(i.dtype, i.shape, void=void) for i in infos]
         method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
         with atomic_write(path) as f:
-            with zipfile.ZipFile(f, "w", method, allowZip64=True) as zf:
+            with writing_zip(f, method) as zf:
                 for info, header in zip(infos, headers, strict=True):
                     arr = check_fetched(fetch(info.name), info, path)
                     zi = zipfile.ZipInfo(info.name + _SUFFIX, date_time=_DATE)

@@ -80,7 +80,7 @@ import numpy as np
 from ..dtypes import lookup
 from ..errors import ConversionError, FileFormatError
 from .atomic import atomic_write
-from .base import Format, RawSpan, Reader, TensorInfo, file_stamp, opening
+from .base import Format, RawSpan, Reader, TensorInfo, file_stamp, opening, writing_zip
 from .pt_errors import wrapped
 from .pt_flatten import MAX_DEPTH, flatten  # noqa: F401 (MAX_DEPTH: re-export)
 from .pt_pickle import (  # noqa: F401 (MAX_*: re-exported, as before the split)
@@ -618,7 +618,7 @@ class PtFormat(Format):
             ("byteorder", sys.byteorder.encode()),
         ]
         with atomic_write(path) as f:
-            with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with writing_zip(f, zipfile.ZIP_STORED) as zf:
                 for name, raw in small:
                     add_record(zf, f, f"{ARCHIVE}/{name}", [raw], len(raw))
                 for i, info in enumerate(infos):
