@@ -516,3 +516,78 @@ def test_zarr_load_from_a_del_at_teardown_says_python_is_shutting_down(tmp_path)
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == ["refused: True"], done.stdout
+
+
+def _temporaries(directory) -> list[str]:
+    return sorted(n for n in os.listdir(directory) if ".tb-tmp-" in n)
+
+
+def test_a_store_left_by_a_killed_writer_is_removed_by_the_next_save(tmp_path):
+    """A killed writer's temporary store (no one holds its lock; its PID is gone) is
+    removed by the next save of the same store; one whose lock is held is kept."""
+    from tensorbridge.formats import atomic
+
+    dest = tmp_path / "x.zarr"
+    tb.save({"a": np.zeros(3, np.float32)}, str(dest))
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    pid = int(dead.stdout)
+    left = tmp_path / f".x.zarr{atomic.TMP_MARKER}{pid}-0badf00d"
+    held = tmp_path / f".x.zarr{atomic.TMP_MARKER}{pid}-0000cafe"
+    for d in (left, held):
+        (d / "a" / "c").mkdir(parents=True)
+        (d / "a" / "c" / "0").write_bytes(b"chunk")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()",
+            str(held),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        tb.save({"a": np.ones(3, np.float32)}, str(dest))
+        assert _temporaries(tmp_path) == [held.name]
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+        holder.stdout.close()
+    assert tb.load(str(dest))["a"].tolist() == [1.0, 1.0, 1.0]
+    tb.save({"a": np.ones(3, np.float32)}, str(dest))  # its lock is free now
+    assert _temporaries(tmp_path) == []
+
+
+def test_a_store_whose_removal_was_interrupted_is_removed_by_the_next_save(tmp_path, monkeypatch):
+    """A Ctrl-C while a failed save removes its temporary store leaves the store; the
+    next save of this process removes it (its PID is alive, so only this process may)."""
+    import shutil
+
+    import tensorbridge.formats.zarr as zarr_mod
+
+    dest = tmp_path / "x.zarr"
+    tb.save({"a": np.zeros(3, np.float32)}, str(dest))
+    real_rmtree = shutil.rmtree
+
+    def fetch_fails(name):
+        raise ValueError("no tensor")
+
+    def rmtree(path, *args, **kwargs):
+        monkeypatch.setattr(zarr_mod.shutil, "rmtree", real_rmtree)  # (once)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(zarr_mod.shutil, "rmtree", rmtree)
+    from tensorbridge.formats.base import TensorInfo
+
+    with pytest.raises(KeyboardInterrupt):
+        zarr_mod.FORMAT.write(str(dest), [TensorInfo("a", "float32", (3,))], fetch_fails)
+    monkeypatch.undo()
+    assert len(_temporaries(tmp_path)) == 1
+    tb.save({"a": np.ones(3, np.float32)}, str(dest))
+    assert _temporaries(tmp_path) == []
+    assert tb.load(str(dest))["a"].tolist() == [1.0, 1.0, 1.0]

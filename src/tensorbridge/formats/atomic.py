@@ -68,6 +68,8 @@ __all__ = [
     "temp_name",
     "remove_stale",
     "remove_stale_in",
+    "new_locked_directory",
+    "remove_stale_directories",
     "fsync_dir",
     "fsync_together",
     "start_writeback",
@@ -227,6 +229,65 @@ def remove_stale_in(directory: str) -> None:
         marker = next((m for m in _MARKERS if m in name[1:]), None)
         if name.startswith(".") and marker and not _owner_alive_here(name, marker):
             _remove_if_dead(os.path.join(directory, name))
+
+
+def new_locked_directory(directory: str, base: str) -> tuple[str, int]:
+    """A new, empty temporary directory for ``base`` in ``directory`` (named as
+    :func:`temp_name` names files) and a descriptor of it that holds its ``flock``: until
+    that descriptor is closed, :func:`remove_stale_directories` leaves it. Nothing is
+    left by an exception (an interrupt too) before it returns."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = temp_name(directory, base)
+        made: str | None = tmp
+        fd: int | None = None
+        try:
+            try:
+                os.mkdir(tmp)
+            except OSError as exc:
+                made = None  # not made here
+                raise FileFormatError(
+                    f"cannot create a directory in {directory!r} ({exc.strerror}). Fix: check "
+                    "that the directory exists and is writable, or choose another destination.",
+                    os.path.join(directory, base),
+                ) from exc
+            fd = os.open(tmp, flags)
+            if lock_new_file(fd, tmp):
+                return tmp, fd
+        except BaseException:
+            if made is not None:
+                with contextlib.suppress(OSError):
+                    os.rmdir(made)
+            _close_quietly(fd)
+            raise
+        os.close(fd)  # a cleaner took it before our lock existed: another name
+
+
+def remove_stale_directories(directory: str, base: str) -> None:
+    """Remove the temporary directories of ``base`` (:func:`new_locked_directory`) that a
+    writer left and no one holds the lock of any more (a killed writer's). A directory
+    whose writer's PID is alive here is left: it may not have locked it yet."""
+    import shutil
+
+    prefix = f".{base}{TMP_MARKER}"
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_NOFOLLOW | os.O_NONBLOCK
+    for name in _listdir(directory):
+        if not name.startswith(prefix) or _owner_alive_here(
+            name[len(prefix) - len(TMP_MARKER) :], TMP_MARKER
+        ):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue  # a file (not ours to judge here), gone, or not readable
+        try:
+            if _flock(fd, wait=False) and _same_file(fd, path):
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass  # cannot tell: keep it
+        finally:
+            os.close(fd)
 
 
 @contextlib.contextmanager

@@ -41,6 +41,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -49,7 +50,14 @@ import numpy as np
 from ..dtypes import DTYPES, NUMPY_NATIVE, lookup
 from ..errors import ConversionError, FileFormatError, FrameworkNotInstalledError, message
 from . import safejson
-from .atomic import fsync_dir, fsync_together, start_writeback, temp_name
+from .atomic import (
+    fsync_dir,
+    fsync_together,
+    new_locked_directory,
+    remove_stale_directories,
+    start_writeback,
+    temp_name,
+)
 from .base import Format, Reader, TensorInfo
 from .names import check_unique
 from .safetensors import check_fetched
@@ -591,7 +599,9 @@ class ZarrFormat(Format):
                 path,
             )
         directory = os.path.dirname(target) or "."
-        tmp = temp_name(directory, os.path.basename(target))
+        base = os.path.basename(target)
+        _remove_left_stores(directory, base)
+        tmp, held = new_locked_directory(directory, base)  # (held: its lock, until the end)
         try:
             group = zarr.open_group(tmp, mode="w-")
             group.attrs.update({**meta, ORDER_ATTR: [i.name for i in infos]})
@@ -636,8 +646,47 @@ class ZarrFormat(Format):
                 raise
             raise late from exc
         finally:
-            if tmp:
-                shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                if tmp:
+                    _discard(tmp)
+            finally:
+                os.close(held)
+
+
+#: temporary stores of this process that could not be removed yet (zarr-python's thread
+#: was still writing into one when its save was interrupted): its next save removes them
+_LEFT: set[str] = set()
+
+#: how long a failed save waits, in all, for zarr-python to stop writing into its store
+DISCARD_SECONDS = 1.0
+
+
+def _discard(tmp: str) -> None:
+    """Remove a temporary store (or a replaced one). After an interrupt, zarr-python's
+    own thread may still be writing chunks into it for a moment: try again until it is
+    gone, for up to :data:`DISCARD_SECONDS`, and leave it to the next save after that."""
+    _LEFT.add(tmp)  # (first: an interrupt while it is removed leaves it to the next save)
+    deadline = time.monotonic() + DISCARD_SECONDS
+    delay = 0.005
+    while True:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.lexists(tmp):
+            _LEFT.discard(tmp)
+            return
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(delay)
+        delay = min(2 * delay, 0.1)
+
+
+def _remove_left_stores(directory: str, base: str) -> None:
+    """Before a save: remove what earlier saves of ``base`` left, this process's (see
+    :data:`_LEFT`) and those of writers that are gone (no one holds their lock)."""
+    for tmp in list(_LEFT):
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.lexists(tmp):
+            _LEFT.discard(tmp)
+    remove_stale_directories(directory, base)
 
 
 FORMAT = ZarrFormat()
