@@ -679,14 +679,20 @@ def test_a_cast_is_quiet_and_leaves_numpys_error_state_as_it_was():
 
 @pytest.mark.parametrize("to", ["numpy", "torch", "jax", "tensorflow"])
 def test_a_complex_to_real_cast_keeps_the_real_parts_and_warns_as_numpy_does(to):
-    """Dropping the imaginary parts is data lost, which NumPy, torch and JAX warn about:
-    the cast warns too (documented in convert's docstring), once NumPy's quiet error
-    state is in force."""
+    """Dropping the imaginary parts is data lost, which NumPy warns about: a cast to
+    NumPy's own dtypes warns too, NumPy's quiet error state notwithstanding; one to
+    bfloat16 (ml_dtypes) does not (both as convert's docstring says)."""
     pytest.importorskip({"numpy": "numpy", "torch": "torch", "jax": "jax"}.get(to, "tensorflow"))
     x = np.array([1 + 2j, 3 - 4j], np.complex64)
     with pytest.warns(np.exceptions.ComplexWarning, match="imaginary"):
         got = tb.convert(x, to=to, dtype="float32")
     assert np.asarray(got).tolist() == [1.0, 3.0]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (ml_dtypes' casts do not warn)
+        got = tb.convert(x, to=to, dtype="bfloat16")
+    assert np.asarray(tb.to_numpy(got)).astype(np.float32).tolist() == [1.0, 3.0]
 
 
 @pytest.mark.parametrize(

@@ -88,7 +88,13 @@ def _zarr(path: str = "") -> Any:
         import zarr
     except ImportError as exc:
         if sys.meta_path is None:  # a __del__ at exit: nothing can be imported any more
-            raise _shutdown_error(str(exc), path, "importing zarr-python") from exc
+            raise FileFormatError(
+                f"importing zarr-python: Python is shutting down and imports nothing more "
+                f"({str(exc):.100}). Fix: save or load zarr stores before Python exits (not "
+                "from a __del__ that runs at exit), or use another format there "
+                "(.safetensors).",
+                path,
+            ) from exc
         raise FrameworkNotInstalledError(
             message(
                 ".zarr stores", "zarr-python is not installed", "pip install 'tensorbridge[zarr]'"
@@ -407,10 +413,6 @@ def _at_shutdown(exc: BaseException, path: str, doing: str) -> FileFormatError |
     text = str(exc)
     if not isinstance(exc, RuntimeError) or "shutdown" not in text:
         return None
-    return _shutdown_error(text, path, doing)
-
-
-def _shutdown_error(text: str, path: str, doing: str) -> FileFormatError:
     return FileFormatError(
         f"{doing}: zarr-python works on threads that it cannot start while Python is "
         f"shutting down ({text:.100}). Fix: save or load zarr stores before Python exits: "
