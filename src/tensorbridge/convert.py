@@ -405,9 +405,10 @@ def convert(x: Any, /, to: str, **options: Any) -> Any:
     runs it. Values it cannot hold follow the framework that casts: float8
     out of range (NaN with ml_dtypes, saturation with torch), and subnormals
     in TensorFlow, whose CPU kernels flush them to zero. A complex to real cast
-    keeps the real parts; to NumPy's own dtypes it warns that the imaginary
-    parts are discarded (NumPy's ``ComplexWarning``), to bfloat16 and float8
-    (ml_dtypes) it drops them without a warning.
+    keeps the real parts; whether it warns follows the library that runs it
+    (``explain`` says which): NumPy warns (``ComplexWarning``) for its own
+    dtypes and not for ml_dtypes' bfloat16 and float8, torch and JAX warn in
+    their own ways, TensorFlow does not.
 
     ``pinned=True`` (``to="numpy"`` only) returns the arrays copied from CUDA
     tensors in page-locked (pinned) host memory, from torch's caching host

@@ -591,3 +591,64 @@ def test_a_store_whose_removal_was_interrupted_is_removed_by_the_next_save(tmp_p
     tb.save({"a": np.ones(3, np.float32)}, str(dest))
     assert _temporaries(tmp_path) == []
     assert tb.load(str(dest))["a"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_store_made_again_after_its_removal_is_removed_by_the_next_save(tmp_path, monkeypatch):
+    """zarr-python's own thread can finish an interrupted save's chunk writes after the
+    store was removed, and make its directories again: the next save of this process
+    removes it all the same."""
+    import tensorbridge.formats.zarr as zarr_mod
+    from tensorbridge.formats.base import TensorInfo
+
+    dest = tmp_path / "x.zarr"
+    tb.save({"a": np.zeros(3, np.float32)}, str(dest))
+    real_discard = zarr_mod._discard
+
+    def discard(tmp):
+        real_discard(tmp)
+        os.makedirs(os.path.join(tmp, "a", "c"))  # a late chunk write
+        with open(os.path.join(tmp, "a", "c", "0"), "wb") as f:
+            f.write(b"chunk")
+
+    monkeypatch.setattr(zarr_mod, "_discard", discard)
+
+    def fetch_fails(name):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        zarr_mod.FORMAT.write(str(dest), [TensorInfo("a", "float32", (3,))], fetch_fails)
+    monkeypatch.undo()
+    assert len(_temporaries(tmp_path)) == 1
+    tb.save({"a": np.ones(3, np.float32)}, str(dest))
+    assert _temporaries(tmp_path) == []
+
+
+@pytest.mark.parametrize("fault", [OSError(5, "Input/output error"), KeyboardInterrupt()])
+def test_without_an_exchange_a_failed_second_rename_puts_the_old_store_back(
+    tmp_path, monkeypatch, fault
+):
+    """Where two paths cannot be exchanged (not Linux), the old store is moved aside and
+    the new one renamed in: a failure between puts the old one back, and its aside name
+    is one no later save takes for a stale temporary store."""
+    import tensorbridge.formats.zarr as zarr_mod
+
+    dest = tmp_path / "x.zarr"
+    tb.save({"a": np.zeros(3, np.float32)}, str(dest))
+    monkeypatch.setattr(zarr_mod, "_exchange", lambda a, b: False)
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if os.fspath(dst) == str(dest) and ".tb-tmp-" in os.fspath(src):
+            raise fault
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(zarr_mod.os, "rename", rename)
+    with pytest.raises((FileFormatError, KeyboardInterrupt)):
+        tb.save({"a": np.ones(3, np.float32)}, str(dest))
+    monkeypatch.undo()
+    assert tb.load(str(dest))["a"].tolist() == [0.0, 0.0, 0.0]
+    assert sorted(os.listdir(tmp_path)) == ["x.zarr"]
+    monkeypatch.setattr(zarr_mod, "_exchange", lambda a, b: False)
+    tb.save({"a": np.ones(3, np.float32)}, str(dest))  # and without a fault, it is replaced
+    assert tb.load(str(dest))["a"].tolist() == [1.0, 1.0, 1.0]
+    assert sorted(os.listdir(tmp_path)) == ["x.zarr"]

@@ -627,10 +627,17 @@ class ZarrFormat(Format):
                 _start_writeback_tree(os.path.join(tmp, info.name))
             _fsync_tree(tmp)
             if os.path.exists(target):
-                if not _exchange(tmp, target):
-                    old = temp_name(directory, os.path.basename(target))
-                    os.rename(target, old)
-                    os.rename(tmp, target)
+                if not _exchange(tmp, target):  # (not Linux): two renames, the old store
+                    # aside under a name no cleaner takes, and put back on any failure
+                    old = temp_name(directory, base, _ASIDE_MARKER)
+                    try:
+                        os.rename(target, old)
+                        os.rename(tmp, target)
+                    except BaseException:
+                        if not os.path.lexists(target) and os.path.lexists(old):
+                            with contextlib.suppress(OSError):
+                                os.rename(old, target)
+                        raise
                     tmp = old
             else:
                 os.rename(tmp, target)
@@ -659,21 +666,25 @@ class ZarrFormat(Format):
 #: was still writing into one when its save was interrupted): its next save removes them
 _LEFT: set[str] = set()
 
+#: the marker of an old store moved aside for a moment where paths cannot be exchanged
+#: (never taken for a stale temporary store: it holds the only copy until put back)
+_ASIDE_MARKER = ".tb-old-"
+
 #: how long a failed save waits, in all, for zarr-python to stop writing into its store
 DISCARD_SECONDS = 1.0
 
 
 def _discard(tmp: str) -> None:
     """Remove a temporary store (or a replaced one). After an interrupt, zarr-python's
-    own thread may still be writing chunks into it for a moment: try again until it is
-    gone, for up to :data:`DISCARD_SECONDS`, and leave it to the next save after that."""
+    own thread may still be writing chunks into it for a moment (and make its
+    directories again): try again until it is gone, for up to :data:`DISCARD_SECONDS`,
+    and leave it noted for the next save, which removes it if it came back."""
     _LEFT.add(tmp)  # (first: an interrupt while it is removed leaves it to the next save)
     deadline = time.monotonic() + DISCARD_SECONDS
     delay = 0.005
     while True:
         shutil.rmtree(tmp, ignore_errors=True)
         if not os.path.lexists(tmp):
-            _LEFT.discard(tmp)
             return
         if time.monotonic() >= deadline:
             return
