@@ -652,3 +652,33 @@ def test_without_an_exchange_a_failed_second_rename_puts_the_old_store_back(
     tb.save({"a": np.ones(3, np.float32)}, str(dest))  # and without a fault, it is replaced
     assert tb.load(str(dest))["a"].tolist() == [1.0, 1.0, 1.0]
     assert sorted(os.listdir(tmp_path)) == ["x.zarr"]
+
+
+def test_a_load_during_which_another_save_swaps_the_store_reads_one_version(tmp_path, monkeypatch):
+    """zarr-python reads chunks by path: a save that swaps in a new store while a load
+    reads would give it arrays of two versions. The load notices the swap and reads
+    again, and returns one version (before, it mixed them without a word)."""
+    import tensorbridge.formats.zarr as zarr_mod
+    from tensorbridge.errors import CheckpointChangedError
+
+    dest = str(tmp_path / "x.zarr")
+    tb.save({"a": np.zeros(3, np.float32), "b": np.zeros(3, np.float32)}, dest)
+    real_read, reads = zarr_mod.ZarrReader.read, []
+
+    def read(self, name):
+        reads.append(name)
+        got = real_read(self, name)
+        if len(reads) == 1:  # another save, between the load's two arrays
+            tb.save({"a": np.ones(3, np.float32), "b": np.ones(3, np.float32)}, dest)
+        return got
+
+    monkeypatch.setattr(zarr_mod.ZarrReader, "read", read)
+    got = tb.load(dest)
+    assert len(reads) == 4  # read again
+    assert got["a"].tolist() == got["b"].tolist() == [1.0, 1.0, 1.0]
+    monkeypatch.undo()
+    with tb.open(dest) as r:
+        r.read("a")
+        tb.save({"a": np.full(3, 2, np.float32), "b": np.full(3, 2, np.float32)}, dest)
+        with pytest.raises(CheckpointChangedError, match="replaced while it was read"):
+            r.verify()

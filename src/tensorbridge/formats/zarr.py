@@ -320,6 +320,7 @@ class ZarrReader(Reader):
             raise FileFormatError(
                 "not a directory: a .zarr store is a directory. Fix: check the path.", path
             )
+        self._root = _root_stamp(path)  # (before the walk: a swap during it shows later)
         arrays, stored, root = _walk(path)
         self.skipped: dict[str, str] = {}
         entries: dict[str, tuple[TensorInfo, str, int]] = {}
@@ -400,11 +401,37 @@ class ZarrReader(Reader):
             out = arr[key] if key else arr[...]
         return self._finish(out, info)
 
+    def changed(self) -> bool:
+        """Whether the store at the path is no longer the one opened: zarr-python reads
+        each chunk by its path, so a store swapped in whole since (another save) would have
+        given some of this load's chunks; removed, or another directory there (its
+        identity and times differ: a directory made anew on a reused inode too)."""
+        return _root_stamp(self.path) != self._root
+
+    def verify(self) -> None:
+        if self.changed():
+            from ..errors import CheckpointChangedError
+
+            raise CheckpointChangedError(
+                "the store was replaced while it was read (another save swapped in a new "
+                "one); what was read may mix two versions. Fix: load it again.",
+                self.path,
+            )
+
     def native_chunks(self, name: str) -> tuple[int, ...] | None:
         return tuple(int(c) for c in self._array(name).chunks)
 
     def close(self) -> None:
         self._group = None
+
+
+def _root_stamp(path: str) -> tuple[int, ...] | None:
+    """The identity and times of the store's root directory (None: not there)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _at_shutdown(exc: BaseException, path: str, doing: str) -> FileFormatError | None:
