@@ -680,5 +680,71 @@ def test_a_load_during_which_another_save_swaps_the_store_reads_one_version(tmp_
     with tb.open(dest) as r:
         r.read("a")
         tb.save({"a": np.full(3, 2, np.float32), "b": np.full(3, 2, np.float32)}, dest)
-        with pytest.raises(CheckpointChangedError, match="replaced while it was read"):
+        with pytest.raises(CheckpointChangedError, match="replaced or changed while it was read"):
             r.verify()
+
+
+def test_a_store_swapped_while_it_is_opened_is_opened_again(tmp_path, monkeypatch):
+    """Another save swaps the store while a load walks it (a file of the walk is gone):
+    the load opens it again instead of raising the walk's FileNotFoundError."""
+    import tensorbridge.formats.zarr as zarr_mod
+
+    dest = str(tmp_path / "x.zarr")
+    tb.save({"a": np.zeros(3, np.float32)}, dest)
+    real_walk, walks = zarr_mod._walk, []
+
+    def walk(path):
+        walks.append(path)
+        if len(walks) == 1:
+            tb.save({"b": np.ones(3, np.float32)}, dest)  # another save, mid-walk
+            raise FileNotFoundError(2, "No such file or directory", path + "/a/zarr.json")
+        return real_walk(path)
+
+    monkeypatch.setattr(zarr_mod, "_walk", walk)
+    got = tb.load(dest)
+    assert len(walks) == 2 and list(got) == ["b"] and got["b"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_without_an_exchange_an_interrupt_after_the_second_rename_removes_the_old_store(
+    tmp_path, monkeypatch
+):
+    """The interrupt comes as the second rename returns: the new store is in place, and
+    the old one, moved aside, is removed (its aside name is one no cleaner takes)."""
+    import tensorbridge.formats.zarr as zarr_mod
+
+    dest = tmp_path / "x.zarr"
+    tb.save({"a": np.zeros(3, np.float32)}, str(dest))
+    monkeypatch.setattr(zarr_mod, "_exchange", lambda a, b: False)
+    real_rename = os.rename
+
+    def rename(src, dst):
+        real_rename(src, dst)
+        if os.fspath(dst) == str(dest) and ".tb-tmp-" in os.fspath(src):
+            raise KeyboardInterrupt  # as a handler run when the call returns would
+
+    monkeypatch.setattr(zarr_mod.os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        tb.save({"a": np.ones(3, np.float32)}, str(dest))
+    monkeypatch.undo()
+    assert tb.load(str(dest))["a"].tolist() == [1.0, 1.0, 1.0]
+    assert sorted(os.listdir(tmp_path)) == ["x.zarr"]
+
+
+def test_this_processs_own_unlocked_store_is_removed_and_a_locked_one_kept(tmp_path):
+    """A temporary store of this very process that no save holds any more (zarr-python's
+    thread made it again after a later save had cleared it) is removed by the next save;
+    one that a save of this process is writing (its lock is held) is kept."""
+    from tensorbridge.formats import atomic
+
+    dest = tmp_path / "x.zarr"
+    tb.save({"a": np.zeros(3, np.float32)}, str(dest))
+    late = tmp_path / f".x.zarr{atomic.TMP_MARKER}{os.getpid()}-0badf00d"
+    (late / "a" / "c").mkdir(parents=True)
+    busy, fd = atomic.new_locked_directory(str(tmp_path), "x.zarr")  # (another thread's)
+    try:
+        tb.save({"a": np.ones(3, np.float32)}, str(dest))
+        assert _temporaries(tmp_path) == [os.path.basename(busy)]
+    finally:
+        os.close(fd)
+    tb.save({"a": np.ones(3, np.float32)}, str(dest))
+    assert _temporaries(tmp_path) == []

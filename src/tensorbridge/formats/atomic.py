@@ -231,6 +231,10 @@ def remove_stale_in(directory: str) -> None:
             _remove_if_dead(os.path.join(directory, name))
 
 
+#: temporary directories this process is making and has not locked yet
+_making: set[str] = set()
+
+
 def new_locked_directory(directory: str, base: str) -> tuple[str, int]:
     """A new, empty temporary directory for ``base`` in ``directory`` (named as
     :func:`temp_name` names files) and a descriptor of it that holds its ``flock``: until
@@ -241,6 +245,7 @@ def new_locked_directory(directory: str, base: str) -> tuple[str, int]:
         tmp = temp_name(directory, base)
         made: str | None = tmp
         fd: int | None = None
+        _making.add(tmp)
         try:
             try:
                 os.mkdir(tmp)
@@ -260,23 +265,31 @@ def new_locked_directory(directory: str, base: str) -> tuple[str, int]:
                     os.rmdir(made)
             _close_quietly(fd)
             raise
+        finally:
+            _making.discard(tmp)
         os.close(fd)  # a cleaner took it before our lock existed: another name
 
 
 def remove_stale_directories(directory: str, base: str) -> None:
     """Remove the temporary directories of ``base`` (:func:`new_locked_directory`) that a
-    writer left and no one holds the lock of any more (a killed writer's). A directory
-    whose writer's PID is alive here is left: it may not have locked it yet."""
+    writer left and no one holds the lock of any more: a killed writer's, and this
+    process's own that a failed save could not remove (or that a library's thread made
+    again after it). One whose writer is another live process here is left: it may not
+    have locked it yet (this process knows which of its own are not locked yet)."""
     import shutil
 
     prefix = f".{base}{TMP_MARKER}"
+    mine = f"{TMP_MARKER}{os.getpid()}-"
     flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_NOFOLLOW | os.O_NONBLOCK
     for name in _listdir(directory):
-        if not name.startswith(prefix) or _owner_alive_here(
-            name[len(prefix) - len(TMP_MARKER) :], TMP_MARKER
-        ):
+        if not name.startswith(prefix):
             continue
         path = os.path.join(directory, name)
+        if name[len(prefix) - len(TMP_MARKER) :].startswith(mine):
+            if path in _making:
+                continue
+        elif _owner_alive_here(name[len(prefix) - len(TMP_MARKER) :], TMP_MARKER):
+            continue
         try:
             fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
         except OSError:

@@ -321,6 +321,19 @@ class ZarrReader(Reader):
                 "not a directory: a .zarr store is a directory. Fix: check the path.", path
             )
         self._root = _root_stamp(path)  # (before the walk: a swap during it shows later)
+        try:
+            self._open(path)
+        except (OSError, FileFormatError) as exc:
+            if self.changed():  # swapped while it was opened: load reads again
+                raise self._replaced() from exc
+            if isinstance(exc, FileFormatError):
+                raise
+            raise FileFormatError(
+                f"cannot read the store ({exc.strerror}). Fix: check the path and its permissions.",
+                path,
+            ) from exc
+
+    def _open(self, path: str) -> None:
         arrays, stored, root = _walk(path)
         self.skipped: dict[str, str] = {}
         entries: dict[str, tuple[TensorInfo, str, int]] = {}
@@ -410,13 +423,17 @@ class ZarrReader(Reader):
 
     def verify(self) -> None:
         if self.changed():
-            from ..errors import CheckpointChangedError
+            raise self._replaced()
 
-            raise CheckpointChangedError(
-                "the store was replaced while it was read (another save swapped in a new "
-                "one); what was read may mix two versions. Fix: load it again.",
-                self.path,
-            )
+    def _replaced(self) -> Exception:
+        from ..errors import CheckpointChangedError
+
+        return CheckpointChangedError(
+            "the store was replaced or changed while it was read (another save swapped in "
+            "a new one, or its root directory was modified); what was read may mix two "
+            "versions. Fix: load it again.",
+            self.path,
+        )
 
     def native_chunks(self, name: str) -> tuple[int, ...] | None:
         return tuple(int(c) for c in self._array(name).chunks)
@@ -629,7 +646,7 @@ class ZarrFormat(Format):
             )
         directory = os.path.dirname(target) or "."
         base = os.path.basename(target)
-        _remove_left_stores(directory, base)
+        remove_stale_directories(directory, base)  # (what earlier saves left)
         tmp, held = new_locked_directory(directory, base)  # (held: its lock, until the end)
         try:
             group = zarr.open_group(tmp, mode="w-")
@@ -663,7 +680,9 @@ class ZarrFormat(Format):
                     except BaseException:
                         if not os.path.lexists(target) and os.path.lexists(old):
                             with contextlib.suppress(OSError):
-                                os.rename(old, target)
+                                os.rename(old, target)  # put back
+                        elif os.path.lexists(old) and not os.path.lexists(tmp):
+                            tmp = old  # (the new store is in: the old one goes)
                         raise
                     tmp = old
             else:
@@ -689,10 +708,6 @@ class ZarrFormat(Format):
                 os.close(held)
 
 
-#: temporary stores of this process that could not be removed yet (zarr-python's thread
-#: was still writing into one when its save was interrupted): its next save removes them
-_LEFT: set[str] = set()
-
 #: the marker of an old store moved aside for a moment where paths cannot be exchanged
 #: (never taken for a stale temporary store: it holds the only copy until put back)
 _ASIDE_MARKER = ".tb-old-"
@@ -704,9 +719,9 @@ DISCARD_SECONDS = 1.0
 def _discard(tmp: str) -> None:
     """Remove a temporary store (or a replaced one). After an interrupt, zarr-python's
     own thread may still be writing chunks into it for a moment (and make its
-    directories again): try again until it is gone, for up to :data:`DISCARD_SECONDS`,
-    and leave it noted for the next save, which removes it if it came back."""
-    _LEFT.add(tmp)  # (first: an interrupt while it is removed leaves it to the next save)
+    directories again): try again until it is gone, for up to :data:`DISCARD_SECONDS`.
+    What is left (or made again later) is not locked any more: the next save removes it
+    (:func:`.atomic.remove_stale_directories`)."""
     deadline = time.monotonic() + DISCARD_SECONDS
     delay = 0.005
     while True:
@@ -717,16 +732,6 @@ def _discard(tmp: str) -> None:
             return
         time.sleep(delay)
         delay = min(2 * delay, 0.1)
-
-
-def _remove_left_stores(directory: str, base: str) -> None:
-    """Before a save: remove what earlier saves of ``base`` left, this process's (see
-    :data:`_LEFT`) and those of writers that are gone (no one holds their lock)."""
-    for tmp in list(_LEFT):
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not os.path.lexists(tmp):
-            _LEFT.discard(tmp)
-    remove_stale_directories(directory, base)
 
 
 FORMAT = ZarrFormat()
