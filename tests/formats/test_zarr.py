@@ -748,3 +748,20 @@ def test_this_processs_own_unlocked_store_is_removed_and_a_locked_one_kept(tmp_p
         os.close(fd)
     tb.save({"a": np.ones(3, np.float32)}, str(dest))
     assert _temporaries(tmp_path) == []
+
+
+def test_convert_into_an_existing_store_replaces_it(tmp_path, capsys):
+    """`tensorbridge convert x.safetensors y.zarr` over an existing store replaces it, as
+    save does (before, the existing directory was taken for a sharded checkpoint's and
+    refused); a directory of another name is still a sharded checkpoint's."""
+    from tensorbridge.cli import main
+
+    src, dst = str(tmp_path / "x.safetensors"), str(tmp_path / "y.zarr")
+    tb.save({"a": np.ones(3, np.float32)}, src)
+    tb.save({"a": np.zeros(3, np.float32)}, dst)
+    assert main(["convert", src, dst]) == 0
+    assert tb.load(dst)["a"].tolist() == [1.0, 1.0, 1.0]
+    other = tmp_path / "ckpt"
+    other.mkdir()
+    assert main(["convert", src, str(other)]) == 0
+    assert "model.safetensors.index.json" in os.listdir(other)

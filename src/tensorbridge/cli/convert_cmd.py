@@ -54,12 +54,14 @@ COMPARE_CHUNK = 1024 * 1024
 
 def destination_format(dst: str, format: str | None, max_shard_size: Any) -> Format:
     """The format to write ``dst`` in: ``--format``, else the suffix. A path
-    ending in ``/``, an existing directory, or a suffix-less path with
-    ``--max-shard-size`` is a sharded checkpoint directory."""
+    ending in ``/``, an existing directory (but a ``.zarr`` store), or a suffix-less
+    path with ``--max-shard-size`` is a sharded checkpoint directory."""
     if format is not None:
         return get_format(format)
-    if dst.endswith(("/", os.sep)) or os.path.isdir(dst):
+    if dst.endswith(("/", os.sep)):
         return get_format("sharded")
+    if os.path.isdir(dst):  # (an existing zarr store is replaced, as save does)
+        return get_format("zarr" if dst.lower().endswith(".zarr") else "sharded")
     if max_shard_size is not None and not os.path.splitext(dst)[1]:
         return get_format("sharded")
     return format_for_path(dst)
