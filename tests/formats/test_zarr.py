@@ -765,3 +765,28 @@ def test_convert_into_an_existing_store_replaces_it(tmp_path, capsys):
     other.mkdir()
     assert main(["convert", src, str(other)]) == 0
     assert "model.safetensors.index.json" in os.listdir(other)
+
+
+def test_without_an_exchange_an_old_store_whose_removal_is_interrupted_goes_next_time(
+    tmp_path, monkeypatch
+):
+    """Once the new store is in, the old one moved aside is renamed to a temporary name
+    before it is removed: an interrupt during its removal leaves it to the next save, not
+    under the aside name that no save removes."""
+    import tensorbridge.formats.zarr as zarr_mod
+
+    dest = tmp_path / "x.zarr"
+    tb.save({"a": np.zeros(3, np.float32)}, str(dest))
+    monkeypatch.setattr(zarr_mod, "_exchange", lambda a, b: False)
+
+    def discard(tmp):
+        raise KeyboardInterrupt  # as the old store's removal begins
+
+    monkeypatch.setattr(zarr_mod, "_discard", discard)
+    with pytest.raises(KeyboardInterrupt):
+        tb.save({"a": np.ones(3, np.float32)}, str(dest))
+    monkeypatch.undo()
+    assert tb.load(str(dest))["a"].tolist() == [1.0, 1.0, 1.0]
+    assert len(_temporaries(tmp_path)) == 1
+    tb.save({"a": np.full(3, 2, np.float32)}, str(dest))
+    assert sorted(os.listdir(tmp_path)) == ["x.zarr"]

@@ -677,14 +677,17 @@ class ZarrFormat(Format):
                     try:
                         os.rename(target, old)
                         os.rename(tmp, target)
+                        # the new store is in: the old one is garbage, under a name any
+                        # later save may remove (an interrupt while it is removed)
+                        tmp = temp_name(directory, base)
+                        os.rename(old, tmp)
                     except BaseException:
                         if not os.path.lexists(target) and os.path.lexists(old):
                             with contextlib.suppress(OSError):
                                 os.rename(old, target)  # put back
-                        elif os.path.lexists(old) and not os.path.lexists(tmp):
+                        elif os.path.lexists(old):
                             tmp = old  # (the new store is in: the old one goes)
                         raise
-                    tmp = old
             else:
                 os.rename(tmp, target)
                 tmp = ""
