@@ -69,6 +69,7 @@ __all__ = [
     "remove_stale",
     "remove_stale_in",
     "new_locked_directory",
+    "release_directory",
     "remove_stale_directories",
     "fsync_dir",
     "fsync_together",
@@ -231,21 +232,24 @@ def remove_stale_in(directory: str) -> None:
             _remove_if_dead(os.path.join(directory, name))
 
 
-#: temporary directories this process is making and has not locked yet
-_making: set[str] = set()
+#: temporary directories this process is making or writing (until
+#: :func:`release_directory`): never taken for stale here, whatever their lock says
+#: (a file system without locks grants every lock)
+_live: set[str] = set()
 
 
 def new_locked_directory(directory: str, base: str) -> tuple[str, int]:
     """A new, empty temporary directory for ``base`` in ``directory`` (named as
     :func:`temp_name` names files) and a descriptor of it that holds its ``flock``: until
-    that descriptor is closed, :func:`remove_stale_directories` leaves it. Nothing is
-    left by an exception (an interrupt too) before it returns."""
+    that descriptor is closed, :func:`remove_stale_directories` leaves it (in this
+    process: until :func:`release_directory`). Nothing is left by an exception (an
+    interrupt too) before it returns."""
     flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
     while True:
         tmp = temp_name(directory, base)
         made: str | None = tmp
         fd: int | None = None
-        _making.add(tmp)
+        _live.add(tmp)
         try:
             try:
                 os.mkdir(tmp)
@@ -260,14 +264,23 @@ def new_locked_directory(directory: str, base: str) -> tuple[str, int]:
             if lock_new_file(fd, tmp):
                 return tmp, fd
         except BaseException:
+            _live.discard(tmp)
             if made is not None:
                 with contextlib.suppress(OSError):
                     os.rmdir(made)
             _close_quietly(fd)
             raise
-        finally:
-            _making.discard(tmp)
+        _live.discard(tmp)
         os.close(fd)  # a cleaner took it before our lock existed: another name
+
+
+def release_directory(tmp: str, fd: int) -> None:
+    """The end of a :func:`new_locked_directory`'s save: its lock is released, and
+    whatever is left at ``tmp`` may be taken for stale by the next save."""
+    try:
+        os.close(fd)
+    finally:
+        _live.discard(tmp)
 
 
 def remove_stale_directories(directory: str, base: str) -> None:
@@ -275,7 +288,7 @@ def remove_stale_directories(directory: str, base: str) -> None:
     writer left and no one holds the lock of any more: a killed writer's, and this
     process's own that a failed save could not remove (or that a library's thread made
     again after it). One whose writer is another live process here is left: it may not
-    have locked it yet (this process knows which of its own are not locked yet)."""
+    have locked it yet (this process knows which of its own are still in use)."""
     import shutil
 
     prefix = f".{base}{TMP_MARKER}"
@@ -286,7 +299,7 @@ def remove_stale_directories(directory: str, base: str) -> None:
             continue
         path = os.path.join(directory, name)
         if name[len(prefix) - len(TMP_MARKER) :].startswith(mine):
-            if path in _making:
+            if path in _live:
                 continue
         elif _owner_alive_here(name[len(prefix) - len(TMP_MARKER) :], TMP_MARKER):
             continue

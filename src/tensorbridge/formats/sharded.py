@@ -1048,6 +1048,14 @@ def _refuse_file_named_directory(directory: str) -> None:
     suffix = os.path.splitext(os.path.basename(os.path.normpath(directory)))[1].lower()
     for name in FORMAT_MODULES:
         fmt = get_format(name)
+        if name == "zarr" and suffix in fmt.suffixes:  # (a zarr store is a directory)
+            raise FileFormatError(
+                "the destination is a .zarr store's path with a trailing '/', which names a "
+                "sharded checkpoint's directory. Fix: to write (or replace) the zarr store, "
+                f"drop the trailing '/' ({os.path.normpath(directory)!r}); for a sharded "
+                "checkpoint, choose a directory name without a file suffix.",
+                directory,
+            )
         if name != "sharded" and suffix in fmt.suffixes:
             raise FileFormatError(
                 f"the destination is a directory named like a .{name} file ({suffix}); a "

@@ -54,6 +54,7 @@ from .atomic import (
     fsync_dir,
     fsync_together,
     new_locked_directory,
+    release_directory,
     remove_stale_directories,
     start_writeback,
     temp_name,
@@ -648,6 +649,7 @@ class ZarrFormat(Format):
         base = os.path.basename(target)
         remove_stale_directories(directory, base)  # (what earlier saves left)
         tmp, held = new_locked_directory(directory, base)  # (held: its lock, until the end)
+        made = tmp
         try:
             group = zarr.open_group(tmp, mode="w-")
             group.attrs.update({**meta, ORDER_ATTR: [i.name for i in infos]})
@@ -708,7 +710,7 @@ class ZarrFormat(Format):
                 if tmp:
                     _discard(tmp)
             finally:
-                os.close(held)
+                release_directory(made, held)
 
 
 #: the marker of an old store moved aside for a moment where paths cannot be exchanged
