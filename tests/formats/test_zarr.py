@@ -522,6 +522,20 @@ def _temporaries(directory) -> list[str]:
     return sorted(n for n in os.listdir(directory) if ".tb-tmp-" in n)
 
 
+def _interrupted_then_saved(tmp_path, monkeypatch, dest, fetch) -> None:
+    """A save whose ``fetch`` raises KeyboardInterrupt (with the test's patches) leaves one
+    temporary store; once the patches are undone, the next save leaves none."""
+    import tensorbridge.formats.zarr as zarr_mod
+    from tensorbridge.formats.base import TensorInfo
+
+    with pytest.raises(KeyboardInterrupt):
+        zarr_mod.FORMAT.write(str(dest), [TensorInfo("a", "float32", (3,))], fetch)
+    monkeypatch.undo()
+    assert len(_temporaries(tmp_path)) == 1
+    tb.save({"a": np.ones(3, np.float32)}, str(dest))
+    assert _temporaries(tmp_path) == []
+
+
 def test_a_store_left_by_a_killed_writer_is_removed_by_the_next_save(tmp_path):
     """A killed writer's temporary store (no one holds its lock; its PID is gone) is
     removed by the next save of the same store; one whose lock is held is kept."""
@@ -582,14 +596,7 @@ def test_a_store_whose_removal_was_interrupted_is_removed_by_the_next_save(tmp_p
         raise KeyboardInterrupt
 
     monkeypatch.setattr(zarr_mod.shutil, "rmtree", rmtree)
-    from tensorbridge.formats.base import TensorInfo
-
-    with pytest.raises(KeyboardInterrupt):
-        zarr_mod.FORMAT.write(str(dest), [TensorInfo("a", "float32", (3,))], fetch_fails)
-    monkeypatch.undo()
-    assert len(_temporaries(tmp_path)) == 1
-    tb.save({"a": np.ones(3, np.float32)}, str(dest))
-    assert _temporaries(tmp_path) == []
+    _interrupted_then_saved(tmp_path, monkeypatch, dest, fetch_fails)
     assert tb.load(str(dest))["a"].tolist() == [1.0, 1.0, 1.0]
 
 
@@ -598,7 +605,6 @@ def test_a_store_made_again_after_its_removal_is_removed_by_the_next_save(tmp_pa
     store was removed, and make its directories again: the next save of this process
     removes it all the same."""
     import tensorbridge.formats.zarr as zarr_mod
-    from tensorbridge.formats.base import TensorInfo
 
     dest = tmp_path / "x.zarr"
     tb.save({"a": np.zeros(3, np.float32)}, str(dest))
@@ -615,12 +621,7 @@ def test_a_store_made_again_after_its_removal_is_removed_by_the_next_save(tmp_pa
     def fetch_fails(name):
         raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        zarr_mod.FORMAT.write(str(dest), [TensorInfo("a", "float32", (3,))], fetch_fails)
-    monkeypatch.undo()
-    assert len(_temporaries(tmp_path)) == 1
-    tb.save({"a": np.ones(3, np.float32)}, str(dest))
-    assert _temporaries(tmp_path) == []
+    _interrupted_then_saved(tmp_path, monkeypatch, dest, fetch_fails)
 
 
 @pytest.mark.parametrize("fault", [OSError(5, "Input/output error"), KeyboardInterrupt()])

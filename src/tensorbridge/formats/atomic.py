@@ -218,10 +218,7 @@ def remove_stale(
         if name.startswith(prefix) and not _owner_alive_here(
             name[len(prefix) - len(marker) :], marker
         ):
-            if dir_fd is None:
-                _remove_if_dead(os.path.join(directory, name))
-            else:
-                _remove_if_dead(name, dir_fd)
+            _remove_if_dead(*_at(os.path.join(directory, name), dir_fd))
 
 
 def remove_stale_in(directory: str) -> None:
@@ -298,10 +295,11 @@ def remove_stale_directories(directory: str, base: str) -> None:
         if not name.startswith(prefix):
             continue
         path = os.path.join(directory, name)
-        if name[len(prefix) - len(TMP_MARKER) :].startswith(mine):
+        tail = name[len(prefix) - len(TMP_MARKER) :]  # (from the marker on)
+        if tail.startswith(mine):
             if path in _live:
                 continue
-        elif _owner_alive_here(name[len(prefix) - len(TMP_MARKER) :], TMP_MARKER):
+        elif _owner_alive_here(tail, TMP_MARKER):
             continue
         try:
             fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
@@ -529,9 +527,13 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def fsync_dir(directory: str) -> None:
+def fsync_dir(directory: str | int) -> None:
+    """fsync a directory's entries: by its path, or through its descriptor (an ``int``)."""
     with contextlib.suppress(OSError):  # some filesystems cannot fsync a directory
-        _fsync_path(directory)
+        if isinstance(directory, int):
+            os.fsync(directory)
+        else:
+            _fsync_path(directory)
 
 
 def _default_mode() -> int:
@@ -617,7 +619,7 @@ def _replacing(
         within = commit.within
     if within is not None:  # the name itself, inside that directory (see _rename)
         directory, base = os.path.dirname(raw) or ".", os.path.basename(raw)
-        target = os.path.join(directory, base)
+        target = os.path.join(directory, base)  # (its last component: the name in within)
         mode = _check_target(path, base, False, example, within)
     else:
         if follow_symlinks:
@@ -675,8 +677,8 @@ def _replacing(
         yield tmp, fd
         if commit is None:
             os.chmod(name, mode, dir_fd=at)
-            replaced = _hold_target(raw, target, within)
-            _rename(tmp, raw, target, within)
+            replaced = _hold_replaced(*_at(target, within))
+            _rename(tmp, target, within)
     except BaseException as exc:
         _close_quietly(replaced)
         with contextlib.suppress(OSError):
@@ -686,10 +688,10 @@ def _replacing(
             raise _write_failed(exc, path) from exc
         raise
     if commit is not None:  # fsynced and renamed later, with the others (see Commit)
-        commit._pending.append(_Pending(tmp, lock_fd, target, mode, path, raw))
+        commit._pending.append(_Pending(tmp, lock_fd, target, mode, path))
         return
     os.close(lock_fd)
-    _fsync_directory(directory, within)
+    fsync_dir(directory if within is None else within)
     _release_later(replaced)
 
 
@@ -699,32 +701,16 @@ def _at(path: str, within: int | None) -> tuple[str, int | None]:
     return (path, None) if within is None else (os.path.basename(path), within)
 
 
-def _rename(tmp: str, raw: str, target: str, within: int | None) -> None:
+def _rename(tmp: str, target: str, within: int | None) -> None:
     """Move ``tmp`` over ``target``; with ``within`` (a directory's descriptor), move it
-    inside that directory only, to the name ``raw`` ends with: a directory renamed or
+    inside that directory only, to the name ``target`` ends with: a directory renamed or
     replaced by another meanwhile (another checkpoint, a link) never receives it, and
     the rename fails instead (``tmp`` is not there)."""
     if within is None:
         os.replace(tmp, target)
     else:
-        name = os.path.basename(raw)
+        name = os.path.basename(target)
         os.replace(os.path.basename(tmp), name, src_dir_fd=within, dst_dir_fd=within)
-
-
-def _hold_target(raw: str, target: str, within: int | None) -> int | None:
-    """:func:`_hold_replaced` of what :func:`_rename` is about to replace."""
-    if within is None:
-        return _hold_replaced(target)
-    return _hold_replaced(os.path.basename(raw), within)
-
-
-def _fsync_directory(directory: str, within: int | None) -> None:
-    """fsync ``directory``'s entries (through ``within``, its descriptor, when given)."""
-    if within is None:
-        fsync_dir(directory)
-    else:
-        with contextlib.suppress(OSError):  # some filesystems cannot fsync a directory
-            os.fsync(within)
 
 
 def _write_failed(exc: OSError, path: str | os.PathLike[str]) -> FileFormatError:
@@ -795,7 +781,6 @@ class _Pending(NamedTuple):
     target: str  #: what it replaces
     mode: int  #: the mode it gets
     path: str | os.PathLike[str]  #: as the caller named it (for messages)
-    raw: str  #: ``path`` as a string (its last component names the file in ``within``)
 
 
 class Commit:
@@ -858,9 +843,9 @@ class Commit:
                 try:
                     name, at = _at(p.tmp, self.within)
                     os.chmod(name, p.mode, dir_fd=at)
-                    replaced = _hold_target(p.raw, p.target, self.within)
+                    replaced = _hold_replaced(*_at(p.target, self.within))
                     try:
-                        _rename(p.tmp, p.raw, p.target, self.within)
+                        _rename(p.tmp, p.target, self.within)
                     except BaseException:
                         _close_quietly(replaced)
                         raise
@@ -876,7 +861,7 @@ class Commit:
             self._pending[:0] = batch  # not renamed (an error): abort removes them
             self._flushed += len(batch)
             for d in directories:  # what was renamed is durable either way
-                _fsync_directory(d, self.within)
+                fsync_dir(d if self.within is None else self.within)
 
     def abort(self) -> None:
         """Remove every temporary file not yet renamed."""

@@ -1183,6 +1183,7 @@ class ShardedFormat(Format):
         # is taken, every new shard gets a fresh, unique name.
         while any(_exists_in(n, within) for n in names):
             names = _shard_names(prefix, len(groups), secrets.token_hex(4))
+        keep = set(names) | {index_name}  # (what the new index names, and itself)
         written: list[str] = []
         shard_meta = {"format": "pt", GENERATION_KEY: generation}
         try:
@@ -1233,9 +1234,9 @@ class ShardedFormat(Format):
                 commit.flush()  # every shard's bytes and the index's, all at once
                 commit.publish(shards)  # the shards' names, then the directory
                 if write_shards is not None:
-                    _fsync_quietly(within)
+                    atomic.fsync_dir(within)
                 commit.publish()  # the index, then the directory
-            _remove_old_shards(within, prefix, set(names) | {index_name})
+            _remove_old_shards(within, prefix, keep)
         except BaseException:
             # Before the new index landed, the old index and its shards were never
             # touched: remove what this save wrote. After (a signal during the last
@@ -1245,10 +1246,10 @@ class ShardedFormat(Format):
             if _previous_generation(index_name, within) != generation:
                 _unlink_all(written, within)
             else:
-                _remove_old_shards(within, prefix, set(names) | {index_name})
-            _fsync_quietly(within)
+                _remove_old_shards(within, prefix, keep)
+            atomic.fsync_dir(within)
             raise
-        _fsync_quietly(within)
+        atomic.fsync_dir(within)
 
 
 def _exists_in(name: str, within: int) -> bool:
@@ -1260,12 +1261,6 @@ def _exists_in(name: str, within: int) -> bool:
     except OSError:
         return True  # (cannot tell: a fresh name is safe)
     return True
-
-
-def _fsync_quietly(within: int) -> None:
-    """fsync a directory's entries through its descriptor (where the file system can)."""
-    with contextlib.suppress(OSError):
-        os.fsync(within)
 
 
 def _makedirs(name: str, created: list[str]) -> None:

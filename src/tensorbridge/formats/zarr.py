@@ -59,7 +59,7 @@ from .atomic import (
     start_writeback,
     temp_name,
 )
-from .base import Format, Reader, TensorInfo
+from .base import Format, Reader, TensorInfo, file_stamp
 from .names import check_unique
 from .safetensors import check_fetched
 
@@ -444,12 +444,11 @@ class ZarrReader(Reader):
 
 
 def _root_stamp(path: str) -> tuple[int, ...] | None:
-    """The identity and times of the store's root directory (None: not there)."""
+    """The store's root directory's :func:`~.base.file_stamp` (None: not there)."""
     try:
-        st = os.stat(path)
+        return file_stamp(os.stat(path))
     except OSError:
         return None
-    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _at_shutdown(exc: BaseException, path: str, doing: str) -> FileFormatError | None:
