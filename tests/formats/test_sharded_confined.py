@@ -186,3 +186,40 @@ def test_an_interrupt_once_the_new_index_landed_still_removes_the_file_it_supers
         "model.safetensors.index.json",
     ]
     assert same_tree(tb.load(str(d)), tree(1.0))
+
+
+def test_leftovers_are_cleaned_only_in_the_directory_the_save_locked(tmp_path, monkeypatch):
+    """A killed writer's temporary files are removed from the directory the save locked,
+    not from the one its path names by then (another checkpoint's directory is not the
+    save's to clean)."""
+    import subprocess
+    import sys
+
+    import tensorbridge.formats.sharded as sharded_mod
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    pid = int(dead.stdout)
+    x, moved, other = tmp_path / "x", tmp_path / "x-moved", tmp_path / "other"
+    save(tree(7.0), other)
+    save({"old": np.zeros(10, np.float32)}, x)
+    theirs = other / f".model-00001-of-00002.safetensors.tb-tmp-{pid}-0badf00d"
+    ours = x / f".model.safetensors.index.json.tb-tmp-{pid}-0000cafe"
+    theirs.write_bytes(b"left")
+    ours.write_bytes(b"left")
+    real_plan, calls = sharded_mod.plan_shards, []
+
+    def plan_shards(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:  # locked: now the path is made to name the other checkpoint
+            os.rename(x, moved)
+            os.symlink(other, x)
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(sharded_mod, "plan_shards", plan_shards)
+    save(tree(0.0), x)
+    monkeypatch.undo()
+    assert theirs.read_bytes() == b"left"
+    assert not (moved / ours.name).exists()
+    assert same_tree(tb.load(str(moved)), tree(0.0))

@@ -221,12 +221,13 @@ def remove_stale(
             _remove_if_dead(*_at(os.path.join(directory, name), dir_fd))
 
 
-def remove_stale_in(directory: str) -> None:
-    """Remove every abandoned ``.*.tb-tmp-*`` and ``.*.tb-spool-*`` file in ``directory``."""
-    for name in _listdir(directory):
+def remove_stale_in(directory: str, dir_fd: int | None = None) -> None:
+    """Remove every abandoned ``.*.tb-tmp-*`` and ``.*.tb-spool-*`` file in ``directory``
+    (with ``dir_fd``, in that directory: ``directory`` is then unused)."""
+    for name in _listdir(directory if dir_fd is None else dir_fd):
         marker = next((m for m in _MARKERS if m in name[1:]), None)
         if name.startswith(".") and marker and not _owner_alive_here(name, marker):
-            _remove_if_dead(os.path.join(directory, name))
+            _remove_if_dead(*_at(os.path.join(directory, name), dir_fd))
 
 
 #: temporary directories this process is making or writing (until

@@ -1176,7 +1176,7 @@ class ShardedFormat(Format):
         one) fails without touching what its path now leads to."""
         groups = plan_shards(infos, max_shard_size)
         index_path = os.path.join(directory, index_name)
-        atomic.remove_stale_in(directory)  # leftovers of killed writers only (unlocked)
+        atomic.remove_stale_in(directory, within)  # leftovers of killed writers (unlocked)
         generation = new_generation(_previous_generation(index_name, within), infos, prefix)
         names = _shard_names(prefix, len(groups))
         # Never overwrite a file the current index may reference: if any standard name
